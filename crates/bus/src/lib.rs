@@ -1,0 +1,374 @@
+//! The message bus of fleetpatch: its contract, and the RabbitMQ implementation.
+//!
+//! The contract every backend honours (and the conformance suite checks):
+//! * at-least-once delivery with manual acks; a delivery not acked when its
+//!   consumer goes away is redelivered with [`Delivery::redelivered`] set;
+//! * a rejected delivery, or one delivered more than the delivery limit, goes
+//!   to the dead-letter queue, where an operator can inspect and replay it;
+//! * delays are **fixed-TTL wait queues**, one per step of [`DELAY_STEPS_MS`];
+//!   a longer delay is a short chain of hops: a message that arrives before its
+//!   due time (`x-fp-due-at`) is re-delayed for the remainder by [`Consumer`],
+//!   so handlers never see an early message. PostgreSQL stays the source of
+//!   truth for deadlines; the bus only wakes the checker;
+//! * trace context travels in the `traceparent` header.
+//!
+//! [`Bus`] holds the logic shared by every backend (routing to wait steps,
+//! re-delaying early messages, trace headers); a [`Backend`] only moves bytes.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+pub mod rabbitmq;
+mod trace;
+
+pub use trace::{inject_current_context, parent_context};
+
+/// Delay steps (milliseconds), one fixed-TTL wait queue each.
+pub const DELAY_STEPS_MS: [u64; 15] = [
+    250, 500, 1_000, 2_000, 4_000, 8_000, 16_000, 32_000, 64_000, 128_000, 256_000, 512_000, 1_024_000,
+    2_048_000, 4_096_000,
+];
+/// A message due within this many milliseconds is delivered, not re-delayed.
+pub const DUE_TOLERANCE_MS: i64 = 15;
+
+/// Header carrying a delayed message's due time (unix milliseconds).
+pub const DUE_AT_HEADER: &str = "x-fp-due-at";
+/// Header carrying a message's work routing key (used to replay dead letters).
+pub const ROUTING_KEY_HEADER: &str = "x-fp-routing-key";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot connect to the message broker at {url}: {reason}")]
+    Connect { url: String, reason: String },
+    #[error("message broker error while {action}: {reason}")]
+    Broker { action: &'static str, reason: String },
+    #[error("the message broker refused (nacked) a message for {routing_key:?}")]
+    Nacked { routing_key: String },
+    #[error("the bus is closed")]
+    Closed,
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Where a message goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Destination {
+    /// A work queue, by routing key (see `fleetpatch_proto::routing`).
+    Work,
+    /// The events exchange (topic), for announcements.
+    Events,
+}
+
+/// The exchange a backend publishes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Route {
+    Work,
+    Events,
+    /// The wait queue of one delay step (milliseconds).
+    Wait(u64),
+}
+
+/// A message to publish.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outgoing {
+    pub destination: Destination,
+    pub routing_key: String,
+    pub payload: Vec<u8>,
+    pub headers: BTreeMap<String, String>,
+    /// Deliver no earlier than this (unix milliseconds).
+    pub due_at_unix_ms: Option<i64>,
+}
+
+impl Outgoing {
+    pub fn work(routing_key: &str, payload: Vec<u8>) -> Self {
+        Self {
+            destination: Destination::Work,
+            routing_key: routing_key.to_owned(),
+            payload,
+            headers: BTreeMap::new(),
+            due_at_unix_ms: None,
+        }
+    }
+
+    pub fn event(routing_key: String, payload: Vec<u8>) -> Self {
+        Self { destination: Destination::Events, routing_key, payload, headers: BTreeMap::new(), due_at_unix_ms: None }
+    }
+
+    /// Deliver after `delay` from now.
+    pub fn delayed(mut self, delay: Duration) -> Self {
+        self.due_at_unix_ms = Some(now_unix_ms() + delay.as_millis() as i64);
+        self
+    }
+
+    /// Deliver at `due_at_unix_ms`.
+    pub fn due_at(mut self, due_at_unix_ms: i64) -> Self {
+        self.due_at_unix_ms = Some(due_at_unix_ms);
+        self
+    }
+
+    /// Adds the current span's trace context, unless the message carries one.
+    pub fn with_trace_context(mut self) -> Self {
+        if !self.headers.contains_key("traceparent") {
+            inject_current_context(&mut self.headers);
+        }
+        self
+    }
+}
+
+/// A message as a backend publishes it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Wire {
+    pub routing_key: String,
+    pub payload: Vec<u8>,
+    pub headers: BTreeMap<String, String>,
+}
+
+/// Acknowledges one delivery on its backend.
+#[async_trait::async_trait]
+pub trait Acker: Send + Sync {
+    async fn ack(&self) -> Result<()>;
+    /// `requeue = false` sends the message to the dead-letter queue.
+    async fn nack(&self, requeue: bool) -> Result<()>;
+}
+
+/// One delivered message. Dropping it without ack or nack leaves it unacked
+/// until the consumer goes away, then it is redelivered.
+pub struct Delivery {
+    pub routing_key: String,
+    pub payload: Vec<u8>,
+    pub headers: BTreeMap<String, String>,
+    /// Delivered before to a consumer that did not ack it.
+    pub redelivered: bool,
+    /// How many times it was delivered before (0 on the first delivery).
+    pub delivery_count: u32,
+    pub acker: Box<dyn Acker>,
+}
+
+impl std::fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Delivery")
+            .field("routing_key", &self.routing_key)
+            .field("bytes", &self.payload.len())
+            .field("redelivered", &self.redelivered)
+            .field("delivery_count", &self.delivery_count)
+            .finish()
+    }
+}
+
+impl Delivery {
+    pub async fn ack(self) -> Result<()> {
+        self.acker.ack().await
+    }
+    /// Sends the message to the dead-letter queue.
+    pub async fn dead_letter(self) -> Result<()> {
+        self.acker.nack(false).await
+    }
+    /// Puts the message back on its queue (counts as a delivery).
+    pub async fn requeue(self) -> Result<()> {
+        self.acker.nack(true).await
+    }
+    pub fn due_at_unix_ms(&self) -> Option<i64> {
+        self.headers.get(DUE_AT_HEADER).and_then(|value| value.parse().ok())
+    }
+}
+
+/// A dead letter, as an operator inspects it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct DeadLetter {
+    pub routing_key: String,
+    pub headers: BTreeMap<String, String>,
+    pub bytes: usize,
+}
+
+/// What a bus implementation provides: moving bytes, nothing more.
+#[async_trait::async_trait]
+pub trait Backend: Send + Sync + 'static {
+    /// Publishes and waits until the broker took every message (confirms).
+    async fn publish(&self, route: Route, messages: Vec<Wire>) -> Result<()>;
+    /// Starts consuming a work queue with at most `prefetch` unacked deliveries.
+    async fn consume(&self, queue: &str, prefetch: u16) -> Result<BackendConsumer>;
+    /// Removes up to `limit` dead letters and hands them to `replay` (true: drop it, false: keep it).
+    async fn drain_dead_letters(&self, limit: usize) -> Result<Vec<Wire>>;
+    /// Number of messages waiting in a work queue (for metrics and autoscaling).
+    async fn queue_depth(&self, queue: &str) -> Result<u64>;
+    fn is_healthy(&self) -> bool;
+    async fn close(&self);
+}
+
+/// Deliveries of one consumer, and a way to stop it.
+pub struct BackendConsumer {
+    pub deliveries: tokio::sync::mpsc::Receiver<Delivery>,
+    pub cancel: Box<dyn FnOnce() + Send>,
+}
+
+/// The bus, over any backend. Cheap to clone.
+#[derive(Clone)]
+pub struct Bus {
+    backend: Arc<dyn Backend>,
+}
+
+pub fn now_unix_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+/// The wait step for a remaining delay: the longest step not longer than
+/// it, or the shortest step for anything shorter.
+pub fn delay_step_for(remaining_ms: i64) -> u64 {
+    let remaining = remaining_ms.max(0) as u64;
+    DELAY_STEPS_MS.iter().rev().copied().find(|step| *step <= remaining).unwrap_or(DELAY_STEPS_MS[0])
+}
+
+impl Bus {
+    pub fn new(backend: Arc<dyn Backend>) -> Self {
+        Self { backend }
+    }
+
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
+    }
+
+    /// Publishes every message and returns once the broker holds them all.
+    pub async fn publish(&self, messages: Vec<Outgoing>) -> Result<()> {
+        let now = now_unix_ms();
+        let mut by_route: BTreeMap<Route, Vec<Wire>> = BTreeMap::new();
+        for message in messages {
+            let mut headers = message.headers;
+            headers.insert(ROUTING_KEY_HEADER.to_owned(), message.routing_key.clone());
+            let route = match (message.destination, message.due_at_unix_ms) {
+                (Destination::Events, _) => Route::Events,
+                (Destination::Work, Some(due)) if due - now > DUE_TOLERANCE_MS => {
+                    headers.insert(DUE_AT_HEADER.to_owned(), due.to_string());
+                    Route::Wait(delay_step_for(due - now))
+                }
+                (Destination::Work, _) => {
+                    headers.remove(DUE_AT_HEADER);
+                    Route::Work
+                }
+            };
+            by_route.entry(route).or_default().push(Wire {
+                routing_key: message.routing_key,
+                payload: message.payload,
+                headers,
+            });
+        }
+        for (route, wires) in by_route {
+            self.backend.publish(route, wires).await?;
+        }
+        Ok(())
+    }
+
+    /// Consumes a work queue. Messages that arrive before they are due are
+    /// re-delayed here and never reach the caller.
+    pub async fn consume(&self, queue: &str, prefetch: u16) -> Result<Consumer> {
+        let inner = self.backend.consume(queue, prefetch).await?;
+        Ok(Consumer { bus: self.clone(), deliveries: inner.deliveries, cancel: Some(inner.cancel) })
+    }
+
+    /// Moves up to `limit` dead letters back to their work queues.
+    pub async fn replay_dead_letters(&self, limit: usize) -> Result<usize> {
+        let letters = self.backend.drain_dead_letters(limit).await?;
+        let count = letters.len();
+        let messages = letters
+            .into_iter()
+            .map(|wire| {
+                let routing_key =
+                    wire.headers.get(ROUTING_KEY_HEADER).cloned().unwrap_or_else(|| wire.routing_key.clone());
+                let mut headers = wire.headers;
+                headers.remove(DUE_AT_HEADER);
+                Outgoing { destination: Destination::Work, routing_key, payload: wire.payload, headers, due_at_unix_ms: None }
+            })
+            .collect();
+        self.publish(messages).await?;
+        Ok(count)
+    }
+
+    pub async fn queue_depth(&self, queue: &str) -> Result<u64> {
+        self.backend.queue_depth(queue).await
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.backend.is_healthy()
+    }
+
+    pub async fn close(&self) {
+        self.backend.close().await
+    }
+}
+
+/// Deliveries of one work queue, due ones only.
+pub struct Consumer {
+    bus: Bus,
+    deliveries: tokio::sync::mpsc::Receiver<Delivery>,
+    cancel: Option<Box<dyn FnOnce() + Send>>,
+}
+
+impl Consumer {
+    /// The next due delivery; `None` once the consumer was cancelled and
+    /// drained, or the connection is gone.
+    pub async fn next(&mut self) -> Option<Delivery> {
+        loop {
+            let delivery = self.deliveries.recv().await?;
+            let Some(due) = delivery.due_at_unix_ms() else { return Some(delivery) };
+            if due - now_unix_ms() <= DUE_TOLERANCE_MS {
+                return Some(delivery);
+            }
+            let again = Outgoing {
+                destination: Destination::Work,
+                routing_key: delivery.routing_key.clone(),
+                payload: delivery.payload.clone(),
+                headers: delivery.headers.clone(),
+                due_at_unix_ms: Some(due),
+            };
+            // Publish the next hop before acking this one: a crash in between
+            // duplicates the message, never loses it.
+            match self.bus.publish(vec![again]).await {
+                Ok(()) => {
+                    if let Err(error) = delivery.ack().await {
+                        tracing::warn!(error = %error, "could not ack a re-delayed message");
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(error = %error, "could not re-delay a message; leaving it for redelivery");
+                    let _ = delivery.requeue().await;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+    }
+
+    /// Stops new deliveries; those already received can still be acked.
+    pub fn cancel(&mut self) {
+        if let Some(cancel) = self.cancel.take() {
+            cancel();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delay_steps_cover_short_and_long_delays() {
+        assert_eq!(delay_step_for(0), 250);
+        assert_eq!(delay_step_for(100), 250);
+        assert_eq!(delay_step_for(999), 500);
+        assert_eq!(delay_step_for(2_000), 2_000);
+        assert_eq!(delay_step_for(600_000), 512_000);
+        assert_eq!(delay_step_for(100_000_000), 4_096_000);
+    }
+
+    #[test]
+    fn a_long_delay_is_a_short_chain_of_hops() {
+        // 600 s: 512 + 64 + 16 + 8 = 600, four hops.
+        let mut remaining = 600_000_i64;
+        let mut hops = 0;
+        while remaining > DUE_TOLERANCE_MS {
+            remaining -= delay_step_for(remaining) as i64;
+            hops += 1;
+        }
+        assert_eq!(hops, 4);
+    }
+}

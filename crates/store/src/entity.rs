@@ -1,0 +1,195 @@
+//! sea-orm entities, one module per table (see `migrations/`).
+#![allow(missing_docs)]
+
+pub mod rollouts {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
+    #[sea_orm(table_name = "rollouts")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: Uuid,
+        pub name: String,
+        pub state: String,
+        pub pause_reason: Option<String>,
+        pub current_wave: i32,
+        pub concurrency: i32,
+        pub timeout_seconds: i32,
+        pub waves: Json,
+        pub settings: Json,
+        pub created_at: ChronoDateTimeUtc,
+        pub updated_at: ChronoDateTimeUtc,
+        pub completed_at: Option<ChronoDateTimeUtc>,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod patches {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
+    #[sea_orm(table_name = "patches")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub rollout_id: Uuid,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub patch_index: i32,
+        pub name: String,
+        pub kb: Option<String>,
+        pub file: String,
+        pub sha256: String,
+        pub size: i64,
+        pub installer: String,
+        pub arguments: String,
+        pub success_codes: Json,
+        pub reboot_codes: Json,
+        pub timeout_seconds: i32,
+        pub detection: Option<Json>,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod targets {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
+    #[sea_orm(table_name = "targets")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: Uuid,
+        pub rollout_id: Uuid,
+        pub ordinal: i32,
+        pub host: String,
+        pub port: Option<i32>,
+        pub transport: String,
+        pub labels: Json,
+        pub credential_ref: Option<String>,
+        pub wave: i32,
+        pub state: String,
+        pub attempt: i32,
+        pub r#try: i32,
+        pub token_hash: Option<String>,
+        pub token_nonce: Option<String>,
+        pub timeout_seconds: i32,
+        pub last_seen_at: Option<ChronoDateTimeUtc>,
+        pub error: Option<String>,
+        pub os: Option<String>,
+        pub arch: Option<String>,
+        pub probe: Option<Json>,
+        pub queued_at: Option<ChronoDateTimeUtc>,
+        pub running_at: Option<ChronoDateTimeUtc>,
+        pub finished_at: Option<ChronoDateTimeUtc>,
+        pub verified_state: Option<String>,
+        pub verified_at: Option<ChronoDateTimeUtc>,
+        pub created_at: ChronoDateTimeUtc,
+        pub updated_at: ChronoDateTimeUtc,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod target_patches {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
+    #[sea_orm(table_name = "target_patches")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub target_id: Uuid,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub patch_index: i32,
+        pub rollout_id: Uuid,
+        pub state: String,
+        pub exit_code: Option<i32>,
+        pub outcome: Option<String>,
+        pub reboot_required: bool,
+        pub output_tail: Option<String>,
+        pub error: Option<String>,
+        pub started_at: Option<ChronoDateTimeUtc>,
+        pub finished_at: Option<ChronoDateTimeUtc>,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod agent_events {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
+    #[sea_orm(table_name = "agent_events")]
+    pub struct Model {
+        #[sea_orm(primary_key)]
+        pub id: i64,
+        pub target_id: Uuid,
+        pub attempt: i32,
+        pub seq: i64,
+        pub kind: String,
+        pub patch_index: Option<i32>,
+        pub exit_code: Option<i32>,
+        pub detail: Option<String>,
+        pub sent_at: Option<ChronoDateTimeUtc>,
+        pub received_at: ChronoDateTimeUtc,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod target_transitions {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
+    #[sea_orm(table_name = "target_transitions")]
+    pub struct Model {
+        #[sea_orm(primary_key)]
+        pub id: i64,
+        pub rollout_id: Uuid,
+        pub target_id: Uuid,
+        pub from_state: String,
+        pub to_state: String,
+        pub at: ChronoDateTimeUtc,
+        pub detail: Option<String>,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod outbox {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
+    #[sea_orm(table_name = "outbox")]
+    pub struct Model {
+        #[sea_orm(primary_key)]
+        pub id: i64,
+        pub exchange: String,
+        pub routing_key: String,
+        pub payload: Vec<u8>,
+        pub headers: Json,
+        pub created_at: ChronoDateTimeUtc,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}

@@ -1,0 +1,141 @@
+//! fleetpatch's persistent state, and the only code that writes it.
+//!
+//! PostgreSQL in production, SQLite for the embedded default, both through
+//! sea-orm with the same migrations. Every target state change is one
+//! guarded UPDATE (`WHERE state IN (expected) AND attempt = expected`) in a
+//! transaction that also appends the transition to `target_transitions` and
+//! the messages that announce it to the `outbox`; [`relay`] publishes the
+//! outbox. A duplicated or redelivered message therefore changes nothing:
+//! its guarded UPDATE matches no row.
+//!
+//! **Architecture invariant**: no other crate issues SQL; services call the
+//! operations here.
+
+use chrono::{DateTime, Utc};
+use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, DbErr};
+use sea_orm_migration::MigratorTrait;
+
+pub mod entity;
+pub mod model;
+mod ops;
+pub mod relay;
+
+pub use model::*;
+pub use ops::{Claim, DispatchOutcome, ProbeOutcome, WatchOutcome};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot connect to the database at {url}: {reason}")]
+    Connect { url: String, reason: String },
+    #[error(
+        "the database at {url} is not migrated ({reason}); run `fleetpatch migrate` (with the same configuration) first"
+    )]
+    NotMigrated { url: String, reason: String },
+    #[error("database error: {0}")]
+    Db(#[from] DbErr),
+    #[error("{what} {id} not found")]
+    NotFound { what: &'static str, id: String },
+    #[error("{0}")]
+    Conflict(String),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Database settings.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreOptions {
+    /// `postgres://user@host:5432/db` or `sqlite://path?mode=rwc`.
+    pub url: String,
+    pub max_connections: u32,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self { url: "postgres://postgres@127.0.0.1:5432/fleetpatch".into(), max_connections: 16 }
+    }
+}
+
+/// The URL with its password replaced, for messages and logs.
+pub fn redact_url(url: &str) -> String {
+    fleetpatch_bus::rabbitmq::redact_url(url)
+}
+
+/// A handle on the database. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    db: DatabaseConnection,
+    url: String,
+}
+
+impl Store {
+    /// Connects without touching the schema.
+    pub async fn connect(options: &StoreOptions) -> Result<Self> {
+        let mut connect = ConnectOptions::new(options.url.clone());
+        connect
+            .max_connections(options.max_connections)
+            .min_connections(1)
+            .connect_timeout(std::time::Duration::from_secs(10))
+            .sqlx_logging(false);
+        let db = Database::connect(connect)
+            .await
+            .map_err(|error| Error::Connect { url: redact_url(&options.url), reason: error.to_string() })?;
+        if db.get_database_backend() == DbBackend::Sqlite {
+            // One writer at a time; wait for it rather than failing with SQLITE_BUSY.
+            db.execute_unprepared("PRAGMA journal_mode=WAL; PRAGMA busy_timeout=10000; PRAGMA foreign_keys=ON;")
+                .await?;
+        }
+        Ok(Self { db, url: redact_url(&options.url) })
+    }
+
+    /// Connects and refuses a database that is not fully migrated.
+    pub async fn connect_migrated(options: &StoreOptions) -> Result<Self> {
+        let store = Self::connect(options).await?;
+        store.check_migrated().await?;
+        Ok(store)
+    }
+
+    /// Applies every pending migration.
+    pub async fn migrate(&self) -> Result<()> {
+        fleetpatch_migrations::Migrator::up(&self.db, None).await?;
+        Ok(())
+    }
+
+    /// Fails with [`Error::NotMigrated`] unless every migration is applied.
+    pub async fn check_migrated(&self) -> Result<()> {
+        let pending = fleetpatch_migrations::Migrator::get_pending_migrations(&self.db).await.map_err(|error| {
+            Error::NotMigrated { url: self.url.clone(), reason: format!("cannot read its migrations: {error}") }
+        })?;
+        if !pending.is_empty() {
+            let names: Vec<String> = pending.iter().map(|m| m.name().to_owned()).collect();
+            return Err(Error::NotMigrated {
+                url: self.url.clone(),
+                reason: format!("{} pending: {}", names.len(), names.join(", ")),
+            });
+        }
+        Ok(())
+    }
+
+    pub async fn ping(&self) -> Result<()> {
+        self.db.ping().await?;
+        Ok(())
+    }
+
+    pub fn backend(&self) -> DbBackend {
+        self.db.get_database_backend()
+    }
+
+    pub fn connection(&self) -> &DatabaseConnection {
+        &self.db
+    }
+
+    pub async fn close(self) {
+        let _ = self.db.close().await;
+    }
+}
+
+pub(crate) fn now() -> DateTime<Utc> {
+    Utc::now()
+}

@@ -1,0 +1,244 @@
+//! Domain types the store takes and returns (the API layer converts its
+//! requests into these; the entities stay inside the store).
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use fleetpatch_proto::plan::{Detection, InstallerKind, RebootPolicy};
+use fleetpatch_proto::state::{PatchState, RolloutState, TargetState};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// One wave of a rollout: dispatched only after the previous wave finished
+/// within its failure threshold.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WaveSpec {
+    pub name: String,
+    /// Number of targets in the wave; the last wave takes the rest when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u32>,
+    /// The rollout halts (paused) when more than this share of the wave's
+    /// targets failed, could not be reached or timed out.
+    pub max_failure_percent: f64,
+}
+
+/// Rollout-wide settings that travel into every deployment plan.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RolloutSettings {
+    pub heartbeat_seconds: u32,
+    pub reboot: RebootPolicy,
+    /// Connection tries per attempt for unreachable targets (first try included).
+    pub max_tries: u32,
+    pub keep_files: bool,
+}
+
+impl Default for RolloutSettings {
+    fn default() -> Self {
+        Self { heartbeat_seconds: 30, reboot: RebootPolicy::Never, max_tries: 3, keep_files: false }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewPatch {
+    pub name: String,
+    pub kb: Option<String>,
+    pub file: String,
+    pub sha256: String,
+    pub size: u64,
+    pub installer: InstallerKind,
+    pub arguments: String,
+    pub success_codes: Vec<i32>,
+    pub reboot_codes: Vec<i32>,
+    pub timeout_seconds: u32,
+    pub detection: Option<Detection>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewTarget {
+    pub host: String,
+    pub port: Option<u16>,
+    pub transport: String,
+    pub labels: BTreeMap<String, String>,
+    pub credential_ref: Option<String>,
+    /// Index into the rollout's waves.
+    pub wave: u32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewRollout {
+    pub name: String,
+    pub concurrency: u32,
+    pub timeout_seconds: u32,
+    pub waves: Vec<WaveSpec>,
+    pub settings: RolloutSettings,
+    pub patches: Vec<NewPatch>,
+    pub targets: Vec<NewTarget>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Rollout {
+    pub id: Uuid,
+    pub name: String,
+    pub state: RolloutState,
+    pub pause_reason: Option<String>,
+    pub current_wave: u32,
+    pub concurrency: u32,
+    pub timeout_seconds: u32,
+    pub waves: Vec<WaveSpec>,
+    pub settings: RolloutSettings,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub completed_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Patch {
+    pub index: u32,
+    pub name: String,
+    pub kb: Option<String>,
+    pub file: String,
+    pub sha256: String,
+    pub size: u64,
+    pub installer: InstallerKind,
+    pub arguments: String,
+    pub success_codes: Vec<i32>,
+    pub reboot_codes: Vec<i32>,
+    pub timeout_seconds: u32,
+    pub detection: Option<Detection>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Target {
+    pub id: Uuid,
+    pub rollout_id: Uuid,
+    pub ordinal: u32,
+    pub host: String,
+    pub port: Option<u16>,
+    pub transport: String,
+    pub labels: BTreeMap<String, String>,
+    pub credential_ref: Option<String>,
+    pub wave: u32,
+    pub state: TargetState,
+    pub attempt: u32,
+    pub tries: u32,
+    pub timeout_seconds: u32,
+    pub last_seen_at: Option<DateTime<Utc>>,
+    pub error: Option<String>,
+    pub os: Option<String>,
+    pub arch: Option<String>,
+    pub queued_at: Option<DateTime<Utc>>,
+    pub running_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub verified_state: Option<String>,
+    pub verified_at: Option<DateTime<Utc>>,
+    #[serde(skip)]
+    pub token_hash: Option<String>,
+    #[serde(skip)]
+    pub token_nonce: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TargetPatch {
+    pub patch_index: u32,
+    pub state: PatchState,
+    pub exit_code: Option<i32>,
+    pub outcome: Option<String>,
+    pub reboot_required: bool,
+    pub output_tail: Option<String>,
+    pub error: Option<String>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Transition {
+    pub target_id: Uuid,
+    pub from: String,
+    pub to: String,
+    pub at: DateTime<Utc>,
+    pub detail: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AgentEvent {
+    pub attempt: u32,
+    pub seq: u64,
+    pub kind: String,
+    pub patch_index: Option<u32>,
+    pub exit_code: Option<i32>,
+    pub detail: Option<String>,
+    pub received_at: DateTime<Utc>,
+}
+
+/// Counts of targets per state, for the rollout and for each wave.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Progress {
+    pub total: u64,
+    pub by_state: BTreeMap<String, u64>,
+    pub waves: Vec<WaveProgress>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct WaveProgress {
+    pub index: u32,
+    pub name: String,
+    pub total: u64,
+    pub by_state: BTreeMap<String, u64>,
+}
+
+/// Everything a worker needs to deploy one target.
+#[derive(Debug, Clone)]
+pub struct DeployContext {
+    pub target: Target,
+    pub rollout: Rollout,
+    pub patches: Vec<Patch>,
+}
+
+/// A report the collector accepted from an authenticated agent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IncomingReport {
+    pub target_id: Uuid,
+    pub attempt: u32,
+    pub seq: u64,
+    pub sent_at: Option<DateTime<Utc>>,
+    pub kind: ReportKind,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ReportKind {
+    Started { patch_index: u32 },
+    Finished { patch_index: u32, exit_code: i32, outcome: PatchOutcomeKind, output_tail: String },
+    Heartbeat { patch_index: Option<u32> },
+    Final { success: bool, reboot_required: bool, message: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PatchOutcomeKind {
+    Installed,
+    InstalledRebootRequired,
+    Failed,
+    TimedOut,
+    ChecksumMismatch,
+}
+
+impl PatchOutcomeKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Installed => "installed",
+            Self::InstalledRebootRequired => "installed_reboot_required",
+            Self::Failed => "failed",
+            Self::TimedOut => "timed_out",
+            Self::ChecksumMismatch => "checksum_mismatch",
+        }
+    }
+    pub fn succeeded(self) -> bool {
+        matches!(self, Self::Installed | Self::InstalledRebootRequired)
+    }
+}
+
+/// What the store did with one report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReportResult {
+    Accepted,
+    Duplicate,
+}

@@ -1,0 +1,1516 @@
+//! The operations on the store: rollouts, dispatch, target transitions,
+//! the watchdog check and the collector's batched report intake.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use fleetpatch_bus::Outgoing;
+use fleetpatch_proto::routing;
+use fleetpatch_proto::state::{PatchState, RolloutState, TargetState};
+use fleetpatch_proto::v1;
+use fleetpatch_proto::Message;
+use sea_orm::sea_query::{Expr, Func, OnConflict, Query, SimpleExpr};
+use sea_orm::{
+    ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseTransaction, EntityTrait, PaginatorTrait,
+    QueryFilter, QueryOrder, QuerySelect, TransactionTrait,
+};
+use uuid::Uuid;
+
+use crate::entity::{agent_events, outbox, patches, rollouts, target_patches, target_transitions, targets};
+use crate::model::*;
+use crate::{now, Error, Result, Store};
+
+const INSERT_CHUNK: usize = 1_000;
+
+// ---------------------------------------------------------------- conversions
+
+fn parse<T: std::str::FromStr>(value: &str, what: &str) -> Result<T>
+where
+    T::Err: std::fmt::Display,
+{
+    value.parse().map_err(|error| Error::Corrupt(format!("{what}: {error}")))
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(value: serde_json::Value, what: &str) -> Result<T> {
+    serde_json::from_value(value).map_err(|error| Error::Corrupt(format!("{what}: {error}")))
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> serde_json::Value {
+    serde_json::to_value(value).expect("plain data serializes")
+}
+
+fn rollout_from(m: rollouts::Model) -> Result<Rollout> {
+    Ok(Rollout {
+        id: m.id,
+        name: m.name,
+        state: parse(&m.state, "rollout state")?,
+        pause_reason: m.pause_reason,
+        current_wave: m.current_wave as u32,
+        concurrency: m.concurrency as u32,
+        timeout_seconds: m.timeout_seconds as u32,
+        waves: from_json(m.waves, "rollout waves")?,
+        settings: from_json(m.settings, "rollout settings")?,
+        created_at: m.created_at,
+        updated_at: m.updated_at,
+        completed_at: m.completed_at,
+    })
+}
+
+fn patch_from(m: patches::Model) -> Result<Patch> {
+    Ok(Patch {
+        index: m.patch_index as u32,
+        name: m.name,
+        kb: m.kb,
+        file: m.file,
+        sha256: m.sha256,
+        size: m.size as u64,
+        installer: from_json(serde_json::Value::String(m.installer), "installer kind")?,
+        arguments: m.arguments,
+        success_codes: from_json(m.success_codes, "success codes")?,
+        reboot_codes: from_json(m.reboot_codes, "reboot codes")?,
+        timeout_seconds: m.timeout_seconds as u32,
+        detection: m.detection.map(|d| from_json(d, "detection rule")).transpose()?,
+    })
+}
+
+fn target_from(m: targets::Model) -> Result<Target> {
+    Ok(Target {
+        id: m.id,
+        rollout_id: m.rollout_id,
+        ordinal: m.ordinal as u32,
+        host: m.host,
+        port: m.port.map(|p| p as u16),
+        transport: m.transport,
+        labels: from_json(m.labels, "target labels")?,
+        credential_ref: m.credential_ref,
+        wave: m.wave as u32,
+        state: parse(&m.state, "target state")?,
+        attempt: m.attempt as u32,
+        tries: m.r#try as u32,
+        timeout_seconds: m.timeout_seconds as u32,
+        last_seen_at: m.last_seen_at,
+        error: m.error,
+        os: m.os,
+        arch: m.arch,
+        queued_at: m.queued_at,
+        running_at: m.running_at,
+        finished_at: m.finished_at,
+        verified_state: m.verified_state,
+        verified_at: m.verified_at,
+        token_hash: m.token_hash,
+        token_nonce: m.token_nonce,
+    })
+}
+
+fn target_patch_from(m: target_patches::Model) -> Result<TargetPatch> {
+    Ok(TargetPatch {
+        patch_index: m.patch_index as u32,
+        state: parse(&m.state, "patch state")?,
+        exit_code: m.exit_code,
+        outcome: m.outcome,
+        reboot_required: m.reboot_required,
+        output_tail: m.output_tail,
+        error: m.error,
+        started_at: m.started_at,
+        finished_at: m.finished_at,
+    })
+}
+
+fn state_strs(states: &[TargetState]) -> Vec<&'static str> {
+    states.iter().map(|s| s.as_str()).collect()
+}
+
+// ---------------------------------------------------------------- outbox helpers
+
+#[derive(serde::Serialize, serde::Deserialize)]
+pub(crate) struct StoredHeaders {
+    pub headers: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub due_at_unix_ms: Option<i64>,
+}
+
+pub(crate) async fn push_outbox<C: ConnectionTrait>(db: &C, messages: Vec<Outgoing>) -> Result<()> {
+    if messages.is_empty() {
+        return Ok(());
+    }
+    let created_at = now();
+    for chunk in messages.chunks(INSERT_CHUNK) {
+        let rows = chunk.iter().map(|message| {
+            let message = message.clone().with_trace_context();
+            outbox::ActiveModel {
+                exchange: Set(match message.destination {
+                    fleetpatch_bus::Destination::Work => "work".into(),
+                    fleetpatch_bus::Destination::Events => "events".into(),
+                }),
+                routing_key: Set(message.routing_key),
+                payload: Set(message.payload),
+                headers: Set(to_json(&StoredHeaders {
+                    headers: message.headers,
+                    due_at_unix_ms: message.due_at_unix_ms,
+                })),
+                created_at: Set(created_at),
+                ..Default::default()
+            }
+        });
+        outbox::Entity::insert_many(rows).exec_without_returning(db).await?;
+    }
+    Ok(())
+}
+
+fn dispatch_message(rollout_id: Uuid) -> Outgoing {
+    Outgoing::work(routing::DISPATCH, v1::DispatchRequest { rollout_id: rollout_id.to_string() }.encode_to_vec())
+}
+
+fn deploy_message(target_id: Uuid, rollout_id: Uuid, attempt: u32, try_: u32) -> Outgoing {
+    Outgoing::work(
+        routing::DEPLOY,
+        v1::DeployJob {
+            target_id: target_id.to_string(),
+            rollout_id: rollout_id.to_string(),
+            attempt,
+            r#try: try_,
+        }
+        .encode_to_vec(),
+    )
+}
+
+fn cleanup_message(target_id: Uuid, attempt: u32) -> Outgoing {
+    Outgoing::work(routing::CLEANUP, v1::CleanupJob { target_id: target_id.to_string(), attempt }.encode_to_vec())
+}
+
+/// The watchdog's wake-up for a target, due at `due`.
+pub fn watch_message(target_id: Uuid, attempt: u32, due: DateTime<Utc>) -> Outgoing {
+    let due_ms = due.timestamp_millis();
+    Outgoing::work(
+        routing::WATCH,
+        v1::WatchTimer { target_id: target_id.to_string(), attempt, due_at_unix_ms: due_ms }.encode_to_vec(),
+    )
+    .due_at(due_ms)
+}
+
+fn event_message(target_id: Uuid, rollout_id: Uuid, from: TargetState, to: TargetState, detail: &str) -> Outgoing {
+    Outgoing::event(
+        routing::target_event_key(to.as_str()),
+        v1::TargetEvent {
+            target_id: target_id.to_string(),
+            rollout_id: rollout_id.to_string(),
+            from_state: from.as_str().into(),
+            to_state: to.as_str().into(),
+            at_unix_ms: now().timestamp_millis(),
+            detail: detail.into(),
+        }
+        .encode_to_vec(),
+    )
+}
+
+// ---------------------------------------------------------------- outcomes
+
+/// What a dispatch did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DispatchOutcome {
+    pub dispatched: u32,
+    pub state: RolloutState,
+    /// Set when this dispatch halted the rollout at a wave's failure threshold.
+    pub halted: Option<String>,
+}
+
+/// A worker's claim on a deploy job.
+#[derive(Debug)]
+pub enum Claim {
+    Claimed(Box<DeployContext>),
+    /// The job is for another attempt, or the target moved on: nothing to do.
+    Skip { state: TargetState, attempt: u32 },
+}
+
+/// Where the deployment goes after the probe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbeOutcome {
+    /// Stage and start the agent.
+    Stage,
+    /// Every patch was already installed: the target succeeded.
+    AllInstalled,
+    /// The target moved on meanwhile (e.g. the rollout was retried).
+    Lost,
+}
+
+/// What the watchdog found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WatchOutcome {
+    /// The target is no longer running this attempt.
+    Gone,
+    /// Reported recently: check again at the new deadline.
+    NotYet(DateTime<Utc>),
+    /// Marked timed out.
+    TimedOut,
+}
+
+/// Settings of the watchdog's timeout handling.
+#[derive(Debug, Clone, Copy)]
+pub struct TimeoutPolicy {
+    /// Delay before the verification scan after a timeout.
+    pub verify_delay: Duration,
+}
+
+// ---------------------------------------------------------------- the operations
+
+struct Move<'a> {
+    rollout_id: Uuid,
+    target_id: Uuid,
+    attempt: Option<u32>,
+    from: &'a [TargetState],
+    to: TargetState,
+    detail: Option<String>,
+    sets: Vec<(targets::Column, SimpleExpr)>,
+}
+
+/// Locks the target row, checks the move, applies it as a guarded UPDATE and
+/// appends it to the history. Returns the state it moved from, or `None`
+/// when the guard did not match (a duplicate, or the target moved on).
+async fn apply_move(txn: &DatabaseTransaction, mv: Move<'_>) -> Result<Option<TargetState>> {
+    let current = targets::Entity::find_by_id(mv.target_id)
+        .select_only()
+        .column(targets::Column::State)
+        .column(targets::Column::Attempt)
+        .lock_exclusive()
+        .into_tuple::<(String, i32)>()
+        .one(txn)
+        .await?;
+    let Some((state, attempt)) = current else { return Ok(None) };
+    let from: TargetState = parse(&state, "target state")?;
+    if !mv.from.contains(&from) || mv.attempt.is_some_and(|a| a as i32 != attempt) {
+        return Ok(None);
+    }
+    debug_assert!(from.can_move_to(mv.to) || from == mv.to, "{from} -> {}", mv.to);
+    let at = now();
+    let mut update = targets::Entity::update_many()
+        .col_expr(targets::Column::State, Expr::value(mv.to.as_str()))
+        .col_expr(targets::Column::UpdatedAt, Expr::value(at));
+    for (column, value) in mv.sets {
+        update = update.col_expr(column, value);
+    }
+    let updated = update
+        .filter(targets::Column::Id.eq(mv.target_id))
+        .filter(targets::Column::State.eq(from.as_str()))
+        .filter(targets::Column::Attempt.eq(attempt))
+        .exec(txn)
+        .await?;
+    if updated.rows_affected != 1 {
+        return Ok(None);
+    }
+    target_transitions::Entity::insert(target_transitions::ActiveModel {
+        rollout_id: Set(mv.rollout_id),
+        target_id: Set(mv.target_id),
+        from_state: Set(from.as_str().into()),
+        to_state: Set(mv.to.as_str().into()),
+        at: Set(at),
+        detail: Set(mv.detail),
+        ..Default::default()
+    })
+    .exec_without_returning(txn)
+    .await?;
+    Ok(Some(from))
+}
+
+/// Marks every unfinished patch of a target failed with `reason`.
+async fn fail_open_patches<C: ConnectionTrait>(db: &C, target_id: Uuid, reason: &str) -> Result<()> {
+    target_patches::Entity::update_many()
+        .col_expr(target_patches::Column::State, Expr::value(PatchState::Failed.as_str()))
+        .col_expr(target_patches::Column::Error, Expr::value(reason))
+        .col_expr(target_patches::Column::FinishedAt, Expr::value(now()))
+        .filter(target_patches::Column::TargetId.eq(target_id))
+        .filter(
+            target_patches::Column::State.is_in([PatchState::Pending.as_str(), PatchState::Running.as_str()]),
+        )
+        .exec(db)
+        .await?;
+    Ok(())
+}
+
+impl Store {
+    // ------------------------------------------------------------ rollouts
+
+    /// Stores a new rollout (running) and asks the scheduler to dispatch it.
+    pub async fn create_rollout(&self, new: NewRollout) -> Result<Uuid> {
+        let id = Uuid::new_v4();
+        let at = now();
+        let txn = self.db.begin().await?;
+        rollouts::Entity::insert(rollouts::ActiveModel {
+            id: Set(id),
+            name: Set(new.name.clone()),
+            state: Set(RolloutState::Running.as_str().into()),
+            pause_reason: Set(None),
+            current_wave: Set(0),
+            concurrency: Set(new.concurrency as i32),
+            timeout_seconds: Set(new.timeout_seconds as i32),
+            waves: Set(to_json(&new.waves)),
+            settings: Set(to_json(&new.settings)),
+            created_at: Set(at),
+            updated_at: Set(at),
+            completed_at: Set(None),
+        })
+        .exec_without_returning(&txn)
+        .await?;
+        if !new.patches.is_empty() {
+            let rows = new.patches.iter().enumerate().map(|(index, p)| patches::ActiveModel {
+                rollout_id: Set(id),
+                patch_index: Set(index as i32),
+                name: Set(p.name.clone()),
+                kb: Set(p.kb.clone()),
+                file: Set(p.file.clone()),
+                sha256: Set(p.sha256.clone()),
+                size: Set(p.size as i64),
+                installer: Set(p.installer.as_str().into()),
+                arguments: Set(p.arguments.clone()),
+                success_codes: Set(to_json(&p.success_codes)),
+                reboot_codes: Set(to_json(&p.reboot_codes)),
+                timeout_seconds: Set(p.timeout_seconds as i32),
+                detection: Set(p.detection.as_ref().map(to_json)),
+            });
+            patches::Entity::insert_many(rows).exec_without_returning(&txn).await?;
+        }
+        for (chunk_index, chunk) in new.targets.chunks(INSERT_CHUNK).enumerate() {
+            let rows = chunk.iter().enumerate().map(|(i, t)| targets::ActiveModel {
+                id: Set(Uuid::new_v4()),
+                rollout_id: Set(id),
+                ordinal: Set((chunk_index * INSERT_CHUNK + i) as i32),
+                host: Set(t.host.clone()),
+                port: Set(t.port.map(i32::from)),
+                transport: Set(t.transport.clone()),
+                labels: Set(to_json(&t.labels)),
+                credential_ref: Set(t.credential_ref.clone()),
+                wave: Set(t.wave as i32),
+                state: Set(TargetState::Pending.as_str().into()),
+                attempt: Set(1),
+                r#try: Set(0),
+                token_hash: Set(None),
+                token_nonce: Set(None),
+                timeout_seconds: Set(new.timeout_seconds as i32),
+                last_seen_at: Set(None),
+                error: Set(None),
+                os: Set(None),
+                arch: Set(None),
+                probe: Set(None),
+                queued_at: Set(None),
+                running_at: Set(None),
+                finished_at: Set(None),
+                verified_state: Set(None),
+                verified_at: Set(None),
+                created_at: Set(at),
+                updated_at: Set(at),
+            });
+            targets::Entity::insert_many(rows).exec_without_returning(&txn).await?;
+        }
+        push_outbox(&txn, vec![dispatch_message(id)]).await?;
+        txn.commit().await?;
+        Ok(id)
+    }
+
+    pub async fn rollout(&self, id: Uuid) -> Result<Rollout> {
+        let model = rollouts::Entity::find_by_id(id)
+            .one(&self.db)
+            .await?
+            .ok_or_else(|| Error::NotFound { what: "rollout", id: id.to_string() })?;
+        rollout_from(model)
+    }
+
+    /// Newest first.
+    pub async fn list_rollouts(&self, limit: u64) -> Result<Vec<Rollout>> {
+        rollouts::Entity::find()
+            .order_by_desc(rollouts::Column::CreatedAt)
+            .limit(limit)
+            .all(&self.db)
+            .await?
+            .into_iter()
+            .map(rollout_from)
+            .collect()
+    }
+
+    pub async fn patches(&self, rollout_id: Uuid) -> Result<Vec<Patch>> {
+        patches::Entity::find()
+            .filter(patches::Column::RolloutId.eq(rollout_id))
+            .order_by_asc(patches::Column::PatchIndex)
+            .all(&self.db)
+            .await?
+            .into_iter()
+            .map(patch_from)
+            .collect()
+    }
+
+    /// Counts per state, for the rollout and per wave.
+    pub async fn progress(&self, rollout: &Rollout) -> Result<Progress> {
+        let rows: Vec<(i32, String, i64)> = targets::Entity::find()
+            .select_only()
+            .column(targets::Column::Wave)
+            .column(targets::Column::State)
+            .column_as(targets::Column::Id.count(), "n")
+            .filter(targets::Column::RolloutId.eq(rollout.id))
+            .group_by(targets::Column::Wave)
+            .group_by(targets::Column::State)
+            .into_tuple()
+            .all(&self.db)
+            .await?;
+        let mut progress = Progress {
+            waves: rollout
+                .waves
+                .iter()
+                .enumerate()
+                .map(|(index, wave)| WaveProgress { index: index as u32, name: wave.name.clone(), ..Default::default() })
+                .collect(),
+            ..Default::default()
+        };
+        for (wave, state, count) in rows {
+            let count = count as u64;
+            progress.total += count;
+            *progress.by_state.entry(state.clone()).or_default() += count;
+            if let Some(wave) = progress.waves.get_mut(wave as usize) {
+                wave.total += count;
+                *wave.by_state.entry(state).or_default() += count;
+            }
+        }
+        Ok(progress)
+    }
+
+    /// A page of a rollout's targets in dispatch order, after `after_ordinal`.
+    pub async fn targets(
+        &self,
+        rollout_id: Uuid,
+        state: Option<TargetState>,
+        after_ordinal: Option<u32>,
+        limit: u64,
+    ) -> Result<Vec<Target>> {
+        let mut query = targets::Entity::find().filter(targets::Column::RolloutId.eq(rollout_id));
+        if let Some(state) = state {
+            query = query.filter(targets::Column::State.eq(state.as_str()));
+        }
+        if let Some(after) = after_ordinal {
+            query = query.filter(targets::Column::Ordinal.gt(after as i32));
+        }
+        query
+            .order_by_asc(targets::Column::Ordinal)
+            .limit(limit)
+            .all(&self.db)
+            .await?
+            .into_iter()
+            .map(target_from)
+            .collect()
+    }
+
+    pub async fn target(&self, id: Uuid) -> Result<Target> {
+        let model = targets::Entity::find_by_id(id)
+            .one(&self.db)
+            .await?
+            .ok_or_else(|| Error::NotFound { what: "target", id: id.to_string() })?;
+        target_from(model)
+    }
+
+    pub async fn target_patches(&self, target_id: Uuid) -> Result<Vec<TargetPatch>> {
+        target_patches::Entity::find()
+            .filter(target_patches::Column::TargetId.eq(target_id))
+            .order_by_asc(target_patches::Column::PatchIndex)
+            .all(&self.db)
+            .await?
+            .into_iter()
+            .map(target_patch_from)
+            .collect()
+    }
+
+    /// The target's state changes, oldest first.
+    pub async fn transitions(&self, target_id: Uuid) -> Result<Vec<Transition>> {
+        Ok(target_transitions::Entity::find()
+            .filter(target_transitions::Column::TargetId.eq(target_id))
+            .order_by_asc(target_transitions::Column::Id)
+            .all(&self.db)
+            .await?
+            .into_iter()
+            .map(|m| Transition { target_id: m.target_id, from: m.from_state, to: m.to_state, at: m.at, detail: m.detail })
+            .collect())
+    }
+
+    /// Every state change of a rollout's targets, oldest first.
+    pub async fn rollout_transitions(&self, rollout_id: Uuid) -> Result<Vec<Transition>> {
+        Ok(target_transitions::Entity::find()
+            .filter(target_transitions::Column::RolloutId.eq(rollout_id))
+            .order_by_asc(target_transitions::Column::Id)
+            .all(&self.db)
+            .await?
+            .into_iter()
+            .map(|m| Transition { target_id: m.target_id, from: m.from_state, to: m.to_state, at: m.at, detail: m.detail })
+            .collect())
+    }
+
+    /// What the collector accepted from the target's agents, oldest first.
+    pub async fn agent_events(&self, target_id: Uuid) -> Result<Vec<AgentEvent>> {
+        Ok(agent_events::Entity::find()
+            .filter(agent_events::Column::TargetId.eq(target_id))
+            .order_by_asc(agent_events::Column::Attempt)
+            .order_by_asc(agent_events::Column::Seq)
+            .all(&self.db)
+            .await?
+            .into_iter()
+            .map(|m| AgentEvent {
+                attempt: m.attempt as u32,
+                seq: m.seq as u64,
+                kind: m.kind,
+                patch_index: m.patch_index.map(|i| i as u32),
+                exit_code: m.exit_code,
+                detail: m.detail,
+                received_at: m.received_at,
+            })
+            .collect())
+    }
+
+    // ------------------------------------------------------------ operator actions
+
+    async fn set_rollout_state(
+        &self,
+        id: Uuid,
+        from: &[RolloutState],
+        to: RolloutState,
+        reason: Option<String>,
+    ) -> Result<Rollout> {
+        let txn = self.db.begin().await?;
+        let rollout = rollouts::Entity::find_by_id(id)
+            .lock_exclusive()
+            .one(&txn)
+            .await?
+            .ok_or_else(|| Error::NotFound { what: "rollout", id: id.to_string() })?;
+        let current: RolloutState = parse(&rollout.state, "rollout state")?;
+        if !from.contains(&current) {
+            return Err(Error::Conflict(format!(
+                "rollout {id} is {current}; it can be made {to} only when it is {}",
+                from.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(" or ")
+            )));
+        }
+        let at = now();
+        rollouts::Entity::update_many()
+            .col_expr(rollouts::Column::State, Expr::value(to.as_str()))
+            .col_expr(rollouts::Column::PauseReason, Expr::value(reason))
+            .col_expr(rollouts::Column::UpdatedAt, Expr::value(at))
+            .filter(rollouts::Column::Id.eq(id))
+            .exec(&txn)
+            .await?;
+        match to {
+            RolloutState::Running => push_outbox(&txn, vec![dispatch_message(id)]).await?,
+            RolloutState::Aborted => {
+                let pending = targets::Entity::find()
+                    .select_only()
+                    .column(targets::Column::Id)
+                    .filter(targets::Column::RolloutId.eq(id))
+                    .filter(targets::Column::State.eq(TargetState::Pending.as_str()))
+                    .into_tuple::<Uuid>()
+                    .all(&txn)
+                    .await?;
+                for chunk in pending.chunks(INSERT_CHUNK) {
+                    targets::Entity::update_many()
+                        .col_expr(targets::Column::State, Expr::value(TargetState::Cancelled.as_str()))
+                        .col_expr(targets::Column::FinishedAt, Expr::value(at))
+                        .col_expr(targets::Column::UpdatedAt, Expr::value(at))
+                        .filter(targets::Column::Id.is_in(chunk.iter().copied()))
+                        .filter(targets::Column::State.eq(TargetState::Pending.as_str()))
+                        .exec(&txn)
+                        .await?;
+                    let rows = chunk.iter().map(|target_id| target_transitions::ActiveModel {
+                        rollout_id: Set(id),
+                        target_id: Set(*target_id),
+                        from_state: Set(TargetState::Pending.as_str().into()),
+                        to_state: Set(TargetState::Cancelled.as_str().into()),
+                        at: Set(at),
+                        detail: Set(Some("rollout aborted".into())),
+                        ..Default::default()
+                    });
+                    target_transitions::Entity::insert_many(rows).exec_without_returning(&txn).await?;
+                }
+                rollouts::Entity::update_many()
+                    .col_expr(rollouts::Column::CompletedAt, Expr::value(at))
+                    .filter(rollouts::Column::Id.eq(id))
+                    .exec(&txn)
+                    .await?;
+            }
+            _ => {}
+        }
+        txn.commit().await?;
+        self.rollout(id).await
+    }
+
+    pub async fn pause_rollout(&self, id: Uuid, reason: &str) -> Result<Rollout> {
+        self.set_rollout_state(id, &[RolloutState::Running], RolloutState::Paused, Some(reason.into())).await
+    }
+
+    pub async fn resume_rollout(&self, id: Uuid) -> Result<Rollout> {
+        self.set_rollout_state(id, &[RolloutState::Paused], RolloutState::Running, None).await
+    }
+
+    pub async fn abort_rollout(&self, id: Uuid) -> Result<Rollout> {
+        self.set_rollout_state(
+            id,
+            &[RolloutState::Running, RolloutState::Paused],
+            RolloutState::Aborted,
+            Some("aborted by an operator".into()),
+        )
+        .await
+    }
+
+    /// Sends failed and timed-out targets back to `pending` for a new
+    /// attempt, and restarts dispatch from the earliest wave among them.
+    pub async fn retry_failed(&self, id: Uuid) -> Result<u64> {
+        let txn = self.db.begin().await?;
+        let rollout = rollouts::Entity::find_by_id(id)
+            .lock_exclusive()
+            .one(&txn)
+            .await?
+            .ok_or_else(|| Error::NotFound { what: "rollout", id: id.to_string() })?;
+        if rollout.state == RolloutState::Aborted.as_str() {
+            return Err(Error::Conflict(format!("rollout {id} was aborted; create a new rollout instead")));
+        }
+        let failed = state_strs(&[TargetState::Failed, TargetState::TimedOut]);
+        let retried: Vec<(Uuid, String, i32)> = targets::Entity::find()
+            .select_only()
+            .column(targets::Column::Id)
+            .column(targets::Column::State)
+            .column(targets::Column::Wave)
+            .filter(targets::Column::RolloutId.eq(id))
+            .filter(targets::Column::State.is_in(failed.clone()))
+            .into_tuple()
+            .all(&txn)
+            .await?;
+        let Some(first_wave) = retried.iter().map(|(_, _, wave)| *wave).min() else {
+            return Ok(0);
+        };
+        let at = now();
+        for chunk in retried.chunks(INSERT_CHUNK) {
+            let ids: Vec<Uuid> = chunk.iter().map(|(target_id, _, _)| *target_id).collect();
+            targets::Entity::update_many()
+                .col_expr(targets::Column::State, Expr::value(TargetState::Pending.as_str()))
+                .col_expr(targets::Column::Attempt, Expr::col(targets::Column::Attempt).add(1))
+                .col_expr(targets::Column::Try, Expr::value(0))
+                .col_expr(targets::Column::TokenHash, Expr::value(Option::<String>::None))
+                .col_expr(targets::Column::TokenNonce, Expr::value(Option::<String>::None))
+                .col_expr(targets::Column::Error, Expr::value(Option::<String>::None))
+                .col_expr(targets::Column::LastSeenAt, Expr::value(Option::<DateTime<Utc>>::None))
+                .col_expr(targets::Column::QueuedAt, Expr::value(Option::<DateTime<Utc>>::None))
+                .col_expr(targets::Column::RunningAt, Expr::value(Option::<DateTime<Utc>>::None))
+                .col_expr(targets::Column::FinishedAt, Expr::value(Option::<DateTime<Utc>>::None))
+                .col_expr(targets::Column::UpdatedAt, Expr::value(at))
+                .filter(targets::Column::Id.is_in(ids.clone()))
+                .filter(targets::Column::State.is_in(failed.clone()))
+                .exec(&txn)
+                .await?;
+            target_patches::Entity::delete_many()
+                .filter(target_patches::Column::TargetId.is_in(ids))
+                .exec(&txn)
+                .await?;
+            let rows = chunk.iter().map(|(target_id, state, _)| target_transitions::ActiveModel {
+                rollout_id: Set(id),
+                target_id: Set(*target_id),
+                from_state: Set(state.clone()),
+                to_state: Set(TargetState::Pending.as_str().into()),
+                at: Set(at),
+                detail: Set(Some("retry failed".into())),
+                ..Default::default()
+            });
+            target_transitions::Entity::insert_many(rows).exec_without_returning(&txn).await?;
+        }
+        rollouts::Entity::update_many()
+            .col_expr(rollouts::Column::State, Expr::value(RolloutState::Running.as_str()))
+            .col_expr(rollouts::Column::PauseReason, Expr::value(Option::<String>::None))
+            .col_expr(rollouts::Column::CurrentWave, Expr::value(first_wave.min(rollout.current_wave)))
+            .col_expr(rollouts::Column::CompletedAt, Expr::value(Option::<DateTime<Utc>>::None))
+            .col_expr(rollouts::Column::UpdatedAt, Expr::value(at))
+            .filter(rollouts::Column::Id.eq(id))
+            .exec(&txn)
+            .await?;
+        push_outbox(&txn, vec![dispatch_message(id)]).await?;
+        txn.commit().await?;
+        Ok(retried.len() as u64)
+    }
+
+    // ------------------------------------------------------------ dispatch
+
+    /// Fills the rollout's free slots with its next pending targets, and
+    /// moves through waves. Serialized per rollout by a row lock, so no two
+    /// dispatches can exceed `concurrency` together.
+    pub async fn dispatch(&self, rollout_id: Uuid) -> Result<DispatchOutcome> {
+        let txn = self.db.begin().await?;
+        let rollout = rollouts::Entity::find_by_id(rollout_id)
+            .lock_exclusive()
+            .one(&txn)
+            .await?
+            .ok_or_else(|| Error::NotFound { what: "rollout", id: rollout_id.to_string() })?;
+        let rollout = rollout_from(rollout)?;
+        let mut outcome = DispatchOutcome { dispatched: 0, state: rollout.state, halted: None };
+        if rollout.state != RolloutState::Running {
+            return Ok(outcome);
+        }
+        let in_flight_states = state_strs(&TargetState::IN_FLIGHT);
+        let mut wave = rollout.current_wave;
+        let wave_count = rollout.waves.len().max(1) as u32;
+        let mut messages = Vec::new();
+        let at = now();
+        loop {
+            let in_flight = targets::Entity::find()
+                .filter(targets::Column::RolloutId.eq(rollout_id))
+                .filter(targets::Column::State.is_in(in_flight_states.clone()))
+                .count(&txn)
+                .await?;
+            let free = u64::from(rollout.concurrency).saturating_sub(in_flight);
+            if free > 0 {
+                let next: Vec<(Uuid, i32)> = targets::Entity::find()
+                    .select_only()
+                    .column(targets::Column::Id)
+                    .column(targets::Column::Attempt)
+                    .filter(targets::Column::RolloutId.eq(rollout_id))
+                    .filter(targets::Column::Wave.eq(wave as i32))
+                    .filter(targets::Column::State.eq(TargetState::Pending.as_str()))
+                    .order_by_asc(targets::Column::Ordinal)
+                    .limit(free)
+                    .into_tuple()
+                    .all(&txn)
+                    .await?;
+                if !next.is_empty() {
+                    let ids: Vec<Uuid> = next.iter().map(|(id, _)| *id).collect();
+                    targets::Entity::update_many()
+                        .col_expr(targets::Column::State, Expr::value(TargetState::Queued.as_str()))
+                        .col_expr(targets::Column::QueuedAt, Expr::value(at))
+                        .col_expr(targets::Column::Try, Expr::value(0))
+                        .col_expr(targets::Column::UpdatedAt, Expr::value(at))
+                        .filter(targets::Column::Id.is_in(ids))
+                        .filter(targets::Column::State.eq(TargetState::Pending.as_str()))
+                        .exec(&txn)
+                        .await?;
+                    let rows = next.iter().map(|(target_id, _)| target_transitions::ActiveModel {
+                        rollout_id: Set(rollout_id),
+                        target_id: Set(*target_id),
+                        from_state: Set(TargetState::Pending.as_str().into()),
+                        to_state: Set(TargetState::Queued.as_str().into()),
+                        at: Set(at),
+                        detail: Set(None),
+                        ..Default::default()
+                    });
+                    target_transitions::Entity::insert_many(rows).exec_without_returning(&txn).await?;
+                    for (target_id, attempt) in &next {
+                        messages.push(deploy_message(*target_id, rollout_id, *attempt as u32, 0));
+                    }
+                    outcome.dispatched += next.len() as u32;
+                }
+            }
+            // Is the current wave finished?
+            let open_states = {
+                let mut states = in_flight_states.clone();
+                states.push(TargetState::Pending.as_str());
+                states
+            };
+            let open = targets::Entity::find()
+                .filter(targets::Column::RolloutId.eq(rollout_id))
+                .filter(targets::Column::Wave.eq(wave as i32))
+                .filter(targets::Column::State.is_in(open_states))
+                .count(&txn)
+                .await?;
+            if open > 0 {
+                break;
+            }
+            let total = targets::Entity::find()
+                .filter(targets::Column::RolloutId.eq(rollout_id))
+                .filter(targets::Column::Wave.eq(wave as i32))
+                .count(&txn)
+                .await?;
+            let failures = targets::Entity::find()
+                .filter(targets::Column::RolloutId.eq(rollout_id))
+                .filter(targets::Column::Wave.eq(wave as i32))
+                .filter(targets::Column::State.is_in(state_strs(&[TargetState::Failed, TargetState::TimedOut])))
+                .count(&txn)
+                .await?;
+            let spec = rollout.waves.get(wave as usize);
+            let threshold = spec.map(|w| w.max_failure_percent).unwrap_or(100.0);
+            let failed_percent = if total == 0 { 0.0 } else { failures as f64 * 100.0 / total as f64 };
+            if wave + 1 >= wave_count {
+                outcome.state = RolloutState::Completed;
+                break;
+            }
+            wave += 1;
+            if failed_percent > threshold {
+                let name = spec.map(|w| w.name.as_str()).unwrap_or("default");
+                let reason = format!(
+                    "wave {name:?} ended with {failures} of {total} targets failed or timed out ({failed_percent:.1}%), \
+                     above its threshold of {threshold}%; resume to continue with the next wave"
+                );
+                outcome.state = RolloutState::Paused;
+                outcome.halted = Some(reason);
+                break;
+            }
+        }
+        let mut update = rollouts::Entity::update_many()
+            .col_expr(rollouts::Column::CurrentWave, Expr::value(wave as i32))
+            .col_expr(rollouts::Column::State, Expr::value(outcome.state.as_str()))
+            .col_expr(rollouts::Column::UpdatedAt, Expr::value(at));
+        if let Some(reason) = &outcome.halted {
+            update = update.col_expr(rollouts::Column::PauseReason, Expr::value(reason.clone()));
+        }
+        if outcome.state == RolloutState::Completed {
+            update = update.col_expr(rollouts::Column::CompletedAt, Expr::value(at));
+        }
+        update.filter(rollouts::Column::Id.eq(rollout_id)).exec(&txn).await?;
+        push_outbox(&txn, messages).await?;
+        txn.commit().await?;
+        Ok(outcome)
+    }
+
+    // ------------------------------------------------------------ worker steps
+
+    /// Claims a deploy job: `queued → probing`. With `takeover` (the job was
+    /// redelivered because its worker died), a target left in probing,
+    /// staging or installing by that worker is taken over.
+    pub async fn claim_deploy(&self, target_id: Uuid, attempt: u32, takeover: bool, nonce: &str) -> Result<Claim> {
+        let txn = self.db.begin().await?;
+        let Some(target) = targets::Entity::find_by_id(target_id).one(&txn).await? else {
+            return Err(Error::NotFound { what: "target", id: target_id.to_string() });
+        };
+        let target = target_from(target)?;
+        let allowed: &[TargetState] = if takeover {
+            &[TargetState::Queued, TargetState::Probing, TargetState::Staging, TargetState::Installing]
+        } else {
+            &[TargetState::Queued]
+        };
+        let detail = (target.state != TargetState::Queued).then(|| format!("taken over from {}", target.state));
+        let moved = apply_move(
+            &txn,
+            Move {
+                rollout_id: target.rollout_id,
+                target_id,
+                attempt: Some(attempt),
+                from: allowed,
+                to: TargetState::Probing,
+                detail,
+                sets: vec![(
+                    targets::Column::TokenNonce,
+                    Func::coalesce([Expr::col(targets::Column::TokenNonce).into(), Expr::value(nonce)]).into(),
+                )],
+            },
+        )
+        .await?;
+        if moved.is_none() {
+            return Ok(Claim::Skip { state: target.state, attempt: target.attempt });
+        }
+        let target = target_from(
+            targets::Entity::find_by_id(target_id)
+                .one(&txn)
+                .await?
+                .ok_or_else(|| Error::NotFound { what: "target", id: target_id.to_string() })?,
+        )?;
+        let rollout = rollout_from(
+            rollouts::Entity::find_by_id(target.rollout_id)
+                .one(&txn)
+                .await?
+                .ok_or_else(|| Error::NotFound { what: "rollout", id: target.rollout_id.to_string() })?,
+        )?;
+        let patches = patches::Entity::find()
+            .filter(patches::Column::RolloutId.eq(target.rollout_id))
+            .order_by_asc(patches::Column::PatchIndex)
+            .all(&txn)
+            .await?
+            .into_iter()
+            .map(patch_from)
+            .collect::<Result<_>>()?;
+        txn.commit().await?;
+        Ok(Claim::Claimed(Box::new(DeployContext { target, rollout, patches })))
+    }
+
+    /// Records the probe: `probing → staging` (or `→ succeeded` when every
+    /// patch is already installed), the per-patch rows, and the token hash.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn record_probe(
+        &self,
+        context: &DeployContext,
+        os: &str,
+        arch: &str,
+        probe: serde_json::Value,
+        installed: &[u32],
+        token_hash: &str,
+    ) -> Result<ProbeOutcome> {
+        let target = &context.target;
+        let all_installed = context.patches.iter().all(|p| installed.contains(&p.index));
+        let to = if all_installed { TargetState::Succeeded } else { TargetState::Staging };
+        let at = now();
+        let txn = self.db.begin().await?;
+        let mut sets = vec![
+            (targets::Column::Os, Expr::value(os)),
+            (targets::Column::Arch, Expr::value(arch)),
+            (targets::Column::Probe, Expr::value(probe)),
+            (targets::Column::TokenHash, Expr::value(token_hash)),
+        ];
+        if all_installed {
+            sets.push((targets::Column::FinishedAt, Expr::value(at)));
+        }
+        let moved = apply_move(
+            &txn,
+            Move {
+                rollout_id: target.rollout_id,
+                target_id: target.id,
+                attempt: Some(target.attempt),
+                from: &[TargetState::Probing],
+                to,
+                detail: all_installed.then(|| "every patch is already installed".to_owned()),
+                sets,
+            },
+        )
+        .await?;
+        let Some(from) = moved else { return Ok(ProbeOutcome::Lost) };
+        target_patches::Entity::delete_many()
+            .filter(target_patches::Column::TargetId.eq(target.id))
+            .exec(&txn)
+            .await?;
+        if !context.patches.is_empty() {
+            let rows = context.patches.iter().map(|patch| {
+                let skipped = installed.contains(&patch.index);
+                target_patches::ActiveModel {
+                    target_id: Set(target.id),
+                    patch_index: Set(patch.index as i32),
+                    rollout_id: Set(target.rollout_id),
+                    state: Set(if skipped { PatchState::Skipped } else { PatchState::Pending }.as_str().into()),
+                    exit_code: Set(None),
+                    outcome: Set(skipped.then(|| "already_installed".to_owned())),
+                    reboot_required: Set(false),
+                    output_tail: Set(None),
+                    error: Set(None),
+                    started_at: Set(None),
+                    finished_at: Set(None),
+                }
+            });
+            target_patches::Entity::insert_many(rows).exec_without_returning(&txn).await?;
+        }
+        if all_installed {
+            push_outbox(
+                &txn,
+                vec![
+                    dispatch_message(target.rollout_id),
+                    event_message(target.id, target.rollout_id, from, to, "every patch is already installed"),
+                ],
+            )
+            .await?;
+        }
+        txn.commit().await?;
+        Ok(if all_installed { ProbeOutcome::AllInstalled } else { ProbeOutcome::Stage })
+    }
+
+    /// `staging → installing`. False when the target moved on.
+    pub async fn mark_installing(&self, target: &Target) -> Result<bool> {
+        let txn = self.db.begin().await?;
+        let moved = apply_move(
+            &txn,
+            Move {
+                rollout_id: target.rollout_id,
+                target_id: target.id,
+                attempt: Some(target.attempt),
+                from: &[TargetState::Staging],
+                to: TargetState::Installing,
+                detail: None,
+                sets: vec![],
+            },
+        )
+        .await?;
+        txn.commit().await?;
+        Ok(moved.is_some())
+    }
+
+    /// `installing → running`, arming the watchdog in the same transaction.
+    /// False when the target moved on (e.g. its agent already reported its
+    /// final result).
+    pub async fn mark_running(&self, target: &Target) -> Result<bool> {
+        let at = now();
+        let due = at + chrono::Duration::seconds(i64::from(target.timeout_seconds));
+        let txn = self.db.begin().await?;
+        let moved = apply_move(
+            &txn,
+            Move {
+                rollout_id: target.rollout_id,
+                target_id: target.id,
+                attempt: Some(target.attempt),
+                from: &[TargetState::Installing],
+                to: TargetState::Running,
+                detail: None,
+                sets: vec![
+                    (targets::Column::RunningAt, Expr::value(at)),
+                    (targets::Column::LastSeenAt, Expr::value(at)),
+                ],
+            },
+        )
+        .await?;
+        if let Some(from) = moved {
+            push_outbox(
+                &txn,
+                vec![
+                    watch_message(target.id, target.attempt, due),
+                    event_message(target.id, target.rollout_id, from, TargetState::Running, "agent started"),
+                ],
+            )
+            .await?;
+        }
+        txn.commit().await?;
+        Ok(moved.is_some())
+    }
+
+    /// Fails the target from any in-flight state with `reason`; frees its
+    /// slot and queues the cleanup.
+    pub async fn fail_target(&self, target: &Target, reason: &str, cleanup: bool) -> Result<bool> {
+        let txn = self.db.begin().await?;
+        let moved = apply_move(
+            &txn,
+            Move {
+                rollout_id: target.rollout_id,
+                target_id: target.id,
+                attempt: Some(target.attempt),
+                from: &TargetState::IN_FLIGHT,
+                to: TargetState::Failed,
+                detail: Some(reason.to_owned()),
+                sets: vec![
+                    (targets::Column::Error, Expr::value(reason)),
+                    (targets::Column::FinishedAt, Expr::value(now())),
+                ],
+            },
+        )
+        .await?;
+        if let Some(from) = moved {
+            fail_open_patches(&txn, target.id, reason).await?;
+            let mut messages = vec![
+                dispatch_message(target.rollout_id),
+                event_message(target.id, target.rollout_id, from, TargetState::Failed, reason),
+            ];
+            if cleanup {
+                messages.push(cleanup_message(target.id, target.attempt));
+            }
+            push_outbox(&txn, messages).await?;
+        }
+        txn.commit().await?;
+        Ok(moved.is_some())
+    }
+
+    /// A transient error: back to `queued` (keeping the slot) and a new
+    /// deploy job after `delay`.
+    pub async fn requeue_for_retry(&self, target: &Target, reason: &str, next_try: u32, delay: Duration) -> Result<bool> {
+        let txn = self.db.begin().await?;
+        let moved = apply_move(
+            &txn,
+            Move {
+                rollout_id: target.rollout_id,
+                target_id: target.id,
+                attempt: Some(target.attempt),
+                from: &[TargetState::Probing, TargetState::Staging, TargetState::Installing],
+                to: TargetState::Queued,
+                detail: Some(format!("try {next_try} in {} s: {reason}", delay.as_secs())),
+                sets: vec![
+                    (targets::Column::Error, Expr::value(reason)),
+                    (targets::Column::Try, Expr::value(next_try as i32)),
+                ],
+            },
+        )
+        .await?;
+        if moved.is_some() {
+            push_outbox(
+                &txn,
+                vec![deploy_message(target.id, target.rollout_id, target.attempt, next_try).delayed(delay)],
+            )
+            .await?;
+        }
+        txn.commit().await?;
+        Ok(moved.is_some())
+    }
+
+    /// Records the verification scan.
+    pub async fn record_verification(&self, target_id: Uuid, attempt: u32, installed: &[u32], missing: &[u32]) -> Result<()> {
+        let verdict = if missing.is_empty() {
+            "all_installed".to_owned()
+        } else if installed.is_empty() {
+            "none_installed".to_owned()
+        } else {
+            format!(
+                "missing {}",
+                missing.iter().map(|i| format!("#{i}")).collect::<Vec<_>>().join(", ")
+            )
+        };
+        targets::Entity::update_many()
+            .col_expr(targets::Column::VerifiedState, Expr::value(verdict))
+            .col_expr(targets::Column::VerifiedAt, Expr::value(now()))
+            .filter(targets::Column::Id.eq(target_id))
+            .filter(targets::Column::Attempt.eq(attempt as i32))
+            .exec(&self.db)
+            .await?;
+        Ok(())
+    }
+
+    // ------------------------------------------------------------ watchdog
+
+    /// The watchdog check: times the target out when it has not reported
+    /// within its timeout, else says when to look again.
+    pub async fn check_timeout(&self, target_id: Uuid, attempt: u32, policy: TimeoutPolicy) -> Result<WatchOutcome> {
+        let txn = self.db.begin().await?;
+        let Some(target) = targets::Entity::find_by_id(target_id).lock_exclusive().one(&txn).await? else {
+            return Ok(WatchOutcome::Gone);
+        };
+        let target = target_from(target)?;
+        if target.state != TargetState::Running || target.attempt != attempt {
+            return Ok(WatchOutcome::Gone);
+        }
+        let last = target.last_seen_at.into_iter().chain(target.running_at).max().unwrap_or_else(now);
+        let deadline = last + chrono::Duration::seconds(i64::from(target.timeout_seconds));
+        if now() < deadline {
+            return Ok(WatchOutcome::NotYet(deadline));
+        }
+        let reason = format!(
+            "no feedback received within {} s; the deployment may have failed",
+            target.timeout_seconds
+        );
+        let moved = apply_move(
+            &txn,
+            Move {
+                rollout_id: target.rollout_id,
+                target_id,
+                attempt: Some(attempt),
+                from: &[TargetState::Running],
+                to: TargetState::TimedOut,
+                detail: Some(reason.clone()),
+                sets: vec![
+                    (targets::Column::Error, Expr::value(reason.clone())),
+                    (targets::Column::FinishedAt, Expr::value(now())),
+                ],
+            },
+        )
+        .await?;
+        if moved.is_none() {
+            return Ok(WatchOutcome::Gone);
+        }
+        fail_open_patches(&txn, target_id, &reason).await?;
+        let verify = Outgoing::work(
+            routing::VERIFY,
+            v1::VerifyJob { target_id: target_id.to_string(), attempt, cleanup_after: true }.encode_to_vec(),
+        )
+        .delayed(policy.verify_delay);
+        push_outbox(
+            &txn,
+            vec![
+                dispatch_message(target.rollout_id),
+                verify,
+                event_message(target_id, target.rollout_id, TargetState::Running, TargetState::TimedOut, &reason),
+            ],
+        )
+        .await?;
+        txn.commit().await?;
+        Ok(WatchOutcome::TimedOut)
+    }
+
+    /// Running targets whose deadline passed more than `grace` ago: their
+    /// watch message was lost (or is very late). The reconciler re-arms them.
+    pub async fn overdue_running_targets(&self, grace: Duration, limit: u64) -> Result<Vec<(Uuid, u32)>> {
+        let running: Vec<(Uuid, i32, Option<DateTime<Utc>>, i32)> = targets::Entity::find()
+            .select_only()
+            .column(targets::Column::Id)
+            .column(targets::Column::Attempt)
+            .column(targets::Column::LastSeenAt)
+            .column(targets::Column::TimeoutSeconds)
+            .filter(targets::Column::State.eq(TargetState::Running.as_str()))
+            .filter(targets::Column::LastSeenAt.lt(now() - chrono::Duration::from_std(grace).unwrap_or_default()))
+            .limit(limit * 4)
+            .into_tuple()
+            .all(&self.db)
+            .await?;
+        let cutoff = now() - chrono::Duration::from_std(grace).unwrap_or_default();
+        Ok(running
+            .into_iter()
+            .filter(|(_, _, last, timeout)| {
+                last.is_some_and(|last| last + chrono::Duration::seconds(i64::from(*timeout)) < cutoff)
+            })
+            .take(limit as usize)
+            .map(|(id, attempt, _, _)| (id, attempt as u32))
+            .collect())
+    }
+
+    /// Queued targets with no progress for `grace`: their deploy job was
+    /// lost. Returns the messages to re-publish (duplicates are harmless).
+    pub async fn stale_queued_targets(&self, grace: Duration, limit: u64) -> Result<Vec<Outgoing>> {
+        let cutoff = now() - chrono::Duration::from_std(grace).unwrap_or_default();
+        let rows: Vec<(Uuid, Uuid, i32, i32)> = targets::Entity::find()
+            .select_only()
+            .column(targets::Column::Id)
+            .column(targets::Column::RolloutId)
+            .column(targets::Column::Attempt)
+            .column(targets::Column::Try)
+            .filter(targets::Column::State.eq(TargetState::Queued.as_str()))
+            .filter(targets::Column::UpdatedAt.lt(cutoff))
+            .limit(limit)
+            .into_tuple()
+            .all(&self.db)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, rollout, attempt, try_)| deploy_message(id, rollout, attempt as u32, try_ as u32))
+            .collect())
+    }
+
+    /// Running rollouts (the reconciler nudges their dispatch).
+    pub async fn running_rollout_ids(&self) -> Result<Vec<Uuid>> {
+        Ok(rollouts::Entity::find()
+            .select_only()
+            .column(rollouts::Column::Id)
+            .filter(rollouts::Column::State.eq(RolloutState::Running.as_str()))
+            .into_tuple()
+            .all(&self.db)
+            .await?)
+    }
+
+    /// Publishes `messages` through the outbox (in their own transaction).
+    pub async fn enqueue(&self, messages: Vec<Outgoing>) -> Result<()> {
+        push_outbox(&self.db, messages).await
+    }
+
+    // ------------------------------------------------------------ collector
+
+    /// What the collector needs to authenticate a target's agent.
+    pub async fn token_info(&self, target_id: Uuid) -> Result<Option<TokenInfo>> {
+        let row: Option<(Option<String>, i32, Uuid)> = targets::Entity::find_by_id(target_id)
+            .select_only()
+            .column(targets::Column::TokenHash)
+            .column(targets::Column::Attempt)
+            .column(targets::Column::RolloutId)
+            .into_tuple()
+            .one(&self.db)
+            .await?;
+        Ok(row.and_then(|(hash, attempt, rollout_id)| {
+            hash.map(|token_hash| TokenInfo { token_hash, attempt: attempt as u32, rollout_id })
+        }))
+    }
+
+    /// Applies a batch of authenticated reports in one transaction:
+    /// idempotent by (target, attempt, seq); every new report moves the
+    /// target's last-seen time (the watchdog's deadline); patch results and
+    /// the final result are recorded with guarded updates.
+    pub async fn apply_reports(&self, reports: &[IncomingReport]) -> Result<Vec<ReportResult>> {
+        if reports.is_empty() {
+            return Ok(vec![]);
+        }
+        let received_at = now();
+        let txn = self.db.begin().await?;
+        let mut fresh: HashSet<(Uuid, u32, u64)> = HashSet::new();
+        let mut seen_in_batch = HashSet::new();
+        let unique: Vec<&IncomingReport> =
+            reports.iter().filter(|r| seen_in_batch.insert((r.target_id, r.attempt, r.seq))).collect();
+        for chunk in unique.chunks(INSERT_CHUNK) {
+            let mut insert = Query::insert();
+            insert.into_table(agent_events::Entity).columns([
+                agent_events::Column::TargetId,
+                agent_events::Column::Attempt,
+                agent_events::Column::Seq,
+                agent_events::Column::Kind,
+                agent_events::Column::PatchIndex,
+                agent_events::Column::ExitCode,
+                agent_events::Column::Detail,
+                agent_events::Column::SentAt,
+                agent_events::Column::ReceivedAt,
+            ]);
+            for report in chunk {
+                let (kind, patch_index, exit_code, detail): (&str, Option<i32>, Option<i32>, Option<String>) =
+                    match &report.kind {
+                        ReportKind::Started { patch_index } => ("started", Some(*patch_index as i32), None, None),
+                        ReportKind::Finished { patch_index, exit_code, outcome, .. } => (
+                            "finished",
+                            Some(*patch_index as i32),
+                            Some(*exit_code),
+                            Some(outcome.as_str().to_owned()),
+                        ),
+                        ReportKind::Heartbeat { patch_index } => ("heartbeat", patch_index.map(|i| i as i32), None, None),
+                        ReportKind::Final { success, message, .. } => (
+                            "final",
+                            None,
+                            None,
+                            Some(format!("{}: {message}", if *success { "success" } else { "failure" })),
+                        ),
+                    };
+                insert.values_panic([
+                    report.target_id.into(),
+                    (report.attempt as i32).into(),
+                    (report.seq as i64).into(),
+                    kind.into(),
+                    patch_index.into(),
+                    exit_code.into(),
+                    detail.into(),
+                    report.sent_at.into(),
+                    received_at.into(),
+                ]);
+            }
+            insert.on_conflict(
+                OnConflict::columns([
+                    agent_events::Column::TargetId,
+                    agent_events::Column::Attempt,
+                    agent_events::Column::Seq,
+                ])
+                .do_nothing()
+                .to_owned(),
+            );
+            insert.returning(Query::returning().columns([
+                agent_events::Column::TargetId,
+                agent_events::Column::Attempt,
+                agent_events::Column::Seq,
+            ]));
+            let statement = self.backend().build(&insert);
+            for row in txn.query_all(statement).await? {
+                let target_id: Uuid = row.try_get("", "target_id")?;
+                let attempt: i32 = row.try_get("", "attempt")?;
+                let seq: i64 = row.try_get("", "seq")?;
+                fresh.insert((target_id, attempt as u32, seq as u64));
+            }
+        }
+        // Every fresh report resets its target's deadline.
+        let touched: Vec<Uuid> = {
+            let mut ids: Vec<Uuid> = fresh.iter().map(|(id, _, _)| *id).collect();
+            ids.sort();
+            ids.dedup();
+            ids
+        };
+        for chunk in touched.chunks(INSERT_CHUNK) {
+            targets::Entity::update_many()
+                .col_expr(targets::Column::LastSeenAt, Expr::value(received_at))
+                .filter(targets::Column::Id.is_in(chunk.iter().copied()))
+                .filter(
+                    targets::Column::State.is_in(state_strs(&[TargetState::Installing, TargetState::Running])),
+                )
+                .exec(&txn)
+                .await?;
+        }
+        let mut rollout_of: HashMap<Uuid, Uuid> = HashMap::new();
+        for report in unique.iter().filter(|r| fresh.contains(&(r.target_id, r.attempt, r.seq))) {
+            self.apply_one_report(&txn, report, received_at, &mut rollout_of).await?;
+        }
+        txn.commit().await?;
+        Ok(reports
+            .iter()
+            .map(|r| {
+                if fresh.remove(&(r.target_id, r.attempt, r.seq)) {
+                    ReportResult::Accepted
+                } else {
+                    ReportResult::Duplicate
+                }
+            })
+            .collect())
+    }
+
+    async fn apply_one_report(
+        &self,
+        txn: &DatabaseTransaction,
+        report: &IncomingReport,
+        at: DateTime<Utc>,
+        rollout_of: &mut HashMap<Uuid, Uuid>,
+    ) -> Result<()> {
+        match &report.kind {
+            ReportKind::Heartbeat { .. } => {}
+            ReportKind::Started { patch_index } => {
+                target_patches::Entity::update_many()
+                    .col_expr(target_patches::Column::State, Expr::value(PatchState::Running.as_str()))
+                    .col_expr(target_patches::Column::StartedAt, Expr::value(at))
+                    .filter(target_patches::Column::TargetId.eq(report.target_id))
+                    .filter(target_patches::Column::PatchIndex.eq(*patch_index as i32))
+                    .filter(target_patches::Column::State.eq(PatchState::Pending.as_str()))
+                    .filter(Expr::exists(
+                        Query::select()
+                            .expr(Expr::value(1))
+                            .from(targets::Entity)
+                            .and_where(Expr::col((targets::Entity, targets::Column::Id)).eq(report.target_id))
+                            .and_where(
+                                Expr::col((targets::Entity, targets::Column::Attempt)).eq(report.attempt as i32),
+                            )
+                            .to_owned(),
+                    ))
+                    .exec(txn)
+                    .await?;
+            }
+            ReportKind::Finished { patch_index, exit_code, outcome, output_tail } => {
+                let state = if outcome.succeeded() { PatchState::Succeeded } else { PatchState::Failed };
+                target_patches::Entity::update_many()
+                    .col_expr(target_patches::Column::State, Expr::value(state.as_str()))
+                    .col_expr(target_patches::Column::ExitCode, Expr::value(*exit_code))
+                    .col_expr(target_patches::Column::Outcome, Expr::value(outcome.as_str()))
+                    .col_expr(
+                        target_patches::Column::RebootRequired,
+                        Expr::value(*outcome == PatchOutcomeKind::InstalledRebootRequired),
+                    )
+                    .col_expr(target_patches::Column::OutputTail, Expr::value(output_tail.clone()))
+                    .col_expr(target_patches::Column::FinishedAt, Expr::value(at))
+                    .filter(target_patches::Column::TargetId.eq(report.target_id))
+                    .filter(target_patches::Column::PatchIndex.eq(*patch_index as i32))
+                    .filter(
+                        target_patches::Column::State
+                            .is_in([PatchState::Pending.as_str(), PatchState::Running.as_str()]),
+                    )
+                    .filter(Expr::exists(
+                        Query::select()
+                            .expr(Expr::value(1))
+                            .from(targets::Entity)
+                            .and_where(Expr::col((targets::Entity, targets::Column::Id)).eq(report.target_id))
+                            .and_where(
+                                Expr::col((targets::Entity, targets::Column::Attempt)).eq(report.attempt as i32),
+                            )
+                            .and_where(
+                                Expr::col((targets::Entity, targets::Column::State))
+                                    .is_in(state_strs(&[TargetState::Installing, TargetState::Running])),
+                            )
+                            .to_owned(),
+                    ))
+                    .exec(txn)
+                    .await?;
+            }
+            ReportKind::Final { success, message, .. } => {
+                let rollout_id = match rollout_of.get(&report.target_id) {
+                    Some(id) => *id,
+                    None => {
+                        let found = targets::Entity::find_by_id(report.target_id)
+                            .select_only()
+                            .column(targets::Column::RolloutId)
+                            .into_tuple::<Uuid>()
+                            .one(txn)
+                            .await?;
+                        let Some(rollout_id) = found else { return Ok(()) };
+                        rollout_of.insert(report.target_id, rollout_id);
+                        rollout_id
+                    }
+                };
+                let to = if *success { TargetState::Succeeded } else { TargetState::Failed };
+                let detail = format!("agent: {message}");
+                let mut sets = vec![(targets::Column::FinishedAt, Expr::value(at))];
+                if !success {
+                    sets.push((targets::Column::Error, Expr::value(detail.clone())));
+                }
+                let moved = apply_move(
+                    txn,
+                    Move {
+                        rollout_id,
+                        target_id: report.target_id,
+                        attempt: Some(report.attempt),
+                        from: &[TargetState::Installing, TargetState::Running],
+                        to,
+                        detail: Some(detail.clone()),
+                        sets,
+                    },
+                )
+                .await?;
+                if let Some(from) = moved {
+                    fail_open_patches(txn, report.target_id, "the agent finished without reporting this patch").await?;
+                    push_outbox(
+                        txn,
+                        vec![
+                            dispatch_message(rollout_id),
+                            cleanup_message(report.target_id, report.attempt),
+                            event_message(report.target_id, rollout_id, from, to, &detail),
+                        ],
+                    )
+                    .await?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A target's token hash and the attempt it belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenInfo {
+    pub token_hash: String,
+    pub attempt: u32,
+    pub rollout_id: Uuid,
+}

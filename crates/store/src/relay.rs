@@ -1,0 +1,67 @@
+//! The outbox relay: publishes what transactions committed to the outbox,
+//! then deletes it. A relay that dies between publish and delete leaves the
+//! rows for the next pass, so a message may be published twice (consumers
+//! are idempotent) but never lost.
+
+use fleetpatch_bus::{Bus, Destination, Outgoing};
+use sea_orm::{ConnectionTrait, DbBackend, Statement, TransactionTrait};
+
+use crate::ops::StoredHeaders;
+use crate::{Result, Store};
+
+impl Store {
+    /// Publishes up to `limit` outbox messages; returns how many.
+    pub async fn relay_outbox(&self, bus: &Bus, limit: u64) -> Result<usize> {
+        let txn = self.db.begin().await?;
+        let sql = match self.backend() {
+            DbBackend::Postgres => format!(
+                "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox ORDER BY id LIMIT {limit} FOR UPDATE SKIP LOCKED) \
+                 RETURNING id, exchange, routing_key, payload, headers"
+            ),
+            _ => format!(
+                "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox ORDER BY id LIMIT {limit}) \
+                 RETURNING id, exchange, routing_key, payload, headers"
+            ),
+        };
+        let rows = txn.query_all(Statement::from_string(self.backend(), sql)).await?;
+        if rows.is_empty() {
+            txn.commit().await?;
+            return Ok(0);
+        }
+        let mut messages = Vec::with_capacity(rows.len());
+        let mut ordered: Vec<(i64, Outgoing)> = Vec::with_capacity(rows.len());
+        for row in rows {
+            let id: i64 = row.try_get("", "id")?;
+            let exchange: String = row.try_get("", "exchange")?;
+            let routing_key: String = row.try_get("", "routing_key")?;
+            let payload: Vec<u8> = row.try_get("", "payload")?;
+            let headers: serde_json::Value = row.try_get("", "headers")?;
+            let stored: StoredHeaders = serde_json::from_value(headers)
+                .map_err(|error| crate::Error::Corrupt(format!("outbox headers: {error}")))?;
+            ordered.push((
+                id,
+                Outgoing {
+                    destination: if exchange == "events" { Destination::Events } else { Destination::Work },
+                    routing_key,
+                    payload,
+                    headers: stored.headers,
+                    due_at_unix_ms: stored.due_at_unix_ms,
+                },
+            ));
+        }
+        ordered.sort_by_key(|(id, _)| *id);
+        messages.extend(ordered.into_iter().map(|(_, message)| message));
+        let count = messages.len();
+        match bus.publish(messages).await {
+            Ok(()) => {
+                txn.commit().await?;
+                Ok(count)
+            }
+            Err(error) => {
+                txn.rollback().await?;
+                tracing::warn!(error = %error, "outbox relay could not publish; will retry");
+                Err(crate::Error::Conflict(format!("publishing the outbox failed: {error}")))
+            }
+        }
+    }
+}

@@ -1,0 +1,433 @@
+//! A simulated fleet, for demos, load and fault tests.
+//!
+//! Every host gets a behaviour drawn from a seed and its name (so the same
+//! seed gives the same fleet), or named explicitly by the target label
+//! `sim.behaviour` or by [`SimOptions::overrides`]. Its agents are tasks that
+//! post real reports over HTTP to the collector with the target's token,
+//! exactly as the real agent does: the simulation stops at the target
+//! machine, everything from the collector on is the real pipeline.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fleetpatch_proto::plan::DeploymentPlan;
+use fleetpatch_proto::v1::{self, agent_report::Kind};
+use prost::Message;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use crate::{AgentStart, Deployment, Error, PatchProbe, ProbeReport, Result, TargetSpec, VerifyReport};
+
+/// What a simulated host does when deployed to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HostBehaviour {
+    /// Every patch installs.
+    Healthy,
+    /// The first patch's installer exits 1603; the others install.
+    FailPatch,
+    /// Connection refused on every attempt.
+    Unreachable,
+    /// The agent reports the first `started` and then falls silent forever.
+    Hang,
+    /// One patch takes [`SimOptions::slow_patch_ms`], with heartbeats.
+    SlowPatch,
+    /// Every patch exits 3010 (installed, reboot required).
+    RebootRequired,
+}
+
+impl HostBehaviour {
+    const LABEL: &'static str = "sim.behaviour";
+}
+
+/// Rates and timings of the simulated fleet.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SimOptions {
+    pub seed: u64,
+    /// Latency of each remote step (probe, stage, start), drawn per call.
+    pub min_latency_ms: u64,
+    pub max_latency_ms: u64,
+    /// Time one patch takes to install.
+    pub patch_ms: u64,
+    pub slow_patch_ms: u64,
+    pub fail_rate: f64,
+    pub unreachable_rate: f64,
+    pub hang_rate: f64,
+    pub slow_patch_rate: f64,
+    /// Chance that a patch is already installed when probed.
+    pub installed_rate: f64,
+    /// Behaviour by host name, over the drawn one.
+    pub overrides: BTreeMap<String, HostBehaviour>,
+}
+
+impl Default for SimOptions {
+    fn default() -> Self {
+        Self {
+            seed: 1,
+            min_latency_ms: 1,
+            max_latency_ms: 5,
+            patch_ms: 50,
+            slow_patch_ms: 5_000,
+            fail_rate: 0.0,
+            unreachable_rate: 0.0,
+            hang_rate: 0.0,
+            slow_patch_rate: 0.0,
+            installed_rate: 0.0,
+            overrides: BTreeMap::new(),
+        }
+    }
+}
+
+impl SimOptions {
+    /// Checks the rates; the error names the key.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        for (key, rate) in [
+            ("fail_rate", self.fail_rate),
+            ("unreachable_rate", self.unreachable_rate),
+            ("hang_rate", self.hang_rate),
+            ("slow_patch_rate", self.slow_patch_rate),
+            ("installed_rate", self.installed_rate),
+        ] {
+            if !(0.0..=1.0).contains(&rate) {
+                return Err(format!("{key} must be between 0 and 1, got {rate}"));
+            }
+        }
+        if self.fail_rate + self.unreachable_rate + self.hang_rate + self.slow_patch_rate > 1.0 {
+            return Err("fail_rate + unreachable_rate + hang_rate + slow_patch_rate must not exceed 1".into());
+        }
+        if self.min_latency_ms > self.max_latency_ms {
+            return Err(format!(
+                "min_latency_ms ({}) must not exceed max_latency_ms ({})",
+                self.min_latency_ms, self.max_latency_ms
+            ));
+        }
+        Ok(())
+    }
+}
+
+struct AgentSlot {
+    cancel: CancellationToken,
+    done: Arc<std::sync::atomic::AtomicBool>,
+}
+
+#[derive(Default)]
+struct FleetState {
+    staged: HashSet<String>,
+    agents: HashMap<String, AgentSlot>,
+    starts: HashMap<String, u32>,
+    /// Patch names installed per host.
+    installed: HashMap<String, HashSet<String>>,
+}
+
+/// The simulated machines. Cheap to clone; clones share the fleet.
+#[derive(Clone)]
+pub struct SimFleet {
+    options: Arc<SimOptions>,
+    http: reqwest::Client,
+    state: Arc<Mutex<FleetState>>,
+}
+
+/// The `sim` transport over a [`SimFleet`].
+#[derive(Clone)]
+pub struct SimTransport {
+    fleet: SimFleet,
+}
+
+impl SimTransport {
+    pub fn new(fleet: SimFleet) -> Self {
+        Self { fleet }
+    }
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
+        (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+fn now_unix_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+impl SimFleet {
+    pub fn new(options: SimOptions) -> Self {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .pool_max_idle_per_host(64)
+            .build()
+            .expect("a plain HTTP client builds");
+        Self { options: Arc::new(options), http, state: Arc::default() }
+    }
+
+    fn rng_for(&self, host: &str, salt: &str) -> rand::rngs::StdRng {
+        let seed = self.options.seed ^ fnv1a(host.as_bytes()) ^ fnv1a(salt.as_bytes()).rotate_left(17);
+        rand::rngs::StdRng::seed_from_u64(seed)
+    }
+
+    /// The behaviour of a host: its label, an override, or drawn from the seed.
+    pub fn behaviour(&self, target: &TargetSpec) -> HostBehaviour {
+        if let Some(label) = target.labels.get(HostBehaviour::LABEL) {
+            if let Ok(behaviour) = serde_json::from_value(serde_json::Value::String(label.clone())) {
+                return behaviour;
+            }
+        }
+        if let Some(behaviour) = self.options.overrides.get(&target.host) {
+            return *behaviour;
+        }
+        let roll: f64 = self.rng_for(&target.host, "behaviour").random();
+        let o = &self.options;
+        let mut edge = o.fail_rate;
+        if roll < edge {
+            return HostBehaviour::FailPatch;
+        }
+        edge += o.unreachable_rate;
+        if roll < edge {
+            return HostBehaviour::Unreachable;
+        }
+        edge += o.hang_rate;
+        if roll < edge {
+            return HostBehaviour::Hang;
+        }
+        edge += o.slow_patch_rate;
+        if roll < edge {
+            return HostBehaviour::SlowPatch;
+        }
+        HostBehaviour::Healthy
+    }
+
+    /// How many times an agent was really started for this deployment.
+    pub fn agent_starts(&self, deployment_id: &str) -> u32 {
+        self.state.lock().expect("sim fleet lock").starts.get(deployment_id).copied().unwrap_or(0)
+    }
+
+    /// Agents that still run (a hung agent runs until cleanup).
+    pub fn running_agents(&self) -> usize {
+        let state = self.state.lock().expect("sim fleet lock");
+        state.agents.values().filter(|slot| !slot.done.load(std::sync::atomic::Ordering::SeqCst)).count()
+    }
+
+    /// Deployments whose files are still staged on their host.
+    pub fn staged_deployments(&self) -> usize {
+        self.state.lock().expect("sim fleet lock").staged.len()
+    }
+
+    async fn step_latency(&self, target: &TargetSpec, step: &str) {
+        let (min, max) = (self.options.min_latency_ms, self.options.max_latency_ms);
+        let ms = if max > min { self.rng_for(&target.host, step).random_range(min..=max) } else { min };
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+
+    fn check_reachable(&self, target: &TargetSpec) -> Result<()> {
+        if self.behaviour(target) == HostBehaviour::Unreachable {
+            return Err(Error::Unreachable {
+                address: target.address(),
+                reason: "connection refused (simulated)".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::Transport for SimTransport {
+    fn kind(&self) -> &'static str {
+        "sim"
+    }
+
+    async fn probe(&self, target: &TargetSpec, patches: &[PatchProbe]) -> Result<ProbeReport> {
+        let fleet = &self.fleet;
+        fleet.step_latency(target, "probe").await;
+        fleet.check_reachable(target)?;
+        let already = fleet.state.lock().expect("sim fleet lock").installed.get(&target.host).cloned();
+        let installed = patches
+            .iter()
+            .filter(|patch| {
+                already.as_ref().is_some_and(|set| set.contains(&patch.name))
+                    || fleet.rng_for(&target.host, &patch.name).random::<f64>() < fleet.options.installed_rate
+            })
+            .map(|patch| patch.index)
+            .collect();
+        Ok(ProbeReport {
+            os: "SimOS".into(),
+            os_version: "1.0".into(),
+            arch: "x86_64".into(),
+            is_admin: true,
+            installed,
+            details: BTreeMap::from([("behaviour".into(), format!("{:?}", fleet.behaviour(target)))]),
+        })
+    }
+
+    async fn stage(&self, target: &TargetSpec, deployment: &Deployment) -> Result<()> {
+        self.fleet.step_latency(target, "stage").await;
+        self.fleet.check_reachable(target)?;
+        self.fleet.state.lock().expect("sim fleet lock").staged.insert(deployment.id().to_owned());
+        Ok(())
+    }
+
+    async fn start_agent(&self, target: &TargetSpec, deployment: &Deployment) -> Result<AgentStart> {
+        let fleet = &self.fleet;
+        fleet.step_latency(target, "start").await;
+        fleet.check_reachable(target)?;
+        let id = deployment.id().to_owned();
+        let (cancel, done) = {
+            let mut state = fleet.state.lock().expect("sim fleet lock");
+            if !state.staged.contains(&id) {
+                return Err(Error::Remote {
+                    address: target.address(),
+                    reason: format!("agent for deployment {id} is not staged"),
+                    transient: false,
+                });
+            }
+            if state.agents.contains_key(&id) {
+                return Ok(AgentStart::AlreadyRunning);
+            }
+            let slot = AgentSlot { cancel: CancellationToken::new(), done: Arc::default() };
+            let handles = (slot.cancel.clone(), slot.done.clone());
+            state.agents.insert(id.clone(), slot);
+            *state.starts.entry(id).or_default() += 1;
+            handles
+        };
+        let agent = SimAgent {
+            fleet: fleet.clone(),
+            host: target.host.clone(),
+            behaviour: fleet.behaviour(target),
+            plan: deployment.plan.clone(),
+            seq: 0,
+        };
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = agent.run() => {}
+                _ = cancel.cancelled() => {}
+            }
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+        });
+        Ok(AgentStart::Started)
+    }
+
+    async fn cleanup(&self, target: &TargetSpec, deployment_id: &str) -> Result<()> {
+        self.fleet.step_latency(target, "cleanup").await;
+        self.fleet.check_reachable(target)?;
+        let mut state = self.fleet.state.lock().expect("sim fleet lock");
+        if let Some(slot) = state.agents.remove(deployment_id) {
+            slot.cancel.cancel();
+        }
+        state.staged.remove(deployment_id);
+        Ok(())
+    }
+
+    async fn verify(&self, target: &TargetSpec, patches: &[PatchProbe]) -> Result<VerifyReport> {
+        let probe = self.probe(target, patches).await?;
+        let missing = patches.iter().map(|p| p.index).filter(|i| !probe.installed.contains(i)).collect();
+        Ok(VerifyReport { installed: probe.installed, missing })
+    }
+}
+
+/// One simulated agent run.
+struct SimAgent {
+    fleet: SimFleet,
+    host: String,
+    behaviour: HostBehaviour,
+    plan: DeploymentPlan,
+    seq: u64,
+}
+
+impl SimAgent {
+    async fn run(mut self) {
+        let heartbeat = Duration::from_secs(u64::from(self.plan.heartbeat_seconds.max(1)));
+        let slow_index = self.plan.patches.first().map(|p| p.index);
+        let mut all_ok = true;
+        let mut reboot = false;
+        for patch in self.plan.patches.clone() {
+            self.send(Kind::Started(v1::PatchStarted { patch_index: patch.index })).await;
+            if self.behaviour == HostBehaviour::Hang {
+                std::future::pending::<()>().await;
+            }
+            let millis = if self.behaviour == HostBehaviour::SlowPatch && Some(patch.index) == slow_index {
+                self.fleet.options.slow_patch_ms
+            } else {
+                self.fleet.options.patch_ms
+            };
+            let started = tokio::time::Instant::now();
+            let until = started + Duration::from_millis(millis);
+            loop {
+                let next_beat = tokio::time::Instant::now() + heartbeat;
+                if next_beat >= until {
+                    tokio::time::sleep_until(until).await;
+                    break;
+                }
+                tokio::time::sleep_until(next_beat).await;
+                self.send(Kind::Heartbeat(v1::Heartbeat { patch_index: Some(patch.index) })).await;
+            }
+            let (exit_code, outcome) = match self.behaviour {
+                HostBehaviour::FailPatch if Some(patch.index) == slow_index => {
+                    (1603, v1::PatchOutcome::Failed)
+                }
+                HostBehaviour::RebootRequired => (3010, v1::PatchOutcome::InstalledRebootRequired),
+                _ => (0, v1::PatchOutcome::Installed),
+            };
+            if outcome == v1::PatchOutcome::Failed {
+                all_ok = false;
+            } else {
+                reboot |= outcome == v1::PatchOutcome::InstalledRebootRequired;
+                let mut state = self.fleet.state.lock().expect("sim fleet lock");
+                state.installed.entry(self.host.clone()).or_default().insert(patch.name.clone());
+            }
+            self.send(Kind::Finished(v1::PatchFinished {
+                patch_index: patch.index,
+                exit_code,
+                outcome: outcome as i32,
+                output_tail: format!("simulated installer for {} exited {exit_code}", patch.name),
+                duration_ms: started.elapsed().as_millis() as u64,
+            }))
+            .await;
+        }
+        let message = if all_ok { "all patches installed" } else { "one or more patches failed" };
+        self.send(Kind::Final(v1::FinalResult {
+            success: all_ok,
+            reboot_required: reboot,
+            message: message.into(),
+        }))
+        .await;
+    }
+
+    /// Posts one report, retrying with backoff until the collector takes it
+    /// (the real agent also spools to disk; a simulated one keeps it in memory).
+    async fn send(&mut self, kind: Kind) {
+        self.seq += 1;
+        let batch = v1::ReportBatch {
+            reports: vec![v1::AgentReport { seq: self.seq, sent_at_unix_ms: now_unix_ms(), kind: Some(kind) }],
+        };
+        let body = batch.encode_to_vec();
+        let url = format!(
+            "{}/v1/targets/{}/reports",
+            self.plan.collector_url.trim_end_matches('/'),
+            self.plan.target_id
+        );
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let response = self
+                .fleet
+                .http
+                .post(&url)
+                .bearer_auth(&self.plan.token)
+                .header("content-type", "application/x-protobuf")
+                .body(body.clone())
+                .send()
+                .await;
+            match response {
+                Ok(response) if response.status().is_success() => return,
+                Ok(response) if response.status().is_client_error() => {
+                    tracing::warn!(status = %response.status(), url, "collector refused a simulated report");
+                    return;
+                }
+                Ok(response) => tracing::debug!(status = %response.status(), "collector busy, retrying"),
+                Err(error) => tracing::debug!(error = %error, "collector unreachable, retrying"),
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+}

@@ -1,0 +1,244 @@
+//! State machines. A target moves only along [`TargetState::can_move_to`];
+//! the store applies each move as one guarded UPDATE (`WHERE state = from`).
+
+use std::fmt;
+use std::str::FromStr;
+
+/// Where one target of a rollout stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TargetState {
+    /// Waiting for a free slot in its wave.
+    Pending,
+    /// Holds a slot; its deploy job is on the queue (or waiting for a retry).
+    Queued,
+    /// A worker is reading the target's OS, architecture and installed patches.
+    Probing,
+    /// A worker is copying agent, plan and installers to the target.
+    Staging,
+    /// A worker is installing and starting the agent.
+    Installing,
+    /// The agent runs; the watchdog is armed.
+    Running,
+    /// The agent reported success for every patch (or all were already installed).
+    Succeeded,
+    /// Failed: a patch failed, or the target could not be reached or prepared.
+    Failed,
+    /// No report within the timeout; remaining patches marked failed.
+    TimedOut,
+    /// Never dispatched: the rollout was aborted.
+    Cancelled,
+}
+
+impl TargetState {
+    pub const ALL: [TargetState; 10] = [
+        Self::Pending,
+        Self::Queued,
+        Self::Probing,
+        Self::Staging,
+        Self::Installing,
+        Self::Running,
+        Self::Succeeded,
+        Self::Failed,
+        Self::TimedOut,
+        Self::Cancelled,
+    ];
+    /// States that hold one of the rollout's concurrency slots.
+    pub const IN_FLIGHT: [TargetState; 5] =
+        [Self::Queued, Self::Probing, Self::Staging, Self::Installing, Self::Running];
+    /// States a target leaves only through "retry failed".
+    pub const FINAL: [TargetState; 4] =
+        [Self::Succeeded, Self::Failed, Self::TimedOut, Self::Cancelled];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Queued => "queued",
+            Self::Probing => "probing",
+            Self::Staging => "staging",
+            Self::Installing => "installing",
+            Self::Running => "running",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::TimedOut => "timed_out",
+            Self::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn is_in_flight(self) -> bool {
+        Self::IN_FLIGHT.contains(&self)
+    }
+
+    pub fn is_final(self) -> bool {
+        Self::FINAL.contains(&self)
+    }
+
+    /// Counts against a wave's failure threshold.
+    pub fn is_failure(self) -> bool {
+        matches!(self, Self::Failed | Self::TimedOut)
+    }
+
+    /// The edges of the state machine.
+    pub fn can_move_to(self, to: TargetState) -> bool {
+        use TargetState::*;
+        match (self, to) {
+            (Pending, Queued) | (Pending, Cancelled) => true,
+            (Queued, Probing) => true,
+            (Probing, Staging) | (Staging, Installing) | (Installing, Running) => true,
+            // A worker takes over a job whose worker died mid-way.
+            (Probing | Staging | Installing, Probing) => true,
+            // The agent's final report can arrive before the worker recorded `running`.
+            (Installing, Succeeded) => true,
+            // A transient error sends the target back to wait for a retry.
+            (Probing | Staging | Installing, Queued) => true,
+            // Everything already installed: nothing to stage.
+            (Probing, Succeeded) => true,
+            (Queued | Probing | Staging | Installing | Running, Failed) => true,
+            (Running, Succeeded) | (Running, TimedOut) => true,
+            // "retry failed"
+            (Failed | TimedOut, Pending) => true,
+            _ => false,
+        }
+    }
+}
+
+impl fmt::Display for TargetState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A state name that is not one of [`TargetState::ALL`] (or [`PatchState::ALL`]).
+#[derive(Debug, thiserror::Error)]
+#[error("unknown state {0:?}; expected one of {1}")]
+pub struct UnknownState(pub String, pub &'static str);
+
+impl FromStr for TargetState {
+    type Err = UnknownState;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL.into_iter().find(|state| state.as_str() == s).ok_or_else(|| {
+            UnknownState(
+                s.to_owned(),
+                "pending, queued, probing, staging, installing, running, succeeded, failed, timed_out, cancelled",
+            )
+        })
+    }
+}
+
+/// Where one patch on one target stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PatchState {
+    Pending,
+    Running,
+    Succeeded,
+    Failed,
+    /// Already installed on the target (found by the probe); not deployed.
+    Skipped,
+}
+
+impl PatchState {
+    pub const ALL: [PatchState; 5] =
+        [Self::Pending, Self::Running, Self::Succeeded, Self::Failed, Self::Skipped];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Running => "running",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::Skipped => "skipped",
+        }
+    }
+}
+
+impl fmt::Display for PatchState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for PatchState {
+    type Err = UnknownState;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|state| state.as_str() == s)
+            .ok_or_else(|| UnknownState(s.to_owned(), "pending, running, succeeded, failed, skipped"))
+    }
+}
+
+/// Where a rollout stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RolloutState {
+    /// Dispatching targets as slots free up.
+    Running,
+    /// Dispatches nothing new (by an operator, or halted by a wave's failure threshold).
+    Paused,
+    /// Stopped by an operator; targets not yet dispatched are cancelled.
+    Aborted,
+    /// Every target reached a final state.
+    Completed,
+}
+
+impl RolloutState {
+    pub const ALL: [RolloutState; 4] = [Self::Running, Self::Paused, Self::Aborted, Self::Completed];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Running => "running",
+            Self::Paused => "paused",
+            Self::Aborted => "aborted",
+            Self::Completed => "completed",
+        }
+    }
+}
+
+impl fmt::Display for RolloutState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for RolloutState {
+    type Err = UnknownState;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|state| state.as_str() == s)
+            .ok_or_else(|| UnknownState(s.to_owned(), "running, paused, aborted, completed"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_state_round_trips_through_its_name() {
+        for state in TargetState::ALL {
+            assert_eq!(state.as_str().parse::<TargetState>().unwrap(), state);
+        }
+        for state in PatchState::ALL {
+            assert_eq!(state.as_str().parse::<PatchState>().unwrap(), state);
+        }
+        for state in RolloutState::ALL {
+            assert_eq!(state.as_str().parse::<RolloutState>().unwrap(), state);
+        }
+        assert!("done".parse::<TargetState>().unwrap_err().to_string().contains("\"done\""));
+    }
+
+    #[test]
+    fn final_states_are_left_only_by_retry() {
+        for from in TargetState::FINAL {
+            for to in TargetState::ALL {
+                if from.can_move_to(to) {
+                    assert_eq!(to, TargetState::Pending, "{from} -> {to}");
+                }
+            }
+        }
+        assert!(!TargetState::Succeeded.can_move_to(TargetState::Pending));
+        assert!(!TargetState::Pending.can_move_to(TargetState::Running));
+    }
+}
