@@ -87,8 +87,9 @@ impl TargetState {
             (Probing, Staging) | (Staging, Installing) | (Installing, Running) => true,
             // A worker takes over a job whose worker died mid-way.
             (Probing | Staging | Installing, Probing) => true,
-            // The agent's final report can arrive before the worker recorded `running`.
-            (Installing, Succeeded) => true,
+            // The agent's final report can arrive before the worker recorded
+            // `running` (or while a worker takes over from a dead one).
+            (Staging | Installing, Succeeded) => true,
             // A transient error sends the target back to wait for a retry.
             (Probing | Staging | Installing, Queued) => true,
             // Everything already installed: nothing to stage.

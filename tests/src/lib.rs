@@ -1,0 +1,373 @@
+//! An in-process sandbox of the whole pipeline on the machine's real
+//! RabbitMQ and PostgreSQL: a scheduler, a collector and N workers (each on
+//! its own thread and tokio runtime, so a test can kill one the way a crash
+//! would: its tasks and its AMQP connection vanish at once), with a
+//! simulated fleet whose agents post real HTTP reports.
+//!
+//! Every sandbox gets its own database (`CREATE DATABASE fp_test_...`) and
+//! its own queue prefix, and removes both when stopped. The services are
+//! found through `FLEETPATCH_TEST_DATABASE_URL` (an admin connection,
+//! default `postgres://postgres@127.0.0.1:5432/postgres`) and
+//! `FLEETPATCH_TEST_AMQP_URL` (default `amqp://guest:guest@127.0.0.1:5672/%2f`).
+//! A missing service fails the test with a message that says which; no
+//! test ever passes by skipping.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fleetpatch_bus::rabbitmq::{RabbitBackend, RabbitOptions};
+use fleetpatch_bus::Bus;
+use fleetpatch_proto::state::{RolloutState, TargetState};
+use fleetpatch_runtime::{Health, Shutdown};
+use fleetpatch_store::{Rollout, Store, StoreOptions, Target};
+use fleetpatch_transport::sim::{SimFleet, SimOptions, SimTransport};
+use fleetpatch_transport::Transports;
+use fleetpatch_worker::WorkerOptions;
+use sea_orm::{ConnectionTrait, Database, DbBackend, Statement};
+use uuid::Uuid;
+
+/// The token key every sandbox worker shares (tests derive tokens with it).
+pub const TOKEN_KEY: &str = "fleetpatch-test-token-key";
+const TOKEN_KEY_VAR: &str = "FLEETPATCH_TEST_TOKEN_KEY";
+
+pub fn admin_database_url() -> String {
+    std::env::var("FLEETPATCH_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+pub fn amqp_url() -> String {
+    std::env::var("FLEETPATCH_TEST_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+fn database_url_for(admin: &str, name: &str) -> String {
+    match admin.rfind('/') {
+        Some(slash) => format!("{}/{name}", &admin[..slash]),
+        None => panic!("FLEETPATCH_TEST_DATABASE_URL {admin:?} has no database part"),
+    }
+}
+
+/// How to build a sandbox.
+#[derive(Clone)]
+pub struct SandboxOptions {
+    pub workers: usize,
+    pub worker_concurrency: u16,
+    pub sim: SimOptions,
+    pub verify_delay_seconds: u64,
+    pub retry_backoff_seconds: Vec<u64>,
+}
+
+impl Default for SandboxOptions {
+    fn default() -> Self {
+        Self {
+            workers: 2,
+            worker_concurrency: 16,
+            sim: SimOptions { min_latency_ms: 1, max_latency_ms: 5, patch_ms: 20, ..SimOptions::default() },
+            verify_delay_seconds: 1,
+            retry_backoff_seconds: vec![1, 1, 1],
+        }
+    }
+}
+
+/// A worker on its own thread and runtime.
+pub struct WorkerProcess {
+    kill: Option<tokio::sync::oneshot::Sender<bool>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl WorkerProcess {
+    /// Kills it as a crash would: no drain, unacked jobs go back to the broker.
+    pub fn kill(mut self) {
+        if let Some(kill) = self.kill.take() {
+            let _ = kill.send(true);
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+
+    /// Stops it gracefully (drain).
+    pub fn stop(mut self) {
+        if let Some(kill) = self.kill.take() {
+            let _ = kill.send(false);
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        if let Some(kill) = self.kill.take() {
+            let _ = kill.send(true);
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+pub struct Sandbox {
+    pub store: Store,
+    pub api: String,
+    pub collector: SocketAddr,
+    pub fleet: SimFleet,
+    pub http: reqwest::Client,
+    pub options: SandboxOptions,
+    pub workers: Vec<WorkerProcess>,
+    database: String,
+    database_url: String,
+    amqp: RabbitOptions,
+    shutdown: Shutdown,
+    joins: Vec<tokio::task::JoinHandle<()>>,
+    topology: Arc<RabbitBackend>,
+}
+
+impl Sandbox {
+    pub async fn start(options: SandboxOptions) -> Sandbox {
+        std::env::set_var(TOKEN_KEY_VAR, TOKEN_KEY);
+        let _ = tracing_subscriber::fmt().with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        ).with_test_writer().try_init();
+        let admin_url = admin_database_url();
+        let admin = Database::connect(&admin_url).await.unwrap_or_else(|error| {
+            panic!("PostgreSQL is required at FLEETPATCH_TEST_DATABASE_URL={admin_url}: {error} (start it: pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start)")
+        });
+        let database = format!("fp_test_{}", Uuid::new_v4().simple());
+        admin
+            .execute(Statement::from_string(DbBackend::Postgres, format!("CREATE DATABASE {database}")))
+            .await
+            .expect("create the test database");
+        let _ = admin.close().await;
+        let database_url = database_url_for(&admin_url, &database);
+        let store = Store::connect(&StoreOptions { url: database_url.clone(), max_connections: 20 }).await.expect("connect");
+        store.migrate().await.expect("migrate");
+
+        let amqp = RabbitOptions {
+            url: amqp_url(),
+            prefix: format!("fp-test-{}", Uuid::new_v4().simple()),
+            delivery_limit: 20,
+        };
+        let topology = Arc::new(
+            RabbitBackend::connect(&amqp, &fleetpatch_proto::routing::WORK_QUEUES)
+                .await
+                .unwrap_or_else(|error| panic!("RabbitMQ is required at FLEETPATCH_TEST_AMQP_URL={}: {error} (start it: rabbitmq-server -detached)", amqp.url)),
+        );
+        let shutdown = Shutdown::new();
+        let fleet = SimFleet::new(options.sim.clone());
+
+        let scheduler = fleetpatch_scheduler::start(
+            fleetpatch_scheduler::SchedulerOptions {
+                listen: "127.0.0.1:0".into(),
+                content_dir: std::env::temp_dir().join(format!("{database}-content")),
+                verify_delay_seconds: options.verify_delay_seconds,
+                reconcile_interval_seconds: 5,
+                prefetch: 32,
+            },
+            store.clone(),
+            Self::bus(&amqp).await,
+            Health::new(),
+            shutdown.clone(),
+        )
+        .await
+        .expect("scheduler starts");
+        let collector = fleetpatch_collector::start(
+            fleetpatch_collector::CollectorOptions { listen: "127.0.0.1:0".into(), ..Default::default() },
+            store.clone(),
+            Self::bus(&amqp).await,
+            Health::new(),
+            shutdown.clone(),
+        )
+        .await
+        .expect("collector starts");
+        let api = format!("http://{}", scheduler.local_addr);
+        let collector_addr = collector.local_addr;
+        let joins = vec![
+            tokio::spawn(async move {
+                scheduler.join.await.expect("scheduler task").expect("scheduler ran");
+            }),
+            tokio::spawn(async move {
+                collector.join.await.expect("collector task").expect("collector ran");
+            }),
+        ];
+        let mut sandbox = Sandbox {
+            store,
+            api,
+            collector: collector_addr,
+            fleet,
+            http: reqwest::Client::new(),
+            options: options.clone(),
+            workers: vec![],
+            database,
+            database_url,
+            amqp,
+            shutdown,
+            joins,
+            topology,
+        };
+        for _ in 0..options.workers {
+            let worker = sandbox.spawn_worker();
+            sandbox.workers.push(worker);
+        }
+        sandbox
+    }
+
+    async fn bus(amqp: &RabbitOptions) -> Bus {
+        Bus::new(Arc::new(
+            RabbitBackend::connect(amqp, &fleetpatch_proto::routing::WORK_QUEUES).await.expect("connect to RabbitMQ"),
+        ))
+    }
+
+    pub fn worker_options(&self) -> WorkerOptions {
+        WorkerOptions {
+            concurrency: self.options.worker_concurrency,
+            listen: "127.0.0.1:0".into(),
+            collector_url: format!("http://{}", self.collector),
+            token_key_ref: format!("env:{TOKEN_KEY_VAR}"),
+            retry_backoff_seconds: self.options.retry_backoff_seconds.clone(),
+            step_timeout_seconds: 30,
+            verify_delay_seconds: self.options.verify_delay_seconds,
+            ..WorkerOptions::default()
+        }
+    }
+
+    /// Starts one more worker on its own thread and runtime.
+    pub fn spawn_worker(&self) -> WorkerProcess {
+        let (kill_tx, kill_rx) = tokio::sync::oneshot::channel::<bool>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let options = self.worker_options();
+        let database_url = self.database_url.clone();
+        let amqp = self.amqp.clone();
+        let fleet = self.fleet.clone();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("worker runtime");
+            runtime.block_on(async move {
+                let store = Store::connect(&StoreOptions { url: database_url, max_connections: 10 }).await.expect("connect");
+                let transports = Transports::default().with(Arc::new(SimTransport::new(fleet)));
+                let worker = fleetpatch_worker::Worker::new(options, store, Self::bus(&amqp).await, transports)
+                    .expect("worker builds");
+                let shutdown = Shutdown::new();
+                let handle = worker.start(Health::new(), shutdown.clone()).await.expect("worker starts");
+                ready_tx.send(()).expect("test waits");
+                let crash = kill_rx.await.unwrap_or(true);
+                if !crash {
+                    shutdown.trigger();
+                    let _ = handle.join.await;
+                }
+            });
+            // A crash: every task of this runtime, and its connections, vanish now.
+            runtime.shutdown_background();
+        });
+        ready_rx.recv_timeout(Duration::from_secs(60)).expect("worker started");
+        WorkerProcess { kill: Some(kill_tx), thread: Some(thread) }
+    }
+
+    /// `POST /v1/rollouts`; panics with the problem body unless 201.
+    pub async fn create_rollout(&self, body: serde_json::Value) -> Uuid {
+        let response = self.http.post(format!("{}/v1/rollouts", self.api)).json(&body).send().await.expect("POST /v1/rollouts");
+        let status = response.status();
+        let text = response.text().await.unwrap_or_default();
+        assert_eq!(status, 201, "create rollout: {text}");
+        let value: serde_json::Value = serde_json::from_str(&text).expect("json");
+        value["id"].as_str().expect("rollout id").parse().expect("uuid")
+    }
+
+    pub async fn post(&self, path: &str) -> reqwest::Response {
+        self.http.post(format!("{}{path}", self.api)).send().await.expect("POST")
+    }
+
+    /// Waits until `check` holds, polling; panics after `timeout` with `what`.
+    pub async fn wait_for<T>(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut check: impl AsyncFnMut() -> Option<T>,
+    ) -> T {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(value) = check().await {
+                return value;
+            }
+            if tokio::time::Instant::now() > deadline {
+                panic!("timed out after {timeout:?} waiting for {what}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn wait_for_rollout_state(&self, id: Uuid, state: RolloutState, timeout: Duration) -> Rollout {
+        self.wait_for(&format!("rollout {id} to be {state}"), timeout, async || {
+            let rollout = self.store.rollout(id).await.ok()?;
+            (rollout.state == state).then_some(rollout)
+        })
+        .await
+    }
+
+    pub async fn all_targets(&self, rollout: Uuid) -> Vec<Target> {
+        self.store.targets(rollout, None, None, 1_000_000).await.expect("targets")
+    }
+
+    pub async fn wait_for_target_state(&self, target: Uuid, states: &[TargetState], timeout: Duration) -> Target {
+        self.wait_for(&format!("target {target} to reach {states:?}"), timeout, async || {
+            let target = self.store.target(target).await.ok()?;
+            states.contains(&target.state).then_some(target)
+        })
+        .await
+    }
+
+    /// Stops everything and drops the database and the queues.
+    pub async fn stop(mut self) {
+        for worker in self.workers.drain(..) {
+            worker.stop();
+        }
+        self.shutdown.trigger();
+        for join in self.joins.drain(..) {
+            let _ = tokio::time::timeout(Duration::from_secs(30), join).await;
+        }
+        let _ = self.topology.delete_topology().await;
+        self.store.clone().close().await;
+        if let Ok(admin) = Database::connect(&admin_database_url()).await {
+            let _ = admin
+                .execute(Statement::from_string(
+                    DbBackend::Postgres,
+                    format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.database),
+                ))
+                .await;
+        }
+    }
+}
+
+/// A rollout request of `targets` simulated hosts and `patches` patches.
+pub fn sim_rollout(name: &str, targets: usize, patches: usize, concurrency: u32, timeout_seconds: u32) -> serde_json::Value {
+    let patches: Vec<serde_json::Value> = (0..patches)
+        .map(|i| {
+            serde_json::json!({
+                "name": format!("KB50{i:05}"),
+                "kb": format!("KB50{i:05}"),
+                "file": format!("kb50{i:05}.msu"),
+                "sha256": format!("{:064x}", i + 1),
+                "installer": "msu",
+            })
+        })
+        .collect();
+    let targets: Vec<serde_json::Value> =
+        (0..targets).map(|i| serde_json::json!({ "host": format!("host-{i:05}"), "transport": "sim" })).collect();
+    serde_json::json!({
+        "name": name,
+        "concurrency": concurrency,
+        "timeout_seconds": timeout_seconds,
+        "heartbeat_seconds": 1,
+        "patches": patches,
+        "targets": targets,
+    })
+}
+
+/// Labels that make a simulated host behave a given way.
+pub fn behaviour(name: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([("sim.behaviour".to_owned(), name.to_owned())])
+}

@@ -15,13 +15,14 @@ use chrono::{DateTime, Utc};
 use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, DbErr};
 use sea_orm_migration::MigratorTrait;
 
+pub mod content;
 pub mod entity;
 pub mod model;
 mod ops;
 pub mod relay;
 
 pub use model::*;
-pub use ops::{Claim, DispatchOutcome, ProbeOutcome, WatchOutcome};
+pub use ops::{watch_message, Claim, DispatchOutcome, ProbeOutcome, TimeoutPolicy, TokenInfo, WatchOutcome};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -955,10 +955,7 @@ impl Store {
         )
         .await?;
         let Some(from) = moved else { return Ok(ProbeOutcome::Lost) };
-        target_patches::Entity::delete_many()
-            .filter(target_patches::Column::TargetId.eq(target.id))
-            .exec(&txn)
-            .await?;
+        // A worker taking over keeps what the running agent already reported.
         if !context.patches.is_empty() {
             let rows = context.patches.iter().map(|patch| {
                 let skipped = installed.contains(&patch.index);
@@ -976,7 +973,15 @@ impl Store {
                     finished_at: Set(None),
                 }
             });
-            target_patches::Entity::insert_many(rows).exec_without_returning(&txn).await?;
+            target_patches::Entity::insert_many(rows)
+                .on_conflict(
+                    OnConflict::columns([target_patches::Column::TargetId, target_patches::Column::PatchIndex])
+                        .do_nothing()
+                        .to_owned(),
+                )
+                .do_nothing()
+                .exec_without_returning(&txn)
+                .await?;
         }
         if all_installed {
             push_outbox(
@@ -1368,9 +1373,7 @@ impl Store {
             targets::Entity::update_many()
                 .col_expr(targets::Column::LastSeenAt, Expr::value(received_at))
                 .filter(targets::Column::Id.is_in(chunk.iter().copied()))
-                .filter(
-                    targets::Column::State.is_in(state_strs(&[TargetState::Installing, TargetState::Running])),
-                )
+                .filter(targets::Column::State.is_in(state_strs(&TargetState::IN_FLIGHT)))
                 .exec(&txn)
                 .await?;
         }
@@ -1448,7 +1451,7 @@ impl Store {
                             )
                             .and_where(
                                 Expr::col((targets::Entity, targets::Column::State))
-                                    .is_in(state_strs(&[TargetState::Installing, TargetState::Running])),
+                                    .is_in(state_strs(&TargetState::IN_FLIGHT)),
                             )
                             .to_owned(),
                     ))
@@ -1482,7 +1485,7 @@ impl Store {
                         rollout_id,
                         target_id: report.target_id,
                         attempt: Some(report.attempt),
-                        from: &[TargetState::Installing, TargetState::Running],
+                        from: &[TargetState::Probing, TargetState::Staging, TargetState::Installing, TargetState::Running],
                         to,
                         detail: Some(detail.clone()),
                         sets,

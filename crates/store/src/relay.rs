@@ -65,3 +65,38 @@ impl Store {
         }
     }
 }
+
+/// Runs the relay until `shutdown`: drains the outbox whenever `nudge` is
+/// notified (after a commit) and at least every `interval` (the reconciler
+/// pass that catches what a dead process committed and never sent).
+pub async fn run_relay(
+    store: Store,
+    bus: Bus,
+    nudge: std::sync::Arc<tokio::sync::Notify>,
+    interval: std::time::Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        loop {
+            match store.relay_outbox(&bus, 500).await {
+                Ok(0) => break,
+                Ok(count) => {
+                    metrics::counter!("fleetpatch_outbox_published_total").increment(count as u64);
+                }
+                Err(error) => {
+                    tracing::warn!(error = %error, "outbox relay pass failed");
+                    break;
+                }
+            }
+        }
+        tokio::select! {
+            _ = nudge.notified() => {}
+            _ = tokio::time::sleep(interval) => {}
+            _ = shutdown.cancelled() => {
+                // One last pass so nothing committed waits for the next start.
+                let _ = store.relay_outbox(&bus, 10_000).await;
+                return;
+            }
+        }
+    }
+}

@@ -126,6 +126,9 @@ struct FleetState {
 #[derive(Clone)]
 pub struct SimFleet {
     options: Arc<SimOptions>,
+    /// Agents run on the runtime the fleet was made on: they live on the
+    /// "machines", not in the worker that started them.
+    machines: tokio::runtime::Handle,
     http: reqwest::Client,
     state: Arc<Mutex<FleetState>>,
 }
@@ -153,13 +156,14 @@ fn now_unix_ms() -> i64 {
 }
 
 impl SimFleet {
+    /// Must be called within a tokio runtime: the simulated agents run on it.
     pub fn new(options: SimOptions) -> Self {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
             .pool_max_idle_per_host(64)
             .build()
             .expect("a plain HTTP client builds");
-        Self { options: Arc::new(options), http, state: Arc::default() }
+        Self { options: Arc::new(options), machines: tokio::runtime::Handle::current(), http, state: Arc::default() }
     }
 
     fn rng_for(&self, host: &str, salt: &str) -> rand::rngs::StdRng {
@@ -269,7 +273,6 @@ impl crate::Transport for SimTransport {
 
     async fn start_agent(&self, target: &TargetSpec, deployment: &Deployment) -> Result<AgentStart> {
         let fleet = &self.fleet;
-        fleet.step_latency(target, "start").await;
         fleet.check_reachable(target)?;
         let id = deployment.id().to_owned();
         let (cancel, done) = {
@@ -297,13 +300,16 @@ impl crate::Transport for SimTransport {
             plan: deployment.plan.clone(),
             seq: 0,
         };
-        tokio::spawn(async move {
+        fleet.machines.spawn(async move {
             tokio::select! {
                 _ = agent.run() => {}
                 _ = cancel.cancelled() => {}
             }
             done.store(true, std::sync::atomic::Ordering::SeqCst);
         });
+        // The service manager answers after the agent started: a worker that
+        // dies now leaves a running agent behind, as on a real machine.
+        fleet.step_latency(target, "start").await;
         Ok(AgentStart::Started)
     }
 

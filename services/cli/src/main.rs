@@ -1,1 +1,142 @@
-fn main() {}
+//! `fleetpatch`: runs a service (`scheduler`, `worker`, `collector`, or
+//! `all` of them in one process), migrates the database, prints the
+//! effective configuration.
+//!
+//! `main` only builds configuration and telemetry; each service lives in its
+//! own library crate with `start(options, ..., shutdown)`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use fleetpatch_bus::rabbitmq::{RabbitBackend, RabbitOptions};
+use fleetpatch_bus::Bus;
+use fleetpatch_collector::CollectorOptions;
+use fleetpatch_runtime::telemetry::TelemetryOptions;
+use fleetpatch_runtime::{Health, Shutdown};
+use fleetpatch_scheduler::SchedulerOptions;
+use fleetpatch_store::{Store, StoreOptions};
+use fleetpatch_transport::sim::{SimFleet, SimOptions, SimTransport};
+use fleetpatch_transport::Transports;
+use fleetpatch_worker::WorkerOptions;
+use serde::{Deserialize, Serialize};
+
+/// The whole configuration: defaults < `--config` file < `FLEETPATCH__SECTION__KEY`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct Settings {
+    database: StoreOptions,
+    amqp: RabbitOptions,
+    scheduler: SchedulerOptions,
+    worker: WorkerOptions,
+    collector: CollectorOptions,
+    telemetry: TelemetryOptions,
+    sim: SimOptions,
+}
+
+impl Settings {
+    fn validate(&self) -> anyhow::Result<()> {
+        let checks = [
+            self.scheduler.validate(),
+            self.worker.validate(),
+            self.collector.validate(),
+            self.telemetry.validate(),
+            self.sim.validate().map_err(|e| format!("sim.{e}")),
+        ];
+        for check in checks {
+            if let Err(message) = check {
+                bail!("invalid configuration: {message}");
+            }
+        }
+        if self.database.url.is_empty() {
+            bail!("invalid configuration: database.url must be set");
+        }
+        Ok(())
+    }
+}
+
+#[derive(Parser)]
+#[command(name = "fleetpatch", version, about = "Push patches to fleets of machines and prove what happened")]
+struct Cli {
+    /// Configuration file (TOML); environment variables FLEETPATCH__SECTION__KEY override it.
+    #[arg(long, global = true, env = "FLEETPATCH_CONFIG")]
+    config: Option<PathBuf>,
+    /// Print the effective configuration and exit.
+    #[arg(long, global = true)]
+    print_config: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Apply the database migrations.
+    Migrate,
+    /// Run the scheduler (REST API, dispatch, watchdog).
+    Scheduler,
+    /// Run a worker (probe, stage, start agents; cleanup and verification).
+    Worker,
+    /// Run the collector (agent reports on port 1072).
+    Collector,
+    /// Run scheduler, worker and collector in one process.
+    All,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let settings: Settings = fleetpatch_runtime::config::load(cli.config.as_deref())?;
+    if cli.print_config {
+        print!("{}", fleetpatch_runtime::config::to_toml(&settings)?);
+        return Ok(());
+    }
+    settings.validate()?;
+    let Some(command) = cli.command else {
+        bail!("name a command: migrate, scheduler, worker, collector or all (see --help)");
+    };
+    let service: &'static str = match command {
+        Command::Migrate => "fleetpatch-migrate",
+        Command::Scheduler => "fleetpatch-scheduler",
+        Command::Worker => "fleetpatch-worker",
+        Command::Collector => "fleetpatch-collector",
+        Command::All => "fleetpatch",
+    };
+    let _telemetry = fleetpatch_runtime::telemetry::init(&settings.telemetry, service)?;
+    if let Command::Migrate = command {
+        let store = Store::connect(&settings.database).await?;
+        store.migrate().await.context("applying migrations")?;
+        tracing::info!("database migrated");
+        return Ok(());
+    }
+    let store = Store::connect_migrated(&settings.database).await?;
+    let shutdown = Shutdown::on_signals();
+    let bus = || async {
+        let backend = RabbitBackend::connect(&settings.amqp, &fleetpatch_proto::routing::WORK_QUEUES).await?;
+        anyhow::Ok(Bus::new(Arc::new(backend)))
+    };
+    let mut joins = Vec::new();
+    if matches!(command, Command::Scheduler | Command::All) {
+        let handle =
+            fleetpatch_scheduler::start(settings.scheduler.clone(), store.clone(), bus().await?, Health::new(), shutdown.clone())
+                .await?;
+        joins.push(tokio::spawn(async move { handle.join.await?.map_err(anyhow::Error::from) }));
+    }
+    if matches!(command, Command::Collector | Command::All) {
+        let handle =
+            fleetpatch_collector::start(settings.collector.clone(), store.clone(), bus().await?, Health::new(), shutdown.clone())
+                .await?;
+        joins.push(tokio::spawn(async move { handle.join.await?.map_err(anyhow::Error::from) }));
+    }
+    if matches!(command, Command::Worker | Command::All) {
+        let transports = Transports::default().with(Arc::new(SimTransport::new(SimFleet::new(settings.sim.clone()))));
+        let worker = fleetpatch_worker::Worker::new(settings.worker.clone(), store.clone(), bus().await?, transports)?;
+        let handle = worker.start(Health::new(), shutdown.clone()).await?;
+        joins.push(tokio::spawn(async move { handle.join.await?.map_err(anyhow::Error::from) }));
+    }
+    for join in joins {
+        join.await??;
+    }
+    store.close().await;
+    Ok(())
+}

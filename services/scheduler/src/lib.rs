@@ -1,0 +1,279 @@
+//! The scheduler: the rollout API, dispatch of the next targets, and the
+//! watchdog that turns silence into a timeout.
+//!
+//! * [`api`]: REST (`/v1/...`), OpenAPI at `/openapi.json`, problem+json errors.
+//! * dispatch: consumes `dispatch` requests (sent by every final state, by
+//!   create, resume and retry) and fills the rollout's free slots.
+//! * watchdog: consumes `watch` timers; reads `last_seen_at` from the
+//!   database and re-arms for the remainder, or times the target out.
+//! * reconciler: re-arms running targets whose watch timer was lost.
+//!
+//! **Architecture invariant**: the scheduler never talks to targets or
+//! agents; it changes state only through the store's guarded transitions.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fleetpatch_bus::{Bus, Delivery};
+use fleetpatch_proto::routing;
+use fleetpatch_proto::v1;
+use fleetpatch_proto::Message;
+use fleetpatch_runtime::{Health, Shutdown};
+use fleetpatch_store::{Store, TimeoutPolicy, WatchOutcome};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+use tracing::Instrument;
+use uuid::Uuid;
+
+pub mod api;
+
+/// Scheduler settings (`[scheduler]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SchedulerOptions {
+    /// REST API and ops endpoints.
+    pub listen: String,
+    /// The content store (installers by sha256), shared with the workers.
+    pub content_dir: std::path::PathBuf,
+    /// Delay before the verification scan after a timeout (seconds).
+    pub verify_delay_seconds: u64,
+    /// How often the reconciler looks for lost watch timers (seconds).
+    pub reconcile_interval_seconds: u64,
+    /// Dispatch and watch messages handled at once.
+    pub prefetch: u16,
+}
+
+impl Default for SchedulerOptions {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:8080".into(),
+            content_dir: std::path::PathBuf::from("/var/lib/fleetpatch/content"),
+            verify_delay_seconds: 1800,
+            reconcile_interval_seconds: 30,
+            prefetch: 64,
+        }
+    }
+}
+
+impl SchedulerOptions {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.prefetch == 0 {
+            return Err("scheduler.prefetch must be at least 1".into());
+        }
+        if self.reconcile_interval_seconds == 0 {
+            return Err("scheduler.reconcile_interval_seconds must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Runtime(#[from] fleetpatch_runtime::Error),
+    #[error(transparent)]
+    Bus(#[from] fleetpatch_bus::Error),
+    #[error("serving HTTP: {0}")]
+    Serve(#[from] std::io::Error),
+}
+
+/// A running scheduler.
+pub struct SchedulerHandle {
+    pub local_addr: std::net::SocketAddr,
+    pub join: tokio::task::JoinHandle<Result<(), Error>>,
+}
+
+#[derive(Clone)]
+struct Core {
+    store: Store,
+    bus: Bus,
+    nudge: Arc<Notify>,
+    policy: TimeoutPolicy,
+}
+
+/// Starts the API, the dispatch and watch consumers, the reconciler and the
+/// outbox relay; drains on `shutdown`.
+pub async fn start(
+    options: SchedulerOptions,
+    store: Store,
+    bus: Bus,
+    health: Health,
+    shutdown: Shutdown,
+) -> Result<SchedulerHandle, Error> {
+    let listener = fleetpatch_runtime::ops::bind(&options.listen).await?;
+    let local_addr = listener.local_addr()?;
+    {
+        let store = store.clone();
+        health.add_check("database", move || {
+            let store = store.clone();
+            Box::pin(async move { store.ping().await.is_ok() })
+        });
+        let bus = bus.clone();
+        health.add_check("bus", move || {
+            let healthy = bus.is_healthy();
+            Box::pin(async move { healthy })
+        });
+    }
+    let nudge = Arc::new(Notify::new());
+    let core = Core {
+        store: store.clone(),
+        bus: bus.clone(),
+        nudge: nudge.clone(),
+        policy: TimeoutPolicy { verify_delay: Duration::from_secs(options.verify_delay_seconds) },
+    };
+    let app = api::router(api::ApiState { store: store.clone(), nudge: nudge.clone(), content_dir: options.content_dir.clone() })
+        .merge(fleetpatch_runtime::ops::router(health.clone()));
+    let dispatch = bus.consume(routing::DISPATCH, options.prefetch).await?;
+    let watch = bus.consume(routing::WATCH, options.prefetch).await?;
+    let relay_stop = tokio_util::sync::CancellationToken::new();
+    let relay = tokio::spawn(fleetpatch_store::relay::run_relay(
+        store.clone(),
+        bus.clone(),
+        nudge.clone(),
+        Duration::from_millis(500),
+        relay_stop.clone(),
+    ));
+    tracing::info!(address = %local_addr, "scheduler listening");
+    let reconcile_every = Duration::from_secs(options.reconcile_interval_seconds);
+    let join = tokio::spawn(async move {
+        let server_shutdown = shutdown.clone();
+        let server = tokio::spawn(async move {
+            axum::serve(listener, app).with_graceful_shutdown(async move { server_shutdown.wait().await }).await
+        });
+        let loops = [
+            tokio::spawn(core.clone().consume_loop(dispatch, shutdown.clone())),
+            tokio::spawn(core.clone().consume_loop(watch, shutdown.clone())),
+            tokio::spawn(core.clone().reconcile_loop(reconcile_every, shutdown.clone())),
+        ];
+        shutdown.wait().await;
+        health.start_draining();
+        for handle in loops {
+            let _ = handle.await;
+        }
+        relay_stop.cancel();
+        let _ = relay.await;
+        core.bus.close().await;
+        let _ = server.await;
+        tracing::info!("scheduler drained");
+        Ok(())
+    });
+    Ok(SchedulerHandle { local_addr, join })
+}
+
+impl Core {
+    async fn consume_loop(self, mut consumer: fleetpatch_bus::Consumer, shutdown: Shutdown) {
+        let mut in_flight = tokio::task::JoinSet::new();
+        loop {
+            let delivery = tokio::select! {
+                next = consumer.next() => next,
+                _ = shutdown.wait() => {
+                    consumer.cancel();
+                    break;
+                }
+            };
+            let Some(delivery) = delivery else {
+                if !shutdown.is_triggered() {
+                    tracing::error!("the bus closed a scheduler consumer; stopping");
+                    shutdown.trigger();
+                }
+                break;
+            };
+            let core = self.clone();
+            let span = tracing::info_span!("scheduler_job", queue = %delivery.routing_key);
+            {
+                use tracing_opentelemetry::OpenTelemetrySpanExt;
+                let _ = span.set_parent(fleetpatch_bus::parent_context(&delivery.headers));
+            }
+            in_flight.spawn(async move { core.handle(delivery).await }.instrument(span));
+            while in_flight.try_join_next().is_some() {}
+        }
+        // Finish what was taken, within a deadline.
+        let _ = tokio::time::timeout(Duration::from_secs(30), async { while in_flight.join_next().await.is_some() {} }).await;
+    }
+
+    async fn handle(&self, delivery: Delivery) {
+        let result = match delivery.routing_key.as_str() {
+            routing::DISPATCH => self.dispatch(&delivery.payload).await,
+            routing::WATCH => self.watch(&delivery.payload).await,
+            other => Err(format!("no handler for routing key {other:?}")),
+        };
+        match result {
+            Ok(()) => {
+                if let Err(error) = delivery.ack().await {
+                    tracing::warn!(error = %error, "ack failed; the message will be redelivered");
+                }
+            }
+            Err(reason) => {
+                tracing::warn!(reason = %reason, "scheduler job failed; requeued");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let _ = delivery.requeue().await;
+            }
+        }
+    }
+
+    async fn dispatch(&self, payload: &[u8]) -> Result<(), String> {
+        let request = v1::DispatchRequest::decode(payload).map_err(|e| format!("undecodable dispatch request: {e}"))?;
+        let rollout_id = Uuid::parse_str(&request.rollout_id).map_err(|e| format!("dispatch rollout id: {e}"))?;
+        match self.store.dispatch(rollout_id).await {
+            Ok(outcome) => {
+                if outcome.dispatched > 0 {
+                    metrics::counter!("fleetpatch_scheduler_dispatched_total").increment(u64::from(outcome.dispatched));
+                    self.nudge.notify_one();
+                }
+                if let Some(reason) = outcome.halted {
+                    tracing::warn!(rollout_id = %rollout_id, reason = %reason, "rollout halted");
+                }
+                Ok(())
+            }
+            Err(fleetpatch_store::Error::NotFound { .. }) => Ok(()),
+            Err(error) => Err(error.to_string()),
+        }
+    }
+
+    async fn watch(&self, payload: &[u8]) -> Result<(), String> {
+        let timer = v1::WatchTimer::decode(payload).map_err(|e| format!("undecodable watch timer: {e}"))?;
+        let target_id = Uuid::parse_str(&timer.target_id).map_err(|e| format!("watch target id: {e}"))?;
+        let due = timer.due_at_unix_ms;
+        let outcome = self.store.check_timeout(target_id, timer.attempt, self.policy).await.map_err(|e| e.to_string())?;
+        match outcome {
+            WatchOutcome::Gone => Ok(()),
+            WatchOutcome::NotYet(deadline) => {
+                let message = fleetpatch_store::watch_message(target_id, timer.attempt, deadline);
+                self.bus.publish(vec![message]).await.map_err(|e| e.to_string())
+            }
+            WatchOutcome::TimedOut => {
+                let lateness = (fleetpatch_bus::now_unix_ms() - due).max(0) as f64 / 1000.0;
+                metrics::histogram!("fleetpatch_scheduler_timeout_lateness_seconds").record(lateness);
+                metrics::counter!("fleetpatch_scheduler_timeouts_total").increment(1);
+                tracing::info!(target_id = %target_id, "target timed out");
+                self.nudge.notify_one();
+                Ok(())
+            }
+        }
+    }
+
+    /// Re-arms running targets whose deadline passed long ago (their timer
+    /// was lost), and nudges dispatch of running rollouts.
+    async fn reconcile_loop(self, every: Duration, shutdown: Shutdown) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = shutdown.wait() => return,
+            }
+            match self.store.overdue_running_targets(every * 2, 1_000).await {
+                Ok(overdue) if !overdue.is_empty() => {
+                    tracing::warn!(count = overdue.len(), "re-arming watch timers that were lost");
+                    let messages = overdue
+                        .into_iter()
+                        .map(|(id, attempt)| fleetpatch_store::watch_message(id, attempt, chrono::Utc::now()))
+                        .collect();
+                    if let Err(error) = self.bus.publish(messages).await {
+                        tracing::warn!(error = %error, "reconciler could not re-arm watch timers");
+                    }
+                }
+                Ok(_) => {}
+                Err(error) => tracing::warn!(error = %error, "reconciler pass failed"),
+            }
+        }
+    }
+}

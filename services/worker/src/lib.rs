@@ -1,0 +1,597 @@
+//! The worker: stateless, one target job at a time per slot.
+//!
+//! A deploy job is: claim (`queued → probing`) → probe → record the probe
+//! and the token hash (`→ staging`) → stage → `→ installing` → start the
+//! agent → `→ running` with the watchdog armed in the same transaction →
+//! ack. The job is acked long before the install ends; the agent reports to
+//! the collector from then on. Transient errors go back to `queued` with a
+//! delayed retry through the bus; permanent ones fail the target with the
+//! reason. Cleanup and verification jobs run the transport's steps of the
+//! same names.
+//!
+//! **Architecture invariant**: a worker keeps nothing between jobs. A job
+//! redelivered after its worker died is taken over by any worker: the
+//! agent's token is derived (HMAC) from the target, attempt and a nonce
+//! stored on the target, so the new worker computes the same token, and
+//! the transport's agent start is idempotent per deployment id.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fleetpatch_bus::{Bus, Delivery};
+use fleetpatch_proto::plan::{self, DeploymentPlan, PlanPatch};
+use fleetpatch_proto::routing;
+use fleetpatch_proto::v1;
+use fleetpatch_proto::Message;
+use fleetpatch_runtime::{Health, Shutdown};
+use fleetpatch_store::{content, Claim, DeployContext, ProbeOutcome, Store, Target};
+use fleetpatch_transport::{Credential, Deployment, PatchProbe, Secret, StagedFile, TargetSpec, Transport, Transports};
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::sync::Semaphore;
+use tracing::Instrument;
+use uuid::Uuid;
+
+/// Worker settings (`[worker]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkerOptions {
+    /// Deploy jobs handled at once (the deploy queue's prefetch).
+    pub concurrency: u16,
+    /// Ops endpoints (`/livez`, `/readyz`, `/metrics`).
+    pub listen: String,
+    /// The collector URL the agents report to, as seen from the targets.
+    pub collector_url: String,
+    /// Secret reference (`env:NAME`, `file:/path`) of the key agent tokens are
+    /// derived from; every worker of an installation must share it. Empty: a
+    /// random key per process (a job taken over by another worker then gets a
+    /// new token and its already running agent is refused).
+    pub token_key_ref: String,
+    /// Backoff before each retry of an unreachable target (seconds).
+    pub retry_backoff_seconds: Vec<u64>,
+    /// Time limit of one remote step (probe, stage, start) in seconds.
+    pub step_timeout_seconds: u64,
+    /// Agent binary per target architecture (`x86_64`, `aarch64`, ...).
+    pub agent_binaries: BTreeMap<String, PathBuf>,
+    /// The content store (installers by sha256).
+    pub content_dir: PathBuf,
+    /// Delay before the verification scan after a timeout (seconds).
+    pub verify_delay_seconds: u64,
+}
+
+impl Default for WorkerOptions {
+    fn default() -> Self {
+        Self {
+            concurrency: 32,
+            listen: "0.0.0.0:9102".into(),
+            collector_url: "http://127.0.0.1:1072".into(),
+            token_key_ref: String::new(),
+            retry_backoff_seconds: vec![10, 60, 300],
+            step_timeout_seconds: 300,
+            agent_binaries: BTreeMap::new(),
+            content_dir: PathBuf::from("/var/lib/fleetpatch/content"),
+            verify_delay_seconds: 1800,
+        }
+    }
+}
+
+impl WorkerOptions {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.concurrency == 0 {
+            return Err("worker.concurrency must be at least 1".into());
+        }
+        if !(self.collector_url.starts_with("http://") || self.collector_url.starts_with("https://")) {
+            return Err(format!("worker.collector_url must be an http:// or https:// URL, got {:?}", self.collector_url));
+        }
+        if self.step_timeout_seconds == 0 {
+            return Err("worker.step_timeout_seconds must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Runtime(#[from] fleetpatch_runtime::Error),
+    #[error(transparent)]
+    Bus(#[from] fleetpatch_bus::Error),
+    #[error("worker configuration: {0}")]
+    Config(String),
+    #[error("serving HTTP: {0}")]
+    Serve(#[from] std::io::Error),
+}
+
+/// Derives a target's agent token: `<target id>.<hex HMAC-SHA256>`.
+pub fn derive_token(key: &[u8], target_id: Uuid, attempt: u32, nonce: &str) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes keys of any length");
+    mac.update(target_id.as_bytes());
+    mac.update(&attempt.to_be_bytes());
+    mac.update(nonce.as_bytes());
+    format!("{}.{}", target_id.simple(), hex::encode(mac.finalize().into_bytes()))
+}
+
+/// Everything a worker needs; cheap to clone.
+#[derive(Clone)]
+pub struct Worker {
+    options: Arc<WorkerOptions>,
+    store: Store,
+    bus: Bus,
+    transports: Transports,
+    token_key: Arc<Vec<u8>>,
+}
+
+/// A running worker.
+pub struct WorkerHandle {
+    pub local_addr: std::net::SocketAddr,
+    pub join: tokio::task::JoinHandle<Result<(), Error>>,
+}
+
+enum StepError {
+    Transport(fleetpatch_transport::Error),
+    Store(fleetpatch_store::Error),
+    Permanent(String),
+}
+
+impl From<fleetpatch_store::Error> for StepError {
+    fn from(error: fleetpatch_store::Error) -> Self {
+        StepError::Store(error)
+    }
+}
+
+impl From<fleetpatch_transport::Error> for StepError {
+    fn from(error: fleetpatch_transport::Error) -> Self {
+        StepError::Transport(error)
+    }
+}
+
+impl Worker {
+    pub fn new(options: WorkerOptions, store: Store, bus: Bus, transports: Transports) -> Result<Self, Error> {
+        options.validate().map_err(Error::Config)?;
+        let token_key = if options.token_key_ref.is_empty() {
+            tracing::warn!("worker.token_key_ref is not set; using a random token key for this process");
+            let mut key = vec![0u8; 32];
+            rand::Rng::fill(&mut rand::rng(), key.as_mut_slice());
+            key
+        } else {
+            fleetpatch_runtime::secrets::resolve(&options.token_key_ref)
+                .map_err(|e| Error::Config(format!("worker.token_key_ref: {e}")))?
+                .into_bytes()
+        };
+        Ok(Self { options: Arc::new(options), store, bus, transports, token_key: Arc::new(token_key) })
+    }
+
+    /// Binds the ops listener and consumes deploy, cleanup and verify jobs
+    /// until `shutdown`; then stops consuming and finishes in-flight jobs.
+    pub async fn start(self, health: Health, shutdown: Shutdown) -> Result<WorkerHandle, Error> {
+        let listener = fleetpatch_runtime::ops::bind(&self.options.listen).await?;
+        let local_addr = listener.local_addr()?;
+        {
+            let store = self.store.clone();
+            health.add_check("database", move || {
+                let store = store.clone();
+                Box::pin(async move { store.ping().await.is_ok() })
+            });
+            let bus = self.bus.clone();
+            health.add_check("bus", move || {
+                let healthy = bus.is_healthy();
+                Box::pin(async move { healthy })
+            });
+        }
+        let deploy = self.bus.consume(routing::DEPLOY, self.options.concurrency).await?;
+        let cleanup = self.bus.consume(routing::CLEANUP, 4).await?;
+        let verify = self.bus.consume(routing::VERIFY, 4).await?;
+        let app = fleetpatch_runtime::ops::router(health.clone());
+        let join = tokio::spawn(async move {
+            let server_shutdown = shutdown.clone();
+            let server = tokio::spawn(async move {
+                axum::serve(listener, app).with_graceful_shutdown(async move { server_shutdown.wait().await }).await
+            });
+            let slots = Arc::new(Semaphore::new(usize::from(self.options.concurrency) + 8));
+            let loops = [
+                tokio::spawn(self.clone().consume_loop(deploy, slots.clone(), shutdown.clone())),
+                tokio::spawn(self.clone().consume_loop(cleanup, slots.clone(), shutdown.clone())),
+                tokio::spawn(self.clone().consume_loop(verify, slots.clone(), shutdown.clone())),
+            ];
+            shutdown.wait().await;
+            health.start_draining();
+            for handle in loops {
+                let _ = handle.await;
+            }
+            // Wait for in-flight jobs (each holds a slot) within a deadline.
+            let total = usize::from(self.options.concurrency) + 8;
+            let drained = tokio::time::timeout(Duration::from_secs(60), slots.acquire_many(total as u32)).await;
+            if drained.is_err() {
+                tracing::warn!("in-flight jobs did not finish within 60 s; they will be redelivered");
+            }
+            self.bus.close().await;
+            let _ = server.await;
+            tracing::info!("worker drained");
+            Ok(())
+        });
+        Ok(WorkerHandle { local_addr, join })
+    }
+
+    async fn consume_loop(self, mut consumer: fleetpatch_bus::Consumer, slots: Arc<Semaphore>, shutdown: Shutdown) {
+        loop {
+            let delivery = tokio::select! {
+                next = consumer.next() => next,
+                _ = shutdown.wait() => {
+                    consumer.cancel();
+                    return;
+                }
+            };
+            let Some(delivery) = delivery else {
+                if !shutdown.is_triggered() {
+                    tracing::error!("the bus closed the worker's consumer; stopping");
+                    shutdown.trigger();
+                }
+                return;
+            };
+            let Ok(permit) = slots.clone().acquire_owned().await else { return };
+            let worker = self.clone();
+            let parent = fleetpatch_bus::parent_context(&delivery.headers);
+            let span = tracing::info_span!("job", queue = %delivery.routing_key, redelivered = delivery.redelivered);
+            {
+                use tracing_opentelemetry::OpenTelemetrySpanExt;
+                let _ = span.set_parent(parent);
+            }
+            tokio::spawn(
+                async move {
+                    worker.handle(delivery).await;
+                    drop(permit);
+                }
+                .instrument(span),
+            );
+        }
+    }
+
+    async fn handle(&self, delivery: Delivery) {
+        let started = std::time::Instant::now();
+        let queue = delivery.routing_key.clone();
+        let result = match queue.as_str() {
+            routing::DEPLOY => match v1::DeployJob::decode(delivery.payload.as_slice()) {
+                Ok(job) => self.deploy(job, delivery.redelivered).await,
+                Err(error) => Err(format!("undecodable deploy job: {error}")),
+            },
+            routing::CLEANUP => match v1::CleanupJob::decode(delivery.payload.as_slice()) {
+                Ok(job) => self.cleanup(job).await,
+                Err(error) => Err(format!("undecodable cleanup job: {error}")),
+            },
+            routing::VERIFY => match v1::VerifyJob::decode(delivery.payload.as_slice()) {
+                Ok(job) => self.verify(job).await,
+                Err(error) => Err(format!("undecodable verify job: {error}")),
+            },
+            other => Err(format!("no handler for routing key {other:?}")),
+        };
+        metrics::histogram!("fleetpatch_worker_job_seconds", "queue" => queue.clone())
+            .record(started.elapsed().as_secs_f64());
+        match result {
+            Ok(()) => {
+                metrics::counter!("fleetpatch_worker_jobs_total", "queue" => queue, "result" => "ok").increment(1);
+                if let Err(error) = delivery.ack().await {
+                    tracing::warn!(error = %error, "ack failed; the job will be redelivered");
+                }
+            }
+            Err(reason) => {
+                metrics::counter!("fleetpatch_worker_jobs_total", "queue" => queue, "result" => "error").increment(1);
+                tracing::warn!(reason = %reason, delivery_count = delivery.delivery_count, "job failed; requeued");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let _ = delivery.requeue().await;
+            }
+        }
+    }
+
+    fn target_spec(&self, target: &Target) -> Result<TargetSpec, String> {
+        let credential = match &target.credential_ref {
+            None => None,
+            Some(reference) => {
+                let secret = fleetpatch_runtime::secrets::resolve(reference)?;
+                Some(parse_credential(&secret, target.labels.get("user").map(String::as_str))
+                    .map_err(|e| format!("credential {reference:?}: {e}"))?)
+            }
+        };
+        Ok(TargetSpec {
+            target_id: target.id,
+            host: target.host.clone(),
+            port: target.port,
+            labels: target.labels.clone(),
+            credential,
+        })
+    }
+
+    async fn step<T>(
+        &self,
+        step: &'static str,
+        address: &str,
+        future: impl std::future::Future<Output = fleetpatch_transport::Result<T>>,
+    ) -> Result<T, StepError> {
+        let seconds = self.options.step_timeout_seconds;
+        let started = std::time::Instant::now();
+        let result = match tokio::time::timeout(Duration::from_secs(seconds), future).await {
+            Ok(result) => result.map_err(StepError::Transport),
+            Err(_) => Err(StepError::Transport(fleetpatch_transport::Error::Timeout {
+                address: address.to_owned(),
+                step,
+                seconds,
+            })),
+        };
+        metrics::histogram!("fleetpatch_worker_step_seconds", "step" => step).record(started.elapsed().as_secs_f64());
+        result
+    }
+
+    async fn deploy(&self, job: v1::DeployJob, redelivered: bool) -> Result<(), String> {
+        let target_id = Uuid::parse_str(&job.target_id).map_err(|e| format!("deploy job target id: {e}"))?;
+        let nonce = hex::encode(rand::random::<[u8; 16]>());
+        let claim = self
+            .store
+            .claim_deploy(target_id, job.attempt, redelivered, &nonce)
+            .await
+            .map_err(|e| e.to_string())?;
+        let context = match claim {
+            Claim::Claimed(context) => *context,
+            Claim::Skip { state, attempt } => {
+                tracing::debug!(target_id = %target_id, state = %state, attempt, "deploy job is stale; skipped");
+                return Ok(());
+            }
+        };
+        let mut staged = false;
+        match self.deploy_steps(&context, job.r#try, &mut staged).await {
+            Ok(()) => Ok(()),
+            Err(StepError::Store(error)) => Err(error.to_string()),
+            Err(StepError::Permanent(reason)) => {
+                self.store.fail_target(&context.target, &reason, staged).await.map_err(|e| e.to_string())?;
+                Ok(())
+            }
+            Err(StepError::Transport(error)) => {
+                let reason = error.to_string();
+                let next_try = job.r#try + 1;
+                let max_tries = context.rollout.settings.max_tries.max(1);
+                if error.is_transient() && next_try < max_tries {
+                    let backoff = self
+                        .options
+                        .retry_backoff_seconds
+                        .get(job.r#try as usize)
+                        .or(self.options.retry_backoff_seconds.last())
+                        .copied()
+                        .unwrap_or(10);
+                    tracing::info!(target_id = %target_id, error = %reason, next_try, backoff, "transient error; retrying later");
+                    self.store
+                        .requeue_for_retry(&context.target, &reason, next_try, Duration::from_secs(backoff))
+                        .await
+                        .map_err(|e| e.to_string())?;
+                } else {
+                    let reason = if error.is_transient() {
+                        format!("{reason} (gave up after {next_try} tries)")
+                    } else {
+                        reason
+                    };
+                    tracing::info!(target_id = %target_id, error = %reason, "deployment failed");
+                    self.store.fail_target(&context.target, &reason, staged).await.map_err(|e| e.to_string())?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    async fn deploy_steps(&self, context: &DeployContext, _try: u32, staged: &mut bool) -> Result<(), StepError> {
+        let target = &context.target;
+        let transport: Arc<dyn Transport> = self.transports.get(&target.transport).cloned().ok_or_else(|| {
+            StepError::Permanent(format!(
+                "this worker has no {:?} transport (it has: {})",
+                target.transport,
+                self.transports.kinds().collect::<Vec<_>>().join(", ")
+            ))
+        })?;
+        let spec = self.target_spec(target).map_err(StepError::Permanent)?;
+        let address = spec.address();
+        let probes: Vec<PatchProbe> = context
+            .patches
+            .iter()
+            .map(|p| PatchProbe { index: p.index, name: p.name.clone(), detection: p.detection.clone() })
+            .collect();
+        let probe = self.step("probe", &address, transport.probe(&spec, &probes)).await?;
+        if !probe.is_admin {
+            return Err(StepError::Permanent(format!(
+                "the account used on {address} has no administrator rights (root, sudo or local admin); use one that has"
+            )));
+        }
+        let nonce = target.token_nonce.clone().unwrap_or_default();
+        let token = derive_token(&self.token_key, target.id, target.attempt, &nonce);
+        let token_hash = hex::encode(Sha256::digest(token.as_bytes()));
+        let probe_json = serde_json::to_value(&probe).unwrap_or_default();
+        match self
+            .store
+            .record_probe(context, &probe.os, &probe.arch, probe_json, &probe.installed, &token_hash)
+            .await?
+        {
+            ProbeOutcome::Stage => {}
+            ProbeOutcome::AllInstalled | ProbeOutcome::Lost => return Ok(()),
+        }
+        let deployment = self.deployment(context, &probe, token, transport.kind())?;
+        *staged = true;
+        self.step("stage", &address, transport.stage(&spec, &deployment)).await?;
+        if !self.store.mark_installing(target).await? {
+            self.enqueue_cleanup(target).await;
+            return Ok(());
+        }
+        let start = self.step("start", &address, transport.start_agent(&spec, &deployment)).await?;
+        if start == fleetpatch_transport::AgentStart::AlreadyRunning {
+            tracing::info!(target_id = %target.id, "agent of this deployment already runs; taken over");
+        }
+        if !self.store.mark_running(target).await? {
+            tracing::debug!(target_id = %target.id, "target moved on before it was marked running");
+        }
+        Ok(())
+    }
+
+    async fn enqueue_cleanup(&self, target: &Target) {
+        let message = fleetpatch_bus::Outgoing::work(
+            routing::CLEANUP,
+            v1::CleanupJob { target_id: target.id.to_string(), attempt: target.attempt }.encode_to_vec(),
+        );
+        if let Err(error) = self.store.enqueue(vec![message]).await {
+            tracing::warn!(error = %error, target_id = %target.id, "could not queue a cleanup");
+        }
+    }
+
+    fn deployment(
+        &self,
+        context: &DeployContext,
+        probe: &fleetpatch_transport::ProbeReport,
+        token: String,
+        transport: &str,
+    ) -> Result<Deployment, StepError> {
+        let target = &context.target;
+        let settings = &context.rollout.settings;
+        let wanted: Vec<_> = context.patches.iter().filter(|p| !probe.installed.contains(&p.index)).collect();
+        let needs_bytes = transport != "sim";
+        let mut files = Vec::new();
+        for patch in &wanted {
+            let source = content::path_of(&self.options.content_dir, &patch.sha256);
+            if needs_bytes && !source.exists() {
+                return Err(StepError::Permanent(format!(
+                    "installer of patch {:?} (sha256 {}) is not in the content store; upload it with PUT /v1/content/{}",
+                    patch.name, patch.sha256, patch.sha256
+                )));
+            }
+            files.push(StagedFile { name: patch.file.clone(), source, sha256: patch.sha256.clone(), size: patch.size });
+        }
+        let agent_binary = if needs_bytes {
+            Some(self.options.agent_binaries.get(&probe.arch).cloned().ok_or_else(|| {
+                StepError::Permanent(format!(
+                    "no agent binary for architecture {:?}; set worker.agent_binaries.{}",
+                    probe.arch, probe.arch
+                ))
+            })?)
+        } else {
+            None
+        };
+        let plan = DeploymentPlan {
+            version: plan::PLAN_VERSION,
+            deployment_id: plan::deployment_id(target.id, target.attempt),
+            target_id: target.id,
+            collector_url: self.options.collector_url.clone(),
+            token,
+            heartbeat_seconds: settings.heartbeat_seconds,
+            patches: wanted
+                .iter()
+                .map(|p| PlanPatch {
+                    index: p.index,
+                    name: p.name.clone(),
+                    file: p.file.clone(),
+                    sha256: p.sha256.clone(),
+                    installer: p.installer,
+                    arguments: p.arguments.clone(),
+                    success_codes: p.success_codes.clone(),
+                    reboot_codes: p.reboot_codes.clone(),
+                    timeout_seconds: p.timeout_seconds,
+                })
+                .collect(),
+            reboot: settings.reboot,
+            keep_files: settings.keep_files,
+        };
+        Ok(Deployment { plan, agent_binary, files })
+    }
+
+    async fn load_for_job(&self, target_id: &str) -> Result<(Target, Arc<dyn Transport>, TargetSpec), String> {
+        let target_id = Uuid::parse_str(target_id).map_err(|e| format!("job target id: {e}"))?;
+        let target = self.store.target(target_id).await.map_err(|e| e.to_string())?;
+        let transport = self
+            .transports
+            .get(&target.transport)
+            .cloned()
+            .ok_or_else(|| format!("this worker has no {:?} transport", target.transport))?;
+        let spec = self.target_spec(&target)?;
+        Ok((target, transport, spec))
+    }
+
+    async fn cleanup(&self, job: v1::CleanupJob) -> Result<(), String> {
+        let (target, transport, spec) = self.load_for_job(&job.target_id).await?;
+        let deployment_id = plan::deployment_id(target.id, job.attempt);
+        match self.step("cleanup", &spec.address(), transport.cleanup(&spec, &deployment_id)).await {
+            Ok(()) => Ok(()),
+            Err(StepError::Transport(error)) if !error.is_transient() => {
+                tracing::warn!(target_id = %target.id, error = %error, "cleanup failed for good");
+                Ok(())
+            }
+            Err(StepError::Transport(error)) => Err(format!("cleanup of {}: {error}", spec.address())),
+            Err(StepError::Store(error)) => Err(error.to_string()),
+            Err(StepError::Permanent(reason)) => Err(reason),
+        }
+    }
+
+    async fn verify(&self, job: v1::VerifyJob) -> Result<(), String> {
+        let (target, transport, spec) = self.load_for_job(&job.target_id).await?;
+        let patches = self.store.patches(target.rollout_id).await.map_err(|e| e.to_string())?;
+        let probes: Vec<PatchProbe> = patches
+            .iter()
+            .map(|p| PatchProbe { index: p.index, name: p.name.clone(), detection: p.detection.clone() })
+            .collect();
+        match self.step("verify", &spec.address(), transport.verify(&spec, &probes)).await {
+            Ok(report) => {
+                self.store
+                    .record_verification(target.id, job.attempt, &report.installed, &report.missing)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            Err(StepError::Transport(error)) => {
+                tracing::warn!(target_id = %target.id, error = %error, "verification scan failed");
+            }
+            Err(StepError::Store(error)) => return Err(error.to_string()),
+            Err(StepError::Permanent(reason)) => return Err(reason),
+        }
+        if job.cleanup_after {
+            self.cleanup(v1::CleanupJob { target_id: job.target_id, attempt: job.attempt }).await?;
+        }
+        Ok(())
+    }
+}
+
+/// A resolved secret as a credential: a PEM/OpenSSH private key (user from
+/// the target's `user` label), or `user:password`.
+pub fn parse_credential(secret: &str, user_label: Option<&str>) -> Result<Credential, String> {
+    if secret.trim_start().starts_with("-----BEGIN") {
+        let username = user_label.ok_or("a private-key credential needs the target label `user`")?;
+        return Ok(Credential::PrivateKey {
+            username: username.to_owned(),
+            key_pem: Secret::new(secret),
+            passphrase: None,
+        });
+    }
+    let (username, password) =
+        secret.split_once(':').ok_or("expected `user:password` or a PEM private key")?;
+    if username.is_empty() {
+        return Err("the user name before `:` is empty".into());
+    }
+    Ok(Credential::Password { username: username.to_owned(), password: Secret::new(password) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_per_target_attempt_and_nonce() {
+        let key = b"k".to_vec();
+        let id = Uuid::new_v4();
+        let token = derive_token(&key, id, 1, "n");
+        assert_eq!(token, derive_token(&key, id, 1, "n"), "a worker taking over derives the same token");
+        assert_ne!(token, derive_token(&key, id, 2, "n"));
+        assert_ne!(token, derive_token(&key, id, 1, "m"));
+        assert_ne!(token, derive_token(&key, Uuid::new_v4(), 1, "n"));
+        assert_ne!(token, derive_token(b"other", id, 1, "n"));
+        assert!(token.starts_with(&id.simple().to_string()));
+    }
+
+    #[test]
+    fn credentials_parse_and_never_show_the_secret() {
+        let credential = parse_credential("admin:pa:ss", None).unwrap();
+        assert!(!format!("{credential:?}").contains("pa:ss"));
+        assert!(parse_credential("nopassword", None).unwrap_err().contains("user:password"));
+        assert!(parse_credential("-----BEGIN OPENSSH PRIVATE KEY-----", None).unwrap_err().contains("label `user`"));
+    }
+}

@@ -1,0 +1,112 @@
+//! Layered configuration: defaults < file (`--config`) < environment
+//! (`FLEETPATCH__SECTION__KEY`). Unknown keys are refused, and every error
+//! names the key.
+
+use std::path::Path;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::{Error, Result};
+
+/// Prefix of the environment variables (`FLEETPATCH__DATABASE__URL`).
+pub const ENV_PREFIX: &str = "FLEETPATCH";
+
+/// Loads `T` from its defaults, then `file`, then the environment.
+pub fn load<T: DeserializeOwned + Serialize + Default>(file: Option<&Path>) -> Result<T> {
+    load_from_env(file, std::env::vars())
+}
+
+/// Like [`load`], with the environment given (for tests).
+pub fn load_from_env<T: DeserializeOwned + Serialize + Default>(
+    file: Option<&Path>,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<T> {
+    let defaults = ::config::Config::try_from(&T::default()).map_err(|e| Error::Config(e.to_string()))?;
+    let mut builder = ::config::Config::builder().add_source(defaults);
+    if let Some(path) = file {
+        if !path.exists() {
+            return Err(Error::Config(format!("configuration file {} does not exist", path.display())));
+        }
+        builder = builder.add_source(::config::File::from(path).format(::config::FileFormat::Toml));
+    }
+    let prefix = format!("{ENV_PREFIX}__");
+    let source: ::config::Map<String, String> = env
+        .into_iter()
+        .filter(|(key, _)| key.starts_with(&prefix))
+        .map(|(key, value)| (key, value))
+        .collect();
+    builder = builder.add_source(
+        ::config::Environment::with_prefix(ENV_PREFIX)
+            .prefix_separator("__")
+            .separator("__")
+            .try_parsing(true)
+            .source(Some(source)),
+    );
+    let merged = builder.build().map_err(|e| Error::Config(e.to_string()))?;
+    serde_path_to_error_free(merged)
+}
+
+fn serde_path_to_error_free<T: DeserializeOwned>(merged: ::config::Config) -> Result<T> {
+    merged.try_deserialize().map_err(|error| {
+        let text = error.to_string();
+        Error::Config(if text.contains("unknown field") {
+            format!("{text} (check the spelling of the key in the file or the FLEETPATCH__SECTION__KEY variable)")
+        } else {
+            text
+        })
+    })
+}
+
+/// The effective configuration as TOML, for `--print-config`.
+pub fn to_toml<T: Serialize>(value: &T) -> Result<String> {
+    toml::to_string_pretty(value).map_err(|e| Error::Config(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Default, PartialEq, Serialize, serde::Deserialize)]
+    #[serde(default, deny_unknown_fields)]
+    struct Section {
+        port: u16,
+        name: String,
+    }
+
+    #[derive(Debug, Default, PartialEq, Serialize, serde::Deserialize)]
+    #[serde(default, deny_unknown_fields)]
+    struct Root {
+        section: Section,
+    }
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn environment_overrides_file_overrides_defaults() {
+        let dir = std::env::temp_dir().join(format!("fp-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.toml");
+        std::fs::write(&file, "[section]\nport = 10\nname = \"file\"\n").unwrap();
+        let root: Root = load_from_env(Some(&file), env(&[("FLEETPATCH__SECTION__PORT", "20")])).unwrap();
+        assert_eq!(root, Root { section: Section { port: 20, name: "file".into() } });
+        let root: Root = load_from_env(None, env(&[])).unwrap();
+        assert_eq!(root, Root::default());
+    }
+
+    #[test]
+    fn a_bad_value_names_the_key() {
+        let error = load_from_env::<Root>(None, env(&[("FLEETPATCH__SECTION__PORT", "many")])).unwrap_err();
+        assert!(error.to_string().contains("section.port"), "{error}");
+        let error = load_from_env::<Root>(None, env(&[("FLEETPATCH__SECTION__PROT", "1")])).unwrap_err();
+        assert!(error.to_string().contains("prot"), "{error}");
+    }
+
+    #[test]
+    fn a_missing_file_is_named() {
+        let error = load_from_env::<Root>(Some(Path::new("/nonexistent/fp.toml")), env(&[])).unwrap_err();
+        assert!(error.to_string().contains("/nonexistent/fp.toml"), "{error}");
+    }
+}

@@ -1,0 +1,195 @@
+//! The deployment pipeline end to end on RabbitMQ and PostgreSQL.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use fleetpatch_proto::state::{PatchState, RolloutState, TargetState};
+use fleetpatch_tests::{behaviour, sim_rollout, Sandbox, SandboxOptions};
+use fleetpatch_transport::sim::SimOptions;
+
+/// The largest number of targets between `queued` and a final state at any
+/// moment, replayed from the recorded transition history.
+async fn max_in_flight(sandbox: &Sandbox, rollout: uuid::Uuid) -> usize {
+    let transitions = sandbox.store.rollout_transitions(rollout).await.unwrap();
+    let mut in_flight: HashMap<uuid::Uuid, bool> = HashMap::new();
+    let mut peak = 0;
+    for transition in transitions {
+        let to: TargetState = transition.to.parse().unwrap();
+        in_flight.insert(transition.target_id, to.is_in_flight());
+        peak = peak.max(in_flight.values().filter(|v| **v).count());
+    }
+    peak
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_hundred_targets_succeed_and_never_exceed_the_concurrency() {
+    let sandbox = Sandbox::start(SandboxOptions::default()).await;
+    let started = std::time::Instant::now();
+    let id = sandbox.create_rollout(sim_rollout("fleet-300", 300, 3, 20, 30)).await;
+    sandbox.wait_for_rollout_state(id, RolloutState::Completed, Duration::from_secs(240)).await;
+    eprintln!("300 targets x 3 patches at concurrency 20: {:?}", started.elapsed());
+    let targets = sandbox.all_targets(id).await;
+    assert_eq!(targets.len(), 300);
+    for target in &targets {
+        assert_eq!(target.state, TargetState::Succeeded, "{} ended {}: {:?}", target.host, target.state, target.error);
+        let patches = sandbox.store.target_patches(target.id).await.unwrap();
+        assert_eq!(patches.len(), 3);
+        assert!(patches.iter().all(|p| p.state == PatchState::Succeeded && p.exit_code == Some(0)), "{patches:?}");
+    }
+    let peak = max_in_flight(&sandbox, id).await;
+    assert!(peak <= 20, "history shows {peak} targets in flight at once");
+    assert_eq!(peak, 20, "the rollout should use its whole window");
+    // Every agent and every staged file was cleaned up.
+    sandbox
+        .wait_for("cleanup of every target", Duration::from_secs(30), async || {
+            (sandbox.fleet.staged_deployments() == 0).then_some(())
+        })
+        .await;
+    sandbox.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_target_times_out_and_the_next_one_is_dispatched() {
+    let sandbox = Sandbox::start(SandboxOptions::default()).await;
+    let mut request = sim_rollout("hang", 2, 3, 1, 2);
+    request["targets"][0]["labels"] = serde_json::to_value(behaviour("hang")).unwrap();
+    let id = sandbox.create_rollout(request).await;
+    let targets = sandbox.all_targets(id).await;
+    let (hung, next) = (&targets[0], &targets[1]);
+    let hung = sandbox.wait_for_target_state(hung.id, &[TargetState::TimedOut], Duration::from_secs(30)).await;
+    // Detected within timeout + 1 s of the last report.
+    let last = hung.last_seen_at.unwrap();
+    let detected = hung.finished_at.unwrap();
+    let late = (detected - last).num_milliseconds() - 2_000;
+    assert!((0..=1_000).contains(&late), "timed out {late} ms after the deadline");
+    let reason = hung.error.clone().unwrap();
+    assert!(reason.contains("no feedback received within 2 s; the deployment may have failed"), "{reason}");
+    let patches = sandbox.store.target_patches(hung.id).await.unwrap();
+    assert!(patches.iter().all(|p| p.state == PatchState::Failed), "{patches:?}");
+    assert!(patches.iter().all(|p| p.error.as_deref() == Some(reason.as_str())));
+    // The slot was freed and the next machine dispatched, after the timeout.
+    let next = sandbox.wait_for_target_state(next.id, &[TargetState::Succeeded], Duration::from_secs(30)).await;
+    assert!(next.queued_at.unwrap() >= detected);
+    // The verification scan runs later and tells the truth; the hung agent is removed.
+    let verified = sandbox
+        .wait_for("verification of the hung target", Duration::from_secs(30), async || {
+            sandbox.store.target(hung.id).await.ok().filter(|t| t.verified_state.is_some())
+        })
+        .await;
+    assert_eq!(verified.verified_state.as_deref(), Some("none_installed"));
+    sandbox
+        .wait_for("cleanup of the hung agent", Duration::from_secs(30), async || {
+            (sandbox.fleet.running_agents() == 0 && sandbox.fleet.staged_deployments() == 0).then_some(())
+        })
+        .await;
+    sandbox.wait_for_rollout_state(id, RolloutState::Completed, Duration::from_secs(30)).await;
+    sandbox.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_keep_a_slow_install_alive() {
+    let options = SandboxOptions {
+        sim: SimOptions { slow_patch_ms: 5_000, patch_ms: 20, ..SimOptions::default() },
+        ..SandboxOptions::default()
+    };
+    let sandbox = Sandbox::start(options).await;
+    let mut request = sim_rollout("slow", 1, 2, 1, 2);
+    request["targets"][0]["labels"] = serde_json::to_value(behaviour("slow_patch")).unwrap();
+    let id = sandbox.create_rollout(request).await;
+    let target = sandbox.all_targets(id).await.remove(0);
+    let target = sandbox
+        .wait_for_target_state(target.id, &[TargetState::Succeeded, TargetState::TimedOut, TargetState::Failed], Duration::from_secs(30))
+        .await;
+    assert_eq!(target.state, TargetState::Succeeded, "{:?}", target.error);
+    let took = target.finished_at.unwrap() - target.running_at.unwrap();
+    assert!(took.num_milliseconds() >= 5_000, "the slow patch took {took}");
+    let heartbeats = sandbox.store.agent_events(target.id).await.unwrap().iter().filter(|e| e.kind == "heartbeat").count();
+    assert!(heartbeats >= 4, "{heartbeats} heartbeats during a 5 s install");
+    sandbox.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_wave_over_its_threshold_halts_the_rollout_until_resumed() {
+    let sandbox = Sandbox::start(SandboxOptions::default()).await;
+    let mut request = sim_rollout("canary", 10, 2, 4, 30);
+    request["waves"] = serde_json::json!([
+        {"name": "canary", "size": 4, "max_failure_percent": 25},
+        {"name": "rest", "max_failure_percent": 100},
+    ]);
+    for i in [0, 1] {
+        request["targets"][i]["labels"] = serde_json::to_value(behaviour("fail_patch")).unwrap();
+    }
+    let id = sandbox.create_rollout(request).await;
+    let rollout = sandbox.wait_for_rollout_state(id, RolloutState::Paused, Duration::from_secs(60)).await;
+    let reason = rollout.pause_reason.unwrap();
+    assert!(reason.contains("\"canary\"") && reason.contains("2 of 4") && reason.contains("25%"), "{reason}");
+    // Nothing of the next wave was dispatched, and stays so while paused.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let targets = sandbox.all_targets(id).await;
+    for target in targets.iter().filter(|t| t.wave == 1) {
+        assert_eq!(target.state, TargetState::Pending, "{} of the next wave", target.host);
+        assert!(target.queued_at.is_none());
+    }
+    let failed = targets.iter().filter(|t| t.wave == 0 && t.state == TargetState::Failed).count();
+    assert_eq!(failed, 2);
+    let failed_patch = sandbox.store.target_patches(targets[0].id).await.unwrap();
+    assert_eq!(failed_patch[0].exit_code, Some(1603));
+    // Resume continues with the next wave.
+    let response = sandbox.post(&format!("/v1/rollouts/{id}/resume")).await;
+    assert_eq!(response.status(), 200);
+    sandbox.wait_for_rollout_state(id, RolloutState::Completed, Duration::from_secs(60)).await;
+    let targets = sandbox.all_targets(id).await;
+    assert!(targets.iter().filter(|t| t.wave == 1).all(|t| t.state == TargetState::Succeeded));
+    // Retry failed gives the two failures a new attempt.
+    let response = sandbox.post(&format!("/v1/rollouts/{id}/retry-failed")).await;
+    assert_eq!(response.status(), 200);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["retried"], 2);
+    // They fail again, so the canary is over its threshold again: halted once more.
+    sandbox.wait_for_rollout_state(id, RolloutState::Paused, Duration::from_secs(60)).await;
+    let retried = sandbox.store.target(targets[0].id).await.unwrap();
+    assert_eq!((retried.attempt, retried.state), (2, TargetState::Failed), "fail_patch hosts fail again");
+    assert_eq!(sandbox.post(&format!("/v1/rollouts/{id}/resume")).await.status(), 200);
+    sandbox.wait_for_rollout_state(id, RolloutState::Completed, Duration::from_secs(60)).await;
+    sandbox.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_job_loses_nothing_and_the_agent_starts_once() {
+    let options = SandboxOptions {
+        workers: 0,
+        sim: SimOptions { min_latency_ms: 700, max_latency_ms: 700, patch_ms: 300, ..SimOptions::default() },
+        ..SandboxOptions::default()
+    };
+    let mut sandbox = Sandbox::start(options).await;
+    let doomed = sandbox.spawn_worker();
+    let id = sandbox.create_rollout(sim_rollout("crash", 1, 3, 1, 30)).await;
+    let target = sandbox.all_targets(id).await.remove(0);
+    // Kill the worker while it waits for the service manager: the agent was
+    // already started on the target, the job is not acked yet.
+    sandbox.wait_for_target_state(target.id, &[TargetState::Installing], Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    doomed.kill();
+    let survivor = sandbox.spawn_worker();
+    sandbox.workers.push(survivor);
+    let target = sandbox
+        .wait_for_target_state(target.id, &TargetState::FINAL, Duration::from_secs(60))
+        .await;
+    assert_eq!(target.state, TargetState::Succeeded, "{:?}", target.error);
+    let deployment = fleetpatch_proto::plan::deployment_id(target.id, target.attempt);
+    assert_eq!(sandbox.fleet.agent_starts(&deployment), 1, "the agent was started more than once");
+    // Exactly one final state in the history, and it stays.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let finals = sandbox
+        .store
+        .transitions(target.id)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|t| t.to.parse::<TargetState>().unwrap().is_final())
+        .count();
+    assert_eq!(finals, 1);
+    let patches = sandbox.store.target_patches(target.id).await.unwrap();
+    assert!(patches.iter().all(|p| p.state == PatchState::Succeeded), "{patches:?}");
+    sandbox.stop().await;
+}
