@@ -290,13 +290,7 @@ impl MigrationTrait for Migration {
             .create_table(
                 Table::create()
                     .table(AgentEvents::Table)
-                    .col(
-                        ColumnDef::new(AgentEvents::Id)
-                            .big_integer()
-                            .not_null()
-                            .auto_increment()
-                            .primary_key(),
-                    )
+                    .col(ColumnDef::new(AgentEvents::Id).big_integer().not_null().auto_increment().primary_key())
                     .col(ColumnDef::new(AgentEvents::TargetId).uuid().not_null())
                     .col(ColumnDef::new(AgentEvents::Attempt).integer().not_null())
                     .col(ColumnDef::new(AgentEvents::Seq).big_integer().not_null())
@@ -332,13 +326,7 @@ impl MigrationTrait for Migration {
             .create_table(
                 Table::create()
                     .table(TargetTransitions::Table)
-                    .col(
-                        ColumnDef::new(TargetTransitions::Id)
-                            .big_integer()
-                            .not_null()
-                            .auto_increment()
-                            .primary_key(),
-                    )
+                    .col(ColumnDef::new(TargetTransitions::Id).big_integer().not_null().auto_increment().primary_key())
                     .col(ColumnDef::new(TargetTransitions::RolloutId).uuid().not_null())
                     .col(ColumnDef::new(TargetTransitions::TargetId).uuid().not_null())
                     .col(ColumnDef::new(TargetTransitions::FromState).string().not_null())

@@ -129,10 +129,7 @@ mod tests {
     fn detection_rules_read_as_documented() {
         let rule: Detection =
             serde_json::from_str(r#"{"kind":"dpkg","package":"openssl","version":"3.0.15-1"}"#).unwrap();
-        assert_eq!(
-            rule,
-            Detection::Dpkg { package: "openssl".into(), version: Some("3.0.15-1".into()) }
-        );
+        assert_eq!(rule, Detection::Dpkg { package: "openssl".into(), version: Some("3.0.15-1".into()) });
         let err = serde_json::from_str::<Detection>(r#"{"kind":"msi","product":"x"}"#).unwrap_err();
         assert!(err.to_string().contains("unknown variant `msi`"), "{err}");
     }

@@ -47,8 +47,7 @@ impl TargetState {
     pub const IN_FLIGHT: [TargetState; 5] =
         [Self::Queued, Self::Probing, Self::Staging, Self::Installing, Self::Running];
     /// States a target leaves only through "retry failed".
-    pub const FINAL: [TargetState; 4] =
-        [Self::Succeeded, Self::Failed, Self::TimedOut, Self::Cancelled];
+    pub const FINAL: [TargetState; 4] = [Self::Succeeded, Self::Failed, Self::TimedOut, Self::Cancelled];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -139,8 +138,7 @@ pub enum PatchState {
 }
 
 impl PatchState {
-    pub const ALL: [PatchState; 5] =
-        [Self::Pending, Self::Running, Self::Succeeded, Self::Failed, Self::Skipped];
+    pub const ALL: [PatchState; 5] = [Self::Pending, Self::Running, Self::Succeeded, Self::Failed, Self::Skipped];
 
     pub fn as_str(self) -> &'static str {
         match self {

@@ -33,7 +33,8 @@ pub const TOKEN_KEY: &str = "fleetpatch-test-token-key";
 const TOKEN_KEY_VAR: &str = "FLEETPATCH_TEST_TOKEN_KEY";
 
 pub fn admin_database_url() -> String {
-    std::env::var("FLEETPATCH_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+    std::env::var("FLEETPATCH_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
 
 pub fn amqp_url() -> String {
@@ -127,9 +128,10 @@ pub struct Sandbox {
 impl Sandbox {
     pub async fn start(options: SandboxOptions) -> Sandbox {
         std::env::set_var(TOKEN_KEY_VAR, TOKEN_KEY);
-        let _ = tracing_subscriber::fmt().with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        ).with_test_writer().try_init();
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+            .with_test_writer()
+            .try_init();
         let admin_url = admin_database_url();
         let admin = Database::connect(&admin_url).await.unwrap_or_else(|error| {
             panic!("PostgreSQL is required at FLEETPATCH_TEST_DATABASE_URL={admin_url}: {error} (start it: pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start)")
@@ -141,7 +143,8 @@ impl Sandbox {
             .expect("create the test database");
         let _ = admin.close().await;
         let database_url = database_url_for(&admin_url, &database);
-        let store = Store::connect(&StoreOptions { url: database_url.clone(), max_connections: 20 }).await.expect("connect");
+        let store =
+            Store::connect(&StoreOptions { url: database_url.clone(), max_connections: 20 }).await.expect("connect");
         store.migrate().await.expect("migrate");
 
         let amqp = RabbitOptions {
@@ -247,7 +250,8 @@ impl Sandbox {
                 .build()
                 .expect("worker runtime");
             runtime.block_on(async move {
-                let store = Store::connect(&StoreOptions { url: database_url, max_connections: 10 }).await.expect("connect");
+                let store =
+                    Store::connect(&StoreOptions { url: database_url, max_connections: 10 }).await.expect("connect");
                 let transports = Transports::default().with(Arc::new(SimTransport::new(fleet)));
                 let worker = fleetpatch_worker::Worker::new(options, store, Self::bus(&amqp).await, transports)
                     .expect("worker builds");
@@ -269,7 +273,8 @@ impl Sandbox {
 
     /// `POST /v1/rollouts`; panics with the problem body unless 201.
     pub async fn create_rollout(&self, body: serde_json::Value) -> Uuid {
-        let response = self.http.post(format!("{}/v1/rollouts", self.api)).json(&body).send().await.expect("POST /v1/rollouts");
+        let response =
+            self.http.post(format!("{}/v1/rollouts", self.api)).json(&body).send().await.expect("POST /v1/rollouts");
         let status = response.status();
         let text = response.text().await.unwrap_or_default();
         assert_eq!(status, 201, "create rollout: {text}");
@@ -282,12 +287,7 @@ impl Sandbox {
     }
 
     /// Waits until `check` holds, polling; panics after `timeout` with `what`.
-    pub async fn wait_for<T>(
-        &self,
-        what: &str,
-        timeout: Duration,
-        mut check: impl AsyncFnMut() -> Option<T>,
-    ) -> T {
+    pub async fn wait_for<T>(&self, what: &str, timeout: Duration, mut check: impl AsyncFnMut() -> Option<T>) -> T {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             if let Some(value) = check().await {
@@ -343,7 +343,13 @@ impl Sandbox {
 }
 
 /// A rollout request of `targets` simulated hosts and `patches` patches.
-pub fn sim_rollout(name: &str, targets: usize, patches: usize, concurrency: u32, timeout_seconds: u32) -> serde_json::Value {
+pub fn sim_rollout(
+    name: &str,
+    targets: usize,
+    patches: usize,
+    concurrency: u32,
+    timeout_seconds: u32,
+) -> serde_json::Value {
     let patches: Vec<serde_json::Value> = (0..patches)
         .map(|i| {
             serde_json::json!({

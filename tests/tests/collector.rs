@@ -9,7 +9,11 @@ use fleetpatch_tests::{behaviour, sim_rollout, Sandbox, SandboxOptions, TOKEN_KE
 
 fn heartbeat(seq: u64) -> Vec<u8> {
     v1::ReportBatch {
-        reports: vec![v1::AgentReport { seq, sent_at_unix_ms: 0, kind: Some(Kind::Heartbeat(v1::Heartbeat { patch_index: None })) }],
+        reports: vec![v1::AgentReport {
+            seq,
+            sent_at_unix_ms: 0,
+            kind: Some(Kind::Heartbeat(v1::Heartbeat { patch_index: None })),
+        }],
     }
     .encode_to_vec()
 }
@@ -66,7 +70,8 @@ async fn reports_need_the_targets_own_token_and_a_sane_body() {
     assert!(response.text().await.unwrap().contains("ReportBatch"));
     let empty = v1::ReportBatch { reports: vec![] }.encode_to_vec();
     assert_eq!(post(url(a), Some(token(a)), empty).await.unwrap().status(), 400);
-    let no_kind = v1::ReportBatch { reports: vec![v1::AgentReport { seq: 5, sent_at_unix_ms: 0, kind: None }] }.encode_to_vec();
+    let no_kind =
+        v1::ReportBatch { reports: vec![v1::AgentReport { seq: 5, sent_at_unix_ms: 0, kind: None }] }.encode_to_vec();
     assert_eq!(post(url(a), Some(token(a)), no_kind).await.unwrap().status(), 400);
     // An oversized body: 413.
     let huge = vec![0u8; fleetpatch_proto::limits::MAX_REPORT_BODY_BYTES + 1];
@@ -98,7 +103,8 @@ async fn the_api_names_the_wrong_field() {
     assert_eq!(response.status(), 400);
     let problem: serde_json::Value = response.json().await.unwrap();
     assert_eq!(problem["errors"][0]["field"], "targets[1].host");
-    let response = sandbox.http.get(format!("{}/v1/rollouts/{}", sandbox.api, uuid::Uuid::new_v4())).send().await.unwrap();
+    let response =
+        sandbox.http.get(format!("{}/v1/rollouts/{}", sandbox.api, uuid::Uuid::new_v4())).send().await.unwrap();
     assert_eq!(response.status(), 404);
     let response = sandbox.http.get(format!("{}/openapi.json", sandbox.api)).send().await.unwrap();
     assert_eq!(response.status(), 200);

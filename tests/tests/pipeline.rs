@@ -98,12 +98,17 @@ async fn heartbeats_keep_a_slow_install_alive() {
     let id = sandbox.create_rollout(request).await;
     let target = sandbox.all_targets(id).await.remove(0);
     let target = sandbox
-        .wait_for_target_state(target.id, &[TargetState::Succeeded, TargetState::TimedOut, TargetState::Failed], Duration::from_secs(30))
+        .wait_for_target_state(
+            target.id,
+            &[TargetState::Succeeded, TargetState::TimedOut, TargetState::Failed],
+            Duration::from_secs(30),
+        )
         .await;
     assert_eq!(target.state, TargetState::Succeeded, "{:?}", target.error);
     let took = target.finished_at.unwrap() - target.running_at.unwrap();
     assert!(took.num_milliseconds() >= 5_000, "the slow patch took {took}");
-    let heartbeats = sandbox.store.agent_events(target.id).await.unwrap().iter().filter(|e| e.kind == "heartbeat").count();
+    let heartbeats =
+        sandbox.store.agent_events(target.id).await.unwrap().iter().filter(|e| e.kind == "heartbeat").count();
     assert!(heartbeats >= 4, "{heartbeats} heartbeats during a 5 s install");
     sandbox.stop().await;
 }
@@ -172,9 +177,7 @@ async fn a_worker_killed_mid_job_loses_nothing_and_the_agent_starts_once() {
     doomed.kill();
     let survivor = sandbox.spawn_worker();
     sandbox.workers.push(survivor);
-    let target = sandbox
-        .wait_for_target_state(target.id, &TargetState::FINAL, Duration::from_secs(60))
-        .await;
+    let target = sandbox.wait_for_target_state(target.id, &TargetState::FINAL, Duration::from_secs(60)).await;
     assert_eq!(target.state, TargetState::Succeeded, "{:?}", target.error);
     let deployment = fleetpatch_proto::plan::deployment_id(target.id, target.attempt);
     assert_eq!(sandbox.fleet.agent_starts(&deployment), 1, "the agent was started more than once");

@@ -26,8 +26,8 @@ pub use trace::{inject_current_context, parent_context};
 
 /// Delay steps (milliseconds), one fixed-TTL wait queue each.
 pub const DELAY_STEPS_MS: [u64; 15] = [
-    250, 500, 1_000, 2_000, 4_000, 8_000, 16_000, 32_000, 64_000, 128_000, 256_000, 512_000, 1_024_000,
-    2_048_000, 4_096_000,
+    250, 500, 1_000, 2_000, 4_000, 8_000, 16_000, 32_000, 64_000, 128_000, 256_000, 512_000, 1_024_000, 2_048_000,
+    4_096_000,
 ];
 /// A message due within this many milliseconds is delivered, not re-delayed.
 pub const DUE_TOLERANCE_MS: i64 = 15;
@@ -277,7 +277,13 @@ impl Bus {
                     wire.headers.get(ROUTING_KEY_HEADER).cloned().unwrap_or_else(|| wire.routing_key.clone());
                 let mut headers = wire.headers;
                 headers.remove(DUE_AT_HEADER);
-                Outgoing { destination: Destination::Work, routing_key, payload: wire.payload, headers, due_at_unix_ms: None }
+                Outgoing {
+                    destination: Destination::Work,
+                    routing_key,
+                    payload: wire.payload,
+                    headers,
+                    due_at_unix_ms: None,
+                }
             })
             .collect();
         self.publish(messages).await?;

@@ -17,9 +17,9 @@ use std::sync::Mutex;
 
 use futures_util::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions,
-    BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions,
-    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
+    BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
@@ -137,8 +137,7 @@ impl RabbitBackend {
         let channel = self.connection.create_channel().await.map_err(broker("opening a channel"))?;
         let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
         let queue_options = QueueDeclareOptions { durable: true, ..Default::default() };
-        let (work, events, dlx, dead) =
-            (self.name("work"), self.name("events"), self.name("dlx"), self.name("dead"));
+        let (work, events, dlx, dead) = (self.name("work"), self.name("events"), self.name("dlx"), self.name("dead"));
         for (exchange, kind) in
             [(&work, ExchangeKind::Direct), (&events, ExchangeKind::Topic), (&dlx, ExchangeKind::Fanout)]
         {
@@ -164,10 +163,7 @@ impl RabbitBackend {
                 ("x-dead-letter-strategy", text("at-least-once")),
                 ("x-overflow", text("reject-publish")),
             ]);
-            channel
-                .queue_declare(&name, queue_options, arguments)
-                .await
-                .map_err(broker("declaring a work queue"))?;
+            channel.queue_declare(&name, queue_options, arguments).await.map_err(broker("declaring a work queue"))?;
             channel
                 .queue_bind(&name, &work, queue, QueueBindOptions::default(), FieldTable::default())
                 .await
@@ -186,10 +182,7 @@ impl RabbitBackend {
                 ("x-dead-letter-strategy", text("at-least-once")),
                 ("x-overflow", text("reject-publish")),
             ]);
-            channel
-                .queue_declare(&name, queue_options, arguments)
-                .await
-                .map_err(broker("declaring a wait queue"))?;
+            channel.queue_declare(&name, queue_options, arguments).await.map_err(broker("declaring a wait queue"))?;
             channel
                 .queue_bind(&name, &name, "", QueueBindOptions::default(), FieldTable::default())
                 .await
@@ -210,10 +203,7 @@ impl RabbitBackend {
             exchanges.push(self.name(&format!("wait.{step}")));
         }
         for queue in queues {
-            channel
-                .queue_delete(&queue, QueueDeleteOptions::default())
-                .await
-                .map_err(broker("deleting a queue"))?;
+            channel.queue_delete(&queue, QueueDeleteOptions::default()).await.map_err(broker("deleting a queue"))?;
         }
         for exchange in exchanges {
             channel
@@ -231,10 +221,7 @@ impl RabbitBackend {
             }
         }
         let channel = self.connection.create_channel().await.map_err(broker("opening a channel"))?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(broker("enabling publisher confirms"))?;
+        channel.confirm_select(ConfirmSelectOptions::default()).await.map_err(broker("enabling publisher confirms"))?;
         *self.publisher.lock().expect("publisher lock") = Some(channel.clone());
         Ok(channel)
     }
@@ -267,8 +254,7 @@ impl Backend for RabbitBackend {
         let exchange = self.exchange_of(route);
         let mut confirms = Vec::with_capacity(messages.len());
         for message in &messages {
-            let headers: Vec<(&str, AMQPValue)> =
-                message.headers.iter().map(|(k, v)| (k.as_str(), text(v))).collect();
+            let headers: Vec<(&str, AMQPValue)> = message.headers.iter().map(|(k, v)| (k.as_str(), text(v))).collect();
             let properties = BasicProperties::default().with_delivery_mode(2).with_headers(table(&headers));
             let confirm = channel
                 .basic_publish(
@@ -361,7 +347,11 @@ impl Backend for RabbitBackend {
     async fn queue_depth(&self, queue: &str) -> Result<u64> {
         let channel = self.connection.create_channel().await.map_err(broker("opening a channel"))?;
         let declared = channel
-            .queue_declare(&self.name(queue), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
+            .queue_declare(
+                &self.name(queue),
+                QueueDeclareOptions { passive: true, ..Default::default() },
+                FieldTable::default(),
+            )
             .await
             .map_err(broker("reading a queue's depth"))?;
         let _ = channel.close(200, "depth").await;

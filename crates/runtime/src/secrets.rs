@@ -8,7 +8,8 @@
 /// Resolves a reference; the error names the reference, never the secret.
 pub fn resolve(reference: &str) -> Result<String, String> {
     if let Some(name) = reference.strip_prefix("env:") {
-        return std::env::var(name).map_err(|_| format!("secret reference {reference:?}: environment variable {name} is not set"));
+        return std::env::var(name)
+            .map_err(|_| format!("secret reference {reference:?}: environment variable {name} is not set"));
     }
     if let Some(path) = reference.strip_prefix("file:") {
         return std::fs::read_to_string(path)

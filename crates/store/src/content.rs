@@ -49,7 +49,8 @@ where
     let mut bytes = 0u64;
     let result: Result<(), ContentError> = async {
         while let Some(chunk) = chunks.next().await {
-            let chunk = chunk.map_err(|e| ContentError::Io { path: temp.clone(), reason: format!("upload interrupted: {e}") })?;
+            let chunk = chunk
+                .map_err(|e| ContentError::Io { path: temp.clone(), reason: format!("upload interrupted: {e}") })?;
             hasher.update(&chunk);
             bytes += chunk.len() as u64;
             file.write_all(&chunk).await.map_err(|e| io(&temp, e))?;

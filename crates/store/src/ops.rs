@@ -12,8 +12,8 @@ use fleetpatch_proto::v1;
 use fleetpatch_proto::Message;
 use sea_orm::sea_query::{Expr, Func, OnConflict, Query, SimpleExpr};
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseTransaction, EntityTrait, PaginatorTrait,
-    QueryFilter, QueryOrder, QuerySelect, TransactionTrait,
+    ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseTransaction, EntityTrait, PaginatorTrait, QueryFilter,
+    QueryOrder, QuerySelect, TransactionTrait,
 };
 use uuid::Uuid;
 
@@ -165,13 +165,8 @@ fn dispatch_message(rollout_id: Uuid) -> Outgoing {
 fn deploy_message(target_id: Uuid, rollout_id: Uuid, attempt: u32, try_: u32) -> Outgoing {
     Outgoing::work(
         routing::DEPLOY,
-        v1::DeployJob {
-            target_id: target_id.to_string(),
-            rollout_id: rollout_id.to_string(),
-            attempt,
-            r#try: try_,
-        }
-        .encode_to_vec(),
+        v1::DeployJob { target_id: target_id.to_string(), rollout_id: rollout_id.to_string(), attempt, r#try: try_ }
+            .encode_to_vec(),
     )
 }
 
@@ -220,7 +215,10 @@ pub struct DispatchOutcome {
 pub enum Claim {
     Claimed(Box<DeployContext>),
     /// The job is for another attempt, or the target moved on: nothing to do.
-    Skip { state: TargetState, attempt: u32 },
+    Skip {
+        state: TargetState,
+        attempt: u32,
+    },
 }
 
 /// Where the deployment goes after the probe.
@@ -319,9 +317,7 @@ async fn fail_open_patches<C: ConnectionTrait>(db: &C, target_id: Uuid, reason: 
         .col_expr(target_patches::Column::Error, Expr::value(reason))
         .col_expr(target_patches::Column::FinishedAt, Expr::value(now()))
         .filter(target_patches::Column::TargetId.eq(target_id))
-        .filter(
-            target_patches::Column::State.is_in([PatchState::Pending.as_str(), PatchState::Running.as_str()]),
-        )
+        .filter(target_patches::Column::State.is_in([PatchState::Pending.as_str(), PatchState::Running.as_str()]))
         .exec(db)
         .await?;
     Ok(())
@@ -455,7 +451,11 @@ impl Store {
                 .waves
                 .iter()
                 .enumerate()
-                .map(|(index, wave)| WaveProgress { index: index as u32, name: wave.name.clone(), ..Default::default() })
+                .map(|(index, wave)| WaveProgress {
+                    index: index as u32,
+                    name: wave.name.clone(),
+                    ..Default::default()
+                })
                 .collect(),
             ..Default::default()
         };
@@ -523,7 +523,13 @@ impl Store {
             .all(&self.db)
             .await?
             .into_iter()
-            .map(|m| Transition { target_id: m.target_id, from: m.from_state, to: m.to_state, at: m.at, detail: m.detail })
+            .map(|m| Transition {
+                target_id: m.target_id,
+                from: m.from_state,
+                to: m.to_state,
+                at: m.at,
+                detail: m.detail,
+            })
             .collect())
     }
 
@@ -535,7 +541,13 @@ impl Store {
             .all(&self.db)
             .await?
             .into_iter()
-            .map(|m| Transition { target_id: m.target_id, from: m.from_state, to: m.to_state, at: m.at, detail: m.detail })
+            .map(|m| Transition {
+                target_id: m.target_id,
+                from: m.from_state,
+                to: m.to_state,
+                at: m.at,
+                detail: m.detail,
+            })
             .collect())
     }
 
@@ -1091,7 +1103,13 @@ impl Store {
 
     /// A transient error: back to `queued` (keeping the slot) and a new
     /// deploy job after `delay`.
-    pub async fn requeue_for_retry(&self, target: &Target, reason: &str, next_try: u32, delay: Duration) -> Result<bool> {
+    pub async fn requeue_for_retry(
+        &self,
+        target: &Target,
+        reason: &str,
+        next_try: u32,
+        delay: Duration,
+    ) -> Result<bool> {
         let txn = self.db.begin().await?;
         let moved = apply_move(
             &txn,
@@ -1121,16 +1139,19 @@ impl Store {
     }
 
     /// Records the verification scan.
-    pub async fn record_verification(&self, target_id: Uuid, attempt: u32, installed: &[u32], missing: &[u32]) -> Result<()> {
+    pub async fn record_verification(
+        &self,
+        target_id: Uuid,
+        attempt: u32,
+        installed: &[u32],
+        missing: &[u32],
+    ) -> Result<()> {
         let verdict = if missing.is_empty() {
             "all_installed".to_owned()
         } else if installed.is_empty() {
             "none_installed".to_owned()
         } else {
-            format!(
-                "missing {}",
-                missing.iter().map(|i| format!("#{i}")).collect::<Vec<_>>().join(", ")
-            )
+            format!("missing {}", missing.iter().map(|i| format!("#{i}")).collect::<Vec<_>>().join(", "))
         };
         targets::Entity::update_many()
             .col_expr(targets::Column::VerifiedState, Expr::value(verdict))
@@ -1160,10 +1181,8 @@ impl Store {
         if now() < deadline {
             return Ok(WatchOutcome::NotYet(deadline));
         }
-        let reason = format!(
-            "no feedback received within {} s; the deployment may have failed",
-            target.timeout_seconds
-        );
+        let reason =
+            format!("no feedback received within {} s; the deployment may have failed", target.timeout_seconds);
         let moved = apply_move(
             &txn,
             Move {
@@ -1314,13 +1333,12 @@ impl Store {
                 let (kind, patch_index, exit_code, detail): (&str, Option<i32>, Option<i32>, Option<String>) =
                     match &report.kind {
                         ReportKind::Started { patch_index } => ("started", Some(*patch_index as i32), None, None),
-                        ReportKind::Finished { patch_index, exit_code, outcome, .. } => (
-                            "finished",
-                            Some(*patch_index as i32),
-                            Some(*exit_code),
-                            Some(outcome.as_str().to_owned()),
-                        ),
-                        ReportKind::Heartbeat { patch_index } => ("heartbeat", patch_index.map(|i| i as i32), None, None),
+                        ReportKind::Finished { patch_index, exit_code, outcome, .. } => {
+                            ("finished", Some(*patch_index as i32), Some(*exit_code), Some(outcome.as_str().to_owned()))
+                        }
+                        ReportKind::Heartbeat { patch_index } => {
+                            ("heartbeat", patch_index.map(|i| i as i32), None, None)
+                        }
                         ReportKind::Final { success, message, .. } => (
                             "final",
                             None,
@@ -1415,9 +1433,7 @@ impl Store {
                             .expr(Expr::value(1))
                             .from(targets::Entity)
                             .and_where(Expr::col((targets::Entity, targets::Column::Id)).eq(report.target_id))
-                            .and_where(
-                                Expr::col((targets::Entity, targets::Column::Attempt)).eq(report.attempt as i32),
-                            )
+                            .and_where(Expr::col((targets::Entity, targets::Column::Attempt)).eq(report.attempt as i32))
                             .to_owned(),
                     ))
                     .exec(txn)
@@ -1446,9 +1462,7 @@ impl Store {
                             .expr(Expr::value(1))
                             .from(targets::Entity)
                             .and_where(Expr::col((targets::Entity, targets::Column::Id)).eq(report.target_id))
-                            .and_where(
-                                Expr::col((targets::Entity, targets::Column::Attempt)).eq(report.attempt as i32),
-                            )
+                            .and_where(Expr::col((targets::Entity, targets::Column::Attempt)).eq(report.attempt as i32))
                             .and_where(
                                 Expr::col((targets::Entity, targets::Column::State))
                                     .is_in(state_strs(&TargetState::IN_FLIGHT)),
@@ -1485,7 +1499,12 @@ impl Store {
                         rollout_id,
                         target_id: report.target_id,
                         attempt: Some(report.attempt),
-                        from: &[TargetState::Probing, TargetState::Staging, TargetState::Installing, TargetState::Running],
+                        from: &[
+                            TargetState::Probing,
+                            TargetState::Staging,
+                            TargetState::Installing,
+                            TargetState::Running,
+                        ],
                         to,
                         detail: Some(detail.clone()),
                         sets,

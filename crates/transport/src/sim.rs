@@ -146,9 +146,7 @@ impl SimTransport {
 }
 
 fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
-        (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3)
-    })
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3))
 }
 
 fn now_unix_ms() -> i64 {
@@ -368,9 +366,7 @@ impl SimAgent {
                 self.send(Kind::Heartbeat(v1::Heartbeat { patch_index: Some(patch.index) })).await;
             }
             let (exit_code, outcome) = match self.behaviour {
-                HostBehaviour::FailPatch if Some(patch.index) == slow_index => {
-                    (1603, v1::PatchOutcome::Failed)
-                }
+                HostBehaviour::FailPatch if Some(patch.index) == slow_index => (1603, v1::PatchOutcome::Failed),
                 HostBehaviour::RebootRequired => (3010, v1::PatchOutcome::InstalledRebootRequired),
                 _ => (0, v1::PatchOutcome::Installed),
             };
@@ -391,12 +387,8 @@ impl SimAgent {
             .await;
         }
         let message = if all_ok { "all patches installed" } else { "one or more patches failed" };
-        self.send(Kind::Final(v1::FinalResult {
-            success: all_ok,
-            reboot_required: reboot,
-            message: message.into(),
-        }))
-        .await;
+        self.send(Kind::Final(v1::FinalResult { success: all_ok, reboot_required: reboot, message: message.into() }))
+            .await;
     }
 
     /// Posts one report, retrying with backoff until the collector takes it
@@ -407,11 +399,8 @@ impl SimAgent {
             reports: vec![v1::AgentReport { seq: self.seq, sent_at_unix_ms: now_unix_ms(), kind: Some(kind) }],
         };
         let body = batch.encode_to_vec();
-        let url = format!(
-            "{}/v1/targets/{}/reports",
-            self.plan.collector_url.trim_end_matches('/'),
-            self.plan.target_id
-        );
+        let url =
+            format!("{}/v1/targets/{}/reports", self.plan.collector_url.trim_end_matches('/'), self.plan.target_id);
         let mut backoff = Duration::from_millis(100);
         loop {
             let response = self

@@ -117,15 +117,25 @@ async fn main() -> anyhow::Result<()> {
     };
     let mut joins = Vec::new();
     if matches!(command, Command::Scheduler | Command::All) {
-        let handle =
-            fleetpatch_scheduler::start(settings.scheduler.clone(), store.clone(), bus().await?, Health::new(), shutdown.clone())
-                .await?;
+        let handle = fleetpatch_scheduler::start(
+            settings.scheduler.clone(),
+            store.clone(),
+            bus().await?,
+            Health::new(),
+            shutdown.clone(),
+        )
+        .await?;
         joins.push(tokio::spawn(async move { handle.join.await?.map_err(anyhow::Error::from) }));
     }
     if matches!(command, Command::Collector | Command::All) {
-        let handle =
-            fleetpatch_collector::start(settings.collector.clone(), store.clone(), bus().await?, Health::new(), shutdown.clone())
-                .await?;
+        let handle = fleetpatch_collector::start(
+            settings.collector.clone(),
+            store.clone(),
+            bus().await?,
+            Health::new(),
+            shutdown.clone(),
+        )
+        .await?;
         joins.push(tokio::spawn(async move { handle.join.await?.map_err(anyhow::Error::from) }));
     }
     if matches!(command, Command::Worker | Command::All) {

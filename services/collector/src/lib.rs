@@ -25,7 +25,9 @@ use axum::routing::post;
 use axum::Router;
 use chrono::{TimeZone, Utc};
 use fleetpatch_bus::Bus;
-use fleetpatch_proto::limits::{MAX_MESSAGE_BYTES, MAX_OUTPUT_TAIL_BYTES, MAX_REPORTS_PER_BATCH, MAX_REPORT_BODY_BYTES};
+use fleetpatch_proto::limits::{
+    MAX_MESSAGE_BYTES, MAX_OUTPUT_TAIL_BYTES, MAX_REPORTS_PER_BATCH, MAX_REPORT_BODY_BYTES,
+};
 use fleetpatch_proto::v1::{self, agent_report::Kind};
 use fleetpatch_proto::Message;
 use fleetpatch_runtime::{Health, Shutdown};
@@ -175,7 +177,12 @@ pub async fn start(
     Ok(CollectorHandle { local_addr, join })
 }
 
-async fn run_batcher(store: Store, mut receiver: mpsc::Receiver<Pending>, options: CollectorOptions, nudge: Arc<Notify>) {
+async fn run_batcher(
+    store: Store,
+    mut receiver: mpsc::Receiver<Pending>,
+    options: CollectorOptions,
+    nudge: Arc<Notify>,
+) {
     let wait = Duration::from_millis(options.batch_wait_ms);
     while let Some(first) = receiver.recv().await {
         let mut pending = vec![first];
@@ -232,7 +239,11 @@ impl AppState {
         }
         let info = self.store.token_info(target).await.map_err(|error| {
             tracing::warn!(error = %error, "token lookup failed");
-            problem(StatusCode::SERVICE_UNAVAILABLE, "Service Unavailable", "the collector's database is unavailable; retry")
+            problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Service Unavailable",
+                "the collector's database is unavailable; retry",
+            )
         })?;
         let mut cache = self.tokens.lock().expect("token cache lock");
         if cache.len() > 200_000 {
@@ -303,7 +314,12 @@ fn convert(target_id: Uuid, attempt: u32, index: usize, report: v1::AgentReport)
                 Ok(v1::PatchOutcome::Failed) => PatchOutcomeKind::Failed,
                 Ok(v1::PatchOutcome::TimedOut) => PatchOutcomeKind::TimedOut,
                 Ok(v1::PatchOutcome::ChecksumMismatch) => PatchOutcomeKind::ChecksumMismatch,
-                _ => return Err(format!("reports[{index}].finished.outcome {} is not a known outcome", finished.outcome)),
+                _ => {
+                    return Err(format!(
+                        "reports[{index}].finished.outcome {} is not a known outcome",
+                        finished.outcome
+                    ))
+                }
             };
             ReportKind::Finished {
                 patch_index: finished.patch_index,
@@ -329,7 +345,11 @@ async fn post_reports(
     body: Body,
 ) -> Response {
     let Ok(target_id) = Uuid::parse_str(&target) else {
-        return problem(StatusCode::BAD_REQUEST, "Bad Request", format!("target id {target:?} in the path is not a UUID"));
+        return problem(
+            StatusCode::BAD_REQUEST,
+            "Bad Request",
+            format!("target id {target:?} in the path is not a UUID"),
+        );
     };
     let Some(token) = bearer(&headers) else {
         return problem(
@@ -380,7 +400,11 @@ async fn post_reports(
     }
     let (reply, answer) = oneshot::channel();
     if state.batches.try_send((reports, reply)).is_err() {
-        return problem(StatusCode::SERVICE_UNAVAILABLE, "Service Unavailable", "the collector is busy; retry with backoff");
+        return problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Service Unavailable",
+            "the collector is busy; retry with backoff",
+        );
     }
     match answer.await {
         Ok(Ok(results)) => {

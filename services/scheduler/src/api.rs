@@ -78,11 +78,17 @@ impl IntoResponse for Problem {
 impl From<fleetpatch_store::Error> for Problem {
     fn from(error: fleetpatch_store::Error) -> Self {
         match error {
-            fleetpatch_store::Error::NotFound { .. } => Problem::new(StatusCode::NOT_FOUND, "Not found", error.to_string()),
+            fleetpatch_store::Error::NotFound { .. } => {
+                Problem::new(StatusCode::NOT_FOUND, "Not found", error.to_string())
+            }
             fleetpatch_store::Error::Conflict(message) => Problem::new(StatusCode::CONFLICT, "Conflict", message),
             other => {
                 tracing::error!(error = %other, "store error in the API");
-                Problem::new(StatusCode::SERVICE_UNAVAILABLE, "Service unavailable", "the database is unavailable; retry")
+                Problem::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "Service unavailable",
+                    "the database is unavailable; retry",
+                )
             }
         }
     }
@@ -418,7 +424,8 @@ async fn create_rollout(State(state): State<ApiState>, body: Bytes) -> Result<Re
     let deserializer = &mut serde_json::Deserializer::from_slice(&body);
     let request: CreateRollout = serde_path_to_error::deserialize(deserializer).map_err(|error| {
         let field = error.path().to_string();
-        let mut problem = Problem::new(StatusCode::BAD_REQUEST, "Malformed request", format!("{field}: {}", error.inner()));
+        let mut problem =
+            Problem::new(StatusCode::BAD_REQUEST, "Malformed request", format!("{field}: {}", error.inner()));
         problem.errors.push(FieldError { field, message: error.inner().to_string() });
         problem
     })?;
@@ -552,7 +559,9 @@ async fn upload_content(
 ) -> Result<Response, Problem> {
     let stream = body.into_data_stream();
     match content::put(&state.content_dir, &sha256, stream).await {
-        Ok(bytes) => Ok((StatusCode::CREATED, Json(serde_json::json!({ "sha256": sha256, "bytes": bytes }))).into_response()),
+        Ok(bytes) => {
+            Ok((StatusCode::CREATED, Json(serde_json::json!({ "sha256": sha256, "bytes": bytes }))).into_response())
+        }
         Err(error @ (content::ContentError::BadHash(_) | content::ContentError::Mismatch { .. })) => {
             Err(Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "Content refused", error.to_string()))
         }
@@ -606,7 +615,10 @@ mod tests {
         json["patches"][0]["sha256"] = serde_json::json!("xyz");
         let problem = validate(request(json), std::path::Path::new("/nonexistent")).unwrap_err();
         let fields: Vec<&str> = problem.errors.iter().map(|e| e.field.as_str()).collect();
-        assert_eq!(fields, vec!["patches[0].sha256", "targets[0].credential_ref", "targets[1].host", "targets[2].transport"]);
+        assert_eq!(
+            fields,
+            vec!["patches[0].sha256", "targets[0].credential_ref", "targets[1].host", "targets[2].transport"]
+        );
         assert_eq!(problem.status, StatusCode::UNPROCESSABLE_ENTITY);
     }
 

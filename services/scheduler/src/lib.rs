@@ -121,8 +121,12 @@ pub async fn start(
         nudge: nudge.clone(),
         policy: TimeoutPolicy { verify_delay: Duration::from_secs(options.verify_delay_seconds) },
     };
-    let app = api::router(api::ApiState { store: store.clone(), nudge: nudge.clone(), content_dir: options.content_dir.clone() })
-        .merge(fleetpatch_runtime::ops::router(health.clone()));
+    let app = api::router(api::ApiState {
+        store: store.clone(),
+        nudge: nudge.clone(),
+        content_dir: options.content_dir.clone(),
+    })
+    .merge(fleetpatch_runtime::ops::router(health.clone()));
     let dispatch = bus.consume(routing::DISPATCH, options.prefetch).await?;
     let watch = bus.consume(routing::WATCH, options.prefetch).await?;
     let relay_stop = tokio_util::sync::CancellationToken::new();
@@ -188,7 +192,8 @@ impl Core {
             while in_flight.try_join_next().is_some() {}
         }
         // Finish what was taken, within a deadline.
-        let _ = tokio::time::timeout(Duration::from_secs(30), async { while in_flight.join_next().await.is_some() {} }).await;
+        let _ = tokio::time::timeout(Duration::from_secs(30), async { while in_flight.join_next().await.is_some() {} })
+            .await;
     }
 
     async fn handle(&self, delivery: Delivery) {
@@ -234,7 +239,8 @@ impl Core {
         let timer = v1::WatchTimer::decode(payload).map_err(|e| format!("undecodable watch timer: {e}"))?;
         let target_id = Uuid::parse_str(&timer.target_id).map_err(|e| format!("watch target id: {e}"))?;
         let due = timer.due_at_unix_ms;
-        let outcome = self.store.check_timeout(target_id, timer.attempt, self.policy).await.map_err(|e| e.to_string())?;
+        let outcome =
+            self.store.check_timeout(target_id, timer.attempt, self.policy).await.map_err(|e| e.to_string())?;
         match outcome {
             WatchOutcome::Gone => Ok(()),
             WatchOutcome::NotYet(deadline) => {

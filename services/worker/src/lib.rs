@@ -84,7 +84,10 @@ impl WorkerOptions {
             return Err("worker.concurrency must be at least 1".into());
         }
         if !(self.collector_url.starts_with("http://") || self.collector_url.starts_with("https://")) {
-            return Err(format!("worker.collector_url must be an http:// or https:// URL, got {:?}", self.collector_url));
+            return Err(format!(
+                "worker.collector_url must be an http:// or https:// URL, got {:?}",
+                self.collector_url
+            ));
         }
         if self.step_timeout_seconds == 0 {
             return Err("worker.step_timeout_seconds must be at least 1".into());
@@ -290,8 +293,10 @@ impl Worker {
             None => None,
             Some(reference) => {
                 let secret = fleetpatch_runtime::secrets::resolve(reference)?;
-                Some(parse_credential(&secret, target.labels.get("user").map(String::as_str))
-                    .map_err(|e| format!("credential {reference:?}: {e}"))?)
+                Some(
+                    parse_credential(&secret, target.labels.get("user").map(String::as_str))
+                        .map_err(|e| format!("credential {reference:?}: {e}"))?,
+                )
             }
         };
         Ok(TargetSpec {
@@ -326,11 +331,8 @@ impl Worker {
     async fn deploy(&self, job: v1::DeployJob, redelivered: bool) -> Result<(), String> {
         let target_id = Uuid::parse_str(&job.target_id).map_err(|e| format!("deploy job target id: {e}"))?;
         let nonce = hex::encode(rand::random::<[u8; 16]>());
-        let claim = self
-            .store
-            .claim_deploy(target_id, job.attempt, redelivered, &nonce)
-            .await
-            .map_err(|e| e.to_string())?;
+        let claim =
+            self.store.claim_deploy(target_id, job.attempt, redelivered, &nonce).await.map_err(|e| e.to_string())?;
         let context = match claim {
             Claim::Claimed(context) => *context,
             Claim::Skip { state, attempt } => {
@@ -562,8 +564,7 @@ pub fn parse_credential(secret: &str, user_label: Option<&str>) -> Result<Creden
             passphrase: None,
         });
     }
-    let (username, password) =
-        secret.split_once(':').ok_or("expected `user:password` or a PEM private key")?;
+    let (username, password) = secret.split_once(':').ok_or("expected `user:password` or a PEM private key")?;
     if username.is_empty() {
         return Err("the user name before `:` is empty".into());
     }
