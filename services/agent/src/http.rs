@@ -1,0 +1,309 @@
+//! A minimal blocking HTTP/1.1 client: one `POST` per connection.
+//!
+//! The agent talks to exactly one endpoint (the collector), with one method,
+//! so this is ~200 lines over [`std::net::TcpStream`] instead of an HTTP
+//! crate: every request has a connect timeout and read/write timeouts, sends
+//! `Connection: close`, and reads a bounded response (`Content-Length`,
+//! chunked, or until close). Plain `http://` only — see README.md for why
+//! TLS is left to the network (and what adding it would cost).
+//!
+//! This module never logs; it must not see or print anything but the bytes
+//! it is handed (the caller's headers include the bearer token).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::time::Duration;
+
+/// Largest response body read from the collector; a `ReportAck` is tiny.
+const MAX_RESPONSE_BODY_BYTES: usize = 64 * 1024;
+/// Largest status line or header line accepted.
+const MAX_HEADER_LINE_BYTES: usize = 8 * 1024;
+/// Most header lines accepted in a response.
+const MAX_HEADER_LINES: usize = 100;
+
+/// The collector's base URL, split into what a request needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CollectorUrl {
+    pub host: String,
+    pub port: u16,
+    /// Path prefix without a trailing slash (often empty).
+    pub base_path: String,
+}
+
+impl CollectorUrl {
+    /// Parse `http://host[:port][/base]`; the port defaults to 1072, the
+    /// collector's port, not 80.
+    pub fn parse(url: &str) -> Result<Self, String> {
+        let rest = url.strip_prefix("http://").ok_or_else(|| {
+            if url.starts_with("https://") {
+                format!("{url:?}: https is not supported by the agent; use http:// (see the agent README)")
+            } else {
+                format!("{url:?} must start with http://")
+            }
+        })?;
+        let (authority, path) = match rest.find('/') {
+            Some(slash) => (&rest[..slash], &rest[slash..]),
+            None => (rest, ""),
+        };
+        if authority.contains('@') {
+            return Err(format!("{url:?}: credentials in the URL are not supported"));
+        }
+        if path.contains(['?', '#']) || path.chars().any(|c| c.is_control() || c == ' ') {
+            return Err(format!("{url:?}: the base path must be a plain path"));
+        }
+        let (host, port) = if let Some(bracketed) = authority.strip_prefix('[') {
+            // [v6 address]:port
+            let end = bracketed.find(']').ok_or_else(|| format!("{url:?}: unclosed '[' in host"))?;
+            let host = &bracketed[..end];
+            let port = match &bracketed[end + 1..] {
+                "" => None,
+                tail => Some(tail.strip_prefix(':').ok_or_else(|| format!("{url:?}: bad port"))?),
+            };
+            (host, port)
+        } else {
+            match authority.rsplit_once(':') {
+                Some((host, port)) => (host, Some(port)),
+                None => (authority, None),
+            }
+        };
+        if host.is_empty() || host.chars().any(|c| c.is_control() || c == ' ') {
+            return Err(format!("{url:?} has no valid host"));
+        }
+        let port = match port {
+            None => 1072,
+            Some(port) => port
+                .parse::<u16>()
+                .ok()
+                .filter(|port| *port != 0)
+                .ok_or_else(|| format!("{url:?}: port {port:?} is not a number from 1 to 65535"))?,
+        };
+        Ok(Self { host: host.to_owned(), port, base_path: path.trim_end_matches('/').to_owned() })
+    }
+
+    /// Value of the `Host` header.
+    fn host_header(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// How long each step of a request may take.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    pub connect: Duration,
+    pub io: Duration,
+}
+
+/// A response: the status and a bounded body.
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub body: Vec<u8>,
+}
+
+/// Why a request got no response; always worth a retry.
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    #[error("cannot resolve {host}: {source}")]
+    Resolve { host: String, source: std::io::Error },
+    #[error("{host} resolved to no address")]
+    NoAddress { host: String },
+    #[error("cannot connect to {address}: {source}")]
+    Connect { address: SocketAddr, source: std::io::Error },
+    #[error("request failed: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("malformed response: {0}")]
+    Malformed(String),
+}
+
+/// `POST` `body` to `path` (appended to the base path) and read the answer.
+/// `headers` are sent as given; they must not contain line breaks.
+pub fn post(
+    url: &CollectorUrl,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+    timeouts: Timeouts,
+) -> Result<Response, HttpError> {
+    let mut stream = connect(url, timeouts)?;
+    stream.set_read_timeout(Some(timeouts.io))?;
+    stream.set_write_timeout(Some(timeouts.io))?;
+    let _ = stream.set_nodelay(true);
+
+    let mut head = format!(
+        "POST {}{} HTTP/1.1\r\nHost: {}\r\nContent-Length: {}\r\nConnection: close\r\n\
+         User-Agent: fleetpatch-agent/{}\r\n",
+        url.base_path,
+        path,
+        url.host_header(),
+        body.len(),
+        env!("CARGO_PKG_VERSION"),
+    );
+    for (name, value) in headers {
+        head.push_str(name);
+        head.push_str(": ");
+        head.push_str(value);
+        head.push_str("\r\n");
+    }
+    head.push_str("\r\n");
+    let mut request = head.into_bytes();
+    request.extend_from_slice(body);
+    stream.write_all(&request)?;
+    stream.flush()?;
+    read_response(BufReader::new(stream))
+}
+
+fn connect(url: &CollectorUrl, timeouts: Timeouts) -> Result<TcpStream, HttpError> {
+    let addresses: Vec<SocketAddr> = (url.host.as_str(), url.port)
+        .to_socket_addrs()
+        .map_err(|source| HttpError::Resolve { host: url.host.clone(), source })?
+        .collect();
+    let mut last_error = None;
+    for address in addresses {
+        match TcpStream::connect_timeout(&address, timeouts.connect) {
+            Ok(stream) => return Ok(stream),
+            Err(source) => last_error = Some(HttpError::Connect { address, source }),
+        }
+    }
+    Err(last_error.unwrap_or_else(|| HttpError::NoAddress { host: url.host.clone() }))
+}
+
+fn read_line(reader: &mut impl BufRead) -> Result<String, HttpError> {
+    let mut line = Vec::new();
+    let read = reader.take(MAX_HEADER_LINE_BYTES as u64 + 1).read_until(b'\n', &mut line)?;
+    if read == 0 {
+        return Err(HttpError::Malformed("connection closed before the response was complete".into()));
+    }
+    if line.len() > MAX_HEADER_LINE_BYTES {
+        return Err(HttpError::Malformed("header line too long".into()));
+    }
+    while matches!(line.last(), Some(b'\n' | b'\r')) {
+        line.pop();
+    }
+    String::from_utf8(line).map_err(|_| HttpError::Malformed("header is not UTF-8".into()))
+}
+
+/// Parse a response; exposed to the unit tests through any `BufRead`.
+fn read_response(mut reader: impl BufRead) -> Result<Response, HttpError> {
+    let status_line = read_line(&mut reader)?;
+    let mut parts = status_line.splitn(3, ' ');
+    let version = parts.next().unwrap_or_default();
+    if !version.starts_with("HTTP/1.") {
+        return Err(HttpError::Malformed(format!("unexpected status line {status_line:?}")));
+    }
+    let status = parts
+        .next()
+        .and_then(|code| code.parse::<u16>().ok())
+        .ok_or_else(|| HttpError::Malformed(format!("unexpected status line {status_line:?}")))?;
+
+    let mut content_length = None;
+    let mut chunked = false;
+    for _ in 0..=MAX_HEADER_LINES {
+        let line = read_line(&mut reader)?;
+        if line.is_empty() {
+            let body = if chunked {
+                read_chunked(&mut reader)?
+            } else if let Some(length) = content_length {
+                if length > MAX_RESPONSE_BODY_BYTES {
+                    return Err(HttpError::Malformed(format!("response body of {length} bytes is too large")));
+                }
+                let mut body = vec![0; length];
+                reader.read_exact(&mut body)?;
+                body
+            } else {
+                let mut body = Vec::new();
+                reader.take(MAX_RESPONSE_BODY_BYTES as u64 + 1).read_to_end(&mut body)?;
+                if body.len() > MAX_RESPONSE_BODY_BYTES {
+                    return Err(HttpError::Malformed("response body is too large".into()));
+                }
+                body
+            };
+            return Ok(Response { status, body });
+        }
+        let Some((name, value)) = line.split_once(':') else {
+            return Err(HttpError::Malformed(format!("bad header line {line:?}")));
+        };
+        let value = value.trim();
+        if name.eq_ignore_ascii_case("content-length") {
+            content_length = Some(
+                value.parse::<usize>().map_err(|_| HttpError::Malformed(format!("bad Content-Length {value:?}")))?,
+            );
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            chunked = value.to_ascii_lowercase().contains("chunked");
+        }
+    }
+    Err(HttpError::Malformed("too many header lines".into()))
+}
+
+fn read_chunked(reader: &mut impl BufRead) -> Result<Vec<u8>, HttpError> {
+    let mut body = Vec::new();
+    loop {
+        let size_line = read_line(reader)?;
+        let size_text = size_line.split(';').next().unwrap_or_default().trim();
+        let size = usize::from_str_radix(size_text, 16)
+            .map_err(|_| HttpError::Malformed(format!("bad chunk size {size_text:?}")))?;
+        if size == 0 {
+            // Skip trailers up to the blank line.
+            while !read_line(reader)?.is_empty() {}
+            return Ok(body);
+        }
+        if body.len() + size > MAX_RESPONSE_BODY_BYTES {
+            return Err(HttpError::Malformed("response body is too large".into()));
+        }
+        let start = body.len();
+        body.resize(start + size, 0);
+        reader.read_exact(&mut body[start..])?;
+        if !read_line(reader)?.is_empty() {
+            return Err(HttpError::Malformed("chunk not followed by CRLF".into()));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn collector_urls_parse() {
+        let url = CollectorUrl::parse("http://collector:8080/base/").unwrap();
+        assert_eq!(url, CollectorUrl { host: "collector".into(), port: 8080, base_path: "/base".into() });
+        let url = CollectorUrl::parse("http://10.0.0.5").unwrap();
+        assert_eq!((url.port, url.base_path.as_str()), (1072, ""));
+        let url = CollectorUrl::parse("http://[::1]:1072").unwrap();
+        assert_eq!(url.host, "::1");
+        assert_eq!(url.host_header(), "[::1]:1072");
+        for bad in ["https://c", "ftp://c", "http://", "http://c:0", "http://c:99999", "http://u@c", "http://c/a?b"] {
+            assert!(CollectorUrl::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn responses_with_length_chunked_or_close_are_read() {
+        let response = read_response(&b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nX: y\r\n\r\nabcTRAILING"[..]).unwrap();
+        assert_eq!((response.status, response.body.as_slice()), (200, &b"abc"[..]));
+        let response = read_response(
+            &b"HTTP/1.1 503 Service Unavailable\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2;x=y\r\nde\r\n0\r\n\r\n"[..],
+        )
+        .unwrap();
+        assert_eq!((response.status, response.body.as_slice()), (503, &b"abcde"[..]));
+        let response = read_response(&b"HTTP/1.0 401 Unauthorized\r\n\r\nnope"[..]).unwrap();
+        assert_eq!((response.status, response.body.as_slice()), (401, &b"nope"[..]));
+    }
+
+    #[test]
+    fn malformed_responses_are_errors() {
+        for bad in [
+            &b""[..],
+            b"SSH-2.0-OpenSSH\r\n\r\n",
+            b"HTTP/1.1 abc\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 999999999\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nno colon\r\n\r\n",
+        ] {
+            assert!(read_response(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
+}

@@ -1,0 +1,67 @@
+//! fleetpatch-agent: the program a worker stages on a target, beside the
+//! deployment plan (`plan.json`) and the patch installers.
+//!
+//! It installs the plan's patches one at a time, each through a temporary
+//! script of its own, after checking the installer's sha256; it reports
+//! `started`, heartbeats, `finished` and a final result to the collector
+//! over HTTP (`POST /v1/targets/{id}/reports`, protobuf); it spools reports
+//! to disk so none is lost while the collector is unreachable or the agent
+//! is restarted; and it runs the post-actions (cleanup, reboot).
+//!
+//! Code map:
+//! * [`cli`]: the command line. [`agent`]: one run, start to end.
+//! * [`plan`]: reading and validating `plan.json`.
+//! * [`runner`]: installing one patch; [`render`]: the scripts it runs
+//!   (Unix and Windows renderings); [`process`]: process-group handling;
+//!   [`outcome`]: exit codes and output tails.
+//! * [`spool`]: the durable report queue; [`reporter`]: the thread that
+//!   delivers it; [`http`]: the minimal HTTP/1.1 client.
+//! * [`log`]: log lines to stderr and a file.
+//!
+//! **Architecture invariant:** the agent talks to the collector only, and
+//! installers never wait on the network. **Architecture invariant:** the
+//! plan's token appears in one place only, the `Authorization` header.
+//!
+//! The Windows service entry point (a `#[cfg(windows)]` `service` module
+//! that answers the service control manager and then calls [`agent::run`])
+//! belongs beside `main.rs`; it is another engineer's task.
+
+pub mod agent;
+pub mod cli;
+pub mod http;
+pub mod log;
+pub mod outcome;
+pub mod plan;
+pub mod process;
+pub mod render;
+pub mod reporter;
+pub mod runner;
+pub mod spool;
+
+use std::path::PathBuf;
+
+/// Everything that can stop the agent before or instead of a run.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The plan is unusable; `field` is its JSON path (`patches[1].file`).
+    #[error("invalid {plan}: field `{field}`: {reason}")]
+    Plan { plan: String, field: String, reason: String },
+    #[error("cannot {action} {}: {source}", path.display())]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{} is corrupt: {reason}; move it away to start afresh", path.display())]
+    Corrupt { path: PathBuf, reason: String },
+    #[error("{0}")]
+    Usage(String),
+}
+
+impl Error {
+    /// A plan error for `field`.
+    pub fn plan(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self::Plan { plan: "plan".into(), field: field.into(), reason: reason.into() }
+    }
+}

@@ -1,0 +1,335 @@
+//! The reporter thread: sends spooled reports to the collector in order.
+//!
+//! The installer loop only ever calls [`Reporter::report`], which numbers
+//! the report and appends it to the [`Spool`] (local disk, never the
+//! network) and wakes this thread. The thread takes the oldest pending
+//! reports as one batch, `POST`s them, and removes them from the spool once
+//! the collector answers 200 with a `ReportAck`. So spooled reports from an
+//! earlier run go out before newer ones, and a report leaves the spool only
+//! once it was acknowledged.
+//!
+//! Answers and what they mean:
+//! * 2xx: accepted (duplicates included; the collector is idempotent by seq).
+//! * 401, 403: the token is refused; no batch will ever pass, so the thread
+//!   stops sending and the reports stay in the spool (logged as an error).
+//! * 400, 413, 422: this batch is refused; it is split in halves until the
+//!   refused report is alone, then that one report is dropped (logged).
+//! * connection errors, timeouts, 408, 429, 5xx and anything unexpected:
+//!   retried with capped exponential backoff and jitter.
+
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use fleetpatch_proto::limits::MAX_REPORTS_PER_BATCH;
+use fleetpatch_proto::v1::{agent_report::Kind, AgentReport, ReportAck, ReportBatch};
+use prost::Message;
+
+use crate::http::{self, CollectorUrl, Timeouts};
+use crate::spool::{Spool, SpoolState};
+use crate::{error, info, warn};
+
+/// How to reach the collector and how patiently.
+#[derive(Debug, Clone)]
+pub struct ReporterOptions {
+    pub url: CollectorUrl,
+    pub target_id: String,
+    /// Sent as `Authorization: Bearer`; never logged.
+    pub token: String,
+    pub timeouts: Timeouts,
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+}
+
+/// How waiting for the spool to drain ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DrainOutcome {
+    /// Every report was acknowledged.
+    Drained,
+    /// The collector refused the token; the reports stay in the spool.
+    Refused(String),
+    /// The deadline passed with reports still unacknowledged.
+    DeadlineExpired { pending: usize },
+}
+
+struct Queue {
+    spool: Spool,
+    /// No more reports will come: exit once the spool is empty.
+    closing: bool,
+    /// The collector refused the token (why).
+    refused: Option<String>,
+}
+
+struct Shared {
+    queue: Mutex<Queue>,
+    /// Signalled when a report is added or removed, or the state changes.
+    changed: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Handle to the reporter thread.
+pub struct Reporter {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Reporter {
+    /// Start the thread; it begins with whatever the spool already holds.
+    pub fn start(spool: Spool, options: ReporterOptions) -> Self {
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Queue { spool, closing: false, refused: None }),
+            changed: Condvar::new(),
+        });
+        let thread_shared = Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
+            .name("reporter".into())
+            .spawn(move || send_loop(&thread_shared, &options))
+            .expect("the reporter thread starts");
+        Self { shared, thread: Some(thread) }
+    }
+
+    /// Queue a report; returns its seq. Never waits for the network.
+    pub fn report(&self, kind: Kind) -> u64 {
+        let seq = self.shared.lock().spool.append(kind);
+        self.shared.changed.notify_all();
+        seq
+    }
+
+    /// What earlier runs and this one have recorded.
+    pub fn state(&self) -> SpoolState {
+        self.shared.lock().spool.state().clone()
+    }
+
+    /// Reports not yet acknowledged.
+    pub fn pending_count(&self) -> usize {
+        self.shared.lock().spool.pending().len()
+    }
+
+    /// Announce that no more reports come, and wait at most `deadline` for
+    /// every report to be acknowledged.
+    pub fn drain(&mut self, deadline: Duration) -> DrainOutcome {
+        let until = Instant::now() + deadline;
+        let mut queue = self.shared.lock();
+        queue.closing = true;
+        self.shared.changed.notify_all();
+        let outcome = loop {
+            if let Some(reason) = &queue.refused {
+                break DrainOutcome::Refused(reason.clone());
+            }
+            if queue.spool.pending().is_empty() {
+                break DrainOutcome::Drained;
+            }
+            let now = Instant::now();
+            if now >= until {
+                break DrainOutcome::DeadlineExpired { pending: queue.spool.pending().len() };
+            }
+            queue = self.shared.changed.wait_timeout(queue, until - now).unwrap_or_else(PoisonError::into_inner).0;
+        };
+        drop(queue);
+        if outcome == DrainOutcome::Drained {
+            // The thread exits by itself once closing and empty.
+            if let Some(thread) = self.thread.take() {
+                let _ = thread.join();
+            }
+        }
+        outcome
+    }
+
+    /// Remove the spool's files; call only after [`DrainOutcome::Drained`].
+    pub fn remove_spool_files(&self) -> Result<(), crate::Error> {
+        self.shared.lock().spool.remove_files()
+    }
+}
+
+/// What one attempt to deliver a batch came to.
+enum Delivery {
+    Accepted(ReportAck),
+    TokenRefused(String),
+    BatchRefused(String),
+    Retry(String),
+}
+
+fn send_loop(shared: &Shared, options: &ReporterOptions) {
+    let path = format!("/v1/targets/{}/reports", options.target_id);
+    let authorization = format!("Bearer {}", options.token);
+    let mut backoff = Backoff::new(options.backoff_initial, options.backoff_max);
+    let mut max_batch = MAX_REPORTS_PER_BATCH;
+    let mut failures_in_a_row = 0u32;
+    loop {
+        let batch = {
+            let mut queue = shared.lock();
+            loop {
+                if queue.refused.is_some() {
+                    return;
+                }
+                if !queue.spool.pending().is_empty() {
+                    break queue.spool.next_batch(max_batch);
+                }
+                if queue.closing {
+                    return;
+                }
+                queue = shared.changed.wait(queue).unwrap_or_else(PoisonError::into_inner);
+            }
+        };
+        let first_seq = batch.first().map_or(0, |r| r.seq);
+        let last_seq = batch.last().map_or(0, |r| r.seq);
+        let batch_len = batch.len();
+        match deliver(options, &path, &authorization, batch) {
+            Delivery::Accepted(ack) => {
+                if failures_in_a_row > 0 {
+                    info!("collector reachable again", failed_attempts = failures_in_a_row);
+                }
+                failures_in_a_row = 0;
+                backoff.reset();
+                max_batch = MAX_REPORTS_PER_BATCH;
+                let mut queue = shared.lock();
+                if let Err(e) = queue.spool.remove_through(last_seq) {
+                    error!("cannot remove acknowledged reports from the spool", error = e);
+                }
+                let pending = queue.spool.pending().len();
+                drop(queue);
+                shared.changed.notify_all();
+                info!(
+                    "reports acknowledged",
+                    first_seq = first_seq,
+                    last_seq = last_seq,
+                    accepted = ack.accepted,
+                    duplicates = ack.duplicates,
+                    collector_highest_seq = ack.highest_seq,
+                    still_pending = pending
+                );
+            }
+            Delivery::TokenRefused(reason) => {
+                error!(
+                    "collector refused the token; reports stay in the spool and are not sent again",
+                    reason = reason
+                );
+                shared.lock().refused = Some(reason);
+                shared.changed.notify_all();
+                return;
+            }
+            Delivery::BatchRefused(reason) if batch_len > 1 => {
+                max_batch = batch_len / 2;
+                warn!(
+                    "collector refused a batch; retrying it in smaller batches",
+                    first_seq = first_seq,
+                    last_seq = last_seq,
+                    reason = reason
+                );
+            }
+            Delivery::BatchRefused(reason) => {
+                error!("collector refused a report; dropping it", seq = first_seq, reason = reason);
+                let mut queue = shared.lock();
+                if let Err(e) = queue.spool.remove_through(first_seq) {
+                    error!("cannot remove a refused report from the spool", error = e);
+                }
+                drop(queue);
+                shared.changed.notify_all();
+            }
+            Delivery::Retry(reason) => {
+                failures_in_a_row += 1;
+                let delay = backoff.next_delay();
+                warn!(
+                    "cannot deliver reports; will retry",
+                    first_seq = first_seq,
+                    last_seq = last_seq,
+                    attempt = failures_in_a_row,
+                    retry_in_ms = delay.as_millis(),
+                    reason = reason
+                );
+                std::thread::sleep(delay);
+            }
+        }
+    }
+}
+
+fn deliver(options: &ReporterOptions, path: &str, authorization: &str, batch: Vec<AgentReport>) -> Delivery {
+    let body = ReportBatch { reports: batch }.encode_to_vec();
+    let headers = [("Authorization", authorization), ("Content-Type", "application/x-protobuf")];
+    let response = match http::post(&options.url, path, &headers, &body, options.timeouts) {
+        Ok(response) => response,
+        Err(e) => return Delivery::Retry(e.to_string()),
+    };
+    let status = response.status;
+    let detail = || {
+        let text = String::from_utf8_lossy(&response.body);
+        let mut text = text.trim().to_owned();
+        crate::outcome::truncate_to(&mut text, 300);
+        if text.is_empty() {
+            format!("HTTP {status}")
+        } else {
+            format!("HTTP {status}: {text}")
+        }
+    };
+    match status {
+        200..=299 => match ReportAck::decode(response.body.as_slice()) {
+            Ok(ack) => Delivery::Accepted(ack),
+            Err(e) => Delivery::Retry(format!("HTTP {status} with a body that is not a ReportAck: {e}")),
+        },
+        401 | 403 => Delivery::TokenRefused(detail()),
+        400 | 413 | 422 => Delivery::BatchRefused(detail()),
+        408 | 429 | 500..=599 => Delivery::Retry(detail()),
+        _ => {
+            error!("unexpected answer from the collector; will retry", status = status);
+            Delivery::Retry(detail())
+        }
+    }
+}
+
+/// Capped exponential backoff with jitter: each delay is drawn from
+/// [base/2, base], and base doubles up to the cap.
+struct Backoff {
+    initial: Duration,
+    max: Duration,
+    base: Duration,
+    random: u64,
+}
+
+impl Backoff {
+    fn new(initial: Duration, max: Duration) -> Self {
+        let initial = initial.max(Duration::from_millis(1));
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0x9e37_79b9_7f4a_7c15)
+            ^ (u64::from(std::process::id()) << 32);
+        Self { initial, max: max.max(initial), base: initial, random: seed | 1 }
+    }
+
+    fn reset(&mut self) {
+        self.base = self.initial;
+    }
+
+    fn next_delay(&mut self) -> Duration {
+        // xorshift64: plenty for spreading retries of a fleet.
+        self.random ^= self.random << 13;
+        self.random ^= self.random >> 7;
+        self.random ^= self.random << 17;
+        let base_ms = self.base.as_millis() as u64;
+        let half = base_ms / 2;
+        let delay = Duration::from_millis(half + self.random % (base_ms - half + 1));
+        self.base = (self.base * 2).min(self.max);
+        delay
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_the_cap_with_jitter() {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_millis(1000));
+        let delays: Vec<u128> = (0..8).map(|_| backoff.next_delay().as_millis()).collect();
+        for (delay, base) in delays.iter().zip([100, 200, 400, 800, 1000, 1000, 1000, 1000]) {
+            assert!((base / 2..=base).contains(delay), "{delays:?}");
+        }
+        backoff.reset();
+        assert!(backoff.next_delay() <= Duration::from_millis(100));
+    }
+}
