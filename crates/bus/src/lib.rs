@@ -1,8 +1,16 @@
-//! The message bus of fleetpatch: its contract, and the RabbitMQ implementation.
+//! The message bus of fleetpatch: its contract, the RabbitMQ implementation
+//! ([`rabbitmq`]) and the in-process one for `fleetpatch demo` ([`memory`]).
 //!
 //! The contract every backend honours (and the conformance suite checks):
 //! * at-least-once delivery with manual acks; a delivery not acked when its
-//!   consumer goes away is redelivered with [`Delivery::redelivered`] set;
+//!   consumer goes away is redelivered with [`Delivery::redelivered`] set.
+//!   A consumer goes away when its connection closes, or when it was dropped
+//!   or cancelled and the deliveries it handed out were dropped; until then
+//!   a delivery dropped without ack keeps its prefetch slot, and a cancelled
+//!   consumer's deliveries can still be acked;
+//! * `requeue` puts a message back at the head of its queue and counts a
+//!   delivery; a message returned more than the delivery limit times (so
+//!   delivered `limit + 1` times) is dead-lettered, as with quorum queues;
 //! * a rejected delivery, or one delivered more than the delivery limit, goes
 //!   to the dead-letter queue, where an operator can inspect and replay it;
 //! * delays are **fixed-TTL wait queues**, one per step of [`DELAY_STEPS_MS`];
@@ -14,11 +22,16 @@
 //!
 //! [`Bus`] holds the logic shared by every backend (routing to wait steps,
 //! re-delaying early messages, trace headers); a [`Backend`] only moves bytes.
+//! The conformance suite (`conformance`, feature `test-support`) is written
+//! once and run against every backend.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+#[cfg(feature = "test-support")]
+pub mod conformance;
+pub mod memory;
 pub mod rabbitmq;
 mod trace;
 
@@ -36,6 +49,8 @@ pub const DUE_TOLERANCE_MS: i64 = 15;
 pub const DUE_AT_HEADER: &str = "x-fp-due-at";
 /// Header carrying a message's work routing key (used to replay dead letters).
 pub const ROUTING_KEY_HEADER: &str = "x-fp-routing-key";
+/// Header in which RabbitMQ's quorum queues carry [`Delivery::delivery_count`].
+pub const DELIVERY_COUNT_HEADER: &str = "x-delivery-count";
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -277,6 +292,7 @@ impl Bus {
                     wire.headers.get(ROUTING_KEY_HEADER).cloned().unwrap_or_else(|| wire.routing_key.clone());
                 let mut headers = wire.headers;
                 headers.remove(DUE_AT_HEADER);
+                headers.remove(DELIVERY_COUNT_HEADER);
                 Outgoing {
                     destination: Destination::Work,
                     routing_key,
@@ -320,11 +336,14 @@ impl Consumer {
             if due - now_unix_ms() <= DUE_TOLERANCE_MS {
                 return Some(delivery);
             }
+            let mut headers = delivery.headers.clone();
+            // The next hop is a new message: RabbitMQ would pass a stale count on.
+            headers.remove(DELIVERY_COUNT_HEADER);
             let again = Outgoing {
                 destination: Destination::Work,
                 routing_key: delivery.routing_key.clone(),
                 payload: delivery.payload.clone(),
-                headers: delivery.headers.clone(),
+                headers,
                 due_at_unix_ms: Some(due),
             };
             // Publish the next hop before acking this one: a crash in between

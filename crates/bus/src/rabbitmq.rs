@@ -24,7 +24,9 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 
-use crate::{Acker, Backend, BackendConsumer, Delivery, Error, Result, Route, Wire, DELAY_STEPS_MS};
+use crate::{
+    Acker, Backend, BackendConsumer, Delivery, Error, Result, Route, Wire, DELAY_STEPS_MS, DELIVERY_COUNT_HEADER,
+};
 
 /// RabbitMQ settings.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -235,15 +237,22 @@ impl RabbitBackend {
     }
 }
 
-struct RabbitAcker(lapin::acker::Acker);
+struct RabbitAcker {
+    acker: lapin::acker::Acker,
+    /// Keeps the consumer's channel open while the delivery lives: lapin
+    /// closes a channel with its last handle, and a closed channel returns
+    /// its unacked messages. So a cancelled consumer's deliveries can still
+    /// be acked, and those dropped unacked go back once all are gone.
+    _channel: Channel,
+}
 
 #[async_trait::async_trait]
 impl Acker for RabbitAcker {
     async fn ack(&self) -> Result<()> {
-        self.0.ack(BasicAckOptions::default()).await.map_err(broker("acking"))
+        self.acker.ack(BasicAckOptions::default()).await.map_err(broker("acking"))
     }
     async fn nack(&self, requeue: bool) -> Result<()> {
-        self.0.nack(BasicNackOptions { requeue, ..Default::default() }).await.map_err(broker("nacking"))
+        self.acker.nack(BasicNackOptions { requeue, ..Default::default() }).await.map_err(broker("nacking"))
     }
 }
 
@@ -291,8 +300,16 @@ impl Backend for RabbitBackend {
             .await
             .map_err(broker("starting a consumer"))?;
         let (sender, receiver) = tokio::sync::mpsc::channel(usize::from(prefetch.max(1)));
+        let delivery_channel = channel.clone();
         tokio::spawn(async move {
-            while let Some(next) = consumer.next().await {
+            loop {
+                // A dropped receiver ends the consumer at once (dropping a lapin
+                // consumer cancels it), not at its next delivery.
+                let next = tokio::select! {
+                    next = consumer.next() => next,
+                    _ = sender.closed() => break,
+                };
+                let Some(next) = next else { break };
                 let delivery = match next {
                     Ok(delivery) => delivery,
                     Err(error) => {
@@ -301,14 +318,14 @@ impl Backend for RabbitBackend {
                     }
                 };
                 let headers = headers_of(&delivery.properties);
-                let delivery_count = headers.get("x-delivery-count").and_then(|c| c.parse().ok()).unwrap_or(0);
+                let delivery_count = headers.get(DELIVERY_COUNT_HEADER).and_then(|c| c.parse().ok()).unwrap_or(0);
                 let ours = Delivery {
                     routing_key: delivery.routing_key.as_str().to_owned(),
                     payload: delivery.data,
                     headers,
                     redelivered: delivery.redelivered || delivery_count > 0,
                     delivery_count,
-                    acker: Box::new(RabbitAcker(delivery.acker)),
+                    acker: Box::new(RabbitAcker { acker: delivery.acker, _channel: delivery_channel.clone() }),
                 };
                 if sender.send(ours).await.is_err() {
                     break;

@@ -31,8 +31,7 @@ pub fn load_from_env<T: DeserializeOwned + Serialize + Default>(
         builder = builder.add_source(::config::File::from(path).format(::config::FileFormat::Toml));
     }
     let prefix = format!("{ENV_PREFIX}__");
-    let source: ::config::Map<String, String> =
-        env.into_iter().filter(|(key, _)| key.starts_with(&prefix)).collect();
+    let source: ::config::Map<String, String> = env.into_iter().filter(|(key, _)| key.starts_with(&prefix)).collect();
     builder = builder.add_source(
         ::config::Environment::with_prefix(ENV_PREFIX)
             .prefix_separator("__")

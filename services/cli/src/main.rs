@@ -1,11 +1,20 @@
 //! `fleetpatch`: runs a service (`scheduler`, `worker`, `collector`, or
 //! `all` of them in one process), migrates the database, prints the
-//! effective configuration.
+//! effective configuration, and is the client of the scheduler API
+//! (`rollout …`, `targets`, `target`).
 //!
 //! `main` only builds configuration and telemetry; each service lives in its
-//! own library crate with `start(options, ..., shutdown)`.
+//! own library crate with `start(options, ..., shutdown)`, and the client
+//! commands live in [`commands`].
+
+mod client;
+mod commands;
+mod inventory;
+mod output;
+mod rollout_file;
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
@@ -33,6 +42,7 @@ struct Settings {
     collector: CollectorOptions,
     telemetry: TelemetryOptions,
     sim: SimOptions,
+    client: commands::ClientOptions,
 }
 
 impl Settings {
@@ -81,19 +91,61 @@ enum Command {
     Collector,
     /// Run scheduler, worker and collector in one process.
     All,
+    /// Create, list, show, watch and steer rollouts (a client of the scheduler API).
+    #[command(subcommand)]
+    Rollout(commands::RolloutCommand),
+    /// List the targets of a rollout as a table (all pages).
+    Targets(commands::TargetsArgs),
+    /// Show one target: its patches and its timeline.
+    Target(commands::TargetArgs),
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> ExitCode {
     let cli = Cli::parse();
-    let settings: Settings = fleetpatch_runtime::config::load(cli.config.as_deref())?;
-    if cli.print_config {
+    let settings: Settings = match fleetpatch_runtime::config::load(cli.config.as_deref()) {
+        Ok(settings) => settings,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::from(commands::exit::INVALID);
+        }
+    };
+    let command = match cli.command {
+        Some(Command::Rollout(command)) if !cli.print_config => Err(commands::ClientCommand::Rollout(command)),
+        Some(Command::Targets(args)) if !cli.print_config => Err(commands::ClientCommand::Targets(args)),
+        Some(Command::Target(args)) if !cli.print_config => Err(commands::ClientCommand::Target(args)),
+        other => Ok(other),
+    };
+    let command = match command {
+        Ok(service_command) => service_command,
+        Err(client_command) => {
+            return match commands::run(client_command, &settings.client).await {
+                Ok(code) => ExitCode::from(code),
+                Err(failure) => {
+                    eprintln!("error: {}", failure.message);
+                    ExitCode::from(failure.code)
+                }
+            }
+        }
+    };
+    match run_service(cli.print_config, command, settings).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("Error: {error:?}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `migrate`, a service, or `--print-config`.
+async fn run_service(print_config: bool, command: Option<Command>, settings: Settings) -> anyhow::Result<()> {
+    if print_config {
         print!("{}", fleetpatch_runtime::config::to_toml(&settings)?);
         return Ok(());
     }
     settings.validate()?;
-    let Some(command) = cli.command else {
-        bail!("name a command: migrate, scheduler, worker, collector or all (see --help)");
+    let Some(command) = command else {
+        bail!("name a command: migrate, scheduler, worker, collector, all, rollout, targets or target (see --help)");
     };
     let service: &'static str = match command {
         Command::Migrate => "fleetpatch-migrate",
@@ -101,6 +153,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Worker => "fleetpatch-worker",
         Command::Collector => "fleetpatch-collector",
         Command::All => "fleetpatch",
+        Command::Rollout(_) | Command::Targets(_) | Command::Target(_) => unreachable!("client commands run above"),
     };
     let _telemetry = fleetpatch_runtime::telemetry::init(&settings.telemetry, service)?;
     if let Command::Migrate = command {

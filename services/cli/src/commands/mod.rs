@@ -1,0 +1,296 @@
+//! The client commands (`rollout …`, `targets`, `target`): their
+//! arguments, their exit codes, and how a failure is told to the user.
+//!
+//! Each command talks to the scheduler only through [`ApiClient`]; none of
+//! them touches the database or the bus.
+
+mod rollout;
+mod targets;
+mod watch;
+
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+use fleetpatch_proto::state::TargetState;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::client::{ApiClient, ClientError, DEFAULT_API_URL};
+use crate::output::OutputFormat;
+use crate::rollout_file::InputError;
+
+/// Exit statuses scripts can rely on (documented in `docs/rollout-file.md`).
+pub mod exit {
+    /// Done; for `rollout watch` (and `create --watch`): every target succeeded.
+    pub const OK: u8 = 0;
+    /// An unexpected error (a bug, or an API answer this client does not understand).
+    pub const ERROR: u8 = 1;
+    /// Wrong command-line usage (clap's own status; also an unusable `--api` URL).
+    pub const USAGE: u8 = 2;
+    /// Invalid input: the rollout file, a CSV file or an inventory is wrong,
+    /// or the API refused the request (4xx: a wrong field, an unknown id, a conflict).
+    pub const INVALID: u8 = 3;
+    /// The API could not be reached, or answered 5xx.
+    pub const UNREACHABLE: u8 = 4;
+    /// `watch`: the rollout completed, but not every target succeeded.
+    pub const TARGETS_FAILED: u8 = 5;
+    /// `watch`: the rollout is paused (a wave's failure threshold, or an operator).
+    pub const PAUSED: u8 = 6;
+    /// `watch`: the rollout was aborted.
+    pub const ABORTED: u8 = 7;
+}
+
+/// The client's section of the configuration file (`[client]`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClientOptions {
+    /// The scheduler API; `--api` and `FLEETPATCH_API` override it.
+    pub api_url: String,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        Self { api_url: DEFAULT_API_URL.into() }
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ApiArgs {
+    /// The scheduler API [default: client.api_url of the configuration, else http://127.0.0.1:8080]
+    #[arg(long, env = "FLEETPATCH_API", value_name = "URL")]
+    api: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Args)]
+pub struct OutputArgs {
+    /// `table` for people, `json` for scripts (the API's documents).
+    #[arg(long, short = 'o', value_enum, default_value_t = OutputFormat::Table)]
+    output: OutputFormat,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RolloutCommand {
+    /// Create a rollout from a YAML file (the schema of POST /v1/rollouts).
+    Create(CreateArgs),
+    /// List the latest rollouts.
+    List {
+        /// At most this many rollouts, newest first.
+        #[arg(long, default_value_t = 50)]
+        limit: u64,
+        #[command(flatten)]
+        output: OutputArgs,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Show a rollout: its state, progress per wave and patches.
+    Show {
+        id: Uuid,
+        #[command(flatten)]
+        output: OutputArgs,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Redraw a rollout's progress per wave until it completes, is paused or aborted.
+    ///
+    /// Exit status: 0 when every target succeeded, 5 when it completed with
+    /// failures, 6 when it is paused, 7 when it was aborted.
+    Watch(WatchArgs),
+    /// Dispatch nothing new (targets in flight finish).
+    Pause {
+        id: Uuid,
+        /// Why; shown with the rollout.
+        #[arg(long)]
+        reason: Option<String>,
+        #[command(flatten)]
+        output: OutputArgs,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Continue a paused rollout (with the next wave after a threshold halt).
+    Resume {
+        id: Uuid,
+        #[command(flatten)]
+        output: OutputArgs,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Stop a rollout: targets not yet dispatched are cancelled.
+    Abort {
+        id: Uuid,
+        #[command(flatten)]
+        output: OutputArgs,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Give every failed and timed-out target a new attempt.
+    RetryFailed {
+        id: Uuid,
+        #[command(flatten)]
+        output: OutputArgs,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// The rollout file (YAML or JSON); see docs/rollout-file.md.
+    #[arg(long, short = 'f', value_name = "FILE")]
+    file: PathBuf,
+    /// Add the targets of a CSV file (header: host,transport,port,credential_ref,wave,<labels>…).
+    #[arg(long, value_name = "FILE")]
+    targets_csv: Vec<PathBuf>,
+    /// Add the hosts of an Ansible-style INI inventory (groups become the label `group`).
+    #[arg(long, value_name = "FILE")]
+    inventory: Vec<PathBuf>,
+    /// Transport of imported targets that name none [default: sim for CSV, ssh for an inventory]
+    #[arg(long, value_parser = ["sim", "ssh", "smb"])]
+    transport: Option<String>,
+    /// Check the files and print the request as JSON; send nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Watch the new rollout (exit status as for `rollout watch`).
+    #[arg(long, conflicts_with = "dry_run")]
+    watch: bool,
+    #[command(flatten)]
+    output: OutputArgs,
+    #[command(flatten)]
+    api: ApiArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    id: Uuid,
+    /// Seconds between two looks at the rollout.
+    #[arg(long, default_value_t = 1.0, value_name = "SECONDS")]
+    interval: f64,
+    /// `json` prints one line (the rollout document) per change.
+    #[command(flatten)]
+    output: OutputArgs,
+    #[command(flatten)]
+    api: ApiArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct TargetsArgs {
+    /// The rollout.
+    id: Uuid,
+    /// Only targets in this state.
+    #[arg(long, value_parser = parse_target_state)]
+    state: Option<TargetState>,
+    /// At most this many targets (all when left out).
+    #[arg(long)]
+    limit: Option<u64>,
+    #[command(flatten)]
+    output: OutputArgs,
+    #[command(flatten)]
+    api: ApiArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct TargetArgs {
+    /// The target.
+    id: Uuid,
+    #[command(flatten)]
+    output: OutputArgs,
+    #[command(flatten)]
+    api: ApiArgs,
+}
+
+fn parse_target_state(raw: &str) -> Result<TargetState, String> {
+    raw.parse().map_err(|e: fleetpatch_proto::state::UnknownState| e.to_string())
+}
+
+/// A client command: what `main` hands over.
+#[derive(Debug)]
+pub enum ClientCommand {
+    Rollout(RolloutCommand),
+    Targets(TargetsArgs),
+    Target(TargetArgs),
+}
+
+/// A failure as the user sees it: a message and an exit status.
+#[derive(Debug)]
+pub struct Failure {
+    pub code: u8,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn new(code: u8, message: impl Into<String>) -> Self {
+        Self { code, message: message.into() }
+    }
+}
+
+impl From<InputError> for Failure {
+    fn from(error: InputError) -> Self {
+        Failure::new(exit::INVALID, error.to_string())
+    }
+}
+
+impl From<ClientError> for Failure {
+    fn from(error: ClientError) -> Self {
+        let code = match &error {
+            ClientError::Refused { .. } => exit::INVALID,
+            ClientError::BadUrl { .. } => exit::USAGE,
+            ClientError::Unreachable { .. } | ClientError::Unavailable { .. } => exit::UNREACHABLE,
+            ClientError::Protocol { .. } => exit::ERROR,
+        };
+        let message = match &error {
+            ClientError::Refused { problem, .. } if !problem.errors.is_empty() => refused_fields(problem, |_| None),
+            other => other.to_string(),
+        };
+        Failure::new(code, message)
+    }
+}
+
+/// "the API refused the request (invalid request):" and one line per
+/// wrong field, each followed by where the user wrote it when known.
+pub fn refused_fields<'a>(problem: &crate::client::Problem, origin_of: impl Fn(&str) -> Option<&'a str>) -> String {
+    let title = if problem.title.is_empty() { "refused".to_owned() } else { problem.title.to_lowercase() };
+    let mut message = format!("the API refused the request ({title}):");
+    for field in &problem.errors {
+        message.push_str(&format!("\n  {}: {}", field.field, field.message));
+        if let Some(origin) = origin_of(&field.field) {
+            message.push_str(&format!(" ({origin})"));
+        }
+    }
+    message
+}
+
+/// Runs a client command; returns the exit status.
+pub async fn run(command: ClientCommand, options: &crate::commands::ClientOptions) -> Result<u8, Failure> {
+    let client = |api: &ApiArgs| ApiClient::new(api.api.as_deref().unwrap_or(&options.api_url)).map_err(Failure::from);
+    match command {
+        ClientCommand::Rollout(command) => match command {
+            RolloutCommand::Create(args) => {
+                let api = client(&args.api)?;
+                rollout::create(&api, args).await
+            }
+            RolloutCommand::List { limit, output, api } => rollout::list(&client(&api)?, limit, output.output).await,
+            RolloutCommand::Show { id, output, api } => rollout::show(&client(&api)?, id, output.output).await,
+            RolloutCommand::Watch(args) => {
+                let api = client(&args.api)?;
+                let interval = std::time::Duration::from_secs_f64(args.interval.clamp(0.1, 3600.0));
+                watch::watch(&api, args.id, interval, args.output.output).await
+            }
+            RolloutCommand::Pause { id, reason, output, api } => {
+                rollout::act(&client(&api)?, id, crate::client::RolloutAction::Pause, reason, output.output).await
+            }
+            RolloutCommand::Resume { id, output, api } => {
+                rollout::act(&client(&api)?, id, crate::client::RolloutAction::Resume, None, output.output).await
+            }
+            RolloutCommand::Abort { id, output, api } => {
+                rollout::act(&client(&api)?, id, crate::client::RolloutAction::Abort, None, output.output).await
+            }
+            RolloutCommand::RetryFailed { id, output, api } => {
+                rollout::act(&client(&api)?, id, crate::client::RolloutAction::RetryFailed, None, output.output).await
+            }
+        },
+        ClientCommand::Targets(args) => {
+            let api = client(&args.api)?;
+            targets::list(&api, args.id, args.state, args.limit, args.output.output).await
+        }
+        ClientCommand::Target(args) => targets::show(&client(&args.api)?, args.id, args.output.output).await,
+    }
+}

@@ -1,0 +1,306 @@
+//! `rollout watch`: progress bars per wave, redrawn until the rollout is
+//! completed, paused or aborted; the exit status says how it ended.
+//!
+//! On a terminal the bars are redrawn in place; otherwise (a pipe, CI) a
+//! line is printed whenever the counts change. With `--output json` each
+//! change is one line holding the API's rollout document.
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use fleetpatch_proto::state::{RolloutState, TargetState};
+use uuid::Uuid;
+
+use super::{exit, Failure};
+use crate::client::{ApiClient, ClientError, RolloutDetail, TargetView};
+use crate::output::{self, Counts, OutputFormat, Terminal};
+
+/// How long the API may stay unreachable during a watch before giving up.
+const UNREACHABLE_GRACE: Duration = Duration::from_secs(60);
+/// Bar width in cells.
+const BAR_WIDTH: usize = 40;
+
+/// The exit status for a rollout that stopped moving, if it did.
+pub fn outcome(detail: &RolloutDetail) -> Option<u8> {
+    let counts = Counts::from_states(detail.progress.total, &detail.progress.by_state);
+    match detail.rollout.state {
+        RolloutState::Running => None,
+        RolloutState::Completed if counts.succeeded == counts.total => Some(exit::OK),
+        RolloutState::Completed => Some(exit::TARGETS_FAILED),
+        RolloutState::Paused => Some(exit::PAUSED),
+        RolloutState::Aborted => Some(exit::ABORTED),
+    }
+}
+
+/// The lines of one frame: a heading, then one bar per wave.
+pub fn frame(detail: &RolloutDetail, terminal: Terminal) -> Vec<String> {
+    let rollout = &detail.rollout;
+    let elapsed = rollout.completed_at.unwrap_or_else(chrono::Utc::now) - rollout.created_at;
+    let mut heading = format!(
+        "rollout {:?} {}  {}  {}",
+        output::clean(&rollout.name),
+        rollout.id,
+        rollout.state,
+        output::duration(elapsed)
+    );
+    if let Some(reason) = &rollout.pause_reason {
+        heading.push_str(&format!(" ({})", output::clean(reason)));
+    }
+    let mut lines = vec![heading];
+    let width = detail.progress.waves.iter().map(|w| w.name.chars().count()).max().unwrap_or(0).min(24);
+    for wave in &detail.progress.waves {
+        let counts = Counts::from_states(wave.total, &wave.by_state);
+        let marker =
+            if wave.index == rollout.current_wave && rollout.state == RolloutState::Running { '▸' } else { ' ' };
+        let name = output::truncate(&wave.name, width);
+        lines.push(format!(
+            "{marker} {name:<width$}  {}  {}",
+            output::bar(&counts, BAR_WIDTH, terminal),
+            counts.summary()
+        ));
+    }
+    lines
+}
+
+/// A one-line form of the frame for logs and pipes.
+fn plain_line(detail: &RolloutDetail) -> String {
+    let overall = Counts::from_states(detail.progress.total, &detail.progress.by_state);
+    let waves: Vec<String> = detail
+        .progress
+        .waves
+        .iter()
+        .map(|w| {
+            let c = Counts::from_states(w.total, &w.by_state);
+            format!("{} {}/{}", output::clean(&w.name), c.done(), c.total)
+        })
+        .collect();
+    format!(
+        "{} {}: {} [{}]",
+        chrono::Local::now().format("%H:%M:%S"),
+        detail.rollout.state,
+        overall.summary(),
+        waves.join(", ")
+    )
+}
+
+pub async fn watch(api: &ApiClient, id: Uuid, interval: Duration, format: OutputFormat) -> Result<u8, Failure> {
+    let terminal = Terminal::detect();
+    let mut stdout = std::io::stdout();
+    let io = |e: std::io::Error| Failure::new(exit::ERROR, format!("writing the output: {e}"));
+    let mut drawn_lines = 0usize;
+    let mut last_shown: Option<String> = None;
+    let mut unreachable_since: Option<Instant> = None;
+    loop {
+        let (raw, detail) = match api.rollout_detail(id).await {
+            Ok(answer) => {
+                unreachable_since = None;
+                answer
+            }
+            Err(error @ (ClientError::Unreachable { .. } | ClientError::Unavailable { .. })) => {
+                let since = *unreachable_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > UNREACHABLE_GRACE {
+                    return Err(error.into());
+                }
+                eprintln!("{error}; retrying");
+                tokio::time::sleep(interval.max(Duration::from_secs(1))).await;
+                continue;
+            }
+            Err(error) => return Err(error.into()),
+        };
+        let outcome = outcome(&detail);
+        match format {
+            OutputFormat::Json => {
+                let line = raw.to_string();
+                // Only changes (timestamps aside, the document changes when progress does).
+                let key = serde_json::to_string(&(&raw["rollout"]["state"], &raw["progress"])).unwrap_or_default();
+                if last_shown.as_deref() != Some(key.as_str()) || outcome.is_some() {
+                    writeln!(stdout, "{line}").map_err(io)?;
+                    last_shown = Some(key);
+                }
+            }
+            OutputFormat::Table if terminal.redraw => {
+                let lines = frame(&detail, terminal);
+                // Auto-wrap off while drawing: a line wider than the terminal is
+                // clipped instead of wrapped, so moving up `drawn_lines` stays right.
+                let mut text = String::from("\x1b[?7l");
+                if drawn_lines > 0 {
+                    text.push_str(&format!("\x1b[{drawn_lines}A"));
+                }
+                for line in &lines {
+                    text.push_str(&format!("\r\x1b[2K{line}\n"));
+                }
+                text.push_str("\x1b[?7h");
+                drawn_lines = lines.len();
+                stdout.write_all(text.as_bytes()).map_err(io)?;
+            }
+            OutputFormat::Table => {
+                let line = plain_line(&detail);
+                let key = line.split_once(' ').map(|(_, rest)| rest.to_owned()).unwrap_or_default();
+                if last_shown.as_deref() != Some(key.as_str()) {
+                    writeln!(stdout, "{line}").map_err(io)?;
+                    last_shown = Some(key);
+                }
+            }
+        }
+        stdout.flush().map_err(io)?;
+        if let Some(code) = outcome {
+            if format == OutputFormat::Table {
+                if !terminal.redraw {
+                    for line in frame(&detail, terminal) {
+                        writeln!(stdout, "{line}").map_err(io)?;
+                    }
+                }
+                let unsuccessful = if code == exit::OK { vec![] } else { unsuccessful_targets(api, id).await };
+                write!(stdout, "{}", conclusion(&detail, code, &unsuccessful)).map_err(io)?;
+            }
+            return Ok(code);
+        }
+        tokio::time::sleep(interval).await;
+    }
+}
+
+/// The first failed and timed-out targets, to name them at the end.
+async fn unsuccessful_targets(api: &ApiClient, id: Uuid) -> Vec<TargetView> {
+    let mut targets = Vec::new();
+    for state in [TargetState::Failed, TargetState::TimedOut] {
+        if let Ok(page) = api.targets_page(id, Some(state), None, 10).await {
+            targets.extend(page.targets.iter().filter_map(|raw| serde_json::from_value(raw.clone()).ok()));
+        }
+    }
+    targets.truncate(10);
+    targets
+}
+
+/// What the watch ends with: how the rollout ended and what to do next.
+pub fn conclusion(detail: &RolloutDetail, code: u8, unsuccessful: &[TargetView]) -> String {
+    let id = detail.rollout.id;
+    let counts = Counts::from_states(detail.progress.total, &detail.progress.by_state);
+    let mut out = match code {
+        exit::OK => format!("rollout completed: all {} targets succeeded\n", counts.total),
+        exit::TARGETS_FAILED => format!(
+            "rollout completed, but {} of {} targets did not succeed ({} failed, {} timed out, {} cancelled)\n",
+            counts.total - counts.succeeded,
+            counts.total,
+            counts.failed,
+            counts.timed_out,
+            counts.cancelled
+        ),
+        exit::PAUSED => format!(
+            "rollout paused: {}\nresume it with: fleetpatch rollout resume {id}\n",
+            output::clean(detail.rollout.pause_reason.as_deref().unwrap_or("no reason given"))
+        ),
+        _ => format!("rollout aborted: {}\n", counts.summary()),
+    };
+    for target in unsuccessful {
+        out.push_str(&format!(
+            "  {} {} {}: {}\n",
+            target.id,
+            output::clean(&target.host),
+            target.state,
+            output::truncate(target.error.as_deref().unwrap_or("-"), 100)
+        ));
+    }
+    if counts.failed + counts.timed_out > 0 {
+        out.push_str(&format!(
+            "see them with: fleetpatch targets {id} --state failed (or timed_out); retry: fleetpatch rollout retry-failed {id}\n"
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client::{ProgressView, RolloutView, WaveProgressView, WaveView};
+
+    fn detail(state: RolloutState, waves: &[(&str, &[(&str, u64)])]) -> RolloutDetail {
+        let progress_waves: Vec<WaveProgressView> = waves
+            .iter()
+            .enumerate()
+            .map(|(i, (name, states))| WaveProgressView {
+                index: i as u32,
+                name: name.to_string(),
+                total: states.iter().map(|(_, n)| n).sum(),
+                by_state: states.iter().map(|(s, n)| (s.to_string(), *n)).collect(),
+            })
+            .collect();
+        let mut by_state = std::collections::BTreeMap::new();
+        for wave in &progress_waves {
+            for (s, n) in &wave.by_state {
+                *by_state.entry(s.clone()).or_insert(0) += n;
+            }
+        }
+        RolloutDetail {
+            rollout: RolloutView {
+                id: Uuid::nil(),
+                name: "r".into(),
+                state,
+                pause_reason: (state == RolloutState::Paused).then(|| "wave \"canary\" over 25%".into()),
+                current_wave: 0,
+                concurrency: 2,
+                timeout_seconds: 60,
+                waves: waves
+                    .iter()
+                    .map(|(n, _)| WaveView { name: n.to_string(), size: None, max_failure_percent: 100.0 })
+                    .collect(),
+                created_at: "2024-05-01T10:00:00Z".parse().unwrap(),
+                completed_at: Some("2024-05-01T10:01:05Z".parse().unwrap()),
+            },
+            progress: ProgressView {
+                total: progress_waves.iter().map(|w| w.total).sum(),
+                by_state,
+                waves: progress_waves,
+            },
+            patches: vec![],
+        }
+    }
+
+    #[test]
+    fn the_exit_status_says_how_the_rollout_ended() {
+        let ok: &[(&str, u64)] = &[("succeeded", 3)];
+        let mixed: &[(&str, u64)] = &[("succeeded", 2), ("timed_out", 1)];
+        assert_eq!(outcome(&detail(RolloutState::Running, &[("all", ok)])), None);
+        assert_eq!(outcome(&detail(RolloutState::Completed, &[("all", ok)])), Some(exit::OK));
+        assert_eq!(outcome(&detail(RolloutState::Completed, &[("all", mixed)])), Some(exit::TARGETS_FAILED));
+        assert_eq!(outcome(&detail(RolloutState::Paused, &[("all", mixed)])), Some(exit::PAUSED));
+        assert_eq!(outcome(&detail(RolloutState::Aborted, &[("all", ok)])), Some(exit::ABORTED));
+    }
+
+    #[test]
+    fn a_frame_has_one_bar_per_wave() {
+        let canary: &[(&str, u64)] = &[("succeeded", 2), ("failed", 1), ("running", 1)];
+        let rest: &[(&str, u64)] = &[("pending", 6)];
+        let lines = frame(&detail(RolloutState::Running, &[("canary", canary), ("rest", rest)]), Terminal::plain());
+        assert_eq!(lines.len(), 3);
+        assert!(
+            lines[0].starts_with("rollout \"r\" 00000000-0000-0000-0000-000000000000  running  1m05s"),
+            "{lines:?}"
+        );
+        assert_eq!(
+            lines[1],
+            format!(
+                "▸ canary  [{}{}{}]  3/4 done: 2 ok, 1 failed, 0 timed out; 1 in flight",
+                "#".repeat(20),
+                "x".repeat(10),
+                ">".repeat(10)
+            )
+        );
+        assert_eq!(
+            lines[2],
+            format!("  rest    [{}]  0/6 done: 0 ok, 0 failed, 0 timed out; 0 in flight", ".".repeat(40))
+        );
+    }
+
+    #[test]
+    fn the_conclusion_names_what_to_do_next() {
+        let mixed: &[(&str, u64)] = &[("succeeded", 2), ("failed", 1)];
+        let text = conclusion(&detail(RolloutState::Paused, &[("canary", mixed)]), exit::PAUSED, &[]);
+        assert!(
+            text.starts_with("rollout paused: wave \"canary\" over 25%\nresume it with: fleetpatch rollout resume"),
+            "{text}"
+        );
+        assert!(text.contains("retry-failed"), "{text}");
+        let text = conclusion(&detail(RolloutState::Completed, &[("all", mixed)]), exit::TARGETS_FAILED, &[]);
+        assert!(text.starts_with("rollout completed, but 1 of 3 targets did not succeed (1 failed"), "{text}");
+    }
+}

@@ -1,0 +1,641 @@
+//! Targets from outside the rollout file: a CSV file (`--targets-csv`) and
+//! an Ansible-style INI inventory (`--inventory`). Both formats are
+//! documented in `docs/rollout-file.md`.
+//!
+//! Parsing is strict: every mistake names the file and the line. Secrets
+//! are never taken from an inventory (`ansible_password` is refused); a
+//! target carries only a secret *reference*.
+
+use std::collections::{BTreeMap, HashMap};
+
+use fleetpatch_scheduler::api::{TargetRequest, TRANSPORTS};
+
+use crate::rollout_file::{ImportedTarget, InputError};
+
+/// The label that records a host's inventory groups.
+pub const GROUP_LABEL: &str = "group";
+
+// ------------------------------------------------------------------ CSV
+
+/// Reads targets from CSV: a header line, then one target per line.
+///
+/// Columns `host` (required), `transport`, `port`, `credential_ref`, `wave`
+/// fill the target's fields; a `labels` column holds `key=value` pairs
+/// separated by `;`; every other column is a label named by its header.
+/// Empty cells are left out; `#` starts a comment line.
+pub fn parse_csv(text: &str, file: &str, default_transport: &str) -> Result<Vec<ImportedTarget>, InputError> {
+    let mut header: Option<Vec<String>> = None;
+    let mut targets = Vec::new();
+    for (index, line) in text.lines().enumerate() {
+        let number = index + 1;
+        let trimmed = line.trim();
+        if trimmed.is_empty() || trimmed.starts_with('#') {
+            continue;
+        }
+        let cells = split_csv_line(line).map_err(|message| InputError::at_line(file, number, message))?;
+        let Some(columns) = &header else {
+            let columns: Vec<String> = cells.iter().map(|c| c.trim().to_owned()).collect();
+            check_header(&columns).map_err(|message| InputError::at_line(file, number, message))?;
+            header = Some(columns);
+            continue;
+        };
+        if cells.len() > columns.len() {
+            return Err(InputError::at_line(
+                file,
+                number,
+                format!("{} cells but the header names {} columns", cells.len(), columns.len()),
+            ));
+        }
+        let field_error = |column: &str, message: String| InputError {
+            file: file.to_owned(),
+            line: Some(number),
+            column: None,
+            field: Some(column.to_owned()),
+            message,
+        };
+        let mut target = new_target(default_transport);
+        for (column, cell) in columns.iter().zip(&cells) {
+            let cell = cell.trim();
+            if cell.is_empty() {
+                continue;
+            }
+            match column.to_ascii_lowercase().as_str() {
+                "host" => target.host = cell.to_owned(),
+                "transport" => target.transport = check_transport(cell).map_err(|m| field_error(column, m))?,
+                "port" => target.port = Some(parse_port(cell).map_err(|m| field_error(column, m))?),
+                "credential_ref" => {
+                    target.credential_ref = Some(check_credential_ref(cell).map_err(|m| field_error(column, m))?)
+                }
+                "wave" => target.wave = Some(cell.to_owned()),
+                "labels" => {
+                    for pair in cell.split(';').map(str::trim).filter(|p| !p.is_empty()) {
+                        let (key, value) = pair.split_once('=').ok_or_else(|| {
+                            field_error(column, format!("{pair:?} is not key=value (pairs are separated by ';')"))
+                        })?;
+                        target.labels.insert(key.trim().to_owned(), value.trim().to_owned());
+                    }
+                }
+                _ => {
+                    target.labels.insert(column.clone(), cell.to_owned());
+                }
+            }
+        }
+        if target.host.is_empty() {
+            return Err(field_error("host", "must not be empty".into()));
+        }
+        targets.push(ImportedTarget { target, origin: format!("{file} line {number}") });
+    }
+    if header.is_none() {
+        return Err(InputError::in_file(
+            file,
+            "no header line; the first line names the columns, e.g. host,transport,port",
+        ));
+    }
+    Ok(targets)
+}
+
+fn check_header(columns: &[String]) -> Result<(), String> {
+    if !columns.iter().any(|c| c.eq_ignore_ascii_case("host")) {
+        return Err(format!(
+            "the header {:?} has no host column; the first line names the columns, e.g. host,transport,port",
+            columns.join(",")
+        ));
+    }
+    let mut seen = HashMap::new();
+    for (i, column) in columns.iter().enumerate() {
+        if column.is_empty() {
+            return Err(format!("column {} of the header has no name", i + 1));
+        }
+        if let Some(first) = seen.insert(column.to_ascii_lowercase(), i) {
+            return Err(format!("column {column:?} appears twice (columns {} and {})", first + 1, i + 1));
+        }
+    }
+    Ok(())
+}
+
+/// One CSV line (RFC 4180 quoting: `"a, b"` and `""` for a quote inside).
+fn split_csv_line(line: &str) -> Result<Vec<String>, String> {
+    let mut cells = Vec::new();
+    let mut cell = String::new();
+    let mut chars = line.chars().peekable();
+    let mut quoted = false;
+    while let Some(c) = chars.next() {
+        match (quoted, c) {
+            (true, '"') if chars.peek() == Some(&'"') => {
+                chars.next();
+                cell.push('"');
+            }
+            (true, '"') => quoted = false,
+            (true, c) => cell.push(c),
+            (false, '"') if cell.trim().is_empty() => {
+                cell.clear();
+                quoted = true;
+            }
+            (false, ',') => cells.push(std::mem::take(&mut cell)),
+            (false, c) => cell.push(c),
+        }
+    }
+    if quoted {
+        return Err("a quoted cell is not closed (a cell cannot span lines)".into());
+    }
+    cells.push(cell);
+    Ok(cells)
+}
+
+// ------------------------------------------------------------------ INI inventory
+
+/// One host of an inventory while it is being read.
+struct InventoryHost {
+    line: usize,
+    /// Groups the host is listed under, in order of appearance.
+    groups: Vec<String>,
+    vars: BTreeMap<String, String>,
+}
+
+/// Reads an Ansible-style INI inventory: `[group]` sections of host lines
+/// (`name key=value ...`), `[group:vars]` and `[group:children]`
+/// sections. Each host becomes one target labelled `group=<groups>`.
+pub fn parse_inventory(text: &str, file: &str, default_transport: &str) -> Result<Vec<ImportedTarget>, InputError> {
+    enum Section {
+        Hosts(Option<String>),
+        Vars(String),
+        Children(String),
+    }
+    let mut section = Section::Hosts(None);
+    let mut hosts: Vec<(String, InventoryHost)> = Vec::new();
+    let mut index_of: HashMap<String, usize> = HashMap::new();
+    let mut group_vars: HashMap<String, BTreeMap<String, String>> = HashMap::new();
+    // child group -> parent groups
+    let mut parents: HashMap<String, Vec<String>> = HashMap::new();
+    let mut known_groups: Vec<String> = Vec::new();
+    for (index, line) in text.lines().enumerate() {
+        let number = index + 1;
+        let trimmed = line.trim();
+        if trimmed.is_empty() || trimmed.starts_with('#') || trimmed.starts_with(';') {
+            continue;
+        }
+        let error = |message: String| InputError::at_line(file, number, message);
+        if let Some(header) = trimmed.strip_prefix('[') {
+            let name = header
+                .strip_suffix(']')
+                .ok_or_else(|| error(format!("section header {trimmed:?} is not closed with ]")))?
+                .trim();
+            let (group, kind) = name.split_once(':').unwrap_or((name, ""));
+            if group.is_empty() || group.contains(char::is_whitespace) {
+                return Err(error(format!("{group:?} is not a group name")));
+            }
+            if !known_groups.iter().any(|g| g == group) {
+                known_groups.push(group.to_owned());
+            }
+            section = match kind {
+                "" => Section::Hosts(Some(group.to_owned())),
+                "vars" => Section::Vars(group.to_owned()),
+                "children" => Section::Children(group.to_owned()),
+                other => {
+                    return Err(error(format!(
+                        "[{group}:{other}]: sections are [group], [group:vars] or [group:children]"
+                    )))
+                }
+            };
+            continue;
+        }
+        let tokens = split_inventory_line(trimmed).map_err(&error)?;
+        match &section {
+            Section::Vars(group) => {
+                let [pair] = tokens.as_slice() else {
+                    return Err(error(format!("[{group}:vars] lines are one key=value each")));
+                };
+                let (key, value) = pair
+                    .split_once('=')
+                    .ok_or_else(|| error(format!("{pair:?} in [{group}:vars] is not key=value")))?;
+                check_var(key, value).map_err(&error)?;
+                group_vars.entry(group.clone()).or_default().insert(key.to_owned(), value.to_owned());
+            }
+            Section::Children(group) => {
+                let [child] = tokens.as_slice() else {
+                    return Err(error(format!("[{group}:children] lines name one group each")));
+                };
+                parents.entry(child.clone()).or_default().push(group.clone());
+            }
+            Section::Hosts(group) => {
+                let (pattern, pairs) = tokens.split_first().expect("a non-empty line has a token");
+                let mut vars = BTreeMap::new();
+                for pair in pairs {
+                    let (key, value) = pair
+                        .split_once('=')
+                        .ok_or_else(|| error(format!("{pair:?} after the host is not key=value")))?;
+                    check_var(key, value).map_err(&error)?;
+                    vars.insert(key.to_owned(), value.to_owned());
+                }
+                let (pattern, port) = split_host_port(pattern).map_err(&error)?;
+                if let Some(port) = port {
+                    vars.entry("ansible_port".into()).or_insert(port);
+                }
+                for name in expand_host_range(pattern).map_err(&error)? {
+                    let host = match index_of.get(&name) {
+                        Some(i) => &mut hosts[*i].1,
+                        None => {
+                            index_of.insert(name.clone(), hosts.len());
+                            let host = InventoryHost { line: number, groups: vec![], vars: BTreeMap::new() };
+                            hosts.push((name.clone(), host));
+                            &mut hosts.last_mut().expect("just pushed").1
+                        }
+                    };
+                    if let Some(group) = group {
+                        if !host.groups.contains(group) {
+                            host.groups.push(group.clone());
+                        }
+                    }
+                    host.vars.extend(vars.clone());
+                }
+            }
+        }
+    }
+    for child in parents.keys() {
+        if !known_groups.contains(child) {
+            let parent = &parents[child][0];
+            return Err(InputError::in_file(file, format!("[{parent}:children] names {child:?}, which is no group")));
+        }
+    }
+    let mut targets = Vec::with_capacity(hosts.len());
+    for (name, host) in hosts {
+        let groups = with_ancestors(&host.groups, &parents);
+        // Precedence: host > its own groups > their parent groups > all.
+        let mut vars = group_vars.get("all").cloned().unwrap_or_default();
+        for group in groups.iter().rev() {
+            vars.extend(group_vars.get(group).cloned().unwrap_or_default());
+        }
+        vars.extend(host.vars);
+        let error = |message: String| InputError::at_line(file, host.line, message);
+        let mut target = new_target(default_transport);
+        target.host = name.clone();
+        for (key, value) in vars {
+            match key.as_str() {
+                "ansible_host" | "ansible_ssh_host" => {
+                    target.labels.insert("inventory_name".into(), name.clone());
+                    target.host = value;
+                }
+                "ansible_port" | "ansible_ssh_port" => {
+                    target.port = Some(parse_port(&value).map_err(|m| error(format!("{key}: {m}")))?)
+                }
+                "ansible_user" | "ansible_ssh_user" => {
+                    target.labels.insert("ssh.user".into(), value);
+                }
+                "ansible_connection" => {
+                    target.transport = match value.as_str() {
+                        "ssh" | "paramiko" | "smart" => "ssh".into(),
+                        "winrm" | "psrp" | "smb" => "smb".into(),
+                        "sim" => "sim".into(),
+                        other => {
+                            return Err(error(format!(
+                                "ansible_connection={other} has no fleetpatch transport (ssh, winrm/psrp → smb)"
+                            )))
+                        }
+                    }
+                }
+                "ansible_ssh_private_key_file" | "ansible_private_key_file" => {
+                    target.credential_ref = Some(format!("file:{value}"))
+                }
+                "fleetpatch_transport" => {
+                    target.transport = check_transport(&value).map_err(|m| error(format!("{key}: {m}")))?
+                }
+                "fleetpatch_credential_ref" => {
+                    target.credential_ref =
+                        Some(check_credential_ref(&value).map_err(|m| error(format!("{key}: {m}")))?)
+                }
+                "fleetpatch_wave" => target.wave = Some(value),
+                other if other.starts_with("ansible_") => {}
+                _ => {
+                    target.labels.insert(key, value);
+                }
+            }
+        }
+        if !groups.is_empty() {
+            target.labels.insert(GROUP_LABEL.into(), groups.join(","));
+        }
+        targets.push(ImportedTarget { target, origin: format!("{file} line {}", host.line) });
+    }
+    Ok(targets)
+}
+
+/// A host's groups followed by their parents (through `[parent:children]`).
+fn with_ancestors(groups: &[String], parents: &HashMap<String, Vec<String>>) -> Vec<String> {
+    let mut all: Vec<String> = groups.to_vec();
+    let mut next = 0;
+    while next < all.len() {
+        for parent in parents.get(&all[next]).into_iter().flatten() {
+            if !all.contains(parent) {
+                all.push(parent.clone());
+            }
+        }
+        next += 1;
+    }
+    all
+}
+
+/// Secrets never come from an inventory.
+fn check_var(key: &str, value: &str) -> Result<(), String> {
+    const SECRETS: [&str; 6] = [
+        "ansible_password",
+        "ansible_ssh_pass",
+        "ansible_ssh_password",
+        "ansible_become_password",
+        "ansible_become_pass",
+        "ansible_winrm_password",
+    ];
+    if SECRETS.contains(&key) {
+        return Err(format!(
+            "{key}: fleetpatch never takes a secret from an inventory; put it in a secret and name it with \
+             fleetpatch_credential_ref=env:NAME or file:/path"
+        ));
+    }
+    if key.is_empty() || key.contains(char::is_whitespace) {
+        return Err(format!("{key:?}={value:?} has no usable variable name"));
+    }
+    Ok(())
+}
+
+/// `host:2222` (Ansible's port shorthand); IPv6 addresses are left alone.
+fn split_host_port(pattern: &str) -> Result<(&str, Option<String>), String> {
+    match pattern.rsplit_once(':') {
+        Some((host, port)) if !host.contains(':') && !port.contains(']') => {
+            parse_port(port).map_err(|m| format!("{pattern:?}: {m}"))?;
+            Ok((host, Some(port.to_owned())))
+        }
+        _ => Ok((pattern, None)),
+    }
+}
+
+/// Expands Ansible's numeric host ranges: `web[01:03].example.com` →
+/// web01, web02, web03 (the width of the first bound is kept).
+fn expand_host_range(pattern: &str) -> Result<Vec<String>, String> {
+    let Some(open) = pattern.find('[') else {
+        return Ok(vec![pattern.to_owned()]);
+    };
+    let close = pattern[open..].find(']').map(|c| open + c).ok_or_else(|| format!("{pattern:?}: [ without ]"))?;
+    let (prefix, range, suffix) = (&pattern[..open], &pattern[open + 1..close], &pattern[close + 1..]);
+    let (start, end) = range.split_once(':').ok_or_else(|| format!("{pattern:?}: a range is [first:last]"))?;
+    let parse = |bound: &str| {
+        bound.parse::<u64>().map_err(|_| format!("{pattern:?}: only numeric ranges such as [01:20] are supported"))
+    };
+    let (first, last) = (parse(start)?, parse(end)?);
+    if last < first || last - first >= 100_000 {
+        return Err(format!("{pattern:?}: the range must go up, by at most 100000 hosts"));
+    }
+    let width = if start.starts_with('0') { start.len() } else { 0 };
+    let mut hosts = Vec::new();
+    for n in first..=last {
+        for rest in expand_host_range(suffix)? {
+            hosts.push(format!("{prefix}{n:0width$}{rest}"));
+        }
+    }
+    Ok(hosts)
+}
+
+/// Splits an inventory line on whitespace; quotes group, `#` starts a comment.
+fn split_inventory_line(line: &str) -> Result<Vec<String>, String> {
+    let mut tokens = Vec::new();
+    let mut token = String::new();
+    let mut quote: Option<char> = None;
+    let mut in_token = false;
+    for c in line.chars() {
+        match (quote, c) {
+            (Some(q), c) if c == q => quote = None,
+            (Some(_), c) => token.push(c),
+            (None, '"' | '\'') => {
+                quote = Some(c);
+                in_token = true;
+            }
+            (None, '#') if !in_token => break,
+            (None, c) if c.is_whitespace() => {
+                if in_token {
+                    tokens.push(std::mem::take(&mut token));
+                    in_token = false;
+                }
+            }
+            (None, c) => {
+                token.push(c);
+                in_token = true;
+            }
+        }
+    }
+    if quote.is_some() {
+        return Err("a quoted value is not closed".into());
+    }
+    if in_token {
+        tokens.push(token);
+    }
+    Ok(tokens)
+}
+
+// ------------------------------------------------------------------ shared
+
+fn new_target(transport: &str) -> TargetRequest {
+    TargetRequest {
+        host: String::new(),
+        port: None,
+        transport: transport.to_owned(),
+        labels: BTreeMap::new(),
+        credential_ref: None,
+        wave: None,
+    }
+}
+
+fn parse_port(raw: &str) -> Result<u16, String> {
+    match raw.trim().parse::<u16>() {
+        Ok(port) if port > 0 => Ok(port),
+        _ => Err(format!("{raw:?} is not a port number (1-65535)")),
+    }
+}
+
+pub fn check_transport(raw: &str) -> Result<String, String> {
+    if TRANSPORTS.contains(&raw) {
+        Ok(raw.to_owned())
+    } else {
+        Err(format!("{raw:?} is not a transport; use one of {}", TRANSPORTS.join(", ")))
+    }
+}
+
+fn check_credential_ref(raw: &str) -> Result<String, String> {
+    if raw.starts_with("env:") || raw.starts_with("file:") {
+        Ok(raw.to_owned())
+    } else {
+        Err("must be a secret reference (env:NAME or file:/path), never the secret itself".into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn csv_columns_fill_fields_and_the_rest_are_labels() {
+        let text = "\
+# fleet of the Paris office
+host,transport,port,credential_ref,wave,site,labels
+web-1.example.com,ssh,2222,env:FLEET_KEY,canary,paris,role=web;tier=front
+\"db,1\",ssh,,,,,
+
+win-7,smb,445,file:/run/secrets/win,,\"Paris, \"\"main\"\"\",
+";
+        let targets = parse_csv(text, "hosts.csv", "sim").unwrap();
+        assert_eq!(targets.len(), 3);
+        let web = &targets[0];
+        assert_eq!(web.origin, "hosts.csv line 3");
+        assert_eq!(web.target.host, "web-1.example.com");
+        assert_eq!((web.target.transport.as_str(), web.target.port), ("ssh", Some(2222)));
+        assert_eq!(web.target.credential_ref.as_deref(), Some("env:FLEET_KEY"));
+        assert_eq!(web.target.wave.as_deref(), Some("canary"));
+        let labels: Vec<(&str, &str)> = web.target.labels.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        assert_eq!(labels, vec![("role", "web"), ("site", "paris"), ("tier", "front")]);
+        assert_eq!(targets[1].target.host, "db,1");
+        assert_eq!(targets[1].target.port, None);
+        assert!(targets[1].target.labels.is_empty());
+        assert_eq!(targets[2].origin, "hosts.csv line 6");
+        assert_eq!(targets[2].target.labels["site"], "Paris, \"main\"");
+    }
+
+    #[test]
+    fn csv_defaults_to_the_given_transport() {
+        let targets = parse_csv("host\nh1\nh2\n", "h.csv", "ssh").unwrap();
+        assert!(targets.iter().all(|t| t.target.transport == "ssh"));
+    }
+
+    #[test]
+    fn csv_mistakes_name_the_line_and_the_column() {
+        let error = parse_csv("host,port\nh1,22\nh2,99999\n", "h.csv", "sim").unwrap_err();
+        assert_eq!(error.to_string(), "h.csv:3: port: \"99999\" is not a port number (1-65535)");
+        let error = parse_csv("host,transport\nh1,telnet\n", "h.csv", "sim").unwrap_err();
+        assert!(error.to_string().starts_with("h.csv:2: transport: \"telnet\" is not a transport"), "{error}");
+        let error = parse_csv("name,port\nh1,22\n", "h.csv", "sim").unwrap_err();
+        assert!(error.to_string().starts_with("h.csv:1: the header \"name,port\" has no host column"), "{error}");
+        let error = parse_csv("host,port\nh1,22,x\n", "h.csv", "sim").unwrap_err();
+        assert_eq!(error.to_string(), "h.csv:2: 3 cells but the header names 2 columns");
+        let error = parse_csv("host,credential_ref\nh1,hunter2\n", "h.csv", "sim").unwrap_err();
+        assert!(error.to_string().contains("credential_ref: must be a secret reference"), "{error}");
+        let error = parse_csv("host,port\n,22\n", "h.csv", "sim").unwrap_err();
+        assert_eq!(error.to_string(), "h.csv:2: host: must not be empty");
+        let error = parse_csv("host\n\"h1\n", "h.csv", "sim").unwrap_err();
+        assert!(error.to_string().starts_with("h.csv:2: a quoted cell is not closed"), "{error}");
+        let error = parse_csv("# only a comment\n", "h.csv", "sim").unwrap_err();
+        assert!(error.to_string().contains("no header line"), "{error}");
+    }
+
+    const INVENTORY: &str = "\
+# Ansible-style inventory
+bastion.example.com
+
+[web]
+web[01:03].example.com ansible_user=deploy
+web-legacy:2200 ansible_host=10.0.0.9 datacenter=\"eu west\" # inline comment
+
+[db]
+db1.example.com ansible_port=2222 ansible_user=root fleetpatch_wave=canary
+web01.example.com
+
+[web:vars]
+fleetpatch_credential_ref=env:WEB_KEY
+datacenter=eu-central
+
+[prod:children]
+web
+db
+
+[all:vars]
+ansible_port=22
+ansible_python_interpreter=/usr/bin/python3
+";
+
+    #[test]
+    fn an_inventory_gives_one_target_per_host_with_its_groups() {
+        let targets = parse_inventory(INVENTORY, "hosts.ini", "ssh").unwrap();
+        let hosts: Vec<&str> = targets.iter().map(|t| t.target.host.as_str()).collect();
+        assert_eq!(
+            hosts,
+            vec![
+                "bastion.example.com",
+                "web01.example.com",
+                "web02.example.com",
+                "web03.example.com",
+                "10.0.0.9",
+                "db1.example.com"
+            ]
+        );
+        let bastion = &targets[0].target;
+        assert_eq!((bastion.port, bastion.transport.as_str()), (Some(22), "ssh"));
+        assert!(!bastion.labels.contains_key(GROUP_LABEL), "ungrouped hosts have no group label");
+        assert!(!bastion.labels.contains_key("ansible_python_interpreter"));
+        let web01 = &targets[1];
+        assert_eq!(web01.origin, "hosts.ini line 5");
+        assert_eq!(web01.target.labels[GROUP_LABEL], "web,db,prod");
+        assert_eq!(web01.target.labels["ssh.user"], "deploy");
+        assert_eq!(web01.target.labels["datacenter"], "eu-central");
+        assert_eq!(web01.target.credential_ref.as_deref(), Some("env:WEB_KEY"));
+        let legacy = &targets[4].target;
+        assert_eq!(legacy.port, Some(2200), "host:port shorthand");
+        assert_eq!(legacy.labels["inventory_name"], "web-legacy");
+        assert_eq!(legacy.labels["datacenter"], "eu west", "host vars win over group vars");
+        let db1 = &targets[5].target;
+        assert_eq!((db1.port, db1.wave.as_deref()), (Some(2222), Some("canary")));
+        assert_eq!(db1.labels[GROUP_LABEL], "db,prod");
+        assert_eq!(db1.credential_ref, None);
+    }
+
+    #[test]
+    fn an_inventory_refuses_secrets_and_names_the_line() {
+        let error = parse_inventory("[web]\nh1 ansible_password=hunter2\n", "hosts.ini", "ssh").unwrap_err();
+        let shown = error.to_string();
+        assert!(shown.starts_with("hosts.ini:2: ansible_password: fleetpatch never takes a secret"), "{shown}");
+        assert!(!shown.contains("hunter2"), "the secret is not repeated: {shown}");
+    }
+
+    #[test]
+    fn inventory_mistakes_name_the_line() {
+        let cases = [
+            ("[web\nh1\n", "hosts.ini:1: section header \"[web\" is not closed with ]"),
+            ("[web]\nh1 port\n", "hosts.ini:2: \"port\" after the host is not key=value"),
+            ("[web]\nh1 ansible_port=ssh\n", "hosts.ini:2: ansible_port: \"ssh\" is not a port number (1-65535)"),
+            ("[web]\nh[a:c]\n", "hosts.ini:2: \"h[a:c]\": only numeric ranges such as [01:20] are supported"),
+            ("[web:hosts]\n", "hosts.ini:1: [web:hosts]: sections are [group], [group:vars] or [group:children]"),
+            ("[all:children]\nnope\n", "hosts.ini: [all:children] names \"nope\", which is no group"),
+            ("h1 ansible_connection=local\n", "hosts.ini:1: ansible_connection=local has no fleetpatch transport"),
+        ];
+        for (text, expected) in cases {
+            let error = parse_inventory(text, "hosts.ini", "ssh").unwrap_err().to_string();
+            assert!(error.starts_with(expected), "{text:?}: {error}");
+        }
+    }
+
+    #[test]
+    fn windows_hosts_of_an_inventory_use_smb() {
+        let targets = parse_inventory("[win]\nwin1 ansible_connection=winrm\n", "h.ini", "ssh").unwrap();
+        assert_eq!(targets[0].target.transport, "smb");
+    }
+}
+
+#[cfg(test)]
+mod example_tests {
+    use super::*;
+    use crate::rollout_file::{parse, RolloutInput};
+
+    fn example(name: &str) -> String {
+        std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples").join(name))
+            .unwrap()
+    }
+
+    #[test]
+    fn the_example_csv_and_inventory_merge_into_the_ssh_example() {
+        let mut input = RolloutInput::new(parse(&example("rollout-ssh.yaml"), "rollout-ssh.yaml", false).unwrap(), "r");
+        input.merge(parse_csv(&example("hosts.csv"), "hosts.csv", "sim").unwrap()).unwrap();
+        input.merge(parse_inventory(&example("hosts.ini"), "hosts.ini", "ssh").unwrap()).unwrap();
+        let hosts: Vec<&str> = input.request.targets.iter().map(|t| t.host.as_str()).collect();
+        assert_eq!(hosts.len(), 3 + 3 + 5, "{hosts:?}");
+        assert!(input.request.targets.iter().all(|t| t.transport == "ssh"));
+        let db3 = input.request.targets.iter().find(|t| t.host == "db-03.example.com").unwrap();
+        assert_eq!(db3.labels[GROUP_LABEL], "db,linux");
+        assert_eq!(db3.credential_ref.as_deref(), Some("env:DB_SSH_CREDENTIAL"), "host vars win over all:vars");
+        let web5 = input.request.targets.iter().find(|t| t.host == "web05.example.com").unwrap();
+        assert_eq!(web5.credential_ref.as_deref(), Some("file:/run/secrets/fleet-ssh-key"));
+        assert_eq!(web5.labels["site"], "paris");
+    }
+}

@@ -1,0 +1,272 @@
+//! The `fleetpatch` client commands end to end: the real binary against
+//! the sandbox's scheduler (the whole pipeline on the machine's RabbitMQ and
+//! PostgreSQL, see `fleetpatch_tests::Sandbox`).
+//!
+//! These tests live in the CLI crate, not in `tests/`, because only here
+//! does Cargo build the binary for them (`CARGO_BIN_EXE_fleetpatch`): they
+//! run what a user runs, exit statuses and output included.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use fleetpatch_tests::{Sandbox, SandboxOptions};
+
+/// The outcome of one run of the binary.
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl std::fmt::Debug for Run {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "exit {}\n--- stdout\n{}--- stderr\n{}", self.code, self.stdout, self.stderr)
+    }
+}
+
+async fn fleetpatch(api: &str, args: &[&str]) -> Run {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_fleetpatch"));
+    command.args(args).env("FLEETPATCH_API", api).env_remove("FLEETPATCH_CONFIG").env("NO_COLOR", "1");
+    let output = tokio::time::timeout(Duration::from_secs(120), command.output())
+        .await
+        .unwrap_or_else(|_| panic!("fleetpatch {args:?} ran for more than 120 s"))
+        .expect("run the fleetpatch binary");
+    Run {
+        code: output.status.code().expect("exited"),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).expect("write a test file");
+    path
+}
+
+const PATCHES: &str = "\
+patches:
+  - name: KB5031356
+    kb: KB5031356
+    file: kb5031356.msu
+    sha256: \"1111111111111111111111111111111111111111111111111111111111111111\"
+    installer: msu
+  - name: KB5030211
+    file: kb5030211.msu
+    sha256: \"2222222222222222222222222222222222222222222222222222222222222222\"
+    installer: msu
+";
+
+fn healthy_rollout() -> String {
+    let mut text = String::from(
+        "name: cli-healthy\nconcurrency: 3\ntimeout_seconds: 30\nheartbeat_seconds: 1\n\
+         waves:\n  - name: canary\n    size: 2\n  - name: rest\n",
+    );
+    text.push_str(PATCHES);
+    text.push_str("targets:\n");
+    for i in 0..6 {
+        text.push_str(&format!("  - host: cli-{i:03}\n    labels: {{ sim.behaviour: healthy }}\n"));
+    }
+    text
+}
+
+fn json(run: &Run) -> serde_json::Value {
+    assert_eq!(run.code, 0, "{run:?}");
+    serde_json::from_str(&run.stdout).unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {run:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_from_yaml_watch_to_completion_and_read_back_as_json() {
+    let sandbox = Sandbox::start(SandboxOptions::default()).await;
+    let api = sandbox.api.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(dir.path(), "rollout.yaml", &healthy_rollout());
+    let file = file.to_str().unwrap();
+
+    let created = json(&fleetpatch(&api, &["rollout", "create", "-f", file, "--output", "json"]).await);
+    let id = created["id"].as_str().expect("the created rollout has an id").to_owned();
+    assert_eq!(created["name"], "cli-healthy");
+
+    let watch = fleetpatch(&api, &["rollout", "watch", &id, "--interval", "0.2"]).await;
+    assert_eq!(watch.code, 0, "every target succeeded: {watch:?}");
+    assert!(watch.stdout.contains("rollout completed: all 6 targets succeeded"), "{watch:?}");
+    assert!(watch.stdout.contains("canary") && watch.stdout.contains("rest"), "a bar per wave: {watch:?}");
+
+    let shown = json(&fleetpatch(&api, &["rollout", "show", &id, "-o", "json"]).await);
+    assert_eq!(shown["rollout"]["state"], "completed");
+    assert_eq!(shown["progress"]["total"], 6);
+    assert_eq!(shown["progress"]["by_state"]["succeeded"], 6);
+    assert_eq!(shown["progress"]["waves"][0]["total"], 2);
+    let table = fleetpatch(&api, &["rollout", "show", &id]).await;
+    assert!(table.stdout.contains("targets     6/6 done: 6 ok, 0 failed, 0 timed out; 0 in flight"), "{table:?}");
+
+    let listed = json(&fleetpatch(&api, &["rollout", "list", "-o", "json"]).await);
+    assert!(listed["rollouts"].as_array().unwrap().iter().any(|r| r["id"] == id.as_str()), "{listed}");
+    let listed = fleetpatch(&api, &["rollout", "list"]).await;
+    assert!(listed.stdout.lines().any(|l| l.starts_with(&id) && l.contains("completed")), "{listed:?}");
+
+    let targets = json(&fleetpatch(&api, &["targets", &id, "-o", "json"]).await);
+    let targets = targets["targets"].as_array().expect("a target list");
+    assert_eq!(targets.len(), 6);
+    assert!(targets.iter().all(|t| t["state"] == "succeeded"), "{targets:?}");
+    let table = fleetpatch(&api, &["targets", &id, "--state", "succeeded"]).await;
+    assert_eq!(table.stdout.lines().count(), 7, "a header and six rows: {table:?}");
+    assert!(table.stdout.starts_with("ID "), "{table:?}");
+    let paged = json(&fleetpatch(&api, &["targets", &id, "--limit", "4", "-o", "json"]).await);
+    assert_eq!(paged["targets"].as_array().unwrap().len(), 4);
+
+    let target_id = targets[0]["id"].as_str().unwrap();
+    let target = json(&fleetpatch(&api, &["target", target_id, "-o", "json"]).await);
+    assert_eq!(target["target"]["host"], "cli-000");
+    assert_eq!(target["patches"].as_array().unwrap().len(), 2);
+    let target = fleetpatch(&api, &["target", target_id]).await;
+    assert_eq!(target.code, 0, "{target:?}");
+    assert!(target.stdout.contains("KB5031356") && target.stdout.contains("succeeded"), "{target:?}");
+    assert!(
+        target.stdout.contains("timeline") && target.stdout.contains("agent: finished KB5030211 (exit 0)"),
+        "{target:?}"
+    );
+    assert!(target.stdout.contains("running → succeeded"), "{target:?}");
+
+    // A request the API refuses: the field is named, as the user's mistake.
+    let refused = write(dir.path(), "refused.yaml", &healthy_rollout().replace("size: 2", "size: 0"));
+    let run = fleetpatch(&api, &["rollout", "create", "-f", refused.to_str().unwrap()]).await;
+    assert_eq!(run.code, 3, "{run:?}");
+    assert!(run.stderr.contains("the API refused the request (invalid request):"), "{run:?}");
+    assert!(run.stderr.contains("waves[0].size: must be at least 1"), "{run:?}");
+    let run = fleetpatch(&api, &["rollout", "show", "00000000-0000-0000-0000-000000000000"]).await;
+    assert_eq!(run.code, 3, "an unknown rollout: {run:?}");
+    assert!(run.stderr.contains("not found"), "{run:?}");
+    sandbox.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn targets_imported_from_an_inventory_and_a_csv_file() {
+    let sandbox = Sandbox::start(SandboxOptions::default()).await;
+    let api = sandbox.api.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        dir.path(),
+        "rollout.yaml",
+        &format!("name: cli-imported\nconcurrency: 5\ntimeout_seconds: 30\nheartbeat_seconds: 1\n{PATCHES}"),
+    );
+    let inventory = write(
+        dir.path(),
+        "hosts.ini",
+        "[web]\nweb[01:03].example.com sim.behaviour=healthy\n\n[db]\ndb-01.example.com:2222 sim.behaviour=healthy\n",
+    );
+    let csv = write(
+        dir.path(),
+        "hosts.csv",
+        "host,port,sim.behaviour,labels\ncsv-01,22,healthy,site=paris\ncsv-02,22,fail_patch,site=lyon\n",
+    );
+    let args = [
+        "rollout",
+        "create",
+        "-f",
+        file.to_str().unwrap(),
+        "--inventory",
+        inventory.to_str().unwrap(),
+        "--targets-csv",
+        csv.to_str().unwrap(),
+        "--transport",
+        "sim",
+    ];
+    let dry = json(&fleetpatch(&api, &[&args[..], &["--dry-run"]].concat()).await);
+    assert_eq!(dry["targets"].as_array().unwrap().len(), 6, "{dry}");
+
+    let created = json(&fleetpatch(&api, &[&args[..], &["-o", "json"]].concat()).await);
+    let id = created["id"].as_str().unwrap().to_owned();
+    // JSON watch: one rollout document per line, the last one final.
+    let watch = fleetpatch(&api, &["rollout", "watch", &id, "--interval", "0.2", "-o", "json"]).await;
+    assert_eq!(watch.code, 5, "completed, but one target failed: {watch:?}");
+    let documents: Vec<serde_json::Value> =
+        watch.stdout.lines().map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"))).collect();
+    let last = documents.last().expect("at least one line");
+    assert_eq!(last["rollout"]["state"], "completed");
+    assert_eq!(last["progress"]["by_state"]["failed"], 1);
+
+    let targets = json(&fleetpatch(&api, &["targets", &id, "-o", "json"]).await);
+    let targets = targets["targets"].as_array().unwrap();
+    let by_host = |host: &str| targets.iter().find(|t| t["host"] == host).unwrap_or_else(|| panic!("{host}"));
+    assert_eq!(by_host("web02.example.com")["labels"]["group"], "web");
+    assert_eq!(by_host("db-01.example.com")["port"], 2222);
+    assert_eq!(by_host("db-01.example.com")["labels"]["group"], "db");
+    assert_eq!(by_host("csv-01")["labels"]["site"], "paris");
+    assert_eq!(by_host("csv-02")["state"], "failed");
+
+    let failed = json(&fleetpatch(&api, &["targets", &id, "--state", "failed", "-o", "json"]).await);
+    assert_eq!(failed["targets"].as_array().unwrap().len(), 1);
+    // Watching a finished rollout again says the same, as a table.
+    let watch = fleetpatch(&api, &["rollout", "watch", &id]).await;
+    assert_eq!(watch.code, 5, "{watch:?}");
+    assert!(watch.stdout.contains("1 of 6 targets did not succeed"), "{watch:?}");
+    assert!(watch.stdout.contains("csv-02 failed"), "the failed target is named: {watch:?}");
+
+    let retried = fleetpatch(&api, &["rollout", "retry-failed", &id]).await;
+    assert_eq!(retried.code, 0, "{retried:?}");
+    assert!(retried.stdout.starts_with("1 failed or timed-out target(s)"), "{retried:?}");
+
+    // Pause, resume and abort a rollout whose only slot is held by a silent host.
+    let stuck = write(
+        dir.path(),
+        "stuck.yaml",
+        &format!(
+            "name: cli-stuck\nconcurrency: 1\ntimeout_seconds: 60\nheartbeat_seconds: 1\n{PATCHES}targets:\n\
+             - host: hangs\n  labels: {{ sim.behaviour: hang }}\n- host: waits\n"
+        ),
+    );
+    let created = json(&fleetpatch(&api, &["rollout", "create", "-f", stuck.to_str().unwrap(), "-o", "json"]).await);
+    let id = created["id"].as_str().unwrap().to_owned();
+    let paused = fleetpatch(&api, &["rollout", "pause", &id, "--reason", "change freeze"]).await;
+    assert_eq!(paused.code, 0, "{paused:?}");
+    assert!(paused.stdout.contains("is paused (change freeze)"), "{paused:?}");
+    let watch = fleetpatch(&api, &["rollout", "watch", &id]).await;
+    assert_eq!(watch.code, 6, "{watch:?}");
+    assert!(watch.stdout.contains("rollout paused: change freeze"), "{watch:?}");
+    let resumed = json(&fleetpatch(&api, &["rollout", "resume", &id, "-o", "json"]).await);
+    assert_eq!(resumed["state"], "running");
+    let aborted = fleetpatch(&api, &["rollout", "abort", &id]).await;
+    assert!(aborted.stdout.contains("is aborted"), "{aborted:?}");
+    let watch = fleetpatch(&api, &["rollout", "watch", &id]).await;
+    assert_eq!(watch.code, 7, "{watch:?}");
+    sandbox.stop().await;
+}
+
+#[tokio::test]
+async fn an_invalid_rollout_file_names_the_line_and_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = healthy_rollout().replace("  - host: cli-001\n", "  - host: cli-001\n    port: ssh\n");
+    let file = write(dir.path(), "rollout.yaml", &text);
+    let file = file.to_str().unwrap();
+    // No API is needed to find the mistake.
+    let run = fleetpatch("http://127.0.0.1:9", &["rollout", "create", "-f", file]).await;
+    assert_eq!(run.code, 3, "{run:?}");
+    let expected = format!("error: {file}:23:11: targets[1].port: invalid type: string \"ssh\", expected u16");
+    assert!(run.stderr.starts_with(&expected), "{run:?}");
+
+    // A mistake in an imported file names that file and line.
+    let header = healthy_rollout().split("targets:").next().unwrap().to_owned();
+    let file = write(dir.path(), "no-targets.yaml", &header);
+    let csv = write(dir.path(), "hosts.csv", "host,port\nh1,22\nh2,none\n");
+    let args = ["rollout", "create", "-f", file.to_str().unwrap(), "--targets-csv", csv.to_str().unwrap()];
+    let run = fleetpatch("http://127.0.0.1:9", &args).await;
+    assert_eq!(run.code, 3, "{run:?}");
+    let expected = format!("error: {}:3: port: \"none\" is not a port number (1-65535)", csv.display());
+    assert!(run.stderr.starts_with(&expected), "{run:?}");
+}
+
+#[tokio::test]
+async fn an_unreachable_api_is_named() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let api = format!("http://127.0.0.1:{port}");
+    let run = fleetpatch(&api, &["rollout", "list"]).await;
+    assert_eq!(run.code, 4, "{run:?}");
+    assert!(run.stderr.contains(&format!("cannot reach the fleetpatch API at {api}")), "{run:?}");
+    let run = fleetpatch("ftp://somewhere", &["rollout", "list"]).await;
+    assert_eq!(run.code, 2, "{run:?}");
+    assert!(run.stderr.contains("must start with http://"), "{run:?}");
+    // --api wins over FLEETPATCH_API.
+    let run = fleetpatch("ftp://somewhere", &["rollout", "list", "--api", &api]).await;
+    assert_eq!(run.code, 4, "{run:?}");
+}
