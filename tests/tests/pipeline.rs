@@ -196,3 +196,25 @@ async fn a_worker_killed_mid_job_loses_nothing_and_the_agent_starts_once() {
     assert!(patches.iter().all(|p| p.state == PatchState::Succeeded), "{patches:?}");
     sandbox.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_target_is_retried_with_backoff_then_fails_and_the_rollout_goes_on() {
+    let sandbox = Sandbox::start(SandboxOptions::default()).await;
+    let mut request = sim_rollout("offline", 2, 1, 1, 30);
+    request["max_tries"] = serde_json::json!(3);
+    request["targets"][0]["labels"] = serde_json::to_value(behaviour("unreachable")).unwrap();
+    let id = sandbox.create_rollout(request).await;
+    let targets = sandbox.all_targets(id).await;
+    let offline = sandbox.wait_for_target_state(targets[0].id, &[TargetState::Failed], Duration::from_secs(60)).await;
+    let error = offline.error.clone().unwrap();
+    assert!(error.contains("unreachable") && error.contains("gave up after 3 tries"), "{error}");
+    // Two retries went back to `queued` through the delayed queue, each after its backoff (1 s).
+    let history = sandbox.store.transitions(offline.id).await.unwrap();
+    let requeues: Vec<_> = history.iter().filter(|t| t.to == "queued" && t.from != "pending").collect();
+    assert_eq!(requeues.len(), 2, "{history:?}");
+    let first_retry_claim = history.iter().filter(|t| t.to == "probing").nth(1).unwrap();
+    assert!((first_retry_claim.at - requeues[0].at).num_milliseconds() >= 900, "the backoff was not honoured");
+    sandbox.wait_for_target_state(targets[1].id, &[TargetState::Succeeded], Duration::from_secs(30)).await;
+    sandbox.wait_for_rollout_state(id, RolloutState::Completed, Duration::from_secs(30)).await;
+    sandbox.stop().await;
+}

@@ -34,3 +34,13 @@ async fn sqlite_runs_the_migrations_and_dispatch() {
     let targets = store.targets(id, None, None, 10).await.unwrap();
     assert_eq!(targets.iter().filter(|t| t.state == fleetpatch_proto::state::TargetState::Queued).count(), 2);
 }
+
+#[tokio::test]
+async fn a_service_refuses_an_unmigrated_database_and_says_what_to_do() {
+    let dir = std::env::temp_dir().join(format!("fp-sqlite-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let url = format!("sqlite://{}?mode=rwc", dir.join("db.sqlite").display());
+    let error = Store::connect_migrated(&StoreOptions { url, max_connections: 1 }).await.err().expect("refused");
+    assert!(matches!(error, Error::NotMigrated { .. }), "{error}");
+    assert!(error.to_string().contains("run `fleetpatch migrate`"), "{error}");
+}
