@@ -9,6 +9,7 @@
 
 mod client;
 mod commands;
+mod demo;
 mod inventory;
 mod output;
 mod rollout_file;
@@ -91,6 +92,8 @@ enum Command {
     Collector,
     /// Run scheduler, worker and collector in one process.
     All,
+    /// The whole pipeline in one process on SQLite and the in-process bus, against a simulated fleet.
+    Demo(demo::DemoArgs),
     /// Create, list, show, watch and steer rollouts (a client of the scheduler API).
     #[command(subcommand)]
     Rollout(commands::RolloutCommand),
@@ -98,6 +101,12 @@ enum Command {
     Targets(commands::TargetsArgs),
     /// Show one target: its patches and its timeline.
     Target(commands::TargetArgs),
+}
+
+/// Warnings only, so the demo's own output stays readable.
+fn tracing_subscriber_init() -> fleetpatch_runtime::Result<fleetpatch_runtime::telemetry::TelemetryGuard> {
+    let options = TelemetryOptions { log_filter: "warn".into(), ..TelemetryOptions::default() };
+    fleetpatch_runtime::telemetry::init(&options, "fleetpatch-demo")
 }
 
 #[tokio::main]
@@ -110,6 +119,16 @@ async fn main() -> ExitCode {
             return ExitCode::from(commands::exit::INVALID);
         }
     };
+    if let Some(Command::Demo(args)) = cli.command {
+        let _ = tracing_subscriber_init();
+        return match demo::run(args).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("error: {error:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let command = match cli.command {
         Some(Command::Rollout(command)) if !cli.print_config => Err(commands::ClientCommand::Rollout(command)),
         Some(Command::Targets(args)) if !cli.print_config => Err(commands::ClientCommand::Targets(args)),
@@ -153,7 +172,9 @@ async fn run_service(print_config: bool, command: Option<Command>, settings: Set
         Command::Worker => "fleetpatch-worker",
         Command::Collector => "fleetpatch-collector",
         Command::All => "fleetpatch",
-        Command::Rollout(_) | Command::Targets(_) | Command::Target(_) => unreachable!("client commands run above"),
+        Command::Rollout(_) | Command::Targets(_) | Command::Target(_) | Command::Demo(_) => {
+            unreachable!("client commands and the demo run above")
+        }
     };
     let _telemetry = fleetpatch_runtime::telemetry::init(&settings.telemetry, service)?;
     if let Command::Migrate = command {

@@ -1,0 +1,179 @@
+//! `fleetpatch demo`: the whole pipeline in one process on the embedded
+//! default — SQLite through sea-orm (the same migrations) and the in-process
+//! bus (the same contract as RabbitMQ) — against a simulated fleet. It needs
+//! nothing but this binary: no PostgreSQL, no RabbitMQ.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use fleetpatch_bus::memory::MemoryBackend;
+use fleetpatch_bus::Bus;
+use fleetpatch_proto::state::{RolloutState, TargetState};
+use fleetpatch_runtime::{Health, Shutdown};
+use fleetpatch_store::{Store, StoreOptions};
+use fleetpatch_transport::sim::{SimFleet, SimOptions, SimTransport};
+use fleetpatch_transport::Transports;
+
+use crate::output::{self, Counts, Terminal};
+
+/// Options of `fleetpatch demo`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DemoArgs {
+    /// Simulated targets.
+    #[arg(long, default_value_t = 500)]
+    pub targets: usize,
+    /// Patches per target.
+    #[arg(long, default_value_t = 3)]
+    pub patches: usize,
+    /// Share of hosts whose first patch fails (0 to 1).
+    #[arg(long, default_value_t = 0.0)]
+    pub fail_rate: f64,
+    /// Share of hosts whose agent falls silent (they time out).
+    #[arg(long, default_value_t = 0.0)]
+    pub hang_rate: f64,
+    /// Seed of the simulated fleet.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Targets in flight at once.
+    #[arg(long, default_value_t = 50)]
+    pub concurrency: u32,
+    /// Seconds without a report before a target times out.
+    #[arg(long, default_value_t = 5)]
+    pub timeout_seconds: u32,
+}
+
+pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
+    let sim = SimOptions {
+        seed: args.seed,
+        fail_rate: args.fail_rate,
+        hang_rate: args.hang_rate,
+        patch_ms: 30,
+        ..SimOptions::default()
+    };
+    sim.validate().map_err(|e| anyhow::anyhow!("invalid demo option: {e}"))?;
+    anyhow::ensure!(args.targets > 0, "--targets must be at least 1");
+    anyhow::ensure!(args.patches > 0, "--patches must be at least 1");
+    let dir = std::env::temp_dir().join(format!("fleetpatch-demo-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let url = format!("sqlite://{}?mode=rwc", dir.join("fleetpatch.db").display());
+    // SQLite takes one writer at a time: one connection serializes without SQLITE_BUSY.
+    let store = Store::connect(&StoreOptions { url, max_connections: 1 }).await?;
+    store.migrate().await?;
+    let bus = Bus::new(Arc::new(MemoryBackend::new(&fleetpatch_proto::routing::WORK_QUEUES, 10)));
+    let shutdown = Shutdown::new();
+    let content_dir = dir.join("content");
+    let scheduler = fleetpatch_scheduler::start(
+        fleetpatch_scheduler::SchedulerOptions {
+            listen: "127.0.0.1:0".into(),
+            content_dir,
+            verify_delay_seconds: 2,
+            reconcile_interval_seconds: 5,
+            prefetch: 32,
+        },
+        store.clone(),
+        bus.clone(),
+        Health::new(),
+        shutdown.clone(),
+    )
+    .await?;
+    let collector = fleetpatch_collector::start(
+        fleetpatch_collector::CollectorOptions { listen: "127.0.0.1:0".into(), ..Default::default() },
+        store.clone(),
+        bus.clone(),
+        Health::new(),
+        shutdown.clone(),
+    )
+    .await?;
+    let worker = fleetpatch_worker::Worker::new(
+        fleetpatch_worker::WorkerOptions {
+            listen: "127.0.0.1:0".into(),
+            collector_url: format!("http://{}", collector.local_addr),
+            concurrency: args.concurrency.min(256) as u16,
+            retry_backoff_seconds: vec![1, 2],
+            ..Default::default()
+        },
+        store.clone(),
+        bus.clone(),
+        Transports::default().with(Arc::new(SimTransport::new(SimFleet::new(sim)))),
+    )?;
+    let _worker = worker.start(Health::new(), shutdown.clone()).await?;
+
+    let patches: Vec<serde_json::Value> = (0..args.patches)
+        .map(|i| {
+            serde_json::json!({"name": format!("KB50{i:05}"), "kb": format!("KB50{i:05}"),
+                "file": format!("kb50{i:05}.msu"), "sha256": format!("{:064x}", i + 1), "installer": "msu"})
+        })
+        .collect();
+    let targets: Vec<serde_json::Value> =
+        (0..args.targets).map(|i| serde_json::json!({"host": format!("sim-{i:05}"), "transport": "sim"})).collect();
+    let canary = (args.targets / 20).clamp(1, 50) as u32;
+    let request = serde_json::json!({
+        "name": "demo", "concurrency": args.concurrency, "timeout_seconds": args.timeout_seconds,
+        "heartbeat_seconds": 1,
+        "waves": [{"name": "canary", "size": canary, "max_failure_percent": 100}, {"name": "fleet", "max_failure_percent": 100}],
+        "patches": patches, "targets": targets,
+    });
+    let api = format!("http://{}", scheduler.local_addr);
+    let started = Instant::now();
+    let response = reqwest::Client::new().post(format!("{api}/v1/rollouts")).json(&request).send().await?;
+    anyhow::ensure!(response.status() == 201, "the scheduler refused the demo rollout: {}", response.text().await?);
+    let id: uuid::Uuid = response.json::<serde_json::Value>().await?["id"].as_str().context("rollout id")?.parse()?;
+    println!(
+        "fleetpatch demo: {} simulated targets × {} patches, concurrency {}",
+        args.targets, args.patches, args.concurrency
+    );
+    let terminal = Terminal { redraw: false, color: Terminal::detect().color };
+    let mut last = String::new();
+    let rollout = loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let rollout = store.rollout(id).await?;
+        let progress = store.progress(&rollout).await?;
+        let mut frame = String::new();
+        for wave in &progress.waves {
+            let counts = Counts::from_states(wave.total, &wave.by_state);
+            frame.push_str(&format!(
+                "  {:<8} {} {}\n",
+                wave.name,
+                output::bar(&counts, 30, terminal),
+                counts.summary()
+            ));
+        }
+        if frame != last {
+            print!("[{:>5.1}s]\n{frame}", started.elapsed().as_secs_f64());
+            last = frame;
+        }
+        if matches!(rollout.state, RolloutState::Completed | RolloutState::Aborted | RolloutState::Paused) {
+            break rollout;
+        }
+    };
+    let elapsed = started.elapsed();
+    let all = store.targets(id, None, None, u64::MAX >> 1).await?;
+    let mut durations: Vec<f64> =
+        all.iter().filter_map(|t| Some((t.finished_at? - t.queued_at?).num_milliseconds() as f64 / 1000.0)).collect();
+    durations.sort_by(f64::total_cmp);
+    let quantile =
+        |q: f64| durations.get(((durations.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or(0.0);
+    println!("\nrollout {} in {:.1}s", rollout.state, elapsed.as_secs_f64());
+    let mut table = output::Table::new(&["state", "targets"]).right(1);
+    for state in TargetState::ALL {
+        let count = all.iter().filter(|t| t.state == state).count();
+        if count > 0 {
+            table.push(vec![state.to_string(), count.to_string()]);
+        }
+    }
+    print!("{}", table.render(true, &table.widths()));
+    println!("time per target: p50 {:.2}s, p95 {:.2}s", quantile(0.5), quantile(0.95));
+    let failures: Vec<_> = all.iter().filter(|t| t.state.is_failure()).collect();
+    if !failures.is_empty() {
+        let mut table = output::Table::new(&["host", "state", "reason"]);
+        for target in failures.iter().take(20) {
+            table.push(vec![target.host.clone(), target.state.to_string(), target.error.clone().unwrap_or_default()]);
+        }
+        println!("\nfailures ({}):", failures.len());
+        print!("{}", table.render(true, &table.widths()));
+    }
+    shutdown.trigger();
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
