@@ -517,26 +517,17 @@ impl Store {
 
     /// The target's state changes, oldest first.
     pub async fn transitions(&self, target_id: Uuid) -> Result<Vec<Transition>> {
-        Ok(target_transitions::Entity::find()
-            .filter(target_transitions::Column::TargetId.eq(target_id))
-            .order_by_asc(target_transitions::Column::Id)
-            .all(&self.db)
-            .await?
-            .into_iter()
-            .map(|m| Transition {
-                target_id: m.target_id,
-                from: m.from_state,
-                to: m.to_state,
-                at: m.at,
-                detail: m.detail,
-            })
-            .collect())
+        self.transitions_where(target_transitions::Column::TargetId.eq(target_id)).await
     }
 
     /// Every state change of a rollout's targets, oldest first.
     pub async fn rollout_transitions(&self, rollout_id: Uuid) -> Result<Vec<Transition>> {
+        self.transitions_where(target_transitions::Column::RolloutId.eq(rollout_id)).await
+    }
+
+    async fn transitions_where(&self, filter: sea_orm::sea_query::SimpleExpr) -> Result<Vec<Transition>> {
         Ok(target_transitions::Entity::find()
-            .filter(target_transitions::Column::RolloutId.eq(rollout_id))
+            .filter(filter)
             .order_by_asc(target_transitions::Column::Id)
             .all(&self.db)
             .await?
