@@ -43,6 +43,9 @@ struct Settings {
     collector: CollectorOptions,
     telemetry: TelemetryOptions,
     sim: SimOptions,
+    /// The `ssh` transport; workers offer it only when this section is present.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ssh: Option<fleetpatch_transport_ssh::SshOptions>,
     client: commands::ClientOptions,
 }
 
@@ -213,7 +216,13 @@ async fn run_service(print_config: bool, command: Option<Command>, settings: Set
         joins.push(tokio::spawn(async move { handle.join.await?.map_err(anyhow::Error::from) }));
     }
     if matches!(command, Command::Worker | Command::All) {
-        let transports = Transports::default().with(Arc::new(SimTransport::new(SimFleet::new(settings.sim.clone()))));
+        let mut transports =
+            Transports::default().with(Arc::new(SimTransport::new(SimFleet::new(settings.sim.clone()))));
+        if let Some(ssh) = &settings.ssh {
+            let transport = fleetpatch_transport_ssh::SshTransport::new(ssh.clone())
+                .map_err(|error| anyhow::anyhow!("invalid configuration: ssh: {error}"))?;
+            transports = transports.with(Arc::new(transport));
+        }
         let worker = fleetpatch_worker::Worker::new(settings.worker.clone(), store.clone(), bus().await?, transports)?;
         let handle = worker.start(Health::new(), shutdown.clone()).await?;
         joins.push(tokio::spawn(async move { handle.join.await?.map_err(anyhow::Error::from) }));
