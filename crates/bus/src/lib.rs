@@ -29,6 +29,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+pub mod ceiling;
 #[cfg(feature = "test-support")]
 pub mod conformance;
 pub mod memory;

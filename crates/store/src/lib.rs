@@ -15,6 +15,9 @@ use chrono::{DateTime, Utc};
 use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, DbErr};
 use sea_orm_migration::MigratorTrait;
 
+pub mod ceiling;
+#[cfg(feature = "test-support")]
+pub mod conformance;
 pub mod content;
 pub mod entity;
 pub mod model;
@@ -137,6 +140,74 @@ impl Store {
     }
 }
 
+/// The URL of database `name` on the same PostgreSQL server as `url`.
+pub fn sibling_url(url: &str, name: &str) -> Result<String> {
+    let start = url.find("://").map(|i| i + 3).unwrap_or(0);
+    let (base, query) = match url.find('?') {
+        Some(q) => (&url[..q], &url[q..]),
+        None => (url, ""),
+    };
+    match base[start..].find('/') {
+        Some(slash) => Ok(format!("{}/{name}{query}", &base[..start + slash])),
+        None => Ok(format!("{base}/{name}{query}")),
+    }
+}
+
+fn check_database_name(name: &str) -> Result<()> {
+    let valid = !name.is_empty()
+        && name.len() <= 63
+        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && !name.starts_with(|c: char| c.is_ascii_digit());
+    if valid {
+        Ok(())
+    } else {
+        Err(Error::Conflict(format!("{name:?} is not a database name (lowercase letters, digits, _)")))
+    }
+}
+
+/// Creates database `name` on the PostgreSQL server of `options` (whose
+/// user needs CREATEDB) and returns options that point at it.
+pub async fn create_sibling_database(options: &StoreOptions, name: &str) -> Result<StoreOptions> {
+    check_database_name(name)?;
+    let admin = Store::connect(&StoreOptions { max_connections: 1, ..options.clone() }).await?;
+    if admin.backend() != DbBackend::Postgres {
+        return Err(Error::Conflict("a separate database can be created on PostgreSQL only".into()));
+    }
+    admin.db.execute_unprepared(&format!("CREATE DATABASE {name}")).await?;
+    admin.close().await;
+    Ok(StoreOptions { url: sibling_url(&options.url, name)?, ..options.clone() })
+}
+
+/// Drops database `name` on the PostgreSQL server of `options`, closing its connections.
+pub async fn drop_sibling_database(options: &StoreOptions, name: &str) -> Result<()> {
+    check_database_name(name)?;
+    let admin = Store::connect(&StoreOptions { max_connections: 1, ..options.clone() }).await?;
+    admin.db.execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await?;
+    admin.close().await;
+    Ok(())
+}
+
 pub(crate) fn now() -> DateTime<Utc> {
     Utc::now()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sibling_urls_replace_only_the_database() {
+        let url = |u: &str| sibling_url(u, "other").unwrap();
+        assert_eq!(url("postgres://u:p@h:5432/fleet"), "postgres://u:p@h:5432/other");
+        assert_eq!(url("postgres://u@h/fleet?sslmode=require"), "postgres://u@h/other?sslmode=require");
+        assert_eq!(url("postgres://h:5432"), "postgres://h:5432/other");
+    }
+
+    #[test]
+    fn database_names_are_checked() {
+        for bad in ["", "Bench", "a-b", "1abc", "x; DROP DATABASE y"] {
+            assert!(check_database_name(bad).is_err(), "{bad:?}");
+        }
+        check_database_name("fleetpatch_bench_0a1b").unwrap();
+    }
 }

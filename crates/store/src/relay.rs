@@ -4,7 +4,7 @@
 //! are idempotent) but never lost.
 
 use fleetpatch_bus::{Bus, Destination, Outgoing};
-use sea_orm::{ConnectionTrait, DbBackend, Statement, TransactionTrait};
+use sea_orm::{ConnectionTrait, DbBackend, QueryResult, Statement, TransactionTrait};
 
 use crate::ops::StoredHeaders;
 use crate::{Result, Store};
@@ -28,29 +28,7 @@ impl Store {
             txn.commit().await?;
             return Ok(0);
         }
-        let mut messages = Vec::with_capacity(rows.len());
-        let mut ordered: Vec<(i64, Outgoing)> = Vec::with_capacity(rows.len());
-        for row in rows {
-            let id: i64 = row.try_get("", "id")?;
-            let exchange: String = row.try_get("", "exchange")?;
-            let routing_key: String = row.try_get("", "routing_key")?;
-            let payload: Vec<u8> = row.try_get("", "payload")?;
-            let headers: serde_json::Value = row.try_get("", "headers")?;
-            let stored: StoredHeaders = serde_json::from_value(headers)
-                .map_err(|error| crate::Error::Corrupt(format!("outbox headers: {error}")))?;
-            ordered.push((
-                id,
-                Outgoing {
-                    destination: if exchange == "events" { Destination::Events } else { Destination::Work },
-                    routing_key,
-                    payload,
-                    headers: stored.headers,
-                    due_at_unix_ms: stored.due_at_unix_ms,
-                },
-            ));
-        }
-        ordered.sort_by_key(|(id, _)| *id);
-        messages.extend(ordered.into_iter().map(|(_, message)| message));
+        let messages = decode_rows(rows)?;
         let count = messages.len();
         match bus.publish(messages).await {
             Ok(()) => {
@@ -63,6 +41,50 @@ impl Store {
                 Err(crate::Error::Conflict(format!("publishing the outbox failed: {error}")))
             }
         }
+    }
+}
+
+/// Outbox rows in commit order, as the messages they will be published as.
+fn decode_rows(rows: Vec<QueryResult>) -> Result<Vec<Outgoing>> {
+    let mut ordered: Vec<(i64, Outgoing)> = Vec::with_capacity(rows.len());
+    for row in rows {
+        let id: i64 = row.try_get("", "id")?;
+        let exchange: String = row.try_get("", "exchange")?;
+        let routing_key: String = row.try_get("", "routing_key")?;
+        let payload: Vec<u8> = row.try_get("", "payload")?;
+        let headers: serde_json::Value = row.try_get("", "headers")?;
+        let stored: StoredHeaders = serde_json::from_value(headers)
+            .map_err(|error| crate::Error::Corrupt(format!("outbox headers: {error}")))?;
+        ordered.push((
+            id,
+            Outgoing {
+                destination: if exchange == "events" { Destination::Events } else { Destination::Work },
+                routing_key,
+                payload,
+                headers: stored.headers,
+                due_at_unix_ms: stored.due_at_unix_ms,
+            },
+        ));
+    }
+    ordered.sort_by_key(|(id, _)| *id);
+    Ok(ordered.into_iter().map(|(_, message)| message).collect())
+}
+
+impl Store {
+    /// The oldest `limit` messages waiting in the outbox, without taking
+    /// them (for diagnostics: what has been committed and not yet published).
+    pub async fn outbox_peek(&self, limit: u64) -> Result<Vec<Outgoing>> {
+        let sql = format!("SELECT id, exchange, routing_key, payload, headers FROM outbox ORDER BY id LIMIT {limit}");
+        decode_rows(self.db.query_all(Statement::from_string(self.backend(), sql)).await?)
+    }
+
+    /// How many messages wait in the outbox.
+    pub async fn outbox_depth(&self) -> Result<u64> {
+        let row = self
+            .db
+            .query_one(Statement::from_string(self.backend(), "SELECT COUNT(*) AS n FROM outbox".to_owned()))
+            .await?;
+        Ok(row.map(|row| row.try_get::<i64>("", "n")).transpose()?.unwrap_or(0) as u64)
     }
 }
 

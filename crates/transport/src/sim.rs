@@ -403,6 +403,7 @@ impl SimAgent {
             format!("{}/v1/targets/{}/reports", self.plan.collector_url.trim_end_matches('/'), self.plan.target_id);
         let mut backoff = Duration::from_millis(100);
         loop {
+            let sent = std::time::Instant::now();
             let response = self
                 .fleet
                 .http
@@ -413,7 +414,11 @@ impl SimAgent {
                 .send()
                 .await;
             match response {
-                Ok(response) if response.status().is_success() => return,
+                Ok(response) if response.status().is_success() => {
+                    // What an agent waits for one report: the collector answers after its batch committed.
+                    metrics::histogram!("fleetpatch_sim_report_seconds").record(sent.elapsed().as_secs_f64());
+                    return;
+                }
                 Ok(response) if response.status().is_client_error() => {
                     tracing::warn!(status = %response.status(), url, "collector refused a simulated report");
                     return;

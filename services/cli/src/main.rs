@@ -7,6 +7,7 @@
 //! own library crate with `start(options, ..., shutdown)`, and the client
 //! commands live in [`commands`].
 
+mod bench;
 mod client;
 mod commands;
 mod demo;
@@ -97,6 +98,8 @@ enum Command {
     All,
     /// The whole pipeline in one process on SQLite and the in-process bus, against a simulated fleet.
     Demo(demo::DemoArgs),
+    /// Measure the pipeline on the configured RabbitMQ and PostgreSQL next to their raw ceilings.
+    Bench(bench::BenchArgs),
     /// Create, list, show, watch and steer rollouts (a client of the scheduler API).
     #[command(subcommand)]
     Rollout(commands::RolloutCommand),
@@ -125,6 +128,16 @@ async fn main() -> ExitCode {
     if let Some(Command::Demo(args)) = cli.command {
         let _ = tracing_subscriber_init();
         return match demo::run(args).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("error: {error:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    if let Some(Command::Bench(args)) = cli.command {
+        let _ = tracing_subscriber_init();
+        return match bench::run(args, &settings.database, &settings.amqp, cli.config.as_deref()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(error) => {
                 eprintln!("error: {error:#}");
@@ -175,8 +188,8 @@ async fn run_service(print_config: bool, command: Option<Command>, settings: Set
         Command::Worker => "fleetpatch-worker",
         Command::Collector => "fleetpatch-collector",
         Command::All => "fleetpatch",
-        Command::Rollout(_) | Command::Targets(_) | Command::Target(_) | Command::Demo(_) => {
-            unreachable!("client commands and the demo run above")
+        Command::Rollout(_) | Command::Targets(_) | Command::Target(_) | Command::Demo(_) | Command::Bench(_) => {
+            unreachable!("client commands, the demo and the bench run above")
         }
     };
     let _telemetry = fleetpatch_runtime::telemetry::init(&settings.telemetry, service)?;

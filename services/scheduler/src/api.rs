@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, Query, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -24,6 +24,8 @@ use uuid::Uuid;
 pub const TRANSPORTS: [&str; 3] = ["sim", "ssh", "smb"];
 /// Largest rollout accepted in one request.
 pub const MAX_TARGETS: usize = 1_000_000;
+/// Largest `POST /v1/rollouts` body: room for [`MAX_TARGETS`] short targets.
+pub const MAX_ROLLOUT_BODY_BYTES: usize = 256 * 1024 * 1024;
 
 #[derive(Clone)]
 pub struct ApiState {
@@ -396,7 +398,10 @@ pub fn validate(request: CreateRollout, content_dir: &std::path::Path) -> Result
 pub fn router(state: ApiState) -> Router {
     Router::new()
         .route("/openapi.json", get(openapi))
-        .route("/v1/rollouts", post(create_rollout).get(list_rollouts))
+        .route(
+            "/v1/rollouts",
+            post(create_rollout).layer(DefaultBodyLimit::max(MAX_ROLLOUT_BODY_BYTES)).get(list_rollouts),
+        )
         .route("/v1/rollouts/{id}", get(show_rollout))
         .route("/v1/rollouts/{id}/targets", get(list_targets))
         .route("/v1/rollouts/{id}/pause", post(pause))

@@ -1,0 +1,122 @@
+//! The database's own ceiling, for `fleetpatch bench`: rows per second of
+//! batched multi-row INSERTs, and transactions per second of one-row
+//! INSERTs, into a scratch table shaped like `agent_events` (same columns,
+//! same unique index), through the same driver. The collector's rate is
+//! reported against both.
+
+use std::time::Instant;
+
+use sea_orm::sea_query::{Alias, Query};
+use sea_orm::{ConnectionTrait, DbBackend, Statement};
+use uuid::Uuid;
+
+use crate::{Error, Result, Store};
+
+const TABLE: &str = "bench_ceiling_events";
+
+/// What the database sustained.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct DatabaseCeiling {
+    pub clients: usize,
+    pub batch_rows: usize,
+    /// Rows per second in `batch_rows`-row INSERT statements.
+    pub batched_rows_per_second: f64,
+    /// One-row INSERT transactions per second.
+    pub single_row_transactions_per_second: f64,
+}
+
+async fn execute(store: &Store, sql: &str) -> Result<()> {
+    store.connection().execute(Statement::from_string(store.backend(), sql.to_owned())).await?;
+    Ok(())
+}
+
+fn insert(rows: usize, target: Uuid, first_seq: i64) -> sea_orm::sea_query::InsertStatement {
+    let mut insert = Query::insert();
+    insert.into_table(Alias::new(TABLE)).columns(
+        ["target_id", "attempt", "seq", "kind", "patch_index", "exit_code", "detail", "sent_at", "received_at"]
+            .map(Alias::new),
+    );
+    let at = chrono::Utc::now();
+    for i in 0..rows {
+        insert.values_panic([
+            target.into(),
+            1i32.into(),
+            (first_seq + i as i64).into(),
+            "finished".into(),
+            Some(0i32).into(),
+            Some(0i32).into(),
+            Some("installed".to_owned()).into(),
+            Some(at).into(),
+            at.into(),
+        ]);
+    }
+    insert
+}
+
+/// Inserts `batched_rows` rows in `batch_rows`-row statements and
+/// `single_rows` rows one transaction each, both from `clients` concurrent
+/// connections. PostgreSQL only; the scratch table is dropped afterwards.
+pub async fn database_ceiling(
+    store: &Store,
+    clients: usize,
+    batch_rows: usize,
+    batched_rows: usize,
+    single_rows: usize,
+) -> Result<DatabaseCeiling> {
+    if store.backend() != DbBackend::Postgres {
+        return Err(Error::Conflict("the database ceiling is measured on PostgreSQL only".into()));
+    }
+    let clients = clients.max(1);
+    let batch_rows = batch_rows.max(1);
+    execute(store, &format!("DROP TABLE IF EXISTS {TABLE}")).await?;
+    execute(
+        store,
+        &format!(
+            "CREATE TABLE {TABLE} (id BIGSERIAL PRIMARY KEY, target_id UUID NOT NULL, attempt INTEGER NOT NULL, \
+             seq BIGINT NOT NULL, kind VARCHAR NOT NULL, patch_index INTEGER, exit_code INTEGER, detail TEXT, \
+             sent_at TIMESTAMPTZ, received_at TIMESTAMPTZ NOT NULL)"
+        ),
+    )
+    .await?;
+    execute(store, &format!("CREATE UNIQUE INDEX {TABLE}_idempotency ON {TABLE} (target_id, attempt, seq)")).await?;
+
+    let run = |rows_per_statement: usize, total: usize| {
+        let store = store.clone();
+        async move {
+            let statements_per_client = total.div_ceil(rows_per_statement).div_ceil(clients);
+            let started = Instant::now();
+            let mut tasks = Vec::new();
+            for _ in 0..clients {
+                let store = store.clone();
+                tasks.push(tokio::spawn(async move {
+                    let target = Uuid::new_v4();
+                    for n in 0..statements_per_client {
+                        let statement =
+                            store.backend().build(&insert(rows_per_statement, target, (n * rows_per_statement) as i64));
+                        store.connection().execute(statement).await?;
+                    }
+                    Ok::<usize, Error>(statements_per_client * rows_per_statement)
+                }));
+            }
+            let mut rows = 0;
+            for task in tasks {
+                rows += task.await.map_err(|error| Error::Conflict(format!("a ceiling client failed: {error}")))??;
+            }
+            Ok::<f64, Error>(rows as f64 / started.elapsed().as_secs_f64().max(1e-9))
+        }
+    };
+    let measured = async {
+        let batched = run(batch_rows, batched_rows).await?;
+        let single = run(1, single_rows).await?;
+        Ok::<_, Error>((batched, single))
+    }
+    .await;
+    execute(store, &format!("DROP TABLE IF EXISTS {TABLE}")).await?;
+    let (batched, single) = measured?;
+    Ok(DatabaseCeiling {
+        clients,
+        batch_rows,
+        batched_rows_per_second: batched,
+        single_row_transactions_per_second: single,
+    })
+}

@@ -1,0 +1,978 @@
+//! The store conformance suite: every operation's contract, written once
+//! and run against each database the store supports (feature
+//! `test-support`). SQLite backs `fleetpatch demo`; PostgreSQL backs
+//! production; both must behave the same through this crate's API.
+//!
+//! A test file implements [`TestDatabase`] (a fresh, migrated, private
+//! database per test) and instantiates the suite:
+//!
+//! ```ignore
+//! async fn make_database() -> MyTestDatabase { ... }
+//! fleetpatch_store::store_conformance_suite!(make_database);
+//! ```
+//!
+//! A test never skips: a database that cannot be reached fails it.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::time::Duration;
+
+use fleetpatch_proto::plan::{Detection, InstallerKind, RebootPolicy};
+use fleetpatch_proto::routing;
+use fleetpatch_proto::state::{PatchState, RolloutState, TargetState};
+use fleetpatch_proto::{v1, Message};
+use futures_util::FutureExt;
+use uuid::Uuid;
+
+use crate::*;
+
+/// One private database, created for one test.
+#[async_trait::async_trait]
+pub trait TestDatabase: Send + Sync {
+    /// The migrated store on it. Panics with a clear message when the
+    /// database server cannot be reached: the suite never skips.
+    fn store(&self) -> &Store;
+    /// A second connection pool on the same database (another process, as
+    /// far as the database can tell).
+    async fn connect_another(&self) -> Store;
+    /// Removes the database; runs even when the test failed.
+    async fn tear_down(&self);
+}
+
+/// Generates one `#[tokio::test]` per conformance test. `$make` is an
+/// async fn `() -> impl TestDatabase`.
+#[macro_export]
+macro_rules! store_conformance_suite {
+    ($make:path) => {
+        $crate::store_conformance_suite!(@tests $make;
+            create_rollout_round_trips_rollout_patches_and_targets,
+            create_rollout_announces_a_dispatch_through_the_outbox,
+            dispatch_fills_free_slots_in_ordinal_order,
+            concurrent_dispatches_never_exceed_the_concurrency,
+            waves_open_in_order_and_a_failing_wave_halts,
+            claim_is_guarded_and_a_takeover_keeps_the_token_nonce,
+            probe_records_patch_rows_and_skips_installed_patches,
+            probe_with_every_patch_installed_succeeds_the_target,
+            worker_steps_are_guarded_and_recorded_in_the_history,
+            running_arms_the_watchdog_due_at_the_timeout,
+            reports_are_idempotent_by_target_attempt_and_seq,
+            reports_record_patch_results_and_the_final_result,
+            reports_of_an_old_attempt_change_no_patch,
+            every_fresh_report_moves_the_deadline,
+            the_watchdog_times_out_a_silent_target_and_fails_open_patches,
+            fail_target_is_guarded_and_queues_cleanup,
+            requeue_for_retry_keeps_the_slot_and_delays_the_job,
+            retry_failed_starts_a_new_attempt,
+            pause_resume_and_abort_follow_the_rollout_rules,
+            unknown_ids_are_not_found,
+            reconciler_queries_find_stale_queued_and_overdue_running_targets,
+            verification_verdicts_are_recorded_per_attempt,
+            token_info_names_the_attempt,
+            relay_publishes_in_commit_order_and_empties_the_outbox,
+        );
+    };
+    (@tests $make:path; $($test:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $test() {
+                let database = $make().await;
+                $crate::conformance::run(&database, $crate::conformance::$test(&database)).await;
+            }
+        )*
+    };
+}
+
+/// Runs `test`, then tears the database down, then reports the test's panic if any.
+pub async fn run(database: &dyn TestDatabase, test: impl Future<Output = ()>) {
+    let outcome = AssertUnwindSafe(test).catch_unwind().await;
+    database.tear_down().await;
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+// ---------------------------------------------------------------- fixtures
+
+fn patch(index: usize) -> NewPatch {
+    NewPatch {
+        name: format!("KB50{index:05}"),
+        kb: Some(format!("KB50{index:05}")),
+        file: format!("kb50{index:05}.msu"),
+        sha256: format!("{:064x}", index + 1),
+        size: 1_000 + index as u64,
+        installer: InstallerKind::Msu,
+        arguments: "/quiet".into(),
+        success_codes: vec![0],
+        reboot_codes: vec![3010],
+        timeout_seconds: 300,
+        detection: Some(Detection::Hotfix { kb: format!("KB50{index:05}") }),
+    }
+}
+
+fn target(index: usize, wave: u32) -> NewTarget {
+    NewTarget {
+        host: format!("host-{index:04}"),
+        port: (index % 2 == 0).then_some(2200 + index as u16),
+        transport: "sim".into(),
+        labels: BTreeMap::from([("site".to_owned(), format!("s{}", index % 3))]),
+        credential_ref: Some("env:FLEET_CRED".into()),
+        wave,
+    }
+}
+
+struct Spec {
+    targets: usize,
+    patches: usize,
+    concurrency: u32,
+    timeout_seconds: u32,
+    waves: Vec<WaveSpec>,
+}
+
+impl Spec {
+    fn new(targets: usize, patches: usize, concurrency: u32) -> Self {
+        Self { targets, patches, concurrency, timeout_seconds: 600, waves: vec![] }
+    }
+}
+
+async fn create(store: &Store, spec: Spec) -> Uuid {
+    let waves = if spec.waves.is_empty() {
+        vec![WaveSpec { name: "all".into(), size: None, max_failure_percent: 100.0 }]
+    } else {
+        spec.waves.clone()
+    };
+    // Targets fill the waves in order; the last one takes the rest.
+    let mut targets = Vec::new();
+    let mut wave = 0usize;
+    let mut in_wave = 0u32;
+    for index in 0..spec.targets {
+        while wave + 1 < waves.len() && waves[wave].size.is_some_and(|size| in_wave >= size) {
+            wave += 1;
+            in_wave = 0;
+        }
+        targets.push(target(index, wave as u32));
+        in_wave += 1;
+    }
+    store
+        .create_rollout(NewRollout {
+            name: "conformance".into(),
+            concurrency: spec.concurrency,
+            timeout_seconds: spec.timeout_seconds,
+            waves,
+            settings: RolloutSettings {
+                heartbeat_seconds: 5,
+                reboot: RebootPolicy::IfRequired,
+                max_tries: 2,
+                keep_files: true,
+            },
+            patches: (0..spec.patches).map(patch).collect(),
+            targets,
+        })
+        .await
+        .expect("create_rollout")
+}
+
+async fn all_targets(store: &Store, rollout: Uuid) -> Vec<Target> {
+    store.targets(rollout, None, None, 100_000).await.expect("targets")
+}
+
+async fn in_state(store: &Store, rollout: Uuid, state: TargetState) -> Vec<Target> {
+    store.targets(rollout, Some(state), None, 100_000).await.expect("targets by state")
+}
+
+/// Claims, probes (nothing installed), stages and starts `target`: it ends `running`.
+async fn bring_to_running(store: &Store, target: &Target) -> DeployContext {
+    let Claim::Claimed(context) = store.claim_deploy(target.id, target.attempt, false, "nonce").await.expect("claim")
+    else {
+        panic!("target {} could not be claimed", target.host);
+    };
+    let outcome = store
+        .record_probe(&context, "Windows Server 2022", "x86_64", serde_json::json!({"probe": 1}), &[], "hash")
+        .await
+        .expect("record_probe");
+    assert_eq!(outcome, ProbeOutcome::Stage);
+    let context = *context;
+    assert!(store.mark_installing(&context.target).await.expect("mark_installing"));
+    assert!(store.mark_running(&context.target).await.expect("mark_running"));
+    DeployContext { target: store.target(target.id).await.expect("target"), ..context }
+}
+
+fn report(target: &Target, seq: u64, kind: ReportKind) -> IncomingReport {
+    IncomingReport { target_id: target.id, attempt: target.attempt, seq, sent_at: Some(chrono::Utc::now()), kind }
+}
+
+fn finished(patch_index: u32, exit_code: i32, outcome: PatchOutcomeKind, tail: &str) -> ReportKind {
+    ReportKind::Finished { patch_index, exit_code, outcome, output_tail: tail.into() }
+}
+
+fn final_report(success: bool) -> ReportKind {
+    ReportKind::Final {
+        success,
+        reboot_required: false,
+        message: if success { "done" } else { "a patch failed" }.into(),
+    }
+}
+
+async fn outbox(store: &Store) -> Vec<fleetpatch_bus::Outgoing> {
+    store.outbox_peek(100_000).await.expect("outbox_peek")
+}
+
+async fn outbox_keys(store: &Store) -> Vec<String> {
+    outbox(store).await.into_iter().map(|m| m.routing_key).collect()
+}
+
+fn count(keys: &[String], key: &str) -> usize {
+    keys.iter().filter(|k| k.as_str() == key).count()
+}
+
+/// Empties the outbox (as the relay would), so a test sees only what follows.
+async fn drain_outbox(store: &Store) {
+    let bus = fleetpatch_bus::Bus::new(std::sync::Arc::new(fleetpatch_bus::memory::MemoryBackend::new(
+        &routing::WORK_QUEUES,
+        5,
+    )));
+    while store.relay_outbox(&bus, 10_000).await.expect("relay") > 0 {}
+}
+
+fn states(transitions: &[Transition]) -> Vec<(String, String)> {
+    transitions.iter().map(|t| (t.from.clone(), t.to.clone())).collect()
+}
+
+fn pair(from: TargetState, to: TargetState) -> (String, String) {
+    (from.as_str().to_owned(), to.as_str().to_owned())
+}
+
+// ---------------------------------------------------------------- rollouts
+
+pub async fn create_rollout_round_trips_rollout_patches_and_targets(db: &dyn TestDatabase) {
+    let store = db.store();
+    let id = create(
+        store,
+        Spec {
+            waves: vec![
+                WaveSpec { name: "canary".into(), size: Some(2), max_failure_percent: 0.0 },
+                WaveSpec { name: "rest".into(), size: None, max_failure_percent: 25.5 },
+            ],
+            ..Spec::new(5, 3, 4)
+        },
+    )
+    .await;
+    let rollout = store.rollout(id).await.expect("rollout");
+    assert_eq!((rollout.id, rollout.name.as_str(), rollout.state), (id, "conformance", RolloutState::Running));
+    assert_eq!((rollout.concurrency, rollout.timeout_seconds, rollout.current_wave), (4, 600, 0));
+    assert_eq!(rollout.waves[1], WaveSpec { name: "rest".into(), size: None, max_failure_percent: 25.5 });
+    assert_eq!(rollout.settings.reboot, RebootPolicy::IfRequired);
+    assert!(rollout.settings.keep_files);
+    assert_eq!(rollout.completed_at, None);
+
+    let patches = store.patches(id).await.expect("patches");
+    assert_eq!(patches.len(), 3);
+    for (i, p) in patches.iter().enumerate() {
+        let expected = patch(i);
+        assert_eq!(p.index, i as u32);
+        assert_eq!(
+            (&p.name, &p.kb, &p.file, &p.sha256),
+            (&expected.name, &expected.kb, &expected.file, &expected.sha256)
+        );
+        assert_eq!((p.size, p.installer, p.arguments.as_str()), (expected.size, InstallerKind::Msu, "/quiet"));
+        assert_eq!((&p.success_codes, &p.reboot_codes, p.timeout_seconds), (&vec![0], &vec![3010], 300));
+        assert_eq!(p.detection, expected.detection);
+    }
+
+    let targets = all_targets(store, id).await;
+    assert_eq!(targets.iter().map(|t| t.ordinal).collect::<Vec<_>>(), vec![0, 1, 2, 3, 4]);
+    assert_eq!(targets.iter().map(|t| t.wave).collect::<Vec<_>>(), vec![0, 0, 1, 1, 1]);
+    for (i, t) in targets.iter().enumerate() {
+        let expected = target(i, t.wave);
+        assert_eq!((&t.host, t.port, &t.transport), (&expected.host, expected.port, &expected.transport));
+        assert_eq!((&t.labels, &t.credential_ref), (&expected.labels, &expected.credential_ref));
+        assert_eq!((t.state, t.attempt, t.tries, t.timeout_seconds), (TargetState::Pending, 1, 0, 600));
+        assert_eq!(t.rollout_id, id);
+    }
+    assert_eq!(store.target(targets[3].id).await.expect("target"), targets[3]);
+
+    let progress = store.progress(&rollout).await.expect("progress");
+    assert_eq!(progress.total, 5);
+    assert_eq!(progress.by_state.get("pending"), Some(&5));
+    assert_eq!(
+        progress.waves.iter().map(|w| (w.name.as_str(), w.total)).collect::<Vec<_>>(),
+        [("canary", 2), ("rest", 3)]
+    );
+
+    // Paging in dispatch order.
+    let page = store.targets(id, None, Some(1), 2).await.expect("page");
+    assert_eq!(page.iter().map(|t| t.ordinal).collect::<Vec<_>>(), vec![2, 3]);
+
+    // A second rollout is listed first.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let second = create(store, Spec::new(1, 0, 1)).await;
+    let listed: Vec<Uuid> = store.list_rollouts(10).await.expect("list").into_iter().map(|r| r.id).collect();
+    assert_eq!(listed, vec![second, id]);
+    assert_eq!(store.list_rollouts(1).await.expect("list").len(), 1);
+}
+
+pub async fn create_rollout_announces_a_dispatch_through_the_outbox(db: &dyn TestDatabase) {
+    let store = db.store();
+    let id = create(store, Spec::new(3, 1, 2)).await;
+    let messages = outbox(store).await;
+    assert_eq!(messages.len(), 1, "one dispatch request, nothing else: {messages:?}");
+    assert_eq!(messages[0].routing_key, routing::DISPATCH);
+    let request = v1::DispatchRequest::decode(messages[0].payload.as_slice()).expect("a DispatchRequest");
+    assert_eq!(request.rollout_id, id.to_string());
+    assert_eq!(store.outbox_depth().await.expect("depth"), 1);
+}
+
+pub async fn dispatch_fills_free_slots_in_ordinal_order(db: &dyn TestDatabase) {
+    let store = db.store();
+    let id = create(store, Spec::new(5, 1, 2)).await;
+    drain_outbox(store).await;
+
+    let outcome = store.dispatch(id).await.expect("dispatch");
+    assert_eq!(outcome, DispatchOutcome { dispatched: 2, state: RolloutState::Running, halted: None });
+    let queued = in_state(store, id, TargetState::Queued).await;
+    assert_eq!(queued.iter().map(|t| t.ordinal).collect::<Vec<_>>(), vec![0, 1]);
+    assert!(queued.iter().all(|t| t.queued_at.is_some()));
+    let jobs: Vec<v1::DeployJob> = outbox(store)
+        .await
+        .into_iter()
+        .filter(|m| m.routing_key == routing::DEPLOY)
+        .map(|m| v1::DeployJob::decode(m.payload.as_slice()).expect("a DeployJob"))
+        .collect();
+    assert_eq!(jobs.len(), 2);
+    assert_eq!(jobs[0].target_id, queued[0].id.to_string());
+    assert_eq!((jobs[0].rollout_id.as_str(), jobs[0].attempt, jobs[0].r#try), (id.to_string().as_str(), 1, 0));
+
+    // No free slot: nothing more.
+    assert_eq!(store.dispatch(id).await.expect("dispatch").dispatched, 0);
+    // A slot frees up: the next target in order takes it.
+    assert!(store.fail_target(&queued[0], "boom", false).await.expect("fail"));
+    assert_eq!(store.dispatch(id).await.expect("dispatch").dispatched, 1);
+    let queued = in_state(store, id, TargetState::Queued).await;
+    assert_eq!(queued.iter().map(|t| t.ordinal).collect::<Vec<_>>(), vec![1, 2]);
+
+    // Finish everything: the rollout completes.
+    for _ in 0..10 {
+        for target in in_state(store, id, TargetState::Queued).await {
+            assert!(store.fail_target(&target, "boom", false).await.expect("fail"));
+        }
+        if store.dispatch(id).await.expect("dispatch").state == RolloutState::Completed {
+            break;
+        }
+    }
+    let rollout = store.rollout(id).await.expect("rollout");
+    assert_eq!(rollout.state, RolloutState::Completed);
+    assert!(rollout.completed_at.is_some());
+    // A completed rollout dispatches nothing.
+    assert_eq!(store.dispatch(id).await.expect("dispatch").dispatched, 0);
+}
+
+pub async fn concurrent_dispatches_never_exceed_the_concurrency(db: &dyn TestDatabase) {
+    let store = db.store();
+    let other = db.connect_another().await;
+    let id = create(store, Spec::new(40, 0, 7)).await;
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let store = if i % 2 == 0 { store.clone() } else { other.clone() };
+        tasks.push(tokio::spawn(async move { store.dispatch(id).await.expect("dispatch").dispatched }));
+    }
+    let mut total = 0;
+    for task in tasks {
+        total += task.await.expect("dispatch task");
+    }
+    assert_eq!(total, 7, "eight racing dispatches filled exactly the 7 slots");
+    assert_eq!(in_state(store, id, TargetState::Queued).await.len(), 7);
+    other.close().await;
+}
+
+pub async fn waves_open_in_order_and_a_failing_wave_halts(db: &dyn TestDatabase) {
+    let store = db.store();
+    let id = create(
+        store,
+        Spec {
+            waves: vec![
+                WaveSpec { name: "canary".into(), size: Some(2), max_failure_percent: 0.0 },
+                WaveSpec { name: "rest".into(), size: None, max_failure_percent: 100.0 },
+            ],
+            ..Spec::new(5, 0, 10)
+        },
+    )
+    .await;
+    // Only the canary wave is dispatched, although slots are free.
+    assert_eq!(store.dispatch(id).await.expect("dispatch").dispatched, 2);
+    let canary = in_state(store, id, TargetState::Queued).await;
+    assert!(canary.iter().all(|t| t.wave == 0));
+    assert!(store.fail_target(&canary[0], "installer failed", false).await.expect("fail"));
+    assert_eq!(store.dispatch(id).await.expect("dispatch").dispatched, 0, "the wave is still open");
+    // The canary wave ends 1 of 2 failed: over its 0 % threshold.
+    assert!(store.fail_target(&canary[1], "installer failed", false).await.expect("fail"));
+    let outcome = store.dispatch(id).await.expect("dispatch");
+    assert_eq!((outcome.dispatched, outcome.state), (0, RolloutState::Paused));
+    let reason = outcome.halted.expect("halted");
+    assert!(reason.contains("\"canary\"") && reason.contains("2 of 2"), "{reason}");
+    let rollout = store.rollout(id).await.expect("rollout");
+    assert_eq!((rollout.state, rollout.current_wave), (RolloutState::Paused, 1));
+    assert_eq!(rollout.pause_reason.as_deref(), Some(reason.as_str()));
+    assert_eq!(in_state(store, id, TargetState::Pending).await.len(), 3, "the next wave is untouched");
+    // A paused rollout dispatches nothing; resuming dispatches the next wave.
+    assert_eq!(store.dispatch(id).await.expect("dispatch").dispatched, 0);
+    store.resume_rollout(id).await.expect("resume");
+    assert_eq!(store.dispatch(id).await.expect("dispatch").dispatched, 3);
+    assert!(in_state(store, id, TargetState::Queued).await.iter().all(|t| t.wave == 1));
+}
+
+// ---------------------------------------------------------------- worker steps
+
+pub async fn claim_is_guarded_and_a_takeover_keeps_the_token_nonce(db: &dyn TestDatabase) {
+    let store = db.store();
+    let id = create(store, Spec::new(2, 2, 2)).await;
+    store.dispatch(id).await.expect("dispatch");
+    let target = &all_targets(store, id).await[0];
+
+    // A job for another attempt is skipped.
+    match store.claim_deploy(target.id, 2, false, "n0").await.expect("claim") {
+        Claim::Skip { state, attempt } => assert_eq!((state, attempt), (TargetState::Queued, 1)),
+        Claim::Claimed(_) => panic!("a job for attempt 2 claimed attempt 1"),
+    }
+    let Claim::Claimed(context) = store.claim_deploy(target.id, 1, false, "first").await.expect("claim") else {
+        panic!("first claim refused");
+    };
+    assert_eq!(context.target.state, TargetState::Probing);
+    assert_eq!(context.target.token_nonce.as_deref(), Some("first"));
+    assert_eq!(context.rollout.id, id);
+    assert_eq!(context.patches.iter().map(|p| p.index).collect::<Vec<_>>(), vec![0, 1]);
+    // A duplicate delivery is skipped.
+    assert!(matches!(
+        store.claim_deploy(target.id, 1, false, "dup").await.expect("claim"),
+        Claim::Skip { state: TargetState::Probing, attempt: 1 }
+    ));
+    // A redelivery after a worker died takes over and keeps the nonce, so
+    // the token the running agent holds stays valid.
+    let Claim::Claimed(taken) = store.claim_deploy(target.id, 1, true, "second").await.expect("takeover") else {
+        panic!("takeover refused");
+    };
+    assert_eq!(taken.target.token_nonce.as_deref(), Some("first"));
+    let history = store.transitions(target.id).await.expect("transitions");
+    assert_eq!(history.last().and_then(|t| t.detail.as_deref()), Some("taken over from probing"));
+    // A final target is never taken over.
+    assert!(store.fail_target(&taken.target, "gave up", false).await.expect("fail"));
+    assert!(matches!(
+        store.claim_deploy(target.id, 1, true, "third").await.expect("claim"),
+        Claim::Skip { state: TargetState::Failed, .. }
+    ));
+    let error = store.claim_deploy(Uuid::new_v4(), 1, false, "x").await.expect_err("unknown target");
+    assert!(matches!(error, Error::NotFound { what: "target", .. }), "{error}");
+}
+
+pub async fn probe_records_patch_rows_and_skips_installed_patches(db: &dyn TestDatabase) {
+    let store = db.store();
+    let id = create(store, Spec::new(1, 3, 1)).await;
+    store.dispatch(id).await.expect("dispatch");
+    let target = &all_targets(store, id).await[0];
+    let Claim::Claimed(context) = store.claim_deploy(target.id, 1, false, "n").await.expect("claim") else {
+        panic!("claim refused");
+    };
+    let outcome = store
+        .record_probe(&context, "Ubuntu 24.04", "aarch64", serde_json::json!({"free": 1}), &[1], "token-hash")
+        .await
+        .expect("probe");
+    assert_eq!(outcome, ProbeOutcome::Stage);
+    let target = store.target(target.id).await.expect("target");
+    assert_eq!(
+        (target.state, target.os.as_deref(), target.arch.as_deref()),
+        (TargetState::Staging, Some("Ubuntu 24.04"), Some("aarch64"))
+    );
+    assert_eq!(target.token_hash.as_deref(), Some("token-hash"));
+    let patches = store.target_patches(target.id).await.expect("target patches");
+    assert_eq!(
+        patches.iter().map(|p| (p.patch_index, p.state, p.outcome.as_deref())).collect::<Vec<_>>(),
+        vec![
+            (0, PatchState::Pending, None),
+            (1, PatchState::Skipped, Some("already_installed")),
+            (2, PatchState::Pending, None)
+        ]
+    );
+    // A second probe of the same claim finds the target moved on.
+    assert_eq!(
+        store.record_probe(&context, "x", "y", serde_json::json!({}), &[], "h").await.expect("probe"),
+        ProbeOutcome::Lost
+    );
+}
+
+pub async fn probe_with_every_patch_installed_succeeds_the_target(db: &dyn TestDatabase) {
+    let store = db.store();
+    let id = create(store, Spec::new(1, 2, 1)).await;
+    store.dispatch(id).await.expect("dispatch");
+    drain_outbox(store).await;
+    let target = &all_targets(store, id).await[0];
+    let Claim::Claimed(context) = store.claim_deploy(target.id, 1, false, "n").await.expect("claim") else {
+        panic!("claim refused");
+    };
+    let outcome =
+        store.record_probe(&context, "os", "x86_64", serde_json::json!({}), &[0, 1], "h").await.expect("probe");
+    assert_eq!(outcome, ProbeOutcome::AllInstalled);
+    let target = store.target(target.id).await.expect("target");
+    assert_eq!(target.state, TargetState::Succeeded);
+    assert!(target.finished_at.is_some());
+    assert!(store.target_patches(target.id).await.expect("patches").iter().all(|p| p.state == PatchState::Skipped));
+    let keys = outbox_keys(store).await;
+    assert_eq!(count(&keys, routing::DISPATCH), 1, "{keys:?}");
+    assert_eq!(count(&keys, "target.succeeded"), 1, "{keys:?}");
+    let history = states(&store.transitions(target.id).await.expect("history"));
+    assert_eq!(history.last(), Some(&pair(TargetState::Probing, TargetState::Succeeded)));
+}
+
+pub async fn worker_steps_are_guarded_and_recorded_in_the_history(db: &dyn TestDatabase) {
+    let store = db.store();
+    let id = create(store, Spec::new(1, 1, 1)).await;
+    store.dispatch(id).await.expect("dispatch");
+    let target = all_targets(store, id).await.remove(0);
+    // Out of order: nothing moves.
+    assert!(!store.mark_installing(&target).await.expect("mark_installing"));
+    assert!(!store.mark_running(&target).await.expect("mark_running"));
+    let context = bring_to_running(store, &target).await;
+    assert_eq!(context.target.state, TargetState::Running);
+    assert!(context.target.running_at.is_some() && context.target.last_seen_at.is_some());
+    // Repeating a step changes nothing.
+    assert!(!store.mark_installing(&context.target).await.expect("again"));
+    assert!(!store.mark_running(&context.target).await.expect("again"));
+    let history = store.transitions(target.id).await.expect("history");
+    assert_eq!(
+        states(&history),
+        vec![
+            pair(TargetState::Pending, TargetState::Queued),
+            pair(TargetState::Queued, TargetState::Probing),
+            pair(TargetState::Probing, TargetState::Staging),
+            pair(TargetState::Staging, TargetState::Installing),
+            pair(TargetState::Installing, TargetState::Running),
+        ]
+    );
+    assert!(history.windows(2).all(|w| w[0].at <= w[1].at));
+    assert!(history.iter().all(|t| t.target_id == target.id));
+    assert_eq!(store.rollout_transitions(id).await.expect("rollout history"), history);
+}
+
+pub async fn running_arms_the_watchdog_due_at_the_timeout(db: &dyn TestDatabase) {
+    let store = db.store();
+    let id = create(store, Spec { timeout_seconds: 90, ..Spec::new(1, 1, 1) }).await;
+    store.dispatch(id).await.expect("dispatch");
+    drain_outbox(store).await;
+    let target = all_targets(store, id).await.remove(0);
+    let context = bring_to_running(store, &target).await;
+    let watches: Vec<_> = outbox(store).await.into_iter().filter(|m| m.routing_key == routing::WATCH).collect();
+    assert_eq!(watches.len(), 1);
+    let timer = v1::WatchTimer::decode(watches[0].payload.as_slice()).expect("a WatchTimer");
+    let running_at = context.target.running_at.expect("running_at").timestamp_millis();
+    assert_eq!((timer.target_id, timer.attempt), (target.id.to_string(), 1));
+    assert!(
+        (timer.due_at_unix_ms - (running_at + 90_000)).abs() < 1_000,
+        "due {} vs running {running_at}",
+        timer.due_at_unix_ms
+    );
+    assert_eq!(watches[0].due_at_unix_ms, Some(timer.due_at_unix_ms));
+}
+
+// ---------------------------------------------------------------- reports
+
+pub async fn reports_are_idempotent_by_target_attempt_and_seq(db: &dyn TestDatabase) {
+    let store = db.store();
+    let id = create(store, Spec::new(2, 2, 2)).await;
+    store.dispatch(id).await.expect("dispatch");
+    let targets = all_targets(store, id).await;
+    let a = bring_to_running(store, &targets[0]).await.target;
+    let b = bring_to_running(store, &targets[1]).await.target;
+    let batch = vec![
+        report(&a, 1, ReportKind::Started { patch_index: 0 }),
+        report(&a, 2, ReportKind::Heartbeat { patch_index: Some(0) }),
+        report(&a, 2, ReportKind::Heartbeat { patch_index: Some(0) }),
+        report(&b, 1, ReportKind::Started { patch_index: 0 }),
+    ];
+    assert_eq!(
+        store.apply_reports(&batch).await.expect("apply"),
+        vec![ReportResult::Accepted, ReportResult::Accepted, ReportResult::Duplicate, ReportResult::Accepted]
+    );
+    // Replayed later (an agent's spool): all duplicates, nothing recorded twice.
+    assert_eq!(store.apply_reports(&batch[..2]).await.expect("apply"), vec![ReportResult::Duplicate; 2]);
+    assert!(store.apply_reports(&[]).await.expect("empty").is_empty());
+    let events = store.agent_events(a.id).await.expect("events");
+    assert_eq!(
+        events.iter().map(|e| (e.seq, e.kind.as_str())).collect::<Vec<_>>(),
+        vec![(1, "started"), (2, "heartbeat")]
+    );
+    assert_eq!(events[0].patch_index, Some(0));
+    assert_eq!(store.agent_events(b.id).await.expect("events").len(), 1);
+}
+
+pub async fn reports_record_patch_results_and_the_final_result(db: &dyn TestDatabase) {
+    let store = db.store();
+    let id = create(store, Spec::new(2, 3, 2)).await;
+    store.dispatch(id).await.expect("dispatch");
+    drain_outbox(store).await;
+    let targets = all_targets(store, id).await;
+    let ok = bring_to_running(store, &targets[0]).await.target;
+    let bad = bring_to_running(store, &targets[1]).await.target;
+    drain_outbox(store).await;
+    store
+        .apply_reports(&[
+            report(&ok, 1, ReportKind::Started { patch_index: 0 }),
+            report(&ok, 2, finished(0, 0, PatchOutcomeKind::Installed, "ok")),
+            report(&ok, 3, ReportKind::Started { patch_index: 1 }),
+            report(&ok, 4, finished(1, 3010, PatchOutcomeKind::InstalledRebootRequired, "reboot me")),
+            report(&ok, 5, finished(2, 0, PatchOutcomeKind::Installed, "")),
+            report(&ok, 6, final_report(true)),
+            report(&bad, 1, ReportKind::Started { patch_index: 0 }),
+            report(&bad, 2, finished(0, 1603, PatchOutcomeKind::Failed, "fatal error during installation")),
+            report(&bad, 3, final_report(false)),
+        ])
+        .await
+        .expect("apply");
+    let ok_target = store.target(ok.id).await.expect("target");
+    assert_eq!(ok_target.state, TargetState::Succeeded);
+    assert!(ok_target.finished_at.is_some());
+    assert_eq!(ok_target.error, None);
+    let patches = store.target_patches(ok.id).await.expect("patches");
+    assert_eq!(
+        patches.iter().map(|p| (p.state, p.exit_code, p.reboot_required)).collect::<Vec<_>>(),
+        vec![
+            (PatchState::Succeeded, Some(0), false),
+            (PatchState::Succeeded, Some(3010), true),
+            (PatchState::Succeeded, Some(0), false)
+        ]
+    );
+    assert_eq!(patches[1].outcome.as_deref(), Some("installed_reboot_required"));
+    assert_eq!(patches[1].output_tail.as_deref(), Some("reboot me"));
+    assert!(patches[0].started_at.is_some() && patches[0].finished_at.is_some());
+
+    let bad_target = store.target(bad.id).await.expect("target");
+    assert_eq!(bad_target.state, TargetState::Failed);
+    assert_eq!(bad_target.error.as_deref(), Some("agent: a patch failed"));
+    let patches = store.target_patches(bad.id).await.expect("patches");
+    assert_eq!((patches[0].state, patches[0].exit_code), (PatchState::Failed, Some(1603)));
+    assert_eq!(patches[0].output_tail.as_deref(), Some("fatal error during installation"));
+    // Patches it never reported are failed with a reason, not left open.
+    for p in &patches[1..] {
+        assert_eq!(p.state, PatchState::Failed);
+        assert_eq!(p.error.as_deref(), Some("the agent finished without reporting this patch"));
+    }
+    // Each final result frees a slot (dispatch) and queues the cleanup.
+    let keys = outbox_keys(store).await;
+    assert_eq!((count(&keys, routing::DISPATCH), count(&keys, routing::CLEANUP)), (2, 2), "{keys:?}");
+    assert_eq!((count(&keys, "target.succeeded"), count(&keys, "target.failed")), (1, 1), "{keys:?}");
+    // A late final for a finished target changes nothing.
+    store.apply_reports(&[report(&ok, 7, final_report(false))]).await.expect("apply");
+    assert_eq!(store.target(ok.id).await.expect("target").state, TargetState::Succeeded);
+}
+
+pub async fn reports_of_an_old_attempt_change_no_patch(db: &dyn TestDatabase) {
+    let store = db.store();
+    let id = create(store, Spec::new(1, 1, 1)).await;
+    store.dispatch(id).await.expect("dispatch");
+    let first = bring_to_running(store, &all_targets(store, id).await[0]).await.target;
+    assert!(store.fail_target(&first, "operator gave up", false).await.expect("fail"));
+    assert_eq!(store.retry_failed(id).await.expect("retry"), 1);
+    store.dispatch(id).await.expect("dispatch");
+    let second = bring_to_running(store, &all_targets(store, id).await[0]).await.target;
+    assert_eq!(second.attempt, 2);
+    // The first attempt's agent is still alive somewhere and reports.
+    store
+        .apply_reports(&[
+            report(&first, 1, finished(0, 0, PatchOutcomeKind::Installed, "")),
+            report(&first, 2, final_report(true)),
+        ])
+        .await
+        .expect("apply");
+    let target = store.target(second.id).await.expect("target");
+    assert_eq!((target.state, target.attempt), (TargetState::Running, 2));
+    assert_eq!(store.target_patches(second.id).await.expect("patches")[0].state, PatchState::Pending);
+    // Its events are kept, under their own attempt.
+    let events = store.agent_events(second.id).await.expect("events");
+    assert!(events.iter().all(|e| e.attempt == 1) && events.len() == 2, "{events:?}");
+}
+
+pub async fn every_fresh_report_moves_the_deadline(db: &dyn TestDatabase) {
+    let store = db.store();
+    let id = create(store, Spec::new(1, 1, 1)).await;
+    store.dispatch(id).await.expect("dispatch");
+    let target = bring_to_running(store, &all_targets(store, id).await[0]).await.target;
+    let before = target.last_seen_at.expect("last seen");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    store.apply_reports(&[report(&target, 1, ReportKind::Heartbeat { patch_index: None })]).await.expect("apply");
+    let seen = store.target(target.id).await.expect("target").last_seen_at.expect("last seen");
+    assert!(seen > before, "{seen} > {before}");
+    // A duplicate does not.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    store.apply_reports(&[report(&target, 1, ReportKind::Heartbeat { patch_index: None })]).await.expect("apply");
+    assert_eq!(store.target(target.id).await.expect("target").last_seen_at, Some(seen));
+}
+
+// ---------------------------------------------------------------- watchdog and failures
+
+pub async fn the_watchdog_times_out_a_silent_target_and_fails_open_patches(db: &dyn TestDatabase) {
+    let store = db.store();
+    let policy = TimeoutPolicy { verify_delay: Duration::from_secs(7) };
+    let id = create(store, Spec { timeout_seconds: 1, ..Spec::new(1, 2, 1) }).await;
+    store.dispatch(id).await.expect("dispatch");
+    let target = bring_to_running(store, &all_targets(store, id).await[0]).await.target;
+    store
+        .apply_reports(&[
+            report(&target, 1, ReportKind::Started { patch_index: 0 }),
+            report(&target, 2, finished(0, 0, PatchOutcomeKind::Installed, "")),
+        ])
+        .await
+        .expect("apply");
+    let seen = store.target(target.id).await.expect("target").last_seen_at.expect("seen");
+    match store.check_timeout(target.id, 1, policy).await.expect("check") {
+        WatchOutcome::NotYet(deadline) => {
+            assert_eq!(deadline, seen + chrono::Duration::seconds(1), "the deadline counts from the last report")
+        }
+        other => panic!("a target seen just now timed out: {other:?}"),
+    }
+    // Another attempt's timer finds nothing to do.
+    assert_eq!(store.check_timeout(target.id, 2, policy).await.expect("check"), WatchOutcome::Gone);
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    drain_outbox(store).await;
+    assert_eq!(store.check_timeout(target.id, 1, policy).await.expect("check"), WatchOutcome::TimedOut);
+    let timed_out = store.target(target.id).await.expect("target");
+    assert_eq!(timed_out.state, TargetState::TimedOut);
+    let reason = timed_out.error.expect("reason");
+    assert!(reason.contains("no feedback received within 1 s"), "{reason}");
+    let patches = store.target_patches(target.id).await.expect("patches");
+    assert_eq!(patches[0].state, PatchState::Succeeded, "what was reported stays");
+    assert_eq!((patches[1].state, patches[1].error.as_deref()), (PatchState::Failed, Some(reason.as_str())));
+    // It frees the slot and schedules the verification scan.
+    let messages = outbox(store).await;
+    let verify: Vec<_> = messages.iter().filter(|m| m.routing_key == routing::VERIFY).collect();
+    assert_eq!(verify.len(), 1);
+    let job = v1::VerifyJob::decode(verify[0].payload.as_slice()).expect("a VerifyJob");
+    assert_eq!((job.target_id, job.attempt, job.cleanup_after), (target.id.to_string(), 1, true));
+    let due = verify[0].due_at_unix_ms.expect("delayed");
+    let expected = chrono::Utc::now().timestamp_millis() + 7_000;
+    assert!((due - expected).abs() < 2_000, "verify due in about 7 s: {due} vs {expected}");
+    assert_eq!(messages.iter().filter(|m| m.routing_key == routing::DISPATCH).count(), 1);
+    // A second timer for it finds it gone.
+    assert_eq!(store.check_timeout(target.id, 1, policy).await.expect("check"), WatchOutcome::Gone);
+    assert_eq!(store.check_timeout(Uuid::new_v4(), 1, policy).await.expect("check"), WatchOutcome::Gone);
+}
+
+pub async fn fail_target_is_guarded_and_queues_cleanup(db: &dyn TestDatabase) {
+    let store = db.store();
+    let id = create(store, Spec::new(2, 1, 2)).await;
+    store.dispatch(id).await.expect("dispatch");
+    drain_outbox(store).await;
+    let targets = all_targets(store, id).await;
+    let running = bring_to_running(store, &targets[0]).await.target;
+    assert!(store.fail_target(&running, "could not start the agent service", true).await.expect("fail"));
+    assert!(!store.fail_target(&running, "again", true).await.expect("fail twice"), "a failed target stays failed");
+    assert!(store.fail_target(&targets[1], "unreachable", false).await.expect("fail queued"));
+    let failed = store.target(running.id).await.expect("target");
+    assert_eq!(failed.error.as_deref(), Some("could not start the agent service"));
+    assert!(failed.finished_at.is_some());
+    let patches = store.target_patches(running.id).await.expect("patches");
+    assert_eq!(
+        (patches[0].state, patches[0].error.as_deref()),
+        (PatchState::Failed, Some("could not start the agent service"))
+    );
+    let keys = outbox_keys(store).await;
+    assert_eq!(count(&keys, routing::CLEANUP), 1, "cleanup only when asked: {keys:?}");
+    assert_eq!(count(&keys, "target.failed"), 2, "{keys:?}");
+    let last = store.transitions(running.id).await.expect("history").pop().expect("a transition");
+    assert_eq!((last.to.as_str(), last.detail.as_deref()), ("failed", Some("could not start the agent service")));
+}
+
+pub async fn requeue_for_retry_keeps_the_slot_and_delays_the_job(db: &dyn TestDatabase) {
+    let store = db.store();
+    let id = create(store, Spec::new(2, 1, 1)).await;
+    store.dispatch(id).await.expect("dispatch");
+    drain_outbox(store).await;
+    let target = all_targets(store, id).await.remove(0);
+    // Only a claimed target can be requeued.
+    assert!(!store.requeue_for_retry(&target, "x", 1, Duration::from_secs(1)).await.expect("requeue"));
+    let Claim::Claimed(context) = store.claim_deploy(target.id, 1, false, "n").await.expect("claim") else {
+        panic!("claim refused");
+    };
+    assert!(store
+        .requeue_for_retry(&context.target, "connection refused", 1, Duration::from_secs(5))
+        .await
+        .expect("requeue"));
+    let requeued = store.target(target.id).await.expect("target");
+    assert_eq!((requeued.state, requeued.tries), (TargetState::Queued, 1));
+    assert_eq!(requeued.error.as_deref(), Some("connection refused"));
+    let detail = store.transitions(target.id).await.expect("history").pop().and_then(|t| t.detail);
+    assert_eq!(detail.as_deref(), Some("try 1 in 5 s: connection refused"));
+    let messages = outbox(store).await;
+    assert_eq!(messages.len(), 1, "{messages:?}");
+    let job = v1::DeployJob::decode(messages[0].payload.as_slice()).expect("a DeployJob");
+    assert_eq!((job.attempt, job.r#try), (1, 1));
+    let due = messages[0].due_at_unix_ms.expect("delayed");
+    assert!((due - (chrono::Utc::now().timestamp_millis() + 5_000)).abs() < 2_000);
+    // It keeps its slot: the other target is not dispatched.
+    assert_eq!(store.dispatch(id).await.expect("dispatch").dispatched, 0);
+}
+
+pub async fn retry_failed_starts_a_new_attempt(db: &dyn TestDatabase) {
+    let store = db.store();
+    let id = create(store, Spec::new(3, 1, 3)).await;
+    assert_eq!(store.retry_failed(id).await.expect("nothing to retry"), 0);
+    store.dispatch(id).await.expect("dispatch");
+    let targets = all_targets(store, id).await;
+    let failed = bring_to_running(store, &targets[0]).await.target;
+    store.apply_reports(&[report(&failed, 1, finished(0, 1, PatchOutcomeKind::Failed, "x"))]).await.expect("apply");
+    assert!(store.fail_target(&failed, "installer failed", false).await.expect("fail"));
+    let ok = bring_to_running(store, &targets[1]).await.target;
+    store.apply_reports(&[report(&ok, 1, final_report(true))]).await.expect("apply");
+    assert!(store.fail_target(&targets[2], "unreachable", false).await.expect("fail"));
+    assert_eq!(store.dispatch(id).await.expect("dispatch").state, RolloutState::Completed);
+    drain_outbox(store).await;
+
+    assert_eq!(store.retry_failed(id).await.expect("retry"), 2);
+    let rollout = store.rollout(id).await.expect("rollout");
+    assert_eq!((rollout.state, rollout.completed_at), (RolloutState::Running, None));
+    let retried = store.target(failed.id).await.expect("target");
+    assert_eq!((retried.state, retried.attempt, retried.tries), (TargetState::Pending, 2, 0));
+    assert_eq!((retried.error, retried.token_hash, retried.finished_at), (None, None, None));
+    assert!(store.target_patches(failed.id).await.expect("patches").is_empty(), "the new attempt probes afresh");
+    assert_eq!(store.target(ok.id).await.expect("target").state, TargetState::Succeeded, "successes stay");
+    assert_eq!(outbox_keys(store).await, vec![routing::DISPATCH.to_owned()]);
+    // An aborted rollout cannot be retried.
+    store.abort_rollout(id).await.expect("abort");
+    let error = store.retry_failed(id).await.expect_err("aborted");
+    assert!(matches!(error, Error::Conflict(ref m) if m.contains("aborted")), "{error}");
+}
+
+pub async fn pause_resume_and_abort_follow_the_rollout_rules(db: &dyn TestDatabase) {
+    let store = db.store();
+    let id = create(store, Spec::new(4, 0, 1)).await;
+    store.dispatch(id).await.expect("dispatch");
+    let error = store.resume_rollout(id).await.expect_err("resume a running rollout");
+    assert!(
+        error.to_string().contains("is running") && error.to_string().contains("only when it is paused"),
+        "{error}"
+    );
+    let paused = store.pause_rollout(id, "change freeze").await.expect("pause");
+    assert_eq!((paused.state, paused.pause_reason.as_deref()), (RolloutState::Paused, Some("change freeze")));
+    assert!(matches!(store.pause_rollout(id, "again").await, Err(Error::Conflict(_))));
+    drain_outbox(store).await;
+    let resumed = store.resume_rollout(id).await.expect("resume");
+    assert_eq!((resumed.state, resumed.pause_reason), (RolloutState::Running, None));
+    assert_eq!(outbox_keys(store).await, vec![routing::DISPATCH.to_owned()], "resuming asks for a dispatch");
+
+    let aborted = store.abort_rollout(id).await.expect("abort");
+    assert_eq!(aborted.state, RolloutState::Aborted);
+    assert!(aborted.completed_at.is_some());
+    let targets = all_targets(store, id).await;
+    assert_eq!(
+        targets.iter().filter(|t| t.state == TargetState::Cancelled).count(),
+        3,
+        "pending targets are cancelled"
+    );
+    assert_eq!(targets.iter().filter(|t| t.state == TargetState::Queued).count(), 1, "in-flight targets finish");
+    let cancelled = targets.iter().find(|t| t.state == TargetState::Cancelled).expect("a cancelled target");
+    let last = store.transitions(cancelled.id).await.expect("history").pop().expect("transition");
+    assert_eq!((last.to.as_str(), last.detail.as_deref()), ("cancelled", Some("rollout aborted")));
+    assert!(matches!(store.abort_rollout(id).await, Err(Error::Conflict(_))));
+    assert!(matches!(store.resume_rollout(id).await, Err(Error::Conflict(_))));
+    assert_eq!(store.dispatch(id).await.expect("dispatch").dispatched, 0);
+}
+
+pub async fn unknown_ids_are_not_found(db: &dyn TestDatabase) {
+    let store = db.store();
+    let unknown = Uuid::new_v4();
+    for error in [
+        store.rollout(unknown).await.expect_err("rollout"),
+        store.pause_rollout(unknown, "x").await.expect_err("pause"),
+        store.abort_rollout(unknown).await.expect_err("abort"),
+        store.retry_failed(unknown).await.map(|_| ()).expect_err("retry"),
+        store.dispatch(unknown).await.map(|_| ()).expect_err("dispatch"),
+    ] {
+        assert!(matches!(error, Error::NotFound { what: "rollout", .. }), "{error}");
+        assert!(error.to_string().contains(&unknown.to_string()), "{error}");
+    }
+    let error = store.target(unknown).await.expect_err("target");
+    assert!(matches!(error, Error::NotFound { what: "target", .. }), "{error}");
+    assert!(store.patches(unknown).await.expect("patches").is_empty());
+    assert!(store.targets(unknown, None, None, 10).await.expect("targets").is_empty());
+    assert!(store.target_patches(unknown).await.expect("target patches").is_empty());
+    assert!(store.agent_events(unknown).await.expect("events").is_empty());
+    assert!(store.transitions(unknown).await.expect("transitions").is_empty());
+}
+
+pub async fn reconciler_queries_find_stale_queued_and_overdue_running_targets(db: &dyn TestDatabase) {
+    let store = db.store();
+    let id = create(store, Spec { timeout_seconds: 1, ..Spec::new(3, 1, 3) }).await;
+    store.dispatch(id).await.expect("dispatch");
+    let targets = all_targets(store, id).await;
+    let running = bring_to_running(store, &targets[0]).await.target;
+    assert!(store.running_rollout_ids().await.expect("running rollouts").contains(&id));
+    assert!(store.overdue_running_targets(Duration::ZERO, 10).await.expect("overdue").is_empty());
+    assert!(store.stale_queued_targets(Duration::from_secs(60), 10).await.expect("stale").is_empty());
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    assert_eq!(store.overdue_running_targets(Duration::ZERO, 10).await.expect("overdue"), vec![(running.id, 1)]);
+    assert!(store.overdue_running_targets(Duration::from_secs(60), 10).await.expect("overdue").is_empty());
+    let stale = store.stale_queued_targets(Duration::from_millis(500), 10).await.expect("stale");
+    let mut stale: Vec<String> =
+        stale.iter().map(|m| v1::DeployJob::decode(m.payload.as_slice()).expect("a DeployJob").target_id).collect();
+    stale.sort();
+    let mut expected = vec![targets[1].id.to_string(), targets[2].id.to_string()];
+    expected.sort();
+    assert_eq!(stale, expected);
+    assert_eq!(store.stale_queued_targets(Duration::from_millis(500), 1).await.expect("stale").len(), 1, "limit");
+    store.abort_rollout(id).await.expect("abort");
+    assert!(!store.running_rollout_ids().await.expect("running rollouts").contains(&id));
+}
+
+pub async fn verification_verdicts_are_recorded_per_attempt(db: &dyn TestDatabase) {
+    let store = db.store();
+    let id = create(store, Spec::new(1, 3, 1)).await;
+    let target = all_targets(store, id).await.remove(0);
+    store.record_verification(target.id, 1, &[0], &[1, 2]).await.expect("verify");
+    let verified = store.target(target.id).await.expect("target");
+    assert_eq!(verified.verified_state.as_deref(), Some("missing #1, #2"));
+    assert!(verified.verified_at.is_some());
+    store.record_verification(target.id, 1, &[], &[0, 1, 2]).await.expect("verify");
+    assert_eq!(store.target(target.id).await.expect("target").verified_state.as_deref(), Some("none_installed"));
+    store.record_verification(target.id, 1, &[0, 1, 2], &[]).await.expect("verify");
+    assert_eq!(store.target(target.id).await.expect("target").verified_state.as_deref(), Some("all_installed"));
+    // A scan of another attempt does not overwrite this one's.
+    store.record_verification(target.id, 9, &[], &[0, 1, 2]).await.expect("verify");
+    assert_eq!(store.target(target.id).await.expect("target").verified_state.as_deref(), Some("all_installed"));
+}
+
+pub async fn token_info_names_the_attempt(db: &dyn TestDatabase) {
+    let store = db.store();
+    let id = create(store, Spec::new(1, 1, 1)).await;
+    let target = all_targets(store, id).await.remove(0);
+    assert_eq!(store.token_info(target.id).await.expect("token info"), None, "no token before the probe");
+    store.dispatch(id).await.expect("dispatch");
+    bring_to_running(store, &target).await;
+    assert_eq!(
+        store.token_info(target.id).await.expect("token info"),
+        Some(TokenInfo { token_hash: "hash".into(), attempt: 1, rollout_id: id })
+    );
+    assert_eq!(store.token_info(Uuid::new_v4()).await.expect("token info"), None);
+}
+
+pub async fn relay_publishes_in_commit_order_and_empties_the_outbox(db: &dyn TestDatabase) {
+    let store = db.store();
+    let backend = std::sync::Arc::new(fleetpatch_bus::memory::MemoryBackend::new(&routing::WORK_QUEUES, 5));
+    let bus = fleetpatch_bus::Bus::new(backend);
+    let ids = [create(store, Spec::new(1, 0, 1)).await, create(store, Spec::new(1, 0, 1)).await];
+    let mut consumer = bus.consume(routing::DISPATCH, 10).await.expect("consume");
+    assert_eq!(store.relay_outbox(&bus, 1).await.expect("relay"), 1, "the limit holds");
+    assert_eq!(store.relay_outbox(&bus, 100).await.expect("relay"), 1);
+    assert_eq!(store.relay_outbox(&bus, 100).await.expect("relay"), 0);
+    assert_eq!(store.outbox_depth().await.expect("depth"), 0);
+    for expected in ids {
+        let delivery = tokio::time::timeout(Duration::from_secs(5), consumer.next())
+            .await
+            .expect("a dispatch request arrives")
+            .expect("consumer open");
+        let request = v1::DispatchRequest::decode(delivery.payload.as_slice()).expect("a DispatchRequest");
+        assert_eq!(request.rollout_id, expected.to_string(), "commit order");
+        delivery.ack().await.expect("ack");
+    }
+    // A bus that refuses the messages leaves them in the outbox.
+    bus.close().await;
+    store.enqueue(vec![fleetpatch_bus::Outgoing::work(routing::DISPATCH, vec![1, 2, 3])]).await.expect("enqueue");
+    assert!(store.relay_outbox(&bus, 100).await.is_err(), "publishing on a closed bus fails");
+    assert_eq!(store.outbox_depth().await.expect("depth"), 1, "nothing is lost");
+    assert_eq!(outbox(store).await[0].payload, vec![1, 2, 3]);
+}

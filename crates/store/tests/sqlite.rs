@@ -1,0 +1,54 @@
+//! The store conformance suite on SQLite (the embedded default of
+//! `fleetpatch demo`): a fresh database file per test.
+//!
+//! SQLite is used through one connection (one writer at a time, as the demo
+//! runs it), so "another process" is the same pool: concurrent operations
+//! are serialized by it rather than by row locks.
+
+use fleetpatch_store::conformance::TestDatabase;
+use fleetpatch_store::{Error, Store, StoreOptions};
+
+struct SqliteDatabase {
+    dir: std::path::PathBuf,
+    store: Store,
+}
+
+fn options(dir: &std::path::Path) -> StoreOptions {
+    StoreOptions { url: format!("sqlite://{}?mode=rwc", dir.join("db.sqlite").display()), max_connections: 1 }
+}
+
+async fn make_database() -> SqliteDatabase {
+    let dir = std::env::temp_dir().join(format!("fp-store-sqlite-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).expect("create the test directory");
+    let store = Store::connect(&options(&dir)).await.expect("open the SQLite database");
+    store.migrate().await.expect("migrate");
+    SqliteDatabase { dir, store }
+}
+
+#[async_trait::async_trait]
+impl TestDatabase for SqliteDatabase {
+    fn store(&self) -> &Store {
+        &self.store
+    }
+
+    async fn connect_another(&self) -> Store {
+        self.store.clone()
+    }
+
+    async fn tear_down(&self) {
+        self.store.clone().close().await;
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fleetpatch_store::store_conformance_suite!(make_database);
+
+#[tokio::test]
+async fn a_service_refuses_an_unmigrated_database_and_says_what_to_do() {
+    let dir = std::env::temp_dir().join(format!("fp-store-sqlite-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let error = Store::connect_migrated(&options(&dir)).await.err().expect("refused");
+    assert!(matches!(error, Error::NotMigrated { .. }), "{error}");
+    assert!(error.to_string().contains("run `fleetpatch migrate`"), "{error}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

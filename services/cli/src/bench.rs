@@ -1,0 +1,1121 @@
+//! `fleetpatch bench`: the pipeline's throughput on the configured RabbitMQ
+//! and PostgreSQL, next to the raw ceilings it depends on, measured in the
+//! same run with the same client libraries and message sizes.
+//!
+//! The services run as they would in production: one child process per
+//! scheduler, collector and worker (this same executable), each in its own
+//! database (`fleetpatch_bench_<id>`, created next to the configured one)
+//! and queue prefix, removed at the end. Their memory (VmRSS sampled every
+//! 100 ms, and VmHWM) and CPU time are read from `/proc`.
+//!
+//! Phases:
+//! 1. ceilings: publish-with-confirms + consume-with-ack through one quorum
+//!    queue; batched and one-row INSERTs into a table shaped like
+//!    `agent_events`;
+//! 2. rollout: N simulated targets × K patches at concurrency C through the
+//!    whole pipeline (simulated agents post real reports to the collector);
+//! 3. collector: M targets' agents (this process) post their reports as fast
+//!    as the collector takes them; rate and latency per request;
+//! 4. watchdogs: W targets brought to `running` at once and left silent;
+//!    how late after its deadline each is timed out;
+//! 5. create: a rollout of 100,000 targets through the API; time to accept,
+//!    and the scheduler's memory before and after.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use fleetpatch_bus::rabbitmq::{RabbitBackend, RabbitOptions};
+use fleetpatch_proto::state::{RolloutState, TargetState};
+use fleetpatch_proto::v1::{self, agent_report::Kind};
+use fleetpatch_proto::Message;
+use fleetpatch_store::{Claim, NewPatch, NewRollout, NewTarget, ProbeOutcome, RolloutSettings, Store, StoreOptions};
+use serde::Serialize;
+use tokio::process::{Child, Command};
+use uuid::Uuid;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Targets of the simulated rollout.
+    #[arg(long, default_value_t = 10_000)]
+    pub targets: usize,
+    /// Patches per target.
+    #[arg(long, default_value_t = 3)]
+    pub patches: usize,
+    /// The rollout's concurrency (targets in flight).
+    #[arg(long, default_value_t = 1_000)]
+    pub concurrency: u32,
+    /// Worker processes.
+    #[arg(long, default_value_t = 2)]
+    pub workers: usize,
+    /// Deploy jobs in flight per worker.
+    #[arg(long, default_value_t = 500)]
+    pub worker_concurrency: u16,
+    /// Time a simulated patch takes to install (ms).
+    #[arg(long, default_value_t = 20)]
+    pub patch_ms: u64,
+    /// Targets whose agents load the collector in its own phase (0 skips it).
+    #[arg(long, default_value_t = 10_000)]
+    pub collector_targets: usize,
+    /// Concurrent report senders in that phase.
+    #[arg(long, default_value_t = 128)]
+    pub collector_clients: usize,
+    /// Watchdogs armed at once (0 skips the phase).
+    #[arg(long, default_value_t = 10_000)]
+    pub watchdogs: usize,
+    /// Timeout of the watchdog phase's targets (seconds).
+    #[arg(long, default_value_t = 10)]
+    pub watchdog_timeout: u32,
+    /// Targets of the large-create phase (0 skips it).
+    #[arg(long, default_value_t = 100_000)]
+    pub create_targets: usize,
+    /// Messages of the broker ceiling.
+    #[arg(long, default_value_t = 50_000)]
+    pub ceiling_messages: usize,
+    /// Print the figures as JSON instead of a table.
+    #[arg(long, value_enum, default_value = "table")]
+    pub output: crate::output::OutputFormat,
+    /// Keep the bench database and queues (their names are printed).
+    #[arg(long)]
+    pub keep: bool,
+}
+
+// ---------------------------------------------------------------- child services
+
+/// One service process, as a deployment runs it.
+struct Service {
+    name: String,
+    child: Child,
+    pid: u32,
+    /// Base URL of its HTTP listener (`/readyz`, `/metrics`).
+    url: String,
+    log: PathBuf,
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|line| line.starts_with(field))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// User + system CPU seconds (`/proc/PID/stat`, in USER_HZ = 100 ticks per second).
+fn proc_cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / 100.0)
+}
+
+impl Service {
+    fn spawn(
+        name: &str,
+        command: &str,
+        env: &[(String, String)],
+        config: Option<&Path>,
+        dir: &Path,
+        url: String,
+    ) -> anyhow::Result<Service> {
+        let log = dir.join(format!("{name}.log"));
+        let file = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let mut cmd = Command::new(std::env::current_exe().context("finding this executable")?);
+        if let Some(config) = config {
+            cmd.arg("--config").arg(config);
+        }
+        cmd.arg(command)
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .kill_on_drop(true);
+        let child = cmd.spawn().with_context(|| format!("starting the {name} process"))?;
+        let pid = child.id().context("the child has a pid")?;
+        Ok(Service { name: name.to_owned(), child, pid, url, log })
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(15)..].join("\n")
+    }
+
+    async fn wait_ready(&mut self, http: &reqwest::Client) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                bail!("the {} process exited ({status}) while starting:\n{}", self.name, self.log_tail());
+            }
+            if let Ok(response) = http.get(format!("{}/readyz", self.url)).send().await {
+                if response.status().is_success() {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("the {} process was not ready within 60 s:\n{}", self.name, self.log_tail());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn metrics(&self, http: &reqwest::Client) -> anyhow::Result<Metrics> {
+        let text = http
+            .get(format!("{}/metrics", self.url))
+            .send()
+            .await
+            .with_context(|| format!("scraping the {} process", self.name))?
+            .text()
+            .await?;
+        Ok(Metrics::parse(&text))
+    }
+
+    fn cpu_seconds(&self) -> f64 {
+        proc_cpu_seconds(self.pid).unwrap_or(0.0)
+    }
+
+    fn peak_kib(&self) -> u64 {
+        proc_status_kib(self.pid, "VmHWM:").unwrap_or(0)
+    }
+
+    /// SIGTERM, then waits for the drain (killed after 30 s).
+    async fn stop(mut self) -> anyhow::Result<()> {
+        let _ = std::process::Command::new("kill").arg("-TERM").arg(self.pid.to_string()).status();
+        match tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await {
+            Ok(status) => {
+                let status = status?;
+                if !status.success() {
+                    eprintln!("warning: the {} process ended with {status}:\n{}", self.name, self.log_tail());
+                }
+            }
+            Err(_) => {
+                eprintln!("warning: the {} process did not drain within 30 s; killed", self.name);
+                self.child.kill().await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Peak resident memory of each service, sampled every 100 ms, per phase.
+#[derive(Clone, Default)]
+struct Sampler {
+    pids: Arc<Mutex<BTreeMap<String, u32>>>,
+    peaks: Arc<Mutex<BTreeMap<String, u64>>>,
+    current: Arc<Mutex<BTreeMap<String, u64>>>,
+}
+
+impl Sampler {
+    fn watch(&self, service: &Service) {
+        self.pids.lock().expect("sampler").insert(service.name.clone(), service.pid);
+    }
+    fn forget(&self, name: &str) {
+        self.pids.lock().expect("sampler").remove(name);
+    }
+    fn sample(&self) {
+        let pids = self.pids.lock().expect("sampler").clone();
+        let mut peaks = self.peaks.lock().expect("sampler");
+        let mut current = self.current.lock().expect("sampler");
+        for (name, pid) in pids {
+            if let Some(rss) = proc_status_kib(pid, "VmRSS:") {
+                let peak = peaks.entry(name.clone()).or_default();
+                *peak = (*peak).max(rss);
+                current.insert(name, rss);
+            }
+        }
+    }
+    fn start(&self, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<()> {
+        let sampler = self.clone();
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                sampler.sample();
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    }
+    /// The peaks since the last call, in MiB.
+    fn take_peaks(&self) -> BTreeMap<String, f64> {
+        self.sample();
+        std::mem::take(&mut *self.peaks.lock().expect("sampler"))
+            .into_iter()
+            .map(|(k, v)| (k, v as f64 / 1024.0))
+            .collect()
+    }
+    fn current_mib(&self, name: &str) -> f64 {
+        self.sample();
+        self.current.lock().expect("sampler").get(name).copied().unwrap_or(0) as f64 / 1024.0
+    }
+}
+
+// ---------------------------------------------------------------- metrics text
+
+/// Prometheus text exposition, as name{labels} → value.
+#[derive(Debug, Default, Clone)]
+struct Metrics(Vec<(String, String, f64)>);
+
+impl Metrics {
+    fn parse(text: &str) -> Self {
+        let mut samples = Vec::new();
+        for line in text.lines().filter(|line| !line.starts_with('#') && !line.trim().is_empty()) {
+            let Some((series, value)) = line.rsplit_once(' ') else { continue };
+            let Ok(value) = value.parse::<f64>() else { continue };
+            let (name, labels) = match series.find('{') {
+                Some(brace) => (&series[..brace], series[brace..].to_owned()),
+                None => (series, String::new()),
+            };
+            samples.push((name.to_owned(), labels, value));
+        }
+        Metrics(samples)
+    }
+
+    fn sum(&self, name: &str, label: &str) -> f64 {
+        self.0.iter().filter(|(n, l, _)| n == name && l.contains(label)).map(|(_, _, v)| v).sum()
+    }
+
+    /// Cumulative bucket counts of a histogram, by upper bound.
+    fn buckets(&self, name: &str) -> Vec<(f64, f64)> {
+        let bucket = format!("{name}_bucket");
+        let mut out: BTreeMap<u64, (f64, f64)> = BTreeMap::new();
+        for (n, labels, value) in &self.0 {
+            if *n != bucket {
+                continue;
+            }
+            let Some(le) = labels.split("le=\"").nth(1).and_then(|rest| rest.split('"').next()) else { continue };
+            let bound = if le == "+Inf" { f64::INFINITY } else { le.parse().unwrap_or(f64::INFINITY) };
+            let entry = out.entry(bound.to_bits()).or_insert((bound, 0.0));
+            entry.1 += value;
+        }
+        let mut buckets: Vec<(f64, f64)> = out.into_values().collect();
+        buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+        buckets
+    }
+
+    fn merge(mut self, other: Metrics) -> Metrics {
+        self.0.extend(other.0);
+        self
+    }
+}
+
+/// The `q` quantile of the observations between two scrapes of a histogram,
+/// interpolated linearly inside its bucket.
+fn histogram_quantile(before: &[(f64, f64)], after: &[(f64, f64)], q: f64) -> Option<f64> {
+    let counts: Vec<(f64, f64)> = after
+        .iter()
+        .map(|(bound, count)| {
+            let old = before.iter().find(|(b, _)| b == bound).map(|(_, c)| *c).unwrap_or(0.0);
+            (*bound, count - old)
+        })
+        .collect();
+    let total = counts.last()?.1;
+    if total <= 0.0 {
+        return None;
+    }
+    let rank = q * total;
+    let mut lower = (0.0, 0.0);
+    for (bound, cumulative) in counts {
+        if cumulative >= rank {
+            if bound.is_infinite() {
+                return Some(lower.0);
+            }
+            let share = if cumulative > lower.1 { (rank - lower.1) / (cumulative - lower.1) } else { 1.0 };
+            return Some(lower.0 + (bound - lower.0) * share);
+        }
+        lower = (bound, cumulative);
+    }
+    None
+}
+
+fn quantile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let index = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[index]
+}
+
+// ---------------------------------------------------------------- the figures
+
+#[derive(Debug, Default, Serialize)]
+struct Figures {
+    database: String,
+    queue_prefix: String,
+    broker_ceiling: Option<fleetpatch_bus::ceiling::BrokerCeiling>,
+    database_ceiling: Option<fleetpatch_store::ceiling::DatabaseCeiling>,
+    rollout: Option<RolloutFigures>,
+    collector: Option<CollectorFigures>,
+    watchdogs: Option<WatchdogFigures>,
+    create: Option<CreateFigures>,
+    services: BTreeMap<String, ServiceFigures>,
+}
+
+#[derive(Debug, Default, Serialize)]
+struct RolloutFigures {
+    targets: usize,
+    patches: usize,
+    concurrency: u32,
+    seconds: f64,
+    targets_per_second: f64,
+    by_state: BTreeMap<String, u64>,
+    reports_accepted: f64,
+    reports_per_second: f64,
+    report_latency_p50_ms: Option<f64>,
+    report_latency_p99_ms: Option<f64>,
+    bus_messages_published: f64,
+    bus_messages_per_second: f64,
+    bus_fraction_of_ceiling: Option<f64>,
+    peak_rss_mib: BTreeMap<String, f64>,
+}
+
+#[derive(Debug, Default, Serialize)]
+struct CollectorFigures {
+    targets: usize,
+    clients: usize,
+    reports: usize,
+    retried: usize,
+    seconds: f64,
+    reports_per_second: f64,
+    latency_p50_ms: f64,
+    latency_p99_ms: f64,
+    latency_max_ms: f64,
+    vs_one_transaction_per_report: Option<f64>,
+    fraction_of_batched_insert_ceiling: Option<f64>,
+    all_targets_succeeded: bool,
+    peak_rss_mib: BTreeMap<String, f64>,
+}
+
+#[derive(Debug, Default, Serialize)]
+struct WatchdogFigures {
+    watchdogs: usize,
+    timeout_seconds: u32,
+    armed_within_seconds: f64,
+    timed_out: usize,
+    lateness_p50_ms: f64,
+    lateness_p99_ms: f64,
+    lateness_max_ms: f64,
+    peak_rss_mib: BTreeMap<String, f64>,
+}
+
+#[derive(Debug, Default, Serialize)]
+struct CreateFigures {
+    targets: usize,
+    seconds: f64,
+    scheduler_rss_before_mib: f64,
+    scheduler_rss_after_mib: f64,
+    scheduler_peak_rss_mib: f64,
+}
+
+#[derive(Debug, Default, Serialize)]
+struct ServiceFigures {
+    cpu_seconds: f64,
+    peak_rss_mib: f64,
+}
+
+// ---------------------------------------------------------------- the run
+
+struct Bench {
+    args: BenchArgs,
+    http: reqwest::Client,
+    store: Store,
+    api: String,
+    sampler: Sampler,
+    figures: Figures,
+}
+
+fn sim_patches(patches: usize) -> Vec<serde_json::Value> {
+    (0..patches)
+        .map(|i| {
+            serde_json::json!({
+                "name": format!("KB50{i:05}"),
+                "kb": format!("KB50{i:05}"),
+                "file": format!("kb50{i:05}.msu"),
+                "sha256": format!("{:064x}", i + 1),
+                "installer": "msu",
+            })
+        })
+        .collect()
+}
+
+fn rollout_body(name: &str, targets: usize, patches: usize, concurrency: u32) -> serde_json::Value {
+    let targets: Vec<serde_json::Value> =
+        (0..targets).map(|i| serde_json::json!({ "host": format!("sim-{i:06}"), "transport": "sim" })).collect();
+    serde_json::json!({
+        "name": name,
+        "concurrency": concurrency,
+        "timeout_seconds": 600,
+        "heartbeat_seconds": 30,
+        "patches": sim_patches(patches),
+        "targets": targets,
+    })
+}
+
+/// A rollout created straight in the store, for the phases where this
+/// process plays the workers (its targets use the `bench` transport, which
+/// no worker offers, and the workers are stopped by then).
+fn direct_rollout(name: &str, targets: usize, patches: usize, timeout_seconds: u32) -> NewRollout {
+    NewRollout {
+        name: name.into(),
+        concurrency: targets as u32,
+        timeout_seconds,
+        waves: vec![fleetpatch_store::WaveSpec { name: "all".into(), size: None, max_failure_percent: 100.0 }],
+        settings: RolloutSettings::default(),
+        patches: (0..patches)
+            .map(|i| NewPatch {
+                name: format!("KB60{i:05}"),
+                kb: None,
+                file: format!("kb60{i:05}.msu"),
+                sha256: format!("{:064x}", i + 1),
+                size: 1,
+                installer: fleetpatch_proto::plan::InstallerKind::Msu,
+                arguments: String::new(),
+                success_codes: vec![0],
+                reboot_codes: vec![3010],
+                timeout_seconds: 600,
+                detection: None,
+            })
+            .collect(),
+        targets: (0..targets)
+            .map(|i| NewTarget {
+                host: format!("bench-{i:06}"),
+                port: None,
+                transport: "bench".into(),
+                labels: BTreeMap::new(),
+                credential_ref: None,
+                wave: 0,
+            })
+            .collect(),
+    }
+}
+
+impl Bench {
+    async fn post_rollout(&self, body: &serde_json::Value) -> anyhow::Result<Uuid> {
+        let response = self.http.post(format!("{}/v1/rollouts", self.api)).json(body).send().await?;
+        let status = response.status();
+        let text = response.text().await?;
+        if status.as_u16() != 201 {
+            bail!("creating the bench rollout failed ({status}): {text}");
+        }
+        let value: serde_json::Value = serde_json::from_str(&text)?;
+        value["id"].as_str().context("the created rollout has an id")?.parse().context("rollout id")
+    }
+
+    async fn wait_until(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut done: impl AsyncFnMut() -> anyhow::Result<Option<String>>,
+    ) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        let mut last = String::new();
+        loop {
+            match done().await? {
+                None => {
+                    eprintln!();
+                    return Ok(());
+                }
+                Some(status) => {
+                    if status != last {
+                        eprint!("\r\x1b[2K  {what}: {status}");
+                        last = status;
+                    }
+                }
+            }
+            if Instant::now() > deadline {
+                eprintln!();
+                bail!("{what} did not finish within {timeout:?} (last: {last})");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    async fn counts(&self, rollout: Uuid) -> anyhow::Result<BTreeMap<String, u64>> {
+        let rollout = self.store.rollout(rollout).await?;
+        Ok(self.store.progress(&rollout).await?.by_state)
+    }
+
+    /// Waits until every target of `rollout` is in `state`.
+    async fn wait_all(&self, rollout: Uuid, state: TargetState, total: usize, timeout: Duration) -> anyhow::Result<()> {
+        self.wait_until(&format!("{total} targets to be {state}"), timeout, async || {
+            let counts = self.counts(rollout).await?;
+            let n = counts.get(state.as_str()).copied().unwrap_or(0) as usize;
+            Ok((n < total).then(|| format!("{n}/{total}")))
+        })
+        .await
+    }
+
+    /// Plays the worker for every queued target: claim, probe, stage, start;
+    /// each ends `running` with a known token. Returns (target, token) pairs.
+    async fn bring_to_running(&self, rollout: Uuid) -> anyhow::Result<Vec<(Uuid, String)>> {
+        let targets = self.store.targets(rollout, Some(TargetState::Queued), None, u64::MAX >> 1).await?;
+        let next = Arc::new(AtomicUsize::new(0));
+        let targets = Arc::new(targets);
+        let mut tasks = Vec::new();
+        for _ in 0..32 {
+            let (store, next, targets) = (self.store.clone(), next.clone(), targets.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut tokens = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(target) = targets.get(i) else { break };
+                    let token = format!("{}.{}", target.id.simple(), Uuid::new_v4().simple());
+                    let Claim::Claimed(context) = store.claim_deploy(target.id, target.attempt, false, "bench").await?
+                    else {
+                        bail!("target {} could not be claimed", target.host);
+                    };
+                    let hash = fleetpatch_collector::token_hash(&token);
+                    let probe =
+                        store.record_probe(&context, "bench", "x86_64", serde_json::json!({}), &[], &hash).await?;
+                    if probe != ProbeOutcome::Stage {
+                        bail!("target {} did not move to staging ({probe:?})", target.host);
+                    }
+                    store.mark_installing(&context.target).await?;
+                    if !store.mark_running(&context.target).await? {
+                        bail!("target {} did not move to running", target.host);
+                    }
+                    tokens.push((target.id, token));
+                }
+                anyhow::Ok(tokens)
+            }));
+        }
+        let mut tokens = Vec::new();
+        for task in tasks {
+            tokens.extend(task.await??);
+        }
+        Ok(tokens)
+    }
+}
+
+/// Runs the benchmark on the configured database and broker.
+pub async fn run(
+    args: BenchArgs,
+    database: &StoreOptions,
+    amqp: &RabbitOptions,
+    config: Option<&Path>,
+) -> anyhow::Result<()> {
+    let id = Uuid::new_v4().simple().to_string()[..12].to_owned();
+    let db_name = format!("fleetpatch_bench_{id}");
+    let prefix = format!("{}-bench-{id}", amqp.prefix);
+    let dir = std::env::temp_dir().join(format!("fleetpatch-bench-{id}"));
+    std::fs::create_dir_all(&dir)?;
+    eprintln!("fleetpatch bench: database {db_name}, queue prefix {prefix}, logs in {}", dir.display());
+    let bench_db = fleetpatch_store::create_sibling_database(database, &db_name).await.with_context(|| {
+        format!("creating the bench database next to {}", fleetpatch_store::redact_url(&database.url))
+    })?;
+    let bench_db = StoreOptions { max_connections: 40, ..bench_db };
+    let amqp = RabbitOptions { prefix: prefix.clone(), ..amqp.clone() };
+    let outcome = run_phases(&args, &bench_db, &amqp, config, &dir, &db_name).await;
+    if !args.keep {
+        if let Ok(backend) = RabbitBackend::connect(&amqp, &fleetpatch_proto::routing::WORK_QUEUES).await {
+            let _ = backend.delete_topology().await;
+        }
+        if let Err(error) = fleetpatch_store::drop_sibling_database(database, &db_name).await {
+            eprintln!("warning: could not drop the bench database {db_name}: {error}");
+        }
+    }
+    let figures = outcome?;
+    match args.output {
+        crate::output::OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&figures)?),
+        crate::output::OutputFormat::Table => print_figures(&figures),
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+async fn run_phases(
+    args: &BenchArgs,
+    database: &StoreOptions,
+    amqp: &RabbitOptions,
+    config: Option<&Path>,
+    dir: &Path,
+    db_name: &str,
+) -> anyhow::Result<Figures> {
+    let store = Store::connect(database).await?;
+    store.migrate().await?;
+    let mut figures = Figures { database: db_name.to_owned(), queue_prefix: amqp.prefix.clone(), ..Figures::default() };
+
+    // 1. The ceilings, before any service competes with them.
+    eprintln!("1/5 ceilings: broker (publish with confirms + consume with ack) and database (INSERT)");
+    let sample_job = v1::DeployJob {
+        target_id: Uuid::new_v4().to_string(),
+        rollout_id: Uuid::new_v4().to_string(),
+        attempt: 1,
+        r#try: 0,
+    };
+    let broker = fleetpatch_bus::ceiling::broker_ceiling(amqp, args.ceiling_messages, sample_job.encoded_len(), 1_000)
+        .await
+        .context("measuring the broker ceiling")?;
+    figures.broker_ceiling = Some(broker);
+    let db = fleetpatch_store::ceiling::database_ceiling(&store, 8, 1_000, 200_000, 20_000)
+        .await
+        .context("measuring the database ceiling")?;
+    figures.database_ceiling = Some(db);
+
+    // The services, one process each.
+    let token_key = Uuid::new_v4().simple().to_string();
+    let scheduler_port = free_port()?;
+    let collector_port = free_port()?;
+    let common: Vec<(String, String)> = vec![
+        ("FLEETPATCH__DATABASE__URL".into(), database.url.clone()),
+        ("FLEETPATCH__DATABASE__MAX_CONNECTIONS".into(), "20".into()),
+        ("FLEETPATCH__AMQP__URL".into(), amqp.url.clone()),
+        ("FLEETPATCH__AMQP__PREFIX".into(), amqp.prefix.clone()),
+        ("FLEETPATCH__TELEMETRY__LOG_FILTER".into(), "warn".into()),
+        ("FLEETPATCH__TELEMETRY__LOG_FORMAT".into(), "text".into()),
+        ("FLEETPATCH__SCHEDULER__LISTEN".into(), format!("127.0.0.1:{scheduler_port}")),
+        ("FLEETPATCH__SCHEDULER__CONTENT_DIR".into(), dir.join("content").display().to_string()),
+        ("FLEETPATCH__COLLECTOR__LISTEN".into(), format!("127.0.0.1:{collector_port}")),
+        ("FLEETPATCH__WORKER__COLLECTOR_URL".into(), format!("http://127.0.0.1:{collector_port}")),
+        ("FLEETPATCH__WORKER__CONCURRENCY".into(), args.worker_concurrency.to_string()),
+        ("FLEETPATCH__WORKER__TOKEN_KEY_REF".into(), "env:FLEETPATCH_BENCH_TOKEN_KEY".into()),
+        ("FLEETPATCH__WORKER__CONTENT_DIR".into(), dir.join("content").display().to_string()),
+        ("FLEETPATCH__SIM__PATCH_MS".into(), args.patch_ms.to_string()),
+        ("FLEETPATCH__SIM__MIN_LATENCY_MS".into(), "1".into()),
+        ("FLEETPATCH__SIM__MAX_LATENCY_MS".into(), "5".into()),
+        ("FLEETPATCH_BENCH_TOKEN_KEY".into(), token_key),
+    ];
+    let http = reqwest::Client::builder().pool_max_idle_per_host(1_024).build()?;
+    let sampler = Sampler::default();
+    let stop_sampler = Arc::new(AtomicBool::new(false));
+    let sampling = sampler.start(stop_sampler.clone());
+    let mut scheduler =
+        Service::spawn("scheduler", "scheduler", &common, config, dir, format!("http://127.0.0.1:{scheduler_port}"))?;
+    let mut collector =
+        Service::spawn("collector", "collector", &common, config, dir, format!("http://127.0.0.1:{collector_port}"))?;
+    let mut workers = Vec::new();
+    for n in 0..args.workers {
+        let port = free_port()?;
+        let mut env = common.clone();
+        env.push(("FLEETPATCH__WORKER__LISTEN".into(), format!("127.0.0.1:{port}")));
+        workers.push(Service::spawn(
+            &format!("worker-{n}"),
+            "worker",
+            &env,
+            config,
+            dir,
+            format!("http://127.0.0.1:{port}"),
+        )?);
+    }
+    for service in std::iter::once(&mut scheduler).chain(std::iter::once(&mut collector)).chain(workers.iter_mut()) {
+        service.wait_ready(&http).await?;
+        sampler.watch(service);
+    }
+    let mut bench = Bench {
+        args: args.clone(),
+        http,
+        store: store.clone(),
+        api: scheduler.url.clone(),
+        sampler: sampler.clone(),
+        figures,
+    };
+
+    // 2. The simulated rollout through the whole pipeline.
+    eprintln!("2/5 rollout: {} targets × {} patches at concurrency {}", args.targets, args.patches, args.concurrency);
+    let scrape = async |services: &[&Service], http: &reqwest::Client| -> anyhow::Result<Metrics> {
+        let mut merged = Metrics::default();
+        for service in services {
+            merged = merged.merge(service.metrics(http).await?);
+        }
+        anyhow::Ok(merged)
+    };
+    if args.targets > 0 {
+        let body = rollout_body("bench", args.targets, args.patches, args.concurrency);
+        let before = scrape(&everyone(&scheduler, &collector, &workers), &bench.http).await?;
+        bench.sampler.take_peaks();
+        let started = Instant::now();
+        let rollout = bench.post_rollout(&body).await?;
+        let total = args.targets;
+        bench
+            .wait_until("rollout", Duration::from_secs(1_800), async || {
+                let rollout = bench.store.rollout(rollout).await?;
+                let counts = bench.store.progress(&rollout).await?.by_state;
+                let finished: u64 =
+                    TargetState::FINAL.iter().map(|s| counts.get(s.as_str()).copied().unwrap_or(0)).sum();
+                if matches!(rollout.state, RolloutState::Completed | RolloutState::Aborted | RolloutState::Paused) {
+                    return Ok(None);
+                }
+                Ok(Some(format!("{finished}/{total} finished, {:.0} s", started.elapsed().as_secs_f64())))
+            })
+            .await?;
+        let seconds = started.elapsed().as_secs_f64();
+        let after = scrape(&everyone(&scheduler, &collector, &workers), &bench.http).await?;
+        let accepted_label = "result=\"accepted\"";
+        let reports = after.sum("fleetpatch_collector_reports_total", accepted_label)
+            - before.sum("fleetpatch_collector_reports_total", accepted_label);
+        let published =
+            after.sum("fleetpatch_outbox_published_total", "") - before.sum("fleetpatch_outbox_published_total", "");
+        let latency = |q| {
+            histogram_quantile(
+                &before.buckets("fleetpatch_sim_report_seconds"),
+                &after.buckets("fleetpatch_sim_report_seconds"),
+                q,
+            )
+            .map(|s| s * 1_000.0)
+        };
+        let bus_rate = published / seconds;
+        bench.figures.rollout = Some(RolloutFigures {
+            targets: args.targets,
+            patches: args.patches,
+            concurrency: args.concurrency,
+            seconds,
+            targets_per_second: args.targets as f64 / seconds,
+            by_state: bench.counts(rollout).await?,
+            reports_accepted: reports,
+            reports_per_second: reports / seconds,
+            report_latency_p50_ms: latency(0.5),
+            report_latency_p99_ms: latency(0.99),
+            bus_messages_published: published,
+            bus_messages_per_second: bus_rate,
+            bus_fraction_of_ceiling: bench.figures.broker_ceiling.as_ref().map(|c| bus_rate / c.per_second),
+            peak_rss_mib: bench.sampler.take_peaks(),
+        });
+    }
+    // The workers are done: from here this process plays them.
+    for worker in workers.drain(..) {
+        bench.sampler.forget(&worker.name);
+        let (name, cpu, peak) = (worker.name.clone(), worker.cpu_seconds(), worker.peak_kib());
+        worker.stop().await?;
+        bench.figures.services.insert(name, ServiceFigures { cpu_seconds: cpu, peak_rss_mib: peak as f64 / 1024.0 });
+    }
+
+    // 3. The collector at full load.
+    if args.collector_targets > 0 {
+        eprintln!(
+            "3/5 collector: {} targets' agents, {} concurrent senders",
+            args.collector_targets, args.collector_clients
+        );
+        collector_phase(&mut bench, collector_port).await?;
+    }
+
+    // 4. Watchdogs.
+    if args.watchdogs > 0 {
+        eprintln!("4/5 watchdogs: {} armed at once, {} s timeout", args.watchdogs, args.watchdog_timeout);
+        watchdog_phase(&mut bench).await?;
+    }
+
+    // 5. A large rollout through the API.
+    if args.create_targets > 0 {
+        eprintln!("5/5 create: a rollout of {} targets through the API", args.create_targets);
+        let body = rollout_body("bench-create", args.create_targets, args.patches, 1);
+        let rss_before = bench.sampler.current_mib("scheduler");
+        bench.sampler.take_peaks();
+        let started = Instant::now();
+        let rollout = bench.post_rollout(&body).await?;
+        let seconds = started.elapsed().as_secs_f64();
+        drop(body);
+        // Nothing will deploy these: stop the rollout again.
+        let _ = bench.http.post(format!("{}/v1/rollouts/{rollout}/abort", bench.api)).send().await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let peaks = bench.sampler.take_peaks();
+        bench.figures.create = Some(CreateFigures {
+            targets: args.create_targets,
+            seconds,
+            scheduler_rss_before_mib: rss_before,
+            scheduler_rss_after_mib: bench.sampler.current_mib("scheduler"),
+            scheduler_peak_rss_mib: peaks.get("scheduler").copied().unwrap_or(0.0),
+        });
+    }
+
+    for service in [scheduler, collector] {
+        let (name, cpu, peak) = (service.name.clone(), service.cpu_seconds(), service.peak_kib());
+        service.stop().await?;
+        bench.figures.services.insert(name, ServiceFigures { cpu_seconds: cpu, peak_rss_mib: peak as f64 / 1024.0 });
+    }
+    stop_sampler.store(true, Ordering::Relaxed);
+    let _ = sampling.await;
+    store.close().await;
+    Ok(bench.figures)
+}
+
+fn everyone<'a>(scheduler: &'a Service, collector: &'a Service, workers: &'a [Service]) -> Vec<&'a Service> {
+    let mut all = vec![scheduler, collector];
+    all.extend(workers.iter());
+    all
+}
+
+fn report_batch(seq: u64, kind: Kind) -> Vec<u8> {
+    v1::ReportBatch {
+        reports: vec![v1::AgentReport { seq, sent_at_unix_ms: fleetpatch_bus::now_unix_ms(), kind: Some(kind) }],
+    }
+    .encode_to_vec()
+}
+
+/// What one agent sends for `patches` patches: started and finished for
+/// each, a heartbeat, and the final result.
+fn agent_reports(patches: usize) -> Vec<Vec<u8>> {
+    let mut reports = Vec::new();
+    let mut seq = 0;
+    let mut next = |kind| {
+        seq += 1;
+        report_batch(seq, kind)
+    };
+    for index in 0..patches as u32 {
+        reports.push(next(Kind::Started(v1::PatchStarted { patch_index: index })));
+        if index == 0 {
+            reports.push(next(Kind::Heartbeat(v1::Heartbeat { patch_index: Some(index) })));
+        }
+        reports.push(next(Kind::Finished(v1::PatchFinished {
+            patch_index: index,
+            exit_code: 0,
+            outcome: v1::PatchOutcome::Installed as i32,
+            output_tail: "The update was installed successfully.".into(),
+            duration_ms: 20,
+        })));
+    }
+    reports.push(next(Kind::Final(v1::FinalResult {
+        success: true,
+        reboot_required: false,
+        message: "all patches installed".into(),
+    })));
+    reports
+}
+
+async fn collector_phase(bench: &mut Bench, collector_port: u16) -> anyhow::Result<()> {
+    let args = bench.args.clone();
+    let rollout = bench
+        .store
+        .create_rollout(direct_rollout("bench-collector", args.collector_targets, args.patches, 600))
+        .await?;
+    bench.wait_all(rollout, TargetState::Queued, args.collector_targets, Duration::from_secs(300)).await?;
+    let tokens = Arc::new(bench.bring_to_running(rollout).await?);
+    let per_target = Arc::new(agent_reports(args.patches));
+    let next = Arc::new(AtomicUsize::new(0));
+    bench.sampler.take_peaks();
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..args.collector_clients.max(1) {
+        let (http, tokens, next, per_target) = (bench.http.clone(), tokens.clone(), next.clone(), per_target.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let mut retried = 0usize;
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some((target, token)) = tokens.get(i) else { break };
+                let url = format!("http://127.0.0.1:{collector_port}/v1/targets/{target}/reports");
+                for body in per_target.iter() {
+                    loop {
+                        let sent = Instant::now();
+                        let response = http
+                            .post(&url)
+                            .bearer_auth(token)
+                            .header("content-type", "application/x-protobuf")
+                            .body(body.clone())
+                            .send()
+                            .await?;
+                        let status = response.status();
+                        let _ = response.bytes().await;
+                        if status.is_success() {
+                            latencies.push(sent.elapsed().as_secs_f64() * 1_000.0);
+                            break;
+                        }
+                        if status.as_u16() != 503 {
+                            bail!("the collector refused a report for {target}: {status}");
+                        }
+                        retried += 1;
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+            }
+            anyhow::Ok((latencies, retried))
+        }));
+    }
+    let mut latencies = Vec::new();
+    let mut retried = 0;
+    for task in tasks {
+        let (mine, again) = task.await??;
+        latencies.extend(mine);
+        retried += again;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    latencies.sort_by(f64::total_cmp);
+    let reports = latencies.len();
+    let rate = reports as f64 / seconds;
+    let counts = bench.counts(rollout).await?;
+    let succeeded = counts.get("succeeded").copied().unwrap_or(0) as usize;
+    bench.figures.collector = Some(CollectorFigures {
+        targets: args.collector_targets,
+        clients: args.collector_clients,
+        reports,
+        retried,
+        seconds,
+        reports_per_second: rate,
+        latency_p50_ms: quantile(&latencies, 0.5),
+        latency_p99_ms: quantile(&latencies, 0.99),
+        latency_max_ms: latencies.last().copied().unwrap_or(0.0),
+        vs_one_transaction_per_report: bench
+            .figures
+            .database_ceiling
+            .as_ref()
+            .map(|c| rate / c.single_row_transactions_per_second),
+        fraction_of_batched_insert_ceiling: bench
+            .figures
+            .database_ceiling
+            .as_ref()
+            .map(|c| rate / c.batched_rows_per_second),
+        all_targets_succeeded: succeeded == args.collector_targets,
+        peak_rss_mib: bench.sampler.take_peaks(),
+    });
+    Ok(())
+}
+
+async fn watchdog_phase(bench: &mut Bench) -> anyhow::Result<()> {
+    let args = bench.args.clone();
+    let rollout =
+        bench.store.create_rollout(direct_rollout("bench-watchdogs", args.watchdogs, 1, args.watchdog_timeout)).await?;
+    bench.wait_all(rollout, TargetState::Queued, args.watchdogs, Duration::from_secs(300)).await?;
+    bench.sampler.take_peaks();
+    let started = Instant::now();
+    bench.bring_to_running(rollout).await?;
+    let armed_within = started.elapsed().as_secs_f64();
+    bench
+        .wait_all(
+            rollout,
+            TargetState::TimedOut,
+            args.watchdogs,
+            Duration::from_secs(u64::from(args.watchdog_timeout) + 600),
+        )
+        .await?;
+    let targets = bench.store.targets(rollout, None, None, u64::MAX >> 1).await?;
+    let timed_out_at: BTreeMap<Uuid, chrono::DateTime<chrono::Utc>> = bench
+        .store
+        .rollout_transitions(rollout)
+        .await?
+        .into_iter()
+        .filter(|t| t.to == TargetState::TimedOut.as_str())
+        .map(|t| (t.target_id, t.at))
+        .collect();
+    let mut lateness: Vec<f64> = targets
+        .iter()
+        .filter_map(|target| {
+            let last = target.last_seen_at.into_iter().chain(target.running_at).max()?;
+            let deadline = last + chrono::Duration::seconds(i64::from(target.timeout_seconds));
+            let at = timed_out_at.get(&target.id)?;
+            Some((*at - deadline).num_microseconds()? as f64 / 1_000.0)
+        })
+        .collect();
+    lateness.sort_by(f64::total_cmp);
+    bench.figures.watchdogs = Some(WatchdogFigures {
+        watchdogs: args.watchdogs,
+        timeout_seconds: args.watchdog_timeout,
+        armed_within_seconds: armed_within,
+        timed_out: lateness.len(),
+        lateness_p50_ms: quantile(&lateness, 0.5),
+        lateness_p99_ms: quantile(&lateness, 0.99),
+        lateness_max_ms: lateness.last().copied().unwrap_or(0.0),
+        peak_rss_mib: bench.sampler.take_peaks(),
+    });
+    Ok(())
+}
+
+fn print_figures(f: &Figures) {
+    let opt = |v: Option<f64>, unit: &str| v.map(|v| format!("{v:.1} {unit}")).unwrap_or_else(|| "-".into());
+    let peaks = |p: &BTreeMap<String, f64>| p.iter().map(|(k, v)| format!("{k} {v:.0}")).collect::<Vec<_>>().join(", ");
+    println!("\nfleetpatch bench (database {}, queue prefix {})", f.database, f.queue_prefix);
+    if let Some(c) = &f.broker_ceiling {
+        println!("  broker ceiling      {:>10.0} msg/s  ({} × {} B, publish with confirms + consume with ack, one quorum queue)", c.per_second, c.messages, c.payload_bytes);
+    }
+    if let Some(c) = &f.database_ceiling {
+        println!(
+            "  database ceiling    {:>10.0} rows/s in {}-row INSERTs; {:.0} one-row transactions/s ({} clients)",
+            c.batched_rows_per_second, c.batch_rows, c.single_row_transactions_per_second, c.clients
+        );
+    }
+    if let Some(r) = &f.rollout {
+        println!(
+            "  rollout             {} targets × {} patches at concurrency {}: {:.1} s, {:.0} targets/s",
+            r.targets, r.patches, r.concurrency, r.seconds, r.targets_per_second
+        );
+        println!("                      final states {:?}", r.by_state);
+        println!(
+            "                      {:.0} reports accepted, {:.0} reports/s; report latency p50 {} p99 {}",
+            r.reports_accepted,
+            r.reports_per_second,
+            opt(r.report_latency_p50_ms, "ms"),
+            opt(r.report_latency_p99_ms, "ms")
+        );
+        println!(
+            "                      bus {:.0} messages, {:.0}/s = {} of the broker ceiling",
+            r.bus_messages_published,
+            r.bus_messages_per_second,
+            opt(r.bus_fraction_of_ceiling.map(|x| x * 100.0), "%")
+        );
+        println!("                      peak RSS MiB: {}", peaks(&r.peak_rss_mib));
+    }
+    if let Some(c) = &f.collector {
+        println!(
+            "  collector           {} reports from {} targets by {} senders: {:.1} s, {:.0} reports/s (retried {})",
+            c.reports, c.targets, c.clients, c.seconds, c.reports_per_second, c.retried
+        );
+        println!(
+            "                      latency p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; all targets succeeded: {}",
+            c.latency_p50_ms, c.latency_p99_ms, c.latency_max_ms, c.all_targets_succeeded
+        );
+        println!(
+            "                      {} one-transaction-per-report rate; {} of the batched INSERT ceiling",
+            opt(c.vs_one_transaction_per_report, "×"),
+            opt(c.fraction_of_batched_insert_ceiling.map(|x| x * 100.0), "%")
+        );
+        println!("                      peak RSS MiB: {}", peaks(&c.peak_rss_mib));
+    }
+    if let Some(w) = &f.watchdogs {
+        println!("  watchdogs           {} armed within {:.1} s, timeout {} s: {} timed out; lateness p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms", w.watchdogs, w.armed_within_seconds, w.timeout_seconds, w.timed_out, w.lateness_p50_ms, w.lateness_p99_ms, w.lateness_max_ms);
+        println!("                      peak RSS MiB: {}", peaks(&w.peak_rss_mib));
+    }
+    if let Some(c) = &f.create {
+        println!(
+            "  create              {} targets accepted in {:.2} s; scheduler RSS {:.0} → {:.0} MiB (peak {:.0} MiB)",
+            c.targets, c.seconds, c.scheduler_rss_before_mib, c.scheduler_rss_after_mib, c.scheduler_peak_rss_mib
+        );
+    }
+    for (name, s) in &f.services {
+        println!("  {name:<19} {:.1} CPU s, peak RSS {:.0} MiB", s.cpu_seconds, s.peak_rss_mib);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_quantiles_interpolate_between_scrapes() {
+        let before = vec![(0.01, 10.0), (0.05, 10.0), (f64::INFINITY, 10.0)];
+        let after = vec![(0.01, 60.0), (0.05, 110.0), (f64::INFINITY, 110.0)];
+        // 100 new observations: 50 under 10 ms, 50 between 10 and 50 ms.
+        assert!((histogram_quantile(&before, &after, 0.5).unwrap() - 0.01).abs() < 1e-9);
+        assert!((histogram_quantile(&before, &after, 0.75).unwrap() - 0.03).abs() < 1e-9);
+        assert_eq!(histogram_quantile(&after, &after, 0.5), None, "no new observations");
+    }
+
+    #[test]
+    fn metrics_text_is_summed_by_name_and_label() {
+        let metrics = Metrics::parse(
+            "# TYPE x counter\nx{result=\"accepted\"} 5\nx{result=\"duplicate\"} 2\ny 1.5\nh_bucket{le=\"0.1\"} 3\nh_bucket{le=\"+Inf\"} 4\n",
+        )
+        .merge(Metrics::parse("x{result=\"accepted\"} 7\nh_bucket{le=\"0.1\"} 1\n"));
+        assert_eq!(metrics.sum("x", "result=\"accepted\""), 12.0);
+        assert_eq!(metrics.sum("y", ""), 1.5);
+        assert_eq!(metrics.buckets("h"), vec![(0.1, 4.0), (f64::INFINITY, 4.0)]);
+    }
+
+    #[test]
+    fn quantiles_take_the_nearest_rank() {
+        let values: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(quantile(&values, 0.5), 50.0);
+        assert_eq!(quantile(&values, 0.99), 99.0);
+        assert_eq!(quantile(&[], 0.5), 0.0);
+    }
+
+    #[test]
+    fn an_agent_sends_started_and_finished_per_patch_a_heartbeat_and_a_final() {
+        let reports = agent_reports(3);
+        assert_eq!(reports.len(), 8);
+        let seqs: Vec<u64> =
+            reports.iter().map(|r| v1::ReportBatch::decode(r.as_slice()).unwrap().reports[0].seq).collect();
+        assert_eq!(seqs, (1..=8).collect::<Vec<_>>());
+    }
+}
