@@ -13,7 +13,7 @@
 //!
 //! A test never skips: a database that cannot be reached fails it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::time::Duration;
@@ -59,6 +59,7 @@ macro_rules! store_conformance_suite {
             reports_are_idempotent_by_target_attempt_and_seq,
             reports_record_patch_results_and_the_final_result,
             reports_of_an_old_attempt_change_no_patch,
+            final_results_in_one_batch_count_once_per_target_and_rollout,
             every_fresh_report_moves_the_deadline,
             the_watchdog_times_out_a_silent_target_and_fails_open_patches,
             fail_target_is_guarded_and_queues_cleanup,
@@ -653,9 +654,10 @@ pub async fn reports_record_patch_results_and_the_final_result(db: &dyn TestData
         assert_eq!(p.state, PatchState::Failed);
         assert_eq!(p.error.as_deref(), Some("the agent finished without reporting this patch"));
     }
-    // Each final result frees a slot (dispatch) and queues the cleanup.
+    // The final results free their slots (one dispatch request per rollout
+    // and batch) and queue each target's cleanup.
     let keys = outbox_keys(store).await;
-    assert_eq!((count(&keys, routing::DISPATCH), count(&keys, routing::CLEANUP)), (2, 2), "{keys:?}");
+    assert_eq!((count(&keys, routing::DISPATCH), count(&keys, routing::CLEANUP)), (1, 2), "{keys:?}");
     assert_eq!((count(&keys, "target.succeeded"), count(&keys, "target.failed")), (1, 1), "{keys:?}");
     // A late final for a finished target changes nothing.
     store.apply_reports(&[report(&ok, 7, final_report(false))]).await.expect("apply");
@@ -686,6 +688,51 @@ pub async fn reports_of_an_old_attempt_change_no_patch(db: &dyn TestDatabase) {
     // Its events are kept, under their own attempt.
     let events = store.agent_events(second.id).await.expect("events");
     assert!(events.iter().all(|e| e.attempt == 1) && events.len() == 2, "{events:?}");
+}
+
+pub async fn final_results_in_one_batch_count_once_per_target_and_rollout(db: &dyn TestDatabase) {
+    let store = db.store();
+    let first = create(store, Spec::new(3, 1, 3)).await;
+    let second = create(store, Spec::new(1, 1, 1)).await;
+    store.dispatch(first).await.expect("dispatch");
+    store.dispatch(second).await.expect("dispatch");
+    let mut running = Vec::new();
+    for target in all_targets(store, first).await.into_iter().chain(all_targets(store, second).await) {
+        running.push(bring_to_running(store, &target).await.target);
+    }
+    drain_outbox(store).await;
+    let old_attempt = Target { attempt: 0, ..running[2].clone() };
+    store
+        .apply_reports(&[
+            // Two different final results for one target: the first counts.
+            report(&running[0], 1, final_report(false)),
+            report(&running[0], 2, final_report(true)),
+            report(&running[1], 1, final_report(true)),
+            // A final result of another attempt is recorded but moves nothing.
+            report(&old_attempt, 1, final_report(true)),
+            report(&running[3], 1, final_report(true)),
+        ])
+        .await
+        .expect("apply");
+    let states: Vec<TargetState> = futures_util::future::join_all(running.iter().map(|t| store.target(t.id)))
+        .await
+        .into_iter()
+        .map(|t| t.expect("target").state)
+        .collect();
+    assert_eq!(states, [TargetState::Failed, TargetState::Succeeded, TargetState::Running, TargetState::Succeeded]);
+    assert_eq!(store.target(running[0].id).await.expect("target").error.as_deref(), Some("agent: a patch failed"));
+    let history = store.transitions(running[0].id).await.expect("history");
+    assert_eq!(history.iter().filter(|t| t.to == "failed" || t.to == "succeeded").count(), 1, "moved once");
+    let keys = outbox_keys(store).await;
+    assert_eq!(count(&keys, routing::DISPATCH), 2, "one dispatch request per rollout: {keys:?}");
+    assert_eq!(count(&keys, routing::CLEANUP), 3, "a cleanup per finished target: {keys:?}");
+    let dispatched: BTreeSet<String> = outbox(store)
+        .await
+        .into_iter()
+        .filter(|m| m.routing_key == routing::DISPATCH)
+        .map(|m| v1::DispatchRequest::decode(m.payload.as_slice()).expect("a DispatchRequest").rollout_id)
+        .collect();
+    assert_eq!(dispatched, BTreeSet::from([first.to_string(), second.to_string()]));
 }
 
 pub async fn every_fresh_report_moves_the_deadline(db: &dyn TestDatabase) {

@@ -165,11 +165,25 @@ fn check_database_name(name: &str) -> Result<()> {
     }
 }
 
+/// A connection to the server of `options`: its own database, or the
+/// `postgres` maintenance database when that one does not exist yet.
+async fn admin_connect(options: &StoreOptions) -> Result<Store> {
+    let own = StoreOptions { max_connections: 1, ..options.clone() };
+    match Store::connect(&own).await {
+        Ok(store) => Ok(store),
+        Err(error) if options.url.starts_with("postgres") => {
+            let maintenance = StoreOptions { url: sibling_url(&options.url, "postgres")?, ..own };
+            Store::connect(&maintenance).await.map_err(|_| error)
+        }
+        Err(error) => Err(error),
+    }
+}
+
 /// Creates database `name` on the PostgreSQL server of `options` (whose
 /// user needs CREATEDB) and returns options that point at it.
 pub async fn create_sibling_database(options: &StoreOptions, name: &str) -> Result<StoreOptions> {
     check_database_name(name)?;
-    let admin = Store::connect(&StoreOptions { max_connections: 1, ..options.clone() }).await?;
+    let admin = admin_connect(options).await?;
     if admin.backend() != DbBackend::Postgres {
         return Err(Error::Conflict("a separate database can be created on PostgreSQL only".into()));
     }
@@ -181,7 +195,7 @@ pub async fn create_sibling_database(options: &StoreOptions, name: &str) -> Resu
 /// Drops database `name` on the PostgreSQL server of `options`, closing its connections.
 pub async fn drop_sibling_database(options: &StoreOptions, name: &str) -> Result<()> {
     check_database_name(name)?;
-    let admin = Store::connect(&StoreOptions { max_connections: 1, ..options.clone() }).await?;
+    let admin = admin_connect(options).await?;
     admin.db.execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await?;
     admin.close().await;
     Ok(())

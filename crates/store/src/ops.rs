@@ -1,7 +1,7 @@
 //! The operations on the store: rollouts, dispatch, target transitions,
 //! the watchdog check and the collector's batched report intake.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -12,8 +12,8 @@ use fleetpatch_proto::v1;
 use fleetpatch_proto::Message;
 use sea_orm::sea_query::{Expr, Func, OnConflict, Query, SimpleExpr};
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseTransaction, EntityTrait, PaginatorTrait, QueryFilter,
-    QueryOrder, QuerySelect, TransactionTrait,
+    ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseTransaction, DbBackend, EntityTrait, PaginatorTrait,
+    QueryFilter, QueryOrder, QuerySelect, TransactionTrait,
 };
 use uuid::Uuid;
 
@@ -1386,9 +1386,24 @@ impl Store {
                 .exec(&txn)
                 .await?;
         }
-        let mut rollout_of: HashMap<Uuid, Uuid> = HashMap::new();
-        for report in unique.iter().filter(|r| fresh.contains(&(r.target_id, r.attempt, r.seq))) {
-            self.apply_one_report(&txn, report, received_at, &mut rollout_of).await?;
+        let accepted: Vec<&IncomingReport> =
+            unique.iter().copied().filter(|r| fresh.contains(&(r.target_id, r.attempt, r.seq))).collect();
+        // Patch results first, then the final results (which fail the patches
+        // left open, so they come last).
+        if self.backend() == DbBackend::Postgres {
+            for chunk in accepted.chunks(INSERT_CHUNK) {
+                mark_patches_started(&txn, chunk, received_at).await?;
+                record_patch_results(&txn, chunk, received_at).await?;
+            }
+        } else {
+            for report in &accepted {
+                apply_patch_report(&txn, report, received_at).await?;
+            }
+        }
+        let finals: Vec<&IncomingReport> =
+            accepted.iter().copied().filter(|r| matches!(r.kind, ReportKind::Final { .. })).collect();
+        for chunk in finals.chunks(INSERT_CHUNK) {
+            apply_final_results(&txn, chunk, received_at).await?;
         }
         txn.commit().await?;
         Ok(reports
@@ -1402,122 +1417,231 @@ impl Store {
             })
             .collect())
     }
+}
 
-    async fn apply_one_report(
-        &self,
-        txn: &DatabaseTransaction,
-        report: &IncomingReport,
-        at: DateTime<Utc>,
-        rollout_of: &mut HashMap<Uuid, Uuid>,
-    ) -> Result<()> {
-        match &report.kind {
-            ReportKind::Heartbeat { .. } => {}
-            ReportKind::Started { patch_index } => {
-                target_patches::Entity::update_many()
-                    .col_expr(target_patches::Column::State, Expr::value(PatchState::Running.as_str()))
-                    .col_expr(target_patches::Column::StartedAt, Expr::value(at))
-                    .filter(target_patches::Column::TargetId.eq(report.target_id))
-                    .filter(target_patches::Column::PatchIndex.eq(*patch_index as i32))
-                    .filter(target_patches::Column::State.eq(PatchState::Pending.as_str()))
-                    .filter(Expr::exists(
-                        Query::select()
-                            .expr(Expr::value(1))
-                            .from(targets::Entity)
-                            .and_where(Expr::col((targets::Entity, targets::Column::Id)).eq(report.target_id))
-                            .and_where(Expr::col((targets::Entity, targets::Column::Attempt)).eq(report.attempt as i32))
-                            .to_owned(),
-                    ))
-                    .exec(txn)
-                    .await?;
-            }
-            ReportKind::Finished { patch_index, exit_code, outcome, output_tail } => {
-                let state = if outcome.succeeded() { PatchState::Succeeded } else { PatchState::Failed };
-                target_patches::Entity::update_many()
-                    .col_expr(target_patches::Column::State, Expr::value(state.as_str()))
-                    .col_expr(target_patches::Column::ExitCode, Expr::value(*exit_code))
-                    .col_expr(target_patches::Column::Outcome, Expr::value(outcome.as_str()))
-                    .col_expr(
-                        target_patches::Column::RebootRequired,
-                        Expr::value(*outcome == PatchOutcomeKind::InstalledRebootRequired),
-                    )
-                    .col_expr(target_patches::Column::OutputTail, Expr::value(output_tail.clone()))
-                    .col_expr(target_patches::Column::FinishedAt, Expr::value(at))
-                    .filter(target_patches::Column::TargetId.eq(report.target_id))
-                    .filter(target_patches::Column::PatchIndex.eq(*patch_index as i32))
-                    .filter(
-                        target_patches::Column::State
-                            .is_in([PatchState::Pending.as_str(), PatchState::Running.as_str()]),
-                    )
-                    .filter(Expr::exists(
-                        Query::select()
-                            .expr(Expr::value(1))
-                            .from(targets::Entity)
-                            .and_where(Expr::col((targets::Entity, targets::Column::Id)).eq(report.target_id))
-                            .and_where(Expr::col((targets::Entity, targets::Column::Attempt)).eq(report.attempt as i32))
-                            .and_where(
-                                Expr::col((targets::Entity, targets::Column::State))
-                                    .is_in(state_strs(&TargetState::IN_FLIGHT)),
-                            )
-                            .to_owned(),
-                    ))
-                    .exec(txn)
-                    .await?;
-            }
-            ReportKind::Final { success, message, .. } => {
-                let rollout_id = match rollout_of.get(&report.target_id) {
-                    Some(id) => *id,
-                    None => {
-                        let found = targets::Entity::find_by_id(report.target_id)
-                            .select_only()
-                            .column(targets::Column::RolloutId)
-                            .into_tuple::<Uuid>()
-                            .one(txn)
-                            .await?;
-                        let Some(rollout_id) = found else { return Ok(()) };
-                        rollout_of.insert(report.target_id, rollout_id);
-                        rollout_id
-                    }
-                };
-                let to = if *success { TargetState::Succeeded } else { TargetState::Failed };
-                let detail = format!("agent: {message}");
-                let mut sets = vec![(targets::Column::FinishedAt, Expr::value(at))];
-                if !success {
-                    sets.push((targets::Column::Error, Expr::value(detail.clone())));
-                }
-                let moved = apply_move(
-                    txn,
-                    Move {
-                        rollout_id,
-                        target_id: report.target_id,
-                        attempt: Some(report.attempt),
-                        from: &[
-                            TargetState::Probing,
-                            TargetState::Staging,
-                            TargetState::Installing,
-                            TargetState::Running,
-                        ],
-                        to,
-                        detail: Some(detail.clone()),
-                        sets,
-                    },
-                )
-                .await?;
-                if let Some(from) = moved {
-                    fail_open_patches(txn, report.target_id, "the agent finished without reporting this patch").await?;
-                    push_outbox(
-                        txn,
-                        vec![
-                            dispatch_message(rollout_id),
-                            cleanup_message(report.target_id, report.attempt),
-                            event_message(report.target_id, rollout_id, from, to, &detail),
-                        ],
-                    )
-                    .await?;
-                }
-            }
+/// A `started` or `finished` report, one statement (SQLite; PostgreSQL
+/// batches them, see [`mark_patches_started`] and [`record_patch_results`]).
+async fn apply_patch_report(txn: &DatabaseTransaction, report: &IncomingReport, at: DateTime<Utc>) -> Result<()> {
+    let this_attempt = |in_flight: bool| {
+        let mut query = Query::select()
+            .expr(Expr::value(1))
+            .from(targets::Entity)
+            .and_where(Expr::col((targets::Entity, targets::Column::Id)).eq(report.target_id))
+            .and_where(Expr::col((targets::Entity, targets::Column::Attempt)).eq(report.attempt as i32))
+            .to_owned();
+        if in_flight {
+            query.and_where(
+                Expr::col((targets::Entity, targets::Column::State)).is_in(state_strs(&TargetState::IN_FLIGHT)),
+            );
         }
-        Ok(())
+        Expr::exists(query)
+    };
+    match &report.kind {
+        ReportKind::Started { patch_index } => {
+            target_patches::Entity::update_many()
+                .col_expr(target_patches::Column::State, Expr::value(PatchState::Running.as_str()))
+                .col_expr(target_patches::Column::StartedAt, Expr::value(at))
+                .filter(target_patches::Column::TargetId.eq(report.target_id))
+                .filter(target_patches::Column::PatchIndex.eq(*patch_index as i32))
+                .filter(target_patches::Column::State.eq(PatchState::Pending.as_str()))
+                .filter(this_attempt(false))
+                .exec(txn)
+                .await?;
+        }
+        ReportKind::Finished { patch_index, exit_code, outcome, output_tail } => {
+            let state = if outcome.succeeded() { PatchState::Succeeded } else { PatchState::Failed };
+            target_patches::Entity::update_many()
+                .col_expr(target_patches::Column::State, Expr::value(state.as_str()))
+                .col_expr(target_patches::Column::ExitCode, Expr::value(*exit_code))
+                .col_expr(target_patches::Column::Outcome, Expr::value(outcome.as_str()))
+                .col_expr(
+                    target_patches::Column::RebootRequired,
+                    Expr::value(*outcome == PatchOutcomeKind::InstalledRebootRequired),
+                )
+                .col_expr(target_patches::Column::OutputTail, Expr::value(output_tail.clone()))
+                .col_expr(target_patches::Column::FinishedAt, Expr::value(at))
+                .filter(target_patches::Column::TargetId.eq(report.target_id))
+                .filter(target_patches::Column::PatchIndex.eq(*patch_index as i32))
+                .filter(
+                    target_patches::Column::State.is_in([PatchState::Pending.as_str(), PatchState::Running.as_str()]),
+                )
+                .filter(this_attempt(true))
+                .exec(txn)
+                .await?;
+        }
+        ReportKind::Heartbeat { .. } | ReportKind::Final { .. } => {}
     }
+    Ok(())
+}
+
+/// The final results of a batch, a few statements for all of them: the
+/// targets are locked in id order, those still in flight in the reporting
+/// attempt move to succeeded or failed (the first final result per target
+/// counts), with their history, their open patches failed, and one dispatch
+/// request per rollout plus a cleanup job and an event per target.
+async fn apply_final_results(txn: &DatabaseTransaction, finals: &[&IncomingReport], at: DateTime<Utc>) -> Result<()> {
+    let mut ids: Vec<Uuid> = finals.iter().map(|r| r.target_id).collect();
+    ids.sort();
+    ids.dedup();
+    let rows: Vec<(Uuid, Uuid, String, i32)> = targets::Entity::find()
+        .select_only()
+        .column(targets::Column::Id)
+        .column(targets::Column::RolloutId)
+        .column(targets::Column::State)
+        .column(targets::Column::Attempt)
+        .filter(targets::Column::Id.is_in(ids))
+        .order_by_asc(targets::Column::Id)
+        .lock_exclusive()
+        .into_tuple()
+        .all(txn)
+        .await?;
+    let mut current: HashMap<Uuid, (Uuid, TargetState, u32)> = HashMap::with_capacity(rows.len());
+    for (id, rollout_id, state, attempt) in rows {
+        current.insert(id, (rollout_id, parse(&state, "target state")?, attempt as u32));
+    }
+    const FROM: [TargetState; 4] =
+        [TargetState::Probing, TargetState::Staging, TargetState::Installing, TargetState::Running];
+    // (target, rollout, from, to, detail)
+    let mut moves: Vec<(Uuid, Uuid, TargetState, TargetState, String)> = Vec::new();
+    let mut moved = HashSet::new();
+    for report in finals {
+        let ReportKind::Final { success, message, .. } = &report.kind else { continue };
+        let Some((rollout_id, state, attempt)) = current.get(&report.target_id) else { continue };
+        if *attempt != report.attempt || !FROM.contains(state) || !moved.insert(report.target_id) {
+            continue;
+        }
+        let to = if *success { TargetState::Succeeded } else { TargetState::Failed };
+        moves.push((report.target_id, *rollout_id, *state, to, format!("agent: {message}")));
+    }
+    if moves.is_empty() {
+        return Ok(());
+    }
+    // One UPDATE per outcome (and per failure message, usually one or two).
+    let mut groups: BTreeMap<(&'static str, Option<&str>), Vec<Uuid>> = BTreeMap::new();
+    for (target_id, _, _, to, detail) in &moves {
+        let error = (*to == TargetState::Failed).then_some(detail.as_str());
+        groups.entry((to.as_str(), error)).or_default().push(*target_id);
+    }
+    for ((to, error), ids) in groups {
+        let mut update = targets::Entity::update_many()
+            .col_expr(targets::Column::State, Expr::value(to))
+            .col_expr(targets::Column::FinishedAt, Expr::value(at))
+            .col_expr(targets::Column::UpdatedAt, Expr::value(at));
+        if let Some(error) = error {
+            update = update.col_expr(targets::Column::Error, Expr::value(error));
+        }
+        update
+            .filter(targets::Column::Id.is_in(ids))
+            .filter(targets::Column::State.is_in(state_strs(&FROM)))
+            .exec(txn)
+            .await?;
+    }
+    let history = moves.iter().map(|(target_id, rollout_id, from, to, detail)| target_transitions::ActiveModel {
+        rollout_id: Set(*rollout_id),
+        target_id: Set(*target_id),
+        from_state: Set(from.as_str().into()),
+        to_state: Set(to.as_str().into()),
+        at: Set(at),
+        detail: Set(Some(detail.clone())),
+        ..Default::default()
+    });
+    target_transitions::Entity::insert_many(history).exec_without_returning(txn).await?;
+    target_patches::Entity::update_many()
+        .col_expr(target_patches::Column::State, Expr::value(PatchState::Failed.as_str()))
+        .col_expr(target_patches::Column::Error, Expr::value("the agent finished without reporting this patch"))
+        .col_expr(target_patches::Column::FinishedAt, Expr::value(at))
+        .filter(target_patches::Column::TargetId.is_in(moves.iter().map(|m| m.0)))
+        .filter(target_patches::Column::State.is_in([PatchState::Pending.as_str(), PatchState::Running.as_str()]))
+        .exec(txn)
+        .await?;
+    let rollouts: BTreeSet<Uuid> = moves.iter().map(|m| m.1).collect();
+    let mut messages: Vec<Outgoing> = rollouts.into_iter().map(dispatch_message).collect();
+    for (target_id, rollout_id, from, to, detail) in &moves {
+        let attempt = current.get(target_id).map(|c| c.2).unwrap_or_default();
+        messages.push(cleanup_message(*target_id, attempt));
+        messages.push(event_message(*target_id, *rollout_id, *from, *to, detail));
+    }
+    push_outbox(txn, messages).await
+}
+
+/// `started` reports of one batch in one UPDATE (PostgreSQL): pending
+/// patches of the reporting attempt become running.
+async fn mark_patches_started(txn: &DatabaseTransaction, reports: &[&IncomingReport], at: DateTime<Utc>) -> Result<()> {
+    let mut seen = HashSet::new();
+    let mut values: Vec<sea_orm::Value> = vec![at.into()];
+    let mut rows = Vec::new();
+    for report in reports {
+        let ReportKind::Started { patch_index } = report.kind else { continue };
+        if !seen.insert((report.target_id, patch_index)) {
+            continue;
+        }
+        let n = values.len();
+        rows.push(format!("(${}::uuid, ${}::int, ${}::int)", n + 1, n + 2, n + 3));
+        values.extend([report.target_id.into(), (report.attempt as i32).into(), (patch_index as i32).into()]);
+    }
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let sql = format!(
+        "UPDATE target_patches AS tp SET state = 'running', started_at = $1 \
+         FROM (VALUES {}) AS v(target_id, attempt, patch_index) \
+         JOIN targets AS t ON t.id = v.target_id AND t.attempt = v.attempt \
+         WHERE tp.target_id = v.target_id AND tp.patch_index = v.patch_index AND tp.state = 'pending'",
+        rows.join(", ")
+    );
+    txn.execute(sea_orm::Statement::from_sql_and_values(DbBackend::Postgres, sql, values)).await?;
+    Ok(())
+}
+
+/// `finished` reports of one batch in one UPDATE (PostgreSQL): the first
+/// result for a patch of an in-flight attempt is kept.
+async fn record_patch_results(txn: &DatabaseTransaction, reports: &[&IncomingReport], at: DateTime<Utc>) -> Result<()> {
+    let mut seen = HashSet::new();
+    let mut values: Vec<sea_orm::Value> = vec![at.into()];
+    let mut rows = Vec::new();
+    for report in reports {
+        let ReportKind::Finished { patch_index, exit_code, outcome, output_tail } = &report.kind else { continue };
+        if !seen.insert((report.target_id, *patch_index)) {
+            continue;
+        }
+        let state = if outcome.succeeded() { PatchState::Succeeded } else { PatchState::Failed };
+        let n = values.len();
+        rows.push(format!(
+            "(${}::uuid, ${}::int, ${}::int, ${}::text, ${}::int, ${}::text, ${}::bool, ${}::text)",
+            n + 1,
+            n + 2,
+            n + 3,
+            n + 4,
+            n + 5,
+            n + 6,
+            n + 7,
+            n + 8
+        ));
+        values.extend([
+            report.target_id.into(),
+            (report.attempt as i32).into(),
+            (*patch_index as i32).into(),
+            state.as_str().into(),
+            (*exit_code).into(),
+            outcome.as_str().into(),
+            (*outcome == PatchOutcomeKind::InstalledRebootRequired).into(),
+            output_tail.clone().into(),
+        ]);
+    }
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let in_flight = TargetState::IN_FLIGHT.iter().map(|s| format!("'{}'", s.as_str())).collect::<Vec<_>>().join(", ");
+    let sql = format!(
+        "UPDATE target_patches AS tp SET state = v.state, exit_code = v.exit_code, outcome = v.outcome, \
+         reboot_required = v.reboot, output_tail = v.tail, finished_at = $1 \
+         FROM (VALUES {}) AS v(target_id, attempt, patch_index, state, exit_code, outcome, reboot, tail) \
+         JOIN targets AS t ON t.id = v.target_id AND t.attempt = v.attempt AND t.state IN ({in_flight}) \
+         WHERE tp.target_id = v.target_id AND tp.patch_index = v.patch_index AND tp.state IN ('pending', 'running')",
+        rows.join(", ")
+    );
+    txn.execute(sea_orm::Statement::from_sql_and_values(DbBackend::Postgres, sql, values)).await?;
+    Ok(())
 }
 
 /// A target's token hash and the attempt it belongs to.

@@ -123,26 +123,33 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         "fleetpatch demo: {} simulated targets × {} patches, concurrency {}",
         args.targets, args.patches, args.concurrency
     );
-    let terminal = Terminal { redraw: false, color: Terminal::detect().color };
+    let terminal = Terminal::detect();
+    let mut redraw = output::Redraw::default();
     let mut last = String::new();
     let rollout = loop {
         tokio::time::sleep(Duration::from_millis(250)).await;
         let rollout = store.rollout(id).await?;
         let progress = store.progress(&rollout).await?;
-        let mut frame = String::new();
-        for wave in &progress.waves {
-            let counts = Counts::from_states(wave.total, &wave.by_state);
-            frame.push_str(&format!(
-                "  {:<8} {} {}\n",
-                wave.name,
-                output::bar(&counts, 30, terminal),
-                counts.summary()
-            ));
+        let lines: Vec<String> = progress
+            .waves
+            .iter()
+            .map(|wave| {
+                let counts = Counts::from_states(wave.total, &wave.by_state);
+                format!("  {:<8} {} {}", wave.name, output::bar(&counts, 30, terminal), counts.summary())
+            })
+            .collect();
+        let frame = lines.join("\n");
+        if terminal.redraw {
+            // On a terminal: the bars are redrawn in place, with the clock.
+            let mut all = vec![format!("[{:>5.1}s]", started.elapsed().as_secs_f64())];
+            all.extend(lines);
+            print!("{}", redraw.frame(&all));
+        } else if frame != last {
+            // A pipe or a log: a new frame only when something changed.
+            println!("[{:>5.1}s]\n{frame}", started.elapsed().as_secs_f64());
         }
-        if frame != last {
-            print!("[{:>5.1}s]\n{frame}", started.elapsed().as_secs_f64());
-            last = frame;
-        }
+        last = frame;
+        std::io::Write::flush(&mut std::io::stdout())?;
         if matches!(rollout.state, RolloutState::Completed | RolloutState::Aborted | RolloutState::Paused) {
             break rollout;
         }

@@ -43,6 +43,31 @@ impl Terminal {
     }
 }
 
+/// A block of lines redrawn in place on a terminal: each frame moves the
+/// cursor up over the previous one and overwrites it. Auto-wrap is off while
+/// drawing, so a line wider than the terminal is clipped instead of wrapped
+/// and moving up by the number of lines drawn stays right.
+#[derive(Debug, Default)]
+pub struct Redraw {
+    drawn_lines: usize,
+}
+
+impl Redraw {
+    /// The escape sequences and text that replace the previous frame with `lines`.
+    pub fn frame(&mut self, lines: &[String]) -> String {
+        let mut text = String::from("\x1b[?7l");
+        if self.drawn_lines > 0 {
+            text.push_str(&format!("\x1b[{}A", self.drawn_lines));
+        }
+        for line in lines {
+            text.push_str(&format!("\r\x1b[2K{line}\n"));
+        }
+        text.push_str("\x1b[?7h");
+        self.drawn_lines = lines.len();
+        text
+    }
+}
+
 /// Replaces control characters (escape sequences, newlines, tabs) by a
 /// space, so a value stays on its line and cannot drive the terminal.
 pub fn clean(text: &str) -> String {
@@ -272,6 +297,17 @@ pub fn bar(counts: &Counts, width: usize, terminal: Terminal) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn redraw_moves_up_over_the_previous_frame_and_clears_each_line() {
+        let mut redraw = Redraw::default();
+        let first = redraw.frame(&["a".to_owned(), "b".to_owned()]);
+        assert_eq!(first, "\x1b[?7l\r\x1b[2Ka\n\r\x1b[2Kb\n\x1b[?7h", "nothing to move over yet");
+        let second = redraw.frame(&["c".to_owned()]);
+        assert!(second.starts_with("\x1b[?7l\x1b[2A\r\x1b[2Kc\n"), "{second:?}");
+        let third = redraw.frame(&["d".to_owned()]);
+        assert!(third.contains("\x1b[1A"), "moves over the one line drawn last: {third:?}");
+    }
 
     #[test]
     fn a_table_aligns_its_columns() {

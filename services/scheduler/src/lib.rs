@@ -89,6 +89,26 @@ struct Core {
     bus: Bus,
     nudge: Arc<Notify>,
     policy: TimeoutPolicy,
+    /// Rollouts with a dispatch pass running → another pass was requested meanwhile.
+    dispatching: Arc<std::sync::Mutex<std::collections::HashMap<Uuid, bool>>>,
+}
+
+/// Ends a dispatch pass (also when it fails or panics): the next request starts a new one.
+struct DispatchPass {
+    map: Arc<std::sync::Mutex<std::collections::HashMap<Uuid, bool>>>,
+    rollout_id: Uuid,
+    ended: bool,
+}
+
+impl Drop for DispatchPass {
+    fn drop(&mut self) {
+        if self.ended {
+            return;
+        }
+        if let Ok(mut map) = self.map.lock() {
+            map.remove(&self.rollout_id);
+        }
+    }
 }
 
 /// Starts the API, the dispatch and watch consumers, the reconciler and the
@@ -120,6 +140,7 @@ pub async fn start(
         bus: bus.clone(),
         nudge: nudge.clone(),
         policy: TimeoutPolicy { verify_delay: Duration::from_secs(options.verify_delay_seconds) },
+        dispatching: Arc::default(),
     };
     let app = api::router(api::ApiState {
         store: store.clone(),
@@ -216,22 +237,51 @@ impl Core {
         }
     }
 
+    /// Dispatch requests for one rollout are coalesced: while a pass runs,
+    /// later requests only mark it dirty (and are acked), and the pass runs
+    /// once more before its own request is acked. Every request is thus
+    /// followed by a pass that started after it arrived, and thousands of
+    /// "a slot freed up" requests cost a handful of passes, not thousands of
+    /// turns on the rollout's row lock.
     async fn dispatch(&self, payload: &[u8]) -> Result<(), String> {
         let request = v1::DispatchRequest::decode(payload).map_err(|e| format!("undecodable dispatch request: {e}"))?;
         let rollout_id = Uuid::parse_str(&request.rollout_id).map_err(|e| format!("dispatch rollout id: {e}"))?;
-        match self.store.dispatch(rollout_id).await {
-            Ok(outcome) => {
-                if outcome.dispatched > 0 {
-                    metrics::counter!("fleetpatch_scheduler_dispatched_total").increment(u64::from(outcome.dispatched));
-                    self.nudge.notify_one();
-                }
-                if let Some(reason) = outcome.halted {
-                    tracing::warn!(rollout_id = %rollout_id, reason = %reason, "rollout halted");
-                }
-                Ok(())
+        {
+            let mut running = self.dispatching.lock().expect("dispatch map lock");
+            if let Some(dirty) = running.get_mut(&rollout_id) {
+                *dirty = true;
+                metrics::counter!("fleetpatch_scheduler_dispatch_coalesced_total").increment(1);
+                return Ok(());
             }
-            Err(fleetpatch_store::Error::NotFound { .. }) => Ok(()),
-            Err(error) => Err(error.to_string()),
+            running.insert(rollout_id, false);
+        }
+        let mut pass = DispatchPass { map: self.dispatching.clone(), rollout_id, ended: false };
+        loop {
+            match self.store.dispatch(rollout_id).await {
+                Ok(outcome) => {
+                    if outcome.dispatched > 0 {
+                        metrics::counter!("fleetpatch_scheduler_dispatched_total")
+                            .increment(u64::from(outcome.dispatched));
+                        self.nudge.notify_one();
+                    }
+                    if let Some(reason) = outcome.halted {
+                        tracing::warn!(rollout_id = %rollout_id, reason = %reason, "rollout halted");
+                    }
+                }
+                Err(fleetpatch_store::Error::NotFound { .. }) => return Ok(()),
+                Err(error) => return Err(error.to_string()),
+            }
+            // Ending the pass and checking for requests happen under one lock,
+            // so no request can slip in between.
+            let mut running = self.dispatching.lock().expect("dispatch map lock");
+            match running.get_mut(&rollout_id) {
+                Some(dirty) if *dirty => *dirty = false,
+                _ => {
+                    running.remove(&rollout_id);
+                    pass.ended = true;
+                    return Ok(());
+                }
+            }
         }
     }
 

@@ -87,7 +87,7 @@ pub async fn watch(api: &ApiClient, id: Uuid, interval: Duration, format: Output
     let terminal = Terminal::detect();
     let mut stdout = std::io::stdout();
     let io = |e: std::io::Error| Failure::new(exit::ERROR, format!("writing the output: {e}"));
-    let mut drawn_lines = 0usize;
+    let mut redraw = crate::output::Redraw::default();
     let mut last_shown: Option<String> = None;
     let mut unreachable_since: Option<Instant> = None;
     loop {
@@ -119,18 +119,7 @@ pub async fn watch(api: &ApiClient, id: Uuid, interval: Duration, format: Output
                 }
             }
             OutputFormat::Table if terminal.redraw => {
-                let lines = frame(&detail, terminal);
-                // Auto-wrap off while drawing: a line wider than the terminal is
-                // clipped instead of wrapped, so moving up `drawn_lines` stays right.
-                let mut text = String::from("\x1b[?7l");
-                if drawn_lines > 0 {
-                    text.push_str(&format!("\x1b[{drawn_lines}A"));
-                }
-                for line in &lines {
-                    text.push_str(&format!("\r\x1b[2K{line}\n"));
-                }
-                text.push_str("\x1b[?7h");
-                drawn_lines = lines.len();
+                let text = redraw.frame(&frame(&detail, terminal));
                 stdout.write_all(text.as_bytes()).map_err(io)?;
             }
             OutputFormat::Table => {
