@@ -49,11 +49,20 @@ pub struct CollectorOptions {
     pub batch_wait_ms: u64,
     /// Requests waiting for the batcher before new ones get 503.
     pub queue_capacity: usize,
+    /// Batches written at the same time (each its own transaction): while one
+    /// waits for its commit, the next is collected and sent.
+    pub writers: usize,
 }
 
 impl Default for CollectorOptions {
     fn default() -> Self {
-        Self { listen: "0.0.0.0:1072".into(), batch_max_reports: 1_000, batch_wait_ms: 2, queue_capacity: 4_096 }
+        Self {
+            listen: "0.0.0.0:1072".into(),
+            batch_max_reports: 1_000,
+            batch_wait_ms: 2,
+            queue_capacity: 4_096,
+            writers: 4,
+        }
     }
 }
 
@@ -64,6 +73,9 @@ impl CollectorOptions {
         }
         if self.queue_capacity == 0 {
             return Err("collector.queue_capacity must be at least 1".into());
+        }
+        if self.writers == 0 || self.writers > 64 {
+            return Err("collector.writers must be between 1 and 64".into());
         }
         Ok(())
     }
@@ -138,7 +150,10 @@ pub async fn start(
         Duration::from_secs(1),
         relay_stop.clone(),
     ));
-    let batcher = tokio::spawn(run_batcher(store.clone(), receiver, options.clone(), nudge));
+    let receiver = Arc::new(tokio::sync::Mutex::new(receiver));
+    let batchers: Vec<_> = (0..options.writers.max(1))
+        .map(|_| tokio::spawn(run_batcher(store.clone(), receiver.clone(), options.clone(), nudge.clone())))
+        .collect();
     {
         let store = store.clone();
         health.add_check("database", move || {
@@ -168,7 +183,9 @@ pub async fn start(
         };
         axum::serve(listener, app).with_graceful_shutdown(drain).await?;
         // The server stopped taking requests; let the batcher finish, then the relay.
-        let _ = batcher.await;
+        for batcher in batchers {
+            let _ = batcher.await;
+        }
         relay_stop.cancel();
         let _ = relay.await;
         tracing::info!("collector drained");
@@ -177,29 +194,47 @@ pub async fn start(
     Ok(CollectorHandle { local_addr, join })
 }
 
+/// One batch writer: takes the requests waiting (up to `batch_max_reports`,
+/// or what arrives within `batch_wait_ms` of the first), then writes them in
+/// one transaction while another writer collects the next batch.
 async fn run_batcher(
     store: Store,
-    mut receiver: mpsc::Receiver<Pending>,
+    receiver: Arc<tokio::sync::Mutex<mpsc::Receiver<Pending>>>,
     options: CollectorOptions,
     nudge: Arc<Notify>,
 ) {
     let wait = Duration::from_millis(options.batch_wait_ms);
-    while let Some(first) = receiver.recv().await {
-        let mut pending = vec![first];
-        let mut count = pending[0].0.len();
-        let deadline = tokio::time::Instant::now() + wait;
-        while count < options.batch_max_reports {
-            match tokio::time::timeout_at(deadline, receiver.recv()).await {
-                Ok(Some(next)) => {
-                    count += next.0.len();
-                    pending.push(next);
+    loop {
+        let pending = {
+            let mut receiver = receiver.lock().await;
+            let Some(first) = receiver.recv().await else { return };
+            let mut pending = vec![first];
+            let mut count = pending[0].0.len();
+            let deadline = tokio::time::Instant::now() + wait;
+            while count < options.batch_max_reports {
+                match tokio::time::timeout_at(deadline, receiver.recv()).await {
+                    Ok(Some(next)) => {
+                        count += next.0.len();
+                        pending.push(next);
+                    }
+                    _ => break,
                 }
-                _ => break,
             }
-        }
+            pending
+        };
         let reports: Vec<IncomingReport> = pending.iter().flat_map(|(r, _)| r.iter().cloned()).collect();
         let started = Instant::now();
-        let result = store.apply_reports(&reports).await;
+        // Concurrent writers can deadlock on the same rows (an agent retrying
+        // while its first request is still being written); the batch is
+        // idempotent, so it is tried again before the agents are told to retry.
+        let mut result = store.apply_reports(&reports).await;
+        for pause in [10, 50] {
+            if result.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(pause)).await;
+            result = store.apply_reports(&reports).await;
+        }
         metrics::histogram!("fleetpatch_collector_batch_write_seconds").record(started.elapsed().as_secs_f64());
         metrics::histogram!("fleetpatch_collector_batch_reports").record(reports.len() as f64);
         match result {
