@@ -11,8 +11,9 @@
 //!   the agents and the installers): this process makes itself a child
 //!   subreaper, so the daemonized sshd and the detached agents become its
 //!   children, are reaped here, and count in `RUSAGE_CHILDREN`;
-//! - peak resident memory (`VmHWM`) of this process, and the largest single
-//!   child (`ru_maxrss` of the children).
+//! - peak resident memory (`VmHWM`) of this process, and the peak of the
+//!   summed RSS of all its descendants (sshd, sessions, agents), sampled
+//!   every 100 ms from `/proc`.
 //!
 //! Environment: `FLEETPATCH_BENCH_TARGETS` (default 100),
 //! `FLEETPATCH_BENCH_WORKERS` (default 2), `FLEETPATCH_BENCH_WORKER_CONCURRENCY`
@@ -71,6 +72,47 @@ fn start_reaper(stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
     })
 }
 
+/// CPU seconds of a running sshd and of the sessions it reaped (`/proc/PID/stat`).
+fn sshd_cpu_seconds(pid_file: &std::path::Path) -> f64 {
+    let Some(pid) = std::fs::read_to_string(pid_file).ok().and_then(|p| p.trim().parse::<u32>().ok()) else {
+        return 0.0;
+    };
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+    // utime, stime, cutime, cstime: fields 14-17 of stat, 11-14 here.
+    let ticks: u64 = (11..=14).filter_map(|i| fields.get(i)?.parse::<u64>().ok()).sum();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    ticks as f64 / hz
+}
+
+/// Summed RSS (KiB) of every descendant of this process, from `/proc`.
+fn descendants_rss_kib() -> u64 {
+    let me = std::process::id();
+    let mut parent_of = std::collections::HashMap::new();
+    let mut rss = std::collections::HashMap::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+        let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+        // After the command: state ppid ... rss (pages) is field 24 of stat, index 21 here.
+        let (Some(ppid), Some(pages)) = (fields.get(1), fields.get(21)) else { continue };
+        parent_of.insert(pid, ppid.parse::<u32>().unwrap_or(0));
+        rss.insert(pid, pages.parse::<u64>().unwrap_or(0) * 4);
+    }
+    let descends = |mut pid: u32| {
+        for _ in 0..64 {
+            match parent_of.get(&pid) {
+                Some(&parent) if parent == me => return true,
+                Some(&parent) if parent > 1 => pid = parent,
+                _ => return false,
+            }
+        }
+        false
+    };
+    rss.iter().filter(|(pid, _)| descends(**pid)).map(|(_, kib)| kib).sum()
+}
+
 /// A 5 MiB "installer": a script that exits at once, followed by text the
 /// shell never reads (so the bytes are staged and hashed, not executed).
 fn payload() -> Vec<u8> {
@@ -107,6 +149,18 @@ fn main() {
     let fleet_start = started_fleet.elapsed();
     let stop_reaper = Arc::new(AtomicBool::new(false));
     let reaper = start_reaper(stop_reaper.clone());
+    // Children so far: the agent build and the sshd starters, not the rollout.
+    let children_before = rusage(libc::RUSAGE_CHILDREN);
+    let peak_descendants = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let sampler = {
+        let (stop, peak) = (stop_reaper.clone(), peak_descendants.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                peak.fetch_max(descendants_rss_kib(), Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
 
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let before_self = rusage(libc::RUSAGE_SELF);
@@ -160,7 +214,16 @@ fn main() {
         let succeeded = all.iter().filter(|t| t.state == TargetState::Succeeded).count();
         let mut patch_failures = Vec::new();
         for target in all.iter().filter(|t| t.state != TargetState::Succeeded) {
-            patch_failures.push(format!("{}:{:?} {} {:?}", target.host, target.port, target.state, target.error));
+            let history = sandbox.store.transitions(target.id).await.unwrap_or_default();
+            let history: Vec<String> = history.iter().map(|t| format!("{} {}", t.at.format("%H:%M:%S%.3f"), t.to)).collect();
+            let events = sandbox.store.agent_events(target.id).await.unwrap_or_default();
+            let events: Vec<String> = events.iter().map(|e| format!("{} {}", e.seq, e.kind)).collect();
+            patch_failures.push(format!(
+                "127.0.0.1:{} {}: {}\n    transitions: {history:?}\n    agent events: {events:?}",
+                target.port.unwrap_or(0),
+                target.state,
+                target.error.as_deref().unwrap_or("")
+            ));
         }
         for target in all.iter().filter(|t| t.state == TargetState::Succeeded).take(3) {
             let patches = sandbox.store.target_patches(target.id).await.unwrap();
@@ -171,11 +234,13 @@ fn main() {
     });
     let after_self = rusage(libc::RUSAGE_SELF);
     drop(runtime);
+    let sshd_seconds: f64 = fleet.peers().iter().map(|peer| sshd_cpu_seconds(&peer.dir().join("sshd.pid"))).sum();
     // Stop the sshd peers; the reaper collects them (and their CPU).
     drop(fleet);
     std::thread::sleep(Duration::from_millis(300));
     stop_reaper.store(true, Ordering::Relaxed);
     let _ = reaper.join();
+    let _ = sampler.join();
     let children = rusage(libc::RUSAGE_CHILDREN);
     let (wall, succeeded, total, failures) = result;
 
@@ -188,12 +253,16 @@ fn main() {
         cpu_seconds(&after_self) - cpu_seconds(&before_self)
     );
     println!(
-        "  CPU, target side            {:>8.2} s (sshd, sessions, agents, installers; whole run){}",
-        cpu_seconds(&children),
+        "  CPU, target side            {:>8.2} s (sshd, sessions, agents, installers; rollout and fleet stop){}",
+        cpu_seconds(&children) - cpu_seconds(&children_before),
         if subreaper { "" } else { " [not a subreaper: agents not counted]" }
     );
+    println!("    of which sshd + sessions    {sshd_seconds:>8.2} s (the rest: agents and installers)");
     println!("  peak RSS, this process      {:>8.1} MiB (VmHWM)", vm_hwm_kib() as f64 / 1024.0);
-    println!("  peak RSS, largest child     {:>8.1} MiB (ru_maxrss)", children.ru_maxrss as f64 / 1024.0);
+    println!(
+        "  peak RSS, target side       {:>8.1} MiB (sum over sshd, sessions, agents; sampled every 100 ms)",
+        peak_descendants.load(Ordering::Relaxed) as f64 / 1024.0
+    );
     for failure in &failures {
         println!("  not succeeded: {failure}");
     }

@@ -318,7 +318,6 @@ impl Sandbox {
             verify_delay_seconds: self.options.verify_delay_seconds,
             agent_binaries,
             content_dir: self.content_dir.clone(),
-            ..WorkerOptions::default()
         }
     }
 
