@@ -234,6 +234,7 @@ fn main() {
     });
     let after_self = rusage(libc::RUSAGE_SELF);
     drop(runtime);
+    let logins: usize = fleet.peers().iter().map(|peer| peer.log().matches("Accepted publickey").count()).sum();
     let sshd_seconds: f64 = fleet.peers().iter().map(|peer| sshd_cpu_seconds(&peer.dir().join("sshd.pid"))).sum();
     // Stop the sshd peers; the reaper collects them (and their CPU).
     drop(fleet);
@@ -257,6 +258,7 @@ fn main() {
         cpu_seconds(&children) - cpu_seconds(&children_before),
         if subreaper { "" } else { " [not a subreaper: agents not counted]" }
     );
+    println!("  SSH logins per target       {:>8.1}", logins as f64 / total.max(1) as f64);
     println!("    of which sshd + sessions    {sshd_seconds:>8.2} s (the rest: agents and installers)");
     println!("  peak RSS, this process      {:>8.1} MiB (VmHWM)", vm_hwm_kib() as f64 / 1024.0);
     println!(
