@@ -11,10 +11,19 @@
 //! `FLEETPATCH_TEST_AMQP_URL` (default `amqp://guest:guest@127.0.0.1:5672/%2f`).
 //! A missing service fails the test with a message that says which; no
 //! test ever passes by skipping.
+//!
+//! With [`SandboxOptions::ssh`] the workers also offer the real `ssh`
+//! transport (with the workspace's `fleetpatch-agent`, found or built by
+//! [`agent_binary`]); installers go into the scheduler's content store
+//! with [`Sandbox::upload_content`], which the workers share. The collector
+//! can be stopped and started again on its port
+//! ([`Sandbox::stop_collector`], [`Sandbox::restart_collector`]) to test
+//! the agents' spool.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use fleetpatch_bus::rabbitmq::{RabbitBackend, RabbitOptions};
@@ -24,6 +33,7 @@ use fleetpatch_runtime::{Health, Shutdown};
 use fleetpatch_store::{Rollout, Store, StoreOptions, Target};
 use fleetpatch_transport::sim::{SimFleet, SimOptions, SimTransport};
 use fleetpatch_transport::Transports;
+use fleetpatch_transport_ssh::{SshOptions, SshTransport};
 use fleetpatch_worker::WorkerOptions;
 use sea_orm::{ConnectionTrait, Database, DbBackend, Statement};
 use uuid::Uuid;
@@ -56,6 +66,13 @@ pub struct SandboxOptions {
     pub sim: SimOptions,
     pub verify_delay_seconds: u64,
     pub retry_backoff_seconds: Vec<u64>,
+    /// Workers also offer the `ssh` transport with these options.
+    pub ssh: Option<SshOptions>,
+    /// The agent binary workers stage on ssh targets (for this machine's
+    /// architecture); [`agent_binary`] when `None` and `ssh` is set.
+    pub agent_binary: Option<PathBuf>,
+    /// Time limit of one remote step (probe, stage, start) in seconds.
+    pub step_timeout_seconds: u64,
 }
 
 impl Default for SandboxOptions {
@@ -66,6 +83,9 @@ impl Default for SandboxOptions {
             sim: SimOptions { min_latency_ms: 1, max_latency_ms: 5, patch_ms: 20, ..SimOptions::default() },
             verify_delay_seconds: 1,
             retry_backoff_seconds: vec![1, 1, 1],
+            ssh: None,
+            agent_binary: None,
+            step_timeout_seconds: 30,
         }
     }
 }
@@ -109,10 +129,18 @@ impl Drop for WorkerProcess {
     }
 }
 
+/// The collector, with its own shutdown so a test can stop and restart it.
+struct CollectorProcess {
+    shutdown: Shutdown,
+    join: tokio::task::JoinHandle<()>,
+}
+
 pub struct Sandbox {
     pub store: Store,
     pub api: String,
     pub collector: SocketAddr,
+    /// The scheduler's content store, shared with the workers.
+    pub content_dir: PathBuf,
     pub fleet: SimFleet,
     pub http: reqwest::Client,
     pub options: SandboxOptions,
@@ -122,6 +150,8 @@ pub struct Sandbox {
     amqp: RabbitOptions,
     shutdown: Shutdown,
     joins: Vec<tokio::task::JoinHandle<()>>,
+    collector_process: Option<CollectorProcess>,
+    agent_binary: Option<PathBuf>,
     topology: Arc<RabbitBackend>,
 }
 
@@ -159,11 +189,17 @@ impl Sandbox {
         );
         let shutdown = Shutdown::new();
         let fleet = SimFleet::new(options.sim.clone());
+        let content_dir = std::env::temp_dir().join(format!("{database}-content"));
+        let agent_binary = match (&options.ssh, &options.agent_binary) {
+            (_, Some(path)) => Some(path.clone()),
+            (Some(_), None) => Some(agent_binary().to_path_buf()),
+            (None, None) => None,
+        };
 
         let scheduler = fleetpatch_scheduler::start(
             fleetpatch_scheduler::SchedulerOptions {
                 listen: "127.0.0.1:0".into(),
-                content_dir: std::env::temp_dir().join(format!("{database}-content")),
+                content_dir: content_dir.clone(),
                 verify_delay_seconds: options.verify_delay_seconds,
                 reconcile_interval_seconds: 5,
                 prefetch: 32,
@@ -175,29 +211,16 @@ impl Sandbox {
         )
         .await
         .expect("scheduler starts");
-        let collector = fleetpatch_collector::start(
-            fleetpatch_collector::CollectorOptions { listen: "127.0.0.1:0".into(), ..Default::default() },
-            store.clone(),
-            Self::bus(&amqp).await,
-            Health::new(),
-            shutdown.clone(),
-        )
-        .await
-        .expect("collector starts");
+        let (collector_addr, collector_process) = Self::start_collector(&store, &amqp, "127.0.0.1:0").await;
         let api = format!("http://{}", scheduler.local_addr);
-        let collector_addr = collector.local_addr;
-        let joins = vec![
-            tokio::spawn(async move {
-                scheduler.join.await.expect("scheduler task").expect("scheduler ran");
-            }),
-            tokio::spawn(async move {
-                collector.join.await.expect("collector task").expect("collector ran");
-            }),
-        ];
+        let joins = vec![tokio::spawn(async move {
+            scheduler.join.await.expect("scheduler task").expect("scheduler ran");
+        })];
         let mut sandbox = Sandbox {
             store,
             api,
             collector: collector_addr,
+            content_dir,
             fleet,
             http: reqwest::Client::new(),
             options: options.clone(),
@@ -207,6 +230,8 @@ impl Sandbox {
             amqp,
             shutdown,
             joins,
+            collector_process: Some(collector_process),
+            agent_binary,
             topology,
         };
         for _ in 0..options.workers {
@@ -216,6 +241,62 @@ impl Sandbox {
         sandbox
     }
 
+    async fn start_collector(store: &Store, amqp: &RabbitOptions, listen: &str) -> (SocketAddr, CollectorProcess) {
+        let shutdown = Shutdown::new();
+        let collector = fleetpatch_collector::start(
+            fleetpatch_collector::CollectorOptions { listen: listen.into(), ..Default::default() },
+            store.clone(),
+            Self::bus(amqp).await,
+            Health::new(),
+            shutdown.clone(),
+        )
+        .await
+        .unwrap_or_else(|error| panic!("collector starts on {listen}: {error}"));
+        let addr = collector.local_addr;
+        let join = tokio::spawn(async move {
+            collector.join.await.expect("collector task").expect("collector ran");
+        });
+        (addr, CollectorProcess { shutdown, join })
+    }
+
+    /// Stops the collector (graceful: accepted reports are written); its
+    /// port refuses connections until [`Sandbox::restart_collector`].
+    pub async fn stop_collector(&mut self) {
+        let process = self.collector_process.take().expect("the collector is running");
+        process.shutdown.trigger();
+        tokio::time::timeout(Duration::from_secs(30), process.join)
+            .await
+            .expect("the collector stops within 30 s")
+            .expect("collector task");
+    }
+
+    /// Starts the collector again on the port it had.
+    pub async fn restart_collector(&mut self) {
+        assert!(self.collector_process.is_none(), "the collector is already running");
+        let listen = self.collector.to_string();
+        let (addr, process) = Self::start_collector(&self.store, &self.amqp, &listen).await;
+        assert_eq!(addr, self.collector);
+        self.collector_process = Some(process);
+    }
+
+    /// `PUT /v1/content/{sha256}`: puts an installer into the content
+    /// store; returns its sha256 and size.
+    pub async fn upload_content(&self, bytes: Vec<u8>) -> (String, u64) {
+        use sha2::Digest;
+        let sha256 = hex::encode(sha2::Sha256::digest(&bytes));
+        let size = bytes.len() as u64;
+        let response = self
+            .http
+            .put(format!("{}/v1/content/{sha256}", self.api))
+            .body(bytes)
+            .send()
+            .await
+            .expect("PUT /v1/content");
+        let status = response.status();
+        assert!(status.is_success(), "upload content: {status} {}", response.text().await.unwrap_or_default());
+        (sha256, size)
+    }
+
     async fn bus(amqp: &RabbitOptions) -> Bus {
         Bus::new(Arc::new(
             RabbitBackend::connect(amqp, &fleetpatch_proto::routing::WORK_QUEUES).await.expect("connect to RabbitMQ"),
@@ -223,15 +304,20 @@ impl Sandbox {
     }
 
     pub fn worker_options(&self) -> WorkerOptions {
+        let agent_binaries = match &self.agent_binary {
+            Some(path) => BTreeMap::from([(std::env::consts::ARCH.to_owned(), path.clone())]),
+            None => BTreeMap::new(),
+        };
         WorkerOptions {
             concurrency: self.options.worker_concurrency,
             listen: "127.0.0.1:0".into(),
             collector_url: format!("http://{}", self.collector),
             token_key_ref: format!("env:{TOKEN_KEY_VAR}"),
             retry_backoff_seconds: self.options.retry_backoff_seconds.clone(),
-            step_timeout_seconds: 30,
+            step_timeout_seconds: self.options.step_timeout_seconds,
             verify_delay_seconds: self.options.verify_delay_seconds,
-            ..WorkerOptions::default()
+            agent_binaries,
+            content_dir: self.content_dir.clone(),
         }
     }
 
@@ -243,6 +329,9 @@ impl Sandbox {
         let database_url = self.database_url.clone();
         let amqp = self.amqp.clone();
         let fleet = self.fleet.clone();
+        let ssh = self.options.ssh.clone().map(|options| {
+            Arc::new(SshTransport::new(options).unwrap_or_else(|error| panic!("sandbox ssh options: {error}")))
+        });
         let thread = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -252,7 +341,10 @@ impl Sandbox {
             runtime.block_on(async move {
                 let store =
                     Store::connect(&StoreOptions { url: database_url, max_connections: 10 }).await.expect("connect");
-                let transports = Transports::default().with(Arc::new(SimTransport::new(fleet)));
+                let mut transports = Transports::default().with(Arc::new(SimTransport::new(fleet)));
+                if let Some(ssh) = ssh {
+                    transports = transports.with(ssh);
+                }
                 let worker = fleetpatch_worker::Worker::new(options, store, Self::bus(&amqp).await, transports)
                     .expect("worker builds");
                 let shutdown = Shutdown::new();
@@ -326,11 +418,16 @@ impl Sandbox {
             worker.stop();
         }
         self.shutdown.trigger();
+        if let Some(collector) = self.collector_process.take() {
+            collector.shutdown.trigger();
+            let _ = tokio::time::timeout(Duration::from_secs(30), collector.join).await;
+        }
         for join in self.joins.drain(..) {
             let _ = tokio::time::timeout(Duration::from_secs(30), join).await;
         }
         let _ = self.topology.delete_topology().await;
         self.store.clone().close().await;
+        let _ = std::fs::remove_dir_all(&self.content_dir);
         if let Ok(admin) = Database::connect(&admin_database_url()).await {
             let _ = admin
                 .execute(Statement::from_string(
@@ -340,6 +437,47 @@ impl Sandbox {
                 .await;
         }
     }
+}
+
+/// The workspace's `fleetpatch-agent` (debug build), built once per process
+/// with `cargo build -p fleetpatch-agent` into the target directory this
+/// test binary runs from, so it is never stale. Panics with cargo's output
+/// when the build fails.
+pub fn agent_binary() -> &'static Path {
+    static AGENT: OnceLock<PathBuf> = OnceLock::new();
+    AGENT.get_or_init(|| {
+        let target_dir = target_dir();
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("the tests crate is in the workspace");
+        let output = std::process::Command::new(&cargo)
+            .current_dir(workspace)
+            .args(["build", "--quiet", "-p", "fleetpatch-agent", "--bin", "fleetpatch-agent", "--target-dir"])
+            .arg(&target_dir)
+            .output()
+            .unwrap_or_else(|error| panic!("cannot run {cargo:?} to build fleetpatch-agent: {error}"));
+        assert!(
+            output.status.success(),
+            "cargo build -p fleetpatch-agent failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let path = target_dir.join("debug").join("fleetpatch-agent");
+        assert!(path.is_file(), "cargo built fleetpatch-agent, yet {} is missing", path.display());
+        path
+    })
+}
+
+/// The cargo target directory: `CARGO_TARGET_DIR`, else the one holding
+/// this executable (`<target>/<profile>/deps/<binary>` or `<target>/<profile>/examples/<binary>`).
+fn target_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR") {
+        return PathBuf::from(dir);
+    }
+    let exe = std::env::current_exe().expect("path of the running test binary");
+    exe.parent()
+        .and_then(Path::parent)
+        .and_then(Path::parent)
+        .unwrap_or_else(|| panic!("{} is not inside a cargo target directory", exe.display()))
+        .to_path_buf()
 }
 
 /// A rollout request of `targets` simulated hosts and `patches` patches.

@@ -114,7 +114,7 @@ fn patch(index: usize) -> NewPatch {
 fn target(index: usize, wave: u32) -> NewTarget {
     NewTarget {
         host: format!("host-{index:04}"),
-        port: (index % 2 == 0).then_some(2200 + index as u16),
+        port: index.is_multiple_of(2).then_some(2200 + index as u16),
         transport: "sim".into(),
         labels: BTreeMap::from([("site".to_owned(), format!("s{}", index % 3))]),
         credential_ref: Some("env:FLEET_CRED".into()),

@@ -313,13 +313,18 @@ fn io_error(address: &str, error: std::io::Error) -> Error {
 impl Connection {
     /// Connects, checks the host key and logs in, within the connect timeout.
     pub async fn open(options: &SshOptions, target: &TargetSpec) -> Result<Connection> {
+        // Without a credential a deployment step fails at once, not after a connect.
+        login_of(options, target)?;
         Self::open_staged(options, target).await.map_err(|failure| failure.error)
     }
 
     /// As [`Connection::open`], saying at which stage it failed.
     pub async fn open_staged(options: &SshOptions, target: &TargetSpec) -> Result<Connection, ConnectFailure> {
         let fail = |stage, error| ConnectFailure { stage, error, presented_key: None };
-        let (username, port) = login_of(options, target).map_err(|e| fail(ConnectStage::Login, e))?;
+        // A missing credential is a login failure, told after the port and
+        // the host key were really checked (a preflight reports those too).
+        let login = login_of(options, target);
+        let port = target.port.unwrap_or(options.port);
         let address = address_of(&target.host, port);
         let timeout = options.connect_timeout();
         let deadline = tokio::time::Instant::now() + timeout;
@@ -371,6 +376,12 @@ impl Connection {
             Ok(Ok(handle)) => handle,
         };
 
+        let username = match login {
+            Ok((username, _)) => username,
+            Err(error) => {
+                return Err(ConnectFailure { stage: ConnectStage::Login, error, presented_key: presented_key() })
+            }
+        };
         let login = Self::authenticate(&mut handle, &username, target, &address);
         match tokio::time::timeout_at(deadline, login).await {
             Err(_) => return Err(ConnectFailure { presented_key: presented_key(), ..timed_out(ConnectStage::Login) }),

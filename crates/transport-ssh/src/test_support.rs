@@ -131,6 +131,27 @@ pub struct SshPeerOptions {
     pub keys: Option<Arc<PeerKeys>>,
     /// Extra public keys for `authorized_keys`.
     pub extra_authorized_keys: Vec<String>,
+    /// Give the peer its own dpkg database, so package installs and the
+    /// `dpkg` detection rule act on this "machine" and not on the host
+    /// running the tests: an empty dpkg root at [`SshPeer::dpkg_root`], and
+    /// sshd sets `DPKG_ADMINDIR` (read by `dpkg` and `dpkg-query`) and
+    /// [`DPKG_ROOT_VAR`] in every session, which an installer's arguments
+    /// use as `--root="$FLEETPATCH_TEST_DPKG_ROOT"`.
+    pub dpkg_root: bool,
+}
+
+/// Environment variable holding a peer's dpkg root (with
+/// [`SshPeerOptions::dpkg_root`]), set by sshd in every session.
+pub const DPKG_ROOT_VAR: &str = "FLEETPATCH_TEST_DPKG_ROOT";
+
+/// An empty dpkg root: `var/lib/dpkg` with `status`, `info/`, `updates/`, `triggers/`.
+fn create_dpkg_root(root: &Path) -> io::Result<()> {
+    let admin = root.join("var/lib/dpkg");
+    for dir in ["info", "updates", "triggers"] {
+        std::fs::create_dir_all(admin.join(dir))?;
+    }
+    std::fs::write(admin.join("status"), "")?;
+    Ok(())
 }
 
 /// One private `sshd` on `127.0.0.1`. Stopped (by pid file) on drop.
@@ -253,6 +274,17 @@ impl SshPeer {
             password = if options.password_auth { "yes" } else { "no" },
         );
         std::fs::write(dir.path().join("sshd_config"), config)?;
+        if options.dpkg_root {
+            let root = dir.path().join("dpkg-root");
+            create_dpkg_root(&root)?;
+            let mut config = std::fs::OpenOptions::new().append(true).open(dir.path().join("sshd_config"))?;
+            writeln!(
+                config,
+                "SetEnv DPKG_ADMINDIR={admin} {DPKG_ROOT_VAR}={root}",
+                admin = root.join("var/lib/dpkg").display(),
+                root = root.display()
+            )?;
+        }
         let known_hosts = dir.path().join("known_hosts");
         std::fs::write(&known_hosts, format!("[127.0.0.1]:{port} {}\n", keys.host.public_key))?;
         Ok(SshPeer { dir, port, keys: keys.clone(), pid_file, log_file, known_hosts, staging_root, stopped: true })
@@ -328,6 +360,11 @@ impl SshPeer {
     /// This peer's own staging root (under its temporary directory).
     pub fn staging_root(&self) -> &Path {
         &self.staging_root
+    }
+
+    /// This peer's own dpkg root (meaningful with [`SshPeerOptions::dpkg_root`]).
+    pub fn dpkg_root(&self) -> PathBuf {
+        self.dir.path().join("dpkg-root")
     }
 
     /// Where files of `deployment_id` land on this peer.
@@ -427,10 +464,19 @@ impl SshFleet {
     /// Starts `count` sshd peers (in parallel: each `sshd` daemonizes on its
     /// own, so the start cost is about one process start per peer).
     pub fn start(count: usize) -> io::Result<SshFleet> {
+        Self::start_with(count, SshPeerOptions::default())
+    }
+
+    /// Starts `count` peers set up as `options` says (its `keys` are
+    /// replaced by one pair generated for the fleet).
+    pub fn start_with(count: usize, options: SshPeerOptions) -> io::Result<SshFleet> {
         let sshd = require_sshd();
         ensure_privsep_dir()?;
+        if options.password_auth {
+            ensure_password_user()?;
+        }
         let keys = PeerKeys::generate()?;
-        let options = SshPeerOptions { keys: Some(keys.clone()), ..SshPeerOptions::default() };
+        let options = SshPeerOptions { keys: Some(keys.clone()), ..options };
         let mut peers = Vec::with_capacity(count);
         let mut pending = Vec::new();
         for _ in 0..count {

@@ -477,6 +477,16 @@ async fn preflight_names_the_cause_and_the_fix_of_failed_checks() {
     assert_eq!(checks.len(), 1, "{checks:?}");
     assert!(!checks[0].ok && checks[0].name == "port", "{checks:?}");
     assert!(checks[0].fix.as_deref().unwrap().contains("sshd"), "{checks:?}");
+
+    // No credential: the port and the host key are still really checked.
+    let mut nothing = peer.target_with(None);
+    let checks = peer.transport().preflight(&nothing, &context).await.unwrap();
+    let names: Vec<(&str, bool)> = checks.iter().map(|c| (c.name.as_str(), c.ok)).collect();
+    assert_eq!(names, [("port", true), ("host_key", true), ("login", false)], "{checks:?}");
+    nothing.port = Some(closed_port);
+    let checks = peer.transport().preflight(&nothing, &context).await.unwrap();
+    let names: Vec<(&str, bool)> = checks.iter().map(|c| (c.name.as_str(), c.ok)).collect();
+    assert_eq!(names, [("port", false)], "a closed port is not reported as open: {checks:?}");
 }
 
 #[tokio::test]

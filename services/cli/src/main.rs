@@ -1,13 +1,15 @@
 //! `fleetpatch`: runs a service (`scheduler`, `worker`, `collector`, or
 //! `all` of them in one process), migrates the database, prints the
 //! effective configuration, and is the client of the scheduler API
-//! (`rollout …`, `targets`, `target`).
+//! (`rollout …`, `targets`, `target`); `check` runs the preflight of
+//! targets from here, the way a worker would reach them.
 //!
 //! `main` only builds configuration and telemetry; each service lives in its
 //! own library crate with `start(options, ..., shutdown)`, and the client
 //! commands live in [`commands`].
 
 mod bench;
+mod check;
 mod client;
 mod commands;
 mod demo;
@@ -107,6 +109,11 @@ enum Command {
     Targets(commands::TargetsArgs),
     /// Show one target: its patches and its timeline.
     Target(commands::TargetArgs),
+    /// Preflight: can the workers deploy to these targets? (port, host key, login, rights, space, collector)
+    ///
+    /// One target (--host ...) or every target of a rollout file (-f). Exit
+    /// status 8 when any check fails.
+    Check(check::CheckArgs),
 }
 
 /// Warnings only, so the demo's own output stays readable.
@@ -145,6 +152,30 @@ async fn main() -> ExitCode {
             }
         };
     }
+    let environment = check::Environment {
+        ssh: settings.ssh.clone(),
+        sim: settings.sim.clone(),
+        collector_url: settings.worker.collector_url.clone(),
+        agent_binaries: settings.worker.agent_binaries.clone(),
+    };
+    if let Some(Command::Check(args)) = cli.command {
+        if !cli.print_config {
+            return match check::run(args, &environment).await {
+                Ok(code) => ExitCode::from(code),
+                Err(failure) => {
+                    eprintln!("error: {}", failure.message);
+                    ExitCode::from(failure.code)
+                }
+            };
+        }
+        return match run_service(true, None, settings).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("Error: {error:?}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let command = match cli.command {
         Some(Command::Rollout(command)) if !cli.print_config => Err(commands::ClientCommand::Rollout(command)),
         Some(Command::Targets(args)) if !cli.print_config => Err(commands::ClientCommand::Targets(args)),
@@ -154,7 +185,7 @@ async fn main() -> ExitCode {
     let command = match command {
         Ok(service_command) => service_command,
         Err(client_command) => {
-            return match commands::run(client_command, &settings.client).await {
+            return match commands::run(client_command, &settings.client, &environment).await {
                 Ok(code) => ExitCode::from(code),
                 Err(failure) => {
                     eprintln!("error: {}", failure.message);
@@ -180,7 +211,7 @@ async fn run_service(print_config: bool, command: Option<Command>, settings: Set
     }
     settings.validate()?;
     let Some(command) = command else {
-        bail!("name a command: migrate, scheduler, worker, collector, all, rollout, targets or target (see --help)");
+        bail!("name a command: migrate, scheduler, worker, collector, all, rollout, targets, target or check (see --help)");
     };
     let service: &'static str = match command {
         Command::Migrate => "fleetpatch-migrate",
@@ -188,8 +219,13 @@ async fn run_service(print_config: bool, command: Option<Command>, settings: Set
         Command::Worker => "fleetpatch-worker",
         Command::Collector => "fleetpatch-collector",
         Command::All => "fleetpatch",
-        Command::Rollout(_) | Command::Targets(_) | Command::Target(_) | Command::Demo(_) | Command::Bench(_) => {
-            unreachable!("client commands, the demo and the bench run above")
+        Command::Rollout(_)
+        | Command::Targets(_)
+        | Command::Target(_)
+        | Command::Demo(_)
+        | Command::Bench(_)
+        | Command::Check(_) => {
+            unreachable!("client commands, check, the demo and the bench run above")
         }
     };
     let _telemetry = fleetpatch_runtime::telemetry::init(&settings.telemetry, service)?;

@@ -38,6 +38,9 @@ pub mod exit {
     pub const PAUSED: u8 = 6;
     /// `watch`: the rollout was aborted.
     pub const ABORTED: u8 = 7;
+    /// `check` (and `rollout create --preflight`): a preflight check failed
+    /// on at least one target; `create --preflight` then created nothing.
+    pub const CHECK_FAILED: u8 = 8;
 }
 
 /// The client's section of the configuration file (`[client]`).
@@ -152,6 +155,9 @@ pub struct CreateArgs {
     /// Watch the new rollout (exit status as for `rollout watch`).
     #[arg(long, conflicts_with = "dry_run")]
     watch: bool,
+    /// Run `fleetpatch check` on every target first; create nothing when a check fails (exit status 8).
+    #[arg(long)]
+    preflight: bool,
     #[command(flatten)]
     output: OutputArgs,
     #[command(flatten)]
@@ -259,13 +265,17 @@ pub fn refused_fields<'a>(problem: &crate::client::Problem, origin_of: impl Fn(&
 }
 
 /// Runs a client command; returns the exit status.
-pub async fn run(command: ClientCommand, options: &crate::commands::ClientOptions) -> Result<u8, Failure> {
+pub async fn run(
+    command: ClientCommand,
+    options: &crate::commands::ClientOptions,
+    environment: &crate::check::Environment,
+) -> Result<u8, Failure> {
     let client = |api: &ApiArgs| ApiClient::new(api.api.as_deref().unwrap_or(&options.api_url)).map_err(Failure::from);
     match command {
         ClientCommand::Rollout(command) => match command {
             RolloutCommand::Create(args) => {
                 let api = client(&args.api)?;
-                rollout::create(&api, args).await
+                rollout::create(&api, args, environment).await
             }
             RolloutCommand::List { limit, output, api } => rollout::list(&client(&api)?, limit, output.output).await,
             RolloutCommand::Show { id, output, api } => rollout::show(&client(&api)?, id, output.output).await,

@@ -28,8 +28,28 @@ pub fn read_input(args: &CreateArgs) -> Result<RolloutInput, Failure> {
     Ok(input)
 }
 
-pub async fn create(api: &ApiClient, args: CreateArgs) -> Result<u8, Failure> {
+pub async fn create(api: &ApiClient, args: CreateArgs, environment: &crate::check::Environment) -> Result<u8, Failure> {
     let input = read_input(&args)?;
+    if args.preflight {
+        let bytes = crate::check::patch_bytes(&input.request);
+        let mut reports = crate::check::check_targets(environment, &input.request.targets, bytes).await;
+        for (report, origin) in reports.iter_mut().zip(&input.origins) {
+            report.origin = Some(origin.clone());
+        }
+        let failed = reports.iter().filter(|r| !r.ok).count();
+        if failed > 0 {
+            // The report goes to stderr: stdout stays for the created rollout.
+            eprint!("{}", crate::check::render_table(&reports));
+            return Err(Failure::new(
+                exit::CHECK_FAILED,
+                format!(
+                    "preflight failed on {failed} of {} targets; no rollout was created (fix them, or leave out                      --preflight)",
+                    reports.len()
+                ),
+            ));
+        }
+        eprintln!("preflight passed on all {} targets", reports.len());
+    }
     if args.dry_run {
         let request = serde_json::to_value(&input.request).map_err(|e| Failure::new(exit::ERROR, e.to_string()))?;
         println!("{}", output::json(&request));

@@ -1,0 +1,274 @@
+//! A rollout to 100 SSH targets, measured: one private `sshd` per target on
+//! loopback (`SshFleet`), each receiving the real agent, a 5 MiB installer
+//! and a small install script that checks the installer's sha256 and
+//! sleeps 0.2 s; the whole pipeline (scheduler, collector, workers) runs in
+//! this process on the machine's RabbitMQ and PostgreSQL.
+//!
+//! `cargo bench -p fleetpatch-tests --bench ssh_fleet` prints:
+//! - wall time from `POST /v1/rollouts` to the last target's final state;
+//! - CPU seconds of this process (scheduler, collector, workers) and of
+//!   everything on the "targets" side (the sshd instances, their sessions,
+//!   the agents and the installers): this process makes itself a child
+//!   subreaper, so the daemonized sshd and the detached agents become its
+//!   children, are reaped here, and count in `RUSAGE_CHILDREN`;
+//! - peak resident memory (`VmHWM`) of this process, and the peak of the
+//!   summed RSS of all its descendants (sshd, sessions, agents), sampled
+//!   every 100 ms from `/proc`.
+//!
+//! Environment: `FLEETPATCH_BENCH_TARGETS` (default 100),
+//! `FLEETPATCH_BENCH_WORKERS` (default 2), `FLEETPATCH_BENCH_WORKER_CONCURRENCY`
+//! (default 50).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fleetpatch_proto::state::{PatchState, TargetState};
+use fleetpatch_tests::{agent_binary, Sandbox, SandboxOptions};
+use fleetpatch_transport_ssh::test_support::SshFleet;
+use sha2::Digest;
+
+const PAYLOAD_BYTES: usize = 5 << 20;
+
+fn env_number(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn rusage(who: libc::c_int) -> libc::rusage {
+    // SAFETY: getrusage writes into the zeroed struct we own.
+    unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(who, &mut usage);
+        usage
+    }
+}
+
+fn cpu_seconds(usage: &libc::rusage) -> f64 {
+    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    seconds(usage.ru_utime) + seconds(usage.ru_stime)
+}
+
+fn vm_hwm_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Reaps every child (sshd daemons and detached agents re-parented here)
+/// until `stop`, so their CPU time lands in `RUSAGE_CHILDREN`.
+fn start_reaper(stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || loop {
+        // SAFETY: plain waitpid on any child, non-blocking.
+        let pid = unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) };
+        if pid <= 0 {
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    })
+}
+
+/// CPU seconds of a running sshd and of the sessions it reaped (`/proc/PID/stat`).
+fn sshd_cpu_seconds(pid_file: &std::path::Path) -> f64 {
+    let Some(pid) = std::fs::read_to_string(pid_file).ok().and_then(|p| p.trim().parse::<u32>().ok()) else {
+        return 0.0;
+    };
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+    // utime, stime, cutime, cstime: fields 14-17 of stat, 11-14 here.
+    let ticks: u64 = (11..=14).filter_map(|i| fields.get(i)?.parse::<u64>().ok()).sum();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    ticks as f64 / hz
+}
+
+/// Summed RSS (KiB) of every descendant of this process, from `/proc`.
+fn descendants_rss_kib() -> u64 {
+    let me = std::process::id();
+    let mut parent_of = std::collections::HashMap::new();
+    let mut rss = std::collections::HashMap::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+        let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+        // After the command: state ppid ... rss (pages) is field 24 of stat, index 21 here.
+        let (Some(ppid), Some(pages)) = (fields.get(1), fields.get(21)) else { continue };
+        parent_of.insert(pid, ppid.parse::<u32>().unwrap_or(0));
+        rss.insert(pid, pages.parse::<u64>().unwrap_or(0) * 4);
+    }
+    let descends = |mut pid: u32| {
+        for _ in 0..64 {
+            match parent_of.get(&pid) {
+                Some(&parent) if parent == me => return true,
+                Some(&parent) if parent > 1 => pid = parent,
+                _ => return false,
+            }
+        }
+        false
+    };
+    rss.iter().filter(|(pid, _)| descends(**pid)).map(|(_, kib)| kib).sum()
+}
+
+/// A 5 MiB "installer": a script that exits at once, followed by text the
+/// shell never reads (so the bytes are staged and hashed, not executed).
+fn payload() -> Vec<u8> {
+    let mut bytes = b"#!/bin/sh\nexit 0\n".to_vec();
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    while bytes.len() < PAYLOAD_BYTES {
+        bytes.push(b'#');
+        for _ in 0..63 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            bytes.push(b"0123456789abcdef"[(state & 15) as usize]);
+        }
+        bytes.push(b'\n');
+    }
+    bytes.truncate(PAYLOAD_BYTES);
+    bytes
+}
+
+fn main() {
+    let targets = env_number("FLEETPATCH_BENCH_TARGETS", 100);
+    let workers = env_number("FLEETPATCH_BENCH_WORKERS", 2);
+    let worker_concurrency = env_number("FLEETPATCH_BENCH_WORKER_CONCURRENCY", 50);
+    assert!(!std::path::Path::new("/run/systemd/system").exists(), "the bench measures the detached agent path");
+    // Before any child exists that something else waits for.
+    let agent = agent_binary().to_path_buf();
+    // SAFETY: prctl with PR_SET_CHILD_SUBREAPER only changes this process's reaping.
+    let subreaper = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } == 0;
+
+    let started_fleet = Instant::now();
+    let fleet = SshFleet::start(targets).unwrap_or_else(|error| {
+        panic!("start {targets} sshd peers: {error} (one sshd each: check `ulimit -n` and MaxStartups)")
+    });
+    let fleet_start = started_fleet.elapsed();
+    let stop_reaper = Arc::new(AtomicBool::new(false));
+    let reaper = start_reaper(stop_reaper.clone());
+    // Children so far: the agent build and the sshd starters, not the rollout.
+    let children_before = rusage(libc::RUSAGE_CHILDREN);
+    let peak_descendants = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let sampler = {
+        let (stop, peak) = (stop_reaper.clone(), peak_descendants.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                peak.fetch_max(descendants_rss_kib(), Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let before_self = rusage(libc::RUSAGE_SELF);
+    let result = runtime.block_on(async {
+        let sandbox = Sandbox::start(SandboxOptions {
+            workers,
+            worker_concurrency: worker_concurrency as u16,
+            ssh: Some(fleet.options()),
+            agent_binary: Some(agent),
+            step_timeout_seconds: 120,
+            ..SandboxOptions::default()
+        })
+        .await;
+        let payload = payload();
+        let payload_sha = hex::encode(sha2::Sha256::digest(&payload));
+        let (payload_sha_uploaded, payload_size) = sandbox.upload_content(payload).await;
+        assert_eq!(payload_sha, payload_sha_uploaded);
+        let script = format!(
+            "#!/bin/sh\ncd \"$(dirname \"$0\")\" || exit 1\n\
+             echo '{payload_sha}  payload-5mib.sh' | sha256sum -c - || exit 10\nsleep 0.2\n"
+        );
+        let (script_sha, script_size) = sandbox.upload_content(script.into_bytes()).await;
+        let key = fleet.keys().client.private_key_path.display().to_string();
+        let request = serde_json::json!({
+            "name": format!("bench-ssh-{targets}"),
+            "concurrency": targets,
+            "timeout_seconds": 120,
+            "heartbeat_seconds": 10,
+            "max_tries": 3,
+            "patches": [
+                {"name": "payload", "file": "payload-5mib.sh", "sha256": payload_sha, "size": payload_size, "installer": "script"},
+                {"name": "check-and-sleep", "file": "check.sh", "sha256": script_sha, "size": script_size, "installer": "script"},
+            ],
+            "targets": fleet.peers().iter().map(|peer| serde_json::json!({
+                "host": peer.host(),
+                "port": peer.port(),
+                "transport": "ssh",
+                "credential_ref": format!("file:{key}"),
+                "labels": {"user": "root", "ssh.staging_root": peer.staging_root().display().to_string()},
+            })).collect::<Vec<_>>(),
+        });
+        let created = Instant::now();
+        let id = sandbox.create_rollout(request).await;
+        let all = sandbox
+            .wait_for("every target to reach a final state", Duration::from_secs(600), async || {
+                let all = sandbox.all_targets(id).await;
+                all.iter().all(|t| t.state.is_final()).then_some(all)
+            })
+            .await;
+        let wall = created.elapsed();
+        let succeeded = all.iter().filter(|t| t.state == TargetState::Succeeded).count();
+        let mut patch_failures = Vec::new();
+        for target in all.iter().filter(|t| t.state != TargetState::Succeeded) {
+            let history = sandbox.store.transitions(target.id).await.unwrap_or_default();
+            let history: Vec<String> = history.iter().map(|t| format!("{} {}", t.at.format("%H:%M:%S%.3f"), t.to)).collect();
+            let events = sandbox.store.agent_events(target.id).await.unwrap_or_default();
+            let events: Vec<String> = events.iter().map(|e| format!("{} {}", e.seq, e.kind)).collect();
+            patch_failures.push(format!(
+                "127.0.0.1:{} {}: {}\n    transitions: {history:?}\n    agent events: {events:?}",
+                target.port.unwrap_or(0),
+                target.state,
+                target.error.as_deref().unwrap_or("")
+            ));
+        }
+        for target in all.iter().filter(|t| t.state == TargetState::Succeeded).take(3) {
+            let patches = sandbox.store.target_patches(target.id).await.unwrap();
+            assert!(patches.iter().all(|p| p.state == PatchState::Succeeded && p.exit_code == Some(0)), "{patches:?}");
+        }
+        sandbox.stop().await;
+        (wall, succeeded, all.len(), patch_failures)
+    });
+    let after_self = rusage(libc::RUSAGE_SELF);
+    drop(runtime);
+    let logins: usize = fleet.peers().iter().map(|peer| peer.log().matches("Accepted publickey").count()).sum();
+    let sshd_seconds: f64 = fleet.peers().iter().map(|peer| sshd_cpu_seconds(&peer.dir().join("sshd.pid"))).sum();
+    // Stop the sshd peers; the reaper collects them (and their CPU).
+    drop(fleet);
+    std::thread::sleep(Duration::from_millis(300));
+    stop_reaper.store(true, Ordering::Relaxed);
+    let _ = reaper.join();
+    let _ = sampler.join();
+    let children = rusage(libc::RUSAGE_CHILDREN);
+    let (wall, succeeded, total, failures) = result;
+
+    println!("ssh fleet bench: {total} targets (one sshd each on loopback), 5 MiB installer + check script (sha256 + sleep 0.2 s)");
+    println!("  sshd fleet start            {:>8.2} s (not in the wall time)", fleet_start.as_secs_f64());
+    println!("  wall, create -> last final  {:>8.2} s", wall.as_secs_f64());
+    println!("  succeeded                   {succeeded:>8} of {total}");
+    println!(
+        "  CPU, this process           {:>8.2} s (scheduler, collector, {workers} workers x {worker_concurrency} slots; during the rollout)",
+        cpu_seconds(&after_self) - cpu_seconds(&before_self)
+    );
+    println!(
+        "  CPU, target side            {:>8.2} s (sshd, sessions, agents, installers; rollout and fleet stop){}",
+        cpu_seconds(&children) - cpu_seconds(&children_before),
+        if subreaper { "" } else { " [not a subreaper: agents not counted]" }
+    );
+    println!("  SSH logins per target       {:>8.1}", logins as f64 / total.max(1) as f64);
+    println!("    of which sshd + sessions    {sshd_seconds:>8.2} s (the rest: agents and installers)");
+    println!("  peak RSS, this process      {:>8.1} MiB (VmHWM)", vm_hwm_kib() as f64 / 1024.0);
+    println!(
+        "  peak RSS, target side       {:>8.1} MiB (sum over sshd, sessions, agents; sampled every 100 ms)",
+        peak_descendants.load(Ordering::Relaxed) as f64 / 1024.0
+    );
+    for failure in &failures {
+        println!("  not succeeded: {failure}");
+    }
+    if succeeded != total {
+        std::process::exit(1);
+    }
+}

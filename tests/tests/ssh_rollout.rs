@@ -1,0 +1,440 @@
+//! Rollouts over the real `ssh` transport, end to end: private OpenSSH
+//! `sshd` peers on loopback (`SshFleet`), the workspace's `fleetpatch-agent`
+//! staged over SFTP and started as a detached process (these machines have
+//! no systemd as PID 1), reporting over HTTP to the real collector, with
+//! the scheduler and the workers on the machine's RabbitMQ and PostgreSQL.
+//!
+//! Every peer has its own dpkg database (`SshPeerOptions::dpkg_root`): a
+//! `.deb` is installed by the real `dpkg -i` with `--root` set to that
+//! peer's directory, and the `dpkg` detection rule reads the same database
+//! (sshd sets `DPKG_ADMINDIR`), so nothing is installed on the machine that
+//! runs the tests.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use fleetpatch_proto::state::{PatchState, RolloutState, TargetState};
+use fleetpatch_tests::{Sandbox, SandboxOptions};
+use fleetpatch_transport_ssh::test_support::{KeyPair, SshFleet, SshPeer, SshPeerOptions, DPKG_ROOT_VAR};
+use uuid::Uuid;
+
+/// No systemd as PID 1: the transport must take the detached-process path,
+/// which is what these tests are about.
+fn assert_no_systemd() {
+    assert!(
+        !Path::new("/run/systemd/system").exists(),
+        "systemd runs on this machine: these tests exercise the detached agent (setsid) path and would \
+         start transient units instead; run them in a container without systemd"
+    );
+}
+
+/// An SSH fleet whose peers have their own dpkg database, and a sandbox whose
+/// workers reach them with strict host-key checking.
+async fn ssh_sandbox(peers: usize, tweak: impl FnOnce(&mut SandboxOptions)) -> (SshFleet, Sandbox) {
+    assert_no_systemd();
+    let fleet = SshFleet::start_with(peers, SshPeerOptions { dpkg_root: true, ..SshPeerOptions::default() })
+        .unwrap_or_else(|error| panic!("start {peers} sshd peers: {error}"));
+    let mut options = SandboxOptions {
+        workers: 2,
+        worker_concurrency: 8,
+        verify_delay_seconds: 1,
+        ssh: Some(fleet.options()),
+        ..SandboxOptions::default()
+    };
+    tweak(&mut options);
+    let sandbox = Sandbox::start(options).await;
+    (fleet, sandbox)
+}
+
+/// A target entry for a peer: root with the fleet's key (a `file:` secret
+/// reference), the peer's own staging root.
+fn ssh_target(peer: &SshPeer, key_file: &Path) -> serde_json::Value {
+    serde_json::json!({
+        "host": peer.host(),
+        "port": peer.port(),
+        "transport": "ssh",
+        "credential_ref": format!("file:{}", key_file.display()),
+        "labels": {
+            "user": "root",
+            "ssh.staging_root": peer.staging_root().display().to_string(),
+        },
+    })
+}
+
+struct Patch {
+    name: String,
+    file: String,
+    sha256: String,
+    size: u64,
+    installer: &'static str,
+    arguments: String,
+    detection: Option<serde_json::Value>,
+}
+
+impl Patch {
+    fn json(&self) -> serde_json::Value {
+        let mut value = serde_json::json!({
+            "name": self.name,
+            "file": self.file,
+            "sha256": self.sha256,
+            "size": self.size,
+            "installer": self.installer,
+            "arguments": self.arguments,
+            "timeout_seconds": 600,
+        });
+        if let Some(detection) = &self.detection {
+            value["detection"] = detection.clone();
+        }
+        value
+    }
+}
+
+/// Uploads a shell-script installer.
+async fn script(sandbox: &Sandbox, name: &str, body: &str) -> Patch {
+    let text = format!("#!/bin/sh\n{body}\n");
+    let (sha256, size) = sandbox.upload_content(text.into_bytes()).await;
+    Patch {
+        name: name.into(),
+        file: format!("{name}.sh"),
+        sha256,
+        size,
+        installer: "script",
+        arguments: String::new(),
+        detection: None,
+    }
+}
+
+/// Builds a `.deb` with `dpkg-deb --build` (one file under
+/// `/opt/<package>/`, no maintainer scripts) and uploads it; it installs
+/// into the target's own dpkg root, and its detection rule asks for it.
+async fn deb(sandbox: &Sandbox, package: &str, version: &str) -> Patch {
+    let dir = tempfile::tempdir().unwrap();
+    let tree = dir.path().join("pkg");
+    std::fs::create_dir_all(tree.join("DEBIAN")).unwrap();
+    std::fs::create_dir_all(tree.join("opt").join(package)).unwrap();
+    std::fs::write(
+        tree.join("DEBIAN/control"),
+        format!(
+            "Package: {package}\nVersion: {version}\nArchitecture: all\nMaintainer: fleetpatch tests <tests@fleetpatch.invalid>\nDescription: fleetpatch end-to-end test package\n"
+        ),
+    )
+    .unwrap();
+    std::fs::write(tree.join("opt").join(package).join("installed-by-fleetpatch"), format!("{package} {version}\n"))
+        .unwrap();
+    let file = dir.path().join(format!("{package}_{version}_all.deb"));
+    let output = Command::new("dpkg-deb")
+        .args(["--root-owner-group", "--build"])
+        .arg(&tree)
+        .arg(&file)
+        .output()
+        .expect("dpkg-deb is required to build the test package (apt-get install -y dpkg)");
+    assert!(output.status.success(), "dpkg-deb --build: {}", String::from_utf8_lossy(&output.stderr));
+    let (sha256, size) = sandbox.upload_content(std::fs::read(&file).unwrap()).await;
+    Patch {
+        name: package.into(),
+        file: format!("{package}_{version}_all.deb"),
+        sha256,
+        size,
+        installer: "deb",
+        arguments: format!("--root=\"${DPKG_ROOT_VAR}\""),
+        detection: Some(serde_json::json!({"kind": "dpkg", "package": package, "version": version})),
+    }
+}
+
+/// `dpkg-query` against a peer's own database: `Some(version)` when installed.
+fn installed_version(peer: &SshPeer, package: &str) -> Option<String> {
+    let output = Command::new("dpkg-query")
+        .env("DPKG_ADMINDIR", peer.dpkg_root().join("var/lib/dpkg"))
+        .args(["-W", "-f=${Status}\t${Version}", "--", package])
+        .output()
+        .expect("dpkg-query");
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    let (status, version) = text.split_once('\t')?;
+    (status == "install ok installed").then(|| version.to_owned())
+}
+
+fn rollout(name: &str, patches: &[&Patch], targets: Vec<serde_json::Value>) -> serde_json::Value {
+    serde_json::json!({
+        "name": name,
+        "concurrency": 5,
+        "timeout_seconds": 60,
+        "heartbeat_seconds": 5,
+        "max_tries": 1,
+        "patches": patches.iter().map(|p| p.json()).collect::<Vec<_>>(),
+        "targets": targets,
+    })
+}
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", &Uuid::new_v4().simple().to_string()[..8])
+}
+
+fn pid_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'),
+        Err(_) => false,
+    }
+}
+
+/// Agent events of a target: (seq, kind) in order; panics on a repeated seq.
+async fn events(sandbox: &Sandbox, target: Uuid) -> Vec<(u64, String, Option<u32>)> {
+    let events = sandbox.store.agent_events(target).await.unwrap();
+    let mut seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
+    seqs.dedup();
+    assert_eq!(seqs.len(), events.len(), "a report was recorded twice: {events:?}");
+    events.into_iter().map(|e| (e.seq, e.kind, e.patch_index)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_ssh_targets_install_a_script_and_a_deb_through_the_real_agent() {
+    let (fleet, sandbox) = ssh_sandbox(5, |_| {}).await;
+    let key = &fleet.keys().client.private_key_path;
+    let marker = "script-ran";
+    // The script records the agent that runs it: the pid file exists only
+    // on the detached path, and `setsid` made the agent a session leader.
+    let shell = script(
+        &sandbox,
+        "hello-script",
+        &format!(
+            "echo \"installing on $(hostname) as $(id -un)\"\n\
+             echo ran > \"${DPKG_ROOT_VAR}/{marker}\"\n\
+             agent=$(cat \"$(dirname \"$0\")/agent.pid\") || exit 9\n\
+             stat=$(cat /proc/$agent/stat); set -- ${{stat##*) }}\n\
+             echo \"$agent $4\" > \"${DPKG_ROOT_VAR}/agent-session\"\n\
+             sha256sum \"$(dirname \"$0\")\"/*.deb > \"${DPKG_ROOT_VAR}/staged.sha256\"\n\
+             exit 0"
+        ),
+    )
+    .await;
+    let package = unique("fp-e2e");
+    let package_patch = deb(&sandbox, &package, "1.0-1").await;
+    let mut request =
+        rollout("ssh-five", &[&shell, &package_patch], fleet.peers().iter().map(|p| ssh_target(p, key)).collect());
+    request["keep_files"] = serde_json::json!(true);
+    let started = std::time::Instant::now();
+    let id = sandbox.create_rollout(request).await;
+    sandbox.wait_for_rollout_state(id, RolloutState::Completed, Duration::from_secs(120)).await;
+    eprintln!("5 ssh targets x 2 patches: {:?}", started.elapsed());
+
+    let targets = sandbox.all_targets(id).await;
+    assert_eq!(targets.len(), 5);
+    for target in &targets {
+        let peer = fleet.peers().iter().find(|p| Some(p.port()) == target.port).expect("a peer per target");
+        assert_eq!(
+            target.state,
+            TargetState::Succeeded,
+            "{}:{} ended {}: {:?}\nsshd log:\n{}",
+            target.host,
+            peer.port(),
+            target.state,
+            target.error,
+            peer.log()
+        );
+        let patches = sandbox.store.target_patches(target.id).await.unwrap();
+        assert_eq!(patches.len(), 2);
+        for patch in &patches {
+            assert_eq!((patch.state, patch.exit_code), (PatchState::Succeeded, Some(0)), "{patch:?}");
+        }
+        let tail = patches[0].output_tail.as_deref().unwrap_or("");
+        assert!(tail.contains("installing on") && tail.contains("as root"), "script output: {tail:?}");
+        // The agent really ran the script and dpkg on this peer.
+        assert!(peer.dpkg_root().join(marker).is_file(), "the script did not run on port {}", peer.port());
+        assert_eq!(installed_version(peer, &package).as_deref(), Some("1.0-1"));
+        assert!(peer.dpkg_root().join("opt").join(&package).join("installed-by-fleetpatch").is_file());
+        // The agent ran detached: from its pid file, as a session leader.
+        let session = std::fs::read_to_string(peer.dpkg_root().join("agent-session")).unwrap();
+        let (agent_pid, session_id) = session.trim().split_once(' ').expect("pid and session id");
+        assert_eq!(agent_pid, session_id, "the agent is not a setsid session leader");
+        // The .deb staged beside the script is the uploaded one.
+        let staged_sha = std::fs::read_to_string(peer.dpkg_root().join("staged.sha256")).unwrap();
+        assert!(staged_sha.starts_with(&package_patch.sha256), "{staged_sha} vs {}", package_patch.sha256);
+        // FIXME: `keep_files: true` should keep the staging directory, but the
+        // final report always queues a cleanup job (store `record_reports`),
+        // which removes it. Today's behaviour, asserted.
+        let deployment = fleetpatch_proto::plan::deployment_id(target.id, target.attempt);
+        let staged = peer.staging_dir(&deployment);
+        sandbox.wait_for("the cleanup job", Duration::from_secs(30), async || (!staged.exists()).then_some(())).await;
+        assert!(!pid_alive(agent_pid.parse().unwrap()), "the agent still runs after its final report");
+        // Reports: started + finished per patch and a final result, each once.
+        let events = events(&sandbox, target.id).await;
+        let kinds: Vec<&str> = events.iter().map(|(_, kind, _)| kind.as_str()).filter(|k| *k != "heartbeat").collect();
+        assert_eq!(kinds, ["started", "finished", "started", "finished", "final"], "{events:?}");
+    }
+    // The probe recorded what it found on the machine.
+    let probe = sandbox.store.target(targets[0].id).await.unwrap();
+    assert_eq!(probe.arch.as_deref(), Some(std::env::consts::ARCH));
+    sandbox.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_installer_records_its_exit_code_and_output_and_the_next_patch_still_runs() {
+    let (fleet, sandbox) = ssh_sandbox(1, |_| {}).await;
+    let key = &fleet.keys().client.private_key_path;
+    let failing = script(
+        &sandbox,
+        "broken",
+        "echo 'unpacking payload'\necho 'E: checksum of payload wrong: disk full?' >&2\nexit 42",
+    )
+    .await;
+    let next =
+        script(&sandbox, "after-broken", &format!("echo next > \"${DPKG_ROOT_VAR}/next-ran\"\necho next ok")).await;
+    let id =
+        sandbox.create_rollout(rollout("ssh-fail", &[&failing, &next], vec![ssh_target(&fleet.peers()[0], key)])).await;
+    sandbox.wait_for_rollout_state(id, RolloutState::Completed, Duration::from_secs(90)).await;
+    let target = sandbox.all_targets(id).await.remove(0);
+    assert_eq!(target.state, TargetState::Failed, "{:?}", target.error);
+    let patches = sandbox.store.target_patches(target.id).await.unwrap();
+    assert_eq!((patches[0].state, patches[0].exit_code), (PatchState::Failed, Some(42)), "{:?}", patches[0]);
+    let tail = patches[0].output_tail.as_deref().unwrap_or("");
+    assert!(tail.contains("unpacking payload") && tail.contains("disk full?"), "output tail {tail:?}");
+    assert_eq!((patches[1].state, patches[1].exit_code), (PatchState::Succeeded, Some(0)), "{:?}", patches[1]);
+    assert!(fleet.peers()[0].dpkg_root().join("next-ran").is_file());
+    sandbox.stop().await;
+}
+
+/// An installer that hangs the machine: it freezes the agent (SIGSTOP) and
+/// never returns. A hanging installer alone would not do: the agent's
+/// heartbeats keep a slow install alive by design, and the API refuses
+/// `heartbeat_seconds >= timeout_seconds`; the watchdog is for silence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_installer_that_hangs_the_target_times_out_and_the_verification_scan_tells_what_is_installed() {
+    let (fleet, sandbox) = ssh_sandbox(1, |_| {}).await;
+    let key = &fleet.keys().client.private_key_path;
+    let peer = &fleet.peers()[0];
+    let package = unique("fp-e2e-before-hang");
+    let installed_first = deb(&sandbox, &package, "2.0-1").await;
+    let mut hang = script(
+        &sandbox,
+        "hang",
+        &format!(
+            "echo $$ > \"${DPKG_ROOT_VAR}/hang.pid\"\n\
+             kill -STOP \"$(cat \"$(dirname \"$0\")/agent.pid\")\"\n\
+             exec sleep 600"
+        ),
+    )
+    .await;
+    hang.detection = Some(serde_json::json!({"kind": "dpkg", "package": unique("fp-e2e-never-installed")}));
+    let mut request = rollout("ssh-hang", &[&installed_first, &hang], vec![ssh_target(peer, key)]);
+    request["timeout_seconds"] = serde_json::json!(3);
+    request["heartbeat_seconds"] = serde_json::json!(2);
+    let id = sandbox.create_rollout(request).await;
+    let target = sandbox.all_targets(id).await.remove(0);
+    let target = sandbox.wait_for_target_state(target.id, &TargetState::FINAL, Duration::from_secs(60)).await;
+    assert_eq!(target.state, TargetState::TimedOut, "{:?}", target.error);
+    let reason = target.error.clone().unwrap();
+    assert!(reason.contains("no feedback received within 3 s"), "{reason}");
+    let silent = target.finished_at.unwrap() - target.last_seen_at.unwrap();
+    assert!((3_000..=4_500).contains(&silent.num_milliseconds()), "timed out after {silent} of silence");
+    let patches = sandbox.store.target_patches(target.id).await.unwrap();
+    assert_eq!((patches[0].state, patches[0].exit_code), (PatchState::Succeeded, Some(0)), "{:?}", patches[0]);
+    assert_eq!(patches[1].state, PatchState::Failed, "{:?}", patches[1]);
+    assert!(patches[1].error.as_deref().unwrap_or("").contains("no feedback received"), "{:?}", patches[1]);
+    let hang_pid: u32 = std::fs::read_to_string(peer.dpkg_root().join("hang.pid")).unwrap().trim().parse().unwrap();
+    // The scan later finds the first patch installed and the hanging one not.
+    let verified = sandbox
+        .wait_for("the verification scan", Duration::from_secs(30), async || {
+            sandbox.store.target(target.id).await.ok().filter(|t| t.verified_state.is_some())
+        })
+        .await;
+    assert_eq!(verified.verified_state.as_deref(), Some("missing #1"));
+    assert_eq!(installed_version(peer, &package).as_deref(), Some("2.0-1"));
+    // Cleanup after the scan stops the frozen agent and removes the staging directory.
+    let staged = peer.staging_dir(&fleetpatch_proto::plan::deployment_id(target.id, target.attempt));
+    sandbox
+        .wait_for("cleanup of the hung deployment", Duration::from_secs(30), async || (!staged.exists()).then_some(()))
+        .await;
+    // FIXME: the installer runs in its own process group (the agent's
+    // `process_group(0)`), and the ssh cleanup kills only the agent's group,
+    // so a hung installer outlives the cleanup. It should kill the agent's
+    // whole session (the agent is a `setsid` session leader). Today's
+    // behaviour, asserted; the test then stops the installer itself.
+    assert!(pid_alive(hang_pid), "the hung installer was stopped: remove this FIXME");
+    let _ = Command::new("kill").arg("-KILL").arg(hang_pid.to_string()).status();
+    sandbox.wait_for_rollout_state(id, RolloutState::Completed, Duration::from_secs(30)).await;
+    sandbox.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_collector_down_the_agents_spool_and_replay_every_report_once() {
+    let (fleet, mut sandbox) = ssh_sandbox(2, |_| {}).await;
+    let key = &fleet.keys().client.private_key_path;
+    let mut patches = Vec::new();
+    for i in 0..3 {
+        patches.push(script(&sandbox, &format!("slow-{i}"), &format!("sleep 1\necho slow {i} done")).await);
+    }
+    let mut request = rollout(
+        "ssh-collector-down",
+        &patches.iter().collect::<Vec<_>>(),
+        fleet.peers().iter().map(|p| ssh_target(p, key)).collect(),
+    );
+    request["heartbeat_seconds"] = serde_json::json!(1);
+    let id = sandbox.create_rollout(request).await;
+    let targets = sandbox.all_targets(id).await;
+    for target in &targets {
+        sandbox.wait_for_target_state(target.id, &[TargetState::Running], Duration::from_secs(60)).await;
+    }
+    sandbox.stop_collector().await;
+    let down_at = chrono::Utc::now();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    sandbox.restart_collector().await;
+    let up_at = chrono::Utc::now();
+    sandbox.wait_for_rollout_state(id, RolloutState::Completed, Duration::from_secs(90)).await;
+    for target in &targets {
+        let target = sandbox.store.target(target.id).await.unwrap();
+        assert_eq!(target.state, TargetState::Succeeded, "{:?}", target.error);
+        let recorded = sandbox.store.agent_events(target.id).await.unwrap();
+        let events = events(&sandbox, target.id).await;
+        // Every seq from 1 to the last arrived: nothing lost, nothing twice.
+        let seqs: Vec<u64> = events.iter().map(|(seq, _, _)| *seq).collect();
+        assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>(), "{events:?}");
+        let kinds: Vec<&str> = events.iter().map(|(_, kind, _)| kind.as_str()).filter(|k| *k != "heartbeat").collect();
+        assert_eq!(kinds, ["started", "finished", "started", "finished", "started", "finished", "final"]);
+        // Some reports were made during the outage and only recorded after it.
+        assert!(recorded.iter().all(|e| e.received_at < down_at || e.received_at >= up_at), "{recorded:?}");
+        let replayed = recorded.iter().filter(|e| e.received_at >= up_at).count();
+        assert!(replayed >= 3, "only {replayed} reports after the restart: {recorded:?}");
+        let patches = sandbox.store.target_patches(target.id).await.unwrap();
+        assert!(patches.iter().all(|p| p.state == PatchState::Succeeded && p.exit_code == Some(0)), "{patches:?}");
+    }
+    sandbox.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_credentials_and_an_unknown_host_key_fail_their_targets_and_the_rollout_goes_on() {
+    let (fleet, sandbox) = ssh_sandbox(2, |_| {}).await;
+    let key = &fleet.keys().client.private_key_path;
+    let keys_dir = tempfile::tempdir().unwrap();
+    let wrong_key = KeyPair::generate(keys_dir.path(), "not_authorized", "ed25519", "").unwrap();
+    // A peer whose host key is in no known_hosts file the workers use.
+    let stranger = SshPeer::start().expect("start an sshd peer");
+    let ok = script(&sandbox, "ok", "echo ok").await;
+    let targets = vec![
+        ssh_target(&fleet.peers()[0], key),
+        ssh_target(&fleet.peers()[1], &wrong_key.private_key_path),
+        ssh_target(&stranger, key),
+    ];
+    let mut request = rollout("ssh-bad-access", &[&ok], targets);
+    request["concurrency"] = serde_json::json!(1);
+    let id = sandbox.create_rollout(request).await;
+    sandbox.wait_for_rollout_state(id, RolloutState::Completed, Duration::from_secs(90)).await;
+    let targets = sandbox.all_targets(id).await;
+    let by_port = |port: u16| targets.iter().find(|t| t.port == Some(port)).unwrap();
+    let good = by_port(fleet.peers()[0].port());
+    assert_eq!(good.state, TargetState::Succeeded, "{:?}", good.error);
+    let denied = by_port(fleet.peers()[1].port());
+    assert_eq!(denied.state, TargetState::Failed);
+    let error = denied.error.clone().unwrap();
+    assert!(error.contains("login to") && error.contains("\"root\" was rejected"), "{error}");
+    let unknown = by_port(stranger.port());
+    assert_eq!(unknown.state, TargetState::Failed);
+    let error = unknown.error.clone().unwrap();
+    assert!(error.contains("host key of") && error.contains("not trusted"), "{error}");
+    // Permanent errors: one try each, no backoff retries.
+    for target in [denied, unknown] {
+        assert_eq!(target.attempt, 1);
+        let history = sandbox.store.transitions(target.id).await.unwrap();
+        assert_eq!(history.iter().filter(|t| t.to == "probing").count(), 1, "{history:?}");
+    }
+    sandbox.stop().await;
+}
