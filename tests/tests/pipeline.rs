@@ -193,7 +193,12 @@ async fn a_worker_killed_mid_job_loses_nothing_and_the_agent_starts_once() {
         .count();
     assert_eq!(finals, 1);
     let patches = sandbox.store.target_patches(target.id).await.unwrap();
-    assert!(patches.iter().all(|p| p.state == PatchState::Succeeded), "{patches:?}");
+    assert!(
+        patches.iter().all(|p| p.state == PatchState::Succeeded),
+        "{patches:#?}\nevents: {:#?}\nhistory: {:#?}",
+        sandbox.store.agent_events(target.id).await.unwrap(),
+        sandbox.store.transitions(target.id).await.unwrap()
+    );
     sandbox.stop().await;
 }
 

@@ -54,6 +54,7 @@ macro_rules! store_conformance_suite {
             claim_is_guarded_and_a_takeover_keeps_the_token_nonce,
             probe_records_patch_rows_and_skips_installed_patches,
             probe_with_every_patch_installed_succeeds_the_target,
+            a_takeover_probe_that_finds_everything_installed_closes_the_open_patches,
             worker_steps_are_guarded_and_recorded_in_the_history,
             running_arms_the_watchdog_due_at_the_timeout,
             reports_are_idempotent_by_target_attempt_and_seq,
@@ -520,6 +521,46 @@ pub async fn probe_with_every_patch_installed_succeeds_the_target(db: &dyn TestD
     assert_eq!(count(&keys, "target.succeeded"), 1, "{keys:?}");
     let history = states(&store.transitions(target.id).await.expect("history"));
     assert_eq!(history.last(), Some(&pair(TargetState::Probing, TargetState::Succeeded)));
+}
+
+pub async fn a_takeover_probe_that_finds_everything_installed_closes_the_open_patches(db: &dyn TestDatabase) {
+    let store = db.store();
+    let id = create(store, Spec::new(1, 3, 1)).await;
+    store.dispatch(id).await.expect("dispatch");
+    let target = all_targets(store, id).await.remove(0);
+    let Claim::Claimed(first) = store.claim_deploy(target.id, 1, false, "n").await.expect("claim") else {
+        panic!("claim refused");
+    };
+    store.record_probe(&first, "os", "x86_64", serde_json::json!({}), &[], "hash").await.expect("probe");
+    assert!(store.mark_installing(&first.target).await.expect("installing"));
+    // The agent runs and reports while its worker dies.
+    let installing = store.target(target.id).await.expect("target");
+    store
+        .apply_reports(&[
+            report(&installing, 1, ReportKind::Started { patch_index: 0 }),
+            report(&installing, 2, finished(0, 0, PatchOutcomeKind::Installed, "ok")),
+            report(&installing, 3, ReportKind::Started { patch_index: 1 }),
+        ])
+        .await
+        .expect("apply");
+    // The worker taking over probes after the agent installed everything.
+    let Claim::Claimed(second) = store.claim_deploy(target.id, 1, true, "n2").await.expect("takeover") else {
+        panic!("takeover refused");
+    };
+    let outcome =
+        store.record_probe(&second, "os", "x86_64", serde_json::json!({}), &[0, 1, 2], "hash").await.expect("probe");
+    assert_eq!(outcome, ProbeOutcome::AllInstalled);
+    assert_eq!(store.target(target.id).await.expect("target").state, TargetState::Succeeded);
+    let patches = store.target_patches(target.id).await.expect("patches");
+    assert_eq!(
+        patches.iter().map(|p| (p.state, p.outcome.as_deref())).collect::<Vec<_>>(),
+        vec![
+            (PatchState::Succeeded, Some("installed")),
+            (PatchState::Succeeded, Some("found_installed")),
+            (PatchState::Succeeded, Some("found_installed")),
+        ],
+        "no patch stays open under a final target"
+    );
 }
 
 pub async fn worker_steps_are_guarded_and_recorded_in_the_history(db: &dyn TestDatabase) {

@@ -987,6 +987,18 @@ impl Store {
                 .await?;
         }
         if all_installed {
+            // A worker taking over can find that the running agent already
+            // installed everything: what it left open is installed, by the probe.
+            target_patches::Entity::update_many()
+                .col_expr(target_patches::Column::State, Expr::value(PatchState::Succeeded.as_str()))
+                .col_expr(target_patches::Column::Outcome, Expr::value("found_installed"))
+                .col_expr(target_patches::Column::FinishedAt, Expr::value(at))
+                .filter(target_patches::Column::TargetId.eq(target.id))
+                .filter(
+                    target_patches::Column::State.is_in([PatchState::Pending.as_str(), PatchState::Running.as_str()]),
+                )
+                .exec(&txn)
+                .await?;
             push_outbox(
                 &txn,
                 vec![
