@@ -2,23 +2,26 @@
 //!
 //! The same migrations run on PostgreSQL (production) and SQLite (the
 //! embedded default of `fleetpatch demo`), so they use only the portable
-//! schema builder: no raw SQL, no backend-specific types.
+//! schema builder: no backend-specific types, and raw SQL only for one
+//! PostgreSQL storage parameter (`fillfactor` of `targets`, migration 2).
 //!
 //! Hot paths and their indexes:
 //! * dispatch of the next pending target: `targets (rollout_id, state, wave, ordinal)`;
-//! * the watchdog reconciler: `targets (state, last_seen_at)`;
+//! * the watchdog reconciler: `targets (state)` (`last_seen_at` is in no
+//!   index, so the collector's updates of it are HOT updates on PostgreSQL);
 //! * the collector's idempotent insert: unique `agent_events (target_id, attempt, seq)`;
 //! * "which machines still miss KB…": `target_patches (rollout_id, patch_index, state)`.
 
 pub use sea_orm_migration::prelude::*;
 
 mod m20261124_000001_initial;
+mod m20261124_000002_hot_last_seen;
 
 pub struct Migrator;
 
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(m20261124_000001_initial::Migration)]
+        vec![Box::new(m20261124_000001_initial::Migration), Box::new(m20261124_000002_hot_last_seen::Migration)]
     }
 }

@@ -69,6 +69,7 @@ pub async fn broker_ceiling(
         .await
         .map_err(broker("setting the prefetch"))?;
     let mut consumer = consumer_channel
+        .clone()
         .basic_consume(&queue, "ceiling", BasicConsumeOptions::default(), FieldTable::default())
         .await
         .map_err(broker("consuming"))?;
@@ -89,7 +90,9 @@ pub async fn broker_ceiling(
                 }
             }
         }
-        Ok(Instant::now())
+        // The consumer lives until its channel is closed below: dropping it
+        // first would cancel it on a channel about to close.
+        Ok((Instant::now(), consumer))
     });
 
     let payload = vec![0x5a_u8; payload_bytes];
@@ -119,9 +122,11 @@ pub async fn broker_ceiling(
         }
         sent += batch;
     }
-    let finished =
+    let (finished, consumer) =
         consumed.await.map_err(|error| Error::Broker { action: "consuming", reason: error.to_string() })??;
     let seconds = finished.duration_since(started).as_secs_f64();
+    let _ = consumer_channel.close(200, "done").await;
+    drop(consumer);
     let _ = channel.queue_delete(&queue, QueueDeleteOptions::default()).await;
     let _ = publisher.close(200, "done").await;
     let _ = consumer_connection.close(200, "done").await;

@@ -377,6 +377,19 @@ struct RolloutFigures {
 struct CollectorFigures {
     targets: usize,
     clients: usize,
+    /// The collector as configured (batched writes).
+    batched: CollectorRun,
+    /// The same load on a collector that writes one report per transaction
+    /// (`batch_max_reports = 1`, 8 writers, as the database ceiling's 8 clients).
+    one_report_per_transaction: CollectorRun,
+    /// `batched` ÷ `one_report_per_transaction`.
+    vs_one_transaction_per_report: f64,
+    fraction_of_batched_insert_ceiling: Option<f64>,
+    peak_rss_mib: BTreeMap<String, f64>,
+}
+
+#[derive(Debug, Default, Serialize)]
+struct CollectorRun {
     reports: usize,
     retried: usize,
     seconds: f64,
@@ -384,10 +397,7 @@ struct CollectorFigures {
     latency_p50_ms: f64,
     latency_p99_ms: f64,
     latency_max_ms: f64,
-    vs_one_transaction_per_report: Option<f64>,
-    fraction_of_batched_insert_ceiling: Option<f64>,
     all_targets_succeeded: bool,
-    peak_rss_mib: BTreeMap<String, f64>,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -421,6 +431,10 @@ struct ServiceFigures {
 
 struct Bench {
     args: BenchArgs,
+    /// What every service process gets, and where it logs.
+    env: Vec<(String, String)>,
+    config: Option<PathBuf>,
+    dir: PathBuf,
     http: reqwest::Client,
     store: Store,
     api: String,
@@ -707,6 +721,9 @@ async fn run_phases(
     }
     let mut bench = Bench {
         args: args.clone(),
+        env: common.clone(),
+        config: config.map(Path::to_path_buf),
+        dir: dir.to_path_buf(),
         http,
         store: store.clone(),
         api: scheduler.url.clone(),
@@ -875,8 +892,51 @@ fn agent_reports(patches: usize) -> Vec<Vec<u8>> {
     reports
 }
 
+/// The same agents' load, first on a collector that writes one report per
+/// transaction, then on the configured one.
 async fn collector_phase(bench: &mut Bench, collector_port: u16) -> anyhow::Result<()> {
     let args = bench.args.clone();
+    let naive_port = free_port()?;
+    let mut env = bench.env.clone();
+    env.extend([
+        ("FLEETPATCH__COLLECTOR__LISTEN".to_owned(), format!("127.0.0.1:{naive_port}")),
+        ("FLEETPATCH__COLLECTOR__BATCH_MAX_REPORTS".to_owned(), "1".to_owned()),
+        ("FLEETPATCH__COLLECTOR__WRITERS".to_owned(), "8".to_owned()),
+    ]);
+    let mut naive = Service::spawn(
+        "collector-one-per-transaction",
+        "collector",
+        &env,
+        bench.config.as_deref(),
+        &bench.dir,
+        format!("http://127.0.0.1:{naive_port}"),
+    )?;
+    naive.wait_ready(&bench.http).await?;
+    let one_report_per_transaction = collector_load(bench, naive_port).await?;
+    naive.stop().await?;
+    bench.sampler.take_peaks();
+    let batched = collector_load(bench, collector_port).await?;
+    let rate = batched.reports_per_second;
+    bench.figures.collector = Some(CollectorFigures {
+        targets: args.collector_targets,
+        clients: args.collector_clients,
+        vs_one_transaction_per_report: rate / one_report_per_transaction.reports_per_second.max(1e-9),
+        one_report_per_transaction,
+        batched,
+        fraction_of_batched_insert_ceiling: bench
+            .figures
+            .database_ceiling
+            .as_ref()
+            .map(|c| rate / c.batched_rows_per_second),
+        peak_rss_mib: bench.sampler.take_peaks(),
+    });
+    Ok(())
+}
+
+/// Brings `collector_targets` targets to running, then their agents post
+/// every report, each in its own request, `collector_clients` at a time.
+async fn collector_load(bench: &Bench, collector_port: u16) -> anyhow::Result<CollectorRun> {
+    let args = &bench.args;
     let rollout = bench
         .store
         .create_rollout(direct_rollout("bench-collector", args.collector_targets, args.patches, 600))
@@ -885,7 +945,6 @@ async fn collector_phase(bench: &mut Bench, collector_port: u16) -> anyhow::Resu
     let tokens = Arc::new(bench.bring_to_running(rollout).await?);
     let per_target = Arc::new(agent_reports(args.patches));
     let next = Arc::new(AtomicUsize::new(0));
-    bench.sampler.take_peaks();
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..args.collector_clients.max(1) {
@@ -934,33 +993,18 @@ async fn collector_phase(bench: &mut Bench, collector_port: u16) -> anyhow::Resu
     let seconds = started.elapsed().as_secs_f64();
     latencies.sort_by(f64::total_cmp);
     let reports = latencies.len();
-    let rate = reports as f64 / seconds;
     let counts = bench.counts(rollout).await?;
     let succeeded = counts.get("succeeded").copied().unwrap_or(0) as usize;
-    bench.figures.collector = Some(CollectorFigures {
-        targets: args.collector_targets,
-        clients: args.collector_clients,
+    Ok(CollectorRun {
         reports,
         retried,
         seconds,
-        reports_per_second: rate,
+        reports_per_second: reports as f64 / seconds,
         latency_p50_ms: quantile(&latencies, 0.5),
         latency_p99_ms: quantile(&latencies, 0.99),
         latency_max_ms: latencies.last().copied().unwrap_or(0.0),
-        vs_one_transaction_per_report: bench
-            .figures
-            .database_ceiling
-            .as_ref()
-            .map(|c| rate / c.single_row_transactions_per_second),
-        fraction_of_batched_insert_ceiling: bench
-            .figures
-            .database_ceiling
-            .as_ref()
-            .map(|c| rate / c.batched_rows_per_second),
         all_targets_succeeded: succeeded == args.collector_targets,
-        peak_rss_mib: bench.sampler.take_peaks(),
-    });
-    Ok(())
+    })
 }
 
 async fn watchdog_phase(bench: &mut Bench) -> anyhow::Result<()> {
@@ -1047,17 +1091,29 @@ fn print_figures(f: &Figures) {
         println!("                      peak RSS MiB: {}", peaks(&r.peak_rss_mib));
     }
     if let Some(c) = &f.collector {
+        let run = |label: &str, r: &CollectorRun| {
+            println!(
+                "                      {label}: {} reports in {:.1} s, {:.0} reports/s; latency p50 {:.1} ms, p99 {:.1} ms, \
+                 max {:.1} ms; retried {}; all targets succeeded: {}",
+                r.reports,
+                r.seconds,
+                r.reports_per_second,
+                r.latency_p50_ms,
+                r.latency_p99_ms,
+                r.latency_max_ms,
+                r.retried,
+                r.all_targets_succeeded
+            )
+        };
         println!(
-            "  collector           {} reports from {} targets by {} senders: {:.1} s, {:.0} reports/s (retried {})",
-            c.reports, c.targets, c.clients, c.seconds, c.reports_per_second, c.retried
+            "  collector           {} targets' agents, {} concurrent senders, one report per request",
+            c.targets, c.clients
         );
+        run("batched", &c.batched);
+        run("one report per transaction", &c.one_report_per_transaction);
         println!(
-            "                      latency p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; all targets succeeded: {}",
-            c.latency_p50_ms, c.latency_p99_ms, c.latency_max_ms, c.all_targets_succeeded
-        );
-        println!(
-            "                      {} one-transaction-per-report rate; {} of the batched INSERT ceiling",
-            opt(c.vs_one_transaction_per_report, "×"),
+            "                      batched = {:.2} × one report per transaction; {} of the batched INSERT ceiling",
+            c.vs_one_transaction_per_report,
             opt(c.fraction_of_batched_insert_ceiling.map(|x| x * 100.0), "%")
         );
         println!("                      peak RSS MiB: {}", peaks(&c.peak_rss_mib));
