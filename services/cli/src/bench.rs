@@ -440,6 +440,8 @@ struct Bench {
     api: String,
     sampler: Sampler,
     figures: Figures,
+    /// Where this process plays the workers, it also relays their outbox at once.
+    relay_nudge: Arc<tokio::sync::Notify>,
 }
 
 fn sim_patches(patches: usize) -> Vec<serde_json::Value> {
@@ -571,7 +573,8 @@ impl Bench {
         let targets = Arc::new(targets);
         let mut tasks = Vec::new();
         for _ in 0..32 {
-            let (store, next, targets) = (self.store.clone(), next.clone(), targets.clone());
+            let (store, next, targets, nudge) =
+                (self.store.clone(), next.clone(), targets.clone(), self.relay_nudge.clone());
             tasks.push(tokio::spawn(async move {
                 let mut tokens = Vec::new();
                 loop {
@@ -592,6 +595,7 @@ impl Bench {
                     if !store.mark_running(&context.target).await? {
                         bail!("target {} did not move to running", target.host);
                     }
+                    nudge.notify_one();
                     tokens.push((target.id, token));
                 }
                 anyhow::Ok(tokens)
@@ -729,7 +733,21 @@ async fn run_phases(
         api: scheduler.url.clone(),
         sampler: sampler.clone(),
         figures,
+        relay_nudge: Arc::default(),
     };
+    let relay_bus = fleetpatch_bus::Bus::new(Arc::new(
+        RabbitBackend::connect(amqp, &fleetpatch_proto::routing::WORK_QUEUES)
+            .await
+            .context("connecting to RabbitMQ")?,
+    ));
+    let relay_stop = tokio_util::sync::CancellationToken::new();
+    let relay = tokio::spawn(fleetpatch_store::relay::run_relay(
+        store.clone(),
+        relay_bus.clone(),
+        bench.relay_nudge.clone(),
+        Duration::from_secs(1),
+        relay_stop.clone(),
+    ));
 
     // 2. The simulated rollout through the whole pipeline.
     eprintln!("2/5 rollout: {} targets × {} patches at concurrency {}", args.targets, args.patches, args.concurrency);
@@ -843,6 +861,9 @@ async fn run_phases(
         service.stop().await?;
         bench.figures.services.insert(name, ServiceFigures { cpu_seconds: cpu, peak_rss_mib: peak as f64 / 1024.0 });
     }
+    relay_stop.cancel();
+    let _ = relay.await;
+    relay_bus.close().await;
     stop_sampler.store(true, Ordering::Relaxed);
     let _ = sampling.await;
     store.close().await;

@@ -125,6 +125,9 @@ pub struct Worker {
     bus: Bus,
     transports: Transports,
     token_key: Arc<Vec<u8>>,
+    /// Wakes this worker's outbox relay after a job committed messages
+    /// (the watchdog's timer, a retry, a dispatch request).
+    relay_nudge: Arc<tokio::sync::Notify>,
 }
 
 /// A running worker.
@@ -164,7 +167,14 @@ impl Worker {
                 .map_err(|e| Error::Config(format!("worker.token_key_ref: {e}")))?
                 .into_bytes()
         };
-        Ok(Self { options: Arc::new(options), store, bus, transports, token_key: Arc::new(token_key) })
+        Ok(Self {
+            options: Arc::new(options),
+            store,
+            bus,
+            transports,
+            token_key: Arc::new(token_key),
+            relay_nudge: Arc::default(),
+        })
     }
 
     /// Binds the ops listener and consumes deploy, cleanup and verify jobs
@@ -188,6 +198,16 @@ impl Worker {
         let cleanup = self.bus.consume(routing::CLEANUP, 4).await?;
         let verify = self.bus.consume(routing::VERIFY, 4).await?;
         let app = fleetpatch_runtime::ops::router(health.clone());
+        // The worker publishes what its own transactions commit, at once
+        // (the scheduler's and the collector's relays would find it later).
+        let relay_stop = tokio_util::sync::CancellationToken::new();
+        let relay = tokio::spawn(fleetpatch_store::relay::run_relay(
+            self.store.clone(),
+            self.bus.clone(),
+            self.relay_nudge.clone(),
+            Duration::from_secs(1),
+            relay_stop.clone(),
+        ));
         let join = tokio::spawn(async move {
             let server_shutdown = shutdown.clone();
             let server = tokio::spawn(async move {
@@ -210,6 +230,8 @@ impl Worker {
             if drained.is_err() {
                 tracing::warn!("in-flight jobs did not finish within 60 s; they will be redelivered");
             }
+            relay_stop.cancel();
+            let _ = relay.await;
             self.bus.close().await;
             let _ = server.await;
             tracing::info!("worker drained");
@@ -272,6 +294,7 @@ impl Worker {
         };
         metrics::histogram!("fleetpatch_worker_job_seconds", "queue" => queue.clone())
             .record(started.elapsed().as_secs_f64());
+        self.relay_nudge.notify_one();
         match result {
             Ok(()) => {
                 metrics::counter!("fleetpatch_worker_jobs_total", "queue" => queue, "result" => "ok").increment(1);
