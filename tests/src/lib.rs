@@ -451,7 +451,16 @@ pub fn agent_binary() -> &'static Path {
         let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("the tests crate is in the workspace");
         let output = std::process::Command::new(&cargo)
             .current_dir(workspace)
-            .args(["build", "--quiet", "-p", "fleetpatch-agent", "--bin", "fleetpatch-agent", "--target-dir"])
+            .args([
+                "build",
+                "--quiet",
+                "--locked",
+                "-p",
+                "fleetpatch-agent",
+                "--bin",
+                "fleetpatch-agent",
+                "--target-dir",
+            ])
             .arg(&target_dir)
             .output()
             .unwrap_or_else(|error| panic!("cannot run {cargo:?} to build fleetpatch-agent: {error}"));
