@@ -203,6 +203,7 @@ impl Sandbox {
                 verify_delay_seconds: options.verify_delay_seconds,
                 reconcile_interval_seconds: 5,
                 prefetch: 32,
+                ..Default::default()
             },
             store.clone(),
             Self::bus(&amqp).await,

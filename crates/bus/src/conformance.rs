@@ -71,6 +71,7 @@ macro_rules! bus_conformance_suite {
             delayed_message_is_not_early_and_bounded_late,
             multi_hop_delay_is_not_early_and_bounded_late,
             short_delays_never_wait_behind_long_ones,
+            batches_hold_due_messages_and_re_delay_early_ones,
             queue_depth_counts_ready_messages,
             events_are_accepted_and_close_makes_the_bus_unhealthy,
         );
@@ -436,6 +437,43 @@ pub async fn multi_hop_delay_is_not_early_and_bounded_late(broker: &dyn TestBrok
 pub async fn short_delays_never_wait_behind_long_ones(broker: &dyn TestBroker) {
     let lateness = deliver_delayed(broker, &[3_000, 2_200, 1_700, 1_000, 600, 400, 250, 100]).await;
     assert_eq!(lateness.len(), 8);
+}
+
+/// `next_batch` returns what arrives together, due messages only: the
+/// early hops of multi-hop delays are re-delayed (not early, bounded late).
+pub async fn batches_hold_due_messages_and_re_delay_early_ones(broker: &dyn TestBroker) {
+    let bus = connect_bus(broker).await;
+    let mut consumer = consume(&bus, BETA, 32).await;
+    let published_at = now_unix_ms();
+    let mut messages: Vec<Outgoing> = (0..5).map(|n| message(BETA, &format!("now-{n}"))).collect();
+    messages.extend([1_700, 2_700].map(|delay| message(BETA, &delay.to_string()).due_at(published_at + delay)));
+    publish(&bus, messages).await;
+    let mut immediate = Vec::new();
+    let mut delayed = Vec::new();
+    let deadline = tokio::time::Instant::now() + EXPECT_WITHIN;
+    while immediate.len() + delayed.len() < 7 {
+        let batch = tokio::time::timeout_at(deadline, consumer.next_batch(10, Duration::from_millis(50)))
+            .await
+            .expect("the batches arrive in time")
+            .expect("the consumer is open");
+        assert!(batch.len() <= 10);
+        for delivery in batch {
+            let body = text(&delivery);
+            match delivery.due_at_unix_ms() {
+                None => immediate.push(body),
+                Some(due) => {
+                    let arrived = now_unix_ms();
+                    assert!(arrived >= due - DUE_TOLERANCE_MS, "{body} arrived {} ms early", due - arrived);
+                    assert!(arrived <= due + MAX_LATENESS_MS, "{body} arrived {} ms late", arrived - due);
+                    delayed.push(body);
+                }
+            }
+            ack(delivery).await;
+        }
+    }
+    immediate.sort();
+    assert_eq!(immediate, (0..5).map(|n| format!("now-{n}")).collect::<Vec<_>>());
+    assert_eq!(delayed, vec!["1700".to_owned(), "2700".to_owned()]);
 }
 
 /// The depth of a work queue counts its ready messages, not unacked ones.

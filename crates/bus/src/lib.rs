@@ -330,6 +330,10 @@ pub struct Consumer {
 impl Consumer {
     /// The next due delivery; `None` once the consumer was cancelled and
     /// drained, or the connection is gone.
+    ///
+    /// Not cancel-safe: dropped while it re-delays an early arrival, the
+    /// delivery stays unacked until the consumer goes away. Cancel it only
+    /// when stopping.
     pub async fn next(&mut self) -> Option<Delivery> {
         loop {
             let delivery = self.deliveries.recv().await?;
@@ -362,6 +366,61 @@ impl Consumer {
                 }
             }
         }
+    }
+
+    /// The due deliveries among those that arrive within `window` of the
+    /// first (at most `max`): early arrivals of multi-hop delays are
+    /// re-delayed together, in one publish, and acked. Empty when all were
+    /// early; `None` as for [`Consumer::next`]. Not cancel-safe either.
+    pub async fn next_batch(&mut self, max: usize, window: Duration) -> Option<Vec<Delivery>> {
+        let first = self.deliveries.recv().await?;
+        let mut received = vec![first];
+        let until = tokio::time::Instant::now() + window;
+        while received.len() < max.max(1) {
+            match tokio::time::timeout_at(until, self.deliveries.recv()).await {
+                Ok(Some(delivery)) => received.push(delivery),
+                _ => break,
+            }
+        }
+        let now = now_unix_ms();
+        let (due, early): (Vec<Delivery>, Vec<Delivery>) = received
+            .into_iter()
+            .partition(|delivery| delivery.due_at_unix_ms().is_none_or(|due| due - now <= DUE_TOLERANCE_MS));
+        if !early.is_empty() {
+            let again: Vec<Outgoing> = early
+                .iter()
+                .map(|delivery| {
+                    let mut headers = delivery.headers.clone();
+                    headers.remove(DELIVERY_COUNT_HEADER);
+                    Outgoing {
+                        destination: Destination::Work,
+                        routing_key: delivery.routing_key.clone(),
+                        payload: delivery.payload.clone(),
+                        headers,
+                        due_at_unix_ms: delivery.due_at_unix_ms(),
+                    }
+                })
+                .collect();
+            // The next hops are published before these are acked: a crash in
+            // between duplicates them, never loses them.
+            match self.bus.publish(again).await {
+                Ok(()) => {
+                    for delivery in early {
+                        if let Err(error) = delivery.ack().await {
+                            tracing::warn!(error = %error, "could not ack a re-delayed message");
+                        }
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(error = %error, "could not re-delay messages; leaving them for redelivery");
+                    for delivery in early {
+                        let _ = delivery.requeue().await;
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+        Some(due)
     }
 
     /// Stops new deliveries; those already received can still be acked.

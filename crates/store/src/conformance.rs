@@ -63,6 +63,7 @@ macro_rules! store_conformance_suite {
             final_results_in_one_batch_count_once_per_target_and_rollout,
             every_fresh_report_moves_the_deadline,
             the_watchdog_times_out_a_silent_target_and_fails_open_patches,
+            a_batch_of_timers_is_checked_in_one_go,
             fail_target_is_guarded_and_queues_cleanup,
             requeue_for_retry_keeps_the_slot_and_delays_the_job,
             retry_failed_starts_a_new_attempt,
@@ -839,6 +840,52 @@ pub async fn the_watchdog_times_out_a_silent_target_and_fails_open_patches(db: &
     // A second timer for it finds it gone.
     assert_eq!(store.check_timeout(target.id, 1, policy).await.expect("check"), WatchOutcome::Gone);
     assert_eq!(store.check_timeout(Uuid::new_v4(), 1, policy).await.expect("check"), WatchOutcome::Gone);
+}
+
+pub async fn a_batch_of_timers_is_checked_in_one_go(db: &dyn TestDatabase) {
+    let store = db.store();
+    let policy = TimeoutPolicy { verify_delay: Duration::from_secs(60) };
+    let silent = create(store, Spec { timeout_seconds: 1, ..Spec::new(3, 1, 3) }).await;
+    let patient = create(store, Spec { timeout_seconds: 600, ..Spec::new(1, 1, 1) }).await;
+    store.dispatch(silent).await.expect("dispatch");
+    store.dispatch(patient).await.expect("dispatch");
+    let mut running = Vec::new();
+    for target in all_targets(store, silent).await.into_iter().chain(all_targets(store, patient).await) {
+        running.push(bring_to_running(store, &target).await.target);
+    }
+    // One of the silent ones reported its final result meanwhile.
+    store.apply_reports(&[report(&running[2], 1, final_report(true))]).await.expect("apply");
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    drain_outbox(store).await;
+    let timers = [
+        (running[0].id, 1),
+        (running[1].id, 1),
+        (running[0].id, 1), // a duplicate timer in the same batch
+        (running[2].id, 1), // finished
+        (running[3].id, 1), // not due yet
+        (running[1].id, 2), // another attempt
+        (Uuid::new_v4(), 1),
+    ];
+    let outcomes = store.check_timeouts(&timers, policy).await.expect("check");
+    assert_eq!(
+        &outcomes[..4],
+        &[WatchOutcome::TimedOut, WatchOutcome::TimedOut, WatchOutcome::Gone, WatchOutcome::Gone]
+    );
+    assert!(matches!(outcomes[4], WatchOutcome::NotYet(_)), "{:?}", outcomes[4]);
+    assert_eq!(&outcomes[5..], &[WatchOutcome::Gone, WatchOutcome::Gone]);
+    for target in &running[..2] {
+        let timed_out = store.target(target.id).await.expect("target");
+        assert_eq!(timed_out.state, TargetState::TimedOut);
+        assert_eq!(timed_out.error.as_deref(), Some("no feedback received within 1 s; the deployment may have failed"));
+        assert_eq!(store.target_patches(target.id).await.expect("patches")[0].state, PatchState::Failed);
+        let history = store.transitions(target.id).await.expect("history");
+        assert_eq!(history.iter().filter(|t| t.to == "timed_out").count(), 1);
+    }
+    let keys = outbox_keys(store).await;
+    assert_eq!(count(&keys, routing::DISPATCH), 1, "one dispatch request for the rollout: {keys:?}");
+    assert_eq!(count(&keys, routing::VERIFY), 2, "a verification per timed-out target: {keys:?}");
+    assert_eq!(count(&keys, "target.timed_out"), 2, "{keys:?}");
+    assert!(store.check_timeouts(&[], policy).await.expect("empty").is_empty());
 }
 
 pub async fn fail_target_is_guarded_and_queues_cleanup(db: &dyn TestDatabase) {

@@ -1171,57 +1171,122 @@ impl Store {
     /// The watchdog check: times the target out when it has not reported
     /// within its timeout, else says when to look again.
     pub async fn check_timeout(&self, target_id: Uuid, attempt: u32, policy: TimeoutPolicy) -> Result<WatchOutcome> {
+        let outcomes = self.check_timeouts(&[(target_id, attempt)], policy).await?;
+        Ok(outcomes.into_iter().next().unwrap_or(WatchOutcome::Gone))
+    }
+
+    /// The watchdog check for a batch of timers (target, attempt), in one
+    /// transaction: the targets are locked in id order; each one still
+    /// running that attempt and silent past its timeout is timed out (its
+    /// open patches failed with the reason, its history appended), with one
+    /// dispatch request per rollout and, per target, a delayed verification
+    /// and an event. One outcome per timer, in order; a second timer for the
+    /// same target in the batch finds it gone.
+    pub async fn check_timeouts(&self, timers: &[(Uuid, u32)], policy: TimeoutPolicy) -> Result<Vec<WatchOutcome>> {
+        if timers.is_empty() {
+            return Ok(vec![]);
+        }
         let txn = self.db.begin().await?;
-        let Some(target) = targets::Entity::find_by_id(target_id).lock_exclusive().one(&txn).await? else {
-            return Ok(WatchOutcome::Gone);
-        };
-        let target = target_from(target)?;
-        if target.state != TargetState::Running || target.attempt != attempt {
-            return Ok(WatchOutcome::Gone);
+        let mut ids: Vec<Uuid> = timers.iter().map(|(id, _)| *id).collect();
+        ids.sort();
+        ids.dedup();
+        let mut current: HashMap<Uuid, Target> = HashMap::with_capacity(ids.len());
+        for chunk in ids.chunks(INSERT_CHUNK) {
+            let rows = targets::Entity::find()
+                .filter(targets::Column::Id.is_in(chunk.iter().copied()))
+                .order_by_asc(targets::Column::Id)
+                .lock_exclusive()
+                .all(&txn)
+                .await?;
+            for row in rows {
+                let target = target_from(row)?;
+                current.insert(target.id, target);
+            }
         }
-        let last = target.last_seen_at.into_iter().chain(target.running_at).max().unwrap_or_else(now);
-        let deadline = last + chrono::Duration::seconds(i64::from(target.timeout_seconds));
-        if now() < deadline {
-            return Ok(WatchOutcome::NotYet(deadline));
+        let at = now();
+        let mut expired = HashSet::new();
+        let outcomes: Vec<WatchOutcome> = timers
+            .iter()
+            .map(|(id, attempt)| match current.get(id) {
+                Some(target) if target.state == TargetState::Running && target.attempt == *attempt => {
+                    let last = target.last_seen_at.into_iter().chain(target.running_at).max().unwrap_or(at);
+                    let deadline = last + chrono::Duration::seconds(i64::from(target.timeout_seconds));
+                    if at < deadline {
+                        WatchOutcome::NotYet(deadline)
+                    } else if expired.insert(*id) {
+                        WatchOutcome::TimedOut
+                    } else {
+                        WatchOutcome::Gone
+                    }
+                }
+                _ => WatchOutcome::Gone,
+            })
+            .collect();
+        if expired.is_empty() {
+            txn.commit().await?;
+            return Ok(outcomes);
         }
-        let reason =
-            format!("no feedback received within {} s; the deployment may have failed", target.timeout_seconds);
-        let moved = apply_move(
-            &txn,
-            Move {
-                rollout_id: target.rollout_id,
-                target_id,
-                attempt: Some(attempt),
-                from: &[TargetState::Running],
-                to: TargetState::TimedOut,
-                detail: Some(reason.clone()),
-                sets: vec![
-                    (targets::Column::Error, Expr::value(reason.clone())),
-                    (targets::Column::FinishedAt, Expr::value(now())),
-                ],
-            },
-        )
-        .await?;
-        if moved.is_none() {
-            return Ok(WatchOutcome::Gone);
+        let expired: Vec<&Target> = ids.iter().filter(|id| expired.contains(id)).map(|id| &current[id]).collect();
+        let reason_for =
+            |timeout: u32| format!("no feedback received within {timeout} s; the deployment may have failed");
+        let mut by_timeout: BTreeMap<u32, Vec<Uuid>> = BTreeMap::new();
+        for target in &expired {
+            by_timeout.entry(target.timeout_seconds).or_default().push(target.id);
         }
-        fail_open_patches(&txn, target_id, &reason).await?;
-        let verify = Outgoing::work(
-            routing::VERIFY,
-            v1::VerifyJob { target_id: target_id.to_string(), attempt, cleanup_after: true }.encode_to_vec(),
-        )
-        .delayed(policy.verify_delay);
-        push_outbox(
-            &txn,
-            vec![
-                dispatch_message(target.rollout_id),
-                verify,
-                event_message(target_id, target.rollout_id, TargetState::Running, TargetState::TimedOut, &reason),
-            ],
-        )
-        .await?;
+        for (timeout, ids) in by_timeout {
+            let reason = reason_for(timeout);
+            targets::Entity::update_many()
+                .col_expr(targets::Column::State, Expr::value(TargetState::TimedOut.as_str()))
+                .col_expr(targets::Column::Error, Expr::value(reason.clone()))
+                .col_expr(targets::Column::FinishedAt, Expr::value(at))
+                .col_expr(targets::Column::UpdatedAt, Expr::value(at))
+                .filter(targets::Column::Id.is_in(ids.clone()))
+                .filter(targets::Column::State.eq(TargetState::Running.as_str()))
+                .exec(&txn)
+                .await?;
+            target_patches::Entity::update_many()
+                .col_expr(target_patches::Column::State, Expr::value(PatchState::Failed.as_str()))
+                .col_expr(target_patches::Column::Error, Expr::value(reason))
+                .col_expr(target_patches::Column::FinishedAt, Expr::value(at))
+                .filter(target_patches::Column::TargetId.is_in(ids))
+                .filter(
+                    target_patches::Column::State.is_in([PatchState::Pending.as_str(), PatchState::Running.as_str()]),
+                )
+                .exec(&txn)
+                .await?;
+        }
+        let history = expired.iter().map(|target| target_transitions::ActiveModel {
+            rollout_id: Set(target.rollout_id),
+            target_id: Set(target.id),
+            from_state: Set(TargetState::Running.as_str().into()),
+            to_state: Set(TargetState::TimedOut.as_str().into()),
+            at: Set(at),
+            detail: Set(Some(reason_for(target.timeout_seconds))),
+            ..Default::default()
+        });
+        target_transitions::Entity::insert_many(history).exec_without_returning(&txn).await?;
+        let rollouts: BTreeSet<Uuid> = expired.iter().map(|target| target.rollout_id).collect();
+        let mut messages: Vec<Outgoing> = rollouts.into_iter().map(dispatch_message).collect();
+        for target in &expired {
+            messages.push(
+                Outgoing::work(
+                    routing::VERIFY,
+                    v1::VerifyJob { target_id: target.id.to_string(), attempt: target.attempt, cleanup_after: true }
+                        .encode_to_vec(),
+                )
+                .delayed(policy.verify_delay),
+            );
+            messages.push(event_message(
+                target.id,
+                target.rollout_id,
+                TargetState::Running,
+                TargetState::TimedOut,
+                &reason_for(target.timeout_seconds),
+            ));
+        }
+        push_outbox(&txn, messages).await?;
         txn.commit().await?;
-        Ok(WatchOutcome::TimedOut)
+        Ok(outcomes)
     }
 
     /// Running targets whose deadline passed more than `grace` ago: their

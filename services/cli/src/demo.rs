@@ -70,6 +70,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             verify_delay_seconds: 2,
             reconcile_interval_seconds: 5,
             prefetch: 32,
+            ..Default::default()
         },
         store.clone(),
         bus.clone(),

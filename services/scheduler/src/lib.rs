@@ -39,8 +39,12 @@ pub struct SchedulerOptions {
     pub verify_delay_seconds: u64,
     /// How often the reconciler looks for lost watch timers (seconds).
     pub reconcile_interval_seconds: u64,
-    /// Dispatch and watch messages handled at once.
+    /// Dispatch messages handled at once.
     pub prefetch: u16,
+    /// Watch timers checked together in one transaction, and the watch
+    /// queue's prefetch: a burst of thousands of expiring timers costs tens
+    /// of transactions, not thousands.
+    pub watch_batch: u16,
 }
 
 impl Default for SchedulerOptions {
@@ -51,6 +55,7 @@ impl Default for SchedulerOptions {
             verify_delay_seconds: 1800,
             reconcile_interval_seconds: 30,
             prefetch: 64,
+            watch_batch: 256,
         }
     }
 }
@@ -59,6 +64,9 @@ impl SchedulerOptions {
     pub fn validate(&self) -> Result<(), String> {
         if self.prefetch == 0 {
             return Err("scheduler.prefetch must be at least 1".into());
+        }
+        if self.watch_batch == 0 {
+            return Err("scheduler.watch_batch must be at least 1".into());
         }
         if self.reconcile_interval_seconds == 0 {
             return Err("scheduler.reconcile_interval_seconds must be at least 1".into());
@@ -149,7 +157,8 @@ pub async fn start(
     })
     .merge(fleetpatch_runtime::ops::router(health.clone()));
     let dispatch = bus.consume(routing::DISPATCH, options.prefetch).await?;
-    let watch = bus.consume(routing::WATCH, options.prefetch).await?;
+    let watch = bus.consume(routing::WATCH, options.watch_batch).await?;
+    let watch_batch = usize::from(options.watch_batch);
     let relay_stop = tokio_util::sync::CancellationToken::new();
     let relay = tokio::spawn(fleetpatch_store::relay::run_relay(
         store.clone(),
@@ -167,7 +176,7 @@ pub async fn start(
         });
         let loops = [
             tokio::spawn(core.clone().consume_loop(dispatch, shutdown.clone())),
-            tokio::spawn(core.clone().consume_loop(watch, shutdown.clone())),
+            tokio::spawn(core.clone().watch_loop(watch, watch_batch, shutdown.clone())),
             tokio::spawn(core.clone().reconcile_loop(reconcile_every, shutdown.clone())),
         ];
         shutdown.wait().await;
@@ -220,7 +229,6 @@ impl Core {
     async fn handle(&self, delivery: Delivery) {
         let result = match delivery.routing_key.as_str() {
             routing::DISPATCH => self.dispatch(&delivery.payload).await,
-            routing::WATCH => self.watch(&delivery.payload).await,
             other => Err(format!("no handler for routing key {other:?}")),
         };
         match result {
@@ -285,31 +293,109 @@ impl Core {
         }
     }
 
-    async fn watch(&self, payload: &[u8]) -> Result<(), String> {
-        let timer = v1::WatchTimer::decode(payload).map_err(|e| format!("undecodable watch timer: {e}"))?;
-        let target_id = Uuid::parse_str(&timer.target_id).map_err(|e| format!("watch target id: {e}"))?;
-        let due = timer.due_at_unix_ms;
-        let outcome =
-            self.store.check_timeout(target_id, timer.attempt, self.policy).await.map_err(|e| e.to_string())?;
-        match outcome {
-            WatchOutcome::Gone => Ok(()),
-            WatchOutcome::NotYet(deadline) => {
-                let message = fleetpatch_store::watch_message(target_id, timer.attempt, deadline);
-                self.bus.publish(vec![message]).await.map_err(|e| e.to_string())
+    /// The watchdog: takes the timers that arrive together (within 5 ms of
+    /// the first, at most `batch`), re-delays the early ones in one publish,
+    /// and checks the due ones in one transaction while the next batch is
+    /// collected.
+    async fn watch_loop(self, mut consumer: fleetpatch_bus::Consumer, batch: usize, shutdown: Shutdown) {
+        let mut in_flight = tokio::task::JoinSet::new();
+        loop {
+            let deliveries = tokio::select! {
+                next = consumer.next_batch(batch, Duration::from_millis(5)) => next,
+                _ = shutdown.wait() => {
+                    consumer.cancel();
+                    break;
+                }
+            };
+            let Some(deliveries) = deliveries else {
+                if !shutdown.is_triggered() {
+                    tracing::error!("the bus closed the watch consumer; stopping");
+                    shutdown.trigger();
+                }
+                break;
+            };
+            if deliveries.is_empty() {
+                continue;
             }
-            WatchOutcome::TimedOut => {
-                let lateness = (fleetpatch_bus::now_unix_ms() - due).max(0) as f64 / 1000.0;
-                metrics::histogram!("fleetpatch_scheduler_timeout_lateness_seconds").record(lateness);
-                metrics::counter!("fleetpatch_scheduler_timeouts_total").increment(1);
-                tracing::info!(target_id = %target_id, "target timed out");
-                self.nudge.notify_one();
-                Ok(())
+            let core = self.clone();
+            let span = tracing::info_span!("watch_batch", timers = deliveries.len());
+            in_flight.spawn(async move { core.watch_batch(deliveries).await }.instrument(span));
+            while in_flight.try_join_next().is_some() {}
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(30), async { while in_flight.join_next().await.is_some() {} })
+            .await;
+    }
+
+    async fn watch_batch(&self, deliveries: Vec<Delivery>) {
+        let mut timers = Vec::with_capacity(deliveries.len());
+        let mut pending = Vec::with_capacity(deliveries.len());
+        for delivery in deliveries {
+            let decoded = v1::WatchTimer::decode(delivery.payload.as_slice())
+                .map_err(|e| format!("undecodable watch timer: {e}"))
+                .and_then(|timer| {
+                    let id = Uuid::parse_str(&timer.target_id).map_err(|e| format!("watch target id: {e}"))?;
+                    Ok((id, timer.attempt, timer.due_at_unix_ms))
+                });
+            match decoded {
+                Ok((id, attempt, due)) => {
+                    timers.push((id, attempt));
+                    pending.push((delivery, due));
+                }
+                Err(reason) => {
+                    // It can never be handled: straight to the dead letters, for an operator.
+                    tracing::warn!(reason = %reason, "dead-lettering a watch message");
+                    let _ = delivery.dead_letter().await;
+                }
+            }
+        }
+        let outcomes = match self.store.check_timeouts(&timers, self.policy).await {
+            Ok(outcomes) => outcomes,
+            Err(error) => {
+                tracing::warn!(error = %error, timers = timers.len(), "watchdog check failed; requeued");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                for (delivery, _) in pending {
+                    let _ = delivery.requeue().await;
+                }
+                return;
+            }
+        };
+        let mut rearm = Vec::new();
+        let mut timed_out = 0u64;
+        for (((target_id, attempt), (_, due)), outcome) in timers.iter().zip(&pending).zip(outcomes) {
+            match outcome {
+                WatchOutcome::Gone => {}
+                WatchOutcome::NotYet(deadline) => {
+                    rearm.push(fleetpatch_store::watch_message(*target_id, *attempt, deadline));
+                }
+                WatchOutcome::TimedOut => {
+                    let lateness = (fleetpatch_bus::now_unix_ms() - due).max(0) as f64 / 1000.0;
+                    metrics::histogram!("fleetpatch_scheduler_timeout_lateness_seconds").record(lateness);
+                    tracing::info!(target_id = %target_id, "target timed out");
+                    timed_out += 1;
+                }
+            }
+        }
+        if !rearm.is_empty() {
+            if let Err(error) = self.bus.publish(rearm).await {
+                // Checking again is harmless: the timed-out ones are gone by then.
+                tracing::warn!(error = %error, "re-arming watch timers failed; requeued");
+                for (delivery, _) in pending {
+                    let _ = delivery.requeue().await;
+                }
+                return;
+            }
+        }
+        if timed_out > 0 {
+            metrics::counter!("fleetpatch_scheduler_timeouts_total").increment(timed_out);
+            self.nudge.notify_one();
+        }
+        for (delivery, _) in pending {
+            if let Err(error) = delivery.ack().await {
+                tracing::warn!(error = %error, "ack failed; the timer will be redelivered");
             }
         }
     }
 
-    /// Re-arms running targets whose deadline passed long ago (their timer
-    /// was lost), and nudges dispatch of running rollouts.
     async fn reconcile_loop(self, every: Duration, shutdown: Shutdown) {
         loop {
             tokio::select! {
