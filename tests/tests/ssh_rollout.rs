@@ -344,13 +344,14 @@ async fn an_installer_that_hangs_the_target_times_out_and_the_verification_scan_
     sandbox
         .wait_for("cleanup of the hung deployment", Duration::from_secs(30), async || (!staged.exists()).then_some(()))
         .await;
-    // FIXME: the installer runs in its own process group (the agent's
-    // `process_group(0)`), and the ssh cleanup kills only the agent's group,
-    // so a hung installer outlives the cleanup. It should kill the agent's
-    // whole session (the agent is a `setsid` session leader). Today's
-    // behaviour, asserted; the test then stops the installer itself.
-    assert!(pid_alive(hang_pid), "the hung installer was stopped: remove this FIXME");
-    let _ = Command::new("kill").arg("-KILL").arg(hang_pid.to_string()).status();
+    // The installer runs in a process group of its own (the agent's
+    // `process_group(0)`); the cleanup stops the agent's whole session, so
+    // the hung installer does not outlive it.
+    sandbox
+        .wait_for("the hung installer to be stopped", Duration::from_secs(10), async || {
+            (!pid_alive(hang_pid)).then_some(())
+        })
+        .await;
     sandbox.wait_for_rollout_state(id, RolloutState::Completed, Duration::from_secs(30)).await;
     sandbox.stop().await;
 }

@@ -289,12 +289,26 @@ pub(crate) fn start_agent_script(deployment_id: &str, paths: &StagingPaths) -> S
     script
 }
 
-/// Stops the agent (unit or process group) if it still runs and removes the
-/// staging directory. Safe to run again and again.
+/// Stops the agent (unit, or its detached session: the agent is a `setsid`
+/// session leader and runs each installer in a process group of its own, so
+/// every process of the session is signalled) if it still runs and removes
+/// the staging directory. Safe to run again and again.
 pub(crate) fn cleanup_script(deployment_id: &str, paths: &StagingPaths) -> String {
     let unit = format!("{deployment_id}.service");
     let mut script = String::new();
     script.push_str(&agent_pid_function(paths));
+    // Field 6 of /proc/PID/stat is the session id; after the `comm)` part it is the 4th.
+    script.push_str(
+        "fp_kill_session() {\n\
+         \x20 fp_sig=$1; fp_sid=$2\n\
+         \x20 for fp_dir in /proc/[0-9]*; do\n\
+         \x20   fp_stat=$(cat \"$fp_dir/stat\" 2>/dev/null) || continue\n\
+         \x20   set -- ${fp_stat##*) }\n\
+         \x20   [ \"$4\" = \"$fp_sid\" ] && kill -\"$fp_sig\" \"${fp_dir#/proc/}\" 2>/dev/null\n\
+         \x20 done\n\
+         \x20 return 0\n\
+         }\n",
+    );
     let _ = write!(
         script,
         "if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then\n\
@@ -303,9 +317,11 @@ pub(crate) fn cleanup_script(deployment_id: &str, paths: &StagingPaths) -> Strin
          fi\n\
          if pid=$(fp_agent_pid); then\n\
          \x20 kill -TERM -- \"-$pid\" 2>/dev/null || kill -TERM \"$pid\" 2>/dev/null\n\
+         \x20 fp_kill_session TERM \"$pid\"\n\
          \x20 i=0\n\
          \x20 while fp_agent_pid >/dev/null && [ $i -lt 100 ]; do sleep 0.05 2>/dev/null || sleep 1; i=$((i+1)); done\n\
          \x20 kill -KILL -- \"-$pid\" 2>/dev/null || kill -KILL \"$pid\" 2>/dev/null\n\
+         \x20 fp_kill_session KILL \"$pid\"\n\
          \x20 printf '{MARKER} stopped %s\\n' \"$pid\"\n\
          fi\n\
          rm -rf -- {dir}\n\
