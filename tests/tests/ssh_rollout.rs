@@ -249,13 +249,16 @@ async fn five_ssh_targets_install_a_script_and_a_deb_through_the_real_agent() {
         // The .deb staged beside the script is the uploaded one.
         let staged_sha = std::fs::read_to_string(peer.dpkg_root().join("staged.sha256")).unwrap();
         assert!(staged_sha.starts_with(&package_patch.sha256), "{staged_sha} vs {}", package_patch.sha256);
-        // FIXME: `keep_files: true` should keep the staging directory, but the
-        // final report always queues a cleanup job (store `record_reports`),
-        // which removes it. Today's behaviour, asserted.
+        // `keep_files: true`: the agent is gone after its final report (and the
+        // cleanup job), the staging directory stays for inspection.
         let deployment = fleetpatch_proto::plan::deployment_id(target.id, target.attempt);
         let staged = peer.staging_dir(&deployment);
-        sandbox.wait_for("the cleanup job", Duration::from_secs(30), async || (!staged.exists()).then_some(())).await;
-        assert!(!pid_alive(agent_pid.parse().unwrap()), "the agent still runs after its final report");
+        let agent_pid: u32 = agent_pid.parse().unwrap();
+        sandbox
+            .wait_for("the agent to end", Duration::from_secs(30), async || (!pid_alive(agent_pid)).then_some(()))
+            .await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(staged.join("plan.json").is_file(), "keep_files: the staged files were removed");
         // Reports: started + finished per patch and a final result, each once.
         let events = events(&sandbox, target.id).await;
         let kinds: Vec<&str> = events.iter().map(|(_, kind, _)| kind.as_str()).filter(|k| *k != "heartbeat").collect();

@@ -345,10 +345,10 @@ impl Transport for SshTransport {
         }
     }
 
-    async fn cleanup(&self, target: &TargetSpec, deployment_id: &str) -> Result<()> {
+    async fn cleanup(&self, target: &TargetSpec, deployment_id: &str, keep_files: bool) -> Result<()> {
         let paths = self.paths(target, deployment_id)?;
         let connection = Connection::open(&self.options, target).await?;
-        let script = shell::cleanup_script(deployment_id, &paths);
+        let script = shell::cleanup_script(deployment_id, &paths, keep_files);
         let result = connection.run_privileged(&script, "cleanup").await;
         let output = match result {
             Ok(output) => output,

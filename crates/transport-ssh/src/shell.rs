@@ -292,8 +292,8 @@ pub(crate) fn start_agent_script(deployment_id: &str, paths: &StagingPaths) -> S
 /// Stops the agent (unit, or its detached session: the agent is a `setsid`
 /// session leader and runs each installer in a process group of its own, so
 /// every process of the session is signalled) if it still runs and removes
-/// the staging directory. Safe to run again and again.
-pub(crate) fn cleanup_script(deployment_id: &str, paths: &StagingPaths) -> String {
+/// the staging directory, unless `keep_files`. Safe to run again and again.
+pub(crate) fn cleanup_script(deployment_id: &str, paths: &StagingPaths, keep_files: bool) -> String {
     let unit = format!("{deployment_id}.service");
     let mut script = String::new();
     script.push_str(&agent_pid_function(paths));
@@ -323,12 +323,17 @@ pub(crate) fn cleanup_script(deployment_id: &str, paths: &StagingPaths) -> Strin
          \x20 kill -KILL -- \"-$pid\" 2>/dev/null || kill -KILL \"$pid\" 2>/dev/null\n\
          \x20 fp_kill_session KILL \"$pid\"\n\
          \x20 printf '{MARKER} stopped %s\\n' \"$pid\"\n\
-         fi\n\
-         rm -rf -- {dir}\n\
-         if [ -e {dir} ]; then echo 'could not remove the staging directory' >&2; exit 5; fi\n",
+         fi\n",
         unit = quote(&unit),
-        dir = quote(&paths.dir),
     );
+    if !keep_files {
+        let _ = write!(
+            script,
+            "rm -rf -- {dir}\n\
+             if [ -e {dir} ]; then echo 'could not remove the staging directory' >&2; exit 5; fi\n",
+            dir = quote(&paths.dir),
+        );
+    }
     script
 }
 
@@ -561,6 +566,18 @@ mod tests {
     }
 
     #[test]
+    fn cleanup_keeps_the_staged_files_only_when_asked() {
+        let paths = StagingPaths::new("/var/tmp/fleetpatch", "fp-abc-1");
+        let removing = cleanup_script("fp-abc-1", &paths, false);
+        let keeping = cleanup_script("fp-abc-1", &paths, true);
+        assert!(removing.contains("rm -rf -- /var/tmp/fleetpatch/fp-abc-1"), "{removing}");
+        assert!(!keeping.contains("rm -rf"), "{keeping}");
+        for script in [&removing, &keeping] {
+            assert!(script.contains("fp_kill_session KILL"), "the agent is stopped either way: {script}");
+        }
+    }
+
+    #[test]
     fn scripts_are_valid_shell() {
         let paths = StagingPaths::new("/tmp/it's here", "fp-abc-1");
         let mut probe = String::new();
@@ -572,7 +589,8 @@ mod tests {
         let scripts = [
             probe,
             start_agent_script("fp-abc-1", &paths),
-            cleanup_script("fp-abc-1", &paths),
+            cleanup_script("fp-abc-1", &paths, false),
+            cleanup_script("fp-abc-1", &paths, true),
             prepare_staging_script("/tmp/it's here", &paths, &["a.deb", "plan.json"]),
             verify_and_commit_script(&paths, &[("a.deb", 0o600, "ab"), ("plan.json", 0o600, "cd")]),
             remove_partials_script(&paths, &["a.deb"]),

@@ -394,10 +394,10 @@ async fn start_agent_detached_once_then_already_running_and_cleanup_stops_it() {
     assert_eq!(transport.start_agent(&target, &deployment).await.unwrap(), AgentStart::AlreadyRunning);
     assert_eq!(std::fs::read_to_string(&ran).unwrap(), recorded, "the agent was not started twice");
 
-    transport.cleanup(&target, deployment.id()).await.unwrap();
+    transport.cleanup(&target, deployment.id(), false).await.unwrap();
     wait_for("the agent to stop", || !pid_alive(pid)).await;
     assert!(!dir.exists(), "the staging directory is removed");
-    transport.cleanup(&target, deployment.id()).await.unwrap();
+    transport.cleanup(&target, deployment.id(), false).await.unwrap();
 }
 
 #[tokio::test]
@@ -416,7 +416,7 @@ async fn an_agent_that_already_ran_is_not_started_again() {
     std::process::Command::new("kill").args(["-TERM", "--", &format!("-{pid}")]).status().unwrap();
     wait_for("the agent to end", || !pid_alive(pid)).await;
     assert_eq!(transport.start_agent(&target, &deployment).await.unwrap(), AgentStart::AlreadyRunning);
-    transport.cleanup(&target, deployment.id()).await.unwrap();
+    transport.cleanup(&target, deployment.id(), false).await.unwrap();
     assert!(!dir.exists());
 }
 
@@ -559,7 +559,7 @@ async fn step_latency_against_loopback_sshd() {
         transport.verify(&target, &patches).await.unwrap();
         totals[3] += t.elapsed();
         let t = Instant::now();
-        transport.cleanup(&target, deployment.id()).await.unwrap();
+        transport.cleanup(&target, deployment.id(), false).await.unwrap();
         totals[4] += t.elapsed();
     }
     for (step, total) in ["probe", "stage (agent+plan)", "start_agent", "verify", "cleanup"].iter().zip(totals) {

@@ -208,8 +208,10 @@ pub trait Transport: Send + Sync + 'static {
     async fn probe(&self, target: &TargetSpec, patches: &[PatchProbe]) -> Result<ProbeReport>;
     async fn stage(&self, target: &TargetSpec, deployment: &Deployment) -> Result<()>;
     async fn start_agent(&self, target: &TargetSpec, deployment: &Deployment) -> Result<AgentStart>;
-    /// Stop the agent if it still runs, remove it and the staged files. Idempotent.
-    async fn cleanup(&self, target: &TargetSpec, deployment_id: &str) -> Result<()>;
+    /// Stop the agent if it still runs and remove it; remove the staged
+    /// files too unless `keep_files` (the rollout's setting, for debugging).
+    /// Idempotent.
+    async fn cleanup(&self, target: &TargetSpec, deployment_id: &str, keep_files: bool) -> Result<()>;
     async fn verify(&self, target: &TargetSpec, patches: &[PatchProbe]) -> Result<VerifyReport>;
     /// Checks everything a deployment needs without changing anything on the
     /// target. A failed check is a result, not an error; `Err` is for when the

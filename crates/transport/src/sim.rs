@@ -311,14 +311,16 @@ impl crate::Transport for SimTransport {
         Ok(AgentStart::Started)
     }
 
-    async fn cleanup(&self, target: &TargetSpec, deployment_id: &str) -> Result<()> {
+    async fn cleanup(&self, target: &TargetSpec, deployment_id: &str, keep_files: bool) -> Result<()> {
         self.fleet.step_latency(target, "cleanup").await;
         self.fleet.check_reachable(target)?;
         let mut state = self.fleet.state.lock().expect("sim fleet lock");
         if let Some(slot) = state.agents.remove(deployment_id) {
             slot.cancel.cancel();
         }
-        state.staged.remove(deployment_id);
+        if !keep_files {
+            state.staged.remove(deployment_id);
+        }
         Ok(())
     }
 

@@ -537,7 +537,8 @@ impl Worker {
     async fn cleanup(&self, job: v1::CleanupJob) -> Result<(), String> {
         let (target, transport, spec) = self.load_for_job(&job.target_id).await?;
         let deployment_id = plan::deployment_id(target.id, job.attempt);
-        match self.step("cleanup", &spec.address(), transport.cleanup(&spec, &deployment_id)).await {
+        let keep_files = self.store.rollout(target.rollout_id).await.map_err(|e| e.to_string())?.settings.keep_files;
+        match self.step("cleanup", &spec.address(), transport.cleanup(&spec, &deployment_id, keep_files)).await {
             Ok(()) => Ok(()),
             Err(StepError::Transport(error)) if !error.is_transient() => {
                 tracing::warn!(target_id = %target.id, error = %error, "cleanup failed for good");
