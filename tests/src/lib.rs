@@ -35,7 +35,6 @@ use fleetpatch_transport::sim::{SimFleet, SimOptions, SimTransport};
 use fleetpatch_transport::Transports;
 use fleetpatch_transport_ssh::{SshOptions, SshTransport};
 use fleetpatch_worker::WorkerOptions;
-use sea_orm::{ConnectionTrait, Database, DbBackend, Statement};
 use uuid::Uuid;
 
 /// The token key every sandbox worker shares (tests derive tokens with it).
@@ -51,11 +50,9 @@ pub fn amqp_url() -> String {
     std::env::var("FLEETPATCH_TEST_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
-fn database_url_for(admin: &str, name: &str) -> String {
-    match admin.rfind('/') {
-        Some(slash) => format!("{}/{name}", &admin[..slash]),
-        None => panic!("FLEETPATCH_TEST_DATABASE_URL {admin:?} has no database part"),
-    }
+/// The admin connection; sandboxes create their databases next to it.
+fn admin_options() -> StoreOptions {
+    StoreOptions { url: admin_database_url(), max_connections: 20 }
 }
 
 /// How to build a sandbox.
@@ -162,19 +159,13 @@ impl Sandbox {
             .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
             .with_test_writer()
             .try_init();
-        let admin_url = admin_database_url();
-        let admin = Database::connect(&admin_url).await.unwrap_or_else(|error| {
-            panic!("PostgreSQL is required at FLEETPATCH_TEST_DATABASE_URL={admin_url}: {error} (start it: pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start)")
-        });
+        let admin = admin_options();
         let database = format!("fp_test_{}", Uuid::new_v4().simple());
-        admin
-            .execute(Statement::from_string(DbBackend::Postgres, format!("CREATE DATABASE {database}")))
-            .await
-            .expect("create the test database");
-        let _ = admin.close().await;
-        let database_url = database_url_for(&admin_url, &database);
-        let store =
-            Store::connect(&StoreOptions { url: database_url.clone(), max_connections: 20 }).await.expect("connect");
+        let store_options = fleetpatch_store::create_sibling_database(&admin, &database).await.unwrap_or_else(|error| {
+            panic!("PostgreSQL is required at FLEETPATCH_TEST_DATABASE_URL={}: {error} (start it: pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start)", fleetpatch_store::redact_url(&admin.url))
+        });
+        let database_url = store_options.url.clone();
+        let store = Store::connect(&store_options).await.expect("connect");
         store.migrate().await.expect("migrate");
 
         let amqp = RabbitOptions {
@@ -429,14 +420,7 @@ impl Sandbox {
         let _ = self.topology.delete_topology().await;
         self.store.clone().close().await;
         let _ = std::fs::remove_dir_all(&self.content_dir);
-        if let Ok(admin) = Database::connect(&admin_database_url()).await {
-            let _ = admin
-                .execute(Statement::from_string(
-                    DbBackend::Postgres,
-                    format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.database),
-                ))
-                .await;
-        }
+        let _ = fleetpatch_store::drop_sibling_database(&admin_options(), &self.database).await;
     }
 }
 

@@ -11,9 +11,9 @@ use lapin::options::{
     QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::{BasicProperties, Connection, ConnectionProperties};
+use lapin::BasicProperties;
 
-use crate::rabbitmq::{redact_url, RabbitOptions};
+use crate::rabbitmq::{broker, open_connection, RabbitOptions};
 use crate::{Error, Result};
 
 /// What the broker sustained.
@@ -24,20 +24,6 @@ pub struct BrokerCeiling {
     pub seconds: f64,
     /// Messages published (confirmed) and consumed (acked) per second.
     pub per_second: f64,
-}
-
-fn broker(action: &'static str) -> impl FnOnce(lapin::Error) -> Error {
-    move |error| Error::Broker { action, reason: error.to_string() }
-}
-
-async fn connect(options: &RabbitOptions, name: &str) -> Result<Connection> {
-    let properties = ConnectionProperties::default()
-        .with_executor(tokio_executor_trait::Tokio::current())
-        .with_reactor(tokio_reactor_trait::Tokio)
-        .with_connection_name(name.into());
-    Connection::connect(&options.url, properties)
-        .await
-        .map_err(|error| Error::Connect { url: redact_url(&options.url), reason: error.to_string() })
 }
 
 /// Publishes `messages` messages of `payload_bytes` bytes into a private
@@ -52,8 +38,8 @@ pub async fn broker_ceiling(
 ) -> Result<BrokerCeiling> {
     let window = window.max(1);
     let queue = format!("{}.ceiling", options.prefix);
-    let publisher = connect(options, "fleetpatch-bench-publisher").await?;
-    let consumer_connection = connect(options, "fleetpatch-bench-consumer").await?;
+    let publisher = open_connection(&options.url, "fleetpatch-bench-publisher").await?;
+    let consumer_connection = open_connection(&options.url, "fleetpatch-bench-consumer").await?;
     let channel = publisher.create_channel().await.map_err(broker("opening a channel"))?;
     let mut arguments = FieldTable::default();
     arguments.insert("x-queue-type".into(), AMQPValue::LongString(LongString::from("quorum")));

@@ -54,7 +54,18 @@ pub struct RabbitBackend {
     queues: Vec<String>,
 }
 
-fn broker(action: &'static str) -> impl FnOnce(lapin::Error) -> Error {
+/// An AMQP connection on the current tokio runtime, named `name` in the broker's UI.
+pub(crate) async fn open_connection(url: &str, name: &str) -> Result<Connection> {
+    let properties = ConnectionProperties::default()
+        .with_executor(tokio_executor_trait::Tokio::current())
+        .with_reactor(tokio_reactor_trait::Tokio)
+        .with_connection_name(name.into());
+    Connection::connect(url, properties)
+        .await
+        .map_err(|error| Error::Connect { url: redact_url(url), reason: error.to_string() })
+}
+
+pub(crate) fn broker(action: &'static str) -> impl FnOnce(lapin::Error) -> Error {
     move |error| Error::Broker { action, reason: error.to_string() }
 }
 
@@ -114,13 +125,7 @@ fn headers_of(properties: &BasicProperties) -> BTreeMap<String, String> {
 impl RabbitBackend {
     /// Connects and declares the topology for `queues` (work routing keys).
     pub async fn connect(options: &RabbitOptions, queues: &[&str]) -> Result<Self> {
-        let properties = ConnectionProperties::default()
-            .with_executor(tokio_executor_trait::Tokio::current())
-            .with_reactor(tokio_reactor_trait::Tokio)
-            .with_connection_name("fleetpatch".into());
-        let connection = Connection::connect(&options.url, properties)
-            .await
-            .map_err(|error| Error::Connect { url: redact_url(&options.url), reason: error.to_string() })?;
+        let connection = open_connection(&options.url, "fleetpatch").await?;
         let backend = Self {
             connection,
             publisher: Mutex::new(None),

@@ -310,13 +310,18 @@ async fn apply_move(txn: &DatabaseTransaction, mv: Move<'_>) -> Result<Option<Ta
     Ok(Some(from))
 }
 
-/// Marks every unfinished patch of a target failed with `reason`.
-async fn fail_open_patches<C: ConnectionTrait>(db: &C, target_id: Uuid, reason: &str) -> Result<()> {
+/// Marks every unfinished patch of these targets failed with `reason`.
+async fn fail_open_patches<C: ConnectionTrait>(
+    db: &C,
+    target_ids: impl IntoIterator<Item = Uuid>,
+    reason: &str,
+    at: DateTime<Utc>,
+) -> Result<()> {
     target_patches::Entity::update_many()
         .col_expr(target_patches::Column::State, Expr::value(PatchState::Failed.as_str()))
         .col_expr(target_patches::Column::Error, Expr::value(reason))
-        .col_expr(target_patches::Column::FinishedAt, Expr::value(now()))
-        .filter(target_patches::Column::TargetId.eq(target_id))
+        .col_expr(target_patches::Column::FinishedAt, Expr::value(at))
+        .filter(target_patches::Column::TargetId.is_in(target_ids))
         .filter(target_patches::Column::State.is_in([PatchState::Pending.as_str(), PatchState::Running.as_str()]))
         .exec(db)
         .await?;
@@ -1090,7 +1095,7 @@ impl Store {
         )
         .await?;
         if let Some(from) = moved {
-            fail_open_patches(&txn, target.id, reason).await?;
+            fail_open_patches(&txn, [target.id], reason, now()).await?;
             let mut messages = vec![
                 dispatch_message(target.rollout_id),
                 event_message(target.id, target.rollout_id, from, TargetState::Failed, reason),
@@ -1244,16 +1249,7 @@ impl Store {
                 .filter(targets::Column::State.eq(TargetState::Running.as_str()))
                 .exec(&txn)
                 .await?;
-            target_patches::Entity::update_many()
-                .col_expr(target_patches::Column::State, Expr::value(PatchState::Failed.as_str()))
-                .col_expr(target_patches::Column::Error, Expr::value(reason))
-                .col_expr(target_patches::Column::FinishedAt, Expr::value(at))
-                .filter(target_patches::Column::TargetId.is_in(ids))
-                .filter(
-                    target_patches::Column::State.is_in([PatchState::Pending.as_str(), PatchState::Running.as_str()]),
-                )
-                .exec(&txn)
-                .await?;
+            fail_open_patches(&txn, ids, &reason, at).await?;
         }
         let history = expired.iter().map(|target| target_transitions::ActiveModel {
             rollout_id: Set(target.rollout_id),
@@ -1623,14 +1619,7 @@ async fn apply_final_results(txn: &DatabaseTransaction, finals: &[&IncomingRepor
         ..Default::default()
     });
     target_transitions::Entity::insert_many(history).exec_without_returning(txn).await?;
-    target_patches::Entity::update_many()
-        .col_expr(target_patches::Column::State, Expr::value(PatchState::Failed.as_str()))
-        .col_expr(target_patches::Column::Error, Expr::value("the agent finished without reporting this patch"))
-        .col_expr(target_patches::Column::FinishedAt, Expr::value(at))
-        .filter(target_patches::Column::TargetId.is_in(moves.iter().map(|m| m.0)))
-        .filter(target_patches::Column::State.is_in([PatchState::Pending.as_str(), PatchState::Running.as_str()]))
-        .exec(txn)
-        .await?;
+    fail_open_patches(txn, moves.iter().map(|m| m.0), "the agent finished without reporting this patch", at).await?;
     let rollouts: BTreeSet<Uuid> = moves.iter().map(|m| m.1).collect();
     let mut messages: Vec<Outgoing> = rollouts.into_iter().map(dispatch_message).collect();
     for (target_id, rollout_id, from, to, detail) in &moves {

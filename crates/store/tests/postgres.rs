@@ -3,58 +3,43 @@
 //! own database and drops it at the end. Without PostgreSQL the tests fail.
 
 use fleetpatch_store::conformance::TestDatabase;
-use fleetpatch_store::{redact_url, Error, Store, StoreOptions};
-use sea_orm::{ConnectionTrait, Database, DbBackend, Statement};
+use fleetpatch_store::{create_sibling_database, drop_sibling_database, redact_url, Error, Store, StoreOptions};
 
 const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 
-fn admin_url() -> String {
-    std::env::var("FLEETPATCH_TEST_DATABASE_URL").unwrap_or_else(|_| DEFAULT_URL.to_owned())
+fn admin() -> StoreOptions {
+    let url = std::env::var("FLEETPATCH_TEST_DATABASE_URL").unwrap_or_else(|_| DEFAULT_URL.to_owned());
+    StoreOptions { url, max_connections: 8 }
 }
 
-fn url_of(admin: &str, database: &str) -> String {
-    let slash = admin.rfind('/').unwrap_or_else(|| panic!("FLEETPATCH_TEST_DATABASE_URL {admin:?} names no database"));
-    format!("{}/{database}", &admin[..slash])
-}
-
-async fn admin_execute(sql: String) {
-    let admin = admin_url();
-    let connection = Database::connect(&admin).await.unwrap_or_else(|error| {
+/// A new empty database; its options.
+async fn create_database() -> (String, StoreOptions) {
+    let name = format!("fp_store_test_{}", uuid::Uuid::new_v4().simple());
+    let options = create_sibling_database(&admin(), &name).await.unwrap_or_else(|error| {
         panic!(
             "the PostgreSQL tests need a server at {} (set FLEETPATCH_TEST_DATABASE_URL, or start one with \
              `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`): {error}",
-            redact_url(&admin)
+            redact_url(&admin().url)
         )
     });
-    connection.execute(Statement::from_string(DbBackend::Postgres, sql.clone())).await.unwrap_or_else(|error| {
-        panic!("{sql}: {error}");
-    });
-    let _ = connection.close().await;
+    (name, options)
+}
+
+async fn drop_database(name: &str) {
+    drop_sibling_database(&admin(), name).await.unwrap_or_else(|error| panic!("dropping {name}: {error}"));
 }
 
 struct PostgresDatabase {
     name: String,
+    options: StoreOptions,
     store: Store,
 }
 
-impl PostgresDatabase {
-    fn options(&self) -> StoreOptions {
-        StoreOptions { url: url_of(&admin_url(), &self.name), max_connections: 8 }
-    }
-}
-
-async fn create_database() -> String {
-    let name = format!("fp_store_test_{}", uuid::Uuid::new_v4().simple());
-    admin_execute(format!("CREATE DATABASE {name}")).await;
-    name
-}
-
 async fn make_database() -> PostgresDatabase {
-    let name = create_database().await;
-    let options = StoreOptions { url: url_of(&admin_url(), &name), max_connections: 8 };
+    let (name, options) = create_database().await;
     let store = Store::connect(&options).await.expect("connect to the test database");
     store.migrate().await.expect("migrate");
-    PostgresDatabase { name, store }
+    PostgresDatabase { name, options, store }
 }
 
 #[async_trait::async_trait]
@@ -64,12 +49,12 @@ impl TestDatabase for PostgresDatabase {
     }
 
     async fn connect_another(&self) -> Store {
-        Store::connect_migrated(&self.options()).await.expect("a second pool")
+        Store::connect_migrated(&self.options).await.expect("a second pool")
     }
 
     async fn tear_down(&self) {
         self.store.clone().close().await;
-        admin_execute(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)).await;
+        drop_database(&self.name).await;
     }
 }
 
@@ -77,10 +62,9 @@ fleetpatch_store::store_conformance_suite!(make_database);
 
 #[tokio::test]
 async fn a_service_refuses_an_unmigrated_database_and_says_what_to_do() {
-    let name = create_database().await;
-    let options = StoreOptions { url: url_of(&admin_url(), &name), max_connections: 1 };
+    let (name, options) = create_database().await;
     let error = Store::connect_migrated(&options).await.err().expect("refused");
-    admin_execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await;
+    drop_database(&name).await;
     assert!(matches!(error, Error::NotMigrated { .. }), "{error}");
     assert!(error.to_string().contains("run `fleetpatch migrate`"), "{error}");
 }
