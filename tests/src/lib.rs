@@ -18,7 +18,8 @@
 //! with [`Sandbox::upload_content`], which the workers share. The collector
 //! can be stopped and started again on its port
 //! ([`Sandbox::stop_collector`], [`Sandbox::restart_collector`]) to test
-//! the agents' spool.
+//! the agents' spool. With [`SandboxOptions::smb`] they also offer the
+//! `smb` transport (Windows targets; tested against a Samba peer).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -33,6 +34,7 @@ use fleetpatch_runtime::{Health, Shutdown};
 use fleetpatch_store::{Rollout, Store, StoreOptions, Target};
 use fleetpatch_transport::sim::{SimFleet, SimOptions, SimTransport};
 use fleetpatch_transport::Transports;
+use fleetpatch_transport_smb::{SmbTransport, SmbTransportOptions};
 use fleetpatch_transport_ssh::{SshOptions, SshTransport};
 use fleetpatch_worker::WorkerOptions;
 use uuid::Uuid;
@@ -65,6 +67,9 @@ pub struct SandboxOptions {
     pub retry_backoff_seconds: Vec<u64>,
     /// Workers also offer the `ssh` transport with these options.
     pub ssh: Option<SshOptions>,
+    /// Workers also offer the `smb` transport with these options (the
+    /// agent binary is then also configured as `windows-<arch>`).
+    pub smb: Option<SmbTransportOptions>,
     /// The agent binary workers stage on ssh targets (for this machine's
     /// architecture); [`agent_binary`] when `None` and `ssh` is set.
     pub agent_binary: Option<PathBuf>,
@@ -81,6 +86,7 @@ impl Default for SandboxOptions {
             verify_delay_seconds: 1,
             retry_backoff_seconds: vec![1, 1, 1],
             ssh: None,
+            smb: None,
             agent_binary: None,
             step_timeout_seconds: 30,
         }
@@ -181,10 +187,10 @@ impl Sandbox {
         let shutdown = Shutdown::new();
         let fleet = SimFleet::new(options.sim.clone());
         let content_dir = std::env::temp_dir().join(format!("{database}-content"));
-        let agent_binary = match (&options.ssh, &options.agent_binary) {
+        let agent_binary = match (options.ssh.is_some() || options.smb.is_some(), &options.agent_binary) {
             (_, Some(path)) => Some(path.clone()),
-            (Some(_), None) => Some(agent_binary().to_path_buf()),
-            (None, None) => None,
+            (true, None) => Some(agent_binary().to_path_buf()),
+            (false, None) => None,
         };
 
         let scheduler = fleetpatch_scheduler::start(
@@ -297,7 +303,10 @@ impl Sandbox {
 
     pub fn worker_options(&self) -> WorkerOptions {
         let agent_binaries = match &self.agent_binary {
-            Some(path) => BTreeMap::from([(std::env::consts::ARCH.to_owned(), path.clone())]),
+            Some(path) => BTreeMap::from([
+                (std::env::consts::ARCH.to_owned(), path.clone()),
+                (format!("windows-{}", std::env::consts::ARCH), path.clone()),
+            ]),
             None => BTreeMap::new(),
         };
         WorkerOptions {
@@ -324,6 +333,9 @@ impl Sandbox {
         let ssh = self.options.ssh.clone().map(|options| {
             Arc::new(SshTransport::new(options).unwrap_or_else(|error| panic!("sandbox ssh options: {error}")))
         });
+        let smb = self.options.smb.clone().map(|options| {
+            Arc::new(SmbTransport::new(options).unwrap_or_else(|error| panic!("sandbox smb options: {error}")))
+        });
         let thread = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -336,6 +348,9 @@ impl Sandbox {
                 let mut transports = Transports::default().with(Arc::new(SimTransport::new(fleet)));
                 if let Some(ssh) = ssh {
                     transports = transports.with(ssh);
+                }
+                if let Some(smb) = smb {
+                    transports = transports.with(smb);
                 }
                 let worker = fleetpatch_worker::Worker::new(options, store, Self::bus(&amqp).await, transports)
                     .expect("worker builds");

@@ -16,6 +16,9 @@
 //! 4. [`Transport::cleanup`]: stop and remove the agent and the staged files;
 //! 5. [`Transport::verify`]: the verification scan (what is really installed).
 //!
+//! With the `test-support` feature, [`conformance`] states this contract
+//! once as tests every transport runs (`transport_conformance_suite!`).
+//!
 //! A transport holds no per-target state between calls (the simulated fleet
 //! is the simulated *machines*, not transport state). Errors say whether they
 //! are transient (retry with backoff) or permanent (fail the target).
@@ -27,6 +30,8 @@ use std::sync::Arc;
 
 use fleetpatch_proto::plan::{DeploymentPlan, Detection};
 
+#[cfg(feature = "test-support")]
+pub mod conformance;
 pub mod sim;
 
 /// A secret value (password, private key). Its `Debug` never shows it.

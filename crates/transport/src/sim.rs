@@ -39,7 +39,7 @@ pub enum HostBehaviour {
 }
 
 impl HostBehaviour {
-    const LABEL: &'static str = "sim.behaviour";
+    pub const LABEL: &'static str = "sim.behaviour";
 }
 
 /// Rates and timings of the simulated fleet.
@@ -209,6 +209,17 @@ impl SimFleet {
     pub fn running_agents(&self) -> usize {
         let state = self.state.lock().expect("sim fleet lock");
         state.agents.values().filter(|slot| !slot.done.load(std::sync::atomic::Ordering::SeqCst)).count()
+    }
+
+    /// Records `patch_name` as installed on `host` (the probe then finds it).
+    pub fn mark_installed(&self, host: &str, patch_name: &str) {
+        let mut state = self.state.lock().expect("sim fleet lock");
+        state.installed.entry(host.to_owned()).or_default().insert(patch_name.to_owned());
+    }
+
+    /// Whether this deployment's files are staged.
+    pub fn is_staged(&self, deployment_id: &str) -> bool {
+        self.state.lock().expect("sim fleet lock").staged.contains(deployment_id)
     }
 
     /// Deployments whose files are still staged on their host.

@@ -74,6 +74,8 @@ ndr.NDRPOINTER.getData = _pointer_get_data
 # A context handle: attributes 0, then a UUID of 1..16.
 # SC_MANAGER_ALL_ACCESS (Impacket has no constant for it).
 SC_MANAGER_ALL_ACCESS = 0x000F003F
+# SERVICE_WIN32 (own-process and share-process services; no Impacket constant).
+SERVICE_WIN32 = 0x30
 
 HANDLE = bytes(4) + bytes(range(1, 17))
 HANDLE_HEX = HANDLE.hex()
@@ -263,6 +265,27 @@ def requests():
     r["hSCObject"] = sc_handle()
     out.append({"call": "RCloseServiceHandle", "opnum": r.opnum,
                 "args": {"key": HANDLE_HEX}, "stub": stub(r)})
+
+    # What ServiceControlManager::list_services sends first, a resumed call
+    # with the largest buffer, and Impacket's own hREnumServicesStatusW
+    # defaults (every type but drivers of the interactive kind, no buffer,
+    # no resume index).
+    impacket_default_type = (scmr.SERVICE_WIN32_OWN_PROCESS | scmr.SERVICE_KERNEL_DRIVER
+                             | scmr.SERVICE_FILE_SYSTEM_DRIVER | scmr.SERVICE_WIN32_SHARE_PROCESS
+                             | scmr.SERVICE_INTERACTIVE_PROCESS)
+    for service_type, state, size, resume in ((SERVICE_WIN32, scmr.SERVICE_STATE_ALL, 16384, 0),
+                                              (SERVICE_WIN32, scmr.SERVICE_ACTIVE, 262144, 7),
+                                              (impacket_default_type, scmr.SERVICE_STATE_ALL, 0, None)):
+        r = scmr.REnumServicesStatusW()
+        r["hSCManager"] = sc_handle()
+        r["dwServiceType"] = service_type
+        r["dwServiceState"] = state
+        r["cbBufSize"] = size
+        r["lpResumeIndex"] = NULL if resume is None else resume
+        out.append({"call": "REnumServicesStatusW", "opnum": r.opnum,
+                    "args": {"key": HANDLE_HEX, "service_type": service_type, "service_state": state,
+                             "buffer_size": size, "resume_index": resume},
+                    "stub": stub(r)})
     return out
 
 
@@ -409,6 +432,112 @@ def replies():
     r["hSCObject"] = sc_handle(bytes(20))
     r["ErrorCode"] = 0
     out.append(reply("ServiceHandle", r, lambda p: {"handle": handle_hex(p["hSCObject"]), "status": p["ErrorCode"]}))
+
+    out.extend(enum_services_replies())
+    return out
+
+
+STATUS_FIELDS = (("service_type", "dwServiceType"), ("current_state", "dwCurrentState"),
+                 ("controls_accepted", "dwControlsAccepted"), ("win32_exit_code", "dwWin32ExitCode"),
+                 ("service_specific_exit_code", "dwServiceSpecificExitCode"),
+                 ("check_point", "dwCheckPoint"), ("wait_hint", "dwWaitHint"))
+
+
+def enum_service_buffer(services, size, strings_at_end):
+    """The lpBuffer of REnumServicesStatusW: an array of ENUM_SERVICE_STATUSW
+    whose two string pointers are 32-bit offsets from the buffer's start to
+    NUL-terminated UTF-16LE strings, zero-filled to `size` bytes. The strings
+    follow the records in order (as Samba lays them out), or are packed from
+    the end of the buffer backwards (`strings_at_end`)."""
+    records = bytearray()
+    strings = bytearray()
+    records_end = 36 * len(services)
+    end = size
+    for name, display, status in services:
+        offsets = []
+        for text in (name, display):
+            encoded = utf16z(text)
+            if strings_at_end:
+                end -= len(encoded)
+                offsets.append(end)
+                strings[0:0] = encoded
+            else:
+                offsets.append(records_end + len(strings))
+                strings += encoded
+        records += b"".join(value.to_bytes(4, "little") for value in offsets + list(status))
+    if strings_at_end:
+        gap = size - len(records) - len(strings)
+        data = bytes(records) + bytes(gap) + bytes(strings)
+    else:
+        data = bytes(records) + bytes(strings)
+        data += bytes(size - len(data))
+    assert len(data) == size
+    return data
+
+
+class _ReplayDce:
+    """Stands in for the RPC connection: answers every request with one
+    recorded reply, so that Impacket's hREnumServicesStatusW parses it."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def request(self, request, *args, **kwargs):
+        return scmr.REnumServicesStatusWResponse(self.data)
+
+
+def enum_services_parsed(data):
+    p = scmr.REnumServicesStatusWResponse(data)
+    has_resume = p.fields["lpResumeIndex"].fields["ReferentID"] != 0
+    services = []
+    for record in scmr.hREnumServicesStatusW(_ReplayDce(data), sc_handle()):
+        entry = {"service_name": record["lpServiceName"].rstrip("\x00"),
+                 "display_name": record["lpDisplayName"].rstrip("\x00")}
+        entry.update({ours: record["ServiceStatus"][theirs] for ours, theirs in STATUS_FIELDS})
+        services.append(entry)
+    return {"buffer": blob(p["lpBuffer"]) or "", "bytes_needed": p["pcbBytesNeeded"],
+            "services_returned": p["lpServicesReturned"],
+            "resume_index": p["lpResumeIndex"] if has_resume else None,
+            "services": services, "status": p["ErrorCode"]}
+
+
+def enum_services_replies():
+    """REnumServicesStatusW replies; the buffer's services are the ones
+    Impacket's hREnumServicesStatusW reads from it. (Its WIDESTR ends a
+    string at the first three zero bytes, so a name whose last character has
+    a non-zero high byte would run into the next string: the names here end
+    in characters it reads right.)"""
+    samba = (
+        ("Spooler", "Print Spooler", (0x110, 4, 5, 0, 0, 0, 0)),
+        ("NETLOGON", "Net Logon", (0x20, 1, 0, 0, 0, 0, 0)),
+        ("RemoteRegistry", "Remote Registry Service", (0x20, 4, 0, 0, 0, 0, 0)),
+        ("WINS", "Windows Internet Name Service (WINS)", (0x10, 1, 0, 0x435, 0, 0, 0)),
+    )
+    windows = (
+        ("wuauserv", "Windows Update", (0x20, 4, 0x185, 0, 0, 0, 0)),
+        ("fleetpatch-7f3a", "fleetpatch agent 7f3a (Aktualisierungsdienst für Ä)", (0x10, 2, 0, 0, 0, 1, 3000)),
+    )
+    cases = (
+        # Samba: everything fits; pcbBytesNeeded echoes the offered size and
+        # the buffer is zero-filled to it.
+        (enum_service_buffer(samba, 512, False), 512, 4, 0, 0),
+        # Samba: too small a buffer, nothing returned, the total needed.
+        (bytes(64), 388, 0, 0, 0xEA),
+        # Windows-style partial answer: two services, strings at the end,
+        # the bytes needed for the rest and where to resume.
+        (enum_service_buffer(windows, 400, True), 1234, 2, 2, 0xEA),
+        # No service at all, no resume index.
+        (b"", 0, 0, None, 0),
+    )
+    out = []
+    for buffer, needed, returned, resume, status in cases:
+        r = scmr.REnumServicesStatusWResponse()
+        r["lpBuffer"] = list(buffer)
+        r["pcbBytesNeeded"] = needed
+        r["lpServicesReturned"] = returned
+        r["lpResumeIndex"] = NULL if resume is None else resume
+        r["ErrorCode"] = status
+        out.append(reply("REnumServicesStatusW", r, lambda p: enum_services_parsed(p.getData())))
     return out
 
 

@@ -13,7 +13,8 @@
 //! 4. [`rrp`]: MS-RRP (`winreg`) and [`rrp::RemoteRegistry`] for the probe
 //!    and the verification scan.
 //! 5. [`scmr`]: MS-SCMR (`svcctl`) and [`scmr::ServiceControlManager`] for
-//!    the agent service's create/start/query/stop/delete.
+//!    the agent service's create/start/query/stop/delete, and for listing
+//!    the target's services.
 //!
 //! All errors are [`Error`]; Win32, NT and RPC fault codes keep their
 //! symbolic names. Every decoder is total and bounded (property-tested).
@@ -32,5 +33,7 @@ pub mod test_support;
 
 pub use error::{Error, NtStatus, Result, RpcFaultStatus, Win32Error};
 pub use rrp::{RegistryValue, RemoteRegistry};
-pub use scmr::{CreateOutcome, ServiceAccount, ServiceControlManager, ServiceSpec, ServiceState, ServiceStatus};
+pub use scmr::{
+    CreateOutcome, EnumServiceStatus, ServiceAccount, ServiceControlManager, ServiceSpec, ServiceState, ServiceStatus,
+};
 pub use smb::{Credentials, DirEntry, EncryptionPolicy, SmbOptions, SmbPipe, SmbSession, TransportKind};

@@ -34,6 +34,30 @@ const NET: &str = "/usr/bin/net";
 /// What to install when Samba is missing.
 pub const INSTALL_HINT: &str = "install the Samba test peer with `apt-get install -y samba smbclient python3-impacket`";
 
+/// A `.reg` file (for [`SambaPeer::import_registry`]) with the keys a
+/// Windows probe reads beyond what Samba has: `PROCESSOR_ARCHITECTURE` =
+/// `AMD64`, an Uninstall key per hotfix in `uninstall`, and a Component
+/// Based Servicing package per `(package name, CurrentState)`.
+pub fn windows_registry_seed(uninstall: &[&str], cbs_packages: &[(&str, u32)]) -> String {
+    const HKLM: &str = "HKEY_LOCAL_MACHINE";
+    const CURRENT_VERSION: &str = "SOFTWARE\\Microsoft\\Windows\\CurrentVersion";
+    let mut text = format!(
+        "Windows Registry Editor Version 5.00\n\n[{HKLM}\\SYSTEM\\CurrentControlSet\\Control\\Session Manager\\Environment]\n\
+         \"PROCESSOR_ARCHITECTURE\"=\"AMD64\"\n\n"
+    );
+    for kb in uninstall {
+        text.push_str(&format!(
+            "[{HKLM}\\{CURRENT_VERSION}\\Uninstall\\{kb}]\n\"DisplayName\"=\"Security Update for Windows ({kb})\"\n\n"
+        ));
+    }
+    for (package, state) in cbs_packages {
+        text.push_str(&format!(
+            "[{HKLM}\\{CURRENT_VERSION}\\Component Based Servicing\\Packages\\{package}]\n\"CurrentState\"=dword:{state:08x}\n\n"
+        ));
+    }
+    text
+}
+
 /// A running private Samba server.
 #[derive(Debug)]
 pub struct SambaPeer {

@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use fleetpatch_winproto::rrp::RegistryValue;
-use fleetpatch_winproto::scmr::{access, ServiceAccount, ServiceSpec, ServiceState};
+use fleetpatch_winproto::scmr::{access, constants, ServiceAccount, ServiceSpec, ServiceState};
 use fleetpatch_winproto::test_support::SambaPeer;
 use fleetpatch_winproto::{
     Credentials, EncryptionPolicy, Error, NtStatus, RpcFaultStatus, SmbOptions, SmbSession, Win32Error,
@@ -241,6 +241,58 @@ async fn service_control_manager_stops_and_starts_spooler() {
     let error = scm.start("RemoteRegistry", &[]).await.unwrap_err();
     assert_eq!(error.win32_code(), Some(Win32Error::ERROR_ACCESS_DENIED), "{error}");
 
+    scm.close().await.unwrap();
+    session.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_services_shows_spooler_as_query_status_does() {
+    let peer = SambaPeer::start_or_panic();
+    let session = peer.connect(SmbOptions::default()).await.unwrap();
+    let mut scm = session
+        .service_control_manager(access::SC_MANAGER_CONNECT | access::SC_MANAGER_ENUMERATE_SERVICE)
+        .await
+        .unwrap();
+
+    let services = scm.list_services().await.unwrap();
+    let mut names: Vec<_> = services.iter().map(|service| service.service_name.as_str()).collect();
+    names.sort_unstable();
+    assert_eq!(names, ["NETLOGON", "RemoteRegistry", "Spooler", "WINS"]);
+    let spooler = services.iter().find(|service| service.service_name == "Spooler").unwrap();
+    assert_eq!(spooler.display_name, "Print Spooler");
+    assert_eq!(spooler.status, scm.query_status("Spooler").await.unwrap());
+    for service in &services {
+        assert!(!service.display_name.is_empty(), "{service:?}");
+        assert!(service.status.service_type & constants::SERVICE_WIN32 != 0, "{service:?}");
+    }
+
+    // The listing follows Spooler's state: stopped, then running again.
+    scm.stop_and_wait("Spooler").await.unwrap();
+    let stopped = scm.list_services().await.unwrap();
+    let spooler = stopped.iter().find(|service| service.service_name == "Spooler").unwrap();
+    assert_eq!(spooler.state(), ServiceState::Stopped);
+    assert_eq!(spooler.status, scm.query_status("Spooler").await.unwrap());
+    scm.start("Spooler", &[]).await.unwrap();
+    scm.wait_for_state("Spooler", ServiceState::Running).await.unwrap();
+    let running = scm.list_services().await.unwrap();
+    let spooler = running.iter().find(|service| service.service_name == "Spooler").unwrap();
+    assert_eq!(spooler.state(), ServiceState::Running);
+    assert_eq!(spooler.status, scm.query_status("Spooler").await.unwrap());
+
+    // Too small a first buffer: Samba answers ERROR_MORE_DATA with nothing
+    // and the size it needs; the retry with that size gets everything.
+    for initial in [0, 64] {
+        let grown =
+            scm.enumerate_services(constants::SERVICE_WIN32, constants::SERVICE_STATE_ALL, initial).await.unwrap();
+        assert_eq!(grown, running, "initial buffer {initial}");
+    }
+    scm.close().await.unwrap();
+
+    // Without SC_MANAGER_ENUMERATE_SERVICE: ERROR_ACCESS_DENIED.
+    let mut scm = session.service_control_manager(access::SC_MANAGER_CONNECT).await.unwrap();
+    let error = scm.list_services().await.unwrap_err();
+    assert_eq!(error.win32_code(), Some(Win32Error::ERROR_ACCESS_DENIED), "{error:?}");
+    assert!(error.to_string().contains("REnumServicesStatusW"), "{error}");
     scm.close().await.unwrap();
     session.close().await.unwrap();
 }

@@ -146,6 +146,17 @@ fn encode(call: &str, args: &Value) -> (u16, Vec<u8>) {
         "RCloseServiceHandle" => {
             (scmr::opnum::R_CLOSE_SERVICE_HANDLE, scmr::HandleRequest { handle: handle(args, "key") }.encode())
         }
+        "REnumServicesStatusW" => (
+            scmr::opnum::R_ENUM_SERVICES_STATUS_W,
+            scmr::EnumServicesStatusRequest {
+                sc_manager: handle(args, "key"),
+                service_type: number(args, "service_type"),
+                service_state: number(args, "service_state"),
+                buffer_size: number(args, "buffer_size"),
+                resume_index: args["resume_index"].as_u64().map(|index| index as u32),
+            }
+            .encode(),
+        ),
         other => panic!("no encoder for {other}"),
     }
 }
@@ -154,7 +165,7 @@ fn encode(call: &str, args: &Value) -> (u16, Vec<u8>) {
 fn requests_are_byte_identical_to_impacket() {
     let vectors = load();
     let requests = vectors["requests"].as_array().unwrap();
-    assert!(requests.len() >= 19);
+    assert!(requests.len() >= 22);
     let mut calls = std::collections::BTreeSet::new();
     for case in requests {
         let call = case["call"].as_str().unwrap();
@@ -179,6 +190,7 @@ fn requests_are_byte_identical_to_impacket() {
         "RControlService",
         "RDeleteService",
         "RCloseServiceHandle",
+        "REnumServicesStatusW",
     ] {
         assert!(calls.contains(call), "no vector for {call}");
     }
@@ -200,7 +212,8 @@ fn parsed_bytes(parsed: &Value, key: &str) -> Option<Vec<u8>> {
 fn replies_decode_as_impacket_parses_them() {
     let vectors = load();
     let replies = vectors["replies"].as_array().unwrap();
-    assert!(replies.len() >= 15);
+    assert!(replies.len() >= 21);
+    let mut enumerations = 0;
     for case in replies {
         let kind = case["reply"].as_str().unwrap();
         let stub = hex::decode(case["stub"].as_str().unwrap()).unwrap();
@@ -252,19 +265,42 @@ fn replies_decode_as_impacket_parses_them() {
             }
             "ServiceStatus" => {
                 let reply = scmr::ServiceStatusResponse::decode(&stub).unwrap();
-                let s = reply.service_status;
-                assert_eq!(s.service_type, parsed_u32(parsed, "service_type"));
-                assert_eq!(s.current_state, parsed_u32(parsed, "current_state"));
-                assert_eq!(s.controls_accepted, parsed_u32(parsed, "controls_accepted"));
-                assert_eq!(s.win32_exit_code, parsed_u32(parsed, "win32_exit_code"));
-                assert_eq!(s.service_specific_exit_code, parsed_u32(parsed, "service_specific_exit_code"));
-                assert_eq!(s.check_point, parsed_u32(parsed, "check_point"));
-                assert_eq!(s.wait_hint, parsed_u32(parsed, "wait_hint"));
+                assert_service_status(&reply.service_status, parsed);
                 assert_eq!(reply.status, status);
+            }
+            "REnumServicesStatusW" => {
+                enumerations += 1;
+                let reply = scmr::EnumServicesStatusResponse::decode(&stub).unwrap();
+                assert_eq!(hex::encode(&reply.buffer), parsed["buffer"].as_str().unwrap());
+                assert_eq!(reply.bytes_needed, parsed_u32(parsed, "bytes_needed"));
+                assert_eq!(reply.services_returned, parsed_u32(parsed, "services_returned"));
+                assert_eq!(reply.resume_index, parsed["resume_index"].as_u64().map(|index| index as u32));
+                assert_eq!(reply.status, status);
+                // The buffer's services, as Impacket's hREnumServicesStatusW
+                // reads them.
+                let ours = reply.services().unwrap();
+                let theirs = parsed["services"].as_array().unwrap();
+                assert_eq!(ours.len(), theirs.len());
+                for (service, expected) in ours.iter().zip(theirs) {
+                    assert_eq!(service.service_name, expected["service_name"].as_str().unwrap());
+                    assert_eq!(service.display_name, expected["display_name"].as_str().unwrap());
+                    assert_service_status(&service.status, expected);
+                }
             }
             other => panic!("no decoder for reply kind {other}"),
         }
     }
+    assert!(enumerations >= 4, "REnumServicesStatusW replies missing");
+}
+
+fn assert_service_status(s: &scmr::ServiceStatus, parsed: &Value) {
+    assert_eq!(s.service_type, parsed_u32(parsed, "service_type"));
+    assert_eq!(s.current_state, parsed_u32(parsed, "current_state"));
+    assert_eq!(s.controls_accepted, parsed_u32(parsed, "controls_accepted"));
+    assert_eq!(s.win32_exit_code, parsed_u32(parsed, "win32_exit_code"));
+    assert_eq!(s.service_specific_exit_code, parsed_u32(parsed, "service_specific_exit_code"));
+    assert_eq!(s.check_point, parsed_u32(parsed, "check_point"));
+    assert_eq!(s.wait_hint, parsed_u32(parsed, "wait_hint"));
 }
 
 /// With Impacket installed (CI installs python3-impacket), the checked-in

@@ -31,6 +31,8 @@ USAGE:
     fleetpatch-agent run   --plan DIR/plan.json [OPTIONS]   install the patches, report, post-actions
     fleetpatch-agent drain --plan DIR/plan.json [OPTIONS]   only deliver reports left in the spool
     fleetpatch-agent check --plan DIR/plan.json             validate the plan and exit
+    fleetpatch-agent service --plan DIR/plan.json [OPTIONS] Windows only: `run`, as a service the
+                                                            service control manager started
     fleetpatch-agent --help | --version
 
 OPTIONS:
@@ -83,7 +85,12 @@ impl RunOptions {
 pub enum Invocation {
     Run(RunOptions),
     Drain(RunOptions),
-    Check { plan_path: PathBuf },
+    /// `run` under the Windows service control manager (the `smb`
+    /// transport's agent service).
+    Service(RunOptions),
+    Check {
+        plan_path: PathBuf,
+    },
     Help,
     Version,
 }
@@ -96,14 +103,14 @@ fn usage(message: impl Into<String>) -> Error {
 pub fn parse(arguments: impl IntoIterator<Item = OsString>) -> Result<Invocation, Error> {
     let mut arguments = arguments.into_iter();
     let subcommand = match arguments.next() {
-        None => return Err(usage("missing subcommand (run, drain or check)")),
+        None => return Err(usage("missing subcommand (run, drain, check or service)")),
         Some(argument) => argument.into_string().map_err(|_| usage("the subcommand is not valid UTF-8"))?,
     };
     match subcommand.as_str() {
         "-h" | "--help" | "help" => return Ok(Invocation::Help),
         "-V" | "--version" | "version" => return Ok(Invocation::Version),
-        "run" | "drain" | "check" => {}
-        other => return Err(usage(format!("unknown subcommand {other:?} (expected run, drain or check)"))),
+        "run" | "drain" | "check" | "service" => {}
+        other => return Err(usage(format!("unknown subcommand {other:?} (expected run, drain, check or service)"))),
     }
 
     let mut plan_path = None;
@@ -151,6 +158,7 @@ pub fn parse(arguments: impl IntoIterator<Item = OsString>) -> Result<Invocation
     Ok(match subcommand.as_str() {
         "run" => Invocation::Run(options),
         "drain" => Invocation::Drain(options),
+        "service" => Invocation::Service(options),
         _ => Invocation::Check { plan_path },
     })
 }
@@ -186,6 +194,15 @@ mod tests {
         assert_eq!(options.backoff_initial, Duration::from_millis(10));
         assert_eq!(options.backoff_max, Duration::from_millis(200));
         assert_eq!(options.http_timeout, Duration::from_secs(3));
+    }
+
+    #[test]
+    fn service_takes_the_options_of_run() {
+        let words = "service --plan C:\\P\\fp-1\\plan.json --log C:\\P\\fp-1\\agent.log";
+        let Invocation::Service(options) = parse_words(words).unwrap() else { panic!() };
+        assert_eq!(options.plan_path, PathBuf::from("C:\\P\\fp-1\\plan.json"));
+        assert_eq!(options.log_path, Some(PathBuf::from("C:\\P\\fp-1\\agent.log")));
+        assert!(parse_words("service").is_err());
     }
 
     #[test]

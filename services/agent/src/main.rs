@@ -35,6 +35,7 @@ fn main() -> ExitCode {
         }),
         Invocation::Run(options) => open_log(&options).and_then(|()| agent::run(&options)).map(|summary| summary.drain),
         Invocation::Drain(options) => open_log(&options).and_then(|()| agent::drain(&options)),
+        Invocation::Service(options) => open_log(&options).and_then(|()| service(options)),
     };
     match result {
         Ok(DrainOutcome::Drained) => ExitCode::SUCCESS,
@@ -44,6 +45,18 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// Runs under the Windows service control manager (see
+/// `fleetpatch_agent::service`); the outcome is the service's exit code.
+#[cfg(windows)]
+fn service(options: cli::RunOptions) -> Result<DrainOutcome, Error> {
+    fleetpatch_agent::service::run(options).map(|()| DrainOutcome::Drained)
+}
+
+#[cfg(not(windows))]
+fn service(_options: cli::RunOptions) -> Result<DrainOutcome, Error> {
+    Err(Error::Usage("the service subcommand exists on Windows only; use `run`".into()))
 }
 
 fn open_log(options: &cli::RunOptions) -> Result<(), Error> {

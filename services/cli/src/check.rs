@@ -5,10 +5,11 @@
 //! (so run it where the workers run): for `ssh` that is the port, the host
 //! key, the login, root or passwordless sudo, free space for what will be
 //! staged, the tools the agent needs, and whether the collector is
-//! reachable *from the target*. Each failed check says the likely cause
-//! and the fix.
+//! reachable *from the target*; for `smb` the port, the login, write access
+//! to the admin share, the remote registry and the right to create
+//! services. Each failed check says the likely cause and the fix.
 //!
-//! It reads the same configuration as a worker (`[ssh]`, `[sim]`,
+//! It reads the same configuration as a worker (`[ssh]`, `[smb]`, `[sim]`,
 //! `worker.collector_url`, `worker.agent_binaries`) and resolves the
 //! targets' credential references the same way; it never talks to the
 //! scheduler, the database or the bus, and changes nothing on a target.
@@ -23,6 +24,7 @@ use clap::Args;
 use fleetpatch_scheduler::api::{CreateRollout, TargetRequest};
 use fleetpatch_transport::sim::{SimFleet, SimOptions, SimTransport};
 use fleetpatch_transport::{PreflightCheck, PreflightContext, TargetSpec, Transport};
+use fleetpatch_transport_smb::{SmbTransport, SmbTransportOptions};
 use fleetpatch_transport_ssh::{SshOptions, SshTransport};
 use serde::Serialize;
 
@@ -38,6 +40,8 @@ const PARALLEL_CHECKS: usize = 16;
 pub struct Environment {
     /// `[ssh]`: without it, ssh targets cannot be checked (nor deployed).
     pub ssh: Option<SshOptions>,
+    /// `[smb]` (defaults when absent, as the workers have).
+    pub smb: SmbTransportOptions,
     pub sim: SimOptions,
     /// `worker.collector_url`: where the agents will report to.
     pub collector_url: String,
@@ -166,12 +170,20 @@ pub async fn check_targets(
         },
         None => None,
     };
+    let smb: Arc<dyn Transport> = match SmbTransport::new(environment.smb.clone()) {
+        Ok(transport) => Arc::new(transport),
+        Err(error) => {
+            let reason = error.to_string();
+            return targets.iter().map(|t| unusable(t, "transport", &reason, "fix the [smb] section")).collect();
+        }
+    };
     let sim: Arc<dyn Transport> = Arc::new(SimTransport::new(SimFleet::new(environment.sim.clone())));
     let limit = Arc::new(tokio::sync::Semaphore::new(PARALLEL_CHECKS));
     let mut tasks = tokio::task::JoinSet::new();
     for (index, target) in targets.iter().enumerate() {
         let transport = match target.transport.as_str() {
             "ssh" => ssh.clone(),
+            "smb" => Some(smb.clone()),
             "sim" => Some(sim.clone()),
             _ => None,
         };

@@ -49,6 +49,8 @@ struct Settings {
     /// The `ssh` transport; workers offer it only when this section is present.
     #[serde(skip_serializing_if = "Option::is_none")]
     ssh: Option<fleetpatch_transport_ssh::SshOptions>,
+    /// The `smb` transport (Windows targets); workers always offer it.
+    smb: fleetpatch_transport_smb::SmbTransportOptions,
     client: commands::ClientOptions,
 }
 
@@ -60,6 +62,7 @@ impl Settings {
             self.collector.validate(),
             self.telemetry.validate(),
             self.sim.validate().map_err(|e| format!("sim.{e}")),
+            self.smb.validate().map_err(|e| format!("smb.{e}")),
         ];
         for check in checks {
             if let Err(message) = check {
@@ -154,6 +157,7 @@ async fn main() -> ExitCode {
     }
     let environment = check::Environment {
         ssh: settings.ssh.clone(),
+        smb: settings.smb.clone(),
         sim: settings.sim.clone(),
         collector_url: settings.worker.collector_url.clone(),
         agent_binaries: settings.worker.agent_binaries.clone(),
@@ -272,6 +276,9 @@ async fn run_service(print_config: bool, command: Option<Command>, settings: Set
                 .map_err(|error| anyhow::anyhow!("invalid configuration: ssh: {error}"))?;
             transports = transports.with(Arc::new(transport));
         }
+        let smb = fleetpatch_transport_smb::SmbTransport::new(settings.smb.clone())
+            .map_err(|error| anyhow::anyhow!("invalid configuration: smb: {error}"))?;
+        transports = transports.with(Arc::new(smb));
         let worker = fleetpatch_worker::Worker::new(settings.worker.clone(), store.clone(), bus().await?, transports)?;
         let handle = worker.start(Health::new(), shutdown.clone()).await?;
         joins.push(tokio::spawn(async move { handle.join.await?.map_err(anyhow::Error::from) }));

@@ -54,7 +54,8 @@ pub struct WorkerOptions {
     pub retry_backoff_seconds: Vec<u64>,
     /// Time limit of one remote step (probe, stage, start) in seconds.
     pub step_timeout_seconds: u64,
-    /// Agent binary per target architecture (`x86_64`, `aarch64`, ...).
+    /// Agent binary per target architecture (`x86_64`, `aarch64`, ...) for
+    /// Unix targets, `windows-x86_64` ... for Windows ones ([`agent_binary_key`]).
     pub agent_binaries: BTreeMap<String, PathBuf>,
     /// The content store (installers by sha256).
     pub content_dir: PathBuf,
@@ -486,10 +487,11 @@ impl Worker {
             files.push(StagedFile { name: patch.file.clone(), source, sha256: patch.sha256.clone(), size: patch.size });
         }
         let agent_binary = if needs_bytes {
-            Some(self.options.agent_binaries.get(&probe.arch).cloned().ok_or_else(|| {
+            let key = agent_binary_key(&probe.os, &probe.arch);
+            Some(self.options.agent_binaries.get(&key).cloned().ok_or_else(|| {
                 StepError::Permanent(format!(
-                    "no agent binary for architecture {:?}; set worker.agent_binaries.{}",
-                    probe.arch, probe.arch
+                    "no agent binary for {} on {:?}; set worker.agent_binaries.{key}",
+                    probe.os, probe.arch
                 ))
             })?)
         } else {
@@ -577,6 +579,17 @@ impl Worker {
     }
 }
 
+/// The `worker.agent_binaries` key of a target's agent: the architecture
+/// (`x86_64`, `aarch64`) for Unix targets, `windows-<arch>` for Windows
+/// ones (a different executable for the same processor).
+pub fn agent_binary_key(os: &str, arch: &str) -> String {
+    if os.eq_ignore_ascii_case("windows") {
+        format!("windows-{arch}")
+    } else {
+        arch.to_owned()
+    }
+}
+
 /// A resolved secret as a credential: a PEM/OpenSSH private key (user from
 /// the target's `user` label), or `user:password`.
 pub fn parse_credential(secret: &str, user_label: Option<&str>) -> Result<Credential, String> {
@@ -610,6 +623,13 @@ mod tests {
         assert_ne!(token, derive_token(&key, Uuid::new_v4(), 1, "n"));
         assert_ne!(token, derive_token(b"other", id, 1, "n"));
         assert!(token.starts_with(&id.simple().to_string()));
+    }
+
+    #[test]
+    fn windows_agents_have_their_own_binary_key() {
+        assert_eq!(agent_binary_key("ubuntu", "x86_64"), "x86_64");
+        assert_eq!(agent_binary_key("windows", "x86_64"), "windows-x86_64");
+        assert_eq!(agent_binary_key("Windows", "aarch64"), "windows-aarch64");
     }
 
     #[test]
