@@ -161,3 +161,34 @@ async fn rollout_create_with_preflight_creates_nothing_when_a_target_fails_its_c
     assert_eq!(sandbox.store.list_rollouts(10).await.unwrap().len(), 1);
     sandbox.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_covers_windows_targets_over_smb() {
+    use fleetpatch_winproto::test_support::{SambaPeer, ADMIN_PASSWORD, ADMIN_USER};
+    let peer = SambaPeer::start_or_panic();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("fleetpatch.toml");
+    std::fs::write(&config, "[smb]\ntimeout_seconds = 10\n").unwrap();
+    let secret = dir.path().join("admin.secret");
+    std::fs::write(&secret, format!("{ADMIN_USER}:{ADMIN_PASSWORD}")).unwrap();
+    let wrong = dir.path().join("wrong.secret");
+    std::fs::write(&wrong, format!("{ADMIN_USER}:not-it")).unwrap();
+    let port = peer.address().port().to_string();
+    let args = |secret: &Path| {
+        let reference = format!("file:{}", secret.display());
+        ["check", "--host", "127.0.0.1", "--port", &port, "--transport", "smb", "--credential-ref", &reference]
+            .map(str::to_owned)
+    };
+
+    let good = args(&secret);
+    let run = fleetpatch(&config, "http://127.0.0.1:9", &good.each_ref().map(String::as_str)).await;
+    assert_eq!(run.code, 0, "{run:?}");
+    for check in ["port", "login", "admin_share", "remote_registry", "service_manager"] {
+        assert!(run.stdout.lines().any(|l| l.contains(check) && l.contains(" ok ")), "{check}: {run:?}");
+    }
+
+    let bad = args(&wrong);
+    let run = fleetpatch(&config, "http://127.0.0.1:9", &bad.each_ref().map(String::as_str)).await;
+    assert_eq!(run.code, 8, "a failed check exits 8: {run:?}");
+    assert!(run.stdout.contains("STATUS_LOGON_FAILURE") && run.stdout.contains("wrong credentials"), "{run:?}");
+}
