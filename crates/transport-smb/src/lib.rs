@@ -21,12 +21,16 @@
 //!   created over `svcctl` and started. At most one start per deployment:
 //!   the `agent.started` marker is written beside the plan before the
 //!   service is created, and a later call that finds it answers
-//!   [`AgentStart::AlreadyRunning`]. A leftover service of the same name is
-//!   stopped, deleted and created again; one marked for deletion is waited
-//!   for.
-//! - **cleanup**: stops and deletes the service (so nothing comes back at
-//!   boot), then removes the staged files unless told to keep them; also
-//!   after a failed or timed-out run; idempotent.
+//!   [`AgentStart::AlreadyRunning`]; it is removed again when the service
+//!   certainly did not start (creation refused, start refused), so a retry
+//!   may try again. Right after the start the service is queried: an agent
+//!   that stopped at once fails the step with its exit code. A leftover
+//!   service of the same name is stopped, deleted and created again; one
+//!   marked for deletion is waited for.
+//! - **cleanup**: stops and deletes the service (deleted even when it will
+//!   not stop, so nothing comes back at boot), then removes the staged
+//!   files unless told to keep them; also after a failed or timed-out run;
+//!   idempotent.
 //! - **preflight**: port, login, write access to the share, the remote
 //!   registry, and the service manager opened with the rights to create
 //!   services; each failed check names the likely cause and the fix.
@@ -524,29 +528,49 @@ impl Transport for SmbTransport {
                 .await
                 .map_err(fail)?
                 .with_timeouts(self.scm_timeouts());
+            // Err((error, may_have_started)): only an answer lost in transit
+            // leaves it open whether the service started.
             let outcome = async {
-                let created = scm.create_service(&service).await?;
+                let created = scm.create_service(&service).await.map_err(|e| (fail(e), false))?;
                 let start = match scm.start(&service.name, &[]).await {
                     Ok(()) => AgentStart::Started,
                     Err(error) if error.win32_code() == Some(Win32Error::ERROR_SERVICE_ALREADY_RUNNING) => {
                         AgentStart::AlreadyRunning
                     }
-                    Err(error) => return Err(error),
+                    Err(error) => {
+                        let unknown = error.win32_code().is_none() && error.rpc_fault().is_none();
+                        return Err((fail(error), unknown));
+                    }
                 };
                 // An agent that cannot read its plan stops at once; say so
                 // now rather than through the watchdog later.
-                let status = scm.query_status(&service.name).await?;
+                let status = scm.query_status(&service.name).await.map_err(|e| (fail(e), true))?;
                 if status.state() == ServiceState::Stopped && status.win32_exit_code != 0 {
-                    return Err(fleetpatch_winproto::Error::Win32 {
-                        operation: "the agent service stopped right after its start",
-                        code: Win32Error(status.win32_exit_code),
-                    });
+                    let reason = format!(
+                        "the agent service stopped right after its start: {} (service exit code {}); see {}\\{}",
+                        Win32Error(status.win32_exit_code),
+                        status.service_specific_exit_code,
+                        self.local_folder(&folder),
+                        AGENT_LOG
+                    );
+                    return Err((Error::Remote { address: target.address.clone(), reason, transient: false }, true));
                 }
                 Ok((created, start))
             }
             .await;
             close_scm(scm).await;
-            let (created, start) = outcome.map_err(fail)?;
+            let (created, start) = match outcome {
+                Ok(done) => done,
+                Err((error, may_have_started)) => {
+                    // The service did not start: a retried job may try again.
+                    if !may_have_started {
+                        if let Err(removal) = target.session.delete(&share, &marker).await {
+                            tracing::warn!(error = %removal, "could not remove the agent start marker");
+                        }
+                    }
+                    return Err(error);
+                }
+            };
             tracing::info!(
                 target_id = %spec.target_id,
                 deployment_id = %deployment.id(),
@@ -576,12 +600,14 @@ impl Transport for SmbTransport {
                 .map_err(fail)?
                 .with_timeouts(self.scm_timeouts());
             let removed = async {
-                match scm.stop_and_wait(&name).await {
-                    Ok(()) => {}
+                let stopped = match scm.stop_and_wait(&name).await {
                     Err(error) if error.win32_code() == Some(Win32Error::ERROR_SERVICE_DOES_NOT_EXIST) => return Ok(()),
-                    Err(error) => return Err(error),
-                }
-                scm.delete(&name).await
+                    other => other,
+                };
+                // Deleted even when it would not stop: marked for deletion, it
+                // goes once it stops and never comes back at boot.
+                let deleted = scm.delete(&name).await;
+                stopped.and(deleted)
             }
             .await;
             close_scm(scm).await;

@@ -362,22 +362,39 @@ impl Transformer {
 
         // Verify signature (if required, according to the spec)
         let session_id = message.header.session_id;
-        let mut signer = self
-            ._with_channel(session_id, |session| {
-                let channel_info = session
-                    .channel
-                    .as_ref()
-                    .ok_or(crate::Error::TranformFailed(TransformError {
+        // fleetpatch patch 3: the session setup sends its final request and
+        // only then installs the channel whose keys sign the reply; a fast
+        // reply used to reach this point first and fail ("no channel is set
+        // up"), about one logon in a hundred under load. A signed
+        // SESSION_SETUP reply waits (bounded, 5 s) for its channel.
+        let mut waited_ms = 0u32;
+        let mut signer = loop {
+            let signer = self
+                ._with_channel(session_id, |session| match session.channel.as_ref() {
+                    Some(channel_info) => Ok(Some(channel_info.signer()?.clone())),
+                    None => Ok(None),
+                })
+                .await?;
+            match signer {
+                Some(signer) => break signer,
+                None if message.header.command == Command::SessionSetup && waited_ms < 5000 => {
+                    waited_ms += 1;
+                    #[cfg(feature = "async")]
+                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                    #[cfg(not(feature = "async"))]
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                None => {
+                    return Err(crate::Error::TranformFailed(TransformError {
                         outgoing: false,
                         phase: TransformPhase::SignVerify,
                         session_id: Some(session_id),
                         why: "Message is required to be signed, but no channel is set up!",
                         msg_id: Some(message.header.message_id),
-                    }))?;
-
-                Ok(channel_info.signer()?.clone())
-            })
-            .await?;
+                    }))
+                }
+            }
+        };
 
         signer.verify_signature(&mut message.header, raw)?;
         log::debug!(
