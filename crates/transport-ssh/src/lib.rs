@@ -23,8 +23,13 @@
 //!   tools a deployment needs, and whether the collector is reachable *from
 //!   the target*; each failed check says the likely cause and the fix.
 //!
-//! Each step opens one SSH session and runs its commands and its SFTP
-//! transfer over it. The transport holds no per-target state. Commands are
+//! Each step runs its commands and its SFTP transfer over one SSH
+//! connection; a step that went well hands it back for the next step to the
+//! same target (same user, port and credential) for
+//! `connection_reuse_seconds` (default 30; 0 logs in for every step), so a
+//! deployment's probe, stage, start and a prompt cleanup log in once.
+//! Those idle connections are the only thing the transport keeps between
+//! calls: a cache whose loss changes nothing but a login. Commands are
 //! `/bin/sh` scripts sent on standard input; every value from a rollout or
 //! a target is quoted ([`shell::quote`]) or validated. Host keys are checked
 //! against an OpenSSH `known_hosts` file (strict, or trust on first use);
@@ -47,6 +52,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
 mod facts;
 mod options;
+mod pool;
 mod session;
 pub mod shell;
 pub mod versions;
@@ -83,6 +89,7 @@ pub enum SshError {
 #[derive(Debug, Clone)]
 pub struct SshTransport {
     options: Arc<SshOptions>,
+    pool: Arc<pool::Pool>,
 }
 
 /// One file to upload in a stage.
@@ -104,11 +111,26 @@ impl SshTransport {
     /// Builds the transport; refuses invalid options with the key named.
     pub fn new(options: SshOptions) -> std::result::Result<Self, SshError> {
         options.validate().map_err(SshError::InvalidOptions)?;
-        Ok(Self { options: Arc::new(options) })
+        Ok(Self { options: Arc::new(options), pool: Arc::default() })
     }
 
     pub fn options(&self) -> &SshOptions {
         &self.options
+    }
+
+    /// Idle connections kept for reuse (see [`SshOptions::connection_reuse_seconds`]).
+    pub async fn idle_connections(&self) -> usize {
+        self.pool.idle_count().await
+    }
+
+    /// Ends a step's use of its connection: kept for the next step when the
+    /// step went well, closed otherwise.
+    async fn done(&self, target: &TargetSpec, connection: Connection, ok: bool) {
+        if ok {
+            self.pool.release(&self.options, target, connection).await;
+        } else {
+            connection.close().await;
+        }
     }
 
     /// The target's staging root: its label, else the option.
@@ -286,9 +308,9 @@ impl Transport for SshTransport {
 
     async fn probe(&self, target: &TargetSpec, patches: &[PatchProbe]) -> Result<ProbeReport> {
         let started = Instant::now();
-        let connection = Connection::open(&self.options, target).await?;
+        let connection = self.pool.connect(&self.options, target).await?;
         let result = self.detect(&connection, patches, true).await;
-        connection.close().await;
+        self.done(target, connection, result.is_ok()).await;
         let (mut report, _) = facts::probe_report(&result?, patches);
         report.details.insert("ssh_user".into(), target_user(&self.options, target));
         tracing::debug!(target_id = %target.target_id, elapsed_ms = started.elapsed().as_millis() as u64, "ssh probe done");
@@ -299,9 +321,9 @@ impl Transport for SshTransport {
         let started = Instant::now();
         let paths = self.paths(target, deployment.id())?;
         let uploads = self.uploads(target, deployment)?;
-        let connection = Connection::open(&self.options, target).await?;
+        let connection = self.pool.connect(&self.options, target).await?;
         let result = self.stage_on(&connection, self.staging_root(target)?, &paths, uploads).await;
-        connection.close().await;
+        self.done(target, connection, result.is_ok()).await;
         let bytes = result?;
         tracing::debug!(
             target_id = %target.target_id,
@@ -315,10 +337,10 @@ impl Transport for SshTransport {
 
     async fn start_agent(&self, target: &TargetSpec, deployment: &Deployment) -> Result<AgentStart> {
         let paths = self.paths(target, deployment.id())?;
-        let connection = Connection::open(&self.options, target).await?;
+        let connection = self.pool.connect(&self.options, target).await?;
         let script = shell::start_agent_script(deployment.id(), &paths);
         let result = connection.run_privileged(&script, "start agent").await;
-        connection.close().await;
+        self.done(target, connection, result.is_ok()).await;
         let output = result?;
         let agent = shell::sections(&output.stdout)
             .into_iter()
@@ -347,7 +369,7 @@ impl Transport for SshTransport {
 
     async fn cleanup(&self, target: &TargetSpec, deployment_id: &str, keep_files: bool) -> Result<()> {
         let paths = self.paths(target, deployment_id)?;
-        let connection = Connection::open(&self.options, target).await?;
+        let connection = self.pool.connect(&self.options, target).await?;
         let script = shell::cleanup_script(deployment_id, &paths, keep_files);
         let result = connection.run_privileged(&script, "cleanup").await;
         let output = match result {
@@ -358,7 +380,7 @@ impl Transport for SshTransport {
             }
         };
         let outcome = if output.success() { Ok(()) } else { Err(remote_failure(&connection, "cleanup", &output)) };
-        connection.close().await;
+        self.done(target, connection, outcome.is_ok()).await;
         outcome?;
         if let Some((header, _)) =
             shell::sections(&output.stdout).into_iter().find(|(h, _)| h.first() == Some(&"stopped"))
@@ -369,9 +391,9 @@ impl Transport for SshTransport {
     }
 
     async fn verify(&self, target: &TargetSpec, patches: &[PatchProbe]) -> Result<VerifyReport> {
-        let connection = Connection::open(&self.options, target).await?;
+        let connection = self.pool.connect(&self.options, target).await?;
         let result = self.detect(&connection, patches, false).await;
-        connection.close().await;
+        self.done(target, connection, result.is_ok()).await;
         let installed = facts::installed_patches(patches, &result?);
         let missing = patches.iter().map(|p| p.index).filter(|index| !installed.contains(index)).collect();
         Ok(VerifyReport { installed, missing })

@@ -54,6 +54,10 @@ pub struct SshOptions {
     /// stopping the agent, removing its files do) through `sudo -n` when the
     /// login user is not root.
     pub use_sudo: bool,
+    /// How long a connection is kept after a step for the next step to the
+    /// same target (probe, stage and start of one job, and a prompt
+    /// cleanup, then log in once); 0 logs in for every step.
+    pub connection_reuse_seconds: u64,
 }
 
 impl Default for SshOptions {
@@ -67,6 +71,7 @@ impl Default for SshOptions {
             known_hosts_file: None,
             staging_root: "/var/tmp/fleetpatch".into(),
             use_sudo: true,
+            connection_reuse_seconds: 30,
         }
     }
 }

@@ -569,6 +569,11 @@ impl Connection {
         Ok(sftp)
     }
 
+    /// Whether the server or the network ended the connection.
+    pub fn is_closed(&self) -> bool {
+        self.handle.is_closed()
+    }
+
     /// Ends the session politely.
     pub async fn close(self) {
         let _ =

@@ -242,8 +242,12 @@ async fn host_keys_strict_refuses_unknown_tofu_records_and_a_changed_key_is_refu
     let scratch = tempfile::tempdir().unwrap();
     let known_hosts = scratch.path().join("known_hosts");
     std::fs::write(&known_hosts, "").unwrap();
-    let strict =
-        SshTransport::new(SshOptions { known_hosts_file: Some(known_hosts.clone()), ..peer.options() }).unwrap();
+    let strict = SshTransport::new(SshOptions {
+        known_hosts_file: Some(known_hosts.clone()),
+        connection_reuse_seconds: 0,
+        ..peer.options()
+    })
+    .unwrap();
 
     // Unknown under strict: refused, naming the host, the fingerprint and the fix.
     let error = strict.probe(&peer.target(), &[]).await.unwrap_err();
@@ -263,6 +267,8 @@ async fn host_keys_strict_refuses_unknown_tofu_records_and_a_changed_key_is_refu
     let tofu = SshTransport::new(SshOptions {
         known_hosts_file: Some(known_hosts.clone()),
         host_key_policy: HostKeyPolicy::TrustOnFirstUse,
+        // Every probe must meet the host key again: no connection reuse.
+        connection_reuse_seconds: 0,
         ..peer.options()
     })
     .unwrap();
@@ -565,4 +571,52 @@ async fn step_latency_against_loopback_sshd() {
     for (step, total) in ["probe", "stage (agent+plan)", "start_agent", "verify", "cleanup"].iter().zip(totals) {
         println!("{step}: {:.1} ms mean over {rounds}", total.as_secs_f64() * 1e3 / f64::from(rounds));
     }
+}
+
+/// Logins the peer accepted so far (sshd logs at VERBOSE).
+fn logins(peer: &SshPeer) -> usize {
+    peer.log().lines().filter(|line| line.contains("Accepted publickey")).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deployment_logs_in_once_when_connections_are_reused() {
+    let peer = SshPeer::start_with(SshPeerOptions { password_auth: true, ..SshPeerOptions::default() }).unwrap();
+    let fixture = fixture(4096);
+    let target = peer.target();
+
+    // Reuse on (the default): probe, stage, start and cleanup share one login.
+    let transport = SshTransport::new(peer.options()).unwrap();
+    let first = deployment(target.target_id, 1, &fixture);
+    let before = logins(&peer);
+    transport.probe(&target, &[]).await.unwrap();
+    transport.stage(&target, &first).await.unwrap();
+    assert_eq!(transport.start_agent(&target, &first).await.unwrap(), AgentStart::Started);
+    transport.cleanup(&target, first.id(), false).await.unwrap();
+    assert_eq!(logins(&peer) - before, 1, "sshd log:\n{}", peer.log());
+    assert_eq!(transport.idle_connections().await, 1);
+
+    // A command that ran and failed leaves a healthy connection: kept.
+    let never_staged = deployment(target.target_id, 7, &fixture);
+    let before = logins(&peer);
+    transport.start_agent(&target, &never_staged).await.unwrap_err();
+    assert_eq!((logins(&peer) - before, transport.idle_connections().await), (0, 1));
+
+    // Another credential never gets a connection logged in with this one.
+    let other = peer.target_with(Some(peer.password_credential()));
+    let passwords = |peer: &SshPeer| peer.log().lines().filter(|l| l.contains("Accepted password")).count();
+    let before = passwords(&peer);
+    transport.probe(&other, &[]).await.unwrap();
+    assert_eq!(passwords(&peer) - before, 1, "the password target logged in with its own credential");
+    assert_eq!(transport.idle_connections().await, 2);
+
+    // Reuse off: every step logs in.
+    let transport = SshTransport::new(SshOptions { connection_reuse_seconds: 0, ..peer.options() }).unwrap();
+    let second = deployment(target.target_id, 2, &fixture);
+    let before = logins(&peer);
+    transport.probe(&target, &[]).await.unwrap();
+    transport.stage(&target, &second).await.unwrap();
+    transport.start_agent(&target, &second).await.unwrap();
+    transport.cleanup(&target, second.id(), false).await.unwrap();
+    assert_eq!(logins(&peer) - before, 4, "sshd log:\n{}", peer.log());
+    assert_eq!(transport.idle_connections().await, 0);
 }
