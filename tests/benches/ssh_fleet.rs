@@ -17,7 +17,8 @@
 //!
 //! Environment: `FLEETPATCH_BENCH_TARGETS` (default 100),
 //! `FLEETPATCH_BENCH_WORKERS` (default 2), `FLEETPATCH_BENCH_WORKER_CONCURRENCY`
-//! (default 50).
+//! (default 50), `FLEETPATCH_BENCH_SSH_REUSE_SECONDS` (default 30; 0 logs in
+//! for every step).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -168,7 +169,10 @@ fn main() {
         let sandbox = Sandbox::start(SandboxOptions {
             workers,
             worker_concurrency: worker_concurrency as u16,
-            ssh: Some(fleet.options()),
+            ssh: Some(fleetpatch_transport_ssh::SshOptions {
+                connection_reuse_seconds: env_number("FLEETPATCH_BENCH_SSH_REUSE_SECONDS", 30) as u64,
+                ..fleet.options()
+            }),
             agent_binary: Some(agent),
             step_timeout_seconds: 120,
             ..SandboxOptions::default()

@@ -7,7 +7,10 @@
 //! handed back after a step whose commands ran (even when a command
 //! reported a failure) and kept for [`SshOptions::connection_reuse_seconds`];
 //! a step whose SSH session failed (timeout, broken channel) closes it, and
-//! one the server closed meanwhile is not reused. The host key was checked
+//! one the server closed meanwhile is not reused. Before a kept connection
+//! is handed out it must answer a keepalive (one round trip, 3 s at most):
+//! a peer that went silent (rebooted, an idle flow dropped by a firewall)
+//! costs a fresh login, never a failed step. The host key was checked
 //! when the connection was opened; a reused one is not checked again.
 //! Only connections logged in with the same user, port and
 //! credential are reused (the key is a hash of the credential, never the
@@ -29,6 +32,10 @@ use crate::SshOptions;
 /// target for a few seconds; thousands of idle sessions would only pin
 /// memory on both sides).
 const MAX_IDLE: usize = 256;
+
+/// How long a reused connection may take to answer its keepalive before a
+/// fresh login replaces it (at most; `connect_timeout_seconds` if shorter).
+const PING_SECONDS: u64 = 3;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct Key {
@@ -97,8 +104,13 @@ impl Pool {
                     connection.close().await;
                 }
                 if let Some(connection) = reused {
-                    tracing::trace!(address = %connection.address, "ssh connection reused");
-                    return Ok(connection);
+                    let within = Duration::from_secs(options.connect_timeout_seconds.clamp(1, PING_SECONDS));
+                    if connection.answers(within).await {
+                        tracing::trace!(address = %connection.address, "ssh connection reused");
+                        return Ok(connection);
+                    }
+                    tracing::debug!(address = %connection.address, "idle ssh connection no longer answers; logging in again");
+                    connection.close().await;
                 }
             }
         }

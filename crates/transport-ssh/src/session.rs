@@ -569,6 +569,15 @@ impl Connection {
         Ok(sftp)
     }
 
+    /// Whether the server still answers on this connection: one keepalive
+    /// round trip (`keepalive@openssh.com` with a reply) within `within`.
+    /// For a connection taken from the pool, whose peer may have gone
+    /// (rebooted, a firewall dropped the idle flow) without a word.
+    pub async fn answers(&self, within: Duration) -> bool {
+        // `send_ping` also returns Ok when the session ended meanwhile.
+        matches!(tokio::time::timeout(within, self.handle.send_ping()).await, Ok(Ok(()))) && !self.handle.is_closed()
+    }
+
     /// Whether the server or the network ended the connection.
     pub fn is_closed(&self) -> bool {
         self.handle.is_closed()

@@ -154,6 +154,23 @@ fn create_dpkg_root(root: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// Whether sshd can be started with an empty `/root/.bashrc` (see
+/// `SshPeer::spawn`): there is one to hide, and `unshare --mount` works here.
+fn quiet_root_profile_possible() -> bool {
+    static POSSIBLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *POSSIBLE.get_or_init(|| {
+        Path::new("/root/.bashrc").is_file()
+            && Command::new("unshare")
+                .args(["--mount", "--propagation", "private", "/bin/sh", "-c"])
+                .arg("mount --bind /dev/null /root/.bashrc && test ! -s /root/.bashrc")
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|status| status.success())
+    })
+}
+
 /// One private `sshd` on `127.0.0.1`. Stopped (by pid file) on drop.
 #[derive(Debug)]
 pub struct SshPeer {
@@ -291,8 +308,26 @@ impl SshPeer {
     }
 
     /// Starts sshd (it daemonizes once it listens).
+    ///
+    /// The peers log in as root, and Debian's bash sources `~/.bashrc` for
+    /// every command sshd runs: on a build machine whose root profile runs
+    /// `pyenv init` that costs ~0.2 CPU-s per command, more than the
+    /// deployment itself, and no real target pays it. So where it can, sshd
+    /// starts in a mount namespace of its own in which `/root/.bashrc` is
+    /// empty (a bind mount of `/dev/null` that only this sshd and its
+    /// sessions see); elsewhere it starts as is.
     fn spawn(&mut self, sshd: &Path) -> io::Result<std::process::Child> {
-        let child = Command::new(sshd)
+        let mut command = if quiet_root_profile_possible() {
+            let mut command = Command::new("unshare");
+            command
+                .args(["--mount", "--propagation", "private", "/bin/sh", "-c"])
+                .arg("mount --bind /dev/null /root/.bashrc 2>/dev/null; exec \"$0\" \"$@\"");
+            command.arg(sshd);
+            command
+        } else {
+            Command::new(sshd)
+        };
+        let child = command
             .arg("-f")
             .arg(self.dir.path().join("sshd_config"))
             .arg("-p")
@@ -422,6 +457,43 @@ impl SshPeer {
     /// The sshd log so far (for failure messages).
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log_file).unwrap_or_default()
+    }
+
+    /// The processes sshd started for the connections open now (every
+    /// descendant of the listener: the per-connection sshd, its sessions).
+    pub fn connection_pids(&self) -> Vec<i32> {
+        let Some(listener) = self.pid() else { return Vec::new() };
+        let parents: Vec<(i32, i32)> = std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|entry| {
+                let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
+                let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
+                // `pid (comm) state ppid ...`; comm may hold spaces.
+                let ppid = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()?;
+                Some((pid, ppid))
+            })
+            .collect();
+        let mut found = vec![listener];
+        let mut index = 0;
+        while index < found.len() {
+            let parent = found[index];
+            found.extend(parents.iter().filter(|(_, ppid)| *ppid == parent).map(|(pid, _)| *pid));
+            index += 1;
+        }
+        found.remove(0);
+        found
+    }
+
+    /// Sends `signal` (`STOP`, `CONT`, `KILL`, ...) to every process of the
+    /// open connections ([`Self::connection_pids`]); returns how many.
+    pub fn signal_connections(&self, signal: &str) -> usize {
+        let pids = self.connection_pids();
+        for pid in &pids {
+            let _ = Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status();
+        }
+        pids.len()
     }
 
     /// Stops sshd by its pid file and waits for the port to close.

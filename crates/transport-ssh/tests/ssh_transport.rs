@@ -620,3 +620,35 @@ async fn a_deployment_logs_in_once_when_connections_are_reused() {
     assert_eq!(logins(&peer) - before, 4, "sshd log:\n{}", peer.log());
     assert_eq!(transport.idle_connections().await, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_connection_that_stopped_answering_is_replaced_by_a_fresh_login() {
+    let peer = SshPeer::start().unwrap();
+    let target = peer.target();
+    let transport = SshTransport::new(SshOptions { connect_timeout_seconds: 2, ..peer.options() }).unwrap();
+    transport.probe(&target, &[]).await.unwrap();
+    assert_eq!(transport.idle_connections().await, 1);
+
+    // The kept connection's sshd goes silent (as a rebooted host or a
+    // firewall that dropped the idle flow): nothing closes the TCP stream.
+    let frozen = peer.connection_pids();
+    assert!(!frozen.is_empty(), "the kept connection has its sshd processes");
+    assert_eq!(peer.signal_connections("STOP"), frozen.len());
+    let before = logins(&peer);
+    let started = Instant::now();
+    let report = transport.probe(&target, &[]).await;
+    let elapsed = started.elapsed();
+    for pid in &frozen {
+        let _ = std::process::Command::new("kill").arg("-KILL").arg(pid.to_string()).status();
+        let _ = std::process::Command::new("kill").arg("-CONT").arg(pid.to_string()).status();
+    }
+    report.expect("the step logs in again instead of failing on the silent connection");
+    assert_eq!(logins(&peer) - before, 1, "one fresh login; sshd log:\n{}", peer.log());
+    assert!(elapsed < Duration::from_secs(10), "the silent connection was given up after its keepalive: {elapsed:?}");
+
+    // A connection whose server side is gone is replaced too.
+    let before = logins(&peer);
+    assert!(peer.signal_connections("KILL") > 0);
+    transport.probe(&target, &[]).await.expect("a fresh login after the server closed the kept connection");
+    assert_eq!(logins(&peer) - before, 1);
+}
