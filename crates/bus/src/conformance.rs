@@ -72,6 +72,8 @@ macro_rules! bus_conformance_suite {
             multi_hop_delay_is_not_early_and_bounded_late,
             short_delays_never_wait_behind_long_ones,
             batches_hold_due_messages_and_re_delay_early_ones,
+            short_remainders_are_held_not_rounded_up_to_a_step,
+            a_held_message_is_redelivered_when_its_consumer_goes_away,
             queue_depth_counts_ready_messages,
             events_are_accepted_and_close_makes_the_bus_unhealthy,
         );
@@ -474,6 +476,61 @@ pub async fn batches_hold_due_messages_and_re_delay_early_ones(broker: &dyn Test
     immediate.sort();
     assert_eq!(immediate, (0..5).map(|n| format!("now-{n}")).collect::<Vec<_>>());
     assert_eq!(delayed, vec!["1700".to_owned(), "2700".to_owned()]);
+}
+
+/// The last stretch of a delay, shorter than the shortest wait step, is held
+/// by the consumer rather than rounded up to a whole step: a 40 ms delay, the
+/// 40 ms left after a 1 s hop, and 180 ms all arrive within 150 ms of due
+/// (a 250 ms wait queue would make the first two at least 210 ms late).
+pub async fn short_remainders_are_held_not_rounded_up_to_a_step(broker: &dyn TestBroker) {
+    let lateness = deliver_delayed(broker, &[40, 180, 1_040]).await;
+    for (delay, late) in lateness {
+        assert!(late <= 150, "a message delayed {delay} ms arrived {late} ms late: its last stretch was rounded up");
+    }
+    // The same through `next_batch`.
+    let bus = connect_bus(broker).await;
+    let mut consumer = consume(&bus, ALPHA, 8).await;
+    let published_at = now_unix_ms();
+    publish(&bus, [60, 120].map(|delay| message(ALPHA, &delay.to_string()).due_at(published_at + delay)).to_vec())
+        .await;
+    let mut arrived = Vec::new();
+    let deadline = tokio::time::Instant::now() + EXPECT_WITHIN;
+    while arrived.len() < 2 {
+        let batch = tokio::time::timeout_at(deadline, consumer.next_batch(8, Duration::from_millis(5)))
+            .await
+            .expect("the batches arrive in time")
+            .expect("the consumer is open");
+        for delivery in batch {
+            let due = delivery.due_at_unix_ms().expect("the due time travels with the message");
+            let late = now_unix_ms() - due;
+            assert!(late >= -DUE_TOLERANCE_MS, "{} arrived {} ms early", text(&delivery), -late);
+            assert!(late <= 150, "{} arrived {late} ms late", text(&delivery));
+            arrived.push(text(&delivery));
+            ack(delivery).await;
+        }
+    }
+    assert_eq!(arrived, ["60", "120"], "held messages come out in due order");
+}
+
+/// A message the consumer holds until due is an unacked delivery: when that
+/// consumer goes away, the broker delivers it again (to another consumer,
+/// when due), so holding loses nothing.
+pub async fn a_held_message_is_redelivered_when_its_consumer_goes_away(broker: &dyn TestBroker) {
+    let bus = connect_bus(broker).await;
+    let published_at = now_unix_ms();
+    publish(&bus, vec![message(ALPHA, "now"), message(ALPHA, "held").due_at(published_at + 200)]).await;
+    let mut first = consume(&bus, ALPHA, 4).await;
+    ack(expect_next(&mut first, "the undelayed message").await).await;
+    // `next` takes the delayed one and holds it; give up on it before it is due.
+    let waited = tokio::time::timeout(Duration::from_millis(50), first.next()).await;
+    assert!(waited.is_err(), "a message due in 200 ms was handed out after {} ms", now_unix_ms() - published_at);
+    drop(first);
+    let mut second = consume(&bus, ALPHA, 4).await;
+    let delivery = expect_next(&mut second, "the held message, redelivered").await;
+    assert_eq!(text(&delivery), "held");
+    assert!(now_unix_ms() >= published_at + 200 - DUE_TOLERANCE_MS, "redelivered, and still not early");
+    ack(delivery).await;
+    expect_quiet(&mut second, "nothing else").await;
 }
 
 /// The depth of a work queue counts its ready messages, not unacked ones.

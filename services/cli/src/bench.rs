@@ -641,7 +641,11 @@ pub async fn run(
         crate::output::OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&figures)?),
         crate::output::OutputFormat::Table => print_figures(&figures),
     }
-    let _ = std::fs::remove_dir_all(&dir);
+    if args.keep {
+        eprintln!("kept: database {db_name}, queue prefix {prefix}, service logs in {}", dir.display());
+    } else {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
     Ok(())
 }
 

@@ -41,10 +41,16 @@ pub struct SchedulerOptions {
     pub reconcile_interval_seconds: u64,
     /// Dispatch messages handled at once.
     pub prefetch: u16,
-    /// Watch timers checked together in one transaction, and the watch
-    /// queue's prefetch: a burst of thousands of expiring timers costs tens
-    /// of transactions, not thousands.
+    /// Most watch timers checked together in one transaction: a burst of
+    /// thousands of expiring timers costs tens of transactions, not
+    /// thousands.
     pub watch_batch: u16,
+    /// Watch checks (transactions) at the same time. While they run, the
+    /// timers that arrive wait and are checked together by the next one, so
+    /// the busier the database, the larger the batches and the fewer the
+    /// transactions. The watch queue's prefetch is
+    /// `watch_batch × (watch_writers + 1)`.
+    pub watch_writers: u16,
 }
 
 impl Default for SchedulerOptions {
@@ -56,6 +62,7 @@ impl Default for SchedulerOptions {
             reconcile_interval_seconds: 30,
             prefetch: 64,
             watch_batch: 256,
+            watch_writers: 2,
         }
     }
 }
@@ -67,6 +74,9 @@ impl SchedulerOptions {
         }
         if self.watch_batch == 0 {
             return Err("scheduler.watch_batch must be at least 1".into());
+        }
+        if self.watch_writers == 0 || self.watch_writers > 64 {
+            return Err("scheduler.watch_writers must be between 1 and 64".into());
         }
         if self.reconcile_interval_seconds == 0 {
             return Err("scheduler.reconcile_interval_seconds must be at least 1".into());
@@ -157,8 +167,10 @@ pub async fn start(
     })
     .merge(fleetpatch_runtime::ops::router(health.clone()));
     let dispatch = bus.consume(routing::DISPATCH, options.prefetch).await?;
-    let watch = bus.consume(routing::WATCH, options.watch_batch).await?;
+    let watch_prefetch = u32::from(options.watch_batch) * (u32::from(options.watch_writers) + 1);
+    let watch = bus.consume(routing::WATCH, watch_prefetch.min(u32::from(u16::MAX)) as u16).await?;
     let watch_batch = usize::from(options.watch_batch);
+    let watch_writers = usize::from(options.watch_writers);
     let relay_stop = tokio_util::sync::CancellationToken::new();
     let relay = tokio::spawn(fleetpatch_store::relay::run_relay(
         store.clone(),
@@ -176,7 +188,7 @@ pub async fn start(
         });
         let loops = [
             tokio::spawn(core.clone().consume_loop(dispatch, shutdown.clone())),
-            tokio::spawn(core.clone().watch_loop(watch, watch_batch, shutdown.clone())),
+            tokio::spawn(core.clone().watch_loop(watch, watch_batch, watch_writers, shutdown.clone())),
             tokio::spawn(core.clone().reconcile_loop(reconcile_every, shutdown.clone())),
         ];
         shutdown.wait().await;
@@ -295,11 +307,27 @@ impl Core {
 
     /// The watchdog: takes the timers that arrive together (within 5 ms of
     /// the first, at most `batch`), re-delays the early ones in one publish,
-    /// and checks the due ones in one transaction while the next batch is
-    /// collected.
-    async fn watch_loop(self, mut consumer: fleetpatch_bus::Consumer, batch: usize, shutdown: Shutdown) {
+    /// and checks the due ones in one transaction, at most `writers` checks
+    /// at once. While every check is busy the loop waits, and the timers that
+    /// arrive meanwhile are checked together by the next one: under load the
+    /// batches grow instead of the transactions multiplying.
+    async fn watch_loop(
+        self,
+        mut consumer: fleetpatch_bus::Consumer,
+        batch: usize,
+        writers: usize,
+        shutdown: Shutdown,
+    ) {
+        let writers = Arc::new(tokio::sync::Semaphore::new(writers.max(1)));
         let mut in_flight = tokio::task::JoinSet::new();
         loop {
+            let permit = tokio::select! {
+                permit = writers.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+                _ = shutdown.wait() => {
+                    consumer.cancel();
+                    break;
+                }
+            };
             let deliveries = tokio::select! {
                 next = consumer.next_batch(batch, Duration::from_millis(5)) => next,
                 _ = shutdown.wait() => {
@@ -317,9 +345,16 @@ impl Core {
             if deliveries.is_empty() {
                 continue;
             }
+            metrics::histogram!("fleetpatch_scheduler_watch_batch_timers").record(deliveries.len() as f64);
             let core = self.clone();
             let span = tracing::info_span!("watch_batch", timers = deliveries.len());
-            in_flight.spawn(async move { core.watch_batch(deliveries).await }.instrument(span));
+            in_flight.spawn(
+                async move {
+                    core.watch_batch(deliveries).await;
+                    drop(permit);
+                }
+                .instrument(span),
+            );
             while in_flight.try_join_next().is_some() {}
         }
         let _ = tokio::time::timeout(Duration::from_secs(30), async { while in_flight.join_next().await.is_some() {} })
@@ -416,6 +451,30 @@ impl Core {
                 Ok(_) => {}
                 Err(error) => tracing::warn!(error = %error, "reconciler pass failed"),
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod option_tests {
+    use super::SchedulerOptions;
+
+    #[test]
+    fn defaults_are_valid_and_bad_values_name_their_key() {
+        assert_eq!(SchedulerOptions::default().validate(), Ok(()));
+        let cases = [
+            (SchedulerOptions { prefetch: 0, ..Default::default() }, "scheduler.prefetch"),
+            (SchedulerOptions { watch_batch: 0, ..Default::default() }, "scheduler.watch_batch"),
+            (SchedulerOptions { watch_writers: 0, ..Default::default() }, "scheduler.watch_writers"),
+            (SchedulerOptions { watch_writers: 65, ..Default::default() }, "scheduler.watch_writers"),
+            (
+                SchedulerOptions { reconcile_interval_seconds: 0, ..Default::default() },
+                "scheduler.reconcile_interval_seconds",
+            ),
+        ];
+        for (options, key) in cases {
+            let error = options.validate().expect_err(key);
+            assert!(error.starts_with(key), "{error:?} should name {key}");
         }
     }
 }
