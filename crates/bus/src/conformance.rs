@@ -359,8 +359,10 @@ pub async fn rejected_messages_are_dead_lettered_and_replayed_to_their_queue(bro
         expect_quiet(&mut consumer, "a rejected message is not redelivered").await;
     }
     wait_for_depth(&bus, ALPHA, 0).await;
+    wait_for_depth(&bus, crate::DEAD_LETTER_QUEUE, 2).await;
 
     replay_dead_letters(&bus, 2).await;
+    wait_for_depth(&bus, crate::DEAD_LETTER_QUEUE, 0).await;
     let mut alpha = consume(&bus, ALPHA, 4).await;
     let delivery = expect_next(&mut alpha, "the replayed message for alpha").await;
     assert_eq!(text(&delivery), "for alpha");

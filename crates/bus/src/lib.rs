@@ -48,6 +48,9 @@ pub const DELAY_STEPS_MS: [u64; 15] = [
 /// A message due within this many milliseconds is delivered, not re-delayed.
 pub const DUE_TOLERANCE_MS: i64 = 15;
 
+/// The queue name under which [`Bus::queue_depth`] counts the dead letters.
+pub const DEAD_LETTER_QUEUE: &str = "dead";
+
 /// Header carrying a delayed message's due time (unix milliseconds).
 pub const DUE_AT_HEADER: &str = "x-fp-due-at";
 /// Header carrying a message's work routing key (used to replay dead letters).
@@ -315,6 +318,8 @@ impl Bus {
         Ok(count)
     }
 
+    /// Ready messages of a work queue, or the dead letters for
+    /// [`DEAD_LETTER_QUEUE`].
     pub async fn queue_depth(&self, queue: &str) -> Result<u64> {
         self.backend.queue_depth(queue).await
     }

@@ -306,6 +306,9 @@ impl Backend for MemoryBackend {
 
     async fn queue_depth(&self, queue: &str) -> Result<u64> {
         self.ensure_open()?;
+        if queue == crate::DEAD_LETTER_QUEUE {
+            return Ok(lock(&self.broker.dead_letters).len() as u64);
+        }
         let work_queue = self.work_queue(queue, "reading a queue's depth")?;
         Ok(work_queue.lock().ready.len() as u64)
     }

@@ -48,6 +48,7 @@ macro_rules! store_conformance_suite {
         $crate::store_conformance_suite!(@tests $make;
             create_rollout_round_trips_rollout_patches_and_targets,
             create_rollout_announces_a_dispatch_through_the_outbox,
+            fleet_gauges_count_rollouts_active_targets_and_the_outbox,
             dispatch_fills_free_slots_in_ordinal_order,
             concurrent_dispatches_never_exceed_the_concurrency,
             waves_open_in_order_and_a_failing_wave_halts,
@@ -323,6 +324,32 @@ pub async fn create_rollout_announces_a_dispatch_through_the_outbox(db: &dyn Tes
     let request = v1::DispatchRequest::decode(messages[0].payload.as_slice()).expect("a DispatchRequest");
     assert_eq!(request.rollout_id, id.to_string());
     assert_eq!(store.outbox_depth().await.expect("depth"), 1);
+}
+
+pub async fn fleet_gauges_count_rollouts_active_targets_and_the_outbox(db: &dyn TestDatabase) {
+    let store = db.store();
+    assert_eq!(store.fleet_gauges().await.expect("gauges"), FleetGauges::default());
+    let running = create(store, Spec::new(5, 1, 2)).await;
+    let paused = create(store, Spec::new(3, 1, 3)).await;
+    let done = create(store, Spec::new(1, 1, 1)).await;
+    drain_outbox(store).await;
+    store.dispatch(running).await.expect("dispatch");
+    store.dispatch(paused).await.expect("dispatch");
+    store.pause_rollout(paused, "operator").await.expect("pause");
+    store.dispatch(done).await.expect("dispatch");
+    for target in in_state(store, done, TargetState::Queued).await {
+        assert!(store.fail_target(&target, "boom", false).await.expect("fail"));
+    }
+    assert_eq!(store.dispatch(done).await.expect("dispatch").state, RolloutState::Completed);
+
+    let gauges = store.fleet_gauges().await.expect("gauges");
+    let rollouts = BTreeMap::from([("completed".to_owned(), 1), ("paused".to_owned(), 1), ("running".to_owned(), 1)]);
+    assert_eq!(gauges.rollouts_by_state, rollouts);
+    // The completed rollout's failed target is not active; the others are.
+    let targets = BTreeMap::from([("pending".to_owned(), 3), ("queued".to_owned(), 5)]);
+    assert_eq!(gauges.active_targets_by_state, targets);
+    assert_eq!(gauges.outbox_pending, store.outbox_depth().await.expect("depth"));
+    assert!(gauges.outbox_pending > 0, "the dispatches left deploy jobs in the outbox");
 }
 
 pub async fn dispatch_fills_free_slots_in_ordinal_order(db: &dyn TestDatabase) {

@@ -25,7 +25,9 @@ mod ops;
 pub mod relay;
 
 pub use model::*;
-pub use ops::{watch_message, Claim, DispatchOutcome, ProbeOutcome, TimeoutPolicy, TokenInfo, WatchOutcome};
+pub use ops::{
+    watch_message, Claim, DispatchOutcome, FleetGauges, ProbeOutcome, TimeoutPolicy, TokenInfo, WatchOutcome,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -13,7 +13,7 @@ use fleetpatch_proto::Message;
 use sea_orm::sea_query::{Expr, Func, OnConflict, Query, SimpleExpr};
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseTransaction, DbBackend, EntityTrait, PaginatorTrait,
-    QueryFilter, QueryOrder, QuerySelect, TransactionTrait,
+    QueryFilter, QueryOrder, QuerySelect, QueryTrait, TransactionTrait,
 };
 use uuid::Uuid;
 
@@ -1333,6 +1333,40 @@ impl Store {
             .collect())
     }
 
+    /// What the scheduler exports as gauges: rollouts per state, the targets
+    /// of running and paused rollouts per state, and the outbox rows not yet
+    /// published (the relay's backlog).
+    pub async fn fleet_gauges(&self) -> Result<FleetGauges> {
+        let rollouts: Vec<(String, i64)> = rollouts::Entity::find()
+            .select_only()
+            .column(rollouts::Column::State)
+            .column_as(rollouts::Column::Id.count(), "n")
+            .group_by(rollouts::Column::State)
+            .into_tuple()
+            .all(&self.db)
+            .await?;
+        let active = rollouts::Entity::find()
+            .select_only()
+            .column(rollouts::Column::Id)
+            .filter(rollouts::Column::State.is_in([RolloutState::Running.as_str(), RolloutState::Paused.as_str()]))
+            .into_query();
+        let targets: Vec<(String, i64)> = targets::Entity::find()
+            .select_only()
+            .column(targets::Column::State)
+            .column_as(targets::Column::Id.count(), "n")
+            .filter(targets::Column::RolloutId.in_subquery(active))
+            .group_by(targets::Column::State)
+            .into_tuple()
+            .all(&self.db)
+            .await?;
+        let outbox_pending = self.outbox_depth().await?;
+        Ok(FleetGauges {
+            rollouts_by_state: rollouts.into_iter().map(|(state, n)| (state, n as u64)).collect(),
+            active_targets_by_state: targets.into_iter().map(|(state, n)| (state, n as u64)).collect(),
+            outbox_pending,
+        })
+    }
+
     /// Running rollouts (the reconciler nudges their dispatch).
     pub async fn running_rollout_ids(&self) -> Result<Vec<Uuid>> {
         Ok(rollouts::Entity::find()
@@ -1708,6 +1742,14 @@ async fn record_patch_results(txn: &DatabaseTransaction, reports: &[&IncomingRep
     );
     txn.execute(sea_orm::Statement::from_sql_and_values(DbBackend::Postgres, sql, values)).await?;
     Ok(())
+}
+
+/// See [`Store::fleet_gauges`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FleetGauges {
+    pub rollouts_by_state: BTreeMap<String, u64>,
+    pub active_targets_by_state: BTreeMap<String, u64>,
+    pub outbox_pending: u64,
 }
 
 /// A target's token hash and the attempt it belongs to.

@@ -190,6 +190,7 @@ pub async fn start(
             tokio::spawn(core.clone().consume_loop(dispatch, shutdown.clone())),
             tokio::spawn(core.clone().watch_loop(watch, watch_batch, watch_writers, shutdown.clone())),
             tokio::spawn(core.clone().reconcile_loop(reconcile_every, shutdown.clone())),
+            tokio::spawn(core.clone().gauge_loop(reconcile_every.min(Duration::from_secs(10)), shutdown.clone())),
         ];
         shutdown.wait().await;
         health.start_draining();
@@ -427,6 +428,43 @@ impl Core {
         for (delivery, _) in pending {
             if let Err(error) = delivery.ack().await {
                 tracing::warn!(error = %error, "ack failed; the timer will be redelivered");
+            }
+        }
+    }
+
+    /// Exports what Grafana and the alerts watch, from the database and the
+    /// broker, every `every` (and once at start): rollouts per state
+    /// (`fleetpatch_rollouts`), targets of running and paused rollouts per
+    /// state (`fleetpatch_active_targets`), the relay's backlog
+    /// (`fleetpatch_outbox_pending`) and each work queue's ready messages
+    /// plus the dead letters (`fleetpatch_queue_depth`).
+    async fn gauge_loop(self, every: Duration, shutdown: Shutdown) {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.wait() => return,
+            }
+            match self.store.fleet_gauges().await {
+                Ok(gauges) => {
+                    for state in fleetpatch_proto::state::RolloutState::ALL {
+                        let n = gauges.rollouts_by_state.get(state.as_str()).copied().unwrap_or(0);
+                        metrics::gauge!("fleetpatch_rollouts", "state" => state.as_str()).set(n as f64);
+                    }
+                    for state in fleetpatch_proto::state::TargetState::ALL {
+                        let n = gauges.active_targets_by_state.get(state.as_str()).copied().unwrap_or(0);
+                        metrics::gauge!("fleetpatch_active_targets", "state" => state.as_str()).set(n as f64);
+                    }
+                    metrics::gauge!("fleetpatch_outbox_pending").set(gauges.outbox_pending as f64);
+                }
+                Err(error) => tracing::warn!(error = %error, "reading the fleet gauges failed"),
+            }
+            for queue in routing::WORK_QUEUES.into_iter().chain([fleetpatch_bus::DEAD_LETTER_QUEUE]) {
+                match self.bus.queue_depth(queue).await {
+                    Ok(depth) => metrics::gauge!("fleetpatch_queue_depth", "queue" => queue).set(depth as f64),
+                    Err(error) => tracing::debug!(error = %error, queue, "queue depth unavailable"),
+                }
             }
         }
     }
