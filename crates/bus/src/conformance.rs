@@ -559,6 +559,8 @@ pub async fn queue_depth_counts_ready_messages(broker: &dyn TestBroker) {
 pub async fn events_are_accepted_and_close_makes_the_bus_unhealthy(broker: &dyn TestBroker) {
     let bus = connect_bus(broker).await;
     assert!(bus.is_healthy());
+    let ready = bus.readiness_check();
+    assert!(ready().await, "an open bus is ready");
     let mut headers = BTreeMap::new();
     headers.insert("x-test".to_owned(), "1".to_owned());
     let mut event = Outgoing::event("rollout.started".into(), b"{}".to_vec());
@@ -566,6 +568,7 @@ pub async fn events_are_accepted_and_close_makes_the_bus_unhealthy(broker: &dyn 
     publish(&bus, vec![event]).await;
     bus.close().await;
     assert!(!bus.is_healthy(), "a closed bus is not healthy");
+    assert!(!ready().await, "a service whose bus is closed is not ready");
     assert!(bus.publish(vec![message(ALPHA, "late")]).await.is_err(), "a closed bus refuses to publish");
     let other = connect_bus(broker).await;
     assert!(other.is_healthy(), "closing one connection leaves the others");

@@ -328,6 +328,17 @@ impl Bus {
         self.backend.is_healthy()
     }
 
+    /// A readiness check for a service's `/readyz`: the broker connection is up.
+    pub fn readiness_check(
+        &self,
+    ) -> impl Fn() -> futures_util::future::BoxFuture<'static, bool> + Send + Sync + 'static {
+        let bus = self.clone();
+        move || {
+            let healthy = bus.is_healthy();
+            Box::pin(async move { healthy })
+        }
+    }
+
     pub async fn close(&self) {
         self.backend.close().await
     }

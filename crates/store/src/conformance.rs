@@ -329,6 +329,7 @@ pub async fn create_rollout_announces_a_dispatch_through_the_outbox(db: &dyn Tes
 pub async fn fleet_gauges_count_rollouts_active_targets_and_the_outbox(db: &dyn TestDatabase) {
     let store = db.store();
     assert_eq!(store.fleet_gauges().await.expect("gauges"), FleetGauges::default());
+    assert!(store.readiness_check()().await, "a store whose database answers is ready");
     let running = create(store, Spec::new(5, 1, 2)).await;
     let paused = create(store, Spec::new(3, 1, 3)).await;
     let done = create(store, Spec::new(1, 1, 1)).await;

@@ -129,6 +129,17 @@ impl Store {
         Ok(())
     }
 
+    /// A readiness check for a service's `/readyz`: the database answers a ping.
+    pub fn readiness_check(
+        &self,
+    ) -> impl Fn() -> futures_util::future::BoxFuture<'static, bool> + Send + Sync + 'static {
+        let store = self.clone();
+        move || {
+            let store = store.clone();
+            Box::pin(async move { store.ping().await.is_ok() })
+        }
+    }
+
     pub fn backend(&self) -> DbBackend {
         self.db.get_database_backend()
     }

@@ -154,18 +154,8 @@ pub async fn start(
     let batchers: Vec<_> = (0..options.writers.max(1))
         .map(|_| tokio::spawn(run_batcher(store.clone(), receiver.clone(), options.clone(), nudge.clone())))
         .collect();
-    {
-        let store = store.clone();
-        health.add_check("database", move || {
-            let store = store.clone();
-            Box::pin(async move { store.ping().await.is_ok() })
-        });
-        let bus = bus.clone();
-        health.add_check("bus", move || {
-            let healthy = bus.is_healthy();
-            Box::pin(async move { healthy })
-        });
-    }
+    health.add_check("database", store.readiness_check());
+    health.add_check("bus", bus.readiness_check());
     let state = AppState { store, batches: sender, tokens: Arc::default() };
     let app = Router::new()
         .route("/v1/targets/{target_id}/reports", post(post_reports))

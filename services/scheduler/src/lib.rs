@@ -140,18 +140,8 @@ pub async fn start(
 ) -> Result<SchedulerHandle, Error> {
     let listener = fleetpatch_runtime::ops::bind(&options.listen).await?;
     let local_addr = listener.local_addr()?;
-    {
-        let store = store.clone();
-        health.add_check("database", move || {
-            let store = store.clone();
-            Box::pin(async move { store.ping().await.is_ok() })
-        });
-        let bus = bus.clone();
-        health.add_check("bus", move || {
-            let healthy = bus.is_healthy();
-            Box::pin(async move { healthy })
-        });
-    }
+    health.add_check("database", store.readiness_check());
+    health.add_check("bus", bus.readiness_check());
     let nudge = Arc::new(Notify::new());
     let core = Core {
         store: store.clone(),

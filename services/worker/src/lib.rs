@@ -183,18 +183,8 @@ impl Worker {
     pub async fn start(self, health: Health, shutdown: Shutdown) -> Result<WorkerHandle, Error> {
         let listener = fleetpatch_runtime::ops::bind(&self.options.listen).await?;
         let local_addr = listener.local_addr()?;
-        {
-            let store = self.store.clone();
-            health.add_check("database", move || {
-                let store = store.clone();
-                Box::pin(async move { store.ping().await.is_ok() })
-            });
-            let bus = self.bus.clone();
-            health.add_check("bus", move || {
-                let healthy = bus.is_healthy();
-                Box::pin(async move { healthy })
-            });
-        }
+        health.add_check("database", self.store.readiness_check());
+        health.add_check("bus", self.bus.readiness_check());
         let deploy = self.bus.consume(routing::DEPLOY, self.options.concurrency).await?;
         let cleanup = self.bus.consume(routing::CLEANUP, 4).await?;
         let verify = self.bus.consume(routing::VERIFY, 4).await?;
