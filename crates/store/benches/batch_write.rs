@@ -15,44 +15,12 @@ use uuid::Uuid;
 
 const PATCHES: u32 = 3;
 
-fn new_rollout(targets: usize) -> NewRollout {
-    NewRollout {
-        name: "batch-write bench".into(),
-        concurrency: targets as u32,
-        timeout_seconds: 600,
-        waves: vec![WaveSpec { name: "all".into(), size: None, max_failure_percent: 100.0 }],
-        settings: RolloutSettings::default(),
-        patches: (0..PATCHES as usize)
-            .map(|i| NewPatch {
-                name: format!("KB{i}"),
-                kb: None,
-                file: format!("kb{i}.msu"),
-                sha256: format!("{:064x}", i + 1),
-                size: 1,
-                installer: fleetpatch_proto::plan::InstallerKind::Msu,
-                arguments: String::new(),
-                success_codes: vec![0],
-                reboot_codes: vec![3010],
-                timeout_seconds: 600,
-                detection: None,
-            })
-            .collect(),
-        targets: (0..targets)
-            .map(|i| NewTarget {
-                host: format!("h{i}"),
-                port: None,
-                transport: "bench".into(),
-                labels: Default::default(),
-                credential_ref: None,
-                wave: 0,
-            })
-            .collect(),
-    }
-}
-
 /// A rollout whose targets are all running (as the workers leave them).
 async fn running_targets(store: &Store, targets: usize) -> Vec<Target> {
-    let id = store.create_rollout(new_rollout(targets)).await.expect("create");
+    let id = store
+        .create_rollout(NewRollout::synthetic("batch-write bench", targets, PATCHES as usize, 600))
+        .await
+        .expect("create");
     store.dispatch(id).await.expect("dispatch");
     let mut running = Vec::new();
     for target in store.targets(id, None, None, u64::MAX >> 1).await.expect("targets") {

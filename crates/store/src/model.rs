@@ -75,6 +75,47 @@ pub struct NewRollout {
     pub targets: Vec<NewTarget>,
 }
 
+impl NewRollout {
+    /// A synthetic rollout for benchmarks that play the workers themselves:
+    /// one wave, concurrency = the fleet, `patches` MSU patches without a
+    /// detection rule, `targets` hosts `bench-000000`... on the `bench`
+    /// transport, which no worker offers (so no worker ever takes them).
+    pub fn synthetic(name: &str, targets: usize, patches: usize, timeout_seconds: u32) -> NewRollout {
+        NewRollout {
+            name: name.into(),
+            concurrency: targets as u32,
+            timeout_seconds,
+            waves: vec![WaveSpec { name: "all".into(), size: None, max_failure_percent: 100.0 }],
+            settings: RolloutSettings::default(),
+            patches: (0..patches)
+                .map(|i| NewPatch {
+                    name: format!("KB60{i:05}"),
+                    kb: None,
+                    file: format!("kb60{i:05}.msu"),
+                    sha256: format!("{:064x}", i + 1),
+                    size: 1,
+                    installer: InstallerKind::Msu,
+                    arguments: String::new(),
+                    success_codes: vec![0],
+                    reboot_codes: vec![3010],
+                    timeout_seconds: 600,
+                    detection: None,
+                })
+                .collect(),
+            targets: (0..targets)
+                .map(|i| NewTarget {
+                    host: format!("bench-{i:06}"),
+                    port: None,
+                    transport: "bench".into(),
+                    labels: BTreeMap::new(),
+                    credential_ref: None,
+                    wave: 0,
+                })
+                .collect(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Rollout {
     pub id: Uuid,
@@ -241,4 +282,21 @@ impl PatchOutcomeKind {
 pub enum ReportResult {
     Accepted,
     Duplicate,
+}
+
+#[cfg(test)]
+mod synthetic_tests {
+    use super::NewRollout;
+
+    #[test]
+    fn a_synthetic_rollout_has_its_fleet_on_the_bench_transport() {
+        let rollout = NewRollout::synthetic("s", 3, 2, 7);
+        assert_eq!(
+            (rollout.targets.len(), rollout.patches.len(), rollout.concurrency, rollout.timeout_seconds),
+            (3, 2, 3, 7)
+        );
+        assert!(rollout.targets.iter().all(|t| t.transport == "bench"), "no worker offers `bench`");
+        let hosts: std::collections::BTreeSet<_> = rollout.targets.iter().map(|t| t.host.as_str()).collect();
+        assert_eq!(hosts.len(), 3, "hosts are distinct");
+    }
 }

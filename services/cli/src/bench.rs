@@ -33,7 +33,7 @@ use fleetpatch_bus::rabbitmq::{RabbitBackend, RabbitOptions};
 use fleetpatch_proto::state::{RolloutState, TargetState};
 use fleetpatch_proto::v1::{self, agent_report::Kind};
 use fleetpatch_proto::Message;
-use fleetpatch_store::{Claim, NewPatch, NewRollout, NewTarget, ProbeOutcome, RolloutSettings, Store, StoreOptions};
+use fleetpatch_store::{Claim, NewRollout, ProbeOutcome, Store, StoreOptions};
 use serde::Serialize;
 use tokio::process::{Child, Command};
 use uuid::Uuid;
@@ -469,44 +469,6 @@ fn rollout_body(name: &str, targets: usize, patches: usize, concurrency: u32) ->
         "patches": sim_patches(patches),
         "targets": targets,
     })
-}
-
-/// A rollout created straight in the store, for the phases where this
-/// process plays the workers (its targets use the `bench` transport, which
-/// no worker offers, and the workers are stopped by then).
-fn direct_rollout(name: &str, targets: usize, patches: usize, timeout_seconds: u32) -> NewRollout {
-    NewRollout {
-        name: name.into(),
-        concurrency: targets as u32,
-        timeout_seconds,
-        waves: vec![fleetpatch_store::WaveSpec { name: "all".into(), size: None, max_failure_percent: 100.0 }],
-        settings: RolloutSettings::default(),
-        patches: (0..patches)
-            .map(|i| NewPatch {
-                name: format!("KB60{i:05}"),
-                kb: None,
-                file: format!("kb60{i:05}.msu"),
-                sha256: format!("{:064x}", i + 1),
-                size: 1,
-                installer: fleetpatch_proto::plan::InstallerKind::Msu,
-                arguments: String::new(),
-                success_codes: vec![0],
-                reboot_codes: vec![3010],
-                timeout_seconds: 600,
-                detection: None,
-            })
-            .collect(),
-        targets: (0..targets)
-            .map(|i| NewTarget {
-                host: format!("bench-{i:06}"),
-                port: None,
-                transport: "bench".into(),
-                labels: BTreeMap::new(),
-                credential_ref: None,
-                wave: 0,
-            })
-            .collect(),
-    }
 }
 
 impl Bench {
@@ -964,7 +926,7 @@ async fn collector_load(bench: &Bench, collector_port: u16) -> anyhow::Result<Co
     let args = &bench.args;
     let rollout = bench
         .store
-        .create_rollout(direct_rollout("bench-collector", args.collector_targets, args.patches, 600))
+        .create_rollout(NewRollout::synthetic("bench-collector", args.collector_targets, args.patches, 600))
         .await?;
     bench.wait_all(rollout, TargetState::Queued, args.collector_targets, Duration::from_secs(300)).await?;
     let tokens = Arc::new(bench.bring_to_running(rollout).await?);
@@ -1034,8 +996,10 @@ async fn collector_load(bench: &Bench, collector_port: u16) -> anyhow::Result<Co
 
 async fn watchdog_phase(bench: &mut Bench) -> anyhow::Result<()> {
     let args = bench.args.clone();
-    let rollout =
-        bench.store.create_rollout(direct_rollout("bench-watchdogs", args.watchdogs, 1, args.watchdog_timeout)).await?;
+    let rollout = bench
+        .store
+        .create_rollout(NewRollout::synthetic("bench-watchdogs", args.watchdogs, 1, args.watchdog_timeout))
+        .await?;
     bench.wait_all(rollout, TargetState::Queued, args.watchdogs, Duration::from_secs(300)).await?;
     bench.sampler.take_peaks();
     let started = Instant::now();

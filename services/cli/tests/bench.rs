@@ -1,0 +1,71 @@
+//! `fleetpatch bench`, small, on the test PostgreSQL and RabbitMQ: every
+//! phase runs and reports its figures in JSON, and the bench cleans up its
+//! database afterwards. (The figures themselves are measured by hand on the
+//! full sizes; see the README's performance section.)
+
+use std::process::Command;
+
+use fleetpatch_tests::{admin_database_url, amqp_url};
+
+#[test]
+fn a_small_bench_runs_every_phase_and_removes_its_database() {
+    let output = Command::new(env!("CARGO_BIN_EXE_fleetpatch"))
+        .args(["bench", "--targets", "40", "--patches", "2", "--concurrency", "20", "--worker-concurrency", "10"])
+        .args(["--collector-targets", "30", "--collector-clients", "8"])
+        .args(["--watchdogs", "20", "--watchdog-timeout", "2", "--create-targets", "500"])
+        .args(["--ceiling-messages", "500", "--output", "json"])
+        .env_remove("FLEETPATCH_CONFIG")
+        .env("FLEETPATCH__DATABASE__URL", admin_database_url())
+        .env("FLEETPATCH__AMQP__URL", amqp_url())
+        .output()
+        .expect("run fleetpatch bench");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "fleetpatch bench failed:\n{stderr}");
+    let figures: serde_json::Value = serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("--output json is JSON ({e}):\n{}", String::from_utf8_lossy(&output.stdout)));
+
+    assert!(figures["broker_ceiling"].is_object() && figures["database_ceiling"].is_object(), "{figures:#}");
+    let rollout = &figures["rollout"];
+    assert_eq!(rollout["by_state"]["succeeded"], 40, "{rollout:#}");
+    assert!(rollout["reports_accepted"].as_f64().unwrap() >= 40.0 * 2.0, "{rollout:#}");
+    assert!(rollout["seconds"].as_f64().unwrap() > 0.0);
+    let collector = &figures["collector"];
+    for run in ["batched", "one_report_per_transaction"] {
+        assert_eq!(collector[run]["all_targets_succeeded"], true, "{collector:#}");
+        assert!(collector[run]["reports_per_second"].as_f64().unwrap() > 0.0);
+    }
+    assert!(collector["vs_one_transaction_per_report"].as_f64().unwrap() > 0.0);
+    let watchdogs = &figures["watchdogs"];
+    assert_eq!(
+        (watchdogs["watchdogs"].as_u64(), watchdogs["timed_out"].as_u64()),
+        (Some(20), Some(20)),
+        "{watchdogs:#}"
+    );
+    assert!(watchdogs["lateness_p99_ms"].as_f64().unwrap() >= 0.0);
+    assert_eq!(figures["create"]["targets"], 500);
+    let services = figures["services"].as_object().expect("per-service figures");
+    for service in ["scheduler", "collector", "worker-0", "worker-1"] {
+        assert!(services[service]["peak_rss_mib"].as_f64().unwrap() > 0.0, "{service}: {services:?}");
+    }
+
+    // The bench's own database is gone.
+    let database = figures["database"].as_str().expect("the bench names its database");
+    assert!(database.starts_with("fleetpatch_bench_"), "{database}");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let exists = runtime.block_on(async {
+        let store = fleetpatch_store::Store::connect(&fleetpatch_store::StoreOptions {
+            url: admin_database_url(),
+            max_connections: 1,
+        })
+        .await
+        .expect("the test database");
+        use sea_orm::ConnectionTrait;
+        let statement = sea_orm::Statement::from_sql_and_values(
+            sea_orm::DbBackend::Postgres,
+            "SELECT 1 AS found FROM pg_database WHERE datname = $1",
+            [database.into()],
+        );
+        store.connection().query_one(statement).await.expect("query pg_database").is_some()
+    });
+    assert!(!exists, "the bench database {database} was left behind");
+}
