@@ -375,7 +375,7 @@ impl Transport for SshTransport {
         let output = match result {
             Ok(output) => output,
             Err(error) => {
-                connection.close().await;
+                self.done(target, connection, false).await;
                 return Err(error);
             }
         };

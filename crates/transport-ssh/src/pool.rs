@@ -77,44 +77,47 @@ impl Pool {
         Some(Key { host: target.host.clone(), port, user, credential: credential_hash(&target.credential) })
     }
 
-    /// An idle connection to this target, or a new one.
+    /// An idle connection to this target that still answers, or a new one.
     pub async fn connect(&self, options: &SshOptions, target: &TargetSpec) -> fleetpatch_transport::Result<Connection> {
-        let ttl = Duration::from_secs(options.connection_reuse_seconds);
-        if !ttl.is_zero() {
-            if let Some(key) = Self::key(options, target) {
-                let mut expired = Vec::new();
-                let reused = {
-                    let mut idle = self.idle.lock().await;
-                    let mut found = None;
-                    if let Some(list) = idle.get_mut(&key) {
-                        while let Some((connection, since)) = list.pop() {
-                            if since.elapsed() < ttl && !connection.is_closed() {
-                                found = Some(connection);
-                                break;
-                            }
-                            expired.push(connection);
-                        }
-                        if list.is_empty() {
-                            idle.remove(&key);
-                        }
-                    }
-                    found
-                };
-                for connection in expired {
-                    connection.close().await;
-                }
-                if let Some(connection) = reused {
-                    let within = Duration::from_secs(options.connect_timeout_seconds.clamp(1, PING_SECONDS));
-                    if connection.answers(within).await {
-                        tracing::trace!(address = %connection.address, "ssh connection reused");
-                        return Ok(connection);
-                    }
-                    tracing::debug!(address = %connection.address, "idle ssh connection no longer answers; logging in again");
-                    connection.close().await;
-                }
+        if let Some(connection) = self.take_idle(options, target).await {
+            let within = Duration::from_secs(options.connect_timeout_seconds.clamp(1, PING_SECONDS));
+            if connection.answers(within).await {
+                tracing::trace!(address = %connection.address, "ssh connection reused");
+                return Ok(connection);
             }
+            tracing::debug!(address = %connection.address, "idle ssh connection no longer answers; logging in again");
+            connection.close().await;
         }
         Connection::open(options, target).await
+    }
+
+    /// The newest idle connection kept for this target that is neither
+    /// expired nor closed; those found expired or closed on the way are
+    /// closed.
+    async fn take_idle(&self, options: &SshOptions, target: &TargetSpec) -> Option<Connection> {
+        let ttl = Duration::from_secs(options.connection_reuse_seconds);
+        let key = Self::key(options, target).filter(|_| !ttl.is_zero())?;
+        let mut expired = Vec::new();
+        let found = {
+            let mut idle = self.idle.lock().await;
+            let list = idle.get_mut(&key)?;
+            let mut found = None;
+            while let Some((connection, since)) = list.pop() {
+                if since.elapsed() < ttl && !connection.is_closed() {
+                    found = Some(connection);
+                    break;
+                }
+                expired.push(connection);
+            }
+            if list.is_empty() {
+                idle.remove(&key);
+            }
+            found
+        };
+        for connection in expired {
+            connection.close().await;
+        }
+        found
     }
 
     /// Hands a connection back after a step that went well; closes it when
