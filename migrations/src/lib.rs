@@ -7,6 +7,9 @@
 //!
 //! Hot paths and their indexes:
 //! * dispatch of the next pending target: `targets (rollout_id, state, wave, ordinal)`;
+//! * dispatch's count of the targets in flight: the partial index
+//!   `targets (rollout_id, wave) WHERE state IN (…in flight…)` (migration 3),
+//!   which holds only the rows in those states;
 //! * the watchdog reconciler: `targets (state)` (`last_seen_at` is in no
 //!   index, so the collector's updates of it are HOT updates on PostgreSQL);
 //! * the collector's idempotent insert: unique `agent_events (target_id, attempt, seq)`;
@@ -16,12 +19,17 @@ pub use sea_orm_migration::prelude::*;
 
 mod m20261124_000001_initial;
 mod m20261124_000002_hot_last_seen;
+mod m20261124_000003_in_flight_index;
 
 pub struct Migrator;
 
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(m20261124_000001_initial::Migration), Box::new(m20261124_000002_hot_last_seen::Migration)]
+        vec![
+            Box::new(m20261124_000001_initial::Migration),
+            Box::new(m20261124_000002_hot_last_seen::Migration),
+            Box::new(m20261124_000003_in_flight_index::Migration),
+        ]
     }
 }

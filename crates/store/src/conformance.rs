@@ -62,6 +62,7 @@ macro_rules! store_conformance_suite {
             reports_record_patch_results_and_the_final_result,
             reports_of_an_old_attempt_change_no_patch,
             final_results_in_one_batch_count_once_per_target_and_rollout,
+            patch_reports_in_one_batch_keep_the_first_result_and_every_column,
             every_fresh_report_moves_the_deadline,
             the_watchdog_times_out_a_silent_target_and_fails_open_patches,
             a_batch_of_timers_is_checked_in_one_go,
@@ -644,13 +645,19 @@ pub async fn running_arms_the_watchdog_due_at_the_timeout(db: &dyn TestDatabase)
 
 // ---------------------------------------------------------------- reports
 
-pub async fn reports_are_idempotent_by_target_attempt_and_seq(db: &dyn TestDatabase) {
-    let store = db.store();
+/// A rollout of two targets with two patches each, both running.
+async fn two_running_targets(store: &Store) -> (Target, Target) {
     let id = create(store, Spec::new(2, 2, 2)).await;
     store.dispatch(id).await.expect("dispatch");
     let targets = all_targets(store, id).await;
     let a = bring_to_running(store, &targets[0]).await.target;
     let b = bring_to_running(store, &targets[1]).await.target;
+    (a, b)
+}
+
+pub async fn reports_are_idempotent_by_target_attempt_and_seq(db: &dyn TestDatabase) {
+    let store = db.store();
+    let (a, b) = two_running_targets(store).await;
     let batch = vec![
         report(&a, 1, ReportKind::Started { patch_index: 0 }),
         report(&a, 2, ReportKind::Heartbeat { patch_index: Some(0) }),
@@ -803,6 +810,65 @@ pub async fn final_results_in_one_batch_count_once_per_target_and_rollout(db: &d
         .map(|m| v1::DispatchRequest::decode(m.payload.as_slice()).expect("a DispatchRequest").rollout_id)
         .collect();
     assert_eq!(dispatched, BTreeSet::from([first.to_string(), second.to_string()]));
+}
+
+pub async fn patch_reports_in_one_batch_keep_the_first_result_and_every_column(db: &dyn TestDatabase) {
+    let store = db.store();
+    let (a, b) = two_running_targets(store).await;
+    let untimed = IncomingReport { sent_at: None, ..report(&a, 3, ReportKind::Heartbeat { patch_index: None }) };
+    let results = store
+        .apply_reports(&[
+            // Two results for one patch in one batch: the first counts.
+            report(&a, 1, finished(0, 0, PatchOutcomeKind::Installed, "first")),
+            report(&a, 2, finished(0, 1603, PatchOutcomeKind::Failed, "second")),
+            untimed,
+            // Started and finished in one batch, in that order.
+            report(&a, 4, ReportKind::Started { patch_index: 1 }),
+            report(&a, 5, finished(1, -1, PatchOutcomeKind::TimedOut, "killed")),
+            report(&b, 1, ReportKind::Started { patch_index: 0 }),
+        ])
+        .await
+        .expect("apply");
+    assert_eq!(results, vec![ReportResult::Accepted; 6]);
+    let patches = store.target_patches(a.id).await.expect("patches");
+    assert_eq!(
+        (patches[0].state, patches[0].exit_code, patches[0].output_tail.as_deref()),
+        (PatchState::Succeeded, Some(0), Some("first"))
+    );
+    assert!(patches[0].started_at.is_none() && patches[0].finished_at.is_some(), "{:?}", patches[0]);
+    assert_eq!(
+        (patches[1].state, patches[1].exit_code, patches[1].outcome.as_deref()),
+        (PatchState::Failed, Some(-1), Some("timed_out"))
+    );
+    assert!(patches[1].started_at.is_some() && patches[1].finished_at.is_some(), "{:?}", patches[1]);
+    let b_patches = store.target_patches(b.id).await.expect("patches");
+    assert_eq!((b_patches[0].state, b_patches[1].state), (PatchState::Running, PatchState::Pending));
+    assert!(b_patches[0].started_at.is_some());
+    // Every event is kept as sent, optional columns empty where the report has none.
+    let events = store.agent_events(a.id).await.expect("events");
+    assert_eq!(
+        events.iter().map(|e| (e.seq, e.kind.as_str(), e.patch_index, e.exit_code)).collect::<Vec<_>>(),
+        vec![
+            (1, "finished", Some(0), Some(0)),
+            (2, "finished", Some(0), Some(1603)),
+            (3, "heartbeat", None, None),
+            (4, "started", Some(1), None),
+            (5, "finished", Some(1), Some(-1)),
+        ]
+    );
+    assert_eq!(events[1].detail.as_deref(), Some("failed"));
+    assert_eq!(events[2].detail, None);
+    // Once the target left flight, late results change no patch.
+    assert!(store.fail_target(&b, "operator gave up", false).await.expect("fail"));
+    let before = store.target_patches(b.id).await.expect("patches");
+    store
+        .apply_reports(&[
+            report(&b, 2, finished(0, 0, PatchOutcomeKind::Installed, "late")),
+            report(&b, 3, ReportKind::Started { patch_index: 1 }),
+        ])
+        .await
+        .expect("apply");
+    assert_eq!(store.target_patches(b.id).await.expect("patches"), before);
 }
 
 pub async fn every_fresh_report_moves_the_deadline(db: &dyn TestDatabase) {

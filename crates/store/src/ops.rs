@@ -1,5 +1,12 @@
 //! The operations on the store: rollouts, dispatch, target transitions,
 //! the watchdog check and the collector's batched report intake.
+//!
+//! Row locks that serialize writers are `FOR NO KEY UPDATE`, never
+//! `FOR UPDATE`: the foreign-key checks of concurrent inserts and updates
+//! (an agent event naming its target, a target row its transaction already
+//! updated naming its rollout) take `FOR KEY SHARE` on the parent row, which
+//! `FOR UPDATE` blocks and `FOR NO KEY UPDATE` does not. With `FOR UPDATE`
+//! on the rollout, every final result waited for the whole dispatch pass.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::Duration;
@@ -10,7 +17,7 @@ use fleetpatch_proto::routing;
 use fleetpatch_proto::state::{PatchState, RolloutState, TargetState};
 use fleetpatch_proto::v1;
 use fleetpatch_proto::Message;
-use sea_orm::sea_query::{Expr, Func, OnConflict, Query, SimpleExpr};
+use sea_orm::sea_query::{Expr, Func, LockType, OnConflict, Query, SimpleExpr};
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseTransaction, DbBackend, EntityTrait, PaginatorTrait,
     QueryFilter, QueryOrder, QuerySelect, QueryTrait, TransactionTrait,
@@ -262,6 +269,30 @@ struct Move<'a> {
     sets: Vec<(targets::Column, SimpleExpr)>,
 }
 
+/// `targets.state IN (…in flight…)` with the states written out as
+/// literals: PostgreSQL uses the partial index `targets_in_flight` only when
+/// it can prove the query's condition implies the index's, which a list of
+/// bound parameters never does.
+fn in_flight_literal() -> SimpleExpr {
+    let states: Vec<String> = TargetState::IN_FLIGHT.iter().map(|s| format!("'{}'", s.as_str())).collect();
+    Expr::cust(format!("\"targets\".\"state\" IN ({})", states.join(", ")))
+}
+
+/// Whether any target of the rollout's wave matches `condition`.
+async fn wave_has<C: ConnectionTrait>(db: &C, rollout_id: Uuid, wave: u32, condition: SimpleExpr) -> Result<bool> {
+    let found = targets::Entity::find()
+        .select_only()
+        .column(targets::Column::Id)
+        .filter(targets::Column::RolloutId.eq(rollout_id))
+        .filter(targets::Column::Wave.eq(wave as i32))
+        .filter(condition)
+        .limit(1)
+        .into_tuple::<Uuid>()
+        .one(db)
+        .await?;
+    Ok(found.is_some())
+}
+
 /// Locks the target row, checks the move, applies it as a guarded UPDATE and
 /// appends it to the history. Returns the state it moved from, or `None`
 /// when the guard did not match (a duplicate, or the target moved on).
@@ -270,7 +301,7 @@ async fn apply_move(txn: &DatabaseTransaction, mv: Move<'_>) -> Result<Option<Ta
         .select_only()
         .column(targets::Column::State)
         .column(targets::Column::Attempt)
-        .lock_exclusive()
+        .lock(LockType::NoKeyUpdate)
         .into_tuple::<(String, i32)>()
         .one(txn)
         .await?;
@@ -579,7 +610,7 @@ impl Store {
     ) -> Result<Rollout> {
         let txn = self.db.begin().await?;
         let rollout = rollouts::Entity::find_by_id(id)
-            .lock_exclusive()
+            .lock(LockType::NoKeyUpdate)
             .one(&txn)
             .await?
             .ok_or_else(|| Error::NotFound { what: "rollout", id: id.to_string() })?;
@@ -664,7 +695,7 @@ impl Store {
     pub async fn retry_failed(&self, id: Uuid) -> Result<u64> {
         let txn = self.db.begin().await?;
         let rollout = rollouts::Entity::find_by_id(id)
-            .lock_exclusive()
+            .lock(LockType::NoKeyUpdate)
             .one(&txn)
             .await?
             .ok_or_else(|| Error::NotFound { what: "rollout", id: id.to_string() })?;
@@ -740,8 +771,18 @@ impl Store {
     /// dispatches can exceed `concurrency` together.
     pub async fn dispatch(&self, rollout_id: Uuid) -> Result<DispatchOutcome> {
         let txn = self.db.begin().await?;
+        if self.backend() == DbBackend::Postgres {
+            // The counts below run after every batch of final results, over
+            // target rows that changed state several times since the last
+            // vacuum. A bitmap scan visits every dead index entry each time;
+            // a plain index scan marks the dead ones it meets (kill_prior_tuple)
+            // and later passes skip them (10,000 churned targets, no concurrent
+            // writers: 0.6 ms instead of 5 ms for the second count; pages that
+            // changed meanwhile keep their entries unmarked).
+            txn.execute_unprepared("SET LOCAL enable_bitmapscan = off").await?;
+        }
         let rollout = rollouts::Entity::find_by_id(rollout_id)
-            .lock_exclusive()
+            .lock(LockType::NoKeyUpdate)
             .one(&txn)
             .await?
             .ok_or_else(|| Error::NotFound { what: "rollout", id: rollout_id.to_string() })?;
@@ -750,71 +791,65 @@ impl Store {
         if rollout.state != RolloutState::Running {
             return Ok(outcome);
         }
-        let in_flight_states = state_strs(&TargetState::IN_FLIGHT);
         let mut wave = rollout.current_wave;
         let wave_count = rollout.waves.len().max(1) as u32;
         let mut messages = Vec::new();
         let at = now();
+        let pending = || targets::Column::State.eq(TargetState::Pending.as_str());
         loop {
-            let in_flight = targets::Entity::find()
-                .filter(targets::Column::RolloutId.eq(rollout_id))
-                .filter(targets::Column::State.is_in(in_flight_states.clone()))
-                .count(&txn)
-                .await?;
-            let free = u64::from(rollout.concurrency).saturating_sub(in_flight);
-            if free > 0 {
-                let next: Vec<(Uuid, i32)> = targets::Entity::find()
-                    .select_only()
-                    .column(targets::Column::Id)
-                    .column(targets::Column::Attempt)
+            // The wave is open while any of its targets is pending or in
+            // flight. Slots are counted only when there is something to put
+            // in them: the count is the expensive part of a pass.
+            if wave_has(&txn, rollout_id, wave, pending()).await? {
+                let in_flight = targets::Entity::find()
                     .filter(targets::Column::RolloutId.eq(rollout_id))
-                    .filter(targets::Column::Wave.eq(wave as i32))
-                    .filter(targets::Column::State.eq(TargetState::Pending.as_str()))
-                    .order_by_asc(targets::Column::Ordinal)
-                    .limit(free)
-                    .into_tuple()
-                    .all(&txn)
+                    .filter(in_flight_literal())
+                    .count(&txn)
                     .await?;
-                if !next.is_empty() {
-                    let ids: Vec<Uuid> = next.iter().map(|(id, _)| *id).collect();
-                    targets::Entity::update_many()
-                        .col_expr(targets::Column::State, Expr::value(TargetState::Queued.as_str()))
-                        .col_expr(targets::Column::QueuedAt, Expr::value(at))
-                        .col_expr(targets::Column::Try, Expr::value(0))
-                        .col_expr(targets::Column::UpdatedAt, Expr::value(at))
-                        .filter(targets::Column::Id.is_in(ids))
-                        .filter(targets::Column::State.eq(TargetState::Pending.as_str()))
-                        .exec(&txn)
+                let free = u64::from(rollout.concurrency).saturating_sub(in_flight);
+                if free > 0 {
+                    let next: Vec<(Uuid, i32)> = targets::Entity::find()
+                        .select_only()
+                        .column(targets::Column::Id)
+                        .column(targets::Column::Attempt)
+                        .filter(targets::Column::RolloutId.eq(rollout_id))
+                        .filter(targets::Column::Wave.eq(wave as i32))
+                        .filter(pending())
+                        .order_by_asc(targets::Column::Ordinal)
+                        .limit(free)
+                        .into_tuple()
+                        .all(&txn)
                         .await?;
-                    let rows = next.iter().map(|(target_id, _)| target_transitions::ActiveModel {
-                        rollout_id: Set(rollout_id),
-                        target_id: Set(*target_id),
-                        from_state: Set(TargetState::Pending.as_str().into()),
-                        to_state: Set(TargetState::Queued.as_str().into()),
-                        at: Set(at),
-                        detail: Set(None),
-                        ..Default::default()
-                    });
-                    target_transitions::Entity::insert_many(rows).exec_without_returning(&txn).await?;
-                    for (target_id, attempt) in &next {
-                        messages.push(deploy_message(*target_id, rollout_id, *attempt as u32, 0));
+                    if !next.is_empty() {
+                        let ids: Vec<Uuid> = next.iter().map(|(id, _)| *id).collect();
+                        targets::Entity::update_many()
+                            .col_expr(targets::Column::State, Expr::value(TargetState::Queued.as_str()))
+                            .col_expr(targets::Column::QueuedAt, Expr::value(at))
+                            .col_expr(targets::Column::Try, Expr::value(0))
+                            .col_expr(targets::Column::UpdatedAt, Expr::value(at))
+                            .filter(targets::Column::Id.is_in(ids))
+                            .filter(targets::Column::State.eq(TargetState::Pending.as_str()))
+                            .exec(&txn)
+                            .await?;
+                        let rows = next.iter().map(|(target_id, _)| target_transitions::ActiveModel {
+                            rollout_id: Set(rollout_id),
+                            target_id: Set(*target_id),
+                            from_state: Set(TargetState::Pending.as_str().into()),
+                            to_state: Set(TargetState::Queued.as_str().into()),
+                            at: Set(at),
+                            detail: Set(None),
+                            ..Default::default()
+                        });
+                        target_transitions::Entity::insert_many(rows).exec_without_returning(&txn).await?;
+                        for (target_id, attempt) in &next {
+                            messages.push(deploy_message(*target_id, rollout_id, *attempt as u32, 0));
+                        }
+                        outcome.dispatched += next.len() as u32;
                     }
-                    outcome.dispatched += next.len() as u32;
                 }
+                break;
             }
-            // Is the current wave finished?
-            let open_states = {
-                let mut states = in_flight_states.clone();
-                states.push(TargetState::Pending.as_str());
-                states
-            };
-            let open = targets::Entity::find()
-                .filter(targets::Column::RolloutId.eq(rollout_id))
-                .filter(targets::Column::Wave.eq(wave as i32))
-                .filter(targets::Column::State.is_in(open_states))
-                .count(&txn)
-                .await?;
-            if open > 0 {
+            if wave_has(&txn, rollout_id, wave, in_flight_literal()).await? {
                 break;
             }
             let total = targets::Entity::find()
@@ -1200,7 +1235,7 @@ impl Store {
             let rows = targets::Entity::find()
                 .filter(targets::Column::Id.is_in(chunk.iter().copied()))
                 .order_by_asc(targets::Column::Id)
-                .lock_exclusive()
+                .lock(LockType::NoKeyUpdate)
                 .all(&txn)
                 .await?;
             for row in rows {
@@ -1409,11 +1444,73 @@ impl Store {
             return Ok(vec![]);
         }
         let received_at = now();
-        let txn = self.db.begin().await?;
-        let mut fresh: HashSet<(Uuid, u32, u64)> = HashSet::new();
         let mut seen_in_batch = HashSet::new();
         let unique: Vec<&IncomingReport> =
             reports.iter().filter(|r| seen_in_batch.insert((r.target_id, r.attempt, r.seq))).collect();
+        let mut fresh = if self.backend() == DbBackend::Postgres {
+            self.apply_reports_postgres(&unique, received_at).await?
+        } else {
+            self.apply_reports_portable(&unique, received_at).await?
+        };
+        Ok(reports
+            .iter()
+            .map(|r| {
+                if fresh.remove(&(r.target_id, r.attempt, r.seq)) {
+                    ReportResult::Accepted
+                } else {
+                    ReportResult::Duplicate
+                }
+            })
+            .collect())
+    }
+
+    /// PostgreSQL: the events, the targets' last-seen times and the patch
+    /// results of the whole batch in one statement whose text never changes
+    /// (the reports travel as arrays), so it is parsed and planned once per
+    /// connection. A batch without a final result needs no more than that
+    /// statement, which is atomic on its own; one with final results runs it
+    /// and the finals' statements in one transaction.
+    async fn apply_reports_postgres(
+        &self,
+        unique: &[&IncomingReport],
+        received_at: DateTime<Utc>,
+    ) -> Result<HashSet<(Uuid, u32, u64)>> {
+        let statement = intake_statement(unique, received_at);
+        let fresh_of = |rows: Vec<sea_orm::QueryResult>| -> Result<HashSet<(Uuid, u32, u64)>> {
+            let mut fresh = HashSet::with_capacity(rows.len());
+            for row in rows {
+                let target_id: Uuid = row.try_get("", "target_id")?;
+                let attempt: i32 = row.try_get("", "attempt")?;
+                let seq: i64 = row.try_get("", "seq")?;
+                fresh.insert((target_id, attempt as u32, seq as u64));
+            }
+            Ok(fresh)
+        };
+        if !unique.iter().any(|r| matches!(r.kind, ReportKind::Final { .. })) {
+            return fresh_of(self.db.query_all(statement).await?);
+        }
+        let txn = self.db.begin().await?;
+        let fresh = fresh_of(txn.query_all(statement).await?)?;
+        let finals: Vec<&IncomingReport> = unique
+            .iter()
+            .copied()
+            .filter(|r| matches!(r.kind, ReportKind::Final { .. }) && fresh.contains(&(r.target_id, r.attempt, r.seq)))
+            .collect();
+        for chunk in finals.chunks(INSERT_CHUNK) {
+            apply_final_results(&txn, chunk, received_at).await?;
+        }
+        txn.commit().await?;
+        Ok(fresh)
+    }
+
+    /// Any backend (SQLite): a few statements per batch in one transaction.
+    async fn apply_reports_portable(
+        &self,
+        unique: &[&IncomingReport],
+        received_at: DateTime<Utc>,
+    ) -> Result<HashSet<(Uuid, u32, u64)>> {
+        let txn = self.db.begin().await?;
+        let mut fresh: HashSet<(Uuid, u32, u64)> = HashSet::new();
         for chunk in unique.chunks(INSERT_CHUNK) {
             let mut insert = Query::insert();
             insert.into_table(agent_events::Entity).columns([
@@ -1428,30 +1525,15 @@ impl Store {
                 agent_events::Column::ReceivedAt,
             ]);
             for report in chunk {
-                let (kind, patch_index, exit_code, detail): (&str, Option<i32>, Option<i32>, Option<String>) =
-                    match &report.kind {
-                        ReportKind::Started { patch_index } => ("started", Some(*patch_index as i32), None, None),
-                        ReportKind::Finished { patch_index, exit_code, outcome, .. } => {
-                            ("finished", Some(*patch_index as i32), Some(*exit_code), Some(outcome.as_str().to_owned()))
-                        }
-                        ReportKind::Heartbeat { patch_index } => {
-                            ("heartbeat", patch_index.map(|i| i as i32), None, None)
-                        }
-                        ReportKind::Final { success, message, .. } => (
-                            "final",
-                            None,
-                            None,
-                            Some(format!("{}: {message}", if *success { "success" } else { "failure" })),
-                        ),
-                    };
+                let event = EventColumns::of(report);
                 insert.values_panic([
                     report.target_id.into(),
                     (report.attempt as i32).into(),
                     (report.seq as i64).into(),
-                    kind.into(),
-                    patch_index.into(),
-                    exit_code.into(),
-                    detail.into(),
+                    event.kind.into(),
+                    event.patch_index.into(),
+                    event.exit_code.into(),
+                    event.detail.into(),
                     report.sent_at.into(),
                     received_at.into(),
                 ]);
@@ -1497,15 +1579,8 @@ impl Store {
             unique.iter().copied().filter(|r| fresh.contains(&(r.target_id, r.attempt, r.seq))).collect();
         // Patch results first, then the final results (which fail the patches
         // left open, so they come last).
-        if self.backend() == DbBackend::Postgres {
-            for chunk in accepted.chunks(INSERT_CHUNK) {
-                mark_patches_started(&txn, chunk, received_at).await?;
-                record_patch_results(&txn, chunk, received_at).await?;
-            }
-        } else {
-            for report in &accepted {
-                apply_patch_report(&txn, report, received_at).await?;
-            }
+        for report in &accepted {
+            apply_patch_report(&txn, report, received_at).await?;
         }
         let finals: Vec<&IncomingReport> =
             accepted.iter().copied().filter(|r| matches!(r.kind, ReportKind::Final { .. })).collect();
@@ -1513,21 +1588,214 @@ impl Store {
             apply_final_results(&txn, chunk, received_at).await?;
         }
         txn.commit().await?;
-        Ok(reports
-            .iter()
-            .map(|r| {
-                if fresh.remove(&(r.target_id, r.attempt, r.seq)) {
-                    ReportResult::Accepted
-                } else {
-                    ReportResult::Duplicate
-                }
-            })
-            .collect())
+        Ok(fresh)
     }
 }
 
+/// How a report is stored in `agent_events`.
+struct EventColumns {
+    kind: &'static str,
+    patch_index: Option<i32>,
+    exit_code: Option<i32>,
+    detail: Option<String>,
+}
+
+impl EventColumns {
+    fn of(report: &IncomingReport) -> Self {
+        let (kind, patch_index, exit_code, detail) = match &report.kind {
+            ReportKind::Started { patch_index } => ("started", Some(*patch_index as i32), None, None),
+            ReportKind::Finished { patch_index, exit_code, outcome, .. } => {
+                ("finished", Some(*patch_index as i32), Some(*exit_code), Some(outcome.as_str().to_owned()))
+            }
+            ReportKind::Heartbeat { patch_index } => ("heartbeat", patch_index.map(|i| i as i32), None, None),
+            ReportKind::Final { success, message, .. } => {
+                ("final", None, None, Some(format!("{}: {message}", if *success { "success" } else { "failure" })))
+            }
+        };
+        Self { kind, patch_index, exit_code, detail }
+    }
+}
+
+/// What a batch's reports do to one patch of one attempt: whether it was
+/// started, and its first result.
+struct PatchEffect<'a> {
+    key: (Uuid, u32, u32),
+    started: bool,
+    finished: Option<&'a IncomingReport>,
+}
+
+/// A PostgreSQL array parameter (arrays hold no NULLs here: optional
+/// columns travel with a `has_…` array beside them).
+fn pg_array<T: Into<sea_orm::Value>>(kind: sea_orm::sea_query::ArrayType, items: Vec<T>) -> sea_orm::Value {
+    sea_orm::Value::Array(kind, Some(Box::new(items.into_iter().map(Into::into).collect())))
+}
+
+/// The one statement of [`Store::apply_reports`] on PostgreSQL: inserts the
+/// events (idempotent by (target, attempt, seq)) and returns the fresh ones,
+/// moves the last-seen time of the targets that sent one, and applies the
+/// batch's `started` and `finished` reports to their patches.
+///
+/// The patch results are merged per (target, attempt, patch) first: two
+/// updates of one row in one statement would leave only one of them. The
+/// merged update does what the two in sequence did: `started` moves a
+/// pending patch to running (reporting attempt only); `finished` (the first
+/// in the batch) records the result of a pending or running patch while its
+/// target is in flight in the reporting attempt. Reports that turn out to be
+/// duplicates change nothing through it: every guard is on the patch's
+/// current state, which they already moved.
+fn intake_statement(unique: &[&IncomingReport], received_at: DateTime<Utc>) -> sea_orm::Statement {
+    use sea_orm::sea_query::ArrayType;
+    let n = unique.len();
+    let (mut ids, mut attempts, mut seqs, mut kinds) =
+        (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+    let (mut has_patch, mut patches, mut has_exit, mut exits) =
+        (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+    let (mut has_detail, mut details, mut has_sent, mut sents) =
+        (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+    let mut effects: Vec<PatchEffect> = Vec::new();
+    let mut effect_at: HashMap<(Uuid, u32, u32), usize> = HashMap::new();
+    for report in unique {
+        let event = EventColumns::of(report);
+        ids.push(report.target_id);
+        attempts.push(report.attempt as i32);
+        seqs.push(report.seq as i64);
+        kinds.push(event.kind.to_owned());
+        has_patch.push(event.patch_index.is_some());
+        patches.push(event.patch_index.unwrap_or(0));
+        has_exit.push(event.exit_code.is_some());
+        exits.push(event.exit_code.unwrap_or(0));
+        has_detail.push(event.detail.is_some());
+        details.push(event.detail.unwrap_or_default());
+        has_sent.push(report.sent_at.is_some());
+        sents.push(report.sent_at.unwrap_or(received_at));
+        let (patch_index, started) = match &report.kind {
+            ReportKind::Started { patch_index } => (*patch_index, true),
+            ReportKind::Finished { patch_index, .. } => (*patch_index, false),
+            ReportKind::Heartbeat { .. } | ReportKind::Final { .. } => continue,
+        };
+        let key = (report.target_id, report.attempt, patch_index);
+        let at = *effect_at.entry(key).or_insert_with(|| {
+            effects.push(PatchEffect { key, started: false, finished: None });
+            effects.len() - 1
+        });
+        let effect = &mut effects[at];
+        if started {
+            effect.started = true;
+        } else if effect.finished.is_none() {
+            effect.finished = Some(report);
+        }
+    }
+    let m = effects.len();
+    let (mut e_ids, mut e_attempts, mut e_patches, mut e_started, mut e_finished) = (
+        Vec::with_capacity(m),
+        Vec::with_capacity(m),
+        Vec::with_capacity(m),
+        Vec::with_capacity(m),
+        Vec::with_capacity(m),
+    );
+    let (mut e_states, mut e_exits, mut e_outcomes, mut e_reboots, mut e_tails) = (
+        Vec::with_capacity(m),
+        Vec::with_capacity(m),
+        Vec::with_capacity(m),
+        Vec::with_capacity(m),
+        Vec::with_capacity(m),
+    );
+    for PatchEffect { key: (target_id, attempt, patch_index), started, finished } in effects {
+        e_ids.push(target_id);
+        e_attempts.push(attempt as i32);
+        e_patches.push(patch_index as i32);
+        e_started.push(started);
+        let result = finished.and_then(|r| match &r.kind {
+            ReportKind::Finished { exit_code, outcome, output_tail, .. } => Some((*exit_code, *outcome, output_tail)),
+            _ => None,
+        });
+        e_finished.push(result.is_some());
+        match result {
+            Some((exit_code, outcome, tail)) => {
+                let state = if outcome.succeeded() { PatchState::Succeeded } else { PatchState::Failed };
+                e_states.push(state.as_str().to_owned());
+                e_exits.push(exit_code);
+                e_outcomes.push(outcome.as_str().to_owned());
+                e_reboots.push(outcome == PatchOutcomeKind::InstalledRebootRequired);
+                e_tails.push(tail.clone());
+            }
+            None => {
+                e_states.push(String::new());
+                e_exits.push(0);
+                e_outcomes.push(String::new());
+                e_reboots.push(false);
+                e_tails.push(String::new());
+            }
+        }
+    }
+    let in_flight = TargetState::IN_FLIGHT.iter().map(|s| format!("'{}'", s.as_str())).collect::<Vec<_>>().join(", ");
+    let finishes = format!("(e.finished AND tp.state IN ('pending', 'running') AND t.state IN ({in_flight}))");
+    let starts = "(e.started AND tp.state = 'pending')";
+    let sql = format!(
+        "WITH incoming AS ( \
+             SELECT * FROM unnest($2::uuid[], $3::int[], $4::bigint[], $5::text[], $6::bool[], $7::int[], \
+                                  $8::bool[], $9::int[], $10::bool[], $11::text[], $12::bool[], $13::timestamptz[]) \
+             AS i(target_id, attempt, seq, kind, has_patch, patch_index, has_exit, exit_code, \
+                  has_detail, detail, has_sent, sent_at) \
+         ), fresh AS ( \
+             INSERT INTO agent_events (target_id, attempt, seq, kind, patch_index, exit_code, detail, sent_at, received_at) \
+             SELECT target_id, attempt, seq, kind, CASE WHEN has_patch THEN patch_index END, \
+                    CASE WHEN has_exit THEN exit_code END, CASE WHEN has_detail THEN detail END, \
+                    CASE WHEN has_sent THEN sent_at END, $1 \
+             FROM incoming \
+             ON CONFLICT (target_id, attempt, seq) DO NOTHING \
+             RETURNING target_id, attempt, seq \
+         ), touched AS ( \
+             UPDATE targets SET last_seen_at = $1 \
+             WHERE id IN (SELECT target_id FROM fresh) AND state IN ({in_flight}) \
+         ), effects AS ( \
+             SELECT * FROM unnest($14::uuid[], $15::int[], $16::int[], $17::bool[], $18::bool[], $19::text[], \
+                                  $20::int[], $21::text[], $22::bool[], $23::text[]) \
+             AS e(target_id, attempt, patch_index, started, finished, state, exit_code, outcome, reboot, tail) \
+         ), patched AS ( \
+             UPDATE target_patches AS tp SET \
+                 state = CASE WHEN {finishes} THEN e.state ELSE 'running' END, \
+                 started_at = CASE WHEN {starts} THEN $1 ELSE tp.started_at END, \
+                 exit_code = CASE WHEN {finishes} THEN e.exit_code ELSE tp.exit_code END, \
+                 outcome = CASE WHEN {finishes} THEN e.outcome ELSE tp.outcome END, \
+                 reboot_required = CASE WHEN {finishes} THEN e.reboot ELSE tp.reboot_required END, \
+                 output_tail = CASE WHEN {finishes} THEN e.tail ELSE tp.output_tail END, \
+                 finished_at = CASE WHEN {finishes} THEN $1 ELSE tp.finished_at END \
+             FROM effects AS e JOIN targets AS t ON t.id = e.target_id AND t.attempt = e.attempt \
+             WHERE tp.target_id = e.target_id AND tp.patch_index = e.patch_index AND ({finishes} OR {starts}) \
+         ) \
+         SELECT target_id, attempt, seq FROM fresh"
+    );
+    let values = vec![
+        received_at.into(),
+        pg_array(ArrayType::Uuid, ids),
+        pg_array(ArrayType::Int, attempts),
+        pg_array(ArrayType::BigInt, seqs),
+        pg_array(ArrayType::String, kinds),
+        pg_array(ArrayType::Bool, has_patch),
+        pg_array(ArrayType::Int, patches),
+        pg_array(ArrayType::Bool, has_exit),
+        pg_array(ArrayType::Int, exits),
+        pg_array(ArrayType::Bool, has_detail),
+        pg_array(ArrayType::String, details),
+        pg_array(ArrayType::Bool, has_sent),
+        pg_array(ArrayType::ChronoDateTimeUtc, sents),
+        pg_array(ArrayType::Uuid, e_ids),
+        pg_array(ArrayType::Int, e_attempts),
+        pg_array(ArrayType::Int, e_patches),
+        pg_array(ArrayType::Bool, e_started),
+        pg_array(ArrayType::Bool, e_finished),
+        pg_array(ArrayType::String, e_states),
+        pg_array(ArrayType::Int, e_exits),
+        pg_array(ArrayType::String, e_outcomes),
+        pg_array(ArrayType::Bool, e_reboots),
+        pg_array(ArrayType::String, e_tails),
+    ];
+    sea_orm::Statement::from_sql_and_values(DbBackend::Postgres, sql, values)
+}
+
 /// A `started` or `finished` report, one statement (SQLite; PostgreSQL
-/// batches them, see [`mark_patches_started`] and [`record_patch_results`]).
+/// merges them into the batch's one statement, see [`intake_statement`]).
 async fn apply_patch_report(txn: &DatabaseTransaction, report: &IncomingReport, at: DateTime<Utc>) -> Result<()> {
     let this_attempt = |in_flight: bool| {
         let mut query = Query::select()
@@ -1598,7 +1866,7 @@ async fn apply_final_results(txn: &DatabaseTransaction, finals: &[&IncomingRepor
         .column(targets::Column::Attempt)
         .filter(targets::Column::Id.is_in(ids))
         .order_by_asc(targets::Column::Id)
-        .lock_exclusive()
+        .lock(LockType::NoKeyUpdate)
         .into_tuple()
         .all(txn)
         .await?;
@@ -1662,86 +1930,6 @@ async fn apply_final_results(txn: &DatabaseTransaction, finals: &[&IncomingRepor
         messages.push(event_message(*target_id, *rollout_id, *from, *to, detail));
     }
     push_outbox(txn, messages).await
-}
-
-/// `started` reports of one batch in one UPDATE (PostgreSQL): pending
-/// patches of the reporting attempt become running.
-async fn mark_patches_started(txn: &DatabaseTransaction, reports: &[&IncomingReport], at: DateTime<Utc>) -> Result<()> {
-    let mut seen = HashSet::new();
-    let mut values: Vec<sea_orm::Value> = vec![at.into()];
-    let mut rows = Vec::new();
-    for report in reports {
-        let ReportKind::Started { patch_index } = report.kind else { continue };
-        if !seen.insert((report.target_id, patch_index)) {
-            continue;
-        }
-        let n = values.len();
-        rows.push(format!("(${}::uuid, ${}::int, ${}::int)", n + 1, n + 2, n + 3));
-        values.extend([report.target_id.into(), (report.attempt as i32).into(), (patch_index as i32).into()]);
-    }
-    if rows.is_empty() {
-        return Ok(());
-    }
-    let sql = format!(
-        "UPDATE target_patches AS tp SET state = 'running', started_at = $1 \
-         FROM (VALUES {}) AS v(target_id, attempt, patch_index) \
-         JOIN targets AS t ON t.id = v.target_id AND t.attempt = v.attempt \
-         WHERE tp.target_id = v.target_id AND tp.patch_index = v.patch_index AND tp.state = 'pending'",
-        rows.join(", ")
-    );
-    txn.execute(sea_orm::Statement::from_sql_and_values(DbBackend::Postgres, sql, values)).await?;
-    Ok(())
-}
-
-/// `finished` reports of one batch in one UPDATE (PostgreSQL): the first
-/// result for a patch of an in-flight attempt is kept.
-async fn record_patch_results(txn: &DatabaseTransaction, reports: &[&IncomingReport], at: DateTime<Utc>) -> Result<()> {
-    let mut seen = HashSet::new();
-    let mut values: Vec<sea_orm::Value> = vec![at.into()];
-    let mut rows = Vec::new();
-    for report in reports {
-        let ReportKind::Finished { patch_index, exit_code, outcome, output_tail } = &report.kind else { continue };
-        if !seen.insert((report.target_id, *patch_index)) {
-            continue;
-        }
-        let state = if outcome.succeeded() { PatchState::Succeeded } else { PatchState::Failed };
-        let n = values.len();
-        rows.push(format!(
-            "(${}::uuid, ${}::int, ${}::int, ${}::text, ${}::int, ${}::text, ${}::bool, ${}::text)",
-            n + 1,
-            n + 2,
-            n + 3,
-            n + 4,
-            n + 5,
-            n + 6,
-            n + 7,
-            n + 8
-        ));
-        values.extend([
-            report.target_id.into(),
-            (report.attempt as i32).into(),
-            (*patch_index as i32).into(),
-            state.as_str().into(),
-            (*exit_code).into(),
-            outcome.as_str().into(),
-            (*outcome == PatchOutcomeKind::InstalledRebootRequired).into(),
-            output_tail.clone().into(),
-        ]);
-    }
-    if rows.is_empty() {
-        return Ok(());
-    }
-    let in_flight = TargetState::IN_FLIGHT.iter().map(|s| format!("'{}'", s.as_str())).collect::<Vec<_>>().join(", ");
-    let sql = format!(
-        "UPDATE target_patches AS tp SET state = v.state, exit_code = v.exit_code, outcome = v.outcome, \
-         reboot_required = v.reboot, output_tail = v.tail, finished_at = $1 \
-         FROM (VALUES {}) AS v(target_id, attempt, patch_index, state, exit_code, outcome, reboot, tail) \
-         JOIN targets AS t ON t.id = v.target_id AND t.attempt = v.attempt AND t.state IN ({in_flight}) \
-         WHERE tp.target_id = v.target_id AND tp.patch_index = v.patch_index AND tp.state IN ('pending', 'running')",
-        rows.join(", ")
-    );
-    txn.execute(sea_orm::Statement::from_sql_and_values(DbBackend::Postgres, sql, values)).await?;
-    Ok(())
 }
 
 /// See [`Store::fleet_gauges`].
