@@ -274,8 +274,12 @@ struct Move<'a> {
 /// it can prove the query's condition implies the index's, which a list of
 /// bound parameters never does.
 fn in_flight_literal() -> SimpleExpr {
-    let states: Vec<String> = TargetState::IN_FLIGHT.iter().map(|s| format!("'{}'", s.as_str())).collect();
-    Expr::cust(format!("\"targets\".\"state\" IN ({})", states.join(", ")))
+    Expr::cust(format!("\"targets\".\"state\" IN ({})", in_flight_sql()))
+}
+
+/// The in-flight states as an SQL list of literals: `'queued', 'probing', …`.
+fn in_flight_sql() -> String {
+    TargetState::IN_FLIGHT.iter().map(|s| format!("'{}'", s.as_str())).collect::<Vec<_>>().join(", ")
 }
 
 /// Whether any target of the rollout's wave matches `condition`.
@@ -291,6 +295,53 @@ async fn wave_has<C: ConnectionTrait>(db: &C, rollout_id: Uuid, wave: u32, condi
         .one(db)
         .await?;
     Ok(found.is_some())
+}
+
+/// Moves the wave's next `limit` pending targets (by ordinal) to `queued`,
+/// with their history; returns them with their attempts.
+async fn queue_next(
+    txn: &DatabaseTransaction,
+    rollout_id: Uuid,
+    wave: u32,
+    limit: u64,
+    at: DateTime<Utc>,
+) -> Result<Vec<(Uuid, i32)>> {
+    let pending = || targets::Column::State.eq(TargetState::Pending.as_str());
+    let next: Vec<(Uuid, i32)> = targets::Entity::find()
+        .select_only()
+        .column(targets::Column::Id)
+        .column(targets::Column::Attempt)
+        .filter(targets::Column::RolloutId.eq(rollout_id))
+        .filter(targets::Column::Wave.eq(wave as i32))
+        .filter(pending())
+        .order_by_asc(targets::Column::Ordinal)
+        .limit(limit)
+        .into_tuple()
+        .all(txn)
+        .await?;
+    if next.is_empty() {
+        return Ok(next);
+    }
+    targets::Entity::update_many()
+        .col_expr(targets::Column::State, Expr::value(TargetState::Queued.as_str()))
+        .col_expr(targets::Column::QueuedAt, Expr::value(at))
+        .col_expr(targets::Column::Try, Expr::value(0))
+        .col_expr(targets::Column::UpdatedAt, Expr::value(at))
+        .filter(targets::Column::Id.is_in(next.iter().map(|(id, _)| *id)))
+        .filter(pending())
+        .exec(txn)
+        .await?;
+    let rows = next.iter().map(|(target_id, _)| target_transitions::ActiveModel {
+        rollout_id: Set(rollout_id),
+        target_id: Set(*target_id),
+        from_state: Set(TargetState::Pending.as_str().into()),
+        to_state: Set(TargetState::Queued.as_str().into()),
+        at: Set(at),
+        detail: Set(None),
+        ..Default::default()
+    });
+    target_transitions::Entity::insert_many(rows).exec_without_returning(txn).await?;
+    Ok(next)
 }
 
 /// Locks the target row, checks the move, applies it as a guarded UPDATE and
@@ -771,16 +822,6 @@ impl Store {
     /// dispatches can exceed `concurrency` together.
     pub async fn dispatch(&self, rollout_id: Uuid) -> Result<DispatchOutcome> {
         let txn = self.db.begin().await?;
-        if self.backend() == DbBackend::Postgres {
-            // The counts below run after every batch of final results, over
-            // target rows that changed state several times since the last
-            // vacuum. A bitmap scan visits every dead index entry each time;
-            // a plain index scan marks the dead ones it meets (kill_prior_tuple)
-            // and later passes skip them (10,000 churned targets, no concurrent
-            // writers: 0.6 ms instead of 5 ms for the second count; pages that
-            // changed meanwhile keep their entries unmarked).
-            txn.execute_unprepared("SET LOCAL enable_bitmapscan = off").await?;
-        }
         let rollout = rollouts::Entity::find_by_id(rollout_id)
             .lock(LockType::NoKeyUpdate)
             .one(&txn)
@@ -801,6 +842,16 @@ impl Store {
             // flight. Slots are counted only when there is something to put
             // in them: the count is the expensive part of a pass.
             if wave_has(&txn, rollout_id, wave, pending()).await? {
+                if self.backend() == DbBackend::Postgres {
+                    // The count runs over target rows that changed state several
+                    // times since the last vacuum. A bitmap scan visits every
+                    // dead index entry each time; a plain index scan marks the
+                    // dead ones it meets (kill_prior_tuple) and later passes skip
+                    // them (10,000 churned targets, no concurrent writers: 0.6 ms
+                    // instead of 5 ms for the second count; pages that changed
+                    // meanwhile keep their entries unmarked).
+                    txn.execute_unprepared("SET LOCAL enable_bitmapscan = off").await?;
+                }
                 let in_flight = targets::Entity::find()
                     .filter(targets::Column::RolloutId.eq(rollout_id))
                     .filter(in_flight_literal())
@@ -808,44 +859,11 @@ impl Store {
                     .await?;
                 let free = u64::from(rollout.concurrency).saturating_sub(in_flight);
                 if free > 0 {
-                    let next: Vec<(Uuid, i32)> = targets::Entity::find()
-                        .select_only()
-                        .column(targets::Column::Id)
-                        .column(targets::Column::Attempt)
-                        .filter(targets::Column::RolloutId.eq(rollout_id))
-                        .filter(targets::Column::Wave.eq(wave as i32))
-                        .filter(pending())
-                        .order_by_asc(targets::Column::Ordinal)
-                        .limit(free)
-                        .into_tuple()
-                        .all(&txn)
-                        .await?;
-                    if !next.is_empty() {
-                        let ids: Vec<Uuid> = next.iter().map(|(id, _)| *id).collect();
-                        targets::Entity::update_many()
-                            .col_expr(targets::Column::State, Expr::value(TargetState::Queued.as_str()))
-                            .col_expr(targets::Column::QueuedAt, Expr::value(at))
-                            .col_expr(targets::Column::Try, Expr::value(0))
-                            .col_expr(targets::Column::UpdatedAt, Expr::value(at))
-                            .filter(targets::Column::Id.is_in(ids))
-                            .filter(targets::Column::State.eq(TargetState::Pending.as_str()))
-                            .exec(&txn)
-                            .await?;
-                        let rows = next.iter().map(|(target_id, _)| target_transitions::ActiveModel {
-                            rollout_id: Set(rollout_id),
-                            target_id: Set(*target_id),
-                            from_state: Set(TargetState::Pending.as_str().into()),
-                            to_state: Set(TargetState::Queued.as_str().into()),
-                            at: Set(at),
-                            detail: Set(None),
-                            ..Default::default()
-                        });
-                        target_transitions::Entity::insert_many(rows).exec_without_returning(&txn).await?;
-                        for (target_id, attempt) in &next {
-                            messages.push(deploy_message(*target_id, rollout_id, *attempt as u32, 0));
-                        }
-                        outcome.dispatched += next.len() as u32;
+                    let queued = queue_next(&txn, rollout_id, wave, free, at).await?;
+                    for (target_id, attempt) in &queued {
+                        messages.push(deploy_message(*target_id, rollout_id, *attempt as u32, 0));
                     }
+                    outcome.dispatched += queued.len() as u32;
                 }
                 break;
             }
@@ -1476,21 +1494,11 @@ impl Store {
         received_at: DateTime<Utc>,
     ) -> Result<HashSet<(Uuid, u32, u64)>> {
         let statement = intake_statement(unique, received_at);
-        let fresh_of = |rows: Vec<sea_orm::QueryResult>| -> Result<HashSet<(Uuid, u32, u64)>> {
-            let mut fresh = HashSet::with_capacity(rows.len());
-            for row in rows {
-                let target_id: Uuid = row.try_get("", "target_id")?;
-                let attempt: i32 = row.try_get("", "attempt")?;
-                let seq: i64 = row.try_get("", "seq")?;
-                fresh.insert((target_id, attempt as u32, seq as u64));
-            }
-            Ok(fresh)
-        };
         if !unique.iter().any(|r| matches!(r.kind, ReportKind::Final { .. })) {
-            return fresh_of(self.db.query_all(statement).await?);
+            return fresh_keys(self.db.query_all(statement).await?);
         }
         let txn = self.db.begin().await?;
-        let fresh = fresh_of(txn.query_all(statement).await?)?;
+        let fresh = fresh_keys(txn.query_all(statement).await?)?;
         let finals: Vec<&IncomingReport> = unique
             .iter()
             .copied()
@@ -1553,12 +1561,7 @@ impl Store {
                 agent_events::Column::Seq,
             ]));
             let statement = self.backend().build(&insert);
-            for row in txn.query_all(statement).await? {
-                let target_id: Uuid = row.try_get("", "target_id")?;
-                let attempt: i32 = row.try_get("", "attempt")?;
-                let seq: i64 = row.try_get("", "seq")?;
-                fresh.insert((target_id, attempt as u32, seq as u64));
-            }
+            fresh.extend(fresh_keys(txn.query_all(statement).await?)?);
         }
         // Every fresh report resets its target's deadline.
         let touched: Vec<Uuid> = {
@@ -1616,61 +1619,38 @@ impl EventColumns {
     }
 }
 
+/// The (target, attempt, seq) of the events an insert's `RETURNING` names:
+/// the fresh reports of a batch.
+fn fresh_keys(rows: Vec<sea_orm::QueryResult>) -> Result<HashSet<(Uuid, u32, u64)>> {
+    let mut fresh = HashSet::with_capacity(rows.len());
+    for row in rows {
+        let target_id: Uuid = row.try_get("", "target_id")?;
+        let attempt: i32 = row.try_get("", "attempt")?;
+        let seq: i64 = row.try_get("", "seq")?;
+        fresh.insert((target_id, attempt as u32, seq as u64));
+    }
+    Ok(fresh)
+}
+
 /// What a batch's reports do to one patch of one attempt: whether it was
-/// started, and its first result.
+/// started, and its first result (exit code, outcome, output tail).
 struct PatchEffect<'a> {
     key: (Uuid, u32, u32),
     started: bool,
-    finished: Option<&'a IncomingReport>,
+    finished: Option<(i32, PatchOutcomeKind, &'a str)>,
 }
 
-/// A PostgreSQL array parameter (arrays hold no NULLs here: optional
-/// columns travel with a `has_…` array beside them).
-fn pg_array<T: Into<sea_orm::Value>>(kind: sea_orm::sea_query::ArrayType, items: Vec<T>) -> sea_orm::Value {
-    sea_orm::Value::Array(kind, Some(Box::new(items.into_iter().map(Into::into).collect())))
-}
-
-/// The one statement of [`Store::apply_reports`] on PostgreSQL: inserts the
-/// events (idempotent by (target, attempt, seq)) and returns the fresh ones,
-/// moves the last-seen time of the targets that sent one, and applies the
-/// batch's `started` and `finished` reports to their patches.
-///
-/// The patch results are merged per (target, attempt, patch) first: two
-/// updates of one row in one statement would leave only one of them. The
-/// merged update does what the two in sequence did: `started` moves a
-/// pending patch to running (reporting attempt only); `finished` (the first
-/// in the batch) records the result of a pending or running patch while its
-/// target is in flight in the reporting attempt. Reports that turn out to be
-/// duplicates change nothing through it: every guard is on the patch's
-/// current state, which they already moved.
-fn intake_statement(unique: &[&IncomingReport], received_at: DateTime<Utc>) -> sea_orm::Statement {
-    use sea_orm::sea_query::ArrayType;
-    let n = unique.len();
-    let (mut ids, mut attempts, mut seqs, mut kinds) =
-        (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
-    let (mut has_patch, mut patches, mut has_exit, mut exits) =
-        (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
-    let (mut has_detail, mut details, mut has_sent, mut sents) =
-        (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+/// The batch's `started` and `finished` reports, merged per (target,
+/// attempt, patch) in the order they first appear.
+fn patch_effects<'a>(unique: &[&'a IncomingReport]) -> Vec<PatchEffect<'a>> {
     let mut effects: Vec<PatchEffect> = Vec::new();
     let mut effect_at: HashMap<(Uuid, u32, u32), usize> = HashMap::new();
     for report in unique {
-        let event = EventColumns::of(report);
-        ids.push(report.target_id);
-        attempts.push(report.attempt as i32);
-        seqs.push(report.seq as i64);
-        kinds.push(event.kind.to_owned());
-        has_patch.push(event.patch_index.is_some());
-        patches.push(event.patch_index.unwrap_or(0));
-        has_exit.push(event.exit_code.is_some());
-        exits.push(event.exit_code.unwrap_or(0));
-        has_detail.push(event.detail.is_some());
-        details.push(event.detail.unwrap_or_default());
-        has_sent.push(report.sent_at.is_some());
-        sents.push(report.sent_at.unwrap_or(received_at));
-        let (patch_index, started) = match &report.kind {
-            ReportKind::Started { patch_index } => (*patch_index, true),
-            ReportKind::Finished { patch_index, .. } => (*patch_index, false),
+        let (patch_index, finished) = match &report.kind {
+            ReportKind::Started { patch_index } => (*patch_index, None),
+            ReportKind::Finished { patch_index, exit_code, outcome, output_tail } => {
+                (*patch_index, Some((*exit_code, *outcome, output_tail.as_str())))
+            }
             ReportKind::Heartbeat { .. } | ReportKind::Final { .. } => continue,
         };
         let key = (report.target_id, report.attempt, patch_index);
@@ -1679,59 +1659,31 @@ fn intake_statement(unique: &[&IncomingReport], received_at: DateTime<Utc>) -> s
             effects.len() - 1
         });
         let effect = &mut effects[at];
-        if started {
-            effect.started = true;
-        } else if effect.finished.is_none() {
-            effect.finished = Some(report);
-        }
-    }
-    let m = effects.len();
-    let (mut e_ids, mut e_attempts, mut e_patches, mut e_started, mut e_finished) = (
-        Vec::with_capacity(m),
-        Vec::with_capacity(m),
-        Vec::with_capacity(m),
-        Vec::with_capacity(m),
-        Vec::with_capacity(m),
-    );
-    let (mut e_states, mut e_exits, mut e_outcomes, mut e_reboots, mut e_tails) = (
-        Vec::with_capacity(m),
-        Vec::with_capacity(m),
-        Vec::with_capacity(m),
-        Vec::with_capacity(m),
-        Vec::with_capacity(m),
-    );
-    for PatchEffect { key: (target_id, attempt, patch_index), started, finished } in effects {
-        e_ids.push(target_id);
-        e_attempts.push(attempt as i32);
-        e_patches.push(patch_index as i32);
-        e_started.push(started);
-        let result = finished.and_then(|r| match &r.kind {
-            ReportKind::Finished { exit_code, outcome, output_tail, .. } => Some((*exit_code, *outcome, output_tail)),
-            _ => None,
-        });
-        e_finished.push(result.is_some());
-        match result {
-            Some((exit_code, outcome, tail)) => {
-                let state = if outcome.succeeded() { PatchState::Succeeded } else { PatchState::Failed };
-                e_states.push(state.as_str().to_owned());
-                e_exits.push(exit_code);
-                e_outcomes.push(outcome.as_str().to_owned());
-                e_reboots.push(outcome == PatchOutcomeKind::InstalledRebootRequired);
-                e_tails.push(tail.clone());
-            }
-            None => {
-                e_states.push(String::new());
-                e_exits.push(0);
-                e_outcomes.push(String::new());
-                e_reboots.push(false);
-                e_tails.push(String::new());
+        match finished {
+            None => effect.started = true,
+            Some(result) => {
+                effect.finished.get_or_insert(result);
             }
         }
     }
-    let in_flight = TargetState::IN_FLIGHT.iter().map(|s| format!("'{}'", s.as_str())).collect::<Vec<_>>().join(", ");
+    effects
+}
+
+/// A PostgreSQL array parameter (arrays hold no NULLs here: optional
+/// columns travel with a `has_…` array beside them).
+fn pg_array<T: Into<sea_orm::Value>>(
+    kind: sea_orm::sea_query::ArrayType,
+    items: impl IntoIterator<Item = T>,
+) -> sea_orm::Value {
+    sea_orm::Value::Array(kind, Some(Box::new(items.into_iter().map(Into::into).collect())))
+}
+
+/// The text of [`intake_statement`], built once.
+static INTAKE_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let in_flight = in_flight_sql();
     let finishes = format!("(e.finished AND tp.state IN ('pending', 'running') AND t.state IN ({in_flight}))");
     let starts = "(e.started AND tp.state = 'pending')";
-    let sql = format!(
+    format!(
         "WITH incoming AS ( \
              SELECT * FROM unnest($2::uuid[], $3::int[], $4::bigint[], $5::text[], $6::bool[], $7::int[], \
                                   $8::bool[], $9::int[], $10::bool[], $11::text[], $12::bool[], $13::timestamptz[]) \
@@ -1765,33 +1717,59 @@ fn intake_statement(unique: &[&IncomingReport], received_at: DateTime<Utc>) -> s
              WHERE tp.target_id = e.target_id AND tp.patch_index = e.patch_index AND ({finishes} OR {starts}) \
          ) \
          SELECT target_id, attempt, seq FROM fresh"
-    );
+    )
+});
+
+/// The one statement of [`Store::apply_reports`] on PostgreSQL: inserts the
+/// events (idempotent by (target, attempt, seq)) and returns the fresh ones,
+/// moves the last-seen time of the targets that sent one, and applies the
+/// batch's `started` and `finished` reports to their patches.
+///
+/// The patch results are merged per (target, attempt, patch) first: two
+/// updates of one row in one statement would leave only one of them. The
+/// merged update does what the two in sequence did: `started` moves a
+/// pending patch to running (reporting attempt only); `finished` (the first
+/// in the batch) records the result of a pending or running patch while its
+/// target is in flight in the reporting attempt. Reports that turn out to be
+/// duplicates change nothing through it: every guard is on the patch's
+/// current state, which they already moved.
+fn intake_statement(unique: &[&IncomingReport], received_at: DateTime<Utc>) -> sea_orm::Statement {
+    use sea_orm::sea_query::ArrayType;
+    let events: Vec<EventColumns> = unique.iter().map(|r| EventColumns::of(r)).collect();
+    let effects = patch_effects(unique);
+    let results = || effects.iter().map(|e| e.finished);
+    let patch_state = |outcome: PatchOutcomeKind| {
+        if outcome.succeeded() { PatchState::Succeeded } else { PatchState::Failed }.as_str()
+    };
     let values = vec![
         received_at.into(),
-        pg_array(ArrayType::Uuid, ids),
-        pg_array(ArrayType::Int, attempts),
-        pg_array(ArrayType::BigInt, seqs),
-        pg_array(ArrayType::String, kinds),
-        pg_array(ArrayType::Bool, has_patch),
-        pg_array(ArrayType::Int, patches),
-        pg_array(ArrayType::Bool, has_exit),
-        pg_array(ArrayType::Int, exits),
-        pg_array(ArrayType::Bool, has_detail),
-        pg_array(ArrayType::String, details),
-        pg_array(ArrayType::Bool, has_sent),
-        pg_array(ArrayType::ChronoDateTimeUtc, sents),
-        pg_array(ArrayType::Uuid, e_ids),
-        pg_array(ArrayType::Int, e_attempts),
-        pg_array(ArrayType::Int, e_patches),
-        pg_array(ArrayType::Bool, e_started),
-        pg_array(ArrayType::Bool, e_finished),
-        pg_array(ArrayType::String, e_states),
-        pg_array(ArrayType::Int, e_exits),
-        pg_array(ArrayType::String, e_outcomes),
-        pg_array(ArrayType::Bool, e_reboots),
-        pg_array(ArrayType::String, e_tails),
+        pg_array(ArrayType::Uuid, unique.iter().map(|r| r.target_id)),
+        pg_array(ArrayType::Int, unique.iter().map(|r| r.attempt as i32)),
+        pg_array(ArrayType::BigInt, unique.iter().map(|r| r.seq as i64)),
+        pg_array(ArrayType::String, events.iter().map(|e| e.kind)),
+        pg_array(ArrayType::Bool, events.iter().map(|e| e.patch_index.is_some())),
+        pg_array(ArrayType::Int, events.iter().map(|e| e.patch_index.unwrap_or(0))),
+        pg_array(ArrayType::Bool, events.iter().map(|e| e.exit_code.is_some())),
+        pg_array(ArrayType::Int, events.iter().map(|e| e.exit_code.unwrap_or(0))),
+        pg_array(ArrayType::Bool, events.iter().map(|e| e.detail.is_some())),
+        pg_array(ArrayType::String, events.iter().map(|e| e.detail.clone().unwrap_or_default())),
+        pg_array(ArrayType::Bool, unique.iter().map(|r| r.sent_at.is_some())),
+        pg_array(ArrayType::ChronoDateTimeUtc, unique.iter().map(|r| r.sent_at.unwrap_or(received_at))),
+        pg_array(ArrayType::Uuid, effects.iter().map(|e| e.key.0)),
+        pg_array(ArrayType::Int, effects.iter().map(|e| e.key.1 as i32)),
+        pg_array(ArrayType::Int, effects.iter().map(|e| e.key.2 as i32)),
+        pg_array(ArrayType::Bool, effects.iter().map(|e| e.started)),
+        pg_array(ArrayType::Bool, results().map(|r| r.is_some())),
+        pg_array(ArrayType::String, results().map(|r| r.map_or("", |(_, outcome, _)| patch_state(outcome)))),
+        pg_array(ArrayType::Int, results().map(|r| r.map_or(0, |(exit_code, _, _)| exit_code))),
+        pg_array(ArrayType::String, results().map(|r| r.map_or("", |(_, outcome, _)| outcome.as_str()))),
+        pg_array(
+            ArrayType::Bool,
+            results().map(|r| r.is_some_and(|(_, outcome, _)| outcome == PatchOutcomeKind::InstalledRebootRequired)),
+        ),
+        pg_array(ArrayType::String, results().map(|r| r.map_or("", |(_, _, tail)| tail))),
     ];
-    sea_orm::Statement::from_sql_and_values(DbBackend::Postgres, sql, values)
+    sea_orm::Statement::from_sql_and_values(DbBackend::Postgres, INTAKE_SQL.as_str(), values)
 }
 
 /// A `started` or `finished` report, one statement (SQLite; PostgreSQL
