@@ -299,6 +299,11 @@ async fn wave_has<C: ConnectionTrait>(db: &C, rollout_id: Uuid, wave: u32, condi
 
 /// Moves the wave's next `limit` pending targets (by ordinal) to `queued`,
 /// with their history; returns them with their attempts.
+///
+/// The rows are locked as they are read, so the UPDATE goes by primary key
+/// alone: a state condition beside the ids lets PostgreSQL combine the
+/// primary key with the `targets_state` index (a bitmap AND), which reads
+/// every entry of that state, dead versions included, for a handful of rows.
 async fn queue_next(
     txn: &DatabaseTransaction,
     rollout_id: Uuid,
@@ -316,6 +321,7 @@ async fn queue_next(
         .filter(pending())
         .order_by_asc(targets::Column::Ordinal)
         .limit(limit)
+        .lock(LockType::NoKeyUpdate)
         .into_tuple()
         .all(txn)
         .await?;
@@ -328,7 +334,6 @@ async fn queue_next(
         .col_expr(targets::Column::Try, Expr::value(0))
         .col_expr(targets::Column::UpdatedAt, Expr::value(at))
         .filter(targets::Column::Id.is_in(next.iter().map(|(id, _)| *id)))
-        .filter(pending())
         .exec(txn)
         .await?;
     let rows = next.iter().map(|(target_id, _)| target_transitions::ActiveModel {
@@ -1298,8 +1303,8 @@ impl Store {
                 .col_expr(targets::Column::Error, Expr::value(reason.clone()))
                 .col_expr(targets::Column::FinishedAt, Expr::value(at))
                 .col_expr(targets::Column::UpdatedAt, Expr::value(at))
+                // Locked above and checked to be running: by primary key alone (see `queue_next`).
                 .filter(targets::Column::Id.is_in(ids.clone()))
-                .filter(targets::Column::State.eq(TargetState::Running.as_str()))
                 .exec(&txn)
                 .await?;
             fail_open_patches(&txn, ids, &reason, at).await?;
@@ -1883,11 +1888,8 @@ async fn apply_final_results(txn: &DatabaseTransaction, finals: &[&IncomingRepor
         if let Some(error) = error {
             update = update.col_expr(targets::Column::Error, Expr::value(error));
         }
-        update
-            .filter(targets::Column::Id.is_in(ids))
-            .filter(targets::Column::State.is_in(state_strs(&FROM)))
-            .exec(txn)
-            .await?;
+        // Locked above and checked against FROM: by primary key alone (see `queue_next`).
+        update.filter(targets::Column::Id.is_in(ids)).exec(txn).await?;
     }
     let history = moves.iter().map(|(target_id, rollout_id, from, to, detail)| target_transitions::ActiveModel {
         rollout_id: Set(*rollout_id),

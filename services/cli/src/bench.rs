@@ -15,7 +15,11 @@
 //! 2. rollout: N simulated targets × K patches at concurrency C through the
 //!    whole pipeline (simulated agents post real reports to the collector);
 //! 3. collector: M targets' agents (this process) post their reports as fast
-//!    as the collector takes them; rate and latency per request;
+//!    as the collector takes them, one report per request; rate and latency
+//!    per request, next to the same load on a collector that writes one
+//!    report per transaction; then M more agents produce reports on a clock
+//!    (`--collector-rate` in all) and each sends what is ready, as the real
+//!    agent does; rate, reports per request, latency from production;
 //! 4. watchdogs: W targets brought to `running` at once and left silent;
 //!    how late after its deadline each is timed out;
 //! 5. create: a rollout of 100,000 targets through the API; time to accept,
@@ -64,6 +68,11 @@ pub struct BenchArgs {
     /// Concurrent report senders in that phase.
     #[arg(long, default_value_t = 128)]
     pub collector_clients: usize,
+    /// Reports per second offered in the same phase's paced run: each agent
+    /// produces its reports on a clock and sends what is ready, as the real
+    /// agent does (0 skips that run).
+    #[arg(long, default_value_t = 20_000)]
+    pub collector_rate: u32,
     /// Watchdogs armed at once (0 skips the phase).
     #[arg(long, default_value_t = 10_000)]
     pub watchdogs: usize,
@@ -385,7 +394,32 @@ struct CollectorFigures {
     /// `batched` ÷ `one_report_per_transaction`.
     vs_one_transaction_per_report: f64,
     fraction_of_batched_insert_ceiling: Option<f64>,
+    /// The paced run (`--collector-rate`), on the configured collector.
+    paced: Option<PacedRun>,
     peak_rss_mib: BTreeMap<String, f64>,
+}
+
+/// Agents that produce their reports on a clock (open loop) and send, one
+/// request at a time each, every report that is ready: the real agent's
+/// sender (`services/agent/src/reporter.rs`).
+#[derive(Debug, Default, Serialize)]
+struct PacedRun {
+    agents: usize,
+    offered_reports_per_second: f64,
+    reports: usize,
+    requests: usize,
+    reports_per_request: f64,
+    retried: usize,
+    /// From the first report's production time to the last acknowledgement.
+    seconds: f64,
+    reports_per_second: f64,
+    /// From the time a report was due to be produced to its acknowledgement
+    /// (a report that waits behind its agent's request in flight counts
+    /// that wait).
+    latency_p50_ms: f64,
+    latency_p99_ms: f64,
+    latency_max_ms: f64,
+    all_targets_succeeded: bool,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -842,21 +876,22 @@ fn everyone<'a>(scheduler: &'a Service, collector: &'a Service, workers: &'a [Se
     all
 }
 
-fn report_batch(seq: u64, kind: Kind) -> Vec<u8> {
-    v1::ReportBatch {
-        reports: vec![v1::AgentReport { seq, sent_at_unix_ms: fleetpatch_bus::now_unix_ms(), kind: Some(kind) }],
-    }
-    .encode_to_vec()
+/// What one agent sends for `patches` patches, each report in its own
+/// request: started and finished for each, a heartbeat, and the final result.
+fn agent_reports(patches: usize) -> Vec<Vec<u8>> {
+    agent_report_list(patches)
+        .into_iter()
+        .map(|report| v1::ReportBatch { reports: vec![report] }.encode_to_vec())
+        .collect()
 }
 
-/// What one agent sends for `patches` patches: started and finished for
-/// each, a heartbeat, and the final result.
-fn agent_reports(patches: usize) -> Vec<Vec<u8>> {
+/// The reports of [`agent_reports`], in order.
+fn agent_report_list(patches: usize) -> Vec<v1::AgentReport> {
     let mut reports = Vec::new();
     let mut seq = 0;
     let mut next = |kind| {
         seq += 1;
-        report_batch(seq, kind)
+        v1::AgentReport { seq, sent_at_unix_ms: fleetpatch_bus::now_unix_ms(), kind: Some(kind) }
     };
     for index in 0..patches as u32 {
         reports.push(next(Kind::Started(v1::PatchStarted { patch_index: index })));
@@ -915,9 +950,107 @@ async fn collector_phase(bench: &mut Bench, collector_port: u16) -> anyhow::Resu
             .database_ceiling
             .as_ref()
             .map(|c| rate / c.batched_rows_per_second),
-        peak_rss_mib: bench.sampler.take_peaks(),
+        paced: None,
+        peak_rss_mib: BTreeMap::new(),
     });
+    if args.collector_rate > 0 {
+        let paced = paced_collector_load(bench, collector_port, f64::from(args.collector_rate)).await?;
+        if let Some(figures) = bench.figures.collector.as_mut() {
+            figures.paced = Some(paced);
+        }
+    }
+    if let Some(figures) = bench.figures.collector.as_mut() {
+        figures.peak_rss_mib = bench.sampler.take_peaks();
+    }
     Ok(())
+}
+
+/// `collector_targets` agents produce their reports on a clock, `rate`
+/// reports/s in all (each agent one every `agents / rate` s, the agents
+/// staggered evenly), and each sends everything ready in one request,
+/// waiting for the acknowledgement before its next: what the real agent's
+/// sender does. Load that the collector does not keep up with piles up in
+/// the agents, so their requests grow instead of their number.
+async fn paced_collector_load(bench: &Bench, collector_port: u16, rate: f64) -> anyhow::Result<PacedRun> {
+    let args = &bench.args;
+    let agents = args.collector_targets;
+    let rollout =
+        bench.store.create_rollout(NewRollout::synthetic("bench-collector-paced", agents, args.patches, 600)).await?;
+    bench.wait_all(rollout, TargetState::Queued, agents, Duration::from_secs(300)).await?;
+    let tokens = bench.bring_to_running(rollout).await?;
+    let reports = Arc::new(agent_report_list(args.patches));
+    let gap = Duration::from_secs_f64(agents as f64 / rate);
+    let started = tokio::time::Instant::now() + Duration::from_millis(200);
+    let mut tasks = tokio::task::JoinSet::new();
+    for (index, (target, token)) in tokens.into_iter().enumerate() {
+        let (http, reports) = (bench.http.clone(), reports.clone());
+        let first = started + gap.mul_f64(index as f64 / agents as f64);
+        tasks.spawn(async move {
+            let url = format!("http://127.0.0.1:{collector_port}/v1/targets/{target}/reports");
+            let due = |k: usize| first + gap * k as u32;
+            let (mut latencies, mut requests, mut retried) = (Vec::with_capacity(reports.len()), 0usize, 0usize);
+            let mut produced = 0;
+            while latencies.len() < reports.len() {
+                let now = tokio::time::Instant::now();
+                while produced < reports.len() && due(produced) <= now {
+                    produced += 1;
+                }
+                let ready = latencies.len()..produced;
+                if ready.is_empty() {
+                    tokio::time::sleep_until(due(produced)).await;
+                    continue;
+                }
+                let body = v1::ReportBatch { reports: reports[ready.clone()].to_vec() }.encode_to_vec();
+                requests += 1;
+                let response = http
+                    .post(&url)
+                    .bearer_auth(&token)
+                    .header("content-type", "application/x-protobuf")
+                    .body(body)
+                    .send()
+                    .await?;
+                let status = response.status();
+                let _ = response.bytes().await;
+                if status.is_success() {
+                    let acked = tokio::time::Instant::now();
+                    latencies.extend(ready.map(|k| (acked - due(k)).as_secs_f64() * 1_000.0));
+                } else if status.as_u16() == 503 {
+                    retried += 1;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                } else {
+                    bail!("the collector refused reports for {target}: {status}");
+                }
+            }
+            anyhow::Ok((latencies, requests, retried, tokio::time::Instant::now()))
+        });
+    }
+    let (mut latencies, mut requests, mut retried) = (Vec::new(), 0, 0);
+    let mut last_ack = started;
+    while let Some(task) = tasks.join_next().await {
+        let (mine, sent, again, done) = task??;
+        latencies.extend(mine);
+        requests += sent;
+        retried += again;
+        last_ack = last_ack.max(done);
+    }
+    let seconds = (last_ack - started).as_secs_f64();
+    latencies.sort_by(f64::total_cmp);
+    let counts = bench.counts(rollout).await?;
+    let succeeded = counts.get("succeeded").copied().unwrap_or(0) as usize;
+    Ok(PacedRun {
+        agents,
+        offered_reports_per_second: rate,
+        reports: latencies.len(),
+        requests,
+        reports_per_request: latencies.len() as f64 / requests.max(1) as f64,
+        retried,
+        seconds,
+        reports_per_second: latencies.len() as f64 / seconds,
+        latency_p50_ms: quantile(&latencies, 0.5),
+        latency_p99_ms: quantile(&latencies, 0.99),
+        latency_max_ms: latencies.last().copied().unwrap_or(0.0),
+        all_targets_succeeded: succeeded == agents,
+    })
 }
 
 /// Brings `collector_targets` targets to running, then their agents post
@@ -1105,6 +1238,25 @@ fn print_figures(f: &Figures) {
             c.vs_one_transaction_per_report,
             opt(c.fraction_of_batched_insert_ceiling.map(|x| x * 100.0), "%")
         );
+        if let Some(p) = &c.paced {
+            println!(
+                "                      paced: {} agents offering {:.0} reports/s, each sending what is ready: {} reports \
+                 in {:.1} s, {:.0} reports/s; {} requests ({:.2} reports per request); latency from production p50 \
+                 {:.1} ms, p99 {:.1} ms, max {:.1} ms; retried {}; all targets succeeded: {}",
+                p.agents,
+                p.offered_reports_per_second,
+                p.reports,
+                p.seconds,
+                p.reports_per_second,
+                p.requests,
+                p.reports_per_request,
+                p.latency_p50_ms,
+                p.latency_p99_ms,
+                p.latency_max_ms,
+                p.retried,
+                p.all_targets_succeeded
+            );
+        }
         println!("                      peak RSS MiB: {}", peaks(&c.peak_rss_mib));
     }
     if let Some(w) = &f.watchdogs {

@@ -11,7 +11,7 @@ use fleetpatch_tests::{admin_database_url, amqp_url};
 fn a_small_bench_runs_every_phase_and_removes_its_database() {
     let output = Command::new(env!("CARGO_BIN_EXE_fleetpatch"))
         .args(["bench", "--targets", "40", "--patches", "2", "--concurrency", "20", "--worker-concurrency", "10"])
-        .args(["--collector-targets", "30", "--collector-clients", "8"])
+        .args(["--collector-targets", "30", "--collector-clients", "8", "--collector-rate", "300"])
         .args(["--watchdogs", "20", "--watchdog-timeout", "2", "--create-targets", "500"])
         .args(["--ceiling-messages", "500", "--output", "json"])
         .env_remove("FLEETPATCH_CONFIG")
@@ -35,6 +35,13 @@ fn a_small_bench_runs_every_phase_and_removes_its_database() {
         assert!(collector[run]["reports_per_second"].as_f64().unwrap() > 0.0);
     }
     assert!(collector["vs_one_transaction_per_report"].as_f64().unwrap() > 0.0);
+    // The paced run: 30 more agents, 6 reports each (2 patches), 300 reports/s offered.
+    let paced = &collector["paced"];
+    assert_eq!((paced["agents"].as_u64(), paced["reports"].as_u64()), (Some(30), Some(180)), "{paced:#}");
+    assert_eq!(paced["all_targets_succeeded"], true, "{paced:#}");
+    assert!(paced["requests"].as_u64().unwrap() >= 30, "{paced:#}");
+    assert!(paced["reports_per_second"].as_f64().unwrap() > 0.0, "{paced:#}");
+    assert!(paced["latency_p99_ms"].as_f64().unwrap() >= paced["latency_p50_ms"].as_f64().unwrap(), "{paced:#}");
     let watchdogs = &figures["watchdogs"];
     assert_eq!(
         (watchdogs["watchdogs"].as_u64(), watchdogs["timed_out"].as_u64()),
