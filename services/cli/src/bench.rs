@@ -402,24 +402,19 @@ struct CollectorFigures {
 /// Agents that produce their reports on a clock (open loop) and send, one
 /// request at a time each, every report that is ready: the real agent's
 /// sender (`services/agent/src/reporter.rs`).
+///
+/// Its `seconds` run from the first report's production time to the last
+/// acknowledgement; its latencies from the time a report was due to be
+/// produced to its acknowledgement (a report that waits behind its agent's
+/// request in flight counts that wait).
 #[derive(Debug, Default, Serialize)]
 struct PacedRun {
     agents: usize,
     offered_reports_per_second: f64,
-    reports: usize,
     requests: usize,
     reports_per_request: f64,
-    retried: usize,
-    /// From the first report's production time to the last acknowledgement.
-    seconds: f64,
-    reports_per_second: f64,
-    /// From the time a report was due to be produced to its acknowledgement
-    /// (a report that waits behind its agent's request in flight counts
-    /// that wait).
-    latency_p50_ms: f64,
-    latency_p99_ms: f64,
-    latency_max_ms: f64,
-    all_targets_succeeded: bool,
+    #[serde(flatten)]
+    run: CollectorRun,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -432,6 +427,37 @@ struct CollectorRun {
     latency_p99_ms: f64,
     latency_max_ms: f64,
     all_targets_succeeded: bool,
+}
+
+impl CollectorRun {
+    /// The figures of `latencies` (ms, one per report) taken over `seconds`.
+    fn measured(mut latencies: Vec<f64>, retried: usize, seconds: f64, all_targets_succeeded: bool) -> Self {
+        latencies.sort_by(f64::total_cmp);
+        Self {
+            reports: latencies.len(),
+            retried,
+            seconds,
+            reports_per_second: latencies.len() as f64 / seconds,
+            latency_p50_ms: quantile(&latencies, 0.5),
+            latency_p99_ms: quantile(&latencies, 0.99),
+            latency_max_ms: latencies.last().copied().unwrap_or(0.0),
+            all_targets_succeeded,
+        }
+    }
+}
+
+/// One request of an agent's reports: `true` once acknowledged, `false` when
+/// the collector is busy (503: send it again); any other answer is an error.
+async fn post_reports(http: &reqwest::Client, url: &str, token: &str, body: Vec<u8>) -> anyhow::Result<bool> {
+    let response =
+        http.post(url).bearer_auth(token).header("content-type", "application/x-protobuf").body(body).send().await?;
+    let status = response.status();
+    let _ = response.bytes().await;
+    match status.as_u16() {
+        _ if status.is_success() => Ok(true),
+        503 => Ok(false),
+        _ => bail!("the collector refused reports at {url}: {status}"),
+    }
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -1002,23 +1028,12 @@ async fn paced_collector_load(bench: &Bench, collector_port: u16, rate: f64) -> 
                 }
                 let body = v1::ReportBatch { reports: reports[ready.clone()].to_vec() }.encode_to_vec();
                 requests += 1;
-                let response = http
-                    .post(&url)
-                    .bearer_auth(&token)
-                    .header("content-type", "application/x-protobuf")
-                    .body(body)
-                    .send()
-                    .await?;
-                let status = response.status();
-                let _ = response.bytes().await;
-                if status.is_success() {
+                if post_reports(&http, &url, &token, body).await? {
                     let acked = tokio::time::Instant::now();
                     latencies.extend(ready.map(|k| (acked - due(k)).as_secs_f64() * 1_000.0));
-                } else if status.as_u16() == 503 {
+                } else {
                     retried += 1;
                     tokio::time::sleep(Duration::from_millis(20)).await;
-                } else {
-                    bail!("the collector refused reports for {target}: {status}");
                 }
             }
             anyhow::Ok((latencies, requests, retried, tokio::time::Instant::now()))
@@ -1034,22 +1049,13 @@ async fn paced_collector_load(bench: &Bench, collector_port: u16, rate: f64) -> 
         last_ack = last_ack.max(done);
     }
     let seconds = (last_ack - started).as_secs_f64();
-    latencies.sort_by(f64::total_cmp);
-    let counts = bench.counts(rollout).await?;
-    let succeeded = counts.get("succeeded").copied().unwrap_or(0) as usize;
+    let succeeded = bench.counts(rollout).await?.get("succeeded").copied().unwrap_or(0) as usize;
     Ok(PacedRun {
         agents,
         offered_reports_per_second: rate,
-        reports: latencies.len(),
         requests,
         reports_per_request: latencies.len() as f64 / requests.max(1) as f64,
-        retried,
-        seconds,
-        reports_per_second: latencies.len() as f64 / seconds,
-        latency_p50_ms: quantile(&latencies, 0.5),
-        latency_p99_ms: quantile(&latencies, 0.99),
-        latency_max_ms: latencies.last().copied().unwrap_or(0.0),
-        all_targets_succeeded: succeeded == agents,
+        run: CollectorRun::measured(latencies, retried, seconds, succeeded == agents),
     })
 }
 
@@ -1079,21 +1085,9 @@ async fn collector_load(bench: &Bench, collector_port: u16) -> anyhow::Result<Co
                 for body in per_target.iter() {
                     loop {
                         let sent = Instant::now();
-                        let response = http
-                            .post(&url)
-                            .bearer_auth(token)
-                            .header("content-type", "application/x-protobuf")
-                            .body(body.clone())
-                            .send()
-                            .await?;
-                        let status = response.status();
-                        let _ = response.bytes().await;
-                        if status.is_success() {
+                        if post_reports(&http, &url, token, body.clone()).await? {
                             latencies.push(sent.elapsed().as_secs_f64() * 1_000.0);
                             break;
-                        }
-                        if status.as_u16() != 503 {
-                            bail!("the collector refused a report for {target}: {status}");
                         }
                         retried += 1;
                         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -1111,20 +1105,8 @@ async fn collector_load(bench: &Bench, collector_port: u16) -> anyhow::Result<Co
         retried += again;
     }
     let seconds = started.elapsed().as_secs_f64();
-    latencies.sort_by(f64::total_cmp);
-    let reports = latencies.len();
-    let counts = bench.counts(rollout).await?;
-    let succeeded = counts.get("succeeded").copied().unwrap_or(0) as usize;
-    Ok(CollectorRun {
-        reports,
-        retried,
-        seconds,
-        reports_per_second: reports as f64 / seconds,
-        latency_p50_ms: quantile(&latencies, 0.5),
-        latency_p99_ms: quantile(&latencies, 0.99),
-        latency_max_ms: latencies.last().copied().unwrap_or(0.0),
-        all_targets_succeeded: succeeded == args.collector_targets,
-    })
+    let succeeded = bench.counts(rollout).await?.get("succeeded").copied().unwrap_or(0) as usize;
+    Ok(CollectorRun::measured(latencies, retried, seconds, succeeded == args.collector_targets))
 }
 
 async fn watchdog_phase(bench: &mut Bench) -> anyhow::Result<()> {
@@ -1245,16 +1227,16 @@ fn print_figures(f: &Figures) {
                  {:.1} ms, p99 {:.1} ms, max {:.1} ms; retried {}; all targets succeeded: {}",
                 p.agents,
                 p.offered_reports_per_second,
-                p.reports,
-                p.seconds,
-                p.reports_per_second,
+                p.run.reports,
+                p.run.seconds,
+                p.run.reports_per_second,
                 p.requests,
                 p.reports_per_request,
-                p.latency_p50_ms,
-                p.latency_p99_ms,
-                p.latency_max_ms,
-                p.retried,
-                p.all_targets_succeeded
+                p.run.latency_p50_ms,
+                p.run.latency_p99_ms,
+                p.run.latency_max_ms,
+                p.run.retried,
+                p.run.all_targets_succeeded
             );
         }
         println!("                      peak RSS MiB: {}", peaks(&c.peak_rss_mib));
