@@ -26,6 +26,7 @@ use futures_util::FutureExt;
 use opentelemetry::trace::TraceContextExt;
 
 use crate::{now_unix_ms, parent_context, Backend, Bus, Consumer, Delivery, Outgoing, DUE_TOLERANCE_MS};
+use crate::{ARRIVAL_LEAD_MS, HOLD_BELOW_MS};
 use crate::{DUE_AT_HEADER, ROUTING_KEY_HEADER};
 
 /// The work queues (routing keys) every test broker declares.
@@ -73,6 +74,7 @@ macro_rules! bus_conformance_suite {
             short_delays_never_wait_behind_long_ones,
             batches_hold_due_messages_and_re_delay_early_ones,
             short_remainders_are_held_not_rounded_up_to_a_step,
+            the_last_hop_lands_early_by_the_lead,
             a_held_message_is_redelivered_when_its_consumer_goes_away,
             queue_depth_counts_ready_messages,
             events_are_accepted_and_close_makes_the_bus_unhealthy,
@@ -480,10 +482,10 @@ pub async fn batches_hold_due_messages_and_re_delay_early_ones(broker: &dyn Test
     assert_eq!(delayed, vec!["1700".to_owned(), "2700".to_owned()]);
 }
 
-/// The last stretch of a delay, shorter than the shortest wait step, is held
-/// by the consumer rather than rounded up to a whole step: a 40 ms delay, the
-/// 40 ms left after a 1 s hop, and 180 ms all arrive within 150 ms of due
-/// (a 250 ms wait queue would make the first two at least 210 ms late).
+/// The last stretch of a delay is held by the consumer rather than rounded up
+/// to a whole step: a 40 ms delay, 180 ms, and 1,040 ms (a 500 ms hop, then
+/// 540 ms held) all arrive within 150 ms of due (a 250 ms wait queue would
+/// make a 40 ms delay at least 210 ms late).
 pub async fn short_remainders_are_held_not_rounded_up_to_a_step(broker: &dyn TestBroker) {
     let lateness = deliver_delayed(broker, &[40, 180, 1_040]).await;
     for (delay, late) in lateness {
@@ -512,6 +514,30 @@ pub async fn short_remainders_are_held_not_rounded_up_to_a_step(broker: &dyn Tes
         }
     }
     assert_eq!(arrived, ["60", "120"], "held messages come out in due order");
+}
+
+/// The last hop of a delay lands [`ARRIVAL_LEAD_MS`] before the due time, so
+/// a broker that dead-letters it late (as RabbitMQ does under load) still
+/// leaves the consumer time to hold it: watched on the wire, below the
+/// consumer, a message due in 1,000 ms arrives about 500 ms early.
+pub async fn the_last_hop_lands_early_by_the_lead(broker: &dyn TestBroker) {
+    let bus = connect_bus(broker).await;
+    let backend = broker.connect().await;
+    let mut raw = backend.consume(ALPHA, 4).await.expect("a raw consumer of the work queue");
+    let published_at = now_unix_ms();
+    let due = published_at + 1_000;
+    publish(&bus, vec![message(ALPHA, "due in 1 s").due_at(due)]).await;
+    let delivery = tokio::time::timeout(EXPECT_WITHIN, raw.deliveries.recv())
+        .await
+        .expect("the hop lands in time")
+        .expect("the raw consumer is open");
+    let early = due - now_unix_ms();
+    assert!(
+        (ARRIVAL_LEAD_MS - 150..HOLD_BELOW_MS).contains(&early),
+        "the last hop landed {early} ms before due, not about {ARRIVAL_LEAD_MS} ms"
+    );
+    assert_eq!(delivery.due_at_unix_ms(), Some(due), "the due time travels with the hop");
+    ack(delivery).await;
 }
 
 /// A message the consumer holds until due is an unacked delivery: when that

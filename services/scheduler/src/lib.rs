@@ -49,7 +49,7 @@ pub struct SchedulerOptions {
     /// timers that arrive wait and are checked together by the next one, so
     /// the busier the database, the larger the batches and the fewer the
     /// transactions. The watch queue's prefetch is
-    /// `watch_batch × (watch_writers + 1)`.
+    /// `watch_batch × (watch_writers + 1) + WATCH_HOLD_ROOM`.
     pub watch_writers: u16,
 }
 
@@ -84,6 +84,13 @@ impl SchedulerOptions {
         Ok(())
     }
 }
+
+/// Watch timers the consumer may hold through their last stretch (up to
+/// `fleetpatch_bus::HOLD_BELOW_MS`) on top of those being checked or waiting
+/// for a check: room for 2,048 timers coming due within 750 ms. More than
+/// that wait in the broker's work queue until a slot frees, never longer than
+/// a hold plus a check.
+pub const WATCH_HOLD_ROOM: u32 = 2_048;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -157,7 +164,7 @@ pub async fn start(
     })
     .merge(fleetpatch_runtime::ops::router(health.clone()));
     let dispatch = bus.consume(routing::DISPATCH, options.prefetch).await?;
-    let watch_prefetch = u32::from(options.watch_batch) * (u32::from(options.watch_writers) + 1);
+    let watch_prefetch = u32::from(options.watch_batch) * (u32::from(options.watch_writers) + 1) + WATCH_HOLD_ROOM;
     let watch = bus.consume(routing::WATCH, watch_prefetch.min(u32::from(u16::MAX)) as u16).await?;
     let watch_batch = usize::from(options.watch_batch);
     let watch_writers = usize::from(options.watch_writers);
@@ -296,12 +303,15 @@ impl Core {
         }
     }
 
-    /// The watchdog: takes the timers that arrive together (within 5 ms of
-    /// the first, at most `batch`), re-delays the early ones in one publish,
-    /// and checks the due ones in one transaction, at most `writers` checks
-    /// at once. While every check is busy the loop waits, and the timers that
-    /// arrive meanwhile are checked together by the next one: under load the
-    /// batches grow instead of the transactions multiplying.
+    /// The watchdog. A reader takes the timers as they arrive (within 5 ms
+    /// of the first, at most `batch` at a time; the consumer re-delays the
+    /// early ones and holds the last stretch), whatever the checks are doing:
+    /// a timer never waits in the broker's channel for a check to finish.
+    /// The due ones are checked in one transaction per batch, at most
+    /// `writers` checks at once. While every check is busy the due timers
+    /// gather (the prefetch bounds them) and the next check takes up to
+    /// `batch` of them: under load the batches grow instead of the
+    /// transactions multiplying.
     async fn watch_loop(
         self,
         mut consumer: fleetpatch_bus::Consumer,
@@ -309,33 +319,50 @@ impl Core {
         writers: usize,
         shutdown: Shutdown,
     ) {
+        let batch = batch.max(1);
+        let (arrived, mut arrivals) = tokio::sync::mpsc::unbounded_channel::<Vec<Delivery>>();
+        let reader_shutdown = shutdown.clone();
+        let reader = tokio::spawn(async move {
+            loop {
+                let next = tokio::select! {
+                    next = consumer.next_batch(batch, Duration::from_millis(5)) => next,
+                    _ = reader_shutdown.wait() => {
+                        consumer.cancel();
+                        return consumer;
+                    }
+                };
+                let Some(deliveries) = next else { return consumer };
+                if !deliveries.is_empty() && arrived.send(deliveries).is_err() {
+                    return consumer;
+                }
+            }
+        });
         let writers = Arc::new(tokio::sync::Semaphore::new(writers.max(1)));
         let mut in_flight = tokio::task::JoinSet::new();
+        let mut due: std::collections::VecDeque<Delivery> = std::collections::VecDeque::new();
         loop {
             let permit = tokio::select! {
                 permit = writers.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
-                _ = shutdown.wait() => {
-                    consumer.cancel();
+                _ = shutdown.wait() => break,
+            };
+            if due.is_empty() {
+                let next = tokio::select! {
+                    next = arrivals.recv() => next,
+                    _ = shutdown.wait() => break,
+                };
+                let Some(deliveries) = next else {
+                    if !shutdown.is_triggered() {
+                        tracing::error!("the bus closed the watch consumer; stopping");
+                        shutdown.trigger();
+                    }
                     break;
-                }
-            };
-            let deliveries = tokio::select! {
-                next = consumer.next_batch(batch, Duration::from_millis(5)) => next,
-                _ = shutdown.wait() => {
-                    consumer.cancel();
-                    break;
-                }
-            };
-            let Some(deliveries) = deliveries else {
-                if !shutdown.is_triggered() {
-                    tracing::error!("the bus closed the watch consumer; stopping");
-                    shutdown.trigger();
-                }
-                break;
-            };
-            if deliveries.is_empty() {
-                continue;
+                };
+                due.extend(deliveries);
             }
+            while let Ok(deliveries) = arrivals.try_recv() {
+                due.extend(deliveries);
+            }
+            let deliveries: Vec<Delivery> = due.drain(..due.len().min(batch)).collect();
             metrics::histogram!("fleetpatch_scheduler_watch_batch_timers").record(deliveries.len() as f64);
             let core = self.clone();
             let span = tracing::info_span!("watch_batch", timers = deliveries.len());
@@ -348,8 +375,13 @@ impl Core {
             );
             while in_flight.try_join_next().is_some() {}
         }
+        // The consumer lives until the checks in flight have acked their timers.
+        let consumer = reader.await;
+        // Timers taken but not checked stay unacked: the broker delivers them again.
+        drop(due);
         let _ = tokio::time::timeout(Duration::from_secs(30), async { while in_flight.join_next().await.is_some() {} })
             .await;
+        drop(consumer);
     }
 
     async fn watch_batch(&self, deliveries: Vec<Delivery>) {
