@@ -532,8 +532,10 @@ pub async fn the_last_hop_lands_early_by_the_lead(broker: &dyn TestBroker) {
         .expect("the hop lands in time")
         .expect("the raw consumer is open");
     let early = due - now_unix_ms();
+    // Up to 400 ms of broker lateness is allowed (a busy test machine); a hop
+    // aimed at the due time itself lands at it or after (early ≤ 15 ms).
     assert!(
-        (ARRIVAL_LEAD_MS - 150..HOLD_BELOW_MS).contains(&early),
+        (ARRIVAL_LEAD_MS - 400..HOLD_BELOW_MS).contains(&early),
         "the last hop landed {early} ms before due, not about {ARRIVAL_LEAD_MS} ms"
     );
     assert_eq!(delivery.due_at_unix_ms(), Some(due), "the due time travels with the hop");
