@@ -249,6 +249,13 @@ pub fn delay_step_for(remaining_ms: i64) -> u64 {
     DELAY_STEPS_MS.iter().rev().copied().find(|step| *step <= remaining).unwrap_or(DELAY_STEPS_MS[0])
 }
 
+/// The wait step of the next hop of a message due in `remaining_ms`, aimed
+/// to land [`ARRIVAL_LEAD_MS`] early; `None` within [`HOLD_BELOW_MS`], where
+/// the consumer holds the message instead.
+pub fn next_hop_ms(remaining_ms: i64) -> Option<u64> {
+    (remaining_ms >= HOLD_BELOW_MS).then(|| delay_step_for(remaining_ms - ARRIVAL_LEAD_MS))
+}
+
 impl Bus {
     pub fn new(backend: Arc<dyn Backend>) -> Self {
         Self { backend }
@@ -267,15 +274,11 @@ impl Bus {
             headers.insert(ROUTING_KEY_HEADER.to_owned(), message.routing_key.clone());
             let route = match (message.destination, message.due_at_unix_ms) {
                 (Destination::Events, _) => Route::Events,
-                (Destination::Work, Some(due)) if due - now >= HOLD_BELOW_MS => {
-                    headers.insert(DUE_AT_HEADER.to_owned(), due.to_string());
-                    Route::Wait(delay_step_for(due - now - ARRIVAL_LEAD_MS))
-                }
-                // Within the lead plus the shortest wait step: straight to
-                // the work queue, where the consumer holds it until due.
                 (Destination::Work, Some(due)) if due - now > DUE_TOLERANCE_MS => {
                     headers.insert(DUE_AT_HEADER.to_owned(), due.to_string());
-                    Route::Work
+                    // Within the hold limit: straight to the work queue, where
+                    // the consumer holds it until due.
+                    next_hop_ms(due - now).map_or(Route::Work, Route::Wait)
                 }
                 (Destination::Work, _) => {
                     headers.remove(DUE_AT_HEADER);
@@ -568,14 +571,12 @@ mod tests {
         assert_eq!(delay_step_for(100_000_000), 4_096_000);
     }
 
-    /// The hops (wait steps) a delay takes, as `Bus::publish` and the
-    /// consumer's re-delay route it when every hop lands on time, and what is
-    /// left to hold when the last one lands.
+    /// The hops (wait steps) a delay takes when every hop lands on time, and
+    /// what is left to hold when the last one lands.
     fn hops(delay_ms: i64) -> (Vec<u64>, i64) {
         let mut remaining = delay_ms;
         let mut hops = Vec::new();
-        while remaining >= HOLD_BELOW_MS {
-            let step = delay_step_for(remaining - ARRIVAL_LEAD_MS);
+        while let Some(step) = next_hop_ms(remaining) {
             hops.push(step);
             remaining -= step as i64;
         }
