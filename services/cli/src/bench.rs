@@ -11,7 +11,8 @@
 //! Phases:
 //! 1. ceilings: publish-with-confirms + consume-with-ack through one quorum
 //!    queue; batched and one-row INSERTs into a table shaped like
-//!    `agent_events`;
+//!    `agent_events`; the collector phase's requests, senders and client
+//!    against the collector's HTTP stack with nothing behind it;
 //! 2. rollout: N simulated targets × K patches at concurrency C through the
 //!    whole pipeline (simulated agents post real reports to the collector);
 //! 3. collector: M targets' agents (this process) post their reports as fast
@@ -19,7 +20,10 @@
 //!    per request, next to the same load on a collector that writes one
 //!    report per transaction; then M more agents produce reports on a clock
 //!    (`--collector-rate` in all) and each sends what is ready, as the real
-//!    agent does; rate, reports per request, latency from production;
+//!    agent does; rate, reports per request, latency from production; for
+//!    each run, the CPU time per report of the collector, the simulated
+//!    agents, PostgreSQL, RabbitMQ and the rest of the machine (`/proc`), and
+//!    the rate the machine's cores would bound it to at that cost;
 //! 4. watchdogs: W targets brought to `running` at once and left silent;
 //!    how late after its deadline each is timed out;
 //! 5. create: a rollout of 100,000 targets through the API; time to accept,
@@ -118,11 +122,134 @@ fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
 /// User + system CPU seconds (`/proc/PID/stat`, in USER_HZ = 100 ticks per second).
 fn proc_cpu_seconds(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let utime: f64 = fields.get(11)?.parse().ok()?;
-    let stime: f64 = fields.get(12)?.parse().ok()?;
-    Some((utime + stime) / 100.0)
+    stat_cpu_seconds(&proc_stat_fields(&stat)?.1, false)
+}
+
+/// The fields of `/proc/PID/stat` after the command name (state first), and
+/// the command name (`comm`).
+fn proc_stat_fields(stat: &str) -> Option<(&str, Vec<&str>)> {
+    let open = stat.find('(')?;
+    let close = stat.rfind(')')?;
+    Some((&stat[open + 1..close], stat.get(close + 2..)?.split_whitespace().collect()))
+}
+
+/// CPU seconds (user + system) of a process, and with `children` also of
+/// its children that it has waited for: where the work of a PostgreSQL
+/// backend goes when it disconnects.
+fn stat_cpu_seconds(fields: &[&str], children: bool) -> Option<f64> {
+    let tick = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok());
+    let own = tick(11)? + tick(12)?;
+    Some(if children { own + tick(13)? + tick(14)? } else { own } / 100.0)
+}
+
+/// CPU time spent, machine-wide and per group of processes, at one moment.
+#[derive(Debug, Clone, Default)]
+struct CpuSnapshot {
+    cores: usize,
+    /// Busy seconds of all CPUs together (`/proc/stat`: all but idle and iowait).
+    machine: f64,
+    groups: BTreeMap<String, f64>,
+}
+
+/// Processes counted by their command name, with the children they reaped.
+const CPU_GROUPS_BY_COMMAND: [(&str, &str); 2] = [("postgres", "postgresql"), ("beam.smp", "rabbitmq")];
+
+impl CpuSnapshot {
+    /// Now: the machine, `services` (name, pid), this process (named
+    /// `this_process`: what it plays in the run) and, when they run on this
+    /// machine, PostgreSQL and RabbitMQ (found by command name).
+    fn take(this_process: &str, services: &[(&str, u32)]) -> Self {
+        let (cores, machine) =
+            std::fs::read_to_string("/proc/stat").ok().map(|text| Self::machine_busy(&text)).unwrap_or((0, 0.0));
+        let mut groups = BTreeMap::new();
+        for (name, pid) in services.iter().copied().chain([(this_process, std::process::id())]) {
+            if let Some(seconds) = proc_cpu_seconds(pid) {
+                groups.insert(name.to_owned(), seconds);
+            }
+        }
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            if !entry.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+                continue;
+            }
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+            let Some((command, fields)) = proc_stat_fields(&stat) else { continue };
+            let Some((_, group)) = CPU_GROUPS_BY_COMMAND.iter().find(|(c, _)| *c == command) else { continue };
+            if let Some(seconds) = stat_cpu_seconds(&fields, true) {
+                *groups.entry((*group).to_owned()).or_default() += seconds;
+            }
+        }
+        Self { cores, machine, groups }
+    }
+
+    /// (CPUs, busy seconds of all of them) from `/proc/stat`'s text.
+    fn machine_busy(stat: &str) -> (usize, f64) {
+        let cores = stat.lines().filter(|l| l.starts_with("cpu") && !l.starts_with("cpu ")).count();
+        let busy = stat
+            .lines()
+            .find(|l| l.starts_with("cpu "))
+            .map(|line| {
+                let ticks: Vec<f64> = line.split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
+                // user nice system idle iowait irq softirq steal (guest time is inside user)
+                [0, 1, 2, 5, 6, 7].iter().filter_map(|&i| ticks.get(i)).sum::<f64>() / 100.0
+            })
+            .unwrap_or(0.0);
+        (cores, busy)
+    }
+
+    /// What happened between `self` and `later`, per report (or request).
+    fn per_report(&self, later: &CpuSnapshot, reports: usize, seconds: f64) -> CpuPerReport {
+        let reports = reports.max(1) as f64;
+        let busy = (later.machine - self.machine).max(0.0);
+        let mut micros_per_report = BTreeMap::new();
+        let mut counted = 0.0;
+        for (name, after) in &later.groups {
+            let spent = (after - self.groups.get(name).copied().unwrap_or(0.0)).max(0.0);
+            counted += spent;
+            micros_per_report.insert(name.clone(), spent * 1e6 / reports);
+        }
+        micros_per_report.insert("other".to_owned(), (busy - counted).max(0.0) * 1e6 / reports);
+        CpuPerReport {
+            cores: later.cores,
+            machine_busy: if seconds > 0.0 && later.cores > 0 { busy / (seconds * later.cores as f64) } else { 0.0 },
+            micros_per_report,
+            machine_micros_per_report: busy * 1e6 / reports,
+            machine_bound_per_second: if busy > 0.0 { later.cores as f64 * reports / busy } else { 0.0 },
+        }
+    }
+}
+
+/// Where the machine's CPU went during a run, per report (or request).
+#[derive(Debug, Default, Clone, Serialize)]
+struct CpuPerReport {
+    cores: usize,
+    /// Busy share of all cores over the run (1.0: every core busy throughout).
+    machine_busy: f64,
+    /// CPU µs per report of each process group; `other` is the rest of the
+    /// machine's busy time (other processes, the kernel's own threads).
+    micros_per_report: BTreeMap<String, f64>,
+    /// The machine's busy CPU µs per report, all groups together.
+    machine_micros_per_report: f64,
+    /// Cores ÷ busy CPU time per report: the most reports per second this
+    /// machine could take at this cost per report with every core busy.
+    machine_bound_per_second: f64,
+}
+
+impl CpuPerReport {
+    fn summary(&self) -> String {
+        let groups = self
+            .micros_per_report
+            .iter()
+            .map(|(name, micros)| format!("{name} {micros:.0}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        format!(
+            "CPU µs per report: {groups}; all {:.0} → at most {:.0}/s on {} cores (busy {:.0} %)",
+            self.machine_micros_per_report,
+            self.machine_bound_per_second,
+            self.cores,
+            self.machine_busy * 100.0
+        )
+    }
 }
 
 impl Service {
@@ -227,6 +354,10 @@ impl Sampler {
     }
     fn forget(&self, name: &str) {
         self.pids.lock().expect("sampler").remove(name);
+    }
+    /// The services watched now, by name.
+    fn pids(&self) -> BTreeMap<String, u32> {
+        self.pids.lock().expect("sampler").clone()
     }
     fn sample(&self) {
         let pids = self.pids.lock().expect("sampler").clone();
@@ -357,6 +488,7 @@ struct Figures {
     queue_prefix: String,
     broker_ceiling: Option<fleetpatch_bus::ceiling::BrokerCeiling>,
     database_ceiling: Option<fleetpatch_store::ceiling::DatabaseCeiling>,
+    http_ceiling: Option<HttpCeiling>,
     rollout: Option<RolloutFigures>,
     collector: Option<CollectorFigures>,
     watchdogs: Option<WatchdogFigures>,
@@ -394,9 +526,25 @@ struct CollectorFigures {
     /// `batched` ÷ `one_report_per_transaction`.
     vs_one_transaction_per_report: f64,
     fraction_of_batched_insert_ceiling: Option<f64>,
+    /// `batched` ÷ the HTTP ceiling (one report per request in both).
+    fraction_of_http_ceiling: Option<f64>,
     /// The paced run (`--collector-rate`), on the configured collector.
     paced: Option<PacedRun>,
     peak_rss_mib: BTreeMap<String, f64>,
+}
+
+/// The most report requests per second this machine answers through the
+/// collector's HTTP stack with nothing behind it (see [`http_ceiling`]).
+#[derive(Debug, Default, Serialize)]
+struct HttpCeiling {
+    requests: usize,
+    clients: usize,
+    seconds: f64,
+    requests_per_second: f64,
+    latency_p50_ms: f64,
+    latency_p99_ms: f64,
+    /// Per request.
+    cpu: CpuPerReport,
 }
 
 /// Agents that produce their reports on a clock (open loop) and send, one
@@ -427,6 +575,8 @@ struct CollectorRun {
     latency_p99_ms: f64,
     latency_max_ms: f64,
     all_targets_succeeded: bool,
+    /// Where the machine's CPU went during the run, per report.
+    cpu: Option<CpuPerReport>,
 }
 
 impl CollectorRun {
@@ -442,6 +592,7 @@ impl CollectorRun {
             latency_p99_ms: quantile(&latencies, 0.99),
             latency_max_ms: latencies.last().copied().unwrap_or(0.0),
             all_targets_succeeded,
+            cpu: None,
         }
     }
 }
@@ -572,6 +723,17 @@ impl Bench {
         }
     }
 
+    /// Waits until the outbox is empty (what bringing targets to running
+    /// announced has been published), so that a run's CPU figures hold only
+    /// its own work.
+    async fn wait_for_outbox(&self) -> anyhow::Result<()> {
+        self.wait_until("the outbox to be published", Duration::from_secs(120), async || {
+            let depth = self.store.outbox_depth().await?;
+            Ok((depth > 0).then(|| format!("{depth} messages left")))
+        })
+        .await
+    }
+
     async fn counts(&self, rollout: Uuid) -> anyhow::Result<BTreeMap<String, u64>> {
         let rollout = self.store.rollout(rollout).await?;
         Ok(self.store.progress(&rollout).await?.by_state)
@@ -585,6 +747,13 @@ impl Bench {
             Ok((n < total).then(|| format!("{n}/{total}")))
         })
         .await
+    }
+
+    /// The running services (name, pid), with `name` played by `pid`.
+    fn processes_with(&self, name: &str, pid: u32) -> Vec<(String, u32)> {
+        let mut pids = self.sampler.pids();
+        pids.insert(name.to_owned(), pid);
+        pids.into_iter().collect()
     }
 
     /// Plays the worker for every queued target: claim, probe, stage, start;
@@ -684,7 +853,10 @@ async fn run_phases(
     let mut figures = Figures { database: db_name.to_owned(), queue_prefix: amqp.prefix.clone(), ..Figures::default() };
 
     // 1. The ceilings, before any service competes with them.
-    eprintln!("1/5 ceilings: broker (publish with confirms + consume with ack) and database (INSERT)");
+    eprintln!(
+        "1/5 ceilings: broker (publish with confirms + consume with ack), database (INSERT), HTTP (the collector's \
+         server stack, nothing behind it)"
+    );
     let sample_job = v1::DeployJob {
         target_id: Uuid::new_v4().to_string(),
         rollout_id: Uuid::new_v4().to_string(),
@@ -699,6 +871,13 @@ async fn run_phases(
         .await
         .context("measuring the database ceiling")?;
     figures.database_ceiling = Some(db);
+    let http = reqwest::Client::builder().pool_max_idle_per_host(1_024).build()?;
+    if args.collector_targets > 0 {
+        let ceiling = http_ceiling(&http, args.collector_targets, args.patches, args.collector_clients)
+            .await
+            .context("measuring the HTTP ceiling")?;
+        figures.http_ceiling = Some(ceiling);
+    }
 
     // The services, one process each.
     let token_key = Uuid::new_v4().simple().to_string();
@@ -723,7 +902,6 @@ async fn run_phases(
         ("FLEETPATCH__SIM__MAX_LATENCY_MS".into(), "5".into()),
         ("FLEETPATCH_BENCH_TOKEN_KEY".into(), token_key),
     ];
-    let http = reqwest::Client::builder().pool_max_idle_per_host(1_024).build()?;
     let sampler = Sampler::default();
     let stop_sampler = Arc::new(AtomicBool::new(false));
     let sampling = sampler.start(stop_sampler.clone());
@@ -850,7 +1028,7 @@ async fn run_phases(
             "3/5 collector: {} targets' agents, {} concurrent senders",
             args.collector_targets, args.collector_clients
         );
-        collector_phase(&mut bench, collector_port).await?;
+        collector_phase(&mut bench, collector_port, collector.pid).await?;
     }
 
     // 4. Watchdogs.
@@ -942,7 +1120,7 @@ fn agent_report_list(patches: usize) -> Vec<v1::AgentReport> {
 
 /// The same agents' load, first on a collector that writes one report per
 /// transaction, then on the configured one.
-async fn collector_phase(bench: &mut Bench, collector_port: u16) -> anyhow::Result<()> {
+async fn collector_phase(bench: &mut Bench, collector_port: u16, collector_pid: u32) -> anyhow::Result<()> {
     let args = bench.args.clone();
     let naive_port = free_port()?;
     let mut env = bench.env.clone();
@@ -960,10 +1138,10 @@ async fn collector_phase(bench: &mut Bench, collector_port: u16) -> anyhow::Resu
         format!("http://127.0.0.1:{naive_port}"),
     )?;
     naive.wait_ready(&bench.http).await?;
-    let one_report_per_transaction = collector_load(bench, naive_port).await?;
+    let one_report_per_transaction = collector_load(bench, naive_port, naive.pid).await?;
     naive.stop().await?;
     bench.sampler.take_peaks();
-    let batched = collector_load(bench, collector_port).await?;
+    let batched = collector_load(bench, collector_port, collector_pid).await?;
     let rate = batched.reports_per_second;
     bench.figures.collector = Some(CollectorFigures {
         targets: args.collector_targets,
@@ -976,11 +1154,12 @@ async fn collector_phase(bench: &mut Bench, collector_port: u16) -> anyhow::Resu
             .database_ceiling
             .as_ref()
             .map(|c| rate / c.batched_rows_per_second),
+        fraction_of_http_ceiling: bench.figures.http_ceiling.as_ref().map(|c| rate / c.requests_per_second),
         paced: None,
         peak_rss_mib: BTreeMap::new(),
     });
     if args.collector_rate > 0 {
-        let paced = paced_collector_load(bench, collector_port, f64::from(args.collector_rate)).await?;
+        let paced = paced_collector_load(bench, collector_port, collector_pid, f64::from(args.collector_rate)).await?;
         if let Some(figures) = bench.figures.collector.as_mut() {
             figures.paced = Some(paced);
         }
@@ -997,15 +1176,24 @@ async fn collector_phase(bench: &mut Bench, collector_port: u16) -> anyhow::Resu
 /// waiting for the acknowledgement before its next: what the real agent's
 /// sender does. Load that the collector does not keep up with piles up in
 /// the agents, so their requests grow instead of their number.
-async fn paced_collector_load(bench: &Bench, collector_port: u16, rate: f64) -> anyhow::Result<PacedRun> {
+async fn paced_collector_load(
+    bench: &Bench,
+    collector_port: u16,
+    collector_pid: u32,
+    rate: f64,
+) -> anyhow::Result<PacedRun> {
     let args = &bench.args;
     let agents = args.collector_targets;
     let rollout =
         bench.store.create_rollout(NewRollout::synthetic("bench-collector-paced", agents, args.patches, 600)).await?;
     bench.wait_all(rollout, TargetState::Queued, agents, Duration::from_secs(300)).await?;
     let tokens = bench.bring_to_running(rollout).await?;
+    bench.wait_for_outbox().await?;
     let reports = Arc::new(agent_report_list(args.patches));
     let gap = Duration::from_secs_f64(agents as f64 / rate);
+    let processes = bench.processes_with("collector", collector_pid);
+    let processes: Vec<(&str, u32)> = processes.iter().map(|(name, pid)| (name.as_str(), *pid)).collect();
+    let before = CpuSnapshot::take("bench agents", &processes);
     let started = tokio::time::Instant::now() + Duration::from_millis(200);
     let mut tasks = tokio::task::JoinSet::new();
     for (index, (target, token)) in tokens.into_iter().enumerate() {
@@ -1049,40 +1237,71 @@ async fn paced_collector_load(bench: &Bench, collector_port: u16, rate: f64) -> 
         last_ack = last_ack.max(done);
     }
     let seconds = (last_ack - started).as_secs_f64();
+    let cpu = before.per_report(&CpuSnapshot::take("bench agents", &processes), latencies.len(), seconds);
     let succeeded = bench.counts(rollout).await?.get("succeeded").copied().unwrap_or(0) as usize;
-    Ok(PacedRun {
-        agents,
-        offered_reports_per_second: rate,
-        requests,
-        reports_per_request: latencies.len() as f64 / requests.max(1) as f64,
-        run: CollectorRun::measured(latencies, retried, seconds, succeeded == agents),
-    })
+    let reports_per_request = latencies.len() as f64 / requests.max(1) as f64;
+    let mut run = CollectorRun::measured(latencies, retried, seconds, succeeded == agents);
+    run.cpu = Some(cpu);
+    Ok(PacedRun { agents, offered_reports_per_second: rate, requests, reports_per_request, run })
 }
 
 /// Brings `collector_targets` targets to running, then their agents post
-/// every report, each in its own request, `collector_clients` at a time.
-async fn collector_load(bench: &Bench, collector_port: u16) -> anyhow::Result<CollectorRun> {
+/// every report, each in its own request, `collector_clients` at a time, to
+/// the collector on `collector_port` (process `collector_pid`).
+async fn collector_load(bench: &Bench, collector_port: u16, collector_pid: u32) -> anyhow::Result<CollectorRun> {
     let args = &bench.args;
     let rollout = bench
         .store
         .create_rollout(NewRollout::synthetic("bench-collector", args.collector_targets, args.patches, 600))
         .await?;
     bench.wait_all(rollout, TargetState::Queued, args.collector_targets, Duration::from_secs(300)).await?;
-    let tokens = Arc::new(bench.bring_to_running(rollout).await?);
-    let per_target = Arc::new(agent_reports(args.patches));
+    let tokens = bench.bring_to_running(rollout).await?;
+    bench.wait_for_outbox().await?;
+    let processes = bench.processes_with("collector", collector_pid);
+    let processes: Vec<(&str, u32)> = processes.iter().map(|(name, pid)| (name.as_str(), *pid)).collect();
+    let before = CpuSnapshot::take("bench agents", &processes);
+    let sent =
+        send_all(&bench.http, collector_port, tokens, agent_reports(args.patches), args.collector_clients).await?;
+    let cpu = before.per_report(&CpuSnapshot::take("bench agents", &processes), sent.latencies.len(), sent.seconds);
+    let succeeded = bench.counts(rollout).await?.get("succeeded").copied().unwrap_or(0) as usize;
+    let mut run =
+        CollectorRun::measured(sent.latencies, sent.retried, sent.seconds, succeeded == args.collector_targets);
+    run.cpu = Some(cpu);
+    Ok(run)
+}
+
+/// What [`send_all`] measured.
+struct Sent {
+    /// Milliseconds from sending each acknowledged request to its answer.
+    latencies: Vec<f64>,
+    retried: usize,
+    seconds: f64,
+}
+
+/// `clients` senders take the targets one after the other and post each
+/// target's `requests` in order, one at a time, to port `port`; a 503 is
+/// sent again after 20 ms.
+async fn send_all(
+    http: &reqwest::Client,
+    port: u16,
+    targets: Vec<(Uuid, String)>,
+    requests: Vec<Vec<u8>>,
+    clients: usize,
+) -> anyhow::Result<Sent> {
+    let (targets, requests) = (Arc::new(targets), Arc::new(requests));
     let next = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
     let mut tasks = Vec::new();
-    for _ in 0..args.collector_clients.max(1) {
-        let (http, tokens, next, per_target) = (bench.http.clone(), tokens.clone(), next.clone(), per_target.clone());
+    for _ in 0..clients.max(1) {
+        let (http, targets, next, requests) = (http.clone(), targets.clone(), next.clone(), requests.clone());
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
             let mut retried = 0usize;
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some((target, token)) = tokens.get(i) else { break };
-                let url = format!("http://127.0.0.1:{collector_port}/v1/targets/{target}/reports");
-                for body in per_target.iter() {
+                let Some((target, token)) = targets.get(i) else { break };
+                let url = format!("http://127.0.0.1:{port}/v1/targets/{target}/reports");
+                for body in requests.iter() {
                     loop {
                         let sent = Instant::now();
                         if post_reports(&http, &url, token, body.clone()).await? {
@@ -1097,16 +1316,48 @@ async fn collector_load(bench: &Bench, collector_port: u16) -> anyhow::Result<Co
             anyhow::Ok((latencies, retried))
         }));
     }
-    let mut latencies = Vec::new();
-    let mut retried = 0;
+    let mut sent = Sent { latencies: Vec::new(), retried: 0, seconds: 0.0 };
     for task in tasks {
         let (mine, again) = task.await??;
-        latencies.extend(mine);
-        retried += again;
+        sent.latencies.extend(mine);
+        sent.retried += again;
     }
-    let seconds = started.elapsed().as_secs_f64();
-    let succeeded = bench.counts(rollout).await?.get("succeeded").copied().unwrap_or(0) as usize;
-    Ok(CollectorRun::measured(latencies, retried, seconds, succeeded == args.collector_targets))
+    sent.seconds = started.elapsed().as_secs_f64();
+    Ok(sent)
+}
+
+/// The HTTP ceiling: the same senders, requests and client as the
+/// collector phase, against the collector's server stack with nothing
+/// behind it ([`fleetpatch_collector::ceiling`]), served from this process.
+async fn http_ceiling(
+    http: &reqwest::Client,
+    targets: usize,
+    patches: usize,
+    clients: usize,
+) -> anyhow::Result<HttpCeiling> {
+    let server = fleetpatch_collector::ceiling::serve_bare("127.0.0.1:0").await?;
+    let targets: Vec<(Uuid, String)> = (0..targets)
+        .map(|_| {
+            let id = Uuid::new_v4();
+            (id, format!("{}.{}", id.simple(), Uuid::new_v4().simple()))
+        })
+        .collect();
+    let before = CpuSnapshot::take("bench agents and bare server", &[]);
+    let sent = send_all(http, server.local_addr.port(), targets, agent_reports(patches), clients).await;
+    let after = CpuSnapshot::take("bench agents and bare server", &[]);
+    server.stop.cancel();
+    server.join.await??;
+    let mut sent = sent?;
+    sent.latencies.sort_by(f64::total_cmp);
+    Ok(HttpCeiling {
+        requests: sent.latencies.len(),
+        clients,
+        seconds: sent.seconds,
+        requests_per_second: sent.latencies.len() as f64 / sent.seconds,
+        latency_p50_ms: quantile(&sent.latencies, 0.5),
+        latency_p99_ms: quantile(&sent.latencies, 0.99),
+        cpu: before.per_report(&after, sent.latencies.len(), sent.seconds),
+    })
 }
 
 async fn watchdog_phase(bench: &mut Bench) -> anyhow::Result<()> {
@@ -1194,7 +1445,20 @@ fn print_figures(f: &Figures) {
         );
         println!("                      peak RSS MiB: {}", peaks(&r.peak_rss_mib));
     }
+    if let Some(c) = &f.http_ceiling {
+        println!(
+            "  HTTP ceiling        {:>10.0} requests/s ({} one-report requests, {} concurrent senders, the collector's \
+             server stack answering at once); latency p50 {:.1} ms, p99 {:.1} ms",
+            c.requests_per_second, c.requests, c.clients, c.latency_p50_ms, c.latency_p99_ms
+        );
+        println!("                      {}", c.cpu.summary().replace("per report", "per request"));
+    }
     if let Some(c) = &f.collector {
+        let cpu = |r: &CollectorRun| {
+            if let Some(cpu) = &r.cpu {
+                println!("                        {}", cpu.summary());
+            }
+        };
         let run = |label: &str, r: &CollectorRun| {
             println!(
                 "                      {label}: {} reports in {:.1} s, {:.0} reports/s; latency p50 {:.1} ms, p99 {:.1} ms, \
@@ -1214,11 +1478,15 @@ fn print_figures(f: &Figures) {
             c.targets, c.clients
         );
         run("batched", &c.batched);
+        cpu(&c.batched);
         run("one report per transaction", &c.one_report_per_transaction);
+        cpu(&c.one_report_per_transaction);
         println!(
-            "                      batched = {:.2} × one report per transaction; {} of the batched INSERT ceiling",
+            "                      batched = {:.2} × one report per transaction; {} of the batched INSERT ceiling; \
+             {} of the HTTP ceiling",
             c.vs_one_transaction_per_report,
-            opt(c.fraction_of_batched_insert_ceiling.map(|x| x * 100.0), "%")
+            opt(c.fraction_of_batched_insert_ceiling.map(|x| x * 100.0), "%"),
+            opt(c.fraction_of_http_ceiling.map(|x| x * 100.0), "%")
         );
         if let Some(p) = &c.paced {
             println!(
@@ -1238,6 +1506,7 @@ fn print_figures(f: &Figures) {
                 p.run.retried,
                 p.run.all_targets_succeeded
             );
+            cpu(&p.run);
         }
         println!("                      peak RSS MiB: {}", peaks(&c.peak_rss_mib));
     }
@@ -1287,6 +1556,54 @@ mod tests {
         assert_eq!(quantile(&values, 0.5), 50.0);
         assert_eq!(quantile(&values, 0.99), 99.0);
         assert_eq!(quantile(&[], 0.5), 0.0);
+    }
+
+    #[test]
+    fn proc_stat_lines_give_the_command_and_cpu_seconds() {
+        // A command name with a space and a parenthesis, as comm can have.
+        let stat = "4242 (beam.smp (x)) S 1 4242 4242 0 -1 4194560 100 0 0 0 250 50 30 20 20 0 40 0";
+        let (command, fields) = proc_stat_fields(stat).expect("parsed");
+        assert_eq!(command, "beam.smp (x)");
+        assert_eq!(fields[0], "S");
+        assert_eq!(stat_cpu_seconds(&fields, false), Some(3.0), "utime 250 + stime 50 ticks");
+        assert_eq!(stat_cpu_seconds(&fields, true), Some(3.5), "and the reaped children's 30 + 20");
+        assert_eq!(stat_cpu_seconds(&fields[..12], false), None, "a short line is not read as zero");
+    }
+
+    #[test]
+    fn the_machine_busy_time_leaves_out_idle_and_iowait() {
+        let stat = "cpu  100 10 50 9000 40 5 15 20 0 0\ncpu0 50 5 25 4500 20 2 8 10 0 0\n\
+                    cpu1 50 5 25 4500 20 3 7 10 0 0\nintr 1 2 3\nctxt 99\n";
+        let (cores, busy) = CpuSnapshot::machine_busy(stat);
+        assert_eq!(cores, 2);
+        assert!((busy - 2.0).abs() < 1e-9, "user+nice+system+irq+softirq+steal = 200 ticks, not {busy}");
+    }
+
+    #[test]
+    fn cpu_per_report_splits_the_machine_and_bounds_the_rate() {
+        let group = |pairs: &[(&str, f64)]| pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+        let before =
+            CpuSnapshot { cores: 2, machine: 100.0, groups: group(&[("collector", 10.0), ("postgresql", 20.0)]) };
+        let after = CpuSnapshot {
+            cores: 2,
+            machine: 101.5,
+            groups: group(&[("collector", 10.5), ("postgresql", 21.0), ("bench agents", 0.0)]),
+        };
+        // 10,000 reports in 1 s: 1.5 CPU s, 150 µs per report, of which the
+        // collector 50, PostgreSQL 100, and nothing left for the rest.
+        let cpu = before.per_report(&after, 10_000, 1.0);
+        assert_eq!(cpu.cores, 2);
+        assert!((cpu.machine_busy - 0.75).abs() < 1e-9, "{cpu:?}");
+        assert!((cpu.micros_per_report["collector"] - 50.0).abs() < 1e-9, "{cpu:?}");
+        assert!((cpu.micros_per_report["postgresql"] - 100.0).abs() < 1e-9, "{cpu:?}");
+        assert_eq!(cpu.micros_per_report["bench agents"], 0.0);
+        assert!(cpu.micros_per_report["other"].abs() < 1e-9, "{cpu:?}");
+        assert!((cpu.machine_micros_per_report - 150.0).abs() < 1e-9, "{cpu:?}");
+        // 2 cores ÷ 150 µs = 13,333 reports/s at most.
+        assert!((cpu.machine_bound_per_second - 2.0e6 / 150.0).abs() < 1e-6, "{cpu:?}");
+        assert!(cpu.summary().contains("at most 13333/s on 2 cores"), "{}", cpu.summary());
+        // A quiet machine bounds nothing rather than dividing by zero.
+        assert_eq!(before.per_report(&before, 10, 1.0).machine_bound_per_second, 0.0);
     }
 
     #[test]

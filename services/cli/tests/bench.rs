@@ -35,6 +35,27 @@ fn a_small_bench_runs_every_phase_and_removes_its_database() {
         assert!(collector[run]["reports_per_second"].as_f64().unwrap() > 0.0);
     }
     assert!(collector["vs_one_transaction_per_report"].as_f64().unwrap() > 0.0);
+    // The HTTP ceiling: every request of the collector phase's 30 agents
+    // (6 each with 2 patches: started and finished twice, a heartbeat, the final).
+    let ceiling = &figures["http_ceiling"];
+    assert_eq!(ceiling["requests"], 30 * 6, "{ceiling:#}");
+    assert!(ceiling["requests_per_second"].as_f64().unwrap() > 0.0, "{ceiling:#}");
+    assert!(collector["fraction_of_http_ceiling"].as_f64().unwrap() > 0.0, "{collector:#}");
+    // Where the CPU went, per report, for each run (the figures are in 10 ms
+    // ticks, too coarse for so small a run to be asserted on; the arithmetic
+    // has its unit tests).
+    for cpu in [&collector["batched"]["cpu"], &collector["paced"]["cpu"], &ceiling["cpu"]] {
+        assert!(cpu["cores"].as_u64().unwrap() >= 1, "{cpu:#}");
+        assert!(cpu["machine_micros_per_report"].as_f64().unwrap() >= 0.0, "{cpu:#}");
+        assert!(cpu["machine_busy"].as_f64().unwrap() >= 0.0, "{cpu:#}");
+    }
+    // The local PostgreSQL (the test database is on this machine) is found
+    // by its command name, the collector and scheduler by their pids.
+    let batched_cpu = &collector["batched"]["cpu"]["micros_per_report"];
+    for group in ["collector", "scheduler", "bench agents", "postgresql", "other"] {
+        assert!(batched_cpu[group].is_number(), "{group} is missing: {batched_cpu:#}");
+    }
+    assert!(ceiling["cpu"]["micros_per_report"]["bench agents and bare server"].is_number(), "{ceiling:#}");
     // The paced run: 30 more agents, 6 reports each (2 patches), 300 reports/s offered.
     let paced = &collector["paced"];
     assert_eq!((paced["agents"].as_u64(), paced["reports"].as_u64()), (Some(30), Some(180)), "{paced:#}");
