@@ -158,11 +158,13 @@ impl CpuSnapshot {
     /// Now: the machine, `services` (name, pid), this process (named
     /// `this_process`: what it plays in the run) and, when they run on this
     /// machine, PostgreSQL and RabbitMQ (found by command name).
-    fn take(this_process: &str, services: &[(&str, u32)]) -> Self {
+    fn take(this_process: &str, services: &[(String, u32)]) -> Self {
         let (cores, machine) =
             std::fs::read_to_string("/proc/stat").ok().map(|text| Self::machine_busy(&text)).unwrap_or((0, 0.0));
         let mut groups = BTreeMap::new();
-        for (name, pid) in services.iter().copied().chain([(this_process, std::process::id())]) {
+        for (name, pid) in
+            services.iter().map(|(name, pid)| (name.as_str(), *pid)).chain([(this_process, std::process::id())])
+        {
             if let Some(seconds) = proc_cpu_seconds(pid) {
                 groups.insert(name.to_owned(), seconds);
             }
@@ -235,7 +237,8 @@ struct CpuPerReport {
 }
 
 impl CpuPerReport {
-    fn summary(&self) -> String {
+    /// One line; `per` is what the run counts (report, request).
+    fn summary(&self, per: &str) -> String {
         let groups = self
             .micros_per_report
             .iter()
@@ -243,7 +246,7 @@ impl CpuPerReport {
             .collect::<Vec<_>>()
             .join(", ");
         format!(
-            "CPU µs per report: {groups}; all {:.0} → at most {:.0}/s on {} cores (busy {:.0} %)",
+            "CPU µs per {per}: {groups}; all {:.0} → at most {:.0}/s on {} cores (busy {:.0} %)",
             self.machine_micros_per_report,
             self.machine_bound_per_second,
             self.cores,
@@ -749,11 +752,13 @@ impl Bench {
         .await
     }
 
-    /// The running services (name, pid), with `name` played by `pid`.
-    fn processes_with(&self, name: &str, pid: u32) -> Vec<(String, u32)> {
+    /// The CPU spent so far by the running services (the collector being
+    /// the process `collector_pid`), this process's agents, PostgreSQL,
+    /// RabbitMQ and the machine.
+    fn cpu_now(&self, collector_pid: u32) -> CpuSnapshot {
         let mut pids = self.sampler.pids();
-        pids.insert(name.to_owned(), pid);
-        pids.into_iter().collect()
+        pids.insert("collector".to_owned(), collector_pid);
+        CpuSnapshot::take("bench agents", &pids.into_iter().collect::<Vec<_>>())
     }
 
     /// Plays the worker for every queued target: claim, probe, stage, start;
@@ -1191,9 +1196,7 @@ async fn paced_collector_load(
     bench.wait_for_outbox().await?;
     let reports = Arc::new(agent_report_list(args.patches));
     let gap = Duration::from_secs_f64(agents as f64 / rate);
-    let processes = bench.processes_with("collector", collector_pid);
-    let processes: Vec<(&str, u32)> = processes.iter().map(|(name, pid)| (name.as_str(), *pid)).collect();
-    let before = CpuSnapshot::take("bench agents", &processes);
+    let before = bench.cpu_now(collector_pid);
     let started = tokio::time::Instant::now() + Duration::from_millis(200);
     let mut tasks = tokio::task::JoinSet::new();
     for (index, (target, token)) in tokens.into_iter().enumerate() {
@@ -1237,7 +1240,7 @@ async fn paced_collector_load(
         last_ack = last_ack.max(done);
     }
     let seconds = (last_ack - started).as_secs_f64();
-    let cpu = before.per_report(&CpuSnapshot::take("bench agents", &processes), latencies.len(), seconds);
+    let cpu = before.per_report(&bench.cpu_now(collector_pid), latencies.len(), seconds);
     let succeeded = bench.counts(rollout).await?.get("succeeded").copied().unwrap_or(0) as usize;
     let reports_per_request = latencies.len() as f64 / requests.max(1) as f64;
     let mut run = CollectorRun::measured(latencies, retried, seconds, succeeded == agents);
@@ -1257,12 +1260,10 @@ async fn collector_load(bench: &Bench, collector_port: u16, collector_pid: u32) 
     bench.wait_all(rollout, TargetState::Queued, args.collector_targets, Duration::from_secs(300)).await?;
     let tokens = bench.bring_to_running(rollout).await?;
     bench.wait_for_outbox().await?;
-    let processes = bench.processes_with("collector", collector_pid);
-    let processes: Vec<(&str, u32)> = processes.iter().map(|(name, pid)| (name.as_str(), *pid)).collect();
-    let before = CpuSnapshot::take("bench agents", &processes);
+    let before = bench.cpu_now(collector_pid);
     let sent =
         send_all(&bench.http, collector_port, tokens, agent_reports(args.patches), args.collector_clients).await?;
-    let cpu = before.per_report(&CpuSnapshot::take("bench agents", &processes), sent.latencies.len(), sent.seconds);
+    let cpu = before.per_report(&bench.cpu_now(collector_pid), sent.latencies.len(), sent.seconds);
     let succeeded = bench.counts(rollout).await?.get("succeeded").copied().unwrap_or(0) as usize;
     let mut run =
         CollectorRun::measured(sent.latencies, sent.retried, sent.seconds, succeeded == args.collector_targets);
@@ -1451,12 +1452,12 @@ fn print_figures(f: &Figures) {
              server stack answering at once); latency p50 {:.1} ms, p99 {:.1} ms",
             c.requests_per_second, c.requests, c.clients, c.latency_p50_ms, c.latency_p99_ms
         );
-        println!("                      {}", c.cpu.summary().replace("per report", "per request"));
+        println!("                      {}", c.cpu.summary("request"));
     }
     if let Some(c) = &f.collector {
         let cpu = |r: &CollectorRun| {
             if let Some(cpu) = &r.cpu {
-                println!("                        {}", cpu.summary());
+                println!("                        {}", cpu.summary("report"));
             }
         };
         let run = |label: &str, r: &CollectorRun| {
@@ -1471,16 +1472,15 @@ fn print_figures(f: &Figures) {
                 r.latency_max_ms,
                 r.retried,
                 r.all_targets_succeeded
-            )
+            );
+            cpu(r);
         };
         println!(
             "  collector           {} targets' agents, {} concurrent senders, one report per request",
             c.targets, c.clients
         );
         run("batched", &c.batched);
-        cpu(&c.batched);
         run("one report per transaction", &c.one_report_per_transaction);
-        cpu(&c.one_report_per_transaction);
         println!(
             "                      batched = {:.2} × one report per transaction; {} of the batched INSERT ceiling; \
              {} of the HTTP ceiling",
@@ -1601,7 +1601,7 @@ mod tests {
         assert!((cpu.machine_micros_per_report - 150.0).abs() < 1e-9, "{cpu:?}");
         // 2 cores ÷ 150 µs = 13,333 reports/s at most.
         assert!((cpu.machine_bound_per_second - 2.0e6 / 150.0).abs() < 1e-6, "{cpu:?}");
-        assert!(cpu.summary().contains("at most 13333/s on 2 cores"), "{}", cpu.summary());
+        assert!(cpu.summary("report").contains("at most 13333/s on 2 cores"), "{}", cpu.summary("report"));
         // A quiet machine bounds nothing rather than dividing by zero.
         assert_eq!(before.per_report(&before, 10, 1.0).machine_bound_per_second, 0.0);
     }
