@@ -32,7 +32,10 @@ use crate::{
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RabbitOptions {
-    /// `amqp://user:password@host:5672/vhost`. Prefer `url_ref` for real credentials.
+    /// `amqp://user:password@host:5672/vhost`. The password is part of the URL:
+    /// for real credentials, set it from the environment
+    /// (`FLEETPATCH__AMQP__URL`; the Helm chart sets it from a Secret)
+    /// rather than writing it into a configuration file.
     pub url: String,
     /// Prefix of every exchange and queue name.
     pub prefix: String,

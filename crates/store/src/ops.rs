@@ -1425,7 +1425,9 @@ impl Store {
         })
     }
 
-    /// Running rollouts (the reconciler nudges their dispatch).
+    /// Running rollouts. No service calls this yet: the reconciler only
+    /// re-arms lost watch timers and does not nudge dispatch (a rollout with
+    /// free slots whose dispatch request was lost stays as it is; issue 16).
     pub async fn running_rollout_ids(&self) -> Result<Vec<Uuid>> {
         Ok(rollouts::Entity::find()
             .select_only()
