@@ -28,7 +28,7 @@ use fleetpatch_transport_smb::{SmbTransport, SmbTransportOptions};
 use fleetpatch_transport_ssh::{SshOptions, SshTransport};
 use serde::Serialize;
 
-use crate::commands::{exit, Failure};
+use crate::exit::{self, Failure};
 use crate::output::{self, OutputFormat, Table};
 use crate::rollout_file;
 

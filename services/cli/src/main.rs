@@ -13,6 +13,7 @@ mod check;
 mod client;
 mod commands;
 mod demo;
+mod exit;
 mod inventory;
 mod output;
 mod rollout_file;
@@ -132,7 +133,7 @@ async fn main() -> ExitCode {
         Ok(settings) => settings,
         Err(error) => {
             eprintln!("error: {error}");
-            return ExitCode::from(commands::exit::INVALID);
+            return ExitCode::from(exit::INVALID);
         }
     };
     if let Some(Command::Demo(args)) = cli.command {

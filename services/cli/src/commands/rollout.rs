@@ -2,7 +2,8 @@
 
 use uuid::Uuid;
 
-use super::{exit, refused_fields, CreateArgs, Failure};
+use super::{refused_fields, CreateArgs};
+use crate::exit::{self, Failure};
 use crate::client::{ApiClient, ClientError, RolloutAction, RolloutDetail, RolloutView};
 use crate::inventory;
 use crate::output::{self, Counts, OutputFormat, Table};

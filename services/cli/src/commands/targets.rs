@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use fleetpatch_proto::state::TargetState;
 use uuid::Uuid;
 
-use super::{exit, Failure};
+use crate::exit::{self, Failure};
 use crate::client::{ApiClient, RolloutDetail, TargetDetail, TargetView};
 use crate::output::{self, OutputFormat, Table};
 

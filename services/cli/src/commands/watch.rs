@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use fleetpatch_proto::state::{RolloutState, TargetState};
 use uuid::Uuid;
 
-use super::{exit, Failure};
+use crate::exit::{self, Failure};
 use crate::client::{ApiClient, ClientError, RolloutDetail, TargetView};
 use crate::output::{self, Counts, OutputFormat, Terminal};
 
