@@ -1,15 +1,17 @@
 //! What every fleetpatch service shares at run time: layered configuration,
 //! telemetry (logs, metrics, traces), the shutdown signal, and the ops
-//! endpoints (`/livez`, `/readyz`, `/metrics`).
+//! endpoints (`/livez`, `/readyz`, `/metrics`), and the clock.
 //!
 //! This crate knows no service: services hand it their options and checks.
 
+pub mod clock;
 pub mod config;
 pub mod ops;
 pub mod secrets;
 pub mod shutdown;
 pub mod telemetry;
 
+pub use clock::{Clock, ManualClock};
 pub use ops::{Health, ReadinessCheck};
 pub use shutdown::Shutdown;
 

@@ -22,6 +22,7 @@ use fleetpatch_proto::plan::{Detection, InstallerKind, RebootPolicy};
 use fleetpatch_proto::routing;
 use fleetpatch_proto::state::{PatchState, RolloutState, TargetState};
 use fleetpatch_proto::{v1, Message};
+use fleetpatch_runtime::ManualClock;
 use futures_util::FutureExt;
 use uuid::Uuid;
 
@@ -308,9 +309,9 @@ pub async fn create_rollout_round_trips_rollout_patches_and_targets(db: &dyn Tes
     let page = store.targets(id, None, Some(1), 2).await.expect("page");
     assert_eq!(page.iter().map(|t| t.ordinal).collect::<Vec<_>>(), vec![2, 3]);
 
-    // A second rollout is listed first.
-    tokio::time::sleep(Duration::from_millis(5)).await;
-    let second = create(store, Spec::new(1, 0, 1)).await;
+    // A second rollout, created a millisecond later, is listed first.
+    let manual = ManualClock::new(rollout.created_at + chrono::Duration::milliseconds(1));
+    let second = create(&store.clone().with_clock(manual.clock()), Spec::new(1, 0, 1)).await;
     let listed: Vec<Uuid> = store.list_rollouts(10).await.expect("list").into_iter().map(|r| r.id).collect();
     assert_eq!(listed, vec![second, id]);
     assert_eq!(store.list_rollouts(1).await.expect("list").len(), 1);
@@ -872,29 +873,32 @@ pub async fn patch_reports_in_one_batch_keep_the_first_result_and_every_column(d
 }
 
 pub async fn every_fresh_report_moves_the_deadline(db: &dyn TestDatabase) {
-    let store = db.store();
+    let manual = ManualClock::starting_now();
+    let store = &db.store().clone().with_clock(manual.clock());
     let id = create(store, Spec::new(1, 1, 1)).await;
     store.dispatch(id).await.expect("dispatch");
     let target = bring_to_running(store, &all_targets(store, id).await[0]).await.target;
-    let before = target.last_seen_at.expect("last seen");
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(target.last_seen_at, Some(manual.now()), "running counts as seen");
+    // The last-seen time is when the report was received, by the store's clock.
+    let received = manual.advance(Duration::from_millis(20));
     store.apply_reports(&[report(&target, 1, ReportKind::Heartbeat { patch_index: None })]).await.expect("apply");
-    let seen = store.target(target.id).await.expect("target").last_seen_at.expect("last seen");
-    assert!(seen > before, "{seen} > {before}");
+    assert_eq!(store.target(target.id).await.expect("target").last_seen_at, Some(received));
     // A duplicate does not.
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    manual.advance(Duration::from_millis(20));
     store.apply_reports(&[report(&target, 1, ReportKind::Heartbeat { patch_index: None })]).await.expect("apply");
-    assert_eq!(store.target(target.id).await.expect("target").last_seen_at, Some(seen));
+    assert_eq!(store.target(target.id).await.expect("target").last_seen_at, Some(received));
 }
 
 // ---------------------------------------------------------------- watchdog and failures
 
 pub async fn the_watchdog_times_out_a_silent_target_and_fails_open_patches(db: &dyn TestDatabase) {
-    let store = db.store();
+    let manual = ManualClock::starting_now();
+    let store = &db.store().clone().with_clock(manual.clock());
     let policy = TimeoutPolicy { verify_delay: Duration::from_secs(7) };
-    let id = create(store, Spec { timeout_seconds: 1, ..Spec::new(1, 2, 1) }).await;
+    let id = create(store, Spec { timeout_seconds: 600, ..Spec::new(1, 2, 1) }).await;
     store.dispatch(id).await.expect("dispatch");
     let target = bring_to_running(store, &all_targets(store, id).await[0]).await.target;
+    let seen = manual.advance(Duration::from_secs(30));
     store
         .apply_reports(&[
             report(&target, 1, ReportKind::Started { patch_index: 0 }),
@@ -902,22 +906,25 @@ pub async fn the_watchdog_times_out_a_silent_target_and_fails_open_patches(db: &
         ])
         .await
         .expect("apply");
-    let seen = store.target(target.id).await.expect("target").last_seen_at.expect("seen");
-    match store.check_timeout(target.id, 1, policy).await.expect("check") {
-        WatchOutcome::NotYet(deadline) => {
-            assert_eq!(deadline, seen + chrono::Duration::seconds(1), "the deadline counts from the last report")
-        }
-        other => panic!("a target seen just now timed out: {other:?}"),
-    }
+    let deadline = seen + chrono::Duration::seconds(600);
+    assert_eq!(
+        store.check_timeout(target.id, 1, policy).await.expect("check"),
+        WatchOutcome::NotYet(deadline),
+        "the deadline counts from the last report"
+    );
     // Another attempt's timer finds nothing to do.
     assert_eq!(store.check_timeout(target.id, 2, policy).await.expect("check"), WatchOutcome::Gone);
-    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    // A millisecond before the deadline it is still in time; at the deadline it times out.
+    manual.set(deadline - chrono::Duration::milliseconds(1));
+    assert_eq!(store.check_timeout(target.id, 1, policy).await.expect("check"), WatchOutcome::NotYet(deadline));
+    manual.set(deadline);
     drain_outbox(store).await;
     assert_eq!(store.check_timeout(target.id, 1, policy).await.expect("check"), WatchOutcome::TimedOut);
     let timed_out = store.target(target.id).await.expect("target");
     assert_eq!(timed_out.state, TargetState::TimedOut);
+    assert_eq!(timed_out.finished_at, Some(deadline), "timed out at the store's time");
     let reason = timed_out.error.expect("reason");
-    assert!(reason.contains("no feedback received within 1 s"), "{reason}");
+    assert!(reason.contains("no feedback received within 600 s"), "{reason}");
     let patches = store.target_patches(target.id).await.expect("patches");
     assert_eq!(patches[0].state, PatchState::Succeeded, "what was reported stays");
     assert_eq!((patches[1].state, patches[1].error.as_deref()), (PatchState::Failed, Some(reason.as_str())));
@@ -937,7 +944,8 @@ pub async fn the_watchdog_times_out_a_silent_target_and_fails_open_patches(db: &
 }
 
 pub async fn a_batch_of_timers_is_checked_in_one_go(db: &dyn TestDatabase) {
-    let store = db.store();
+    let manual = ManualClock::starting_now();
+    let store = &db.store().clone().with_clock(manual.clock());
     let policy = TimeoutPolicy { verify_delay: Duration::from_secs(60) };
     let silent = create(store, Spec { timeout_seconds: 1, ..Spec::new(3, 1, 3) }).await;
     let patient = create(store, Spec { timeout_seconds: 600, ..Spec::new(1, 1, 1) }).await;
@@ -949,7 +957,8 @@ pub async fn a_batch_of_timers_is_checked_in_one_go(db: &dyn TestDatabase) {
     }
     // One of the silent ones reported its final result meanwhile.
     store.apply_reports(&[report(&running[2], 1, final_report(true))]).await.expect("apply");
-    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let started = manual.now();
+    manual.advance(Duration::from_secs(1));
     drain_outbox(store).await;
     let timers = [
         (running[0].id, 1),
@@ -965,7 +974,7 @@ pub async fn a_batch_of_timers_is_checked_in_one_go(db: &dyn TestDatabase) {
         &outcomes[..4],
         &[WatchOutcome::TimedOut, WatchOutcome::TimedOut, WatchOutcome::Gone, WatchOutcome::Gone]
     );
-    assert!(matches!(outcomes[4], WatchOutcome::NotYet(_)), "{:?}", outcomes[4]);
+    assert_eq!(outcomes[4], WatchOutcome::NotYet(started + chrono::Duration::seconds(600)));
     assert_eq!(&outcomes[5..], &[WatchOutcome::Gone, WatchOutcome::Gone]);
     for target in &running[..2] {
         let timed_out = store.target(target.id).await.expect("target");
@@ -1125,7 +1134,8 @@ pub async fn unknown_ids_are_not_found(db: &dyn TestDatabase) {
 }
 
 pub async fn reconciler_queries_find_stale_queued_and_overdue_running_targets(db: &dyn TestDatabase) {
-    let store = db.store();
+    let manual = ManualClock::starting_now();
+    let store = &db.store().clone().with_clock(manual.clock());
     let id = create(store, Spec { timeout_seconds: 1, ..Spec::new(3, 1, 3) }).await;
     store.dispatch(id).await.expect("dispatch");
     let targets = all_targets(store, id).await;
@@ -1133,7 +1143,10 @@ pub async fn reconciler_queries_find_stale_queued_and_overdue_running_targets(db
     assert!(store.running_rollout_ids().await.expect("running rollouts").contains(&id));
     assert!(store.overdue_running_targets(Duration::ZERO, 10).await.expect("overdue").is_empty());
     assert!(store.stale_queued_targets(Duration::from_secs(60), 10).await.expect("stale").is_empty());
-    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    // Overdue once its deadline (1 s after it was last seen) has passed, not at the deadline itself.
+    manual.advance(Duration::from_secs(1));
+    assert!(store.overdue_running_targets(Duration::ZERO, 10).await.expect("overdue").is_empty());
+    manual.advance(Duration::from_millis(200));
     assert_eq!(store.overdue_running_targets(Duration::ZERO, 10).await.expect("overdue"), vec![(running.id, 1)]);
     assert!(store.overdue_running_targets(Duration::from_secs(60), 10).await.expect("overdue").is_empty());
     let stale = store.stale_queued_targets(Duration::from_millis(500), 10).await.expect("stale");

@@ -12,7 +12,11 @@
 //! operations here.
 
 use chrono::{DateTime, Utc};
-use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, DbErr};
+use fleetpatch_runtime::Clock;
+use sea_orm::{
+    ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DatabaseTransaction, DbBackend, DbErr,
+    TransactionTrait,
+};
 use sea_orm_migration::MigratorTrait;
 
 pub mod ceiling;
@@ -70,10 +74,15 @@ pub fn redact_url(url: &str) -> String {
 }
 
 /// A handle on the database. Cheap to clone.
+///
+/// Every instant the store writes or compares (deadlines, `last_seen_at`,
+/// the watchdog's timeouts, history and outbox timestamps) comes from its
+/// [`Clock`]: the system clock unless [`Store::with_clock`] gave another.
 #[derive(Clone)]
 pub struct Store {
     db: DatabaseConnection,
     url: String,
+    clock: Clock,
 }
 
 impl Store {
@@ -93,7 +102,38 @@ impl Store {
             db.execute_unprepared("PRAGMA journal_mode=WAL; PRAGMA busy_timeout=10000; PRAGMA foreign_keys=ON;")
                 .await?;
         }
-        Ok(Self { db, url: redact_url(&options.url) })
+        Ok(Self { db, url: redact_url(&options.url), clock: Clock::system() })
+    }
+
+    /// The same store reading time from `clock` (a test's manual clock).
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// The clock this store decides by; services that compare against the
+    /// store's instants (the scheduler's watchdog) read this one.
+    pub fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
+    pub(crate) fn now(&self) -> DateTime<Utc> {
+        self.clock.now()
+    }
+
+    /// Begins a write transaction. On SQLite it takes the database's write
+    /// lock at once, as `BEGIN IMMEDIATE` does: a transaction that read
+    /// first and wrote later would fail with `SQLITE_BUSY` (its snapshot is
+    /// stale) when another connection wrote meanwhile, where waiting for the
+    /// lock (`busy_timeout`) serializes the writers. PostgreSQL serializes
+    /// them with row locks instead.
+    pub(crate) async fn begin(&self) -> Result<DatabaseTransaction> {
+        let txn = self.db.begin().await?;
+        if self.backend() == DbBackend::Sqlite {
+            // Any write statement takes the lock, even one that matches no row.
+            txn.execute_unprepared("DELETE FROM outbox WHERE 0").await?;
+        }
+        Ok(txn)
     }
 
     /// Connects and refuses a database that is not fully migrated.
@@ -212,10 +252,6 @@ pub async fn drop_sibling_database(options: &StoreOptions, name: &str) -> Result
     admin.db.execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await?;
     admin.close().await;
     Ok(())
-}
-
-pub(crate) fn now() -> DateTime<Utc> {
-    Utc::now()
 }
 
 #[cfg(test)]

@@ -20,13 +20,13 @@ use fleetpatch_proto::Message;
 use sea_orm::sea_query::{Expr, Func, LockType, OnConflict, Query, SimpleExpr};
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseTransaction, DbBackend, EntityTrait, PaginatorTrait,
-    QueryFilter, QueryOrder, QuerySelect, QueryTrait, TransactionTrait,
+    QueryFilter, QueryOrder, QuerySelect, QueryTrait,
 };
 use uuid::Uuid;
 
 use crate::entity::{agent_events, outbox, patches, rollouts, target_patches, target_transitions, targets};
 use crate::model::*;
-use crate::{now, Error, Result, Store};
+use crate::{Error, Result, Store};
 
 const INSERT_CHUNK: usize = 1_000;
 
@@ -137,11 +137,14 @@ pub(crate) struct StoredHeaders {
     pub due_at_unix_ms: Option<i64>,
 }
 
-pub(crate) async fn push_outbox<C: ConnectionTrait>(db: &C, messages: Vec<Outgoing>) -> Result<()> {
+pub(crate) async fn push_outbox<C: ConnectionTrait>(
+    db: &C,
+    created_at: DateTime<Utc>,
+    messages: Vec<Outgoing>,
+) -> Result<()> {
     if messages.is_empty() {
         return Ok(());
     }
-    let created_at = now();
     for chunk in messages.chunks(INSERT_CHUNK) {
         let rows = chunk.iter().map(|message| {
             let message = message.clone().with_trace_context();
@@ -191,7 +194,14 @@ pub fn watch_message(target_id: Uuid, attempt: u32, due: DateTime<Utc>) -> Outgo
     .due_at(due_ms)
 }
 
-fn event_message(target_id: Uuid, rollout_id: Uuid, from: TargetState, to: TargetState, detail: &str) -> Outgoing {
+fn event_message(
+    target_id: Uuid,
+    rollout_id: Uuid,
+    from: TargetState,
+    to: TargetState,
+    detail: &str,
+    at: DateTime<Utc>,
+) -> Outgoing {
     Outgoing::event(
         routing::target_event_key(to.as_str()),
         v1::TargetEvent {
@@ -199,7 +209,7 @@ fn event_message(target_id: Uuid, rollout_id: Uuid, from: TargetState, to: Targe
             rollout_id: rollout_id.to_string(),
             from_state: from.as_str().into(),
             to_state: to.as_str().into(),
-            at_unix_ms: now().timestamp_millis(),
+            at_unix_ms: at.timestamp_millis(),
             detail: detail.into(),
         }
         .encode_to_vec(),
@@ -352,7 +362,7 @@ async fn queue_next(
 /// Locks the target row, checks the move, applies it as a guarded UPDATE and
 /// appends it to the history. Returns the state it moved from, or `None`
 /// when the guard did not match (a duplicate, or the target moved on).
-async fn apply_move(txn: &DatabaseTransaction, mv: Move<'_>) -> Result<Option<TargetState>> {
+async fn apply_move(txn: &DatabaseTransaction, at: DateTime<Utc>, mv: Move<'_>) -> Result<Option<TargetState>> {
     let current = targets::Entity::find_by_id(mv.target_id)
         .select_only()
         .column(targets::Column::State)
@@ -367,7 +377,6 @@ async fn apply_move(txn: &DatabaseTransaction, mv: Move<'_>) -> Result<Option<Ta
         return Ok(None);
     }
     debug_assert!(from.can_move_to(mv.to) || from == mv.to, "{from} -> {}", mv.to);
-    let at = now();
     let mut update = targets::Entity::update_many()
         .col_expr(targets::Column::State, Expr::value(mv.to.as_str()))
         .col_expr(targets::Column::UpdatedAt, Expr::value(at));
@@ -421,8 +430,8 @@ impl Store {
     /// Stores a new rollout (running) and asks the scheduler to dispatch it.
     pub async fn create_rollout(&self, new: NewRollout) -> Result<Uuid> {
         let id = Uuid::new_v4();
-        let at = now();
-        let txn = self.db.begin().await?;
+        let at = self.now();
+        let txn = self.begin().await?;
         rollouts::Entity::insert(rollouts::ActiveModel {
             id: Set(id),
             name: Set(new.name.clone()),
@@ -489,7 +498,7 @@ impl Store {
             });
             targets::Entity::insert_many(rows).exec_without_returning(&txn).await?;
         }
-        push_outbox(&txn, vec![dispatch_message(id)]).await?;
+        push_outbox(&txn, at, vec![dispatch_message(id)]).await?;
         txn.commit().await?;
         Ok(id)
     }
@@ -664,7 +673,7 @@ impl Store {
         to: RolloutState,
         reason: Option<String>,
     ) -> Result<Rollout> {
-        let txn = self.db.begin().await?;
+        let txn = self.begin().await?;
         let rollout = rollouts::Entity::find_by_id(id)
             .lock(LockType::NoKeyUpdate)
             .one(&txn)
@@ -677,7 +686,7 @@ impl Store {
                 from.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(" or ")
             )));
         }
-        let at = now();
+        let at = self.now();
         rollouts::Entity::update_many()
             .col_expr(rollouts::Column::State, Expr::value(to.as_str()))
             .col_expr(rollouts::Column::PauseReason, Expr::value(reason))
@@ -686,7 +695,7 @@ impl Store {
             .exec(&txn)
             .await?;
         match to {
-            RolloutState::Running => push_outbox(&txn, vec![dispatch_message(id)]).await?,
+            RolloutState::Running => push_outbox(&txn, at, vec![dispatch_message(id)]).await?,
             RolloutState::Aborted => {
                 let pending = targets::Entity::find()
                     .select_only()
@@ -749,7 +758,7 @@ impl Store {
     /// Sends failed and timed-out targets back to `pending` for a new
     /// attempt, and restarts dispatch from the earliest wave among them.
     pub async fn retry_failed(&self, id: Uuid) -> Result<u64> {
-        let txn = self.db.begin().await?;
+        let txn = self.begin().await?;
         let rollout = rollouts::Entity::find_by_id(id)
             .lock(LockType::NoKeyUpdate)
             .one(&txn)
@@ -772,7 +781,7 @@ impl Store {
         let Some(first_wave) = retried.iter().map(|(_, _, wave)| *wave).min() else {
             return Ok(0);
         };
-        let at = now();
+        let at = self.now();
         for chunk in retried.chunks(INSERT_CHUNK) {
             let ids: Vec<Uuid> = chunk.iter().map(|(target_id, _, _)| *target_id).collect();
             targets::Entity::update_many()
@@ -815,7 +824,7 @@ impl Store {
             .filter(rollouts::Column::Id.eq(id))
             .exec(&txn)
             .await?;
-        push_outbox(&txn, vec![dispatch_message(id)]).await?;
+        push_outbox(&txn, at, vec![dispatch_message(id)]).await?;
         txn.commit().await?;
         Ok(retried.len() as u64)
     }
@@ -826,7 +835,7 @@ impl Store {
     /// moves through waves. Serialized per rollout by a row lock, so no two
     /// dispatches can exceed `concurrency` together.
     pub async fn dispatch(&self, rollout_id: Uuid) -> Result<DispatchOutcome> {
-        let txn = self.db.begin().await?;
+        let txn = self.begin().await?;
         let rollout = rollouts::Entity::find_by_id(rollout_id)
             .lock(LockType::NoKeyUpdate)
             .one(&txn)
@@ -840,7 +849,7 @@ impl Store {
         let mut wave = rollout.current_wave;
         let wave_count = rollout.waves.len().max(1) as u32;
         let mut messages = Vec::new();
-        let at = now();
+        let at = self.now();
         let pending = || targets::Column::State.eq(TargetState::Pending.as_str());
         loop {
             // The wave is open while any of its targets is pending or in
@@ -916,7 +925,7 @@ impl Store {
             update = update.col_expr(rollouts::Column::CompletedAt, Expr::value(at));
         }
         update.filter(rollouts::Column::Id.eq(rollout_id)).exec(&txn).await?;
-        push_outbox(&txn, messages).await?;
+        push_outbox(&txn, at, messages).await?;
         txn.commit().await?;
         Ok(outcome)
     }
@@ -927,7 +936,8 @@ impl Store {
     /// redelivered because its worker died), a target left in probing,
     /// staging or installing by that worker is taken over.
     pub async fn claim_deploy(&self, target_id: Uuid, attempt: u32, takeover: bool, nonce: &str) -> Result<Claim> {
-        let txn = self.db.begin().await?;
+        let at = self.now();
+        let txn = self.begin().await?;
         let Some(target) = targets::Entity::find_by_id(target_id).one(&txn).await? else {
             return Err(Error::NotFound { what: "target", id: target_id.to_string() });
         };
@@ -940,6 +950,7 @@ impl Store {
         let detail = (target.state != TargetState::Queued).then(|| format!("taken over from {}", target.state));
         let moved = apply_move(
             &txn,
+            at,
             Move {
                 rollout_id: target.rollout_id,
                 target_id,
@@ -996,8 +1007,8 @@ impl Store {
         let target = &context.target;
         let all_installed = context.patches.iter().all(|p| installed.contains(&p.index));
         let to = if all_installed { TargetState::Succeeded } else { TargetState::Staging };
-        let at = now();
-        let txn = self.db.begin().await?;
+        let at = self.now();
+        let txn = self.begin().await?;
         let mut sets = vec![
             (targets::Column::Os, Expr::value(os)),
             (targets::Column::Arch, Expr::value(arch)),
@@ -1009,6 +1020,7 @@ impl Store {
         }
         let moved = apply_move(
             &txn,
+            at,
             Move {
                 rollout_id: target.rollout_id,
                 target_id: target.id,
@@ -1064,9 +1076,10 @@ impl Store {
                 .await?;
             push_outbox(
                 &txn,
+                at,
                 vec![
                     dispatch_message(target.rollout_id),
-                    event_message(target.id, target.rollout_id, from, to, "every patch is already installed"),
+                    event_message(target.id, target.rollout_id, from, to, "every patch is already installed", at),
                 ],
             )
             .await?;
@@ -1077,9 +1090,11 @@ impl Store {
 
     /// `staging → installing`. False when the target moved on.
     pub async fn mark_installing(&self, target: &Target) -> Result<bool> {
-        let txn = self.db.begin().await?;
+        let at = self.now();
+        let txn = self.begin().await?;
         let moved = apply_move(
             &txn,
+            at,
             Move {
                 rollout_id: target.rollout_id,
                 target_id: target.id,
@@ -1099,11 +1114,12 @@ impl Store {
     /// False when the target moved on (e.g. its agent already reported its
     /// final result).
     pub async fn mark_running(&self, target: &Target) -> Result<bool> {
-        let at = now();
+        let at = self.now();
         let due = at + chrono::Duration::seconds(i64::from(target.timeout_seconds));
-        let txn = self.db.begin().await?;
+        let txn = self.begin().await?;
         let moved = apply_move(
             &txn,
+            at,
             Move {
                 rollout_id: target.rollout_id,
                 target_id: target.id,
@@ -1121,9 +1137,10 @@ impl Store {
         if let Some(from) = moved {
             push_outbox(
                 &txn,
+                at,
                 vec![
                     watch_message(target.id, target.attempt, due),
-                    event_message(target.id, target.rollout_id, from, TargetState::Running, "agent started"),
+                    event_message(target.id, target.rollout_id, from, TargetState::Running, "agent started", at),
                 ],
             )
             .await?;
@@ -1135,9 +1152,11 @@ impl Store {
     /// Fails the target from any in-flight state with `reason`; frees its
     /// slot and queues the cleanup.
     pub async fn fail_target(&self, target: &Target, reason: &str, cleanup: bool) -> Result<bool> {
-        let txn = self.db.begin().await?;
+        let at = self.now();
+        let txn = self.begin().await?;
         let moved = apply_move(
             &txn,
+            at,
             Move {
                 rollout_id: target.rollout_id,
                 target_id: target.id,
@@ -1147,21 +1166,21 @@ impl Store {
                 detail: Some(reason.to_owned()),
                 sets: vec![
                     (targets::Column::Error, Expr::value(reason)),
-                    (targets::Column::FinishedAt, Expr::value(now())),
+                    (targets::Column::FinishedAt, Expr::value(at)),
                 ],
             },
         )
         .await?;
         if let Some(from) = moved {
-            fail_open_patches(&txn, [target.id], reason, now()).await?;
+            fail_open_patches(&txn, [target.id], reason, at).await?;
             let mut messages = vec![
                 dispatch_message(target.rollout_id),
-                event_message(target.id, target.rollout_id, from, TargetState::Failed, reason),
+                event_message(target.id, target.rollout_id, from, TargetState::Failed, reason, at),
             ];
             if cleanup {
                 messages.push(cleanup_message(target.id, target.attempt));
             }
-            push_outbox(&txn, messages).await?;
+            push_outbox(&txn, at, messages).await?;
         }
         txn.commit().await?;
         Ok(moved.is_some())
@@ -1176,9 +1195,11 @@ impl Store {
         next_try: u32,
         delay: Duration,
     ) -> Result<bool> {
-        let txn = self.db.begin().await?;
+        let at = self.now();
+        let txn = self.begin().await?;
         let moved = apply_move(
             &txn,
+            at,
             Move {
                 rollout_id: target.rollout_id,
                 target_id: target.id,
@@ -1196,6 +1217,7 @@ impl Store {
         if moved.is_some() {
             push_outbox(
                 &txn,
+                at,
                 vec![deploy_message(target.id, target.rollout_id, target.attempt, next_try).delayed(delay)],
             )
             .await?;
@@ -1219,9 +1241,10 @@ impl Store {
         } else {
             format!("missing {}", missing.iter().map(|i| format!("#{i}")).collect::<Vec<_>>().join(", "))
         };
+        let at = self.now();
         targets::Entity::update_many()
             .col_expr(targets::Column::VerifiedState, Expr::value(verdict))
-            .col_expr(targets::Column::VerifiedAt, Expr::value(now()))
+            .col_expr(targets::Column::VerifiedAt, Expr::value(at))
             .filter(targets::Column::Id.eq(target_id))
             .filter(targets::Column::Attempt.eq(attempt as i32))
             .exec(&self.db)
@@ -1249,7 +1272,7 @@ impl Store {
         if timers.is_empty() {
             return Ok(vec![]);
         }
-        let txn = self.db.begin().await?;
+        let txn = self.begin().await?;
         let mut ids: Vec<Uuid> = timers.iter().map(|(id, _)| *id).collect();
         ids.sort();
         ids.dedup();
@@ -1266,7 +1289,7 @@ impl Store {
                 current.insert(target.id, target);
             }
         }
-        let at = now();
+        let at = self.now();
         let mut expired = HashSet::new();
         let outcomes: Vec<WatchOutcome> = timers
             .iter()
@@ -1336,9 +1359,10 @@ impl Store {
                 TargetState::Running,
                 TargetState::TimedOut,
                 &reason_for(target.timeout_seconds),
+                at,
             ));
         }
-        push_outbox(&txn, messages).await?;
+        push_outbox(&txn, at, messages).await?;
         txn.commit().await?;
         Ok(outcomes)
     }
@@ -1346,6 +1370,7 @@ impl Store {
     /// Running targets whose deadline passed more than `grace` ago: their
     /// watch message was lost (or is very late). The reconciler re-arms them.
     pub async fn overdue_running_targets(&self, grace: Duration, limit: u64) -> Result<Vec<(Uuid, u32)>> {
+        let cutoff = self.now() - chrono::Duration::from_std(grace).unwrap_or_default();
         let running: Vec<(Uuid, i32, Option<DateTime<Utc>>, i32)> = targets::Entity::find()
             .select_only()
             .column(targets::Column::Id)
@@ -1353,12 +1378,11 @@ impl Store {
             .column(targets::Column::LastSeenAt)
             .column(targets::Column::TimeoutSeconds)
             .filter(targets::Column::State.eq(TargetState::Running.as_str()))
-            .filter(targets::Column::LastSeenAt.lt(now() - chrono::Duration::from_std(grace).unwrap_or_default()))
+            .filter(targets::Column::LastSeenAt.lt(cutoff))
             .limit(limit * 4)
             .into_tuple()
             .all(&self.db)
             .await?;
-        let cutoff = now() - chrono::Duration::from_std(grace).unwrap_or_default();
         Ok(running
             .into_iter()
             .filter(|(_, _, last, timeout)| {
@@ -1372,7 +1396,7 @@ impl Store {
     /// Queued targets with no progress for `grace`: their deploy job was
     /// lost. Returns the messages to re-publish (duplicates are harmless).
     pub async fn stale_queued_targets(&self, grace: Duration, limit: u64) -> Result<Vec<Outgoing>> {
-        let cutoff = now() - chrono::Duration::from_std(grace).unwrap_or_default();
+        let cutoff = self.now() - chrono::Duration::from_std(grace).unwrap_or_default();
         let rows: Vec<(Uuid, Uuid, i32, i32)> = targets::Entity::find()
             .select_only()
             .column(targets::Column::Id)
@@ -1440,7 +1464,7 @@ impl Store {
 
     /// Publishes `messages` through the outbox (in their own transaction).
     pub async fn enqueue(&self, messages: Vec<Outgoing>) -> Result<()> {
-        push_outbox(&self.db, messages).await
+        push_outbox(&self.db, self.now(), messages).await
     }
 
     // ------------------------------------------------------------ collector
@@ -1468,7 +1492,7 @@ impl Store {
         if reports.is_empty() {
             return Ok(vec![]);
         }
-        let received_at = now();
+        let received_at = self.now();
         let mut seen_in_batch = HashSet::new();
         let unique: Vec<&IncomingReport> =
             reports.iter().filter(|r| seen_in_batch.insert((r.target_id, r.attempt, r.seq))).collect();
@@ -1504,7 +1528,7 @@ impl Store {
         if !unique.iter().any(|r| matches!(r.kind, ReportKind::Final { .. })) {
             return fresh_keys(self.db.query_all(statement).await?);
         }
-        let txn = self.db.begin().await?;
+        let txn = self.begin().await?;
         let fresh = fresh_keys(txn.query_all(statement).await?)?;
         let finals: Vec<&IncomingReport> = unique
             .iter()
@@ -1524,7 +1548,7 @@ impl Store {
         unique: &[&IncomingReport],
         received_at: DateTime<Utc>,
     ) -> Result<HashSet<(Uuid, u32, u64)>> {
-        let txn = self.db.begin().await?;
+        let txn = self.begin().await?;
         let mut fresh: HashSet<(Uuid, u32, u64)> = HashSet::new();
         for chunk in unique.chunks(INSERT_CHUNK) {
             let mut insert = Query::insert();
@@ -1909,9 +1933,9 @@ async fn apply_final_results(txn: &DatabaseTransaction, finals: &[&IncomingRepor
     for (target_id, rollout_id, from, to, detail) in &moves {
         let attempt = current.get(target_id).map(|c| c.2).unwrap_or_default();
         messages.push(cleanup_message(*target_id, attempt));
-        messages.push(event_message(*target_id, *rollout_id, *from, *to, detail));
+        messages.push(event_message(*target_id, *rollout_id, *from, *to, detail, at));
     }
-    push_outbox(txn, messages).await
+    push_outbox(txn, at, messages).await
 }
 
 /// See [`Store::fleet_gauges`].

@@ -4,7 +4,7 @@
 //! are idempotent) but never lost.
 
 use fleetpatch_bus::{Bus, Destination, Outgoing};
-use sea_orm::{ConnectionTrait, DbBackend, QueryResult, Statement, TransactionTrait};
+use sea_orm::{ConnectionTrait, DbBackend, QueryResult, Statement};
 
 use crate::ops::StoredHeaders;
 use crate::{Result, Store};
@@ -12,7 +12,7 @@ use crate::{Result, Store};
 impl Store {
     /// Publishes up to `limit` outbox messages; returns how many.
     pub async fn relay_outbox(&self, bus: &Bus, limit: u64) -> Result<usize> {
-        let txn = self.db.begin().await?;
+        let txn = self.begin().await?;
         let sql = match self.backend() {
             DbBackend::Postgres => format!(
                 "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox ORDER BY id LIMIT {limit} FOR UPDATE SKIP LOCKED) \

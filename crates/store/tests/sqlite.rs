@@ -1,9 +1,12 @@
 //! The store conformance suite on SQLite (the embedded default of
 //! `fleetpatch demo`): a fresh database file per test.
 //!
-//! SQLite is used through one connection (one writer at a time, as the demo
-//! runs it), so "another process" is the same pool: concurrent operations
-//! are serialized by it rather than by row locks.
+//! Each store is a pool of several connections to a database file in WAL
+//! mode, and "another process" is a second pool on the same file, so racing
+//! operations really run at once: SQLite lets one writer in at a time, and
+//! the store's write transactions take the write lock first (see
+//! `Store::begin`), so they wait for each other instead of failing with
+//! `SQLITE_BUSY`.
 
 use fleetpatch_store::conformance::TestDatabase;
 use fleetpatch_store::{Error, Store, StoreOptions};
@@ -14,7 +17,7 @@ struct SqliteDatabase {
 }
 
 fn options(dir: &std::path::Path) -> StoreOptions {
-    StoreOptions { url: format!("sqlite://{}?mode=rwc", dir.join("db.sqlite").display()), max_connections: 1 }
+    StoreOptions { url: format!("sqlite://{}?mode=rwc", dir.join("db.sqlite").display()), max_connections: 4 }
 }
 
 async fn make_database() -> SqliteDatabase {
@@ -32,7 +35,7 @@ impl TestDatabase for SqliteDatabase {
     }
 
     async fn connect_another(&self) -> Store {
-        self.store.clone()
+        Store::connect(&options(&self.dir)).await.expect("a second pool on the same database file")
     }
 
     async fn tear_down(&self) {

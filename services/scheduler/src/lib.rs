@@ -5,7 +5,9 @@
 //! * dispatch: consumes `dispatch` requests (sent by every final state, by
 //!   create, resume and retry) and fills the rollout's free slots.
 //! * watchdog: consumes `watch` timers; reads `last_seen_at` from the
-//!   database and re-arms for the remainder, or times the target out.
+//!   database and re-arms for the remainder, or times the target out. It
+//!   decides by the store's clock ([`Store::clock`]), never by when the
+//!   timer arrived: the bus only wakes it up.
 //! * reconciler: re-arms running targets whose watch timer was lost.
 //!
 //! **Architecture invariant**: the scheduler never talks to targets or
@@ -426,7 +428,7 @@ impl Core {
                     rearm.push(fleetpatch_store::watch_message(*target_id, *attempt, deadline));
                 }
                 WatchOutcome::TimedOut => {
-                    let lateness = (fleetpatch_bus::now_unix_ms() - due).max(0) as f64 / 1000.0;
+                    let lateness = (self.store.clock().now().timestamp_millis() - due).max(0) as f64 / 1000.0;
                     metrics::histogram!("fleetpatch_scheduler_timeout_lateness_seconds").record(lateness);
                     tracing::info!(target_id = %target_id, "target timed out");
                     timed_out += 1;
@@ -502,7 +504,7 @@ impl Core {
                     tracing::warn!(count = overdue.len(), "re-arming watch timers that were lost");
                     let messages = overdue
                         .into_iter()
-                        .map(|(id, attempt)| fleetpatch_store::watch_message(id, attempt, chrono::Utc::now()))
+                        .map(|(id, attempt)| fleetpatch_store::watch_message(id, attempt, self.store.clock().now()))
                         .collect();
                     if let Err(error) = self.bus.publish(messages).await {
                         tracing::warn!(error = %error, "reconciler could not re-arm watch timers");
@@ -538,3 +540,6 @@ mod option_tests {
         }
     }
 }
+
+#[cfg(test)]
+mod watchdog_tests;
