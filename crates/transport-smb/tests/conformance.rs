@@ -1,14 +1,15 @@
 //! The Transport contract (`fleetpatch_transport::conformance`) against a
 //! real Samba smbd on loopback, with one hotfix recorded in its registry.
 //! Samba cannot create services, so the first `start_agent` fails (saying
-//! so) and the at-most-once rule is what the second call shows.
+//! so): the suite asserts that known failure, and the at-most-once rule is
+//! what the second call shows.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use fleetpatch_proto::plan::{Detection, InstallerKind};
-use fleetpatch_transport::conformance::{one_patch_deployment, TransportFixture};
+use fleetpatch_transport::conformance::{one_patch_deployment, FirstStart, TransportFixture};
 use fleetpatch_transport::{Credential, Deployment, PatchProbe, Secret, TargetSpec, Transport};
 use fleetpatch_transport_smb::{SmbTransport, SmbTransportOptions};
 use fleetpatch_winproto::test_support::{windows_registry_seed, SambaPeer, ADMIN_PASSWORD, ADMIN_USER};
@@ -78,6 +79,13 @@ impl TransportFixture for SmbFixture {
     }
     async fn staged(&self, _target: &TargetSpec, deployment_id: &str) -> bool {
         self.peer.share_directory().join("Windows").join("Patches").join(deployment_id).join("patch-1.msu").is_file()
+    }
+    // FIXME(issue 17): Samba does not implement RCreateServiceW, so no agent
+    // starts on this peer and the smb start path is not exercised here. Run
+    // this suite against a peer with a service manager (Wine's, issue 17)
+    // and drop this override.
+    fn first_start(&self) -> FirstStart {
+        FirstStart::FailsToday { error_contains: "nca_s_op_rng_error", tracked_in: "issue 17" }
     }
 }
 
