@@ -41,7 +41,12 @@ use uuid::Uuid;
 
 /// The token key every sandbox worker shares (tests derive tokens with it).
 pub const TOKEN_KEY: &str = "fleetpatch-test-token-key";
-const TOKEN_KEY_VAR: &str = "FLEETPATCH_TEST_TOKEN_KEY";
+/// The file the sandbox's workers read [`TOKEN_KEY`] from (a `file:` secret
+/// reference in their options: setting an environment variable while other
+/// threads read the environment is undefined behaviour).
+fn token_key_file(database: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("{database}-token-key"))
+}
 
 pub fn admin_database_url() -> String {
     std::env::var("FLEETPATCH_TEST_DATABASE_URL")
@@ -160,7 +165,6 @@ pub struct Sandbox {
 
 impl Sandbox {
     pub async fn start(options: SandboxOptions) -> Sandbox {
-        std::env::set_var(TOKEN_KEY_VAR, TOKEN_KEY);
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
             .with_test_writer()
@@ -187,6 +191,7 @@ impl Sandbox {
         let shutdown = Shutdown::new();
         let fleet = SimFleet::new(options.sim.clone());
         let content_dir = std::env::temp_dir().join(format!("{database}-content"));
+        std::fs::write(token_key_file(&database), TOKEN_KEY).expect("write the token key file");
         let agent_binary = match (options.ssh.is_some() || options.smb.is_some(), &options.agent_binary) {
             (_, Some(path)) => Some(path.clone()),
             (true, None) => Some(agent_binary().to_path_buf()),
@@ -313,7 +318,7 @@ impl Sandbox {
             concurrency: self.options.worker_concurrency,
             listen: "127.0.0.1:0".into(),
             collector_url: format!("http://{}", self.collector),
-            token_key_ref: format!("env:{TOKEN_KEY_VAR}"),
+            token_key_ref: format!("file:{}", token_key_file(&self.database).display()),
             retry_backoff_seconds: self.options.retry_backoff_seconds.clone(),
             step_timeout_seconds: self.options.step_timeout_seconds,
             verify_delay_seconds: self.options.verify_delay_seconds,
@@ -435,12 +440,13 @@ impl Sandbox {
         let _ = self.topology.delete_topology().await;
         self.store.clone().close().await;
         let _ = std::fs::remove_dir_all(&self.content_dir);
+        let _ = std::fs::remove_file(token_key_file(&self.database));
         let _ = fleetpatch_store::drop_sibling_database(&admin_options(), &self.database).await;
     }
 }
 
 /// The workspace's `fleetpatch-agent` (debug build), built once per process
-/// with `cargo build -p fleetpatch-agent` into the target directory this
+/// with `cargo build --workspace --bin fleetpatch-agent` into the target directory this
 /// test binary runs from, so it is never stale. Panics with cargo's output
 /// when the build fails.
 pub fn agent_binary() -> &'static Path {
@@ -455,8 +461,14 @@ pub fn agent_binary() -> &'static Path {
                 "build",
                 "--quiet",
                 "--locked",
-                "-p",
-                "fleetpatch-agent",
+                // The workspace's feature resolution, as `cargo nextest run
+                // --workspace` builds it: `-p fleetpatch-agent` resolves the
+                // features of the agent's dependencies (serde, prost, and
+                // protox behind fleetpatch-proto's build script) for that
+                // package alone, so it compiled them all again (minutes on a
+                // loaded 2-core machine, in every test process that starts
+                // first) and overwrote the workspace's agent binary.
+                "--workspace",
                 "--bin",
                 "fleetpatch-agent",
                 "--target-dir",

@@ -620,6 +620,8 @@ struct WatchdogFigures {
     timeout_seconds: u32,
     armed_within_seconds: f64,
     timed_out: usize,
+    /// Negative if a target timed out before its deadline (a bug).
+    lateness_min_ms: f64,
     lateness_p50_ms: f64,
     lateness_p99_ms: f64,
     lateness_max_ms: f64,
@@ -1404,6 +1406,7 @@ async fn watchdog_phase(bench: &mut Bench) -> anyhow::Result<()> {
         timeout_seconds: args.watchdog_timeout,
         armed_within_seconds: armed_within,
         timed_out: lateness.len(),
+        lateness_min_ms: lateness.first().copied().unwrap_or(0.0),
         lateness_p50_ms: quantile(&lateness, 0.5),
         lateness_p99_ms: quantile(&lateness, 0.99),
         lateness_max_ms: lateness.last().copied().unwrap_or(0.0),

@@ -41,13 +41,21 @@ fn a_small_bench_runs_every_phase_and_removes_its_database() {
     assert_eq!(ceiling["requests"], 30 * 6, "{ceiling:#}");
     assert!(ceiling["requests_per_second"].as_f64().unwrap() > 0.0, "{ceiling:#}");
     assert!(collector["fraction_of_http_ceiling"].as_f64().unwrap() > 0.0, "{collector:#}");
-    // Where the CPU went, per report, for each run (the figures are in 10 ms
-    // ticks, too coarse for so small a run to be asserted on; the arithmetic
-    // has its unit tests).
+    // Where the CPU went, per report, for each run. A group's figure is in
+    // 10 ms ticks, too coarse for so small a run to be asserted on (the
+    // arithmetic has its unit tests); the machine as a whole was busy during
+    // every run, and its figures agree with each other.
     for cpu in [&collector["batched"]["cpu"], &collector["paced"]["cpu"], &ceiling["cpu"]] {
-        assert!(cpu["cores"].as_u64().unwrap() >= 1, "{cpu:#}");
-        assert!(cpu["machine_micros_per_report"].as_f64().unwrap() >= 0.0, "{cpu:#}");
-        assert!(cpu["machine_busy"].as_f64().unwrap() >= 0.0, "{cpu:#}");
+        let cores = cpu["cores"].as_u64().unwrap();
+        assert!(cores >= 1, "{cpu:#}");
+        let busy = cpu["machine_busy"].as_f64().unwrap();
+        assert!(busy > 0.0 && busy <= 1.05, "a share of all cores, some of it busy: {cpu:#}");
+        let micros = cpu["machine_micros_per_report"].as_f64().unwrap();
+        assert!(micros > 0.0, "{cpu:#}");
+        // The machine's bound is its cores over the CPU time per report.
+        let bound = cpu["machine_bound_per_second"].as_f64().unwrap();
+        let expected = cores as f64 * 1e6 / micros;
+        assert!((bound - expected).abs() <= expected * 1e-9, "bound {bound} vs {expected}: {cpu:#}");
     }
     // The local PostgreSQL (the test database is on this machine) is found
     // by its command name, the collector and scheduler by their pids.
@@ -69,7 +77,11 @@ fn a_small_bench_runs_every_phase_and_removes_its_database() {
         (Some(20), Some(20)),
         "{watchdogs:#}"
     );
-    assert!(watchdogs["lateness_p99_ms"].as_f64().unwrap() >= 0.0);
+    // No timer fired before its deadline, and the quantiles are in order.
+    let lateness = ["lateness_min_ms", "lateness_p50_ms", "lateness_p99_ms", "lateness_max_ms"]
+        .map(|figure| watchdogs[figure].as_f64().unwrap_or_else(|| panic!("{figure}: {watchdogs:#}")));
+    assert!(lateness[0] >= 0.0, "a target timed out before its deadline: {watchdogs:#}");
+    assert!(lateness.windows(2).all(|pair| pair[0] <= pair[1]), "{watchdogs:#}");
     assert_eq!(figures["create"]["targets"], 500);
     let services = figures["services"].as_object().expect("per-service figures");
     for service in ["scheduler", "collector", "worker-0", "worker-1"] {
