@@ -3,8 +3,8 @@
 use uuid::Uuid;
 
 use super::{refused_fields, CreateArgs};
-use crate::exit::{self, Failure};
 use crate::client::{ApiClient, ClientError, RolloutAction, RolloutDetail, RolloutView};
+use crate::exit::{self, Failure};
 use crate::inventory;
 use crate::output::{self, Counts, OutputFormat, Table};
 use crate::rollout_file::{self, RolloutInput};

@@ -7,8 +7,8 @@ use chrono::{DateTime, Utc};
 use fleetpatch_proto::state::TargetState;
 use uuid::Uuid;
 
-use crate::exit::{self, Failure};
 use crate::client::{ApiClient, RolloutDetail, TargetDetail, TargetView};
+use crate::exit::{self, Failure};
 use crate::output::{self, OutputFormat, Table};
 
 /// Targets asked for per request.

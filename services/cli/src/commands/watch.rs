@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use fleetpatch_proto::state::{RolloutState, TargetState};
 use uuid::Uuid;
 
-use crate::exit::{self, Failure};
 use crate::client::{ApiClient, ClientError, RolloutDetail, TargetView};
+use crate::exit::{self, Failure};
 use crate::output::{self, Counts, OutputFormat, Terminal};
 
 /// How long the API may stay unreachable during a watch before giving up.
