@@ -446,9 +446,18 @@ impl Sandbox {
 }
 
 /// The workspace's `fleetpatch-agent` (debug build), built once per process
-/// with `cargo build --workspace --bin fleetpatch-agent` into the target directory this
-/// test binary runs from, so it is never stale. Panics with cargo's output
-/// when the build fails.
+/// into the target directory this test binary runs from, so it is never
+/// stale. Panics with cargo's output when the build fails.
+///
+/// It is built the way `cargo nextest run --workspace` builds it, as the
+/// binary the agent's integration test `agent` runs (`cargo test --workspace
+/// --no-run --test agent`), so it reuses that build's dependencies. `cargo
+/// build -p fleetpatch-agent` resolved the features of the agent's
+/// dependencies (serde, prost, and protox behind fleetpatch-proto's build
+/// script) for that package alone and compiled them all again: over 10
+/// minutes on the loaded 2-core machine here, in the first test process of
+/// each run that needs the agent (`cargo build --workspace --bin
+/// fleetpatch-agent`: 256 s; this: 41 s the first time, then nothing).
 pub fn agent_binary() -> &'static Path {
     static AGENT: OnceLock<PathBuf> = OnceLock::new();
     AGENT.get_or_init(|| {
@@ -457,31 +466,28 @@ pub fn agent_binary() -> &'static Path {
         let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("the tests crate is in the workspace");
         let output = std::process::Command::new(&cargo)
             .current_dir(workspace)
-            .args([
-                "build",
-                "--quiet",
-                "--locked",
-                // The workspace's feature resolution, as `cargo nextest run
-                // --workspace` builds it: `-p fleetpatch-agent` resolves the
-                // features of the agent's dependencies (serde, prost, and
-                // protox behind fleetpatch-proto's build script) for that
-                // package alone, so it compiled them all again (minutes on a
-                // loaded 2-core machine, in every test process that starts
-                // first) and overwrote the workspace's agent binary.
-                "--workspace",
-                "--bin",
-                "fleetpatch-agent",
-                "--target-dir",
-            ])
+            .args(["test", "--quiet", "--locked", "--workspace", "--no-run", "--test", "agent"])
+            .args(["--message-format", "json", "--target-dir"])
             .arg(&target_dir)
             .output()
             .unwrap_or_else(|error| panic!("cannot run {cargo:?} to build fleetpatch-agent: {error}"));
         assert!(
             output.status.success(),
-            "cargo build -p fleetpatch-agent failed: {}",
+            "building fleetpatch-agent failed: {}",
             String::from_utf8_lossy(&output.stderr)
         );
-        let path = target_dir.join("debug").join("fleetpatch-agent");
+        // The executable cargo says it built for the agent's bin target.
+        let path = String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .filter(|message| {
+                message["reason"] == "compiler-artifact" && message["target"]["name"] == "fleetpatch-agent"
+            })
+            .filter(|message| {
+                message["target"]["kind"].as_array().is_some_and(|kinds| kinds.iter().any(|k| k == "bin"))
+            })
+            .find_map(|message| message["executable"].as_str().map(PathBuf::from))
+            .expect("cargo names the fleetpatch-agent executable it built");
         assert!(path.is_file(), "cargo built fleetpatch-agent, yet {} is missing", path.display());
         path
     })
