@@ -8,7 +8,9 @@
 #                                        (-Zbuild-std, RUSTC_BOOTSTRAP=1)
 #   gcc-mingw-w64-x86-64                 the linker (x86_64-w64-mingw32-gcc)
 #
-# Usage: scripts/build-windows-agent.sh [--no-install]
+# Usage: scripts/build-windows-agent.sh [--no-install] [--check-only]
+#   --no-install  never call apt-get (fail when a package is missing)
+#   --check-only  install and check the toolchain, build nothing
 #
 # Environment:
 #   FLEETPATCH_WINDOWS_TARGET_DIR  cargo target dir (default ~/.cache/fleetpatch-windows-target);
@@ -30,7 +32,17 @@ die() { say "error: $*"; exit 1; }
 
 installed_version() { dpkg-query -W -f='${db:Status-Status} ${Version}' "$1" 2>/dev/null | awk '$1 == "installed" { print $2 }'; }
 
-if [ "${1:-}" != "--no-install" ]; then
+install=yes
+check_only=no
+for argument in "$@"; do
+  case "$argument" in
+    --no-install) install=no ;;
+    --check-only) check_only=yes ;;
+    *) die "unknown argument $argument (--no-install, --check-only)" ;;
+  esac
+done
+
+if [ "$install" = yes ]; then
   missing=()
   for package in "${PACKAGES[@]}"; do
     [ -n "$(installed_version "$package")" ] || missing+=("$package")
@@ -69,6 +81,7 @@ sysroot="$("$RUSTC" --print sysroot)"
   || die "no std source under $sysroot/lib/rustlib/src/rust (rust-web-src)"
 
 say "$("$RUSTC" --version), $("$CARGO" --version), x86_64-w64-mingw32-gcc $(x86_64-w64-mingw32-gcc -dumpversion)"
+[ "$check_only" = yes ] && exit 0
 say "target dir $CARGO_TARGET_DIR"
 started=$SECONDS
 "$CARGO" build --locked --profile "$PROFILE" -p fleetpatch-agent --bin fleetpatch-agent \
