@@ -174,7 +174,8 @@ fn compile_exit_code_exe(output: &Path) {
     assert!(status.success(), "mingw could not build exit-code.c");
 }
 
-/// A real one-file MSI, built with wixl.
+/// A real one-file x64 MSI, built with wixl. (A 32-bit package would be
+/// listed under `Wow6432Node`, as on 64-bit Windows.)
 fn build_msi(directory: &Path, output: &Path, product: &str) {
     let payload = directory.join("readme.txt");
     std::fs::write(&payload, "installed by the fleetpatch wine test\n").unwrap();
@@ -189,10 +190,10 @@ fn build_msi(directory: &Path, output: &Path, product: &str) {
     <Package InstallerVersion="200" Compressed="yes" InstallScope="perMachine"/>
     <Media Id="1" Cabinet="product.cab" EmbedCab="yes"/>
     <Directory Id="TARGETDIR" Name="SourceDir">
-      <Directory Id="ProgramFilesFolder">
+      <Directory Id="ProgramFiles64Folder">
         <Directory Id="INSTALLDIR" Name="FleetpatchWineTest">
           <Component Id="Readme" Guid="{component}">
-            <File Id="Readme" Source="{payload}" KeyPath="yes"/>
+            <File Id="Readme" Source="readme.txt" KeyPath="yes"/>
           </Component>
         </Directory>
       </Directory>
@@ -203,11 +204,17 @@ fn build_msi(directory: &Path, output: &Path, product: &str) {
 "#,
             upgrade = uuid::Uuid::new_v4().to_string().to_uppercase(),
             component = uuid::Uuid::new_v4().to_string().to_uppercase(),
-            payload = payload.display(),
         ),
     )
     .unwrap();
-    let result = Command::new("wixl").arg("-o").arg(output).arg(&wxs).output().expect("wixl (apt-get install wixl)");
+    // wixl takes Source paths relative to the working directory.
+    let result = Command::new("wixl")
+        .current_dir(directory)
+        .args(["-a", "x64", "-o"])
+        .arg(output)
+        .arg(&wxs)
+        .output()
+        .expect("wixl (apt-get install wixl)");
     assert!(result.status.success(), "wixl failed: {}", String::from_utf8_lossy(&result.stderr));
 }
 
