@@ -363,8 +363,10 @@ mod tests {
     fn shell(line: &str) -> Command {
         #[cfg(windows)]
         {
+            // Verbatim: std's quoting (`\"`) is not cmd.exe's.
+            use std::os::windows::process::CommandExt;
             let mut command = Command::new("cmd.exe");
-            command.args(["/d", "/c", line]);
+            command.args(["/d", "/s", "/c"]).raw_arg(format!("\"{line}\""));
             command
         }
         #[cfg(not(windows))]
