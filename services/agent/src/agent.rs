@@ -8,6 +8,11 @@
 //! after the highest seq ever used, and patches that already finished are
 //! not run again (the one that was running when the agent died is).
 //!
+//! A run asked to stop (the Windows service's `STOP`, see [`crate::stop`])
+//! ends the running installer's process tree, sends no final result,
+//! delivers what it can within [`STOP_DRAIN_DEADLINE`] and keeps the
+//! staged files.
+//!
 //! **Invariant:** nothing here waits on the network except [`Reporter::drain`]
 //! at the very end; installers never wait for the collector.
 
@@ -25,7 +30,8 @@ use crate::plan::LoadedPlan;
 use crate::render::{self, Platform};
 use crate::reporter::{DrainOutcome, Reporter, ReporterOptions};
 use crate::spool::{FinishedPatch, Spool};
-use crate::{error, info, runner, warn, Error};
+use crate::stop::{StopSignal, STOP_DRAIN_DEADLINE};
+use crate::{error, info, process, runner, warn, Error};
 
 /// Default spool file name, in the plan's directory.
 pub const DEFAULT_SPOOL_FILE_NAME: &str = "spool.bin";
@@ -36,10 +42,20 @@ pub struct RunSummary {
     pub success: bool,
     pub reboot_required: bool,
     pub drain: DrainOutcome,
+    /// The run was stopped before its end: no final result, files kept.
+    pub stopped: bool,
 }
+
+/// How often a waiting drain looks at the stop signal.
+const DRAIN_SLICE: Duration = Duration::from_millis(250);
 
 /// `fleetpatch-agent run`.
 pub fn run(options: &RunOptions) -> Result<RunSummary, Error> {
+    run_until(options, &StopSignal::never())
+}
+
+/// [`run`], ending early when `stop` is requested.
+pub fn run_until(options: &RunOptions, stop: &StopSignal) -> Result<RunSummary, Error> {
     let loaded = crate::plan::load(&options.plan_path)?;
     let plan = &loaded.plan;
     info!(
@@ -63,16 +79,21 @@ pub fn run(options: &RunOptions) -> Result<RunSummary, Error> {
     if earlier.final_reported {
         info!("an earlier run already produced the final result; only delivering its reports");
     } else {
-        install_all(&loaded, &reporter, &earlier.finished);
+        install_all(&loaded, &reporter, &earlier.finished, stop);
     }
 
     let (success, reboot_required, message) = summarize(plan, &reporter.state().finished);
+    if stop.is_requested() && !earlier.final_reported {
+        warn!("stop requested; no final result, the staged files stay for a restart or `drain`");
+        let drain = drain_reports(&mut reporter, STOP_DRAIN_DEADLINE, &StopSignal::never());
+        return Ok(RunSummary { success: false, reboot_required, drain, stopped: true });
+    }
     if !earlier.final_reported {
         let seq = reporter.report(Kind::Final(FinalResult { success, reboot_required, message: message.clone() }));
         info!("final result", seq = seq, success = success, reboot_required = reboot_required, message = message);
     }
 
-    let drain = drain_reports(&mut reporter, options.drain_deadline);
+    let drain = drain_reports(&mut reporter, options.drain_deadline, stop);
     let reboot = match plan.reboot {
         RebootPolicy::Never => false,
         RebootPolicy::IfRequired => reboot_required,
@@ -88,7 +109,7 @@ pub fn run(options: &RunOptions) -> Result<RunSummary, Error> {
     } else if reboot_required {
         info!("a reboot is required but the plan's reboot policy is never");
     }
-    Ok(RunSummary { success, reboot_required, drain })
+    Ok(RunSummary { success, reboot_required, drain, stopped: false })
 }
 
 /// `fleetpatch-agent drain`: deliver what an earlier run left in the spool.
@@ -96,7 +117,7 @@ pub fn drain(options: &RunOptions) -> Result<DrainOutcome, Error> {
     let loaded = crate::plan::load(&options.plan_path)?;
     info!("delivering spooled reports", deployment_id = loaded.plan.deployment_id);
     let mut reporter = start_reporter(&loaded, options)?;
-    let outcome = drain_reports(&mut reporter, options.drain_deadline);
+    let outcome = drain_reports(&mut reporter, options.drain_deadline, &StopSignal::never());
     if !loaded.plan.keep_files && reporter.state().final_reported {
         remove_staged_files(&loaded, &reporter, &outcome, options);
     }
@@ -133,9 +154,17 @@ fn spool_path(loaded: &LoadedPlan, options: &RunOptions) -> PathBuf {
     options.spool_path.clone().unwrap_or_else(|| loaded.directory.join(DEFAULT_SPOOL_FILE_NAME))
 }
 
-fn install_all(loaded: &LoadedPlan, reporter: &Reporter, earlier: &std::collections::BTreeMap<u32, FinishedPatch>) {
+fn install_all(
+    loaded: &LoadedPlan,
+    reporter: &Reporter,
+    earlier: &std::collections::BTreeMap<u32, FinishedPatch>,
+    stop: &StopSignal,
+) {
     let heartbeat_interval = Duration::from_secs(u64::from(loaded.plan.heartbeat_seconds));
     for patch in &loaded.plan.patches {
+        if stop.is_requested() {
+            return;
+        }
         if let Some(finished) = earlier.get(&patch.index) {
             info!(
                 "patch finished in an earlier run; not running it again",
@@ -155,7 +184,10 @@ fn install_all(loaded: &LoadedPlan, reporter: &Reporter, earlier: &std::collecti
         let mut heartbeat = || {
             reporter.report(Kind::Heartbeat(Heartbeat { patch_index: Some(patch.index) }));
         };
-        let result = runner::install_patch(loaded, patch, heartbeat_interval, &mut heartbeat);
+        let Ok(result) = runner::install_patch(loaded, patch, heartbeat_interval, &mut heartbeat, stop) else {
+            warn!("stop requested; the installer and the processes it started were ended", patch_index = patch.index);
+            return;
+        };
         let seq = reporter.report(Kind::Finished(PatchFinished {
             patch_index: patch.index,
             exit_code: result.exit_code,
@@ -239,12 +271,28 @@ pub fn summarize(
     (success, reboot_required, message)
 }
 
-fn drain_reports(reporter: &mut Reporter, deadline: Duration) -> DrainOutcome {
+/// Wait for the spool to drain, at most `deadline`, or
+/// [`STOP_DRAIN_DEADLINE`] more once `stop` is requested.
+fn drain_reports(reporter: &mut Reporter, deadline: Duration, stop: &StopSignal) -> DrainOutcome {
     let pending = reporter.pending_count();
     if pending > 0 {
         info!("waiting for the collector to acknowledge reports", pending = pending, deadline_s = deadline.as_secs());
     }
-    let outcome = reporter.drain(deadline);
+    let started = std::time::Instant::now();
+    let mut until = started + deadline;
+    let mut stop_seen = false;
+    let outcome = loop {
+        let now = std::time::Instant::now();
+        if !stop_seen && stop.is_requested() {
+            stop_seen = true;
+            until = until.min(now + STOP_DRAIN_DEADLINE);
+        }
+        let slice = DRAIN_SLICE.min(until.saturating_duration_since(now));
+        match reporter.drain(slice) {
+            DrainOutcome::DeadlineExpired { .. } if std::time::Instant::now() < until => {}
+            outcome => break outcome,
+        }
+    };
     match &outcome {
         DrainOutcome::Drained => info!("every report acknowledged"),
         DrainOutcome::Refused(reason) => {
@@ -270,6 +318,7 @@ fn same_directory(a: &Path, b: &Path) -> bool {
 fn remove_staged_files(loaded: &LoadedPlan, reporter: &Reporter, drain: &DrainOutcome, options: &RunOptions) {
     let directory = &loaded.directory;
     let mut files: Vec<PathBuf> = Vec::new();
+    let mut executable_to_remove = None;
     for patch in &loaded.plan.patches {
         files.push(loaded.installer_path(&patch.file));
         files.push(runner::script_path(directory, patch.index));
@@ -282,10 +331,8 @@ fn remove_staged_files(loaded: &LoadedPlan, reporter: &Reporter, drain: &DrainOu
         }
         files.push(loaded.path.clone());
         if let Ok(executable) = std::env::current_exe() {
-            // On Windows a running executable cannot be deleted; the service
-            // entry point removes it after exit (see README.md).
             if executable.parent().is_some_and(|parent| same_directory(parent, directory)) {
-                files.push(executable);
+                executable_to_remove = Some(executable);
             }
         }
         if let Some(log_path) = &options.log_path {
@@ -310,10 +357,25 @@ fn remove_staged_files(loaded: &LoadedPlan, reporter: &Reporter, drain: &DrainOu
         }
     }
     // The staging directory is named after the deployment; remove it when empty.
-    if drained && directory.file_name().is_some_and(|name| name == loaded.plan.deployment_id.as_str()) {
+    let owned_directory =
+        drained && directory.file_name().is_some_and(|name| name == loaded.plan.deployment_id.as_str());
+    if owned_directory {
         let _ = std::fs::remove_dir(directory);
     }
     info!("staged files removed", count = removed, directory = directory.display());
+    // Last: Windows cannot delete a running executable (the service's own
+    // image), so its removal, and the directory's, happen after exit.
+    if let Some(executable) = executable_to_remove {
+        match process::remove_after_exit(&executable, owned_directory.then_some(directory.as_path())) {
+            Ok(process::DeferredRemoval::AfterExit) => {
+                info!("the agent binary is removed once the agent exits", path = executable.display())
+            }
+            Ok(process::DeferredRemoval::AtReboot { reason }) => {
+                warn!("the agent binary is removed at the next reboot", path = executable.display(), reason = reason)
+            }
+            Err(e) => warn!("cannot remove the agent binary", error = e),
+        }
+    }
 }
 
 fn run_reboot_command(command_line: &str) {

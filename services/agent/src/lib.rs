@@ -12,7 +12,9 @@
 //! * [`cli`]: the command line. [`agent`]: one run, start to end.
 //! * [`plan`]: reading and validating `plan.json`.
 //! * [`runner`]: installing one patch; [`render`]: the scripts it runs
-//!   (Unix and Windows renderings); [`process`]: process-group handling;
+//!   (Unix and Windows renderings); [`process`]: process groups and Job
+//!   objects, the deferred removal of the agent's binary; [`stop`]: ending a
+//!   run early;
 //!   [`outcome`]: exit codes and output tails.
 //! * [`spool`]: the durable report queue; [`reporter`]: the thread that
 //!   delivers it; [`http`]: the minimal HTTP/1.1 client.
@@ -24,8 +26,9 @@
 //!
 //! * `service` (Windows only, `#[cfg(windows)]`): the entry point under
 //!   the service control manager, which the `smb` transport's agent service
-//!   runs; a thin layer over [`agent::run`] that cannot be compiled on the
-//!   Linux machines this is built on (see its module docs).
+//!   runs; a thin layer over [`agent::run_until`], cross-compiled with
+//!   `scripts/build-windows-agent.sh` and tested under Wine
+//!   (`scripts/test-windows-agent.sh`).
 
 pub mod agent;
 pub mod cli;
@@ -40,6 +43,7 @@ pub mod runner;
 #[cfg(windows)]
 pub mod service;
 pub mod spool;
+pub mod stop;
 
 use std::path::PathBuf;
 

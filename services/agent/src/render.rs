@@ -119,12 +119,20 @@ pub fn install_command(
                 InstallerKind::Msi => Ok(with_arguments(format!("msiexec /i {file} /qn /norestart"), arguments)),
                 InstallerKind::Msu => Ok(with_arguments(format!("wusa {file} /quiet /norestart"), arguments)),
                 InstallerKind::Exe => Ok(with_arguments(file, arguments)),
-                // `call` so a .bat/.cmd returns to this script with its exit code.
-                InstallerKind::Script => Ok(with_arguments(format!("call {file}"), arguments)),
+                InstallerKind::Script => Ok(cmd_c(&with_arguments(file, arguments))),
                 InstallerKind::Deb | InstallerKind::Rpm => Err(unsupported(kind, platform)),
             }
         }
     }
+}
+
+/// Run a batch file (with its arguments) in a child `cmd.exe`, so its
+/// `exit /b N` becomes the exit code of this line. Not `call "x.bat"`: Wine
+/// 8 then reads back any non-zero N as 1. `/s` with the outer quotes makes
+/// cmd.exe strip exactly those two, whatever quotes the line holds; `/d`
+/// skips AutoRun commands.
+fn cmd_c(line: &str) -> String {
+    format!("cmd /d /s /c \"{line}\"")
 }
 
 /// Make a one-line comment safe: no line breaks, and no characters that
@@ -202,7 +210,7 @@ pub fn overview_script(platform: Platform, plan: &DeploymentPlan, staging_direct
                 lines.push(format!("rem patch {}: {}", patch.index, comment_text(&patch.name)));
                 let script =
                     format!("{}\\{}", directory.trim_end_matches('\\'), platform.script_file_name(patch.index));
-                lines.push(format!("call {}", bat_quote(&script)));
+                lines.push(cmd_c(&bat_quote(&script)));
                 lines.push(format!("echo patch {} exit code %ERRORLEVEL%", patch.index));
             }
         }
@@ -268,7 +276,11 @@ mod tests {
         );
         assert_eq!(
             install_command(Platform::Windows, InstallerKind::Script, r"C:\P\fix.cmd", "").unwrap(),
-            r#"call "C:\P\fix.cmd""#
+            r#"cmd /d /s /c ""C:\P\fix.cmd"""#
+        );
+        assert_eq!(
+            install_command(Platform::Windows, InstallerKind::Script, r"C:\P Q\fix.bat", r#"/x "a b""#).unwrap(),
+            r#"cmd /d /s /c ""C:\P Q\fix.bat" /x "a b"""#
         );
         assert_eq!(
             install_command(Platform::Windows, InstallerKind::Exe, r"C:\100%\setup.exe", "").unwrap(),
@@ -339,8 +351,14 @@ mod tests {
         let overview = overview_script(Platform::Windows, &plan, Path::new(r"C:\Windows\Patches\fp-abc-1\"));
         let lines: Vec<&str> = overview.split("\r\n").collect();
         assert_eq!(lines[0], "@echo off");
-        assert!(lines.contains(&r#"call "C:\Windows\Patches\fp-abc-1\fleetpatch-patch-0.bat""#), "{overview}");
-        assert!(lines.contains(&r#"call "C:\Windows\Patches\fp-abc-1\fleetpatch-patch-1.bat""#), "{overview}");
+        assert!(
+            lines.contains(&r#"cmd /d /s /c ""C:\Windows\Patches\fp-abc-1\fleetpatch-patch-0.bat"""#),
+            "{overview}"
+        );
+        assert!(
+            lines.contains(&r#"cmd /d /s /c ""C:\Windows\Patches\fp-abc-1\fleetpatch-patch-1.bat"""#),
+            "{overview}"
+        );
         assert!(lines.contains(&"echo patch 1 exit code %ERRORLEVEL%"), "{overview}");
         assert!(overview.ends_with("\r\n"));
         assert!(!overview.replace("\r\n", "").contains('\n'));

@@ -20,8 +20,9 @@ use sha2::{Digest, Sha256};
 
 use crate::outcome::{classify_exit_code, OutputTail, EXIT_CODE_NOT_RUN};
 use crate::plan::LoadedPlan;
-use crate::process;
+use crate::process::{self, ProcessTree};
 use crate::render::{self, Platform};
+use crate::stop::StopSignal;
 
 /// How often the runner looks at the child between heartbeats.
 const POLL_INTERVAL: Duration = Duration::from_millis(20);
@@ -38,20 +39,30 @@ pub struct PatchResult {
     pub duration: Duration,
 }
 
+/// The run was stopped (see [`crate::stop`]) while the installer ran; the
+/// installer and everything it started were ended. No outcome: a restarted
+/// agent runs the patch again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Interrupted;
+
 /// Install one patch. `on_heartbeat` is called every `heartbeat_interval`
-/// while the installer runs.
+/// while the installer runs; a request on `stop` ends the installer's
+/// process tree and returns [`Interrupted`].
 pub fn install_patch(
     loaded: &LoadedPlan,
     patch: &PlanPatch,
     heartbeat_interval: Duration,
     on_heartbeat: &mut dyn FnMut(),
-) -> PatchResult {
+    stop: &StopSignal,
+) -> Result<PatchResult, Interrupted> {
     let started = Instant::now();
-    let not_run = |outcome: PatchOutcome, message: String| PatchResult {
-        exit_code: EXIT_CODE_NOT_RUN,
-        outcome,
-        output_tail: crate::outcome::tail_text(format!("[fleetpatch-agent] {message}").as_bytes()),
-        duration: started.elapsed(),
+    let not_run = |outcome: PatchOutcome, message: String| {
+        Ok(PatchResult {
+            exit_code: EXIT_CODE_NOT_RUN,
+            outcome,
+            output_tail: crate::outcome::tail_text(format!("[fleetpatch-agent] {message}").as_bytes()),
+            duration: started.elapsed(),
+        })
     };
 
     let installer = loaded.installer_path(&patch.file);
@@ -86,18 +97,20 @@ pub fn install_patch(
 
     let mut command = script_command(&script_path);
     command.current_dir(&loaded.directory).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    process::configure(&mut command);
-    let mut child = match command.spawn() {
-        Ok(child) => child,
+    let mut tree = match process::spawn(&mut command) {
+        Ok(tree) => tree,
         Err(e) => {
             return not_run(PatchOutcome::Failed, format!("cannot start the script {}: {e}", script_path.display()))
         }
     };
 
     let tail = Arc::new(Mutex::new(OutputTail::default()));
-    let (readers_done, readers) = start_output_readers(&mut child, &tail);
+    let (readers_done, readers) = start_output_readers(&mut tree.child, &tail);
     let timeout = Duration::from_secs(u64::from(patch.timeout_seconds));
-    let waited = wait_with_heartbeats(&mut child, started + timeout, heartbeat_interval, on_heartbeat);
+    let waited = wait_with_heartbeats(&mut tree, started + timeout, heartbeat_interval, on_heartbeat, stop);
+    if matches!(waited, Waited::Exited(_)) {
+        tree.release();
+    }
     wait_for_readers(&readers_done, readers);
 
     let mut tail = std::mem::take(&mut *tail.lock().unwrap_or_else(PoisonError::into_inner));
@@ -117,16 +130,22 @@ pub fn install_patch(
             tail.push(format!("\n[fleetpatch-agent] lost track of the installer: {e}\n").as_bytes());
             (EXIT_CODE_NOT_RUN, PatchOutcome::Failed)
         }
+        Waited::Stopped => return Err(Interrupted),
     };
-    PatchResult { exit_code, outcome, output_tail: tail.to_text(), duration: started.elapsed() }
+    Ok(PatchResult { exit_code, outcome, output_tail: tail.to_text(), duration: started.elapsed() })
 }
 
 /// The interpreter for a patch script on this platform.
 fn script_command(script: &Path) -> Command {
     #[cfg(windows)]
     {
+        use std::os::windows::process::CommandExt;
+        // `/s` and outer quotes: cmd.exe strips exactly the first and last
+        // quote, so a path with spaces (or `&`) stays one word. The plan
+        // validation refuses `"` in file names; the directory is the
+        // worker's staging folder.
         let mut command = Command::new("cmd.exe");
-        command.arg("/d").arg("/c").arg(script);
+        command.args(["/d", "/s", "/c"]).raw_arg(format!("\"\"{}\"\"", script.display()));
         command
     }
     #[cfg(not(windows))]
@@ -199,29 +218,36 @@ enum Waited {
     Exited(i32),
     TimedOut(i32),
     Lost(std::io::Error),
+    Stopped,
 }
 
 fn wait_with_heartbeats(
-    child: &mut Child,
+    tree: &mut ProcessTree,
     deadline: Instant,
     heartbeat_interval: Duration,
     on_heartbeat: &mut dyn FnMut(),
+    stop: &StopSignal,
 ) -> Waited {
     let mut next_heartbeat = Instant::now() + heartbeat_interval;
     loop {
-        match child.try_wait() {
+        match tree.child.try_wait() {
             Ok(Some(status)) => return Waited::Exited(process::exit_code(status)),
             Ok(None) => {}
             Err(e) => {
-                process::kill_process_tree(child);
-                let _ = child.wait();
+                tree.kill();
+                let _ = tree.child.wait();
                 return Waited::Lost(e);
             }
         }
+        if stop.is_requested() {
+            tree.kill();
+            let _ = tree.child.wait();
+            return Waited::Stopped;
+        }
         let now = Instant::now();
         if now >= deadline {
-            process::kill_process_tree(child);
-            return match child.wait() {
+            tree.kill();
+            return match tree.child.wait() {
                 Ok(status) => Waited::TimedOut(process::exit_code(status)),
                 Err(_) => Waited::TimedOut(EXIT_CODE_NOT_RUN),
             };
@@ -246,6 +272,95 @@ pub fn script_path(directory: &Path, patch_index: u32) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use fleetpatch_proto::plan::{DeploymentPlan, InstallerKind, RebootPolicy};
+
+    /// A staged one-patch plan whose installer is a script of this platform.
+    fn staged_script(directory: &Path, file: &str, body: &str) -> LoadedPlan {
+        std::fs::write(directory.join(file), body).unwrap();
+        let patch = PlanPatch {
+            index: 0,
+            name: "script".into(),
+            file: file.into(),
+            sha256: sha256_of_file(&directory.join(file)).unwrap(),
+            installer: InstallerKind::Script,
+            arguments: String::new(),
+            success_codes: vec![0],
+            reboot_codes: vec![3010],
+            timeout_seconds: 120,
+        };
+        let plan = DeploymentPlan {
+            version: 1,
+            deployment_id: "fp-runner".into(),
+            target_id: "6f1c1b8e-8f6f-4f53-9d55-3a3f5e0c2a11".parse().unwrap(),
+            collector_url: "http://127.0.0.1:9".into(),
+            token: "t".into(),
+            heartbeat_seconds: 30,
+            patches: vec![patch],
+            reboot: RebootPolicy::Never,
+            keep_files: true,
+        };
+        LoadedPlan { plan, directory: directory.to_path_buf(), path: directory.join("plan.json") }
+    }
+
+    fn install(loaded: &LoadedPlan, stop: &StopSignal) -> Result<PatchResult, Interrupted> {
+        install_patch(loaded, &loaded.plan.patches[0], Duration::from_secs(30), &mut || {}, stop)
+    }
+
+    /// The installer starts a helper that would write a file after a pause;
+    /// a stop must end the installer and the helper (process group / Job).
+    #[test]
+    fn a_stop_ends_the_installer_and_everything_it_started() {
+        let directory = tempfile::tempdir().unwrap();
+        let marker = directory.path().join("helper-survived");
+        #[cfg(windows)]
+        let loaded = staged_script(
+            directory.path(),
+            "long.bat",
+            &format!(
+                "@echo off\r\nstart /b cmd /d /c \"ping -n 4 127.0.0.1 >nul & echo x > {}\"\r\nping -n 60 127.0.0.1 >nul\r\n",
+                marker.display()
+            ),
+        );
+        #[cfg(not(windows))]
+        let loaded = staged_script(
+            directory.path(),
+            "long.sh",
+            &format!("(sleep 3; touch '{}') &\nsleep 60\n", marker.display()),
+        );
+        let stop = StopSignal::never();
+        let requester = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(800));
+                stop.request();
+            })
+        };
+        let started = Instant::now();
+        assert_eq!(install(&loaded, &stop), Err(Interrupted));
+        requester.join().unwrap();
+        assert!(started.elapsed() < Duration::from_secs(10), "the stop took {:?}", started.elapsed());
+        std::thread::sleep(Duration::from_secs(5));
+        assert!(!marker.exists(), "a process the installer started outlived the stop");
+    }
+
+    /// `exit /b N` of a script-kind installer is the patch's exit code, all
+    /// of it: `call "x.bat"` read back 1 for any N under Wine 8.
+    #[cfg(windows)]
+    #[test]
+    fn a_batch_installer_keeps_its_exit_code() {
+        let directory = tempfile::tempdir().unwrap();
+        let spaced = directory.path().join("with space");
+        std::fs::create_dir(&spaced).unwrap();
+        for (code, outcome) in
+            [(0, PatchOutcome::Installed), (1603, PatchOutcome::Failed), (3010, PatchOutcome::InstalledRebootRequired)]
+        {
+            let loaded =
+                staged_script(&spaced, "fix it.bat", &format!("@echo off\r\necho code {code}\r\nexit /b {code}\r\n"));
+            let result = install(&loaded, &StopSignal::never()).unwrap();
+            assert_eq!((result.exit_code, result.outcome), (code, outcome), "{}", result.output_tail);
+            assert!(result.output_tail.contains(&format!("code {code}")), "{}", result.output_tail);
+        }
+    }
 
     #[test]
     fn file_checksums_are_lowercase_hex() {
