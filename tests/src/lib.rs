@@ -39,9 +39,39 @@ use fleetpatch_transport_ssh::{SshOptions, SshTransport};
 use fleetpatch_worker::WorkerOptions;
 use uuid::Uuid;
 
-/// The token key every sandbox worker shares (tests derive tokens with it).
+/// The token key every sandbox worker and collector shares (tests derive
+/// tokens with it).
 pub const TOKEN_KEY: &str = "fleetpatch-test-token-key";
-const TOKEN_KEY_VAR: &str = "FLEETPATCH_TEST_TOKEN_KEY";
+
+/// [`TOKEN_KEY`] as the services take it.
+pub fn token_key() -> fleetpatch_runtime::tokens::TokenKey {
+    fleetpatch_runtime::tokens::TokenKey::from_bytes(TOKEN_KEY.as_bytes().to_vec()).expect("the test key is long enough")
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_unix_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// The `Authorization` value `target`'s agent sends for `body` at
+/// `timestamp_ms`, with a fresh nonce.
+pub fn sign_report(target: &fleetpatch_store::Target, body: &[u8], timestamp_ms: i64) -> String {
+    use fleetpatch_proto::report_auth::{SignedRequest, SigningKey};
+    let path = format!("/v1/targets/{}/reports", target.id);
+    let nonce = Uuid::new_v4().into_bytes();
+    let request = SignedRequest::new("POST", &path, target.id, target.attempt, timestamp_ms, nonce, body);
+    SigningKey::from_token(&agent_token(target)).authorization(&request)
+}
+
+/// The agent token a sandbox worker derives for `target` (its attempt and nonce as stored).
+pub fn agent_token(target: &fleetpatch_store::Target) -> String {
+    fleetpatch_proto::report_auth::derive_token(
+        TOKEN_KEY.as_bytes(),
+        target.id,
+        target.attempt,
+        target.token_nonce.as_deref().unwrap_or_default(),
+    )
+}
 
 pub fn admin_database_url() -> String {
     std::env::var("FLEETPATCH_TEST_DATABASE_URL")
@@ -75,6 +105,8 @@ pub struct SandboxOptions {
     pub agent_binary: Option<PathBuf>,
     /// Time limit of one remote step (probe, stage, start) in seconds.
     pub step_timeout_seconds: u64,
+    /// The collector's settings (its `listen` is the sandbox's).
+    pub collector: fleetpatch_collector::CollectorOptions,
 }
 
 impl Default for SandboxOptions {
@@ -89,6 +121,7 @@ impl Default for SandboxOptions {
             smb: None,
             agent_binary: None,
             step_timeout_seconds: 30,
+            collector: fleetpatch_collector::CollectorOptions::default(),
         }
     }
 }
@@ -160,7 +193,6 @@ pub struct Sandbox {
 
 impl Sandbox {
     pub async fn start(options: SandboxOptions) -> Sandbox {
-        std::env::set_var(TOKEN_KEY_VAR, TOKEN_KEY);
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
             .with_test_writer()
@@ -209,7 +241,8 @@ impl Sandbox {
         )
         .await
         .expect("scheduler starts");
-        let (collector_addr, collector_process) = Self::start_collector(&store, &amqp, "127.0.0.1:0").await;
+        let (collector_addr, collector_process) =
+            Self::start_collector(&options.collector, &store, &amqp, "127.0.0.1:0").await;
         let api = format!("http://{}", scheduler.local_addr);
         let joins = vec![tokio::spawn(async move {
             scheduler.join.await.expect("scheduler task").expect("scheduler ran");
@@ -239,10 +272,16 @@ impl Sandbox {
         sandbox
     }
 
-    async fn start_collector(store: &Store, amqp: &RabbitOptions, listen: &str) -> (SocketAddr, CollectorProcess) {
+    async fn start_collector(
+        options: &fleetpatch_collector::CollectorOptions,
+        store: &Store,
+        amqp: &RabbitOptions,
+        listen: &str,
+    ) -> (SocketAddr, CollectorProcess) {
         let shutdown = Shutdown::new();
         let collector = fleetpatch_collector::start(
-            fleetpatch_collector::CollectorOptions { listen: listen.into(), ..Default::default() },
+            fleetpatch_collector::CollectorOptions { listen: listen.into(), ..options.clone() },
+            token_key(),
             store.clone(),
             Self::bus(amqp).await,
             Health::new(),
@@ -272,7 +311,7 @@ impl Sandbox {
     pub async fn restart_collector(&mut self) {
         assert!(self.collector_process.is_none(), "the collector is already running");
         let listen = self.collector.to_string();
-        let (addr, process) = Self::start_collector(&self.store, &self.amqp, &listen).await;
+        let (addr, process) = Self::start_collector(&self.options.collector, &self.store, &self.amqp, &listen).await;
         assert_eq!(addr, self.collector);
         self.collector_process = Some(process);
     }
@@ -313,7 +352,7 @@ impl Sandbox {
             concurrency: self.options.worker_concurrency,
             listen: "127.0.0.1:0".into(),
             collector_url: format!("http://{}", self.collector),
-            token_key_ref: format!("env:{TOKEN_KEY_VAR}"),
+            collector_ca_file: None,
             retry_backoff_seconds: self.options.retry_backoff_seconds.clone(),
             step_timeout_seconds: self.options.step_timeout_seconds,
             verify_delay_seconds: self.options.verify_delay_seconds,
@@ -324,9 +363,14 @@ impl Sandbox {
 
     /// Starts one more worker on its own thread and runtime.
     pub fn spawn_worker(&self) -> WorkerProcess {
+        self.spawn_worker_with(self.worker_options())
+    }
+
+    /// Starts one more worker with these options (e.g. another
+    /// `collector_url`, to put a proxy between the agents and the collector).
+    pub fn spawn_worker_with(&self, options: WorkerOptions) -> WorkerProcess {
         let (kill_tx, kill_rx) = tokio::sync::oneshot::channel::<bool>();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let options = self.worker_options();
         let database_url = self.database_url.clone();
         let amqp = self.amqp.clone();
         let fleet = self.fleet.clone();
@@ -352,7 +396,7 @@ impl Sandbox {
                 if let Some(smb) = smb {
                     transports = transports.with(smb);
                 }
-                let worker = fleetpatch_worker::Worker::new(options, store, Self::bus(&amqp).await, transports)
+                let worker = fleetpatch_worker::Worker::new(options, token_key(), store, Self::bus(&amqp).await, transports)
                     .expect("worker builds");
                 let shutdown = Shutdown::new();
                 let handle = worker.start(Health::new(), shutdown.clone()).await.expect("worker starts");

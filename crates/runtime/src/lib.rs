@@ -5,10 +5,12 @@
 //! This crate knows no service: services hand it their options and checks.
 
 pub mod config;
+pub mod http;
 pub mod ops;
 pub mod secrets;
 pub mod shutdown;
 pub mod telemetry;
+pub mod tokens;
 
 pub use ops::{Health, ReadinessCheck};
 pub use shutdown::Shutdown;
