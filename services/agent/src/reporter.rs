@@ -245,7 +245,7 @@ fn send_loop(shared: &Shared, options: &ReporterOptions) {
             Delivery::AttemptClosed(reason) => {
                 let mut queue = shared.lock();
                 let dropped = queue.spool.pending().len();
-                let last = queue.spool.pending().last().map_or(last_seq, |r| r.seq);
+                let last = queue.spool.pending().back().map_or(last_seq, |r| r.seq);
                 if let Err(e) = queue.spool.remove_through(last) {
                     error!("cannot remove the dropped reports from the spool", error = e);
                 }
