@@ -287,7 +287,10 @@ mod tests {
         // Pinned (computed independently with Python's hmac module): workers,
         // collectors and agents of different versions must agree.
         let token = derive_token(KEY, target(), 2, "nonce-1");
-        assert_eq!(token, "0b3f7e2c4a8d4e6f9a1b2c3d4e5f6a7b.db9a7b0458a8445a95c93b88c7b7c70a16ce7f6b74ca5a855eefb6b4e852516c");
+        assert_eq!(
+            token,
+            "0b3f7e2c4a8d4e6f9a1b2c3d4e5f6a7b.db9a7b0458a8445a95c93b88c7b7c70a16ce7f6b74ca5a855eefb6b4e852516c"
+        );
         assert_ne!(token, derive_token(KEY, target(), 3, "nonce-1"));
         assert_ne!(token, derive_token(KEY, target(), 2, "nonce-2"));
         assert_ne!(token, derive_token(KEY, Uuid::new_v4(), 2, "nonce-1"));

@@ -45,7 +45,8 @@ pub const TOKEN_KEY: &str = "fleetpatch-test-token-key";
 
 /// [`TOKEN_KEY`] as the services take it.
 pub fn token_key() -> fleetpatch_runtime::tokens::TokenKey {
-    fleetpatch_runtime::tokens::TokenKey::from_bytes(TOKEN_KEY.as_bytes().to_vec()).expect("the test key is long enough")
+    fleetpatch_runtime::tokens::TokenKey::from_bytes(TOKEN_KEY.as_bytes().to_vec())
+        .expect("the test key is long enough")
 }
 
 /// Milliseconds since the Unix epoch.
@@ -396,8 +397,9 @@ impl Sandbox {
                 if let Some(smb) = smb {
                     transports = transports.with(smb);
                 }
-                let worker = fleetpatch_worker::Worker::new(options, token_key(), store, Self::bus(&amqp).await, transports)
-                    .expect("worker builds");
+                let worker =
+                    fleetpatch_worker::Worker::new(options, token_key(), store, Self::bus(&amqp).await, transports)
+                        .expect("worker builds");
                 let shutdown = Shutdown::new();
                 let handle = worker.start(Health::new(), shutdown.clone()).await.expect("worker starts");
                 ready_tx.send(()).expect("test waits");

@@ -91,9 +91,8 @@ async fn reports_need_the_targets_own_signature_and_a_sane_body() {
     let huge = vec![0u8; fleetpatch_proto::limits::MAX_REPORT_BODY_BYTES + 1];
     assert_eq!(post(url(a), Some(a), huge).await.unwrap().status(), 413);
     // A path that is not a target id: 400.
-    let response = post(format!("http://{}/v1/targets/nope/reports", sandbox.collector), Some(a), heartbeat(1))
-        .await
-        .unwrap();
+    let response =
+        post(format!("http://{}/v1/targets/nope/reports", sandbox.collector), Some(a), heartbeat(1)).await.unwrap();
     assert_eq!(response.status(), 400);
     // The collector is still healthy after all of that.
     let ready = sandbox.http.get(format!("http://{}/readyz", sandbox.collector)).send().await.unwrap();

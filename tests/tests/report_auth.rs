@@ -67,7 +67,11 @@ async fn start_proxy(collector: SocketAddr) -> (SocketAddr, Arc<Mutex<Vec<Captur
                     }
                 }
                 let body = data[head_end..head_end + length].to_vec();
-                log.lock().unwrap().push(Captured { path: path.clone(), authorization: authorization.clone(), body: body.clone() });
+                log.lock().unwrap().push(Captured {
+                    path: path.clone(),
+                    authorization: authorization.clone(),
+                    body: body.clone(),
+                });
                 let Ok(response) = http
                     .post(format!("http://{collector}{path}"))
                     .header("authorization", authorization)
@@ -80,7 +84,8 @@ async fn start_proxy(collector: SocketAddr) -> (SocketAddr, Arc<Mutex<Vec<Captur
                 };
                 let status = response.status().as_u16();
                 let answer = response.bytes().await.unwrap_or_default();
-                let head = format!("HTTP/1.1 {status} X\r\ncontent-length: {}\r\nconnection: close\r\n\r\n", answer.len());
+                let head =
+                    format!("HTTP/1.1 {status} X\r\ncontent-length: {}\r\nconnection: close\r\n\r\n", answer.len());
                 let _ = stream.write_all(head.as_bytes()).await;
                 let _ = stream.write_all(&answer).await;
             });
@@ -163,8 +168,12 @@ async fn a_proxy_between_agent_and_collector_can_neither_forge_nor_replay() {
     // What crossed the wire: signatures, never the token.
     for request in &captured {
         assert!(request.authorization.starts_with("FP1-HMAC-SHA256 "), "{request:?}");
-        let token = if request.path.contains(&hang.id.to_string()) { agent_token(&hang) } else { agent_token(&healthy) };
-        assert!(!request.authorization.contains(&token) && !request.authorization.contains(token.split_once('.').unwrap().1));
+        let token =
+            if request.path.contains(&hang.id.to_string()) { agent_token(&hang) } else { agent_token(&healthy) };
+        assert!(
+            !request.authorization.contains(&token)
+                && !request.authorization.contains(token.split_once('.').unwrap().1)
+        );
     }
     let started = captured.iter().find(|c| c.path.contains(&hang.id.to_string())).expect("hang's request").clone();
 

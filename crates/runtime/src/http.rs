@@ -116,9 +116,10 @@ impl ServerOptions {
 /// Reads the certificate chain and key; the error starts with the key of
 /// the file at fault (`cert_file: …`).
 fn load_certified_key(tls: &TlsOptions) -> Result<CertifiedKey, String> {
-    let certs = CertificateDer::pem_file_iter(&tls.cert_file)
-        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-        .map_err(|error| format!("cert_file: cannot read a PEM certificate chain from {}: {error}", tls.cert_file.display()))?;
+    let certs =
+        CertificateDer::pem_file_iter(&tls.cert_file).and_then(|certs| certs.collect::<Result<Vec<_>, _>>()).map_err(
+            |error| format!("cert_file: cannot read a PEM certificate chain from {}: {error}", tls.cert_file.display()),
+        )?;
     if certs.is_empty() {
         return Err(format!("cert_file: {} holds no PEM certificate", tls.cert_file.display()));
     }
@@ -268,11 +269,13 @@ impl Connection {
         let stream = Tracked { inner: stream, activity: activity.clone() };
         match tls {
             None => self.serve_http(TokioIo::new(stream), activity).await,
-            Some(acceptor) => match tokio::time::timeout(self.limits.header_read_timeout, acceptor.accept(stream)).await {
-                Ok(Ok(stream)) => self.serve_http(TokioIo::new(stream), activity).await,
-                Ok(Err(error)) => tracing::debug!(error = %error, peer = %self.remote, "tls handshake failed"),
-                Err(_) => tracing::debug!(peer = %self.remote, "tls handshake timed out"),
-            },
+            Some(acceptor) => {
+                match tokio::time::timeout(self.limits.header_read_timeout, acceptor.accept(stream)).await {
+                    Ok(Ok(stream)) => self.serve_http(TokioIo::new(stream), activity).await,
+                    Ok(Err(error)) => tracing::debug!(error = %error, peer = %self.remote, "tls handshake failed"),
+                    Err(_) => tracing::debug!(peer = %self.remote, "tls handshake timed out"),
+                }
+            }
         }
     }
 

@@ -54,7 +54,8 @@ impl TokenKey {
                  file:/path holding at least {MIN_KEY_BYTES} random bytes (e.g. `openssl rand -hex 32`)"
             )));
         }
-        let key = crate::secrets::resolve(&options.key_ref).map_err(|e| crate::Error::Config(format!("tokens.key_ref: {e}")))?;
+        let key = crate::secrets::resolve(&options.key_ref)
+            .map_err(|e| crate::Error::Config(format!("tokens.key_ref: {e}")))?;
         Self::from_bytes(key.into_bytes())
     }
 

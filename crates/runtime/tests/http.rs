@@ -251,6 +251,7 @@ fn bad_tls_files_are_refused_naming_the_key() {
     std::fs::write(dir.path().join("other.key"), rcgen::KeyPair::generate().unwrap().serialize_pem()).unwrap();
     let error = options("tls.crt", "other.key").validate("collector.http").unwrap_err();
     assert!(error.starts_with("collector.http.tls.key_file:") && error.contains("does not belong"), "{error}");
-    let error = ServerOptions { max_connections: 0, ..ServerOptions::default() }.validate("scheduler.http").unwrap_err();
+    let error =
+        ServerOptions { max_connections: 0, ..ServerOptions::default() }.validate("scheduler.http").unwrap_err();
     assert_eq!(error, "scheduler.http.max_connections must be at least 1");
 }

@@ -24,9 +24,9 @@ use crate::outcome::is_installed;
 use crate::plan::LoadedPlan;
 use crate::render::{self, Platform};
 use crate::reporter::{DrainOutcome, Reporter, ReporterOptions};
-use fleetpatch_proto::report_auth::SigningKey;
 use crate::spool::{FinishedPatch, Spool};
 use crate::{error, info, runner, warn, Error};
+use fleetpatch_proto::report_auth::SigningKey;
 
 /// Default spool file name, in the plan's directory.
 pub const DEFAULT_SPOOL_FILE_NAME: &str = "spool.bin";

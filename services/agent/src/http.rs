@@ -227,7 +227,6 @@ pub fn post(
 }
 
 fn request_bytes(url: &CollectorUrl, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Vec<u8> {
-
     let mut head = format!(
         "POST {}{} HTTP/1.1\r\nHost: {}\r\nContent-Length: {}\r\nConnection: close\r\n\
          User-Agent: fleetpatch-agent/{}\r\n",

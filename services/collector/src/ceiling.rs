@@ -60,11 +60,7 @@ pub async fn serve_bare(listen: &str, verify_with: Option<TokenKey>) -> Result<B
     let local_addr = listener.local_addr()?;
     let stop = CancellationToken::new();
     let verifier = verify_with.map(|token_key| {
-        Arc::new(Verifier {
-            token_key,
-            keys: Mutex::default(),
-            replays: Mutex::new(ReplayCache::new(10_000_000)),
-        })
+        Arc::new(Verifier { token_key, keys: Mutex::default(), replays: Mutex::new(ReplayCache::new(10_000_000)) })
     });
     let app = Router::new().route("/v1/targets/{target_id}/reports", post(acknowledge)).with_state(verifier);
     let join = tokio::spawn({
@@ -121,12 +117,8 @@ impl Verifier {
         let key = keys
             .entry(authorization.target_id)
             .or_insert_with(|| {
-                let token = report_auth::derive_token(
-                    self.token_key.as_bytes(),
-                    authorization.target_id,
-                    1,
-                    BARE_TOKEN_NONCE,
-                );
+                let token =
+                    report_auth::derive_token(self.token_key.as_bytes(), authorization.target_id, 1, BARE_TOKEN_NONCE);
                 SigningKey::from_token(&token)
             })
             .clone();
@@ -134,8 +126,14 @@ impl Verifier {
     }
 
     /// What the collector checks once it has the body.
-    fn verify(&self, (authorization, key): &(Authorization, SigningKey), path: &str, body: &[u8]) -> Result<(), StatusCode> {
-        key.verify(&authorization.request("POST", path, body), &authorization.mac).map_err(|_| StatusCode::UNAUTHORIZED)?;
+    fn verify(
+        &self,
+        (authorization, key): &(Authorization, SigningKey),
+        path: &str,
+        body: &[u8],
+    ) -> Result<(), StatusCode> {
+        key.verify(&authorization.request("POST", path, body), &authorization.mac)
+            .map_err(|_| StatusCode::UNAUTHORIZED)?;
         let now_ms = chrono::Utc::now().timestamp_millis();
         let forget_at = authorization.timestamp_ms.saturating_add(BARE_MAX_SKEW_MS);
         match self.replays.lock().expect("replay cache lock").check_and_insert(

@@ -136,7 +136,10 @@ impl CollectorOptions {
             ));
         }
         if self.replay_cache_entries < 1_000 {
-            return Err(format!("collector.replay_cache_entries must be at least 1000, got {}", self.replay_cache_entries));
+            return Err(format!(
+                "collector.replay_cache_entries must be at least 1000, got {}",
+                self.replay_cache_entries
+            ));
         }
         if self.max_events_per_attempt == 0 {
             return Err("collector.max_events_per_attempt must be at least 1".into());
@@ -449,7 +452,11 @@ impl AppState {
         }
         let unavailable = |error: fleetpatch_store::Error| {
             tracing::warn!(error = %error, "token lookup failed");
-            problem(StatusCode::SERVICE_UNAVAILABLE, "Service Unavailable", "the collector's database is unavailable; retry")
+            problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Service Unavailable",
+                "the collector's database is unavailable; retry",
+            )
         };
         let Some(info) = self.store.token_info(target).await.map_err(unavailable)? else {
             self.keys.lock().expect("key cache lock").remove(&target);
@@ -637,10 +644,16 @@ async fn post_reports(
             )
         }
         ReplayVerdict::Full => {
-            tracing::warn!("the replay cache is full; raise collector.replay_cache_entries or lower max_clock_skew_seconds");
+            tracing::warn!(
+                "the replay cache is full; raise collector.replay_cache_entries or lower max_clock_skew_seconds"
+            );
             return refuse(
                 "replay_cache_full",
-                problem(StatusCode::SERVICE_UNAVAILABLE, "Service Unavailable", "the collector is busy; retry with backoff"),
+                problem(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "Service Unavailable",
+                    "the collector is busy; retry with backoff",
+                ),
             );
         }
     }
