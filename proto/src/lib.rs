@@ -5,10 +5,12 @@
 //! * [`plan`]: the deployment plan a worker stages beside the agent.
 //! * [`state`]: the target and patch state machines and the rollout states.
 //! * [`routing`]: the names of the work queues the messages travel on.
+//! * [`report_auth`]: agent tokens and the MAC every agent request carries.
 //!
 //! This crate holds data and pure functions only: no I/O, no clock.
 
 pub mod plan;
+pub mod report_auth;
 pub mod routing;
 pub mod state;
 

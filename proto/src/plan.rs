@@ -103,9 +103,18 @@ pub struct DeploymentPlan {
     /// Unique per target and attempt; names the agent service/unit and the staging directory.
     pub deployment_id: String,
     pub target_id: Uuid,
-    /// Base URL of the collector, e.g. `http://fleetpatch-collector:1072`.
+    /// The target's attempt this plan belongs to; signed into every request.
+    #[serde(default)]
+    pub attempt: u32,
+    /// Base URL of the collector, e.g. `http://fleetpatch-collector:1072`
+    /// or `https://…` (then [`DeploymentPlan::collector_ca_pem`] is needed).
     pub collector_url: String,
-    /// The target's own report token (`Authorization: Bearer`).
+    /// PEM certificate(s) of the CA the collector's TLS certificate must
+    /// chain to (from `worker.collector_ca_file`); the agent trusts nothing else.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub collector_ca_pem: Option<String>,
+    /// The target's own report token: the key its requests are signed with
+    /// ([`crate::report_auth`]). It never leaves the target.
     pub token: String,
     pub heartbeat_seconds: u32,
     pub patches: Vec<PlanPatch>,

@@ -39,13 +39,39 @@ use fleetpatch_transport_ssh::{SshOptions, SshTransport};
 use fleetpatch_worker::WorkerOptions;
 use uuid::Uuid;
 
-/// The token key every sandbox worker shares (tests derive tokens with it).
+/// The token key every sandbox worker and collector shares (tests derive
+/// tokens with it).
 pub const TOKEN_KEY: &str = "fleetpatch-test-token-key";
-/// The file the sandbox's workers read [`TOKEN_KEY`] from (a `file:` secret
-/// reference in their options: setting an environment variable while other
-/// threads read the environment is undefined behaviour).
-fn token_key_file(database: &str) -> PathBuf {
-    std::env::temp_dir().join(format!("{database}-token-key"))
+
+/// [`TOKEN_KEY`] as the services take it.
+pub fn token_key() -> fleetpatch_runtime::tokens::TokenKey {
+    fleetpatch_runtime::tokens::TokenKey::from_bytes(TOKEN_KEY.as_bytes().to_vec())
+        .expect("the test key is long enough")
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_unix_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// The `Authorization` value `target`'s agent sends for `body` at
+/// `timestamp_ms`, with a fresh nonce.
+pub fn sign_report(target: &fleetpatch_store::Target, body: &[u8], timestamp_ms: i64) -> String {
+    use fleetpatch_proto::report_auth::{SignedRequest, SigningKey};
+    let path = format!("/v1/targets/{}/reports", target.id);
+    let nonce = Uuid::new_v4().into_bytes();
+    let request = SignedRequest::new("POST", &path, target.id, target.attempt, timestamp_ms, nonce, body);
+    SigningKey::from_token(&agent_token(target)).authorization(&request)
+}
+
+/// The agent token a sandbox worker derives for `target` (its attempt and nonce as stored).
+pub fn agent_token(target: &fleetpatch_store::Target) -> String {
+    fleetpatch_proto::report_auth::derive_token(
+        TOKEN_KEY.as_bytes(),
+        target.id,
+        target.attempt,
+        target.token_nonce.as_deref().unwrap_or_default(),
+    )
 }
 
 pub fn admin_database_url() -> String {
@@ -80,6 +106,8 @@ pub struct SandboxOptions {
     pub agent_binary: Option<PathBuf>,
     /// Time limit of one remote step (probe, stage, start) in seconds.
     pub step_timeout_seconds: u64,
+    /// The collector's settings (its `listen` is the sandbox's).
+    pub collector: fleetpatch_collector::CollectorOptions,
 }
 
 impl Default for SandboxOptions {
@@ -94,6 +122,7 @@ impl Default for SandboxOptions {
             smb: None,
             agent_binary: None,
             step_timeout_seconds: 30,
+            collector: fleetpatch_collector::CollectorOptions::default(),
         }
     }
 }
@@ -191,7 +220,6 @@ impl Sandbox {
         let shutdown = Shutdown::new();
         let fleet = SimFleet::new(options.sim.clone());
         let content_dir = std::env::temp_dir().join(format!("{database}-content"));
-        std::fs::write(token_key_file(&database), TOKEN_KEY).expect("write the token key file");
         let agent_binary = match (options.ssh.is_some() || options.smb.is_some(), &options.agent_binary) {
             (_, Some(path)) => Some(path.clone()),
             (true, None) => Some(agent_binary().to_path_buf()),
@@ -214,7 +242,8 @@ impl Sandbox {
         )
         .await
         .expect("scheduler starts");
-        let (collector_addr, collector_process) = Self::start_collector(&store, &amqp, "127.0.0.1:0").await;
+        let (collector_addr, collector_process) =
+            Self::start_collector(&options.collector, &store, &amqp, "127.0.0.1:0").await;
         let api = format!("http://{}", scheduler.local_addr);
         let joins = vec![tokio::spawn(async move {
             scheduler.join.await.expect("scheduler task").expect("scheduler ran");
@@ -244,10 +273,16 @@ impl Sandbox {
         sandbox
     }
 
-    async fn start_collector(store: &Store, amqp: &RabbitOptions, listen: &str) -> (SocketAddr, CollectorProcess) {
+    async fn start_collector(
+        options: &fleetpatch_collector::CollectorOptions,
+        store: &Store,
+        amqp: &RabbitOptions,
+        listen: &str,
+    ) -> (SocketAddr, CollectorProcess) {
         let shutdown = Shutdown::new();
         let collector = fleetpatch_collector::start(
-            fleetpatch_collector::CollectorOptions { listen: listen.into(), ..Default::default() },
+            fleetpatch_collector::CollectorOptions { listen: listen.into(), ..options.clone() },
+            token_key(),
             store.clone(),
             Self::bus(amqp).await,
             Health::new(),
@@ -277,7 +312,7 @@ impl Sandbox {
     pub async fn restart_collector(&mut self) {
         assert!(self.collector_process.is_none(), "the collector is already running");
         let listen = self.collector.to_string();
-        let (addr, process) = Self::start_collector(&self.store, &self.amqp, &listen).await;
+        let (addr, process) = Self::start_collector(&self.options.collector, &self.store, &self.amqp, &listen).await;
         assert_eq!(addr, self.collector);
         self.collector_process = Some(process);
     }
@@ -318,7 +353,7 @@ impl Sandbox {
             concurrency: self.options.worker_concurrency,
             listen: "127.0.0.1:0".into(),
             collector_url: format!("http://{}", self.collector),
-            token_key_ref: format!("file:{}", token_key_file(&self.database).display()),
+            collector_ca_file: None,
             retry_backoff_seconds: self.options.retry_backoff_seconds.clone(),
             step_timeout_seconds: self.options.step_timeout_seconds,
             verify_delay_seconds: self.options.verify_delay_seconds,
@@ -329,9 +364,14 @@ impl Sandbox {
 
     /// Starts one more worker on its own thread and runtime.
     pub fn spawn_worker(&self) -> WorkerProcess {
+        self.spawn_worker_with(self.worker_options())
+    }
+
+    /// Starts one more worker with these options (e.g. another
+    /// `collector_url`, to put a proxy between the agents and the collector).
+    pub fn spawn_worker_with(&self, options: WorkerOptions) -> WorkerProcess {
         let (kill_tx, kill_rx) = tokio::sync::oneshot::channel::<bool>();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let options = self.worker_options();
         let database_url = self.database_url.clone();
         let amqp = self.amqp.clone();
         let fleet = self.fleet.clone();
@@ -357,8 +397,9 @@ impl Sandbox {
                 if let Some(smb) = smb {
                     transports = transports.with(smb);
                 }
-                let worker = fleetpatch_worker::Worker::new(options, store, Self::bus(&amqp).await, transports)
-                    .expect("worker builds");
+                let worker =
+                    fleetpatch_worker::Worker::new(options, token_key(), store, Self::bus(&amqp).await, transports)
+                        .expect("worker builds");
                 let shutdown = Shutdown::new();
                 let handle = worker.start(Health::new(), shutdown.clone()).await.expect("worker starts");
                 ready_tx.send(()).expect("test waits");
@@ -440,7 +481,6 @@ impl Sandbox {
         let _ = self.topology.delete_topology().await;
         self.store.clone().close().await;
         let _ = std::fs::remove_dir_all(&self.content_dir);
-        let _ = std::fs::remove_file(token_key_file(&self.database));
         let _ = fleetpatch_store::drop_sibling_database(&admin_options(), &self.database).await;
     }
 }

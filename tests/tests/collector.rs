@@ -5,7 +5,7 @@ use std::time::Duration;
 use fleetpatch_proto::state::TargetState;
 use fleetpatch_proto::v1::{self, agent_report::Kind};
 use fleetpatch_proto::Message;
-use fleetpatch_tests::{behaviour, sim_rollout, Sandbox, SandboxOptions, TOKEN_KEY};
+use fleetpatch_tests::{agent_token, behaviour, now_unix_ms, sign_report, sim_rollout, Sandbox, SandboxOptions};
 
 fn heartbeat(seq: u64) -> Vec<u8> {
     v1::ReportBatch {
@@ -19,7 +19,7 @@ fn heartbeat(seq: u64) -> Vec<u8> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reports_need_the_targets_own_token_and_a_sane_body() {
+async fn reports_need_the_targets_own_signature_and_a_sane_body() {
     let sandbox = Sandbox::start(SandboxOptions::default()).await;
     let mut request = sim_rollout("collector", 2, 1, 2, 60);
     for i in 0..2 {
@@ -30,56 +30,69 @@ async fn reports_need_the_targets_own_token_and_a_sane_body() {
     for target in targets.iter_mut() {
         *target = sandbox.wait_for_target_state(target.id, &[TargetState::Running], Duration::from_secs(30)).await;
     }
-    let token = |t: &fleetpatch_store::Target| {
-        fleetpatch_worker::derive_token(TOKEN_KEY.as_bytes(), t.id, t.attempt, t.token_nonce.as_deref().unwrap())
-    };
     let (a, b) = (&targets[0], &targets[1]);
     let url = |t: &fleetpatch_store::Target| format!("http://{}/v1/targets/{}/reports", sandbox.collector, t.id);
-    let post = |url: String, token: Option<String>, body: Vec<u8>| {
-        let mut request = sandbox.http.post(url).header("content-type", "application/x-protobuf").body(body);
-        if let Some(token) = token {
-            request = request.bearer_auth(token);
+    // Signed as `signer`'s agent would sign it, now.
+    let post = |url: String, signer: Option<&fleetpatch_store::Target>, body: Vec<u8>| {
+        let mut request = sandbox.http.post(url).header("content-type", "application/x-protobuf");
+        if let Some(signer) = signer {
+            request = request.header("authorization", sign_report(signer, &body, now_unix_ms()));
         }
-        request.send()
+        request.body(body).send()
     };
 
-    // Its own token: accepted, and a duplicate seq is not counted twice.
-    let response = post(url(a), Some(token(a)), heartbeat(100)).await.unwrap();
+    // Signed with its own key: accepted, and a duplicate seq is not counted twice.
+    let response = post(url(a), Some(a), heartbeat(100)).await.unwrap();
     assert_eq!(response.status(), 200);
     let ack = v1::ReportAck::decode(response.bytes().await.unwrap()).unwrap();
     assert_eq!((ack.accepted, ack.duplicates), (1, 0));
-    let response = post(url(a), Some(token(a)), heartbeat(100)).await.unwrap();
+    let response = post(url(a), Some(a), heartbeat(100)).await.unwrap();
     let ack = v1::ReportAck::decode(response.bytes().await.unwrap()).unwrap();
     assert_eq!((ack.accepted, ack.duplicates), (0, 1));
     let events = sandbox.store.agent_events(a.id).await.unwrap();
     assert_eq!(events.iter().filter(|e| e.seq == 100).count(), 1);
 
-    // Another target's token: 403, naming why.
-    let response = post(url(a), Some(token(b)), heartbeat(101)).await.unwrap();
+    // Signed by another target's agent: 403, naming why.
+    let response = post(url(a), Some(b), heartbeat(101)).await.unwrap();
     assert_eq!(response.status(), 403);
     assert_eq!(response.headers()["content-type"], "application/problem+json");
-    assert!(response.text().await.unwrap().contains("belongs to another target"));
-    // A bad token, or none: 401.
-    let forged = format!("{}.{}", a.id.simple(), "0".repeat(64));
-    assert_eq!(post(url(a), Some(forged), heartbeat(102)).await.unwrap().status(), 401);
-    assert_eq!(post(url(a), Some("garbage".into()), heartbeat(102)).await.unwrap().status(), 401);
-    assert_eq!(post(url(a), None, heartbeat(102)).await.unwrap().status(), 401);
+    assert!(response.text().await.unwrap().contains("signed for another target"));
+    // A wrong MAC, the token sent as a bearer, garbage or nothing: 401, all alike.
+    let body = heartbeat(102);
+    let signed = sign_report(a, &body, now_unix_ms());
+    let forged = format!("{}{}", &signed[..signed.len() - 64], "0".repeat(64));
+    let bearer = format!("Bearer {}", agent_token(a));
+    let mut bodies = Vec::new();
+    for authorization in [Some(forged), Some(bearer), Some("garbage".to_owned()), None] {
+        let mut request = sandbox.http.post(url(a)).body(body.clone());
+        if let Some(authorization) = authorization {
+            request = request.header("authorization", authorization);
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), 401);
+        bodies.push(response.text().await.unwrap());
+    }
+    assert!(bodies.windows(2).all(|pair| pair[0] == pair[1]), "one answer for every refusal: {bodies:?}");
+    // Reports numbered above collector.max_events_per_attempt: 422, naming the setting.
+    let response = post(url(a), Some(a), heartbeat(10_001)).await.unwrap();
+    assert_eq!(response.status(), 422);
+    assert!(response.text().await.unwrap().contains("collector.max_events_per_attempt"));
+    assert!(sandbox.store.agent_events(a.id).await.unwrap().iter().all(|e| e.seq <= 10_000));
     // A malformed body: 400, saying what it expected.
-    let response = post(url(a), Some(token(a)), vec![0xff, 0xff, 0xff, 0x01]).await.unwrap();
+    let response = post(url(a), Some(a), vec![0xff, 0xff, 0xff, 0x01]).await.unwrap();
     assert_eq!(response.status(), 400);
     assert!(response.text().await.unwrap().contains("ReportBatch"));
     let empty = v1::ReportBatch { reports: vec![] }.encode_to_vec();
-    assert_eq!(post(url(a), Some(token(a)), empty).await.unwrap().status(), 400);
+    assert_eq!(post(url(a), Some(a), empty).await.unwrap().status(), 400);
     let no_kind =
         v1::ReportBatch { reports: vec![v1::AgentReport { seq: 5, sent_at_unix_ms: 0, kind: None }] }.encode_to_vec();
-    assert_eq!(post(url(a), Some(token(a)), no_kind).await.unwrap().status(), 400);
+    assert_eq!(post(url(a), Some(a), no_kind).await.unwrap().status(), 400);
     // An oversized body: 413.
     let huge = vec![0u8; fleetpatch_proto::limits::MAX_REPORT_BODY_BYTES + 1];
-    assert_eq!(post(url(a), Some(token(a)), huge).await.unwrap().status(), 413);
+    assert_eq!(post(url(a), Some(a), huge).await.unwrap().status(), 413);
     // A path that is not a target id: 400.
-    let response = post(format!("http://{}/v1/targets/nope/reports", sandbox.collector), Some(token(a)), heartbeat(1))
-        .await
-        .unwrap();
+    let response =
+        post(format!("http://{}/v1/targets/nope/reports", sandbox.collector), Some(a), heartbeat(1)).await.unwrap();
     assert_eq!(response.status(), 400);
     // The collector is still healthy after all of that.
     let ready = sandbox.http.get(format!("http://{}/readyz", sandbox.collector)).send().await.unwrap();

@@ -6,10 +6,12 @@
 
 pub mod clock;
 pub mod config;
+pub mod http;
 pub mod ops;
 pub mod secrets;
 pub mod shutdown;
 pub mod telemetry;
+pub mod tokens;
 
 pub use clock::{Clock, ManualClock};
 pub use ops::{Health, ReadinessCheck};

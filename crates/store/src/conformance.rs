@@ -1185,9 +1185,17 @@ pub async fn token_info_names_the_attempt(db: &dyn TestDatabase) {
     assert_eq!(store.token_info(target.id).await.expect("token info"), None, "no token before the probe");
     store.dispatch(id).await.expect("dispatch");
     bring_to_running(store, &target).await;
+    let info = store.token_info(target.id).await.expect("token info").expect("a token after the probe");
+    let nonce = store.target(target.id).await.expect("target").token_nonce.expect("a nonce after the claim");
     assert_eq!(
-        store.token_info(target.id).await.expect("token info"),
-        Some(TokenInfo { token_hash: "hash".into(), attempt: 1, rollout_id: id })
+        info,
+        TokenInfo {
+            token_hash: "hash".into(),
+            token_nonce: nonce,
+            attempt: 1,
+            rollout_id: id,
+            state: TargetState::Running
+        }
     );
     assert_eq!(store.token_info(Uuid::new_v4()).await.expect("token info"), None);
 }

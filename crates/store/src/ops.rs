@@ -1469,19 +1469,43 @@ impl Store {
 
     // ------------------------------------------------------------ collector
 
-    /// What the collector needs to authenticate a target's agent.
+    /// What the collector needs to authenticate a target's agent: the
+    /// current attempt, the nonce its token was derived with, the token's
+    /// hash and the target's state (a final state ends the attempt's key).
     pub async fn token_info(&self, target_id: Uuid) -> Result<Option<TokenInfo>> {
-        let row: Option<(Option<String>, i32, Uuid)> = targets::Entity::find_by_id(target_id)
+        let row: Option<(Option<String>, Option<String>, i32, Uuid, String)> = targets::Entity::find_by_id(target_id)
             .select_only()
             .column(targets::Column::TokenHash)
+            .column(targets::Column::TokenNonce)
             .column(targets::Column::Attempt)
             .column(targets::Column::RolloutId)
+            .column(targets::Column::State)
             .into_tuple()
             .one(&self.db)
             .await?;
-        Ok(row.and_then(|(hash, attempt, rollout_id)| {
-            hash.map(|token_hash| TokenInfo { token_hash, attempt: attempt as u32, rollout_id })
+        let Some((Some(token_hash), token_nonce, attempt, rollout_id, state)) = row else {
+            return Ok(None);
+        };
+        let state = state.parse::<TargetState>().map_err(|e| Error::Corrupt(e.to_string()))?;
+        Ok(Some(TokenInfo {
+            token_hash,
+            token_nonce: token_nonce.unwrap_or_default(),
+            attempt: attempt as u32,
+            rollout_id,
+            state,
         }))
+    }
+
+    /// Whether the agent's final result of `attempt` is stored (the
+    /// collector stops accepting the attempt's key after it).
+    pub async fn final_reported(&self, target_id: Uuid, attempt: u32) -> Result<bool> {
+        Ok(agent_events::Entity::find()
+            .filter(agent_events::Column::TargetId.eq(target_id))
+            .filter(agent_events::Column::Attempt.eq(attempt as i32))
+            .filter(agent_events::Column::Kind.eq("final"))
+            .count(&self.db)
+            .await?
+            > 0)
     }
 
     /// Applies a batch of authenticated reports in one transaction:
@@ -1946,10 +1970,13 @@ pub struct FleetGauges {
     pub outbox_pending: u64,
 }
 
-/// A target's token hash and the attempt it belongs to.
+/// A target's token hash, the attempt and nonce the token was derived
+/// with, and the target's state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenInfo {
     pub token_hash: String,
+    pub token_nonce: String,
     pub attempt: u32,
     pub rollout_id: Uuid,
+    pub state: TargetState,
 }

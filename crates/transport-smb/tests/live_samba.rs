@@ -70,7 +70,9 @@ fn deployment(dir: &Path, target: &TargetSpec, bytes: &[u8], declared_sha: &str)
             version: PLAN_VERSION,
             deployment_id,
             target_id: target.target_id,
+            attempt: 1,
             collector_url: "http://127.0.0.1:1072".into(),
+            collector_ca_pem: None,
             token: "token".into(),
             heartbeat_seconds: 30,
             patches: vec![PlanPatch {

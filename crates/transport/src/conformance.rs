@@ -49,7 +49,9 @@ pub fn one_patch_deployment(
             deployment_id: plan::deployment_id(target.target_id, attempt),
             target_id: target.target_id,
             // Nothing listens there: agents that start keep their reports.
+            attempt: 1,
             collector_url: "http://127.0.0.1:9".into(),
+            collector_ca_pem: None,
             token: "conformance".into(),
             heartbeat_seconds: 30,
             patches: vec![PlanPatch {

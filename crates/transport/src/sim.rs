@@ -3,7 +3,7 @@
 //! Every host gets a behaviour drawn from a seed and its name (so the same
 //! seed gives the same fleet), or named explicitly by the target label
 //! `sim.behaviour` or by [`SimOptions::overrides`]. Its agents are tasks that
-//! post real reports over HTTP to the collector with the target's token,
+//! post real reports over HTTP to the collector, signed with the target's token,
 //! exactly as the real agent does: the simulation stops at the target
 //! machine, everything from the collector on is the real pipeline.
 
@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fleetpatch_proto::plan::DeploymentPlan;
+use fleetpatch_proto::report_auth::{SignedRequest, SigningKey};
 use fleetpatch_proto::v1::{self, agent_report::Kind};
 use prost::Message;
 use rand::{Rng, SeedableRng};
@@ -306,6 +307,7 @@ impl crate::Transport for SimTransport {
             fleet: fleet.clone(),
             host: target.host.clone(),
             behaviour: fleet.behaviour(target),
+            signing_key: SigningKey::from_token(&deployment.plan.token),
             plan: deployment.plan.clone(),
             seq: 0,
         };
@@ -348,6 +350,8 @@ struct SimAgent {
     host: String,
     behaviour: HostBehaviour,
     plan: DeploymentPlan,
+    /// Derived from the plan's token; the token itself is never sent.
+    signing_key: SigningKey,
     seq: u64,
 }
 
@@ -412,16 +416,26 @@ impl SimAgent {
             reports: vec![v1::AgentReport { seq: self.seq, sent_at_unix_ms: now_unix_ms(), kind: Some(kind) }],
         };
         let body = batch.encode_to_vec();
-        let url =
-            format!("{}/v1/targets/{}/reports", self.plan.collector_url.trim_end_matches('/'), self.plan.target_id);
+        let path = format!("/v1/targets/{}/reports", self.plan.target_id);
+        let url = format!("{}{path}", self.plan.collector_url.trim_end_matches('/'));
         let mut backoff = Duration::from_millis(100);
         loop {
             let sent = std::time::Instant::now();
+            // Signed like the real agent's requests: a fresh nonce and time per try.
+            let request = SignedRequest::new(
+                "POST",
+                &path,
+                self.plan.target_id,
+                self.plan.attempt,
+                now_unix_ms(),
+                rand::random(),
+                &body,
+            );
             let response = self
                 .fleet
                 .http
                 .post(&url)
-                .bearer_auth(&self.plan.token)
+                .header("authorization", self.signing_key.authorization(&request))
                 .header("content-type", "application/x-protobuf")
                 .body(body.clone())
                 .send()

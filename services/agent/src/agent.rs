@@ -24,7 +24,7 @@ use fleetpatch_proto::plan::{DeploymentPlan, RebootPolicy};
 use fleetpatch_proto::v1::{agent_report::Kind, FinalResult, Heartbeat, PatchFinished, PatchOutcome, PatchStarted};
 
 use crate::cli::RunOptions;
-use crate::http::{CollectorUrl, Timeouts};
+use crate::http::{CollectorUrl, Connector, Timeouts};
 use crate::outcome::is_installed;
 use crate::plan::LoadedPlan;
 use crate::render::{self, Platform};
@@ -32,6 +32,7 @@ use crate::reporter::{DrainOutcome, Reporter, ReporterOptions};
 use crate::spool::{FinishedPatch, Spool};
 use crate::stop::{StopSignal, STOP_DRAIN_DEADLINE};
 use crate::{error, info, process, runner, warn, Error};
+use fleetpatch_proto::report_auth::SigningKey;
 
 /// Default spool file name, in the plan's directory.
 pub const DEFAULT_SPOOL_FILE_NAME: &str = "spool.bin";
@@ -136,13 +137,17 @@ fn start_reporter(loaded: &LoadedPlan, options: &RunOptions) -> Result<Reporter,
         );
     }
     let url = CollectorUrl::parse(&plan.collector_url).map_err(|reason| Error::plan("collector_url", reason))?;
+    let connector = Connector::new(&url, plan.collector_ca_pem.as_deref())
+        .map_err(|reason| Error::plan("collector_url", reason))?;
     let timeouts = Timeouts { connect: options.http_timeout, io: options.http_timeout };
     Ok(Reporter::start(
         spool,
         ReporterOptions {
             url,
-            target_id: plan.target_id.to_string(),
-            token: plan.token.clone(),
+            connector,
+            target_id: plan.target_id,
+            attempt: plan.attempt,
+            signing_key: SigningKey::from_token(&plan.token),
             timeouts,
             backoff_initial: options.backoff_initial,
             backoff_max: options.backoff_max,
@@ -298,6 +303,9 @@ fn drain_reports(reporter: &mut Reporter, deadline: Duration, stop: &StopSignal)
         DrainOutcome::Refused(reason) => {
             error!("the collector refused the token; reports remain in the spool", reason = reason)
         }
+        DrainOutcome::AttemptClosed(reason) => {
+            error!("the collector has this attempt's final result; unsent reports were dropped", reason = reason)
+        }
         DrainOutcome::DeadlineExpired { pending } => {
             error!("drain deadline passed; reports remain in the spool for `fleetpatch-agent drain`", pending = pending)
         }
@@ -324,7 +332,9 @@ fn remove_staged_files(loaded: &LoadedPlan, reporter: &Reporter, drain: &DrainOu
         files.push(runner::script_path(directory, patch.index));
     }
     files.push(directory.join(Platform::CURRENT.overview_file_name()));
-    let drained = *drain == DrainOutcome::Drained;
+    // Nothing is left to deliver either when every report was acknowledged
+    // or when the collector takes nothing more for this attempt.
+    let drained = matches!(drain, DrainOutcome::Drained | DrainOutcome::AttemptClosed(_));
     if drained {
         if let Err(e) = reporter.remove_spool_files() {
             warn!("cannot remove the spool", error = e);
@@ -435,7 +445,9 @@ mod tests {
             version: 1,
             deployment_id: "fp-1".into(),
             target_id: "6f1c1b8e-8f6f-4f53-9d55-3a3f5e0c2a11".parse().unwrap(),
+            attempt: 1,
             collector_url: "http://c".into(),
+            collector_ca_pem: None,
             token: "t".into(),
             heartbeat_seconds: 1,
             patches: (0..count)

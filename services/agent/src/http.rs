@@ -4,11 +4,14 @@
 //! so this is ~200 lines over [`std::net::TcpStream`] instead of an HTTP
 //! crate: every request has a connect timeout and read/write timeouts, sends
 //! `Connection: close`, and reads a bounded response (`Content-Length`,
-//! chunked, or until close). Plain `http://` only — see README.md for why
-//! TLS is left to the network (and what adding it would cost).
+//! chunked, or until close). `http://` by default; `https://` when built
+//! with the `tls` feature (rustls with the ring provider), trusting only the
+//! CA certificate(s) the plan carries (`collector_ca_pem`), never the
+//! system's or a bundled root store.
 //!
 //! This module never logs; it must not see or print anything but the bytes
-//! it is handed (the caller's headers include the bearer token).
+//! it is handed (the caller's headers carry a request signature, never the
+//! token).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
@@ -24,6 +27,8 @@ const MAX_HEADER_LINES: usize = 100;
 /// The collector's base URL, split into what a request needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CollectorUrl {
+    /// `https://`: the connection is TLS (see [`Connector`]).
+    pub tls: bool,
     pub host: String,
     pub port: u16,
     /// Path prefix without a trailing slash (often empty).
@@ -31,16 +36,14 @@ pub struct CollectorUrl {
 }
 
 impl CollectorUrl {
-    /// Parse `http://host[:port][/base]`; the port defaults to 1072, the
-    /// collector's port, not 80.
+    /// Parse `http[s]://host[:port][/base]`; the port defaults to 1072, the
+    /// collector's port, not 80 or 443.
     pub fn parse(url: &str) -> Result<Self, String> {
-        let rest = url.strip_prefix("http://").ok_or_else(|| {
-            if url.starts_with("https://") {
-                format!("{url:?}: https is not supported by the agent; use http:// (see the agent README)")
-            } else {
-                format!("{url:?} must start with http://")
-            }
-        })?;
+        let (tls, rest) = match (url.strip_prefix("http://"), url.strip_prefix("https://")) {
+            (Some(rest), _) => (false, rest),
+            (_, Some(rest)) => (true, rest),
+            _ => return Err(format!("{url:?} must start with http:// or https://")),
+        };
         let (authority, path) = match rest.find('/') {
             Some(slash) => (&rest[..slash], &rest[slash..]),
             None => (rest, ""),
@@ -77,7 +80,7 @@ impl CollectorUrl {
                 .filter(|port| *port != 0)
                 .ok_or_else(|| format!("{url:?}: port {port:?} is not a number from 1 to 65535"))?,
         };
-        Ok(Self { host: host.to_owned(), port, base_path: path.trim_end_matches('/').to_owned() })
+        Ok(Self { tls, host: host.to_owned(), port, base_path: path.trim_end_matches('/').to_owned() })
     }
 
     /// Value of the `Host` header.
@@ -88,6 +91,76 @@ impl CollectorUrl {
             format!("{}:{}", self.host, self.port)
         }
     }
+}
+
+/// How connections to the collector are made: plain TCP, or TLS trusting
+/// only the plan's CA.
+#[derive(Clone)]
+pub struct Connector {
+    #[cfg(feature = "tls")]
+    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+}
+
+impl std::fmt::Debug for Connector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.is_tls() { "Connector(tls)" } else { "Connector(plain)" })
+    }
+}
+
+impl Connector {
+    /// The connector `url` needs; `ca_pem` is the plan's `collector_ca_pem`.
+    pub fn new(url: &CollectorUrl, ca_pem: Option<&str>) -> Result<Self, String> {
+        if !url.tls {
+            return Ok(Self {
+                #[cfg(feature = "tls")]
+                tls: None,
+            });
+        }
+        #[cfg(not(feature = "tls"))]
+        {
+            let _ = ca_pem;
+            Err("an https:// collector needs an agent built with TLS (cargo build -p fleetpatch-agent --features tls); \
+                 this one speaks http:// only"
+                .into())
+        }
+        #[cfg(feature = "tls")]
+        {
+            Ok(Self { tls: Some(std::sync::Arc::new(tls_config(ca_pem)?)) })
+        }
+    }
+
+    fn is_tls(&self) -> bool {
+        #[cfg(feature = "tls")]
+        {
+            self.tls.is_some()
+        }
+        #[cfg(not(feature = "tls"))]
+        {
+            false
+        }
+    }
+}
+
+/// A rustls client configuration trusting only the CA(s) in `ca_pem`.
+#[cfg(feature = "tls")]
+fn tls_config(ca_pem: Option<&str>) -> Result<rustls::ClientConfig, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+    let ca_pem = ca_pem.ok_or_else(|| {
+        "an https:// collector needs collector_ca_pem in the plan (the worker's worker.collector_ca_file)".to_owned()
+    })?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        let cert = cert.map_err(|e| format!("collector_ca_pem is not PEM: {e}"))?;
+        roots.add(cert).map_err(|e| format!("collector_ca_pem holds an unusable certificate: {e}"))?;
+    }
+    if roots.is_empty() {
+        return Err("collector_ca_pem holds no certificate".into());
+    }
+    rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("tls: {e}"))
+        .map(|builder| builder.with_root_certificates(roots).with_no_client_auth())
 }
 
 /// How long each step of a request may take.
@@ -123,16 +196,37 @@ pub enum HttpError {
 /// `headers` are sent as given; they must not contain line breaks.
 pub fn post(
     url: &CollectorUrl,
+    connector: &Connector,
     path: &str,
     headers: &[(&str, &str)],
     body: &[u8],
     timeouts: Timeouts,
 ) -> Result<Response, HttpError> {
-    let mut stream = connect(url, timeouts)?;
+    let stream = connect(url, timeouts)?;
     stream.set_read_timeout(Some(timeouts.io))?;
     stream.set_write_timeout(Some(timeouts.io))?;
     let _ = stream.set_nodelay(true);
+    let request = request_bytes(url, path, headers, body);
+    #[cfg(feature = "tls")]
+    if let Some(config) = &connector.tls {
+        let name = rustls::pki_types::ServerName::try_from(url.host.clone())
+            .map_err(|e| HttpError::Malformed(format!("{:?} is not a TLS server name: {e}", url.host)))?;
+        let connection = rustls::ClientConnection::new(config.clone(), name)
+            .map_err(|e| HttpError::Malformed(format!("tls: {e}")))?;
+        let mut stream = rustls::StreamOwned::new(connection, stream);
+        stream.write_all(&request)?;
+        stream.flush()?;
+        return read_response(BufReader::new(stream));
+    }
+    #[cfg(not(feature = "tls"))]
+    let _ = connector;
+    let mut stream = stream;
+    stream.write_all(&request)?;
+    stream.flush()?;
+    read_response(BufReader::new(stream))
+}
 
+fn request_bytes(url: &CollectorUrl, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Vec<u8> {
     let mut head = format!(
         "POST {}{} HTTP/1.1\r\nHost: {}\r\nContent-Length: {}\r\nConnection: close\r\n\
          User-Agent: fleetpatch-agent/{}\r\n",
@@ -151,9 +245,7 @@ pub fn post(
     head.push_str("\r\n");
     let mut request = head.into_bytes();
     request.extend_from_slice(body);
-    stream.write_all(&request)?;
-    stream.flush()?;
-    read_response(BufReader::new(stream))
+    request
 }
 
 fn connect(url: &CollectorUrl, timeouts: Timeouts) -> Result<TcpStream, HttpError> {
@@ -269,14 +361,31 @@ mod tests {
     #[test]
     fn collector_urls_parse() {
         let url = CollectorUrl::parse("http://collector:8080/base/").unwrap();
-        assert_eq!(url, CollectorUrl { host: "collector".into(), port: 8080, base_path: "/base".into() });
+        assert_eq!(url, CollectorUrl { tls: false, host: "collector".into(), port: 8080, base_path: "/base".into() });
         let url = CollectorUrl::parse("http://10.0.0.5").unwrap();
         assert_eq!((url.port, url.base_path.as_str()), (1072, ""));
         let url = CollectorUrl::parse("http://[::1]:1072").unwrap();
         assert_eq!(url.host, "::1");
         assert_eq!(url.host_header(), "[::1]:1072");
-        for bad in ["https://c", "ftp://c", "http://", "http://c:0", "http://c:99999", "http://u@c", "http://c/a?b"] {
+        for bad in ["ftp://c", "http://", "http://c:0", "http://c:99999", "http://u@c", "http://c/a?b"] {
             assert!(CollectorUrl::parse(bad).is_err(), "{bad}");
+        }
+        let url = CollectorUrl::parse("https://collector.example").unwrap();
+        assert_eq!((url.tls, url.port), (true, 1072));
+    }
+
+    #[test]
+    fn https_needs_the_tls_build_and_the_plans_ca() {
+        let plain = CollectorUrl::parse("http://c").unwrap();
+        assert!(!Connector::new(&plain, None).unwrap().is_tls());
+        let https = CollectorUrl::parse("https://c").unwrap();
+        let error = Connector::new(&https, None).unwrap_err();
+        if cfg!(feature = "tls") {
+            assert!(error.contains("collector_ca_pem"), "{error}");
+            let error = Connector::new(&https, Some("not a certificate")).unwrap_err();
+            assert!(error.contains("collector_ca_pem holds no certificate"), "{error}");
+        } else {
+            assert!(error.contains("--features tls"), "{error}");
         }
     }
 

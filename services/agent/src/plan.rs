@@ -78,7 +78,7 @@ fn validate(plan: &DeploymentPlan) -> Result<(), Error> {
     if plan.deployment_id.trim().is_empty() {
         return Err(Error::plan("deployment_id", "must not be empty"));
     }
-    validate_collector_url(&plan.collector_url)?;
+    validate_collector_url(&plan.collector_url, plan.collector_ca_pem.as_deref())?;
     if plan.token.is_empty() {
         return Err(Error::plan("token", "must not be empty"));
     }
@@ -122,8 +122,9 @@ fn validate(plan: &DeploymentPlan) -> Result<(), Error> {
     Ok(())
 }
 
-fn validate_collector_url(url: &str) -> Result<(), Error> {
-    crate::http::CollectorUrl::parse(url).map(|_| ()).map_err(|reason| Error::plan("collector_url", reason))
+fn validate_collector_url(url: &str, ca_pem: Option<&str>) -> Result<(), Error> {
+    let parsed = crate::http::CollectorUrl::parse(url).map_err(|reason| Error::plan("collector_url", reason))?;
+    crate::http::Connector::new(&parsed, ca_pem).map(|_| ()).map_err(|reason| Error::plan("collector_url", reason))
 }
 
 /// A staged file name must be a plain name that is valid on every target OS.

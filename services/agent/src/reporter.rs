@@ -10,8 +10,20 @@
 //!
 //! Answers and what they mean:
 //! * 2xx: accepted (duplicates included; the collector is idempotent by seq).
-//! * 401, 403: the token is refused; no batch will ever pass, so the thread
-//!   stops sending and the reports stay in the spool (logged as an error).
+//! * 401, 403: the request's signature is refused (a wrong key, an attempt
+//!   that is no longer current, a clock outside the collector's window); no
+//!   batch will ever pass, so the thread stops sending and the reports stay
+//!   in the spool (logged as an error).
+//! * 409: the attempt already has its final result (for example the
+//!   watchdog gave up on it and the agent's own final result came in
+//!   meanwhile): nothing more will be accepted for it, so the thread stops,
+//!   the pending reports are dropped from the spool and later ones are not
+//!   spooled (logged as an error).
+//!
+//! Every request is signed ([`fleetpatch_proto::report_auth`]): the token
+//! never leaves the target; each request carries a MAC keyed from it over
+//! the method, the path, the target, the attempt, the time, a fresh random
+//! nonce and the body's sha256.
 //! * 400, 413, 422: this batch is refused; it is split in halves until the
 //!   refused report is alone, then that one report is dropped (logged).
 //! * connection errors, timeouts, 408, 429, 5xx and anything unexpected:
@@ -22,10 +34,11 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use fleetpatch_proto::limits::MAX_REPORTS_PER_BATCH;
+use fleetpatch_proto::report_auth::{SignedRequest, SigningKey};
 use fleetpatch_proto::v1::{agent_report::Kind, AgentReport, ReportAck, ReportBatch};
 use prost::Message;
 
-use crate::http::{self, CollectorUrl, Timeouts};
+use crate::http::{self, CollectorUrl, Connector, Timeouts};
 use crate::spool::{Spool, SpoolState};
 use crate::{error, info, warn};
 
@@ -33,9 +46,11 @@ use crate::{error, info, warn};
 #[derive(Debug, Clone)]
 pub struct ReporterOptions {
     pub url: CollectorUrl,
-    pub target_id: String,
-    /// Sent as `Authorization: Bearer`; never logged.
-    pub token: String,
+    pub connector: Connector,
+    pub target_id: uuid::Uuid,
+    pub attempt: u32,
+    /// Derived from the plan's token; signs every request. Never sent, never logged.
+    pub signing_key: SigningKey,
     pub timeouts: Timeouts,
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
@@ -48,6 +63,9 @@ pub enum DrainOutcome {
     Drained,
     /// The collector refused the token; the reports stay in the spool.
     Refused(String),
+    /// The collector has the attempt's final result and takes nothing more;
+    /// the unsent reports were dropped.
+    AttemptClosed(String),
     /// The deadline passed with reports still unacknowledged.
     DeadlineExpired { pending: usize },
 }
@@ -58,6 +76,8 @@ struct Queue {
     closing: bool,
     /// The collector refused the token (why).
     refused: Option<String>,
+    /// The collector answered that the attempt is over (why).
+    closed: Option<String>,
 }
 
 struct Shared {
@@ -82,7 +102,7 @@ impl Reporter {
     /// Start the thread; it begins with whatever the spool already holds.
     pub fn start(spool: Spool, options: ReporterOptions) -> Self {
         let shared = Arc::new(Shared {
-            queue: Mutex::new(Queue { spool, closing: false, refused: None }),
+            queue: Mutex::new(Queue { spool, closing: false, refused: None, closed: None }),
             changed: Condvar::new(),
         });
         let thread_shared = Arc::clone(&shared);
@@ -93,9 +113,15 @@ impl Reporter {
         Self { shared, thread: Some(thread) }
     }
 
-    /// Queue a report; returns its seq. Never waits for the network.
+    /// Queue a report; returns its seq. Never waits for the network. Once
+    /// the collector said the attempt is over, reports are not kept (0).
     pub fn report(&self, kind: Kind) -> u64 {
-        let seq = self.shared.lock().spool.append(kind);
+        let mut queue = self.shared.lock();
+        if queue.closed.is_some() {
+            return 0;
+        }
+        let seq = queue.spool.append(kind);
+        drop(queue);
         self.shared.changed.notify_all();
         seq
     }
@@ -121,6 +147,9 @@ impl Reporter {
             if let Some(reason) = &queue.refused {
                 break DrainOutcome::Refused(reason.clone());
             }
+            if let Some(reason) = &queue.closed {
+                break DrainOutcome::AttemptClosed(reason.clone());
+            }
             if queue.spool.pending().is_empty() {
                 break DrainOutcome::Drained;
             }
@@ -131,8 +160,8 @@ impl Reporter {
             queue = self.shared.changed.wait_timeout(queue, until - now).unwrap_or_else(PoisonError::into_inner).0;
         };
         drop(queue);
-        if outcome == DrainOutcome::Drained {
-            // The thread exits by itself once closing and empty.
+        if matches!(outcome, DrainOutcome::Drained | DrainOutcome::AttemptClosed(_)) {
+            // The thread exits by itself once closing and empty, or closed.
             if let Some(thread) = self.thread.take() {
                 let _ = thread.join();
             }
@@ -150,13 +179,13 @@ impl Reporter {
 enum Delivery {
     Accepted(ReportAck),
     TokenRefused(String),
+    AttemptClosed(String),
     BatchRefused(String),
     Retry(String),
 }
 
 fn send_loop(shared: &Shared, options: &ReporterOptions) {
     let path = format!("/v1/targets/{}/reports", options.target_id);
-    let authorization = format!("Bearer {}", options.token);
     let mut backoff = Backoff::new(options.backoff_initial, options.backoff_max);
     let mut max_batch = MAX_REPORTS_PER_BATCH;
     let mut failures_in_a_row = 0u32;
@@ -164,7 +193,7 @@ fn send_loop(shared: &Shared, options: &ReporterOptions) {
         let batch = {
             let mut queue = shared.lock();
             loop {
-                if queue.refused.is_some() {
+                if queue.refused.is_some() || queue.closed.is_some() {
                     return;
                 }
                 if !queue.spool.pending().is_empty() {
@@ -179,7 +208,7 @@ fn send_loop(shared: &Shared, options: &ReporterOptions) {
         let first_seq = batch.first().map_or(0, |r| r.seq);
         let last_seq = batch.last().map_or(0, |r| r.seq);
         let batch_len = batch.len();
-        match deliver(options, &path, &authorization, batch) {
+        match deliver(options, &path, batch) {
             Delivery::Accepted(ack) => {
                 if failures_in_a_row > 0 {
                     info!("collector reachable again", failed_attempts = failures_in_a_row);
@@ -210,6 +239,23 @@ fn send_loop(shared: &Shared, options: &ReporterOptions) {
                     reason = reason
                 );
                 shared.lock().refused = Some(reason);
+                shared.changed.notify_all();
+                return;
+            }
+            Delivery::AttemptClosed(reason) => {
+                let mut queue = shared.lock();
+                let dropped = queue.spool.pending().len();
+                let last = queue.spool.pending().back().map_or(last_seq, |r| r.seq);
+                if let Err(e) = queue.spool.remove_through(last) {
+                    error!("cannot remove the dropped reports from the spool", error = e);
+                }
+                error!(
+                    "collector has this attempt's final result and accepts nothing more; dropping the unsent reports",
+                    dropped = dropped,
+                    reason = reason
+                );
+                queue.closed = Some(reason);
+                drop(queue);
                 shared.changed.notify_all();
                 return;
             }
@@ -248,10 +294,26 @@ fn send_loop(shared: &Shared, options: &ReporterOptions) {
     }
 }
 
-fn deliver(options: &ReporterOptions, path: &str, authorization: &str, batch: Vec<AgentReport>) -> Delivery {
+/// The `Authorization` value of one request: signed now, with a fresh nonce.
+fn sign(options: &ReporterOptions, path: &str, body: &[u8]) -> Result<String, String> {
+    let mut nonce = [0u8; 16];
+    getrandom::fill(&mut nonce).map_err(|e| format!("no random bytes for the request nonce: {e}"))?;
+    let timestamp_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_err(|_| "the system clock is before 1970".to_owned())?
+        .as_millis() as i64;
+    let request = SignedRequest::new("POST", path, options.target_id, options.attempt, timestamp_ms, nonce, body);
+    Ok(options.signing_key.authorization(&request))
+}
+
+fn deliver(options: &ReporterOptions, path: &str, batch: Vec<AgentReport>) -> Delivery {
     let body = ReportBatch { reports: batch }.encode_to_vec();
-    let headers = [("Authorization", authorization), ("Content-Type", "application/x-protobuf")];
-    let response = match http::post(&options.url, path, &headers, &body, options.timeouts) {
+    let authorization = match sign(options, path, &body) {
+        Ok(authorization) => authorization,
+        Err(reason) => return Delivery::Retry(reason),
+    };
+    let headers = [("Authorization", authorization.as_str()), ("Content-Type", "application/x-protobuf")];
+    let response = match http::post(&options.url, &options.connector, path, &headers, &body, options.timeouts) {
         Ok(response) => response,
         Err(e) => return Delivery::Retry(e.to_string()),
     };
@@ -272,6 +334,7 @@ fn deliver(options: &ReporterOptions, path: &str, authorization: &str, batch: Ve
             Err(e) => Delivery::Retry(format!("HTTP {status} with a body that is not a ReportAck: {e}")),
         },
         401 | 403 => Delivery::TokenRefused(detail()),
+        409 => Delivery::AttemptClosed(detail()),
         400 | 413 | 422 => Delivery::BatchRefused(detail()),
         408 | 429 | 500..=599 => Delivery::Retry(detail()),
         _ => {

@@ -354,6 +354,24 @@ fn a_refused_token_is_not_retried_forever_and_keeps_the_spool() {
 }
 
 #[test]
+fn an_attempt_closed_by_the_collector_ends_reporting_and_drops_the_spool() {
+    // 409: the collector has this attempt's final result (e.g. after a
+    // watchdog timeout) and will accept nothing more for it.
+    let collector = TestCollector::start();
+    collector.set_mode(Mode::Status(409));
+    let stage = Stage::new();
+    stage.write_plan(&collector.url(), &[TestPatch::script("a", "echo a\n")], 30, "never", false);
+
+    let output = run_agent(&stage.run_arguments());
+    assert_eq!(output.status.code(), Some(3), "reports undelivered");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("accepts nothing more; dropping the unsent reports"), "{stderr}");
+    assert_eq!(collector.with_record(|record| record.statuses.len()), 1, "no request after the 409");
+    // Nothing is left to deliver: the spool, the plan and the staged files are gone.
+    assert!(!stage.directory.exists(), "the staging directory is removed");
+}
+
+#[test]
 fn a_refused_report_is_isolated_and_dropped_without_blocking_the_rest() {
     let mut collector = TestCollector::start();
     collector.close();

@@ -38,9 +38,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use fleetpatch_bus::rabbitmq::{RabbitBackend, RabbitOptions};
+use fleetpatch_proto::report_auth::{self, SignedRequest, SigningKey};
 use fleetpatch_proto::state::{RolloutState, TargetState};
 use fleetpatch_proto::v1::{self, agent_report::Kind};
 use fleetpatch_proto::Message;
+use fleetpatch_runtime::tokens::TokenKey;
 use fleetpatch_store::{Claim, NewRollout, ProbeOutcome, Store, StoreOptions};
 use serde::Serialize;
 use tokio::process::{Child, Command};
@@ -492,6 +494,9 @@ struct Figures {
     broker_ceiling: Option<fleetpatch_bus::ceiling::BrokerCeiling>,
     database_ceiling: Option<fleetpatch_store::ceiling::DatabaseCeiling>,
     http_ceiling: Option<HttpCeiling>,
+    /// The same senders and requests, signed, against the bare server
+    /// verifying each request's MAC as the collector does.
+    http_ceiling_with_mac: Option<HttpCeiling>,
     rollout: Option<RolloutFigures>,
     collector: Option<CollectorFigures>,
     watchdogs: Option<WatchdogFigures>,
@@ -600,11 +605,43 @@ impl CollectorRun {
     }
 }
 
-/// One request of an agent's reports: `true` once acknowledged, `false` when
-/// the collector is busy (503: send it again); any other answer is an error.
-async fn post_reports(http: &reqwest::Client, url: &str, token: &str, body: Vec<u8>) -> anyhow::Result<bool> {
-    let response =
-        http.post(url).bearer_auth(token).header("content-type", "application/x-protobuf").body(body).send().await?;
+/// A target's agent as the bench plays it: it signs its requests with the
+/// key derived from the token a worker would have staged.
+#[derive(Clone)]
+struct BenchAgent {
+    target: Uuid,
+    attempt: u32,
+    key: SigningKey,
+}
+
+impl BenchAgent {
+    /// The agent of `target`'s `attempt`, its token derived from `token_key` and `nonce`.
+    fn new(token_key: &TokenKey, target: Uuid, attempt: u32, nonce: &str) -> Self {
+        let token = report_auth::derive_token(token_key.as_bytes(), target, attempt, nonce);
+        Self { target, attempt, key: SigningKey::from_token(&token) }
+    }
+
+    fn path(&self) -> String {
+        format!("/v1/targets/{}/reports", self.target)
+    }
+}
+
+/// One request of an agent's reports, signed now: `true` once acknowledged,
+/// `false` when the collector is busy (503: send it again); any other
+/// answer is an error.
+async fn post_reports(http: &reqwest::Client, port: u16, agent: &BenchAgent, body: Vec<u8>) -> anyhow::Result<bool> {
+    let path = agent.path();
+    let url = format!("http://127.0.0.1:{port}{path}");
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    let request = SignedRequest::new("POST", &path, agent.target, agent.attempt, now_ms, rand::random(), &body);
+    let authorization = agent.key.authorization(&request);
+    let response = http
+        .post(&url)
+        .header("authorization", authorization)
+        .header("content-type", "application/x-protobuf")
+        .body(body)
+        .send()
+        .await?;
     let status = response.status();
     let _ = response.bytes().await;
     match status.as_u16() {
@@ -658,6 +695,8 @@ struct Bench {
     figures: Figures,
     /// Where this process plays the workers, it also relays their outbox at once.
     relay_nudge: Arc<tokio::sync::Notify>,
+    /// The token key the collector shares (the bench plays the workers).
+    token_key: TokenKey,
 }
 
 fn sim_patches(patches: usize) -> Vec<serde_json::Value> {
@@ -764,25 +803,33 @@ impl Bench {
     }
 
     /// Plays the worker for every queued target: claim, probe, stage, start;
-    /// each ends `running` with a known token. Returns (target, token) pairs.
-    async fn bring_to_running(&self, rollout: Uuid) -> anyhow::Result<Vec<(Uuid, String)>> {
+    /// each ends `running` with its token derived from the bench's token key
+    /// (which the collector shares). Returns the targets' agents.
+    async fn bring_to_running(&self, rollout: Uuid) -> anyhow::Result<Vec<BenchAgent>> {
         let targets = self.store.targets(rollout, Some(TargetState::Queued), None, u64::MAX >> 1).await?;
         let next = Arc::new(AtomicUsize::new(0));
         let targets = Arc::new(targets);
         let mut tasks = Vec::new();
         for _ in 0..32 {
-            let (store, next, targets, nudge) =
-                (self.store.clone(), next.clone(), targets.clone(), self.relay_nudge.clone());
+            let (store, next, targets, nudge, token_key) =
+                (self.store.clone(), next.clone(), targets.clone(), self.relay_nudge.clone(), self.token_key.clone());
             tasks.push(tokio::spawn(async move {
                 let mut tokens = Vec::new();
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(target) = targets.get(i) else { break };
-                    let token = format!("{}.{}", target.id.simple(), Uuid::new_v4().simple());
-                    let Claim::Claimed(context) = store.claim_deploy(target.id, target.attempt, false, "bench").await?
+                    let nonce = Uuid::new_v4().simple().to_string();
+                    let Claim::Claimed(context) = store.claim_deploy(target.id, target.attempt, false, &nonce).await?
                     else {
                         bail!("target {} could not be claimed", target.host);
                     };
+                    let stored_nonce = context.target.token_nonce.clone().unwrap_or_default();
+                    let token = report_auth::derive_token(
+                        token_key.as_bytes(),
+                        target.id,
+                        context.target.attempt,
+                        &stored_nonce,
+                    );
                     let hash = fleetpatch_collector::token_hash(&token);
                     let probe =
                         store.record_probe(&context, "bench", "x86_64", serde_json::json!({}), &[], &hash).await?;
@@ -794,7 +841,7 @@ impl Bench {
                         bail!("target {} did not move to running", target.host);
                     }
                     nudge.notify_one();
-                    tokens.push((target.id, token));
+                    tokens.push(BenchAgent::new(&token_key, target.id, context.target.attempt, &stored_nonce));
                 }
                 anyhow::Ok(tokens)
             }));
@@ -879,15 +926,23 @@ async fn run_phases(
         .context("measuring the database ceiling")?;
     figures.database_ceiling = Some(db);
     let http = reqwest::Client::builder().pool_max_idle_per_host(1_024).build()?;
+    // The key the collector derives the agents' tokens from; the bench plays
+    // the workers and the agents, so it holds it too.
+    let token_key_text = format!("{}{}", Uuid::new_v4().simple(), Uuid::new_v4().simple());
+    let token_key = TokenKey::from_bytes(token_key_text.clone().into_bytes())?;
     if args.collector_targets > 0 {
-        let ceiling = http_ceiling(&http, args.collector_targets, args.patches, args.collector_clients)
+        let ceiling = http_ceiling(&http, args.collector_targets, args.patches, args.collector_clients, None)
             .await
             .context("measuring the HTTP ceiling")?;
         figures.http_ceiling = Some(ceiling);
+        let ceiling =
+            http_ceiling(&http, args.collector_targets, args.patches, args.collector_clients, Some(token_key.clone()))
+                .await
+                .context("measuring the HTTP ceiling with MAC checking")?;
+        figures.http_ceiling_with_mac = Some(ceiling);
     }
 
     // The services, one process each.
-    let token_key = Uuid::new_v4().simple().to_string();
     let scheduler_port = free_port()?;
     let collector_port = free_port()?;
     let common: Vec<(String, String)> = vec![
@@ -902,12 +957,12 @@ async fn run_phases(
         ("FLEETPATCH__COLLECTOR__LISTEN".into(), format!("127.0.0.1:{collector_port}")),
         ("FLEETPATCH__WORKER__COLLECTOR_URL".into(), format!("http://127.0.0.1:{collector_port}")),
         ("FLEETPATCH__WORKER__CONCURRENCY".into(), args.worker_concurrency.to_string()),
-        ("FLEETPATCH__WORKER__TOKEN_KEY_REF".into(), "env:FLEETPATCH_BENCH_TOKEN_KEY".into()),
+        ("FLEETPATCH__TOKENS__KEY_REF".into(), "env:FLEETPATCH_BENCH_TOKEN_KEY".into()),
         ("FLEETPATCH__WORKER__CONTENT_DIR".into(), dir.join("content").display().to_string()),
         ("FLEETPATCH__SIM__PATCH_MS".into(), args.patch_ms.to_string()),
         ("FLEETPATCH__SIM__MIN_LATENCY_MS".into(), "1".into()),
         ("FLEETPATCH__SIM__MAX_LATENCY_MS".into(), "5".into()),
-        ("FLEETPATCH_BENCH_TOKEN_KEY".into(), token_key),
+        ("FLEETPATCH_BENCH_TOKEN_KEY".into(), token_key_text),
     ];
     let sampler = Sampler::default();
     let stop_sampler = Arc::new(AtomicBool::new(false));
@@ -945,6 +1000,7 @@ async fn run_phases(
         sampler: sampler.clone(),
         figures,
         relay_nudge: Arc::default(),
+        token_key,
     };
     let relay_bus = fleetpatch_bus::Bus::new(Arc::new(
         RabbitBackend::connect(amqp, &fleetpatch_proto::routing::WORK_QUEUES)
@@ -1201,11 +1257,10 @@ async fn paced_collector_load(
     let before = bench.cpu_now(collector_pid);
     let started = tokio::time::Instant::now() + Duration::from_millis(200);
     let mut tasks = tokio::task::JoinSet::new();
-    for (index, (target, token)) in tokens.into_iter().enumerate() {
+    for (index, agent) in tokens.into_iter().enumerate() {
         let (http, reports) = (bench.http.clone(), reports.clone());
         let first = started + gap.mul_f64(index as f64 / agents as f64);
         tasks.spawn(async move {
-            let url = format!("http://127.0.0.1:{collector_port}/v1/targets/{target}/reports");
             let due = |k: usize| first + gap * k as u32;
             let (mut latencies, mut requests, mut retried) = (Vec::with_capacity(reports.len()), 0usize, 0usize);
             let mut produced = 0;
@@ -1221,7 +1276,7 @@ async fn paced_collector_load(
                 }
                 let body = v1::ReportBatch { reports: reports[ready.clone()].to_vec() }.encode_to_vec();
                 requests += 1;
-                if post_reports(&http, &url, &token, body).await? {
+                if post_reports(&http, collector_port, &agent, body).await? {
                     let acked = tokio::time::Instant::now();
                     latencies.extend(ready.map(|k| (acked - due(k)).as_secs_f64() * 1_000.0));
                 } else {
@@ -1287,7 +1342,7 @@ struct Sent {
 async fn send_all(
     http: &reqwest::Client,
     port: u16,
-    targets: Vec<(Uuid, String)>,
+    targets: Vec<BenchAgent>,
     requests: Vec<Vec<u8>>,
     clients: usize,
 ) -> anyhow::Result<Sent> {
@@ -1302,12 +1357,11 @@ async fn send_all(
             let mut retried = 0usize;
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some((target, token)) = targets.get(i) else { break };
-                let url = format!("http://127.0.0.1:{port}/v1/targets/{target}/reports");
+                let Some(agent) = targets.get(i) else { break };
                 for body in requests.iter() {
                     loop {
                         let sent = Instant::now();
-                        if post_reports(&http, &url, token, body.clone()).await? {
+                        if post_reports(&http, port, agent, body.clone()).await? {
                             latencies.push(sent.elapsed().as_secs_f64() * 1_000.0);
                             break;
                         }
@@ -1332,18 +1386,21 @@ async fn send_all(
 /// The HTTP ceiling: the same senders, requests and client as the
 /// collector phase, against the collector's server stack with nothing
 /// behind it ([`fleetpatch_collector::ceiling`]), served from this process.
+/// With `verify_with`, the bare server also verifies every request's MAC
+/// (and refuses replays) as the collector does; without, it checks nothing.
+/// The senders sign their requests in both runs, so the difference between
+/// the two is the server's MAC checking.
 async fn http_ceiling(
     http: &reqwest::Client,
     targets: usize,
     patches: usize,
     clients: usize,
+    verify_with: Option<TokenKey>,
 ) -> anyhow::Result<HttpCeiling> {
-    let server = fleetpatch_collector::ceiling::serve_bare("127.0.0.1:0").await?;
-    let targets: Vec<(Uuid, String)> = (0..targets)
-        .map(|_| {
-            let id = Uuid::new_v4();
-            (id, format!("{}.{}", id.simple(), Uuid::new_v4().simple()))
-        })
+    let token_key = verify_with.clone().unwrap_or_else(TokenKey::random);
+    let server = fleetpatch_collector::ceiling::serve_bare("127.0.0.1:0", verify_with).await?;
+    let targets: Vec<BenchAgent> = (0..targets)
+        .map(|_| BenchAgent::new(&token_key, Uuid::new_v4(), 1, fleetpatch_collector::ceiling::BARE_TOKEN_NONCE))
         .collect();
     let before = CpuSnapshot::take("bench agents and bare server", &[]);
     let sent = send_all(http, server.local_addr.port(), targets, agent_reports(patches), clients).await;
@@ -1456,6 +1513,30 @@ fn print_figures(f: &Figures) {
             c.requests_per_second, c.requests, c.clients, c.latency_p50_ms, c.latency_p99_ms
         );
         println!("                      {}", c.cpu.summary("request"));
+    }
+    if let Some(c) = &f.http_ceiling_with_mac {
+        println!(
+            "  HTTP ceiling, MAC   {:>10.0} requests/s (the same signed requests, the bare server verifying each MAC \
+             and nonce as the collector does); latency p50 {:.1} ms, p99 {:.1} ms",
+            c.requests_per_second, c.latency_p50_ms, c.latency_p99_ms
+        );
+        println!("                      {}", c.cpu.summary("request"));
+        if let Some(bare) = &f.http_ceiling {
+            let mac = c.cpu.machine_micros_per_report - bare.cpu.machine_micros_per_report;
+            let collector = f
+                .collector
+                .as_ref()
+                .and_then(|c| c.batched.cpu.as_ref())
+                .and_then(|cpu| cpu.micros_per_report.get("collector").copied());
+            match collector {
+                Some(collector) => println!(
+                    "                      MAC checking: {mac:+.1} CPU µs per request = {:.1} % of the collector's CPU per \
+                     report in the batched run ({collector:.0} µs)",
+                    mac / collector * 100.0
+                ),
+                None => println!("                      MAC checking: {mac:+.1} CPU µs per request"),
+            }
+        }
     }
     if let Some(c) = &f.collector {
         let cpu = |r: &CollectorRun| {

@@ -78,8 +78,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         shutdown.clone(),
     )
     .await?;
+    // Worker and collector run here and nowhere else: one random token key.
+    let token_key = fleetpatch_runtime::tokens::TokenKey::random();
     let collector = fleetpatch_collector::start(
         fleetpatch_collector::CollectorOptions { listen: "127.0.0.1:0".into(), ..Default::default() },
+        token_key.clone(),
         store.clone(),
         bus.clone(),
         Health::new(),
@@ -94,6 +97,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             retry_backoff_seconds: vec![1, 2],
             ..Default::default()
         },
+        token_key,
         store.clone(),
         bus.clone(),
         Transports::default().with(Arc::new(SimTransport::new(SimFleet::new(sim)))),

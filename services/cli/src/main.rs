@@ -45,6 +45,8 @@ struct Settings {
     scheduler: SchedulerOptions,
     worker: WorkerOptions,
     collector: CollectorOptions,
+    /// The token key workers and collectors share.
+    tokens: fleetpatch_runtime::tokens::TokenOptions,
     telemetry: TelemetryOptions,
     sim: SimOptions,
     /// The `ssh` transport; workers offer it only when this section is present.
@@ -234,6 +236,20 @@ async fn run_service(print_config: bool, command: Option<Command>, settings: Set
         }
     };
     let _telemetry = fleetpatch_runtime::telemetry::init(&settings.telemetry, service)?;
+    // Workers derive the agents' tokens from this key and collectors derive
+    // them again to verify signed reports: one key per installation.
+    let token_key = match command {
+        Command::Worker | Command::Collector => {
+            let service = if matches!(command, Command::Worker) { "worker" } else { "collector" };
+            Some(fleetpatch_runtime::tokens::TokenKey::resolve(&settings.tokens, service)?)
+        }
+        Command::All if settings.tokens.key_ref.is_empty() => {
+            tracing::info!("tokens.key_ref is not set; worker and collector share a random token key of this process");
+            Some(fleetpatch_runtime::tokens::TokenKey::random())
+        }
+        Command::All => Some(fleetpatch_runtime::tokens::TokenKey::resolve(&settings.tokens, "worker and collector")?),
+        _ => None,
+    };
     if let Command::Migrate = command {
         let store = Store::connect(&settings.database).await?;
         store.migrate().await.context("applying migrations")?;
@@ -246,6 +262,7 @@ async fn run_service(print_config: bool, command: Option<Command>, settings: Set
         let backend = RabbitBackend::connect(&settings.amqp, &fleetpatch_proto::routing::WORK_QUEUES).await?;
         anyhow::Ok(Bus::new(Arc::new(backend)))
     };
+    let token_key = || token_key.clone().expect("a token key for workers and collectors");
     let mut joins = Vec::new();
     if matches!(command, Command::Scheduler | Command::All) {
         let handle = fleetpatch_scheduler::start(
@@ -261,6 +278,7 @@ async fn run_service(print_config: bool, command: Option<Command>, settings: Set
     if matches!(command, Command::Collector | Command::All) {
         let handle = fleetpatch_collector::start(
             settings.collector.clone(),
+            token_key(),
             store.clone(),
             bus().await?,
             Health::new(),
@@ -280,7 +298,13 @@ async fn run_service(print_config: bool, command: Option<Command>, settings: Set
         let smb = fleetpatch_transport_smb::SmbTransport::new(settings.smb.clone())
             .map_err(|error| anyhow::anyhow!("invalid configuration: smb: {error}"))?;
         transports = transports.with(Arc::new(smb));
-        let worker = fleetpatch_worker::Worker::new(settings.worker.clone(), store.clone(), bus().await?, transports)?;
+        let worker = fleetpatch_worker::Worker::new(
+            settings.worker.clone(),
+            token_key(),
+            store.clone(),
+            bus().await?,
+            transports,
+        )?;
         let handle = worker.start(Health::new(), shutdown.clone()).await?;
         joins.push(tokio::spawn(async move { handle.join.await?.map_err(anyhow::Error::from) }));
     }

@@ -270,3 +270,20 @@ async fn an_unreachable_api_is_named() {
     let run = fleetpatch("ftp://somewhere", &["rollout", "list", "--api", &api]).await;
     assert_eq!(run.code, 4, "{run:?}");
 }
+
+#[tokio::test]
+async fn a_worker_or_collector_without_the_token_key_refuses_to_start_naming_it() {
+    for service in ["worker", "collector"] {
+        // Checked before the database is contacted: this URL is never used.
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_fleetpatch"));
+        command
+            .arg(service)
+            .env_remove("FLEETPATCH_CONFIG")
+            .env_remove("FLEETPATCH__TOKENS__KEY_REF")
+            .env("FLEETPATCH__DATABASE__URL", "postgres://nobody@127.0.0.1:1/none");
+        let output = tokio::time::timeout(Duration::from_secs(60), command.output()).await.unwrap().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{service}: {stderr}");
+        assert!(stderr.contains("tokens.key_ref is not set") && stderr.contains(service), "{service}: {stderr}");
+    }
+}

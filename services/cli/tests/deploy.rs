@@ -109,7 +109,29 @@ fn the_helm_chart_lints_and_renders_what_the_services_expect() {
         String::from_utf8_lossy(&loaded.stderr)
     );
     assert!(printed.contains(r#"collector_url = "http://t-fleetpatch-collector:1072""#), "{printed}");
-    assert!(printed.contains(r#"token_key_ref = "file:/var/run/fleetpatch/token-key/key""#), "{printed}");
+    assert!(
+        printed.contains("[tokens]\nkey_ref = \"file:/var/run/fleetpatch/token-key/key\""),
+        "workers and collectors read one token key: {printed}"
+    );
+    // Workers derive the agents' tokens and collectors verify with the same
+    // key: both mount the one Secret where the configuration says.
+    for component in ["worker", "collector"] {
+        let pod = &named(&documents, "Deployment", &format!("t-fleetpatch-{component}"))["spec"]["template"]["spec"];
+        let mount = pod["containers"][0]["volumeMounts"]
+            .as_sequence()
+            .expect("mounts")
+            .iter()
+            .find(|m| m["name"].as_str() == Some("token-key"))
+            .unwrap_or_else(|| panic!("the {component} mounts the token key"));
+        assert_eq!(mount["mountPath"].as_str(), Some("/var/run/fleetpatch/token-key"));
+        let volume = pod["volumes"]
+            .as_sequence()
+            .expect("volumes")
+            .iter()
+            .find(|v| v["name"].as_str() == Some("token-key"))
+            .unwrap_or_else(|| panic!("the {component} has the token key volume"));
+        assert_eq!(volume["secret"]["secretName"].as_str(), Some("fleetpatch-token-key"), "{component}");
+    }
 
     // Each service: its subcommand, probes on the port its config listens on,
     // time to drain, a PDB selecting its pods.
@@ -240,7 +262,7 @@ async fn dashboards_and_alerts_name_only_metrics_the_services_export() {
     let refused = sandbox
         .http
         .post(format!("http://{}/v1/targets/{}/reports", sandbox.collector, targets[1].id))
-        .bearer_auth("not-a-token")
+        .header("authorization", "Bearer not-a-token")
         .body(Vec::new())
         .send()
         .await

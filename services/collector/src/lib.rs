@@ -1,18 +1,48 @@
 //! The collector: the agents' only endpoint (port 1072 by default).
 //!
-//! `POST /v1/targets/{target_id}/reports` takes a protobuf `ReportBatch`
-//! with `Authorization: Bearer <token>`. A token is `<target id>.<secret>`;
-//! only its sha256 is stored, on the target's row, so a token is useless for
-//! any other target (403) and a wrong one is refused (401). Reports are
-//! queued to a batcher that writes many requests in one transaction
-//! (idempotent by (target, attempt, seq)); a request is answered only after
-//! its batch committed, so an acknowledged report is durable.
+//! `POST /v1/targets/{target_id}/reports` takes a protobuf `ReportBatch`.
+//! Every request is signed (`fleetpatch_proto::report_auth`): the agent
+//! never sends its token, it sends a MAC keyed from it over the method, the
+//! path, its target and attempt, a timestamp, a fresh nonce and the body's
+//! sha256. The collector derives the same token from the shared token key
+//! (`[tokens]`) and the nonce stored on the target, checks that its sha256
+//! is the one stored, and verifies the MAC. In order, each step cheaper than
+//! the next and before any database work where it can be:
+//!
+//! 1. a missing or malformed `Authorization` header: 401;
+//! 2. a header naming another target than the path: 403;
+//! 3. a timestamp more than `collector.max_clock_skew_seconds` from the
+//!    collector's clock: 401 (stale);
+//! 4. an unknown target, or an attempt that is not the target's current
+//!    one: 401;
+//! 5. a body over the limit: 413; a MAC that does not match: 401 (the same
+//!    answer as 1 and 4, which tells a forger nothing);
+//! 6. a (target, nonce) already seen within the clock window: 401
+//!    (replayed). The cache is in memory, per collector: across replicas a
+//!    replay within the window can be accepted once more, and is a no-op,
+//!    because reports are idempotent by (target, attempt, seq);
+//! 7. the attempt's final result already applied: 409 (late), counted as
+//!    `fleetpatch_collector_reports_total{result="late"}`, logged, not
+//!    stored; the agent takes it as the end of its reporting;
+//! 8. a report numbered above `collector.max_events_per_attempt`: 422, so
+//!    a key holder cannot fill the database.
+//!
+//! After a watchdog timeout the agent may still run: its reports are still
+//! stored as events (evidence; they change no state, the store's updates
+//! are guarded by the target's state) and counted as `after_timeout`, until
+//! its own final result is stored; from then on its key is refused (7).
+//!
+//! Accepted reports are queued to a batcher that writes many requests in
+//! one transaction (idempotent by (target, attempt, seq)); a request is
+//! answered only after its batch committed, so an acknowledged report is
+//! durable.
 //!
 //! **Architecture invariant**: only the collector writes agent events.
-//! Bad input gets 400/401/403/413 with a problem+json body; a failing
-//! database gets 503 so the agent retries; nothing an agent sends can panic it.
+//! Bad input gets 400/401/403/409/413/422 with a problem+json body; a
+//! failing database gets 503 so the agent retries; nothing an agent sends
+//! can panic it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -28,8 +58,12 @@ use fleetpatch_bus::Bus;
 use fleetpatch_proto::limits::{
     MAX_MESSAGE_BYTES, MAX_OUTPUT_TAIL_BYTES, MAX_REPORTS_PER_BATCH, MAX_REPORT_BODY_BYTES,
 };
+use fleetpatch_proto::report_auth::{self, AuthError, Authorization, SigningKey};
+use fleetpatch_proto::state::TargetState;
 use fleetpatch_proto::v1::{self, agent_report::Kind};
 use fleetpatch_proto::Message;
+use fleetpatch_runtime::http::ServerOptions;
+use fleetpatch_runtime::tokens::TokenKey;
 use fleetpatch_runtime::{Health, Shutdown};
 use fleetpatch_store::{IncomingReport, PatchOutcomeKind, ReportKind, ReportResult, Store, TokenInfo};
 use serde::{Deserialize, Serialize};
@@ -54,6 +88,17 @@ pub struct CollectorOptions {
     /// Batches written at the same time (each its own transaction): while one
     /// waits for its commit, the next is collected and sent.
     pub writers: usize,
+    /// How far a request's timestamp may be from the collector's clock, either
+    /// way (seconds); also how long nonces are remembered against replays.
+    pub max_clock_skew_seconds: u64,
+    /// Most (target, nonce) pairs remembered against replays; when it is full
+    /// of pairs younger than the clock window, new requests get 503.
+    pub replay_cache_entries: usize,
+    /// Highest report number (seq) accepted per target and attempt: at most
+    /// this many events are stored for one attempt.
+    pub max_events_per_attempt: u64,
+    /// The HTTP server: timeouts, connection cap, TLS.
+    pub http: ServerOptions,
 }
 
 impl Default for CollectorOptions {
@@ -64,6 +109,10 @@ impl Default for CollectorOptions {
             batch_wait_ms: 2,
             queue_capacity: 4_096,
             writers: 4,
+            max_clock_skew_seconds: 300,
+            replay_cache_entries: 1_000_000,
+            max_events_per_attempt: 10_000,
+            http: ServerOptions::default(),
         }
     }
 }
@@ -79,7 +128,23 @@ impl CollectorOptions {
         if self.writers == 0 || self.writers > 64 {
             return Err("collector.writers must be between 1 and 64".into());
         }
-        Ok(())
+        if self.max_clock_skew_seconds == 0 || self.max_clock_skew_seconds > 3_600 {
+            return Err(format!(
+                "collector.max_clock_skew_seconds must be between 1 and 3600, got {}; agents' clocks must be \
+                 within it of the collector's",
+                self.max_clock_skew_seconds
+            ));
+        }
+        if self.replay_cache_entries < 1_000 {
+            return Err(format!(
+                "collector.replay_cache_entries must be at least 1000, got {}",
+                self.replay_cache_entries
+            ));
+        }
+        if self.max_events_per_attempt == 0 {
+            return Err("collector.max_events_per_attempt must be at least 1".into());
+        }
+        self.http.validate("collector.http")
     }
 }
 
@@ -96,22 +161,100 @@ pub fn token_hash(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
 }
 
-/// The target a token claims to belong to (`<uuid>.<secret>`).
-pub fn token_target(token: &str) -> Option<Uuid> {
-    let (id, secret) = token.split_once('.')?;
-    if secret.is_empty() {
-        return None;
-    }
-    Uuid::parse_str(id).ok()
-}
-
 type Pending = (Vec<IncomingReport>, oneshot::Sender<Result<Vec<ReportResult>, String>>);
 
 #[derive(Clone)]
 struct AppState {
     store: Store,
     batches: mpsc::Sender<Pending>,
-    tokens: Arc<Mutex<HashMap<Uuid, TokenInfo>>>,
+    keys: Arc<Mutex<HashMap<Uuid, KeyEntry>>>,
+    token_key: TokenKey,
+    replays: Arc<Mutex<ReplayCache>>,
+    max_skew_ms: i64,
+    max_events_per_attempt: u64,
+}
+
+/// How long a cached key's view of its target's state is trusted before it
+/// is read again (a final result or a timeout applied by another process).
+const KEY_STATE_TTL: Duration = Duration::from_secs(10);
+/// Most targets whose signing keys are cached (the cache is cleared when full).
+const MAX_CACHED_KEYS: usize = 200_000;
+
+/// Where a target's current attempt stands for its agent's requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AttemptStatus {
+    /// In flight: reports are applied.
+    Open,
+    /// Timed out by the watchdog, no final result from the agent yet: its
+    /// reports are stored as evidence and change no state.
+    AfterTimeout,
+    /// The attempt's final result is recorded: the key is no longer accepted.
+    Closed,
+}
+
+impl AttemptStatus {
+    fn of(info: &TokenInfo, final_reported: bool) -> Self {
+        match info.state {
+            state if state.is_in_flight() => Self::Open,
+            TargetState::TimedOut if !final_reported => Self::AfterTimeout,
+            _ => Self::Closed,
+        }
+    }
+}
+
+/// A target's signing key for its current attempt.
+#[derive(Clone)]
+struct KeyEntry {
+    attempt: u32,
+    signing_key: SigningKey,
+    status: AttemptStatus,
+    read_at: Instant,
+}
+
+/// The (target, nonce) pairs seen within the clock window.
+struct ReplayCache {
+    seen: HashSet<(Uuid, [u8; 16])>,
+    /// In insertion order with the time (ms) each pair may be forgotten.
+    expiries: VecDeque<(i64, Uuid, [u8; 16])>,
+    capacity: usize,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum ReplayVerdict {
+    Fresh,
+    Replayed,
+    Full,
+}
+
+impl ReplayCache {
+    fn new(capacity: usize) -> Self {
+        Self { seen: HashSet::new(), expiries: VecDeque::new(), capacity }
+    }
+
+    /// Records (target, nonce); `forget_at_ms` is when its timestamp leaves
+    /// the clock window, after which a replay is refused as stale anyway.
+    fn check_and_insert(&mut self, target: Uuid, nonce: [u8; 16], forget_at_ms: i64, now_ms: i64) -> ReplayVerdict {
+        while let Some(&(expiry, id, old)) = self.expiries.front() {
+            if expiry >= now_ms {
+                break;
+            }
+            self.expiries.pop_front();
+            self.seen.remove(&(id, old));
+        }
+        if self.seen.contains(&(target, nonce)) {
+            return ReplayVerdict::Replayed;
+        }
+        if self.seen.len() >= self.capacity {
+            return ReplayVerdict::Full;
+        }
+        self.seen.insert((target, nonce));
+        self.expiries.push_back((forget_at_ms, target, nonce));
+        ReplayVerdict::Fresh
+    }
+}
+
+fn now_unix_ms() -> i64 {
+    Utc::now().timestamp_millis()
 }
 
 /// A running collector.
@@ -135,6 +278,7 @@ fn problem(status: StatusCode, title: &str, detail: impl Into<String>) -> Respon
 /// Binds the listener and starts serving; drains on `shutdown`.
 pub async fn start(
     options: CollectorOptions,
+    token_key: TokenKey,
     store: Store,
     bus: Bus,
     health: Health,
@@ -158,12 +302,21 @@ pub async fn start(
         .collect();
     health.add_check("database", store.readiness_check());
     health.add_check("bus", bus.readiness_check());
-    let state = AppState { store, batches: sender, tokens: Arc::default() };
+    let state = AppState {
+        store,
+        batches: sender,
+        keys: Arc::default(),
+        token_key,
+        replays: Arc::new(Mutex::new(ReplayCache::new(options.replay_cache_entries))),
+        max_skew_ms: (options.max_clock_skew_seconds * 1_000) as i64,
+        max_events_per_attempt: options.max_events_per_attempt,
+    };
     let app = Router::new()
         .route("/v1/targets/{target_id}/reports", post(post_reports))
         .with_state(state)
         .merge(fleetpatch_runtime::ops::router(health.clone()));
-    tracing::info!(address = %local_addr, "collector listening");
+    tracing::info!(address = %local_addr, tls = options.http.tls.is_some(), "collector listening");
+    let http = options.http.clone();
     let join = tokio::spawn(async move {
         let drain = {
             let shutdown = shutdown.clone();
@@ -173,7 +326,7 @@ pub async fn start(
                 health.start_draining();
             }
         };
-        axum::serve(listener, app).with_graceful_shutdown(drain).await?;
+        fleetpatch_runtime::http::serve(listener, app, http, drain).await?;
         // The server stopped taking requests; let the batcher finish, then the relay.
         for batcher in batchers {
             let _ = batcher.await;
@@ -248,68 +401,123 @@ async fn run_batcher(
     }
 }
 
-fn bearer(headers: &HeaderMap) -> Option<&str> {
-    headers.get(header::AUTHORIZATION)?.to_str().ok()?.strip_prefix("Bearer ").map(str::trim)
+/// Why a signed request is refused (the metric label), and the answer.
+fn refuse(reason: &'static str, response: Response) -> Response {
+    metrics::counter!("fleetpatch_collector_auth_refused_total", "reason" => reason).increment(1);
+    response
 }
 
-fn hashes_match(a: &str, b: &str) -> bool {
-    use subtle::ConstantTimeEq;
-    a.as_bytes().ct_eq(b.as_bytes()).into()
+/// The one answer for every authentication failure that could help a
+/// forger tell its mistakes apart (no header, a malformed one, an unknown
+/// target or attempt, a wrong MAC).
+fn unauthorized(reason: &'static str) -> Response {
+    refuse(
+        reason,
+        problem(
+            StatusCode::UNAUTHORIZED,
+            "Unauthorized",
+            "the request is not signed with this target's current key (FP1-HMAC-SHA256, see the agent's plan)",
+        ),
+    )
+}
+
+fn auth_error(error: AuthError, max_skew_ms: i64) -> Response {
+    match error {
+        AuthError::Stale => refuse(
+            error.reason(),
+            problem(
+                StatusCode::UNAUTHORIZED,
+                "Unauthorized",
+                format!(
+                    "the request's timestamp is more than {} s from the collector's clock; check the target's clock",
+                    max_skew_ms / 1_000
+                ),
+            ),
+        ),
+        AuthError::Missing | AuthError::Malformed | AuthError::BadMac => unauthorized(error.reason()),
+    }
 }
 
 impl AppState {
-    async fn token_info(&self, target: Uuid, refresh: bool) -> Result<Option<TokenInfo>, Response> {
+    /// The signing key of `target`'s current attempt, from the cache or the
+    /// database; `None` when the target has no token (unknown, not probed
+    /// yet, or sent back to pending).
+    async fn key_entry(&self, target: Uuid, refresh: bool) -> Result<Option<KeyEntry>, Response> {
         if !refresh {
-            if let Some(info) = self.tokens.lock().expect("token cache lock").get(&target) {
-                return Ok(Some(info.clone()));
+            if let Some(entry) = self.keys.lock().expect("key cache lock").get(&target) {
+                if entry.status == AttemptStatus::Closed || entry.read_at.elapsed() < KEY_STATE_TTL {
+                    return Ok(Some(entry.clone()));
+                }
             }
         }
-        let info = self.store.token_info(target).await.map_err(|error| {
+        let unavailable = |error: fleetpatch_store::Error| {
             tracing::warn!(error = %error, "token lookup failed");
             problem(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "Service Unavailable",
                 "the collector's database is unavailable; retry",
             )
-        })?;
-        let mut cache = self.tokens.lock().expect("token cache lock");
-        if cache.len() > 200_000 {
+        };
+        let Some(info) = self.store.token_info(target).await.map_err(unavailable)? else {
+            self.keys.lock().expect("key cache lock").remove(&target);
+            return Ok(None);
+        };
+        let final_reported = if info.state == TargetState::TimedOut {
+            self.store.final_reported(target, info.attempt).await.map_err(unavailable)?
+        } else {
+            false
+        };
+        let token = report_auth::derive_token(self.token_key.as_bytes(), target, info.attempt, &info.token_nonce);
+        if !hashes_match(&token_hash(&token), &info.token_hash) {
+            // The worker that made this token used another key.
+            tracing::error!(
+                target_id = %target,
+                attempt = info.attempt,
+                "the target's token was not derived from this collector's token key; give workers and collectors \
+                 the same tokens.key_ref"
+            );
+            return Ok(None);
+        }
+        let entry = KeyEntry {
+            attempt: info.attempt,
+            signing_key: SigningKey::from_token(&token),
+            status: AttemptStatus::of(&info, final_reported),
+            read_at: Instant::now(),
+        };
+        let mut cache = self.keys.lock().expect("key cache lock");
+        if cache.len() >= MAX_CACHED_KEYS {
             cache.clear();
         }
-        match &info {
-            Some(info) => cache.insert(target, info.clone()),
-            None => cache.remove(&target),
-        };
-        Ok(info)
+        cache.insert(target, entry.clone());
+        Ok(Some(entry))
     }
 
-    /// The attempt the token authenticates for `target`, or the refusal.
-    async fn authenticate(&self, target: Uuid, token: &str) -> Result<u32, Response> {
-        let hash = token_hash(token);
+    /// The key of `target`'s `attempt`: a cached key of an older attempt is
+    /// read again once.
+    async fn key_for(&self, target: Uuid, attempt: u32) -> Result<KeyEntry, Response> {
         for refresh in [false, true] {
-            if let Some(info) = self.token_info(target, refresh).await? {
-                if hashes_match(&info.token_hash, &hash) {
-                    return Ok(info.attempt);
-                }
+            match self.key_entry(target, refresh).await? {
+                Some(entry) if entry.attempt == attempt => return Ok(entry),
+                Some(entry) if entry.attempt > attempt => return Err(unauthorized("old_attempt")),
+                _ => {}
             }
         }
-        if let Some(owner) = token_target(token).filter(|owner| *owner != target) {
-            if let Some(info) = self.token_info(owner, true).await? {
-                if hashes_match(&info.token_hash, &hash) {
-                    return Err(problem(
-                        StatusCode::FORBIDDEN,
-                        "Forbidden",
-                        format!("this token belongs to another target ({owner}); an agent may report only for its own target"),
-                    ));
-                }
-            }
-        }
-        Err(problem(
-            StatusCode::UNAUTHORIZED,
-            "Unauthorized",
-            format!("the bearer token is not valid for target {target}"),
-        ))
+        Err(unauthorized("unknown_key"))
     }
+
+    /// The target's final result was stored: its key is no longer accepted.
+    fn close_attempt(&self, target: Uuid, attempt: u32) {
+        if let Some(entry) = self.keys.lock().expect("key cache lock").get_mut(&target) {
+            if entry.attempt == attempt {
+                entry.status = AttemptStatus::Closed;
+            }
+        }
+    }
+}
+
+fn hashes_match(a: &str, b: &str) -> bool {
+    use subtle::ConstantTimeEq;
+    a.as_bytes().ct_eq(b.as_bytes()).into()
 }
 
 fn tail(text: String, limit: usize) -> String {
@@ -368,6 +576,7 @@ fn convert(target_id: Uuid, attempt: u32, index: usize, report: v1::AgentReport)
 async fn post_reports(
     State(state): State<AppState>,
     Path(target): Path<String>,
+    uri: axum::http::Uri,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
@@ -378,15 +587,31 @@ async fn post_reports(
             format!("target id {target:?} in the path is not a UUID"),
         );
     };
-    let Some(token) = bearer(&headers) else {
-        return problem(
-            StatusCode::UNAUTHORIZED,
-            "Unauthorized",
-            "missing `Authorization: Bearer <token>` header; the token is in the agent's plan",
-        );
+    // Everything up to the key lookup is cheap and touches no database.
+    let authorization = match headers.get(header::AUTHORIZATION).map(|value| value.to_str()) {
+        None => return auth_error(AuthError::Missing, state.max_skew_ms),
+        Some(Err(_)) => return auth_error(AuthError::Malformed, state.max_skew_ms),
+        Some(Ok(value)) => match Authorization::parse(value) {
+            Ok(authorization) => authorization,
+            Err(error) => return auth_error(error, state.max_skew_ms),
+        },
     };
-    let attempt = match state.authenticate(target_id, token).await {
-        Ok(attempt) => attempt,
+    if authorization.target_id != target_id {
+        return refuse(
+            "other_target",
+            problem(
+                StatusCode::FORBIDDEN,
+                "Forbidden",
+                "the request is signed for another target; an agent may report only for its own target",
+            ),
+        );
+    }
+    let now_ms = now_unix_ms();
+    if let Err(error) = report_auth::check_clock(authorization.timestamp_ms, now_ms, state.max_skew_ms) {
+        return auth_error(error, state.max_skew_ms);
+    }
+    let key = match state.key_for(target_id, authorization.attempt).await {
+        Ok(key) => key,
         Err(response) => return response,
     };
     let bytes = match axum::body::to_bytes(body, MAX_REPORT_BODY_BYTES).await {
@@ -399,6 +624,52 @@ async fn post_reports(
             )
         }
     };
+    let signed = authorization.request("POST", uri.path(), &bytes);
+    if let Err(error) = key.signing_key.verify(&signed, &authorization.mac) {
+        return auth_error(error, state.max_skew_ms);
+    }
+    let forget_at_ms = authorization.timestamp_ms.saturating_add(state.max_skew_ms);
+    let verdict = state.replays.lock().expect("replay cache lock").check_and_insert(
+        target_id,
+        authorization.nonce,
+        forget_at_ms,
+        now_ms,
+    );
+    match verdict {
+        ReplayVerdict::Fresh => {}
+        ReplayVerdict::Replayed => {
+            return refuse(
+                "replayed",
+                problem(StatusCode::UNAUTHORIZED, "Unauthorized", "replayed: this request was already received"),
+            )
+        }
+        ReplayVerdict::Full => {
+            tracing::warn!(
+                "the replay cache is full; raise collector.replay_cache_entries or lower max_clock_skew_seconds"
+            );
+            return refuse(
+                "replay_cache_full",
+                problem(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "Service Unavailable",
+                    "the collector is busy; retry with backoff",
+                ),
+            );
+        }
+    }
+    let attempt = key.attempt;
+    if key.status == AttemptStatus::Closed {
+        metrics::counter!("fleetpatch_collector_reports_total", "result" => "late").increment(1);
+        tracing::info!(target_id = %target_id, attempt, "late report after the attempt's final result; not applied");
+        return problem(
+            StatusCode::CONFLICT,
+            "Conflict",
+            format!(
+                "attempt {attempt} of target {target_id} already has its final result; no further reports are \
+                 accepted for it"
+            ),
+        );
+    }
     let batch = match v1::ReportBatch::decode(bytes) {
         Ok(batch) => batch,
         Err(error) => {
@@ -418,8 +689,22 @@ async fn post_reports(
     }
     let mut reports = Vec::with_capacity(batch.reports.len());
     let mut highest_seq = 0;
+    let mut has_final = false;
     for (index, report) in batch.reports.into_iter().enumerate() {
         highest_seq = highest_seq.max(report.seq);
+        if report.seq > state.max_events_per_attempt {
+            metrics::counter!("fleetpatch_collector_reports_total", "result" => "over_limit").increment(1);
+            return problem(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "Unprocessable Entity",
+                format!(
+                    "reports[{index}].seq {} is above collector.max_events_per_attempt ({}): this attempt has sent \
+                     as many reports as it may",
+                    report.seq, state.max_events_per_attempt
+                ),
+            );
+        }
+        has_final |= matches!(report.kind, Some(Kind::Final(_)));
         match convert(target_id, attempt, index, report) {
             Ok(report) => reports.push(report),
             Err(detail) => return problem(StatusCode::BAD_REQUEST, "Bad Request", detail),
@@ -435,9 +720,13 @@ async fn post_reports(
     }
     match answer.await {
         Ok(Ok(results)) => {
+            if has_final {
+                state.close_attempt(target_id, attempt);
+            }
             let accepted = results.iter().filter(|r| **r == ReportResult::Accepted).count() as u64;
             let duplicates = results.len() as u64 - accepted;
-            metrics::counter!("fleetpatch_collector_reports_total", "result" => "accepted").increment(accepted);
+            let accepted_as = if key.status == AttemptStatus::AfterTimeout { "after_timeout" } else { "accepted" };
+            metrics::counter!("fleetpatch_collector_reports_total", "result" => accepted_as).increment(accepted);
             metrics::counter!("fleetpatch_collector_reports_total", "result" => "duplicate").increment(duplicates);
             let ack = v1::ReportAck { accepted, duplicates, highest_seq };
             ([(header::CONTENT_TYPE, "application/x-protobuf")], ack.encode_to_vec()).into_response()
@@ -455,11 +744,33 @@ mod tests {
     use super::*;
 
     #[test]
-    fn tokens_name_their_target() {
-        let id = Uuid::new_v4();
-        assert_eq!(token_target(&format!("{}.abc", id.simple())), Some(id));
-        assert_eq!(token_target("garbage"), None);
-        assert_eq!(token_target(&format!("{id}.")), None);
+    fn the_replay_cache_refuses_a_nonce_twice_forgets_after_the_window_and_is_bounded() {
+        let mut cache = ReplayCache::new(2);
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        assert_eq!(cache.check_and_insert(a, [1; 16], 1_000, 0), ReplayVerdict::Fresh);
+        assert_eq!(cache.check_and_insert(a, [1; 16], 1_000, 10), ReplayVerdict::Replayed);
+        assert_eq!(cache.check_and_insert(b, [1; 16], 1_000, 10), ReplayVerdict::Fresh, "per target");
+        assert_eq!(cache.check_and_insert(b, [2; 16], 1_000, 20), ReplayVerdict::Full);
+        // Past the window the pairs are forgotten (a replay is stale by then).
+        assert_eq!(cache.check_and_insert(b, [2; 16], 3_000, 1_001), ReplayVerdict::Fresh);
+        assert_eq!(cache.seen.len(), 1);
+    }
+
+    #[test]
+    fn the_attempt_status_follows_the_target_state() {
+        let info = |state| TokenInfo {
+            token_hash: String::new(),
+            token_nonce: String::new(),
+            attempt: 1,
+            rollout_id: Uuid::nil(),
+            state,
+        };
+        assert_eq!(AttemptStatus::of(&info(TargetState::Running), false), AttemptStatus::Open);
+        assert_eq!(AttemptStatus::of(&info(TargetState::Installing), false), AttemptStatus::Open);
+        assert_eq!(AttemptStatus::of(&info(TargetState::TimedOut), false), AttemptStatus::AfterTimeout);
+        assert_eq!(AttemptStatus::of(&info(TargetState::TimedOut), true), AttemptStatus::Closed);
+        assert_eq!(AttemptStatus::of(&info(TargetState::Succeeded), false), AttemptStatus::Closed);
+        assert_eq!(AttemptStatus::of(&info(TargetState::Failed), false), AttemptStatus::Closed);
     }
 
     #[test]

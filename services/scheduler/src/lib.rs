@@ -53,6 +53,8 @@ pub struct SchedulerOptions {
     /// transactions. The watch queue's prefetch is
     /// `watch_batch × (watch_writers + 1) + WATCH_HOLD_ROOM`.
     pub watch_writers: u16,
+    /// The HTTP server: timeouts, connection cap, TLS (`scheduler.http.*`).
+    pub http: fleetpatch_runtime::http::ServerOptions,
 }
 
 impl Default for SchedulerOptions {
@@ -65,6 +67,7 @@ impl Default for SchedulerOptions {
             prefetch: 64,
             watch_batch: 256,
             watch_writers: 2,
+            http: fleetpatch_runtime::http::ServerOptions::default(),
         }
     }
 }
@@ -83,7 +86,7 @@ impl SchedulerOptions {
         if self.reconcile_interval_seconds == 0 {
             return Err("scheduler.reconcile_interval_seconds must be at least 1".into());
         }
-        Ok(())
+        self.http.validate("scheduler.http")
     }
 }
 
@@ -182,8 +185,9 @@ pub async fn start(
     let reconcile_every = Duration::from_secs(options.reconcile_interval_seconds);
     let join = tokio::spawn(async move {
         let server_shutdown = shutdown.clone();
+        let http = options.http.clone();
         let server = tokio::spawn(async move {
-            axum::serve(listener, app).with_graceful_shutdown(async move { server_shutdown.wait().await }).await
+            fleetpatch_runtime::http::serve(listener, app, http, async move { server_shutdown.wait().await }).await
         });
         let loops = [
             tokio::spawn(core.clone().consume_loop(dispatch, shutdown.clone())),

@@ -22,13 +22,14 @@ use std::time::Duration;
 
 use fleetpatch_bus::{Bus, Delivery};
 use fleetpatch_proto::plan::{self, DeploymentPlan, PlanPatch};
+use fleetpatch_proto::report_auth::derive_token;
 use fleetpatch_proto::routing;
 use fleetpatch_proto::v1;
 use fleetpatch_proto::Message;
+use fleetpatch_runtime::tokens::TokenKey;
 use fleetpatch_runtime::{Health, Shutdown};
 use fleetpatch_store::{content, Claim, DeployContext, ProbeOutcome, Store, Target};
 use fleetpatch_transport::{Credential, Deployment, PatchProbe, Secret, StagedFile, TargetSpec, Transport, Transports};
-use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
@@ -45,11 +46,11 @@ pub struct WorkerOptions {
     pub listen: String,
     /// The collector URL the agents report to, as seen from the targets.
     pub collector_url: String,
-    /// Secret reference (`env:NAME`, `file:/path`) of the key agent tokens are
-    /// derived from; every worker of an installation must share it. Empty: a
-    /// random key per process (a job taken over by another worker then gets a
-    /// new token and its already running agent is refused).
-    pub token_key_ref: String,
+    /// PEM file of the CA the collector's TLS certificate chains to; its
+    /// content goes into every plan so the agent can verify an `https://`
+    /// `collector_url` (required then).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub collector_ca_file: Option<PathBuf>,
     /// Backoff before each retry of an unreachable target (seconds).
     pub retry_backoff_seconds: Vec<u64>,
     /// Time limit of one remote step (probe, stage, start) in seconds.
@@ -69,7 +70,7 @@ impl Default for WorkerOptions {
             concurrency: 32,
             listen: "0.0.0.0:9102".into(),
             collector_url: "http://127.0.0.1:1072".into(),
-            token_key_ref: String::new(),
+            collector_ca_file: None,
             retry_backoff_seconds: vec![10, 60, 300],
             step_timeout_seconds: 300,
             agent_binaries: BTreeMap::new(),
@@ -87,6 +88,13 @@ impl WorkerOptions {
         if !(self.collector_url.starts_with("http://") || self.collector_url.starts_with("https://")) {
             return Err(format!(
                 "worker.collector_url must be an http:// or https:// URL, got {:?}",
+                self.collector_url
+            ));
+        }
+        if self.collector_url.starts_with("https://") && self.collector_ca_file.is_none() {
+            return Err(format!(
+                "worker.collector_ca_file must name the PEM file of the CA that signed the collector's certificate \
+                 when worker.collector_url is https ({:?}); the agent trusts only that CA",
                 self.collector_url
             ));
         }
@@ -109,15 +117,6 @@ pub enum Error {
     Serve(#[from] std::io::Error),
 }
 
-/// Derives a target's agent token: `<target id>.<hex HMAC-SHA256>`.
-pub fn derive_token(key: &[u8], target_id: Uuid, attempt: u32, nonce: &str) -> String {
-    let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes keys of any length");
-    mac.update(target_id.as_bytes());
-    mac.update(&attempt.to_be_bytes());
-    mac.update(nonce.as_bytes());
-    format!("{}.{}", target_id.simple(), hex::encode(mac.finalize().into_bytes()))
-}
-
 /// Everything a worker needs; cheap to clone.
 #[derive(Clone)]
 pub struct Worker {
@@ -125,7 +124,9 @@ pub struct Worker {
     store: Store,
     bus: Bus,
     transports: Transports,
-    token_key: Arc<Vec<u8>>,
+    token_key: TokenKey,
+    /// The CA the agents verify an `https://` collector against.
+    collector_ca_pem: Option<Arc<str>>,
     /// Wakes this worker's outbox relay after a job committed messages
     /// (the watchdog's timer, a retry, a dispatch request).
     relay_nudge: Arc<tokio::sync::Notify>,
@@ -156,24 +157,38 @@ impl From<fleetpatch_transport::Error> for StepError {
 }
 
 impl Worker {
-    pub fn new(options: WorkerOptions, store: Store, bus: Bus, transports: Transports) -> Result<Self, Error> {
+    /// A worker deriving agent tokens from `token_key` (the installation's
+    /// shared key, `[tokens]`).
+    pub fn new(
+        options: WorkerOptions,
+        token_key: TokenKey,
+        store: Store,
+        bus: Bus,
+        transports: Transports,
+    ) -> Result<Self, Error> {
         options.validate().map_err(Error::Config)?;
-        let token_key = if options.token_key_ref.is_empty() {
-            tracing::warn!("worker.token_key_ref is not set; using a random token key for this process");
-            let mut key = vec![0u8; 32];
-            rand::Rng::fill(&mut rand::rng(), key.as_mut_slice());
-            key
-        } else {
-            fleetpatch_runtime::secrets::resolve(&options.token_key_ref)
-                .map_err(|e| Error::Config(format!("worker.token_key_ref: {e}")))?
-                .into_bytes()
+        let collector_ca_pem = match &options.collector_ca_file {
+            None => None,
+            Some(path) => {
+                let pem = std::fs::read_to_string(path).map_err(|error| {
+                    Error::Config(format!("worker.collector_ca_file: cannot read {}: {error}", path.display()))
+                })?;
+                if !pem.contains("-----BEGIN CERTIFICATE-----") {
+                    return Err(Error::Config(format!(
+                        "worker.collector_ca_file: {} holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
+                        path.display()
+                    )));
+                }
+                Some(Arc::from(pem))
+            }
         };
         Ok(Self {
             options: Arc::new(options),
             store,
             bus,
             transports,
-            token_key: Arc::new(token_key),
+            token_key,
+            collector_ca_pem,
             relay_nudge: Arc::default(),
         })
     }
@@ -416,7 +431,7 @@ impl Worker {
             )));
         }
         let nonce = target.token_nonce.clone().unwrap_or_default();
-        let token = derive_token(&self.token_key, target.id, target.attempt, &nonce);
+        let token = derive_token(self.token_key.as_bytes(), target.id, target.attempt, &nonce);
         let token_hash = hex::encode(Sha256::digest(token.as_bytes()));
         let probe_json = serde_json::to_value(&probe).unwrap_or_default();
         match self
@@ -491,7 +506,9 @@ impl Worker {
             version: plan::PLAN_VERSION,
             deployment_id: plan::deployment_id(target.id, target.attempt),
             target_id: target.id,
+            attempt: target.attempt,
             collector_url: self.options.collector_url.clone(),
+            collector_ca_pem: self.collector_ca_pem.as_deref().map(str::to_owned),
             token,
             heartbeat_seconds: settings.heartbeat_seconds,
             patches: wanted

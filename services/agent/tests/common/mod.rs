@@ -18,6 +18,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use fleetpatch_proto::limits::{MAX_REPORTS_PER_BATCH, MAX_REPORT_BODY_BYTES};
+use fleetpatch_proto::report_auth::{Authorization, SigningKey};
 use fleetpatch_proto::v1::{agent_report::Kind, AgentReport, ReportAck, ReportBatch};
 use prost::Message;
 use serde_json::json;
@@ -44,6 +45,8 @@ pub struct Record {
     pub statuses: Vec<u16>,
     /// Protocol violations seen (wrong path, header, oversized batch...).
     pub violations: Vec<String>,
+    /// The nonces of the signed requests seen; one must never come twice.
+    pub nonces: HashSet<[u8; 16]>,
 }
 
 struct Shared {
@@ -200,6 +203,21 @@ fn handle(shared: &Shared, mut stream: TcpStream) {
 
     let mode = *shared.mode.lock().unwrap();
     let mut record = shared.record.lock().unwrap();
+    // The token itself never travels; every request is signed with a fresh nonce.
+    if data.windows(TOKEN.len()).any(|w| w == TOKEN.as_bytes()) {
+        record.violations.push("the token was sent".into());
+    }
+    let path = request_line.split(' ').nth(1).unwrap_or_default().to_owned();
+    let signed = Authorization::parse(&authorization).ok().filter(|header| {
+        header.target_id.to_string() == TARGET_ID
+            && header.attempt == 1
+            && SigningKey::from_token(TOKEN).verify(&header.request("POST", &path, body), &header.mac).is_ok()
+    });
+    if let Some(header) = &signed {
+        if !record.nonces.insert(header.nonce) {
+            record.violations.push("a nonce was used twice".into());
+        }
+    }
     if let Mode::Status(status) = mode {
         record.statuses.push(status);
         drop(record);
@@ -213,9 +231,9 @@ fn handle(shared: &Shared, mut stream: TcpStream) {
     if content_type != "application/x-protobuf" {
         record.violations.push(format!("content type {content_type:?}"));
     }
-    if authorization != format!("Bearer {TOKEN}") {
+    if signed.is_none() {
         record.statuses.push(401);
-        record.violations.push("wrong token".into());
+        record.violations.push(format!("not signed with the plan's token: {authorization:?}"));
         drop(record);
         respond(&mut stream, 401, b"{\"title\":\"bad token\"}");
         return;
@@ -345,6 +363,7 @@ impl Stage {
             "version": 1,
             "deployment_id": self.deployment_id,
             "target_id": TARGET_ID,
+            "attempt": 1,
             "collector_url": collector_url,
             "token": TOKEN,
             "heartbeat_seconds": heartbeat_seconds,
