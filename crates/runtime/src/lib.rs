@@ -5,7 +5,9 @@
 //! This crate knows no service: services hand it their options and checks.
 
 pub mod config;
+pub mod credentials;
 pub mod ops;
+pub mod redact;
 pub mod secrets;
 pub mod shutdown;
 pub mod telemetry;
