@@ -24,7 +24,10 @@ impl MigrationTrait for Migration {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
         manager
             .alter_table(
-                Table::alter().table(Targets::Table).rename_column(Targets::CredentialRef, Targets::Credential).to_owned(),
+                Table::alter()
+                    .table(Targets::Table)
+                    .rename_column(Targets::CredentialRef, Targets::Credential)
+                    .to_owned(),
             )
             .await
     }
@@ -32,7 +35,10 @@ impl MigrationTrait for Migration {
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
         manager
             .alter_table(
-                Table::alter().table(Targets::Table).rename_column(Targets::Credential, Targets::CredentialRef).to_owned(),
+                Table::alter()
+                    .table(Targets::Table)
+                    .rename_column(Targets::Credential, Targets::CredentialRef)
+                    .to_owned(),
             )
             .await
     }

@@ -74,7 +74,10 @@ async fn no_secret_appears_in_any_log_line_or_api_answer() {
             },
         ),
         // Not a credential at all (what /proc/self/environ looks like).
-        ("garbage", credential_in_file(&secret("garbage", "PATH=/usr/MARKERenviron:/bin\0HOME=/root"), &["sim"], &["*"])),
+        (
+            "garbage",
+            credential_in_file(&secret("garbage", "PATH=/usr/MARKERenviron:/bin\0HOME=/root"), &["sim"], &["*"]),
+        ),
         // Out of scope for the target that names it.
         ("elsewhere", credential_in_file(&secret("elsewhere", "admin:MARKERelsewhere"), &["sim"], &["*.corp.example"])),
     ];

@@ -215,8 +215,11 @@ async fn five_ssh_targets_install_a_script_and_a_deb_through_the_real_agent() {
     .await;
     let package = unique("fp-e2e");
     let package_patch = deb(&sandbox, &package, "1.0-1").await;
-    let mut request =
-        rollout("ssh-five", &[&shell, &package_patch], fleet.peers().iter().map(|p| ssh_target(p, FLEET_KEY)).collect());
+    let mut request = rollout(
+        "ssh-five",
+        &[&shell, &package_patch],
+        fleet.peers().iter().map(|p| ssh_target(p, FLEET_KEY)).collect(),
+    );
     request["keep_files"] = serde_json::json!(true);
     let started = std::time::Instant::now();
     let id = sandbox.create_rollout(request).await;
@@ -287,8 +290,9 @@ async fn a_failing_installer_records_its_exit_code_and_output_and_the_next_patch
     .await;
     let next =
         script(&sandbox, "after-broken", &format!("echo next > \"${DPKG_ROOT_VAR}/next-ran\"\necho next ok")).await;
-    let id =
-        sandbox.create_rollout(rollout("ssh-fail", &[&failing, &next], vec![ssh_target(&fleet.peers()[0], FLEET_KEY)])).await;
+    let id = sandbox
+        .create_rollout(rollout("ssh-fail", &[&failing, &next], vec![ssh_target(&fleet.peers()[0], FLEET_KEY)]))
+        .await;
     sandbox.wait_for_rollout_state(id, RolloutState::Completed, Duration::from_secs(90)).await;
     let target = sandbox.all_targets(id).await.remove(0);
     assert_eq!(target.state, TargetState::Failed, "{:?}", target.error);

@@ -134,8 +134,7 @@ impl CredentialDefinition {
             key: format!("credentials.{name}.{field}"),
             message,
         };
-        if !(self.secret_ref.starts_with("env:") && self.secret_ref.len() > 4
-            || self.secret_ref.starts_with("file:/"))
+        if !(self.secret_ref.starts_with("env:") && self.secret_ref.len() > 4 || self.secret_ref.starts_with("file:/"))
         {
             return Err(invalid(
                 "secret_ref".into(),
@@ -273,8 +272,9 @@ impl HostPattern {
         }
         let name = text.trim_end_matches('.').to_ascii_lowercase();
         let labels: Vec<String> = name.split('.').map(str::to_owned).collect();
-        let valid_label =
-            |label: &String| !label.is_empty() && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'*');
+        let valid_label = |label: &String| {
+            !label.is_empty() && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'*')
+        };
         if name.is_empty() || !labels.iter().all(valid_label) {
             return Err(format!(
                 "{raw:?} is not a host pattern: use a host name with `*` inside labels (*.corp.example), a CIDR \
@@ -282,7 +282,9 @@ impl HostPattern {
             ));
         }
         if labels.last().is_some_and(|last| looks_numeric(last)) {
-            return Err(format!("{raw:?} looks like an IP address in a short form; write it as a CIDR or a full address"));
+            return Err(format!(
+                "{raw:?} looks like an IP address in a short form; write it as a CIDR or a full address"
+            ));
         }
         Ok(HostPattern::Name(labels))
     }
@@ -447,7 +449,10 @@ mod tests {
         let error = d
             .check_scope("lin", ScopeTarget { transport: "ssh", host: "a.corp.example", labels: &labels })
             .unwrap_err();
-        assert!(error.to_string().contains("it has no label site") && error.to_string().contains("site=paris"), "{error}");
+        assert!(
+            error.to_string().contains("it has no label site") && error.to_string().contains("site=paris"),
+            "{error}"
+        );
     }
 
     #[test]
@@ -456,10 +461,22 @@ mod tests {
         credentials.insert("ok".into(), definition(&["*.corp.example", "10.0.0.0/8", "::1"]));
         assert_eq!(validate(&credentials, &TRANSPORTS), Ok(()));
         let cases: Vec<(&str, CredentialDefinition, &str)> = vec![
-            ("a", CredentialDefinition { secret_ref: "hunter2".into(), ..definition(&["*"]) }, "credentials.a.secret_ref"),
-            ("a", CredentialDefinition { secret_ref: "file:relative".into(), ..definition(&["*"]) }, "credentials.a.secret_ref"),
+            (
+                "a",
+                CredentialDefinition { secret_ref: "hunter2".into(), ..definition(&["*"]) },
+                "credentials.a.secret_ref",
+            ),
+            (
+                "a",
+                CredentialDefinition { secret_ref: "file:relative".into(), ..definition(&["*"]) },
+                "credentials.a.secret_ref",
+            ),
             ("a", CredentialDefinition { transports: vec![], ..definition(&["*"]) }, "credentials.a.transports"),
-            ("a", CredentialDefinition { transports: vec!["ssh".into(), "rdp".into()], ..definition(&["*"]) }, "credentials.a.transports[1]"),
+            (
+                "a",
+                CredentialDefinition { transports: vec!["ssh".into(), "rdp".into()], ..definition(&["*"]) },
+                "credentials.a.transports[1]",
+            ),
             ("a", definition(&[]), "credentials.a.hosts"),
             ("a", definition(&["*.corp.example", "10.0.0.0/33"]), "credentials.a.hosts[1]"),
             ("a", definition(&["bad host"]), "credentials.a.hosts[0]"),

@@ -19,8 +19,8 @@ use fleetpatch_proto::v1;
 use fleetpatch_proto::Message;
 use sea_orm::sea_query::{Expr, Func, LockType, OnConflict, Query, SimpleExpr};
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, Condition, ConnectionTrait, DatabaseTransaction, DbBackend, EntityTrait, PaginatorTrait,
-    QueryFilter, QueryOrder, QuerySelect, QueryTrait, TransactionTrait,
+    ActiveValue::Set, ColumnTrait, Condition, ConnectionTrait, DatabaseTransaction, DbBackend, EntityTrait,
+    PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, QueryTrait, TransactionTrait,
 };
 use uuid::Uuid;
 
@@ -651,13 +651,9 @@ impl Store {
         let mut query = agent_events::Entity::find().filter(agent_events::Column::TargetId.eq(target_id));
         if let Some((attempt, seq)) = after {
             let (attempt, seq) = (attempt as i32, i64::try_from(seq).unwrap_or(i64::MAX));
-            query = query.filter(
-                Condition::any().add(agent_events::Column::Attempt.gt(attempt)).add(
-                    Condition::all()
-                        .add(agent_events::Column::Attempt.eq(attempt))
-                        .add(agent_events::Column::Seq.gt(seq)),
-                ),
-            );
+            query = query.filter(Condition::any().add(agent_events::Column::Attempt.gt(attempt)).add(
+                Condition::all().add(agent_events::Column::Attempt.eq(attempt)).add(agent_events::Column::Seq.gt(seq)),
+            ));
         }
         let query = query.order_by_asc(agent_events::Column::Attempt).order_by_asc(agent_events::Column::Seq);
         let query = if limit == u64::MAX { query } else { query.limit(limit) };

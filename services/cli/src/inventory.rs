@@ -312,8 +312,7 @@ pub fn parse_inventory(text: &str, file: &str, default_transport: &str) -> Resul
                     target.transport = check_transport(&value).map_err(|m| error(format!("{key}: {m}")))?
                 }
                 "fleetpatch_credential" => {
-                    target.credential =
-                        Some(check_credential_name(&value).map_err(|m| error(format!("{key}: {m}")))?)
+                    target.credential = Some(check_credential_name(&value).map_err(|m| error(format!("{key}: {m}")))?)
                 }
                 "fleetpatch_credential_ref" => {
                     return Err(error(format!("{key}: {NAME_A_CREDENTIAL} with fleetpatch_credential=<name>")));

@@ -147,8 +147,9 @@ async fn rollout_create_with_preflight_creates_nothing_when_a_target_fails_its_c
         setup.credential.to_owned(),
         credential_in_file(&setup.peer.keys().client.private_key_path, &["ssh"], &["127.0.0.1"]),
     )];
-    let sandbox = Sandbox::start(SandboxOptions { workers: 0, credentials: credentials.into(), ..SandboxOptions::default() })
-        .await;
+    let sandbox =
+        Sandbox::start(SandboxOptions { workers: 0, credentials: credentials.into(), ..SandboxOptions::default() })
+            .await;
     let (sha256, _) = sandbox.upload_content(b"echo hello\n".to_vec()).await;
     let failing = setup.dir.path().join("failing.yaml");
     std::fs::write(&failing, rollout_yaml(&setup, &[setup.peer.port(), setup.closed_port], &sha256)).unwrap();
@@ -238,7 +239,8 @@ async fn check_refuses_a_credential_out_of_its_scope_without_connecting() {
     for transport in ["ssh", "smb"] {
         let listener = counting_listener();
         let port = listener.port.to_string();
-        let args = ["check", "--host", "127.0.0.1", "--port", &port, "--transport", transport, "--credential", "elsewhere"];
+        let args =
+            ["check", "--host", "127.0.0.1", "--port", &port, "--transport", transport, "--credential", "elsewhere"];
         let run = fleetpatch(&setup.config, "http://127.0.0.1:9", &args).await;
         assert_eq!(run.code, 8, "{run:?}");
         assert!(
@@ -246,10 +248,15 @@ async fn check_refuses_a_credential_out_of_its_scope_without_connecting() {
                 && run.stdout.contains("10.0.0.0/8, *.corp.example"),
             "{run:?}"
         );
-        assert_eq!(listener.accepted.load(std::sync::atomic::Ordering::SeqCst), 0, "{transport}: a connection was made");
+        assert_eq!(
+            listener.accepted.load(std::sync::atomic::Ordering::SeqCst),
+            0,
+            "{transport}: a connection was made"
+        );
     }
-    let run = fleetpatch(&setup.config, "http://127.0.0.1:9", &["check", "--host", "127.0.0.1", "--credential", "nobody"])
-        .await;
+    let run =
+        fleetpatch(&setup.config, "http://127.0.0.1:9", &["check", "--host", "127.0.0.1", "--credential", "nobody"])
+            .await;
     assert_eq!(run.code, 8, "{run:?}");
     assert!(run.stdout.contains("no credential is named \"nobody\" (defined: elsewhere, fleet-key)"), "{run:?}");
 }

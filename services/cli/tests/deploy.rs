@@ -207,7 +207,8 @@ fn the_helm_chart_lints_and_renders_what_the_services_expect() {
     fleetpatch_runtime::credentials::validate(&credentials, &fleetpatch_worker::CREDENTIAL_TRANSPORTS)
         .expect("the rendered credentials are valid");
     let worker = &named(&documents, "Deployment", "t-fleetpatch-worker")["spec"]["template"]["spec"];
-    for (name, secret, key) in [("windows-admin", "win-admin", "credential"), ("linux-root", "linux-key", "id_ed25519")] {
+    for (name, secret, key) in [("windows-admin", "win-admin", "credential"), ("linux-root", "linux-key", "id_ed25519")]
+    {
         let mount = worker["containers"][0]["volumeMounts"]
             .as_sequence()
             .unwrap()

@@ -628,14 +628,12 @@ struct TargetQuery {
 }
 
 fn parse_events_cursor(raw: &str) -> Result<(u32, u64), Problem> {
-    raw.split_once('.')
-        .and_then(|(attempt, seq)| Some((attempt.parse().ok()?, seq.parse().ok()?)))
-        .ok_or_else(|| {
-            let message = format!("{raw:?} is not an events cursor; pass the events_next_after of the previous page");
-            let mut problem = Problem::new(StatusCode::BAD_REQUEST, "Bad request", format!("events_after: {message}"));
-            problem.errors.push(FieldError { field: "events_after".into(), message });
-            problem
-        })
+    raw.split_once('.').and_then(|(attempt, seq)| Some((attempt.parse().ok()?, seq.parse().ok()?))).ok_or_else(|| {
+        let message = format!("{raw:?} is not an events cursor; pass the events_next_after of the previous page");
+        let mut problem = Problem::new(StatusCode::BAD_REQUEST, "Bad request", format!("events_after: {message}"));
+        problem.errors.push(FieldError { field: "events_after".into(), message });
+        problem
+    })
 }
 
 async fn show_target(
@@ -662,7 +660,8 @@ async fn show_target(
         .collect();
     let transitions = state.store.transitions(id).await?;
     let events = state.store.agent_events_page(id, after, limit).await?;
-    let next = (events.len() as u64 == limit).then(|| events.last().map(|e| format!("{}.{}", e.attempt, e.seq))).flatten();
+    let next =
+        (events.len() as u64 == limit).then(|| events.last().map(|e| format!("{}.{}", e.attempt, e.seq))).flatten();
     Ok(Json(serde_json::json!({
         "target": target,
         "patches": target_patches,
@@ -871,12 +870,14 @@ mod tests {
     #[test]
     fn the_rollout_size_limit_names_its_key() {
         let mut json = minimal();
-        json["targets"] = serde_json::json!((0..6).map(|i| serde_json::json!({"host": format!("h{i}")})).collect::<Vec<_>>());
+        json["targets"] =
+            serde_json::json!((0..6).map(|i| serde_json::json!({"host": format!("h{i}")})).collect::<Vec<_>>());
         let problem = check(json).unwrap_err();
         assert_eq!(problem.errors[0].field, "targets");
         assert!(problem.detail.contains("scheduler.max_targets_per_rollout"), "{}", problem.detail);
         let mut json = minimal();
-        json["targets"] = serde_json::json!((0..5).map(|i| serde_json::json!({"host": format!("h{i}")})).collect::<Vec<_>>());
+        json["targets"] =
+            serde_json::json!((0..5).map(|i| serde_json::json!({"host": format!("h{i}")})).collect::<Vec<_>>());
         assert!(check(json).is_ok());
     }
 

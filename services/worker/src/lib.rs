@@ -694,7 +694,9 @@ mod tests {
         assert!(matches!(configured, Credential::PrivateKey { ref username, .. } if username == "root"));
         // With a configured user, the whole secret is the password, colons included.
         let whole = parse_credential("pa:ss", Some("CORP\\deploy"), None).unwrap();
-        assert!(matches!(whole, Credential::Password { ref username, ref password } if username == "CORP\\deploy" && password.expose() == "pa:ss"));
+        assert!(
+            matches!(whole, Credential::Password { ref username, ref password } if username == "CORP\\deploy" && password.expose() == "pa:ss")
+        );
     }
 
     #[test]
