@@ -20,6 +20,7 @@ pub use sea_orm_migration::prelude::*;
 mod m20261124_000001_initial;
 mod m20261124_000002_hot_last_seen;
 mod m20261124_000003_in_flight_index;
+mod m20261202_000003_named_credentials;
 
 pub struct Migrator;
 
@@ -30,6 +31,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261124_000001_initial::Migration),
             Box::new(m20261124_000002_hot_last_seen::Migration),
             Box::new(m20261124_000003_in_flight_index::Migration),
+            Box::new(m20261202_000003_named_credentials::Migration),
         ]
     }
 }

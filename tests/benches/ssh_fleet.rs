@@ -175,6 +175,11 @@ fn main() {
             }),
             agent_binary: Some(agent),
             step_timeout_seconds: 120,
+            credentials: [(
+                "fleet-key".to_owned(),
+                fleetpatch_tests::credential_in_file(&fleet.keys().client.private_key_path, &["ssh"], &["127.0.0.0/8"]),
+            )]
+            .into(),
             ..SandboxOptions::default()
         })
         .await;
@@ -187,7 +192,6 @@ fn main() {
              echo '{payload_sha}  payload-5mib.sh' | sha256sum -c - || exit 10\nsleep 0.2\n"
         );
         let (script_sha, script_size) = sandbox.upload_content(script.into_bytes()).await;
-        let key = fleet.keys().client.private_key_path.display().to_string();
         let request = serde_json::json!({
             "name": format!("bench-ssh-{targets}"),
             "concurrency": targets,
@@ -202,7 +206,7 @@ fn main() {
                 "host": peer.host(),
                 "port": peer.port(),
                 "transport": "ssh",
-                "credential_ref": format!("file:{key}"),
+                "credential": "fleet-key",
                 "labels": {"user": "root", "ssh.staging_root": peer.staging_root().display().to_string()},
             })).collect::<Vec<_>>(),
         });

@@ -20,6 +20,8 @@
 //! ([`Sandbox::stop_collector`], [`Sandbox::restart_collector`]) to test
 //! the agents' spool. With [`SandboxOptions::smb`] they also offer the
 //! `smb` transport (Windows targets; tested against a Samba peer).
+//! [`SandboxOptions::credentials`] are the named credentials (`[credentials]`)
+//! the scheduler accepts and the workers resolve.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -30,6 +32,7 @@ use std::time::Duration;
 use fleetpatch_bus::rabbitmq::{RabbitBackend, RabbitOptions};
 use fleetpatch_bus::Bus;
 use fleetpatch_proto::state::{RolloutState, TargetState};
+use fleetpatch_runtime::credentials::{CredentialDefinition, Credentials};
 use fleetpatch_runtime::{Health, Shutdown};
 use fleetpatch_store::{Rollout, Store, StoreOptions, Target};
 use fleetpatch_transport::sim::{SimFleet, SimOptions, SimTransport};
@@ -108,6 +111,10 @@ pub struct SandboxOptions {
     pub step_timeout_seconds: u64,
     /// The collector's settings (its `listen` is the sandbox's).
     pub collector: fleetpatch_collector::CollectorOptions,
+    /// The named credentials (`[credentials]`) of the scheduler and the workers.
+    pub credentials: Credentials,
+    /// `scheduler.max_content_bytes`.
+    pub max_content_bytes: u64,
 }
 
 impl Default for SandboxOptions {
@@ -123,6 +130,8 @@ impl Default for SandboxOptions {
             agent_binary: None,
             step_timeout_seconds: 30,
             collector: fleetpatch_collector::CollectorOptions::default(),
+            credentials: Credentials::new(),
+            max_content_bytes: fleetpatch_scheduler::SchedulerOptions::default().max_content_bytes,
         }
     }
 }
@@ -233,6 +242,8 @@ impl Sandbox {
                 verify_delay_seconds: options.verify_delay_seconds,
                 reconcile_interval_seconds: 5,
                 prefetch: 32,
+                credential_names: options.credentials.keys().cloned().collect(),
+                max_content_bytes: options.max_content_bytes,
                 ..Default::default()
             },
             store.clone(),
@@ -359,6 +370,7 @@ impl Sandbox {
             verify_delay_seconds: self.options.verify_delay_seconds,
             agent_binaries,
             content_dir: self.content_dir.clone(),
+            credentials: self.options.credentials.clone(),
         }
     }
 
@@ -576,6 +588,17 @@ pub fn sim_rollout(
         "patches": patches,
         "targets": targets,
     })
+}
+
+/// A named credential for `transports` on `hosts` whose secret is in `file`.
+pub fn credential_in_file(file: &Path, transports: &[&str], hosts: &[&str]) -> CredentialDefinition {
+    CredentialDefinition {
+        secret_ref: format!("file:{}", file.display()),
+        user: None,
+        transports: transports.iter().map(|t| t.to_string()).collect(),
+        hosts: hosts.iter().map(|h| h.to_string()).collect(),
+        labels: BTreeMap::new(),
+    }
 }
 
 /// Labels that make a simulated host behave a given way.

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use fleetpatch_proto::state::{PatchState, RolloutState, TargetState};
-use fleetpatch_tests::{Sandbox, SandboxOptions};
+use fleetpatch_tests::{credential_in_file, Sandbox, SandboxOptions};
 use fleetpatch_transport_smb::SmbTransportOptions;
 use fleetpatch_winproto::test_support::{windows_registry_seed, SambaPeer, ADMIN_PASSWORD, ADMIN_USER};
 use sha2::{Digest, Sha256};
@@ -31,8 +31,11 @@ fn hotfix(name: &str, kb: &str, file: &str, sha256: &str, size: u64) -> serde_js
     })
 }
 
-async fn samba_sandbox(peer: &SambaPeer) -> Sandbox {
+/// A sandbox whose workers reach `peer`, with the named credential
+/// `samba-admin` whose secret is in `credential` (scoped to smb on 127.0.0.1).
+async fn samba_sandbox(peer: &SambaPeer, credential: &Path) -> Sandbox {
     Sandbox::start(SandboxOptions {
+        credentials: [("samba-admin".to_owned(), credential_in_file(credential, &["smb"], &["127.0.0.1"]))].into(),
         workers: 1,
         worker_concurrency: 4,
         verify_delay_seconds: 1,
@@ -71,7 +74,7 @@ async fn a_samba_target_is_probed_and_staged_for_real_and_fails_at_service_creat
     .unwrap();
     let secrets = tempfile::tempdir().unwrap();
     let credential = credential_file(secrets.path());
-    let sandbox = samba_sandbox(&peer).await;
+    let sandbox = samba_sandbox(&peer, &credential).await;
 
     // 3 MiB of installer: one hotfix is missing, two are installed already.
     let installer: Vec<u8> = (0..3u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
@@ -92,7 +95,7 @@ async fn a_samba_target_is_probed_and_staged_for_real_and_fails_at_service_creat
                 "host": "127.0.0.1",
                 "port": peer.address().port(),
                 "transport": "smb",
-                "credential_ref": format!("file:{}", credential.display()),
+                "credential": "samba-admin",
             }],
         })
     };
@@ -155,7 +158,7 @@ async fn a_wrong_password_fails_that_target_clearly() {
     let secrets = tempfile::tempdir().unwrap();
     let credential = secrets.path().join("wrong.secret");
     std::fs::write(&credential, format!("{ADMIN_USER}:not-the-password")).unwrap();
-    let sandbox = samba_sandbox(&peer).await;
+    let sandbox = samba_sandbox(&peer, &credential).await;
     let (sha256, size) = sandbox.upload_content(b"MSCF fake cab".to_vec()).await;
     let id = sandbox
         .create_rollout(serde_json::json!({
@@ -167,7 +170,7 @@ async fn a_wrong_password_fails_that_target_clearly() {
                 "host": "127.0.0.1",
                 "port": peer.address().port(),
                 "transport": "smb",
-                "credential_ref": format!("file:{}", credential.display()),
+                "credential": "samba-admin",
             }],
         }))
         .await;

@@ -15,7 +15,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use fleetpatch_proto::state::{PatchState, RolloutState, TargetState};
-use fleetpatch_tests::{Sandbox, SandboxOptions};
+use fleetpatch_tests::{credential_in_file, Sandbox, SandboxOptions};
 use fleetpatch_transport_ssh::test_support::{KeyPair, SshFleet, SshPeer, SshPeerOptions, DPKG_ROOT_VAR};
 use uuid::Uuid;
 
@@ -42,19 +42,26 @@ async fn ssh_sandbox(peers: usize, tweak: impl FnOnce(&mut SandboxOptions)) -> (
         ssh: Some(fleet.options()),
         ..SandboxOptions::default()
     };
+    options.credentials.insert(
+        FLEET_KEY.into(),
+        credential_in_file(&fleet.keys().client.private_key_path, &["ssh"], &["127.0.0.0/8"]),
+    );
     tweak(&mut options);
     let sandbox = Sandbox::start(options).await;
     (fleet, sandbox)
 }
 
-/// A target entry for a peer: root with the fleet's key (a `file:` secret
-/// reference), the peer's own staging root.
-fn ssh_target(peer: &SshPeer, key_file: &Path) -> serde_json::Value {
+/// The named credential of the fleet's key (every sandbox here defines it).
+const FLEET_KEY: &str = "fleet-key";
+
+/// A target entry for a peer: root with a named credential (a key), the
+/// peer's own staging root.
+fn ssh_target(peer: &SshPeer, credential: &str) -> serde_json::Value {
     serde_json::json!({
         "host": peer.host(),
         "port": peer.port(),
         "transport": "ssh",
-        "credential_ref": format!("file:{}", key_file.display()),
+        "credential": credential,
         "labels": {
             "user": "root",
             "ssh.staging_root": peer.staging_root().display().to_string(),
@@ -189,7 +196,6 @@ async fn events(sandbox: &Sandbox, target: Uuid) -> Vec<(u64, String, Option<u32
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_ssh_targets_install_a_script_and_a_deb_through_the_real_agent() {
     let (fleet, sandbox) = ssh_sandbox(5, |_| {}).await;
-    let key = &fleet.keys().client.private_key_path;
     let marker = "script-ran";
     // The script records the agent that runs it: the pid file exists only
     // on the detached path, and `setsid` made the agent a session leader.
@@ -209,8 +215,11 @@ async fn five_ssh_targets_install_a_script_and_a_deb_through_the_real_agent() {
     .await;
     let package = unique("fp-e2e");
     let package_patch = deb(&sandbox, &package, "1.0-1").await;
-    let mut request =
-        rollout("ssh-five", &[&shell, &package_patch], fleet.peers().iter().map(|p| ssh_target(p, key)).collect());
+    let mut request = rollout(
+        "ssh-five",
+        &[&shell, &package_patch],
+        fleet.peers().iter().map(|p| ssh_target(p, FLEET_KEY)).collect(),
+    );
     request["keep_files"] = serde_json::json!(true);
     let started = std::time::Instant::now();
     let id = sandbox.create_rollout(request).await;
@@ -273,7 +282,6 @@ async fn five_ssh_targets_install_a_script_and_a_deb_through_the_real_agent() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_installer_records_its_exit_code_and_output_and_the_next_patch_still_runs() {
     let (fleet, sandbox) = ssh_sandbox(1, |_| {}).await;
-    let key = &fleet.keys().client.private_key_path;
     let failing = script(
         &sandbox,
         "broken",
@@ -282,8 +290,9 @@ async fn a_failing_installer_records_its_exit_code_and_output_and_the_next_patch
     .await;
     let next =
         script(&sandbox, "after-broken", &format!("echo next > \"${DPKG_ROOT_VAR}/next-ran\"\necho next ok")).await;
-    let id =
-        sandbox.create_rollout(rollout("ssh-fail", &[&failing, &next], vec![ssh_target(&fleet.peers()[0], key)])).await;
+    let id = sandbox
+        .create_rollout(rollout("ssh-fail", &[&failing, &next], vec![ssh_target(&fleet.peers()[0], FLEET_KEY)]))
+        .await;
     sandbox.wait_for_rollout_state(id, RolloutState::Completed, Duration::from_secs(90)).await;
     let target = sandbox.all_targets(id).await.remove(0);
     assert_eq!(target.state, TargetState::Failed, "{:?}", target.error);
@@ -303,7 +312,6 @@ async fn a_failing_installer_records_its_exit_code_and_output_and_the_next_patch
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_installer_that_hangs_the_target_times_out_and_the_verification_scan_tells_what_is_installed() {
     let (fleet, sandbox) = ssh_sandbox(1, |_| {}).await;
-    let key = &fleet.keys().client.private_key_path;
     let peer = &fleet.peers()[0];
     let package = unique("fp-e2e-before-hang");
     let installed_first = deb(&sandbox, &package, "2.0-1").await;
@@ -318,7 +326,7 @@ async fn an_installer_that_hangs_the_target_times_out_and_the_verification_scan_
     )
     .await;
     hang.detection = Some(serde_json::json!({"kind": "dpkg", "package": unique("fp-e2e-never-installed")}));
-    let mut request = rollout("ssh-hang", &[&installed_first, &hang], vec![ssh_target(peer, key)]);
+    let mut request = rollout("ssh-hang", &[&installed_first, &hang], vec![ssh_target(peer, FLEET_KEY)]);
     request["timeout_seconds"] = serde_json::json!(3);
     request["heartbeat_seconds"] = serde_json::json!(2);
     let id = sandbox.create_rollout(request).await;
@@ -362,7 +370,6 @@ async fn an_installer_that_hangs_the_target_times_out_and_the_verification_scan_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_collector_down_the_agents_spool_and_replay_every_report_once() {
     let (fleet, mut sandbox) = ssh_sandbox(2, |_| {}).await;
-    let key = &fleet.keys().client.private_key_path;
     let mut patches = Vec::new();
     for i in 0..3 {
         patches.push(script(&sandbox, &format!("slow-{i}"), &format!("sleep 1\necho slow {i} done")).await);
@@ -370,7 +377,7 @@ async fn with_the_collector_down_the_agents_spool_and_replay_every_report_once()
     let mut request = rollout(
         "ssh-collector-down",
         &patches.iter().collect::<Vec<_>>(),
-        fleet.peers().iter().map(|p| ssh_target(p, key)).collect(),
+        fleet.peers().iter().map(|p| ssh_target(p, FLEET_KEY)).collect(),
     );
     request["heartbeat_seconds"] = serde_json::json!(1);
     let id = sandbox.create_rollout(request).await;
@@ -406,17 +413,21 @@ async fn with_the_collector_down_the_agents_spool_and_replay_every_report_once()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_credentials_and_an_unknown_host_key_fail_their_targets_and_the_rollout_goes_on() {
-    let (fleet, sandbox) = ssh_sandbox(2, |_| {}).await;
-    let key = &fleet.keys().client.private_key_path;
     let keys_dir = tempfile::tempdir().unwrap();
     let wrong_key = KeyPair::generate(keys_dir.path(), "not_authorized", "ed25519", "").unwrap();
+    let (fleet, sandbox) = ssh_sandbox(2, |options| {
+        options
+            .credentials
+            .insert("wrong-key".into(), credential_in_file(&wrong_key.private_key_path, &["ssh"], &["127.0.0.1"]));
+    })
+    .await;
     // A peer whose host key is in no known_hosts file the workers use.
     let stranger = SshPeer::start().expect("start an sshd peer");
     let ok = script(&sandbox, "ok", "echo ok").await;
     let targets = vec![
-        ssh_target(&fleet.peers()[0], key),
-        ssh_target(&fleet.peers()[1], &wrong_key.private_key_path),
-        ssh_target(&stranger, key),
+        ssh_target(&fleet.peers()[0], FLEET_KEY),
+        ssh_target(&fleet.peers()[1], "wrong-key"),
+        ssh_target(&stranger, FLEET_KEY),
     ];
     let mut request = rollout("ssh-bad-access", &[&ok], targets);
     request["concurrency"] = serde_json::json!(1);

@@ -65,7 +65,7 @@ pub(crate) async fn open_connection(url: &str, name: &str) -> Result<Connection>
         .with_connection_name(name.into());
     Connection::connect(url, properties)
         .await
-        .map_err(|error| Error::Connect { url: redact_url(url), reason: error.to_string() })
+        .map_err(|error| Error::Connect { url: redact_url(url), reason: redact_url(&error.to_string()) })
 }
 
 pub(crate) fn broker(action: &'static str) -> impl FnOnce(lapin::Error) -> Error {

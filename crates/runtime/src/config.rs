@@ -54,9 +54,13 @@ fn serde_path_to_error_free<T: DeserializeOwned>(merged: ::config::Config) -> Re
     })
 }
 
-/// The effective configuration as TOML, for `--print-config`.
+/// The effective configuration as TOML, for `--print-config`, with every
+/// password in a URL and every secret value masked
+/// ([`crate::redact::redact_config`]); references (`env:`, `file:`) stay.
 pub fn to_toml<T: Serialize>(value: &T) -> Result<String> {
-    toml::to_string_pretty(value).map_err(|e| Error::Config(e.to_string()))
+    let mut tree = toml::Value::try_from(value).map_err(|e| Error::Config(e.to_string()))?;
+    crate::redact::redact_config(&mut tree);
+    toml::to_string_pretty(&tree).map_err(|e| Error::Config(e.to_string()))
 }
 
 #[cfg(test)]
@@ -98,6 +102,16 @@ mod tests {
         assert!(error.to_string().contains("section.port"), "{error}");
         let error = load_from_env::<Root>(None, env(&[("FLEETPATCH__SECTION__PROT", "1")])).unwrap_err();
         assert!(error.to_string().contains("prot"), "{error}");
+    }
+
+    #[test]
+    fn printed_configuration_hides_url_passwords() {
+        #[derive(Serialize)]
+        struct Printed {
+            url: String,
+        }
+        let text = to_toml(&Printed { url: "postgres://fp:MARKER@db/fp".into() }).unwrap();
+        assert!(!text.contains("MARKER") && text.contains("postgres://fp:***@db/fp"), "{text}");
     }
 
     #[test]

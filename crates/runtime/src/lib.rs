@@ -6,8 +6,10 @@
 
 pub mod clock;
 pub mod config;
+pub mod credentials;
 pub mod http;
 pub mod ops;
+pub mod redact;
 pub mod secrets;
 pub mod shutdown;
 pub mod telemetry;

@@ -71,7 +71,12 @@ pub fn init(options: &TelemetryOptions, service: &'static str) -> crate::Result<
             .with_http()
             .with_endpoint(options.otlp_endpoint.clone())
             .build()
-            .map_err(|e| crate::Error::Telemetry(format!("OTLP exporter for {}: {e}", options.otlp_endpoint)))?;
+            .map_err(|e| {
+                crate::Error::Telemetry(crate::redact::url(&format!(
+                    "OTLP exporter for {}: {e}",
+                    options.otlp_endpoint
+                )))
+            })?;
         let sdk = opentelemetry_sdk::trace::SdkTracerProvider::builder()
             .with_batch_exporter(exporter)
             .with_resource(opentelemetry_sdk::Resource::builder().with_service_name(service).build())

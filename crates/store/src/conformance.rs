@@ -122,7 +122,7 @@ fn target(index: usize, wave: u32) -> NewTarget {
         port: index.is_multiple_of(2).then_some(2200 + index as u16),
         transport: "sim".into(),
         labels: BTreeMap::from([("site".to_owned(), format!("s{}", index % 3))]),
-        credential_ref: Some("env:FLEET_CRED".into()),
+        credential: Some("fleet-ssh".into()),
         wave,
     }
 }
@@ -291,7 +291,7 @@ pub async fn create_rollout_round_trips_rollout_patches_and_targets(db: &dyn Tes
     for (i, t) in targets.iter().enumerate() {
         let expected = target(i, t.wave);
         assert_eq!((&t.host, t.port, &t.transport), (&expected.host, expected.port, &expected.transport));
-        assert_eq!((&t.labels, &t.credential_ref), (&expected.labels, &expected.credential_ref));
+        assert_eq!((&t.labels, &t.credential), (&expected.labels, &expected.credential));
         assert_eq!((t.state, t.attempt, t.tries, t.timeout_seconds), (TargetState::Pending, 1, 0, 600));
         assert_eq!(t.rollout_id, id);
     }
@@ -679,6 +679,13 @@ pub async fn reports_are_idempotent_by_target_attempt_and_seq(db: &dyn TestDatab
     );
     assert_eq!(events[0].patch_index, Some(0));
     assert_eq!(store.agent_events(b.id).await.expect("events").len(), 1);
+    // Pages follow (attempt, seq): the first page, then after its last event.
+    let first = store.agent_events_page(a.id, None, 1).await.expect("page");
+    assert_eq!(first.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![1]);
+    let next = store.agent_events_page(a.id, Some((first[0].attempt, first[0].seq)), 10).await.expect("page");
+    assert_eq!(next.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![2]);
+    let later_attempt = store.agent_events_page(a.id, Some((first[0].attempt + 1, 0)), 10).await.expect("page");
+    assert!(later_attempt.is_empty());
 }
 
 pub async fn reports_record_patch_results_and_the_final_result(db: &dyn TestDatabase) {

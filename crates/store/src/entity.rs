@@ -71,7 +71,7 @@ pub mod targets {
         pub port: Option<i32>,
         pub transport: String,
         pub labels: Json,
-        pub credential_ref: Option<String>,
+        pub credential: Option<String>,
         pub wave: i32,
         pub state: String,
         pub attempt: i32,

@@ -94,9 +94,10 @@ impl Store {
             .min_connections(1)
             .connect_timeout(std::time::Duration::from_secs(10))
             .sqlx_logging(false);
-        let db = Database::connect(connect)
-            .await
-            .map_err(|error| Error::Connect { url: redact_url(&options.url), reason: error.to_string() })?;
+        let db = Database::connect(connect).await.map_err(|error| Error::Connect {
+            url: redact_url(&options.url),
+            reason: redact_url(&error.to_string()),
+        })?;
         if db.get_database_backend() == DbBackend::Sqlite {
             // One writer at a time; wait for it rather than failing with SQLITE_BUSY.
             db.execute_unprepared("PRAGMA journal_mode=WAL; PRAGMA busy_timeout=10000; PRAGMA foreign_keys=ON;")

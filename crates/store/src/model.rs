@@ -59,7 +59,8 @@ pub struct NewTarget {
     pub port: Option<u16>,
     pub transport: String,
     pub labels: BTreeMap<String, String>,
-    pub credential_ref: Option<String>,
+    /// Name of a credential defined where the workers run (`[credentials.<name>]`), never a secret or its location.
+    pub credential: Option<String>,
     /// Index into the rollout's waves.
     pub wave: u32,
 }
@@ -108,7 +109,7 @@ impl NewRollout {
                     port: None,
                     transport: "bench".into(),
                     labels: BTreeMap::new(),
-                    credential_ref: None,
+                    credential: None,
                     wave: 0,
                 })
                 .collect(),
@@ -157,7 +158,8 @@ pub struct Target {
     pub port: Option<u16>,
     pub transport: String,
     pub labels: BTreeMap<String, String>,
-    pub credential_ref: Option<String>,
+    /// Name of a credential defined where the workers run (`[credentials.<name>]`), never a secret or its location.
+    pub credential: Option<String>,
     pub wave: u32,
     pub state: TargetState,
     pub attempt: u32,

@@ -19,8 +19,8 @@ use fleetpatch_proto::v1;
 use fleetpatch_proto::Message;
 use sea_orm::sea_query::{Expr, Func, LockType, OnConflict, Query, SimpleExpr};
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseTransaction, DbBackend, EntityTrait, PaginatorTrait,
-    QueryFilter, QueryOrder, QuerySelect, QueryTrait,
+    ActiveValue::Set, ColumnTrait, Condition, ConnectionTrait, DatabaseTransaction, DbBackend, EntityTrait,
+    PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, QueryTrait,
 };
 use uuid::Uuid;
 
@@ -90,7 +90,7 @@ fn target_from(m: targets::Model) -> Result<Target> {
         port: m.port.map(|p| p as u16),
         transport: m.transport,
         labels: from_json(m.labels, "target labels")?,
-        credential_ref: m.credential_ref,
+        credential: m.credential,
         wave: m.wave as u32,
         state: parse(&m.state, "target state")?,
         attempt: m.attempt as u32,
@@ -475,7 +475,7 @@ impl Store {
                 port: Set(t.port.map(i32::from)),
                 transport: Set(t.transport.clone()),
                 labels: Set(to_json(&t.labels)),
-                credential_ref: Set(t.credential_ref.clone()),
+                credential: Set(t.credential.clone()),
                 wave: Set(t.wave as i32),
                 state: Set(TargetState::Pending.as_str().into()),
                 attempt: Set(1),
@@ -645,10 +645,28 @@ impl Store {
 
     /// What the collector accepted from the target's agents, oldest first.
     pub async fn agent_events(&self, target_id: Uuid) -> Result<Vec<AgentEvent>> {
-        Ok(agent_events::Entity::find()
-            .filter(agent_events::Column::TargetId.eq(target_id))
-            .order_by_asc(agent_events::Column::Attempt)
-            .order_by_asc(agent_events::Column::Seq)
+        self.agent_events_page(target_id, None, u64::MAX).await
+    }
+
+    /// A target's events in (attempt, seq) order, after `after` (an
+    /// (attempt, seq) cursor: the last event of the previous page), at most
+    /// `limit` of them.
+    pub async fn agent_events_page(
+        &self,
+        target_id: Uuid,
+        after: Option<(u32, u64)>,
+        limit: u64,
+    ) -> Result<Vec<AgentEvent>> {
+        let mut query = agent_events::Entity::find().filter(agent_events::Column::TargetId.eq(target_id));
+        if let Some((attempt, seq)) = after {
+            let (attempt, seq) = (attempt as i32, i64::try_from(seq).unwrap_or(i64::MAX));
+            query = query.filter(Condition::any().add(agent_events::Column::Attempt.gt(attempt)).add(
+                Condition::all().add(agent_events::Column::Attempt.eq(attempt)).add(agent_events::Column::Seq.gt(seq)),
+            ));
+        }
+        let query = query.order_by_asc(agent_events::Column::Attempt).order_by_asc(agent_events::Column::Seq);
+        let query = if limit == u64::MAX { query } else { query.limit(limit) };
+        Ok(query
             .all(&self.db)
             .await?
             .into_iter()

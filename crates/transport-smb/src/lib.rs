@@ -140,13 +140,16 @@ impl SmbTransport {
             }
             Some(Credential::PrivateKey { .. }) => Err(Error::MissingCredential {
                 address: self.address(target),
-                reason: "the smb transport logs in with a user name and password (a secret of the form \
-                         user:password, e.g. .\\Administrator:… or DOMAIN\\deploy:…), not a private key"
+                reason: "the smb transport logs in with a user name and password (a credential whose secret is \
+                         user:password, e.g. .\\Administrator:… or DOMAIN\\deploy:…, or a password with `user` set), \
+                         not a private key"
                     .into(),
             }),
             None => Err(Error::MissingCredential {
                 address: self.address(target),
-                reason: "smb targets need a credential reference (credential_ref) to a user:password secret".into(),
+                reason: "smb targets need a named credential (`credential: <name>`, defined by an administrator \
+                         under [credentials.<name>] where the workers run)"
+                    .into(),
             }),
         }
     }
@@ -690,10 +693,12 @@ impl Transport for SmbTransport {
                 let fix = match &error {
                     Error::Authentication { .. } => {
                         "wrong credentials: check the user name (DOMAIN\\user or \
-                                                      .\\user) and the password in the target's credential_ref, and \
-                                                      that the account is neither disabled nor locked out"
+                                                      .\\user) and the password of the target's named credential, \
+                                                      and that the account is neither disabled nor locked out"
                     }
-                    Error::MissingCredential { .. } => "give the target a credential_ref to a user:password secret",
+                    Error::MissingCredential { .. } => {
+                        "name a credential for the target (`credential: <name>`) whose secret is user:password"
+                    }
                     _ => {
                         "the SMB session could not be set up: check that the target speaks SMB 2 or 3 and \
                           accepts signed sessions"

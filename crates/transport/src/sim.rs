@@ -447,11 +447,16 @@ impl SimAgent {
                     return;
                 }
                 Ok(response) if response.status().is_client_error() => {
-                    tracing::warn!(status = %response.status(), url, "collector refused a simulated report");
+                    tracing::warn!(
+                        status = %response.status(),
+                        url = %fleetpatch_runtime::redact::url(&url),
+                        "collector refused a simulated report"
+                    );
                     return;
                 }
                 Ok(response) => tracing::debug!(status = %response.status(), "collector busy, retrying"),
-                Err(error) => tracing::debug!(error = %error, "collector unreachable, retrying"),
+                // Without its URL: the collector URL may carry a password.
+                Err(error) => tracing::debug!(error = %error.without_url(), "collector unreachable, retrying"),
             }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(2));

@@ -1,6 +1,6 @@
 //! `fleetpatch check`: the preflight of targets, before any rollout
 //! touches them. For one target (`--host`, `--port`, `--transport`,
-//! `--credential-ref`) or every target of a rollout file (`-f`), it runs
+//! `--credential NAME`) or every target of a rollout file (`-f`), it runs
 //! the transport's [`Transport::preflight`] from where the command runs
 //! (so run it where the workers run): for `ssh` that is the port, the host
 //! key, the login, root or passwordless sudo, free space for what will be
@@ -10,8 +10,10 @@
 //! services. Each failed check says the likely cause and the fix.
 //!
 //! It reads the same configuration as a worker (`[ssh]`, `[smb]`, `[sim]`,
-//! `worker.collector_url`, `worker.agent_binaries`) and resolves the
-//! targets' credential references the same way; it never talks to the
+//! `worker.collector_url`, `worker.agent_binaries`, `[credentials]`) and
+//! resolves the targets' named credentials the same way (scope checked
+//! before the secret is read; out of scope, no connection is made); it
+//! never talks to the
 //! scheduler, the database or the bus, and changes nothing on a target.
 //! `rollout create --preflight` runs it before creating the rollout.
 
@@ -47,6 +49,8 @@ pub struct Environment {
     pub collector_url: String,
     /// `worker.agent_binaries`: counted in the space a deployment stages.
     pub agent_binaries: BTreeMap<String, PathBuf>,
+    /// `[credentials]`: the named credentials targets may use.
+    pub credentials: fleetpatch_runtime::credentials::Credentials,
 }
 
 #[derive(Debug, Args)]
@@ -62,10 +66,10 @@ pub struct CheckArgs {
     port: Option<u16>,
     #[arg(long, default_value = "ssh", value_parser = ["sim", "ssh", "smb"], requires = "host")]
     transport: String,
-    /// Secret reference of the credential (`env:NAME`, `file:/path`): a private key or `user:password`.
-    #[arg(long, value_name = "REF", requires = "host")]
-    credential_ref: Option<String>,
-    /// Login user for a private-key credential (the target label `user`).
+    /// Name of the credential to log in with (`[credentials.<name>]` of the configuration).
+    #[arg(long, value_name = "NAME", requires = "host")]
+    credential: Option<String>,
+    /// Login user for a private-key credential without `user` (the target label `user`).
     #[arg(long, requires = "host")]
     user: Option<String>,
     /// A target label (`KEY=VALUE`, repeatable), e.g. `ssh.staging_root=/srv/stage`.
@@ -124,7 +128,8 @@ pub async fn run(args: CheckArgs, environment: &Environment) -> Result<u8, Failu
                 port: args.port,
                 transport: args.transport.clone(),
                 labels,
-                credential_ref: args.credential_ref.clone(),
+                credential: args.credential.clone(),
+                credential_ref: None,
                 wave: None,
             };
             (vec![target], vec![String::new()], 0)
@@ -189,9 +194,10 @@ pub async fn check_targets(
         };
         let (target, context, limit) = (target.clone(), context.clone(), limit.clone());
         let ssh_configured = environment.ssh.is_some();
+        let credentials = environment.credentials.clone();
         tasks.spawn(async move {
             let _permit = limit.acquire_owned().await;
-            (index, check_target(transport, ssh_configured, &target, &context).await)
+            (index, check_target(transport, ssh_configured, &credentials, &target, &context).await)
         });
     }
     let mut reports: Vec<Option<TargetReport>> = vec![None; targets.len()];
@@ -229,6 +235,7 @@ fn unusable(target: &TargetRequest, name: &str, detail: &str, fix: &str) -> Targ
 async fn check_target(
     transport: Option<Arc<dyn Transport>>,
     ssh_configured: bool,
+    credentials: &fleetpatch_runtime::credentials::Credentials,
     target: &TargetRequest,
     context: &PreflightContext,
 ) -> TargetReport {
@@ -245,25 +252,41 @@ async fn check_target(
         };
         return unusable(target, "transport", &detail, &fix);
     };
-    // A credential that cannot be read is a failed check; the rest still
-    // runs (without it), so the port and the host key are checked too.
+    // A credential that is unknown or out of scope for this target is a
+    // failed check and nothing connects (a worker would not either). One
+    // whose secret cannot be read is a failed check; the rest still runs
+    // (without it), so the port and the host key are checked too.
     let mut checks = Vec::new();
-    let credential = match &target.credential_ref {
+    let credential = match &target.credential {
         None => None,
-        Some(reference) => {
-            let user = target.labels.get("user").map(String::as_str);
-            let parsed = fleetpatch_runtime::secrets::resolve(reference)
-                .and_then(|secret| fleetpatch_worker::parse_credential(&secret, user));
-            match parsed {
+        Some(name) => {
+            let scope_target = fleetpatch_runtime::credentials::ScopeTarget {
+                transport: &target.transport,
+                host: &target.host,
+                labels: &target.labels,
+            };
+            let scope = fleetpatch_runtime::credentials::lookup(credentials, name)
+                .and_then(|definition| definition.check_scope(name, scope_target));
+            if let Err(error) = scope {
+                return unusable(
+                    target,
+                    "credential",
+                    &error.to_string(),
+                    "name a credential whose scope covers this host and transport, or ask an administrator to widen \
+                     its scope ([credentials.<name>] hosts, transports, labels)",
+                );
+            }
+            match fleetpatch_worker::resolve_credential(credentials, name, scope_target) {
                 Ok(credential) => Some(credential),
                 Err(reason) => {
                     checks.push(PreflightCheck {
                         name: "credential".into(),
                         ok: false,
-                        detail: format!("credential {reference:?}: {reason}"),
+                        detail: reason,
                         fix: Some(
-                            "point credential_ref at a secret that exists (env:NAME or file:/path) and holds a \
-                             private key (with the target label `user`, or --user) or `user:password`"
+                            "the credential's secret_ref must point at a secret that exists where this runs (the \
+                             workers' environment or files) and holds `user:password`, a password (with `user`), or \
+                             a private key (with `user`, the target label `user`, or --user)"
                                 .into(),
                         ),
                     });

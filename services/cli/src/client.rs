@@ -363,9 +363,27 @@ impl ApiClient {
         self.decode(&path, &text)
     }
 
-    /// `GET /v1/targets/{id}`: `{target, patches, transitions, events}` (raw JSON).
+    /// `GET /v1/targets/{id}`: `{target, patches, transitions, events}` (raw
+    /// JSON), with every page of its events (`events_next_after`) gathered.
     pub async fn target(&self, id: Uuid) -> Result<serde_json::Value, ClientError> {
-        self.get_json(&format!("/v1/targets/{id}")).await
+        let mut detail = self.get_json(&format!("/v1/targets/{id}")).await?;
+        let mut cursor = detail.get("events_next_after").and_then(|v| v.as_str()).map(str::to_owned);
+        while let Some(after) = cursor.take() {
+            let page = self.get_json(&format!("/v1/targets/{id}?events_limit=10000&events_after={after}")).await?;
+            let events = page.get("events").and_then(|v| v.as_array()).cloned().unwrap_or_default();
+            if let Some(all) = detail.get_mut("events").and_then(|v| v.as_array_mut()) {
+                all.extend(events);
+            }
+            cursor = page.get("events_next_after").and_then(|v| v.as_str()).map(str::to_owned);
+            // A server that repeats its cursor would loop forever.
+            if cursor.as_deref() == Some(after.as_str()) {
+                break;
+            }
+        }
+        if let Some(next) = detail.get_mut("events_next_after") {
+            *next = serde_json::Value::Null;
+        }
+        Ok(detail)
     }
 
     /// `POST /v1/rollouts/{id}/{action}` for pause, resume, abort, retry-failed.

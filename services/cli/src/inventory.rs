@@ -3,8 +3,10 @@
 //! documented in `docs/rollout-file.md`.
 //!
 //! Parsing is strict: every mistake names the file and the line. Secrets
-//! are never taken from an inventory (`ansible_password` is refused); a
-//! target carries only a secret *reference*.
+//! are never taken from an inventory (`ansible_password` is refused), nor
+//! their locations (`ansible_ssh_private_key_file`, `credential_ref`): a
+//! target names a credential an administrator defined (`credential` column,
+//! `fleetpatch_credential` variable).
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -14,12 +16,18 @@ use crate::rollout_file::{ImportedTarget, InputError};
 
 /// The label that records a host's inventory groups.
 pub const GROUP_LABEL: &str = "group";
+/// Most hosts one Ansible host pattern may expand to (`h[0:99999][0:99999]`
+/// is refused, not expanded).
+pub const MAX_HOSTS_PER_PATTERN: u64 = 100_000;
+/// What to do instead of naming a secret's location.
+const NAME_A_CREDENTIAL: &str = "fleetpatch never takes a secret's location from an inventory: ask an administrator \
+     to define a named credential ([credentials.<name>] where the workers run) and name it";
 
 // ------------------------------------------------------------------ CSV
 
 /// Reads targets from CSV: a header line, then one target per line.
 ///
-/// Columns `host` (required), `transport`, `port`, `credential_ref`, `wave`
+/// Columns `host` (required), `transport`, `port`, `credential`, `wave`
 /// fill the target's fields; a `labels` column holds `key=value` pairs
 /// separated by `;`; every other column is a label named by its header.
 /// Empty cells are left out; `#` starts a comment line.
@@ -63,8 +71,11 @@ pub fn parse_csv(text: &str, file: &str, default_transport: &str) -> Result<Vec<
                 "host" => target.host = cell.to_owned(),
                 "transport" => target.transport = check_transport(cell).map_err(|m| field_error(column, m))?,
                 "port" => target.port = Some(parse_port(cell).map_err(|m| field_error(column, m))?),
+                "credential" => {
+                    target.credential = Some(check_credential_name(cell).map_err(|m| field_error(column, m))?)
+                }
                 "credential_ref" => {
-                    target.credential_ref = Some(check_credential_ref(cell).map_err(|m| field_error(column, m))?)
+                    return Err(field_error(column, format!("{NAME_A_CREDENTIAL} in a `credential` column")));
                 }
                 "wave" => target.wave = Some(cell.to_owned()),
                 "labels" => {
@@ -279,7 +290,8 @@ pub fn parse_inventory(text: &str, file: &str, default_transport: &str) -> Resul
                     target.port = Some(parse_port(&value).map_err(|m| error(format!("{key}: {m}")))?)
                 }
                 "ansible_user" | "ansible_ssh_user" => {
-                    target.labels.insert("ssh.user".into(), value);
+                    // The label the workers read the login user of a key credential from.
+                    target.labels.insert("user".into(), value);
                 }
                 "ansible_connection" => {
                     target.transport = match value.as_str() {
@@ -294,14 +306,16 @@ pub fn parse_inventory(text: &str, file: &str, default_transport: &str) -> Resul
                     }
                 }
                 "ansible_ssh_private_key_file" | "ansible_private_key_file" => {
-                    target.credential_ref = Some(format!("file:{value}"))
+                    return Err(error(format!("{key}: {NAME_A_CREDENTIAL} with fleetpatch_credential=<name>")));
                 }
                 "fleetpatch_transport" => {
                     target.transport = check_transport(&value).map_err(|m| error(format!("{key}: {m}")))?
                 }
+                "fleetpatch_credential" => {
+                    target.credential = Some(check_credential_name(&value).map_err(|m| error(format!("{key}: {m}")))?)
+                }
                 "fleetpatch_credential_ref" => {
-                    target.credential_ref =
-                        Some(check_credential_ref(&value).map_err(|m| error(format!("{key}: {m}")))?)
+                    return Err(error(format!("{key}: {NAME_A_CREDENTIAL} with fleetpatch_credential=<name>")));
                 }
                 "fleetpatch_wave" => target.wave = Some(value),
                 other if other.starts_with("ansible_") => {}
@@ -345,8 +359,8 @@ fn check_var(key: &str, value: &str) -> Result<(), String> {
     ];
     if SECRETS.contains(&key) {
         return Err(format!(
-            "{key}: fleetpatch never takes a secret from an inventory; put it in a secret and name it with \
-             fleetpatch_credential_ref=env:NAME or file:/path"
+            "{key}: fleetpatch never takes a secret from an inventory; ask an administrator to define a named \
+             credential ([credentials.<name>] where the workers run) and name it with fleetpatch_credential=<name>"
         ));
     }
     if key.is_empty() || key.contains(char::is_whitespace) {
@@ -367,8 +381,42 @@ fn split_host_port(pattern: &str) -> Result<(&str, Option<String>), String> {
 }
 
 /// Expands Ansible's numeric host ranges: `web[01:03].example.com` →
-/// web01, web02, web03 (the width of the first bound is kept).
+/// web01, web02, web03 (the width of the first bound is kept). A pattern
+/// that would give more than [`MAX_HOSTS_PER_PATTERN`] hosts is refused
+/// before anything is expanded.
 fn expand_host_range(pattern: &str) -> Result<Vec<String>, String> {
+    let count = count_hosts(pattern)?;
+    if count > MAX_HOSTS_PER_PATTERN {
+        return Err(format!(
+            "{pattern:?} expands to {count} hosts; one host pattern may give at most {MAX_HOSTS_PER_PATTERN} \
+             (split it, or use a CSV file)"
+        ));
+    }
+    expand_ranges(pattern)
+}
+
+/// How many hosts `pattern` expands to (saturating), without expanding it.
+fn count_hosts(pattern: &str) -> Result<u64, String> {
+    let mut count = 1u64;
+    let mut rest = pattern;
+    while let Some(open) = rest.find('[') {
+        let close = rest[open..].find(']').map(|c| open + c).ok_or_else(|| format!("{pattern:?}: [ without ]"))?;
+        let (start, end) =
+            rest[open + 1..close].split_once(':').ok_or_else(|| format!("{pattern:?}: a range is [first:last]"))?;
+        let parse = |bound: &str| {
+            bound.parse::<u64>().map_err(|_| format!("{pattern:?}: only numeric ranges such as [01:20] are supported"))
+        };
+        let (first, last) = (parse(start)?, parse(end)?);
+        if last < first {
+            return Err(format!("{pattern:?}: the range must go up"));
+        }
+        count = count.saturating_mul((last - first).saturating_add(1));
+        rest = &rest[close + 1..];
+    }
+    Ok(count)
+}
+
+fn expand_ranges(pattern: &str) -> Result<Vec<String>, String> {
     let Some(open) = pattern.find('[') else {
         return Ok(vec![pattern.to_owned()]);
     };
@@ -379,13 +427,13 @@ fn expand_host_range(pattern: &str) -> Result<Vec<String>, String> {
         bound.parse::<u64>().map_err(|_| format!("{pattern:?}: only numeric ranges such as [01:20] are supported"))
     };
     let (first, last) = (parse(start)?, parse(end)?);
-    if last < first || last - first >= 100_000 {
-        return Err(format!("{pattern:?}: the range must go up, by at most 100000 hosts"));
+    if last < first {
+        return Err(format!("{pattern:?}: the range must go up"));
     }
     let width = if start.starts_with('0') { start.len() } else { 0 };
     let mut hosts = Vec::new();
     for n in first..=last {
-        for rest in expand_host_range(suffix)? {
+        for rest in expand_ranges(suffix)? {
             hosts.push(format!("{prefix}{n:0width$}{rest}"));
         }
     }
@@ -436,6 +484,7 @@ fn new_target(transport: &str) -> TargetRequest {
         port: None,
         transport: transport.to_owned(),
         labels: BTreeMap::new(),
+        credential: None,
         credential_ref: None,
         wave: None,
     }
@@ -456,11 +505,15 @@ pub fn check_transport(raw: &str) -> Result<String, String> {
     }
 }
 
-fn check_credential_ref(raw: &str) -> Result<String, String> {
-    if raw.starts_with("env:") || raw.starts_with("file:") {
+/// A credential name as `[credentials.<name>]` allows it; the text of a
+/// cell that is not one is not repeated (it may be a pasted secret).
+pub fn check_credential_name(raw: &str) -> Result<String, String> {
+    if fleetpatch_runtime::credentials::is_valid_name(raw) {
         Ok(raw.to_owned())
     } else {
-        Err("must be a secret reference (env:NAME or file:/path), never the secret itself".into())
+        Err("must name a credential an administrator defined (lower-case letters, digits, '-' or '_'), never a \
+             secret or its location"
+            .into())
     }
 }
 
@@ -472,11 +525,11 @@ mod tests {
     fn csv_columns_fill_fields_and_the_rest_are_labels() {
         let text = "\
 # fleet of the Paris office
-host,transport,port,credential_ref,wave,site,labels
-web-1.example.com,ssh,2222,env:FLEET_KEY,canary,paris,role=web;tier=front
+host,transport,port,credential,wave,site,labels
+web-1.example.com,ssh,2222,fleet-ssh,canary,paris,role=web;tier=front
 \"db,1\",ssh,,,,,
 
-win-7,smb,445,file:/run/secrets/win,,\"Paris, \"\"main\"\"\",
+win-7,smb,445,windows-admin,,\"Paris, \"\"main\"\"\",
 ";
         let targets = parse_csv(text, "hosts.csv", "sim").unwrap();
         assert_eq!(targets.len(), 3);
@@ -484,7 +537,7 @@ win-7,smb,445,file:/run/secrets/win,,\"Paris, \"\"main\"\"\",
         assert_eq!(web.origin, "hosts.csv line 3");
         assert_eq!(web.target.host, "web-1.example.com");
         assert_eq!((web.target.transport.as_str(), web.target.port), ("ssh", Some(2222)));
-        assert_eq!(web.target.credential_ref.as_deref(), Some("env:FLEET_KEY"));
+        assert_eq!(web.target.credential.as_deref(), Some("fleet-ssh"));
         assert_eq!(web.target.wave.as_deref(), Some("canary"));
         let labels: Vec<(&str, &str)> = web.target.labels.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         assert_eq!(labels, vec![("role", "web"), ("site", "paris"), ("tier", "front")]);
@@ -511,8 +564,12 @@ win-7,smb,445,file:/run/secrets/win,,\"Paris, \"\"main\"\"\",
         assert!(error.to_string().starts_with("h.csv:1: the header \"name,port\" has no host column"), "{error}");
         let error = parse_csv("host,port\nh1,22,x\n", "h.csv", "sim").unwrap_err();
         assert_eq!(error.to_string(), "h.csv:2: 3 cells but the header names 2 columns");
-        let error = parse_csv("host,credential_ref\nh1,hunter2\n", "h.csv", "sim").unwrap_err();
-        assert!(error.to_string().contains("credential_ref: must be a secret reference"), "{error}");
+        let error = parse_csv("host,credential_ref\nh1,file:/etc/shadow\n", "h.csv", "sim").unwrap_err();
+        assert!(error.to_string().contains("credential_ref: fleetpatch never takes a secret's location"), "{error}");
+        assert!(error.to_string().contains("ask an administrator to define a named credential"), "{error}");
+        let error = parse_csv("host,credential\nh1,hunter2:pa55\n", "h.csv", "sim").unwrap_err();
+        assert!(error.to_string().contains("credential: must name a credential"), "{error}");
+        assert!(!error.to_string().contains("pa55"), "the cell is not repeated: {error}");
         let error = parse_csv("host,port\n,22\n", "h.csv", "sim").unwrap_err();
         assert_eq!(error.to_string(), "h.csv:2: host: must not be empty");
         let error = parse_csv("host\n\"h1\n", "h.csv", "sim").unwrap_err();
@@ -534,7 +591,7 @@ db1.example.com ansible_port=2222 ansible_user=root fleetpatch_wave=canary
 web01.example.com
 
 [web:vars]
-fleetpatch_credential_ref=env:WEB_KEY
+fleetpatch_credential=web-key
 datacenter=eu-central
 
 [prod:children]
@@ -568,9 +625,11 @@ ansible_python_interpreter=/usr/bin/python3
         let web01 = &targets[1];
         assert_eq!(web01.origin, "hosts.ini line 5");
         assert_eq!(web01.target.labels[GROUP_LABEL], "web,db,prod");
-        assert_eq!(web01.target.labels["ssh.user"], "deploy");
+        // ansible_user is the label the workers read a key credential's user from.
+        assert_eq!(web01.target.labels["user"], "deploy");
+        assert!(!web01.target.labels.contains_key("ssh.user"));
         assert_eq!(web01.target.labels["datacenter"], "eu-central");
-        assert_eq!(web01.target.credential_ref.as_deref(), Some("env:WEB_KEY"));
+        assert_eq!(web01.target.credential.as_deref(), Some("web-key"));
         let legacy = &targets[4].target;
         assert_eq!(legacy.port, Some(2200), "host:port shorthand");
         assert_eq!(legacy.labels["inventory_name"], "web-legacy");
@@ -578,7 +637,7 @@ ansible_python_interpreter=/usr/bin/python3
         let db1 = &targets[5].target;
         assert_eq!((db1.port, db1.wave.as_deref()), (Some(2222), Some("canary")));
         assert_eq!(db1.labels[GROUP_LABEL], "db,prod");
-        assert_eq!(db1.credential_ref, None);
+        assert_eq!(db1.credential, None);
     }
 
     #[test]
@@ -599,6 +658,18 @@ ansible_python_interpreter=/usr/bin/python3
             ("[web:hosts]\n", "hosts.ini:1: [web:hosts]: sections are [group], [group:vars] or [group:children]"),
             ("[all:children]\nnope\n", "hosts.ini: [all:children] names \"nope\", which is no group"),
             ("h1 ansible_connection=local\n", "hosts.ini:1: ansible_connection=local has no fleetpatch transport"),
+            (
+                "h1 ansible_ssh_private_key_file=/home/me/.ssh/id\n",
+                "hosts.ini:1: ansible_ssh_private_key_file: fleetpatch never takes a secret's location",
+            ),
+            ("h1 fleetpatch_credential_ref=env:X\n", "hosts.ini:1: fleetpatch_credential_ref: fleetpatch never takes"),
+            ("h1 fleetpatch_credential=Bad/Name\n", "hosts.ini:1: fleetpatch_credential: must name a credential"),
+            (
+                "[web]\nh[0:99999][0:99999]\n",
+                "hosts.ini:2: \"h[0:99999][0:99999]\" expands to 10000000000 hosts; one host pattern may give at most \
+                 100000",
+            ),
+            ("[web]\nh[0:100000]\n", "hosts.ini:2: \"h[0:100000]\" expands to 100001 hosts"),
         ];
         for (text, expected) in cases {
             let error = parse_inventory(text, "hosts.ini", "ssh").unwrap_err().to_string();
@@ -633,9 +704,10 @@ mod example_tests {
         assert!(input.request.targets.iter().all(|t| t.transport == "ssh"));
         let db3 = input.request.targets.iter().find(|t| t.host == "db-03.example.com").unwrap();
         assert_eq!(db3.labels[GROUP_LABEL], "db,linux");
-        assert_eq!(db3.credential_ref.as_deref(), Some("env:DB_SSH_CREDENTIAL"), "host vars win over all:vars");
+        assert_eq!(db3.credential.as_deref(), Some("db-ssh"), "host vars win over all:vars");
         let web5 = input.request.targets.iter().find(|t| t.host == "web05.example.com").unwrap();
-        assert_eq!(web5.credential_ref.as_deref(), Some("file:/run/secrets/fleet-ssh-key"));
+        assert_eq!(web5.credential.as_deref(), Some("fleet-ssh"));
+        assert_eq!(web5.labels["user"], "deploy");
         assert_eq!(web5.labels["site"], "paris");
     }
 }

@@ -55,6 +55,10 @@ struct Settings {
     /// The `smb` transport (Windows targets); workers always offer it.
     smb: fleetpatch_transport_smb::SmbTransportOptions,
     client: commands::ClientOptions,
+    /// Named credentials (`[credentials.<name>]`): a secret reference and the
+    /// scope it may be used for. Workers resolve them; the scheduler only
+    /// checks that a rollout names one that exists.
+    credentials: fleetpatch_runtime::credentials::Credentials,
 }
 
 impl Settings {
@@ -66,6 +70,8 @@ impl Settings {
             self.telemetry.validate(),
             self.sim.validate().map_err(|e| format!("sim.{e}")),
             self.smb.validate().map_err(|e| format!("smb.{e}")),
+            fleetpatch_runtime::credentials::validate(&self.credentials, &fleetpatch_worker::CREDENTIAL_TRANSPORTS)
+                .map_err(|e| e.to_string()),
         ];
         for check in checks {
             if let Err(message) = check {
@@ -131,13 +137,16 @@ fn tracing_subscriber_init() -> fleetpatch_runtime::Result<fleetpatch_runtime::t
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    let settings: Settings = match fleetpatch_runtime::config::load(cli.config.as_deref()) {
+    let mut settings: Settings = match fleetpatch_runtime::config::load(cli.config.as_deref()) {
         Ok(settings) => settings,
         Err(error) => {
-            eprintln!("error: {error}");
+            eprintln!("error: {}", fleetpatch_runtime::redact::url(&error.to_string()));
             return ExitCode::from(exit::INVALID);
         }
     };
+    // The services see the top-level credentials through their options.
+    settings.scheduler.credential_names = settings.credentials.keys().cloned().collect();
+    settings.worker.credentials = settings.credentials.clone();
     if let Some(Command::Demo(args)) = cli.command {
         let _ = tracing_subscriber_init();
         return match demo::run(args).await {
@@ -164,6 +173,7 @@ async fn main() -> ExitCode {
         sim: settings.sim.clone(),
         collector_url: settings.worker.collector_url.clone(),
         agent_binaries: settings.worker.agent_binaries.clone(),
+        credentials: settings.credentials.clone(),
     };
     if let Some(Command::Check(args)) = cli.command {
         if !cli.print_config {

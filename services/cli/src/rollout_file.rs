@@ -314,6 +314,7 @@ targets:
             port: None,
             transport: "sim".into(),
             labels: Default::default(),
+            credential: None,
             credential_ref: None,
             wave: None,
         };

@@ -6,7 +6,7 @@ use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use fleetpatch_tests::{Sandbox, SandboxOptions};
+use fleetpatch_tests::{credential_in_file, Sandbox, SandboxOptions};
 use fleetpatch_transport_ssh::test_support::SshPeer;
 
 struct Run {
@@ -42,7 +42,8 @@ struct Setup {
     _collector: TcpListener,
     dir: tempfile::TempDir,
     config: PathBuf,
-    key: String,
+    /// The named credential (in `config`) of the peer's key.
+    credential: &'static str,
     closed_port: u16,
 }
 
@@ -58,22 +59,25 @@ fn setup() -> Setup {
     std::fs::write(
         &config,
         format!(
-            "[worker]\ncollector_url = \"http://{}\"\n\n[ssh]\nknown_hosts_file = \"{}\"\nstaging_root = \"{}\"\n",
+            "[worker]\ncollector_url = \"http://{}\"\n\n[ssh]\nknown_hosts_file = \"{}\"\nstaging_root = \"{}\"\n\n\
+             [credentials.fleet-key]\nsecret_ref = \"file:{}\"\nuser = \"root\"\ntransports = [\"ssh\"]\nhosts = [\"127.0.0.1\"]\n\n\
+             [credentials.elsewhere]\nsecret_ref = \"file:{}\"\ntransports = [\"ssh\", \"smb\"]\nhosts = [\"10.0.0.0/8\", \"*.corp.example\"]\n",
             collector.local_addr().unwrap(),
             peer.known_hosts_file().display(),
-            peer.staging_root().display()
+            peer.staging_root().display(),
+            peer.keys().client.private_key_path.display(),
+            peer.keys().client.private_key_path.display(),
         ),
     )
     .unwrap();
-    let key = format!("file:{}", peer.keys().client.private_key_path.display());
-    Setup { peer, _collector: collector, dir, config, key, closed_port }
+    Setup { peer, _collector: collector, dir, config, credential: "fleet-key", closed_port }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_passes_a_reachable_target_and_names_the_cause_for_a_closed_port() {
     let setup = setup();
     let port = setup.peer.port().to_string();
-    let good = ["check", "--host", "127.0.0.1", "--port", &port, "--credential-ref", &setup.key, "--user", "root"];
+    let good = ["check", "--host", "127.0.0.1", "--port", &port, "--credential", setup.credential];
     let run = fleetpatch(&setup.config, "http://127.0.0.1:9", &good).await;
     assert_eq!(run.code, 0, "{run:?}");
     for check in ["port", "host_key", "login", "admin_rights", "free_space", "tools", "collector"] {
@@ -82,7 +86,7 @@ async fn check_passes_a_reachable_target_and_names_the_cause_for_a_closed_port()
     assert!(run.stdout.contains("1 target checked: 1 ready, 0 with failed checks"), "{run:?}");
 
     let closed = setup.closed_port.to_string();
-    let bad = ["check", "--host", "127.0.0.1", "--port", &closed, "--credential-ref", &setup.key, "--user", "root"];
+    let bad = ["check", "--host", "127.0.0.1", "--port", &closed, "--credential", setup.credential];
     let run = fleetpatch(&setup.config, "http://127.0.0.1:9", &bad).await;
     assert_eq!(run.code, 8, "{run:?}");
     assert!(run.stdout.contains("FAILED"), "{run:?}");
@@ -109,7 +113,7 @@ async fn check_names_an_unknown_host_key_and_a_missing_ssh_section() {
     let setup = setup();
     let stranger = SshPeer::start().expect("start a second sshd peer");
     let port = stranger.port().to_string();
-    let args = ["check", "--host", "127.0.0.1", "--port", &port, "--credential-ref", &setup.key, "--user", "root"];
+    let args = ["check", "--host", "127.0.0.1", "--port", &port, "--credential", setup.credential];
     let run = fleetpatch(&setup.config, "http://127.0.0.1:9", &args).await;
     assert_eq!(run.code, 8, "{run:?}");
     assert!(run.stdout.contains("host_key") && run.stdout.contains("add it to known_hosts"), "{run:?}");
@@ -128,8 +132,8 @@ fn rollout_yaml(setup: &Setup, ports: &[u16], sha256: &str) -> String {
     );
     for port in ports {
         text.push_str(&format!(
-            "  - host: 127.0.0.1\n    port: {port}\n    transport: ssh\n    credential_ref: \"{}\"\n    labels: {{ user: root, ssh.staging_root: \"{}\" }}\n",
-            setup.key,
+            "  - host: 127.0.0.1\n    port: {port}\n    transport: ssh\n    credential: {}\n    labels: {{ ssh.staging_root: \"{}\" }}\n",
+            setup.credential,
             setup.peer.staging_root().display()
         ));
     }
@@ -139,7 +143,13 @@ fn rollout_yaml(setup: &Setup, ports: &[u16], sha256: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rollout_create_with_preflight_creates_nothing_when_a_target_fails_its_checks() {
     let setup = setup();
-    let sandbox = Sandbox::start(SandboxOptions { workers: 0, ..SandboxOptions::default() }).await;
+    let credentials = [(
+        setup.credential.to_owned(),
+        credential_in_file(&setup.peer.keys().client.private_key_path, &["ssh"], &["127.0.0.1"]),
+    )];
+    let sandbox =
+        Sandbox::start(SandboxOptions { workers: 0, credentials: credentials.into(), ..SandboxOptions::default() })
+            .await;
     let (sha256, _) = sandbox.upload_content(b"echo hello\n".to_vec()).await;
     let failing = setup.dir.path().join("failing.yaml");
     std::fs::write(&failing, rollout_yaml(&setup, &[setup.peer.port(), setup.closed_port], &sha256)).unwrap();
@@ -168,27 +178,85 @@ async fn check_covers_windows_targets_over_smb() {
     let peer = SambaPeer::start_or_panic();
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("fleetpatch.toml");
-    std::fs::write(&config, "[smb]\ntimeout_seconds = 10\n").unwrap();
     let secret = dir.path().join("admin.secret");
     std::fs::write(&secret, format!("{ADMIN_USER}:{ADMIN_PASSWORD}")).unwrap();
     let wrong = dir.path().join("wrong.secret");
     std::fs::write(&wrong, format!("{ADMIN_USER}:not-it")).unwrap();
+    let definition = |secret: &Path| {
+        format!("secret_ref = \"file:{}\"\ntransports = [\"smb\"]\nhosts = [\"127.0.0.1\"]\n", secret.display())
+    };
+    std::fs::write(
+        &config,
+        format!(
+            "[smb]\ntimeout_seconds = 10\n\n[credentials.admin]\n{}\n[credentials.wrong]\n{}",
+            definition(&secret),
+            definition(&wrong)
+        ),
+    )
+    .unwrap();
     let port = peer.address().port().to_string();
-    let args = |secret: &Path| {
-        let reference = format!("file:{}", secret.display());
-        ["check", "--host", "127.0.0.1", "--port", &port, "--transport", "smb", "--credential-ref", &reference]
+    let args = |credential: &str| {
+        ["check", "--host", "127.0.0.1", "--port", &port, "--transport", "smb", "--credential", credential]
             .map(str::to_owned)
     };
 
-    let good = args(&secret);
+    let good = args("admin");
     let run = fleetpatch(&config, "http://127.0.0.1:9", &good.each_ref().map(String::as_str)).await;
     assert_eq!(run.code, 0, "{run:?}");
     for check in ["port", "login", "admin_share", "remote_registry", "service_manager"] {
         assert!(run.stdout.lines().any(|l| l.contains(check) && l.contains(" ok ")), "{check}: {run:?}");
     }
 
-    let bad = args(&wrong);
+    let bad = args("wrong");
     let run = fleetpatch(&config, "http://127.0.0.1:9", &bad.each_ref().map(String::as_str)).await;
     assert_eq!(run.code, 8, "a failed check exits 8: {run:?}");
     assert!(run.stdout.contains("STATUS_LOGON_FAILURE") && run.stdout.contains("wrong credentials"), "{run:?}");
+}
+
+/// A listener that counts the connections it accepts.
+struct CountingListener {
+    port: u16,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+fn counting_listener() -> CountingListener {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            drop(stream);
+        }
+    });
+    CountingListener { port, accepted }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_refuses_a_credential_out_of_its_scope_without_connecting() {
+    let setup = setup();
+    for transport in ["ssh", "smb"] {
+        let listener = counting_listener();
+        let port = listener.port.to_string();
+        let args =
+            ["check", "--host", "127.0.0.1", "--port", &port, "--transport", transport, "--credential", "elsewhere"];
+        let run = fleetpatch(&setup.config, "http://127.0.0.1:9", &args).await;
+        assert_eq!(run.code, 8, "{run:?}");
+        assert!(
+            run.stdout.contains("credential \"elsewhere\" may not be used for host \"127.0.0.1\"")
+                && run.stdout.contains("10.0.0.0/8, *.corp.example"),
+            "{run:?}"
+        );
+        assert_eq!(
+            listener.accepted.load(std::sync::atomic::Ordering::SeqCst),
+            0,
+            "{transport}: a connection was made"
+        );
+    }
+    let run =
+        fleetpatch(&setup.config, "http://127.0.0.1:9", &["check", "--host", "127.0.0.1", "--credential", "nobody"])
+            .await;
+    assert_eq!(run.code, 8, "{run:?}");
+    assert!(run.stdout.contains("no credential is named \"nobody\" (defined: elsewhere, fleet-key)"), "{run:?}");
 }

@@ -287,3 +287,69 @@ async fn a_worker_or_collector_without_the_token_key_refuses_to_start_naming_it(
         assert!(stderr.contains("tokens.key_ref is not set") && stderr.contains(service), "{service}: {stderr}");
     }
 }
+
+/// The binary with only `env` and `args` (no API, no configuration file but the one named).
+fn fleetpatch_offline(args: &[&str], env: &[(&str, &str)]) -> Run {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_fleetpatch"))
+        .args(args)
+        .env_remove("FLEETPATCH_CONFIG")
+        .envs(env.iter().copied())
+        .output()
+        .expect("run the fleetpatch binary");
+    Run {
+        code: output.status.code().expect("exited"),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+#[test]
+fn print_config_hides_passwords_and_keeps_references() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write(
+        dir.path(),
+        "fleetpatch.toml",
+        "[worker]\ncollector_url = \"http://agent:MARKER-COLLECTOR@collector:1072\"\n\n\
+         [tokens]\nkey_ref = \"env:FLEETPATCH_TOKEN_KEY\"\n\n\
+         [credentials.windows-admin]\nsecret_ref = \"file:/run/secrets/windows-admin\"\ntransports = [\"smb\"]\n\
+         hosts = [\"*.corp.example\", \"10.1.0.0/16\"]\nlabels = { site = \"paris\" }\n",
+    );
+    let run = fleetpatch_offline(
+        &["--config", config.to_str().unwrap(), "--print-config"],
+        &[
+            ("FLEETPATCH__DATABASE__URL", "postgres://fp:MARKER-DATABASE@db:5432/fleetpatch?password=MARKER-QUERY"),
+            ("FLEETPATCH__AMQP__URL", "amqp://fp:MARKER-AMQP@rabbitmq:5672/%2f"),
+            ("FLEETPATCH_TOKEN_KEY", "MARKER-TOKEN-KEY"),
+        ],
+    );
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(!run.stdout.contains("MARKER") && !run.stderr.contains("MARKER"), "{run:?}");
+    for shown in [
+        "postgres://fp:***@db:5432/fleetpatch?password=***",
+        "amqp://fp:***@rabbitmq:5672/%2f",
+        "key_ref = \"env:FLEETPATCH_TOKEN_KEY\"",
+        "[credentials.windows-admin]",
+        "secret_ref = \"file:/run/secrets/windows-admin\"",
+    ] {
+        assert!(run.stdout.contains(shown), "{shown}: {run:?}");
+    }
+}
+
+#[test]
+fn a_bad_credential_definition_stops_the_services_with_its_key() {
+    let dir = tempfile::tempdir().unwrap();
+    for (definition, key) in [
+        ("secret_ref = \"hunter2\"\ntransports = [\"ssh\"]\nhosts = [\"*\"]\n", "credentials.linux.secret_ref"),
+        ("secret_ref = \"env:X\"\ntransports = [\"ssh\"]\n", "credentials.linux.hosts"),
+        ("secret_ref = \"env:X\"\ntransports = [\"ssh\"]\nhosts = [\"10.0.0.0/40\"]\n", "credentials.linux.hosts[0]"),
+        ("secret_ref = \"env:X\"\ntransports = [\"rdp\"]\nhosts = [\"*\"]\n", "credentials.linux.transports[0]"),
+    ] {
+        let config = write(dir.path(), "bad.toml", &format!("[credentials.linux]\n{definition}"));
+        for service in ["scheduler", "worker"] {
+            let run = fleetpatch_offline(&["--config", config.to_str().unwrap(), service], &[]);
+            assert_ne!(run.code, 0, "{run:?}");
+            assert!(run.stderr.contains(&format!("invalid configuration: {key}: ")), "{key}: {run:?}");
+            assert!(!run.stderr.contains("hunter2"), "{run:?}");
+        }
+    }
+}

@@ -196,6 +196,62 @@ fn the_helm_chart_lints_and_renders_what_the_services_expect() {
     assert!(loaded.status.success(), "{}", String::from_utf8_lossy(&loaded.stderr));
     assert!(printed.contains(r#"prefix = "prod""#) && printed.contains("https://patch.example:1072"), "{printed}");
 
+    // Named credentials: rendered into the configuration, their Secrets
+    // mounted in the workers (only) where their secret_ref points.
+    let documents = render(&[
+        "credentials.windows-admin.secret.name=win-admin,credentials.windows-admin.secret.key=credential",
+        "credentials.windows-admin.transports={smb},credentials.windows-admin.hosts={*.corp.example,10.1.0.0/16}",
+        "credentials.windows-admin.labels.site=paris",
+        "credentials.linux-root.secret.name=linux-key,credentials.linux-root.secret.key=id_ed25519",
+        "credentials.linux-root.user=root,credentials.linux-root.transports={ssh},credentials.linux-root.hosts={*}",
+    ]);
+    let loaded = load_config(&documents);
+    let printed = String::from_utf8_lossy(&loaded.stdout);
+    assert!(loaded.status.success(), "{}", String::from_utf8_lossy(&loaded.stderr));
+    for expected in [
+        "[credentials.windows-admin]",
+        r#"secret_ref = "file:/var/run/fleetpatch/credentials/windows-admin/credential""#,
+        r#""smb""#,
+        r#""*.corp.example""#,
+        r#""10.1.0.0/16""#,
+        "[credentials.windows-admin.labels]",
+        r#"site = "paris""#,
+        "[credentials.linux-root]",
+        r#"secret_ref = "file:/var/run/fleetpatch/credentials/linux-root/id_ed25519""#,
+        r#"user = "root""#,
+    ] {
+        assert!(printed.contains(expected), "{expected}: {printed}");
+    }
+    let config = named(&documents, "ConfigMap", "t-fleetpatch")["data"]["fleetpatch.toml"].as_str().unwrap();
+    let parsed: toml::Value = toml::from_str(config).expect("the rendered configuration is TOML");
+    let credentials: fleetpatch_runtime::credentials::Credentials =
+        parsed["credentials"].clone().try_into().expect("the credentials table");
+    fleetpatch_runtime::credentials::validate(&credentials, &fleetpatch_worker::CREDENTIAL_TRANSPORTS)
+        .expect("the rendered credentials are valid");
+    let worker = &named(&documents, "Deployment", "t-fleetpatch-worker")["spec"]["template"]["spec"];
+    for (name, secret, key) in [("windows-admin", "win-admin", "credential"), ("linux-root", "linux-key", "id_ed25519")]
+    {
+        let mount = worker["containers"][0]["volumeMounts"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|m| m["mountPath"].as_str() == Some(&format!("/var/run/fleetpatch/credentials/{name}")))
+            .unwrap_or_else(|| panic!("the workers mount {name}"));
+        let volume = worker["volumes"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == mount["name"])
+            .unwrap_or_else(|| panic!("the volume of {name}"));
+        assert_eq!(volume["secret"]["secretName"].as_str(), Some(secret));
+        assert_eq!(volume["secret"]["items"][0]["key"].as_str(), Some(key));
+    }
+    for component in ["scheduler", "collector"] {
+        let pod = &named(&documents, "Deployment", &format!("t-fleetpatch-{component}"))["spec"]["template"]["spec"];
+        let text = serde_norway::to_string(pod).unwrap();
+        assert!(!text.contains("win-admin") && !text.contains("linux-key"), "{component} mounts no credential");
+    }
+
     // extraConfig reaches the services, and a key they do not know is refused by name.
     let documents = render(&["extraConfig=[smb]\nshare = \"ADMIN$\"\nshare_path = 'C:\\Windows'"]);
     let loaded = load_config(&documents);

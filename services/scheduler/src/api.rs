@@ -3,7 +3,7 @@
 //! Every refusal names what is wrong and where: `targets[3].host must not be
 //! empty`. The OpenAPI document is served at `/openapi.json`.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -22,16 +22,64 @@ use uuid::Uuid;
 
 /// The transports a rollout may name.
 pub const TRANSPORTS: [&str; 3] = ["sim", "ssh", "smb"];
-/// Largest rollout accepted in one request.
-pub const MAX_TARGETS: usize = 1_000_000;
-/// Largest `POST /v1/rollouts` body: room for [`MAX_TARGETS`] short targets.
+/// Largest `POST /v1/rollouts` body: room for the largest rollout
+/// `scheduler.max_targets_per_rollout` may allow (1,000,000 short targets).
 pub const MAX_ROLLOUT_BODY_BYTES: usize = 256 * 1024 * 1024;
+/// Events of a target per page of `GET /v1/targets/{id}` unless
+/// `events_limit` says otherwise, and the most a page may hold.
+pub const DEFAULT_EVENTS_PAGE: u64 = 1_000;
+pub const MAX_EVENTS_PAGE: u64 = 10_000;
 
 #[derive(Clone)]
 pub struct ApiState {
     pub store: Store,
     pub nudge: Arc<Notify>,
     pub content_dir: PathBuf,
+    pub input: Arc<InputPolicy>,
+}
+
+/// What requests are checked against: the configured limits and the names
+/// of the credentials an administrator defined.
+#[derive(Debug, Clone)]
+pub struct InputPolicy {
+    /// `scheduler.max_targets_per_rollout`.
+    pub max_targets_per_rollout: usize,
+    /// `scheduler.max_content_bytes`.
+    pub max_content_bytes: u64,
+    /// The `[credentials.<name>]` names a target may name.
+    pub credential_names: BTreeSet<String>,
+}
+
+impl InputPolicy {
+    /// Whether a target may name `name`; the message says what to do.
+    fn check_credential(&self, name: &str) -> Result<(), String> {
+        if self.credential_names.contains(name) {
+            return Ok(());
+        }
+        let defined = if self.credential_names.is_empty() {
+            "none".to_owned()
+        } else {
+            self.credential_names.iter().map(String::as_str).collect::<Vec<_>>().join(", ")
+        };
+        Err(if fleetpatch_runtime::credentials::is_valid_name(name) {
+            format!(
+                "no credential is named {name:?} (defined: {defined}); ask an administrator to define it under \
+                 [credentials.{name}] where the workers run"
+            )
+        } else {
+            // Not a name at all (perhaps a pasted secret): not repeated.
+            format!(
+                "must name a credential an administrator defined (defined: {defined}), never a secret or its \
+                 location"
+            )
+        })
+    }
+}
+
+impl Default for InputPolicy {
+    fn default() -> Self {
+        Self { max_targets_per_rollout: 100_000, max_content_bytes: 4 << 30, credential_names: BTreeSet::new() }
+    }
 }
 
 // ------------------------------------------------------------------ errors
@@ -144,6 +192,10 @@ pub struct CreateRollout {
     pub reboot: RebootPolicy,
     #[serde(default)]
     pub keep_files: bool,
+    /// The credential of every target that names none (a name defined in
+    /// `[credentials]` where the workers run).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<String>,
     #[serde(default)]
     pub waves: Vec<WaveRequest>,
     pub patches: Vec<PatchRequest>,
@@ -193,9 +245,15 @@ pub struct TargetRequest {
     pub transport: String,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
-    /// A secret reference (`env:NAME`, `file:/path`), never the secret.
+    /// Name of a credential an administrator defined where the workers run
+    /// (`[credentials.<name>]`); the worker checks its scope against this
+    /// target before it reads the secret.
     #[serde(default)]
-    pub credential_ref: Option<String>,
+    pub credential: Option<String>,
+    /// Refused: callers name credentials, they never point at secrets. Kept
+    /// in the schema only to answer with what to do instead.
+    #[serde(default, skip_serializing)]
+    pub credential_ref: Option<serde_json::Value>,
     /// Name of the wave; targets without one fill the waves in order.
     #[serde(default)]
     pub wave: Option<String>,
@@ -207,7 +265,11 @@ fn push(errors: &mut Vec<FieldError>, field: impl Into<String>, message: impl In
 
 /// Checks a request and turns it into the store's rollout. Every error
 /// names its field.
-pub fn validate(request: CreateRollout, content_dir: &std::path::Path) -> Result<NewRollout, Problem> {
+pub fn validate(
+    request: CreateRollout,
+    content_dir: &std::path::Path,
+    policy: &InputPolicy,
+) -> Result<NewRollout, Problem> {
     let mut errors = Vec::new();
     if request.name.trim().is_empty() {
         push(&mut errors, "name", "must not be empty");
@@ -234,8 +296,23 @@ pub fn validate(request: CreateRollout, content_dir: &std::path::Path) -> Result
     if request.targets.is_empty() {
         push(&mut errors, "targets", "must name at least one target");
     }
-    if request.targets.len() > MAX_TARGETS {
-        push(&mut errors, "targets", format!("at most {MAX_TARGETS} targets per rollout"));
+    if request.targets.len() > policy.max_targets_per_rollout {
+        push(
+            &mut errors,
+            "targets",
+            format!(
+                "{} targets; at most {} per rollout (scheduler.max_targets_per_rollout): split the rollout, or ask \
+                 an administrator to raise the limit",
+                request.targets.len(),
+                policy.max_targets_per_rollout
+            ),
+        );
+        return Err(Problem::invalid(errors));
+    }
+    if let Some(name) = &request.credential {
+        if let Err(message) = policy.check_credential(name) {
+            push(&mut errors, "credential", message);
+        }
     }
     let mut wave_names = HashSet::new();
     for (i, wave) in request.waves.iter().enumerate() {
@@ -284,13 +361,18 @@ pub fn validate(request: CreateRollout, content_dir: &std::path::Path) -> Result
             );
         }
         needs_content |= target.transport != "sim";
-        if let Some(reference) = &target.credential_ref {
-            if !(reference.starts_with("env:") || reference.starts_with("file:")) {
-                push(
-                    &mut errors,
-                    format!("targets[{i}].credential_ref"),
-                    "must be a secret reference (env:NAME or file:/path), never the secret itself",
-                );
+        if target.credential_ref.is_some() {
+            push(
+                &mut errors,
+                format!("targets[{i}].credential_ref"),
+                "secret references are no longer accepted from callers: ask an administrator to define a named \
+                 credential ([credentials.<name>] where the workers run, with the hosts it may be used for) and \
+                 name it with `credential: <name>`",
+            );
+        }
+        if let Some(name) = &target.credential {
+            if let Err(message) = policy.check_credential(name) {
+                push(&mut errors, format!("targets[{i}].credential"), message);
             }
         }
         if let Some(wave) = &target.wave {
@@ -337,6 +419,7 @@ pub fn validate(request: CreateRollout, content_dir: &std::path::Path) -> Result
         }
     }
     let mut cursor = 0usize;
+    let default_credential = request.credential;
     let targets = request
         .targets
         .into_iter()
@@ -356,7 +439,7 @@ pub fn validate(request: CreateRollout, content_dir: &std::path::Path) -> Result
                 port: t.port,
                 transport: t.transport,
                 labels: t.labels,
-                credential_ref: t.credential_ref,
+                credential: t.credential.or_else(|| default_credential.clone()),
                 wave,
             }
         })
@@ -425,7 +508,48 @@ fn parse_id(raw: &str, what: &str) -> Result<Uuid, Problem> {
         .map_err(|_| Problem::new(StatusCode::BAD_REQUEST, "Bad request", format!("{what} id {raw:?} is not a UUID")))
 }
 
+/// Fields of a JSON body whose strings (or keys) hold NUL, which
+/// PostgreSQL cannot store; `None` when there is none. JSON can only carry
+/// NUL escaped, so a body without `\u0000` is not parsed twice.
+fn nul_fields(body: &[u8]) -> Option<Vec<FieldError>> {
+    let escaped = body.windows(6).any(|w| w[0] == b'\\' && w[1] == b'u' && &w[2..] == b"0000");
+    if !escaped {
+        return None;
+    }
+    fn walk(value: &serde_json::Value, path: &str, out: &mut Vec<FieldError>) {
+        let message = "contains a NUL character (\\u0000), which cannot be stored; remove it";
+        match value {
+            serde_json::Value::String(text) if text.contains('\0') => {
+                out.push(FieldError { field: path.to_owned(), message: message.into() })
+            }
+            serde_json::Value::Array(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    walk(item, &format!("{path}[{i}]"), out);
+                }
+            }
+            serde_json::Value::Object(map) => {
+                for (key, item) in map {
+                    let field = if path.is_empty() { key.clone() } else { format!("{path}.{key}") };
+                    if key.contains('\0') {
+                        out.push(FieldError { field: field.clone(), message: format!("key {message}") });
+                    }
+                    walk(item, &field, out);
+                }
+            }
+            _ => {}
+        }
+    }
+    let value: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let mut found = Vec::new();
+    walk(&value, "", &mut found);
+    found.truncate(50);
+    (!found.is_empty()).then_some(found)
+}
+
 async fn create_rollout(State(state): State<ApiState>, body: Bytes) -> Result<Response, Problem> {
+    if let Some(errors) = nul_fields(&body) {
+        return Err(Problem::invalid(errors));
+    }
     let deserializer = &mut serde_json::Deserializer::from_slice(&body);
     let request: CreateRollout = serde_path_to_error::deserialize(deserializer).map_err(|error| {
         let field = error.path().to_string();
@@ -434,7 +558,7 @@ async fn create_rollout(State(state): State<ApiState>, body: Bytes) -> Result<Re
         problem.errors.push(FieldError { field, message: error.inner().to_string() });
         problem
     })?;
-    let new = validate(request, &state.content_dir)?;
+    let new = validate(request, &state.content_dir, &state.input)?;
     let targets = new.targets.len();
     let id = state.store.create_rollout(new).await?;
     state.nudge.notify_one();
@@ -493,8 +617,33 @@ async fn list_targets(
     Ok(Json(serde_json::json!({ "targets": targets, "next_after": next })).into_response())
 }
 
-async fn show_target(State(state): State<ApiState>, Path(id): Path<String>) -> Result<Response, Problem> {
+#[derive(Deserialize)]
+struct TargetQuery {
+    /// Events per page (default [`DEFAULT_EVENTS_PAGE`], at most [`MAX_EVENTS_PAGE`]).
+    #[serde(default)]
+    events_limit: Option<u64>,
+    /// `<attempt>.<seq>` of the last event of the previous page (its `events_next_after`).
+    #[serde(default)]
+    events_after: Option<String>,
+}
+
+fn parse_events_cursor(raw: &str) -> Result<(u32, u64), Problem> {
+    raw.split_once('.').and_then(|(attempt, seq)| Some((attempt.parse().ok()?, seq.parse().ok()?))).ok_or_else(|| {
+        let message = format!("{raw:?} is not an events cursor; pass the events_next_after of the previous page");
+        let mut problem = Problem::new(StatusCode::BAD_REQUEST, "Bad request", format!("events_after: {message}"));
+        problem.errors.push(FieldError { field: "events_after".into(), message });
+        problem
+    })
+}
+
+async fn show_target(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+    Query(query): Query<TargetQuery>,
+) -> Result<Response, Problem> {
     let id = parse_id(&id, "target")?;
+    let after = query.events_after.as_deref().filter(|raw| !raw.is_empty()).map(parse_events_cursor).transpose()?;
+    let limit = query.events_limit.unwrap_or(DEFAULT_EVENTS_PAGE).clamp(1, MAX_EVENTS_PAGE);
     let target = state.store.target(id).await?;
     let patches = state.store.patches(target.rollout_id).await?;
     let names: BTreeMap<u32, String> = patches.iter().map(|p| (p.index, p.name.clone())).collect();
@@ -510,12 +659,15 @@ async fn show_target(State(state): State<ApiState>, Path(id): Path<String>) -> R
         })
         .collect();
     let transitions = state.store.transitions(id).await?;
-    let events = state.store.agent_events(id).await?;
+    let events = state.store.agent_events_page(id, after, limit).await?;
+    let next =
+        (events.len() as u64 == limit).then(|| events.last().map(|e| format!("{}.{}", e.attempt, e.seq))).flatten();
     Ok(Json(serde_json::json!({
         "target": target,
         "patches": target_patches,
         "transitions": transitions,
         "events": events,
+        "events_next_after": next,
     }))
     .into_response())
 }
@@ -535,6 +687,12 @@ async fn pause(State(state): State<ApiState>, Path(id): Path<String>, body: Byte
             .map_err(|e| Problem::new(StatusCode::BAD_REQUEST, "Malformed request", format!("body: {e}")))?
     };
     let reason = body.reason.unwrap_or_else(|| "paused by an operator".into());
+    if reason.contains('\0') {
+        return Err(Problem::invalid(vec![FieldError {
+            field: "reason".into(),
+            message: "contains a NUL character (\\u0000), which cannot be stored; remove it".into(),
+        }]));
+    }
     Ok(Json(state.store.pause_rollout(id, &reason).await?).into_response())
 }
 
@@ -557,16 +715,48 @@ async fn retry_failed(State(state): State<ApiState>, Path(id): Path<String>) -> 
     Ok(Json(serde_json::json!({ "retried": retried })).into_response())
 }
 
+fn content_too_large(limit: u64) -> Problem {
+    Problem::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "Content too large",
+        format!(
+            "an installer may hold at most {limit} bytes (scheduler.max_content_bytes); ask an administrator to \
+             raise the limit"
+        ),
+    )
+}
+
 async fn upload_content(
     State(state): State<ApiState>,
     Path(sha256): Path<String>,
+    headers: axum::http::HeaderMap,
     body: Body,
 ) -> Result<Response, Problem> {
-    let stream = body.into_data_stream();
+    use futures_util::StreamExt;
+    let limit = state.input.max_content_bytes;
+    let announced =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if announced.is_some_and(|length| length > limit) {
+        return Err(content_too_large(limit));
+    }
+    // A body without a length (chunked) is cut off at the limit.
+    let exceeded = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = exceeded.clone();
+    let mut received = 0u64;
+    let stream = Box::pin(body.into_data_stream().map(move |chunk| {
+        let chunk = chunk.map_err(|error| error.to_string())?;
+        received += chunk.len() as u64;
+        if received > limit {
+            flag.store(true, std::sync::atomic::Ordering::Relaxed);
+            return Err(format!("more than {limit} bytes"));
+        }
+        Ok(chunk)
+    }));
     match content::put(&state.content_dir, &sha256, stream).await {
         Ok(bytes) => {
             Ok((StatusCode::CREATED, Json(serde_json::json!({ "sha256": sha256, "bytes": bytes }))).into_response())
         }
+        Err(_) if exceeded.load(std::sync::atomic::Ordering::Relaxed) => Err(content_too_large(limit)),
         Err(error @ (content::ContentError::BadHash(_) | content::ContentError::Mismatch { .. })) => {
             Err(Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "Content refused", error.to_string()))
         }
@@ -593,6 +783,18 @@ mod tests {
         serde_json::from_value(json).unwrap()
     }
 
+    fn policy() -> InputPolicy {
+        InputPolicy {
+            max_targets_per_rollout: 5,
+            credential_names: BTreeSet::from(["linux".to_owned(), "windows-admin".to_owned()]),
+            ..InputPolicy::default()
+        }
+    }
+
+    fn check(json: serde_json::Value) -> Result<NewRollout, Problem> {
+        validate(request(json), std::path::Path::new("/nonexistent"), &policy())
+    }
+
     fn minimal() -> serde_json::Value {
         serde_json::json!({
             "name": "r",
@@ -606,7 +808,7 @@ mod tests {
         let mut json = minimal();
         json["waves"] = serde_json::json!([{"name": "canary", "size": 1}, {"name": "rest"}]);
         json["targets"][2]["wave"] = serde_json::json!("canary");
-        let rollout = validate(request(json), std::path::Path::new("/nonexistent")).unwrap();
+        let rollout = check(json).unwrap();
         let waves: Vec<u32> = rollout.targets.iter().map(|t| t.wave).collect();
         assert_eq!(waves, vec![1, 1, 0], "h3 fills the canary, the others go to the rest");
     }
@@ -617,21 +819,83 @@ mod tests {
         json["targets"][1]["host"] = serde_json::json!("");
         json["targets"][2]["transport"] = serde_json::json!("telnet");
         json["targets"][0]["credential_ref"] = serde_json::json!("hunter2");
+        json["targets"][1]["credential"] = serde_json::json!("nobody");
         json["patches"][0]["sha256"] = serde_json::json!("xyz");
-        let problem = validate(request(json), std::path::Path::new("/nonexistent")).unwrap_err();
+        let problem = check(json).unwrap_err();
         let fields: Vec<&str> = problem.errors.iter().map(|e| e.field.as_str()).collect();
         assert_eq!(
             fields,
-            vec!["patches[0].sha256", "targets[0].credential_ref", "targets[1].host", "targets[2].transport"]
+            vec![
+                "patches[0].sha256",
+                "targets[0].credential_ref",
+                "targets[1].host",
+                "targets[1].credential",
+                "targets[2].transport"
+            ]
         );
         assert_eq!(problem.status, StatusCode::UNPROCESSABLE_ENTITY);
+    }
+
+    #[test]
+    fn targets_name_defined_credentials_and_never_references() {
+        let mut json = minimal();
+        json["targets"][0]["credential"] = serde_json::json!("linux");
+        let rollout = check(json).unwrap();
+        assert_eq!(rollout.targets[0].credential.as_deref(), Some("linux"));
+        for reference in ["file:/etc/shadow", "env:FLEETPATCH__DATABASE__URL"] {
+            let mut json = minimal();
+            json["targets"][1]["credential_ref"] = serde_json::json!(reference);
+            let problem = check(json).unwrap_err();
+            assert_eq!(problem.errors[0].field, "targets[1].credential_ref");
+            assert!(problem.errors[0].message.contains("ask an administrator to define a named credential"));
+        }
+        let mut json = minimal();
+        json["credential"] = serde_json::json!("windows-admin");
+        json["targets"][0]["credential"] = serde_json::json!("linux");
+        let rollout = check(json).unwrap();
+        let names: Vec<Option<&str>> = rollout.targets.iter().map(|t| t.credential.as_deref()).collect();
+        assert_eq!(names, vec![Some("linux"), Some("windows-admin"), Some("windows-admin")], "the default fills in");
+        let mut json = minimal();
+        json["credential"] = serde_json::json!("hunter2:pa55");
+        let problem = check(json).unwrap_err();
+        assert_eq!(problem.errors[0].field, "credential");
+        assert!(!problem.detail.contains("pa55"), "a non-name is not repeated: {}", problem.detail);
+        let mut json = minimal();
+        json["targets"][2]["credential"] = serde_json::json!("windows");
+        let problem = check(json).unwrap_err();
+        assert_eq!(problem.errors[0].field, "targets[2].credential");
+        assert!(problem.errors[0].message.contains("defined: linux, windows-admin"), "{}", problem.detail);
+    }
+
+    #[test]
+    fn the_rollout_size_limit_names_its_key() {
+        let mut json = minimal();
+        json["targets"] =
+            serde_json::json!((0..6).map(|i| serde_json::json!({"host": format!("h{i}")})).collect::<Vec<_>>());
+        let problem = check(json).unwrap_err();
+        assert_eq!(problem.errors[0].field, "targets");
+        assert!(problem.detail.contains("scheduler.max_targets_per_rollout"), "{}", problem.detail);
+        let mut json = minimal();
+        json["targets"] =
+            serde_json::json!((0..5).map(|i| serde_json::json!({"host": format!("h{i}")})).collect::<Vec<_>>());
+        assert!(check(json).is_ok());
+    }
+
+    #[test]
+    fn nul_characters_are_refused_with_their_field() {
+        let body = br#"{"name":"r","targets":[{"host":"h\u0000x","labels":{"a\u0000":"b"}}]}"#;
+        let errors = nul_fields(body).expect("NUL found");
+        let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(fields, vec!["targets[0].host", "targets[0].labels.a\0"]);
+        assert!(nul_fields(br#"{"name":"r\\u0000"}"#).is_none(), "an escaped backslash is no NUL");
+        assert!(nul_fields(br#"{"name":"plain"}"#).is_none());
     }
 
     #[test]
     fn real_transports_need_their_installers_uploaded() {
         let mut json = minimal();
         json["targets"][0]["transport"] = serde_json::json!("ssh");
-        let problem = validate(request(json), std::path::Path::new("/nonexistent")).unwrap_err();
+        let problem = check(json).unwrap_err();
         assert!(problem.detail.contains("PUT /v1/content/"), "{}", problem.detail);
     }
 

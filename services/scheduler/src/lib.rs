@@ -55,6 +55,15 @@ pub struct SchedulerOptions {
     pub watch_writers: u16,
     /// The HTTP server: timeouts, connection cap, TLS (`scheduler.http.*`).
     pub http: fleetpatch_runtime::http::ServerOptions,
+    /// Most targets in one rollout (`POST /v1/rollouts` answers 422 above).
+    pub max_targets_per_rollout: usize,
+    /// Largest installer `PUT /v1/content/{sha256}` accepts, in bytes (413 above).
+    pub max_content_bytes: u64,
+    /// Names of the credentials defined in the top-level `[credentials]`
+    /// table (a target may name only these); filled by the binary from that
+    /// table, never read from `[scheduler]`.
+    #[serde(skip)]
+    pub credential_names: std::collections::BTreeSet<String>,
 }
 
 impl Default for SchedulerOptions {
@@ -68,6 +77,9 @@ impl Default for SchedulerOptions {
             watch_batch: 256,
             watch_writers: 2,
             http: fleetpatch_runtime::http::ServerOptions::default(),
+            max_targets_per_rollout: 100_000,
+            max_content_bytes: 4 << 30,
+            credential_names: std::collections::BTreeSet::new(),
         }
     }
 }
@@ -82,6 +94,12 @@ impl SchedulerOptions {
         }
         if self.watch_writers == 0 || self.watch_writers > 64 {
             return Err("scheduler.watch_writers must be between 1 and 64".into());
+        }
+        if self.max_targets_per_rollout == 0 || self.max_targets_per_rollout > 1_000_000 {
+            return Err("scheduler.max_targets_per_rollout must be between 1 and 1000000".into());
+        }
+        if self.max_content_bytes == 0 {
+            return Err("scheduler.max_content_bytes must be at least 1".into());
         }
         if self.reconcile_interval_seconds == 0 {
             return Err("scheduler.reconcile_interval_seconds must be at least 1".into());
@@ -166,6 +184,11 @@ pub async fn start(
         store: store.clone(),
         nudge: nudge.clone(),
         content_dir: options.content_dir.clone(),
+        input: Arc::new(api::InputPolicy {
+            max_targets_per_rollout: options.max_targets_per_rollout,
+            max_content_bytes: options.max_content_bytes,
+            credential_names: options.credential_names.clone(),
+        }),
     })
     .merge(fleetpatch_runtime::ops::router(health.clone()));
     let dispatch = bus.consume(routing::DISPATCH, options.prefetch).await?;

@@ -27,6 +27,7 @@ use fleetpatch_proto::routing;
 use fleetpatch_proto::v1;
 use fleetpatch_proto::Message;
 use fleetpatch_runtime::tokens::TokenKey;
+use fleetpatch_runtime::credentials::{self, Credentials, ScopeTarget};
 use fleetpatch_runtime::{Health, Shutdown};
 use fleetpatch_store::{content, Claim, DeployContext, ProbeOutcome, Store, Target};
 use fleetpatch_transport::{Credential, Deployment, PatchProbe, Secret, StagedFile, TargetSpec, Transport, Transports};
@@ -35,6 +36,9 @@ use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 use tracing::Instrument;
 use uuid::Uuid;
+
+/// The transports a credential's scope may name.
+pub const CREDENTIAL_TRANSPORTS: [&str; 3] = ["sim", "ssh", "smb"];
 
 /// Worker settings (`[worker]`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -62,6 +66,11 @@ pub struct WorkerOptions {
     pub content_dir: PathBuf,
     /// Delay before the verification scan after a timeout (seconds).
     pub verify_delay_seconds: u64,
+    /// The credentials defined in the top-level `[credentials]` table (a
+    /// target names one); filled by the binary from that table, never read
+    /// from `[worker]`.
+    #[serde(skip)]
+    pub credentials: Credentials,
 }
 
 impl Default for WorkerOptions {
@@ -76,6 +85,7 @@ impl Default for WorkerOptions {
             agent_binaries: BTreeMap::new(),
             content_dir: PathBuf::from("/var/lib/fleetpatch/content"),
             verify_delay_seconds: 1800,
+            credentials: Credentials::new(),
         }
     }
 }
@@ -101,6 +111,8 @@ impl WorkerOptions {
         if self.step_timeout_seconds == 0 {
             return Err("worker.step_timeout_seconds must be at least 1".into());
         }
+        fleetpatch_runtime::credentials::validate(&self.credentials, &CREDENTIAL_TRANSPORTS)
+            .map_err(|e| e.to_string())?;
         Ok(())
     }
 }
@@ -317,16 +329,17 @@ impl Worker {
         }
     }
 
+    /// The target as its transport sees it, with its credential: the name
+    /// is looked up, its scope checked against the target, and only then is
+    /// the secret read. Nothing here connects anywhere.
     fn target_spec(&self, target: &Target) -> Result<TargetSpec, String> {
-        let credential = match &target.credential_ref {
+        let credential = match &target.credential {
             None => None,
-            Some(reference) => {
-                let secret = fleetpatch_runtime::secrets::resolve(reference)?;
-                Some(
-                    parse_credential(&secret, target.labels.get("user").map(String::as_str))
-                        .map_err(|e| format!("credential {reference:?}: {e}"))?,
-                )
-            }
+            Some(name) => Some(resolve_credential(
+                &self.options.credentials,
+                name,
+                ScopeTarget { transport: &target.transport, host: &target.host, labels: &target.labels },
+            )?),
         };
         Ok(TargetSpec {
             target_id: target.id,
@@ -374,6 +387,7 @@ impl Worker {
             Ok(()) => Ok(()),
             Err(StepError::Store(error)) => Err(error.to_string()),
             Err(StepError::Permanent(reason)) => {
+                tracing::info!(target_id = %target_id, reason = %reason, "deployment refused");
                 self.store.fail_target(&context.target, &reason, staged).await.map_err(|e| e.to_string())?;
                 Ok(())
             }
@@ -597,20 +611,64 @@ pub fn agent_binary_key(os: &str, arch: &str) -> String {
     }
 }
 
-/// A resolved secret as a credential: a PEM/OpenSSH private key (user from
-/// the target's `user` label), or `user:password`.
-pub fn parse_credential(secret: &str, user_label: Option<&str>) -> Result<Credential, String> {
+/// The credential `name` for `target`: looked up in `defined`, its scope
+/// checked (transport, host, labels) **before** its secret is read, then
+/// the secret read and parsed. Every error names the credential and the
+/// target, never the secret's text.
+pub fn resolve_credential(defined: &Credentials, name: &str, target: ScopeTarget<'_>) -> Result<Credential, String> {
+    let definition = credentials::lookup(defined, name).map_err(|e| e.to_string())?;
+    definition.check_scope(name, target).map_err(|e| e.to_string())?;
+    let secret = fleetpatch_runtime::secrets::resolve(&definition.secret_ref)
+        .map_err(|e| format!("credential {name:?}: {e}"))?;
+    parse_credential(&secret, definition.user.as_deref(), target.labels.get("user").map(String::as_str))
+        .map_err(|e| format!("credential {name:?}: {e}"))
+}
+
+/// Why a secret is no usable credential. No variant holds any of the
+/// secret's text: a misconfigured reference may point at anything.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SecretFormatError {
+    #[error(
+        "the secret is a private key, which needs a user: set `user` in the credential's definition (or give \
+         the target the label `user`)"
+    )]
+    KeyWithoutUser,
+    #[error(
+        "the secret is neither `user:password` nor a PEM private key (with `user` set in the credential's \
+         definition, the whole secret is the password)"
+    )]
+    NotUserPassword,
+    #[error("the user name before `:` in the secret is unusable ({0}); is the reference the right file or variable?")]
+    BadUser(&'static str),
+    #[error("the password in the secret is empty")]
+    EmptyPassword,
+}
+
+/// A resolved secret as a credential. With `configured_user` (the
+/// definition's `user`) the secret is the password or the PEM/OpenSSH key
+/// as a whole; without it, a key takes the target's `user` label and a
+/// password secret must be `user:password`.
+pub fn parse_credential(
+    secret: &str,
+    configured_user: Option<&str>,
+    user_label: Option<&str>,
+) -> Result<Credential, SecretFormatError> {
     if secret.trim_start().starts_with("-----BEGIN") {
-        let username = user_label.ok_or("a private-key credential needs the target label `user`")?;
+        let username = configured_user.or(user_label).ok_or(SecretFormatError::KeyWithoutUser)?;
+        credentials::check_user_name(username).map_err(SecretFormatError::BadUser)?;
         return Ok(Credential::PrivateKey {
             username: username.to_owned(),
             key_pem: Secret::new(secret),
             passphrase: None,
         });
     }
-    let (username, password) = secret.split_once(':').ok_or("expected `user:password` or a PEM private key")?;
-    if username.is_empty() {
-        return Err("the user name before `:` is empty".into());
+    let (username, password) = match configured_user {
+        Some(user) => (user, secret),
+        None => secret.split_once(':').ok_or(SecretFormatError::NotUserPassword)?,
+    };
+    credentials::check_user_name(username).map_err(SecretFormatError::BadUser)?;
+    if password.is_empty() {
+        return Err(SecretFormatError::EmptyPassword);
     }
     Ok(Credential::Password { username: username.to_owned(), password: Secret::new(password) })
 }
@@ -641,9 +699,37 @@ mod tests {
 
     #[test]
     fn credentials_parse_and_never_show_the_secret() {
-        let credential = parse_credential("admin:pa:ss", None).unwrap();
+        let credential = parse_credential("admin:pa:ss", None, None).unwrap();
         assert!(!format!("{credential:?}").contains("pa:ss"));
-        assert!(parse_credential("nopassword", None).unwrap_err().contains("user:password"));
-        assert!(parse_credential("-----BEGIN OPENSSH PRIVATE KEY-----", None).unwrap_err().contains("label `user`"));
+        assert!(matches!(credential, Credential::Password { ref username, .. } if username == "admin"));
+        assert_eq!(parse_credential("nopassword", None, None).unwrap_err(), SecretFormatError::NotUserPassword);
+        let key = "-----BEGIN OPENSSH PRIVATE KEY-----\nMARKER\n";
+        assert_eq!(parse_credential(key, None, None).unwrap_err(), SecretFormatError::KeyWithoutUser);
+        let from_label = parse_credential(key, None, Some("deploy")).unwrap();
+        assert!(matches!(from_label, Credential::PrivateKey { ref username, .. } if username == "deploy"));
+        let configured = parse_credential(key, Some("root"), Some("deploy")).unwrap();
+        assert!(matches!(configured, Credential::PrivateKey { ref username, .. } if username == "root"));
+        // With a configured user, the whole secret is the password, colons included.
+        let whole = parse_credential("pa:ss", Some("CORP\\deploy"), None).unwrap();
+        assert!(
+            matches!(whole, Credential::Password { ref username, ref password } if username == "CORP\\deploy" && password.expose() == "pa:ss")
+        );
+    }
+
+    #[test]
+    fn secret_format_errors_never_echo_the_secret() {
+        // What /proc/self/environ or a random file would look like.
+        for secret in [
+            "PATH=/usr/MARKER:/bin",
+            "MARKER",
+            "\u{0}MARKER\u{0}:x",
+            "MARKER line one\nline two:rest",
+            "MARKER:",
+            "-----BEGIN MARKER",
+        ] {
+            let error = parse_credential(secret, None, None).unwrap_err();
+            let text = format!("{error} {error:?}");
+            assert!(!text.contains("MARKER"), "{secret:?} echoed in {text}");
+        }
     }
 }

@@ -117,7 +117,7 @@ pub struct CreateArgs {
     /// The rollout file (YAML or JSON); see docs/rollout-file.md.
     #[arg(long, short = 'f', value_name = "FILE")]
     file: PathBuf,
-    /// Add the targets of a CSV file (header: host,transport,port,credential_ref,wave,<labels>…).
+    /// Add the targets of a CSV file (header: host,transport,port,credential,wave,<labels>…).
     #[arg(long, value_name = "FILE")]
     targets_csv: Vec<PathBuf>,
     /// Add the hosts of an Ansible-style INI inventory (groups become the label `group`).
