@@ -26,6 +26,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 pub mod api;
+pub mod auth;
 
 /// Scheduler settings (`[scheduler]`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -51,6 +52,8 @@ pub struct SchedulerOptions {
     /// transactions. The watch queue's prefetch is
     /// `watch_batch × (watch_writers + 1) + WATCH_HOLD_ROOM`.
     pub watch_writers: u16,
+    /// Who may call the API: API keys always; OIDC tokens when `oidc` is set.
+    pub auth: auth::AuthOptions,
 }
 
 impl Default for SchedulerOptions {
@@ -63,6 +66,7 @@ impl Default for SchedulerOptions {
             prefetch: 64,
             watch_batch: 256,
             watch_writers: 2,
+            auth: auth::AuthOptions::default(),
         }
     }
 }
@@ -81,7 +85,7 @@ impl SchedulerOptions {
         if self.reconcile_interval_seconds == 0 {
             return Err("scheduler.reconcile_interval_seconds must be at least 1".into());
         }
-        Ok(())
+        self.auth.validate()
     }
 }
 
@@ -100,6 +104,10 @@ pub enum Error {
     Bus(#[from] fleetpatch_bus::Error),
     #[error("serving HTTP: {0}")]
     Serve(#[from] std::io::Error),
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("invalid configuration: {0}")]
+    Jwks(#[from] auth::JwksError),
 }
 
 /// A running scheduler.
@@ -145,6 +153,11 @@ pub async fn start(
     health: Health,
     shutdown: Shutdown,
 ) -> Result<SchedulerHandle, Error> {
+    options.auth.validate().map_err(Error::Config)?;
+    let oidc = match options.auth.oidc.clone() {
+        Some(oidc) => Some(auth::Oidc::start(oidc).await?),
+        None => None,
+    };
     let listener = fleetpatch_runtime::ops::bind(&options.listen).await?;
     let local_addr = listener.local_addr()?;
     health.add_check("database", store.readiness_check());
@@ -161,8 +174,10 @@ pub async fn start(
         store: store.clone(),
         nudge: nudge.clone(),
         content_dir: options.content_dir.clone(),
+        auth: auth::Authenticator::new(store.clone(), oidc.clone()),
     })
     .merge(fleetpatch_runtime::ops::router(health.clone()));
+    let jwks_refresh = oidc.as_ref().map(|oidc| oidc.spawn_refresh(shutdown.clone()));
     let dispatch = bus.consume(routing::DISPATCH, options.prefetch).await?;
     let watch_prefetch = u32::from(options.watch_batch) * (u32::from(options.watch_writers) + 1) + WATCH_HOLD_ROOM;
     let watch = bus.consume(routing::WATCH, watch_prefetch.min(u32::from(u16::MAX)) as u16).await?;
@@ -181,7 +196,10 @@ pub async fn start(
     let join = tokio::spawn(async move {
         let server_shutdown = shutdown.clone();
         let server = tokio::spawn(async move {
-            axum::serve(listener, app).with_graceful_shutdown(async move { server_shutdown.wait().await }).await
+            // Each connection's peer address reaches the audit log through `ConnectInfo`.
+            axum::serve(listener, app.into_make_service_with_connect_info::<std::net::SocketAddr>())
+                .with_graceful_shutdown(async move { server_shutdown.wait().await })
+                .await
         });
         let loops = [
             tokio::spawn(core.clone().consume_loop(dispatch, shutdown.clone())),
@@ -196,6 +214,9 @@ pub async fn start(
         }
         relay_stop.cancel();
         let _ = relay.await;
+        if let Some(refresh) = jwks_refresh {
+            let _ = refresh.await;
+        }
         core.bus.close().await;
         let _ = server.await;
         tracing::info!("scheduler drained");
