@@ -533,7 +533,8 @@ fn target_dir() -> PathBuf {
 pub fn client_with(token: Option<&str>) -> reqwest::Client {
     let mut headers = reqwest::header::HeaderMap::new();
     if let Some(token) = token {
-        let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}")).expect("a token fits a header");
+        let mut value =
+            reqwest::header::HeaderValue::from_str(&format!("Bearer {token}")).expect("a token fits a header");
         value.set_sensitive(true);
         headers.insert(reqwest::header::AUTHORIZATION, value);
     }

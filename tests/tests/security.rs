@@ -17,7 +17,8 @@ use uuid::Uuid;
 /// Every (method, concrete path, route template) of the OpenAPI document.
 async fn documented_routes(sandbox: &Sandbox) -> Vec<(Method, String, String)> {
     // The document itself is open: it describes the API and holds no data.
-    let response = client_with(None).get(format!("{}/openapi.json", sandbox.api)).send().await.expect("GET /openapi.json");
+    let response =
+        client_with(None).get(format!("{}/openapi.json", sandbox.api)).send().await.expect("GET /openapi.json");
     assert_eq!(response.status(), StatusCode::OK, "/openapi.json is readable without a credential");
     let document: serde_json::Value = response.json().await.expect("the OpenAPI document is JSON");
     let mut routes = Vec::new();
@@ -72,7 +73,8 @@ async fn every_documented_route_needs_a_credential_and_a_viewer_changes_nothing(
         }
     }
     // A malformed or unknown credential is no better than none.
-    for bad in ["Bearer hunter2", "Bearer fpk_short", "Basic YWRtaW46YWRtaW4=", "Bearer eyJhbGciOiJFZERTQSJ9.e30.c2ln"] {
+    for bad in ["Bearer hunter2", "Bearer fpk_short", "Basic YWRtaW46YWRtaW4=", "Bearer eyJhbGciOiJFZERTQSJ9.e30.c2ln"]
+    {
         let response = reqwest::Client::new()
             .get(format!("{}/v1/rollouts", sandbox.api))
             .header("authorization", bad)
@@ -121,7 +123,9 @@ async fn every_documented_route_needs_a_credential_and_a_viewer_changes_nothing(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_and_revoked_keys_are_refused() {
     let sandbox = Sandbox::start(SandboxOptions { workers: 0, ..SandboxOptions::default() }).await;
-    let expiring = sandbox.api_key("short-lived", Role::Operator, Some(chrono::Utc::now() + chrono::Duration::milliseconds(1500))).await;
+    let expiring = sandbox
+        .api_key("short-lived", Role::Operator, Some(chrono::Utc::now() + chrono::Duration::milliseconds(1500)))
+        .await;
     let leaked = sandbox.api_key("leaked", Role::Admin, None).await;
     for key in [&expiring, &leaked] {
         let response = call(&client_with(Some(key)), &sandbox, &Method::GET, "/v1/rollouts").await;
@@ -158,7 +162,8 @@ impl TestKey {
         seed[16..].copy_from_slice(Uuid::new_v4().as_bytes());
         let public = ed25519_dalek::SigningKey::from_bytes(&seed).verifying_key().to_bytes();
         // RFC 8410: PrivateKeyInfo { v1, id-Ed25519, OCTET STRING { OCTET STRING seed } }.
-        let mut pkcs8 = vec![0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20];
+        let mut pkcs8 =
+            vec![0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20];
         pkcs8.extend_from_slice(&seed);
         Self { pkcs8, public }
     }
@@ -212,10 +217,26 @@ async fn oidc_tokens_are_checked_for_signature_issuer_audience_and_expiry() {
     let as_token = |token: String| client_with(Some(&token));
 
     let refused = [
-        ("a wrong signature", attacker.sign(KID, &claims("mallory", &["fleet-admins"], ISSUER, AUDIENCE, 300)), "signature"),
-        ("an unknown kid", attacker.sign("other-key", &claims("mallory", &["fleet-admins"], ISSUER, AUDIENCE, 300)), "kid"),
-        ("a wrong issuer", idp.sign(KID, &claims("alice", &["fleet-admins"], "https://evil.test", AUDIENCE, 300)), "issuer"),
-        ("a wrong audience", idp.sign(KID, &claims("alice", &["fleet-admins"], ISSUER, "another-app", 300)), "audience"),
+        (
+            "a wrong signature",
+            attacker.sign(KID, &claims("mallory", &["fleet-admins"], ISSUER, AUDIENCE, 300)),
+            "signature",
+        ),
+        (
+            "an unknown kid",
+            attacker.sign("other-key", &claims("mallory", &["fleet-admins"], ISSUER, AUDIENCE, 300)),
+            "kid",
+        ),
+        (
+            "a wrong issuer",
+            idp.sign(KID, &claims("alice", &["fleet-admins"], "https://evil.test", AUDIENCE, 300)),
+            "issuer",
+        ),
+        (
+            "a wrong audience",
+            idp.sign(KID, &claims("alice", &["fleet-admins"], ISSUER, "another-app", 300)),
+            "audience",
+        ),
         ("a past expiry", idp.sign(KID, &claims("alice", &["fleet-admins"], ISSUER, AUDIENCE, -120)), "expired"),
     ];
     for (what, token, word) in refused {
@@ -228,15 +249,31 @@ async fn oidc_tokens_are_checked_for_signature_issuer_audience_and_expiry() {
     // Right tokens pass with the role their groups grant (the highest wins).
     let reader = as_token(idp.sign(KID, &claims("rita", &["fleet-readers", "unrelated"], ISSUER, AUDIENCE, 300)));
     assert_eq!(call(&reader, &sandbox, &Method::GET, "/v1/rollouts").await.status(), StatusCode::OK);
-    let response = reader.post(format!("{}/v1/rollouts", sandbox.api)).json(&sim_rollout("oidc", 1, 1, 1, 60)).send().await.unwrap();
+    let response = reader
+        .post(format!("{}/v1/rollouts", sandbox.api))
+        .json(&sim_rollout("oidc", 1, 1, 1, 60))
+        .send()
+        .await
+        .unwrap();
     assert_problem(&response, StatusCode::FORBIDDEN, "a reader creates");
-    let deployer = as_token(idp.sign(KID, &claims("dave", &["fleet-readers", "fleet-deployers"], ISSUER, AUDIENCE, 300)));
-    let response = deployer.post(format!("{}/v1/rollouts", sandbox.api)).json(&sim_rollout("oidc", 1, 1, 1, 60)).send().await.unwrap();
+    let deployer =
+        as_token(idp.sign(KID, &claims("dave", &["fleet-readers", "fleet-deployers"], ISSUER, AUDIENCE, 300)));
+    let response = deployer
+        .post(format!("{}/v1/rollouts", sandbox.api))
+        .json(&sim_rollout("oidc", 1, 1, 1, 60))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), StatusCode::CREATED, "{}", response.text().await.unwrap_or_default());
-    assert_problem(&call(&deployer, &sandbox, &Method::GET, "/v1/audit").await, StatusCode::FORBIDDEN, "an operator reads the audit log");
+    assert_problem(
+        &call(&deployer, &sandbox, &Method::GET, "/v1/audit").await,
+        StatusCode::FORBIDDEN,
+        "an operator reads the audit log",
+    );
     let admin = as_token(idp.sign(KID, &claims("ada", &["fleet-admins"], ISSUER, AUDIENCE, 300)));
     let audit: serde_json::Value = call(&admin, &sandbox, &Method::GET, "/v1/audit").await.json().await.unwrap();
-    let created = audit["entries"].as_array().unwrap().iter().find(|e| e["status"] == 201).expect("the creation is audited");
+    let created =
+        audit["entries"].as_array().unwrap().iter().find(|e| e["status"] == 201).expect("the creation is audited");
     assert_eq!(created["actor"], "dave");
     assert_eq!(created["actor_kind"], "jwt");
     assert_eq!(created["role"], "operator");
@@ -258,16 +295,26 @@ async fn the_audit_log_records_each_mutating_call_of_a_session() {
     let operator = client_with(Some(&sandbox.api_key("deployer", Role::Operator, None).await));
     let viewer = client_with(Some(&sandbox.api_key("watcher", Role::Viewer, None).await));
     // No workers: the rollout stays running, so each step is allowed.
-    let response = operator.post(format!("{}/v1/rollouts", sandbox.api)).json(&sim_rollout("audited", 3, 1, 1, 60)).send().await.unwrap();
+    let response = operator
+        .post(format!("{}/v1/rollouts", sandbox.api))
+        .json(&sim_rollout("audited", 3, 1, 1, 60))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), StatusCode::CREATED);
     let id: Uuid = response.json::<serde_json::Value>().await.unwrap()["id"].as_str().unwrap().parse().unwrap();
-    let post = |client: &reqwest::Client, action: &str| client.post(format!("{}/v1/rollouts/{id}/{action}", sandbox.api)).send();
+    let post = |client: &reqwest::Client, action: &str| {
+        client.post(format!("{}/v1/rollouts/{id}/{action}", sandbox.api)).send()
+    };
     assert_eq!(post(&operator, "pause").await.unwrap().status(), StatusCode::OK);
     assert_eq!(post(&operator, "resume").await.unwrap().status(), StatusCode::OK);
     assert_eq!(post(&viewer, "abort").await.unwrap().status(), StatusCode::FORBIDDEN);
     assert_eq!(post(&operator, "abort").await.unwrap().status(), StatusCode::OK);
     // Reads are not audited.
-    assert_eq!(operator.get(format!("{}/v1/rollouts/{id}", sandbox.api)).send().await.unwrap().status(), StatusCode::OK);
+    assert_eq!(
+        operator.get(format!("{}/v1/rollouts/{id}", sandbox.api)).send().await.unwrap().status(),
+        StatusCode::OK
+    );
 
     let page: serde_json::Value =
         sandbox.http.get(format!("{}/v1/audit?rollout={id}", sandbox.api)).send().await.unwrap().json().await.unwrap();

@@ -316,9 +316,7 @@ impl Store {
             }
         }
         if api_keys::Entity::find().filter(api_keys::Column::Name.eq(name)).one(&self.db).await?.is_some() {
-            return Err(Error::Conflict(format!(
-                "an API key named {name:?} exists; revoke it or choose another name"
-            )));
+            return Err(Error::Conflict(format!("an API key named {name:?} exists; revoke it or choose another name")));
         }
         let key_id = random_hex(KEY_ID_HEX / 2)?;
         let secret = format!("{API_KEY_PREFIX}{key_id}_{}", random_hex(SECRET_HEX / 2)?);
@@ -379,8 +377,7 @@ impl Store {
     /// The verdict on a presented key at `at`: one indexed read by key id,
     /// then a constant-time comparison of the hashes.
     pub async fn check_api_key(&self, key: &ParsedApiKey<'_>, at: DateTime<Utc>) -> Result<KeyCheck> {
-        let Some(row) =
-            api_keys::Entity::find().filter(api_keys::Column::KeyId.eq(key.key_id)).one(&self.db).await?
+        let Some(row) = api_keys::Entity::find().filter(api_keys::Column::KeyId.eq(key.key_id)).one(&self.db).await?
         else {
             return Ok(KeyCheck::Unknown);
         };

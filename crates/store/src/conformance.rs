@@ -1255,7 +1255,8 @@ pub async fn expired_and_revoked_api_keys_are_refused(db: &dyn TestDatabase) {
     let now = chrono::Utc::now();
     let error = store.create_api_key("old", Role::Admin, Some(now - chrono::Duration::seconds(1))).await;
     assert!(matches!(error, Err(Error::Invalid(_))), "an expiry in the past is refused");
-    let expiring = store.create_api_key("expiring", Role::Admin, Some(now + chrono::Duration::hours(1))).await.expect("create");
+    let expiring =
+        store.create_api_key("expiring", Role::Admin, Some(now + chrono::Duration::hours(1))).await.expect("create");
     let parsed = ParsedApiKey::parse(expiring.expose_secret()).expect("shape");
     assert!(matches!(store.check_api_key(&parsed, now).await.expect("check"), KeyCheck::Valid(_)));
     let later = now + chrono::Duration::hours(2);

@@ -1062,7 +1062,12 @@ async fn run_phases(
         let seconds = started.elapsed().as_secs_f64();
         drop(body);
         // Nothing will deploy these: stop the rollout again.
-        let _ = bench.http.post(format!("{}/v1/rollouts/{rollout}/abort", bench.api)).bearer_auth(&bench.api_key).send().await;
+        let _ = bench
+            .http
+            .post(format!("{}/v1/rollouts/{rollout}/abort", bench.api))
+            .bearer_auth(&bench.api_key)
+            .send()
+            .await;
         tokio::time::sleep(Duration::from_millis(500)).await;
         let peaks = bench.sampler.take_peaks();
         bench.figures.create = Some(CreateFigures {

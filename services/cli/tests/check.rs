@@ -97,7 +97,8 @@ async fn check_passes_a_reachable_target_and_names_the_cause_for_a_closed_port()
     let file = setup.dir.path().join("rollout.yaml");
     std::fs::write(&file, rollout_yaml(&setup, &[setup.peer.port(), setup.closed_port], &"0".repeat(64))).unwrap();
     let run =
-        fleetpatch(&setup.config, "http://127.0.0.1:9", None, &["check", "-f", file.to_str().unwrap(), "-o", "json"]).await;
+        fleetpatch(&setup.config, "http://127.0.0.1:9", None, &["check", "-f", file.to_str().unwrap(), "-o", "json"])
+            .await;
     assert_eq!(run.code, 8, "{run:?}");
     let reports: serde_json::Value = serde_json::from_str(&run.stdout).expect("JSON");
     assert_eq!(reports[0]["ok"], true, "{reports}");
@@ -147,9 +148,13 @@ async fn rollout_create_with_preflight_creates_nothing_when_a_target_fails_its_c
     let (sha256, _) = sandbox.upload_content(b"echo hello\n".to_vec()).await;
     let failing = setup.dir.path().join("failing.yaml");
     std::fs::write(&failing, rollout_yaml(&setup, &[setup.peer.port(), setup.closed_port], &sha256)).unwrap();
-    let run =
-        fleetpatch(&setup.config, &sandbox.api, Some(&sandbox.admin_key), &["rollout", "create", "--preflight", "-f", failing.to_str().unwrap()])
-            .await;
+    let run = fleetpatch(
+        &setup.config,
+        &sandbox.api,
+        Some(&sandbox.admin_key),
+        &["rollout", "create", "--preflight", "-f", failing.to_str().unwrap()],
+    )
+    .await;
     assert_eq!(run.code, 8, "{run:?}");
     assert!(run.stderr.contains("preflight failed on 1 of 2 targets; no rollout was created"), "{run:?}");
     assert!(run.stderr.contains(&format!("127.0.0.1:{} port", setup.closed_port)), "{run:?}");
@@ -157,9 +162,13 @@ async fn rollout_create_with_preflight_creates_nothing_when_a_target_fails_its_c
 
     let passing = setup.dir.path().join("passing.yaml");
     std::fs::write(&passing, rollout_yaml(&setup, &[setup.peer.port()], &sha256)).unwrap();
-    let run =
-        fleetpatch(&setup.config, &sandbox.api, Some(&sandbox.admin_key), &["rollout", "create", "--preflight", "-f", passing.to_str().unwrap()])
-            .await;
+    let run = fleetpatch(
+        &setup.config,
+        &sandbox.api,
+        Some(&sandbox.admin_key),
+        &["rollout", "create", "--preflight", "-f", passing.to_str().unwrap()],
+    )
+    .await;
     assert_eq!(run.code, 0, "{run:?}");
     assert!(run.stderr.contains("preflight passed on all 1 targets"), "{run:?}");
     assert_eq!(sandbox.store.list_rollouts(10).await.unwrap().len(), 1);

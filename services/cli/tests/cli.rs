@@ -319,9 +319,12 @@ async fn api_keys_come_from_the_database_and_refusals_have_their_own_exit_codes(
     let url = sandbox.api.as_str();
 
     // `apikey create` prints the key and nothing else on stdout.
-    let created =
-        fleetpatch_with_env(url, &["apikey", "create", "--name", "ci", "--role", "viewer", "--expires", "1d"], &database)
-            .await;
+    let created = fleetpatch_with_env(
+        url,
+        &["apikey", "create", "--name", "ci", "--role", "viewer", "--expires", "1d"],
+        &database,
+    )
+    .await;
     assert_eq!(created.code, 0, "{created:?}");
     let key = created.stdout.trim().to_owned();
     assert_eq!(created.stdout, format!("{key}\n"), "{created:?}");

@@ -608,10 +608,8 @@ struct AuditParams {
 async fn audit(State(state): State<ApiState>, Query(params): Query<AuditParams>) -> Result<Response, Problem> {
     let rollout_id = params.rollout.as_deref().filter(|r| !r.is_empty()).map(|r| parse_id(r, "rollout")).transpose()?;
     let limit = params.limit.unwrap_or(100).clamp(1, 1_000);
-    let entries = state
-        .store
-        .audit_entries(fleetpatch_store::AuditQuery { rollout_id, before: params.before, limit })
-        .await?;
+    let entries =
+        state.store.audit_entries(fleetpatch_store::AuditQuery { rollout_id, before: params.before, limit }).await?;
     let next = (entries.len() as u64 == limit).then(|| entries.last().map(|e| e.id)).flatten();
     Ok(Json(serde_json::json!({ "entries": entries, "next_before": next })).into_response())
 }

@@ -345,7 +345,9 @@ impl Oidc {
         match oidc.load().await {
             Ok(keys) => *oidc.keys.write().await = Arc::new(keys),
             Err(error @ JwksError::File { .. }) => return Err(error),
-            Err(error) => tracing::warn!(error = %error, "the JWKS is unavailable; OIDC tokens are refused until it loads"),
+            Err(error) => {
+                tracing::warn!(error = %error, "the JWKS is unavailable; OIDC tokens are refused until it loads")
+            }
         }
         Ok(oidc)
     }
@@ -541,7 +543,15 @@ impl Authenticator {
         }
     }
 
-    async fn audit(&self, identity: &Identity, method: &Method, route: &str, rollout_id: Option<Uuid>, source: String, status: StatusCode) {
+    async fn audit(
+        &self,
+        identity: &Identity,
+        method: &Method,
+        route: &str,
+        rollout_id: Option<Uuid>,
+        source: String,
+        status: StatusCode,
+    ) {
         let entry = NewAuditEntry {
             at: chrono::Utc::now(),
             actor: identity.subject.clone(),
@@ -611,8 +621,7 @@ pub async fn authenticate(State(auth): State<Authenticator>, request: Request, n
     let needed = required_role(&method, &route);
     if identity.role < needed {
         metrics::counter!("fleetpatch_api_auth_failures_total", "reason" => "forbidden").increment(1);
-        auth.audit(&identity, &method, &route, rollout_of(&route, &path, None), source, StatusCode::FORBIDDEN)
-            .await;
+        auth.audit(&identity, &method, &route, rollout_of(&route, &path, None), source, StatusCode::FORBIDDEN).await;
         return forbidden(format!(
             "{} {route} needs the {needed} role; {:?} has {}; ask an admin for a key or group with {needed}",
             method, identity.subject, identity.role
@@ -681,6 +690,40 @@ mod tests {
         assert!(matches!(credential(Some(&header("Bearer eyJh.eyJz.c2ln"))), Ok(Credential::Jwt(_))));
     }
 
+    /// A malformed bearer value is refused by its shape: with the database
+    /// gone, it still gets 401, while a well-formed key (which needs the
+    /// database) gets 503.
+    #[tokio::test]
+    async fn malformed_keys_are_refused_before_any_database_work() {
+        let dir = std::env::temp_dir().join(format!("fp-auth-{}", Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let url = format!("sqlite://{}?mode=rwc", dir.join("db.sqlite").display());
+        let store = Store::connect(&fleetpatch_store::StoreOptions { url, max_connections: 1 }).await.unwrap();
+        store.migrate().await.unwrap();
+        let app = crate::api::router(crate::api::ApiState {
+            store: store.clone(),
+            nudge: Arc::default(),
+            content_dir: dir.join("content"),
+            auth: Authenticator::new(store.clone(), None),
+        });
+        store.close().await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move { axum::serve(listener, app).await });
+        let get = |bearer: String| {
+            let url = format!("http://{address}/v1/rollouts");
+            async move { reqwest::Client::new().get(url).bearer_auth(bearer).send().await.unwrap().status() }
+        };
+        for malformed in ["fpk_short".to_owned(), format!("fpk_{}_{}", "Z".repeat(16), "0".repeat(64)), "x".repeat(200)]
+        {
+            assert_eq!(get(malformed.clone()).await, StatusCode::UNAUTHORIZED, "{malformed}");
+        }
+        let well_formed = format!("fpk_{}_{}", "0".repeat(16), "0".repeat(64));
+        assert_eq!(get(well_formed).await, StatusCode::SERVICE_UNAVAILABLE, "a well-formed key is looked up");
+        server.abort();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn oidc_options_name_the_wrong_key() {
         let good = OidcOptions {
@@ -698,7 +741,10 @@ mod tests {
             (OidcOptions { issuer: "".into(), ..good.clone() }, "scheduler.auth.oidc.issuer"),
             (OidcOptions { audience: " ".into(), ..good.clone() }, "scheduler.auth.oidc.audience"),
             (OidcOptions { jwks_file: None, ..good.clone() }, "scheduler.auth.oidc.jwks_file or"),
-            (OidcOptions { jwks_url: Some("https://idp/certs".into()), ..good.clone() }, "scheduler.auth.oidc.jwks_file and"),
+            (
+                OidcOptions { jwks_url: Some("https://idp/certs".into()), ..good.clone() },
+                "scheduler.auth.oidc.jwks_file and",
+            ),
             (
                 OidcOptions { jwks_file: None, jwks_url: Some("ftp://idp/certs".into()), ..good.clone() },
                 "scheduler.auth.oidc.jwks_url",

@@ -36,7 +36,12 @@ struct AuditPage {
 
 /// Pages through `GET /v1/audit` with `next_before`; a table, or one JSON
 /// document `{"entries": [...]}`.
-pub async fn list(api: &ApiClient, rollout: Option<Uuid>, limit: Option<u64>, format: OutputFormat) -> Result<u8, Failure> {
+pub async fn list(
+    api: &ApiClient,
+    rollout: Option<Uuid>,
+    limit: Option<u64>,
+    format: OutputFormat,
+) -> Result<u8, Failure> {
     let mut entries: Vec<serde_json::Value> = Vec::new();
     let mut before = None;
     loop {
@@ -57,7 +62,10 @@ pub async fn list(api: &ApiClient, rollout: Option<Uuid>, limit: Option<u64>, fo
         OutputFormat::Json => println!("{}", output::json(&serde_json::json!({ "entries": entries }))),
         OutputFormat::Table => {
             if entries.is_empty() {
-                println!("the audit log has no entries{}", rollout.map(|r| format!(" for rollout {r}")).unwrap_or_default());
+                println!(
+                    "the audit log has no entries{}",
+                    rollout.map(|r| format!(" for rollout {r}")).unwrap_or_default()
+                );
                 return Ok(exit::OK);
             }
             let mut table = Table::new(&["WHEN", "WHO", "KIND", "ROLE", "ACTION", "ROLLOUT", "SOURCE", "RESULT"]);

@@ -83,9 +83,10 @@ impl ApiArgs {
     pub fn client(&self, options: &ClientOptions) -> Result<ApiClient, Failure> {
         let token = match (&self.token, &options.token) {
             (Some(token), _) => Some(token.clone()),
-            (None, Some(reference)) => Some(fleetpatch_runtime::secrets::resolve(reference).map_err(|reason| {
-                Failure::new(exit::USAGE, format!("client.token: {reason}"))
-            })?),
+            (None, Some(reference)) => Some(
+                fleetpatch_runtime::secrets::resolve(reference)
+                    .map_err(|reason| Failure::new(exit::USAGE, format!("client.token: {reason}")))?,
+            ),
             (None, None) => None,
         };
         let token = token.filter(|t| !t.trim().is_empty());
