@@ -13,13 +13,16 @@
 //! * the watchdog reconciler: `targets (state)` (`last_seen_at` is in no
 //!   index, so the collector's updates of it are HOT updates on PostgreSQL);
 //! * the collector's idempotent insert: unique `agent_events (target_id, attempt, seq)`;
-//! * "which machines still miss KB…": `target_patches (rollout_id, patch_index, state)`.
+//! * "which machines still miss KB…": `target_patches (rollout_id, patch_index, state)`;
+//! * an API request's key: unique `api_keys (key_id)`; a rollout's audit trail:
+//!   `audit_log (rollout_id, id)` (migration 4, which also makes `audit_log` append-only).
 
 pub use sea_orm_migration::prelude::*;
 
 mod m20261124_000001_initial;
 mod m20261124_000002_hot_last_seen;
 mod m20261124_000003_in_flight_index;
+mod m20261202_000001_api_keys_audit;
 mod m20261202_000003_named_credentials;
 
 pub struct Migrator;
@@ -31,6 +34,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261124_000001_initial::Migration),
             Box::new(m20261124_000002_hot_last_seen::Migration),
             Box::new(m20261124_000003_in_flight_index::Migration),
+            Box::new(m20261202_000001_api_keys_audit::Migration),
             Box::new(m20261202_000003_named_credentials::Migration),
         ]
     }

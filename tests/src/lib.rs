@@ -22,6 +22,11 @@
 //! `smb` transport (Windows targets; tested against a Samba peer).
 //! [`SandboxOptions::credentials`] are the named credentials (`[credentials]`)
 //! the scheduler accepts and the workers resolve.
+//!
+//! The API needs a credential: every sandbox makes an admin API key
+//! ([`Sandbox::admin_key`]) that [`Sandbox::http`] sends by default;
+//! [`Sandbox::api_key`] makes keys of other roles and [`client_with`] a
+//! client that sends another credential (or none).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -115,6 +120,8 @@ pub struct SandboxOptions {
     pub credentials: Credentials,
     /// `scheduler.max_content_bytes`.
     pub max_content_bytes: u64,
+    /// The scheduler's `[scheduler.auth]` (OIDC); API keys always work.
+    pub auth: fleetpatch_scheduler::auth::AuthOptions,
 }
 
 impl Default for SandboxOptions {
@@ -132,6 +139,7 @@ impl Default for SandboxOptions {
             collector: fleetpatch_collector::CollectorOptions::default(),
             credentials: Credentials::new(),
             max_content_bytes: fleetpatch_scheduler::SchedulerOptions::default().max_content_bytes,
+            auth: Default::default(),
         }
     }
 }
@@ -188,7 +196,10 @@ pub struct Sandbox {
     /// The scheduler's content store, shared with the workers.
     pub content_dir: PathBuf,
     pub fleet: SimFleet,
+    /// Sends [`Sandbox::admin_key`] on every request.
     pub http: reqwest::Client,
+    /// An admin API key (`sandbox-admin`) of this sandbox's database.
+    pub admin_key: String,
     pub options: SandboxOptions,
     pub workers: Vec<WorkerProcess>,
     database: String,
@@ -215,6 +226,12 @@ impl Sandbox {
         let database_url = store_options.url.clone();
         let store = Store::connect(&store_options).await.expect("connect");
         store.migrate().await.expect("migrate");
+        let admin_key = store
+            .create_api_key("sandbox-admin", fleetpatch_store::Role::Admin, None)
+            .await
+            .expect("the sandbox's admin key")
+            .expose_secret()
+            .to_owned();
 
         let amqp = RabbitOptions {
             url: amqp_url(),
@@ -244,6 +261,7 @@ impl Sandbox {
                 prefetch: 32,
                 credential_names: options.credentials.keys().cloned().collect(),
                 max_content_bytes: options.max_content_bytes,
+                auth: options.auth.clone(),
                 ..Default::default()
             },
             store.clone(),
@@ -265,7 +283,8 @@ impl Sandbox {
             collector: collector_addr,
             content_dir,
             fleet,
-            http: reqwest::Client::new(),
+            http: client_with(Some(&admin_key)),
+            admin_key,
             options: options.clone(),
             workers: vec![],
             database,
@@ -344,6 +363,26 @@ impl Sandbox {
         let status = response.status();
         assert!(status.is_success(), "upload content: {status} {}", response.text().await.unwrap_or_default());
         (sha256, size)
+    }
+
+    /// The URL of this sandbox's database (for `fleetpatch apikey`).
+    pub fn database_url(&self) -> &str {
+        &self.database_url
+    }
+
+    /// Makes an API key of `role` named `name` (expiring at `expires_at`); returns the key.
+    pub async fn api_key(
+        &self,
+        name: &str,
+        role: fleetpatch_store::Role,
+        expires_at: Option<chrono::DateTime<chrono::Utc>>,
+    ) -> String {
+        self.store
+            .create_api_key(name, role, expires_at)
+            .await
+            .unwrap_or_else(|error| panic!("API key {name}: {error}"))
+            .expose_secret()
+            .to_owned()
     }
 
     async fn bus(amqp: &RabbitOptions) -> Bus {
@@ -557,6 +596,19 @@ fn target_dir() -> PathBuf {
         .and_then(Path::parent)
         .unwrap_or_else(|| panic!("{} is not inside a cargo target directory", exe.display()))
         .to_path_buf()
+}
+
+/// An HTTP client that sends `token` as `Authorization: Bearer` on every
+/// request (none when `None`).
+pub fn client_with(token: Option<&str>) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(token) = token {
+        let mut value =
+            reqwest::header::HeaderValue::from_str(&format!("Bearer {token}")).expect("a token fits a header");
+        value.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+    }
+    reqwest::Client::builder().default_headers(headers).build().expect("an HTTP client")
 }
 
 /// A rollout request of `targets` simulated hosts and `patches` patches.

@@ -193,3 +193,51 @@ pub mod outbox {
 
     impl ActiveModelBehavior for ActiveModel {}
 }
+
+pub mod api_keys {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
+    #[sea_orm(table_name = "api_keys")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: Uuid,
+        pub key_id: String,
+        pub name: String,
+        pub role: String,
+        pub secret_hash: String,
+        pub created_at: ChronoDateTimeUtc,
+        pub expires_at: Option<ChronoDateTimeUtc>,
+        pub revoked_at: Option<ChronoDateTimeUtc>,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod audit_log {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
+    #[sea_orm(table_name = "audit_log")]
+    pub struct Model {
+        #[sea_orm(primary_key)]
+        pub id: i64,
+        pub at: ChronoDateTimeUtc,
+        pub actor: String,
+        pub actor_kind: String,
+        pub role: String,
+        pub method: String,
+        pub route: String,
+        pub rollout_id: Option<Uuid>,
+        pub source: String,
+        pub status: i32,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}

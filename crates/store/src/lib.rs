@@ -19,6 +19,7 @@ use sea_orm::{
 };
 use sea_orm_migration::MigratorTrait;
 
+pub mod auth;
 pub mod ceiling;
 #[cfg(feature = "test-support")]
 pub mod conformance;
@@ -28,6 +29,7 @@ pub mod model;
 mod ops;
 pub mod relay;
 
+pub use auth::{ActorKind, ApiKey, AuditEntry, AuditQuery, IssuedApiKey, KeyCheck, NewAuditEntry, ParsedApiKey, Role};
 pub use model::*;
 pub use ops::{
     watch_message, Claim, DispatchOutcome, FleetGauges, ProbeOutcome, TimeoutPolicy, TokenInfo, WatchOutcome,
@@ -47,6 +49,9 @@ pub enum Error {
     NotFound { what: &'static str, id: String },
     #[error("{0}")]
     Conflict(String),
+    /// The caller's input cannot be stored as given (the message names the field).
+    #[error("{0}")]
+    Invalid(String),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
 }

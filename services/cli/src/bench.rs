@@ -691,6 +691,8 @@ struct Bench {
     http: reqwest::Client,
     store: Store,
     api: String,
+    /// An admin key of the bench database, for the scheduler API.
+    api_key: String,
     sampler: Sampler,
     figures: Figures,
     /// Where this process plays the workers, it also relays their outbox at once.
@@ -728,7 +730,8 @@ fn rollout_body(name: &str, targets: usize, patches: usize, concurrency: u32) ->
 
 impl Bench {
     async fn post_rollout(&self, body: &serde_json::Value) -> anyhow::Result<Uuid> {
-        let response = self.http.post(format!("{}/v1/rollouts", self.api)).json(body).send().await?;
+        let response =
+            self.http.post(format!("{}/v1/rollouts", self.api)).bearer_auth(&self.api_key).json(body).send().await?;
         let status = response.status();
         let text = response.text().await?;
         if status.as_u16() != 201 {
@@ -997,6 +1000,12 @@ async fn run_phases(
         http,
         store: store.clone(),
         api: scheduler.url.clone(),
+        api_key: store
+            .create_api_key("bench-admin", fleetpatch_store::Role::Admin, None)
+            .await
+            .context("making the bench's admin API key")?
+            .expose_secret()
+            .to_owned(),
         sampler: sampler.clone(),
         figures,
         relay_nudge: Arc::default(),
@@ -1111,7 +1120,12 @@ async fn run_phases(
         let seconds = started.elapsed().as_secs_f64();
         drop(body);
         // Nothing will deploy these: stop the rollout again.
-        let _ = bench.http.post(format!("{}/v1/rollouts/{rollout}/abort", bench.api)).send().await;
+        let _ = bench
+            .http
+            .post(format!("{}/v1/rollouts/{rollout}/abort", bench.api))
+            .bearer_auth(&bench.api_key)
+            .send()
+            .await;
         tokio::time::sleep(Duration::from_millis(500)).await;
         let peaks = bench.sampler.take_peaks();
         bench.figures.create = Some(CreateFigures {

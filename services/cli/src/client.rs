@@ -44,6 +44,12 @@ pub enum ClientError {
     /// No HTTP answer at all: refused, unresolvable, timed out.
     #[error("cannot reach the fleetpatch API at {url} ({reason}); is the scheduler running there? Point --api or FLEETPATCH_API at it")]
     Unreachable { url: String, reason: String },
+    /// The API answered 401: no credential, or one it does not accept.
+    #[error("the API at {url} refused the credential: {}; send an API key or OIDC token with --token, FLEETPATCH_TOKEN or client.token (a secret reference such as env:NAME or file:/path)", .problem.detail)]
+    Unauthenticated { url: String, problem: Problem },
+    /// The API answered 403: the credential is valid, its role is too low.
+    #[error("the API refused the request: {}", .problem.detail)]
+    Forbidden { problem: Problem },
     /// The API answered 4xx: the request (the user's input) is wrong.
     #[error("{}", refused_message(.status, .problem))]
     Refused { status: StatusCode, problem: Problem },
@@ -55,6 +61,9 @@ pub enum ClientError {
     Protocol { url: String, reason: String },
     #[error("invalid API URL {url:?}: {reason}")]
     BadUrl { url: String, reason: String },
+    /// The token cannot travel in an HTTP header (never echoed: it is a secret).
+    #[error("the API token contains characters an HTTP header cannot carry (a line break, a control character?); check --token, FLEETPATCH_TOKEN or client.token")]
+    BadToken,
 }
 
 fn refused_message(status: &StatusCode, problem: &Problem) -> String {
@@ -242,7 +251,9 @@ pub struct ApiClient {
 }
 
 impl ApiClient {
-    pub fn new(base: &str) -> Result<Self, ClientError> {
+    /// A client of the API at `base` that sends `token` (an API key or an
+    /// OIDC token) as `Authorization: Bearer` on every request.
+    pub fn new(base: &str, token: Option<&str>) -> Result<Self, ClientError> {
         let base = base.trim().trim_end_matches('/').to_owned();
         let bad = |reason: &str| ClientError::BadUrl { url: base.clone(), reason: reason.into() };
         let rest = base.strip_prefix("http://").ok_or_else(|| {
@@ -255,7 +266,16 @@ impl ApiClient {
         if rest.is_empty() || rest.starts_with('/') {
             return Err(bad("names no host"));
         }
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(token) = token {
+            let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {}", token.trim()))
+                .map_err(|_| ClientError::BadToken)?;
+            // Kept out of reqwest's Debug output.
+            value.set_sensitive(true);
+            headers.insert(reqwest::header::AUTHORIZATION, value);
+        }
         let http = reqwest::Client::builder()
+            .default_headers(headers)
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(300))
             .user_agent(concat!("fleetpatch-cli/", env!("CARGO_PKG_VERSION")))
@@ -293,7 +313,11 @@ impl ApiClient {
             detail: text.chars().take(300).collect::<String>().trim().to_owned(),
             errors: vec![],
         });
-        if status.is_client_error() {
+        if status == StatusCode::UNAUTHORIZED {
+            Err(ClientError::Unauthenticated { url: self.base.clone(), problem })
+        } else if status == StatusCode::FORBIDDEN {
+            Err(ClientError::Forbidden { problem })
+        } else if status.is_client_error() {
             Err(ClientError::Refused { status, problem })
         } else {
             Err(ClientError::Unavailable { url: self.base.clone(), status, detail: problem.detail })
@@ -386,6 +410,23 @@ impl ApiClient {
         Ok(detail)
     }
 
+    /// One page of `GET /v1/audit` (newest first): `{entries, next_before}`.
+    pub async fn audit_page(
+        &self,
+        rollout: Option<Uuid>,
+        before: Option<i64>,
+        limit: u64,
+    ) -> Result<serde_json::Value, ClientError> {
+        let mut path = format!("/v1/audit?limit={limit}");
+        if let Some(rollout) = rollout {
+            path.push_str(&format!("&rollout={rollout}"));
+        }
+        if let Some(before) = before {
+            path.push_str(&format!("&before={before}"));
+        }
+        self.get_json(&path).await
+    }
+
     /// `POST /v1/rollouts/{id}/{action}` for pause, resume, abort, retry-failed.
     pub async fn rollout_action(
         &self,
@@ -440,19 +481,21 @@ mod tests {
 
     #[test]
     fn only_plain_http_urls_are_accepted() {
-        assert!(ApiClient::new("http://127.0.0.1:8080/").is_ok());
-        assert_eq!(ApiClient::new("http://api:8080/").unwrap().base_url(), "http://api:8080");
-        let error = ApiClient::new("127.0.0.1:8080").err().unwrap().to_string();
+        assert!(ApiClient::new("http://127.0.0.1:8080/", None).is_ok());
+        assert_eq!(ApiClient::new("http://api:8080/", None).unwrap().base_url(), "http://api:8080");
+        let error = ApiClient::new("127.0.0.1:8080", None).err().unwrap().to_string();
         assert!(error.contains("must start with http://"), "{error}");
-        let error = ApiClient::new("https://api").err().unwrap().to_string();
+        let error = ApiClient::new("https://api", None).err().unwrap().to_string();
         assert!(error.contains("plain http"), "{error}");
+        let error = ApiClient::new("http://api", Some("fpk_x\nInjected: 1")).err().unwrap().to_string();
+        assert!(error.contains("token") && !error.contains("fpk_x"), "{error}");
     }
 
     #[tokio::test]
     async fn a_connection_error_names_the_url() {
         // A port that was just free: nothing listens there.
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let client = ApiClient::new(&format!("http://127.0.0.1:{port}")).unwrap();
+        let client = ApiClient::new(&format!("http://127.0.0.1:{port}"), None).unwrap();
         let error = client.list_rollouts(10).await.unwrap_err();
         assert!(matches!(error, ClientError::Unreachable { .. }), "{error:?}");
         let message = error.to_string();

@@ -60,6 +60,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     // SQLite takes one writer at a time: one connection serializes without SQLITE_BUSY.
     let store = Store::connect(&StoreOptions { url, max_connections: 1 }).await?;
     store.migrate().await?;
+    // The demo's own admin key: in a file only its owner reads, never in the output.
+    let key_file = dir.join("admin.key");
+    crate::apikey::ensure_admin_key_file(&store, &key_file, "demo-admin").await?;
+    let admin_key = std::fs::read_to_string(&key_file).with_context(|| format!("reading {}", key_file.display()))?;
     let bus = Bus::new(Arc::new(MemoryBackend::new(&fleetpatch_proto::routing::WORK_QUEUES, 10)));
     let shutdown = Shutdown::new();
     let content_dir = dir.join("content");
@@ -121,12 +125,23 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     });
     let api = format!("http://{}", scheduler.local_addr);
     let started = Instant::now();
-    let response = reqwest::Client::new().post(format!("{api}/v1/rollouts")).json(&request).send().await?;
+    let response = reqwest::Client::new()
+        .post(format!("{api}/v1/rollouts"))
+        .bearer_auth(admin_key.trim())
+        .json(&request)
+        .send()
+        .await?;
     anyhow::ensure!(response.status() == 201, "the scheduler refused the demo rollout: {}", response.text().await?);
     let id: uuid::Uuid = response.json::<serde_json::Value>().await?["id"].as_str().context("rollout id")?.parse()?;
     println!(
         "fleetpatch demo: {} simulated targets × {} patches, concurrency {}",
         args.targets, args.patches, args.concurrency
+    );
+    println!(
+        "API {api}; its admin key is in {} (mode 0600, removed with the demo): \
+         FLEETPATCH_API={api} FLEETPATCH_TOKEN=\"$(cat {})\" fleetpatch rollout list",
+        key_file.display(),
+        key_file.display()
     );
     let terminal = Terminal::detect();
     let mut redraw = output::Redraw::default();

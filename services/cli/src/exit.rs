@@ -27,6 +27,11 @@ pub const ABORTED: u8 = 7;
 /// `check` (and `rollout create --preflight`): a preflight check failed
 /// on at least one target; `create --preflight` then created nothing.
 pub const CHECK_FAILED: u8 = 8;
+/// The API refused the credential (401): none was sent, or it is
+/// unknown, expired or revoked.
+pub const UNAUTHENTICATED: u8 = 9;
+/// The API refused the request for the credential's role (403).
+pub const FORBIDDEN: u8 = 10;
 
 /// A failure as the user sees it: a message and an exit status.
 #[derive(Debug)]

@@ -1,13 +1,15 @@
 //! `fleetpatch`: runs a service (`scheduler`, `worker`, `collector`, or
 //! `all` of them in one process), migrates the database, prints the
 //! effective configuration, and is the client of the scheduler API
-//! (`rollout …`, `targets`, `target`); `check` runs the preflight of
-//! targets from here, the way a worker would reach them.
+//! (`rollout …`, `targets`, `target`, `audit`); `check` runs the preflight of
+//! targets from here, the way a worker would reach them; `apikey` makes,
+//! lists and revokes API keys in the database.
 //!
 //! `main` only builds configuration and telemetry; each service lives in its
 //! own library crate with `start(options, ..., shutdown)`, and the client
 //! commands live in [`commands`].
 
+mod apikey;
 mod bench;
 mod check;
 mod client;
@@ -109,7 +111,7 @@ enum Command {
     /// Run the collector (agent reports on port 1072).
     Collector,
     /// Run scheduler, worker and collector in one process.
-    All,
+    All(AllArgs),
     /// The whole pipeline in one process on SQLite and the in-process bus, against a simulated fleet.
     Demo(demo::DemoArgs),
     /// Measure the pipeline on the configured RabbitMQ and PostgreSQL next to their raw ceilings.
@@ -121,11 +123,26 @@ enum Command {
     Targets(commands::TargetsArgs),
     /// Show one target: its patches and its timeline.
     Target(commands::TargetArgs),
+    /// The API's audit log: who changed what, from where, with what result (admin).
+    Audit(commands::AuditArgs),
+    /// Create, list and revoke API keys (in the database of database.url).
+    ///
+    /// `apikey create` prints the key once on stdout; the first admin key is
+    /// made this way, against the database.
+    #[command(subcommand)]
+    Apikey(apikey::ApiKeyCommand),
     /// Preflight: can the workers deploy to these targets? (port, host key, login, rights, space, collector)
     ///
     /// One target (--host ...) or every target of a rollout file (-f). Exit
     /// status 8 when any check fails.
     Check(check::CheckArgs),
+}
+
+#[derive(clap::Args)]
+struct AllArgs {
+    /// Where the admin API key of this process is kept (mode 0600; reused while it is valid).
+    #[arg(long, value_name = "FILE", default_value_os_t = std::env::temp_dir().join("fleetpatch-admin.key"))]
+    admin_key_file: PathBuf,
 }
 
 /// Warnings only, so the demo's own output stays readable.
@@ -193,8 +210,22 @@ async fn main() -> ExitCode {
             }
         };
     }
+    if let Some(Command::Apikey(command)) = cli.command {
+        if settings.database.url.is_empty() {
+            eprintln!("error: invalid configuration: database.url must be set (apikey works on the database)");
+            return ExitCode::from(commands::exit::INVALID);
+        }
+        return match apikey::run(command, &settings.database).await {
+            Ok(code) => ExitCode::from(code),
+            Err(failure) => {
+                eprintln!("error: {}", failure.message);
+                ExitCode::from(failure.code)
+            }
+        };
+    }
     let command = match cli.command {
         Some(Command::Rollout(command)) if !cli.print_config => Err(commands::ClientCommand::Rollout(command)),
+        Some(Command::Audit(args)) if !cli.print_config => Err(commands::ClientCommand::Audit(args)),
         Some(Command::Targets(args)) if !cli.print_config => Err(commands::ClientCommand::Targets(args)),
         Some(Command::Target(args)) if !cli.print_config => Err(commands::ClientCommand::Target(args)),
         other => Ok(other),
@@ -228,17 +259,19 @@ async fn run_service(print_config: bool, command: Option<Command>, settings: Set
     }
     settings.validate()?;
     let Some(command) = command else {
-        bail!("name a command: migrate, scheduler, worker, collector, all, rollout, targets, target or check (see --help)");
+        bail!("name a command: migrate, scheduler, worker, collector, all, rollout, targets, target, audit, apikey or check (see --help)");
     };
     let service: &'static str = match command {
         Command::Migrate => "fleetpatch-migrate",
         Command::Scheduler => "fleetpatch-scheduler",
         Command::Worker => "fleetpatch-worker",
         Command::Collector => "fleetpatch-collector",
-        Command::All => "fleetpatch",
+        Command::All(_) => "fleetpatch",
         Command::Rollout(_)
         | Command::Targets(_)
         | Command::Target(_)
+        | Command::Audit(_)
+        | Command::Apikey(_)
         | Command::Demo(_)
         | Command::Bench(_)
         | Command::Check(_) => {
@@ -267,6 +300,17 @@ async fn run_service(print_config: bool, command: Option<Command>, settings: Set
         return Ok(());
     }
     let store = Store::connect_migrated(&settings.database).await?;
+    if let Command::All(args) = &command {
+        // Out of the box: this process's own admin key, in a file only its owner reads.
+        let created = apikey::ensure_admin_key_file(&store, &args.admin_key_file, "fleetpatch-all")
+            .await
+            .with_context(|| format!("keeping the admin API key in {}", args.admin_key_file.display()))?;
+        tracing::info!(
+            path = %args.admin_key_file.display(),
+            created,
+            "admin api key file (mode 0600): fleetpatch clients send it with FLEETPATCH_TOKEN=\"$(cat <path>)\""
+        );
+    }
     let shutdown = Shutdown::on_signals();
     let bus = || async {
         let backend = RabbitBackend::connect(&settings.amqp, &fleetpatch_proto::routing::WORK_QUEUES).await?;
@@ -274,7 +318,7 @@ async fn run_service(print_config: bool, command: Option<Command>, settings: Set
     };
     let token_key = || token_key.clone().expect("a token key for workers and collectors");
     let mut joins = Vec::new();
-    if matches!(command, Command::Scheduler | Command::All) {
+    if matches!(command, Command::Scheduler | Command::All(_)) {
         let handle = fleetpatch_scheduler::start(
             settings.scheduler.clone(),
             store.clone(),
@@ -285,7 +329,7 @@ async fn run_service(print_config: bool, command: Option<Command>, settings: Set
         .await?;
         joins.push(tokio::spawn(async move { handle.join.await?.map_err(anyhow::Error::from) }));
     }
-    if matches!(command, Command::Collector | Command::All) {
+    if matches!(command, Command::Collector | Command::All(_)) {
         let handle = fleetpatch_collector::start(
             settings.collector.clone(),
             token_key(),
@@ -297,7 +341,7 @@ async fn run_service(print_config: bool, command: Option<Command>, settings: Set
         .await?;
         joins.push(tokio::spawn(async move { handle.join.await?.map_err(anyhow::Error::from) }));
     }
-    if matches!(command, Command::Worker | Command::All) {
+    if matches!(command, Command::Worker | Command::All(_)) {
         let mut transports =
             Transports::default().with(Arc::new(SimTransport::new(SimFleet::new(settings.sim.clone()))));
         if let Some(ssh) = &settings.ssh {

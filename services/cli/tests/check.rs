@@ -21,9 +21,13 @@ impl std::fmt::Debug for Run {
     }
 }
 
-async fn fleetpatch(config: &Path, api: &str, args: &[&str]) -> Run {
+async fn fleetpatch(config: &Path, api: &str, token: Option<&str>, args: &[&str]) -> Run {
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_fleetpatch"));
     command.arg("--config").arg(config).args(args).env("FLEETPATCH_API", api).env("NO_COLOR", "1");
+    match token {
+        Some(token) => command.env("FLEETPATCH_TOKEN", token),
+        None => command.env_remove("FLEETPATCH_TOKEN"),
+    };
     let output = tokio::time::timeout(Duration::from_secs(120), command.output())
         .await
         .unwrap_or_else(|_| panic!("fleetpatch {args:?} ran for more than 120 s"))
@@ -78,7 +82,7 @@ async fn check_passes_a_reachable_target_and_names_the_cause_for_a_closed_port()
     let setup = setup();
     let port = setup.peer.port().to_string();
     let good = ["check", "--host", "127.0.0.1", "--port", &port, "--credential", setup.credential];
-    let run = fleetpatch(&setup.config, "http://127.0.0.1:9", &good).await;
+    let run = fleetpatch(&setup.config, "http://127.0.0.1:9", None, &good).await;
     assert_eq!(run.code, 0, "{run:?}");
     for check in ["port", "host_key", "login", "admin_rights", "free_space", "tools", "collector"] {
         assert!(run.stdout.lines().any(|l| l.contains(check) && l.contains(" ok ")), "{check}: {run:?}");
@@ -87,7 +91,7 @@ async fn check_passes_a_reachable_target_and_names_the_cause_for_a_closed_port()
 
     let closed = setup.closed_port.to_string();
     let bad = ["check", "--host", "127.0.0.1", "--port", &closed, "--credential", setup.credential];
-    let run = fleetpatch(&setup.config, "http://127.0.0.1:9", &bad).await;
+    let run = fleetpatch(&setup.config, "http://127.0.0.1:9", None, &bad).await;
     assert_eq!(run.code, 8, "{run:?}");
     assert!(run.stdout.contains("FAILED"), "{run:?}");
     assert!(run.stdout.contains(&format!("127.0.0.1:{closed} port: ")), "{run:?}");
@@ -97,7 +101,8 @@ async fn check_passes_a_reachable_target_and_names_the_cause_for_a_closed_port()
     let file = setup.dir.path().join("rollout.yaml");
     std::fs::write(&file, rollout_yaml(&setup, &[setup.peer.port(), setup.closed_port], &"0".repeat(64))).unwrap();
     let run =
-        fleetpatch(&setup.config, "http://127.0.0.1:9", &["check", "-f", file.to_str().unwrap(), "-o", "json"]).await;
+        fleetpatch(&setup.config, "http://127.0.0.1:9", None, &["check", "-f", file.to_str().unwrap(), "-o", "json"])
+            .await;
     assert_eq!(run.code, 8, "{run:?}");
     let reports: serde_json::Value = serde_json::from_str(&run.stdout).expect("JSON");
     assert_eq!(reports[0]["ok"], true, "{reports}");
@@ -114,13 +119,13 @@ async fn check_names_an_unknown_host_key_and_a_missing_ssh_section() {
     let stranger = SshPeer::start().expect("start a second sshd peer");
     let port = stranger.port().to_string();
     let args = ["check", "--host", "127.0.0.1", "--port", &port, "--credential", setup.credential];
-    let run = fleetpatch(&setup.config, "http://127.0.0.1:9", &args).await;
+    let run = fleetpatch(&setup.config, "http://127.0.0.1:9", None, &args).await;
     assert_eq!(run.code, 8, "{run:?}");
     assert!(run.stdout.contains("host_key") && run.stdout.contains("add it to known_hosts"), "{run:?}");
 
     let bare = setup.dir.path().join("bare.toml");
     std::fs::write(&bare, "").unwrap();
-    let run = fleetpatch(&bare, "http://127.0.0.1:9", &args).await;
+    let run = fleetpatch(&bare, "http://127.0.0.1:9", None, &args).await;
     assert_eq!(run.code, 8, "{run:?}");
     assert!(run.stdout.contains("the ssh transport is not configured"), "{run:?}");
     assert!(run.stdout.contains("add an [ssh] section"), "{run:?}");
@@ -153,9 +158,13 @@ async fn rollout_create_with_preflight_creates_nothing_when_a_target_fails_its_c
     let (sha256, _) = sandbox.upload_content(b"echo hello\n".to_vec()).await;
     let failing = setup.dir.path().join("failing.yaml");
     std::fs::write(&failing, rollout_yaml(&setup, &[setup.peer.port(), setup.closed_port], &sha256)).unwrap();
-    let run =
-        fleetpatch(&setup.config, &sandbox.api, &["rollout", "create", "--preflight", "-f", failing.to_str().unwrap()])
-            .await;
+    let run = fleetpatch(
+        &setup.config,
+        &sandbox.api,
+        Some(&sandbox.admin_key),
+        &["rollout", "create", "--preflight", "-f", failing.to_str().unwrap()],
+    )
+    .await;
     assert_eq!(run.code, 8, "{run:?}");
     assert!(run.stderr.contains("preflight failed on 1 of 2 targets; no rollout was created"), "{run:?}");
     assert!(run.stderr.contains(&format!("127.0.0.1:{} port", setup.closed_port)), "{run:?}");
@@ -163,9 +172,13 @@ async fn rollout_create_with_preflight_creates_nothing_when_a_target_fails_its_c
 
     let passing = setup.dir.path().join("passing.yaml");
     std::fs::write(&passing, rollout_yaml(&setup, &[setup.peer.port()], &sha256)).unwrap();
-    let run =
-        fleetpatch(&setup.config, &sandbox.api, &["rollout", "create", "--preflight", "-f", passing.to_str().unwrap()])
-            .await;
+    let run = fleetpatch(
+        &setup.config,
+        &sandbox.api,
+        Some(&sandbox.admin_key),
+        &["rollout", "create", "--preflight", "-f", passing.to_str().unwrap()],
+    )
+    .await;
     assert_eq!(run.code, 0, "{run:?}");
     assert!(run.stderr.contains("preflight passed on all 1 targets"), "{run:?}");
     assert_eq!(sandbox.store.list_rollouts(10).await.unwrap().len(), 1);
@@ -201,14 +214,14 @@ async fn check_covers_windows_targets_over_smb() {
     };
 
     let good = args("admin");
-    let run = fleetpatch(&config, "http://127.0.0.1:9", &good.each_ref().map(String::as_str)).await;
+    let run = fleetpatch(&config, "http://127.0.0.1:9", None, &good.each_ref().map(String::as_str)).await;
     assert_eq!(run.code, 0, "{run:?}");
     for check in ["port", "login", "admin_share", "remote_registry", "service_manager"] {
         assert!(run.stdout.lines().any(|l| l.contains(check) && l.contains(" ok ")), "{check}: {run:?}");
     }
 
     let bad = args("wrong");
-    let run = fleetpatch(&config, "http://127.0.0.1:9", &bad.each_ref().map(String::as_str)).await;
+    let run = fleetpatch(&config, "http://127.0.0.1:9", None, &bad.each_ref().map(String::as_str)).await;
     assert_eq!(run.code, 8, "a failed check exits 8: {run:?}");
     assert!(run.stdout.contains("STATUS_LOGON_FAILURE") && run.stdout.contains("wrong credentials"), "{run:?}");
 }

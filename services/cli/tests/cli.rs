@@ -24,9 +24,50 @@ impl std::fmt::Debug for Run {
     }
 }
 
-async fn fleetpatch(api: &str, args: &[&str]) -> Run {
+/// Where the binary sends its requests, and the credential it sends.
+#[derive(Clone)]
+struct Api {
+    url: String,
+    token: Option<String>,
+}
+
+impl Api {
+    fn of(sandbox: &Sandbox) -> Self {
+        Self { url: sandbox.api.clone(), token: Some(sandbox.admin_key.clone()) }
+    }
+}
+
+impl From<&str> for Api {
+    fn from(url: &str) -> Self {
+        Self { url: url.to_owned(), token: None }
+    }
+}
+
+impl From<&String> for Api {
+    fn from(url: &String) -> Self {
+        Self::from(url.as_str())
+    }
+}
+
+impl From<&Api> for Api {
+    fn from(api: &Api) -> Self {
+        api.clone()
+    }
+}
+
+async fn fleetpatch(api: impl Into<Api>, args: &[&str]) -> Run {
+    fleetpatch_with_env(api, args, &[]).await
+}
+
+async fn fleetpatch_with_env(api: impl Into<Api>, args: &[&str], env: &[(&str, &str)]) -> Run {
+    let api = api.into();
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_fleetpatch"));
-    command.args(args).env("FLEETPATCH_API", api).env_remove("FLEETPATCH_CONFIG").env("NO_COLOR", "1");
+    command.args(args).env("FLEETPATCH_API", &api.url).env_remove("FLEETPATCH_CONFIG").env("NO_COLOR", "1");
+    command.envs(env.iter().copied());
+    match &api.token {
+        Some(token) => command.env("FLEETPATCH_TOKEN", token),
+        None => command.env_remove("FLEETPATCH_TOKEN"),
+    };
     let output = tokio::time::timeout(Duration::from_secs(120), command.output())
         .await
         .unwrap_or_else(|_| panic!("fleetpatch {args:?} ran for more than 120 s"))
@@ -78,7 +119,7 @@ fn json(run: &Run) -> serde_json::Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn create_from_yaml_watch_to_completion_and_read_back_as_json() {
     let sandbox = Sandbox::start(SandboxOptions::default()).await;
-    let api = sandbox.api.clone();
+    let api = Api::of(&sandbox);
     let dir = tempfile::tempdir().unwrap();
     let file = write(dir.path(), "rollout.yaml", &healthy_rollout());
     let file = file.to_str().unwrap();
@@ -143,7 +184,7 @@ async fn create_from_yaml_watch_to_completion_and_read_back_as_json() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn targets_imported_from_an_inventory_and_a_csv_file() {
     let sandbox = Sandbox::start(SandboxOptions::default()).await;
-    let api = sandbox.api.clone();
+    let api = Api::of(&sandbox);
     let dir = tempfile::tempdir().unwrap();
     let file = write(
         dir.path(),
@@ -352,4 +393,70 @@ fn a_bad_credential_definition_stops_the_services_with_its_key() {
             assert!(!run.stderr.contains("hunter2"), "{run:?}");
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_keys_come_from_the_database_and_refusals_have_their_own_exit_codes() {
+    let sandbox = Sandbox::start(SandboxOptions { workers: 0, ..SandboxOptions::default() }).await;
+    let database = [("FLEETPATCH__DATABASE__URL", sandbox.database_url())];
+    let url = sandbox.api.as_str();
+
+    // `apikey create` prints the key and nothing else on stdout.
+    let created = fleetpatch_with_env(
+        url,
+        &["apikey", "create", "--name", "ci", "--role", "viewer", "--expires", "1d"],
+        &database,
+    )
+    .await;
+    assert_eq!(created.code, 0, "{created:?}");
+    let key = created.stdout.trim().to_owned();
+    assert_eq!(created.stdout, format!("{key}\n"), "{created:?}");
+    assert!(key.starts_with("fpk_") && key.len() == 85, "{created:?}");
+    assert!(created.stderr.contains("role viewer") && !created.stderr.contains(&key), "{created:?}");
+    let again = fleetpatch_with_env(url, &["apikey", "create", "--name", "ci", "--role", "admin"], &database).await;
+    assert_eq!(again.code, 3, "{again:?}");
+    assert!(again.stderr.contains("exists"), "{again:?}");
+
+    // `apikey list` never shows a key.
+    let listed = fleetpatch_with_env(url, &["apikey", "list", "-o", "json"], &database).await;
+    let keys = json(&listed);
+    let names: Vec<&str> = keys["keys"].as_array().unwrap().iter().map(|k| k["name"].as_str().unwrap()).collect();
+    assert_eq!(names, vec!["sandbox-admin", "ci"]);
+    assert!(!listed.stdout.contains(&key[key.len() - 64..]), "{listed:?}");
+    let table = fleetpatch_with_env(url, &["apikey", "list"], &database).await;
+    assert!(table.stdout.contains("ci") && table.stdout.contains("active"), "{table:?}");
+
+    // No credential: 9; a role too low: 10; each says what to do.
+    let anonymous = fleetpatch(url, &["rollout", "list"]).await;
+    assert_eq!(anonymous.code, 9, "{anonymous:?}");
+    assert!(anonymous.stderr.contains("--token, FLEETPATCH_TOKEN or client.token"), "{anonymous:?}");
+    let viewer = Api { url: url.to_owned(), token: Some(key.clone()) };
+    assert_eq!(fleetpatch(&viewer, &["rollout", "list"]).await.code, 0);
+    let rollout = "00000000-0000-0000-0000-000000000001";
+    let pause = fleetpatch(&viewer, &["rollout", "pause", rollout]).await;
+    assert_eq!(pause.code, 10, "{pause:?}");
+    assert!(pause.stderr.contains("needs the operator role"), "{pause:?}");
+
+    // The key from a secret reference in the configuration file.
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = write(dir.path(), "viewer.key", &format!("{key}\n"));
+    let config = write(dir.path(), "client.toml", &format!("[client]\ntoken = \"file:{}\"\n", key_file.display()));
+    let from_config = fleetpatch(url, &["--config", config.to_str().unwrap(), "rollout", "list"]).await;
+    assert_eq!(from_config.code, 0, "{from_config:?}");
+
+    // `audit` (admin) shows the viewer's refused pause.
+    let audit = json(&fleetpatch(Api::of(&sandbox), &["audit", "--rollout", rollout, "-o", "json"]).await);
+    let entries = audit["entries"].as_array().unwrap();
+    assert_eq!(entries.len(), 1, "{audit}");
+    assert_eq!((entries[0]["actor"].as_str(), entries[0]["status"].as_u64()), (Some("ci"), Some(403)));
+    let table = fleetpatch(Api::of(&sandbox), &["audit"]).await;
+    assert!(table.stdout.contains("POST /v1/rollouts/{id}/pause"), "{table:?}");
+
+    // Revoked: refused from now on.
+    let revoked = fleetpatch_with_env(url, &["apikey", "revoke", "ci"], &database).await;
+    assert_eq!(revoked.code, 0, "{revoked:?}");
+    let refused = fleetpatch(&viewer, &["rollout", "list"]).await;
+    assert_eq!(refused.code, 9, "{refused:?}");
+    assert!(refused.stderr.contains("revoked"), "{refused:?}");
+    sandbox.stop().await;
 }

@@ -36,6 +36,8 @@ pub struct ApiState {
     pub nudge: Arc<Notify>,
     pub content_dir: PathBuf,
     pub input: Arc<InputPolicy>,
+    /// Checks the credential of every `/v1` request and audits its calls.
+    pub auth: crate::auth::Authenticator,
 }
 
 /// What requests are checked against: the configured limits and the names
@@ -101,7 +103,7 @@ pub struct Problem {
 }
 
 impl Problem {
-    fn new(status: StatusCode, title: &'static str, detail: impl Into<String>) -> Self {
+    pub(crate) fn new(status: StatusCode, title: &'static str, detail: impl Into<String>) -> Self {
         Self { status, title, detail: detail.into(), errors: vec![] }
     }
     fn invalid(errors: Vec<FieldError>) -> Self {
@@ -132,6 +134,9 @@ impl From<fleetpatch_store::Error> for Problem {
                 Problem::new(StatusCode::NOT_FOUND, "Not found", error.to_string())
             }
             fleetpatch_store::Error::Conflict(message) => Problem::new(StatusCode::CONFLICT, "Conflict", message),
+            fleetpatch_store::Error::Invalid(message) => {
+                Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "Invalid request", message)
+            }
             other => {
                 tracing::error!(error = %other, "store error in the API");
                 Problem::new(
@@ -478,9 +483,10 @@ pub fn validate(
 
 // ------------------------------------------------------------------ handlers
 
+/// The API: `/openapi.json` open, every `/v1` route behind
+/// [`crate::auth::authenticate`] (a credential, a role, the audit log).
 pub fn router(state: ApiState) -> Router {
-    Router::new()
-        .route("/openapi.json", get(openapi))
+    let v1 = Router::new()
         .route(
             "/v1/rollouts",
             post(create_rollout).layer(DefaultBodyLimit::max(MAX_ROLLOUT_BODY_BYTES)).get(list_rollouts),
@@ -493,7 +499,10 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/rollouts/{id}/retry-failed", post(retry_failed))
         .route("/v1/targets/{id}", get(show_target))
         .route("/v1/content/{sha256}", put(upload_content).head(has_content))
-        .with_state(state)
+        .route("/v1/audit", get(audit))
+        .route_layer(axum::middleware::from_fn_with_state(state.auth.clone(), crate::auth::authenticate))
+        .with_state(state);
+    Router::new().route("/openapi.json", get(openapi)).merge(v1)
 }
 
 /// The OpenAPI document.
@@ -775,6 +784,26 @@ async fn has_content(State(state): State<ApiState>, Path(sha256): Path<String>) 
     }
 }
 
+#[derive(Deserialize)]
+struct AuditParams {
+    #[serde(default)]
+    rollout: Option<String>,
+    #[serde(default)]
+    before: Option<i64>,
+    #[serde(default)]
+    limit: Option<u64>,
+}
+
+/// `GET /v1/audit` (admin): newest first, `before` pages, `rollout` filters.
+async fn audit(State(state): State<ApiState>, Query(params): Query<AuditParams>) -> Result<Response, Problem> {
+    let rollout_id = params.rollout.as_deref().filter(|r| !r.is_empty()).map(|r| parse_id(r, "rollout")).transpose()?;
+    let limit = params.limit.unwrap_or(100).clamp(1, 1_000);
+    let entries =
+        state.store.audit_entries(fleetpatch_store::AuditQuery { rollout_id, before: params.before, limit }).await?;
+    let next = (entries.len() as u64 == limit).then(|| entries.last().map(|e| e.id)).flatten();
+    Ok(Json(serde_json::json!({ "entries": entries, "next_before": next })).into_response())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -913,6 +942,7 @@ mod tests {
             "/v1/rollouts/{id}/retry-failed",
             "/v1/targets/{id}",
             "/v1/content/{sha256}",
+            "/v1/audit",
         ] {
             assert!(paths.contains_key(path), "openapi.json misses {path}");
         }

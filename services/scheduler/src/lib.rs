@@ -28,6 +28,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 pub mod api;
+pub mod auth;
 
 /// Scheduler settings (`[scheduler]`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -64,6 +65,8 @@ pub struct SchedulerOptions {
     /// table, never read from `[scheduler]`.
     #[serde(skip)]
     pub credential_names: std::collections::BTreeSet<String>,
+    /// Who may call the API: API keys always; OIDC tokens when `oidc` is set.
+    pub auth: auth::AuthOptions,
 }
 
 impl Default for SchedulerOptions {
@@ -80,6 +83,7 @@ impl Default for SchedulerOptions {
             max_targets_per_rollout: 100_000,
             max_content_bytes: 4 << 30,
             credential_names: std::collections::BTreeSet::new(),
+            auth: auth::AuthOptions::default(),
         }
     }
 }
@@ -104,7 +108,8 @@ impl SchedulerOptions {
         if self.reconcile_interval_seconds == 0 {
             return Err("scheduler.reconcile_interval_seconds must be at least 1".into());
         }
-        self.http.validate("scheduler.http")
+        self.http.validate("scheduler.http")?;
+        self.auth.validate()
     }
 }
 
@@ -123,6 +128,10 @@ pub enum Error {
     Bus(#[from] fleetpatch_bus::Error),
     #[error("serving HTTP: {0}")]
     Serve(#[from] std::io::Error),
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("invalid configuration: {0}")]
+    Jwks(#[from] auth::JwksError),
 }
 
 /// A running scheduler.
@@ -168,6 +177,11 @@ pub async fn start(
     health: Health,
     shutdown: Shutdown,
 ) -> Result<SchedulerHandle, Error> {
+    options.auth.validate().map_err(Error::Config)?;
+    let oidc = match options.auth.oidc.clone() {
+        Some(oidc) => Some(auth::Oidc::start(oidc).await?),
+        None => None,
+    };
     let listener = fleetpatch_runtime::ops::bind(&options.listen).await?;
     let local_addr = listener.local_addr()?;
     health.add_check("database", store.readiness_check());
@@ -189,8 +203,10 @@ pub async fn start(
             max_content_bytes: options.max_content_bytes,
             credential_names: options.credential_names.clone(),
         }),
+        auth: auth::Authenticator::new(store.clone(), oidc.clone()),
     })
     .merge(fleetpatch_runtime::ops::router(health.clone()));
+    let jwks_refresh = oidc.as_ref().map(|oidc| oidc.spawn_refresh(shutdown.clone()));
     let dispatch = bus.consume(routing::DISPATCH, options.prefetch).await?;
     let watch_prefetch = u32::from(options.watch_batch) * (u32::from(options.watch_writers) + 1) + WATCH_HOLD_ROOM;
     let watch = bus.consume(routing::WATCH, watch_prefetch.min(u32::from(u16::MAX)) as u16).await?;
@@ -225,6 +241,9 @@ pub async fn start(
         }
         relay_stop.cancel();
         let _ = relay.await;
+        if let Some(refresh) = jwks_refresh {
+            let _ = refresh.await;
+        }
         core.bus.close().await;
         let _ = server.await;
         tracing::info!("scheduler drained");

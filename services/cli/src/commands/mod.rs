@@ -1,9 +1,10 @@
-//! The client commands (`rollout …`, `targets`, `target`): their
+//! The client commands (`rollout …`, `targets`, `target`, `audit`): their
 //! arguments, their exit codes, and how a failure is told to the user.
 //!
 //! Each command talks to the scheduler only through [`ApiClient`]; none of
 //! them touches the database or the bus.
 
+mod audit;
 mod rollout;
 mod targets;
 mod watch;
@@ -26,11 +27,16 @@ use crate::rollout_file::InputError;
 pub struct ClientOptions {
     /// The scheduler API; `--api` and `FLEETPATCH_API` override it.
     pub api_url: String,
+    /// Where the API credential is: a secret reference (`env:NAME`,
+    /// `file:/path`), never the key itself; `--token` and
+    /// `FLEETPATCH_TOKEN` override it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
 }
 
 impl Default for ClientOptions {
     fn default() -> Self {
-        Self { api_url: DEFAULT_API_URL.into() }
+        Self { api_url: DEFAULT_API_URL.into(), token: None }
     }
 }
 
@@ -39,6 +45,25 @@ pub struct ApiArgs {
     /// The scheduler API [default: client.api_url of the configuration, else http://127.0.0.1:8080]
     #[arg(long, env = "FLEETPATCH_API", value_name = "URL")]
     api: Option<String>,
+    /// The API key (fpk_…) or OIDC token to send [default: the secret client.token refers to]
+    #[arg(long, env = "FLEETPATCH_TOKEN", value_name = "TOKEN", hide_env_values = true)]
+    token: Option<String>,
+}
+
+impl ApiArgs {
+    /// The client these arguments and the configuration describe.
+    pub fn client(&self, options: &ClientOptions) -> Result<ApiClient, Failure> {
+        let token = match (&self.token, &options.token) {
+            (Some(token), _) => Some(token.clone()),
+            (None, Some(reference)) => Some(
+                fleetpatch_runtime::secrets::resolve(reference)
+                    .map_err(|reason| Failure::new(exit::USAGE, format!("client.token: {reason}")))?,
+            ),
+            (None, None) => None,
+        };
+        let token = token.filter(|t| !t.trim().is_empty());
+        ApiClient::new(self.api.as_deref().unwrap_or(&options.api_url), token.as_deref()).map_err(Failure::from)
+    }
 }
 
 #[derive(Debug, Clone, Copy, Args)]
@@ -180,6 +205,20 @@ pub struct TargetArgs {
     api: ApiArgs,
 }
 
+#[derive(Debug, Args)]
+pub struct AuditArgs {
+    /// Only the calls about this rollout.
+    #[arg(long)]
+    rollout: Option<Uuid>,
+    /// At most this many entries, newest first (all when left out).
+    #[arg(long)]
+    limit: Option<u64>,
+    #[command(flatten)]
+    output: OutputArgs,
+    #[command(flatten)]
+    api: ApiArgs,
+}
+
 fn parse_target_state(raw: &str) -> Result<TargetState, String> {
     raw.parse().map_err(|e: fleetpatch_proto::state::UnknownState| e.to_string())
 }
@@ -190,6 +229,7 @@ pub enum ClientCommand {
     Rollout(RolloutCommand),
     Targets(TargetsArgs),
     Target(TargetArgs),
+    Audit(AuditArgs),
 }
 
 impl From<InputError> for Failure {
@@ -202,7 +242,9 @@ impl From<ClientError> for Failure {
     fn from(error: ClientError) -> Self {
         let code = match &error {
             ClientError::Refused { .. } => exit::INVALID,
-            ClientError::BadUrl { .. } => exit::USAGE,
+            ClientError::Unauthenticated { .. } => exit::UNAUTHENTICATED,
+            ClientError::Forbidden { .. } => exit::FORBIDDEN,
+            ClientError::BadUrl { .. } | ClientError::BadToken => exit::USAGE,
             ClientError::Unreachable { .. } | ClientError::Unavailable { .. } => exit::UNREACHABLE,
             ClientError::Protocol { .. } => exit::ERROR,
         };
@@ -234,7 +276,7 @@ pub async fn run(
     options: &crate::commands::ClientOptions,
     environment: &crate::check::Environment,
 ) -> Result<u8, Failure> {
-    let client = |api: &ApiArgs| ApiClient::new(api.api.as_deref().unwrap_or(&options.api_url)).map_err(Failure::from);
+    let client = |api: &ApiArgs| api.client(options);
     match command {
         ClientCommand::Rollout(command) => match command {
             RolloutCommand::Create(args) => {
@@ -266,5 +308,8 @@ pub async fn run(
             targets::list(&api, args.id, args.state, args.limit, args.output.output).await
         }
         ClientCommand::Target(args) => targets::show(&client(&args.api)?, args.id, args.output.output).await,
+        ClientCommand::Audit(args) => {
+            audit::list(&client(&args.api)?, args.rollout, args.limit, args.output.output).await
+        }
     }
 }
