@@ -24,6 +24,7 @@ mod m20261124_000002_hot_last_seen;
 mod m20261124_000003_in_flight_index;
 mod m20261202_000001_api_keys_audit;
 mod m20261202_000003_named_credentials;
+mod m20261202_000004_outbox_lease;
 
 pub struct Migrator;
 
@@ -36,6 +37,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261124_000003_in_flight_index::Migration),
             Box::new(m20261202_000001_api_keys_audit::Migration),
             Box::new(m20261202_000003_named_credentials::Migration),
+            Box::new(m20261202_000004_outbox_lease::Migration),
         ]
     }
 }

@@ -126,7 +126,7 @@ async fn no_secret_appears_in_any_log_line_or_api_answer() {
         .iter()
         .filter_map(|t| {
             let nonce = t.token_nonce.clone()?;
-            Some(fleetpatch_worker::derive_token(TOKEN_KEY.as_bytes(), t.id, t.attempt, &nonce))
+            Some(fleetpatch_proto::report_auth::derive_token(TOKEN_KEY.as_bytes(), t.id, t.attempt, &nonce))
         })
         .collect();
     assert!(!tokens.is_empty());

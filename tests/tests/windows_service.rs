@@ -260,7 +260,7 @@ fn stage(
             }
         })
         .collect();
-    let token = fleetpatch_worker::derive_token(
+    let token = fleetpatch_proto::report_auth::derive_token(
         TOKEN_KEY.as_bytes(),
         target.id,
         target.attempt,
@@ -270,7 +270,9 @@ fn stage(
         version: 1,
         deployment_id: deployment_id.clone(),
         target_id: target.id,
+        attempt: target.attempt,
         collector_url: format!("http://{collector}"),
+        collector_ca_pem: None,
         token,
         heartbeat_seconds: 1,
         patches,

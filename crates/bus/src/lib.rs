@@ -37,6 +37,8 @@ pub mod ceiling;
 #[cfg(feature = "test-support")]
 pub mod conformance;
 pub mod memory;
+#[cfg(feature = "test-support")]
+pub mod private_broker;
 pub mod rabbitmq;
 mod trace;
 
@@ -76,6 +78,14 @@ pub enum Error {
     Nacked { routing_key: String },
     #[error("the bus is closed")]
     Closed,
+}
+
+impl Error {
+    /// Whether trying again later may work (the broker is away or busy),
+    /// as opposed to a bus that was closed on purpose.
+    pub fn is_transient(&self) -> bool {
+        !matches!(self, Error::Closed)
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -11,9 +11,22 @@
 //!
 //! Publishing waits for publisher confirms. Each consumer has its own channel
 //! with `basic.qos(prefetch)`.
+//!
+//! The connection heals: when the broker goes away (restart, `stop_app`, a
+//! network cut), the next publish reopens the connection (with backoff and
+//! jitter between attempts, so an outage costs one cheap refusal per caller,
+//! not a storm of connects), re-declares the topology and carries on, and
+//! every consumer re-subscribes on the new connection by itself; its
+//! [`Consumer`](crate::Consumer) never ends because of an outage. The
+//! deliveries handed out on the lost connection cannot be acked any more;
+//! the broker returns them to their queues. Connecting, and waiting for a
+//! publisher confirm, have time limits, so a blocked broker never holds a
+//! caller forever. `is_healthy` (the `/readyz` check) is false while there is
+//! no open connection.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use lapin::options::{
@@ -49,23 +62,91 @@ impl Default for RabbitOptions {
     }
 }
 
-/// A connection to RabbitMQ with the fleetpatch topology declared.
-pub struct RabbitBackend {
-    connection: Connection,
-    publisher: Mutex<Option<Channel>>,
-    prefix: String,
-    queues: Vec<String>,
+/// How long opening a connection (TCP, AMQP handshake) may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a publish may wait for the broker's confirms.
+pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
+/// First and longest pause between two attempts to reach a lost broker.
+pub const RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(200);
+pub const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Growing pauses with jitter (±20 %), for reconnecting.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    next: Duration,
+    min: Duration,
+    max: Duration,
 }
 
-/// An AMQP connection on the current tokio runtime, named `name` in the broker's UI.
+impl Backoff {
+    pub fn new(min: Duration, max: Duration) -> Self {
+        Self { next: min, min, max }
+    }
+
+    /// The pause before the next attempt; each call doubles the next one, up to the maximum.
+    pub fn next_pause(&mut self) -> Duration {
+        let base = self.next;
+        self.next = (self.next * 2).min(self.max);
+        let jitter = rand::random_range(0.8..1.2);
+        base.mul_f64(jitter)
+    }
+
+    /// After a success: the next failure starts from the shortest pause again.
+    pub fn reset(&mut self) {
+        self.next = self.min;
+    }
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self::new(RECONNECT_BACKOFF_MIN, RECONNECT_BACKOFF_MAX)
+    }
+}
+
+/// The broker connection, reopened on demand after it was lost.
+struct Link {
+    url: String,
+    delivery_limit: u32,
+    prefix: String,
+    queues: Vec<String>,
+    /// The open connection, if any; replaced after a loss.
+    current: Mutex<Option<Arc<Connection>>>,
+    /// The publisher channel of the current connection.
+    publisher: Mutex<Option<Channel>>,
+    /// One reconnect at a time; others wait for its outcome.
+    reconnecting: tokio::sync::Mutex<ReconnectState>,
+    /// Closed on purpose ([`Backend::close`]): no more reconnecting.
+    closed: std::sync::atomic::AtomicBool,
+}
+
+struct ReconnectState {
+    backoff: Backoff,
+    /// No new attempt before this (set after a failed one).
+    not_before: Option<Instant>,
+}
+
+/// A connection to RabbitMQ with the fleetpatch topology declared, which
+/// reconnects by itself after the broker went away.
+pub struct RabbitBackend {
+    link: Arc<Link>,
+}
+
+/// An AMQP connection on the current tokio runtime, named `name` in the
+/// broker's UI, within [`CONNECT_TIMEOUT`].
 pub(crate) async fn open_connection(url: &str, name: &str) -> Result<Connection> {
     let properties = ConnectionProperties::default()
         .with_executor(tokio_executor_trait::Tokio::current())
         .with_reactor(tokio_reactor_trait::Tokio)
         .with_connection_name(name.into());
-    Connection::connect(url, properties)
-        .await
-        .map_err(|error| Error::Connect { url: redact_url(url), reason: redact_url(&error.to_string()) })
+    match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(url, properties)).await {
+        Ok(connected) => {
+            connected.map_err(|error| Error::Connect { url: redact_url(url), reason: redact_url(&error.to_string()) })
+        }
+        Err(_) => Err(Error::Connect {
+            url: redact_url(url),
+            reason: format!("no answer within {} s", CONNECT_TIMEOUT.as_secs()),
+        }),
+    }
 }
 
 pub(crate) fn broker(action: &'static str) -> impl FnOnce(lapin::Error) -> Error {
@@ -125,26 +206,67 @@ fn headers_of(properties: &BasicProperties) -> BTreeMap<String, String> {
         .unwrap_or_default()
 }
 
-impl RabbitBackend {
-    /// Connects and declares the topology for `queues` (work routing keys).
-    pub async fn connect(options: &RabbitOptions, queues: &[&str]) -> Result<Self> {
-        let connection = open_connection(&options.url, "fleetpatch").await?;
-        let backend = Self {
-            connection,
-            publisher: Mutex::new(None),
-            prefix: options.prefix.clone(),
-            queues: queues.iter().map(|q| (*q).to_owned()).collect(),
-        };
-        backend.declare(options.delivery_limit).await?;
-        Ok(backend)
-    }
-
+impl Link {
     fn name(&self, suffix: &str) -> String {
         format!("{}.{suffix}", self.prefix)
     }
 
-    async fn declare(&self, delivery_limit: u32) -> Result<()> {
-        let channel = self.connection.create_channel().await.map_err(broker("opening a channel"))?;
+    fn current(&self) -> Option<Arc<Connection>> {
+        self.current.lock().expect("connection lock").clone().filter(|c| c.status().connected())
+    }
+
+    /// The open connection, reopening it (and re-declaring the topology) if
+    /// it was lost. After a failed attempt, callers within the backoff get
+    /// the failure at once instead of another attempt.
+    async fn connection(&self) -> Result<Arc<Connection>> {
+        if let Some(connection) = self.current() {
+            return Ok(connection);
+        }
+        if self.closed.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(Error::Closed);
+        }
+        let mut state = self.reconnecting.lock().await;
+        if let Some(connection) = self.current() {
+            return Ok(connection);
+        }
+        if let Some(not_before) = state.not_before {
+            if Instant::now() < not_before {
+                return Err(Error::Connect {
+                    url: redact_url(&self.url),
+                    reason: "the broker is unreachable; the next attempt is scheduled".into(),
+                });
+            }
+        }
+        let opened = async {
+            let connection = open_connection(&self.url, "fleetpatch").await?;
+            self.declare(&connection).await?;
+            Ok::<_, Error>(connection)
+        }
+        .await;
+        match opened {
+            Ok(connection) => {
+                let connection = Arc::new(connection);
+                let was_lost = self.current.lock().expect("connection lock").replace(connection.clone()).is_some();
+                self.publisher.lock().expect("publisher lock").take();
+                if was_lost {
+                    tracing::info!(url = %redact_url(&self.url), "reconnected to the message broker");
+                    metrics::counter!("fleetpatch_bus_reconnects_total").increment(1);
+                }
+                state.backoff.reset();
+                state.not_before = None;
+                Ok(connection)
+            }
+            Err(error) => {
+                let pause = state.backoff.next_pause();
+                state.not_before = Some(Instant::now() + pause);
+                tracing::warn!(error = %error, retry_in_ms = pause.as_millis() as u64, "the message broker is unreachable");
+                Err(error)
+            }
+        }
+    }
+
+    async fn declare(&self, connection: &Connection) -> Result<()> {
+        let channel = connection.create_channel().await.map_err(broker("opening a channel"))?;
         let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
         let queue_options = QueueDeclareOptions { durable: true, ..Default::default() };
         let (work, events, dlx, dead) = (self.name("work"), self.name("events"), self.name("dlx"), self.name("dead"));
@@ -168,7 +290,7 @@ impl RabbitBackend {
             let name = self.name(queue);
             let arguments = table(&[
                 ("x-queue-type", text("quorum")),
-                ("x-delivery-limit", AMQPValue::LongInt(delivery_limit as i32)),
+                ("x-delivery-limit", AMQPValue::LongInt(self.delivery_limit as i32)),
                 ("x-dead-letter-exchange", text(&dlx)),
                 ("x-dead-letter-strategy", text("at-least-once")),
                 ("x-overflow", text("reject-publish")),
@@ -202,15 +324,100 @@ impl RabbitBackend {
         Ok(())
     }
 
+    async fn publisher(&self) -> Result<Channel> {
+        if let Some(channel) = self.publisher.lock().expect("publisher lock").as_ref() {
+            if channel.status().connected() {
+                return Ok(channel.clone());
+            }
+        }
+        let connection = self.connection().await?;
+        let channel = connection.create_channel().await.map_err(broker("opening a channel"))?;
+        channel.confirm_select(ConfirmSelectOptions::default()).await.map_err(broker("enabling publisher confirms"))?;
+        *self.publisher.lock().expect("publisher lock") = Some(channel.clone());
+        Ok(channel)
+    }
+
+    fn forget_publisher(&self) {
+        self.publisher.lock().expect("publisher lock").take();
+    }
+
+    fn exchange_of(&self, route: Route) -> String {
+        match route {
+            Route::Work => self.name("work"),
+            Route::Events => self.name("events"),
+            Route::Wait(step) => self.name(&format!("wait.{step}")),
+        }
+    }
+
+    /// A consumer's channel and subscription on the current connection.
+    async fn subscribe(&self, queue: &str, prefetch: u16, tag: &str) -> Result<(Channel, lapin::Consumer)> {
+        let connection = self.connection().await?;
+        let channel = connection.create_channel().await.map_err(broker("opening a channel"))?;
+        channel.basic_qos(prefetch, BasicQosOptions::default()).await.map_err(broker("setting prefetch"))?;
+        let consumer = channel
+            .basic_consume(&self.name(queue), tag, BasicConsumeOptions::default(), FieldTable::default())
+            .await
+            .map_err(broker("starting a consumer"))?;
+        Ok((channel, consumer))
+    }
+}
+
+impl RabbitBackend {
+    /// Connects and declares the topology for `queues` (work routing keys).
+    /// The first connection must succeed (see [`RabbitBackend::connect_waiting`]
+    /// for a service starting before its broker); after that the backend
+    /// reconnects by itself.
+    pub async fn connect(options: &RabbitOptions, queues: &[&str]) -> Result<Self> {
+        let link = Arc::new(Link {
+            url: options.url.clone(),
+            delivery_limit: options.delivery_limit,
+            prefix: options.prefix.clone(),
+            queues: queues.iter().map(|q| (*q).to_owned()).collect(),
+            current: Mutex::new(None),
+            publisher: Mutex::new(None),
+            reconnecting: tokio::sync::Mutex::new(ReconnectState { backoff: Backoff::default(), not_before: None }),
+            closed: std::sync::atomic::AtomicBool::new(false),
+        });
+        link.connection().await?;
+        Ok(Self { link })
+    }
+
+    /// Like [`RabbitBackend::connect`], but waits for the broker with
+    /// growing pauses (logging what it waits for) until it answers or
+    /// `give_up` completes (a shutdown signal): a service started before its
+    /// broker waits instead of exiting.
+    pub async fn connect_waiting(
+        options: &RabbitOptions,
+        queues: &[&str],
+        give_up: impl std::future::Future<Output = ()>,
+    ) -> Result<Self> {
+        let mut backoff = Backoff::new(RECONNECT_BACKOFF_MIN, RECONNECT_BACKOFF_MAX);
+        tokio::pin!(give_up);
+        loop {
+            match Self::connect(options, queues).await {
+                Ok(backend) => return Ok(backend),
+                Err(error) => {
+                    let pause = backoff.next_pause();
+                    tracing::warn!(error = %error, retry_in_ms = pause.as_millis() as u64, "waiting for the message broker");
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => {}
+                        _ = &mut give_up => return Err(error),
+                    }
+                }
+            }
+        }
+    }
+
     /// Deletes every queue and exchange of this prefix (tests, uninstall).
     pub async fn delete_topology(&self) -> Result<()> {
-        let channel = self.connection.create_channel().await.map_err(broker("opening a channel"))?;
-        let mut queues: Vec<String> = self.queues.iter().map(|q| self.name(q)).collect();
-        queues.push(self.name("dead"));
-        let mut exchanges = vec![self.name("work"), self.name("events"), self.name("dlx")];
+        let link = &self.link;
+        let channel = link.connection().await?.create_channel().await.map_err(broker("opening a channel"))?;
+        let mut queues: Vec<String> = link.queues.iter().map(|q| link.name(q)).collect();
+        queues.push(link.name("dead"));
+        let mut exchanges = vec![link.name("work"), link.name("events"), link.name("dlx")];
         for step in DELAY_STEPS_MS {
-            queues.push(self.name(&format!("wait.{step}")));
-            exchanges.push(self.name(&format!("wait.{step}")));
+            queues.push(link.name(&format!("wait.{step}")));
+            exchanges.push(link.name(&format!("wait.{step}")));
         }
         for queue in queues {
             channel.queue_delete(&queue, QueueDeleteOptions::default()).await.map_err(broker("deleting a queue"))?;
@@ -222,26 +429,6 @@ impl RabbitBackend {
                 .map_err(broker("deleting an exchange"))?;
         }
         Ok(())
-    }
-
-    async fn publisher(&self) -> Result<Channel> {
-        if let Some(channel) = self.publisher.lock().expect("publisher lock").as_ref() {
-            if channel.status().connected() {
-                return Ok(channel.clone());
-            }
-        }
-        let channel = self.connection.create_channel().await.map_err(broker("opening a channel"))?;
-        channel.confirm_select(ConfirmSelectOptions::default()).await.map_err(broker("enabling publisher confirms"))?;
-        *self.publisher.lock().expect("publisher lock") = Some(channel.clone());
-        Ok(channel)
-    }
-
-    fn exchange_of(&self, route: Route) -> String {
-        match route {
-            Route::Work => self.name("work"),
-            Route::Events => self.name("events"),
-            Route::Wait(step) => self.name(&format!("wait.{step}")),
-        }
     }
 }
 
@@ -267,8 +454,9 @@ impl Acker for RabbitAcker {
 #[async_trait::async_trait]
 impl Backend for RabbitBackend {
     async fn publish(&self, route: Route, messages: Vec<Wire>) -> Result<()> {
-        let channel = self.publisher().await?;
-        let exchange = self.exchange_of(route);
+        let link = &self.link;
+        let channel = link.publisher().await?;
+        let exchange = link.exchange_of(route);
         let mut confirms = Vec::with_capacity(messages.len());
         for message in &messages {
             let headers: Vec<(&str, AMQPValue)> = message.headers.iter().map(|(k, v)| (k.as_str(), text(v))).collect();
@@ -285,13 +473,28 @@ impl Backend for RabbitBackend {
             match confirm {
                 Ok(confirm) => confirms.push((confirm, &message.routing_key)),
                 Err(error) => {
-                    self.publisher.lock().expect("publisher lock").take();
+                    link.forget_publisher();
                     return Err(Error::Broker { action: "publishing", reason: error.to_string() });
                 }
             }
         }
+        let deadline = tokio::time::Instant::now() + CONFIRM_TIMEOUT;
         for (confirm, routing_key) in confirms {
-            let confirmation = confirm.await.map_err(broker("waiting for a publisher confirm"))?;
+            let confirmation = match tokio::time::timeout_at(deadline, confirm).await {
+                Ok(confirmation) => confirmation.map_err(|error| {
+                    link.forget_publisher();
+                    Error::Broker { action: "waiting for a publisher confirm", reason: error.to_string() }
+                })?,
+                Err(_) => {
+                    // A blocked broker (e.g. a memory or disk alarm): give up
+                    // on this channel; the caller keeps its messages (outbox).
+                    link.forget_publisher();
+                    return Err(Error::Broker {
+                        action: "waiting for a publisher confirm",
+                        reason: format!("no confirm within {} s", CONFIRM_TIMEOUT.as_secs()),
+                    });
+                }
+            };
             if confirmation.is_nack() {
                 return Err(Error::Nacked { routing_key: routing_key.clone() });
             }
@@ -300,61 +503,92 @@ impl Backend for RabbitBackend {
     }
 
     async fn consume(&self, queue: &str, prefetch: u16) -> Result<BackendConsumer> {
-        let channel = self.connection.create_channel().await.map_err(broker("opening a channel"))?;
-        channel.basic_qos(prefetch, BasicQosOptions::default()).await.map_err(broker("setting prefetch"))?;
         let tag = format!("{}-{}", queue, uuid::Uuid::new_v4().simple());
-        let mut consumer = channel
-            .basic_consume(&self.name(queue), &tag, BasicConsumeOptions::default(), FieldTable::default())
-            .await
-            .map_err(broker("starting a consumer"))?;
+        // The first subscription must work: a caller that cannot consume at
+        // all (no such queue) hears it now, not never.
+        let first = self.link.subscribe(queue, prefetch, &tag).await?;
+        // The task holds the link weakly: dropping the backend (a crash, in
+        // the tests) closes the connection and ends its consumers.
+        let link = Arc::downgrade(&self.link);
         let (sender, receiver) = tokio::sync::mpsc::channel(usize::from(prefetch.max(1)));
-        let delivery_channel = channel.clone();
-        tokio::spawn(async move {
-            loop {
-                // A dropped receiver ends the consumer at once (dropping a lapin
-                // consumer cancels it), not at its next delivery.
-                let next = tokio::select! {
-                    next = consumer.next() => next,
-                    _ = sender.closed() => break,
-                };
-                let Some(next) = next else { break };
-                let delivery = match next {
-                    Ok(delivery) => delivery,
-                    Err(error) => {
-                        tracing::warn!(error = %error, "consumer stream ended with an error");
-                        break;
-                    }
-                };
-                let headers = headers_of(&delivery.properties);
-                let delivery_count = headers.get(DELIVERY_COUNT_HEADER).and_then(|c| c.parse().ok()).unwrap_or(0);
-                let ours = Delivery {
-                    routing_key: delivery.routing_key.as_str().to_owned(),
-                    payload: delivery.data,
-                    headers,
-                    redelivered: delivery.redelivered || delivery_count > 0,
-                    delivery_count,
-                    acker: Box::new(RabbitAcker { acker: delivery.acker, _channel: delivery_channel.clone() }),
-                };
-                if sender.send(ours).await.is_err() {
-                    break;
-                }
-            }
-        });
-        let cancel_channel = channel.clone();
-        let cancel = Box::new(move || {
+        let cancelled = tokio_util::sync::CancellationToken::new();
+        let subscribed: Arc<Mutex<Option<Channel>>> = Arc::new(Mutex::new(Some(first.0.clone())));
+        let queue = queue.to_owned();
+        let cancel_tag = tag.clone();
+        {
+            let cancelled = cancelled.clone();
+            let subscribed = subscribed.clone();
             tokio::spawn(async move {
-                let _ = cancel_channel.basic_cancel(&tag, BasicCancelOptions::default()).await;
+                let mut backoff = Backoff::default();
+                let mut current = Some(first);
+                loop {
+                    let (channel, consumer) = match current.take() {
+                        Some(subscription) => subscription,
+                        None => {
+                            let Some(link) = link.upgrade() else { return };
+                            let subscribed_again = link.subscribe(&queue, prefetch, &tag).await;
+                            drop(link);
+                            match subscribed_again {
+                                Ok(subscription) => {
+                                    tracing::info!(queue = %queue, "consumer re-subscribed after the broker came back");
+                                    *subscribed.lock().expect("subscription lock") = Some(subscription.0.clone());
+                                    subscription
+                                }
+                                Err(Error::Closed) => return,
+                                Err(error) => {
+                                    let pause = backoff.next_pause();
+                                    tracing::debug!(error = %error, queue = %queue, retry_in_ms = pause.as_millis() as u64, "consumer waiting for the broker");
+                                    tokio::select! {
+                                        _ = tokio::time::sleep(pause) => continue,
+                                        _ = sender.closed() => return,
+                                        _ = cancelled.cancelled() => return,
+                                    }
+                                }
+                            }
+                        }
+                    };
+                    backoff.reset();
+                    match forward(consumer, channel, &sender, &cancelled).await {
+                        Forwarded::Stopped => return,
+                        Forwarded::Lost(reason) => {
+                            let closed =
+                                link.upgrade().is_none_or(|link| link.closed.load(std::sync::atomic::Ordering::SeqCst));
+                            if closed || cancelled.is_cancelled() {
+                                return;
+                            }
+                            tracing::warn!(queue = %queue, reason = %reason, "consumer lost its channel; re-subscribing");
+                            metrics::counter!("fleetpatch_bus_consumer_resubscribes_total").increment(1);
+                            let pause = backoff.next_pause();
+                            tokio::select! {
+                                _ = tokio::time::sleep(pause) => {}
+                                _ = sender.closed() => return,
+                                _ = cancelled.cancelled() => return,
+                            }
+                        }
+                    }
+                }
             });
+        }
+        let cancel = Box::new(move || {
+            cancelled.cancel();
+            let channel = subscribed.lock().expect("subscription lock").take();
+            if let Some(channel) = channel {
+                // Stop new deliveries; those handed out can still be acked.
+                tokio::spawn(async move {
+                    let _ = channel.basic_cancel(&cancel_tag, BasicCancelOptions::default()).await;
+                });
+            }
         });
         Ok(BackendConsumer { deliveries: receiver, cancel })
     }
 
     async fn drain_dead_letters(&self, limit: usize) -> Result<Vec<Wire>> {
-        let channel = self.connection.create_channel().await.map_err(broker("opening a channel"))?;
+        let link = &self.link;
+        let channel = link.connection().await?.create_channel().await.map_err(broker("opening a channel"))?;
         let mut letters = Vec::new();
         while letters.len() < limit {
             let got = channel
-                .basic_get(&self.name("dead"), BasicGetOptions { no_ack: true })
+                .basic_get(&link.name("dead"), BasicGetOptions { no_ack: true })
                 .await
                 .map_err(broker("reading the dead-letter queue"))?;
             let Some(message) = got else { break };
@@ -370,10 +604,11 @@ impl Backend for RabbitBackend {
     }
 
     async fn queue_depth(&self, queue: &str) -> Result<u64> {
-        let channel = self.connection.create_channel().await.map_err(broker("opening a channel"))?;
+        let link = &self.link;
+        let channel = link.connection().await?.create_channel().await.map_err(broker("opening a channel"))?;
         let declared = channel
             .queue_declare(
-                &self.name(queue),
+                &link.name(queue),
                 QueueDeclareOptions { passive: true, ..Default::default() },
                 FieldTable::default(),
             )
@@ -384,11 +619,60 @@ impl Backend for RabbitBackend {
     }
 
     fn is_healthy(&self) -> bool {
-        self.connection.status().connected()
+        self.link.current().is_some()
     }
 
     async fn close(&self) {
-        let _ = self.connection.close(200, "shutting down").await;
+        self.link.closed.store(true, std::sync::atomic::Ordering::SeqCst);
+        let connection = self.link.current.lock().expect("connection lock").take();
+        if let Some(connection) = connection {
+            let _ = connection.close(200, "shutting down").await;
+        }
+    }
+}
+
+/// Why a consumer's forwarding stopped.
+enum Forwarded {
+    /// Cancelled or dropped by its owner.
+    Stopped,
+    /// The channel or connection went away; re-subscribe.
+    Lost(String),
+}
+
+/// Hands a subscription's deliveries to the consumer until it stops or the
+/// channel is lost.
+async fn forward(
+    mut consumer: lapin::Consumer,
+    channel: Channel,
+    sender: &tokio::sync::mpsc::Sender<Delivery>,
+    cancelled: &tokio_util::sync::CancellationToken,
+) -> Forwarded {
+    loop {
+        // A dropped receiver ends the consumer at once (dropping a lapin
+        // consumer cancels it), not at its next delivery.
+        let next = tokio::select! {
+            next = consumer.next() => next,
+            _ = sender.closed() => return Forwarded::Stopped,
+        };
+        let delivery = match next {
+            None if cancelled.is_cancelled() => return Forwarded::Stopped,
+            None => return Forwarded::Lost("the consumer's stream ended".into()),
+            Some(Err(error)) => return Forwarded::Lost(error.to_string()),
+            Some(Ok(delivery)) => delivery,
+        };
+        let headers = headers_of(&delivery.properties);
+        let delivery_count = headers.get(DELIVERY_COUNT_HEADER).and_then(|c| c.parse().ok()).unwrap_or(0);
+        let ours = Delivery {
+            routing_key: delivery.routing_key.as_str().to_owned(),
+            payload: delivery.data,
+            headers,
+            redelivered: delivery.redelivered || delivery_count > 0,
+            delivery_count,
+            acker: Box::new(RabbitAcker { acker: delivery.acker, _channel: channel.clone() }),
+        };
+        if sender.send(ours).await.is_err() {
+            return Forwarded::Stopped;
+        }
     }
 }
 

@@ -1,9 +1,12 @@
-//! The ops endpoints every service serves: `/livez` (the process answers),
-//! `/readyz` (its dependencies answer and it is not draining) and `/metrics`
-//! (Prometheus text format).
+//! The ops endpoints every service serves: `/livez` (the process is not
+//! wedged: its runtime still runs a ticker task), `/readyz` (its
+//! dependencies answer and it is not draining) and `/metrics` (Prometheus
+//! text format). An outage of the broker or the database makes a service
+//! not ready, never not live: restarting it would not bring them back.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -16,11 +19,24 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 /// One dependency check for `/readyz`: a name and a probe.
 pub type ReadinessCheck = (&'static str, Arc<dyn Fn() -> BoxFuture<'static, bool> + Send + Sync>);
 
+/// A service whose ticker has not run for this long is wedged (`/livez` fails).
+pub const WEDGED_AFTER: Duration = Duration::from_secs(15);
+const TICK: Duration = Duration::from_secs(1);
+
 /// Readiness state of a service. Cheap to clone.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Health {
     draining: Arc<AtomicBool>,
     checks: Arc<std::sync::Mutex<Vec<ReadinessCheck>>>,
+    /// Milliseconds since `epoch` at the ticker's last run.
+    last_tick_ms: Arc<AtomicU64>,
+    epoch: Instant,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Self { draining: Arc::default(), checks: Arc::default(), last_tick_ms: Arc::default(), epoch: Instant::now() }
+    }
 }
 
 impl Health {
@@ -39,6 +55,29 @@ impl Health {
 
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::SeqCst)
+    }
+
+    fn tick(&self) {
+        self.last_tick_ms.store(self.epoch.elapsed().as_millis() as u64, Ordering::SeqCst);
+    }
+
+    /// How long ago the ticker last ran.
+    pub fn since_last_tick(&self) -> Duration {
+        let last = Duration::from_millis(self.last_tick_ms.load(Ordering::SeqCst));
+        self.epoch.elapsed().saturating_sub(last)
+    }
+
+    /// Starts the ticker `/livez` watches (once per service, by [`router`]).
+    fn start_ticker(&self) {
+        self.tick();
+        let health = self.clone();
+        tokio::spawn(async move {
+            let mut interval = tokio::time::interval(TICK);
+            loop {
+                interval.tick().await;
+                health.tick();
+            }
+        });
     }
 
     /// The names of the failing checks (empty when ready).
@@ -73,8 +112,12 @@ pub fn metrics_handle() -> &'static PrometheusHandle {
     })
 }
 
-async fn livez() -> &'static str {
-    "ok\n"
+async fn livez(State(health): State<Health>) -> impl IntoResponse {
+    let since = health.since_last_tick();
+    if since > WEDGED_AFTER {
+        return (StatusCode::SERVICE_UNAVAILABLE, format!("wedged: no tick for {} s\n", since.as_secs()));
+    }
+    (StatusCode::OK, "ok\n".to_owned())
 }
 
 async fn readyz(State(health): State<Health>) -> impl IntoResponse {
@@ -93,6 +136,7 @@ async fn metrics_text() -> impl IntoResponse {
 /// `/livez`, `/readyz` and `/metrics`, to merge into a service's router.
 pub fn router(health: Health) -> Router {
     metrics_handle();
+    health.start_ticker();
     Router::new()
         .route("/livez", get(livez))
         .route("/readyz", get(readyz))
@@ -105,4 +149,23 @@ pub async fn bind(address: &str) -> crate::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(address)
         .await
         .map_err(|error| crate::Error::Listen { address: address.to_owned(), reason: error.to_string() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn livez_fails_only_when_the_ticker_stopped() {
+        let health = Health { epoch: Instant::now() - Duration::from_secs(60), ..Health::default() };
+        let wedged = livez(State(health.clone())).await.into_response();
+        assert_eq!(wedged.status(), StatusCode::SERVICE_UNAVAILABLE, "no tick for 60 s");
+        health.tick();
+        assert_eq!(livez(State(health.clone())).await.into_response().status(), StatusCode::OK);
+        // Draining or a failing dependency is not a reason to restart the process.
+        health.start_draining();
+        health.add_check("database", || Box::pin(async { false }));
+        assert_eq!(livez(State(health.clone())).await.into_response().status(), StatusCode::OK);
+        assert_eq!(health.failing().await, vec!["draining", "database"]);
+    }
 }

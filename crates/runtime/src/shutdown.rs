@@ -1,5 +1,10 @@
 //! One shutdown signal for a process: SIGINT or SIGTERM starts a drain, a
-//! second signal exits at once.
+//! second signal exits at once. A component that cannot go on (not an
+//! outage it can wait out: those it rides out) calls [`Shutdown::fail`], so
+//! the process drains and then exits with a failure status a supervisor
+//! restarts, never with status 0.
+
+use std::sync::{Arc, Mutex};
 
 use tokio_util::sync::CancellationToken;
 
@@ -7,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 #[derive(Clone, Default)]
 pub struct Shutdown {
     token: CancellationToken,
+    failure: Arc<Mutex<Option<String>>>,
 }
 
 impl Shutdown {
@@ -31,6 +37,20 @@ impl Shutdown {
 
     pub fn trigger(&self) {
         self.token.cancel();
+    }
+
+    /// Starts the drain because a component cannot go on; the process is
+    /// to exit with a failure naming `reason` (the first one is kept).
+    pub fn fail(&self, reason: impl Into<String>) {
+        let reason = reason.into();
+        tracing::error!(reason = %reason, "a component cannot go on; draining to exit with a failure");
+        self.failure.lock().expect("shutdown lock").get_or_insert(reason);
+        self.token.cancel();
+    }
+
+    /// Why the process is stopping with a failure, if it is.
+    pub fn failure(&self) -> Option<String> {
+        self.failure.lock().expect("shutdown lock").clone()
     }
 
     pub fn is_triggered(&self) -> bool {
@@ -59,5 +79,25 @@ async fn wait_for_signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failure_drains_and_is_remembered_a_trigger_is_not_one() {
+        let asked = Shutdown::new();
+        asked.trigger();
+        assert!(asked.is_triggered());
+        assert_eq!(asked.failure(), None, "a requested stop is not a failure");
+
+        let failed = Shutdown::new();
+        let clone = failed.clone();
+        clone.fail("the bus closed the consumer");
+        clone.fail("a second reason");
+        assert!(failed.is_triggered());
+        assert_eq!(failed.failure().as_deref(), Some("the bus closed the consumer"));
     }
 }

@@ -26,7 +26,7 @@ use subtle::ConstantTimeEq;
 use uuid::Uuid;
 
 use crate::entity::{api_keys, audit_log};
-use crate::{now, Error, Result, Store};
+use crate::{Error, Result, Store};
 
 /// The prefix of every fleetpatch API key.
 pub const API_KEY_PREFIX: &str = "fpk_";
@@ -309,7 +309,7 @@ impl Store {
         expires_at: Option<DateTime<Utc>>,
     ) -> Result<IssuedApiKey> {
         check_key_name(name)?;
-        let created_at = now();
+        let created_at = self.now();
         if let Some(expires_at) = expires_at {
             if expires_at <= created_at {
                 return Err(Error::Invalid(format!("the expiry {expires_at} of key {name:?} is in the past")));
@@ -359,7 +359,7 @@ impl Store {
     /// Revokes the key named `name` from now on; revoking it again keeps
     /// the first revocation time.
     pub async fn revoke_api_key(&self, name: &str) -> Result<ApiKey> {
-        let at = now();
+        let at = self.now();
         api_keys::Entity::update_many()
             .col_expr(api_keys::Column::RevokedAt, sea_orm::sea_query::Expr::value(at))
             .filter(api_keys::Column::Name.eq(name))

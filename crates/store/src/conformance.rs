@@ -72,13 +72,16 @@ macro_rules! store_conformance_suite {
             retry_failed_starts_a_new_attempt,
             pause_resume_and_abort_follow_the_rollout_rules,
             unknown_ids_are_not_found,
-            reconciler_queries_find_stale_queued_and_overdue_running_targets,
+            reconciler_finds_targets_whose_job_was_lost_oldest_first_and_paged,
+            reconciler_finds_rollouts_with_pending_targets_by_page,
+            reconciler_finds_every_overdue_running_target_across_pages,
             verification_verdicts_are_recorded_per_attempt,
             token_info_names_the_attempt,
             relay_publishes_in_commit_order_and_empties_the_outbox,
             api_keys_are_shown_once_stored_hashed_and_checked,
             expired_and_revoked_api_keys_are_refused,
             the_audit_log_pages_filters_and_refuses_rewrites,
+            relay_claims_rows_with_a_lease_and_holds_no_transaction_while_publishing,
         );
     };
     (@tests $make:path; $($test:ident),* $(,)?) => {
@@ -1143,32 +1146,88 @@ pub async fn unknown_ids_are_not_found(db: &dyn TestDatabase) {
     assert!(store.transitions(unknown).await.expect("transitions").is_empty());
 }
 
-pub async fn reconciler_queries_find_stale_queued_and_overdue_running_targets(db: &dyn TestDatabase) {
-    let manual = ManualClock::starting_now();
-    let store = &db.store().clone().with_clock(manual.clock());
-    let id = create(store, Spec { timeout_seconds: 1, ..Spec::new(3, 1, 3) }).await;
+fn deploy_job_targets(messages: &[fleetpatch_bus::Outgoing]) -> Vec<String> {
+    messages.iter().map(|m| v1::DeployJob::decode(m.payload.as_slice()).expect("a DeployJob").target_id).collect()
+}
+
+pub async fn reconciler_finds_targets_whose_job_was_lost_oldest_first_and_paged(db: &dyn TestDatabase) {
+    let store = db.store();
+    let id = create(store, Spec::new(4, 1, 4)).await;
     store.dispatch(id).await.expect("dispatch");
     let targets = all_targets(store, id).await;
-    let running = bring_to_running(store, &targets[0]).await.target;
-    assert!(store.running_rollout_ids().await.expect("running rollouts").contains(&id));
-    assert!(store.overdue_running_targets(Duration::ZERO, 10).await.expect("overdue").is_empty());
-    assert!(store.stale_queued_targets(Duration::from_secs(60), 10).await.expect("stale").is_empty());
-    // Overdue once its deadline (1 s after it was last seen) has passed, not at the deadline itself.
-    manual.advance(Duration::from_secs(1));
-    assert!(store.overdue_running_targets(Duration::ZERO, 10).await.expect("overdue").is_empty());
-    manual.advance(Duration::from_millis(200));
-    assert_eq!(store.overdue_running_targets(Duration::ZERO, 10).await.expect("overdue"), vec![(running.id, 1)]);
-    assert!(store.overdue_running_targets(Duration::from_secs(60), 10).await.expect("overdue").is_empty());
-    let stale = store.stale_queued_targets(Duration::from_millis(500), 10).await.expect("stale");
-    let mut stale: Vec<String> =
-        stale.iter().map(|m| v1::DeployJob::decode(m.payload.as_slice()).expect("a DeployJob").target_id).collect();
-    stale.sort();
-    let mut expected = vec![targets[1].id.to_string(), targets[2].id.to_string()];
+    // One target moves on to probing (a worker claimed it, then died), one runs.
+    let Claim::Claimed(_) = store.claim_deploy(targets[0].id, 1, false, "nonce").await.expect("claim") else {
+        panic!("claimable");
+    };
+    bring_to_running(store, &targets[1]).await;
+    assert!(store.stuck_in_flight_targets(Duration::from_secs(60), 10).await.expect("stuck").is_empty());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stuck =
+        deploy_job_targets(&store.stuck_in_flight_targets(Duration::from_millis(200), 10).await.expect("stuck"));
+    let mut expected: Vec<String> = [0, 2, 3].iter().map(|i| targets[*i].id.to_string()).collect();
     expected.sort();
-    assert_eq!(stale, expected);
-    assert_eq!(store.stale_queued_targets(Duration::from_millis(500), 1).await.expect("stale").len(), 1, "limit");
-    store.abort_rollout(id).await.expect("abort");
-    assert!(!store.running_rollout_ids().await.expect("running rollouts").contains(&id));
+    let mut found = stuck.clone();
+    found.sort();
+    assert_eq!(found, expected, "queued and probing targets without progress; not the running one");
+    let first = deploy_job_targets(&store.stuck_in_flight_targets(Duration::from_millis(200), 1).await.expect("stuck"));
+    assert_eq!(first, vec![stuck[0].clone()], "the limit holds, oldest first");
+    let job = v1::DeployJob::decode(
+        store.stuck_in_flight_targets(Duration::from_millis(200), 10).await.expect("stuck")[0].payload.as_slice(),
+    )
+    .expect("a DeployJob");
+    assert_eq!((job.attempt, job.rollout_id), (1, id.to_string()), "the job names the attempt and rollout");
+}
+
+pub async fn reconciler_finds_rollouts_with_pending_targets_by_page(db: &dyn TestDatabase) {
+    let store = db.store();
+    let mut with_pending = Vec::new();
+    for _ in 0..3 {
+        let id = create(store, Spec::new(2, 1, 1)).await;
+        store.dispatch(id).await.expect("dispatch");
+        with_pending.push(id);
+    }
+    // All dispatched: nothing pending.
+    let full = create(store, Spec::new(1, 1, 1)).await;
+    store.dispatch(full).await.expect("dispatch");
+    // Paused with pending targets: not running, left alone.
+    let paused = create(store, Spec::new(2, 1, 1)).await;
+    store.pause_rollout(paused, "test").await.expect("pause");
+    with_pending.sort();
+    let all = store.rollouts_with_pending_targets(None, 100).await.expect("pending");
+    assert_eq!(all.iter().filter(|id| with_pending.contains(id)).count(), 3);
+    assert!(!all.contains(&full) && !all.contains(&paused), "{all:?}");
+    let mut paged = Vec::new();
+    let mut after = None;
+    loop {
+        let page = store.rollouts_with_pending_targets(after, 1).await.expect("page");
+        let Some(last) = page.last().copied() else { break };
+        assert_eq!(page.len(), 1, "the limit holds");
+        paged.extend(page);
+        after = Some(last);
+    }
+    assert_eq!(paged, all, "pages walk every rollout once, in id order");
+}
+
+pub async fn reconciler_finds_every_overdue_running_target_across_pages(db: &dyn TestDatabase) {
+    let store = db.store();
+    let id = create(store, Spec { timeout_seconds: 1, ..Spec::new(5, 1, 5) }).await;
+    store.dispatch(id).await.expect("dispatch");
+    let targets = all_targets(store, id).await;
+    let mut running = Vec::new();
+    for target in &targets {
+        running.push(bring_to_running(store, target).await.target.id);
+    }
+    assert!(store.overdue_running_deadlines(Duration::ZERO, 2, 100).await.expect("overdue").is_empty());
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    // Pages of 2 over 5 targets: all are found, not the first page only.
+    let overdue = store.overdue_running_deadlines(Duration::ZERO, 2, 100).await.expect("overdue");
+    let mut found: Vec<Uuid> = overdue.iter().map(|t| t.target_id).collect();
+    found.sort();
+    running.sort();
+    assert_eq!(found, running);
+    assert!(overdue.iter().all(|t| t.attempt == 1));
+    assert_eq!(store.overdue_running_deadlines(Duration::ZERO, 2, 3).await.expect("overdue").len(), 3, "limit");
+    assert!(store.overdue_running_deadlines(Duration::from_secs(60), 2, 100).await.expect("overdue").is_empty());
 }
 
 pub async fn verification_verdicts_are_recorded_per_attempt(db: &dyn TestDatabase) {
@@ -1309,7 +1368,7 @@ pub async fn the_audit_log_pages_filters_and_refuses_rewrites(db: &dyn TestDatab
     let entry = |i: u16, rollout_id: Option<Uuid>| NewAuditEntry {
         at: chrono::Utc::now(),
         actor: format!("actor-{i}"),
-        actor_kind: if i % 2 == 0 { ActorKind::ApiKey } else { ActorKind::Jwt },
+        actor_kind: if i.is_multiple_of(2) { ActorKind::ApiKey } else { ActorKind::Jwt },
         role: Role::Operator,
         method: "POST".into(),
         route: "/v1/rollouts/{id}/pause".into(),
@@ -1350,4 +1409,78 @@ pub async fn the_audit_log_pages_filters_and_refuses_rewrites(db: &dyn TestDatab
         assert!(error.to_string().contains("append-only"), "{statement}: {error}");
     }
     assert_eq!(store.audit_entries(AuditQuery { limit: 100, ..Default::default() }).await.expect("read"), all);
+}
+
+/// A broker that never confirms: every publish hangs.
+struct HangingBroker;
+
+#[async_trait::async_trait]
+impl fleetpatch_bus::Backend for HangingBroker {
+    async fn publish(&self, _: fleetpatch_bus::Route, _: Vec<fleetpatch_bus::Wire>) -> fleetpatch_bus::Result<()> {
+        std::future::pending().await
+    }
+    async fn consume(&self, _: &str, _: u16) -> fleetpatch_bus::Result<fleetpatch_bus::BackendConsumer> {
+        Err(fleetpatch_bus::Error::Closed)
+    }
+    async fn drain_dead_letters(&self, _: usize) -> fleetpatch_bus::Result<Vec<fleetpatch_bus::Wire>> {
+        Ok(vec![])
+    }
+    async fn queue_depth(&self, _: &str) -> fleetpatch_bus::Result<u64> {
+        Ok(0)
+    }
+    fn is_healthy(&self) -> bool {
+        true
+    }
+    async fn close(&self) {}
+}
+
+async fn claimed_rows(store: &Store) -> i64 {
+    let sql = "SELECT COUNT(*) AS n FROM outbox WHERE claimed_until_ms IS NOT NULL";
+    let row = store.db.query_one(sea_orm::Statement::from_string(store.backend(), sql.to_owned())).await;
+    row.expect("count claims").expect("a row").try_get::<i64>("", "n").expect("n")
+}
+
+pub async fn relay_claims_rows_with_a_lease_and_holds_no_transaction_while_publishing(db: &dyn TestDatabase) {
+    use sea_orm::ConnectionTrait;
+    let store = db.store();
+    drain_outbox(store).await;
+    store.enqueue(vec![fleetpatch_bus::Outgoing::work(routing::DISPATCH, vec![7])]).await.expect("enqueue");
+    // A relay whose broker hangs (a blocked RabbitMQ) ...
+    let hanging = fleetpatch_bus::Bus::new(std::sync::Arc::new(HangingBroker));
+    let stuck = {
+        let store = store.clone();
+        tokio::spawn(async move { store.relay_outbox(&hanging, 100).await })
+    };
+    // ... has committed its claim before publishing: another connection sees it.
+    let mut seen = 0;
+    for _ in 0..200 {
+        seen = claimed_rows(store).await;
+        if seen == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(seen, 1, "the claim is committed while the publish hangs (no transaction spans the broker call)");
+    // Another relay skips the claimed row, without waiting for the stuck one.
+    let backend = std::sync::Arc::new(fleetpatch_bus::memory::MemoryBackend::new(&routing::WORK_QUEUES, 5));
+    let bus = fleetpatch_bus::Bus::new(backend);
+    let quick = tokio::time::timeout(Duration::from_secs(5), store.relay_outbox(&bus, 100)).await;
+    assert_eq!(quick.expect("a second relay is not blocked").expect("relay"), 0, "a claimed row is not taken");
+    // The stuck relay dies; once its lease has run out, the row is published again.
+    stuck.abort();
+    let expired = fleetpatch_bus::now_unix_ms() - 1;
+    store
+        .db
+        .execute(sea_orm::Statement::from_string(
+            store.backend(),
+            format!("UPDATE outbox SET claimed_until_ms = {expired}"),
+        ))
+        .await
+        .expect("expire the lease");
+    let mut consumer = bus.consume(routing::DISPATCH, 10).await.expect("consume");
+    assert_eq!(store.relay_outbox(&bus, 100).await.expect("relay"), 1, "an expired claim is taken again");
+    let delivery = tokio::time::timeout(Duration::from_secs(5), consumer.next()).await.expect("arrives").expect("open");
+    assert_eq!(delivery.payload, vec![7]);
+    assert_eq!(store.outbox_depth().await.expect("depth"), 0);
+    assert_eq!(claimed_rows(store).await, 0);
 }

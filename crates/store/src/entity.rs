@@ -186,6 +186,8 @@ pub mod outbox {
         pub payload: Vec<u8>,
         pub headers: Json,
         pub created_at: ChronoDateTimeUtc,
+        /// A relay's claim on the row (unix ms) while it publishes it.
+        pub claimed_until_ms: Option<i64>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -27,12 +27,16 @@ pub mod content;
 pub mod entity;
 pub mod model;
 mod ops;
+#[cfg(feature = "test-support")]
+pub mod private_postgres;
+pub mod reconcile;
 pub mod relay;
 
 pub use auth::{ActorKind, ApiKey, AuditEntry, AuditQuery, IssuedApiKey, KeyCheck, NewAuditEntry, ParsedApiKey, Role};
 pub use model::*;
 pub use ops::{
-    watch_message, Claim, DispatchOutcome, FleetGauges, ProbeOutcome, TimeoutPolicy, TokenInfo, WatchOutcome,
+    dispatch_request, watch_message, Claim, DispatchOutcome, FleetGauges, ProbeOutcome, TimeoutPolicy, TokenInfo,
+    WatchOutcome,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -147,6 +151,32 @@ impl Store {
         let store = Self::connect(options).await?;
         store.check_migrated().await?;
         Ok(store)
+    }
+
+    /// Like [`Store::connect_migrated`], but waits for an unreachable
+    /// database with growing pauses (200 ms up to 5 s, logging what it waits
+    /// for) until it answers or `give_up` completes: a service started
+    /// before its database waits instead of exiting. A database that answers
+    /// but is not migrated is refused at once (waiting would not fix it).
+    pub async fn connect_waiting(
+        options: &StoreOptions,
+        give_up: impl std::future::Future<Output = ()>,
+    ) -> Result<Self> {
+        let mut pause = std::time::Duration::from_millis(200);
+        tokio::pin!(give_up);
+        loop {
+            match Self::connect_migrated(options).await {
+                Err(error @ Error::Connect { .. }) => {
+                    tracing::warn!(error = %error, retry_in_ms = pause.as_millis() as u64, "waiting for the database");
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => {}
+                        _ = &mut give_up => return Err(error),
+                    }
+                    pause = (pause * 2).min(std::time::Duration::from_secs(5));
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Applies every pending migration.

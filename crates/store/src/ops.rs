@@ -168,8 +168,18 @@ pub(crate) async fn push_outbox<C: ConnectionTrait>(
     Ok(())
 }
 
+/// A request to run a rollout's dispatch pass (the reconciler sends them too).
+pub fn dispatch_request(rollout_id: Uuid) -> Outgoing {
+    dispatch_message(rollout_id)
+}
+
 fn dispatch_message(rollout_id: Uuid) -> Outgoing {
     Outgoing::work(routing::DISPATCH, v1::DispatchRequest { rollout_id: rollout_id.to_string() }.encode_to_vec())
+}
+
+/// A deploy job for a target's attempt and try (the reconciler re-publishes them too).
+pub(crate) fn deploy_job(target_id: Uuid, rollout_id: Uuid, attempt: u32, try_: u32) -> Outgoing {
+    deploy_message(target_id, rollout_id, attempt, try_)
 }
 
 fn deploy_message(target_id: Uuid, rollout_id: Uuid, attempt: u32, try_: u32) -> Outgoing {
@@ -1385,54 +1395,6 @@ impl Store {
         Ok(outcomes)
     }
 
-    /// Running targets whose deadline passed more than `grace` ago: their
-    /// watch message was lost (or is very late). The reconciler re-arms them.
-    pub async fn overdue_running_targets(&self, grace: Duration, limit: u64) -> Result<Vec<(Uuid, u32)>> {
-        let cutoff = self.now() - chrono::Duration::from_std(grace).unwrap_or_default();
-        let running: Vec<(Uuid, i32, Option<DateTime<Utc>>, i32)> = targets::Entity::find()
-            .select_only()
-            .column(targets::Column::Id)
-            .column(targets::Column::Attempt)
-            .column(targets::Column::LastSeenAt)
-            .column(targets::Column::TimeoutSeconds)
-            .filter(targets::Column::State.eq(TargetState::Running.as_str()))
-            .filter(targets::Column::LastSeenAt.lt(cutoff))
-            .limit(limit * 4)
-            .into_tuple()
-            .all(&self.db)
-            .await?;
-        Ok(running
-            .into_iter()
-            .filter(|(_, _, last, timeout)| {
-                last.is_some_and(|last| last + chrono::Duration::seconds(i64::from(*timeout)) < cutoff)
-            })
-            .take(limit as usize)
-            .map(|(id, attempt, _, _)| (id, attempt as u32))
-            .collect())
-    }
-
-    /// Queued targets with no progress for `grace`: their deploy job was
-    /// lost. Returns the messages to re-publish (duplicates are harmless).
-    pub async fn stale_queued_targets(&self, grace: Duration, limit: u64) -> Result<Vec<Outgoing>> {
-        let cutoff = self.now() - chrono::Duration::from_std(grace).unwrap_or_default();
-        let rows: Vec<(Uuid, Uuid, i32, i32)> = targets::Entity::find()
-            .select_only()
-            .column(targets::Column::Id)
-            .column(targets::Column::RolloutId)
-            .column(targets::Column::Attempt)
-            .column(targets::Column::Try)
-            .filter(targets::Column::State.eq(TargetState::Queued.as_str()))
-            .filter(targets::Column::UpdatedAt.lt(cutoff))
-            .limit(limit)
-            .into_tuple()
-            .all(&self.db)
-            .await?;
-        Ok(rows
-            .into_iter()
-            .map(|(id, rollout, attempt, try_)| deploy_message(id, rollout, attempt as u32, try_ as u32))
-            .collect())
-    }
-
     /// What the scheduler exports as gauges: rollouts per state, the targets
     /// of running and paused rollouts per state, and the outbox rows not yet
     /// published (the relay's backlog).
@@ -1467,19 +1429,6 @@ impl Store {
         })
     }
 
-    /// Running rollouts. No service calls this yet: the reconciler only
-    /// re-arms lost watch timers and does not nudge dispatch (a rollout with
-    /// free slots whose dispatch request was lost stays as it is; issue 16).
-    pub async fn running_rollout_ids(&self) -> Result<Vec<Uuid>> {
-        Ok(rollouts::Entity::find()
-            .select_only()
-            .column(rollouts::Column::Id)
-            .filter(rollouts::Column::State.eq(RolloutState::Running.as_str()))
-            .into_tuple()
-            .all(&self.db)
-            .await?)
-    }
-
     /// Publishes `messages` through the outbox (in their own transaction).
     pub async fn enqueue(&self, messages: Vec<Outgoing>) -> Result<()> {
         push_outbox(&self.db, self.now(), messages).await
@@ -1491,7 +1440,9 @@ impl Store {
     /// current attempt, the nonce its token was derived with, the token's
     /// hash and the target's state (a final state ends the attempt's key).
     pub async fn token_info(&self, target_id: Uuid) -> Result<Option<TokenInfo>> {
-        let row: Option<(Option<String>, Option<String>, i32, Uuid, String)> = targets::Entity::find_by_id(target_id)
+        /// token hash, token nonce, attempt, rollout, state
+        type Row = (Option<String>, Option<String>, i32, Uuid, String);
+        let row: Option<Row> = targets::Entity::find_by_id(target_id)
             .select_only()
             .column(targets::Column::TokenHash)
             .column(targets::Column::TokenNonce)

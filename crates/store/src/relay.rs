@@ -2,6 +2,16 @@
 //! then deletes it. A relay that dies between publish and delete leaves the
 //! rows for the next pass, so a message may be published twice (consumers
 //! are idempotent) but never lost.
+//!
+//! **No broker call inside an open database transaction**: a pass claims
+//! rows with a lease ([`OUTBOX_LEASE`], one autocommitted statement), then
+//! publishes with no transaction open, then deletes what the broker
+//! confirmed (or gives the claim back if publishing failed). A broker that
+//! blocks therefore holds no row lock and no pool connection; a relay that
+//! dies with a claim leaves rows that any relay takes again once the lease
+//! has run out.
+
+use std::time::Duration;
 
 use fleetpatch_bus::{Bus, Destination, Outgoing};
 use sea_orm::{ConnectionTrait, DbBackend, QueryResult, Statement};
@@ -9,34 +19,49 @@ use sea_orm::{ConnectionTrait, DbBackend, QueryResult, Statement};
 use crate::ops::StoredHeaders;
 use crate::{Result, Store};
 
+/// How long a relay's claim on outbox rows lasts: longer than connecting
+/// to the broker plus waiting for its confirms, so a live relay never has
+/// its rows taken by another one.
+pub const OUTBOX_LEASE: Duration = Duration::from_secs(90);
+
+fn ids_list(ids: &[i64]) -> String {
+    ids.iter().map(i64::to_string).collect::<Vec<_>>().join(",")
+}
+
 impl Store {
     /// Publishes up to `limit` outbox messages; returns how many.
     pub async fn relay_outbox(&self, bus: &Bus, limit: u64) -> Result<usize> {
-        let txn = self.begin().await?;
-        let sql = match self.backend() {
-            DbBackend::Postgres => format!(
-                "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox ORDER BY id LIMIT {limit} FOR UPDATE SKIP LOCKED) \
-                 RETURNING id, exchange, routing_key, payload, headers"
-            ),
-            _ => format!(
-                "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox ORDER BY id LIMIT {limit}) \
-                 RETURNING id, exchange, routing_key, payload, headers"
-            ),
+        let now_ms = fleetpatch_bus::now_unix_ms();
+        let until_ms = now_ms + OUTBOX_LEASE.as_millis() as i64;
+        let lock = match self.backend() {
+            DbBackend::Postgres => " FOR UPDATE SKIP LOCKED",
+            _ => "",
         };
-        let rows = txn.query_all(Statement::from_string(self.backend(), sql)).await?;
+        // One statement (autocommitted): the rows are claimed, not locked.
+        let sql = format!(
+            "UPDATE outbox SET claimed_until_ms = {until_ms} WHERE id IN (SELECT id FROM outbox \
+             WHERE claimed_until_ms IS NULL OR claimed_until_ms < {now_ms} ORDER BY id LIMIT {limit}{lock}) \
+             RETURNING id, exchange, routing_key, payload, headers"
+        );
+        let rows = self.db.query_all(Statement::from_string(self.backend(), sql)).await?;
         if rows.is_empty() {
-            txn.commit().await?;
             return Ok(0);
         }
-        let messages = decode_rows(rows)?;
+        let (ids, messages): (Vec<i64>, Vec<Outgoing>) = decode_rows(rows)?.into_iter().unzip();
         let count = messages.len();
         match bus.publish(messages).await {
             Ok(()) => {
-                txn.commit().await?;
+                let sql = format!("DELETE FROM outbox WHERE id IN ({})", ids_list(&ids));
+                self.db.execute(Statement::from_string(self.backend(), sql)).await?;
                 Ok(count)
             }
             Err(error) => {
-                txn.rollback().await?;
+                // Give the claim back so the next pass (ours or another
+                // relay's) does not wait for the lease to run out.
+                let sql = format!("UPDATE outbox SET claimed_until_ms = NULL WHERE id IN ({})", ids_list(&ids));
+                if let Err(release) = self.db.execute(Statement::from_string(self.backend(), sql)).await {
+                    tracing::warn!(error = %release, "could not release the outbox claim; it expires by itself");
+                }
                 tracing::warn!(error = %error, "outbox relay could not publish; will retry");
                 Err(crate::Error::Conflict(format!("publishing the outbox failed: {error}")))
             }
@@ -44,8 +69,8 @@ impl Store {
     }
 }
 
-/// Outbox rows in commit order, as the messages they will be published as.
-fn decode_rows(rows: Vec<QueryResult>) -> Result<Vec<Outgoing>> {
+/// Outbox rows in commit order, with their ids, as the messages they will be published as.
+fn decode_rows(rows: Vec<QueryResult>) -> Result<Vec<(i64, Outgoing)>> {
     let mut ordered: Vec<(i64, Outgoing)> = Vec::with_capacity(rows.len());
     for row in rows {
         let id: i64 = row.try_get("", "id")?;
@@ -67,7 +92,7 @@ fn decode_rows(rows: Vec<QueryResult>) -> Result<Vec<Outgoing>> {
         ));
     }
     ordered.sort_by_key(|(id, _)| *id);
-    Ok(ordered.into_iter().map(|(_, message)| message).collect())
+    Ok(ordered)
 }
 
 impl Store {
@@ -75,7 +100,8 @@ impl Store {
     /// them (for diagnostics: what has been committed and not yet published).
     pub async fn outbox_peek(&self, limit: u64) -> Result<Vec<Outgoing>> {
         let sql = format!("SELECT id, exchange, routing_key, payload, headers FROM outbox ORDER BY id LIMIT {limit}");
-        decode_rows(self.db.query_all(Statement::from_string(self.backend(), sql)).await?)
+        let rows = decode_rows(self.db.query_all(Statement::from_string(self.backend(), sql)).await?)?;
+        Ok(rows.into_iter().map(|(_, message)| message).collect())
     }
 
     /// How many messages wait in the outbox.

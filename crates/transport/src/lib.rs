@@ -33,6 +33,7 @@ use fleetpatch_proto::plan::{DeploymentPlan, Detection};
 #[cfg(feature = "test-support")]
 pub mod conformance;
 pub mod sim;
+pub mod sim_remote;
 
 /// A secret value (password, private key). Its `Debug` never shows it.
 #[derive(Clone, PartialEq, Eq)]

@@ -62,6 +62,10 @@ pub struct SimOptions {
     pub installed_rate: f64,
     /// Behaviour by host name, over the drawn one.
     pub overrides: BTreeMap<String, HostBehaviour>,
+    /// Workers only: the simulated fleet runs in another process
+    /// (`fleetpatch sim-fleet`) at this URL instead of inside the worker.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fleet_url: Option<String>,
 }
 
 impl Default for SimOptions {
@@ -78,6 +82,7 @@ impl Default for SimOptions {
             slow_patch_rate: 0.0,
             installed_rate: 0.0,
             overrides: BTreeMap::new(),
+            fleet_url: None,
         }
     }
 }
@@ -121,6 +126,17 @@ struct FleetState {
     starts: HashMap<String, u32>,
     /// Patch names installed per host.
     installed: HashMap<String, HashSet<String>>,
+    /// Reports the collector acknowledged, per plan (target id) and agent run.
+    acknowledged: HashMap<String, u64>,
+}
+
+/// What the simulated machines did, for fault tests: agents started per
+/// deployment, and reports the collector acknowledged per target.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SimStats {
+    pub agent_starts: BTreeMap<String, u32>,
+    pub reports_acknowledged: BTreeMap<String, u64>,
+    pub running_agents: usize,
 }
 
 /// The simulated machines. Cheap to clone; clones share the fleet.
@@ -204,6 +220,17 @@ impl SimFleet {
     /// How many times an agent was really started for this deployment.
     pub fn agent_starts(&self, deployment_id: &str) -> u32 {
         self.state.lock().expect("sim fleet lock").starts.get(deployment_id).copied().unwrap_or(0)
+    }
+
+    /// Starts per deployment and acknowledged reports per target, so far.
+    pub fn stats(&self) -> SimStats {
+        let running_agents = self.running_agents();
+        let state = self.state.lock().expect("sim fleet lock");
+        SimStats {
+            agent_starts: state.starts.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+            reports_acknowledged: state.acknowledged.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+            running_agents,
+        }
     }
 
     /// Agents that still run (a hung agent runs until cleanup).
@@ -444,6 +471,8 @@ impl SimAgent {
                 Ok(response) if response.status().is_success() => {
                     // What an agent waits for one report: the collector answers after its batch committed.
                     metrics::histogram!("fleetpatch_sim_report_seconds").record(sent.elapsed().as_secs_f64());
+                    let mut state = self.fleet.state.lock().expect("sim fleet lock");
+                    *state.acknowledged.entry(self.plan.target_id.to_string()).or_default() += 1;
                     return;
                 }
                 Ok(response) if response.status().is_client_error() => {

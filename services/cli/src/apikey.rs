@@ -18,7 +18,7 @@ use chrono::{DateTime, Utc};
 use clap::Subcommand;
 use fleetpatch_store::{KeyCheck, ParsedApiKey, Role, Store, StoreOptions};
 
-use crate::commands::{exit, Failure};
+use crate::exit::{self, Failure};
 use crate::output::{self, OutputFormat, Table};
 
 #[derive(Debug, Subcommand)]

@@ -19,6 +19,7 @@ mod exit;
 mod inventory;
 mod output;
 mod rollout_file;
+mod sim_fleet;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -34,6 +35,7 @@ use fleetpatch_runtime::{Health, Shutdown};
 use fleetpatch_scheduler::SchedulerOptions;
 use fleetpatch_store::{Store, StoreOptions};
 use fleetpatch_transport::sim::{SimFleet, SimOptions, SimTransport};
+use fleetpatch_transport::sim_remote::RemoteSimTransport;
 use fleetpatch_transport::Transports;
 use fleetpatch_worker::WorkerOptions;
 use serde::{Deserialize, Serialize};
@@ -112,6 +114,8 @@ enum Command {
     Collector,
     /// Run scheduler, worker and collector in one process.
     All(AllArgs),
+    /// Run the simulated fleet in a process of its own (workers reach it through `sim.fleet_url`).
+    SimFleet(sim_fleet::SimFleetArgs),
     /// The whole pipeline in one process on SQLite and the in-process bus, against a simulated fleet.
     Demo(demo::DemoArgs),
     /// Measure the pipeline on the configured RabbitMQ and PostgreSQL next to their raw ceilings.
@@ -213,7 +217,7 @@ async fn main() -> ExitCode {
     if let Some(Command::Apikey(command)) = cli.command {
         if settings.database.url.is_empty() {
             eprintln!("error: invalid configuration: database.url must be set (apikey works on the database)");
-            return ExitCode::from(commands::exit::INVALID);
+            return ExitCode::from(exit::INVALID);
         }
         return match apikey::run(command, &settings.database).await {
             Ok(code) => ExitCode::from(code),
@@ -267,6 +271,7 @@ async fn run_service(print_config: bool, command: Option<Command>, settings: Set
         Command::Worker => "fleetpatch-worker",
         Command::Collector => "fleetpatch-collector",
         Command::All(_) => "fleetpatch",
+        Command::SimFleet(_) => "fleetpatch-sim-fleet",
         Command::Rollout(_)
         | Command::Targets(_)
         | Command::Target(_)
@@ -286,11 +291,13 @@ async fn run_service(print_config: bool, command: Option<Command>, settings: Set
             let service = if matches!(command, Command::Worker) { "worker" } else { "collector" };
             Some(fleetpatch_runtime::tokens::TokenKey::resolve(&settings.tokens, service)?)
         }
-        Command::All if settings.tokens.key_ref.is_empty() => {
+        Command::All(_) if settings.tokens.key_ref.is_empty() => {
             tracing::info!("tokens.key_ref is not set; worker and collector share a random token key of this process");
             Some(fleetpatch_runtime::tokens::TokenKey::random())
         }
-        Command::All => Some(fleetpatch_runtime::tokens::TokenKey::resolve(&settings.tokens, "worker and collector")?),
+        Command::All(_) => {
+            Some(fleetpatch_runtime::tokens::TokenKey::resolve(&settings.tokens, "worker and collector")?)
+        }
         _ => None,
     };
     if let Command::Migrate = command {
@@ -299,7 +306,13 @@ async fn run_service(print_config: bool, command: Option<Command>, settings: Set
         tracing::info!("database migrated");
         return Ok(());
     }
-    let store = Store::connect_migrated(&settings.database).await?;
+    let shutdown = Shutdown::on_signals();
+    if let Command::SimFleet(args) = command {
+        return sim_fleet::run(args, settings.sim.clone(), shutdown).await;
+    }
+    // Started before the database or the broker (a restart of the whole
+    // site, a pod scheduled first): wait for them, do not exit.
+    let store = Store::connect_waiting(&settings.database, shutdown.wait()).await?;
     if let Command::All(args) = &command {
         // Out of the box: this process's own admin key, in a file only its owner reads.
         let created = apikey::ensure_admin_key_file(&store, &args.admin_key_file, "fleetpatch-all")
@@ -311,9 +324,10 @@ async fn run_service(print_config: bool, command: Option<Command>, settings: Set
             "admin api key file (mode 0600): fleetpatch clients send it with FLEETPATCH_TOKEN=\"$(cat <path>)\""
         );
     }
-    let shutdown = Shutdown::on_signals();
     let bus = || async {
-        let backend = RabbitBackend::connect(&settings.amqp, &fleetpatch_proto::routing::WORK_QUEUES).await?;
+        let backend =
+            RabbitBackend::connect_waiting(&settings.amqp, &fleetpatch_proto::routing::WORK_QUEUES, shutdown.wait())
+                .await?;
         anyhow::Ok(Bus::new(Arc::new(backend)))
     };
     let token_key = || token_key.clone().expect("a token key for workers and collectors");
@@ -342,8 +356,10 @@ async fn run_service(print_config: bool, command: Option<Command>, settings: Set
         joins.push(tokio::spawn(async move { handle.join.await?.map_err(anyhow::Error::from) }));
     }
     if matches!(command, Command::Worker | Command::All(_)) {
-        let mut transports =
-            Transports::default().with(Arc::new(SimTransport::new(SimFleet::new(settings.sim.clone()))));
+        let mut transports = match &settings.sim.fleet_url {
+            Some(url) => Transports::default().with(Arc::new(RemoteSimTransport::new(url))),
+            None => Transports::default().with(Arc::new(SimTransport::new(SimFleet::new(settings.sim.clone())))),
+        };
         if let Some(ssh) = &settings.ssh {
             let transport = fleetpatch_transport_ssh::SshTransport::new(ssh.clone())
                 .map_err(|error| anyhow::anyhow!("invalid configuration: ssh: {error}"))?;
@@ -366,5 +382,9 @@ async fn run_service(print_config: bool, command: Option<Command>, settings: Set
         join.await??;
     }
     store.close().await;
+    if let Some(reason) = shutdown.failure() {
+        // Never exit 0 unless asked to stop: a supervisor restarts failures only.
+        bail!("stopped because a component could not go on: {reason}");
+    }
     Ok(())
 }

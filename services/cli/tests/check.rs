@@ -254,7 +254,7 @@ async fn check_refuses_a_credential_out_of_its_scope_without_connecting() {
         let port = listener.port.to_string();
         let args =
             ["check", "--host", "127.0.0.1", "--port", &port, "--transport", transport, "--credential", "elsewhere"];
-        let run = fleetpatch(&setup.config, "http://127.0.0.1:9", &args).await;
+        let run = fleetpatch(&setup.config, "http://127.0.0.1:9", None, &args).await;
         assert_eq!(run.code, 8, "{run:?}");
         assert!(
             run.stdout.contains("credential \"elsewhere\" may not be used for host \"127.0.0.1\"")
@@ -267,9 +267,13 @@ async fn check_refuses_a_credential_out_of_its_scope_without_connecting() {
             "{transport}: a connection was made"
         );
     }
-    let run =
-        fleetpatch(&setup.config, "http://127.0.0.1:9", &["check", "--host", "127.0.0.1", "--credential", "nobody"])
-            .await;
+    let run = fleetpatch(
+        &setup.config,
+        "http://127.0.0.1:9",
+        None,
+        &["check", "--host", "127.0.0.1", "--credential", "nobody"],
+    )
+    .await;
     assert_eq!(run.code, 8, "{run:?}");
     assert!(run.stdout.contains("no credential is named \"nobody\" (defined: elsewhere, fleet-key)"), "{run:?}");
 }

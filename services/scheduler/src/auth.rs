@@ -704,6 +704,11 @@ mod tests {
             store: store.clone(),
             nudge: Arc::default(),
             content_dir: dir.join("content"),
+            input: Arc::new(crate::api::InputPolicy {
+                max_targets_per_rollout: 10,
+                max_content_bytes: 1024,
+                credential_names: Default::default(),
+            }),
             auth: Authenticator::new(store.clone(), None),
         });
         store.close().await;

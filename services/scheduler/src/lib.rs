@@ -40,8 +40,13 @@ pub struct SchedulerOptions {
     pub content_dir: std::path::PathBuf,
     /// Delay before the verification scan after a timeout (seconds).
     pub verify_delay_seconds: u64,
-    /// How often the reconciler looks for lost watch timers (seconds).
+    /// How often the reconciler looks for lost messages: watch timers,
+    /// deploy jobs, dispatch requests (seconds).
     pub reconcile_interval_seconds: u64,
+    /// A target that stays queued, probing, staging or installing this
+    /// long has lost its deploy job; the reconciler publishes it again.
+    /// Longer than the slowest staging (a large installer over a slow link).
+    pub stuck_job_seconds: u64,
     /// Dispatch messages handled at once.
     pub prefetch: u16,
     /// Most watch timers checked together in one transaction: a burst of
@@ -76,6 +81,7 @@ impl Default for SchedulerOptions {
             content_dir: std::path::PathBuf::from("/var/lib/fleetpatch/content"),
             verify_delay_seconds: 1800,
             reconcile_interval_seconds: 30,
+            stuck_job_seconds: 900,
             prefetch: 64,
             watch_batch: 256,
             watch_writers: 2,
@@ -108,6 +114,9 @@ impl SchedulerOptions {
         if self.reconcile_interval_seconds == 0 {
             return Err("scheduler.reconcile_interval_seconds must be at least 1".into());
         }
+        if self.stuck_job_seconds < 60 {
+            return Err("scheduler.stuck_job_seconds must be at least 60 (a slow staging is not a lost job)".into());
+        }
         self.http.validate("scheduler.http")?;
         self.auth.validate()
     }
@@ -126,6 +135,8 @@ pub enum Error {
     Runtime(#[from] fleetpatch_runtime::Error),
     #[error(transparent)]
     Bus(#[from] fleetpatch_bus::Error),
+    #[error(transparent)]
+    Store(#[from] fleetpatch_store::Error),
     #[error("serving HTTP: {0}")]
     Serve(#[from] std::io::Error),
     #[error("invalid configuration: {0}")]
@@ -146,6 +157,8 @@ struct Core {
     bus: Bus,
     nudge: Arc<Notify>,
     policy: TimeoutPolicy,
+    /// How long a target may stay in a job state before its job counts as lost.
+    stuck_job_after: Duration,
     /// Rollouts with a dispatch pass running → another pass was requested meanwhile.
     dispatching: Arc<std::sync::Mutex<std::collections::HashMap<Uuid, bool>>>,
 }
@@ -192,6 +205,7 @@ pub async fn start(
         bus: bus.clone(),
         nudge: nudge.clone(),
         policy: TimeoutPolicy { verify_delay: Duration::from_secs(options.verify_delay_seconds) },
+        stuck_job_after: Duration::from_secs(options.stuck_job_seconds),
         dispatching: Arc::default(),
     };
     let app = api::router(api::ApiState {
@@ -265,8 +279,7 @@ impl Core {
             };
             let Some(delivery) = delivery else {
                 if !shutdown.is_triggered() {
-                    tracing::error!("the bus closed a scheduler consumer; stopping");
-                    shutdown.trigger();
+                    shutdown.fail("the bus closed a scheduler consumer");
                 }
                 break;
             };
@@ -400,8 +413,7 @@ impl Core {
                 };
                 let Some(deliveries) = next else {
                     if !shutdown.is_triggered() {
-                        tracing::error!("the bus closed the watch consumer; stopping");
-                        shutdown.trigger();
+                        shutdown.fail("the bus closed the watch consumer");
                     }
                     break;
                 };
@@ -545,21 +557,47 @@ impl Core {
                 _ = tokio::time::sleep(every) => {}
                 _ = shutdown.wait() => return,
             }
-            match self.store.overdue_running_targets(every * 2, 1_000).await {
-                Ok(overdue) if !overdue.is_empty() => {
-                    tracing::warn!(count = overdue.len(), "re-arming watch timers that were lost");
-                    let messages = overdue
-                        .into_iter()
-                        .map(|(id, attempt)| fleetpatch_store::watch_message(id, attempt, self.store.clock().now()))
-                        .collect();
-                    if let Err(error) = self.bus.publish(messages).await {
-                        tracing::warn!(error = %error, "reconciler could not re-arm watch timers");
-                    }
-                }
-                Ok(_) => {}
-                Err(error) => tracing::warn!(error = %error, "reconciler pass failed"),
+            if let Err(error) = self.reconcile_once(every * 2).await {
+                tracing::warn!(error = %error, "reconciler pass failed; trying again next pass");
             }
         }
+    }
+
+    /// One reconciler pass: re-sends what a lost message should have
+    /// caused. Each kind is counted in
+    /// `fleetpatch_reconciler_recovered_total{kind}`.
+    async fn reconcile_once(&self, timer_grace: Duration) -> Result<(), Error> {
+        const PAGE: u64 = 1_000;
+        let overdue = self.store.overdue_running_deadlines(timer_grace, PAGE, 10_000).await?;
+        if !overdue.is_empty() {
+            tracing::warn!(count = overdue.len(), "re-arming watch timers that were lost");
+            metrics::counter!("fleetpatch_reconciler_recovered_total", "kind" => "watch_timer")
+                .increment(overdue.len() as u64);
+            let messages = overdue
+                .into_iter()
+                .map(|t| fleetpatch_store::watch_message(t.target_id, t.attempt, self.store.clock().now()))
+                .collect();
+            self.bus.publish(messages).await?;
+        }
+        let stuck = self.store.stuck_in_flight_targets(self.stuck_job_after, PAGE).await?;
+        if !stuck.is_empty() {
+            tracing::warn!(count = stuck.len(), "re-publishing deploy jobs of targets stuck without a job");
+            metrics::counter!("fleetpatch_reconciler_recovered_total", "kind" => "deploy_job")
+                .increment(stuck.len() as u64);
+            self.bus.publish(stuck).await?;
+        }
+        // A dispatch pass per running rollout with pending targets: one
+        // lost dispatch request would otherwise leave free slots unused.
+        let mut after = None;
+        loop {
+            let rollouts = self.store.rollouts_with_pending_targets(after, PAGE).await?;
+            let Some(last) = rollouts.last().copied() else { break };
+            metrics::counter!("fleetpatch_reconciler_recovered_total", "kind" => "dispatch_request")
+                .increment(rollouts.len() as u64);
+            self.bus.publish(rollouts.into_iter().map(fleetpatch_store::dispatch_request).collect()).await?;
+            after = Some(last);
+        }
+        Ok(())
     }
 }
 

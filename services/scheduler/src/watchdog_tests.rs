@@ -52,6 +52,7 @@ async fn fixture(manual: &ManualClock) -> Fixture {
         nudge: Arc::new(Notify::new()),
         policy: TimeoutPolicy { verify_delay: Duration::from_secs(1800) },
         dispatching: Arc::default(),
+        stuck_job_after: Duration::from_secs(900),
     };
     Fixture { dir, core, consumer }
 }
@@ -83,7 +84,7 @@ async fn running_target(store: &Store) -> Target {
                 port: None,
                 transport: "sim".into(),
                 labels: BTreeMap::new(),
-                credential_ref: None,
+                credential: None,
                 wave: 0,
             }],
         })

@@ -26,8 +26,8 @@ use fleetpatch_proto::report_auth::derive_token;
 use fleetpatch_proto::routing;
 use fleetpatch_proto::v1;
 use fleetpatch_proto::Message;
-use fleetpatch_runtime::tokens::TokenKey;
 use fleetpatch_runtime::credentials::{self, Credentials, ScopeTarget};
+use fleetpatch_runtime::tokens::TokenKey;
 use fleetpatch_runtime::{Health, Shutdown};
 use fleetpatch_store::{content, Claim, DeployContext, ProbeOutcome, Store, Target};
 use fleetpatch_transport::{Credential, Deployment, PatchProbe, Secret, StagedFile, TargetSpec, Transport, Transports};
@@ -269,8 +269,7 @@ impl Worker {
             };
             let Some(delivery) = delivery else {
                 if !shutdown.is_triggered() {
-                    tracing::error!("the bus closed the worker's consumer; stopping");
-                    shutdown.trigger();
+                    shutdown.fail("the bus closed the worker's consumer");
                 }
                 return;
             };
