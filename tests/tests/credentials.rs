@@ -233,14 +233,15 @@ async fn the_api_refuses_secret_references_unknown_credentials_nul_and_oversized
 
 /// `PUT /v1/content/{sha256}` by hand, with a Content-Length or chunked
 /// (no length: the server must count while it reads); the status and body.
-async fn put_content(api: &str, bytes: &[u8], chunked: bool) -> (u16, String, String) {
+async fn put_content(api: &str, key: &str, bytes: &[u8], chunked: bool) -> (u16, String, String) {
     use sha2::Digest;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let sha256 = hex::encode(sha2::Sha256::digest(bytes));
     let address = api.trim_start_matches("http://");
     let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
     let mut request =
-        format!("PUT /v1/content/{sha256} HTTP/1.1\r\nhost: {address}\r\nconnection: close\r\n").into_bytes();
+        format!("PUT /v1/content/{sha256} HTTP/1.1\r\nhost: {address}\r\nauthorization: Bearer {key}\r\nconnection: close\r\n")
+            .into_bytes();
     if chunked {
         request.extend_from_slice(b"transfer-encoding: chunked\r\n\r\n");
         for chunk in bytes.chunks(300) {
@@ -267,10 +268,10 @@ async fn content_uploads_are_bounded_by_the_configured_size() {
     let sandbox =
         Sandbox::start(SandboxOptions { workers: 0, max_content_bytes: 1_000, ..SandboxOptions::default() }).await;
     for chunked in [false, true] {
-        let (status, text, sha256) = put_content(&sandbox.api, &[chunked as u8; 1_000], chunked).await;
+        let (status, text, sha256) = put_content(&sandbox.api, &sandbox.admin_key, &[chunked as u8; 1_000], chunked).await;
         assert_eq!(status, 201, "chunked {chunked}: {text}");
         assert!(fleetpatch_store::content::path_of(&sandbox.content_dir, &sha256).exists());
-        let (status, text, sha256) = put_content(&sandbox.api, &[9; 1_001], chunked).await;
+        let (status, text, sha256) = put_content(&sandbox.api, &sandbox.admin_key, &[9; 1_001], chunked).await;
         assert_eq!(status, 413, "chunked {chunked}: {text}");
         assert!(text.contains("at most 1000 bytes (scheduler.max_content_bytes)"), "{text}");
         assert!(!fleetpatch_store::content::path_of(&sandbox.content_dir, &sha256).exists(), "nothing is stored");

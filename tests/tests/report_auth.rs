@@ -243,5 +243,13 @@ async fn after_a_timeout_the_agent_is_heard_until_its_own_final_result_then_refu
     let (status, _) = send(batch(vec![(12, Kind::Heartbeat(v1::Heartbeat { patch_index: None }))])).await;
     assert_eq!(status, 409);
     assert_eq!(snapshot(&sandbox, target.id).await, before);
+    // Its retry of what is stored already (the answer to it was lost) is
+    // acknowledged as duplicates, so the agent does not take stored
+    // evidence for refused; a batch with anything new in it stays late.
+    let (status, _) = send(forged_success(10)).await;
+    assert_eq!(status, 200, "a retry of stored reports is acknowledged");
+    let (status, _) = send(forged_success(11)).await;
+    assert_eq!(status, 409, "seq 12 is new: the batch is late");
+    assert_eq!(snapshot(&sandbox, target.id).await, before);
     sandbox.stop().await;
 }

@@ -57,20 +57,36 @@ impl PrivateBroker {
         if let Err(error) = spawned {
             panic!("cannot start rabbitmq-server ({error}); install Debian's rabbitmq-server (.ci/run does)");
         }
-        self.ctl(&["await_startup", "--timeout", "60"]);
+        // `await_startup` fails at once while the VM has not yet registered
+        // its node name (the first seconds of a boot), so ask until the
+        // node answers, then wait for the broker inside it.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !self.try_ctl(&["await_startup", "--timeout", "60"]) {
+            assert!(
+                Instant::now() < deadline,
+                "the private broker {} did not start within 120 s; see {}",
+                self.node,
+                self.dir.display()
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
         self.wait_for_port(true, Duration::from_secs(60));
     }
 
-    fn ctl(&self, args: &[&str]) {
-        let status = Command::new("rabbitmqctl")
+    fn try_ctl(&self, args: &[&str]) -> bool {
+        Command::new("rabbitmqctl")
             .arg("-n")
             .arg(&self.node)
             .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()
-            .expect("rabbitmqctl runs");
-        assert!(status.success(), "rabbitmqctl {args:?} on {} failed; see {}", self.node, self.dir.display());
+            .expect("rabbitmqctl runs")
+            .success()
+    }
+
+    fn ctl(&self, args: &[&str]) {
+        assert!(self.try_ctl(args), "rabbitmqctl {args:?} on {} failed; see {}", self.node, self.dir.display());
     }
 
     fn wait_for_port(&self, open: bool, limit: Duration) {

@@ -1477,6 +1477,21 @@ impl Store {
             > 0)
     }
 
+    /// How many of the reports numbered `seqs` of `attempt` are stored. The
+    /// collector answers a closed attempt's retry of reports it already
+    /// stored (its answer was lost) as duplicates, not as late reports.
+    pub async fn stored_report_count(&self, target_id: Uuid, attempt: u32, seqs: &[u64]) -> Result<u64> {
+        if seqs.is_empty() {
+            return Ok(0);
+        }
+        Ok(agent_events::Entity::find()
+            .filter(agent_events::Column::TargetId.eq(target_id))
+            .filter(agent_events::Column::Attempt.eq(attempt as i32))
+            .filter(agent_events::Column::Seq.is_in(seqs.iter().map(|seq| i64::try_from(*seq).unwrap_or(i64::MAX))))
+            .count(&self.db)
+            .await?)
+    }
+
     /// Applies a batch of authenticated reports in one transaction:
     /// idempotent by (target, attempt, seq); every new report moves the
     /// target's last-seen time (the watchdog's deadline); patch results and

@@ -150,6 +150,10 @@ struct CpuSnapshot {
     cores: usize,
     /// Busy seconds of all CPUs together (`/proc/stat`: all but idle and iowait).
     machine: f64,
+    /// All seconds of all CPUs together, idle included: the busy share is
+    /// read over the same ticks, so a run shorter than a few ticks cannot
+    /// come out busier than every core.
+    machine_total: f64,
     groups: BTreeMap<String, f64>,
 }
 
@@ -161,8 +165,8 @@ impl CpuSnapshot {
     /// `this_process`: what it plays in the run) and, when they run on this
     /// machine, PostgreSQL and RabbitMQ (found by command name).
     fn take(this_process: &str, services: &[(String, u32)]) -> Self {
-        let (cores, machine) =
-            std::fs::read_to_string("/proc/stat").ok().map(|text| Self::machine_busy(&text)).unwrap_or((0, 0.0));
+        let (cores, machine, machine_total) =
+            std::fs::read_to_string("/proc/stat").ok().map(|text| Self::machine_busy(&text)).unwrap_or((0, 0.0, 0.0));
         let mut groups = BTreeMap::new();
         for (name, pid) in
             services.iter().map(|(name, pid)| (name.as_str(), *pid)).chain([(this_process, std::process::id())])
@@ -182,28 +186,31 @@ impl CpuSnapshot {
                 *groups.entry((*group).to_owned()).or_default() += seconds;
             }
         }
-        Self { cores, machine, groups }
+        Self { cores, machine, machine_total, groups }
     }
 
-    /// (CPUs, busy seconds of all of them) from `/proc/stat`'s text.
-    fn machine_busy(stat: &str) -> (usize, f64) {
+    /// (CPUs, busy seconds of all of them, all seconds of all of them)
+    /// from `/proc/stat`'s text.
+    fn machine_busy(stat: &str) -> (usize, f64, f64) {
         let cores = stat.lines().filter(|l| l.starts_with("cpu") && !l.starts_with("cpu ")).count();
-        let busy = stat
+        let (busy, total) = stat
             .lines()
             .find(|l| l.starts_with("cpu "))
             .map(|line| {
                 let ticks: Vec<f64> = line.split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
                 // user nice system idle iowait irq softirq steal (guest time is inside user)
-                [0, 1, 2, 5, 6, 7].iter().filter_map(|&i| ticks.get(i)).sum::<f64>() / 100.0
+                let sum = |fields: &[usize]| fields.iter().filter_map(|&i| ticks.get(i)).sum::<f64>() / 100.0;
+                (sum(&[0, 1, 2, 5, 6, 7]), sum(&[0, 1, 2, 3, 4, 5, 6, 7]))
             })
-            .unwrap_or(0.0);
-        (cores, busy)
+            .unwrap_or((0.0, 0.0));
+        (cores, busy, total)
     }
 
     /// What happened between `self` and `later`, per report (or request).
     fn per_report(&self, later: &CpuSnapshot, reports: usize, seconds: f64) -> CpuPerReport {
         let reports = reports.max(1) as f64;
         let busy = (later.machine - self.machine).max(0.0);
+        let total = (later.machine_total - self.machine_total).max(0.0);
         let mut micros_per_report = BTreeMap::new();
         let mut counted = 0.0;
         for (name, after) in &later.groups {
@@ -214,7 +221,13 @@ impl CpuSnapshot {
         micros_per_report.insert("other".to_owned(), (busy - counted).max(0.0) * 1e6 / reports);
         CpuPerReport {
             cores: later.cores,
-            machine_busy: if seconds > 0.0 && later.cores > 0 { busy / (seconds * later.cores as f64) } else { 0.0 },
+            machine_busy: if total > 0.0 {
+                busy / total
+            } else if seconds > 0.0 && later.cores > 0 {
+                (busy / (seconds * later.cores as f64)).min(1.0)
+            } else {
+                0.0
+            },
             micros_per_report,
             machine_micros_per_report: busy * 1e6 / reports,
             machine_bound_per_second: if busy > 0.0 { later.cores as f64 * reports / busy } else { 0.0 },
@@ -1672,22 +1685,29 @@ mod tests {
     fn the_machine_busy_time_leaves_out_idle_and_iowait() {
         let stat = "cpu  100 10 50 9000 40 5 15 20 0 0\ncpu0 50 5 25 4500 20 2 8 10 0 0\n\
                     cpu1 50 5 25 4500 20 3 7 10 0 0\nintr 1 2 3\nctxt 99\n";
-        let (cores, busy) = CpuSnapshot::machine_busy(stat);
+        let (cores, busy, total) = CpuSnapshot::machine_busy(stat);
         assert_eq!(cores, 2);
         assert!((busy - 2.0).abs() < 1e-9, "user+nice+system+irq+softirq+steal = 200 ticks, not {busy}");
+        assert!((total - 92.4).abs() < 1e-9, "and with idle and iowait 9240 ticks, not {total}");
     }
 
     #[test]
     fn cpu_per_report_splits_the_machine_and_bounds_the_rate() {
         let group = |pairs: &[(&str, f64)]| pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect();
         let before =
-            CpuSnapshot { cores: 2, machine: 100.0, groups: group(&[("collector", 10.0), ("postgresql", 20.0)]) };
+            CpuSnapshot {
+                cores: 2,
+                machine: 100.0,
+                machine_total: 200.0,
+                groups: group(&[("collector", 10.0), ("postgresql", 20.0)]),
+            };
         let after = CpuSnapshot {
             cores: 2,
             machine: 101.5,
+            machine_total: 202.0,
             groups: group(&[("collector", 10.5), ("postgresql", 21.0), ("bench agents", 0.0)]),
         };
-        // 10,000 reports in 1 s: 1.5 CPU s, 150 µs per report, of which the
+        // 10,000 reports in 1 s: 1.5 CPU s of 2, 150 µs per report, of which the
         // collector 50, PostgreSQL 100, and nothing left for the rest.
         let cpu = before.per_report(&after, 10_000, 1.0);
         assert_eq!(cpu.cores, 2);
@@ -1700,6 +1720,9 @@ mod tests {
         // 2 cores ÷ 150 µs = 13,333 reports/s at most.
         assert!((cpu.machine_bound_per_second - 2.0e6 / 150.0).abs() < 1e-6, "{cpu:?}");
         assert!(cpu.summary("report").contains("at most 13333/s on 2 cores"), "{}", cpu.summary("report"));
+        // The busy share comes from the ticks, not the wall clock: a run of
+        // 1 ms that spans a few 10 ms ticks is not "busier than every core".
+        assert!((before.per_report(&after, 10, 0.001).machine_busy - 0.75).abs() < 1e-9);
         // A quiet machine bounds nothing rather than dividing by zero.
         assert_eq!(before.per_report(&before, 10, 1.0).machine_bound_per_second, 0.0);
     }

@@ -52,8 +52,8 @@ impl Service {
             .expect("service log");
         let child = Command::new(env!("CARGO_BIN_EXE_fleetpatch"))
             .args(&self.args)
-            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env_remove("FLEETPATCH_CONFIG")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log handle"))
             .stderr(log)
@@ -232,6 +232,9 @@ async fn the_pipeline_heals_itself_from_process_broker_and_database_faults() {
     let logs = tempfile::tempdir().expect("log dir").keep();
     let content = logs.join("content");
     std::fs::create_dir_all(&content).expect("content dir");
+    // What the environment cannot say (a list): short retry backoffs.
+    let config = logs.join("chaos.toml");
+    std::fs::write(&config, "[worker]\nretry_backoff_seconds = [1, 2, 4]\n").expect("config file");
     let (api_port, collector_port, sim_port) = (free_port(), free_port(), free_port());
     let env = |extra: &[(&str, String)]| -> Vec<(String, String)> {
         let mut env = vec![
@@ -245,7 +248,7 @@ async fn the_pipeline_heals_itself_from_process_broker_and_database_faults() {
             ("FLEETPATCH__WORKER__CONTENT_DIR".to_owned(), content.display().to_string()),
             ("FLEETPATCH__WORKER__COLLECTOR_URL".to_owned(), format!("http://127.0.0.1:{collector_port}")),
             ("FLEETPATCH__TOKENS__KEY_REF".to_owned(), "env:FP_CHAOS_TOKEN_KEY".to_owned()),
-            ("FLEETPATCH__WORKER__RETRY_BACKOFF_SECONDS".to_owned(), "[1, 2, 4]".to_owned()),
+            ("FLEETPATCH_CONFIG".to_owned(), config.display().to_string()),
             ("FP_CHAOS_TOKEN_KEY".to_owned(), TOKEN_KEY.to_owned()),
             ("FLEETPATCH__SIM__FLEET_URL".to_owned(), format!("http://127.0.0.1:{sim_port}")),
             ("FLEETPATCH__SIM__PATCH_MS".to_owned(), "4000".to_owned()),
@@ -258,16 +261,16 @@ async fn the_pipeline_heals_itself_from_process_broker_and_database_faults() {
     };
     let migrate = Command::new(env!("CARGO_BIN_EXE_fleetpatch"))
         .arg("migrate")
-        .envs(env(&[]))
         .env_remove("FLEETPATCH_CONFIG")
+        .envs(env(&[]))
         .output()
         .expect("run fleetpatch migrate");
     assert!(migrate.status.success(), "migrate: {}", String::from_utf8_lossy(&migrate.stderr));
     // The API needs a bearer credential: an admin key made the way an operator makes the first one.
     let key = Command::new(env!("CARGO_BIN_EXE_fleetpatch"))
         .args(["apikey", "create", "--name", "chaos", "--role", "admin"])
-        .envs(env(&[]))
         .env_remove("FLEETPATCH_CONFIG")
+        .envs(env(&[]))
         .output()
         .expect("run fleetpatch apikey create");
     assert!(key.status.success(), "apikey create: {}", String::from_utf8_lossy(&key.stderr));

@@ -23,7 +23,9 @@
 //!    because reports are idempotent by (target, attempt, seq);
 //! 7. the attempt's final result already applied: 409 (late), counted as
 //!    `fleetpatch_collector_reports_total{result="late"}`, logged, not
-//!    stored; the agent takes it as the end of its reporting;
+//!    stored; the agent takes it as the end of its reporting. A retry of
+//!    reports that are all stored already (the answer was lost) is
+//!    acknowledged as duplicates instead, as before the final result;
 //! 8. a report numbered above `collector.max_events_per_attempt`: 422, so
 //!    a key holder cannot fill the database.
 //!
@@ -658,7 +660,38 @@ async fn post_reports(
         }
     }
     let attempt = key.attempt;
+    let batch = match v1::ReportBatch::decode(bytes) {
+        Ok(batch) => batch,
+        Err(error) => {
+            return problem(
+                StatusCode::BAD_REQUEST,
+                "Bad Request",
+                format!("the body is not a protobuf fleetpatch.v1.ReportBatch: {error}"),
+            )
+        }
+    };
     if key.status == AttemptStatus::Closed {
+        // A retry of reports already stored (the answer to the request that
+        // stored them was lost: a restart, a network cut) is acknowledged as
+        // duplicates, as it would have been before the final result; only
+        // new reports are late.
+        let seqs: Vec<u64> = batch.reports.iter().map(|r| r.seq).collect();
+        let highest_seq = seqs.iter().copied().max().unwrap_or(0);
+        match state.store.stored_report_count(target_id, attempt, &seqs).await {
+            Ok(stored) if !seqs.is_empty() && stored == seqs.len() as u64 => {
+                metrics::counter!("fleetpatch_collector_reports_total", "result" => "duplicate").increment(stored);
+                let ack = v1::ReportAck { accepted: 0, duplicates: stored, highest_seq };
+                return ([(header::CONTENT_TYPE, "application/x-protobuf")], ack.encode_to_vec()).into_response();
+            }
+            Ok(_) => {}
+            Err(_) => {
+                return problem(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "Service Unavailable",
+                    "the collector could not read the stored reports; retry",
+                )
+            }
+        }
         metrics::counter!("fleetpatch_collector_reports_total", "result" => "late").increment(1);
         tracing::info!(target_id = %target_id, attempt, "late report after the attempt's final result; not applied");
         return problem(
@@ -670,16 +703,6 @@ async fn post_reports(
             ),
         );
     }
-    let batch = match v1::ReportBatch::decode(bytes) {
-        Ok(batch) => batch,
-        Err(error) => {
-            return problem(
-                StatusCode::BAD_REQUEST,
-                "Bad Request",
-                format!("the body is not a protobuf fleetpatch.v1.ReportBatch: {error}"),
-            )
-        }
-    };
     if batch.reports.is_empty() || batch.reports.len() > MAX_REPORTS_PER_BATCH {
         return problem(
             StatusCode::BAD_REQUEST,
