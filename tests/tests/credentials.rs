@@ -239,9 +239,10 @@ async fn put_content(api: &str, key: &str, bytes: &[u8], chunked: bool) -> (u16,
     let sha256 = hex::encode(sha2::Sha256::digest(bytes));
     let address = api.trim_start_matches("http://");
     let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
-    let mut request =
-        format!("PUT /v1/content/{sha256} HTTP/1.1\r\nhost: {address}\r\nauthorization: Bearer {key}\r\nconnection: close\r\n")
-            .into_bytes();
+    let mut request = format!(
+        "PUT /v1/content/{sha256} HTTP/1.1\r\nhost: {address}\r\nauthorization: Bearer {key}\r\nconnection: close\r\n"
+    )
+    .into_bytes();
     if chunked {
         request.extend_from_slice(b"transfer-encoding: chunked\r\n\r\n");
         for chunk in bytes.chunks(300) {
@@ -268,7 +269,8 @@ async fn content_uploads_are_bounded_by_the_configured_size() {
     let sandbox =
         Sandbox::start(SandboxOptions { workers: 0, max_content_bytes: 1_000, ..SandboxOptions::default() }).await;
     for chunked in [false, true] {
-        let (status, text, sha256) = put_content(&sandbox.api, &sandbox.admin_key, &[chunked as u8; 1_000], chunked).await;
+        let (status, text, sha256) =
+            put_content(&sandbox.api, &sandbox.admin_key, &[chunked as u8; 1_000], chunked).await;
         assert_eq!(status, 201, "chunked {chunked}: {text}");
         assert!(fleetpatch_store::content::path_of(&sandbox.content_dir, &sha256).exists());
         let (status, text, sha256) = put_content(&sandbox.api, &sandbox.admin_key, &[9; 1_001], chunked).await;

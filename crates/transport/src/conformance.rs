@@ -77,6 +77,8 @@ pub fn one_patch_deployment(
 /// up so the contract can be observed.
 #[async_trait::async_trait]
 pub trait TransportFixture: Send + Sync {
+    /// A new transport instance each call, as each worker builds its own:
+    /// two calls are two workers reaching the same targets.
     fn transport(&self) -> Arc<dyn Transport>;
     /// A reachable target, with administrator credentials, on which
     /// [`TransportFixture::patches`]`[0]` is installed and `[1]` is not.
@@ -173,6 +175,28 @@ pub async fn agent_starts_at_most_once(fixture: &dyn TransportFixture) {
     transport.cleanup(&target, deployment.id(), false).await.expect("cleanup");
 }
 
+/// A worker that takes a deployment over from another (which died after
+/// starting the agent) never starts a second agent: the answer comes from
+/// the target itself, not from the first worker's memory.
+pub async fn agent_starts_at_most_once_across_workers(fixture: &dyn TransportFixture) {
+    let (first_worker, second_worker) = (fixture.transport(), fixture.transport());
+    let target = fixture.target();
+    let deployment = fixture.deployment(&target, 4);
+    first_worker.stage(&target, &deployment).await.expect("stage");
+    let first = first_worker.start_agent(&target, &deployment).await;
+    if fixture.first_start() == FirstStart::Starts {
+        assert!(matches!(first, Ok(AgentStart::Started)), "the first start_agent did not start the agent: {first:?}");
+    }
+    // The second worker stages again (a takeover repeats the steps) and starts.
+    second_worker.stage(&target, &deployment).await.expect("stage again from the second worker");
+    let second = second_worker.start_agent(&target, &deployment).await;
+    assert!(
+        !matches!(second, Ok(AgentStart::Started)),
+        "a second worker started the deployment's agent again (first: {first:?}, second: {second:?})"
+    );
+    second_worker.cleanup(&target, deployment.id(), false).await.expect("cleanup");
+}
+
 /// Starting what was never staged fails for good.
 pub async fn start_without_stage_fails_permanently(fixture: &dyn TransportFixture) {
     let transport = fixture.transport();
@@ -205,6 +229,7 @@ macro_rules! transport_conformance_suite {
             probe_reports_installed_patches,
             stage_is_repeatable_and_cleanup_idempotent,
             agent_starts_at_most_once,
+            agent_starts_at_most_once_across_workers,
             start_without_stage_fails_permanently,
             unreachable_targets_are_transient);
     };

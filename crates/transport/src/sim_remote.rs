@@ -111,6 +111,27 @@ pub async fn serve_op(fleet: &SimFleet, request: SimRequest) -> SimAnswer {
     answer.unwrap_or_else(failed)
 }
 
+async fn op(
+    axum::extract::State(fleet): axum::extract::State<SimFleet>,
+    axum::Json(request): axum::Json<SimRequest>,
+) -> axum::Json<SimAnswer> {
+    axum::Json(serve_op(&fleet, request).await)
+}
+
+async fn stats(axum::extract::State(fleet): axum::extract::State<SimFleet>) -> axum::Json<crate::sim::SimStats> {
+    axum::Json(fleet.stats())
+}
+
+/// The fleet process's routes: `POST /v1/sim` (one [`SimRequest`]) and
+/// `GET /v1/sim/stats` (agents started per deployment, reports
+/// acknowledged per target).
+pub fn router(fleet: SimFleet) -> axum::Router {
+    axum::Router::new()
+        .route("/v1/sim", axum::routing::post(op))
+        .route("/v1/sim/stats", axum::routing::get(stats))
+        .with_state(fleet)
+}
+
 /// The `sim` transport of a worker whose simulated fleet runs in another
 /// process (`sim.fleet_url`).
 #[derive(Clone)]

@@ -1694,13 +1694,12 @@ mod tests {
     #[test]
     fn cpu_per_report_splits_the_machine_and_bounds_the_rate() {
         let group = |pairs: &[(&str, f64)]| pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect();
-        let before =
-            CpuSnapshot {
-                cores: 2,
-                machine: 100.0,
-                machine_total: 200.0,
-                groups: group(&[("collector", 10.0), ("postgresql", 20.0)]),
-            };
+        let before = CpuSnapshot {
+            cores: 2,
+            machine: 100.0,
+            machine_total: 200.0,
+            groups: group(&[("collector", 10.0), ("postgresql", 20.0)]),
+        };
         let after = CpuSnapshot {
             cores: 2,
             machine: 101.5,

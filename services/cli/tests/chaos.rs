@@ -214,7 +214,9 @@ fn rollout_body() -> serde_json::Value {
     };
     serde_json::json!({
         "name": "chaos",
-        "concurrency": 150,
+        // 1,000 targets × 3 patches × 4 s at 75 at once: at least 160 s of
+        // work, longer than the faults take, so every fault hits a running rollout.
+        "concurrency": 75,
         // Longer than the longest outage the agents have to wait out (the
         // collector frozen for 60 s), so an outage times nobody out.
         "timeout_seconds": 150,
@@ -394,6 +396,10 @@ async fn the_pipeline_heals_itself_from_process_broker_and_database_faults() {
 
     // The collector unreachable (frozen) for 60 s: agents keep their reports and retry.
     let before = deployment.finished(&id).await;
+    assert!(
+        !deployment.completed(&id).await && (before as usize) < TARGETS,
+        "the rollout must still run when the last fault begins, or the test proves nothing about it"
+    );
     deployment.service("collector").signal("-STOP");
     deployment.run_for(Duration::from_secs(60)).await;
     deployment.service("collector").signal("-CONT");

@@ -1,0 +1,517 @@
+//! The collector's intake: authenticated reports applied in batches,
+//! idempotent by (target, attempt, seq).
+
+use super::*;
+
+impl Store {
+    // ------------------------------------------------------------ collector
+
+    /// What the collector needs to authenticate a target's agent: the
+    /// current attempt, the nonce its token was derived with, the token's
+    /// hash and the target's state (a final state ends the attempt's key).
+    pub async fn token_info(&self, target_id: Uuid) -> Result<Option<TokenInfo>> {
+        /// token hash, token nonce, attempt, rollout, state
+        type Row = (Option<String>, Option<String>, i32, Uuid, String);
+        let row: Option<Row> = targets::Entity::find_by_id(target_id)
+            .select_only()
+            .column(targets::Column::TokenHash)
+            .column(targets::Column::TokenNonce)
+            .column(targets::Column::Attempt)
+            .column(targets::Column::RolloutId)
+            .column(targets::Column::State)
+            .into_tuple()
+            .one(&self.db)
+            .await?;
+        let Some((Some(token_hash), token_nonce, attempt, rollout_id, state)) = row else {
+            return Ok(None);
+        };
+        let state = state.parse::<TargetState>().map_err(|e| Error::Corrupt(e.to_string()))?;
+        Ok(Some(TokenInfo {
+            token_hash,
+            token_nonce: token_nonce.unwrap_or_default(),
+            attempt: attempt as u32,
+            rollout_id,
+            state,
+        }))
+    }
+
+    /// Whether the agent's final result of `attempt` is stored (the
+    /// collector stops accepting the attempt's key after it).
+    pub async fn final_reported(&self, target_id: Uuid, attempt: u32) -> Result<bool> {
+        Ok(agent_events::Entity::find()
+            .filter(agent_events::Column::TargetId.eq(target_id))
+            .filter(agent_events::Column::Attempt.eq(attempt as i32))
+            .filter(agent_events::Column::Kind.eq("final"))
+            .count(&self.db)
+            .await?
+            > 0)
+    }
+
+    /// How many of the reports numbered `seqs` of `attempt` are stored. The
+    /// collector answers a closed attempt's retry of reports it already
+    /// stored (its answer was lost) as duplicates, not as late reports.
+    pub async fn stored_report_count(&self, target_id: Uuid, attempt: u32, seqs: &[u64]) -> Result<u64> {
+        if seqs.is_empty() {
+            return Ok(0);
+        }
+        Ok(agent_events::Entity::find()
+            .filter(agent_events::Column::TargetId.eq(target_id))
+            .filter(agent_events::Column::Attempt.eq(attempt as i32))
+            .filter(agent_events::Column::Seq.is_in(seqs.iter().map(|seq| i64::try_from(*seq).unwrap_or(i64::MAX))))
+            .count(&self.db)
+            .await?)
+    }
+
+    /// Applies a batch of authenticated reports in one transaction:
+    /// idempotent by (target, attempt, seq); every new report moves the
+    /// target's last-seen time (the watchdog's deadline); patch results and
+    /// the final result are recorded with guarded updates.
+    pub async fn apply_reports(&self, reports: &[IncomingReport]) -> Result<Vec<ReportResult>> {
+        if reports.is_empty() {
+            return Ok(vec![]);
+        }
+        let received_at = self.now();
+        let mut seen_in_batch = HashSet::new();
+        let unique: Vec<&IncomingReport> =
+            reports.iter().filter(|r| seen_in_batch.insert((r.target_id, r.attempt, r.seq))).collect();
+        let mut fresh = if self.backend() == DbBackend::Postgres {
+            self.apply_reports_postgres(&unique, received_at).await?
+        } else {
+            self.apply_reports_portable(&unique, received_at).await?
+        };
+        Ok(reports
+            .iter()
+            .map(|r| {
+                if fresh.remove(&(r.target_id, r.attempt, r.seq)) {
+                    ReportResult::Accepted
+                } else {
+                    ReportResult::Duplicate
+                }
+            })
+            .collect())
+    }
+
+    /// PostgreSQL: the events, the targets' last-seen times and the patch
+    /// results of the whole batch in one statement whose text never changes
+    /// (the reports travel as arrays), so it is parsed and planned once per
+    /// connection. A batch without a final result needs no more than that
+    /// statement, which is atomic on its own; one with final results runs it
+    /// and the finals' statements in one transaction.
+    async fn apply_reports_postgres(
+        &self,
+        unique: &[&IncomingReport],
+        received_at: DateTime<Utc>,
+    ) -> Result<HashSet<(Uuid, u32, u64)>> {
+        let statement = intake_statement(unique, received_at);
+        if !unique.iter().any(|r| matches!(r.kind, ReportKind::Final { .. })) {
+            return fresh_keys(self.db.query_all(statement).await?);
+        }
+        let txn = self.begin().await?;
+        let fresh = fresh_keys(txn.query_all(statement).await?)?;
+        let finals: Vec<&IncomingReport> = unique
+            .iter()
+            .copied()
+            .filter(|r| matches!(r.kind, ReportKind::Final { .. }) && fresh.contains(&(r.target_id, r.attempt, r.seq)))
+            .collect();
+        for chunk in finals.chunks(INSERT_CHUNK) {
+            apply_final_results(&txn, chunk, received_at).await?;
+        }
+        txn.commit().await?;
+        Ok(fresh)
+    }
+
+    /// Any backend (SQLite): a few statements per batch in one transaction.
+    async fn apply_reports_portable(
+        &self,
+        unique: &[&IncomingReport],
+        received_at: DateTime<Utc>,
+    ) -> Result<HashSet<(Uuid, u32, u64)>> {
+        let txn = self.begin().await?;
+        let mut fresh: HashSet<(Uuid, u32, u64)> = HashSet::new();
+        for chunk in unique.chunks(INSERT_CHUNK) {
+            let mut insert = Query::insert();
+            insert.into_table(agent_events::Entity).columns([
+                agent_events::Column::TargetId,
+                agent_events::Column::Attempt,
+                agent_events::Column::Seq,
+                agent_events::Column::Kind,
+                agent_events::Column::PatchIndex,
+                agent_events::Column::ExitCode,
+                agent_events::Column::Detail,
+                agent_events::Column::SentAt,
+                agent_events::Column::ReceivedAt,
+            ]);
+            for report in chunk {
+                let event = EventColumns::of(report);
+                insert.values_panic([
+                    report.target_id.into(),
+                    (report.attempt as i32).into(),
+                    (report.seq as i64).into(),
+                    event.kind.into(),
+                    event.patch_index.into(),
+                    event.exit_code.into(),
+                    event.detail.into(),
+                    report.sent_at.into(),
+                    received_at.into(),
+                ]);
+            }
+            insert.on_conflict(
+                OnConflict::columns([
+                    agent_events::Column::TargetId,
+                    agent_events::Column::Attempt,
+                    agent_events::Column::Seq,
+                ])
+                .do_nothing()
+                .to_owned(),
+            );
+            insert.returning(Query::returning().columns([
+                agent_events::Column::TargetId,
+                agent_events::Column::Attempt,
+                agent_events::Column::Seq,
+            ]));
+            let statement = self.backend().build(&insert);
+            fresh.extend(fresh_keys(txn.query_all(statement).await?)?);
+        }
+        // Every fresh report resets its target's deadline.
+        let touched: Vec<Uuid> = {
+            let mut ids: Vec<Uuid> = fresh.iter().map(|(id, _, _)| *id).collect();
+            ids.sort();
+            ids.dedup();
+            ids
+        };
+        for chunk in touched.chunks(INSERT_CHUNK) {
+            targets::Entity::update_many()
+                .col_expr(targets::Column::LastSeenAt, Expr::value(received_at))
+                .filter(targets::Column::Id.is_in(chunk.iter().copied()))
+                .filter(targets::Column::State.is_in(state_strs(&TargetState::IN_FLIGHT)))
+                .exec(&txn)
+                .await?;
+        }
+        let accepted: Vec<&IncomingReport> =
+            unique.iter().copied().filter(|r| fresh.contains(&(r.target_id, r.attempt, r.seq))).collect();
+        // Patch results first, then the final results (which fail the patches
+        // left open, so they come last).
+        for report in &accepted {
+            apply_patch_report(&txn, report, received_at).await?;
+        }
+        let finals: Vec<&IncomingReport> =
+            accepted.iter().copied().filter(|r| matches!(r.kind, ReportKind::Final { .. })).collect();
+        for chunk in finals.chunks(INSERT_CHUNK) {
+            apply_final_results(&txn, chunk, received_at).await?;
+        }
+        txn.commit().await?;
+        Ok(fresh)
+    }
+}
+
+/// How a report is stored in `agent_events`.
+struct EventColumns {
+    kind: &'static str,
+    patch_index: Option<i32>,
+    exit_code: Option<i32>,
+    detail: Option<String>,
+}
+
+impl EventColumns {
+    fn of(report: &IncomingReport) -> Self {
+        let (kind, patch_index, exit_code, detail) = match &report.kind {
+            ReportKind::Started { patch_index } => ("started", Some(*patch_index as i32), None, None),
+            ReportKind::Finished { patch_index, exit_code, outcome, .. } => {
+                ("finished", Some(*patch_index as i32), Some(*exit_code), Some(outcome.as_str().to_owned()))
+            }
+            ReportKind::Heartbeat { patch_index } => ("heartbeat", patch_index.map(|i| i as i32), None, None),
+            ReportKind::Final { success, message, .. } => {
+                ("final", None, None, Some(format!("{}: {message}", if *success { "success" } else { "failure" })))
+            }
+        };
+        Self { kind, patch_index, exit_code, detail }
+    }
+}
+
+/// The (target, attempt, seq) of the events an insert's `RETURNING` names:
+/// the fresh reports of a batch.
+fn fresh_keys(rows: Vec<sea_orm::QueryResult>) -> Result<HashSet<(Uuid, u32, u64)>> {
+    let mut fresh = HashSet::with_capacity(rows.len());
+    for row in rows {
+        let target_id: Uuid = row.try_get("", "target_id")?;
+        let attempt: i32 = row.try_get("", "attempt")?;
+        let seq: i64 = row.try_get("", "seq")?;
+        fresh.insert((target_id, attempt as u32, seq as u64));
+    }
+    Ok(fresh)
+}
+
+/// What a batch's reports do to one patch of one attempt: whether it was
+/// started, and its first result (exit code, outcome, output tail).
+struct PatchEffect<'a> {
+    key: (Uuid, u32, u32),
+    started: bool,
+    finished: Option<(i32, PatchOutcomeKind, &'a str)>,
+}
+
+/// The batch's `started` and `finished` reports, merged per (target,
+/// attempt, patch) in the order they first appear.
+fn patch_effects<'a>(unique: &[&'a IncomingReport]) -> Vec<PatchEffect<'a>> {
+    let mut effects: Vec<PatchEffect> = Vec::new();
+    let mut effect_at: HashMap<(Uuid, u32, u32), usize> = HashMap::new();
+    for report in unique {
+        let (patch_index, finished) = match &report.kind {
+            ReportKind::Started { patch_index } => (*patch_index, None),
+            ReportKind::Finished { patch_index, exit_code, outcome, output_tail } => {
+                (*patch_index, Some((*exit_code, *outcome, output_tail.as_str())))
+            }
+            ReportKind::Heartbeat { .. } | ReportKind::Final { .. } => continue,
+        };
+        let key = (report.target_id, report.attempt, patch_index);
+        let at = *effect_at.entry(key).or_insert_with(|| {
+            effects.push(PatchEffect { key, started: false, finished: None });
+            effects.len() - 1
+        });
+        let effect = &mut effects[at];
+        match finished {
+            None => effect.started = true,
+            Some(result) => {
+                effect.finished.get_or_insert(result);
+            }
+        }
+    }
+    effects
+}
+
+/// A PostgreSQL array parameter (arrays hold no NULLs here: optional
+/// columns travel with a `has_…` array beside them).
+fn pg_array<T: Into<sea_orm::Value>>(
+    kind: sea_orm::sea_query::ArrayType,
+    items: impl IntoIterator<Item = T>,
+) -> sea_orm::Value {
+    sea_orm::Value::Array(kind, Some(Box::new(items.into_iter().map(Into::into).collect())))
+}
+
+/// The text of [`intake_statement`], built once.
+static INTAKE_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let in_flight = in_flight_sql();
+    let finishes = format!("(e.finished AND tp.state IN ('pending', 'running') AND t.state IN ({in_flight}))");
+    let starts = "(e.started AND tp.state = 'pending')";
+    format!(
+        "WITH incoming AS ( \
+             SELECT * FROM unnest($2::uuid[], $3::int[], $4::bigint[], $5::text[], $6::bool[], $7::int[], \
+                                  $8::bool[], $9::int[], $10::bool[], $11::text[], $12::bool[], $13::timestamptz[]) \
+             AS i(target_id, attempt, seq, kind, has_patch, patch_index, has_exit, exit_code, \
+                  has_detail, detail, has_sent, sent_at) \
+         ), fresh AS ( \
+             INSERT INTO agent_events (target_id, attempt, seq, kind, patch_index, exit_code, detail, sent_at, received_at) \
+             SELECT target_id, attempt, seq, kind, CASE WHEN has_patch THEN patch_index END, \
+                    CASE WHEN has_exit THEN exit_code END, CASE WHEN has_detail THEN detail END, \
+                    CASE WHEN has_sent THEN sent_at END, $1 \
+             FROM incoming \
+             ON CONFLICT (target_id, attempt, seq) DO NOTHING \
+             RETURNING target_id, attempt, seq \
+         ), touched AS ( \
+             UPDATE targets SET last_seen_at = $1 \
+             WHERE id IN (SELECT target_id FROM fresh) AND state IN ({in_flight}) \
+         ), effects AS ( \
+             SELECT * FROM unnest($14::uuid[], $15::int[], $16::int[], $17::bool[], $18::bool[], $19::text[], \
+                                  $20::int[], $21::text[], $22::bool[], $23::text[]) \
+             AS e(target_id, attempt, patch_index, started, finished, state, exit_code, outcome, reboot, tail) \
+         ), patched AS ( \
+             UPDATE target_patches AS tp SET \
+                 state = CASE WHEN {finishes} THEN e.state ELSE 'running' END, \
+                 started_at = CASE WHEN {starts} THEN $1 ELSE tp.started_at END, \
+                 exit_code = CASE WHEN {finishes} THEN e.exit_code ELSE tp.exit_code END, \
+                 outcome = CASE WHEN {finishes} THEN e.outcome ELSE tp.outcome END, \
+                 reboot_required = CASE WHEN {finishes} THEN e.reboot ELSE tp.reboot_required END, \
+                 output_tail = CASE WHEN {finishes} THEN e.tail ELSE tp.output_tail END, \
+                 finished_at = CASE WHEN {finishes} THEN $1 ELSE tp.finished_at END \
+             FROM effects AS e JOIN targets AS t ON t.id = e.target_id AND t.attempt = e.attempt \
+             WHERE tp.target_id = e.target_id AND tp.patch_index = e.patch_index AND ({finishes} OR {starts}) \
+         ) \
+         SELECT target_id, attempt, seq FROM fresh"
+    )
+});
+
+/// The one statement of [`Store::apply_reports`] on PostgreSQL: inserts the
+/// events (idempotent by (target, attempt, seq)) and returns the fresh ones,
+/// moves the last-seen time of the targets that sent one, and applies the
+/// batch's `started` and `finished` reports to their patches.
+///
+/// The patch results are merged per (target, attempt, patch) first: two
+/// updates of one row in one statement would leave only one of them. The
+/// merged update does what the two in sequence did: `started` moves a
+/// pending patch to running (reporting attempt only); `finished` (the first
+/// in the batch) records the result of a pending or running patch while its
+/// target is in flight in the reporting attempt. Reports that turn out to be
+/// duplicates change nothing through it: every guard is on the patch's
+/// current state, which they already moved.
+fn intake_statement(unique: &[&IncomingReport], received_at: DateTime<Utc>) -> sea_orm::Statement {
+    use sea_orm::sea_query::ArrayType;
+    let events: Vec<EventColumns> = unique.iter().map(|r| EventColumns::of(r)).collect();
+    let effects = patch_effects(unique);
+    let results = || effects.iter().map(|e| e.finished);
+    let patch_state = |outcome: PatchOutcomeKind| {
+        if outcome.succeeded() { PatchState::Succeeded } else { PatchState::Failed }.as_str()
+    };
+    let values = vec![
+        received_at.into(),
+        pg_array(ArrayType::Uuid, unique.iter().map(|r| r.target_id)),
+        pg_array(ArrayType::Int, unique.iter().map(|r| r.attempt as i32)),
+        pg_array(ArrayType::BigInt, unique.iter().map(|r| r.seq as i64)),
+        pg_array(ArrayType::String, events.iter().map(|e| e.kind)),
+        pg_array(ArrayType::Bool, events.iter().map(|e| e.patch_index.is_some())),
+        pg_array(ArrayType::Int, events.iter().map(|e| e.patch_index.unwrap_or(0))),
+        pg_array(ArrayType::Bool, events.iter().map(|e| e.exit_code.is_some())),
+        pg_array(ArrayType::Int, events.iter().map(|e| e.exit_code.unwrap_or(0))),
+        pg_array(ArrayType::Bool, events.iter().map(|e| e.detail.is_some())),
+        pg_array(ArrayType::String, events.iter().map(|e| e.detail.clone().unwrap_or_default())),
+        pg_array(ArrayType::Bool, unique.iter().map(|r| r.sent_at.is_some())),
+        pg_array(ArrayType::ChronoDateTimeUtc, unique.iter().map(|r| r.sent_at.unwrap_or(received_at))),
+        pg_array(ArrayType::Uuid, effects.iter().map(|e| e.key.0)),
+        pg_array(ArrayType::Int, effects.iter().map(|e| e.key.1 as i32)),
+        pg_array(ArrayType::Int, effects.iter().map(|e| e.key.2 as i32)),
+        pg_array(ArrayType::Bool, effects.iter().map(|e| e.started)),
+        pg_array(ArrayType::Bool, results().map(|r| r.is_some())),
+        pg_array(ArrayType::String, results().map(|r| r.map_or("", |(_, outcome, _)| patch_state(outcome)))),
+        pg_array(ArrayType::Int, results().map(|r| r.map_or(0, |(exit_code, _, _)| exit_code))),
+        pg_array(ArrayType::String, results().map(|r| r.map_or("", |(_, outcome, _)| outcome.as_str()))),
+        pg_array(
+            ArrayType::Bool,
+            results().map(|r| r.is_some_and(|(_, outcome, _)| outcome == PatchOutcomeKind::InstalledRebootRequired)),
+        ),
+        pg_array(ArrayType::String, results().map(|r| r.map_or("", |(_, _, tail)| tail))),
+    ];
+    sea_orm::Statement::from_sql_and_values(DbBackend::Postgres, INTAKE_SQL.as_str(), values)
+}
+
+/// A `started` or `finished` report, one statement (SQLite; PostgreSQL
+/// merges them into the batch's one statement, see [`intake_statement`]).
+async fn apply_patch_report(txn: &DatabaseTransaction, report: &IncomingReport, at: DateTime<Utc>) -> Result<()> {
+    let this_attempt = |in_flight: bool| {
+        let mut query = Query::select()
+            .expr(Expr::value(1))
+            .from(targets::Entity)
+            .and_where(Expr::col((targets::Entity, targets::Column::Id)).eq(report.target_id))
+            .and_where(Expr::col((targets::Entity, targets::Column::Attempt)).eq(report.attempt as i32))
+            .to_owned();
+        if in_flight {
+            query.and_where(
+                Expr::col((targets::Entity, targets::Column::State)).is_in(state_strs(&TargetState::IN_FLIGHT)),
+            );
+        }
+        Expr::exists(query)
+    };
+    match &report.kind {
+        ReportKind::Started { patch_index } => {
+            target_patches::Entity::update_many()
+                .col_expr(target_patches::Column::State, Expr::value(PatchState::Running.as_str()))
+                .col_expr(target_patches::Column::StartedAt, Expr::value(at))
+                .filter(target_patches::Column::TargetId.eq(report.target_id))
+                .filter(target_patches::Column::PatchIndex.eq(*patch_index as i32))
+                .filter(target_patches::Column::State.eq(PatchState::Pending.as_str()))
+                .filter(this_attempt(false))
+                .exec(txn)
+                .await?;
+        }
+        ReportKind::Finished { patch_index, exit_code, outcome, output_tail } => {
+            let state = if outcome.succeeded() { PatchState::Succeeded } else { PatchState::Failed };
+            target_patches::Entity::update_many()
+                .col_expr(target_patches::Column::State, Expr::value(state.as_str()))
+                .col_expr(target_patches::Column::ExitCode, Expr::value(*exit_code))
+                .col_expr(target_patches::Column::Outcome, Expr::value(outcome.as_str()))
+                .col_expr(
+                    target_patches::Column::RebootRequired,
+                    Expr::value(*outcome == PatchOutcomeKind::InstalledRebootRequired),
+                )
+                .col_expr(target_patches::Column::OutputTail, Expr::value(output_tail.clone()))
+                .col_expr(target_patches::Column::FinishedAt, Expr::value(at))
+                .filter(target_patches::Column::TargetId.eq(report.target_id))
+                .filter(target_patches::Column::PatchIndex.eq(*patch_index as i32))
+                .filter(
+                    target_patches::Column::State.is_in([PatchState::Pending.as_str(), PatchState::Running.as_str()]),
+                )
+                .filter(this_attempt(true))
+                .exec(txn)
+                .await?;
+        }
+        ReportKind::Heartbeat { .. } | ReportKind::Final { .. } => {}
+    }
+    Ok(())
+}
+
+/// The final results of a batch, a few statements for all of them: the
+/// targets are locked in id order, those still in flight in the reporting
+/// attempt move to succeeded or failed (the first final result per target
+/// counts), with their history, their open patches failed, and one dispatch
+/// request per rollout plus a cleanup job and an event per target.
+async fn apply_final_results(txn: &DatabaseTransaction, finals: &[&IncomingReport], at: DateTime<Utc>) -> Result<()> {
+    let mut ids: Vec<Uuid> = finals.iter().map(|r| r.target_id).collect();
+    ids.sort();
+    ids.dedup();
+    let rows: Vec<(Uuid, Uuid, String, i32)> = targets::Entity::find()
+        .select_only()
+        .column(targets::Column::Id)
+        .column(targets::Column::RolloutId)
+        .column(targets::Column::State)
+        .column(targets::Column::Attempt)
+        .filter(targets::Column::Id.is_in(ids))
+        .order_by_asc(targets::Column::Id)
+        .lock(LockType::NoKeyUpdate)
+        .into_tuple()
+        .all(txn)
+        .await?;
+    let mut current: HashMap<Uuid, (Uuid, TargetState, u32)> = HashMap::with_capacity(rows.len());
+    for (id, rollout_id, state, attempt) in rows {
+        current.insert(id, (rollout_id, parse(&state, "target state")?, attempt as u32));
+    }
+    const FROM: [TargetState; 4] =
+        [TargetState::Probing, TargetState::Staging, TargetState::Installing, TargetState::Running];
+    // (target, rollout, from, to, detail)
+    let mut moves: Vec<(Uuid, Uuid, TargetState, TargetState, String)> = Vec::new();
+    let mut moved = HashSet::new();
+    for report in finals {
+        let ReportKind::Final { success, message, .. } = &report.kind else { continue };
+        let Some((rollout_id, state, attempt)) = current.get(&report.target_id) else { continue };
+        if *attempt != report.attempt || !FROM.contains(state) || !moved.insert(report.target_id) {
+            continue;
+        }
+        let to = if *success { TargetState::Succeeded } else { TargetState::Failed };
+        moves.push((report.target_id, *rollout_id, *state, to, format!("agent: {message}")));
+    }
+    if moves.is_empty() {
+        return Ok(());
+    }
+    // One UPDATE per outcome (and per failure message, usually one or two).
+    let mut groups: BTreeMap<(&'static str, Option<&str>), Vec<Uuid>> = BTreeMap::new();
+    for (target_id, _, _, to, detail) in &moves {
+        let error = (*to == TargetState::Failed).then_some(detail.as_str());
+        groups.entry((to.as_str(), error)).or_default().push(*target_id);
+    }
+    for ((to, error), ids) in groups {
+        let mut update = targets::Entity::update_many()
+            .col_expr(targets::Column::State, Expr::value(to))
+            .col_expr(targets::Column::FinishedAt, Expr::value(at))
+            .col_expr(targets::Column::UpdatedAt, Expr::value(at));
+        if let Some(error) = error {
+            update = update.col_expr(targets::Column::Error, Expr::value(error));
+        }
+        // Locked above and checked against FROM: by primary key alone (see `queue_next`).
+        update.filter(targets::Column::Id.is_in(ids)).exec(txn).await?;
+    }
+    let history = moves.iter().map(|(target_id, rollout_id, from, to, detail)| target_transitions::ActiveModel {
+        rollout_id: Set(*rollout_id),
+        target_id: Set(*target_id),
+        from_state: Set(from.as_str().into()),
+        to_state: Set(to.as_str().into()),
+        at: Set(at),
+        detail: Set(Some(detail.clone())),
+        ..Default::default()
+    });
+    target_transitions::Entity::insert_many(history).exec_without_returning(txn).await?;
+    fail_open_patches(txn, moves.iter().map(|m| m.0), "the agent finished without reporting this patch", at).await?;
+    let rollouts: BTreeSet<Uuid> = moves.iter().map(|m| m.1).collect();
+    let mut messages: Vec<Outgoing> = rollouts.into_iter().map(dispatch_message).collect();
+    for (target_id, rollout_id, from, to, detail) in &moves {
+        let attempt = current.get(target_id).map(|c| c.2).unwrap_or_default();
+        messages.push(cleanup_message(*target_id, attempt));
+        messages.push(event_message(*target_id, *rollout_id, *from, *to, detail, at));
+    }
+    push_outbox(txn, at, messages).await
+}

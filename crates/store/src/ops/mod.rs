@@ -1,0 +1,719 @@
+//! The operations on the store: rollouts, dispatch, target transitions,
+//! the watchdog check and the collector's batched report intake.
+//!
+//! Row locks that serialize writers are `FOR NO KEY UPDATE`, never
+//! `FOR UPDATE`: the foreign-key checks of concurrent inserts and updates
+//! (an agent event naming its target, a target row its transaction already
+//! updated naming its rollout) take `FOR KEY SHARE` on the parent row, which
+//! `FOR UPDATE` blocks and `FOR NO KEY UPDATE` does not. With `FOR UPDATE`
+//! on the rollout, every final result waited for the whole dispatch pass.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use fleetpatch_bus::Outgoing;
+use fleetpatch_proto::routing;
+use fleetpatch_proto::state::{PatchState, RolloutState, TargetState};
+use fleetpatch_proto::v1;
+use fleetpatch_proto::Message;
+use sea_orm::sea_query::{Expr, Func, LockType, OnConflict, Query, SimpleExpr};
+use sea_orm::{
+    ActiveValue::Set, ColumnTrait, Condition, ConnectionTrait, DatabaseTransaction, DbBackend, EntityTrait,
+    PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, QueryTrait,
+};
+use uuid::Uuid;
+
+use crate::entity::{agent_events, outbox, patches, rollouts, target_patches, target_transitions, targets};
+use crate::model::*;
+use crate::{Error, Result, Store};
+
+const INSERT_CHUNK: usize = 1_000;
+
+// ---------------------------------------------------------------- conversions
+
+fn parse<T: std::str::FromStr>(value: &str, what: &str) -> Result<T>
+where
+    T::Err: std::fmt::Display,
+{
+    value.parse().map_err(|error| Error::Corrupt(format!("{what}: {error}")))
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(value: serde_json::Value, what: &str) -> Result<T> {
+    serde_json::from_value(value).map_err(|error| Error::Corrupt(format!("{what}: {error}")))
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> serde_json::Value {
+    serde_json::to_value(value).expect("plain data serializes")
+}
+
+fn rollout_from(m: rollouts::Model) -> Result<Rollout> {
+    Ok(Rollout {
+        id: m.id,
+        name: m.name,
+        state: parse(&m.state, "rollout state")?,
+        pause_reason: m.pause_reason,
+        current_wave: m.current_wave as u32,
+        concurrency: m.concurrency as u32,
+        timeout_seconds: m.timeout_seconds as u32,
+        waves: from_json(m.waves, "rollout waves")?,
+        settings: from_json(m.settings, "rollout settings")?,
+        created_at: m.created_at,
+        updated_at: m.updated_at,
+        completed_at: m.completed_at,
+    })
+}
+
+fn patch_from(m: patches::Model) -> Result<Patch> {
+    Ok(Patch {
+        index: m.patch_index as u32,
+        name: m.name,
+        kb: m.kb,
+        file: m.file,
+        sha256: m.sha256,
+        size: m.size as u64,
+        installer: from_json(serde_json::Value::String(m.installer), "installer kind")?,
+        arguments: m.arguments,
+        success_codes: from_json(m.success_codes, "success codes")?,
+        reboot_codes: from_json(m.reboot_codes, "reboot codes")?,
+        timeout_seconds: m.timeout_seconds as u32,
+        detection: m.detection.map(|d| from_json(d, "detection rule")).transpose()?,
+    })
+}
+
+fn target_from(m: targets::Model) -> Result<Target> {
+    Ok(Target {
+        id: m.id,
+        rollout_id: m.rollout_id,
+        ordinal: m.ordinal as u32,
+        host: m.host,
+        port: m.port.map(|p| p as u16),
+        transport: m.transport,
+        labels: from_json(m.labels, "target labels")?,
+        credential: m.credential,
+        wave: m.wave as u32,
+        state: parse(&m.state, "target state")?,
+        attempt: m.attempt as u32,
+        tries: m.r#try as u32,
+        timeout_seconds: m.timeout_seconds as u32,
+        last_seen_at: m.last_seen_at,
+        error: m.error,
+        os: m.os,
+        arch: m.arch,
+        queued_at: m.queued_at,
+        running_at: m.running_at,
+        finished_at: m.finished_at,
+        verified_state: m.verified_state,
+        verified_at: m.verified_at,
+        token_hash: m.token_hash,
+        token_nonce: m.token_nonce,
+    })
+}
+
+fn target_patch_from(m: target_patches::Model) -> Result<TargetPatch> {
+    Ok(TargetPatch {
+        patch_index: m.patch_index as u32,
+        state: parse(&m.state, "patch state")?,
+        exit_code: m.exit_code,
+        outcome: m.outcome,
+        reboot_required: m.reboot_required,
+        output_tail: m.output_tail,
+        error: m.error,
+        started_at: m.started_at,
+        finished_at: m.finished_at,
+    })
+}
+
+fn state_strs(states: &[TargetState]) -> Vec<&'static str> {
+    states.iter().map(|s| s.as_str()).collect()
+}
+
+// ---------------------------------------------------------------- outbox helpers
+
+#[derive(serde::Serialize, serde::Deserialize)]
+pub(crate) struct StoredHeaders {
+    pub headers: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub due_at_unix_ms: Option<i64>,
+}
+
+pub(crate) async fn push_outbox<C: ConnectionTrait>(
+    db: &C,
+    created_at: DateTime<Utc>,
+    messages: Vec<Outgoing>,
+) -> Result<()> {
+    if messages.is_empty() {
+        return Ok(());
+    }
+    for chunk in messages.chunks(INSERT_CHUNK) {
+        let rows = chunk.iter().map(|message| {
+            let message = message.clone().with_trace_context();
+            outbox::ActiveModel {
+                exchange: Set(match message.destination {
+                    fleetpatch_bus::Destination::Work => "work".into(),
+                    fleetpatch_bus::Destination::Events => "events".into(),
+                }),
+                routing_key: Set(message.routing_key),
+                payload: Set(message.payload),
+                headers: Set(to_json(&StoredHeaders {
+                    headers: message.headers,
+                    due_at_unix_ms: message.due_at_unix_ms,
+                })),
+                created_at: Set(created_at),
+                ..Default::default()
+            }
+        });
+        outbox::Entity::insert_many(rows).exec_without_returning(db).await?;
+    }
+    Ok(())
+}
+
+/// A request to run a rollout's dispatch pass (the reconciler sends them too).
+pub fn dispatch_request(rollout_id: Uuid) -> Outgoing {
+    dispatch_message(rollout_id)
+}
+
+fn dispatch_message(rollout_id: Uuid) -> Outgoing {
+    Outgoing::work(routing::DISPATCH, v1::DispatchRequest { rollout_id: rollout_id.to_string() }.encode_to_vec())
+}
+
+/// A deploy job for a target's attempt and try (the reconciler re-publishes them too).
+pub(crate) fn deploy_job(target_id: Uuid, rollout_id: Uuid, attempt: u32, try_: u32) -> Outgoing {
+    deploy_message(target_id, rollout_id, attempt, try_)
+}
+
+fn deploy_message(target_id: Uuid, rollout_id: Uuid, attempt: u32, try_: u32) -> Outgoing {
+    Outgoing::work(
+        routing::DEPLOY,
+        v1::DeployJob { target_id: target_id.to_string(), rollout_id: rollout_id.to_string(), attempt, r#try: try_ }
+            .encode_to_vec(),
+    )
+}
+
+fn cleanup_message(target_id: Uuid, attempt: u32) -> Outgoing {
+    Outgoing::work(routing::CLEANUP, v1::CleanupJob { target_id: target_id.to_string(), attempt }.encode_to_vec())
+}
+
+/// The watchdog's wake-up for a target, due at `due`.
+pub fn watch_message(target_id: Uuid, attempt: u32, due: DateTime<Utc>) -> Outgoing {
+    let due_ms = due.timestamp_millis();
+    Outgoing::work(
+        routing::WATCH,
+        v1::WatchTimer { target_id: target_id.to_string(), attempt, due_at_unix_ms: due_ms }.encode_to_vec(),
+    )
+    .due_at(due_ms)
+}
+
+fn event_message(
+    target_id: Uuid,
+    rollout_id: Uuid,
+    from: TargetState,
+    to: TargetState,
+    detail: &str,
+    at: DateTime<Utc>,
+) -> Outgoing {
+    Outgoing::event(
+        routing::target_event_key(to.as_str()),
+        v1::TargetEvent {
+            target_id: target_id.to_string(),
+            rollout_id: rollout_id.to_string(),
+            from_state: from.as_str().into(),
+            to_state: to.as_str().into(),
+            at_unix_ms: at.timestamp_millis(),
+            detail: detail.into(),
+        }
+        .encode_to_vec(),
+    )
+}
+
+// ---------------------------------------------------------------- outcomes
+
+/// What a dispatch did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DispatchOutcome {
+    pub dispatched: u32,
+    pub state: RolloutState,
+    /// Set when this dispatch halted the rollout at a wave's failure threshold.
+    pub halted: Option<String>,
+}
+
+/// A worker's claim on a deploy job.
+#[derive(Debug)]
+pub enum Claim {
+    Claimed(Box<DeployContext>),
+    /// The job is for another attempt, or the target moved on: nothing to do.
+    Skip {
+        state: TargetState,
+        attempt: u32,
+    },
+}
+
+/// Where the deployment goes after the probe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbeOutcome {
+    /// Stage and start the agent.
+    Stage,
+    /// Every patch was already installed: the target succeeded.
+    AllInstalled,
+    /// The target moved on meanwhile (e.g. the rollout was retried).
+    Lost,
+}
+
+/// What the watchdog found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WatchOutcome {
+    /// The target is no longer running this attempt.
+    Gone,
+    /// Reported recently: check again at the new deadline.
+    NotYet(DateTime<Utc>),
+    /// Marked timed out.
+    TimedOut,
+}
+
+/// Settings of the watchdog's timeout handling.
+#[derive(Debug, Clone, Copy)]
+pub struct TimeoutPolicy {
+    /// Delay before the verification scan after a timeout.
+    pub verify_delay: Duration,
+}
+
+// ---------------------------------------------------------------- the operations
+
+struct Move<'a> {
+    rollout_id: Uuid,
+    target_id: Uuid,
+    attempt: Option<u32>,
+    from: &'a [TargetState],
+    to: TargetState,
+    detail: Option<String>,
+    sets: Vec<(targets::Column, SimpleExpr)>,
+}
+
+/// `targets.state IN (…in flight…)` with the states written out as
+/// literals: PostgreSQL uses the partial index `targets_in_flight` only when
+/// it can prove the query's condition implies the index's, which a list of
+/// bound parameters never does.
+fn in_flight_literal() -> SimpleExpr {
+    Expr::cust(format!("\"targets\".\"state\" IN ({})", in_flight_sql()))
+}
+
+/// The in-flight states as an SQL list of literals: `'queued', 'probing', …`.
+fn in_flight_sql() -> String {
+    TargetState::IN_FLIGHT.iter().map(|s| format!("'{}'", s.as_str())).collect::<Vec<_>>().join(", ")
+}
+
+/// Whether any target of the rollout's wave matches `condition`.
+async fn wave_has<C: ConnectionTrait>(db: &C, rollout_id: Uuid, wave: u32, condition: SimpleExpr) -> Result<bool> {
+    let found = targets::Entity::find()
+        .select_only()
+        .column(targets::Column::Id)
+        .filter(targets::Column::RolloutId.eq(rollout_id))
+        .filter(targets::Column::Wave.eq(wave as i32))
+        .filter(condition)
+        .limit(1)
+        .into_tuple::<Uuid>()
+        .one(db)
+        .await?;
+    Ok(found.is_some())
+}
+
+/// Moves the wave's next `limit` pending targets (by ordinal) to `queued`,
+/// with their history; returns them with their attempts.
+///
+/// The rows are locked as they are read, so the UPDATE goes by primary key
+/// alone: a state condition beside the ids lets PostgreSQL combine the
+/// primary key with the `targets_state` index (a bitmap AND), which reads
+/// every entry of that state, dead versions included, for a handful of rows.
+async fn queue_next(
+    txn: &DatabaseTransaction,
+    rollout_id: Uuid,
+    wave: u32,
+    limit: u64,
+    at: DateTime<Utc>,
+) -> Result<Vec<(Uuid, i32)>> {
+    let pending = || targets::Column::State.eq(TargetState::Pending.as_str());
+    let next: Vec<(Uuid, i32)> = targets::Entity::find()
+        .select_only()
+        .column(targets::Column::Id)
+        .column(targets::Column::Attempt)
+        .filter(targets::Column::RolloutId.eq(rollout_id))
+        .filter(targets::Column::Wave.eq(wave as i32))
+        .filter(pending())
+        .order_by_asc(targets::Column::Ordinal)
+        .limit(limit)
+        .lock(LockType::NoKeyUpdate)
+        .into_tuple()
+        .all(txn)
+        .await?;
+    if next.is_empty() {
+        return Ok(next);
+    }
+    targets::Entity::update_many()
+        .col_expr(targets::Column::State, Expr::value(TargetState::Queued.as_str()))
+        .col_expr(targets::Column::QueuedAt, Expr::value(at))
+        .col_expr(targets::Column::Try, Expr::value(0))
+        .col_expr(targets::Column::UpdatedAt, Expr::value(at))
+        .filter(targets::Column::Id.is_in(next.iter().map(|(id, _)| *id)))
+        .exec(txn)
+        .await?;
+    let rows = next.iter().map(|(target_id, _)| target_transitions::ActiveModel {
+        rollout_id: Set(rollout_id),
+        target_id: Set(*target_id),
+        from_state: Set(TargetState::Pending.as_str().into()),
+        to_state: Set(TargetState::Queued.as_str().into()),
+        at: Set(at),
+        detail: Set(None),
+        ..Default::default()
+    });
+    target_transitions::Entity::insert_many(rows).exec_without_returning(txn).await?;
+    Ok(next)
+}
+
+/// Locks the target row, checks the move, applies it as a guarded UPDATE and
+/// appends it to the history. Returns the state it moved from, or `None`
+/// when the guard did not match (a duplicate, or the target moved on).
+async fn apply_move(txn: &DatabaseTransaction, at: DateTime<Utc>, mv: Move<'_>) -> Result<Option<TargetState>> {
+    let current = targets::Entity::find_by_id(mv.target_id)
+        .select_only()
+        .column(targets::Column::State)
+        .column(targets::Column::Attempt)
+        .lock(LockType::NoKeyUpdate)
+        .into_tuple::<(String, i32)>()
+        .one(txn)
+        .await?;
+    let Some((state, attempt)) = current else { return Ok(None) };
+    let from: TargetState = parse(&state, "target state")?;
+    if !mv.from.contains(&from) || mv.attempt.is_some_and(|a| a as i32 != attempt) {
+        return Ok(None);
+    }
+    debug_assert!(from.can_move_to(mv.to) || from == mv.to, "{from} -> {}", mv.to);
+    let mut update = targets::Entity::update_many()
+        .col_expr(targets::Column::State, Expr::value(mv.to.as_str()))
+        .col_expr(targets::Column::UpdatedAt, Expr::value(at));
+    for (column, value) in mv.sets {
+        update = update.col_expr(column, value);
+    }
+    let updated = update
+        .filter(targets::Column::Id.eq(mv.target_id))
+        .filter(targets::Column::State.eq(from.as_str()))
+        .filter(targets::Column::Attempt.eq(attempt))
+        .exec(txn)
+        .await?;
+    if updated.rows_affected != 1 {
+        return Ok(None);
+    }
+    target_transitions::Entity::insert(target_transitions::ActiveModel {
+        rollout_id: Set(mv.rollout_id),
+        target_id: Set(mv.target_id),
+        from_state: Set(from.as_str().into()),
+        to_state: Set(mv.to.as_str().into()),
+        at: Set(at),
+        detail: Set(mv.detail),
+        ..Default::default()
+    })
+    .exec_without_returning(txn)
+    .await?;
+    Ok(Some(from))
+}
+
+/// Marks every unfinished patch of these targets failed with `reason`.
+async fn fail_open_patches<C: ConnectionTrait>(
+    db: &C,
+    target_ids: impl IntoIterator<Item = Uuid>,
+    reason: &str,
+    at: DateTime<Utc>,
+) -> Result<()> {
+    target_patches::Entity::update_many()
+        .col_expr(target_patches::Column::State, Expr::value(PatchState::Failed.as_str()))
+        .col_expr(target_patches::Column::Error, Expr::value(reason))
+        .col_expr(target_patches::Column::FinishedAt, Expr::value(at))
+        .filter(target_patches::Column::TargetId.is_in(target_ids))
+        .filter(target_patches::Column::State.is_in([PatchState::Pending.as_str(), PatchState::Running.as_str()]))
+        .exec(db)
+        .await?;
+    Ok(())
+}
+
+impl Store {
+    // ------------------------------------------------------------ rollouts
+
+    /// Stores a new rollout (running) and asks the scheduler to dispatch it.
+    pub async fn create_rollout(&self, new: NewRollout) -> Result<Uuid> {
+        let id = Uuid::new_v4();
+        let at = self.now();
+        let txn = self.begin().await?;
+        rollouts::Entity::insert(rollouts::ActiveModel {
+            id: Set(id),
+            name: Set(new.name.clone()),
+            state: Set(RolloutState::Running.as_str().into()),
+            pause_reason: Set(None),
+            current_wave: Set(0),
+            concurrency: Set(new.concurrency as i32),
+            timeout_seconds: Set(new.timeout_seconds as i32),
+            waves: Set(to_json(&new.waves)),
+            settings: Set(to_json(&new.settings)),
+            created_at: Set(at),
+            updated_at: Set(at),
+            completed_at: Set(None),
+        })
+        .exec_without_returning(&txn)
+        .await?;
+        if !new.patches.is_empty() {
+            let rows = new.patches.iter().enumerate().map(|(index, p)| patches::ActiveModel {
+                rollout_id: Set(id),
+                patch_index: Set(index as i32),
+                name: Set(p.name.clone()),
+                kb: Set(p.kb.clone()),
+                file: Set(p.file.clone()),
+                sha256: Set(p.sha256.clone()),
+                size: Set(p.size as i64),
+                installer: Set(p.installer.as_str().into()),
+                arguments: Set(p.arguments.clone()),
+                success_codes: Set(to_json(&p.success_codes)),
+                reboot_codes: Set(to_json(&p.reboot_codes)),
+                timeout_seconds: Set(p.timeout_seconds as i32),
+                detection: Set(p.detection.as_ref().map(to_json)),
+            });
+            patches::Entity::insert_many(rows).exec_without_returning(&txn).await?;
+        }
+        for (chunk_index, chunk) in new.targets.chunks(INSERT_CHUNK).enumerate() {
+            let rows = chunk.iter().enumerate().map(|(i, t)| targets::ActiveModel {
+                id: Set(Uuid::new_v4()),
+                rollout_id: Set(id),
+                ordinal: Set((chunk_index * INSERT_CHUNK + i) as i32),
+                host: Set(t.host.clone()),
+                port: Set(t.port.map(i32::from)),
+                transport: Set(t.transport.clone()),
+                labels: Set(to_json(&t.labels)),
+                credential: Set(t.credential.clone()),
+                wave: Set(t.wave as i32),
+                state: Set(TargetState::Pending.as_str().into()),
+                attempt: Set(1),
+                r#try: Set(0),
+                token_hash: Set(None),
+                token_nonce: Set(None),
+                timeout_seconds: Set(new.timeout_seconds as i32),
+                last_seen_at: Set(None),
+                error: Set(None),
+                os: Set(None),
+                arch: Set(None),
+                probe: Set(None),
+                queued_at: Set(None),
+                running_at: Set(None),
+                finished_at: Set(None),
+                verified_state: Set(None),
+                verified_at: Set(None),
+                created_at: Set(at),
+                updated_at: Set(at),
+            });
+            targets::Entity::insert_many(rows).exec_without_returning(&txn).await?;
+        }
+        push_outbox(&txn, at, vec![dispatch_message(id)]).await?;
+        txn.commit().await?;
+        Ok(id)
+    }
+
+    pub async fn rollout(&self, id: Uuid) -> Result<Rollout> {
+        let model = rollouts::Entity::find_by_id(id)
+            .one(&self.db)
+            .await?
+            .ok_or_else(|| Error::NotFound { what: "rollout", id: id.to_string() })?;
+        rollout_from(model)
+    }
+
+    /// Newest first.
+    pub async fn list_rollouts(&self, limit: u64) -> Result<Vec<Rollout>> {
+        rollouts::Entity::find()
+            .order_by_desc(rollouts::Column::CreatedAt)
+            .limit(limit)
+            .all(&self.db)
+            .await?
+            .into_iter()
+            .map(rollout_from)
+            .collect()
+    }
+
+    pub async fn patches(&self, rollout_id: Uuid) -> Result<Vec<Patch>> {
+        patches::Entity::find()
+            .filter(patches::Column::RolloutId.eq(rollout_id))
+            .order_by_asc(patches::Column::PatchIndex)
+            .all(&self.db)
+            .await?
+            .into_iter()
+            .map(patch_from)
+            .collect()
+    }
+
+    /// Counts per state, for the rollout and per wave.
+    pub async fn progress(&self, rollout: &Rollout) -> Result<Progress> {
+        let rows: Vec<(i32, String, i64)> = targets::Entity::find()
+            .select_only()
+            .column(targets::Column::Wave)
+            .column(targets::Column::State)
+            .column_as(targets::Column::Id.count(), "n")
+            .filter(targets::Column::RolloutId.eq(rollout.id))
+            .group_by(targets::Column::Wave)
+            .group_by(targets::Column::State)
+            .into_tuple()
+            .all(&self.db)
+            .await?;
+        let mut progress = Progress {
+            waves: rollout
+                .waves
+                .iter()
+                .enumerate()
+                .map(|(index, wave)| WaveProgress {
+                    index: index as u32,
+                    name: wave.name.clone(),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        };
+        for (wave, state, count) in rows {
+            let count = count as u64;
+            progress.total += count;
+            *progress.by_state.entry(state.clone()).or_default() += count;
+            if let Some(wave) = progress.waves.get_mut(wave as usize) {
+                wave.total += count;
+                *wave.by_state.entry(state).or_default() += count;
+            }
+        }
+        Ok(progress)
+    }
+
+    /// A page of a rollout's targets in dispatch order, after `after_ordinal`.
+    pub async fn targets(
+        &self,
+        rollout_id: Uuid,
+        state: Option<TargetState>,
+        after_ordinal: Option<u32>,
+        limit: u64,
+    ) -> Result<Vec<Target>> {
+        let mut query = targets::Entity::find().filter(targets::Column::RolloutId.eq(rollout_id));
+        if let Some(state) = state {
+            query = query.filter(targets::Column::State.eq(state.as_str()));
+        }
+        if let Some(after) = after_ordinal {
+            query = query.filter(targets::Column::Ordinal.gt(after as i32));
+        }
+        query
+            .order_by_asc(targets::Column::Ordinal)
+            .limit(limit)
+            .all(&self.db)
+            .await?
+            .into_iter()
+            .map(target_from)
+            .collect()
+    }
+
+    pub async fn target(&self, id: Uuid) -> Result<Target> {
+        let model = targets::Entity::find_by_id(id)
+            .one(&self.db)
+            .await?
+            .ok_or_else(|| Error::NotFound { what: "target", id: id.to_string() })?;
+        target_from(model)
+    }
+
+    pub async fn target_patches(&self, target_id: Uuid) -> Result<Vec<TargetPatch>> {
+        target_patches::Entity::find()
+            .filter(target_patches::Column::TargetId.eq(target_id))
+            .order_by_asc(target_patches::Column::PatchIndex)
+            .all(&self.db)
+            .await?
+            .into_iter()
+            .map(target_patch_from)
+            .collect()
+    }
+
+    /// The target's state changes, oldest first.
+    pub async fn transitions(&self, target_id: Uuid) -> Result<Vec<Transition>> {
+        self.transitions_where(target_transitions::Column::TargetId.eq(target_id)).await
+    }
+
+    /// Every state change of a rollout's targets, oldest first.
+    pub async fn rollout_transitions(&self, rollout_id: Uuid) -> Result<Vec<Transition>> {
+        self.transitions_where(target_transitions::Column::RolloutId.eq(rollout_id)).await
+    }
+
+    async fn transitions_where(&self, filter: sea_orm::sea_query::SimpleExpr) -> Result<Vec<Transition>> {
+        Ok(target_transitions::Entity::find()
+            .filter(filter)
+            .order_by_asc(target_transitions::Column::Id)
+            .all(&self.db)
+            .await?
+            .into_iter()
+            .map(|m| Transition {
+                target_id: m.target_id,
+                from: m.from_state,
+                to: m.to_state,
+                at: m.at,
+                detail: m.detail,
+            })
+            .collect())
+    }
+
+    /// What the collector accepted from the target's agents, oldest first.
+    pub async fn agent_events(&self, target_id: Uuid) -> Result<Vec<AgentEvent>> {
+        self.agent_events_page(target_id, None, u64::MAX).await
+    }
+
+    /// A target's events in (attempt, seq) order, after `after` (an
+    /// (attempt, seq) cursor: the last event of the previous page), at most
+    /// `limit` of them.
+    pub async fn agent_events_page(
+        &self,
+        target_id: Uuid,
+        after: Option<(u32, u64)>,
+        limit: u64,
+    ) -> Result<Vec<AgentEvent>> {
+        let mut query = agent_events::Entity::find().filter(agent_events::Column::TargetId.eq(target_id));
+        if let Some((attempt, seq)) = after {
+            let (attempt, seq) = (attempt as i32, i64::try_from(seq).unwrap_or(i64::MAX));
+            query = query.filter(Condition::any().add(agent_events::Column::Attempt.gt(attempt)).add(
+                Condition::all().add(agent_events::Column::Attempt.eq(attempt)).add(agent_events::Column::Seq.gt(seq)),
+            ));
+        }
+        let query = query.order_by_asc(agent_events::Column::Attempt).order_by_asc(agent_events::Column::Seq);
+        let query = if limit == u64::MAX { query } else { query.limit(limit) };
+        Ok(query
+            .all(&self.db)
+            .await?
+            .into_iter()
+            .map(|m| AgentEvent {
+                attempt: m.attempt as u32,
+                seq: m.seq as u64,
+                kind: m.kind,
+                patch_index: m.patch_index.map(|i| i as u32),
+                exit_code: m.exit_code,
+                detail: m.detail,
+                received_at: m.received_at,
+            })
+            .collect())
+    }
+}
+
+mod dispatch;
+mod intake;
+mod operator;
+mod watchdog;
+mod worker;
+
+/// See [`Store::fleet_gauges`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FleetGauges {
+    pub rollouts_by_state: BTreeMap<String, u64>,
+    pub active_targets_by_state: BTreeMap<String, u64>,
+    pub outbox_pending: u64,
+}
+
+/// A target's token hash, the attempt and nonce the token was derived
+/// with, and the target's state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenInfo {
+    pub token_hash: String,
+    pub token_nonce: String,
+    pub attempt: u32,
+    pub rollout_id: Uuid,
+    pub state: TargetState,
+}

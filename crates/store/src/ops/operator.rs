@@ -1,0 +1,170 @@
+//! Operator actions on a rollout: pause, resume, abort, retry the failed targets.
+
+use super::*;
+
+impl Store {
+    // ------------------------------------------------------------ operator actions
+
+    async fn set_rollout_state(
+        &self,
+        id: Uuid,
+        from: &[RolloutState],
+        to: RolloutState,
+        reason: Option<String>,
+    ) -> Result<Rollout> {
+        let txn = self.begin().await?;
+        let rollout = rollouts::Entity::find_by_id(id)
+            .lock(LockType::NoKeyUpdate)
+            .one(&txn)
+            .await?
+            .ok_or_else(|| Error::NotFound { what: "rollout", id: id.to_string() })?;
+        let current: RolloutState = parse(&rollout.state, "rollout state")?;
+        if !from.contains(&current) {
+            return Err(Error::Conflict(format!(
+                "rollout {id} is {current}; it can be made {to} only when it is {}",
+                from.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(" or ")
+            )));
+        }
+        let at = self.now();
+        rollouts::Entity::update_many()
+            .col_expr(rollouts::Column::State, Expr::value(to.as_str()))
+            .col_expr(rollouts::Column::PauseReason, Expr::value(reason))
+            .col_expr(rollouts::Column::UpdatedAt, Expr::value(at))
+            .filter(rollouts::Column::Id.eq(id))
+            .exec(&txn)
+            .await?;
+        match to {
+            RolloutState::Running => push_outbox(&txn, at, vec![dispatch_message(id)]).await?,
+            RolloutState::Aborted => {
+                let pending = targets::Entity::find()
+                    .select_only()
+                    .column(targets::Column::Id)
+                    .filter(targets::Column::RolloutId.eq(id))
+                    .filter(targets::Column::State.eq(TargetState::Pending.as_str()))
+                    .into_tuple::<Uuid>()
+                    .all(&txn)
+                    .await?;
+                for chunk in pending.chunks(INSERT_CHUNK) {
+                    targets::Entity::update_many()
+                        .col_expr(targets::Column::State, Expr::value(TargetState::Cancelled.as_str()))
+                        .col_expr(targets::Column::FinishedAt, Expr::value(at))
+                        .col_expr(targets::Column::UpdatedAt, Expr::value(at))
+                        .filter(targets::Column::Id.is_in(chunk.iter().copied()))
+                        .filter(targets::Column::State.eq(TargetState::Pending.as_str()))
+                        .exec(&txn)
+                        .await?;
+                    let rows = chunk.iter().map(|target_id| target_transitions::ActiveModel {
+                        rollout_id: Set(id),
+                        target_id: Set(*target_id),
+                        from_state: Set(TargetState::Pending.as_str().into()),
+                        to_state: Set(TargetState::Cancelled.as_str().into()),
+                        at: Set(at),
+                        detail: Set(Some("rollout aborted".into())),
+                        ..Default::default()
+                    });
+                    target_transitions::Entity::insert_many(rows).exec_without_returning(&txn).await?;
+                }
+                rollouts::Entity::update_many()
+                    .col_expr(rollouts::Column::CompletedAt, Expr::value(at))
+                    .filter(rollouts::Column::Id.eq(id))
+                    .exec(&txn)
+                    .await?;
+            }
+            _ => {}
+        }
+        txn.commit().await?;
+        self.rollout(id).await
+    }
+
+    pub async fn pause_rollout(&self, id: Uuid, reason: &str) -> Result<Rollout> {
+        self.set_rollout_state(id, &[RolloutState::Running], RolloutState::Paused, Some(reason.into())).await
+    }
+
+    pub async fn resume_rollout(&self, id: Uuid) -> Result<Rollout> {
+        self.set_rollout_state(id, &[RolloutState::Paused], RolloutState::Running, None).await
+    }
+
+    pub async fn abort_rollout(&self, id: Uuid) -> Result<Rollout> {
+        self.set_rollout_state(
+            id,
+            &[RolloutState::Running, RolloutState::Paused],
+            RolloutState::Aborted,
+            Some("aborted by an operator".into()),
+        )
+        .await
+    }
+
+    /// Sends failed and timed-out targets back to `pending` for a new
+    /// attempt, and restarts dispatch from the earliest wave among them.
+    pub async fn retry_failed(&self, id: Uuid) -> Result<u64> {
+        let txn = self.begin().await?;
+        let rollout = rollouts::Entity::find_by_id(id)
+            .lock(LockType::NoKeyUpdate)
+            .one(&txn)
+            .await?
+            .ok_or_else(|| Error::NotFound { what: "rollout", id: id.to_string() })?;
+        if rollout.state == RolloutState::Aborted.as_str() {
+            return Err(Error::Conflict(format!("rollout {id} was aborted; create a new rollout instead")));
+        }
+        let failed = state_strs(&[TargetState::Failed, TargetState::TimedOut]);
+        let retried: Vec<(Uuid, String, i32)> = targets::Entity::find()
+            .select_only()
+            .column(targets::Column::Id)
+            .column(targets::Column::State)
+            .column(targets::Column::Wave)
+            .filter(targets::Column::RolloutId.eq(id))
+            .filter(targets::Column::State.is_in(failed.clone()))
+            .into_tuple()
+            .all(&txn)
+            .await?;
+        let Some(first_wave) = retried.iter().map(|(_, _, wave)| *wave).min() else {
+            return Ok(0);
+        };
+        let at = self.now();
+        for chunk in retried.chunks(INSERT_CHUNK) {
+            let ids: Vec<Uuid> = chunk.iter().map(|(target_id, _, _)| *target_id).collect();
+            targets::Entity::update_many()
+                .col_expr(targets::Column::State, Expr::value(TargetState::Pending.as_str()))
+                .col_expr(targets::Column::Attempt, Expr::col(targets::Column::Attempt).add(1))
+                .col_expr(targets::Column::Try, Expr::value(0))
+                .col_expr(targets::Column::TokenHash, Expr::value(Option::<String>::None))
+                .col_expr(targets::Column::TokenNonce, Expr::value(Option::<String>::None))
+                .col_expr(targets::Column::Error, Expr::value(Option::<String>::None))
+                .col_expr(targets::Column::LastSeenAt, Expr::value(Option::<DateTime<Utc>>::None))
+                .col_expr(targets::Column::QueuedAt, Expr::value(Option::<DateTime<Utc>>::None))
+                .col_expr(targets::Column::RunningAt, Expr::value(Option::<DateTime<Utc>>::None))
+                .col_expr(targets::Column::FinishedAt, Expr::value(Option::<DateTime<Utc>>::None))
+                .col_expr(targets::Column::UpdatedAt, Expr::value(at))
+                .filter(targets::Column::Id.is_in(ids.clone()))
+                .filter(targets::Column::State.is_in(failed.clone()))
+                .exec(&txn)
+                .await?;
+            target_patches::Entity::delete_many()
+                .filter(target_patches::Column::TargetId.is_in(ids))
+                .exec(&txn)
+                .await?;
+            let rows = chunk.iter().map(|(target_id, state, _)| target_transitions::ActiveModel {
+                rollout_id: Set(id),
+                target_id: Set(*target_id),
+                from_state: Set(state.clone()),
+                to_state: Set(TargetState::Pending.as_str().into()),
+                at: Set(at),
+                detail: Set(Some("retry failed".into())),
+                ..Default::default()
+            });
+            target_transitions::Entity::insert_many(rows).exec_without_returning(&txn).await?;
+        }
+        rollouts::Entity::update_many()
+            .col_expr(rollouts::Column::State, Expr::value(RolloutState::Running.as_str()))
+            .col_expr(rollouts::Column::PauseReason, Expr::value(Option::<String>::None))
+            .col_expr(rollouts::Column::CurrentWave, Expr::value(first_wave.min(rollout.current_wave)))
+            .col_expr(rollouts::Column::CompletedAt, Expr::value(Option::<DateTime<Utc>>::None))
+            .col_expr(rollouts::Column::UpdatedAt, Expr::value(at))
+            .filter(rollouts::Column::Id.eq(id))
+            .exec(&txn)
+            .await?;
+        push_outbox(&txn, at, vec![dispatch_message(id)]).await?;
+        txn.commit().await?;
+        Ok(retried.len() as u64)
+    }
+}
