@@ -79,9 +79,11 @@ pub fn derive_token(key: &[u8], target_id: Uuid, attempt: u32, nonce: &str) -> S
 }
 
 /// The key requests are signed with, derived from the token so the token
-/// itself is used for nothing else.
+/// itself is used for nothing else. Held as the HMAC state already keyed
+/// with it, so a request's MAC costs no key setup (two SHA-256 blocks
+/// fewer per request than keying afresh).
 #[derive(Clone)]
-pub struct SigningKey([u8; 32]);
+pub struct SigningKey(HmacSha256);
 
 impl std::fmt::Debug for SigningKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -93,11 +95,12 @@ impl SigningKey {
     pub fn from_token(token: &str) -> Self {
         let mut mac = HmacSha256::new_from_slice(token.as_bytes()).expect("HMAC takes keys of any length");
         mac.update(SIGNING_KEY_CONTEXT);
-        Self(mac.finalize().into_bytes().into())
+        let key = mac.finalize().into_bytes();
+        Self(HmacSha256::new_from_slice(&key).expect("HMAC takes keys of any length"))
     }
 
     fn mac_of(&self, canonical: &str) -> HmacSha256 {
-        let mut mac = HmacSha256::new_from_slice(&self.0).expect("HMAC takes keys of any length");
+        let mut mac = self.0.clone();
         mac.update(canonical.as_bytes());
         mac
     }
@@ -401,7 +404,14 @@ mod tests {
     fn the_signing_key_is_not_the_token() {
         let token = derive_token(KEY, target(), 2, "nonce-1");
         let key = SigningKey::from_token(&token);
-        assert_ne!(hex::encode(key.0), token.split_once('.').unwrap().1);
+        // A MAC keyed with the token (or its secret half) directly is not the request's MAC.
+        let request = SignedRequest::new("POST", "/v1/targets/x/reports", target(), 2, 1_000, [7; 16], b"body");
+        for raw in [token.as_str(), token.split_once('.').unwrap().1] {
+            let mut direct = HmacSha256::new_from_slice(raw.as_bytes()).unwrap();
+            direct.update(request.canonical_string().as_bytes());
+            let direct: [u8; 32] = direct.finalize().into_bytes().into();
+            assert_ne!(direct, key.sign(&request));
+        }
         assert_eq!(format!("{key:?}"), "SigningKey(…)", "debug output never shows the key");
     }
 }

@@ -213,6 +213,11 @@ pub struct Sandbox {
 }
 
 impl Sandbox {
+    /// A bus on this sandbox's queues (its prefix on the shared broker).
+    pub fn queues(&self) -> fleetpatch_bus::Bus {
+        fleetpatch_bus::Bus::new(self.topology.clone())
+    }
+
     pub async fn start(options: SandboxOptions) -> Sandbox {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))

@@ -362,6 +362,17 @@ pub async fn rejected_messages_are_dead_lettered_and_replayed_to_their_queue(bro
     }
     wait_for_depth(&bus, ALPHA, 0).await;
     wait_for_depth(&bus, crate::DEAD_LETTER_QUEUE, 2).await;
+    // An operator looks at them: their work queue and why they died; they stay.
+    for _ in 0..2 {
+        let letters = bus.dead_letters(10).await.expect("look at the dead letters");
+        let mut seen: Vec<(&str, Option<&str>, usize)> =
+            letters.iter().map(|l| (l.routing_key.as_str(), l.reason.as_deref(), l.bytes)).collect();
+        seen.sort();
+        assert_eq!(seen, vec![(ALPHA, Some("rejected"), 9), (BETA, Some("rejected"), 8)], "{letters:?}");
+        assert_eq!(letters.iter().find(|l| l.routing_key == ALPHA).unwrap().headers["x-test-target"], "host-a");
+        wait_for_depth(&bus, crate::DEAD_LETTER_QUEUE, 2).await;
+    }
+    assert_eq!(bus.dead_letters(1).await.expect("look").len(), 1, "the limit holds");
 
     replay_dead_letters(&bus, 2).await;
     wait_for_depth(&bus, crate::DEAD_LETTER_QUEUE, 0).await;

@@ -213,12 +213,24 @@ impl Delivery {
     }
 }
 
-/// A dead letter, as an operator inspects it.
+/// A dead letter, as an operator inspects it: the work queue it was for,
+/// why it died (the broker's `x-first-death-reason`: `rejected`,
+/// `delivery_limit`, …), its headers and its size. The payload itself is a
+/// protobuf message and is not shown.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct DeadLetter {
     pub routing_key: String,
+    pub reason: Option<String>,
     pub headers: BTreeMap<String, String>,
     pub bytes: usize,
+}
+
+impl DeadLetter {
+    fn of(wire: Wire) -> Self {
+        let routing_key = wire.headers.get(ROUTING_KEY_HEADER).cloned().unwrap_or_else(|| wire.routing_key.clone());
+        let reason = wire.headers.get(memory::FIRST_DEATH_REASON_HEADER).cloned();
+        Self { routing_key, reason, headers: wire.headers, bytes: wire.payload.len() }
+    }
 }
 
 /// What a bus implementation provides: moving bytes, nothing more.
@@ -228,8 +240,10 @@ pub trait Backend: Send + Sync + 'static {
     async fn publish(&self, route: Route, messages: Vec<Wire>) -> Result<()>;
     /// Starts consuming a work queue with at most `prefetch` unacked deliveries.
     async fn consume(&self, queue: &str, prefetch: u16) -> Result<BackendConsumer>;
-    /// Removes up to `limit` dead letters and hands them to `replay` (true: drop it, false: keep it).
+    /// Removes up to `limit` dead letters and returns them, oldest first.
     async fn drain_dead_letters(&self, limit: usize) -> Result<Vec<Wire>>;
+    /// Up to `limit` dead letters, oldest first, left where they are.
+    async fn peek_dead_letters(&self, limit: usize) -> Result<Vec<Wire>>;
     /// Number of messages waiting in a work queue (for metrics and autoscaling).
     async fn queue_depth(&self, queue: &str) -> Result<u64>;
     fn is_healthy(&self) -> bool;
@@ -312,6 +326,13 @@ impl Bus {
     pub async fn consume(&self, queue: &str, prefetch: u16) -> Result<Consumer> {
         let inner = self.backend.consume(queue, prefetch).await?;
         Ok(Consumer::new(self.clone(), inner))
+    }
+
+    /// Up to `limit` dead letters, oldest first, as an operator inspects
+    /// them (`GET /v1/dead-letters`, `fleetpatch dead-letters list`); they
+    /// stay in the dead-letter queue.
+    pub async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>> {
+        Ok(self.backend.peek_dead_letters(limit).await?.into_iter().map(DeadLetter::of).collect())
     }
 
     /// Moves up to `limit` dead letters back to their work queues.
@@ -628,6 +649,9 @@ mod tests {
         }
         async fn drain_dead_letters(&self, limit: usize) -> Result<Vec<Wire>> {
             self.inner.drain_dead_letters(limit).await
+        }
+        async fn peek_dead_letters(&self, limit: usize) -> Result<Vec<Wire>> {
+            self.inner.peek_dead_letters(limit).await
         }
         async fn queue_depth(&self, queue: &str) -> Result<u64> {
             self.inner.queue_depth(queue).await

@@ -304,6 +304,11 @@ impl Backend for MemoryBackend {
         Ok(dead_letters.drain(..count).collect())
     }
 
+    async fn peek_dead_letters(&self, limit: usize) -> Result<Vec<Wire>> {
+        self.ensure_open()?;
+        Ok(lock(&self.broker.dead_letters).iter().take(limit).cloned().collect())
+    }
+
     async fn queue_depth(&self, queue: &str) -> Result<u64> {
         self.ensure_open()?;
         if queue == crate::DEAD_LETTER_QUEUE {

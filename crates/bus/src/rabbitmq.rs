@@ -408,6 +408,29 @@ impl RabbitBackend {
         }
     }
 
+    /// Up to `limit` dead letters on a channel of their own, removed
+    /// (`remove`) or handed back when the channel closes.
+    async fn dead_letters(&self, limit: usize, remove: bool) -> Result<Vec<Wire>> {
+        let link = &self.link;
+        let channel = link.connection().await?.create_channel().await.map_err(broker("opening a channel"))?;
+        let mut letters = Vec::new();
+        while letters.len() < limit {
+            let got = channel
+                .basic_get(&link.name("dead"), BasicGetOptions { no_ack: remove })
+                .await
+                .map_err(broker("reading the dead-letter queue"))?;
+            let Some(message) = got else { break };
+            let delivery = message.delivery;
+            letters.push(Wire {
+                routing_key: delivery.routing_key.as_str().to_owned(),
+                headers: headers_of(&delivery.properties),
+                payload: delivery.data,
+            });
+        }
+        let _ = channel.close(200, if remove { "drained" } else { "looked" }).await;
+        Ok(letters)
+    }
+
     /// Deletes every queue and exchange of this prefix (tests, uninstall).
     pub async fn delete_topology(&self) -> Result<()> {
         let link = &self.link;
@@ -583,24 +606,13 @@ impl Backend for RabbitBackend {
     }
 
     async fn drain_dead_letters(&self, limit: usize) -> Result<Vec<Wire>> {
-        let link = &self.link;
-        let channel = link.connection().await?.create_channel().await.map_err(broker("opening a channel"))?;
-        let mut letters = Vec::new();
-        while letters.len() < limit {
-            let got = channel
-                .basic_get(&link.name("dead"), BasicGetOptions { no_ack: true })
-                .await
-                .map_err(broker("reading the dead-letter queue"))?;
-            let Some(message) = got else { break };
-            let delivery = message.delivery;
-            letters.push(Wire {
-                routing_key: delivery.routing_key.as_str().to_owned(),
-                headers: headers_of(&delivery.properties),
-                payload: delivery.data,
-            });
-        }
-        let _ = channel.close(200, "drained").await;
-        Ok(letters)
+        self.dead_letters(limit, true).await
+    }
+
+    async fn peek_dead_letters(&self, limit: usize) -> Result<Vec<Wire>> {
+        // Taken unacked, then handed back as the channel closes: the
+        // dead-letter queue has no delivery limit, so a look never drops one.
+        self.dead_letters(limit, false).await
     }
 
     async fn queue_depth(&self, queue: &str) -> Result<u64> {

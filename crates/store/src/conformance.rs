@@ -1425,6 +1425,9 @@ impl fleetpatch_bus::Backend for HangingBroker {
     async fn drain_dead_letters(&self, _: usize) -> fleetpatch_bus::Result<Vec<fleetpatch_bus::Wire>> {
         Ok(vec![])
     }
+    async fn peek_dead_letters(&self, _: usize) -> fleetpatch_bus::Result<Vec<fleetpatch_bus::Wire>> {
+        Ok(vec![])
+    }
     async fn queue_depth(&self, _: &str) -> fleetpatch_bus::Result<u64> {
         Ok(0)
     }

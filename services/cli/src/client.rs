@@ -427,6 +427,20 @@ impl ApiClient {
         self.get_json(&path).await
     }
 
+    /// `GET /v1/dead-letters?limit=N`: `{total, dead_letters}`.
+    pub async fn dead_letters(&self, limit: u64) -> Result<serde_json::Value, ClientError> {
+        self.get_json(&format!("/v1/dead-letters?limit={limit}")).await
+    }
+
+    /// `POST /v1/dead-letters/replay[?limit=N]`: `{replayed, left}`.
+    pub async fn replay_dead_letters(&self, limit: Option<u64>) -> Result<serde_json::Value, ClientError> {
+        let path = match limit {
+            Some(limit) => format!("/v1/dead-letters/replay?limit={limit}"),
+            None => "/v1/dead-letters/replay".to_owned(),
+        };
+        self.post_json(&path, None::<&()>).await
+    }
+
     /// `POST /v1/rollouts/{id}/{action}` for pause, resume, abort, retry-failed.
     pub async fn rollout_action(
         &self,

@@ -129,6 +129,9 @@ enum Command {
     Target(commands::TargetArgs),
     /// The API's audit log: who changed what, from where, with what result (admin).
     Audit(commands::AuditArgs),
+    /// The messages the broker gave up on: list them, or move them back to their work queues.
+    #[command(subcommand, name = "dead-letters")]
+    DeadLetters(commands::DeadLettersCommand),
     /// Create, list and revoke API keys (in the database of database.url).
     ///
     /// `apikey create` prints the key once on stdout; the first admin key is
@@ -230,6 +233,7 @@ async fn main() -> ExitCode {
     let command = match cli.command {
         Some(Command::Rollout(command)) if !cli.print_config => Err(commands::ClientCommand::Rollout(command)),
         Some(Command::Audit(args)) if !cli.print_config => Err(commands::ClientCommand::Audit(args)),
+        Some(Command::DeadLetters(command)) if !cli.print_config => Err(commands::ClientCommand::DeadLetters(command)),
         Some(Command::Targets(args)) if !cli.print_config => Err(commands::ClientCommand::Targets(args)),
         Some(Command::Target(args)) if !cli.print_config => Err(commands::ClientCommand::Target(args)),
         other => Ok(other),
@@ -263,7 +267,7 @@ async fn run_service(print_config: bool, command: Option<Command>, settings: Set
     }
     settings.validate()?;
     let Some(command) = command else {
-        bail!("name a command: migrate, scheduler, worker, collector, all, rollout, targets, target, audit, apikey or check (see --help)");
+        bail!("name a command: migrate, scheduler, worker, collector, all, rollout, targets, target, audit, dead-letters, apikey or check (see --help)");
     };
     let service: &'static str = match command {
         Command::Migrate => "fleetpatch-migrate",
@@ -276,6 +280,7 @@ async fn run_service(print_config: bool, command: Option<Command>, settings: Set
         | Command::Targets(_)
         | Command::Target(_)
         | Command::Audit(_)
+        | Command::DeadLetters(_)
         | Command::Apikey(_)
         | Command::Demo(_)
         | Command::Bench(_)

@@ -460,3 +460,52 @@ async fn api_keys_come_from_the_database_and_refusals_have_their_own_exit_codes(
     assert!(refused.stderr.contains("revoked"), "{refused:?}");
     sandbox.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_are_listed_left_in_place_and_replayed() {
+    let sandbox = Sandbox::start(SandboxOptions { workers: 0, ..SandboxOptions::default() }).await;
+    let api = Api::of(&sandbox);
+    let run = fleetpatch(&api, &["dead-letters", "list"]).await;
+    assert_eq!((run.code, run.stdout.trim()), (0, "the dead-letter queue is empty"), "{run:?}");
+    // A cleanup job a worker gave up on (no workers run here: the test plays one).
+    let bus = sandbox.queues();
+    let queue = fleetpatch_proto::routing::CLEANUP;
+    bus.publish(vec![fleetpatch_bus::Outgoing::work(queue, b"poison".to_vec())]).await.expect("publish");
+    let mut consumer = bus.consume(queue, 1).await.expect("consume");
+    let delivery =
+        tokio::time::timeout(Duration::from_secs(10), consumer.next()).await.expect("in time").expect("open");
+    delivery.dead_letter().await.expect("dead-letter it");
+    consumer.cancel();
+    let mut listed = serde_json::Value::Null;
+    for _ in 0..100 {
+        listed = json(&fleetpatch(&api, &["dead-letters", "list", "-o", "json"]).await);
+        if listed["total"] == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(listed["total"], 1, "{listed}");
+    assert_eq!(listed["dead_letters"][0]["routing_key"], queue, "{listed}");
+    assert_eq!(listed["dead_letters"][0]["reason"], "rejected", "{listed}");
+    assert_eq!(listed["dead_letters"][0]["bytes"], 6, "{listed}");
+    let table = fleetpatch(&api, &["dead-letters", "list"]).await;
+    assert!(table.stdout.contains("cleanup") && table.stdout.contains("rejected"), "{table:?}");
+    // Looking twice leaves it where it is; a viewer may look but not replay.
+    assert_eq!(json(&fleetpatch(&api, &["dead-letters", "list", "-o", "json"]).await)["total"], 1);
+    let viewer = sandbox.store.create_api_key("dl-viewer", fleetpatch_store::Role::Viewer, None).await.unwrap();
+    let as_viewer = Api { url: sandbox.api.clone(), token: Some(viewer.expose_secret().to_owned()) };
+    assert_eq!(fleetpatch(&as_viewer, &["dead-letters", "list"]).await.code, 0);
+    let refused = fleetpatch(&as_viewer, &["dead-letters", "replay"]).await;
+    assert_eq!(refused.code, 10, "a viewer may not replay: {refused:?}");
+    let replayed = json(&fleetpatch(&api, &["dead-letters", "replay", "-o", "json"]).await);
+    assert_eq!((replayed["replayed"].as_u64(), replayed["left"].as_u64()), (Some(1), Some(0)), "{replayed}");
+    let mut consumer = bus.consume(queue, 1).await.expect("consume");
+    let back = tokio::time::timeout(Duration::from_secs(10), consumer.next()).await.expect("in time").expect("open");
+    assert_eq!(back.payload, b"poison", "the message is back on its work queue");
+    back.ack().await.expect("ack");
+    consumer.cancel();
+    let out = fleetpatch(&api, &["dead-letters", "list", "--limit", "0"]).await;
+    assert_ne!(out.code, 0, "a limit of 0 is refused: {out:?}");
+    assert!(out.stderr.contains("limit 0 is not within 1..=1000"), "{out:?}");
+    sandbox.stop().await;
+}

@@ -33,6 +33,8 @@ pub const MAX_EVENTS_PAGE: u64 = 10_000;
 #[derive(Clone)]
 pub struct ApiState {
     pub store: Store,
+    /// For the dead-letter queue (`dead_letters.rs`).
+    pub bus: fleetpatch_bus::Bus,
     pub nudge: Arc<Notify>,
     pub content_dir: PathBuf,
     pub input: Arc<InputPolicy>,
@@ -500,6 +502,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/targets/{id}", get(show_target))
         .route("/v1/content/{sha256}", put(upload_content).head(has_content))
         .route("/v1/audit", get(audit))
+        .route("/v1/dead-letters", get(crate::dead_letters::list))
+        .route("/v1/dead-letters/replay", post(crate::dead_letters::replay))
         .route_layer(axum::middleware::from_fn_with_state(state.auth.clone(), crate::auth::authenticate))
         .with_state(state);
     Router::new().route("/openapi.json", get(openapi)).merge(v1)
@@ -943,6 +947,8 @@ mod tests {
             "/v1/targets/{id}",
             "/v1/content/{sha256}",
             "/v1/audit",
+            "/v1/dead-letters",
+            "/v1/dead-letters/replay",
         ] {
             assert!(paths.contains_key(path), "openapi.json misses {path}");
         }

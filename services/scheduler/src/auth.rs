@@ -702,6 +702,10 @@ mod tests {
         store.migrate().await.unwrap();
         let app = crate::api::router(crate::api::ApiState {
             store: store.clone(),
+            bus: fleetpatch_bus::Bus::new(Arc::new(fleetpatch_bus::memory::MemoryBackend::new(
+                &fleetpatch_proto::routing::WORK_QUEUES,
+                10,
+            ))),
             nudge: Arc::default(),
             content_dir: dir.join("content"),
             input: Arc::new(crate::api::InputPolicy {

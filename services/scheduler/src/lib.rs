@@ -29,6 +29,7 @@ use uuid::Uuid;
 
 pub mod api;
 pub mod auth;
+pub mod dead_letters;
 
 /// Scheduler settings (`[scheduler]`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -210,6 +211,7 @@ pub async fn start(
     };
     let app = api::router(api::ApiState {
         store: store.clone(),
+        bus: bus.clone(),
         nudge: nudge.clone(),
         content_dir: options.content_dir.clone(),
         input: Arc::new(api::InputPolicy {

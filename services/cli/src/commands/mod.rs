@@ -5,6 +5,7 @@
 //! them touches the database or the bus.
 
 mod audit;
+mod dead_letters;
 mod rollout;
 mod targets;
 mod watch;
@@ -219,6 +220,31 @@ pub struct AuditArgs {
     api: ApiArgs,
 }
 
+/// `dead-letters list|replay`.
+#[derive(Debug, Subcommand)]
+pub enum DeadLettersCommand {
+    /// The oldest dead letters, left in the queue: the work queue each was for and why it died.
+    List {
+        /// At most this many (1 to 1000).
+        #[arg(long, default_value_t = 100)]
+        limit: u64,
+        #[command(flatten)]
+        output: OutputArgs,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Move dead letters back to their work queues (operator); safe to repeat.
+    Replay {
+        /// At most this many, oldest first (all, up to 10,000, when left out).
+        #[arg(long)]
+        limit: Option<u64>,
+        #[command(flatten)]
+        output: OutputArgs,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+}
+
 fn parse_target_state(raw: &str) -> Result<TargetState, String> {
     raw.parse().map_err(|e: fleetpatch_proto::state::UnknownState| e.to_string())
 }
@@ -230,6 +256,7 @@ pub enum ClientCommand {
     Targets(TargetsArgs),
     Target(TargetArgs),
     Audit(AuditArgs),
+    DeadLetters(DeadLettersCommand),
 }
 
 impl From<InputError> for Failure {
@@ -310,6 +337,12 @@ pub async fn run(
         ClientCommand::Target(args) => targets::show(&client(&args.api)?, args.id, args.output.output).await,
         ClientCommand::Audit(args) => {
             audit::list(&client(&args.api)?, args.rollout, args.limit, args.output.output).await
+        }
+        ClientCommand::DeadLetters(DeadLettersCommand::List { limit, output, api }) => {
+            dead_letters::list(&client(&api)?, limit, output.output).await
+        }
+        ClientCommand::DeadLetters(DeadLettersCommand::Replay { limit, output, api }) => {
+            dead_letters::replay(&client(&api)?, limit, output.output).await
         }
     }
 }
