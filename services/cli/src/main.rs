@@ -10,7 +10,6 @@
 //! commands live in [`commands`].
 
 mod apikey;
-mod bench;
 mod check;
 mod client;
 mod commands;
@@ -119,7 +118,7 @@ enum Command {
     /// The whole pipeline in one process on SQLite and the in-process bus, against a simulated fleet.
     Demo(demo::DemoArgs),
     /// Measure the pipeline on the configured RabbitMQ and PostgreSQL next to their raw ceilings.
-    Bench(bench::BenchArgs),
+    Bench(fleetpatch_bench::BenchArgs),
     /// Create, list, show, watch and steer rollouts (a client of the scheduler API).
     #[command(subcommand)]
     Rollout(commands::RolloutCommand),
@@ -183,7 +182,7 @@ async fn main() -> ExitCode {
     }
     if let Some(Command::Bench(args)) = cli.command {
         let _ = tracing_subscriber_init();
-        return match bench::run(args, &settings.database, &settings.amqp, cli.config.as_deref()).await {
+        return match fleetpatch_bench::run(args, &settings.database, &settings.amqp, cli.config.as_deref()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(error) => {
                 eprintln!("error: {error:#}");

@@ -41,6 +41,9 @@ fn a_small_bench_runs_every_phase_and_removes_its_database() {
     assert_eq!(ceiling["requests"], 30 * 6, "{ceiling:#}");
     assert!(ceiling["requests_per_second"].as_f64().unwrap() > 0.0, "{ceiling:#}");
     assert!(collector["fraction_of_http_ceiling"].as_f64().unwrap() > 0.0, "{collector:#}");
+    // Verifying a signed request, on one thread: positive and well under a millisecond.
+    let mac = figures["mac_verify_micros"].as_f64().expect("mac_verify_micros");
+    assert!(mac > 0.0 && mac < 1_000.0, "{mac}");
     // Where the CPU went, per report, for each run. A group's figure is in
     // 10 ms ticks, too coarse for so small a run to be asserted on (the
     // arithmetic has its unit tests); the machine as a whole was busy during

@@ -1,0 +1,306 @@
+//! What a run measured, and how it is printed.
+
+use super::*;
+
+#[derive(Debug, Default, Serialize)]
+pub(crate) struct Figures {
+    pub(crate) database: String,
+    pub(crate) queue_prefix: String,
+    pub(crate) broker_ceiling: Option<fleetpatch_bus::ceiling::BrokerCeiling>,
+    pub(crate) database_ceiling: Option<fleetpatch_store::ceiling::DatabaseCeiling>,
+    pub(crate) http_ceiling: Option<HttpCeiling>,
+    /// The same senders and requests, signed, against the bare server
+    /// verifying each request's MAC as the collector does.
+    pub(crate) http_ceiling_with_mac: Option<HttpCeiling>,
+    /// CPU µs to verify one signed request, on one thread (`mac_verify_micros`).
+    pub(crate) mac_verify_micros: Option<f64>,
+    pub(crate) rollout: Option<RolloutFigures>,
+    pub(crate) collector: Option<CollectorFigures>,
+    pub(crate) watchdogs: Option<WatchdogFigures>,
+    pub(crate) create: Option<CreateFigures>,
+    pub(crate) services: BTreeMap<String, ServiceFigures>,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub(crate) struct RolloutFigures {
+    pub(crate) targets: usize,
+    pub(crate) patches: usize,
+    pub(crate) concurrency: u32,
+    pub(crate) seconds: f64,
+    pub(crate) targets_per_second: f64,
+    pub(crate) by_state: BTreeMap<String, u64>,
+    pub(crate) reports_accepted: f64,
+    pub(crate) reports_per_second: f64,
+    pub(crate) report_latency_p50_ms: Option<f64>,
+    pub(crate) report_latency_p99_ms: Option<f64>,
+    pub(crate) bus_messages_published: f64,
+    pub(crate) bus_messages_per_second: f64,
+    pub(crate) bus_fraction_of_ceiling: Option<f64>,
+    pub(crate) peak_rss_mib: BTreeMap<String, f64>,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub(crate) struct CollectorFigures {
+    pub(crate) targets: usize,
+    pub(crate) clients: usize,
+    /// The collector as configured (batched writes).
+    pub(crate) batched: CollectorRun,
+    /// The same load on a collector that writes one report per transaction
+    /// (`batch_max_reports = 1`, 8 writers, as the database ceiling's 8 clients).
+    pub(crate) one_report_per_transaction: CollectorRun,
+    /// `batched` ÷ `one_report_per_transaction`.
+    pub(crate) vs_one_transaction_per_report: f64,
+    pub(crate) fraction_of_batched_insert_ceiling: Option<f64>,
+    /// `batched` ÷ the HTTP ceiling (one report per request in both).
+    pub(crate) fraction_of_http_ceiling: Option<f64>,
+    /// The paced run (`--collector-rate`), on the configured collector.
+    pub(crate) paced: Option<PacedRun>,
+    pub(crate) peak_rss_mib: BTreeMap<String, f64>,
+}
+
+/// The most report requests per second this machine answers through the
+/// collector's HTTP stack with nothing behind it (see [`http_ceiling`]).
+#[derive(Debug, Default, Serialize)]
+pub(crate) struct HttpCeiling {
+    pub(crate) requests: usize,
+    pub(crate) clients: usize,
+    pub(crate) seconds: f64,
+    pub(crate) requests_per_second: f64,
+    pub(crate) latency_p50_ms: f64,
+    pub(crate) latency_p99_ms: f64,
+    /// Per request.
+    pub(crate) cpu: CpuPerReport,
+}
+
+/// Agents that produce their reports on a clock (open loop) and send, one
+/// request at a time each, every report that is ready: the real agent's
+/// sender (`services/agent/src/reporter.rs`).
+///
+/// Its `seconds` run from the first report's production time to the last
+/// acknowledgement; its latencies from the time a report was due to be
+/// produced to its acknowledgement (a report that waits behind its agent's
+/// request in flight counts that wait).
+#[derive(Debug, Default, Serialize)]
+pub(crate) struct PacedRun {
+    pub(crate) agents: usize,
+    pub(crate) offered_reports_per_second: f64,
+    pub(crate) requests: usize,
+    pub(crate) reports_per_request: f64,
+    #[serde(flatten)]
+    pub(crate) run: CollectorRun,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub(crate) struct CollectorRun {
+    pub(crate) reports: usize,
+    pub(crate) retried: usize,
+    pub(crate) seconds: f64,
+    pub(crate) reports_per_second: f64,
+    pub(crate) latency_p50_ms: f64,
+    pub(crate) latency_p99_ms: f64,
+    pub(crate) latency_max_ms: f64,
+    pub(crate) all_targets_succeeded: bool,
+    /// Where the machine's CPU went during the run, per report.
+    pub(crate) cpu: Option<CpuPerReport>,
+}
+
+impl CollectorRun {
+    /// The figures of `latencies` (ms, one per report) taken over `seconds`.
+    pub(crate) fn measured(mut latencies: Vec<f64>, retried: usize, seconds: f64, all_targets_succeeded: bool) -> Self {
+        latencies.sort_by(f64::total_cmp);
+        Self {
+            reports: latencies.len(),
+            retried,
+            seconds,
+            reports_per_second: latencies.len() as f64 / seconds,
+            latency_p50_ms: quantile(&latencies, 0.5),
+            latency_p99_ms: quantile(&latencies, 0.99),
+            latency_max_ms: latencies.last().copied().unwrap_or(0.0),
+            all_targets_succeeded,
+            cpu: None,
+        }
+    }
+}
+
+#[derive(Debug, Default, Serialize)]
+pub(crate) struct WatchdogFigures {
+    pub(crate) watchdogs: usize,
+    pub(crate) timeout_seconds: u32,
+    pub(crate) armed_within_seconds: f64,
+    pub(crate) timed_out: usize,
+    /// Negative if a target timed out before its deadline (a bug).
+    pub(crate) lateness_min_ms: f64,
+    pub(crate) lateness_p50_ms: f64,
+    pub(crate) lateness_p99_ms: f64,
+    pub(crate) lateness_max_ms: f64,
+    pub(crate) peak_rss_mib: BTreeMap<String, f64>,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub(crate) struct CreateFigures {
+    pub(crate) targets: usize,
+    pub(crate) seconds: f64,
+    pub(crate) scheduler_rss_before_mib: f64,
+    pub(crate) scheduler_rss_after_mib: f64,
+    pub(crate) scheduler_peak_rss_mib: f64,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub(crate) struct ServiceFigures {
+    pub(crate) cpu_seconds: f64,
+    pub(crate) peak_rss_mib: f64,
+}
+
+// ---------------------------------------------------------------- the run
+
+pub(crate) fn print_figures(f: &Figures) {
+    let opt = |v: Option<f64>, unit: &str| v.map(|v| format!("{v:.1} {unit}")).unwrap_or_else(|| "-".into());
+    let peaks = |p: &BTreeMap<String, f64>| p.iter().map(|(k, v)| format!("{k} {v:.0}")).collect::<Vec<_>>().join(", ");
+    println!("\nfleetpatch bench (database {}, queue prefix {})", f.database, f.queue_prefix);
+    if let Some(c) = &f.broker_ceiling {
+        println!("  broker ceiling      {:>10.0} msg/s  ({} × {} B, publish with confirms + consume with ack, one quorum queue)", c.per_second, c.messages, c.payload_bytes);
+    }
+    if let Some(c) = &f.database_ceiling {
+        println!(
+            "  database ceiling    {:>10.0} rows/s in {}-row INSERTs; {:.0} one-row transactions/s ({} clients)",
+            c.batched_rows_per_second, c.batch_rows, c.single_row_transactions_per_second, c.clients
+        );
+    }
+    if let Some(r) = &f.rollout {
+        println!(
+            "  rollout             {} targets × {} patches at concurrency {}: {:.1} s, {:.0} targets/s",
+            r.targets, r.patches, r.concurrency, r.seconds, r.targets_per_second
+        );
+        println!("                      final states {:?}", r.by_state);
+        println!(
+            "                      {:.0} reports accepted, {:.0} reports/s; report latency p50 {} p99 {}",
+            r.reports_accepted,
+            r.reports_per_second,
+            opt(r.report_latency_p50_ms, "ms"),
+            opt(r.report_latency_p99_ms, "ms")
+        );
+        println!(
+            "                      bus {:.0} messages, {:.0}/s = {} of the broker ceiling",
+            r.bus_messages_published,
+            r.bus_messages_per_second,
+            opt(r.bus_fraction_of_ceiling.map(|x| x * 100.0), "%")
+        );
+        println!("                      peak RSS MiB: {}", peaks(&r.peak_rss_mib));
+    }
+    if let Some(c) = &f.http_ceiling {
+        println!(
+            "  HTTP ceiling        {:>10.0} requests/s ({} one-report requests, {} concurrent senders, the collector's \
+             server stack answering at once); latency p50 {:.1} ms, p99 {:.1} ms",
+            c.requests_per_second, c.requests, c.clients, c.latency_p50_ms, c.latency_p99_ms
+        );
+        println!("                      {}", c.cpu.summary("request"));
+    }
+    if let Some(c) = &f.http_ceiling_with_mac {
+        println!(
+            "  HTTP ceiling, MAC   {:>10.0} requests/s (the same signed requests, the bare server verifying each MAC \
+             and nonce as the collector does); latency p50 {:.1} ms, p99 {:.1} ms",
+            c.requests_per_second, c.latency_p50_ms, c.latency_p99_ms
+        );
+        println!("                      {}", c.cpu.summary("request"));
+        if let Some(bare) = &f.http_ceiling {
+            let mac = c.cpu.machine_micros_per_report - bare.cpu.machine_micros_per_report;
+            let collector = f
+                .collector
+                .as_ref()
+                .and_then(|c| c.batched.cpu.as_ref())
+                .and_then(|cpu| cpu.micros_per_report.get("collector").copied());
+            match collector {
+                Some(collector) => println!(
+                    "                      MAC checking: {mac:+.1} CPU µs per request = {:.1} % of the collector's CPU per \
+                     report in the batched run ({collector:.0} µs)",
+                    mac / collector * 100.0
+                ),
+                None => println!("                      MAC checking: {mac:+.1} CPU µs per request"),
+            }
+        }
+    }
+    if let Some(micros) = f.mac_verify_micros {
+        let collector = f
+            .collector
+            .as_ref()
+            .and_then(|c| c.batched.cpu.as_ref())
+            .and_then(|cpu| cpu.micros_per_report.get("collector").copied());
+        match collector {
+            Some(collector) => println!(
+                "  MAC verification    {micros:>10.2} CPU µs per request on one thread (header, clock, body hash, MAC) = \
+                 {:.1} % of the collector's CPU per report in the batched run ({collector:.0} µs)",
+                micros / collector * 100.0
+            ),
+            None => println!("  MAC verification    {micros:>10.2} CPU µs per request on one thread"),
+        }
+    }
+    if let Some(c) = &f.collector {
+        let cpu = |r: &CollectorRun| {
+            if let Some(cpu) = &r.cpu {
+                println!("                        {}", cpu.summary("report"));
+            }
+        };
+        let run = |label: &str, r: &CollectorRun| {
+            println!(
+                "                      {label}: {} reports in {:.1} s, {:.0} reports/s; latency p50 {:.1} ms, p99 {:.1} ms, \
+                 max {:.1} ms; retried {}; all targets succeeded: {}",
+                r.reports,
+                r.seconds,
+                r.reports_per_second,
+                r.latency_p50_ms,
+                r.latency_p99_ms,
+                r.latency_max_ms,
+                r.retried,
+                r.all_targets_succeeded
+            );
+            cpu(r);
+        };
+        println!(
+            "  collector           {} targets' agents, {} concurrent senders, one report per request",
+            c.targets, c.clients
+        );
+        run("batched", &c.batched);
+        run("one report per transaction", &c.one_report_per_transaction);
+        println!(
+            "                      batched = {:.2} × one report per transaction; {} of the batched INSERT ceiling; \
+             {} of the HTTP ceiling",
+            c.vs_one_transaction_per_report,
+            opt(c.fraction_of_batched_insert_ceiling.map(|x| x * 100.0), "%"),
+            opt(c.fraction_of_http_ceiling.map(|x| x * 100.0), "%")
+        );
+        if let Some(p) = &c.paced {
+            println!(
+                "                      paced: {} agents offering {:.0} reports/s, each sending what is ready: {} reports \
+                 in {:.1} s, {:.0} reports/s; {} requests ({:.2} reports per request); latency from production p50 \
+                 {:.1} ms, p99 {:.1} ms, max {:.1} ms; retried {}; all targets succeeded: {}",
+                p.agents,
+                p.offered_reports_per_second,
+                p.run.reports,
+                p.run.seconds,
+                p.run.reports_per_second,
+                p.requests,
+                p.reports_per_request,
+                p.run.latency_p50_ms,
+                p.run.latency_p99_ms,
+                p.run.latency_max_ms,
+                p.run.retried,
+                p.run.all_targets_succeeded
+            );
+            cpu(&p.run);
+        }
+        println!("                      peak RSS MiB: {}", peaks(&c.peak_rss_mib));
+    }
+    if let Some(w) = &f.watchdogs {
+        println!("  watchdogs           {} armed within {:.1} s, timeout {} s: {} timed out; lateness p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms", w.watchdogs, w.armed_within_seconds, w.timeout_seconds, w.timed_out, w.lateness_p50_ms, w.lateness_p99_ms, w.lateness_max_ms);
+        println!("                      peak RSS MiB: {}", peaks(&w.peak_rss_mib));
+    }
+    if let Some(c) = &f.create {
+        println!(
+            "  create              {} targets accepted in {:.2} s; scheduler RSS {:.0} → {:.0} MiB (peak {:.0} MiB)",
+            c.targets, c.seconds, c.scheduler_rss_before_mib, c.scheduler_rss_after_mib, c.scheduler_peak_rss_mib
+        );
+    }
+    for (name, s) in &f.services {
+        println!("  {name:<19} {:.1} CPU s, peak RSS {:.0} MiB", s.cpu_seconds, s.peak_rss_mib);
+    }
+}

@@ -1,0 +1,420 @@
+//! The load: simulated agents' reports, the collector runs, the HTTP ceiling, the watchdogs.
+
+use super::*;
+
+/// A target's agent as the bench plays it: it signs its requests with the
+/// key derived from the token a worker would have staged.
+#[derive(Clone)]
+pub(crate) struct BenchAgent {
+    pub(crate) target: Uuid,
+    pub(crate) attempt: u32,
+    pub(crate) key: SigningKey,
+}
+
+impl BenchAgent {
+    /// The agent of `target`'s `attempt`, its token derived from `token_key` and `nonce`.
+    pub(crate) fn new(token_key: &TokenKey, target: Uuid, attempt: u32, nonce: &str) -> Self {
+        let token = report_auth::derive_token(token_key.as_bytes(), target, attempt, nonce);
+        Self { target, attempt, key: SigningKey::from_token(&token) }
+    }
+
+    pub(crate) fn path(&self) -> String {
+        format!("/v1/targets/{}/reports", self.target)
+    }
+}
+
+/// One request of an agent's reports, signed now: `true` once acknowledged,
+/// `false` when the collector is busy (503: send it again); any other
+/// answer is an error.
+pub(crate) async fn post_reports(
+    http: &reqwest::Client,
+    port: u16,
+    agent: &BenchAgent,
+    body: Vec<u8>,
+) -> anyhow::Result<bool> {
+    let path = agent.path();
+    let url = format!("http://127.0.0.1:{port}{path}");
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    let request = SignedRequest::new("POST", &path, agent.target, agent.attempt, now_ms, rand::random(), &body);
+    let authorization = agent.key.authorization(&request);
+    let response = http
+        .post(&url)
+        .header("authorization", authorization)
+        .header("content-type", "application/x-protobuf")
+        .body(body)
+        .send()
+        .await?;
+    let status = response.status();
+    let _ = response.bytes().await;
+    match status.as_u16() {
+        _ if status.is_success() => Ok(true),
+        503 => Ok(false),
+        _ => bail!("the collector refused reports at {url}: {status}"),
+    }
+}
+
+/// CPU µs to verify one signed report request as the collector does —
+/// parse the `Authorization` header, check the clock, hash the body, check
+/// the MAC — on one thread, averaged over `requests` requests signed
+/// beforehand. Compute-bound, so far steadier than the difference of two
+/// HTTP ceilings, whose noise on a shared machine exceeds the MAC's cost.
+pub(crate) fn mac_verify_micros(token_key: &TokenKey, requests: usize) -> f64 {
+    let agents: Vec<BenchAgent> =
+        (0..64).map(|_| BenchAgent::new(token_key, Uuid::new_v4(), 1, "mac-verify")).collect();
+    let bodies = agent_reports(2);
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    let signed: Vec<(String, String, &[u8], &SigningKey)> = (0..requests)
+        .map(|i| {
+            let agent = &agents[i % agents.len()];
+            let body = bodies[i % bodies.len()].as_slice();
+            let path = agent.path();
+            let request = SignedRequest::new("POST", &path, agent.target, agent.attempt, now_ms, rand::random(), body);
+            (agent.key.authorization(&request), path, body, &agent.key)
+        })
+        .collect();
+    let started = Instant::now();
+    let mut verified = 0;
+    for (header, path, body, key) in &signed {
+        let authorization = report_auth::Authorization::parse(header).expect("a header the bench signed");
+        let clock = report_auth::check_clock(authorization.timestamp_ms, now_ms, 300_000);
+        if clock.is_ok() && key.verify(&authorization.request("POST", path, body), &authorization.mac).is_ok() {
+            verified += 1;
+        }
+    }
+    let micros = started.elapsed().as_secs_f64() * 1e6 / requests.max(1) as f64;
+    assert_eq!(verified, requests, "every request the bench signed verifies");
+    micros
+}
+
+/// What one agent sends for `patches` patches, each report in its own
+/// request: started and finished for each, a heartbeat, and the final result.
+pub(crate) fn agent_reports(patches: usize) -> Vec<Vec<u8>> {
+    agent_report_list(patches)
+        .into_iter()
+        .map(|report| v1::ReportBatch { reports: vec![report] }.encode_to_vec())
+        .collect()
+}
+
+/// The reports of [`agent_reports`], in order.
+pub(crate) fn agent_report_list(patches: usize) -> Vec<v1::AgentReport> {
+    let mut reports = Vec::new();
+    let mut seq = 0;
+    let mut next = |kind| {
+        seq += 1;
+        v1::AgentReport { seq, sent_at_unix_ms: fleetpatch_bus::now_unix_ms(), kind: Some(kind) }
+    };
+    for index in 0..patches as u32 {
+        reports.push(next(Kind::Started(v1::PatchStarted { patch_index: index })));
+        if index == 0 {
+            reports.push(next(Kind::Heartbeat(v1::Heartbeat { patch_index: Some(index) })));
+        }
+        reports.push(next(Kind::Finished(v1::PatchFinished {
+            patch_index: index,
+            exit_code: 0,
+            outcome: v1::PatchOutcome::Installed as i32,
+            output_tail: "The update was installed successfully.".into(),
+            duration_ms: 20,
+        })));
+    }
+    reports.push(next(Kind::Final(v1::FinalResult {
+        success: true,
+        reboot_required: false,
+        message: "all patches installed".into(),
+    })));
+    reports
+}
+
+/// The same agents' load, first on a collector that writes one report per
+/// transaction, then on the configured one.
+pub(crate) async fn collector_phase(bench: &mut Bench, collector_port: u16, collector_pid: u32) -> anyhow::Result<()> {
+    let args = bench.args.clone();
+    let naive_port = free_port()?;
+    let mut env = bench.env.clone();
+    env.extend([
+        ("FLEETPATCH__COLLECTOR__LISTEN".to_owned(), format!("127.0.0.1:{naive_port}")),
+        ("FLEETPATCH__COLLECTOR__BATCH_MAX_REPORTS".to_owned(), "1".to_owned()),
+        ("FLEETPATCH__COLLECTOR__WRITERS".to_owned(), "8".to_owned()),
+    ]);
+    let mut naive = Service::spawn(
+        "collector-one-per-transaction",
+        "collector",
+        &env,
+        bench.config.as_deref(),
+        &bench.dir,
+        format!("http://127.0.0.1:{naive_port}"),
+    )?;
+    naive.wait_ready(&bench.http).await?;
+    let one_report_per_transaction = collector_load(bench, naive_port, naive.pid).await?;
+    naive.stop().await?;
+    bench.sampler.take_peaks();
+    let batched = collector_load(bench, collector_port, collector_pid).await?;
+    let rate = batched.reports_per_second;
+    bench.figures.collector = Some(CollectorFigures {
+        targets: args.collector_targets,
+        clients: args.collector_clients,
+        vs_one_transaction_per_report: rate / one_report_per_transaction.reports_per_second.max(1e-9),
+        one_report_per_transaction,
+        batched,
+        fraction_of_batched_insert_ceiling: bench
+            .figures
+            .database_ceiling
+            .as_ref()
+            .map(|c| rate / c.batched_rows_per_second),
+        fraction_of_http_ceiling: bench.figures.http_ceiling.as_ref().map(|c| rate / c.requests_per_second),
+        paced: None,
+        peak_rss_mib: BTreeMap::new(),
+    });
+    if args.collector_rate > 0 {
+        let paced = paced_collector_load(bench, collector_port, collector_pid, f64::from(args.collector_rate)).await?;
+        if let Some(figures) = bench.figures.collector.as_mut() {
+            figures.paced = Some(paced);
+        }
+    }
+    if let Some(figures) = bench.figures.collector.as_mut() {
+        figures.peak_rss_mib = bench.sampler.take_peaks();
+    }
+    Ok(())
+}
+
+/// `collector_targets` agents produce their reports on a clock, `rate`
+/// reports/s in all (each agent one every `agents / rate` s, the agents
+/// staggered evenly), and each sends everything ready in one request,
+/// waiting for the acknowledgement before its next: what the real agent's
+/// sender does. Load that the collector does not keep up with piles up in
+/// the agents, so their requests grow instead of their number.
+pub(crate) async fn paced_collector_load(
+    bench: &Bench,
+    collector_port: u16,
+    collector_pid: u32,
+    rate: f64,
+) -> anyhow::Result<PacedRun> {
+    let args = &bench.args;
+    let agents = args.collector_targets;
+    let rollout =
+        bench.store.create_rollout(NewRollout::synthetic("bench-collector-paced", agents, args.patches, 600)).await?;
+    bench.wait_all(rollout, TargetState::Queued, agents, Duration::from_secs(300)).await?;
+    let tokens = bench.bring_to_running(rollout).await?;
+    bench.wait_for_outbox().await?;
+    let reports = Arc::new(agent_report_list(args.patches));
+    let gap = Duration::from_secs_f64(agents as f64 / rate);
+    let before = bench.cpu_now(collector_pid);
+    let started = tokio::time::Instant::now() + Duration::from_millis(200);
+    let mut tasks = tokio::task::JoinSet::new();
+    for (index, agent) in tokens.into_iter().enumerate() {
+        let (http, reports) = (bench.http.clone(), reports.clone());
+        let first = started + gap.mul_f64(index as f64 / agents as f64);
+        tasks.spawn(async move {
+            let due = |k: usize| first + gap * k as u32;
+            let (mut latencies, mut requests, mut retried) = (Vec::with_capacity(reports.len()), 0usize, 0usize);
+            let mut produced = 0;
+            while latencies.len() < reports.len() {
+                let now = tokio::time::Instant::now();
+                while produced < reports.len() && due(produced) <= now {
+                    produced += 1;
+                }
+                let ready = latencies.len()..produced;
+                if ready.is_empty() {
+                    tokio::time::sleep_until(due(produced)).await;
+                    continue;
+                }
+                let body = v1::ReportBatch { reports: reports[ready.clone()].to_vec() }.encode_to_vec();
+                requests += 1;
+                if post_reports(&http, collector_port, &agent, body).await? {
+                    let acked = tokio::time::Instant::now();
+                    latencies.extend(ready.map(|k| (acked - due(k)).as_secs_f64() * 1_000.0));
+                } else {
+                    retried += 1;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+            anyhow::Ok((latencies, requests, retried, tokio::time::Instant::now()))
+        });
+    }
+    let (mut latencies, mut requests, mut retried) = (Vec::new(), 0, 0);
+    let mut last_ack = started;
+    while let Some(task) = tasks.join_next().await {
+        let (mine, sent, again, done) = task??;
+        latencies.extend(mine);
+        requests += sent;
+        retried += again;
+        last_ack = last_ack.max(done);
+    }
+    let seconds = (last_ack - started).as_secs_f64();
+    let cpu = before.per_report(&bench.cpu_now(collector_pid), latencies.len(), seconds);
+    let succeeded = bench.counts(rollout).await?.get("succeeded").copied().unwrap_or(0) as usize;
+    let reports_per_request = latencies.len() as f64 / requests.max(1) as f64;
+    let mut run = CollectorRun::measured(latencies, retried, seconds, succeeded == agents);
+    run.cpu = Some(cpu);
+    Ok(PacedRun { agents, offered_reports_per_second: rate, requests, reports_per_request, run })
+}
+
+/// Brings `collector_targets` targets to running, then their agents post
+/// every report, each in its own request, `collector_clients` at a time, to
+/// the collector on `collector_port` (process `collector_pid`).
+pub(crate) async fn collector_load(
+    bench: &Bench,
+    collector_port: u16,
+    collector_pid: u32,
+) -> anyhow::Result<CollectorRun> {
+    let args = &bench.args;
+    let rollout = bench
+        .store
+        .create_rollout(NewRollout::synthetic("bench-collector", args.collector_targets, args.patches, 600))
+        .await?;
+    bench.wait_all(rollout, TargetState::Queued, args.collector_targets, Duration::from_secs(300)).await?;
+    let tokens = bench.bring_to_running(rollout).await?;
+    bench.wait_for_outbox().await?;
+    let before = bench.cpu_now(collector_pid);
+    let sent =
+        send_all(&bench.http, collector_port, tokens, agent_reports(args.patches), args.collector_clients).await?;
+    let cpu = before.per_report(&bench.cpu_now(collector_pid), sent.latencies.len(), sent.seconds);
+    let succeeded = bench.counts(rollout).await?.get("succeeded").copied().unwrap_or(0) as usize;
+    let mut run =
+        CollectorRun::measured(sent.latencies, sent.retried, sent.seconds, succeeded == args.collector_targets);
+    run.cpu = Some(cpu);
+    Ok(run)
+}
+
+/// What [`send_all`] measured.
+pub(crate) struct Sent {
+    /// Milliseconds from sending each acknowledged request to its answer.
+    pub(crate) latencies: Vec<f64>,
+    pub(crate) retried: usize,
+    pub(crate) seconds: f64,
+}
+
+/// `clients` senders take the targets one after the other and post each
+/// target's `requests` in order, one at a time, to port `port`; a 503 is
+/// sent again after 20 ms.
+pub(crate) async fn send_all(
+    http: &reqwest::Client,
+    port: u16,
+    targets: Vec<BenchAgent>,
+    requests: Vec<Vec<u8>>,
+    clients: usize,
+) -> anyhow::Result<Sent> {
+    let (targets, requests) = (Arc::new(targets), Arc::new(requests));
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..clients.max(1) {
+        let (http, targets, next, requests) = (http.clone(), targets.clone(), next.clone(), requests.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let mut retried = 0usize;
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(agent) = targets.get(i) else { break };
+                for body in requests.iter() {
+                    loop {
+                        let sent = Instant::now();
+                        if post_reports(&http, port, agent, body.clone()).await? {
+                            latencies.push(sent.elapsed().as_secs_f64() * 1_000.0);
+                            break;
+                        }
+                        retried += 1;
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+            }
+            anyhow::Ok((latencies, retried))
+        }));
+    }
+    let mut sent = Sent { latencies: Vec::new(), retried: 0, seconds: 0.0 };
+    for task in tasks {
+        let (mine, again) = task.await??;
+        sent.latencies.extend(mine);
+        sent.retried += again;
+    }
+    sent.seconds = started.elapsed().as_secs_f64();
+    Ok(sent)
+}
+
+/// The HTTP ceiling: the same senders, requests and client as the
+/// collector phase, against the collector's server stack with nothing
+/// behind it ([`fleetpatch_collector::ceiling`]), served from this process.
+/// With `verify_with`, the bare server also verifies every request's MAC
+/// (and refuses replays) as the collector does; without, it checks nothing.
+/// The senders sign their requests in both runs, so the difference between
+/// the two is the server's MAC checking.
+pub(crate) async fn http_ceiling(
+    http: &reqwest::Client,
+    targets: usize,
+    patches: usize,
+    clients: usize,
+    verify_with: Option<TokenKey>,
+) -> anyhow::Result<HttpCeiling> {
+    let token_key = verify_with.clone().unwrap_or_else(TokenKey::random);
+    let server = fleetpatch_collector::ceiling::serve_bare("127.0.0.1:0", verify_with).await?;
+    let targets: Vec<BenchAgent> = (0..targets)
+        .map(|_| BenchAgent::new(&token_key, Uuid::new_v4(), 1, fleetpatch_collector::ceiling::BARE_TOKEN_NONCE))
+        .collect();
+    let before = CpuSnapshot::take("bench agents and bare server", &[]);
+    let sent = send_all(http, server.local_addr.port(), targets, agent_reports(patches), clients).await;
+    let after = CpuSnapshot::take("bench agents and bare server", &[]);
+    server.stop.cancel();
+    server.join.await??;
+    let mut sent = sent?;
+    sent.latencies.sort_by(f64::total_cmp);
+    Ok(HttpCeiling {
+        requests: sent.latencies.len(),
+        clients,
+        seconds: sent.seconds,
+        requests_per_second: sent.latencies.len() as f64 / sent.seconds,
+        latency_p50_ms: quantile(&sent.latencies, 0.5),
+        latency_p99_ms: quantile(&sent.latencies, 0.99),
+        cpu: before.per_report(&after, sent.latencies.len(), sent.seconds),
+    })
+}
+
+pub(crate) async fn watchdog_phase(bench: &mut Bench) -> anyhow::Result<()> {
+    let args = bench.args.clone();
+    let rollout = bench
+        .store
+        .create_rollout(NewRollout::synthetic("bench-watchdogs", args.watchdogs, 1, args.watchdog_timeout))
+        .await?;
+    bench.wait_all(rollout, TargetState::Queued, args.watchdogs, Duration::from_secs(300)).await?;
+    bench.sampler.take_peaks();
+    let started = Instant::now();
+    bench.bring_to_running(rollout).await?;
+    let armed_within = started.elapsed().as_secs_f64();
+    bench
+        .wait_all(
+            rollout,
+            TargetState::TimedOut,
+            args.watchdogs,
+            Duration::from_secs(u64::from(args.watchdog_timeout) + 600),
+        )
+        .await?;
+    let targets = bench.store.targets(rollout, None, None, u64::MAX >> 1).await?;
+    let timed_out_at: BTreeMap<Uuid, chrono::DateTime<chrono::Utc>> = bench
+        .store
+        .rollout_transitions(rollout)
+        .await?
+        .into_iter()
+        .filter(|t| t.to == TargetState::TimedOut.as_str())
+        .map(|t| (t.target_id, t.at))
+        .collect();
+    let mut lateness: Vec<f64> = targets
+        .iter()
+        .filter_map(|target| {
+            let last = target.last_seen_at.into_iter().chain(target.running_at).max()?;
+            let deadline = last + chrono::Duration::seconds(i64::from(target.timeout_seconds));
+            let at = timed_out_at.get(&target.id)?;
+            Some((*at - deadline).num_microseconds()? as f64 / 1_000.0)
+        })
+        .collect();
+    lateness.sort_by(f64::total_cmp);
+    bench.figures.watchdogs = Some(WatchdogFigures {
+        watchdogs: args.watchdogs,
+        timeout_seconds: args.watchdog_timeout,
+        armed_within_seconds: armed_within,
+        timed_out: lateness.len(),
+        lateness_min_ms: lateness.first().copied().unwrap_or(0.0),
+        lateness_p50_ms: quantile(&lateness, 0.5),
+        lateness_p99_ms: quantile(&lateness, 0.99),
+        lateness_max_ms: lateness.last().copied().unwrap_or(0.0),
+        peak_rss_mib: bench.sampler.take_peaks(),
+    });
+    Ok(())
+}
