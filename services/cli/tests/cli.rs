@@ -509,3 +509,26 @@ async fn dead_letters_are_listed_left_in_place_and_replayed() {
     assert!(out.stderr.contains("limit 0 is not within 1..=1000"), "{out:?}");
     sandbox.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_that_can_never_succeed_is_dead_lettered_at_once_not_retried() {
+    let sandbox = Sandbox::start(SandboxOptions { workers: 1, ..SandboxOptions::default() }).await;
+    let api = Api::of(&sandbox);
+    // Not a DeployJob: no retry can help it.
+    let garbage = fleetpatch_bus::Outgoing::work(fleetpatch_proto::routing::DEPLOY, vec![0xff; 7]);
+    sandbox.queues().publish(vec![garbage]).await.expect("publish");
+    let mut listed = serde_json::Value::Null;
+    for _ in 0..100 {
+        listed = json(&fleetpatch(&api, &["dead-letters", "list", "-o", "json"]).await);
+        if listed["total"] == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(listed["total"], 1, "{listed}");
+    // Rejected by the worker on its first delivery, not dropped by the
+    // broker after `amqp.delivery_limit` requeues.
+    assert_eq!(listed["dead_letters"][0]["reason"], "rejected", "{listed}");
+    assert_eq!(listed["dead_letters"][0]["routing_key"], fleetpatch_proto::routing::DEPLOY, "{listed}");
+    sandbox.stop().await;
+}

@@ -150,6 +150,34 @@ pub struct WorkerHandle {
     pub join: tokio::task::JoinHandle<Result<(), Error>>,
 }
 
+/// Why a job was not done, and so what becomes of its message.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    /// It can never succeed as it is (an undecodable message, an unknown
+    /// queue, a target that does not exist, a credential out of scope):
+    /// dead-lettered at once, with the reason in the log, for an operator
+    /// to see (`fleetpatch dead-letters list`).
+    #[error("{0}")]
+    Permanent(String),
+    /// It may succeed later (the database unreachable, no transport of its
+    /// kind on this worker): returned to the queue after a short pause, and
+    /// dead-lettered by the broker after `amqp.delivery_limit` deliveries.
+    #[error("{0}")]
+    Transient(String),
+}
+
+impl From<fleetpatch_store::Error> for JobError {
+    fn from(error: fleetpatch_store::Error) -> Self {
+        use fleetpatch_store::Error as E;
+        match error {
+            E::NotFound { .. } | E::Invalid(_) | E::Corrupt(_) | E::NotMigrated { .. } => {
+                JobError::Permanent(error.to_string())
+            }
+            E::Connect { .. } | E::Db(_) | E::Conflict(_) => JobError::Transient(error.to_string()),
+        }
+    }
+}
+
 enum StepError {
     Transport(fleetpatch_transport::Error),
     Store(fleetpatch_store::Error),
@@ -297,17 +325,17 @@ impl Worker {
         let result = match queue.as_str() {
             routing::DEPLOY => match v1::DeployJob::decode(delivery.payload.as_slice()) {
                 Ok(job) => self.deploy(job, delivery.redelivered).await,
-                Err(error) => Err(format!("undecodable deploy job: {error}")),
+                Err(error) => Err(JobError::Permanent(format!("undecodable deploy job: {error}"))),
             },
             routing::CLEANUP => match v1::CleanupJob::decode(delivery.payload.as_slice()) {
                 Ok(job) => self.cleanup(job).await,
-                Err(error) => Err(format!("undecodable cleanup job: {error}")),
+                Err(error) => Err(JobError::Permanent(format!("undecodable cleanup job: {error}"))),
             },
             routing::VERIFY => match v1::VerifyJob::decode(delivery.payload.as_slice()) {
                 Ok(job) => self.verify(job).await,
-                Err(error) => Err(format!("undecodable verify job: {error}")),
+                Err(error) => Err(JobError::Permanent(format!("undecodable verify job: {error}"))),
             },
-            other => Err(format!("no handler for routing key {other:?}")),
+            other => Err(JobError::Permanent(format!("no handler for routing key {other:?}"))),
         };
         metrics::histogram!("fleetpatch_worker_job_seconds", "queue" => queue.clone())
             .record(started.elapsed().as_secs_f64());
@@ -319,7 +347,15 @@ impl Worker {
                     tracing::warn!(error = %error, "ack failed; the job will be redelivered");
                 }
             }
-            Err(reason) => {
+            Err(JobError::Permanent(reason)) => {
+                metrics::counter!("fleetpatch_worker_jobs_total", "queue" => queue, "result" => "dead_letter")
+                    .increment(1);
+                tracing::warn!(reason = %reason, "job can never succeed; dead-lettered");
+                if let Err(error) = delivery.dead_letter().await {
+                    tracing::warn!(error = %error, "dead-lettering failed; the job will be redelivered");
+                }
+            }
+            Err(JobError::Transient(reason)) => {
                 metrics::counter!("fleetpatch_worker_jobs_total", "queue" => queue, "result" => "error").increment(1);
                 tracing::warn!(reason = %reason, delivery_count = delivery.delivery_count, "job failed; requeued");
                 tokio::time::sleep(Duration::from_millis(500)).await;
@@ -331,14 +367,15 @@ impl Worker {
     /// The target as its transport sees it, with its credential: the name
     /// is looked up, its scope checked against the target, and only then is
     /// the secret read. Nothing here connects anywhere.
-    fn target_spec(&self, target: &Target) -> Result<TargetSpec, String> {
+    fn target_spec(&self, target: &Target) -> Result<TargetSpec, JobError> {
         let credential = match &target.credential {
             None => None,
             Some(name) => Some(resolve_credential(
                 &self.options.credentials,
                 name,
                 ScopeTarget { transport: &target.transport, host: &target.host, labels: &target.labels },
-            )?),
+            )
+            .map_err(JobError::Permanent)?),
         };
         Ok(TargetSpec {
             target_id: target.id,
@@ -369,11 +406,12 @@ impl Worker {
         result
     }
 
-    async fn deploy(&self, job: v1::DeployJob, redelivered: bool) -> Result<(), String> {
-        let target_id = Uuid::parse_str(&job.target_id).map_err(|e| format!("deploy job target id: {e}"))?;
+    async fn deploy(&self, job: v1::DeployJob, redelivered: bool) -> Result<(), JobError> {
+        let target_id =
+            Uuid::parse_str(&job.target_id).map_err(|e| JobError::Permanent(format!("deploy job target id: {e}")))?;
         let nonce = hex::encode(rand::random::<[u8; 16]>());
         let claim =
-            self.store.claim_deploy(target_id, job.attempt, redelivered, &nonce).await.map_err(|e| e.to_string())?;
+            self.store.claim_deploy(target_id, job.attempt, redelivered, &nonce).await?;
         let context = match claim {
             Claim::Claimed(context) => *context,
             Claim::Skip { state, attempt } => {
@@ -384,10 +422,10 @@ impl Worker {
         let mut staged = false;
         match self.deploy_steps(&context, job.r#try, &mut staged).await {
             Ok(()) => Ok(()),
-            Err(StepError::Store(error)) => Err(error.to_string()),
+            Err(StepError::Store(error)) => Err(error.into()),
             Err(StepError::Permanent(reason)) => {
                 tracing::info!(target_id = %target_id, reason = %reason, "deployment refused");
-                self.store.fail_target(&context.target, &reason, staged).await.map_err(|e| e.to_string())?;
+                self.store.fail_target(&context.target, &reason, staged).await?;
                 Ok(())
             }
             Err(StepError::Transport(error)) => {
@@ -405,8 +443,7 @@ impl Worker {
                     tracing::info!(target_id = %target_id, error = %reason, next_try, backoff, "transient error; retrying later");
                     self.store
                         .requeue_for_retry(&context.target, &reason, next_try, Duration::from_secs(backoff))
-                        .await
-                        .map_err(|e| e.to_string())?;
+                        .await?;
                 } else {
                     let reason = if error.is_transient() {
                         format!("{reason} (gave up after {next_try} tries)")
@@ -414,7 +451,7 @@ impl Worker {
                         reason
                     };
                     tracing::info!(target_id = %target_id, error = %reason, "deployment failed");
-                    self.store.fail_target(&context.target, &reason, staged).await.map_err(|e| e.to_string())?;
+                    self.store.fail_target(&context.target, &reason, staged).await?;
                 }
                 Ok(())
             }
@@ -430,7 +467,7 @@ impl Worker {
                 self.transports.kinds().collect::<Vec<_>>().join(", ")
             ))
         })?;
-        let spec = self.target_spec(target).map_err(StepError::Permanent)?;
+        let spec = self.target_spec(target).map_err(|error| StepError::Permanent(error.to_string()))?;
         let address = spec.address();
         let probes: Vec<PatchProbe> = context
             .patches
@@ -544,37 +581,39 @@ impl Worker {
         Ok(Deployment { plan, agent_binary, files })
     }
 
-    async fn load_for_job(&self, target_id: &str) -> Result<(Target, Arc<dyn Transport>, TargetSpec), String> {
-        let target_id = Uuid::parse_str(target_id).map_err(|e| format!("job target id: {e}"))?;
-        let target = self.store.target(target_id).await.map_err(|e| e.to_string())?;
+    async fn load_for_job(&self, target_id: &str) -> Result<(Target, Arc<dyn Transport>, TargetSpec), JobError> {
+        let target_id = Uuid::parse_str(target_id).map_err(|e| JobError::Permanent(format!("job target id: {e}")))?;
+        let target = self.store.target(target_id).await?;
         let transport = self
             .transports
             .get(&target.transport)
             .cloned()
-            .ok_or_else(|| format!("this worker has no {:?} transport", target.transport))?;
+            .ok_or_else(|| JobError::Transient(format!("this worker has no {:?} transport", target.transport)))?;
         let spec = self.target_spec(&target)?;
         Ok((target, transport, spec))
     }
 
-    async fn cleanup(&self, job: v1::CleanupJob) -> Result<(), String> {
+    async fn cleanup(&self, job: v1::CleanupJob) -> Result<(), JobError> {
         let (target, transport, spec) = self.load_for_job(&job.target_id).await?;
         let deployment_id = plan::deployment_id(target.id, job.attempt);
-        let keep_files = self.store.rollout(target.rollout_id).await.map_err(|e| e.to_string())?.settings.keep_files;
+        let keep_files = self.store.rollout(target.rollout_id).await?.settings.keep_files;
         match self.step("cleanup", &spec.address(), transport.cleanup(&spec, &deployment_id, keep_files)).await {
             Ok(()) => Ok(()),
             Err(StepError::Transport(error)) if !error.is_transient() => {
                 tracing::warn!(target_id = %target.id, error = %error, "cleanup failed for good");
                 Ok(())
             }
-            Err(StepError::Transport(error)) => Err(format!("cleanup of {}: {error}", spec.address())),
-            Err(StepError::Store(error)) => Err(error.to_string()),
-            Err(StepError::Permanent(reason)) => Err(reason),
+            Err(StepError::Transport(error)) => {
+                Err(JobError::Transient(format!("cleanup of {}: {error}", spec.address())))
+            }
+            Err(StepError::Store(error)) => Err(error.into()),
+            Err(StepError::Permanent(reason)) => Err(JobError::Permanent(reason)),
         }
     }
 
-    async fn verify(&self, job: v1::VerifyJob) -> Result<(), String> {
+    async fn verify(&self, job: v1::VerifyJob) -> Result<(), JobError> {
         let (target, transport, spec) = self.load_for_job(&job.target_id).await?;
-        let patches = self.store.patches(target.rollout_id).await.map_err(|e| e.to_string())?;
+        let patches = self.store.patches(target.rollout_id).await?;
         let probes: Vec<PatchProbe> = patches
             .iter()
             .map(|p| PatchProbe { index: p.index, name: p.name.clone(), detection: p.detection.clone() })
@@ -583,14 +622,13 @@ impl Worker {
             Ok(report) => {
                 self.store
                     .record_verification(target.id, job.attempt, &report.installed, &report.missing)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                    .await?;
             }
             Err(StepError::Transport(error)) => {
                 tracing::warn!(target_id = %target.id, error = %error, "verification scan failed");
             }
-            Err(StepError::Store(error)) => return Err(error.to_string()),
-            Err(StepError::Permanent(reason)) => return Err(reason),
+            Err(StepError::Store(error)) => return Err(error.into()),
+            Err(StepError::Permanent(reason)) => return Err(JobError::Permanent(reason)),
         }
         if job.cleanup_after {
             self.cleanup(v1::CleanupJob { target_id: job.target_id, attempt: job.attempt }).await?;
