@@ -370,12 +370,14 @@ impl Worker {
     fn target_spec(&self, target: &Target) -> Result<TargetSpec, JobError> {
         let credential = match &target.credential {
             None => None,
-            Some(name) => Some(resolve_credential(
-                &self.options.credentials,
-                name,
-                ScopeTarget { transport: &target.transport, host: &target.host, labels: &target.labels },
-            )
-            .map_err(JobError::Permanent)?),
+            Some(name) => Some(
+                resolve_credential(
+                    &self.options.credentials,
+                    name,
+                    ScopeTarget { transport: &target.transport, host: &target.host, labels: &target.labels },
+                )
+                .map_err(JobError::Permanent)?,
+            ),
         };
         Ok(TargetSpec {
             target_id: target.id,
@@ -410,8 +412,7 @@ impl Worker {
         let target_id =
             Uuid::parse_str(&job.target_id).map_err(|e| JobError::Permanent(format!("deploy job target id: {e}")))?;
         let nonce = hex::encode(rand::random::<[u8; 16]>());
-        let claim =
-            self.store.claim_deploy(target_id, job.attempt, redelivered, &nonce).await?;
+        let claim = self.store.claim_deploy(target_id, job.attempt, redelivered, &nonce).await?;
         let context = match claim {
             Claim::Claimed(context) => *context,
             Claim::Skip { state, attempt } => {
@@ -620,9 +621,7 @@ impl Worker {
             .collect();
         match self.step("verify", &spec.address(), transport.verify(&spec, &probes)).await {
             Ok(report) => {
-                self.store
-                    .record_verification(target.id, job.attempt, &report.installed, &report.missing)
-                    .await?;
+                self.store.record_verification(target.id, job.attempt, &report.installed, &report.missing).await?;
             }
             Err(StepError::Transport(error)) => {
                 tracing::warn!(target_id = %target.id, error = %error, "verification scan failed");

@@ -1,0 +1,253 @@
+//! The collector's intake: idempotency, patch and final results, deadlines.
+
+use super::*;
+
+/// A rollout of two targets with two patches each, both running.
+async fn two_running_targets(store: &Store) -> (Target, Target) {
+    let id = create(store, Spec::new(2, 2, 2)).await;
+    store.dispatch(id).await.expect("dispatch");
+    let targets = all_targets(store, id).await;
+    let a = bring_to_running(store, &targets[0]).await.target;
+    let b = bring_to_running(store, &targets[1]).await.target;
+    (a, b)
+}
+
+pub async fn reports_are_idempotent_by_target_attempt_and_seq(db: &dyn TestDatabase) {
+    let store = db.store();
+    let (a, b) = two_running_targets(store).await;
+    let batch = vec![
+        report(&a, 1, ReportKind::Started { patch_index: 0 }),
+        report(&a, 2, ReportKind::Heartbeat { patch_index: Some(0) }),
+        report(&a, 2, ReportKind::Heartbeat { patch_index: Some(0) }),
+        report(&b, 1, ReportKind::Started { patch_index: 0 }),
+    ];
+    assert_eq!(
+        store.apply_reports(&batch).await.expect("apply"),
+        vec![ReportResult::Accepted, ReportResult::Accepted, ReportResult::Duplicate, ReportResult::Accepted]
+    );
+    // Replayed later (an agent's spool): all duplicates, nothing recorded twice.
+    assert_eq!(store.apply_reports(&batch[..2]).await.expect("apply"), vec![ReportResult::Duplicate; 2]);
+    assert!(store.apply_reports(&[]).await.expect("empty").is_empty());
+    let events = store.agent_events(a.id).await.expect("events");
+    assert_eq!(
+        events.iter().map(|e| (e.seq, e.kind.as_str())).collect::<Vec<_>>(),
+        vec![(1, "started"), (2, "heartbeat")]
+    );
+    assert_eq!(events[0].patch_index, Some(0));
+    assert_eq!(store.agent_events(b.id).await.expect("events").len(), 1);
+    // Pages follow (attempt, seq): the first page, then after its last event.
+    let first = store.agent_events_page(a.id, None, 1).await.expect("page");
+    assert_eq!(first.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![1]);
+    let next = store.agent_events_page(a.id, Some((first[0].attempt, first[0].seq)), 10).await.expect("page");
+    assert_eq!(next.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![2]);
+    let later_attempt = store.agent_events_page(a.id, Some((first[0].attempt + 1, 0)), 10).await.expect("page");
+    assert!(later_attempt.is_empty());
+}
+
+pub async fn reports_record_patch_results_and_the_final_result(db: &dyn TestDatabase) {
+    let store = db.store();
+    let id = create(store, Spec::new(2, 3, 2)).await;
+    store.dispatch(id).await.expect("dispatch");
+    drain_outbox(store).await;
+    let targets = all_targets(store, id).await;
+    let ok = bring_to_running(store, &targets[0]).await.target;
+    let bad = bring_to_running(store, &targets[1]).await.target;
+    drain_outbox(store).await;
+    store
+        .apply_reports(&[
+            report(&ok, 1, ReportKind::Started { patch_index: 0 }),
+            report(&ok, 2, finished(0, 0, PatchOutcomeKind::Installed, "ok")),
+            report(&ok, 3, ReportKind::Started { patch_index: 1 }),
+            report(&ok, 4, finished(1, 3010, PatchOutcomeKind::InstalledRebootRequired, "reboot me")),
+            report(&ok, 5, finished(2, 0, PatchOutcomeKind::Installed, "")),
+            report(&ok, 6, final_report(true)),
+            report(&bad, 1, ReportKind::Started { patch_index: 0 }),
+            report(&bad, 2, finished(0, 1603, PatchOutcomeKind::Failed, "fatal error during installation")),
+            report(&bad, 3, final_report(false)),
+        ])
+        .await
+        .expect("apply");
+    let ok_target = store.target(ok.id).await.expect("target");
+    assert_eq!(ok_target.state, TargetState::Succeeded);
+    assert!(ok_target.finished_at.is_some());
+    assert_eq!(ok_target.error, None);
+    let patches = store.target_patches(ok.id).await.expect("patches");
+    assert_eq!(
+        patches.iter().map(|p| (p.state, p.exit_code, p.reboot_required)).collect::<Vec<_>>(),
+        vec![
+            (PatchState::Succeeded, Some(0), false),
+            (PatchState::Succeeded, Some(3010), true),
+            (PatchState::Succeeded, Some(0), false)
+        ]
+    );
+    assert_eq!(patches[1].outcome.as_deref(), Some("installed_reboot_required"));
+    assert_eq!(patches[1].output_tail.as_deref(), Some("reboot me"));
+    assert!(patches[0].started_at.is_some() && patches[0].finished_at.is_some());
+
+    let bad_target = store.target(bad.id).await.expect("target");
+    assert_eq!(bad_target.state, TargetState::Failed);
+    assert_eq!(bad_target.error.as_deref(), Some("agent: a patch failed"));
+    let patches = store.target_patches(bad.id).await.expect("patches");
+    assert_eq!((patches[0].state, patches[0].exit_code), (PatchState::Failed, Some(1603)));
+    assert_eq!(patches[0].output_tail.as_deref(), Some("fatal error during installation"));
+    // Patches it never reported are failed with a reason, not left open.
+    for p in &patches[1..] {
+        assert_eq!(p.state, PatchState::Failed);
+        assert_eq!(p.error.as_deref(), Some("the agent finished without reporting this patch"));
+    }
+    // The final results free their slots (one dispatch request per rollout
+    // and batch) and queue each target's cleanup.
+    let keys = outbox_keys(store).await;
+    assert_eq!((count(&keys, routing::DISPATCH), count(&keys, routing::CLEANUP)), (1, 2), "{keys:?}");
+    assert_eq!((count(&keys, "target.succeeded"), count(&keys, "target.failed")), (1, 1), "{keys:?}");
+    // A late final for a finished target changes nothing.
+    store.apply_reports(&[report(&ok, 7, final_report(false))]).await.expect("apply");
+    assert_eq!(store.target(ok.id).await.expect("target").state, TargetState::Succeeded);
+}
+
+pub async fn reports_of_an_old_attempt_change_no_patch(db: &dyn TestDatabase) {
+    let store = db.store();
+    let id = create(store, Spec::new(1, 1, 1)).await;
+    store.dispatch(id).await.expect("dispatch");
+    let first = bring_to_running(store, &all_targets(store, id).await[0]).await.target;
+    assert!(store.fail_target(&first, "operator gave up", false).await.expect("fail"));
+    assert_eq!(store.retry_failed(id).await.expect("retry"), 1);
+    store.dispatch(id).await.expect("dispatch");
+    let second = bring_to_running(store, &all_targets(store, id).await[0]).await.target;
+    assert_eq!(second.attempt, 2);
+    // The first attempt's agent is still alive somewhere and reports.
+    store
+        .apply_reports(&[
+            report(&first, 1, finished(0, 0, PatchOutcomeKind::Installed, "")),
+            report(&first, 2, final_report(true)),
+        ])
+        .await
+        .expect("apply");
+    let target = store.target(second.id).await.expect("target");
+    assert_eq!((target.state, target.attempt), (TargetState::Running, 2));
+    assert_eq!(store.target_patches(second.id).await.expect("patches")[0].state, PatchState::Pending);
+    // Its events are kept, under their own attempt.
+    let events = store.agent_events(second.id).await.expect("events");
+    assert!(events.iter().all(|e| e.attempt == 1) && events.len() == 2, "{events:?}");
+}
+
+pub async fn final_results_in_one_batch_count_once_per_target_and_rollout(db: &dyn TestDatabase) {
+    let store = db.store();
+    let first = create(store, Spec::new(3, 1, 3)).await;
+    let second = create(store, Spec::new(1, 1, 1)).await;
+    store.dispatch(first).await.expect("dispatch");
+    store.dispatch(second).await.expect("dispatch");
+    let mut running = Vec::new();
+    for target in all_targets(store, first).await.into_iter().chain(all_targets(store, second).await) {
+        running.push(bring_to_running(store, &target).await.target);
+    }
+    drain_outbox(store).await;
+    let old_attempt = Target { attempt: 0, ..running[2].clone() };
+    store
+        .apply_reports(&[
+            // Two different final results for one target: the first counts.
+            report(&running[0], 1, final_report(false)),
+            report(&running[0], 2, final_report(true)),
+            report(&running[1], 1, final_report(true)),
+            // A final result of another attempt is recorded but moves nothing.
+            report(&old_attempt, 1, final_report(true)),
+            report(&running[3], 1, final_report(true)),
+        ])
+        .await
+        .expect("apply");
+    let states: Vec<TargetState> = futures_util::future::join_all(running.iter().map(|t| store.target(t.id)))
+        .await
+        .into_iter()
+        .map(|t| t.expect("target").state)
+        .collect();
+    assert_eq!(states, [TargetState::Failed, TargetState::Succeeded, TargetState::Running, TargetState::Succeeded]);
+    assert_eq!(store.target(running[0].id).await.expect("target").error.as_deref(), Some("agent: a patch failed"));
+    let history = store.transitions(running[0].id).await.expect("history");
+    assert_eq!(history.iter().filter(|t| t.to == "failed" || t.to == "succeeded").count(), 1, "moved once");
+    let keys = outbox_keys(store).await;
+    assert_eq!(count(&keys, routing::DISPATCH), 2, "one dispatch request per rollout: {keys:?}");
+    assert_eq!(count(&keys, routing::CLEANUP), 3, "a cleanup per finished target: {keys:?}");
+    let dispatched: BTreeSet<String> = outbox(store)
+        .await
+        .into_iter()
+        .filter(|m| m.routing_key == routing::DISPATCH)
+        .map(|m| v1::DispatchRequest::decode(m.payload.as_slice()).expect("a DispatchRequest").rollout_id)
+        .collect();
+    assert_eq!(dispatched, BTreeSet::from([first.to_string(), second.to_string()]));
+}
+
+pub async fn patch_reports_in_one_batch_keep_the_first_result_and_every_column(db: &dyn TestDatabase) {
+    let store = db.store();
+    let (a, b) = two_running_targets(store).await;
+    let untimed = IncomingReport { sent_at: None, ..report(&a, 3, ReportKind::Heartbeat { patch_index: None }) };
+    let results = store
+        .apply_reports(&[
+            // Two results for one patch in one batch: the first counts.
+            report(&a, 1, finished(0, 0, PatchOutcomeKind::Installed, "first")),
+            report(&a, 2, finished(0, 1603, PatchOutcomeKind::Failed, "second")),
+            untimed,
+            // Started and finished in one batch, in that order.
+            report(&a, 4, ReportKind::Started { patch_index: 1 }),
+            report(&a, 5, finished(1, -1, PatchOutcomeKind::TimedOut, "killed")),
+            report(&b, 1, ReportKind::Started { patch_index: 0 }),
+        ])
+        .await
+        .expect("apply");
+    assert_eq!(results, vec![ReportResult::Accepted; 6]);
+    let patches = store.target_patches(a.id).await.expect("patches");
+    assert_eq!(
+        (patches[0].state, patches[0].exit_code, patches[0].output_tail.as_deref()),
+        (PatchState::Succeeded, Some(0), Some("first"))
+    );
+    assert!(patches[0].started_at.is_none() && patches[0].finished_at.is_some(), "{:?}", patches[0]);
+    assert_eq!(
+        (patches[1].state, patches[1].exit_code, patches[1].outcome.as_deref()),
+        (PatchState::Failed, Some(-1), Some("timed_out"))
+    );
+    assert!(patches[1].started_at.is_some() && patches[1].finished_at.is_some(), "{:?}", patches[1]);
+    let b_patches = store.target_patches(b.id).await.expect("patches");
+    assert_eq!((b_patches[0].state, b_patches[1].state), (PatchState::Running, PatchState::Pending));
+    assert!(b_patches[0].started_at.is_some());
+    // Every event is kept as sent, optional columns empty where the report has none.
+    let events = store.agent_events(a.id).await.expect("events");
+    assert_eq!(
+        events.iter().map(|e| (e.seq, e.kind.as_str(), e.patch_index, e.exit_code)).collect::<Vec<_>>(),
+        vec![
+            (1, "finished", Some(0), Some(0)),
+            (2, "finished", Some(0), Some(1603)),
+            (3, "heartbeat", None, None),
+            (4, "started", Some(1), None),
+            (5, "finished", Some(1), Some(-1)),
+        ]
+    );
+    assert_eq!(events[1].detail.as_deref(), Some("failed"));
+    assert_eq!(events[2].detail, None);
+    // Once the target left flight, late results change no patch.
+    assert!(store.fail_target(&b, "operator gave up", false).await.expect("fail"));
+    let before = store.target_patches(b.id).await.expect("patches");
+    store
+        .apply_reports(&[
+            report(&b, 2, finished(0, 0, PatchOutcomeKind::Installed, "late")),
+            report(&b, 3, ReportKind::Started { patch_index: 1 }),
+        ])
+        .await
+        .expect("apply");
+    assert_eq!(store.target_patches(b.id).await.expect("patches"), before);
+}
+
+pub async fn every_fresh_report_moves_the_deadline(db: &dyn TestDatabase) {
+    let manual = ManualClock::starting_now();
+    let store = &db.store().clone().with_clock(manual.clock());
+    let id = create(store, Spec::new(1, 1, 1)).await;
+    store.dispatch(id).await.expect("dispatch");
+    let target = bring_to_running(store, &all_targets(store, id).await[0]).await.target;
+    assert_eq!(target.last_seen_at, Some(manual.now()), "running counts as seen");
+    // The last-seen time is when the report was received, by the store's clock.
+    let received = manual.advance(Duration::from_millis(20));
+    store.apply_reports(&[report(&target, 1, ReportKind::Heartbeat { patch_index: None })]).await.expect("apply");
+    assert_eq!(store.target(target.id).await.expect("target").last_seen_at, Some(received));
+    // A duplicate does not.
+    manual.advance(Duration::from_millis(20));
+    store.apply_reports(&[report(&target, 1, ReportKind::Heartbeat { patch_index: None })]).await.expect("apply");
+    assert_eq!(store.target(target.id).await.expect("target").last_seen_at, Some(received));
+}

@@ -1,0 +1,206 @@
+//! Rollouts, dispatch and waves.
+
+use super::*;
+
+pub async fn create_rollout_round_trips_rollout_patches_and_targets(db: &dyn TestDatabase) {
+    let store = db.store();
+    let id = create(
+        store,
+        Spec {
+            waves: vec![
+                WaveSpec { name: "canary".into(), size: Some(2), max_failure_percent: 0.0 },
+                WaveSpec { name: "rest".into(), size: None, max_failure_percent: 25.5 },
+            ],
+            ..Spec::new(5, 3, 4)
+        },
+    )
+    .await;
+    let rollout = store.rollout(id).await.expect("rollout");
+    assert_eq!((rollout.id, rollout.name.as_str(), rollout.state), (id, "conformance", RolloutState::Running));
+    assert_eq!((rollout.concurrency, rollout.timeout_seconds, rollout.current_wave), (4, 600, 0));
+    assert_eq!(rollout.waves[1], WaveSpec { name: "rest".into(), size: None, max_failure_percent: 25.5 });
+    assert_eq!(rollout.settings.reboot, RebootPolicy::IfRequired);
+    assert!(rollout.settings.keep_files);
+    assert_eq!(rollout.completed_at, None);
+
+    let patches = store.patches(id).await.expect("patches");
+    assert_eq!(patches.len(), 3);
+    for (i, p) in patches.iter().enumerate() {
+        let expected = patch(i);
+        assert_eq!(p.index, i as u32);
+        assert_eq!(
+            (&p.name, &p.kb, &p.file, &p.sha256),
+            (&expected.name, &expected.kb, &expected.file, &expected.sha256)
+        );
+        assert_eq!((p.size, p.installer, p.arguments.as_str()), (expected.size, InstallerKind::Msu, "/quiet"));
+        assert_eq!((&p.success_codes, &p.reboot_codes, p.timeout_seconds), (&vec![0], &vec![3010], 300));
+        assert_eq!(p.detection, expected.detection);
+    }
+
+    let targets = all_targets(store, id).await;
+    assert_eq!(targets.iter().map(|t| t.ordinal).collect::<Vec<_>>(), vec![0, 1, 2, 3, 4]);
+    assert_eq!(targets.iter().map(|t| t.wave).collect::<Vec<_>>(), vec![0, 0, 1, 1, 1]);
+    for (i, t) in targets.iter().enumerate() {
+        let expected = target(i, t.wave);
+        assert_eq!((&t.host, t.port, &t.transport), (&expected.host, expected.port, &expected.transport));
+        assert_eq!((&t.labels, &t.credential), (&expected.labels, &expected.credential));
+        assert_eq!((t.state, t.attempt, t.tries, t.timeout_seconds), (TargetState::Pending, 1, 0, 600));
+        assert_eq!(t.rollout_id, id);
+    }
+    assert_eq!(store.target(targets[3].id).await.expect("target"), targets[3]);
+
+    let progress = store.progress(&rollout).await.expect("progress");
+    assert_eq!(progress.total, 5);
+    assert_eq!(progress.by_state.get("pending"), Some(&5));
+    assert_eq!(
+        progress.waves.iter().map(|w| (w.name.as_str(), w.total)).collect::<Vec<_>>(),
+        [("canary", 2), ("rest", 3)]
+    );
+
+    // Paging in dispatch order.
+    let page = store.targets(id, None, Some(1), 2).await.expect("page");
+    assert_eq!(page.iter().map(|t| t.ordinal).collect::<Vec<_>>(), vec![2, 3]);
+
+    // A second rollout, created a millisecond later, is listed first.
+    let manual = ManualClock::new(rollout.created_at + chrono::Duration::milliseconds(1));
+    let second = create(&store.clone().with_clock(manual.clock()), Spec::new(1, 0, 1)).await;
+    let listed: Vec<Uuid> = store.list_rollouts(10).await.expect("list").into_iter().map(|r| r.id).collect();
+    assert_eq!(listed, vec![second, id]);
+    assert_eq!(store.list_rollouts(1).await.expect("list").len(), 1);
+}
+
+pub async fn create_rollout_announces_a_dispatch_through_the_outbox(db: &dyn TestDatabase) {
+    let store = db.store();
+    let id = create(store, Spec::new(3, 1, 2)).await;
+    let messages = outbox(store).await;
+    assert_eq!(messages.len(), 1, "one dispatch request, nothing else: {messages:?}");
+    assert_eq!(messages[0].routing_key, routing::DISPATCH);
+    let request = v1::DispatchRequest::decode(messages[0].payload.as_slice()).expect("a DispatchRequest");
+    assert_eq!(request.rollout_id, id.to_string());
+    assert_eq!(store.outbox_depth().await.expect("depth"), 1);
+}
+
+pub async fn fleet_gauges_count_rollouts_active_targets_and_the_outbox(db: &dyn TestDatabase) {
+    let store = db.store();
+    assert_eq!(store.fleet_gauges().await.expect("gauges"), FleetGauges::default());
+    assert!(store.readiness_check()().await, "a store whose database answers is ready");
+    let running = create(store, Spec::new(5, 1, 2)).await;
+    let paused = create(store, Spec::new(3, 1, 3)).await;
+    let done = create(store, Spec::new(1, 1, 1)).await;
+    drain_outbox(store).await;
+    store.dispatch(running).await.expect("dispatch");
+    store.dispatch(paused).await.expect("dispatch");
+    store.pause_rollout(paused, "operator").await.expect("pause");
+    store.dispatch(done).await.expect("dispatch");
+    for target in in_state(store, done, TargetState::Queued).await {
+        assert!(store.fail_target(&target, "boom", false).await.expect("fail"));
+    }
+    assert_eq!(store.dispatch(done).await.expect("dispatch").state, RolloutState::Completed);
+
+    let gauges = store.fleet_gauges().await.expect("gauges");
+    let rollouts = BTreeMap::from([("completed".to_owned(), 1), ("paused".to_owned(), 1), ("running".to_owned(), 1)]);
+    assert_eq!(gauges.rollouts_by_state, rollouts);
+    // The completed rollout's failed target is not active; the others are.
+    let targets = BTreeMap::from([("pending".to_owned(), 3), ("queued".to_owned(), 5)]);
+    assert_eq!(gauges.active_targets_by_state, targets);
+    assert_eq!(gauges.outbox_pending, store.outbox_depth().await.expect("depth"));
+    assert!(gauges.outbox_pending > 0, "the dispatches left deploy jobs in the outbox");
+}
+
+pub async fn dispatch_fills_free_slots_in_ordinal_order(db: &dyn TestDatabase) {
+    let store = db.store();
+    let id = create(store, Spec::new(5, 1, 2)).await;
+    drain_outbox(store).await;
+
+    let outcome = store.dispatch(id).await.expect("dispatch");
+    assert_eq!(outcome, DispatchOutcome { dispatched: 2, state: RolloutState::Running, halted: None });
+    let queued = in_state(store, id, TargetState::Queued).await;
+    assert_eq!(queued.iter().map(|t| t.ordinal).collect::<Vec<_>>(), vec![0, 1]);
+    assert!(queued.iter().all(|t| t.queued_at.is_some()));
+    let jobs: Vec<v1::DeployJob> = outbox(store)
+        .await
+        .into_iter()
+        .filter(|m| m.routing_key == routing::DEPLOY)
+        .map(|m| v1::DeployJob::decode(m.payload.as_slice()).expect("a DeployJob"))
+        .collect();
+    assert_eq!(jobs.len(), 2);
+    assert_eq!(jobs[0].target_id, queued[0].id.to_string());
+    assert_eq!((jobs[0].rollout_id.as_str(), jobs[0].attempt, jobs[0].r#try), (id.to_string().as_str(), 1, 0));
+
+    // No free slot: nothing more.
+    assert_eq!(store.dispatch(id).await.expect("dispatch").dispatched, 0);
+    // A slot frees up: the next target in order takes it.
+    assert!(store.fail_target(&queued[0], "boom", false).await.expect("fail"));
+    assert_eq!(store.dispatch(id).await.expect("dispatch").dispatched, 1);
+    let queued = in_state(store, id, TargetState::Queued).await;
+    assert_eq!(queued.iter().map(|t| t.ordinal).collect::<Vec<_>>(), vec![1, 2]);
+
+    // Finish everything: the rollout completes.
+    for _ in 0..10 {
+        for target in in_state(store, id, TargetState::Queued).await {
+            assert!(store.fail_target(&target, "boom", false).await.expect("fail"));
+        }
+        if store.dispatch(id).await.expect("dispatch").state == RolloutState::Completed {
+            break;
+        }
+    }
+    let rollout = store.rollout(id).await.expect("rollout");
+    assert_eq!(rollout.state, RolloutState::Completed);
+    assert!(rollout.completed_at.is_some());
+    // A completed rollout dispatches nothing.
+    assert_eq!(store.dispatch(id).await.expect("dispatch").dispatched, 0);
+}
+
+pub async fn concurrent_dispatches_never_exceed_the_concurrency(db: &dyn TestDatabase) {
+    let store = db.store();
+    let other = db.connect_another().await;
+    let id = create(store, Spec::new(40, 0, 7)).await;
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let store = if i % 2 == 0 { store.clone() } else { other.clone() };
+        tasks.push(tokio::spawn(async move { store.dispatch(id).await.expect("dispatch").dispatched }));
+    }
+    let mut total = 0;
+    for task in tasks {
+        total += task.await.expect("dispatch task");
+    }
+    assert_eq!(total, 7, "eight racing dispatches filled exactly the 7 slots");
+    assert_eq!(in_state(store, id, TargetState::Queued).await.len(), 7);
+    other.close().await;
+}
+
+pub async fn waves_open_in_order_and_a_failing_wave_halts(db: &dyn TestDatabase) {
+    let store = db.store();
+    let id = create(
+        store,
+        Spec {
+            waves: vec![
+                WaveSpec { name: "canary".into(), size: Some(2), max_failure_percent: 0.0 },
+                WaveSpec { name: "rest".into(), size: None, max_failure_percent: 100.0 },
+            ],
+            ..Spec::new(5, 0, 10)
+        },
+    )
+    .await;
+    // Only the canary wave is dispatched, although slots are free.
+    assert_eq!(store.dispatch(id).await.expect("dispatch").dispatched, 2);
+    let canary = in_state(store, id, TargetState::Queued).await;
+    assert!(canary.iter().all(|t| t.wave == 0));
+    assert!(store.fail_target(&canary[0], "installer failed", false).await.expect("fail"));
+    assert_eq!(store.dispatch(id).await.expect("dispatch").dispatched, 0, "the wave is still open");
+    // The canary wave ends 1 of 2 failed: over its 0 % threshold.
+    assert!(store.fail_target(&canary[1], "installer failed", false).await.expect("fail"));
+    let outcome = store.dispatch(id).await.expect("dispatch");
+    assert_eq!((outcome.dispatched, outcome.state), (0, RolloutState::Paused));
+    let reason = outcome.halted.expect("halted");
+    assert!(reason.contains("\"canary\"") && reason.contains("2 of 2"), "{reason}");
+    let rollout = store.rollout(id).await.expect("rollout");
+    assert_eq!((rollout.state, rollout.current_wave), (RolloutState::Paused, 1));
+    assert_eq!(rollout.pause_reason.as_deref(), Some(reason.as_str()));
+    assert_eq!(in_state(store, id, TargetState::Pending).await.len(), 3, "the next wave is untouched");
+    // A paused rollout dispatches nothing; resuming dispatches the next wave.
+    assert_eq!(store.dispatch(id).await.expect("dispatch").dispatched, 0);
+    store.resume_rollout(id).await.expect("resume");
+    assert_eq!(store.dispatch(id).await.expect("dispatch").dispatched, 3);
+    assert!(in_state(store, id, TargetState::Queued).await.iter().all(|t| t.wave == 1));
+}
