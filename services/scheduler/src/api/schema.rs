@@ -1,0 +1,481 @@
+//! The body of `POST /v1/rollouts` and its validation: every field checked, every
+//! wrong one named, against the administrator's limits ([`InputPolicy`]).
+
+use super::*;
+
+fn default_concurrency() -> u32 {
+    10
+}
+fn default_timeout() -> u32 {
+    600
+}
+fn default_heartbeat() -> u32 {
+    30
+}
+fn default_max_tries() -> u32 {
+    3
+}
+fn default_success_codes() -> Vec<i32> {
+    vec![0, 3010]
+}
+fn default_reboot_codes() -> Vec<i32> {
+    vec![3010]
+}
+fn default_patch_timeout() -> u32 {
+    3600
+}
+fn default_transport() -> String {
+    "sim".into()
+}
+fn default_max_failure() -> f64 {
+    100.0
+}
+
+/// `POST /v1/rollouts`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateRollout {
+    pub name: String,
+    #[serde(default = "default_concurrency")]
+    pub concurrency: u32,
+    /// Seconds without a report before a target is timed out.
+    #[serde(default = "default_timeout")]
+    pub timeout_seconds: u32,
+    #[serde(default = "default_heartbeat")]
+    pub heartbeat_seconds: u32,
+    #[serde(default = "default_max_tries")]
+    pub max_tries: u32,
+    #[serde(default)]
+    pub reboot: RebootPolicy,
+    #[serde(default)]
+    pub keep_files: bool,
+    /// The credential of every target that names none (a name defined in
+    /// `[credentials]` where the workers run).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<String>,
+    #[serde(default)]
+    pub waves: Vec<WaveRequest>,
+    pub patches: Vec<PatchRequest>,
+    pub targets: Vec<TargetRequest>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WaveRequest {
+    pub name: String,
+    #[serde(default)]
+    pub size: Option<u32>,
+    #[serde(default = "default_max_failure")]
+    pub max_failure_percent: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PatchRequest {
+    pub name: String,
+    #[serde(default)]
+    pub kb: Option<String>,
+    pub file: String,
+    pub sha256: String,
+    #[serde(default)]
+    pub size: u64,
+    pub installer: InstallerKind,
+    #[serde(default)]
+    pub arguments: String,
+    #[serde(default = "default_success_codes")]
+    pub success_codes: Vec<i32>,
+    #[serde(default = "default_reboot_codes")]
+    pub reboot_codes: Vec<i32>,
+    #[serde(default = "default_patch_timeout")]
+    pub timeout_seconds: u32,
+    #[serde(default)]
+    pub detection: Option<Detection>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetRequest {
+    pub host: String,
+    #[serde(default)]
+    pub port: Option<u16>,
+    #[serde(default = "default_transport")]
+    pub transport: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Name of a credential an administrator defined where the workers run
+    /// (`[credentials.<name>]`); the worker checks its scope against this
+    /// target before it reads the secret.
+    #[serde(default)]
+    pub credential: Option<String>,
+    /// Refused: callers name credentials, they never point at secrets. Kept
+    /// in the schema only to answer with what to do instead.
+    #[serde(default, skip_serializing)]
+    pub credential_ref: Option<serde_json::Value>,
+    /// Name of the wave; targets without one fill the waves in order.
+    #[serde(default)]
+    pub wave: Option<String>,
+}
+
+fn push(errors: &mut Vec<FieldError>, field: impl Into<String>, message: impl Into<String>) {
+    errors.push(FieldError { field: field.into(), message: message.into() });
+}
+
+/// Checks a request and turns it into the store's rollout. Every error
+/// names its field.
+pub fn validate(
+    request: CreateRollout,
+    content_dir: &std::path::Path,
+    policy: &InputPolicy,
+) -> Result<NewRollout, Problem> {
+    let mut errors = Vec::new();
+    if request.name.trim().is_empty() {
+        push(&mut errors, "name", "must not be empty");
+    }
+    if request.concurrency == 0 || request.concurrency > 100_000 {
+        push(&mut errors, "concurrency", format!("must be between 1 and 100000, got {}", request.concurrency));
+    }
+    if request.timeout_seconds == 0 {
+        push(&mut errors, "timeout_seconds", "must be at least 1");
+    }
+    if request.heartbeat_seconds == 0 || request.heartbeat_seconds >= request.timeout_seconds.max(1) {
+        push(
+            &mut errors,
+            "heartbeat_seconds",
+            format!("must be at least 1 and below timeout_seconds ({})", request.timeout_seconds),
+        );
+    }
+    if request.max_tries == 0 {
+        push(&mut errors, "max_tries", "must be at least 1");
+    }
+    if request.patches.is_empty() {
+        push(&mut errors, "patches", "must name at least one patch");
+    }
+    if request.targets.is_empty() {
+        push(&mut errors, "targets", "must name at least one target");
+    }
+    if request.targets.len() > policy.max_targets_per_rollout {
+        push(
+            &mut errors,
+            "targets",
+            format!(
+                "{} targets; at most {} per rollout (scheduler.max_targets_per_rollout): split the rollout, or ask \
+                 an administrator to raise the limit",
+                request.targets.len(),
+                policy.max_targets_per_rollout
+            ),
+        );
+        return Err(Problem::invalid(errors));
+    }
+    if let Some(name) = &request.credential {
+        if let Err(message) = policy.check_credential(name) {
+            push(&mut errors, "credential", message);
+        }
+    }
+    let mut wave_names = HashSet::new();
+    for (i, wave) in request.waves.iter().enumerate() {
+        if wave.name.trim().is_empty() {
+            push(&mut errors, format!("waves[{i}].name"), "must not be empty");
+        } else if !wave_names.insert(wave.name.as_str()) {
+            push(&mut errors, format!("waves[{i}].name"), format!("{:?} is used by another wave", wave.name));
+        }
+        if !(0.0..=100.0).contains(&wave.max_failure_percent) {
+            push(&mut errors, format!("waves[{i}].max_failure_percent"), "must be between 0 and 100");
+        }
+        if wave.size == Some(0) {
+            push(&mut errors, format!("waves[{i}].size"), "must be at least 1 (or left out for \"the rest\")");
+        }
+    }
+    let mut patch_names = HashSet::new();
+    let mut needs_content = false;
+    for (i, patch) in request.patches.iter().enumerate() {
+        if patch.name.trim().is_empty() {
+            push(&mut errors, format!("patches[{i}].name"), "must not be empty");
+        } else if !patch_names.insert(patch.name.as_str()) {
+            push(&mut errors, format!("patches[{i}].name"), format!("{:?} is used by another patch", patch.name));
+        }
+        if patch.file.is_empty() || patch.file.contains(['/', '\\']) || patch.file == ".." || patch.file == "." {
+            push(&mut errors, format!("patches[{i}].file"), "must be a plain file name (no directories)");
+        }
+        if !content::is_sha256(&patch.sha256) {
+            push(&mut errors, format!("patches[{i}].sha256"), "must be 64 lower-case hex characters");
+        }
+        if patch.success_codes.is_empty() {
+            push(&mut errors, format!("patches[{i}].success_codes"), "must hold at least one exit code (usually 0)");
+        }
+        if patch.timeout_seconds == 0 {
+            push(&mut errors, format!("patches[{i}].timeout_seconds"), "must be at least 1");
+        }
+    }
+    for (i, target) in request.targets.iter().enumerate() {
+        if target.host.trim().is_empty() {
+            push(&mut errors, format!("targets[{i}].host"), "must not be empty");
+        }
+        if !TRANSPORTS.contains(&target.transport.as_str()) {
+            push(
+                &mut errors,
+                format!("targets[{i}].transport"),
+                format!("{:?} is not a transport; use one of {}", target.transport, TRANSPORTS.join(", ")),
+            );
+        }
+        needs_content |= target.transport != "sim";
+        if target.credential_ref.is_some() {
+            push(
+                &mut errors,
+                format!("targets[{i}].credential_ref"),
+                "secret references are no longer accepted from callers: ask an administrator to define a named \
+                 credential ([credentials.<name>] where the workers run, with the hosts it may be used for) and \
+                 name it with `credential: <name>`",
+            );
+        }
+        if let Some(name) = &target.credential {
+            if let Err(message) = policy.check_credential(name) {
+                push(&mut errors, format!("targets[{i}].credential"), message);
+            }
+        }
+        if let Some(wave) = &target.wave {
+            if !wave_names.contains(wave.as_str()) {
+                push(&mut errors, format!("targets[{i}].wave"), format!("no wave is named {wave:?}"));
+            }
+        }
+        if errors.len() > 50 {
+            break;
+        }
+    }
+    if needs_content {
+        for (i, patch) in request.patches.iter().enumerate() {
+            if content::is_sha256(&patch.sha256) && !content::path_of(content_dir, &patch.sha256).exists() {
+                push(
+                    &mut errors,
+                    format!("patches[{i}].sha256"),
+                    format!(
+                        "no installer with this sha256 in the content store; upload it first (PUT /v1/content/{})",
+                        patch.sha256
+                    ),
+                );
+            }
+        }
+    }
+    if !errors.is_empty() {
+        return Err(Problem::invalid(errors));
+    }
+    let waves: Vec<WaveSpec> = if request.waves.is_empty() {
+        vec![WaveSpec { name: "all".into(), size: None, max_failure_percent: 100.0 }]
+    } else {
+        request
+            .waves
+            .iter()
+            .map(|w| WaveSpec { name: w.name.clone(), size: w.size, max_failure_percent: w.max_failure_percent })
+            .collect()
+    };
+    let index_of: BTreeMap<&str, u32> = waves.iter().enumerate().map(|(i, w)| (w.name.as_str(), i as u32)).collect();
+    // Explicitly placed targets count against their wave's size first.
+    let mut filled = vec![0u32; waves.len()];
+    for target in &request.targets {
+        if let Some(wave) = target.wave.as_deref().and_then(|w| index_of.get(w)) {
+            filled[*wave as usize] += 1;
+        }
+    }
+    let mut cursor = 0usize;
+    let default_credential = request.credential;
+    let targets = request
+        .targets
+        .into_iter()
+        .map(|t| {
+            let wave = match t.wave.as_deref().and_then(|w| index_of.get(w)) {
+                Some(wave) => *wave,
+                None => {
+                    while cursor + 1 < waves.len() && waves[cursor].size.is_some_and(|size| filled[cursor] >= size) {
+                        cursor += 1;
+                    }
+                    filled[cursor] += 1;
+                    cursor as u32
+                }
+            };
+            NewTarget {
+                host: t.host,
+                port: t.port,
+                transport: t.transport,
+                labels: t.labels,
+                credential: t.credential.or_else(|| default_credential.clone()),
+                wave,
+            }
+        })
+        .collect();
+    Ok(NewRollout {
+        name: request.name,
+        concurrency: request.concurrency,
+        timeout_seconds: request.timeout_seconds,
+        waves,
+        settings: RolloutSettings {
+            heartbeat_seconds: request.heartbeat_seconds,
+            reboot: request.reboot,
+            max_tries: request.max_tries,
+            keep_files: request.keep_files,
+        },
+        patches: request
+            .patches
+            .into_iter()
+            .map(|p| NewPatch {
+                name: p.name,
+                kb: p.kb,
+                file: p.file,
+                sha256: p.sha256,
+                size: p.size,
+                installer: p.installer,
+                arguments: p.arguments,
+                success_codes: p.success_codes,
+                reboot_codes: p.reboot_codes,
+                timeout_seconds: p.timeout_seconds,
+                detection: p.detection,
+            })
+            .collect(),
+        targets,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(json: serde_json::Value) -> CreateRollout {
+        serde_json::from_value(json).unwrap()
+    }
+
+    fn policy() -> InputPolicy {
+        InputPolicy {
+            max_targets_per_rollout: 5,
+            credential_names: BTreeSet::from(["linux".to_owned(), "windows-admin".to_owned()]),
+            ..InputPolicy::default()
+        }
+    }
+
+    fn check(json: serde_json::Value) -> Result<NewRollout, Problem> {
+        validate(request(json), std::path::Path::new("/nonexistent"), &policy())
+    }
+
+    fn minimal() -> serde_json::Value {
+        serde_json::json!({
+            "name": "r",
+            "patches": [{"name": "KB1", "file": "kb1.msu", "sha256": "a".repeat(64), "installer": "msu"}],
+            "targets": [{"host": "h1"}, {"host": "h2"}, {"host": "h3"}],
+        })
+    }
+
+    #[test]
+    fn targets_fill_waves_in_order_and_by_name() {
+        let mut json = minimal();
+        json["waves"] = serde_json::json!([{"name": "canary", "size": 1}, {"name": "rest"}]);
+        json["targets"][2]["wave"] = serde_json::json!("canary");
+        let rollout = check(json).unwrap();
+        let waves: Vec<u32> = rollout.targets.iter().map(|t| t.wave).collect();
+        assert_eq!(waves, vec![1, 1, 0], "h3 fills the canary, the others go to the rest");
+    }
+
+    #[test]
+    fn every_wrong_field_is_named() {
+        let mut json = minimal();
+        json["targets"][1]["host"] = serde_json::json!("");
+        json["targets"][2]["transport"] = serde_json::json!("telnet");
+        json["targets"][0]["credential_ref"] = serde_json::json!("hunter2");
+        json["targets"][1]["credential"] = serde_json::json!("nobody");
+        json["patches"][0]["sha256"] = serde_json::json!("xyz");
+        let problem = check(json).unwrap_err();
+        let fields: Vec<&str> = problem.errors.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            vec![
+                "patches[0].sha256",
+                "targets[0].credential_ref",
+                "targets[1].host",
+                "targets[1].credential",
+                "targets[2].transport"
+            ]
+        );
+        assert_eq!(problem.status, StatusCode::UNPROCESSABLE_ENTITY);
+    }
+
+    #[test]
+    fn targets_name_defined_credentials_and_never_references() {
+        let mut json = minimal();
+        json["targets"][0]["credential"] = serde_json::json!("linux");
+        let rollout = check(json).unwrap();
+        assert_eq!(rollout.targets[0].credential.as_deref(), Some("linux"));
+        for reference in ["file:/etc/shadow", "env:FLEETPATCH__DATABASE__URL"] {
+            let mut json = minimal();
+            json["targets"][1]["credential_ref"] = serde_json::json!(reference);
+            let problem = check(json).unwrap_err();
+            assert_eq!(problem.errors[0].field, "targets[1].credential_ref");
+            assert!(problem.errors[0].message.contains("ask an administrator to define a named credential"));
+        }
+        let mut json = minimal();
+        json["credential"] = serde_json::json!("windows-admin");
+        json["targets"][0]["credential"] = serde_json::json!("linux");
+        let rollout = check(json).unwrap();
+        let names: Vec<Option<&str>> = rollout.targets.iter().map(|t| t.credential.as_deref()).collect();
+        assert_eq!(names, vec![Some("linux"), Some("windows-admin"), Some("windows-admin")], "the default fills in");
+        let mut json = minimal();
+        json["credential"] = serde_json::json!("hunter2:pa55");
+        let problem = check(json).unwrap_err();
+        assert_eq!(problem.errors[0].field, "credential");
+        assert!(!problem.detail.contains("pa55"), "a non-name is not repeated: {}", problem.detail);
+        let mut json = minimal();
+        json["targets"][2]["credential"] = serde_json::json!("windows");
+        let problem = check(json).unwrap_err();
+        assert_eq!(problem.errors[0].field, "targets[2].credential");
+        assert!(problem.errors[0].message.contains("defined: linux, windows-admin"), "{}", problem.detail);
+    }
+
+    #[test]
+    fn the_rollout_size_limit_names_its_key() {
+        let mut json = minimal();
+        json["targets"] =
+            serde_json::json!((0..6).map(|i| serde_json::json!({"host": format!("h{i}")})).collect::<Vec<_>>());
+        let problem = check(json).unwrap_err();
+        assert_eq!(problem.errors[0].field, "targets");
+        assert!(problem.detail.contains("scheduler.max_targets_per_rollout"), "{}", problem.detail);
+        let mut json = minimal();
+        json["targets"] =
+            serde_json::json!((0..5).map(|i| serde_json::json!({"host": format!("h{i}")})).collect::<Vec<_>>());
+        assert!(check(json).is_ok());
+    }
+
+    #[test]
+    fn nul_characters_are_refused_with_their_field() {
+        let body = br#"{"name":"r","targets":[{"host":"h\u0000x","labels":{"a\u0000":"b"}}]}"#;
+        let errors = nul_fields(body).expect("NUL found");
+        let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(fields, vec!["targets[0].host", "targets[0].labels.a\0"]);
+        assert!(nul_fields(br#"{"name":"r\\u0000"}"#).is_none(), "an escaped backslash is no NUL");
+        assert!(nul_fields(br#"{"name":"plain"}"#).is_none());
+    }
+
+    #[test]
+    fn real_transports_need_their_installers_uploaded() {
+        let mut json = minimal();
+        json["targets"][0]["transport"] = serde_json::json!("ssh");
+        let problem = check(json).unwrap_err();
+        assert!(problem.detail.contains("PUT /v1/content/"), "{}", problem.detail);
+    }
+
+    #[test]
+    fn the_openapi_document_lists_every_route() {
+        let doc: serde_json::Value = serde_json::from_str(OPENAPI).unwrap();
+        let paths = doc["paths"].as_object().unwrap();
+        for path in [
+            "/v1/rollouts",
+            "/v1/rollouts/{id}",
+            "/v1/rollouts/{id}/targets",
+            "/v1/rollouts/{id}/pause",
+            "/v1/rollouts/{id}/resume",
+            "/v1/rollouts/{id}/abort",
+            "/v1/rollouts/{id}/retry-failed",
+            "/v1/targets/{id}",
+            "/v1/content/{sha256}",
+            "/v1/audit",
+            "/v1/dead-letters",
+            "/v1/dead-letters/replay",
+        ] {
+            assert!(paths.contains_key(path), "openapi.json misses {path}");
+        }
+    }
+}
