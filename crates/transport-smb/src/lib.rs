@@ -334,6 +334,30 @@ fn map_error(address: &str, step: &'static str, user: &str, error: fleetpatch_wi
                  LocalAccountTokenFilterPolicy = 1 (UAC remote restrictions)"
             ),
         },
+        E::Win32 { operation, code } if code == Win32Error::ERROR_SERVICE_LOGON_FAILED => Error::PermissionDenied {
+            address,
+            reason: format!(
+                "{operation}: {code}; the agent service's account lacks the 'Log on as a service' right (secpol.msc, \
+                 User Rights Assignment) or its password is wrong; or run the agent as LocalSystem \
+                 (smb.service_account = \"local_system\")"
+            ),
+        },
+        E::Win32 { operation, code } if code == Win32Error::ERROR_SERVICE_MARKED_FOR_DELETE => Error::Remote {
+            address,
+            reason: format!(
+                "{operation}: {code}; an earlier agent service of this deployment goes once every handle to it is \
+                 closed (close the Services console on the target); retried"
+            ),
+            transient: true,
+        },
+        E::Win32 { operation, code } if code == Win32Error::ERROR_SERVICE_EXISTS => Error::Remote {
+            address,
+            reason: format!(
+                "{operation}: {code}; a service of this name is left from an earlier attempt; the cleanup removes \
+                 it and the deployment is retried"
+            ),
+            transient: true,
+        },
         E::RpcFault { interface, opnum, status } if status == RpcFaultStatus::NCA_S_OP_RNG_ERROR => Error::NotSupported {
             address,
             reason: format!(
@@ -864,6 +888,30 @@ mod tests {
             status: NtStatus::STATUS_BAD_NETWORK_NAME,
         };
         assert!(map_error("h:445", "stage", "", no_share).to_string().contains("AutoShareServer"));
+    }
+
+    /// Every error a Windows administrator meets on the service manager,
+    /// fed to the mapping: its name, its fix, and whether it is retried.
+    #[test]
+    fn service_manager_errors_name_their_fix() {
+        let cases = [
+            (Win32Error::ERROR_ACCESS_DENIED, "LocalAccountTokenFilterPolicy", false),
+            (Win32Error::ERROR_SERVICE_LOGON_FAILED, "Log on as a service", false),
+            (Win32Error::ERROR_SERVICE_MARKED_FOR_DELETE, "close the Services console", true),
+            (Win32Error::ERROR_SERVICE_EXISTS, "the cleanup removes it", true),
+        ];
+        for (code, fix, transient) in cases {
+            let error = map_error(
+                "h:445",
+                "start agent",
+                "",
+                fleetpatch_winproto::Error::Win32 { operation: "RStartServiceW", code },
+            );
+            let text = error.to_string();
+            let name = code.name().expect("a named code");
+            assert!(text.contains(name) && text.contains(fix), "{name}: {text}");
+            assert_eq!(error.is_transient(), transient, "{name}: {text}");
+        }
     }
 
     #[test]
