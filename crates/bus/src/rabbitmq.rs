@@ -611,7 +611,10 @@ impl Backend for RabbitBackend {
 
     async fn peek_dead_letters(&self, limit: usize) -> Result<Vec<Wire>> {
         // Taken unacked, then handed back as the channel closes: the
-        // dead-letter queue has no delivery limit, so a look never drops one.
+        // dead-letter queue is declared without a delivery limit, so on
+        // RabbitMQ 3.x a look never drops one. RabbitMQ 4 gives quorum
+        // queues a default limit of 20: there, set a policy with
+        // `delivery-limit: -1` on `<prefix>.dead`.
         self.dead_letters(limit, false).await
     }
 
