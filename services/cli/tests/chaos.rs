@@ -114,6 +114,18 @@ struct Deployment {
     unexpected: Vec<String>,
 }
 
+/// A failed assertion must not leave the services running after the test.
+impl Drop for Deployment {
+    fn drop(&mut self) {
+        for service in self.services.values_mut() {
+            if let Some(mut child) = service.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
 impl Deployment {
     fn service(&mut self, name: &str) -> &mut Service {
         self.services.get_mut(name).expect("a service of this deployment")
