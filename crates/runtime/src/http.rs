@@ -26,7 +26,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::ConnectInfo;
@@ -150,14 +150,17 @@ impl ResolvesServerCert for ReloadingCertificate {
     }
 }
 
-fn modified(path: &Path) -> Option<(SystemTime, u64)> {
-    let meta = std::fs::metadata(path).ok()?;
-    Some((meta.modified().ok()?, meta.len()))
+/// The file's bytes: compared whole, so a replacement is seen whatever its
+/// modification time says (a file copied with its old time, a Kubernetes
+/// Secret's symlink swap, coarse timestamps). Certificates and keys are a
+/// few kilobytes, read once per check.
+fn contents(path: &Path) -> Option<Vec<u8>> {
+    std::fs::read(path).ok()
 }
 
 /// Reloads the certificate when either file changes, until `stop`.
 async fn watch_certificate(tls: TlsOptions, resolver: Arc<ReloadingCertificate>, stop: CancellationToken) {
-    let mut seen = (modified(&tls.cert_file), modified(&tls.key_file));
+    let mut seen = (contents(&tls.cert_file), contents(&tls.key_file));
     let mut tick = tokio::time::interval(Duration::from_secs(tls.reload_check_seconds));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -165,7 +168,7 @@ async fn watch_certificate(tls: TlsOptions, resolver: Arc<ReloadingCertificate>,
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let now = (modified(&tls.cert_file), modified(&tls.key_file));
+        let now = (contents(&tls.cert_file), contents(&tls.key_file));
         if now == seen {
             continue;
         }
