@@ -153,6 +153,15 @@ pub(crate) struct ServiceFigures {
 
 // ---------------------------------------------------------------- the run
 
+/// The collector's CPU µs per report in the batched run, what the MAC's
+/// cost is set against.
+fn batched_collector_micros(f: &Figures) -> Option<f64> {
+    f.collector
+        .as_ref()
+        .and_then(|c| c.batched.cpu.as_ref())
+        .and_then(|cpu| cpu.micros_per_report.get("collector").copied())
+}
+
 pub(crate) fn print_figures(f: &Figures) {
     let opt = |v: Option<f64>, unit: &str| v.map(|v| format!("{v:.1} {unit}")).unwrap_or_else(|| "-".into());
     let peaks = |p: &BTreeMap<String, f64>| p.iter().map(|(k, v)| format!("{k} {v:.0}")).collect::<Vec<_>>().join(", ");
@@ -204,11 +213,7 @@ pub(crate) fn print_figures(f: &Figures) {
         println!("                      {}", c.cpu.summary("request"));
         if let Some(bare) = &f.http_ceiling {
             let mac = c.cpu.machine_micros_per_report - bare.cpu.machine_micros_per_report;
-            let collector = f
-                .collector
-                .as_ref()
-                .and_then(|c| c.batched.cpu.as_ref())
-                .and_then(|cpu| cpu.micros_per_report.get("collector").copied());
+            let collector = batched_collector_micros(f);
             match collector {
                 Some(collector) => println!(
                     "                      MAC checking: {mac:+.1} CPU µs per request = {:.1} % of the collector's CPU per \
@@ -220,11 +225,7 @@ pub(crate) fn print_figures(f: &Figures) {
         }
     }
     if let Some(micros) = f.mac_verify_micros {
-        let collector = f
-            .collector
-            .as_ref()
-            .and_then(|c| c.batched.cpu.as_ref())
-            .and_then(|cpu| cpu.micros_per_report.get("collector").copied());
+        let collector = batched_collector_micros(f);
         match collector {
             Some(collector) => println!(
                 "  MAC verification    {micros:>10.2} CPU µs per request on one thread (header, clock, body hash, MAC) = \

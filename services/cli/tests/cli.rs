@@ -461,6 +461,19 @@ async fn api_keys_come_from_the_database_and_refusals_have_their_own_exit_codes(
     sandbox.stop().await;
 }
 
+/// `dead-letters list -o json` once it counts `total` (or after ~10 s).
+async fn dead_letters_once_there_are(api: &Api, total: u64) -> serde_json::Value {
+    let mut listed = serde_json::Value::Null;
+    for _ in 0..100 {
+        listed = json(&fleetpatch(api, &["dead-letters", "list", "-o", "json"]).await);
+        if listed["total"] == total {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    listed
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letters_are_listed_left_in_place_and_replayed() {
     let sandbox = Sandbox::start(SandboxOptions { workers: 0, ..SandboxOptions::default() }).await;
@@ -476,14 +489,7 @@ async fn dead_letters_are_listed_left_in_place_and_replayed() {
         tokio::time::timeout(Duration::from_secs(10), consumer.next()).await.expect("in time").expect("open");
     delivery.dead_letter().await.expect("dead-letter it");
     consumer.cancel();
-    let mut listed = serde_json::Value::Null;
-    for _ in 0..100 {
-        listed = json(&fleetpatch(&api, &["dead-letters", "list", "-o", "json"]).await);
-        if listed["total"] == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let listed = dead_letters_once_there_are(&api, 1).await;
     assert_eq!(listed["total"], 1, "{listed}");
     assert_eq!(listed["dead_letters"][0]["routing_key"], queue, "{listed}");
     assert_eq!(listed["dead_letters"][0]["reason"], "rejected", "{listed}");
@@ -517,14 +523,7 @@ async fn a_job_that_can_never_succeed_is_dead_lettered_at_once_not_retried() {
     // Not a DeployJob: no retry can help it.
     let garbage = fleetpatch_bus::Outgoing::work(fleetpatch_proto::routing::DEPLOY, vec![0xff; 7]);
     sandbox.queues().publish(vec![garbage]).await.expect("publish");
-    let mut listed = serde_json::Value::Null;
-    for _ in 0..100 {
-        listed = json(&fleetpatch(&api, &["dead-letters", "list", "-o", "json"]).await);
-        if listed["total"] == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let listed = dead_letters_once_there_are(&api, 1).await;
     assert_eq!(listed["total"], 1, "{listed}");
     // Rejected by the worker on its first delivery, not dropped by the
     // broker after `amqp.delivery_limit` requeues.

@@ -74,6 +74,9 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use uuid::Uuid;
 
 pub mod ceiling;
+mod replay;
+
+use replay::{ReplayCache, ReplayVerdict};
 
 /// Collector settings (`[collector]`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -211,48 +214,6 @@ struct KeyEntry {
     signing_key: SigningKey,
     status: AttemptStatus,
     read_at: Instant,
-}
-
-/// The (target, nonce) pairs seen within the clock window.
-struct ReplayCache {
-    seen: HashSet<(Uuid, [u8; 16])>,
-    /// In insertion order with the time (ms) each pair may be forgotten.
-    expiries: VecDeque<(i64, Uuid, [u8; 16])>,
-    capacity: usize,
-}
-
-#[derive(Debug, PartialEq, Eq)]
-enum ReplayVerdict {
-    Fresh,
-    Replayed,
-    Full,
-}
-
-impl ReplayCache {
-    fn new(capacity: usize) -> Self {
-        Self { seen: HashSet::new(), expiries: VecDeque::new(), capacity }
-    }
-
-    /// Records (target, nonce); `forget_at_ms` is when its timestamp leaves
-    /// the clock window, after which a replay is refused as stale anyway.
-    fn check_and_insert(&mut self, target: Uuid, nonce: [u8; 16], forget_at_ms: i64, now_ms: i64) -> ReplayVerdict {
-        while let Some(&(expiry, id, old)) = self.expiries.front() {
-            if expiry >= now_ms {
-                break;
-            }
-            self.expiries.pop_front();
-            self.seen.remove(&(id, old));
-        }
-        if self.seen.contains(&(target, nonce)) {
-            return ReplayVerdict::Replayed;
-        }
-        if self.seen.len() >= self.capacity {
-            return ReplayVerdict::Full;
-        }
-        self.seen.insert((target, nonce));
-        self.expiries.push_back((forget_at_ms, target, nonce));
-        ReplayVerdict::Fresh
-    }
 }
 
 fn now_unix_ms() -> i64 {
@@ -680,8 +641,7 @@ async fn post_reports(
         match state.store.stored_report_count(target_id, attempt, &seqs).await {
             Ok(stored) if !seqs.is_empty() && stored == seqs.len() as u64 => {
                 metrics::counter!("fleetpatch_collector_reports_total", "result" => "duplicate").increment(stored);
-                let ack = v1::ReportAck { accepted: 0, duplicates: stored, highest_seq };
-                return ([(header::CONTENT_TYPE, "application/x-protobuf")], ack.encode_to_vec()).into_response();
+                return ack_response(v1::ReportAck { accepted: 0, duplicates: stored, highest_seq });
             }
             Ok(_) => {}
             Err(_) => {
@@ -751,8 +711,7 @@ async fn post_reports(
             let accepted_as = if key.status == AttemptStatus::AfterTimeout { "after_timeout" } else { "accepted" };
             metrics::counter!("fleetpatch_collector_reports_total", "result" => accepted_as).increment(accepted);
             metrics::counter!("fleetpatch_collector_reports_total", "result" => "duplicate").increment(duplicates);
-            let ack = v1::ReportAck { accepted, duplicates, highest_seq };
-            ([(header::CONTENT_TYPE, "application/x-protobuf")], ack.encode_to_vec()).into_response()
+            ack_response(v1::ReportAck { accepted, duplicates, highest_seq })
         }
         _ => problem(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -762,22 +721,13 @@ async fn post_reports(
     }
 }
 
+fn ack_response(ack: v1::ReportAck) -> Response {
+    ([(header::CONTENT_TYPE, "application/x-protobuf")], ack.encode_to_vec()).into_response()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_replay_cache_refuses_a_nonce_twice_forgets_after_the_window_and_is_bounded() {
-        let mut cache = ReplayCache::new(2);
-        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
-        assert_eq!(cache.check_and_insert(a, [1; 16], 1_000, 0), ReplayVerdict::Fresh);
-        assert_eq!(cache.check_and_insert(a, [1; 16], 1_000, 10), ReplayVerdict::Replayed);
-        assert_eq!(cache.check_and_insert(b, [1; 16], 1_000, 10), ReplayVerdict::Fresh, "per target");
-        assert_eq!(cache.check_and_insert(b, [2; 16], 1_000, 20), ReplayVerdict::Full);
-        // Past the window the pairs are forgotten (a replay is stale by then).
-        assert_eq!(cache.check_and_insert(b, [2; 16], 3_000, 1_001), ReplayVerdict::Fresh);
-        assert_eq!(cache.seen.len(), 1);
-    }
 
     #[test]
     fn the_attempt_status_follows_the_target_state() {
