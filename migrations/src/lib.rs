@@ -12,7 +12,8 @@
 //!   which holds only the rows in those states;
 //! * the watchdog reconciler: `targets (state)` (`last_seen_at` is in no
 //!   index, so the collector's updates of it are HOT updates on PostgreSQL);
-//! * the collector's idempotent insert: unique `agent_events (target_id, attempt, seq)`;
+//! * the collector's idempotent insert: unique `agent_events (target_id, attempt,
+//!   agent_instance, seq)` (migration 7: a second agent run is kept, not deduplicated);
 //! * "which machines still miss KB…": `target_patches (rollout_id, patch_index, state)`;
 //! * an API request's key: unique `api_keys (key_id)`; a rollout's audit trail:
 //!   `audit_log (rollout_id, id)` (migration 4, which also makes `audit_log` append-only).
@@ -25,6 +26,7 @@ mod m20261124_000003_in_flight_index;
 mod m20261202_000001_api_keys_audit;
 mod m20261202_000003_named_credentials;
 mod m20261202_000004_outbox_lease;
+mod m20261203_000001_agent_instance;
 
 pub struct Migrator;
 
@@ -38,6 +40,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261202_000001_api_keys_audit::Migration),
             Box::new(m20261202_000003_named_credentials::Migration),
             Box::new(m20261202_000004_outbox_lease::Migration),
+            Box::new(m20261203_000001_agent_instance::Migration),
         ]
     }
 }

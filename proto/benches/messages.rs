@@ -51,7 +51,7 @@ fn uuid() -> String {
 }
 
 fn report(seq: u64, kind: Kind) -> v1::AgentReport {
-    v1::AgentReport { seq, sent_at_unix_ms: 1_795_000_000_000, kind: Some(kind) }
+    v1::AgentReport { seq, sent_at_unix_ms: 1_795_000_000_000, agent_instance: 0x5eed, kind: Some(kind) }
 }
 
 fn finished(index: u32) -> Kind {

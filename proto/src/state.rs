@@ -5,7 +5,7 @@ use std::fmt;
 use std::str::FromStr;
 
 /// Where one target of a rollout stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TargetState {
     /// Waiting for a free slot in its wave.

@@ -12,6 +12,7 @@ fn heartbeat(seq: u64) -> Vec<u8> {
         reports: vec![v1::AgentReport {
             seq,
             sent_at_unix_ms: 0,
+            agent_instance: 1,
             kind: Some(Kind::Heartbeat(v1::Heartbeat { patch_index: None })),
         }],
     }
@@ -84,8 +85,10 @@ async fn reports_need_the_targets_own_signature_and_a_sane_body() {
     assert!(response.text().await.unwrap().contains("ReportBatch"));
     let empty = v1::ReportBatch { reports: vec![] }.encode_to_vec();
     assert_eq!(post(url(a), Some(a), empty).await.unwrap().status(), 400);
-    let no_kind =
-        v1::ReportBatch { reports: vec![v1::AgentReport { seq: 5, sent_at_unix_ms: 0, kind: None }] }.encode_to_vec();
+    let no_kind = v1::ReportBatch {
+        reports: vec![v1::AgentReport { seq: 5, sent_at_unix_ms: 0, agent_instance: 0, kind: None }],
+    }
+    .encode_to_vec();
     assert_eq!(post(url(a), Some(a), no_kind).await.unwrap().status(), 400);
     // An oversized body: 413.
     let huge = vec![0u8; fleetpatch_proto::limits::MAX_REPORT_BODY_BYTES + 1];

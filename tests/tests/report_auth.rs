@@ -98,7 +98,12 @@ fn batch(reports: Vec<(u64, Kind)>) -> Vec<u8> {
     v1::ReportBatch {
         reports: reports
             .into_iter()
-            .map(|(seq, kind)| v1::AgentReport { seq, sent_at_unix_ms: now_unix_ms(), kind: Some(kind) })
+            .map(|(seq, kind)| v1::AgentReport {
+                seq,
+                sent_at_unix_ms: now_unix_ms(),
+                agent_instance: 7,
+                kind: Some(kind),
+            })
             .collect(),
     }
     .encode_to_vec()

@@ -101,7 +101,7 @@ pub(crate) fn agent_report_list(patches: usize) -> Vec<v1::AgentReport> {
     let mut seq = 0;
     let mut next = |kind| {
         seq += 1;
-        v1::AgentReport { seq, sent_at_unix_ms: fleetpatch_bus::now_unix_ms(), kind: Some(kind) }
+        v1::AgentReport { seq, sent_at_unix_ms: fleetpatch_bus::now_unix_ms(), agent_instance: 1, kind: Some(kind) }
     };
     for index in 0..patches as u32 {
         reports.push(next(Kind::Started(v1::PatchStarted { patch_index: index })));

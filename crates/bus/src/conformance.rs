@@ -68,6 +68,7 @@ macro_rules! bus_conformance_suite {
             dropped_consumer_returns_its_unacked_deliveries,
             requeue_puts_the_message_first_and_counts_the_delivery,
             rejected_messages_are_dead_lettered_and_replayed_to_their_queue,
+            a_replay_whose_publish_fails_leaves_the_dead_letters_in_place,
             delivery_limit_dead_letters_a_message,
             delayed_message_is_not_early_and_bounded_late,
             multi_hop_delay_is_not_early_and_bounded_late,
@@ -389,6 +390,68 @@ pub async fn rejected_messages_are_dead_lettered_and_replayed_to_their_queue(bro
     assert_eq!(text(&delivery), "for beta");
     ack(delivery).await;
     assert_eq!(bus.replay_dead_letters(10).await.expect("replay"), 0, "nothing left to replay");
+}
+
+/// The broker's own backend, except that publishing fails (a broker that
+/// refuses or loses the connection between taking the letters and
+/// publishing them).
+struct PublishFails(Arc<dyn Backend>);
+
+#[async_trait::async_trait]
+impl Backend for PublishFails {
+    async fn publish(&self, _: crate::Route, _: Vec<crate::Wire>) -> crate::Result<()> {
+        Err(crate::Error::Closed)
+    }
+    async fn consume(&self, queue: &str, prefetch: u16) -> crate::Result<crate::BackendConsumer> {
+        self.0.consume(queue, prefetch).await
+    }
+    async fn hold_dead_letters(&self, limit: usize) -> crate::Result<crate::HeldDeadLetters> {
+        self.0.hold_dead_letters(limit).await
+    }
+    async fn queue_depth(&self, queue: &str) -> crate::Result<u64> {
+        self.0.queue_depth(queue).await
+    }
+    fn is_healthy(&self) -> bool {
+        self.0.is_healthy()
+    }
+    async fn close(&self) {
+        self.0.close().await
+    }
+}
+
+/// A replay takes the letters off the dead-letter queue only once they are
+/// published: when the publish fails, every letter is still there, in its
+/// order, and a later replay brings each back once.
+pub async fn a_replay_whose_publish_fails_leaves_the_dead_letters_in_place(broker: &dyn TestBroker) {
+    let bus = connect_bus(broker).await;
+    publish(&bus, vec![message(ALPHA, "one"), message(ALPHA, "two")]).await;
+    let mut consumer = consume(&bus, ALPHA, 1).await;
+    for what in ["one", "two"] {
+        let delivery = expect_next(&mut consumer, what).await;
+        delivery.dead_letter().await.expect("reject");
+    }
+    drop(consumer);
+    wait_for_depth(&bus, crate::DEAD_LETTER_QUEUE, 2).await;
+
+    let failing = Bus::new(Arc::new(PublishFails(broker.connect().await)));
+    let error = failing.replay_dead_letters(10).await.expect_err("the publish fails");
+    assert!(matches!(error, crate::Error::Closed), "{error}");
+    wait_for_depth(&bus, crate::DEAD_LETTER_QUEUE, 2).await;
+    let sizes: Vec<usize> = bus.dead_letters(10).await.expect("look").iter().map(|l| l.bytes).collect();
+    assert_eq!(sizes, vec![3, 3], "both letters are back");
+
+    replay_dead_letters(&bus, 2).await;
+    wait_for_depth(&bus, crate::DEAD_LETTER_QUEUE, 0).await;
+    let mut consumer = consume(&bus, ALPHA, 4).await;
+    let mut texts = Vec::new();
+    for what in ["a replayed letter", "the other replayed letter"] {
+        let delivery = expect_next(&mut consumer, what).await;
+        texts.push(text(&delivery));
+        ack(delivery).await;
+    }
+    texts.sort();
+    assert_eq!(texts, ["one", "two"]);
+    expect_quiet(&mut consumer, "each letter comes back once").await;
 }
 
 /// A message returned more than [`DELIVERY_LIMIT`] times is dead-lettered:

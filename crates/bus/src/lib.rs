@@ -33,6 +33,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+/// The broker's raw rate, for `fleetpatch bench` only (feature `ceiling`).
+#[cfg(feature = "ceiling")]
 pub mod ceiling;
 #[cfg(feature = "test-support")]
 pub mod conformance;
@@ -240,14 +242,42 @@ pub trait Backend: Send + Sync + 'static {
     async fn publish(&self, route: Route, messages: Vec<Wire>) -> Result<()>;
     /// Starts consuming a work queue with at most `prefetch` unacked deliveries.
     async fn consume(&self, queue: &str, prefetch: u16) -> Result<BackendConsumer>;
-    /// Removes up to `limit` dead letters and returns them, oldest first.
-    async fn drain_dead_letters(&self, limit: usize) -> Result<Vec<Wire>>;
-    /// Up to `limit` dead letters, oldest first, left where they are.
-    async fn peek_dead_letters(&self, limit: usize) -> Result<Vec<Wire>>;
+    /// Takes up to `limit` dead letters, oldest first, and holds them: no
+    /// one else sees them until the hold removes them (they were replayed)
+    /// or releases them back into the dead-letter queue (a look, or a replay
+    /// whose publish failed). A hold dropped unsettled releases them.
+    async fn hold_dead_letters(&self, limit: usize) -> Result<HeldDeadLetters>;
     /// Number of messages waiting in a work queue (for metrics and autoscaling).
     async fn queue_depth(&self, queue: &str) -> Result<u64>;
     fn is_healthy(&self) -> bool;
     async fn close(&self);
+}
+
+/// Dead letters taken by [`Backend::hold_dead_letters`], and the hold on
+/// them.
+pub struct HeldDeadLetters {
+    pub letters: Vec<Wire>,
+    pub hold: Box<dyn DeadLetterHold>,
+}
+
+/// How held dead letters leave the hold: removed for good, or released back.
+#[async_trait::async_trait]
+pub trait DeadLetterHold: Send {
+    /// The letters were dealt with (replayed): they leave the dead-letter queue.
+    async fn remove(self: Box<Self>) -> Result<()>;
+    /// The letters go back into the dead-letter queue, unchanged.
+    async fn release(self: Box<Self>);
+}
+
+/// A hold on nothing (no letters were there, or a backend without any).
+pub struct NothingHeld;
+
+#[async_trait::async_trait]
+impl DeadLetterHold for NothingHeld {
+    async fn remove(self: Box<Self>) -> Result<()> {
+        Ok(())
+    }
+    async fn release(self: Box<Self>) {}
 }
 
 /// Deliveries of one consumer, and a way to stop it.
@@ -332,15 +362,22 @@ impl Bus {
     /// them (`GET /v1/dead-letters`, `fleetpatch dead-letters list`); they
     /// stay in the dead-letter queue.
     pub async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>> {
-        Ok(self.backend.peek_dead_letters(limit).await?.into_iter().map(DeadLetter::of).collect())
+        let held = self.backend.hold_dead_letters(limit).await?;
+        held.hold.release().await;
+        Ok(held.letters.into_iter().map(DeadLetter::of).collect())
     }
 
-    /// Moves up to `limit` dead letters back to their work queues.
+    /// Moves up to `limit` dead letters back to their work queues. They
+    /// leave the dead-letter queue only once the broker confirmed their
+    /// publish: a failed publish leaves every one of them where it was. (A
+    /// process killed between the confirm and the removal leaves them in
+    /// both places; jobs are idempotent, so a second replay does no harm.)
     pub async fn replay_dead_letters(&self, limit: usize) -> Result<usize> {
-        let letters = self.backend.drain_dead_letters(limit).await?;
+        let HeldDeadLetters { letters, hold } = self.backend.hold_dead_letters(limit).await?;
         let count = letters.len();
         let messages = letters
-            .into_iter()
+            .iter()
+            .cloned()
             .map(|wire| {
                 let routing_key =
                     wire.headers.get(ROUTING_KEY_HEADER).cloned().unwrap_or_else(|| wire.routing_key.clone());
@@ -356,7 +393,11 @@ impl Bus {
                 }
             })
             .collect();
-        self.publish(messages).await?;
+        if let Err(error) = self.publish(messages).await {
+            hold.release().await;
+            return Err(error);
+        }
+        hold.remove().await?;
         Ok(count)
     }
 
@@ -647,11 +688,8 @@ mod tests {
         async fn consume(&self, queue: &str, prefetch: u16) -> Result<BackendConsumer> {
             self.inner.consume(queue, prefetch).await
         }
-        async fn drain_dead_letters(&self, limit: usize) -> Result<Vec<Wire>> {
-            self.inner.drain_dead_letters(limit).await
-        }
-        async fn peek_dead_letters(&self, limit: usize) -> Result<Vec<Wire>> {
-            self.inner.peek_dead_letters(limit).await
+        async fn hold_dead_letters(&self, limit: usize) -> Result<HeldDeadLetters> {
+            self.inner.hold_dead_letters(limit).await
         }
         async fn queue_depth(&self, queue: &str) -> Result<u64> {
             self.inner.queue_depth(queue).await

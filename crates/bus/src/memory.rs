@@ -297,16 +297,15 @@ impl Backend for MemoryBackend {
         Ok(BackendConsumer { deliveries: receiver, cancel })
     }
 
-    async fn drain_dead_letters(&self, limit: usize) -> Result<Vec<Wire>> {
+    async fn hold_dead_letters(&self, limit: usize) -> Result<crate::HeldDeadLetters> {
         self.ensure_open()?;
-        let mut dead_letters = lock(&self.broker.dead_letters);
-        let count = limit.min(dead_letters.len());
-        Ok(dead_letters.drain(..count).collect())
-    }
-
-    async fn peek_dead_letters(&self, limit: usize) -> Result<Vec<Wire>> {
-        self.ensure_open()?;
-        Ok(lock(&self.broker.dead_letters).iter().take(limit).cloned().collect())
+        let letters: Vec<Wire> = {
+            let mut dead_letters = lock(&self.broker.dead_letters);
+            let count = limit.min(dead_letters.len());
+            dead_letters.drain(..count).collect()
+        };
+        let hold = MemoryHold { queue: self.broker.dead_letters.clone(), letters: Some(letters.clone()) };
+        Ok(crate::HeldDeadLetters { letters, hold: Box::new(hold) })
     }
 
     async fn queue_depth(&self, queue: &str) -> Result<u64> {
@@ -589,6 +588,42 @@ impl WaitQueue {
     }
 }
 
+/// Held dead letters of the in-memory broker: out of the queue while held,
+/// put back at its front (in their order) when released or dropped.
+struct MemoryHold {
+    queue: Arc<Mutex<VecDeque<Wire>>>,
+    letters: Option<Vec<Wire>>,
+}
+
+impl MemoryHold {
+    fn put_back(&mut self) {
+        if let Some(letters) = self.letters.take() {
+            let mut queue = lock(&self.queue);
+            for letter in letters.into_iter().rev() {
+                queue.push_front(letter);
+            }
+        }
+    }
+}
+
+impl Drop for MemoryHold {
+    fn drop(&mut self) {
+        self.put_back();
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::DeadLetterHold for MemoryHold {
+    async fn remove(mut self: Box<Self>) -> Result<()> {
+        self.letters = None;
+        Ok(())
+    }
+
+    async fn release(mut self: Box<Self>) {
+        self.put_back();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
@@ -659,11 +694,14 @@ mod tests {
         backend.publish(Route::Work, vec![wire("jobs", "rejected"), wire("jobs", "retried")]).await.unwrap();
         next(&mut consumer).await.dead_letter().await.unwrap();
         next(&mut consumer).await.requeue().await.unwrap();
-        let letters = backend.drain_dead_letters(10).await.unwrap();
-        let reasons: Vec<_> = letters.iter().map(|l| l.headers[FIRST_DEATH_REASON_HEADER].as_str()).collect();
+        let held = backend.hold_dead_letters(10).await.unwrap();
+        let reasons: Vec<_> = held.letters.iter().map(|l| l.headers[FIRST_DEATH_REASON_HEADER].as_str()).collect();
         assert_eq!(reasons, ["rejected", "delivery_limit"]);
-        assert!(letters.iter().all(|l| l.headers[FIRST_DEATH_QUEUE_HEADER] == "jobs"));
-        assert!(backend.drain_dead_letters(10).await.unwrap().is_empty());
+        assert!(held.letters.iter().all(|l| l.headers[FIRST_DEATH_QUEUE_HEADER] == "jobs"));
+        // Held letters are out of reach; removed, they are gone.
+        assert!(backend.hold_dead_letters(10).await.unwrap().letters.is_empty());
+        held.hold.remove().await.unwrap();
+        assert!(backend.hold_dead_letters(10).await.unwrap().letters.is_empty());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

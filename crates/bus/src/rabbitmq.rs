@@ -408,27 +408,36 @@ impl RabbitBackend {
         }
     }
 
-    /// Up to `limit` dead letters on a channel of their own, removed
-    /// (`remove`) or handed back when the channel closes.
-    async fn dead_letters(&self, limit: usize, remove: bool) -> Result<Vec<Wire>> {
+    /// Up to `limit` dead letters taken unacked on a channel of their own,
+    /// which holds them until they are acknowledged (removed) or the channel
+    /// closes (released back into the queue).
+    async fn take_dead_letters(&self, limit: usize) -> Result<crate::HeldDeadLetters> {
         let link = &self.link;
         let channel = link.connection().await?.create_channel().await.map_err(broker("opening a channel"))?;
         let mut letters = Vec::new();
+        let mut last_tag = None;
         while letters.len() < limit {
-            let got = channel
-                .basic_get(&link.name("dead"), BasicGetOptions { no_ack: remove })
-                .await
-                .map_err(broker("reading the dead-letter queue"))?;
+            let got = match channel.basic_get(&link.name("dead"), BasicGetOptions { no_ack: false }).await {
+                Ok(got) => got,
+                Err(error) => {
+                    let _ = channel.close(200, "failed").await;
+                    return Err(broker("reading the dead-letter queue")(error));
+                }
+            };
             let Some(message) = got else { break };
             let delivery = message.delivery;
+            last_tag = Some(delivery.delivery_tag);
             letters.push(Wire {
                 routing_key: delivery.routing_key.as_str().to_owned(),
                 headers: headers_of(&delivery.properties),
                 payload: delivery.data,
             });
         }
-        let _ = channel.close(200, if remove { "drained" } else { "looked" }).await;
-        Ok(letters)
+        let Some(last_tag) = last_tag else {
+            let _ = channel.close(200, "nothing held").await;
+            return Ok(crate::HeldDeadLetters { letters, hold: Box::new(crate::NothingHeld) });
+        };
+        Ok(crate::HeldDeadLetters { letters, hold: Box::new(RabbitHold { channel: Some(channel), last_tag }) })
     }
 
     /// Deletes every queue and exchange of this prefix (tests, uninstall).
@@ -605,17 +614,13 @@ impl Backend for RabbitBackend {
         Ok(BackendConsumer { deliveries: receiver, cancel })
     }
 
-    async fn drain_dead_letters(&self, limit: usize) -> Result<Vec<Wire>> {
-        self.dead_letters(limit, true).await
-    }
-
-    async fn peek_dead_letters(&self, limit: usize) -> Result<Vec<Wire>> {
-        // Taken unacked, then handed back as the channel closes: the
-        // dead-letter queue is declared without a delivery limit, so on
-        // RabbitMQ 3.x a look never drops one. RabbitMQ 4 gives quorum
-        // queues a default limit of 20: there, set a policy with
-        // `delivery-limit: -1` on `<prefix>.dead`.
-        self.dead_letters(limit, false).await
+    async fn hold_dead_letters(&self, limit: usize) -> Result<crate::HeldDeadLetters> {
+        // Taken unacked, then acknowledged (replayed) or handed back as the
+        // channel closes (a look, a failed replay): the dead-letter queue is
+        // declared without a delivery limit, so on RabbitMQ 3.x a look never
+        // drops one. RabbitMQ 4 gives quorum queues a default limit of 20:
+        // there, set a policy with `delivery-limit: -1` on `<prefix>.dead`.
+        self.take_dead_letters(limit).await
     }
 
     async fn queue_depth(&self, queue: &str) -> Result<u64> {
@@ -687,6 +692,45 @@ async fn forward(
         };
         if sender.send(ours).await.is_err() {
             return Forwarded::Stopped;
+        }
+    }
+}
+
+/// Dead letters held unacked on their own channel.
+struct RabbitHold {
+    channel: Option<Channel>,
+    /// The last delivery tag taken: one `multiple` ack removes them all.
+    last_tag: u64,
+}
+
+#[async_trait::async_trait]
+impl crate::DeadLetterHold for RabbitHold {
+    async fn remove(mut self: Box<Self>) -> Result<()> {
+        let Some(channel) = self.channel.take() else { return Ok(()) };
+        let acked = channel
+            .basic_ack(self.last_tag, BasicAckOptions { multiple: true })
+            .await
+            .map_err(broker("removing replayed dead letters"));
+        // The close is ordered after the ack on the channel.
+        let _ = channel.close(200, "replayed").await;
+        acked
+    }
+
+    async fn release(mut self: Box<Self>) {
+        if let Some(channel) = self.channel.take() {
+            let _ = channel.close(200, "released").await;
+        }
+    }
+}
+
+impl Drop for RabbitHold {
+    fn drop(&mut self) {
+        // Unsettled: close the channel so the broker hands the letters back
+        // now rather than when the connection ends.
+        if let (Some(channel), Ok(runtime)) = (self.channel.take(), tokio::runtime::Handle::try_current()) {
+            runtime.spawn(async move {
+                let _ = channel.close(200, "released").await;
+            });
         }
     }
 }

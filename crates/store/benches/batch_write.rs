@@ -1,4 +1,4 @@
-//! The collector's batch write (`Store::apply_reports`) on PostgreSQL
+//! The collector's batch write (`ReportIntake::apply_reports`) on PostgreSQL
 //! (`FLEETPATCH_TEST_DATABASE_URL`, an admin connection; a private database
 //! is created and dropped) and on SQLite: reports per second and time per
 //! batch for batches of 1, 100 and 1,000 reports, each report stream being
@@ -62,6 +62,7 @@ fn report_stream(targets: &[Target]) -> Vec<IncomingReport> {
             stream.push(IncomingReport {
                 target_id: target.id,
                 attempt: target.attempt,
+                agent_instance: AgentInstance(1),
                 seq: step as u64 + 1,
                 sent_at: Some(chrono::Utc::now()),
                 kind: kinds[step].clone(),
@@ -79,7 +80,7 @@ async fn bench_backend(name: &str, store: &Store, targets: usize) {
         let started = Instant::now();
         for chunk in stream.chunks(batch) {
             let t = Instant::now();
-            let results = store.apply_reports(chunk).await.expect("apply_reports");
+            let results = store.report_intake().apply_reports(chunk).await.expect("apply_reports");
             per_batch.push(t.elapsed().as_secs_f64() * 1_000.0);
             assert!(results.iter().all(|r| *r == ReportResult::Accepted));
         }

@@ -136,6 +136,7 @@ pub mod agent_events {
         pub id: i64,
         pub target_id: Uuid,
         pub attempt: i32,
+        pub agent_instance: i64,
         pub seq: i64,
         pub kind: String,
         pub patch_index: Option<i32>,

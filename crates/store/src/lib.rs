@@ -12,6 +12,7 @@
 //! operations here.
 
 use chrono::{DateTime, Utc};
+use fleetpatch_proto::state::TargetState;
 use fleetpatch_runtime::Clock;
 use sea_orm::{
     ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DatabaseTransaction, DbBackend, DbErr,
@@ -20,6 +21,8 @@ use sea_orm::{
 use sea_orm_migration::MigratorTrait;
 
 pub mod auth;
+/// The database's raw INSERT rates, for `fleetpatch bench` only (feature `ceiling`).
+#[cfg(feature = "ceiling")]
 pub mod ceiling;
 #[cfg(feature = "test-support")]
 pub mod conformance;
@@ -35,8 +38,8 @@ pub mod relay;
 pub use auth::{ActorKind, ApiKey, AuditEntry, AuditQuery, IssuedApiKey, KeyCheck, NewAuditEntry, ParsedApiKey, Role};
 pub use model::*;
 pub use ops::{
-    dispatch_request, watch_message, Claim, DispatchOutcome, FleetGauges, ProbeOutcome, TimeoutPolicy, TokenInfo,
-    WatchOutcome,
+    dispatch_request, watch_message, Claim, DispatchOutcome, FleetGauges, ProbeOutcome, ReportIntake, TimeoutPolicy,
+    TokenInfo, WatchOutcome,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +61,9 @@ pub enum Error {
     Invalid(String),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    /// A move the target state machine does not have; nothing was written.
+    #[error("target {target_id} cannot move from {from} to {to}: not an edge of the state machine")]
+    IllegalTransition { target_id: uuid::Uuid, from: TargetState, to: TargetState },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -220,7 +226,9 @@ impl Store {
         self.db.get_database_backend()
     }
 
-    pub fn connection(&self) -> &DatabaseConnection {
+    /// The raw connection, for the store's own modules only: every SQL
+    /// statement of fleetpatch is issued by this crate.
+    pub(crate) fn connection(&self) -> &DatabaseConnection {
         &self.db
     }
 
@@ -288,6 +296,20 @@ pub async fn drop_sibling_database(options: &StoreOptions, name: &str) -> Result
     admin.db.execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await?;
     admin.close().await;
     Ok(())
+}
+
+/// Whether database `name` exists on the PostgreSQL server of `options`.
+pub async fn sibling_database_exists(options: &StoreOptions, name: &str) -> Result<bool> {
+    check_database_name(name)?;
+    let admin = admin_connect(options).await?;
+    let statement = sea_orm::Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        "SELECT 1 AS found FROM pg_database WHERE datname = $1",
+        [name.into()],
+    );
+    let found = admin.db.query_one(statement).await?.is_some();
+    admin.close().await;
+    Ok(found)
 }
 
 #[cfg(test)]

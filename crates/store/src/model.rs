@@ -202,9 +202,97 @@ pub struct Transition {
     pub detail: Option<String>,
 }
 
+/// The agent process that produced a report: a random number it drew when
+/// it started (0: an agent older than the field). Two instances within one
+/// attempt mean the deployment's agent ran twice (a restart on the host, or
+/// a second start), and each run's reports are kept.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AgentInstance(pub u64);
+
+impl AgentInstance {
+    /// As stored: the same 64 bits in a signed column.
+    pub fn to_column(self) -> i64 {
+        self.0 as i64
+    }
+
+    pub fn from_column(value: i64) -> Self {
+        Self(value as u64)
+    }
+}
+
+impl std::fmt::Display for AgentInstance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+impl std::str::FromStr for AgentInstance {
+    type Err = std::num::ParseIntError;
+
+    fn from_str(raw: &str) -> std::result::Result<Self, Self::Err> {
+        u64::from_str_radix(raw, 16).map(Self)
+    }
+}
+
+/// Sixteen hex digits in JSON (a u64 does not survive JavaScript's numbers).
+impl Serialize for AgentInstance {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+/// Where a page of a target's events ends: its last event's (attempt, seq,
+/// agent instance). Written `attempt.seq.instance` (the instance in hex);
+/// the older `attempt.seq` means "after every event numbered seq".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventCursor {
+    pub attempt: u32,
+    pub seq: u64,
+    pub agent_instance: Option<AgentInstance>,
+}
+
+impl EventCursor {
+    /// The cursor that continues after `event`.
+    pub fn after(event: &AgentEvent) -> Self {
+        Self { attempt: event.attempt, seq: event.seq, agent_instance: Some(event.agent_instance) }
+    }
+}
+
+impl std::fmt::Display for EventCursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.attempt, self.seq)?;
+        if let Some(instance) = self.agent_instance {
+            write!(f, ".{instance}")?;
+        }
+        Ok(())
+    }
+}
+
+/// A text that is not an events cursor.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not an events cursor (attempt.seq.instance); pass the events_next_after of the previous page")]
+pub struct BadEventCursor(pub String);
+
+impl std::str::FromStr for EventCursor {
+    type Err = BadEventCursor;
+
+    fn from_str(raw: &str) -> std::result::Result<Self, Self::Err> {
+        let bad = || BadEventCursor(raw.to_owned());
+        let mut parts = raw.split('.');
+        let attempt = parts.next().and_then(|p| p.parse().ok()).ok_or_else(bad)?;
+        let seq = parts.next().and_then(|p| p.parse().ok()).ok_or_else(bad)?;
+        let agent_instance = parts.next().map(|p| p.parse::<AgentInstance>().map_err(|_| bad())).transpose()?;
+        if parts.next().is_some() {
+            return Err(bad());
+        }
+        Ok(Self { attempt, seq, agent_instance })
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct AgentEvent {
     pub attempt: u32,
+    pub agent_instance: AgentInstance,
     pub seq: u64,
     pub kind: String,
     pub patch_index: Option<u32>,
@@ -242,6 +330,7 @@ pub struct DeployContext {
 pub struct IncomingReport {
     pub target_id: Uuid,
     pub attempt: u32,
+    pub agent_instance: AgentInstance,
     pub seq: u64,
     pub sent_at: Option<DateTime<Utc>>,
     pub kind: ReportKind,

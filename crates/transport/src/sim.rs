@@ -337,6 +337,8 @@ impl crate::Transport for SimTransport {
             signing_key: SigningKey::from_token(&deployment.plan.token),
             plan: deployment.plan.clone(),
             seq: 0,
+            // Never 0 (0 means "an agent older than the field").
+            instance: rand::random::<u64>() | 1,
         };
         fleet.machines.spawn(async move {
             tokio::select! {
@@ -380,6 +382,8 @@ struct SimAgent {
     /// Derived from the plan's token; the token itself is never sent.
     signing_key: SigningKey,
     seq: u64,
+    /// This agent run, stamped on its reports like the real agent's.
+    instance: u64,
 }
 
 impl SimAgent {
@@ -440,7 +444,12 @@ impl SimAgent {
     async fn send(&mut self, kind: Kind) {
         self.seq += 1;
         let batch = v1::ReportBatch {
-            reports: vec![v1::AgentReport { seq: self.seq, sent_at_unix_ms: now_unix_ms(), kind: Some(kind) }],
+            reports: vec![v1::AgentReport {
+                seq: self.seq,
+                sent_at_unix_ms: now_unix_ms(),
+                agent_instance: self.instance,
+                kind: Some(kind),
+            }],
         };
         let body = batch.encode_to_vec();
         let path = format!("/v1/targets/{}/reports", self.plan.target_id);

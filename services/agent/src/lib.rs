@@ -64,6 +64,9 @@ pub enum Error {
     Corrupt { path: PathBuf, reason: String },
     #[error("{0}")]
     Usage(String),
+    /// The operating system gave no random bytes (for the agent instance).
+    #[error("the operating system gave no random bytes: {0}")]
+    Random(String),
 }
 
 impl Error {

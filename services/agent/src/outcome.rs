@@ -72,6 +72,11 @@ impl OutputTail {
         tail_text(&self.bytes)
     }
 
+    /// The bytes kept (at most twice [`MAX_OUTPUT_TAIL_BYTES`]).
+    pub fn into_bytes(self) -> Vec<u8> {
+        self.bytes
+    }
+
     pub fn was_truncated(&self) -> bool {
         self.truncated || self.bytes.len() > MAX_OUTPUT_TAIL_BYTES
     }

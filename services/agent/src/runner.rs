@@ -45,15 +45,37 @@ pub struct PatchResult {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Interrupted;
 
+/// Windows Installer's `ERROR_INSTALL_ALREADY_RUNNING`: another
+/// installation holds the installer. The patch is tried again after a pause
+/// (unless the plan lists the code as a success or reboot code).
+pub const EXIT_CODE_INSTALL_IN_PROGRESS: i32 = 1618;
+
+/// The pauses before the tries that follow a 1618, all within the patch's
+/// own timeout: up to five tries over about seven and a half minutes.
+pub const BUSY_RETRY_PAUSES: [Duration; 4] =
+    [Duration::from_secs(30), Duration::from_secs(60), Duration::from_secs(120), Duration::from_secs(240)];
+
 /// Install one patch. `on_heartbeat` is called every `heartbeat_interval`
-/// while the installer runs; a request on `stop` ends the installer's
-/// process tree and returns [`Interrupted`].
+/// while the installer runs (and while it waits to try again); a request on
+/// `stop` ends the installer's process tree and returns [`Interrupted`].
 pub fn install_patch(
     loaded: &LoadedPlan,
     patch: &PlanPatch,
     heartbeat_interval: Duration,
     on_heartbeat: &mut dyn FnMut(),
     stop: &StopSignal,
+) -> Result<PatchResult, Interrupted> {
+    install_patch_with(loaded, patch, heartbeat_interval, on_heartbeat, stop, &BUSY_RETRY_PAUSES)
+}
+
+/// [`install_patch`] with the pauses after a 1618 given (tests use short ones).
+pub fn install_patch_with(
+    loaded: &LoadedPlan,
+    patch: &PlanPatch,
+    heartbeat_interval: Duration,
+    on_heartbeat: &mut dyn FnMut(),
+    stop: &StopSignal,
+    busy_pauses: &[Duration],
 ) -> Result<PatchResult, Interrupted> {
     let started = Instant::now();
     let not_run = |outcome: PatchOutcome, message: String| {
@@ -95,25 +117,52 @@ pub fn install_patch(
         return not_run(PatchOutcome::Failed, format!("cannot write the script {}: {e}", script_path.display()));
     }
 
-    let mut command = script_command(&script_path);
-    command.current_dir(&loaded.directory).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    let mut tree = match process::spawn(&mut command) {
-        Ok(tree) => tree,
-        Err(e) => {
-            return not_run(PatchOutcome::Failed, format!("cannot start the script {}: {e}", script_path.display()))
+    let deadline = started + Duration::from_secs(u64::from(patch.timeout_seconds));
+    let mut tail = OutputTail::default();
+    let mut tries = 0usize;
+    let waited = loop {
+        tries += 1;
+        let waited = match run_script(loaded, &script_path, deadline, heartbeat_interval, on_heartbeat, stop) {
+            Ok((waited, output)) => {
+                tail.push(&output);
+                waited
+            }
+            Err(e) => {
+                return not_run(PatchOutcome::Failed, format!("cannot start the script {}: {e}", script_path.display()))
+            }
+        };
+        // Another installation holds the Windows Installer: wait and try
+        // again, within the patch's own timeout, unless the plan lists the
+        // code itself.
+        let busy = matches!(waited, Waited::Exited(EXIT_CODE_INSTALL_IN_PROGRESS))
+            && classify_exit_code(patch, EXIT_CODE_INSTALL_IN_PROGRESS) == PatchOutcome::Failed;
+        let Some(pause) = busy_pauses.get(tries - 1).copied().filter(|_| busy) else { break waited };
+        if Instant::now() + pause >= deadline {
+            tail.push(
+                format!(
+                    "\n[fleetpatch-agent] another installation is in progress ({EXIT_CODE_INSTALL_IN_PROGRESS}); \
+                     no time is left within the patch's {} s to try again\n",
+                    patch.timeout_seconds
+                )
+                .as_bytes(),
+            );
+            break waited;
+        }
+        tail.push(
+            format!(
+                "\n[fleetpatch-agent] another installation is in progress ({EXIT_CODE_INSTALL_IN_PROGRESS}); \
+                 trying again in {} s (try {} of at most {})\n",
+                pause.as_secs_f32(),
+                tries + 1,
+                busy_pauses.len() + 1
+            )
+            .as_bytes(),
+        );
+        if pause_with_heartbeats(Instant::now() + pause, heartbeat_interval, on_heartbeat, stop).is_err() {
+            return Err(Interrupted);
         }
     };
 
-    let tail = Arc::new(Mutex::new(OutputTail::default()));
-    let (readers_done, readers) = start_output_readers(&mut tree.child, &tail);
-    let timeout = Duration::from_secs(u64::from(patch.timeout_seconds));
-    let waited = wait_with_heartbeats(&mut tree, started + timeout, heartbeat_interval, on_heartbeat, stop);
-    if matches!(waited, Waited::Exited(_)) {
-        tree.release();
-    }
-    wait_for_readers(&readers_done, readers);
-
-    let mut tail = std::mem::take(&mut *tail.lock().unwrap_or_else(PoisonError::into_inner));
     let (exit_code, outcome) = match waited {
         Waited::Exited(exit_code) => (exit_code, classify_exit_code(patch, exit_code)),
         Waited::TimedOut(exit_code) => {
@@ -133,6 +182,55 @@ pub fn install_patch(
         Waited::Stopped => return Err(Interrupted),
     };
     Ok(PatchResult { exit_code, outcome, output_tail: tail.to_text(), duration: started.elapsed() })
+}
+
+/// Runs the patch's script once, until it exits or `deadline`; returns how
+/// it ended and its output (the last bytes of it).
+fn run_script(
+    loaded: &LoadedPlan,
+    script_path: &Path,
+    deadline: Instant,
+    heartbeat_interval: Duration,
+    on_heartbeat: &mut dyn FnMut(),
+    stop: &StopSignal,
+) -> std::io::Result<(Waited, Vec<u8>)> {
+    let mut command = script_command(script_path);
+    command.current_dir(&loaded.directory).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut tree = process::spawn(&mut command)?;
+    let tail = Arc::new(Mutex::new(OutputTail::default()));
+    let (readers_done, readers) = start_output_readers(&mut tree.child, &tail);
+    let waited = wait_with_heartbeats(&mut tree, deadline, heartbeat_interval, on_heartbeat, stop);
+    if matches!(waited, Waited::Exited(_)) {
+        tree.release();
+    }
+    wait_for_readers(&readers_done, readers);
+    let output = std::mem::take(&mut *tail.lock().unwrap_or_else(PoisonError::into_inner));
+    Ok((waited, output.into_bytes()))
+}
+
+/// Waits until `until` between two tries, with heartbeats; `Err` when a
+/// stop is requested meanwhile.
+fn pause_with_heartbeats(
+    until: Instant,
+    heartbeat_interval: Duration,
+    on_heartbeat: &mut dyn FnMut(),
+    stop: &StopSignal,
+) -> Result<(), Interrupted> {
+    let mut next_heartbeat = Instant::now() + heartbeat_interval;
+    loop {
+        if stop.is_requested() {
+            return Err(Interrupted);
+        }
+        let now = Instant::now();
+        if now >= until {
+            return Ok(());
+        }
+        if now >= next_heartbeat {
+            on_heartbeat();
+            next_heartbeat = now + heartbeat_interval;
+        }
+        std::thread::sleep(POLL_INTERVAL.min(until - now).max(Duration::from_millis(1)));
+    }
 }
 
 /// The interpreter for a patch script on this platform.
@@ -362,6 +460,57 @@ mod tests {
             assert_eq!((result.exit_code, result.outcome), (code, outcome), "{}", result.output_tail);
             assert!(result.output_tail.contains(&format!("code {code}")), "{}", result.output_tail);
         }
+    }
+
+    /// An installer that finds another installation in progress (1618) is
+    /// run again after a pause, with heartbeats while it waits; once the
+    /// other installation is done, the patch's own result counts. Without
+    /// tries left, 1618 is the (failed) result. (Windows only: a Unix exit
+    /// status keeps 8 bits, so no installer there can say 1618; this runs
+    /// under Wine in CI.)
+    #[cfg(windows)]
+    #[test]
+    fn another_installation_in_progress_is_waited_for_and_tried_again() {
+        let directory = tempfile::tempdir().unwrap();
+        let mark = |n: u32| directory.path().join(format!("busy-{n}"));
+        // Busy twice (each try leaves a mark), then installed.
+        let body = format!(
+            "@echo off\r\n\
+             if not exist \"{0}\" (echo.>\"{0}\" & echo busy 1 & exit /b 1618)\r\n\
+             if not exist \"{1}\" (echo.>\"{1}\" & echo busy 2 & exit /b 1618)\r\n\
+             echo installed\r\nexit /b 0\r\n",
+            mark(1).display(),
+            mark(2).display()
+        );
+        let loaded = staged_script(directory.path(), "busy.bat", &body);
+        let patch = &loaded.plan.patches[0];
+        let mut heartbeats = 0;
+        let pauses = [Duration::from_millis(300); 4];
+        let result = install_patch_with(
+            &loaded,
+            patch,
+            Duration::from_millis(100),
+            &mut || heartbeats += 1,
+            &StopSignal::never(),
+            &pauses,
+        )
+        .unwrap();
+        assert_eq!((result.exit_code, result.outcome), (0, PatchOutcome::Installed), "{}", result.output_tail);
+        for text in
+            ["busy 1", "busy 2", "installed", "another installation is in progress (1618)", "(try 3 of at most 5)"]
+        {
+            assert!(result.output_tail.contains(text), "{text:?} missing from {}", result.output_tail);
+        }
+        assert!(heartbeats >= 2, "heartbeats went on while waiting: {heartbeats}");
+
+        // One pause only: two busy tries, and the second 1618 is the result.
+        std::fs::remove_file(mark(1)).unwrap();
+        std::fs::remove_file(mark(2)).unwrap();
+        let result =
+            install_patch_with(&loaded, patch, Duration::from_secs(30), &mut || {}, &StopSignal::never(), &pauses[..1])
+                .unwrap();
+        assert_eq!((result.exit_code, result.outcome), (1618, PatchOutcome::Failed), "{}", result.output_tail);
+        assert!(mark(2).exists() && !result.output_tail.contains("installed"), "{}", result.output_tail);
     }
 
     #[test]

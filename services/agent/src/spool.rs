@@ -70,6 +70,10 @@ pub struct Spool {
     file: Option<File>,
     pending: VecDeque<AgentReport>,
     state: SpoolState,
+    /// This agent process: stamped on every report it appends (reports an
+    /// earlier process left in the spool keep their own), so the collector
+    /// tells a second run of the deployment from a resent report.
+    instance: u64,
 }
 
 fn now_unix_ms() -> i64 {
@@ -79,6 +83,19 @@ fn now_unix_ms() -> i64 {
 fn io_error(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Error {
     let path = path.to_path_buf();
     move |source| Error::Io { action, path, source }
+}
+
+/// A random, non-zero agent instance (0 means "an agent older than the
+/// field" to the collector).
+fn draw_instance() -> Result<u64, Error> {
+    loop {
+        let mut bytes = [0u8; 8];
+        getrandom::fill(&mut bytes).map_err(|e| Error::Random(e.to_string()))?;
+        let instance = u64::from_le_bytes(bytes);
+        if instance != 0 {
+            return Ok(instance);
+        }
+    }
 }
 
 /// Size of one report inside a `ReportBatch` (field tag, length, message).
@@ -141,7 +158,8 @@ impl Spool {
             }
             pending.push_back(report);
         }
-        let mut spool = Self { path: path.to_path_buf(), state_path, file: None, pending, state };
+        let instance = draw_instance()?;
+        let mut spool = Self { path: path.to_path_buf(), state_path, file: None, pending, state, instance };
         if good_length < bytes.len() {
             warn!(
                 "dropping a torn record at the end of the spool",
@@ -168,11 +186,21 @@ impl Spool {
         &self.path
     }
 
+    /// The number this agent process stamps on its reports.
+    pub fn instance(&self) -> u64 {
+        self.instance
+    }
+
     /// Number the report, stamp it, and make it durable. A disk error is
     /// logged and the report kept in memory: reporting must go on.
     pub fn append(&mut self, kind: Kind) -> u64 {
         self.state.last_seq += 1;
-        let report = AgentReport { seq: self.state.last_seq, sent_at_unix_ms: now_unix_ms(), kind: Some(kind) };
+        let report = AgentReport {
+            seq: self.state.last_seq,
+            sent_at_unix_ms: now_unix_ms(),
+            agent_instance: self.instance,
+            kind: Some(kind),
+        };
         let progress_changed = match &report.kind {
             Some(Kind::Finished(finished)) => {
                 self.state.finished.insert(
@@ -355,6 +383,23 @@ mod tests {
         let seqs: Vec<u64> = spool.pending().iter().map(|r| r.seq).collect();
         assert_eq!(seqs, [1, 2, 3]);
         assert_eq!(spool.state().last_seq, 3);
+    }
+
+    #[test]
+    fn each_process_stamps_its_own_instance_and_resent_reports_keep_theirs() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("spool.bin");
+        let mut first = Spool::open(&path, "fp-1").unwrap();
+        assert_ne!(first.instance(), 0, "0 is reserved for agents older than the field");
+        first.append(started(0));
+        let first_instance = first.instance();
+        drop(first);
+
+        let mut second = Spool::open(&path, "fp-1").unwrap();
+        assert_ne!(second.instance(), first_instance, "a restarted agent is another run");
+        second.append(started(1));
+        let stamped: Vec<(u64, u64)> = second.pending().iter().map(|r| (r.seq, r.agent_instance)).collect();
+        assert_eq!(stamped, [(1, first_instance), (2, second.instance())]);
     }
 
     #[test]

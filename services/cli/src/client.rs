@@ -220,6 +220,10 @@ pub struct TransitionView {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct AgentEventView {
     pub attempt: u32,
+    /// The agent process that sent it (hex; "0000000000000000" for an agent
+    /// older than the field).
+    #[serde(default)]
+    pub agent_instance: String,
     pub seq: u64,
     pub kind: String,
     #[serde(default)]

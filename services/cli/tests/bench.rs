@@ -95,20 +95,11 @@ fn a_small_bench_runs_every_phase_and_removes_its_database() {
     let database = figures["database"].as_str().expect("the bench names its database");
     assert!(database.starts_with("fleetpatch_bench_"), "{database}");
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let exists = runtime.block_on(async {
-        let store = fleetpatch_store::Store::connect(&fleetpatch_store::StoreOptions {
-            url: admin_database_url(),
-            max_connections: 1,
-        })
-        .await
-        .expect("the test database");
-        use sea_orm::ConnectionTrait;
-        let statement = sea_orm::Statement::from_sql_and_values(
-            sea_orm::DbBackend::Postgres,
-            "SELECT 1 AS found FROM pg_database WHERE datname = $1",
-            [database.into()],
-        );
-        store.connection().query_one(statement).await.expect("query pg_database").is_some()
-    });
+    let exists = runtime
+        .block_on(fleetpatch_store::sibling_database_exists(
+            &fleetpatch_store::StoreOptions { url: admin_database_url(), max_connections: 1 },
+            database,
+        ))
+        .expect("query pg_database");
     assert!(!exists, "the bench database {database} was left behind");
 }

@@ -182,6 +182,7 @@ mod tests {
         let report = |seq| v1::AgentReport {
             seq,
             sent_at_unix_ms: 1,
+            agent_instance: 1,
             kind: Some(v1::agent_report::Kind::Heartbeat(v1::Heartbeat { patch_index: None })),
         };
         let batch = v1::ReportBatch { reports: vec![report(4), report(9), report(7)] }.encode_to_vec();
@@ -207,6 +208,7 @@ mod tests {
             reports: vec![v1::AgentReport {
                 seq: 1,
                 sent_at_unix_ms: 1,
+                agent_instance: 1,
                 kind: Some(v1::agent_report::Kind::Heartbeat(v1::Heartbeat { patch_index: None })),
             }],
         }

@@ -67,12 +67,17 @@ use fleetpatch_proto::Message;
 use fleetpatch_runtime::http::ServerOptions;
 use fleetpatch_runtime::tokens::TokenKey;
 use fleetpatch_runtime::{Health, Shutdown};
-use fleetpatch_store::{IncomingReport, PatchOutcomeKind, ReportKind, ReportResult, Store, TokenInfo};
+use fleetpatch_store::{
+    AgentInstance, IncomingReport, PatchOutcomeKind, ReportIntake, ReportKind, ReportResult, Store, TokenInfo,
+};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot, Notify};
 use uuid::Uuid;
 
+/// The bare HTTP server of the collector's route, for `fleetpatch bench` only
+/// (feature `ceiling`).
+#[cfg(feature = "ceiling")]
 pub mod ceiling;
 mod replay;
 
@@ -170,7 +175,7 @@ type Pending = (Vec<IncomingReport>, oneshot::Sender<Result<Vec<ReportResult>, S
 
 #[derive(Clone)]
 struct AppState {
-    store: Store,
+    intake: ReportIntake,
     batches: mpsc::Sender<Pending>,
     keys: Arc<Mutex<HashMap<Uuid, KeyEntry>>>,
     token_key: TokenKey,
@@ -261,12 +266,12 @@ pub async fn start(
     ));
     let receiver = Arc::new(tokio::sync::Mutex::new(receiver));
     let batchers: Vec<_> = (0..options.writers.max(1))
-        .map(|_| tokio::spawn(run_batcher(store.clone(), receiver.clone(), options.clone(), nudge.clone())))
+        .map(|_| tokio::spawn(run_batcher(store.report_intake(), receiver.clone(), options.clone(), nudge.clone())))
         .collect();
     health.add_check("database", store.readiness_check());
     health.add_check("bus", bus.readiness_check());
     let state = AppState {
-        store,
+        intake: store.report_intake(),
         batches: sender,
         keys: Arc::default(),
         token_key,
@@ -306,7 +311,7 @@ pub async fn start(
 /// or what arrives within `batch_wait_ms` of the first), then writes them in
 /// one transaction while another writer collects the next batch.
 async fn run_batcher(
-    store: Store,
+    intake: ReportIntake,
     receiver: Arc<tokio::sync::Mutex<mpsc::Receiver<Pending>>>,
     options: CollectorOptions,
     nudge: Arc<Notify>,
@@ -335,13 +340,13 @@ async fn run_batcher(
         // Concurrent writers can deadlock on the same rows (an agent retrying
         // while its first request is still being written); the batch is
         // idempotent, so it is tried again before the agents are told to retry.
-        let mut result = store.apply_reports(&reports).await;
+        let mut result = intake.apply_reports(&reports).await;
         for pause in [10, 50] {
             if result.is_ok() {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(pause)).await;
-            result = store.apply_reports(&reports).await;
+            result = intake.apply_reports(&reports).await;
         }
         metrics::histogram!("fleetpatch_collector_batch_write_seconds").record(started.elapsed().as_secs_f64());
         metrics::histogram!("fleetpatch_collector_batch_reports").record(reports.len() as f64);
@@ -421,12 +426,12 @@ impl AppState {
                 "the collector's database is unavailable; retry",
             )
         };
-        let Some(info) = self.store.token_info(target).await.map_err(unavailable)? else {
+        let Some(info) = self.intake.token_info(target).await.map_err(unavailable)? else {
             self.keys.lock().expect("key cache lock").remove(&target);
             return Ok(None);
         };
         let final_reported = if info.state == TargetState::TimedOut {
-            self.store.final_reported(target, info.attempt).await.map_err(unavailable)?
+            self.intake.final_reported(target, info.attempt).await.map_err(unavailable)?
         } else {
             false
         };
@@ -533,7 +538,14 @@ fn convert(target_id: Uuid, attempt: u32, index: usize, report: v1::AgentReport)
         },
     };
     let sent_at = Utc.timestamp_millis_opt(report.sent_at_unix_ms).single();
-    Ok(IncomingReport { target_id, attempt, seq: report.seq, sent_at, kind })
+    Ok(IncomingReport {
+        target_id,
+        attempt,
+        agent_instance: AgentInstance(report.agent_instance),
+        seq: report.seq,
+        sent_at,
+        kind,
+    })
 }
 
 async fn post_reports(
@@ -636,10 +648,11 @@ async fn post_reports(
         // stored them was lost: a restart, a network cut) is acknowledged as
         // duplicates, as it would have been before the final result; only
         // new reports are late.
-        let seqs: Vec<u64> = batch.reports.iter().map(|r| r.seq).collect();
-        let highest_seq = seqs.iter().copied().max().unwrap_or(0);
-        match state.store.stored_report_count(target_id, attempt, &seqs).await {
-            Ok(stored) if !seqs.is_empty() && stored == seqs.len() as u64 => {
+        let keys: Vec<(AgentInstance, u64)> =
+            batch.reports.iter().map(|r| (AgentInstance(r.agent_instance), r.seq)).collect();
+        let highest_seq = keys.iter().map(|(_, seq)| *seq).max().unwrap_or(0);
+        match state.intake.stored_report_count(target_id, attempt, &keys).await {
+            Ok(stored) if !keys.is_empty() && stored == keys.len() as u64 => {
                 metrics::counter!("fleetpatch_collector_reports_total", "result" => "duplicate").increment(stored);
                 return ack_response(v1::ReportAck { accepted: 0, duplicates: stored, highest_seq });
             }
@@ -756,9 +769,11 @@ mod tests {
     #[test]
     fn reports_without_a_kind_or_seq_are_refused_by_name() {
         let id = Uuid::new_v4();
-        let err = convert(id, 1, 3, v1::AgentReport { seq: 0, sent_at_unix_ms: 0, kind: None }).unwrap_err();
+        let err = convert(id, 1, 3, v1::AgentReport { seq: 0, sent_at_unix_ms: 0, agent_instance: 0, kind: None })
+            .unwrap_err();
         assert!(err.contains("reports[3].seq"), "{err}");
-        let err = convert(id, 1, 0, v1::AgentReport { seq: 1, sent_at_unix_ms: 0, kind: None }).unwrap_err();
+        let err = convert(id, 1, 0, v1::AgentReport { seq: 1, sent_at_unix_ms: 0, agent_instance: 0, kind: None })
+            .unwrap_err();
         assert!(err.contains("no kind"), "{err}");
     }
 }

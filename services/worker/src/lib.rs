@@ -170,9 +170,12 @@ impl From<fleetpatch_store::Error> for JobError {
     fn from(error: fleetpatch_store::Error) -> Self {
         use fleetpatch_store::Error as E;
         match error {
-            E::NotFound { .. } | E::Invalid(_) | E::Corrupt(_) | E::NotMigrated { .. } => {
-                JobError::Permanent(error.to_string())
-            }
+            // An illegal move is a bug, not a passing condition: retrying repeats it.
+            E::NotFound { .. }
+            | E::Invalid(_)
+            | E::Corrupt(_)
+            | E::NotMigrated { .. }
+            | E::IllegalTransition { .. } => JobError::Permanent(error.to_string()),
             E::Connect { .. } | E::Db(_) | E::Conflict(_) => JobError::Transient(error.to_string()),
         }
     }

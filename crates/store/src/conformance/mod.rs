@@ -60,6 +60,7 @@ macro_rules! store_conformance_suite {
             worker_steps_are_guarded_and_recorded_in_the_history,
             running_arms_the_watchdog_due_at_the_timeout,
             reports_are_idempotent_by_target_attempt_and_seq,
+            a_second_agent_run_is_stored_as_such_not_as_duplicates,
             reports_record_patch_results_and_the_final_result,
             reports_of_an_old_attempt_change_no_patch,
             final_results_in_one_batch_count_once_per_target_and_rollout,
@@ -82,6 +83,7 @@ macro_rules! store_conformance_suite {
             expired_and_revoked_api_keys_are_refused,
             the_audit_log_pages_filters_and_refuses_rewrites,
             relay_claims_rows_with_a_lease_and_holds_no_transaction_while_publishing,
+            every_recorded_move_is_an_edge_of_the_state_machine,
         );
     };
     (@tests $make:path; $($test:ident),* $(,)?) => {
@@ -209,8 +211,19 @@ async fn bring_to_running(store: &Store, target: &Target) -> DeployContext {
     DeployContext { target: store.target(target.id).await.expect("target"), ..context }
 }
 
+/// The agent process the conformance reports come from (unless a test
+/// means another run).
+const FIRST_RUN: AgentInstance = AgentInstance(0xa11ce);
+
 fn report(target: &Target, seq: u64, kind: ReportKind) -> IncomingReport {
-    IncomingReport { target_id: target.id, attempt: target.attempt, seq, sent_at: Some(chrono::Utc::now()), kind }
+    IncomingReport {
+        target_id: target.id,
+        attempt: target.attempt,
+        agent_instance: FIRST_RUN,
+        seq,
+        sent_at: Some(chrono::Utc::now()),
+        kind,
+    }
 }
 
 fn finished(patch_index: u32, exit_code: i32, outcome: PatchOutcomeKind, tail: &str) -> ReportKind {
@@ -255,6 +268,7 @@ fn pair(from: TargetState, to: TargetState) -> (String, String) {
 }
 
 mod auth;
+mod properties;
 mod recovery;
 mod reports;
 mod rollouts;
@@ -262,6 +276,7 @@ mod watchdog;
 mod worker;
 
 pub use auth::*;
+pub use properties::*;
 pub use recovery::*;
 pub use reports::*;
 pub use rollouts::*;

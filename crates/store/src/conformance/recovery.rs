@@ -107,10 +107,14 @@ pub async fn token_info_names_the_attempt(db: &dyn TestDatabase) {
     let store = db.store();
     let id = create(store, Spec::new(1, 1, 1)).await;
     let target = all_targets(store, id).await.remove(0);
-    assert_eq!(store.token_info(target.id).await.expect("token info"), None, "no token before the probe");
+    assert_eq!(
+        store.report_intake().token_info(target.id).await.expect("token info"),
+        None,
+        "no token before the probe"
+    );
     store.dispatch(id).await.expect("dispatch");
     bring_to_running(store, &target).await;
-    let info = store.token_info(target.id).await.expect("token info").expect("a token after the probe");
+    let info = store.report_intake().token_info(target.id).await.expect("token info").expect("a token after the probe");
     let nonce = store.target(target.id).await.expect("target").token_nonce.expect("a nonce after the claim");
     assert_eq!(
         info,
@@ -122,7 +126,7 @@ pub async fn token_info_names_the_attempt(db: &dyn TestDatabase) {
             state: TargetState::Running
         }
     );
-    assert_eq!(store.token_info(Uuid::new_v4()).await.expect("token info"), None);
+    assert_eq!(store.report_intake().token_info(Uuid::new_v4()).await.expect("token info"), None);
 }
 
 pub async fn relay_publishes_in_commit_order_and_empties_the_outbox(db: &dyn TestDatabase) {
@@ -163,11 +167,8 @@ impl fleetpatch_bus::Backend for HangingBroker {
     async fn consume(&self, _: &str, _: u16) -> fleetpatch_bus::Result<fleetpatch_bus::BackendConsumer> {
         Err(fleetpatch_bus::Error::Closed)
     }
-    async fn drain_dead_letters(&self, _: usize) -> fleetpatch_bus::Result<Vec<fleetpatch_bus::Wire>> {
-        Ok(vec![])
-    }
-    async fn peek_dead_letters(&self, _: usize) -> fleetpatch_bus::Result<Vec<fleetpatch_bus::Wire>> {
-        Ok(vec![])
+    async fn hold_dead_letters(&self, _: usize) -> fleetpatch_bus::Result<fleetpatch_bus::HeldDeadLetters> {
+        Ok(fleetpatch_bus::HeldDeadLetters { letters: vec![], hold: Box::new(fleetpatch_bus::NothingHeld) })
     }
     async fn queue_depth(&self, _: &str) -> fleetpatch_bus::Result<u64> {
         Ok(0)

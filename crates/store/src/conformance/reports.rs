@@ -22,12 +22,15 @@ pub async fn reports_are_idempotent_by_target_attempt_and_seq(db: &dyn TestDatab
         report(&b, 1, ReportKind::Started { patch_index: 0 }),
     ];
     assert_eq!(
-        store.apply_reports(&batch).await.expect("apply"),
+        store.report_intake().apply_reports(&batch).await.expect("apply"),
         vec![ReportResult::Accepted, ReportResult::Accepted, ReportResult::Duplicate, ReportResult::Accepted]
     );
     // Replayed later (an agent's spool): all duplicates, nothing recorded twice.
-    assert_eq!(store.apply_reports(&batch[..2]).await.expect("apply"), vec![ReportResult::Duplicate; 2]);
-    assert!(store.apply_reports(&[]).await.expect("empty").is_empty());
+    assert_eq!(
+        store.report_intake().apply_reports(&batch[..2]).await.expect("apply"),
+        vec![ReportResult::Duplicate; 2]
+    );
+    assert!(store.report_intake().apply_reports(&[]).await.expect("empty").is_empty());
     let events = store.agent_events(a.id).await.expect("events");
     assert_eq!(
         events.iter().map(|e| (e.seq, e.kind.as_str())).collect::<Vec<_>>(),
@@ -35,13 +38,67 @@ pub async fn reports_are_idempotent_by_target_attempt_and_seq(db: &dyn TestDatab
     );
     assert_eq!(events[0].patch_index, Some(0));
     assert_eq!(store.agent_events(b.id).await.expect("events").len(), 1);
-    // Pages follow (attempt, seq): the first page, then after its last event.
+    // Pages follow (attempt, seq, instance): the first page, then after its last event.
     let first = store.agent_events_page(a.id, None, 1).await.expect("page");
     assert_eq!(first.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![1]);
-    let next = store.agent_events_page(a.id, Some((first[0].attempt, first[0].seq)), 10).await.expect("page");
+    let next = store.agent_events_page(a.id, Some(EventCursor::after(&first[0])), 10).await.expect("page");
     assert_eq!(next.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![2]);
-    let later_attempt = store.agent_events_page(a.id, Some((first[0].attempt + 1, 0)), 10).await.expect("page");
+    let cursor = EventCursor { attempt: first[0].attempt + 1, seq: 0, agent_instance: None };
+    let later_attempt = store.agent_events_page(a.id, Some(cursor), 10).await.expect("page");
     assert!(later_attempt.is_empty());
+}
+
+/// A second agent process of the same attempt numbers its reports from 1
+/// again: its reports are stored as its own (never taken for duplicates of
+/// the first run's), a resent report of either run stays a duplicate, and
+/// the events and their pages tell the runs apart.
+pub async fn a_second_agent_run_is_stored_as_such_not_as_duplicates(db: &dyn TestDatabase) {
+    let store = db.store();
+    let (a, _) = two_running_targets(store).await;
+    let second = AgentInstance(0xb0b0b0);
+    let again = |r: IncomingReport| IncomingReport { agent_instance: second, ..r };
+    let first_run = [
+        report(&a, 1, ReportKind::Started { patch_index: 0 }),
+        report(&a, 2, ReportKind::Heartbeat { patch_index: Some(0) }),
+    ];
+    assert_eq!(store.report_intake().apply_reports(&first_run).await.expect("apply"), vec![ReportResult::Accepted; 2]);
+    let second_run = [
+        again(report(&a, 1, ReportKind::Started { patch_index: 0 })),
+        again(report(&a, 2, ReportKind::Heartbeat { patch_index: Some(0) })),
+    ];
+    assert_eq!(
+        store.report_intake().apply_reports(&second_run).await.expect("apply"),
+        vec![ReportResult::Accepted; 2],
+        "the second run's seq 1 and 2 are not the first run's"
+    );
+    // Both runs resend (spool replay): duplicates, nothing stored twice.
+    let resent: Vec<IncomingReport> = first_run.iter().chain(&second_run).cloned().collect();
+    assert_eq!(store.report_intake().apply_reports(&resent).await.expect("apply"), vec![ReportResult::Duplicate; 4]);
+    let keys = [(FIRST_RUN, 1), (second, 1), (second, 2), (AgentInstance(0xdead), 2)];
+    assert_eq!(store.report_intake().stored_report_count(a.id, a.attempt, &keys).await.expect("count"), 3);
+
+    let events = store.agent_events(a.id).await.expect("events");
+    assert_eq!(
+        events.iter().map(|e| (e.seq, e.agent_instance, e.kind.as_str())).collect::<Vec<_>>(),
+        vec![(1, FIRST_RUN, "started"), (1, second, "started"), (2, FIRST_RUN, "heartbeat"), (2, second, "heartbeat")]
+    );
+    // Paging one event at a time walks all four, none skipped or repeated.
+    let mut walked = Vec::new();
+    let mut after = None;
+    loop {
+        let page = store.agent_events_page(a.id, after, 1).await.expect("page");
+        let Some(last) = page.last() else { break };
+        walked.push((last.seq, last.agent_instance));
+        after = Some(EventCursor::after(last));
+    }
+    assert_eq!(walked, events.iter().map(|e| (e.seq, e.agent_instance)).collect::<Vec<_>>());
+    // The older two-part cursor skips every event at its seq.
+    let old = EventCursor { attempt: a.attempt, seq: 1, agent_instance: None };
+    assert_eq!(store.agent_events_page(a.id, Some(old), 10).await.expect("page").len(), 2);
+    // The cursor's text form round-trips; a malformed one is refused by name.
+    let cursor = EventCursor::after(&events[1]);
+    assert_eq!(cursor.to_string().parse::<EventCursor>().expect("parse"), cursor);
+    assert!("1.x".parse::<EventCursor>().unwrap_err().to_string().contains("\"1.x\" is not an events cursor"));
 }
 
 pub async fn reports_record_patch_results_and_the_final_result(db: &dyn TestDatabase) {
@@ -54,6 +111,7 @@ pub async fn reports_record_patch_results_and_the_final_result(db: &dyn TestData
     let bad = bring_to_running(store, &targets[1]).await.target;
     drain_outbox(store).await;
     store
+        .report_intake()
         .apply_reports(&[
             report(&ok, 1, ReportKind::Started { patch_index: 0 }),
             report(&ok, 2, finished(0, 0, PatchOutcomeKind::Installed, "ok")),
@@ -101,7 +159,7 @@ pub async fn reports_record_patch_results_and_the_final_result(db: &dyn TestData
     assert_eq!((count(&keys, routing::DISPATCH), count(&keys, routing::CLEANUP)), (1, 2), "{keys:?}");
     assert_eq!((count(&keys, "target.succeeded"), count(&keys, "target.failed")), (1, 1), "{keys:?}");
     // A late final for a finished target changes nothing.
-    store.apply_reports(&[report(&ok, 7, final_report(false))]).await.expect("apply");
+    store.report_intake().apply_reports(&[report(&ok, 7, final_report(false))]).await.expect("apply");
     assert_eq!(store.target(ok.id).await.expect("target").state, TargetState::Succeeded);
 }
 
@@ -117,6 +175,7 @@ pub async fn reports_of_an_old_attempt_change_no_patch(db: &dyn TestDatabase) {
     assert_eq!(second.attempt, 2);
     // The first attempt's agent is still alive somewhere and reports.
     store
+        .report_intake()
         .apply_reports(&[
             report(&first, 1, finished(0, 0, PatchOutcomeKind::Installed, "")),
             report(&first, 2, final_report(true)),
@@ -144,6 +203,7 @@ pub async fn final_results_in_one_batch_count_once_per_target_and_rollout(db: &d
     drain_outbox(store).await;
     let old_attempt = Target { attempt: 0, ..running[2].clone() };
     store
+        .report_intake()
         .apply_reports(&[
             // Two different final results for one target: the first counts.
             report(&running[0], 1, final_report(false)),
@@ -181,6 +241,7 @@ pub async fn patch_reports_in_one_batch_keep_the_first_result_and_every_column(d
     let (a, b) = two_running_targets(store).await;
     let untimed = IncomingReport { sent_at: None, ..report(&a, 3, ReportKind::Heartbeat { patch_index: None }) };
     let results = store
+        .report_intake()
         .apply_reports(&[
             // Two results for one patch in one batch: the first counts.
             report(&a, 1, finished(0, 0, PatchOutcomeKind::Installed, "first")),
@@ -226,6 +287,7 @@ pub async fn patch_reports_in_one_batch_keep_the_first_result_and_every_column(d
     assert!(store.fail_target(&b, "operator gave up", false).await.expect("fail"));
     let before = store.target_patches(b.id).await.expect("patches");
     store
+        .report_intake()
         .apply_reports(&[
             report(&b, 2, finished(0, 0, PatchOutcomeKind::Installed, "late")),
             report(&b, 3, ReportKind::Started { patch_index: 1 }),
@@ -244,10 +306,18 @@ pub async fn every_fresh_report_moves_the_deadline(db: &dyn TestDatabase) {
     assert_eq!(target.last_seen_at, Some(manual.now()), "running counts as seen");
     // The last-seen time is when the report was received, by the store's clock.
     let received = manual.advance(Duration::from_millis(20));
-    store.apply_reports(&[report(&target, 1, ReportKind::Heartbeat { patch_index: None })]).await.expect("apply");
+    store
+        .report_intake()
+        .apply_reports(&[report(&target, 1, ReportKind::Heartbeat { patch_index: None })])
+        .await
+        .expect("apply");
     assert_eq!(store.target(target.id).await.expect("target").last_seen_at, Some(received));
     // A duplicate does not.
     manual.advance(Duration::from_millis(20));
-    store.apply_reports(&[report(&target, 1, ReportKind::Heartbeat { patch_index: None })]).await.expect("apply");
+    store
+        .report_intake()
+        .apply_reports(&[report(&target, 1, ReportKind::Heartbeat { patch_index: None })])
+        .await
+        .expect("apply");
     assert_eq!(store.target(target.id).await.expect("target").last_seen_at, Some(received));
 }

@@ -11,6 +11,7 @@ pub async fn the_watchdog_times_out_a_silent_target_and_fails_open_patches(db: &
     let target = bring_to_running(store, &all_targets(store, id).await[0]).await.target;
     let seen = manual.advance(Duration::from_secs(30));
     store
+        .report_intake()
         .apply_reports(&[
             report(&target, 1, ReportKind::Started { patch_index: 0 }),
             report(&target, 2, finished(0, 0, PatchOutcomeKind::Installed, "")),
@@ -67,7 +68,7 @@ pub async fn a_batch_of_timers_is_checked_in_one_go(db: &dyn TestDatabase) {
         running.push(bring_to_running(store, &target).await.target);
     }
     // One of the silent ones reported its final result meanwhile.
-    store.apply_reports(&[report(&running[2], 1, final_report(true))]).await.expect("apply");
+    store.report_intake().apply_reports(&[report(&running[2], 1, final_report(true))]).await.expect("apply");
     let started = manual.now();
     manual.advance(Duration::from_secs(1));
     drain_outbox(store).await;
@@ -164,10 +165,14 @@ pub async fn retry_failed_starts_a_new_attempt(db: &dyn TestDatabase) {
     store.dispatch(id).await.expect("dispatch");
     let targets = all_targets(store, id).await;
     let failed = bring_to_running(store, &targets[0]).await.target;
-    store.apply_reports(&[report(&failed, 1, finished(0, 1, PatchOutcomeKind::Failed, "x"))]).await.expect("apply");
+    store
+        .report_intake()
+        .apply_reports(&[report(&failed, 1, finished(0, 1, PatchOutcomeKind::Failed, "x"))])
+        .await
+        .expect("apply");
     assert!(store.fail_target(&failed, "installer failed", false).await.expect("fail"));
     let ok = bring_to_running(store, &targets[1]).await.target;
-    store.apply_reports(&[report(&ok, 1, final_report(true))]).await.expect("apply");
+    store.report_intake().apply_reports(&[report(&ok, 1, final_report(true))]).await.expect("apply");
     assert!(store.fail_target(&targets[2], "unreachable", false).await.expect("fail"));
     assert_eq!(store.dispatch(id).await.expect("dispatch").state, RolloutState::Completed);
     drain_outbox(store).await;

@@ -114,6 +114,7 @@ pub async fn a_takeover_probe_that_finds_everything_installed_closes_the_open_pa
     // The agent runs and reports while its worker dies.
     let installing = store.target(target.id).await.expect("target");
     store
+        .report_intake()
         .apply_reports(&[
             report(&installing, 1, ReportKind::Started { patch_index: 0 }),
             report(&installing, 2, finished(0, 0, PatchOutcomeKind::Installed, "ok")),

@@ -1,10 +1,37 @@
 //! The collector's intake: authenticated reports applied in batches,
-//! idempotent by (target, attempt, seq).
+//! idempotent by (target, attempt, agent instance, seq).
 
 use super::*;
 
+/// The collector's capability on the store: the only way to read agents'
+/// credentials and to apply their reports. The scheduler, the workers and
+/// the CLI hold a [`Store`] and never call [`Store::report_intake`]; the
+/// architecture test (`tests/tests/architecture.rs`) checks that only the
+/// collector (and the store's own tests and benches) does.
+#[derive(Clone)]
+pub struct ReportIntake {
+    store: Store,
+}
+
 impl Store {
-    // ------------------------------------------------------------ collector
+    /// The report intake, for the collector.
+    pub fn report_intake(&self) -> ReportIntake {
+        ReportIntake { store: self.clone() }
+    }
+}
+
+impl ReportIntake {
+    fn now(&self) -> DateTime<Utc> {
+        self.store.now()
+    }
+
+    fn backend(&self) -> DbBackend {
+        self.store.backend()
+    }
+
+    async fn begin(&self) -> Result<DatabaseTransaction> {
+        self.store.begin().await
+    }
 
     /// What the collector needs to authenticate a target's agent: the
     /// current attempt, the nonce its token was derived with, the token's
@@ -20,7 +47,7 @@ impl Store {
             .column(targets::Column::RolloutId)
             .column(targets::Column::State)
             .into_tuple()
-            .one(&self.db)
+            .one(&self.store.db)
             .await?;
         let Some((Some(token_hash), token_nonce, attempt, rollout_id, state)) = row else {
             return Ok(None);
@@ -42,28 +69,45 @@ impl Store {
             .filter(agent_events::Column::TargetId.eq(target_id))
             .filter(agent_events::Column::Attempt.eq(attempt as i32))
             .filter(agent_events::Column::Kind.eq("final"))
-            .count(&self.db)
+            .count(&self.store.db)
             .await?
             > 0)
     }
 
-    /// How many of the reports numbered `seqs` of `attempt` are stored. The
-    /// collector answers a closed attempt's retry of reports it already
-    /// stored (its answer was lost) as duplicates, not as late reports.
-    pub async fn stored_report_count(&self, target_id: Uuid, attempt: u32, seqs: &[u64]) -> Result<u64> {
-        if seqs.is_empty() {
+    /// How many of the reports named by (agent instance, seq) in `reports`
+    /// of `attempt` are stored. The collector answers a closed attempt's
+    /// retry of reports it already stored (its answer was lost) as
+    /// duplicates, not as late reports.
+    pub async fn stored_report_count(
+        &self,
+        target_id: Uuid,
+        attempt: u32,
+        reports: &[(AgentInstance, u64)],
+    ) -> Result<u64> {
+        if reports.is_empty() {
             return Ok(0);
         }
-        Ok(agent_events::Entity::find()
+        let wanted: HashSet<(AgentInstance, u64)> = reports.iter().copied().collect();
+        let stored: Vec<(i64, i64)> = agent_events::Entity::find()
+            .select_only()
+            .column(agent_events::Column::AgentInstance)
+            .column(agent_events::Column::Seq)
             .filter(agent_events::Column::TargetId.eq(target_id))
             .filter(agent_events::Column::Attempt.eq(attempt as i32))
-            .filter(agent_events::Column::Seq.is_in(seqs.iter().map(|seq| i64::try_from(*seq).unwrap_or(i64::MAX))))
-            .count(&self.db)
-            .await?)
+            .filter(
+                agent_events::Column::Seq.is_in(wanted.iter().map(|(_, seq)| i64::try_from(*seq).unwrap_or(i64::MAX))),
+            )
+            .into_tuple()
+            .all(&self.store.db)
+            .await?;
+        Ok(stored
+            .into_iter()
+            .filter(|(instance, seq)| wanted.contains(&(AgentInstance::from_column(*instance), *seq as u64)))
+            .count() as u64)
     }
 
     /// Applies a batch of authenticated reports in one transaction:
-    /// idempotent by (target, attempt, seq); every new report moves the
+    /// idempotent by (target, attempt, agent instance, seq); every new report moves the
     /// target's last-seen time (the watchdog's deadline); patch results and
     /// the final result are recorded with guarded updates.
     pub async fn apply_reports(&self, reports: &[IncomingReport]) -> Result<Vec<ReportResult>> {
@@ -72,8 +116,7 @@ impl Store {
         }
         let received_at = self.now();
         let mut seen_in_batch = HashSet::new();
-        let unique: Vec<&IncomingReport> =
-            reports.iter().filter(|r| seen_in_batch.insert((r.target_id, r.attempt, r.seq))).collect();
+        let unique: Vec<&IncomingReport> = reports.iter().filter(|r| seen_in_batch.insert(ReportKey::of(r))).collect();
         let mut fresh = if self.backend() == DbBackend::Postgres {
             self.apply_reports_postgres(&unique, received_at).await?
         } else {
@@ -81,13 +124,7 @@ impl Store {
         };
         Ok(reports
             .iter()
-            .map(|r| {
-                if fresh.remove(&(r.target_id, r.attempt, r.seq)) {
-                    ReportResult::Accepted
-                } else {
-                    ReportResult::Duplicate
-                }
-            })
+            .map(|r| if fresh.remove(&ReportKey::of(r)) { ReportResult::Accepted } else { ReportResult::Duplicate })
             .collect())
     }
 
@@ -101,17 +138,17 @@ impl Store {
         &self,
         unique: &[&IncomingReport],
         received_at: DateTime<Utc>,
-    ) -> Result<HashSet<(Uuid, u32, u64)>> {
+    ) -> Result<HashSet<ReportKey>> {
         let statement = intake_statement(unique, received_at);
         if !unique.iter().any(|r| matches!(r.kind, ReportKind::Final { .. })) {
-            return fresh_keys(self.db.query_all(statement).await?);
+            return fresh_keys(self.store.db.query_all(statement).await?);
         }
         let txn = self.begin().await?;
         let fresh = fresh_keys(txn.query_all(statement).await?)?;
         let finals: Vec<&IncomingReport> = unique
             .iter()
             .copied()
-            .filter(|r| matches!(r.kind, ReportKind::Final { .. }) && fresh.contains(&(r.target_id, r.attempt, r.seq)))
+            .filter(|r| matches!(r.kind, ReportKind::Final { .. }) && fresh.contains(&ReportKey::of(r)))
             .collect();
         for chunk in finals.chunks(INSERT_CHUNK) {
             apply_final_results(&txn, chunk, received_at).await?;
@@ -125,14 +162,15 @@ impl Store {
         &self,
         unique: &[&IncomingReport],
         received_at: DateTime<Utc>,
-    ) -> Result<HashSet<(Uuid, u32, u64)>> {
+    ) -> Result<HashSet<ReportKey>> {
         let txn = self.begin().await?;
-        let mut fresh: HashSet<(Uuid, u32, u64)> = HashSet::new();
+        let mut fresh: HashSet<ReportKey> = HashSet::new();
         for chunk in unique.chunks(INSERT_CHUNK) {
             let mut insert = Query::insert();
             insert.into_table(agent_events::Entity).columns([
                 agent_events::Column::TargetId,
                 agent_events::Column::Attempt,
+                agent_events::Column::AgentInstance,
                 agent_events::Column::Seq,
                 agent_events::Column::Kind,
                 agent_events::Column::PatchIndex,
@@ -146,6 +184,7 @@ impl Store {
                 insert.values_panic([
                     report.target_id.into(),
                     (report.attempt as i32).into(),
+                    report.agent_instance.to_column().into(),
                     (report.seq as i64).into(),
                     event.kind.into(),
                     event.patch_index.into(),
@@ -159,6 +198,7 @@ impl Store {
                 OnConflict::columns([
                     agent_events::Column::TargetId,
                     agent_events::Column::Attempt,
+                    agent_events::Column::AgentInstance,
                     agent_events::Column::Seq,
                 ])
                 .do_nothing()
@@ -167,6 +207,7 @@ impl Store {
             insert.returning(Query::returning().columns([
                 agent_events::Column::TargetId,
                 agent_events::Column::Attempt,
+                agent_events::Column::AgentInstance,
                 agent_events::Column::Seq,
             ]));
             let statement = self.backend().build(&insert);
@@ -174,7 +215,7 @@ impl Store {
         }
         // Every fresh report resets its target's deadline.
         let touched: Vec<Uuid> = {
-            let mut ids: Vec<Uuid> = fresh.iter().map(|(id, _, _)| *id).collect();
+            let mut ids: Vec<Uuid> = fresh.iter().map(|key| key.target_id).collect();
             ids.sort();
             ids.dedup();
             ids
@@ -188,7 +229,7 @@ impl Store {
                 .await?;
         }
         let accepted: Vec<&IncomingReport> =
-            unique.iter().copied().filter(|r| fresh.contains(&(r.target_id, r.attempt, r.seq))).collect();
+            unique.iter().copied().filter(|r| fresh.contains(&ReportKey::of(r))).collect();
         // Patch results first, then the final results (which fail the patches
         // left open, so they come last).
         for report in &accepted {
@@ -228,15 +269,42 @@ impl EventColumns {
     }
 }
 
-/// The (target, attempt, seq) of the events an insert's `RETURNING` names:
-/// the fresh reports of a batch.
-fn fresh_keys(rows: Vec<sea_orm::QueryResult>) -> Result<HashSet<(Uuid, u32, u64)>> {
+/// What makes a report unique: a resent report has the same key; a second
+/// agent run of the same attempt has another instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct ReportKey {
+    target_id: Uuid,
+    attempt: u32,
+    agent_instance: AgentInstance,
+    seq: u64,
+}
+
+impl ReportKey {
+    fn of(report: &IncomingReport) -> Self {
+        Self {
+            target_id: report.target_id,
+            attempt: report.attempt,
+            agent_instance: report.agent_instance,
+            seq: report.seq,
+        }
+    }
+}
+
+/// The keys of the events an insert's `RETURNING` names: the fresh reports
+/// of a batch.
+fn fresh_keys(rows: Vec<sea_orm::QueryResult>) -> Result<HashSet<ReportKey>> {
     let mut fresh = HashSet::with_capacity(rows.len());
     for row in rows {
         let target_id: Uuid = row.try_get("", "target_id")?;
         let attempt: i32 = row.try_get("", "attempt")?;
+        let agent_instance: i64 = row.try_get("", "agent_instance")?;
         let seq: i64 = row.try_get("", "seq")?;
-        fresh.insert((target_id, attempt as u32, seq as u64));
+        fresh.insert(ReportKey {
+            target_id,
+            attempt: attempt as u32,
+            agent_instance: AgentInstance::from_column(agent_instance),
+            seq: seq as u64,
+        });
     }
     Ok(fresh)
 }
@@ -295,17 +363,19 @@ static INTAKE_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
         "WITH incoming AS ( \
              SELECT * FROM unnest($2::uuid[], $3::int[], $4::bigint[], $5::text[], $6::bool[], $7::int[], \
-                                  $8::bool[], $9::int[], $10::bool[], $11::text[], $12::bool[], $13::timestamptz[]) \
+                                  $8::bool[], $9::int[], $10::bool[], $11::text[], $12::bool[], $13::timestamptz[], \
+                                  $24::bigint[]) \
              AS i(target_id, attempt, seq, kind, has_patch, patch_index, has_exit, exit_code, \
-                  has_detail, detail, has_sent, sent_at) \
+                  has_detail, detail, has_sent, sent_at, agent_instance) \
          ), fresh AS ( \
-             INSERT INTO agent_events (target_id, attempt, seq, kind, patch_index, exit_code, detail, sent_at, received_at) \
-             SELECT target_id, attempt, seq, kind, CASE WHEN has_patch THEN patch_index END, \
+             INSERT INTO agent_events (target_id, attempt, agent_instance, seq, kind, patch_index, exit_code, detail, \
+                                       sent_at, received_at) \
+             SELECT target_id, attempt, agent_instance, seq, kind, CASE WHEN has_patch THEN patch_index END, \
                     CASE WHEN has_exit THEN exit_code END, CASE WHEN has_detail THEN detail END, \
                     CASE WHEN has_sent THEN sent_at END, $1 \
              FROM incoming \
-             ON CONFLICT (target_id, attempt, seq) DO NOTHING \
-             RETURNING target_id, attempt, seq \
+             ON CONFLICT (target_id, attempt, agent_instance, seq) DO NOTHING \
+             RETURNING target_id, attempt, agent_instance, seq \
          ), touched AS ( \
              UPDATE targets SET last_seen_at = $1 \
              WHERE id IN (SELECT target_id FROM fresh) AND state IN ({in_flight}) \
@@ -325,12 +395,12 @@ static INTAKE_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
              FROM effects AS e JOIN targets AS t ON t.id = e.target_id AND t.attempt = e.attempt \
              WHERE tp.target_id = e.target_id AND tp.patch_index = e.patch_index AND ({finishes} OR {starts}) \
          ) \
-         SELECT target_id, attempt, seq FROM fresh"
+         SELECT target_id, attempt, agent_instance, seq FROM fresh"
     )
 });
 
 /// The one statement of [`Store::apply_reports`] on PostgreSQL: inserts the
-/// events (idempotent by (target, attempt, seq)) and returns the fresh ones,
+/// events (idempotent by (target, attempt, agent instance, seq)) and returns the fresh ones,
 /// moves the last-seen time of the targets that sent one, and applies the
 /// batch's `started` and `finished` reports to their patches.
 ///
@@ -377,6 +447,7 @@ fn intake_statement(unique: &[&IncomingReport], received_at: DateTime<Utc>) -> s
             results().map(|r| r.is_some_and(|(_, outcome, _)| outcome == PatchOutcomeKind::InstalledRebootRequired)),
         ),
         pg_array(ArrayType::String, results().map(|r| r.map_or("", |(_, _, tail)| tail))),
+        pg_array(ArrayType::BigInt, unique.iter().map(|r| r.agent_instance.to_column())),
     ];
     sea_orm::Statement::from_sql_and_values(DbBackend::Postgres, INTAKE_SQL.as_str(), values)
 }
@@ -479,32 +550,24 @@ async fn apply_final_results(txn: &DatabaseTransaction, finals: &[&IncomingRepor
         return Ok(());
     }
     // One UPDATE per outcome (and per failure message, usually one or two).
-    let mut groups: BTreeMap<(&'static str, Option<&str>), Vec<Uuid>> = BTreeMap::new();
-    for (target_id, _, _, to, detail) in &moves {
+    let mut groups: BTreeMap<(TargetState, Option<&str>), Vec<transition::Step>> = BTreeMap::new();
+    for (target_id, rollout_id, from, to, detail) in &moves {
         let error = (*to == TargetState::Failed).then_some(detail.as_str());
-        groups.entry((to.as_str(), error)).or_default().push(*target_id);
+        groups.entry((*to, error)).or_default().push(transition::Step {
+            target_id: *target_id,
+            rollout_id: *rollout_id,
+            from: *from,
+            detail: Some(detail.clone()),
+        });
     }
-    for ((to, error), ids) in groups {
-        let mut update = targets::Entity::update_many()
-            .col_expr(targets::Column::State, Expr::value(to))
-            .col_expr(targets::Column::FinishedAt, Expr::value(at))
-            .col_expr(targets::Column::UpdatedAt, Expr::value(at));
+    for ((to, error), steps) in groups {
+        let mut sets = vec![(targets::Column::FinishedAt, Expr::value(at))];
         if let Some(error) = error {
-            update = update.col_expr(targets::Column::Error, Expr::value(error));
+            sets.push((targets::Column::Error, Expr::value(error)));
         }
-        // Locked above and checked against FROM: by primary key alone (see `queue_next`).
-        update.filter(targets::Column::Id.is_in(ids)).exec(txn).await?;
+        // Locked above and checked against FROM.
+        transition::move_locked(txn, at, to, &steps, sets).await?;
     }
-    let history = moves.iter().map(|(target_id, rollout_id, from, to, detail)| target_transitions::ActiveModel {
-        rollout_id: Set(*rollout_id),
-        target_id: Set(*target_id),
-        from_state: Set(from.as_str().into()),
-        to_state: Set(to.as_str().into()),
-        at: Set(at),
-        detail: Set(Some(detail.clone())),
-        ..Default::default()
-    });
-    target_transitions::Entity::insert_many(history).exec_without_returning(txn).await?;
     fail_open_patches(txn, moves.iter().map(|m| m.0), "the agent finished without reporting this patch", at).await?;
     let rollouts: BTreeSet<Uuid> = moves.iter().map(|m| m.1).collect();
     let mut messages: Vec<Outgoing> = rollouts.into_iter().map(dispatch_message).collect();

@@ -27,6 +27,7 @@ use uuid::Uuid;
 use crate::entity::{agent_events, outbox, patches, rollouts, target_patches, target_transitions, targets};
 use crate::model::*;
 use crate::{Error, Result, Store};
+use transition::{apply_move, Move};
 
 const INSERT_CHUNK: usize = 1_000;
 
@@ -279,16 +280,6 @@ pub struct TimeoutPolicy {
 
 // ---------------------------------------------------------------- the operations
 
-struct Move<'a> {
-    rollout_id: Uuid,
-    target_id: Uuid,
-    attempt: Option<u32>,
-    from: &'a [TargetState],
-    to: TargetState,
-    detail: Option<String>,
-    sets: Vec<(targets::Column, SimpleExpr)>,
-}
-
 /// `targets.state IN (…in flight…)` with the states written out as
 /// literals: PostgreSQL uses the partial index `targets_in_flight` only when
 /// it can prove the query's condition implies the index's, which a list of
@@ -348,72 +339,18 @@ async fn queue_next(
     if next.is_empty() {
         return Ok(next);
     }
-    targets::Entity::update_many()
-        .col_expr(targets::Column::State, Expr::value(TargetState::Queued.as_str()))
-        .col_expr(targets::Column::QueuedAt, Expr::value(at))
-        .col_expr(targets::Column::Try, Expr::value(0))
-        .col_expr(targets::Column::UpdatedAt, Expr::value(at))
-        .filter(targets::Column::Id.is_in(next.iter().map(|(id, _)| *id)))
-        .exec(txn)
-        .await?;
-    let rows = next.iter().map(|(target_id, _)| target_transitions::ActiveModel {
-        rollout_id: Set(rollout_id),
-        target_id: Set(*target_id),
-        from_state: Set(TargetState::Pending.as_str().into()),
-        to_state: Set(TargetState::Queued.as_str().into()),
-        at: Set(at),
-        detail: Set(None),
-        ..Default::default()
-    });
-    target_transitions::Entity::insert_many(rows).exec_without_returning(txn).await?;
+    let steps: Vec<transition::Step> = next
+        .iter()
+        .map(|(target_id, _)| transition::Step {
+            target_id: *target_id,
+            rollout_id,
+            from: TargetState::Pending,
+            detail: None,
+        })
+        .collect();
+    let sets = vec![(targets::Column::QueuedAt, Expr::value(at)), (targets::Column::Try, Expr::value(0))];
+    transition::move_locked(txn, at, TargetState::Queued, &steps, sets).await?;
     Ok(next)
-}
-
-/// Locks the target row, checks the move, applies it as a guarded UPDATE and
-/// appends it to the history. Returns the state it moved from, or `None`
-/// when the guard did not match (a duplicate, or the target moved on).
-async fn apply_move(txn: &DatabaseTransaction, at: DateTime<Utc>, mv: Move<'_>) -> Result<Option<TargetState>> {
-    let current = targets::Entity::find_by_id(mv.target_id)
-        .select_only()
-        .column(targets::Column::State)
-        .column(targets::Column::Attempt)
-        .lock(LockType::NoKeyUpdate)
-        .into_tuple::<(String, i32)>()
-        .one(txn)
-        .await?;
-    let Some((state, attempt)) = current else { return Ok(None) };
-    let from: TargetState = parse(&state, "target state")?;
-    if !mv.from.contains(&from) || mv.attempt.is_some_and(|a| a as i32 != attempt) {
-        return Ok(None);
-    }
-    debug_assert!(from.can_move_to(mv.to) || from == mv.to, "{from} -> {}", mv.to);
-    let mut update = targets::Entity::update_many()
-        .col_expr(targets::Column::State, Expr::value(mv.to.as_str()))
-        .col_expr(targets::Column::UpdatedAt, Expr::value(at));
-    for (column, value) in mv.sets {
-        update = update.col_expr(column, value);
-    }
-    let updated = update
-        .filter(targets::Column::Id.eq(mv.target_id))
-        .filter(targets::Column::State.eq(from.as_str()))
-        .filter(targets::Column::Attempt.eq(attempt))
-        .exec(txn)
-        .await?;
-    if updated.rows_affected != 1 {
-        return Ok(None);
-    }
-    target_transitions::Entity::insert(target_transitions::ActiveModel {
-        rollout_id: Set(mv.rollout_id),
-        target_id: Set(mv.target_id),
-        from_state: Set(from.as_str().into()),
-        to_state: Set(mv.to.as_str().into()),
-        at: Set(at),
-        detail: Set(mv.detail),
-        ..Default::default()
-    })
-    .exec_without_returning(txn)
-    .await?;
-    Ok(Some(from))
 }
 
 /// Marks every unfinished patch of these targets failed with `reason`.
@@ -658,23 +595,32 @@ impl Store {
         self.agent_events_page(target_id, None, u64::MAX).await
     }
 
-    /// A target's events in (attempt, seq) order, after `after` (an
-    /// (attempt, seq) cursor: the last event of the previous page), at most
-    /// `limit` of them.
+    /// A target's events in (attempt, seq, agent instance) order, after
+    /// `after` (the last event of the previous page), at most `limit` of them.
     pub async fn agent_events_page(
         &self,
         target_id: Uuid,
-        after: Option<(u32, u64)>,
+        after: Option<EventCursor>,
         limit: u64,
     ) -> Result<Vec<AgentEvent>> {
-        let mut query = agent_events::Entity::find().filter(agent_events::Column::TargetId.eq(target_id));
-        if let Some((attempt, seq)) = after {
-            let (attempt, seq) = (attempt as i32, i64::try_from(seq).unwrap_or(i64::MAX));
-            query = query.filter(Condition::any().add(agent_events::Column::Attempt.gt(attempt)).add(
-                Condition::all().add(agent_events::Column::Attempt.eq(attempt)).add(agent_events::Column::Seq.gt(seq)),
-            ));
+        use agent_events::Column;
+        let mut query = agent_events::Entity::find().filter(Column::TargetId.eq(target_id));
+        if let Some(cursor) = after {
+            let (attempt, seq) = (cursor.attempt as i32, i64::try_from(cursor.seq).unwrap_or(i64::MAX));
+            let same_seq = match cursor.agent_instance {
+                // After every event at (attempt, seq).
+                None => Condition::all().add(Column::Seq.gt(seq)),
+                Some(instance) => Condition::any()
+                    .add(Column::Seq.gt(seq))
+                    .add(Condition::all().add(Column::Seq.eq(seq)).add(Column::AgentInstance.gt(instance.to_column()))),
+            };
+            query = query.filter(
+                Condition::any()
+                    .add(Column::Attempt.gt(attempt))
+                    .add(Condition::all().add(Column::Attempt.eq(attempt)).add(same_seq)),
+            );
         }
-        let query = query.order_by_asc(agent_events::Column::Attempt).order_by_asc(agent_events::Column::Seq);
+        let query = query.order_by_asc(Column::Attempt).order_by_asc(Column::Seq).order_by_asc(Column::AgentInstance);
         let query = if limit == u64::MAX { query } else { query.limit(limit) };
         Ok(query
             .all(&self.db)
@@ -682,6 +628,7 @@ impl Store {
             .into_iter()
             .map(|m| AgentEvent {
                 attempt: m.attempt as u32,
+                agent_instance: AgentInstance::from_column(m.agent_instance),
                 seq: m.seq as u64,
                 kind: m.kind,
                 patch_index: m.patch_index.map(|i| i as u32),
@@ -695,7 +642,9 @@ impl Store {
 
 mod dispatch;
 mod intake;
+pub use intake::ReportIntake;
 mod operator;
+mod transition;
 mod watchdog;
 mod worker;
 

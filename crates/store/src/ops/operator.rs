@@ -41,29 +41,21 @@ impl Store {
                     .column(targets::Column::Id)
                     .filter(targets::Column::RolloutId.eq(id))
                     .filter(targets::Column::State.eq(TargetState::Pending.as_str()))
+                    .lock(LockType::NoKeyUpdate)
                     .into_tuple::<Uuid>()
                     .all(&txn)
                     .await?;
-                for chunk in pending.chunks(INSERT_CHUNK) {
-                    targets::Entity::update_many()
-                        .col_expr(targets::Column::State, Expr::value(TargetState::Cancelled.as_str()))
-                        .col_expr(targets::Column::FinishedAt, Expr::value(at))
-                        .col_expr(targets::Column::UpdatedAt, Expr::value(at))
-                        .filter(targets::Column::Id.is_in(chunk.iter().copied()))
-                        .filter(targets::Column::State.eq(TargetState::Pending.as_str()))
-                        .exec(&txn)
-                        .await?;
-                    let rows = chunk.iter().map(|target_id| target_transitions::ActiveModel {
-                        rollout_id: Set(id),
-                        target_id: Set(*target_id),
-                        from_state: Set(TargetState::Pending.as_str().into()),
-                        to_state: Set(TargetState::Cancelled.as_str().into()),
-                        at: Set(at),
-                        detail: Set(Some("rollout aborted".into())),
-                        ..Default::default()
-                    });
-                    target_transitions::Entity::insert_many(rows).exec_without_returning(&txn).await?;
-                }
+                let steps: Vec<transition::Step> = pending
+                    .into_iter()
+                    .map(|target_id| transition::Step {
+                        target_id,
+                        rollout_id: id,
+                        from: TargetState::Pending,
+                        detail: Some("rollout aborted".into()),
+                    })
+                    .collect();
+                let sets = vec![(targets::Column::FinishedAt, Expr::value(at))];
+                transition::move_locked(&txn, at, TargetState::Cancelled, &steps, sets).await?;
                 rollouts::Entity::update_many()
                     .col_expr(rollouts::Column::CompletedAt, Expr::value(at))
                     .filter(rollouts::Column::Id.eq(id))
@@ -113,7 +105,8 @@ impl Store {
             .column(targets::Column::State)
             .column(targets::Column::Wave)
             .filter(targets::Column::RolloutId.eq(id))
-            .filter(targets::Column::State.is_in(failed.clone()))
+            .filter(targets::Column::State.is_in(failed))
+            .lock(LockType::NoKeyUpdate)
             .into_tuple()
             .all(&txn)
             .await?;
@@ -121,38 +114,33 @@ impl Store {
             return Ok(0);
         };
         let at = self.now();
-        for chunk in retried.chunks(INSERT_CHUNK) {
-            let ids: Vec<Uuid> = chunk.iter().map(|(target_id, _, _)| *target_id).collect();
-            targets::Entity::update_many()
-                .col_expr(targets::Column::State, Expr::value(TargetState::Pending.as_str()))
-                .col_expr(targets::Column::Attempt, Expr::col(targets::Column::Attempt).add(1))
-                .col_expr(targets::Column::Try, Expr::value(0))
-                .col_expr(targets::Column::TokenHash, Expr::value(Option::<String>::None))
-                .col_expr(targets::Column::TokenNonce, Expr::value(Option::<String>::None))
-                .col_expr(targets::Column::Error, Expr::value(Option::<String>::None))
-                .col_expr(targets::Column::LastSeenAt, Expr::value(Option::<DateTime<Utc>>::None))
-                .col_expr(targets::Column::QueuedAt, Expr::value(Option::<DateTime<Utc>>::None))
-                .col_expr(targets::Column::RunningAt, Expr::value(Option::<DateTime<Utc>>::None))
-                .col_expr(targets::Column::FinishedAt, Expr::value(Option::<DateTime<Utc>>::None))
-                .col_expr(targets::Column::UpdatedAt, Expr::value(at))
-                .filter(targets::Column::Id.is_in(ids.clone()))
-                .filter(targets::Column::State.is_in(failed.clone()))
-                .exec(&txn)
-                .await?;
-            target_patches::Entity::delete_many()
-                .filter(target_patches::Column::TargetId.is_in(ids))
-                .exec(&txn)
-                .await?;
-            let rows = chunk.iter().map(|(target_id, state, _)| target_transitions::ActiveModel {
-                rollout_id: Set(id),
-                target_id: Set(*target_id),
-                from_state: Set(state.clone()),
-                to_state: Set(TargetState::Pending.as_str().into()),
-                at: Set(at),
-                detail: Set(Some("retry failed".into())),
-                ..Default::default()
+        let mut steps = Vec::with_capacity(retried.len());
+        for (target_id, state, _) in &retried {
+            steps.push(transition::Step {
+                target_id: *target_id,
+                rollout_id: id,
+                from: parse(state, "target state")?,
+                detail: Some("retry failed".into()),
             });
-            target_transitions::Entity::insert_many(rows).exec_without_returning(&txn).await?;
+        }
+        let none_at = || Expr::value(Option::<DateTime<Utc>>::None);
+        let sets = vec![
+            (targets::Column::Attempt, Expr::col(targets::Column::Attempt).add(1)),
+            (targets::Column::Try, Expr::value(0)),
+            (targets::Column::TokenHash, Expr::value(Option::<String>::None)),
+            (targets::Column::TokenNonce, Expr::value(Option::<String>::None)),
+            (targets::Column::Error, Expr::value(Option::<String>::None)),
+            (targets::Column::LastSeenAt, none_at()),
+            (targets::Column::QueuedAt, none_at()),
+            (targets::Column::RunningAt, none_at()),
+            (targets::Column::FinishedAt, none_at()),
+        ];
+        transition::move_locked(&txn, at, TargetState::Pending, &steps, sets).await?;
+        for chunk in retried.chunks(INSERT_CHUNK) {
+            target_patches::Entity::delete_many()
+                .filter(target_patches::Column::TargetId.is_in(chunk.iter().map(|(target_id, _, _)| *target_id)))
+                .exec(&txn)
+                .await?;
         }
         rollouts::Entity::update_many()
             .col_expr(rollouts::Column::State, Expr::value(RolloutState::Running.as_str()))

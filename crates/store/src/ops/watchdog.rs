@@ -72,27 +72,23 @@ impl Store {
         }
         for (timeout, ids) in by_timeout {
             let reason = reason_for(timeout);
-            targets::Entity::update_many()
-                .col_expr(targets::Column::State, Expr::value(TargetState::TimedOut.as_str()))
-                .col_expr(targets::Column::Error, Expr::value(reason.clone()))
-                .col_expr(targets::Column::FinishedAt, Expr::value(at))
-                .col_expr(targets::Column::UpdatedAt, Expr::value(at))
-                // Locked above and checked to be running: by primary key alone (see `queue_next`).
-                .filter(targets::Column::Id.is_in(ids.clone()))
-                .exec(&txn)
-                .await?;
+            let steps: Vec<transition::Step> = ids
+                .iter()
+                .map(|id| transition::Step {
+                    target_id: *id,
+                    rollout_id: current[id].rollout_id,
+                    from: TargetState::Running,
+                    detail: Some(reason.clone()),
+                })
+                .collect();
+            let sets = vec![
+                (targets::Column::Error, Expr::value(reason.clone())),
+                (targets::Column::FinishedAt, Expr::value(at)),
+            ];
+            // Locked above and checked to be running.
+            transition::move_locked(&txn, at, TargetState::TimedOut, &steps, sets).await?;
             fail_open_patches(&txn, ids, &reason, at).await?;
         }
-        let history = expired.iter().map(|target| target_transitions::ActiveModel {
-            rollout_id: Set(target.rollout_id),
-            target_id: Set(target.id),
-            from_state: Set(TargetState::Running.as_str().into()),
-            to_state: Set(TargetState::TimedOut.as_str().into()),
-            at: Set(at),
-            detail: Set(Some(reason_for(target.timeout_seconds))),
-            ..Default::default()
-        });
-        target_transitions::Entity::insert_many(history).exec_without_returning(&txn).await?;
         let rollouts: BTreeSet<Uuid> = expired.iter().map(|target| target.rollout_id).collect();
         let mut messages: Vec<Outgoing> = rollouts.into_iter().map(dispatch_message).collect();
         for target in &expired {

@@ -179,11 +179,27 @@ pub fn render_target(detail: &TargetDetail) -> String {
             Moment { at: t.at, what }
         })
         .collect();
+    // The agent processes of each attempt, in the order they first
+    // reported: more than one means the deployment's agent ran again (a
+    // restart on the host, or a second start), and each run is shown.
+    let mut runs: BTreeMap<u32, Vec<&str>> = BTreeMap::new();
+    for event in &detail.events {
+        let instances = runs.entry(event.attempt).or_default();
+        if !instances.contains(&event.agent_instance.as_str()) {
+            instances.push(&event.agent_instance);
+        }
+    }
     for event in &detail.events {
         if event.kind == "heartbeat" {
             continue;
         }
-        let mut what = format!("agent: {}", event.kind);
+        let instances = &runs[&event.attempt];
+        let mut what = if instances.len() > 1 {
+            let run = instances.iter().position(|i| *i == event.agent_instance).unwrap_or(0) + 1;
+            format!("agent run {run}/{} ({}): {}", instances.len(), event.agent_instance, event.kind)
+        } else {
+            format!("agent: {}", event.kind)
+        };
         if let Some(index) = event.patch_index {
             what.push_str(&format!(" {}", names.get(&index).copied().unwrap_or("?")));
         }
@@ -208,6 +224,13 @@ pub fn render_target(detail: &TargetDetail) -> String {
     }
     if heartbeats > 0 {
         out.push_str(&format!("  ({heartbeats} heartbeats not shown)\n"));
+    }
+    for (attempt, instances) in runs.iter().filter(|(_, instances)| instances.len() > 1) {
+        out.push_str(&format!(
+            "  attempt {attempt}: the agent ran {} times ({}); each run's reports are listed\n",
+            instances.len(),
+            instances.join(", ")
+        ));
     }
     out
 }
@@ -278,6 +301,7 @@ mod tests {
         };
         let event = |seq: u64, kind: &str, patch_index: Option<u32>, exit_code: Option<i32>, ms: i64| AgentEventView {
             attempt: 1,
+            agent_instance: "00000000000000aa".into(),
             seq,
             kind: kind.into(),
             patch_index,
@@ -309,5 +333,16 @@ mod tests {
                 "  (1 heartbeats not shown)",
             ]
         );
+
+        // A second agent process in the same attempt numbers from 1 again:
+        // both runs are shown as such, never folded into one.
+        let mut twice = detail.clone();
+        let mut again = event(1, "started", Some(0), None, 3_600);
+        again.agent_instance = "00000000000000bb".into();
+        twice.events.push(again);
+        let text = render_target(&twice);
+        assert!(text.contains("+1.0s  agent run 1/2 (00000000000000aa): started KB1"), "{text}");
+        assert!(text.contains("+3.6s  agent run 2/2 (00000000000000bb): started KB1"), "{text}");
+        assert!(text.contains("attempt 1: the agent ran 2 times (00000000000000aa, 00000000000000bb)"), "{text}");
     }
 }

@@ -15,7 +15,7 @@ use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use fleetpatch_proto::plan::{Detection, InstallerKind, RebootPolicy};
 use fleetpatch_proto::state::TargetState;
-use fleetpatch_store::{content, NewPatch, NewRollout, NewTarget, RolloutSettings, Store, WaveSpec};
+use fleetpatch_store::{content, EventCursor, NewPatch, NewRollout, NewTarget, RolloutSettings, Store, WaveSpec};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 use uuid::Uuid;
@@ -312,9 +312,9 @@ struct TargetQuery {
     events_after: Option<String>,
 }
 
-fn parse_events_cursor(raw: &str) -> Result<(u32, u64), Problem> {
-    raw.split_once('.').and_then(|(attempt, seq)| Some((attempt.parse().ok()?, seq.parse().ok()?))).ok_or_else(|| {
-        let message = format!("{raw:?} is not an events cursor; pass the events_next_after of the previous page");
+fn parse_events_cursor(raw: &str) -> Result<EventCursor, Problem> {
+    raw.parse::<EventCursor>().map_err(|error| {
+        let message = error.to_string();
         let mut problem = Problem::new(StatusCode::BAD_REQUEST, "Bad request", format!("events_after: {message}"));
         problem.errors.push(FieldError { field: "events_after".into(), message });
         problem
@@ -346,7 +346,7 @@ async fn show_target(
     let transitions = state.store.transitions(id).await?;
     let events = state.store.agent_events_page(id, after, limit).await?;
     let next =
-        (events.len() as u64 == limit).then(|| events.last().map(|e| format!("{}.{}", e.attempt, e.seq))).flatten();
+        (events.len() as u64 == limit).then(|| events.last().map(|e| EventCursor::after(e).to_string())).flatten();
     Ok(Json(serde_json::json!({
         "target": target,
         "patches": target_patches,

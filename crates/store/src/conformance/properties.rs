@@ -1,0 +1,181 @@
+//! Property: whatever the order of operations, every move a target makes is
+//! an edge of the state machine, its history is one unbroken chain from
+//! `pending` to its current state, and no operation is ever refused as an
+//! illegal transition (the guards stop every move the machine lacks before
+//! it is tried).
+//!
+//! Random sequences of the store's operations — dispatch, claims and
+//! takeovers, probes, worker steps, failures and requeues, agents' final
+//! results, timeouts, pause/resume/abort, retries — on small rollouts,
+//! applied to arbitrary targets (most operations find them in the wrong
+//! state, as duplicated or late messages do). Seeded: a failure names the
+//! seed and the operations that led to it.
+
+use std::collections::HashMap;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::*;
+
+/// Sequences per run and operations per sequence.
+const SEQUENCES: u64 = 12;
+const OPERATIONS: usize = 60;
+
+#[derive(Debug, Clone, Copy)]
+enum Op {
+    Dispatch,
+    Claim { target: usize, takeover: bool },
+    Probe { target: usize, all_installed: bool },
+    Installing { target: usize },
+    Running { target: usize },
+    Fail { target: usize },
+    Requeue { target: usize },
+    Final { target: usize, success: bool },
+    Timeout,
+    Pause,
+    Resume,
+    Abort,
+    RetryFailed,
+}
+
+fn random_op(rng: &mut StdRng, targets: usize) -> Op {
+    let target = rng.random_range(0..targets);
+    match rng.random_range(0..100) {
+        0..=9 => Op::Dispatch,
+        10..=21 => Op::Claim { target, takeover: rng.random_bool(0.3) },
+        22..=33 => Op::Probe { target, all_installed: rng.random_bool(0.15) },
+        34..=43 => Op::Installing { target },
+        44..=53 => Op::Running { target },
+        54..=58 => Op::Fail { target },
+        59..=64 => Op::Requeue { target },
+        65..=78 => Op::Final { target, success: rng.random_bool(0.7) },
+        79..=84 => Op::Timeout,
+        85..=87 => Op::Pause,
+        88..=91 => Op::Resume,
+        92..=93 => Op::Abort,
+        _ => Op::RetryFailed,
+    }
+}
+
+/// Errors an operation may meet in a random order (the rollout is in the
+/// wrong state for it); an illegal transition is never one of them.
+fn expected(result: Result<impl Sized>, op: Op) {
+    match result {
+        Ok(_) | Err(Error::Conflict(_)) => {}
+        Err(error) => panic!("{op:?} failed: {error}"),
+    }
+}
+
+pub async fn every_recorded_move_is_an_edge_of_the_state_machine(db: &dyn TestDatabase) {
+    let manual = ManualClock::starting_now();
+    let store = &db.store().clone().with_clock(manual.clock());
+    let policy = TimeoutPolicy { verify_delay: Duration::from_secs(1) };
+    for seed in 0..SEQUENCES {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let waves = vec![
+            WaveSpec { name: "canary".into(), size: Some(2), max_failure_percent: 50.0 },
+            WaveSpec { name: "rest".into(), size: None, max_failure_percent: 100.0 },
+        ];
+        let count = rng.random_range(3..7);
+        let concurrency = rng.random_range(1..4);
+        let id = create(store, Spec { timeout_seconds: 60, waves, ..Spec::new(count, 2, concurrency) }).await;
+        let targets = all_targets(store, id).await;
+        let mut contexts: HashMap<Uuid, DeployContext> = HashMap::new();
+        let mut seqs: HashMap<Uuid, u64> = HashMap::new();
+        let mut log = Vec::new();
+        for _ in 0..OPERATIONS {
+            let op = random_op(&mut rng, targets.len());
+            log.push(op);
+            let outcome =
+                std::panic::AssertUnwindSafe(apply(store, id, &targets, &mut contexts, &mut seqs, op, &policy))
+                    .catch_unwind()
+                    .await;
+            if let Err(panic) = outcome {
+                eprintln!("seed {seed}: the operations were {log:?}");
+                std::panic::resume_unwind(panic);
+            }
+            manual.advance(Duration::from_secs(rng.random_range(0..20)));
+        }
+        for target in &targets {
+            let history = store.transitions(target.id).await.expect("transitions");
+            let current = store.target(target.id).await.expect("target").state;
+            let mut at = TargetState::Pending;
+            for step in &history {
+                let (from, to): (TargetState, TargetState) =
+                    (step.from.parse().expect("from"), step.to.parse().expect("to"));
+                assert!(from.can_move_to(to), "seed {seed}: {from} -> {to} is not an edge; operations: {log:?}");
+                assert_eq!(from, at, "seed {seed}: the history jumps from {at} to a move out of {from}: {log:?}");
+                at = to;
+            }
+            assert_eq!(at, current, "seed {seed}: the history ends in {at}, the target is {current}: {log:?}");
+        }
+    }
+}
+
+async fn apply(
+    store: &Store,
+    rollout: Uuid,
+    targets: &[Target],
+    contexts: &mut HashMap<Uuid, DeployContext>,
+    seqs: &mut HashMap<Uuid, u64>,
+    op: Op,
+    policy: &TimeoutPolicy,
+) {
+    let current = |index: usize| {
+        let id = targets[index].id;
+        async move { store.target(id).await.expect("target") }
+    };
+    match op {
+        Op::Dispatch => expected(store.dispatch(rollout).await, op),
+        Op::Claim { target, takeover } => {
+            let now = current(target).await;
+            if let Claim::Claimed(context) =
+                store.claim_deploy(now.id, now.attempt, takeover, "nonce").await.expect("claim")
+            {
+                contexts.insert(now.id, *context);
+            }
+        }
+        Op::Probe { target, all_installed } => {
+            let Some(context) = contexts.get(&targets[target].id) else { return };
+            let installed: Vec<u32> =
+                if all_installed { context.patches.iter().map(|p| p.index).collect() } else { vec![] };
+            let probe = serde_json::json!({});
+            store.record_probe(context, "Windows", "x86_64", probe, &installed, "hash").await.expect("probe");
+        }
+        Op::Installing { target } => {
+            // The snapshot the worker holds: maybe of an older attempt.
+            let Some(context) = contexts.get(&targets[target].id) else { return };
+            store.mark_installing(&context.target).await.expect("installing");
+        }
+        Op::Running { target } => {
+            let Some(context) = contexts.get(&targets[target].id) else { return };
+            store.mark_running(&context.target).await.expect("running");
+        }
+        Op::Fail { target } => {
+            let now = current(target).await;
+            store.fail_target(&now, "a permanent error", true).await.expect("fail");
+        }
+        Op::Requeue { target } => {
+            let now = current(target).await;
+            store.requeue_for_retry(&now, "a transient error", 1, Duration::from_secs(5)).await.expect("requeue");
+        }
+        Op::Final { target, success } => {
+            let now = current(target).await;
+            let seq = seqs.entry(now.id).or_default();
+            *seq += 1;
+            let message = if success { "all installed" } else { "a patch failed" };
+            let kind = ReportKind::Final { success, reboot_required: false, message: message.into() };
+            store.report_intake().apply_reports(&[report(&now, *seq, kind)]).await.expect("final result");
+        }
+        Op::Timeout => {
+            let running = in_state(store, rollout, TargetState::Running).await;
+            let timers: Vec<(Uuid, u32)> = running.iter().map(|t| (t.id, t.attempt)).collect();
+            store.check_timeouts(&timers, *policy).await.expect("timeouts");
+        }
+        Op::Pause => expected(store.pause_rollout(rollout, "a look").await, op),
+        Op::Resume => expected(store.resume_rollout(rollout).await, op),
+        Op::Abort => expected(store.abort_rollout(rollout).await, op),
+        Op::RetryFailed => expected(store.retry_failed(rollout).await, op),
+    }
+}

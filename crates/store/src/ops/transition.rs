@@ -1,0 +1,164 @@
+//! The one way a target's state moves. Every move, single or bulk, is
+//! checked against the state machine ([`TargetState::can_move_to`]) at run
+//! time, applied to a row that was read under lock, and appended to the
+//! target's history (`target_transitions`) in the same transaction. A move
+//! the machine does not have is refused with [`Error::IllegalTransition`]
+//! and its transaction is rolled back: nothing is written.
+//!
+//! Two forms:
+//! * [`apply_move`] — one target, guarded: it locks the row, and a target
+//!   no longer in one of the expected states (or of another attempt) is
+//!   left alone (`None`: a duplicate job, or the target moved on);
+//! * [`move_locked`] — many targets whose rows the caller read under lock
+//!   (`FOR NO KEY UPDATE`) in the states it passes: updated by primary key
+//!   alone (a state condition beside the ids lets PostgreSQL combine the
+//!   primary key with the `targets_state` index, a bitmap AND that reads
+//!   every entry of that state, dead versions included).
+//!
+//! The conformance suite's property test drives random operations against
+//! both stores and checks that every recorded move is an edge of the machine.
+
+use super::*;
+
+/// Refuses a move the state machine does not have.
+pub(super) fn check(target_id: Uuid, from: TargetState, to: TargetState) -> Result<()> {
+    if from.can_move_to(to) {
+        Ok(())
+    } else {
+        Err(Error::IllegalTransition { target_id, from, to })
+    }
+}
+
+/// One target's guarded move: allowed from any of `from`, in `attempt` if
+/// given, with extra columns `sets`.
+pub(super) struct Move<'a> {
+    pub rollout_id: Uuid,
+    pub target_id: Uuid,
+    pub attempt: Option<u32>,
+    pub from: &'a [TargetState],
+    pub to: TargetState,
+    pub detail: Option<String>,
+    pub sets: Vec<(targets::Column, SimpleExpr)>,
+}
+
+/// Locks the target row, checks the move, applies it as a guarded UPDATE and
+/// appends it to the history. Returns the state it moved from, or `None`
+/// when the guard did not match (a duplicate, or the target moved on).
+pub(super) async fn apply_move(
+    txn: &DatabaseTransaction,
+    at: DateTime<Utc>,
+    mv: Move<'_>,
+) -> Result<Option<TargetState>> {
+    let current = targets::Entity::find_by_id(mv.target_id)
+        .select_only()
+        .column(targets::Column::State)
+        .column(targets::Column::Attempt)
+        .lock(LockType::NoKeyUpdate)
+        .into_tuple::<(String, i32)>()
+        .one(txn)
+        .await?;
+    let Some((state, attempt)) = current else { return Ok(None) };
+    let from: TargetState = parse(&state, "target state")?;
+    if !mv.from.contains(&from) || mv.attempt.is_some_and(|a| a as i32 != attempt) {
+        return Ok(None);
+    }
+    check(mv.target_id, from, mv.to)?;
+    let mut update = targets::Entity::update_many()
+        .col_expr(targets::Column::State, Expr::value(mv.to.as_str()))
+        .col_expr(targets::Column::UpdatedAt, Expr::value(at));
+    for (column, value) in mv.sets {
+        update = update.col_expr(column, value);
+    }
+    let updated = update
+        .filter(targets::Column::Id.eq(mv.target_id))
+        .filter(targets::Column::State.eq(from.as_str()))
+        .filter(targets::Column::Attempt.eq(attempt))
+        .exec(txn)
+        .await?;
+    if updated.rows_affected != 1 {
+        return Ok(None);
+    }
+    record(txn, at, mv.to, &[Step { target_id: mv.target_id, rollout_id: mv.rollout_id, from, detail: mv.detail }])
+        .await?;
+    Ok(Some(from))
+}
+
+/// A target the caller read under lock in state `from`, to be moved.
+pub(super) struct Step {
+    pub target_id: Uuid,
+    pub rollout_id: Uuid,
+    pub from: TargetState,
+    pub detail: Option<String>,
+}
+
+/// Moves targets read under lock (each in its `from`) to `to`, with the
+/// extra columns `sets`: every step checked first (one illegal step refuses
+/// them all), then one UPDATE by primary key per chunk and their history.
+pub(super) async fn move_locked(
+    txn: &DatabaseTransaction,
+    at: DateTime<Utc>,
+    to: TargetState,
+    steps: &[Step],
+    sets: Vec<(targets::Column, SimpleExpr)>,
+) -> Result<()> {
+    for step in steps {
+        check(step.target_id, step.from, to)?;
+    }
+    for chunk in steps.chunks(INSERT_CHUNK) {
+        let mut update = targets::Entity::update_many()
+            .col_expr(targets::Column::State, Expr::value(to.as_str()))
+            .col_expr(targets::Column::UpdatedAt, Expr::value(at));
+        for (column, value) in &sets {
+            update = update.col_expr(*column, value.clone());
+        }
+        let updated =
+            update.filter(targets::Column::Id.is_in(chunk.iter().map(|step| step.target_id))).exec(txn).await?;
+        if updated.rows_affected != chunk.len() as u64 {
+            return Err(Error::Corrupt(format!(
+                "moving {} locked targets to {to} updated {} rows",
+                chunk.len(),
+                updated.rows_affected
+            )));
+        }
+        record(txn, at, to, chunk).await?;
+    }
+    Ok(())
+}
+
+/// Appends checked moves to the targets' history.
+async fn record(txn: &DatabaseTransaction, at: DateTime<Utc>, to: TargetState, steps: &[Step]) -> Result<()> {
+    if steps.is_empty() {
+        return Ok(());
+    }
+    let rows = steps.iter().map(|step| target_transitions::ActiveModel {
+        rollout_id: Set(step.rollout_id),
+        target_id: Set(step.target_id),
+        from_state: Set(step.from.as_str().into()),
+        to_state: Set(to.as_str().into()),
+        at: Set(at),
+        detail: Set(step.detail.clone()),
+        ..Default::default()
+    });
+    target_transitions::Entity::insert_many(rows).exec_without_returning(txn).await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_move_off_the_machine_is_refused_by_name() {
+        let id = Uuid::nil();
+        for from in TargetState::ALL {
+            for to in TargetState::ALL {
+                let checked = check(id, from, to);
+                assert_eq!(checked.is_ok(), from.can_move_to(to), "{from} -> {to}");
+                if let Err(error) = checked {
+                    assert!(matches!(error, Error::IllegalTransition { .. }));
+                    assert!(error.to_string().contains(&format!("from {from} to {to}")), "{error}");
+                }
+            }
+        }
+    }
+}
