@@ -226,8 +226,9 @@ impl Store {
         self.db.get_database_backend()
     }
 
-    /// The raw connection, for the store's own modules only: every SQL
-    /// statement of fleetpatch is issued by this crate.
+    /// The raw connection, for the store's own benchmark and tests only:
+    /// every SQL statement of fleetpatch is issued by this crate.
+    #[cfg(any(feature = "ceiling", feature = "test-support"))]
     pub(crate) fn connection(&self) -> &DatabaseConnection {
         &self.db
     }

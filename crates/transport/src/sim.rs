@@ -484,7 +484,12 @@ impl SimAgent {
                     *state.acknowledged.entry(self.plan.target_id.to_string()).or_default() += 1;
                     return;
                 }
-                Ok(response) if response.status().is_client_error() => {
+                // 408 (signed too long ago: it waited in a busy or frozen
+                // collector) and 429 are retried, signed afresh, as the real
+                // agent does.
+                Ok(response)
+                    if response.status().is_client_error() && !matches!(response.status().as_u16(), 408 | 429) =>
+                {
                     tracing::warn!(
                         status = %response.status(),
                         url = %fleetpatch_runtime::redact::url(&url),

@@ -11,7 +11,7 @@
 //! Answers and what they mean:
 //! * 2xx: accepted (duplicates included; the collector is idempotent by seq).
 //! * 401, 403: the request's signature is refused (a wrong key, an attempt
-//!   that is no longer current, a clock outside the collector's window); no
+//!   that is no longer current); no
 //!   batch will ever pass, so the thread stops sending and the reports stay
 //!   in the spool (logged as an error).
 //! * 409: the attempt already has its final result (for example the
@@ -26,7 +26,9 @@
 //! nonce and the body's sha256.
 //! * 400, 413, 422: this batch is refused; it is split in halves until the
 //!   refused report is alone, then that one report is dropped (logged).
-//! * connection errors, timeouts, 408, 429, 5xx and anything unexpected:
+//! * connection errors, timeouts, 408 (among them a timestamp outside the
+//!   collector's clock window: the request waited too long, or this clock is
+//!   off; every try is signed afresh), 429, 5xx and anything unexpected:
 //!   retried with capped exponential backoff and jitter.
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};

@@ -12,7 +12,9 @@
 //! 1. a missing or malformed `Authorization` header: 401;
 //! 2. a header naming another target than the path: 403;
 //! 3. a timestamp more than `collector.max_clock_skew_seconds` from the
-//!    collector's clock: 401 (stale);
+//!    collector's clock: 408 (stale: the agent signs it again and retries;
+//!    found by the chaos test, where a request that sat in a frozen
+//!    collector's socket for 60 s was refused and the agent gave up);
 //! 4. an unknown target, or an attempt that is not the target's current
 //!    one: 401;
 //! 5. a body over the limit: 413; a MAC that does not match: 401 (the same
@@ -391,13 +393,17 @@ fn unauthorized(reason: &'static str) -> Response {
 
 fn auth_error(error: AuthError, max_skew_ms: i64) -> Response {
     match error {
+        // 408, not 401: a request that waited too long (in a frozen or
+        // restarting collector's socket) is fine once signed again, so the
+        // agent retries it with a fresh timestamp instead of giving up.
         AuthError::Stale => refuse(
             error.reason(),
             problem(
-                StatusCode::UNAUTHORIZED,
-                "Unauthorized",
+                StatusCode::REQUEST_TIMEOUT,
+                "Request Timeout",
                 format!(
-                    "the request's timestamp is more than {} s from the collector's clock; check the target's clock",
+                    "the request's timestamp is more than {} s from the collector's clock: it waited too long, or \
+                     the target's clock is off (check it); sign it again",
                     max_skew_ms / 1_000
                 ),
             ),
