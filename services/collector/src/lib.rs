@@ -66,7 +66,7 @@ use fleetpatch_proto::v1::{self, agent_report::Kind};
 use fleetpatch_proto::Message;
 use fleetpatch_runtime::http::ServerOptions;
 use fleetpatch_runtime::tokens::TokenKey;
-use fleetpatch_runtime::{Health, Shutdown};
+use fleetpatch_runtime::{ConfigError, Health, Shutdown};
 use fleetpatch_store::{IncomingReport, PatchOutcomeKind, ReportKind, ReportResult, Store, TokenInfo};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -123,31 +123,33 @@ impl Default for CollectorOptions {
 }
 
 impl CollectorOptions {
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
         if self.batch_max_reports == 0 {
-            return Err("collector.batch_max_reports must be at least 1".into());
+            return Err(ConfigError::too_small("collector.batch_max_reports", 1));
         }
         if self.queue_capacity == 0 {
-            return Err("collector.queue_capacity must be at least 1".into());
+            return Err(ConfigError::too_small("collector.queue_capacity", 1));
         }
         if self.writers == 0 || self.writers > 64 {
-            return Err("collector.writers must be between 1 and 64".into());
+            return Err(ConfigError::out_of_range("collector.writers", 1, 64));
         }
         if self.max_clock_skew_seconds == 0 || self.max_clock_skew_seconds > 3_600 {
-            return Err(format!(
-                "collector.max_clock_skew_seconds must be between 1 and 3600, got {}; agents' clocks must be \
-                 within it of the collector's",
-                self.max_clock_skew_seconds
+            return Err(ConfigError::invalid(
+                "collector.max_clock_skew_seconds",
+                format!(
+                    "must be between 1 and 3600, got {}; agents' clocks must be within it of the collector's",
+                    self.max_clock_skew_seconds
+                ),
             ));
         }
         if self.replay_cache_entries < 1_000 {
-            return Err(format!(
-                "collector.replay_cache_entries must be at least 1000, got {}",
-                self.replay_cache_entries
+            return Err(ConfigError::invalid(
+                "collector.replay_cache_entries",
+                format!("must be at least 1000, got {}", self.replay_cache_entries),
             ));
         }
         if self.max_events_per_attempt == 0 {
-            return Err("collector.max_events_per_attempt must be at least 1".into());
+            return Err(ConfigError::too_small("collector.max_events_per_attempt", 1));
         }
         self.http.validate("collector.http")
     }

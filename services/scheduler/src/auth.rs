@@ -34,7 +34,7 @@ use axum::extract::{ConnectInfo, MatchedPath, Request, State};
 use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use fleetpatch_runtime::Shutdown;
+use fleetpatch_runtime::{ConfigError, Shutdown};
 use fleetpatch_store::auth::MalformedKey;
 use fleetpatch_store::{ActorKind, KeyCheck, NewAuditEntry, ParsedApiKey, Role, Store};
 use jsonwebtoken::jwk::JwkSet;
@@ -136,40 +136,63 @@ const ALGORITHMS: [Algorithm; 9] = [
 
 impl OidcOptions {
     /// Checks the options; the message names the key.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
         const KEY: &str = "scheduler.auth.oidc";
+        let key = |name: &str| format!("{KEY}.{name}");
         if self.issuer.trim().is_empty() {
-            return Err(format!("{KEY}.issuer must name the IdP's issuer (the `iss` of its tokens)"));
+            return Err(ConfigError::invalid(key("issuer"), "must name the IdP's issuer (the `iss` of its tokens)"));
         }
         if self.audience.trim().is_empty() {
-            return Err(format!("{KEY}.audience must name this API's audience (the `aud` of its tokens)"));
+            return Err(ConfigError::invalid(
+                key("audience"),
+                "must name this API's audience (the `aud` of its tokens)",
+            ));
         }
         match (&self.jwks_file, &self.jwks_url) {
-            (Some(_), Some(_)) => return Err(format!("{KEY}.jwks_file and {KEY}.jwks_url: set only one of them")),
-            (None, None) => return Err(format!("{KEY}.jwks_file or {KEY}.jwks_url must say where the IdP's keys are")),
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::invalid(
+                    format!("{KEY}.jwks_file and {KEY}.jwks_url"),
+                    "are both set: set only one of them",
+                ))
+            }
+            (None, None) => {
+                return Err(ConfigError::invalid(
+                    format!("{KEY}.jwks_file or {KEY}.jwks_url"),
+                    "must say where the IdP's keys are",
+                ))
+            }
             (None, Some(url)) if !(url.starts_with("https://") || url.starts_with("http://")) => {
-                return Err(format!("{KEY}.jwks_url {url:?} must be an http:// or https:// URL"))
+                return Err(ConfigError::invalid(
+                    key("jwks_url"),
+                    format!("{url:?} must be an http:// or https:// URL"),
+                ))
             }
             _ => {}
         }
         if self.role_claim.trim().is_empty() {
-            return Err(format!("{KEY}.role_claim must name the claim that holds roles or groups (e.g. roles)"));
+            return Err(ConfigError::invalid(
+                key("role_claim"),
+                "must name the claim that holds roles or groups (e.g. roles)",
+            ));
         }
         if self.roles.viewer.is_empty() && self.roles.operator.is_empty() && self.roles.admin.is_empty() {
-            return Err(format!("{KEY}.roles must map at least one claim value to viewer, operator or admin"));
+            return Err(ConfigError::invalid(
+                key("roles"),
+                "must map at least one claim value to viewer, operator or admin",
+            ));
         }
         if self.refresh_seconds < 10 {
-            return Err(format!("{KEY}.refresh_seconds must be at least 10"));
+            return Err(ConfigError::too_small(key("refresh_seconds"), 10));
         }
         if self.leeway_seconds > 300 {
-            return Err(format!("{KEY}.leeway_seconds must be at most 300"));
+            return Err(ConfigError::too_large(key("leeway_seconds"), 300));
         }
         Ok(())
     }
 }
 
 impl AuthOptions {
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
         match &self.oidc {
             Some(oidc) => oidc.validate(),
             None => Ok(()),
@@ -745,7 +768,7 @@ mod tests {
             refresh_seconds: 300,
             leeway_seconds: 30,
         };
-        assert_eq!(good.validate(), Ok(()));
+        assert!(good.validate().is_ok());
         let cases = [
             (OidcOptions { issuer: "".into(), ..good.clone() }, "scheduler.auth.oidc.issuer"),
             (OidcOptions { audience: " ".into(), ..good.clone() }, "scheduler.auth.oidc.audience"),
@@ -766,8 +789,15 @@ mod tests {
             ),
         ];
         for (options, key) in cases {
-            let error = options.validate().expect_err(key);
+            let error = options.validate().expect_err(key).to_string();
             assert!(error.starts_with(key), "{error:?} should name {key}");
         }
+        let error = OidcOptions { leeway_seconds: 301, ..good.clone() }.validate().unwrap_err();
+        assert_eq!(error.to_string(), "scheduler.auth.oidc.leeway_seconds must be at most 300");
+        let error = OidcOptions { jwks_file: None, jwks_url: Some("ftp://idp/certs".into()), ..good }.validate();
+        assert_eq!(
+            error.unwrap_err().to_string(),
+            "scheduler.auth.oidc.jwks_url \"ftp://idp/certs\" must be an http:// or https:// URL"
+        );
     }
 }

@@ -20,7 +20,7 @@ use fleetpatch_bus::{Bus, Delivery};
 use fleetpatch_proto::routing;
 use fleetpatch_proto::v1;
 use fleetpatch_proto::Message;
-use fleetpatch_runtime::{Health, Shutdown};
+use fleetpatch_runtime::{ConfigError, Health, Shutdown};
 use fleetpatch_store::{Store, TimeoutPolicy, WatchOutcome};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
@@ -96,27 +96,30 @@ impl Default for SchedulerOptions {
 }
 
 impl SchedulerOptions {
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
         if self.prefetch == 0 {
-            return Err("scheduler.prefetch must be at least 1".into());
+            return Err(ConfigError::too_small("scheduler.prefetch", 1));
         }
         if self.watch_batch == 0 {
-            return Err("scheduler.watch_batch must be at least 1".into());
+            return Err(ConfigError::too_small("scheduler.watch_batch", 1));
         }
         if self.watch_writers == 0 || self.watch_writers > 64 {
-            return Err("scheduler.watch_writers must be between 1 and 64".into());
+            return Err(ConfigError::out_of_range("scheduler.watch_writers", 1, 64));
         }
         if self.max_targets_per_rollout == 0 || self.max_targets_per_rollout > 1_000_000 {
-            return Err("scheduler.max_targets_per_rollout must be between 1 and 1000000".into());
+            return Err(ConfigError::out_of_range("scheduler.max_targets_per_rollout", 1, 1_000_000));
         }
         if self.max_content_bytes == 0 {
-            return Err("scheduler.max_content_bytes must be at least 1".into());
+            return Err(ConfigError::too_small("scheduler.max_content_bytes", 1));
         }
         if self.reconcile_interval_seconds == 0 {
-            return Err("scheduler.reconcile_interval_seconds must be at least 1".into());
+            return Err(ConfigError::too_small("scheduler.reconcile_interval_seconds", 1));
         }
         if self.stuck_job_seconds < 60 {
-            return Err("scheduler.stuck_job_seconds must be at least 60 (a slow staging is not a lost job)".into());
+            return Err(ConfigError::invalid(
+                "scheduler.stuck_job_seconds",
+                "must be at least 60 (a slow staging is not a lost job)",
+            ));
         }
         self.http.validate("scheduler.http")?;
         self.auth.validate()
@@ -141,7 +144,7 @@ pub enum Error {
     #[error("serving HTTP: {0}")]
     Serve(#[from] std::io::Error),
     #[error("invalid configuration: {0}")]
-    Config(String),
+    Config(#[from] ConfigError),
     #[error("invalid configuration: {0}")]
     Jwks(#[from] auth::JwksError),
 }
@@ -191,7 +194,7 @@ pub async fn start(
     health: Health,
     shutdown: Shutdown,
 ) -> Result<SchedulerHandle, Error> {
-    options.auth.validate().map_err(Error::Config)?;
+    options.auth.validate()?;
     let oidc = match options.auth.oidc.clone() {
         Some(oidc) => Some(auth::Oidc::start(oidc).await?),
         None => None,
@@ -609,7 +612,7 @@ mod option_tests {
 
     #[test]
     fn defaults_are_valid_and_bad_values_name_their_key() {
-        assert_eq!(SchedulerOptions::default().validate(), Ok(()));
+        assert!(SchedulerOptions::default().validate().is_ok());
         let cases = [
             (SchedulerOptions { prefetch: 0, ..Default::default() }, "scheduler.prefetch"),
             (SchedulerOptions { watch_batch: 0, ..Default::default() }, "scheduler.watch_batch"),
@@ -622,8 +625,11 @@ mod option_tests {
         ];
         for (options, key) in cases {
             let error = options.validate().expect_err(key);
-            assert!(error.starts_with(key), "{error:?} should name {key}");
+            assert_eq!(error.field(), key);
+            assert!(error.to_string().starts_with(key), "{error:?} should name {key}");
         }
+        let error = SchedulerOptions { watch_writers: 65, ..Default::default() }.validate().unwrap_err();
+        assert_eq!(error.to_string(), "scheduler.watch_writers must be between 1 and 64");
     }
 }
 

@@ -28,7 +28,7 @@ use fleetpatch_proto::v1;
 use fleetpatch_proto::Message;
 use fleetpatch_runtime::credentials::{self, Credentials, ScopeTarget};
 use fleetpatch_runtime::tokens::TokenKey;
-use fleetpatch_runtime::{Health, Shutdown};
+use fleetpatch_runtime::{ConfigError, Health, Shutdown};
 use fleetpatch_store::{content, Claim, DeployContext, ProbeOutcome, Store, Target};
 use fleetpatch_transport::{Credential, Deployment, PatchProbe, Secret, StagedFile, TargetSpec, Transport, Transports};
 use serde::{Deserialize, Serialize};
@@ -91,28 +91,30 @@ impl Default for WorkerOptions {
 }
 
 impl WorkerOptions {
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
         if self.concurrency == 0 {
-            return Err("worker.concurrency must be at least 1".into());
+            return Err(ConfigError::too_small("worker.concurrency", 1));
         }
         if !(self.collector_url.starts_with("http://") || self.collector_url.starts_with("https://")) {
-            return Err(format!(
-                "worker.collector_url must be an http:// or https:// URL, got {:?}",
-                self.collector_url
+            return Err(ConfigError::invalid(
+                "worker.collector_url",
+                format!("must be an http:// or https:// URL, got {:?}", self.collector_url),
             ));
         }
         if self.collector_url.starts_with("https://") && self.collector_ca_file.is_none() {
-            return Err(format!(
-                "worker.collector_ca_file must name the PEM file of the CA that signed the collector's certificate \
-                 when worker.collector_url is https ({:?}); the agent trusts only that CA",
-                self.collector_url
+            return Err(ConfigError::invalid(
+                "worker.collector_ca_file",
+                format!(
+                    "must name the PEM file of the CA that signed the collector's certificate when \
+                     worker.collector_url is https ({:?}); the agent trusts only that CA",
+                    self.collector_url
+                ),
             ));
         }
         if self.step_timeout_seconds == 0 {
-            return Err("worker.step_timeout_seconds must be at least 1".into());
+            return Err(ConfigError::too_small("worker.step_timeout_seconds", 1));
         }
-        fleetpatch_runtime::credentials::validate(&self.credentials, &CREDENTIAL_TRANSPORTS)
-            .map_err(|e| e.to_string())?;
+        fleetpatch_runtime::credentials::validate(&self.credentials, &CREDENTIAL_TRANSPORTS)?;
         Ok(())
     }
 }
@@ -124,7 +126,18 @@ pub enum Error {
     #[error(transparent)]
     Bus(#[from] fleetpatch_bus::Error),
     #[error("worker configuration: {0}")]
-    Config(String),
+    Config(#[from] ConfigError),
+    #[error("worker configuration: worker.collector_ca_file: cannot read {}: {source}", path.display())]
+    CollectorCaUnreadable {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "worker configuration: worker.collector_ca_file: {} holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
+        path.display()
+    )]
+    CollectorCaNotPem { path: PathBuf },
     #[error("serving HTTP: {0}")]
     Serve(#[from] std::io::Error),
 }
@@ -206,18 +219,14 @@ impl Worker {
         bus: Bus,
         transports: Transports,
     ) -> Result<Self, Error> {
-        options.validate().map_err(Error::Config)?;
+        options.validate()?;
         let collector_ca_pem = match &options.collector_ca_file {
             None => None,
             Some(path) => {
-                let pem = std::fs::read_to_string(path).map_err(|error| {
-                    Error::Config(format!("worker.collector_ca_file: cannot read {}: {error}", path.display()))
-                })?;
+                let pem = std::fs::read_to_string(path)
+                    .map_err(|source| Error::CollectorCaUnreadable { path: path.clone(), source })?;
                 if !pem.contains("-----BEGIN CERTIFICATE-----") {
-                    return Err(Error::Config(format!(
-                        "worker.collector_ca_file: {} holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
-                        path.display()
-                    )));
+                    return Err(Error::CollectorCaNotPem { path: path.clone() });
                 }
                 Some(Arc::from(pem))
             }
