@@ -496,15 +496,33 @@ fn tail(text: String, limit: usize) -> String {
     text[start..].to_owned()
 }
 
-fn convert(target_id: Uuid, attempt: u32, index: usize, report: v1::AgentReport) -> Result<IncomingReport, String> {
+/// Why a report of a batch is refused (400); names the report by its index.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+enum InvalidReport {
+    #[error("reports[{index}].seq must be at least 1")]
+    ZeroSeq { index: usize },
+    #[error("reports[{index}].seq {seq} is too large")]
+    SeqTooLarge { index: usize, seq: u64 },
+    #[error("reports[{index}] has no kind (started, finished, heartbeat or final)")]
+    NoKind { index: usize },
+    #[error("reports[{index}].finished.outcome {outcome} is not a known outcome")]
+    UnknownOutcome { index: usize, outcome: i32 },
+}
+
+fn convert(
+    target_id: Uuid,
+    attempt: u32,
+    index: usize,
+    report: v1::AgentReport,
+) -> Result<IncomingReport, InvalidReport> {
     if report.seq == 0 {
-        return Err(format!("reports[{index}].seq must be at least 1"));
+        return Err(InvalidReport::ZeroSeq { index });
     }
     if report.seq > i64::MAX as u64 {
-        return Err(format!("reports[{index}].seq {} is too large", report.seq));
+        return Err(InvalidReport::SeqTooLarge { index, seq: report.seq });
     }
     let kind = match report.kind {
-        None => return Err(format!("reports[{index}] has no kind (started, finished, heartbeat or final)")),
+        None => return Err(InvalidReport::NoKind { index }),
         Some(Kind::Started(started)) => ReportKind::Started { patch_index: started.patch_index },
         Some(Kind::Heartbeat(beat)) => ReportKind::Heartbeat { patch_index: beat.patch_index },
         Some(Kind::Finished(finished)) => {
@@ -514,12 +532,7 @@ fn convert(target_id: Uuid, attempt: u32, index: usize, report: v1::AgentReport)
                 Ok(v1::PatchOutcome::Failed) => PatchOutcomeKind::Failed,
                 Ok(v1::PatchOutcome::TimedOut) => PatchOutcomeKind::TimedOut,
                 Ok(v1::PatchOutcome::ChecksumMismatch) => PatchOutcomeKind::ChecksumMismatch,
-                _ => {
-                    return Err(format!(
-                        "reports[{index}].finished.outcome {} is not a known outcome",
-                        finished.outcome
-                    ))
-                }
+                _ => return Err(InvalidReport::UnknownOutcome { index, outcome: finished.outcome }),
             };
             ReportKind::Finished {
                 patch_index: finished.patch_index,
@@ -692,7 +705,7 @@ async fn post_reports(
         has_final |= matches!(report.kind, Some(Kind::Final(_)));
         match convert(target_id, attempt, index, report) {
             Ok(report) => reports.push(report),
-            Err(detail) => return problem(StatusCode::BAD_REQUEST, "Bad Request", detail),
+            Err(detail) => return problem(StatusCode::BAD_REQUEST, "Bad Request", detail.to_string()),
         }
     }
     let (reply, answer) = oneshot::channel();
@@ -759,8 +772,9 @@ mod tests {
     fn reports_without_a_kind_or_seq_are_refused_by_name() {
         let id = Uuid::new_v4();
         let err = convert(id, 1, 3, v1::AgentReport { seq: 0, sent_at_unix_ms: 0, kind: None }).unwrap_err();
-        assert!(err.contains("reports[3].seq"), "{err}");
+        assert_eq!(err, InvalidReport::ZeroSeq { index: 3 });
+        assert!(err.to_string().contains("reports[3].seq"), "{err}");
         let err = convert(id, 1, 0, v1::AgentReport { seq: 1, sent_at_unix_ms: 0, kind: None }).unwrap_err();
-        assert!(err.contains("no kind"), "{err}");
+        assert!(err.to_string().contains("no kind"), "{err}");
     }
 }
