@@ -282,7 +282,7 @@ async fn check_target(
                     checks.push(PreflightCheck {
                         name: "credential".into(),
                         ok: false,
-                        detail: reason,
+                        detail: reason.to_string(),
                         fix: Some(
                             "the credential's secret_ref must point at a secret that exists where this runs (the \
                              workers' environment or files) and holds `user:password`, a password (with `user`), or \

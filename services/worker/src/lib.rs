@@ -385,7 +385,7 @@ impl Worker {
                     name,
                     ScopeTarget { transport: &target.transport, host: &target.host, labels: &target.labels },
                 )
-                .map_err(JobError::Permanent)?,
+                .map_err(|error| JobError::Permanent(error.to_string()))?,
             ),
         };
         Ok(TargetSpec {
@@ -660,13 +660,41 @@ pub fn agent_binary_key(os: &str, arch: &str) -> String {
 /// checked (transport, host, labels) **before** its secret is read, then
 /// the secret read and parsed. Every error names the credential and the
 /// target, never the secret's text.
-pub fn resolve_credential(defined: &Credentials, name: &str, target: ScopeTarget<'_>) -> Result<Credential, String> {
-    let definition = credentials::lookup(defined, name).map_err(|e| e.to_string())?;
-    definition.check_scope(name, target).map_err(|e| e.to_string())?;
+pub fn resolve_credential(
+    defined: &Credentials,
+    name: &str,
+    target: ScopeTarget<'_>,
+) -> Result<Credential, ResolveCredentialError> {
+    let definition = credentials::lookup(defined, name)?;
+    definition.check_scope(name, target)?;
     let secret = fleetpatch_runtime::secrets::resolve(&definition.secret_ref)
-        .map_err(|e| format!("credential {name:?}: {e}"))?;
+        .map_err(|source| ResolveCredentialError::Secret { name: name.to_owned(), source })?;
     parse_credential(&secret, definition.user.as_deref(), target.labels.get("user").map(String::as_str))
-        .map_err(|e| format!("credential {name:?}: {e}"))
+        .map_err(|source| ResolveCredentialError::Format { name: name.to_owned(), source })
+}
+
+/// Why a target's credential cannot be used. Each message names the
+/// credential, never the secret's text. None of them goes away by trying
+/// again with the same configuration.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ResolveCredentialError {
+    /// No credential of that name, or the target is outside its scope.
+    #[error(transparent)]
+    Scope(#[from] credentials::CredentialError),
+    /// Its secret reference cannot be read.
+    #[error("credential {name:?}: {source}")]
+    Secret {
+        name: String,
+        #[source]
+        source: fleetpatch_runtime::secrets::SecretError,
+    },
+    /// The secret is not a usable credential.
+    #[error("credential {name:?}: {source}")]
+    Format {
+        name: String,
+        #[source]
+        source: SecretFormatError,
+    },
 }
 
 /// Why a secret is no usable credential. No variant holds any of the
@@ -759,6 +787,34 @@ mod tests {
         assert!(
             matches!(whole, Credential::Password { ref username, ref password } if username == "CORP\\deploy" && password.expose() == "pa:ss")
         );
+    }
+
+    #[test]
+    fn credential_errors_name_the_credential() {
+        let labels = BTreeMap::new();
+        let target = ScopeTarget { transport: "ssh", host: "db-1.corp.example", labels: &labels };
+        let definition = |secret_ref: &str| credentials::CredentialDefinition {
+            secret_ref: secret_ref.into(),
+            user: None,
+            transports: vec!["ssh".into()],
+            hosts: vec!["*.corp.example".into()],
+            labels: BTreeMap::new(),
+        };
+        let defined = Credentials::from([
+            ("unset".to_owned(), definition("env:FP_WORKER_TEST_UNSET_VARIABLE")),
+            ("dir".to_owned(), definition("file:/")),
+        ]);
+        let error = resolve_credential(&defined, "other", target).unwrap_err();
+        assert!(matches!(error, ResolveCredentialError::Scope(credentials::CredentialError::Unknown { .. })));
+        assert!(error.to_string().contains("no credential is named \"other\""), "{error}");
+        let error = resolve_credential(&defined, "unset", target).unwrap_err();
+        assert!(matches!(error, ResolveCredentialError::Secret { .. }), "{error:?}");
+        assert!(error.to_string().starts_with("credential \"unset\": secret reference"), "{error}");
+        let outside = ScopeTarget { host: "evil.example", ..target };
+        let error = resolve_credential(&defined, "unset", outside).unwrap_err();
+        assert!(error.to_string().contains("may not be used for host \"evil.example\""), "{error}");
+        let error = resolve_credential(&defined, "dir", target).unwrap_err();
+        assert!(error.to_string().starts_with("credential \"dir\": secret reference \"file:/\""), "{error}");
     }
 
     #[test]
