@@ -323,6 +323,17 @@ impl Unauthenticated {
     }
 }
 
+/// A valid OIDC token whose role claim grants no fleetpatch role (403).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the token of {subject:?} grants no fleetpatch role: its claim names none of the values mapped in \
+     [scheduler.auth.oidc.roles]; ask your IdP admin for a fleetpatch group"
+)]
+pub struct NoRole {
+    /// The token's `sub`.
+    pub subject: String,
+}
+
 fn forbidden(detail: String) -> Response {
     Problem::new(StatusCode::FORBIDDEN, "Forbidden", detail).into_response()
 }
@@ -441,7 +452,7 @@ impl Oidc {
     }
 
     /// The identity a token proves, or why it proves none.
-    pub async fn verify(&self, token: &str) -> Result<Result<Identity, String>, Unauthenticated> {
+    pub async fn verify(&self, token: &str) -> Result<Result<Identity, NoRole>, Unauthenticated> {
         let invalid = |reason: &'static str, detail: String| Unauthenticated::InvalidToken { reason, detail };
         let header = jsonwebtoken::decode_header(token)
             .map_err(|e| invalid("invalid_token", format!("its header cannot be read ({e})")))?;
@@ -492,7 +503,7 @@ impl Oidc {
         }
         Ok(match role_from_claims(&data.claims, &self.options.role_claim, &self.options.roles) {
             Some(role) => Ok(Identity { subject, kind: ActorKind::Jwt, role }),
-            None => Err(subject),
+            None => Err(NoRole { subject }),
         })
     }
 }
@@ -542,9 +553,9 @@ impl Authenticator {
         Self { store, oidc }
     }
 
-    /// The identity behind the request's credential. `Ok(Err(subject))`: a
+    /// The identity behind the request's credential. `Ok(Err(NoRole))`: a
     /// valid token that grants no role.
-    async fn identify(&self, value: Option<&HeaderValue>) -> Result<Result<Identity, String>, Refusal> {
+    async fn identify(&self, value: Option<&HeaderValue>) -> Result<Result<Identity, NoRole>, Refusal> {
         match credential(value).map_err(Refusal::Unauthenticated)? {
             Credential::ApiKey(key) => match self.store.check_api_key(&key, chrono::Utc::now()).await {
                 Ok(KeyCheck::Valid(key)) => {
@@ -627,13 +638,10 @@ pub async fn authenticate(State(auth): State<Authenticator>, request: Request, n
         .unwrap_or_else(|| "unknown".into());
     let identity = match auth.identify(request.headers().get(header::AUTHORIZATION)).await {
         Ok(Ok(identity)) => identity,
-        Ok(Err(subject)) => {
+        Ok(Err(no_role)) => {
             metrics::counter!("fleetpatch_api_auth_failures_total", "reason" => "no_role").increment(1);
-            tracing::info!(subject = %subject, route = %route, "oidc token grants no fleetpatch role");
-            return forbidden(format!(
-                "the token of {subject:?} grants no fleetpatch role: its claim names none of the values mapped in \
-                 [scheduler.auth.oidc.roles]; ask your IdP admin for a fleetpatch group"
-            ));
+            tracing::info!(subject = %no_role.subject, route = %route, "oidc token grants no fleetpatch role");
+            return forbidden(no_role.to_string());
         }
         Err(Refusal::Unauthenticated(why)) => {
             metrics::counter!("fleetpatch_api_auth_failures_total", "reason" => why.reason()).increment(1);
@@ -799,5 +807,12 @@ mod tests {
             error.unwrap_err().to_string(),
             "scheduler.auth.oidc.jwks_url \"ftp://idp/certs\" must be an http:// or https:// URL"
         );
+    }
+
+    #[test]
+    fn a_token_without_a_role_is_named_in_the_refusal() {
+        let refusal = NoRole { subject: "alice@corp.example".into() }.to_string();
+        assert!(refusal.starts_with("the token of \"alice@corp.example\" grants no fleetpatch role"), "{refusal}");
+        assert!(refusal.contains("[scheduler.auth.oidc.roles]"), "{refusal}");
     }
 }

@@ -149,6 +149,40 @@ pub enum Error {
     Jwks(#[from] auth::JwksError),
 }
 
+/// Why a message of the scheduler's consumers (a dispatch request) was not
+/// handled.
+#[derive(Debug, thiserror::Error)]
+pub enum DispatchError {
+    /// The message came from a queue this consumer has no handler for.
+    #[error("no handler for routing key {0:?}")]
+    NoHandler(String),
+    /// The payload is not a `DispatchRequest`.
+    #[error("undecodable dispatch request: {0}")]
+    Undecodable(#[source] prost::DecodeError),
+    /// The request's rollout id is not a UUID.
+    #[error("dispatch rollout id: {0}")]
+    RolloutId(#[source] uuid::Error),
+    /// The dispatch pass failed in the store.
+    #[error(transparent)]
+    Store(#[from] fleetpatch_store::Error),
+}
+
+impl DispatchError {
+    /// Whether the same message may succeed when handled again: the
+    /// database was unreachable or a transaction conflicted. A message that
+    /// is malformed, or that the stored data refuses, never will.
+    pub fn is_retryable(&self) -> bool {
+        use fleetpatch_store::Error as E;
+        match self {
+            DispatchError::NoHandler(_) | DispatchError::Undecodable(_) | DispatchError::RolloutId(_) => false,
+            DispatchError::Store(error) => match error {
+                E::Connect { .. } | E::Db(_) | E::Conflict(_) => true,
+                E::NotMigrated { .. } | E::NotFound { .. } | E::Invalid(_) | E::Corrupt(_) => false,
+            },
+        }
+    }
+}
+
 /// A running scheduler.
 pub struct SchedulerHandle {
     pub local_addr: std::net::SocketAddr,
@@ -305,7 +339,7 @@ impl Core {
     async fn handle(&self, delivery: Delivery) {
         let result = match delivery.routing_key.as_str() {
             routing::DISPATCH => self.dispatch(&delivery.payload).await,
-            other => Err(format!("no handler for routing key {other:?}")),
+            other => Err(DispatchError::NoHandler(other.to_owned())),
         };
         match result {
             Ok(()) => {
@@ -314,7 +348,10 @@ impl Core {
                 }
             }
             Err(reason) => {
-                tracing::warn!(reason = %reason, "scheduler job failed; requeued");
+                // Every failure is requeued (the broker dead-letters the
+                // message after `amqp.delivery_limit` deliveries); the log
+                // says whether another delivery can help.
+                tracing::warn!(reason = %reason, retryable = reason.is_retryable(), "scheduler job failed; requeued");
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 let _ = delivery.requeue().await;
             }
@@ -327,9 +364,9 @@ impl Core {
     /// followed by a pass that started after it arrived, and thousands of
     /// "a slot freed up" requests cost a handful of passes, not thousands of
     /// turns on the rollout's row lock.
-    async fn dispatch(&self, payload: &[u8]) -> Result<(), String> {
-        let request = v1::DispatchRequest::decode(payload).map_err(|e| format!("undecodable dispatch request: {e}"))?;
-        let rollout_id = Uuid::parse_str(&request.rollout_id).map_err(|e| format!("dispatch rollout id: {e}"))?;
+    async fn dispatch(&self, payload: &[u8]) -> Result<(), DispatchError> {
+        let request = v1::DispatchRequest::decode(payload).map_err(DispatchError::Undecodable)?;
+        let rollout_id = Uuid::parse_str(&request.rollout_id).map_err(DispatchError::RolloutId)?;
         {
             let mut running = self.dispatching.lock().expect("dispatch map lock");
             if let Some(dirty) = running.get_mut(&rollout_id) {
@@ -353,7 +390,7 @@ impl Core {
                     }
                 }
                 Err(fleetpatch_store::Error::NotFound { .. }) => return Ok(()),
-                Err(error) => return Err(error.to_string()),
+                Err(error) => return Err(DispatchError::Store(error)),
             }
             // Ending the pass and checking for requests happen under one lock,
             // so no request can slip in between.
@@ -608,7 +645,21 @@ impl Core {
 
 #[cfg(test)]
 mod option_tests {
-    use super::SchedulerOptions;
+    use super::{DispatchError, SchedulerOptions};
+
+    #[test]
+    fn job_errors_name_the_fault_and_say_whether_to_retry() {
+        let error = DispatchError::RolloutId(uuid::Uuid::parse_str("not-a-uuid").unwrap_err());
+        assert!(error.to_string().starts_with("dispatch rollout id: "), "{error}");
+        assert!(!error.is_retryable());
+        let error = DispatchError::NoHandler("fleetpatch.other".into());
+        assert_eq!(error.to_string(), "no handler for routing key \"fleetpatch.other\"");
+        assert!(!error.is_retryable());
+        let error = DispatchError::from(fleetpatch_store::Error::Conflict("rollout 1 is locked".into()));
+        assert_eq!(error.to_string(), "rollout 1 is locked");
+        assert!(error.is_retryable());
+        assert!(!DispatchError::from(fleetpatch_store::Error::Corrupt("x".into())).is_retryable());
+    }
 
     #[test]
     fn defaults_are_valid_and_bad_values_name_their_key() {
