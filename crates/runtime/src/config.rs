@@ -63,6 +63,86 @@ pub fn to_toml<T: Serialize>(value: &T) -> Result<String> {
     toml::to_string_pretty(&tree).map_err(|e| Error::Config(e.to_string()))
 }
 
+/// A configuration value that breaks a rule. Every variant names the key at
+/// fault in full (`collector.writers`, `scheduler.http.tls.cert_file`) and
+/// says what the value must be; the binary prints it after "invalid
+/// configuration: ". Each service's and transport's `validate()` returns
+/// it; options that do not know where they sit in the file (a transport's
+/// section) name their own key and the caller adds the section with
+/// [`ConfigError::in_section`]; `[credentials]` keys are whole already.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A number below the least value allowed.
+    #[error("{field} must be at least {min}")]
+    TooSmall { field: String, min: u64 },
+    /// A number above the greatest value allowed.
+    #[error("{field} must be at most {max}")]
+    TooLarge { field: String, max: u64 },
+    /// A number outside an inclusive range.
+    #[error("{field} must be between {min} and {max}")]
+    OutOfRange { field: String, min: u64, max: u64 },
+    /// Any other rule: `reason` follows the key and says what the value
+    /// must be (`must be "text" or "json", got "xml"`).
+    #[error("{field} {reason}")]
+    Invalid { field: String, reason: String },
+    /// The TLS certificate or key of the HTTP server of `section`
+    /// (`collector.http`) cannot be used.
+    #[error("{section}.tls.{source}")]
+    Tls {
+        section: String,
+        #[source]
+        source: Box<crate::http::TlsKeyError>,
+    },
+    /// A `[credentials.<name>]` definition is wrong (its message names the key).
+    #[error(transparent)]
+    Credential(#[from] crate::credentials::CredentialError),
+}
+
+impl ConfigError {
+    pub fn too_small(field: impl Into<String>, min: u64) -> Self {
+        Self::TooSmall { field: field.into(), min }
+    }
+
+    pub fn too_large(field: impl Into<String>, max: u64) -> Self {
+        Self::TooLarge { field: field.into(), max }
+    }
+
+    pub fn out_of_range(field: impl Into<String>, min: u64, max: u64) -> Self {
+        Self::OutOfRange { field: field.into(), min, max }
+    }
+
+    pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self::Invalid { field: field.into(), reason: reason.into() }
+    }
+
+    /// The key at fault, in full.
+    pub fn field(&self) -> String {
+        match self {
+            Self::TooSmall { field, .. }
+            | Self::TooLarge { field, .. }
+            | Self::OutOfRange { field, .. }
+            | Self::Invalid { field, .. } => field.clone(),
+            Self::Tls { section, source } => format!("{section}.tls.{}", source.field()),
+            Self::Credential(crate::credentials::CredentialError::Invalid { key, .. }) => key.clone(),
+            Self::Credential(_) => "credentials".into(),
+        }
+    }
+
+    /// The same error with `section.` before the key (`port` becomes
+    /// `smb.port`).
+    pub fn in_section(self, section: &str) -> Self {
+        match self {
+            Self::TooSmall { field, min } => Self::TooSmall { field: format!("{section}.{field}"), min },
+            Self::TooLarge { field, max } => Self::TooLarge { field: format!("{section}.{field}"), max },
+            Self::OutOfRange { field, min, max } => Self::OutOfRange { field: format!("{section}.{field}"), min, max },
+            Self::Invalid { field, reason } => Self::Invalid { field: format!("{section}.{field}"), reason },
+            Self::Tls { section: inner, source } => Self::Tls { section: format!("{section}.{inner}"), source },
+            // Credentials are a top-level table: their keys are already whole.
+            Self::Credential(error) => Self::Credential(error),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -112,6 +192,18 @@ mod tests {
         }
         let text = to_toml(&Printed { url: "postgres://fp:MARKER@db/fp".into() }).unwrap();
         assert!(!text.contains("MARKER") && text.contains("postgres://fp:***@db/fp"), "{text}");
+    }
+
+    #[test]
+    fn config_errors_name_the_key_and_the_rule() {
+        let error = ConfigError::too_small("collector.writers", 1);
+        assert_eq!(error.to_string(), "collector.writers must be at least 1");
+        let error = ConfigError::out_of_range("watch_writers", 1, 64).in_section("scheduler");
+        assert_eq!(error.to_string(), "scheduler.watch_writers must be between 1 and 64");
+        assert_eq!(error.field(), "scheduler.watch_writers");
+        let error = ConfigError::invalid("share", "must be a disk share, got \"IPC$\"").in_section("smb");
+        assert_eq!(error.to_string(), "smb.share must be a disk share, got \"IPC$\"");
+        assert!(matches!(error, ConfigError::Invalid { ref field, .. } if field == "smb.share"));
     }
 
     #[test]

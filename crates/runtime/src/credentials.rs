@@ -169,7 +169,7 @@ impl CredentialDefinition {
             ));
         }
         for (i, host) in self.hosts.iter().enumerate() {
-            HostPattern::parse(host).map_err(|message| invalid(format!("hosts[{i}]"), message))?;
+            HostPattern::parse(host).map_err(|error| invalid(format!("hosts[{i}]"), error.to_string()))?;
         }
         for key in self.labels.keys() {
             if key.is_empty() {
@@ -255,8 +255,22 @@ enum HostPattern {
     Name(Vec<String>),
 }
 
+/// Why a `hosts` entry is not a host pattern; each names the entry.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+enum HostPatternError {
+    #[error("{0:?} is not a CIDR (10.1.0.0/16, fd00::/8)")]
+    NotCidr(String),
+    #[error(
+        "{0:?} is not a host pattern: use a host name with `*` inside labels (*.corp.example), a CIDR \
+         (10.1.0.0/16), an IP address, or \"*\""
+    )]
+    NotPattern(String),
+    #[error("{0:?} looks like an IP address in a short form; write it as a CIDR or a full address")]
+    ShortNumeric(String),
+}
+
 impl HostPattern {
-    fn parse(raw: &str) -> Result<Self, String> {
+    fn parse(raw: &str) -> Result<Self, HostPatternError> {
         let text = raw.trim();
         if text == "*" {
             return Ok(HostPattern::Any);
@@ -265,7 +279,7 @@ impl HostPattern {
             return text
                 .parse::<ipnet::IpNet>()
                 .map(|net| HostPattern::Network(net.trunc()))
-                .map_err(|_| format!("{raw:?} is not a CIDR (10.1.0.0/16, fd00::/8)"));
+                .map_err(|_| HostPatternError::NotCidr(raw.to_owned()));
         }
         if let Ok(address) = text.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() {
             return Ok(HostPattern::Network(ipnet::IpNet::from(address.to_canonical())));
@@ -276,15 +290,10 @@ impl HostPattern {
             !label.is_empty() && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'*')
         };
         if name.is_empty() || !labels.iter().all(valid_label) {
-            return Err(format!(
-                "{raw:?} is not a host pattern: use a host name with `*` inside labels (*.corp.example), a CIDR \
-                 (10.1.0.0/16), an IP address, or \"*\""
-            ));
+            return Err(HostPatternError::NotPattern(raw.to_owned()));
         }
         if labels.last().is_some_and(|last| looks_numeric(last)) {
-            return Err(format!(
-                "{raw:?} looks like an IP address in a short form; write it as a CIDR or a full address"
-            ));
+            return Err(HostPatternError::ShortNumeric(raw.to_owned()));
         }
         Ok(HostPattern::Name(labels))
     }
@@ -490,6 +499,18 @@ mod tests {
             let error = validate(&credentials, &TRANSPORTS).unwrap_err();
             assert!(matches!(&error, CredentialError::Invalid { key: k, .. } if k == key), "{key}: {error}");
         }
+    }
+
+    #[test]
+    fn bad_host_patterns_name_the_entry() {
+        let message = |raw: &str| HostPattern::parse(raw).unwrap_err().to_string();
+        assert_eq!(message("10.0.0.0/33"), "\"10.0.0.0/33\" is not a CIDR (10.1.0.0/16, fd00::/8)");
+        assert!(message("bad host").starts_with("\"bad host\" is not a host pattern: use a host name"));
+        assert!(message("10.1").starts_with("\"10.1\" looks like an IP address in a short form"));
+        assert_eq!(HostPattern::parse("a..b"), Err(HostPatternError::NotPattern("a..b".into())));
+        let credentials = Credentials::from([("a".to_owned(), definition(&["*", "web 1"]))]);
+        let error = validate(&credentials, &TRANSPORTS).unwrap_err().to_string();
+        assert!(error.starts_with("credentials.a.hosts[1]: \"web 1\" is not a host pattern"), "{error}");
     }
 
     #[test]

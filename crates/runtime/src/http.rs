@@ -44,6 +44,8 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::ConfigError;
+
 /// Server settings, a section of each service's configuration
 /// (`collector.http`, `scheduler.http`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -93,47 +95,87 @@ fn default_reload_check_seconds() -> u64 {
 
 impl ServerOptions {
     /// Checks the values; `section` (`collector.http`) prefixes the key named.
-    pub fn validate(&self, section: &str) -> Result<(), String> {
+    pub fn validate(&self, section: &str) -> Result<(), ConfigError> {
         if self.header_read_timeout_seconds == 0 {
-            return Err(format!("{section}.header_read_timeout_seconds must be at least 1"));
+            return Err(ConfigError::too_small(format!("{section}.header_read_timeout_seconds"), 1));
         }
         if self.idle_timeout_seconds == 0 {
-            return Err(format!("{section}.idle_timeout_seconds must be at least 1"));
+            return Err(ConfigError::too_small(format!("{section}.idle_timeout_seconds"), 1));
         }
         if self.max_connections == 0 {
-            return Err(format!("{section}.max_connections must be at least 1"));
+            return Err(ConfigError::too_small(format!("{section}.max_connections"), 1));
         }
         if let Some(tls) = &self.tls {
             if tls.reload_check_seconds == 0 {
-                return Err(format!("{section}.tls.reload_check_seconds must be at least 1"));
+                return Err(ConfigError::too_small(format!("{section}.tls.reload_check_seconds"), 1));
             }
-            load_certified_key(tls).map_err(|error| format!("{section}.tls.{error}"))?;
+            load_certified_key(tls)
+                .map_err(|source| ConfigError::Tls { section: section.to_owned(), source: Box::new(source) })?;
         }
         Ok(())
     }
 }
 
-/// Reads the certificate chain and key; the error starts with the key of
-/// the file at fault (`cert_file: …`).
-fn load_certified_key(tls: &TlsOptions) -> Result<CertifiedKey, String> {
-    let certs =
-        CertificateDer::pem_file_iter(&tls.cert_file).and_then(|certs| certs.collect::<Result<Vec<_>, _>>()).map_err(
-            |error| format!("cert_file: cannot read a PEM certificate chain from {}: {error}", tls.cert_file.display()),
-        )?;
+/// Why a TLS certificate chain and key cannot be served. The message
+/// starts with the key of the file at fault (`cert_file: …`).
+#[derive(Debug, thiserror::Error)]
+pub enum TlsKeyError {
+    #[error("cert_file: cannot read a PEM certificate chain from {}: {source}", path.display())]
+    ReadCertificates {
+        path: PathBuf,
+        #[source]
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("cert_file: {} holds no PEM certificate", path.display())]
+    NoCertificate { path: PathBuf },
+    #[error("key_file: cannot read a PEM private key from {}: {source}", path.display())]
+    ReadKey {
+        path: PathBuf,
+        #[source]
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("key_file: {} is not a usable private key: {source}", path.display())]
+    UnusableKey {
+        path: PathBuf,
+        #[source]
+        source: rustls::Error,
+    },
+    #[error("key_file: {} does not belong to the certificate in {}: {source}", key_path.display(), cert_path.display())]
+    KeyMismatch {
+        key_path: PathBuf,
+        cert_path: PathBuf,
+        #[source]
+        source: rustls::Error,
+    },
+}
+
+impl TlsKeyError {
+    /// The key (under `…http.tls`) of the file at fault: `cert_file` or `key_file`.
+    pub fn field(&self) -> &'static str {
+        match self {
+            Self::ReadCertificates { .. } | Self::NoCertificate { .. } => "cert_file",
+            Self::ReadKey { .. } | Self::UnusableKey { .. } | Self::KeyMismatch { .. } => "key_file",
+        }
+    }
+}
+
+/// Reads the certificate chain and key.
+fn load_certified_key(tls: &TlsOptions) -> Result<CertifiedKey, TlsKeyError> {
+    let certs = CertificateDer::pem_file_iter(&tls.cert_file)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|source| TlsKeyError::ReadCertificates { path: tls.cert_file.clone(), source })?;
     if certs.is_empty() {
-        return Err(format!("cert_file: {} holds no PEM certificate", tls.cert_file.display()));
+        return Err(TlsKeyError::NoCertificate { path: tls.cert_file.clone() });
     }
     let key = PrivateKeyDer::from_pem_file(&tls.key_file)
-        .map_err(|error| format!("key_file: cannot read a PEM private key from {}: {error}", tls.key_file.display()))?;
+        .map_err(|source| TlsKeyError::ReadKey { path: tls.key_file.clone(), source })?;
     let signing_key = rustls::crypto::ring::sign::any_supported_type(&key)
-        .map_err(|error| format!("key_file: {} is not a usable private key: {error}", tls.key_file.display()))?;
+        .map_err(|source| TlsKeyError::UnusableKey { path: tls.key_file.clone(), source })?;
     let certified = CertifiedKey::new(certs, signing_key);
-    certified.keys_match().map_err(|error| {
-        format!(
-            "key_file: {} does not belong to the certificate in {}: {error}",
-            tls.key_file.display(),
-            tls.cert_file.display()
-        )
+    certified.keys_match().map_err(|source| TlsKeyError::KeyMismatch {
+        key_path: tls.key_file.clone(),
+        cert_path: tls.cert_file.clone(),
+        source,
     })?;
     Ok(certified)
 }

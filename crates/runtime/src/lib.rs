@@ -16,6 +16,7 @@ pub mod telemetry;
 pub mod tokens;
 
 pub use clock::{Clock, ManualClock};
+pub use config::ConfigError;
 pub use ops::{Health, ReadinessCheck};
 pub use shutdown::Shutdown;
 
@@ -27,6 +28,8 @@ pub enum Error {
     Listen { address: String, reason: String },
     #[error("telemetry: {0}")]
     Telemetry(String),
+    #[error("telemetry: {0}")]
+    TelemetryOptions(#[source] ConfigError),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

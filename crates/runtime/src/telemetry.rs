@@ -9,6 +9,8 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
+use crate::ConfigError;
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TelemetryOptions {
@@ -27,12 +29,19 @@ impl Default for TelemetryOptions {
 }
 
 impl TelemetryOptions {
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
         if !matches!(self.log_format.as_str(), "text" | "json") {
-            return Err(format!("telemetry.log_format must be \"text\" or \"json\", got {:?}", self.log_format));
+            return Err(ConfigError::invalid(
+                "telemetry.log_format",
+                format!("must be \"text\" or \"json\", got {:?}", self.log_format),
+            ));
         }
-        EnvFilter::try_new(&self.log_filter)
-            .map_err(|error| format!("telemetry.log_filter {:?} is not a valid filter: {error}", self.log_filter))?;
+        EnvFilter::try_new(&self.log_filter).map_err(|error| {
+            ConfigError::invalid(
+                "telemetry.log_filter",
+                format!("{:?} is not a valid filter: {error}", self.log_filter),
+            )
+        })?;
         Ok(())
     }
 }
@@ -53,7 +62,7 @@ impl Drop for TelemetryGuard {
 
 /// Installs the global subscriber. Call once, from `main`.
 pub fn init(options: &TelemetryOptions, service: &'static str) -> crate::Result<TelemetryGuard> {
-    options.validate().map_err(crate::Error::Telemetry)?;
+    options.validate().map_err(crate::Error::TelemetryOptions)?;
     opentelemetry::global::set_text_map_propagator(opentelemetry_sdk::propagation::TraceContextPropagator::new());
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&options.log_filter))
@@ -93,4 +102,25 @@ pub fn init(options: &TelemetryOptions, service: &'static str) -> crate::Result<
         .try_init()
         .map_err(|e| crate::Error::Telemetry(e.to_string()))?;
     Ok(TelemetryGuard { provider })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_options_name_the_key_and_the_value() {
+        assert!(TelemetryOptions::default().validate().is_ok());
+        let error =
+            TelemetryOptions { log_format: "xml".into(), ..TelemetryOptions::default() }.validate().unwrap_err();
+        assert_eq!(error.to_string(), "telemetry.log_format must be \"text\" or \"json\", got \"xml\"");
+        let error = TelemetryOptions { log_filter: "fleetpatch=loud".into(), ..TelemetryOptions::default() }
+            .validate()
+            .unwrap_err();
+        assert_eq!(error.field(), "telemetry.log_filter");
+        assert!(
+            error.to_string().starts_with("telemetry.log_filter \"fleetpatch=loud\" is not a valid filter"),
+            "{error}"
+        );
+    }
 }

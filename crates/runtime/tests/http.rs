@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use axum::extract::ConnectInfo;
 use axum::routing::get;
 use axum::Router;
-use fleetpatch_runtime::http::{serve, ServerOptions, TlsOptions};
+use fleetpatch_runtime::http::{serve, ServerOptions, TlsKeyError, TlsOptions};
+use fleetpatch_runtime::ConfigError;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
@@ -245,14 +246,22 @@ fn bad_tls_files_are_refused_naming_the_key() {
         ..ServerOptions::default()
     };
     let error = options("missing.crt", "tls.key").validate("collector.http").unwrap_err();
+    assert_eq!(error.field(), "collector.http.tls.cert_file");
+    let error = error.to_string();
     assert!(error.starts_with("collector.http.tls.cert_file:"), "{error}");
-    let error = options("tls.crt", "missing.key").validate("collector.http").unwrap_err();
+    let error = options("tls.crt", "missing.key").validate("collector.http").unwrap_err().to_string();
     assert!(error.starts_with("collector.http.tls.key_file:"), "{error}");
     // A key that does not belong to the certificate.
     std::fs::write(dir.path().join("other.key"), rcgen::KeyPair::generate().unwrap().serialize_pem()).unwrap();
     let error = options("tls.crt", "other.key").validate("collector.http").unwrap_err();
+    assert!(
+        matches!(&error, ConfigError::Tls { source, .. } if matches!(**source, TlsKeyError::KeyMismatch { .. })),
+        "{error:?}"
+    );
+    let error = error.to_string();
     assert!(error.starts_with("collector.http.tls.key_file:") && error.contains("does not belong"), "{error}");
     let error =
         ServerOptions { max_connections: 0, ..ServerOptions::default() }.validate("scheduler.http").unwrap_err();
-    assert_eq!(error, "scheduler.http.max_connections must be at least 1");
+    assert!(matches!(&error, ConfigError::TooSmall { min: 1, .. }), "{error:?}");
+    assert_eq!(error.to_string(), "scheduler.http.max_connections must be at least 1");
 }

@@ -79,7 +79,7 @@ const RESERVED_NAMES: [&str; 6] =
 pub enum SmbTransportError {
     /// The options are not usable; the message names the key.
     #[error("invalid smb transport options: {0}")]
-    InvalidOptions(String),
+    InvalidOptions(#[source] fleetpatch_runtime::ConfigError),
 }
 
 /// The `smb` transport. Cheap to clone.

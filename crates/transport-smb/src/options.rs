@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use fleetpatch_runtime::ConfigError;
 use fleetpatch_winproto::EncryptionPolicy;
 use serde::{Deserialize, Serialize};
 
@@ -94,38 +95,47 @@ pub(crate) fn is_plain_component(part: &str) -> bool {
 
 impl SmbTransportOptions {
     /// Checks the options; the error names the key and what to set.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
         if self.port == 0 {
-            return Err("port must be 1-65535".into());
+            return Err(ConfigError::out_of_range("port", 1, 65535));
         }
         if self.timeout_seconds == 0 {
-            return Err("timeout_seconds must be at least 1".into());
+            return Err(ConfigError::too_small("timeout_seconds", 1));
         }
         if self.service_timeout_seconds == 0 {
-            return Err("service_timeout_seconds must be at least 1".into());
+            return Err(ConfigError::too_small("service_timeout_seconds", 1));
         }
         let share = self.share.trim_end_matches('$');
         if self.share.is_empty() || !is_plain_component(&self.share) || share.is_empty() {
-            return Err(format!("share must be a share name such as C$ or ADMIN$, got {:?}", self.share));
+            return Err(ConfigError::invalid(
+                "share",
+                format!("must be a share name such as C$ or ADMIN$, got {:?}", self.share),
+            ));
         }
         if self.share.eq_ignore_ascii_case("IPC$") {
-            return Err("share must be a disk share; IPC$ holds named pipes only".into());
+            return Err(ConfigError::invalid("share", "must be a disk share; IPC$ holds named pipes only"));
         }
         let local = self.share_path.as_bytes();
         let drive_rooted = local.len() >= 3 && local[0].is_ascii_alphabetic() && local[1] == b':' && local[2] == b'\\';
         if !drive_rooted || self.share_path.contains(['"', '\0', '\n', '/']) {
-            return Err(format!(
-                "share_path must be the local directory the share serves on the target, such as C:\\ or \
-                 C:\\Windows, got {:?}",
-                self.share_path
+            return Err(ConfigError::invalid(
+                "share_path",
+                format!(
+                    "must be the local directory the share serves on the target, such as C:\\ or C:\\Windows, got \
+                     {:?}",
+                    self.share_path
+                ),
             ));
         }
         let parts: Vec<&str> = self.staging_dir.split('\\').filter(|p| !p.is_empty()).collect();
         if parts.is_empty() || !parts.iter().all(|p| is_plain_component(p)) || self.staging_dir.contains('/') {
-            return Err(format!(
-                "staging_dir must be a relative directory under the share with \\ separators, such as \
-                 Windows\\Patches, got {:?}",
-                self.staging_dir
+            return Err(ConfigError::invalid(
+                "staging_dir",
+                format!(
+                    "must be a relative directory under the share with \\ separators, such as Windows\\Patches, \
+                     got {:?}",
+                    self.staging_dir
+                ),
             ));
         }
         Ok(())
@@ -166,7 +176,13 @@ mod tests {
         ];
         for (options, key) in cases {
             let error = options.validate().unwrap_err();
-            assert!(error.starts_with(key), "{error}");
+            assert_eq!(error.field(), key);
+            assert!(error.to_string().starts_with(key), "{error}");
         }
+        let error = SmbTransportOptions { share: "a\\b".into(), ..Default::default() }.validate().unwrap_err();
+        assert_eq!(
+            error.in_section("smb").to_string(),
+            "smb.share must be a share name such as C$ or ADMIN$, got \"a\\\\b\""
+        );
     }
 }

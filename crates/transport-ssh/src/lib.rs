@@ -82,7 +82,7 @@ const UPLOAD_CHUNK_BYTES: usize = 256 << 10;
 pub enum SshError {
     /// The options are not usable; the message names the key.
     #[error("invalid ssh transport options: {0}")]
-    InvalidOptions(String),
+    InvalidOptions(#[source] fleetpatch_runtime::ConfigError),
 }
 
 /// The `ssh` transport. Cheap to clone.
@@ -138,9 +138,9 @@ impl SshTransport {
         match target.labels.get(STAGING_ROOT_LABEL) {
             None => Ok(self.options.staging_root()),
             Some(root) => {
-                options::validate_staging_root(root).map_err(|reason| Error::Remote {
+                options::validate_staging_root(root).map_err(|error| Error::Remote {
                     address: self.address(target),
-                    reason: format!("target label {STAGING_ROOT_LABEL} {reason}"),
+                    reason: format!("target label {STAGING_ROOT_LABEL} {error}"),
                     transient: false,
                 })?;
                 Ok(root.trim_end_matches('/'))

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use fleetpatch_runtime::ConfigError;
 use serde::{Deserialize, Serialize};
 
 /// How an unknown or changed host key is treated.
@@ -19,14 +20,24 @@ pub enum HostKeyPolicy {
     TrustOnFirstUse,
 }
 
+/// Why a staging root is refused; the message follows the key or label
+/// that holds it (`staging_root must be …`) and repeats the value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum StagingRootError {
+    #[error("must be an absolute directory other than /, got {0:?}")]
+    NotAbsolute(String),
+    #[error("must be a plain path (no .., no newline), got {0:?}")]
+    NotPlain(String),
+}
+
 /// Checks a staging root (the option, or a target's label): an absolute
 /// plain directory other than `/`.
-pub(crate) fn validate_staging_root(root: &str) -> Result<(), String> {
+pub(crate) fn validate_staging_root(root: &str) -> Result<(), StagingRootError> {
     if !root.starts_with('/') || root.trim_end_matches('/').is_empty() {
-        return Err(format!("must be an absolute directory other than /, got {root:?}"));
+        return Err(StagingRootError::NotAbsolute(root.to_owned()));
     }
     if root.contains(['\0', '\n']) || root.split('/').any(|part| part == "..") {
-        return Err(format!("must be a plain path (no .., no newline), got {root:?}"));
+        return Err(StagingRootError::NotPlain(root.to_owned()));
     }
     Ok(())
 }
@@ -78,25 +89,28 @@ impl Default for SshOptions {
 
 impl SshOptions {
     /// Checks the options; the error names the key and what to set.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
         if self.default_user.is_empty() {
-            return Err("default_user must not be empty".into());
+            return Err(ConfigError::invalid("default_user", "must not be empty"));
         }
         if self.port == 0 {
-            return Err("port must be between 1 and 65535".into());
+            return Err(ConfigError::out_of_range("port", 1, 65535));
         }
         if self.connect_timeout_seconds == 0 {
-            return Err("connect_timeout_seconds must be at least 1".into());
+            return Err(ConfigError::too_small("connect_timeout_seconds", 1));
         }
         if self.command_timeout_seconds == 0 {
-            return Err("command_timeout_seconds must be at least 1".into());
+            return Err(ConfigError::too_small("command_timeout_seconds", 1));
         }
         if self.known_hosts_file.is_none() {
-            return Err("known_hosts_file must be set: the ssh transport trusts only host keys recorded there \
-                 (use host_key_policy = \"trust_on_first_use\" to record new hosts into it)"
-                .into());
+            return Err(ConfigError::invalid(
+                "known_hosts_file",
+                "must be set: the ssh transport trusts only host keys recorded there (use host_key_policy = \
+                 \"trust_on_first_use\" to record new hosts into it)",
+            ));
         }
-        validate_staging_root(&self.staging_root).map_err(|reason| format!("staging_root {reason}"))?;
+        validate_staging_root(&self.staging_root)
+            .map_err(|error| ConfigError::invalid("staging_root", error.to_string()))?;
         Ok(())
     }
 
@@ -151,7 +165,10 @@ mod tests {
         ];
         for (options, key) in cases {
             let err = options.validate().unwrap_err();
-            assert!(err.starts_with(key), "{err}");
+            assert_eq!(err.field(), key);
+            assert!(err.to_string().starts_with(key), "{err}");
         }
+        let err = SshOptions { staging_root: "/a/../etc".into(), ..base }.validate().unwrap_err();
+        assert_eq!(err.to_string(), "staging_root must be a plain path (no .., no newline), got \"/a/../etc\"");
     }
 }

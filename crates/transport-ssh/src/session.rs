@@ -34,7 +34,59 @@ static KNOWN_HOSTS_LOCK: Mutex<()> = Mutex::new(());
 #[derive(Debug)]
 pub(crate) enum HandshakeError {
     Ssh(russh::Error),
-    HostKey(String),
+    HostKey(Box<HostKeyError>),
+}
+
+/// Why a server's host key is not trusted. Each message names the host
+/// (`host` or `[host]:port`), the key it presented and what to do.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum HostKeyError {
+    #[error(
+        "{name} presents {algorithm} key {fingerprint}, and no known_hosts_file is configured; set \
+         transports.ssh.known_hosts_file"
+    )]
+    NoKnownHostsFile { name: String, algorithm: Algorithm, fingerprint: String },
+    #[error("cannot read known_hosts file {}: {source}", file.display())]
+    Unreadable {
+        file: PathBuf,
+        #[source]
+        source: russh::keys::Error,
+    },
+    #[error(
+        "the host key of {name} CHANGED: it now presents {algorithm} key {fingerprint}, but {} line {line} \
+         records {recorded_algorithm} key {recorded_fingerprint}. This can be a man-in-the-middle attack. If the \
+         host was reinstalled, check the new fingerprint on the host (ssh-keygen -lf \
+         /etc/ssh/ssh_host_{}_key.pub), remove the old entry (ssh-keygen -R '{name}' -f {}) and add the new one",
+        file.display(),
+        key_file_kind(algorithm),
+        file.display()
+    )]
+    Changed {
+        name: String,
+        algorithm: Algorithm,
+        fingerprint: String,
+        file: PathBuf,
+        line: usize,
+        recorded_algorithm: Algorithm,
+        recorded_fingerprint: String,
+    },
+    #[error(
+        "{name} is not in known_hosts file {}; it presents {algorithm} key {fingerprint}. After checking that \
+         fingerprint on the host (ssh-keygen -lf /etc/ssh/ssh_host_{}_key.pub), trust it with `ssh-keyscan -p \
+         {port} -t {} {host} >> {}`, or set host_key_policy = \"trust_on_first_use\"",
+        file.display(),
+        key_file_kind(algorithm),
+        key_file_kind(algorithm),
+        file.display()
+    )]
+    Unknown { name: String, host: String, port: u16, algorithm: Algorithm, fingerprint: String, file: PathBuf },
+    #[error("cannot record the host key of {name} into {}: {source}", file.display())]
+    Record {
+        name: String,
+        file: PathBuf,
+        #[source]
+        source: russh::keys::Error,
+    },
 }
 
 impl From<russh::Error> for HandshakeError {
@@ -69,20 +121,18 @@ pub(crate) struct HostKeyVerifier {
 }
 
 impl HostKeyVerifier {
-    fn known_keys(&self, file: &Path) -> Result<Vec<(usize, PublicKey)>, String> {
+    fn known_keys(&self, file: &Path) -> Result<Vec<(usize, PublicKey)>, Box<HostKeyError>> {
         russh::keys::known_hosts::known_host_keys_path(&self.host, self.port, file)
-            .map_err(|e| format!("cannot read known_hosts file {}: {e}", file.display()))
+            .map_err(|source| Box::new(HostKeyError::Unreadable { file: file.to_owned(), source }))
     }
 
-    fn check(&self, key: &PublicKey) -> Result<(), String> {
+    /// Boxed: the error carries both keys' fingerprints and the file.
+    fn check(&self, key: &PublicKey) -> Result<(), Box<HostKeyError>> {
         let name = known_hosts_name(&self.host, self.port);
         let algorithm = key.algorithm();
         let fingerprint = fingerprint(key);
         let Some(file) = &self.known_hosts else {
-            return Err(format!(
-                "{name} presents {algorithm} key {fingerprint}, and no known_hosts_file is configured; \
-                 set transports.ssh.known_hosts_file"
-            ));
+            return Err(Box::new(HostKeyError::NoKnownHostsFile { name, algorithm, fingerprint }));
         };
         let _guard = KNOWN_HOSTS_LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let known = self.known_keys(file)?;
@@ -90,33 +140,30 @@ impl HostKeyVerifier {
             return Ok(());
         }
         if let Some((line, recorded)) = known.first() {
-            return Err(format!(
-                "the host key of {name} CHANGED: it now presents {algorithm} key {fingerprint}, but {} line {line} \
-                 records {} key {}. This can be a man-in-the-middle attack. If the host was reinstalled, \
-                 check the new fingerprint on the host (ssh-keygen -lf /etc/ssh/ssh_host_{}_key.pub), remove the \
-                 old entry (ssh-keygen -R '{name}' -f {}) and add the new one",
-                file.display(),
-                recorded.algorithm(),
-                fingerprint_of(recorded),
-                key_file_kind(&algorithm),
-                file.display(),
-            ));
+            return Err(Box::new(HostKeyError::Changed {
+                name,
+                algorithm,
+                fingerprint,
+                file: file.clone(),
+                line: *line,
+                recorded_algorithm: recorded.algorithm(),
+                recorded_fingerprint: fingerprint_of(recorded),
+            }));
         }
         match self.policy {
-            HostKeyPolicy::Strict => Err(format!(
-                "{name} is not in known_hosts file {}; it presents {algorithm} key {fingerprint}. After checking \
-                 that fingerprint on the host (ssh-keygen -lf /etc/ssh/ssh_host_{}_key.pub), trust it with \
-                 `ssh-keyscan -p {} -t {} {} >> {}`, or set host_key_policy = \"trust_on_first_use\"",
-                file.display(),
-                key_file_kind(&algorithm),
-                self.port,
-                key_file_kind(&algorithm),
-                self.host,
-                file.display(),
-            )),
+            HostKeyPolicy::Strict => Err(Box::new(HostKeyError::Unknown {
+                name,
+                host: self.host.clone(),
+                port: self.port,
+                algorithm,
+                fingerprint,
+                file: file.clone(),
+            })),
             HostKeyPolicy::TrustOnFirstUse => {
-                russh::keys::known_hosts::learn_known_hosts_path(&self.host, self.port, key, file)
-                    .map_err(|e| format!("cannot record the host key of {name} into {}: {e}", file.display()))?;
+                if let Err(source) = russh::keys::known_hosts::learn_known_hosts_path(&self.host, self.port, key, file)
+                {
+                    return Err(Box::new(HostKeyError::Record { name, file: file.clone(), source }));
+                }
                 tracing::info!(
                     host = %name,
                     fingerprint = %fingerprint,
@@ -363,10 +410,10 @@ impl Connection {
         let handshake = russh::client::connect_stream(config, socket, verifier);
         let mut handle = match tokio::time::timeout_at(deadline, handshake).await {
             Err(_) => return Err(timed_out(ConnectStage::HostKey)),
-            Ok(Err(HandshakeError::HostKey(reason))) => {
+            Ok(Err(HandshakeError::HostKey(error))) => {
                 return Err(ConnectFailure {
                     stage: ConnectStage::HostKey,
-                    error: Error::HostKey { address, reason },
+                    error: Error::HostKey { address, reason: error.to_string() },
                     presented_key: presented_key(),
                 })
             }
@@ -644,6 +691,43 @@ mod tests {
         append_tail(&mut err, b"gh", 4);
         assert_eq!(err, b"efgh");
         assert_eq!(tail("héllo", 4), "llo");
+    }
+
+    #[test]
+    fn host_key_refusals_name_the_host_the_key_and_the_file() {
+        const RECORDED: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIEOBAHnEbkCToigh/4/bzceXNKqlnHRiTUVm/goeesHY";
+        const PRESENTED: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAID3ExdG4FNN3/8+ZaYi8Z8pWaAQMpX5Bw/keKZkCFQ+c";
+        let presented = PublicKey::from_openssh(PRESENTED).unwrap();
+        let dir =
+            std::env::temp_dir().join(format!("fp-hostkey-{}-{:?}", std::process::id(), std::thread::current().id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let verifier = |known_hosts: Option<PathBuf>| HostKeyVerifier {
+            host: "web1".into(),
+            port: 2222,
+            policy: HostKeyPolicy::Strict,
+            known_hosts,
+            presented: Arc::default(),
+        };
+        let error = verifier(None).check(&presented).unwrap_err();
+        assert!(matches!(*error, HostKeyError::NoKnownHostsFile { .. }), "{error:?}");
+        assert!(error.to_string().starts_with("[web1]:2222 presents ssh-ed25519 key SHA256:"), "{error}");
+
+        let unknown = dir.join("empty_known_hosts");
+        std::fs::write(&unknown, "").unwrap();
+        let error = verifier(Some(unknown.clone())).check(&presented).unwrap_err().to_string();
+        assert!(error.starts_with(&format!("[web1]:2222 is not in known_hosts file {}", unknown.display())), "{error}");
+        assert!(error.contains("ssh-keyscan -p 2222 -t ed25519 web1 >> "), "{error}");
+
+        let changed = dir.join("known_hosts");
+        std::fs::write(&changed, format!("[web1]:2222 {RECORDED}\n")).unwrap();
+        let error = verifier(Some(changed.clone())).check(&presented).unwrap_err();
+        assert!(matches!(*error, HostKeyError::Changed { line: 1, .. }), "{error:?}");
+        let error = error.to_string();
+        assert!(error.starts_with("the host key of [web1]:2222 CHANGED"), "{error}");
+        assert!(error.contains(&format!("{} line 1 records ssh-ed25519 key SHA256:", changed.display())), "{error}");
+        let recorded = PublicKey::from_openssh(RECORDED).unwrap();
+        assert!(verifier(Some(changed)).check(&recorded).is_ok());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -14,6 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use fleetpatch_proto::plan::DeploymentPlan;
 use fleetpatch_proto::report_auth::{SignedRequest, SigningKey};
 use fleetpatch_proto::v1::{self, agent_report::Kind};
+use fleetpatch_runtime::ConfigError;
 use prost::Message;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
@@ -88,8 +89,9 @@ impl Default for SimOptions {
 }
 
 impl SimOptions {
-    /// Checks the rates; the error names the key.
-    pub fn validate(&self) -> std::result::Result<(), String> {
+    /// Checks the rates; the error names the key (without the `sim.`
+    /// section: [`ConfigError::in_section`]).
+    pub fn validate(&self) -> std::result::Result<(), ConfigError> {
         for (key, rate) in [
             ("fail_rate", self.fail_rate),
             ("unreachable_rate", self.unreachable_rate),
@@ -98,16 +100,19 @@ impl SimOptions {
             ("installed_rate", self.installed_rate),
         ] {
             if !(0.0..=1.0).contains(&rate) {
-                return Err(format!("{key} must be between 0 and 1, got {rate}"));
+                return Err(ConfigError::invalid(key, format!("must be between 0 and 1, got {rate}")));
             }
         }
         if self.fail_rate + self.unreachable_rate + self.hang_rate + self.slow_patch_rate > 1.0 {
-            return Err("fail_rate + unreachable_rate + hang_rate + slow_patch_rate must not exceed 1".into());
+            return Err(ConfigError::invalid(
+                "fail_rate + unreachable_rate + hang_rate + slow_patch_rate",
+                "must not exceed 1",
+            ));
         }
         if self.min_latency_ms > self.max_latency_ms {
-            return Err(format!(
-                "min_latency_ms ({}) must not exceed max_latency_ms ({})",
-                self.min_latency_ms, self.max_latency_ms
+            return Err(ConfigError::invalid(
+                "min_latency_ms",
+                format!("({}) must not exceed max_latency_ms ({})", self.min_latency_ms, self.max_latency_ms),
             ));
         }
         Ok(())
@@ -504,5 +509,23 @@ impl SimAgent {
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(2));
         }
+    }
+}
+
+#[cfg(test)]
+mod option_tests {
+    use super::*;
+
+    #[test]
+    fn bad_rates_and_latencies_name_the_key_and_the_value() {
+        assert!(SimOptions::default().validate().is_ok());
+        let error = SimOptions { hang_rate: 1.5, ..SimOptions::default() }.validate().unwrap_err().in_section("sim");
+        assert_eq!(error.to_string(), "sim.hang_rate must be between 0 and 1, got 1.5");
+        let error =
+            SimOptions { fail_rate: 0.6, unreachable_rate: 0.6, ..SimOptions::default() }.validate().unwrap_err();
+        assert!(error.to_string().ends_with("slow_patch_rate must not exceed 1"), "{error}");
+        let error =
+            SimOptions { min_latency_ms: 9, max_latency_ms: 2, ..SimOptions::default() }.validate().unwrap_err();
+        assert_eq!(error.to_string(), "min_latency_ms (9) must not exceed max_latency_ms (2)");
     }
 }

@@ -136,9 +136,10 @@ fn start_reporter(loaded: &LoadedPlan, options: &RunOptions) -> Result<Reporter,
             spool = spool_path.display()
         );
     }
-    let url = CollectorUrl::parse(&plan.collector_url).map_err(|reason| Error::plan("collector_url", reason))?;
+    let url =
+        CollectorUrl::parse(&plan.collector_url).map_err(|error| Error::plan("collector_url", error.to_string()))?;
     let connector = Connector::new(&url, plan.collector_ca_pem.as_deref())
-        .map_err(|reason| Error::plan("collector_url", reason))?;
+        .map_err(|error| Error::plan("collector_url", error.to_string()))?;
     let timeouts = Timeouts { connect: options.http_timeout, io: options.http_timeout };
     Ok(Reporter::start(
         spool,

@@ -38,29 +38,31 @@ pub struct CollectorUrl {
 impl CollectorUrl {
     /// Parse `http[s]://host[:port][/base]`; the port defaults to 1072, the
     /// collector's port, not 80 or 443.
-    pub fn parse(url: &str) -> Result<Self, String> {
+    pub fn parse(url: &str) -> Result<Self, CollectorUrlError> {
         let (tls, rest) = match (url.strip_prefix("http://"), url.strip_prefix("https://")) {
             (Some(rest), _) => (false, rest),
             (_, Some(rest)) => (true, rest),
-            _ => return Err(format!("{url:?} must start with http:// or https://")),
+            _ => return Err(CollectorUrlError::Scheme { url: url.to_owned() }),
         };
         let (authority, path) = match rest.find('/') {
             Some(slash) => (&rest[..slash], &rest[slash..]),
             None => (rest, ""),
         };
         if authority.contains('@') {
-            return Err(format!("{url:?}: credentials in the URL are not supported"));
+            return Err(CollectorUrlError::UserInfo { url: url.to_owned() });
         }
         if path.contains(['?', '#']) || path.chars().any(|c| c.is_control() || c == ' ') {
-            return Err(format!("{url:?}: the base path must be a plain path"));
+            return Err(CollectorUrlError::Path { url: url.to_owned() });
         }
         let (host, port) = if let Some(bracketed) = authority.strip_prefix('[') {
             // [v6 address]:port
-            let end = bracketed.find(']').ok_or_else(|| format!("{url:?}: unclosed '[' in host"))?;
+            let end = bracketed.find(']').ok_or_else(|| CollectorUrlError::UnclosedBracket { url: url.to_owned() })?;
             let host = &bracketed[..end];
             let port = match &bracketed[end + 1..] {
                 "" => None,
-                tail => Some(tail.strip_prefix(':').ok_or_else(|| format!("{url:?}: bad port"))?),
+                tail => Some(
+                    tail.strip_prefix(':').ok_or_else(|| CollectorUrlError::AfterBracket { url: url.to_owned() })?,
+                ),
             };
             (host, port)
         } else {
@@ -70,7 +72,7 @@ impl CollectorUrl {
             }
         };
         if host.is_empty() || host.chars().any(|c| c.is_control() || c == ' ') {
-            return Err(format!("{url:?} has no valid host"));
+            return Err(CollectorUrlError::Host { url: url.to_owned() });
         }
         let port = match port {
             None => 1072,
@@ -78,7 +80,7 @@ impl CollectorUrl {
                 .parse::<u16>()
                 .ok()
                 .filter(|port| *port != 0)
-                .ok_or_else(|| format!("{url:?}: port {port:?} is not a number from 1 to 65535"))?,
+                .ok_or_else(|| CollectorUrlError::Port { url: url.to_owned(), port: port.to_owned() })?,
         };
         Ok(Self { tls, host: host.to_owned(), port, base_path: path.trim_end_matches('/').to_owned() })
     }
@@ -91,6 +93,52 @@ impl CollectorUrl {
             format!("{}:{}", self.host, self.port)
         }
     }
+}
+
+/// Why a collector URL is refused; each message quotes the URL.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CollectorUrlError {
+    #[error("{url:?} must start with http:// or https://")]
+    Scheme { url: String },
+    #[error("{url:?}: credentials in the URL are not supported")]
+    UserInfo { url: String },
+    #[error("{url:?}: the base path must be a plain path")]
+    Path { url: String },
+    #[error("{url:?}: unclosed '[' in host")]
+    UnclosedBracket { url: String },
+    /// Something other than `:port` after `[address]`.
+    #[error("{url:?}: bad port")]
+    AfterBracket { url: String },
+    #[error("{url:?} has no valid host")]
+    Host { url: String },
+    #[error("{url:?}: port {port:?} is not a number from 1 to 65535")]
+    Port { url: String, port: String },
+}
+
+/// Why no connector can be made for the collector's URL.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectorError {
+    #[cfg(not(feature = "tls"))]
+    #[error(
+        "an https:// collector needs an agent built with TLS (cargo build -p fleetpatch-agent --features tls); \
+         this one speaks http:// only"
+    )]
+    NoTlsSupport,
+    #[cfg(feature = "tls")]
+    #[error("an https:// collector needs collector_ca_pem in the plan (the worker's worker.collector_ca_file)")]
+    NoCa,
+    #[cfg(feature = "tls")]
+    #[error("collector_ca_pem is not PEM: {0}")]
+    NotPem(#[source] rustls::pki_types::pem::Error),
+    #[cfg(feature = "tls")]
+    #[error("collector_ca_pem holds an unusable certificate: {0}")]
+    UnusableCertificate(#[source] rustls::Error),
+    #[cfg(feature = "tls")]
+    #[error("collector_ca_pem holds no certificate")]
+    NoCertificate,
+    #[cfg(feature = "tls")]
+    #[error("tls: {0}")]
+    Tls(#[source] rustls::Error),
 }
 
 /// How connections to the collector are made: plain TCP, or TLS trusting
@@ -109,7 +157,7 @@ impl std::fmt::Debug for Connector {
 
 impl Connector {
     /// The connector `url` needs; `ca_pem` is the plan's `collector_ca_pem`.
-    pub fn new(url: &CollectorUrl, ca_pem: Option<&str>) -> Result<Self, String> {
+    pub fn new(url: &CollectorUrl, ca_pem: Option<&str>) -> Result<Self, ConnectorError> {
         if !url.tls {
             return Ok(Self {
                 #[cfg(feature = "tls")]
@@ -119,9 +167,7 @@ impl Connector {
         #[cfg(not(feature = "tls"))]
         {
             let _ = ca_pem;
-            Err("an https:// collector needs an agent built with TLS (cargo build -p fleetpatch-agent --features tls); \
-                 this one speaks http:// only"
-                .into())
+            Err(ConnectorError::NoTlsSupport)
         }
         #[cfg(feature = "tls")]
         {
@@ -143,23 +189,21 @@ impl Connector {
 
 /// A rustls client configuration trusting only the CA(s) in `ca_pem`.
 #[cfg(feature = "tls")]
-fn tls_config(ca_pem: Option<&str>) -> Result<rustls::ClientConfig, String> {
+fn tls_config(ca_pem: Option<&str>) -> Result<rustls::ClientConfig, ConnectorError> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::CertificateDer;
-    let ca_pem = ca_pem.ok_or_else(|| {
-        "an https:// collector needs collector_ca_pem in the plan (the worker's worker.collector_ca_file)".to_owned()
-    })?;
+    let ca_pem = ca_pem.ok_or(ConnectorError::NoCa)?;
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
-        let cert = cert.map_err(|e| format!("collector_ca_pem is not PEM: {e}"))?;
-        roots.add(cert).map_err(|e| format!("collector_ca_pem holds an unusable certificate: {e}"))?;
+        let cert = cert.map_err(ConnectorError::NotPem)?;
+        roots.add(cert).map_err(ConnectorError::UnusableCertificate)?;
     }
     if roots.is_empty() {
-        return Err("collector_ca_pem holds no certificate".into());
+        return Err(ConnectorError::NoCertificate);
     }
     rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
         .with_safe_default_protocol_versions()
-        .map_err(|e| format!("tls: {e}"))
+        .map_err(ConnectorError::Tls)
         .map(|builder| builder.with_root_certificates(roots).with_no_client_auth())
 }
 
@@ -370,6 +414,13 @@ mod tests {
         for bad in ["ftp://c", "http://", "http://c:0", "http://c:99999", "http://u@c", "http://c/a?b"] {
             assert!(CollectorUrl::parse(bad).is_err(), "{bad}");
         }
+        let error = CollectorUrl::parse("http://c:99999").unwrap_err();
+        assert_eq!(error, CollectorUrlError::Port { url: "http://c:99999".into(), port: "99999".into() });
+        assert_eq!(error.to_string(), "\"http://c:99999\": port \"99999\" is not a number from 1 to 65535");
+        assert_eq!(
+            CollectorUrl::parse("ftp://c").unwrap_err().to_string(),
+            "\"ftp://c\" must start with http:// or https://"
+        );
         let url = CollectorUrl::parse("https://collector.example").unwrap();
         assert_eq!((url.tls, url.port), (true, 1072));
     }
@@ -379,10 +430,10 @@ mod tests {
         let plain = CollectorUrl::parse("http://c").unwrap();
         assert!(!Connector::new(&plain, None).unwrap().is_tls());
         let https = CollectorUrl::parse("https://c").unwrap();
-        let error = Connector::new(&https, None).unwrap_err();
+        let error = Connector::new(&https, None).unwrap_err().to_string();
         if cfg!(feature = "tls") {
             assert!(error.contains("collector_ca_pem"), "{error}");
-            let error = Connector::new(&https, Some("not a certificate")).unwrap_err();
+            let error = Connector::new(&https, Some("not a certificate")).unwrap_err().to_string();
             assert!(error.contains("collector_ca_pem holds no certificate"), "{error}");
         } else {
             assert!(error.contains("--features tls"), "{error}");

@@ -102,7 +102,7 @@ fn validate(plan: &DeploymentPlan) -> Result<(), Error> {
         if patch.name.trim().is_empty() {
             return Err(Error::plan(field("name"), "must not be empty"));
         }
-        validate_file_name(&patch.file).map_err(|reason| Error::plan(field("file"), reason))?;
+        validate_file_name(&patch.file).map_err(|error| Error::plan(field("file"), error.to_string()))?;
         if !files.insert(patch.file.as_str()) {
             return Err(Error::plan(field("file"), format!("{:?} is used by two patches", patch.file)));
         }
@@ -123,26 +123,44 @@ fn validate(plan: &DeploymentPlan) -> Result<(), Error> {
 }
 
 fn validate_collector_url(url: &str, ca_pem: Option<&str>) -> Result<(), Error> {
-    let parsed = crate::http::CollectorUrl::parse(url).map_err(|reason| Error::plan("collector_url", reason))?;
-    crate::http::Connector::new(&parsed, ca_pem).map(|_| ()).map_err(|reason| Error::plan("collector_url", reason))
+    let parsed =
+        crate::http::CollectorUrl::parse(url).map_err(|error| Error::plan("collector_url", error.to_string()))?;
+    crate::http::Connector::new(&parsed, ca_pem)
+        .map(|_| ())
+        .map_err(|error| Error::plan("collector_url", error.to_string()))
+}
+
+/// Why a patch's file name is refused (the message of its `file` field).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FileNameError {
+    #[error("must not be empty")]
+    Empty,
+    #[error("{name:?} must not contain \"..\"")]
+    DotDot { name: String },
+    #[error("{name:?} must be a plain file name in the plan's directory (found {found:?})")]
+    Separator { name: String, found: char },
+    #[error("{name:?} contains control characters")]
+    Control { name: String },
+    #[error("an installer cannot be the plan itself")]
+    IsThePlan,
 }
 
 /// A staged file name must be a plain name that is valid on every target OS.
-fn validate_file_name(name: &str) -> Result<(), String> {
+fn validate_file_name(name: &str) -> Result<(), FileNameError> {
     if name.is_empty() {
-        return Err("must not be empty".into());
+        return Err(FileNameError::Empty);
     }
     if name == "." || name == ".." || name.contains("..") {
-        return Err(format!("{name:?} must not contain \"..\""));
+        return Err(FileNameError::DotDot { name: name.to_owned() });
     }
-    if let Some(bad) = name.chars().find(|c| matches!(c, '/' | '\\' | ':' | '*' | '?' | '"' | '<' | '>' | '|')) {
-        return Err(format!("{name:?} must be a plain file name in the plan's directory (found {bad:?})"));
+    if let Some(found) = name.chars().find(|c| matches!(c, '/' | '\\' | ':' | '*' | '?' | '"' | '<' | '>' | '|')) {
+        return Err(FileNameError::Separator { name: name.to_owned(), found });
     }
     if name.chars().any(char::is_control) {
-        return Err(format!("{name:?} contains control characters"));
+        return Err(FileNameError::Control { name: name.to_owned() });
     }
     if name == fleetpatch_proto::plan::PLAN_FILE_NAME {
-        return Err("an installer cannot be the plan itself".into());
+        return Err(FileNameError::IsThePlan);
     }
     Ok(())
 }
@@ -208,6 +226,15 @@ mod tests {
             let message = error_for(edit);
             assert!(message.contains(&format!("field `{field}`")), "{field}: {message}");
         }
+    }
+
+    #[test]
+    fn file_name_errors_name_the_file() {
+        assert_eq!(validate_file_name("a/b.deb"), Err(FileNameError::Separator { name: "a/b.deb".into(), found: '/' }));
+        let message = validate_file_name("a/b.deb").unwrap_err().to_string();
+        assert_eq!(message, "\"a/b.deb\" must be a plain file name in the plan's directory (found '/')");
+        let message = error_for(|p| p["patches"][0]["file"] = json!("x..y"));
+        assert!(message.contains("field `patches[0].file`: \"x..y\" must not contain \"..\""), "{message}");
     }
 
     #[test]

@@ -296,13 +296,23 @@ fn send_loop(shared: &Shared, options: &ReporterOptions) {
     }
 }
 
+/// Why a request could not be signed; both are worth a retry (the
+/// machine's random source or clock may recover).
+#[derive(Debug, thiserror::Error)]
+pub enum SignError {
+    #[error("no random bytes for the request nonce: {0}")]
+    NoRandom(getrandom::Error),
+    #[error("the system clock is before 1970")]
+    ClockBeforeEpoch,
+}
+
 /// The `Authorization` value of one request: signed now, with a fresh nonce.
-fn sign(options: &ReporterOptions, path: &str, body: &[u8]) -> Result<String, String> {
+fn sign(options: &ReporterOptions, path: &str, body: &[u8]) -> Result<String, SignError> {
     let mut nonce = [0u8; 16];
-    getrandom::fill(&mut nonce).map_err(|e| format!("no random bytes for the request nonce: {e}"))?;
+    getrandom::fill(&mut nonce).map_err(SignError::NoRandom)?;
     let timestamp_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_err(|_| "the system clock is before 1970".to_owned())?
+        .map_err(|_| SignError::ClockBeforeEpoch)?
         .as_millis() as i64;
     let request = SignedRequest::new("POST", path, options.target_id, options.attempt, timestamp_ms, nonce, body);
     Ok(options.signing_key.authorization(&request))
@@ -312,7 +322,7 @@ fn deliver(options: &ReporterOptions, path: &str, batch: Vec<AgentReport>) -> De
     let body = ReportBatch { reports: batch }.encode_to_vec();
     let authorization = match sign(options, path, &body) {
         Ok(authorization) => authorization,
-        Err(reason) => return Delivery::Retry(reason),
+        Err(error) => return Delivery::Retry(error.to_string()),
     };
     let headers = [("Authorization", authorization.as_str()), ("Content-Type", "application/x-protobuf")];
     let response = match http::post(&options.url, &options.connector, path, &headers, &body, options.timeouts) {
@@ -386,6 +396,13 @@ impl Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sign_errors_say_what_failed() {
+        assert_eq!(SignError::ClockBeforeEpoch.to_string(), "the system clock is before 1970");
+        let error = SignError::NoRandom(getrandom::Error::UNSUPPORTED);
+        assert!(error.to_string().starts_with("no random bytes for the request nonce: "), "{error}");
+    }
 
     #[test]
     fn backoff_grows_to_the_cap_with_jitter() {

@@ -45,19 +45,30 @@ pub enum ApiKeyCommand {
     Revoke { name: String },
 }
 
-fn parse_role(raw: &str) -> Result<Role, String> {
-    raw.parse().map_err(|e: fleetpatch_store::auth::UnknownRole| e.to_string())
+fn parse_role(raw: &str) -> Result<Role, fleetpatch_store::auth::UnknownRole> {
+    raw.parse()
+}
+
+/// Why `--expires` is not a lifetime; each message quotes the value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LifetimeError {
+    #[error("{0:?} is not a lifetime: write a number and a unit, e.g. 90d, 12h, 30m, 2w")]
+    Malformed(String),
+    #[error("{0:?}: a lifetime must be positive")]
+    NotPositive(String),
+    #[error("{0:?}: a lifetime is at most 100 years")]
+    TooLong(String),
 }
 
 /// `90d`, `12h`, `30m`, `45s`, `2w`: a positive number and one unit.
-pub fn parse_lifetime(raw: &str) -> Result<chrono::Duration, String> {
+pub fn parse_lifetime(raw: &str) -> Result<chrono::Duration, LifetimeError> {
     let raw = raw.trim();
     let split = raw.find(|c: char| !c.is_ascii_digit()).unwrap_or(raw.len());
     let (number, unit) = raw.split_at(split);
-    let bad = || format!("{raw:?} is not a lifetime: write a number and a unit, e.g. 90d, 12h, 30m, 2w");
+    let bad = || LifetimeError::Malformed(raw.to_owned());
     let number: i64 = number.parse().map_err(|_| bad())?;
     if number <= 0 {
-        return Err(format!("{raw:?}: a lifetime must be positive"));
+        return Err(LifetimeError::NotPositive(raw.to_owned()));
     }
     let seconds_per_unit = match unit {
         "s" => 1,
@@ -71,7 +82,7 @@ pub fn parse_lifetime(raw: &str) -> Result<chrono::Duration, String> {
         .checked_mul(seconds_per_unit)
         .filter(|s| *s <= 100 * 365 * 86_400)
         .map(chrono::Duration::seconds)
-        .ok_or_else(|| format!("{raw:?}: a lifetime is at most 100 years"))
+        .ok_or_else(|| LifetimeError::TooLong(raw.to_owned()))
 }
 
 fn store_failure(error: fleetpatch_store::Error) -> Failure {
@@ -204,6 +215,9 @@ mod tests {
         for bad in ["", "90", "d", "9x", "-1d", "0d", "1.5d", "99999999999999d"] {
             assert!(parse_lifetime(bad).is_err(), "{bad:?}");
         }
+        assert_eq!(parse_lifetime("0d").unwrap_err().to_string(), "\"0d\": a lifetime must be positive");
+        assert_eq!(parse_lifetime("99999999999999d").unwrap_err(), LifetimeError::TooLong("99999999999999d".into()));
+        assert!(parse_lifetime("9x").unwrap_err().to_string().starts_with("\"9x\" is not a lifetime"));
     }
 
     #[cfg(unix)]

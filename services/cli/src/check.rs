@@ -83,10 +83,15 @@ pub struct CheckArgs {
     output: OutputFormat,
 }
 
-fn parse_label(raw: &str) -> Result<(String, String), String> {
+/// A `--label` that is not `KEY=VALUE`; the message quotes it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("expected KEY=VALUE, got {0:?}")]
+pub struct LabelError(String);
+
+fn parse_label(raw: &str) -> Result<(String, String), LabelError> {
     match raw.split_once('=') {
         Some((key, value)) if !key.is_empty() => Ok((key.to_owned(), value.to_owned())),
-        _ => Err(format!("expected KEY=VALUE, got {raw:?}")),
+        _ => Err(LabelError(raw.to_owned())),
     }
 }
 
@@ -282,7 +287,7 @@ async fn check_target(
                     checks.push(PreflightCheck {
                         name: "credential".into(),
                         ok: false,
-                        detail: reason,
+                        detail: reason.to_string(),
                         fix: Some(
                             "the credential's secret_ref must point at a secret that exists where this runs (the \
                              workers' environment or files) and holds `user:password`, a password (with `user`), or \
@@ -419,7 +424,7 @@ mod tests {
     #[test]
     fn labels_parse_as_key_value() {
         assert_eq!(parse_label("a=b=c").unwrap(), ("a".into(), "b=c".into()));
-        assert!(parse_label("=x").is_err());
+        assert_eq!(parse_label("=x").unwrap_err().to_string(), "expected KEY=VALUE, got \"=x\"");
         assert!(parse_label("nokey").is_err());
     }
 }

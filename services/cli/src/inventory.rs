@@ -23,6 +23,65 @@ pub const MAX_HOSTS_PER_PATTERN: u64 = 100_000;
 const NAME_A_CREDENTIAL: &str = "fleetpatch never takes a secret's location from an inventory: ask an administrator \
      to define a named credential ([credentials.<name>] where the workers run) and name it";
 
+/// What is wrong with a header, a line, a cell, a variable or a host
+/// pattern of a CSV file or an inventory: the message of the
+/// [`InputError`] that names the file and the line. Each names the value at
+/// fault, except a credential name that is not one (it may be a pasted
+/// secret) and a secret variable's value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InventoryError {
+    #[error("the header {header:?} has no host column; the first line names the columns, e.g. host,transport,port")]
+    NoHostColumn { header: String },
+    #[error("column {number} of the header has no name")]
+    UnnamedColumn { number: usize },
+    #[error("column {column:?} appears twice (columns {first} and {second})")]
+    DuplicateColumn { column: String, first: usize, second: usize },
+    #[error("a quoted cell is not closed (a cell cannot span lines)")]
+    UnclosedCell,
+    #[error("a quoted value is not closed")]
+    UnclosedValue,
+    #[error(
+        "{key}: fleetpatch never takes a secret from an inventory; ask an administrator to define a named \
+         credential ([credentials.<name>] where the workers run) and name it with fleetpatch_credential=<name>"
+    )]
+    Secret { key: String },
+    #[error("{key:?}={value:?} has no usable variable name")]
+    VariableName { key: String, value: String },
+    #[error("{raw:?} is not a port number (1-65535)")]
+    Port { raw: String },
+    /// The port of Ansible's `host:port` shorthand.
+    #[error("{pattern:?}: {port:?} is not a port number (1-65535)")]
+    PatternPort { pattern: String, port: String },
+    #[error("{raw:?} is not a transport; use one of {}", TRANSPORTS.join(", "))]
+    Transport { raw: String },
+    #[error(
+        "must name a credential an administrator defined (lower-case letters, digits, '-' or '_'), never a \
+         secret or its location"
+    )]
+    NotACredentialName,
+    #[error("{pattern:?}: {problem}")]
+    Range { pattern: String, problem: RangeProblem },
+    #[error(
+        "{pattern:?} expands to {count} hosts; one host pattern may give at most {max} (split it, or use a CSV \
+         file)",
+        max = MAX_HOSTS_PER_PATTERN
+    )]
+    TooManyHosts { pattern: String, count: u64 },
+}
+
+/// What is wrong with a numeric host range (`web[01:20]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RangeProblem {
+    #[error("[ without ]")]
+    Unclosed,
+    #[error("a range is [first:last]")]
+    NoColon,
+    #[error("only numeric ranges such as [01:20] are supported")]
+    NotNumeric,
+    #[error("the range must go up")]
+    Descending,
+}
+
 // ------------------------------------------------------------------ CSV
 
 /// Reads targets from CSV: a header line, then one target per line.
@@ -40,10 +99,10 @@ pub fn parse_csv(text: &str, file: &str, default_transport: &str) -> Result<Vec<
         if trimmed.is_empty() || trimmed.starts_with('#') {
             continue;
         }
-        let cells = split_csv_line(line).map_err(|message| InputError::at_line(file, number, message))?;
+        let cells = split_csv_line(line).map_err(|error| InputError::at_line(file, number, error.to_string()))?;
         let Some(columns) = &header else {
             let columns: Vec<String> = cells.iter().map(|c| c.trim().to_owned()).collect();
-            check_header(&columns).map_err(|message| InputError::at_line(file, number, message))?;
+            check_header(&columns).map_err(|error| InputError::at_line(file, number, error.to_string()))?;
             header = Some(columns);
             continue;
         };
@@ -69,10 +128,13 @@ pub fn parse_csv(text: &str, file: &str, default_transport: &str) -> Result<Vec<
             }
             match column.to_ascii_lowercase().as_str() {
                 "host" => target.host = cell.to_owned(),
-                "transport" => target.transport = check_transport(cell).map_err(|m| field_error(column, m))?,
-                "port" => target.port = Some(parse_port(cell).map_err(|m| field_error(column, m))?),
+                "transport" => {
+                    target.transport = check_transport(cell).map_err(|e| field_error(column, e.to_string()))?
+                }
+                "port" => target.port = Some(parse_port(cell).map_err(|e| field_error(column, e.to_string()))?),
                 "credential" => {
-                    target.credential = Some(check_credential_name(cell).map_err(|m| field_error(column, m))?)
+                    target.credential =
+                        Some(check_credential_name(cell).map_err(|e| field_error(column, e.to_string()))?)
                 }
                 "credential_ref" => {
                     return Err(field_error(column, format!("{NAME_A_CREDENTIAL} in a `credential` column")));
@@ -105,27 +167,24 @@ pub fn parse_csv(text: &str, file: &str, default_transport: &str) -> Result<Vec<
     Ok(targets)
 }
 
-fn check_header(columns: &[String]) -> Result<(), String> {
+fn check_header(columns: &[String]) -> Result<(), InventoryError> {
     if !columns.iter().any(|c| c.eq_ignore_ascii_case("host")) {
-        return Err(format!(
-            "the header {:?} has no host column; the first line names the columns, e.g. host,transport,port",
-            columns.join(",")
-        ));
+        return Err(InventoryError::NoHostColumn { header: columns.join(",") });
     }
     let mut seen = HashMap::new();
     for (i, column) in columns.iter().enumerate() {
         if column.is_empty() {
-            return Err(format!("column {} of the header has no name", i + 1));
+            return Err(InventoryError::UnnamedColumn { number: i + 1 });
         }
         if let Some(first) = seen.insert(column.to_ascii_lowercase(), i) {
-            return Err(format!("column {column:?} appears twice (columns {} and {})", first + 1, i + 1));
+            return Err(InventoryError::DuplicateColumn { column: column.clone(), first: first + 1, second: i + 1 });
         }
     }
     Ok(())
 }
 
 /// One CSV line (RFC 4180 quoting: `"a, b"` and `""` for a quote inside).
-fn split_csv_line(line: &str) -> Result<Vec<String>, String> {
+fn split_csv_line(line: &str) -> Result<Vec<String>, InventoryError> {
     let mut cells = Vec::new();
     let mut cell = String::new();
     let mut chars = line.chars().peekable();
@@ -147,7 +206,7 @@ fn split_csv_line(line: &str) -> Result<Vec<String>, String> {
         }
     }
     if quoted {
-        return Err("a quoted cell is not closed (a cell cannot span lines)".into());
+        return Err(InventoryError::UnclosedCell);
     }
     cells.push(cell);
     Ok(cells)
@@ -210,7 +269,7 @@ pub fn parse_inventory(text: &str, file: &str, default_transport: &str) -> Resul
             };
             continue;
         }
-        let tokens = split_inventory_line(trimmed).map_err(&error)?;
+        let tokens = split_inventory_line(trimmed).map_err(|e| error(e.to_string()))?;
         match &section {
             Section::Vars(group) => {
                 let [pair] = tokens.as_slice() else {
@@ -219,7 +278,7 @@ pub fn parse_inventory(text: &str, file: &str, default_transport: &str) -> Resul
                 let (key, value) = pair
                     .split_once('=')
                     .ok_or_else(|| error(format!("{pair:?} in [{group}:vars] is not key=value")))?;
-                check_var(key, value).map_err(&error)?;
+                check_var(key, value).map_err(|e| error(e.to_string()))?;
                 group_vars.entry(group.clone()).or_default().insert(key.to_owned(), value.to_owned());
             }
             Section::Children(group) => {
@@ -235,14 +294,14 @@ pub fn parse_inventory(text: &str, file: &str, default_transport: &str) -> Resul
                     let (key, value) = pair
                         .split_once('=')
                         .ok_or_else(|| error(format!("{pair:?} after the host is not key=value")))?;
-                    check_var(key, value).map_err(&error)?;
+                    check_var(key, value).map_err(|e| error(e.to_string()))?;
                     vars.insert(key.to_owned(), value.to_owned());
                 }
-                let (pattern, port) = split_host_port(pattern).map_err(&error)?;
+                let (pattern, port) = split_host_port(pattern).map_err(|e| error(e.to_string()))?;
                 if let Some(port) = port {
                     vars.entry("ansible_port".into()).or_insert(port);
                 }
-                for name in expand_host_range(pattern).map_err(&error)? {
+                for name in expand_host_range(pattern).map_err(|e| error(e.to_string()))? {
                     let host = match index_of.get(&name) {
                         Some(i) => &mut hosts[*i].1,
                         None => {
@@ -287,7 +346,7 @@ pub fn parse_inventory(text: &str, file: &str, default_transport: &str) -> Resul
                     target.host = value;
                 }
                 "ansible_port" | "ansible_ssh_port" => {
-                    target.port = Some(parse_port(&value).map_err(|m| error(format!("{key}: {m}")))?)
+                    target.port = Some(parse_port(&value).map_err(|e| error(format!("{key}: {e}")))?)
                 }
                 "ansible_user" | "ansible_ssh_user" => {
                     // The label the workers read the login user of a key credential from.
@@ -309,10 +368,10 @@ pub fn parse_inventory(text: &str, file: &str, default_transport: &str) -> Resul
                     return Err(error(format!("{key}: {NAME_A_CREDENTIAL} with fleetpatch_credential=<name>")));
                 }
                 "fleetpatch_transport" => {
-                    target.transport = check_transport(&value).map_err(|m| error(format!("{key}: {m}")))?
+                    target.transport = check_transport(&value).map_err(|e| error(format!("{key}: {e}")))?
                 }
                 "fleetpatch_credential" => {
-                    target.credential = Some(check_credential_name(&value).map_err(|m| error(format!("{key}: {m}")))?)
+                    target.credential = Some(check_credential_name(&value).map_err(|e| error(format!("{key}: {e}")))?)
                 }
                 "fleetpatch_credential_ref" => {
                     return Err(error(format!("{key}: {NAME_A_CREDENTIAL} with fleetpatch_credential=<name>")));
@@ -348,7 +407,7 @@ fn with_ancestors(groups: &[String], parents: &HashMap<String, Vec<String>>) -> 
 }
 
 /// Secrets never come from an inventory.
-fn check_var(key: &str, value: &str) -> Result<(), String> {
+fn check_var(key: &str, value: &str) -> Result<(), InventoryError> {
     const SECRETS: [&str; 6] = [
         "ansible_password",
         "ansible_ssh_pass",
@@ -358,22 +417,20 @@ fn check_var(key: &str, value: &str) -> Result<(), String> {
         "ansible_winrm_password",
     ];
     if SECRETS.contains(&key) {
-        return Err(format!(
-            "{key}: fleetpatch never takes a secret from an inventory; ask an administrator to define a named \
-             credential ([credentials.<name>] where the workers run) and name it with fleetpatch_credential=<name>"
-        ));
+        return Err(InventoryError::Secret { key: key.to_owned() });
     }
     if key.is_empty() || key.contains(char::is_whitespace) {
-        return Err(format!("{key:?}={value:?} has no usable variable name"));
+        return Err(InventoryError::VariableName { key: key.to_owned(), value: value.to_owned() });
     }
     Ok(())
 }
 
 /// `host:2222` (Ansible's port shorthand); IPv6 addresses are left alone.
-fn split_host_port(pattern: &str) -> Result<(&str, Option<String>), String> {
+fn split_host_port(pattern: &str) -> Result<(&str, Option<String>), InventoryError> {
     match pattern.rsplit_once(':') {
         Some((host, port)) if !host.contains(':') && !port.contains(']') => {
-            parse_port(port).map_err(|m| format!("{pattern:?}: {m}"))?;
+            parse_port(port)
+                .map_err(|_| InventoryError::PatternPort { pattern: pattern.to_owned(), port: port.to_owned() })?;
             Ok((host, Some(port.to_owned())))
         }
         _ => Ok((pattern, None)),
@@ -384,31 +441,26 @@ fn split_host_port(pattern: &str) -> Result<(&str, Option<String>), String> {
 /// web01, web02, web03 (the width of the first bound is kept). A pattern
 /// that would give more than [`MAX_HOSTS_PER_PATTERN`] hosts is refused
 /// before anything is expanded.
-fn expand_host_range(pattern: &str) -> Result<Vec<String>, String> {
+fn expand_host_range(pattern: &str) -> Result<Vec<String>, InventoryError> {
     let count = count_hosts(pattern)?;
     if count > MAX_HOSTS_PER_PATTERN {
-        return Err(format!(
-            "{pattern:?} expands to {count} hosts; one host pattern may give at most {MAX_HOSTS_PER_PATTERN} \
-             (split it, or use a CSV file)"
-        ));
+        return Err(InventoryError::TooManyHosts { pattern: pattern.to_owned(), count });
     }
     expand_ranges(pattern)
 }
 
 /// How many hosts `pattern` expands to (saturating), without expanding it.
-fn count_hosts(pattern: &str) -> Result<u64, String> {
+fn count_hosts(pattern: &str) -> Result<u64, InventoryError> {
+    let range_error = |problem| InventoryError::Range { pattern: pattern.to_owned(), problem };
     let mut count = 1u64;
     let mut rest = pattern;
     while let Some(open) = rest.find('[') {
-        let close = rest[open..].find(']').map(|c| open + c).ok_or_else(|| format!("{pattern:?}: [ without ]"))?;
-        let (start, end) =
-            rest[open + 1..close].split_once(':').ok_or_else(|| format!("{pattern:?}: a range is [first:last]"))?;
-        let parse = |bound: &str| {
-            bound.parse::<u64>().map_err(|_| format!("{pattern:?}: only numeric ranges such as [01:20] are supported"))
-        };
+        let close = rest[open..].find(']').map(|c| open + c).ok_or_else(|| range_error(RangeProblem::Unclosed))?;
+        let (start, end) = rest[open + 1..close].split_once(':').ok_or_else(|| range_error(RangeProblem::NoColon))?;
+        let parse = |bound: &str| bound.parse::<u64>().map_err(|_| range_error(RangeProblem::NotNumeric));
         let (first, last) = (parse(start)?, parse(end)?);
         if last < first {
-            return Err(format!("{pattern:?}: the range must go up"));
+            return Err(range_error(RangeProblem::Descending));
         }
         count = count.saturating_mul((last - first).saturating_add(1));
         rest = &rest[close + 1..];
@@ -416,19 +468,18 @@ fn count_hosts(pattern: &str) -> Result<u64, String> {
     Ok(count)
 }
 
-fn expand_ranges(pattern: &str) -> Result<Vec<String>, String> {
+fn expand_ranges(pattern: &str) -> Result<Vec<String>, InventoryError> {
+    let range_error = |problem| InventoryError::Range { pattern: pattern.to_owned(), problem };
     let Some(open) = pattern.find('[') else {
         return Ok(vec![pattern.to_owned()]);
     };
-    let close = pattern[open..].find(']').map(|c| open + c).ok_or_else(|| format!("{pattern:?}: [ without ]"))?;
+    let close = pattern[open..].find(']').map(|c| open + c).ok_or_else(|| range_error(RangeProblem::Unclosed))?;
     let (prefix, range, suffix) = (&pattern[..open], &pattern[open + 1..close], &pattern[close + 1..]);
-    let (start, end) = range.split_once(':').ok_or_else(|| format!("{pattern:?}: a range is [first:last]"))?;
-    let parse = |bound: &str| {
-        bound.parse::<u64>().map_err(|_| format!("{pattern:?}: only numeric ranges such as [01:20] are supported"))
-    };
+    let (start, end) = range.split_once(':').ok_or_else(|| range_error(RangeProblem::NoColon))?;
+    let parse = |bound: &str| bound.parse::<u64>().map_err(|_| range_error(RangeProblem::NotNumeric));
     let (first, last) = (parse(start)?, parse(end)?);
     if last < first {
-        return Err(format!("{pattern:?}: the range must go up"));
+        return Err(range_error(RangeProblem::Descending));
     }
     let width = if start.starts_with('0') { start.len() } else { 0 };
     let mut hosts = Vec::new();
@@ -441,7 +492,7 @@ fn expand_ranges(pattern: &str) -> Result<Vec<String>, String> {
 }
 
 /// Splits an inventory line on whitespace; quotes group, `#` starts a comment.
-fn split_inventory_line(line: &str) -> Result<Vec<String>, String> {
+fn split_inventory_line(line: &str) -> Result<Vec<String>, InventoryError> {
     let mut tokens = Vec::new();
     let mut token = String::new();
     let mut quote: Option<char> = None;
@@ -468,7 +519,7 @@ fn split_inventory_line(line: &str) -> Result<Vec<String>, String> {
         }
     }
     if quote.is_some() {
-        return Err("a quoted value is not closed".into());
+        return Err(InventoryError::UnclosedValue);
     }
     if in_token {
         tokens.push(token);
@@ -490,30 +541,28 @@ fn new_target(transport: &str) -> TargetRequest {
     }
 }
 
-fn parse_port(raw: &str) -> Result<u16, String> {
+fn parse_port(raw: &str) -> Result<u16, InventoryError> {
     match raw.trim().parse::<u16>() {
         Ok(port) if port > 0 => Ok(port),
-        _ => Err(format!("{raw:?} is not a port number (1-65535)")),
+        _ => Err(InventoryError::Port { raw: raw.to_owned() }),
     }
 }
 
-pub fn check_transport(raw: &str) -> Result<String, String> {
+pub fn check_transport(raw: &str) -> Result<String, InventoryError> {
     if TRANSPORTS.contains(&raw) {
         Ok(raw.to_owned())
     } else {
-        Err(format!("{raw:?} is not a transport; use one of {}", TRANSPORTS.join(", ")))
+        Err(InventoryError::Transport { raw: raw.to_owned() })
     }
 }
 
 /// A credential name as `[credentials.<name>]` allows it; the text of a
 /// cell that is not one is not repeated (it may be a pasted secret).
-pub fn check_credential_name(raw: &str) -> Result<String, String> {
+pub fn check_credential_name(raw: &str) -> Result<String, InventoryError> {
     if fleetpatch_runtime::credentials::is_valid_name(raw) {
         Ok(raw.to_owned())
     } else {
-        Err("must name a credential an administrator defined (lower-case letters, digits, '-' or '_'), never a \
-             secret or its location"
-            .into())
+        Err(InventoryError::NotACredentialName)
     }
 }
 
@@ -675,6 +724,22 @@ ansible_python_interpreter=/usr/bin/python3
             let error = parse_inventory(text, "hosts.ini", "ssh").unwrap_err().to_string();
             assert!(error.starts_with(expected), "{text:?}: {error}");
         }
+    }
+
+    #[test]
+    fn inventory_errors_name_the_value() {
+        assert_eq!(parse_port("0"), Err(InventoryError::Port { raw: "0".into() }));
+        assert_eq!(parse_port("0").unwrap_err().to_string(), "\"0\" is not a port number (1-65535)");
+        let error = split_host_port("web:99999").unwrap_err();
+        assert_eq!(error.to_string(), "\"web:99999\": \"99999\" is not a port number (1-65535)");
+        let error = expand_host_range("h[3:1]").unwrap_err();
+        assert_eq!(error, InventoryError::Range { pattern: "h[3:1]".into(), problem: RangeProblem::Descending });
+        assert_eq!(error.to_string(), "\"h[3:1]\": the range must go up");
+        assert_eq!(expand_ranges("h[1:").unwrap_err().to_string(), "\"h[1:\": [ without ]");
+        let error = check_transport("telnet").unwrap_err().to_string();
+        assert_eq!(error, "\"telnet\" is not a transport; use one of sim, ssh, smb");
+        let error = check_header(&["host".into(), "Site".into(), "site".into()]).unwrap_err();
+        assert_eq!(error.to_string(), "column \"site\" appears twice (columns 2 and 3)");
     }
 
     #[test]

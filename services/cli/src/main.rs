@@ -71,14 +71,14 @@ impl Settings {
             self.worker.validate(),
             self.collector.validate(),
             self.telemetry.validate(),
-            self.sim.validate().map_err(|e| format!("sim.{e}")),
-            self.smb.validate().map_err(|e| format!("smb.{e}")),
+            self.sim.validate().map_err(|e| e.in_section("sim")),
+            self.smb.validate().map_err(|e| e.in_section("smb")),
             fleetpatch_runtime::credentials::validate(&self.credentials, &fleetpatch_worker::CREDENTIAL_TRANSPORTS)
-                .map_err(|e| e.to_string()),
+                .map_err(fleetpatch_runtime::ConfigError::from),
         ];
         for check in checks {
-            if let Err(message) = check {
-                bail!("invalid configuration: {message}");
+            if let Err(error) = check {
+                bail!("invalid configuration: {error}");
             }
         }
         if self.database.url.is_empty() {

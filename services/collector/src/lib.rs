@@ -68,7 +68,7 @@ use fleetpatch_proto::v1::{self, agent_report::Kind};
 use fleetpatch_proto::Message;
 use fleetpatch_runtime::http::ServerOptions;
 use fleetpatch_runtime::tokens::TokenKey;
-use fleetpatch_runtime::{Health, Shutdown};
+use fleetpatch_runtime::{ConfigError, Health, Shutdown};
 use fleetpatch_store::{
     AgentInstance, IncomingReport, PatchOutcomeKind, ReportIntake, ReportKind, ReportResult, Store, TokenInfo,
 };
@@ -130,31 +130,33 @@ impl Default for CollectorOptions {
 }
 
 impl CollectorOptions {
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
         if self.batch_max_reports == 0 {
-            return Err("collector.batch_max_reports must be at least 1".into());
+            return Err(ConfigError::too_small("collector.batch_max_reports", 1));
         }
         if self.queue_capacity == 0 {
-            return Err("collector.queue_capacity must be at least 1".into());
+            return Err(ConfigError::too_small("collector.queue_capacity", 1));
         }
         if self.writers == 0 || self.writers > 64 {
-            return Err("collector.writers must be between 1 and 64".into());
+            return Err(ConfigError::out_of_range("collector.writers", 1, 64));
         }
         if self.max_clock_skew_seconds == 0 || self.max_clock_skew_seconds > 3_600 {
-            return Err(format!(
-                "collector.max_clock_skew_seconds must be between 1 and 3600, got {}; agents' clocks must be \
-                 within it of the collector's",
-                self.max_clock_skew_seconds
+            return Err(ConfigError::invalid(
+                "collector.max_clock_skew_seconds",
+                format!(
+                    "must be between 1 and 3600, got {}; agents' clocks must be within it of the collector's",
+                    self.max_clock_skew_seconds
+                ),
             ));
         }
         if self.replay_cache_entries < 1_000 {
-            return Err(format!(
-                "collector.replay_cache_entries must be at least 1000, got {}",
-                self.replay_cache_entries
+            return Err(ConfigError::invalid(
+                "collector.replay_cache_entries",
+                format!("must be at least 1000, got {}", self.replay_cache_entries),
             ));
         }
         if self.max_events_per_attempt == 0 {
-            return Err("collector.max_events_per_attempt must be at least 1".into());
+            return Err(ConfigError::too_small("collector.max_events_per_attempt", 1));
         }
         self.http.validate("collector.http")
     }
@@ -173,7 +175,9 @@ pub fn token_hash(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
 }
 
-type Pending = (Vec<IncomingReport>, oneshot::Sender<Result<Vec<ReportResult>, String>>);
+/// A request's reports and where its batch writer answers: each request of a
+/// batch whose write failed gets the same store error (logged once).
+type Pending = (Vec<IncomingReport>, oneshot::Sender<Result<Vec<ReportResult>, Arc<fleetpatch_store::Error>>>);
 
 #[derive(Clone)]
 struct AppState {
@@ -363,8 +367,9 @@ async fn run_batcher(
             }
             Err(error) => {
                 tracing::warn!(error = %error, reports = reports.len(), "writing a batch of reports failed");
+                let error = Arc::new(error);
                 for (_, reply) in pending {
-                    let _ = reply.send(Err(error.to_string()));
+                    let _ = reply.send(Err(error.clone()));
                 }
             }
         }
@@ -505,15 +510,33 @@ fn tail(text: String, limit: usize) -> String {
     text[start..].to_owned()
 }
 
-fn convert(target_id: Uuid, attempt: u32, index: usize, report: v1::AgentReport) -> Result<IncomingReport, String> {
+/// Why a report of a batch is refused (400); names the report by its index.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+enum InvalidReport {
+    #[error("reports[{index}].seq must be at least 1")]
+    ZeroSeq { index: usize },
+    #[error("reports[{index}].seq {seq} is too large")]
+    SeqTooLarge { index: usize, seq: u64 },
+    #[error("reports[{index}] has no kind (started, finished, heartbeat or final)")]
+    NoKind { index: usize },
+    #[error("reports[{index}].finished.outcome {outcome} is not a known outcome")]
+    UnknownOutcome { index: usize, outcome: i32 },
+}
+
+fn convert(
+    target_id: Uuid,
+    attempt: u32,
+    index: usize,
+    report: v1::AgentReport,
+) -> Result<IncomingReport, InvalidReport> {
     if report.seq == 0 {
-        return Err(format!("reports[{index}].seq must be at least 1"));
+        return Err(InvalidReport::ZeroSeq { index });
     }
     if report.seq > i64::MAX as u64 {
-        return Err(format!("reports[{index}].seq {} is too large", report.seq));
+        return Err(InvalidReport::SeqTooLarge { index, seq: report.seq });
     }
     let kind = match report.kind {
-        None => return Err(format!("reports[{index}] has no kind (started, finished, heartbeat or final)")),
+        None => return Err(InvalidReport::NoKind { index }),
         Some(Kind::Started(started)) => ReportKind::Started { patch_index: started.patch_index },
         Some(Kind::Heartbeat(beat)) => ReportKind::Heartbeat { patch_index: beat.patch_index },
         Some(Kind::Finished(finished)) => {
@@ -523,12 +546,7 @@ fn convert(target_id: Uuid, attempt: u32, index: usize, report: v1::AgentReport)
                 Ok(v1::PatchOutcome::Failed) => PatchOutcomeKind::Failed,
                 Ok(v1::PatchOutcome::TimedOut) => PatchOutcomeKind::TimedOut,
                 Ok(v1::PatchOutcome::ChecksumMismatch) => PatchOutcomeKind::ChecksumMismatch,
-                _ => {
-                    return Err(format!(
-                        "reports[{index}].finished.outcome {} is not a known outcome",
-                        finished.outcome
-                    ))
-                }
+                _ => return Err(InvalidReport::UnknownOutcome { index, outcome: finished.outcome }),
             };
             ReportKind::Finished {
                 patch_index: finished.patch_index,
@@ -709,7 +727,7 @@ async fn post_reports(
         has_final |= matches!(report.kind, Some(Kind::Final(_)));
         match convert(target_id, attempt, index, report) {
             Ok(report) => reports.push(report),
-            Err(detail) => return problem(StatusCode::BAD_REQUEST, "Bad Request", detail),
+            Err(detail) => return problem(StatusCode::BAD_REQUEST, "Bad Request", detail.to_string()),
         }
     }
     let (reply, answer) = oneshot::channel();
@@ -777,9 +795,10 @@ mod tests {
         let id = Uuid::new_v4();
         let err = convert(id, 1, 3, v1::AgentReport { seq: 0, sent_at_unix_ms: 0, agent_instance: 0, kind: None })
             .unwrap_err();
-        assert!(err.contains("reports[3].seq"), "{err}");
+        assert_eq!(err, InvalidReport::ZeroSeq { index: 3 });
+        assert!(err.to_string().contains("reports[3].seq"), "{err}");
         let err = convert(id, 1, 0, v1::AgentReport { seq: 1, sent_at_unix_ms: 0, agent_instance: 0, kind: None })
             .unwrap_err();
-        assert!(err.contains("no kind"), "{err}");
+        assert!(err.to_string().contains("no kind"), "{err}");
     }
 }

@@ -34,7 +34,7 @@ use axum::extract::{ConnectInfo, MatchedPath, Request, State};
 use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use fleetpatch_runtime::Shutdown;
+use fleetpatch_runtime::{ConfigError, Shutdown};
 use fleetpatch_store::auth::MalformedKey;
 use fleetpatch_store::{ActorKind, KeyCheck, NewAuditEntry, ParsedApiKey, Role, Store};
 use jsonwebtoken::jwk::JwkSet;
@@ -136,40 +136,63 @@ const ALGORITHMS: [Algorithm; 9] = [
 
 impl OidcOptions {
     /// Checks the options; the message names the key.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
         const KEY: &str = "scheduler.auth.oidc";
+        let key = |name: &str| format!("{KEY}.{name}");
         if self.issuer.trim().is_empty() {
-            return Err(format!("{KEY}.issuer must name the IdP's issuer (the `iss` of its tokens)"));
+            return Err(ConfigError::invalid(key("issuer"), "must name the IdP's issuer (the `iss` of its tokens)"));
         }
         if self.audience.trim().is_empty() {
-            return Err(format!("{KEY}.audience must name this API's audience (the `aud` of its tokens)"));
+            return Err(ConfigError::invalid(
+                key("audience"),
+                "must name this API's audience (the `aud` of its tokens)",
+            ));
         }
         match (&self.jwks_file, &self.jwks_url) {
-            (Some(_), Some(_)) => return Err(format!("{KEY}.jwks_file and {KEY}.jwks_url: set only one of them")),
-            (None, None) => return Err(format!("{KEY}.jwks_file or {KEY}.jwks_url must say where the IdP's keys are")),
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::invalid(
+                    format!("{KEY}.jwks_file and {KEY}.jwks_url"),
+                    "are both set: set only one of them",
+                ))
+            }
+            (None, None) => {
+                return Err(ConfigError::invalid(
+                    format!("{KEY}.jwks_file or {KEY}.jwks_url"),
+                    "must say where the IdP's keys are",
+                ))
+            }
             (None, Some(url)) if !(url.starts_with("https://") || url.starts_with("http://")) => {
-                return Err(format!("{KEY}.jwks_url {url:?} must be an http:// or https:// URL"))
+                return Err(ConfigError::invalid(
+                    key("jwks_url"),
+                    format!("{url:?} must be an http:// or https:// URL"),
+                ))
             }
             _ => {}
         }
         if self.role_claim.trim().is_empty() {
-            return Err(format!("{KEY}.role_claim must name the claim that holds roles or groups (e.g. roles)"));
+            return Err(ConfigError::invalid(
+                key("role_claim"),
+                "must name the claim that holds roles or groups (e.g. roles)",
+            ));
         }
         if self.roles.viewer.is_empty() && self.roles.operator.is_empty() && self.roles.admin.is_empty() {
-            return Err(format!("{KEY}.roles must map at least one claim value to viewer, operator or admin"));
+            return Err(ConfigError::invalid(
+                key("roles"),
+                "must map at least one claim value to viewer, operator or admin",
+            ));
         }
         if self.refresh_seconds < 10 {
-            return Err(format!("{KEY}.refresh_seconds must be at least 10"));
+            return Err(ConfigError::too_small(key("refresh_seconds"), 10));
         }
         if self.leeway_seconds > 300 {
-            return Err(format!("{KEY}.leeway_seconds must be at most 300"));
+            return Err(ConfigError::too_large(key("leeway_seconds"), 300));
         }
         Ok(())
     }
 }
 
 impl AuthOptions {
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
         match &self.oidc {
             Some(oidc) => oidc.validate(),
             None => Ok(()),
@@ -300,6 +323,17 @@ impl Unauthenticated {
     }
 }
 
+/// A valid OIDC token whose role claim grants no fleetpatch role (403).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the token of {subject:?} grants no fleetpatch role: its claim names none of the values mapped in \
+     [scheduler.auth.oidc.roles]; ask your IdP admin for a fleetpatch group"
+)]
+pub struct NoRole {
+    /// The token's `sub`.
+    pub subject: String,
+}
+
 fn forbidden(detail: String) -> Response {
     Problem::new(StatusCode::FORBIDDEN, "Forbidden", detail).into_response()
 }
@@ -418,7 +452,7 @@ impl Oidc {
     }
 
     /// The identity a token proves, or why it proves none.
-    pub async fn verify(&self, token: &str) -> Result<Result<Identity, String>, Unauthenticated> {
+    pub async fn verify(&self, token: &str) -> Result<Result<Identity, NoRole>, Unauthenticated> {
         let invalid = |reason: &'static str, detail: String| Unauthenticated::InvalidToken { reason, detail };
         let header = jsonwebtoken::decode_header(token)
             .map_err(|e| invalid("invalid_token", format!("its header cannot be read ({e})")))?;
@@ -469,7 +503,7 @@ impl Oidc {
         }
         Ok(match role_from_claims(&data.claims, &self.options.role_claim, &self.options.roles) {
             Some(role) => Ok(Identity { subject, kind: ActorKind::Jwt, role }),
-            None => Err(subject),
+            None => Err(NoRole { subject }),
         })
     }
 }
@@ -519,9 +553,9 @@ impl Authenticator {
         Self { store, oidc }
     }
 
-    /// The identity behind the request's credential. `Ok(Err(subject))`: a
+    /// The identity behind the request's credential. `Ok(Err(NoRole))`: a
     /// valid token that grants no role.
-    async fn identify(&self, value: Option<&HeaderValue>) -> Result<Result<Identity, String>, Refusal> {
+    async fn identify(&self, value: Option<&HeaderValue>) -> Result<Result<Identity, NoRole>, Refusal> {
         match credential(value).map_err(Refusal::Unauthenticated)? {
             Credential::ApiKey(key) => match self.store.check_api_key(&key, chrono::Utc::now()).await {
                 Ok(KeyCheck::Valid(key)) => {
@@ -604,13 +638,10 @@ pub async fn authenticate(State(auth): State<Authenticator>, request: Request, n
         .unwrap_or_else(|| "unknown".into());
     let identity = match auth.identify(request.headers().get(header::AUTHORIZATION)).await {
         Ok(Ok(identity)) => identity,
-        Ok(Err(subject)) => {
+        Ok(Err(no_role)) => {
             metrics::counter!("fleetpatch_api_auth_failures_total", "reason" => "no_role").increment(1);
-            tracing::info!(subject = %subject, route = %route, "oidc token grants no fleetpatch role");
-            return forbidden(format!(
-                "the token of {subject:?} grants no fleetpatch role: its claim names none of the values mapped in \
-                 [scheduler.auth.oidc.roles]; ask your IdP admin for a fleetpatch group"
-            ));
+            tracing::info!(subject = %no_role.subject, route = %route, "oidc token grants no fleetpatch role");
+            return forbidden(no_role.to_string());
         }
         Err(Refusal::Unauthenticated(why)) => {
             metrics::counter!("fleetpatch_api_auth_failures_total", "reason" => why.reason()).increment(1);
@@ -745,7 +776,7 @@ mod tests {
             refresh_seconds: 300,
             leeway_seconds: 30,
         };
-        assert_eq!(good.validate(), Ok(()));
+        assert!(good.validate().is_ok());
         let cases = [
             (OidcOptions { issuer: "".into(), ..good.clone() }, "scheduler.auth.oidc.issuer"),
             (OidcOptions { audience: " ".into(), ..good.clone() }, "scheduler.auth.oidc.audience"),
@@ -766,8 +797,22 @@ mod tests {
             ),
         ];
         for (options, key) in cases {
-            let error = options.validate().expect_err(key);
+            let error = options.validate().expect_err(key).to_string();
             assert!(error.starts_with(key), "{error:?} should name {key}");
         }
+        let error = OidcOptions { leeway_seconds: 301, ..good.clone() }.validate().unwrap_err();
+        assert_eq!(error.to_string(), "scheduler.auth.oidc.leeway_seconds must be at most 300");
+        let error = OidcOptions { jwks_file: None, jwks_url: Some("ftp://idp/certs".into()), ..good }.validate();
+        assert_eq!(
+            error.unwrap_err().to_string(),
+            "scheduler.auth.oidc.jwks_url \"ftp://idp/certs\" must be an http:// or https:// URL"
+        );
+    }
+
+    #[test]
+    fn a_token_without_a_role_is_named_in_the_refusal() {
+        let refusal = NoRole { subject: "alice@corp.example".into() }.to_string();
+        assert!(refusal.starts_with("the token of \"alice@corp.example\" grants no fleetpatch role"), "{refusal}");
+        assert!(refusal.contains("[scheduler.auth.oidc.roles]"), "{refusal}");
     }
 }

@@ -20,7 +20,7 @@ use fleetpatch_bus::{Bus, Delivery};
 use fleetpatch_proto::routing;
 use fleetpatch_proto::v1;
 use fleetpatch_proto::Message;
-use fleetpatch_runtime::{Health, Shutdown};
+use fleetpatch_runtime::{ConfigError, Health, Shutdown};
 use fleetpatch_store::{Store, TimeoutPolicy, WatchOutcome};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
@@ -96,27 +96,30 @@ impl Default for SchedulerOptions {
 }
 
 impl SchedulerOptions {
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
         if self.prefetch == 0 {
-            return Err("scheduler.prefetch must be at least 1".into());
+            return Err(ConfigError::too_small("scheduler.prefetch", 1));
         }
         if self.watch_batch == 0 {
-            return Err("scheduler.watch_batch must be at least 1".into());
+            return Err(ConfigError::too_small("scheduler.watch_batch", 1));
         }
         if self.watch_writers == 0 || self.watch_writers > 64 {
-            return Err("scheduler.watch_writers must be between 1 and 64".into());
+            return Err(ConfigError::out_of_range("scheduler.watch_writers", 1, 64));
         }
         if self.max_targets_per_rollout == 0 || self.max_targets_per_rollout > 1_000_000 {
-            return Err("scheduler.max_targets_per_rollout must be between 1 and 1000000".into());
+            return Err(ConfigError::out_of_range("scheduler.max_targets_per_rollout", 1, 1_000_000));
         }
         if self.max_content_bytes == 0 {
-            return Err("scheduler.max_content_bytes must be at least 1".into());
+            return Err(ConfigError::too_small("scheduler.max_content_bytes", 1));
         }
         if self.reconcile_interval_seconds == 0 {
-            return Err("scheduler.reconcile_interval_seconds must be at least 1".into());
+            return Err(ConfigError::too_small("scheduler.reconcile_interval_seconds", 1));
         }
         if self.stuck_job_seconds < 60 {
-            return Err("scheduler.stuck_job_seconds must be at least 60 (a slow staging is not a lost job)".into());
+            return Err(ConfigError::invalid(
+                "scheduler.stuck_job_seconds",
+                "must be at least 60 (a slow staging is not a lost job)",
+            ));
         }
         self.http.validate("scheduler.http")?;
         self.auth.validate()
@@ -141,9 +144,47 @@ pub enum Error {
     #[error("serving HTTP: {0}")]
     Serve(#[from] std::io::Error),
     #[error("invalid configuration: {0}")]
-    Config(String),
+    Config(#[from] ConfigError),
     #[error("invalid configuration: {0}")]
     Jwks(#[from] auth::JwksError),
+}
+
+/// Why a message of the scheduler's consumers (a dispatch request) was not
+/// handled.
+#[derive(Debug, thiserror::Error)]
+pub enum DispatchError {
+    /// The message came from a queue this consumer has no handler for.
+    #[error("no handler for routing key {0:?}")]
+    NoHandler(String),
+    /// The payload is not a `DispatchRequest`.
+    #[error("undecodable dispatch request: {0}")]
+    Undecodable(#[source] prost::DecodeError),
+    /// The request's rollout id is not a UUID.
+    #[error("dispatch rollout id: {0}")]
+    RolloutId(#[source] uuid::Error),
+    /// The dispatch pass failed in the store.
+    #[error(transparent)]
+    Store(#[from] fleetpatch_store::Error),
+}
+
+impl DispatchError {
+    /// Whether the same message may succeed when handled again: the
+    /// database was unreachable or a transaction conflicted. A message that
+    /// is malformed, or that the stored data refuses, never will.
+    pub fn is_retryable(&self) -> bool {
+        use fleetpatch_store::Error as E;
+        match self {
+            DispatchError::NoHandler(_) | DispatchError::Undecodable(_) | DispatchError::RolloutId(_) => false,
+            DispatchError::Store(error) => match error {
+                E::Connect { .. } | E::Db(_) | E::Conflict(_) => true,
+                E::NotMigrated { .. }
+                | E::NotFound { .. }
+                | E::Invalid(_)
+                | E::Corrupt(_)
+                | E::IllegalTransition { .. } => false,
+            },
+        }
+    }
 }
 
 /// A running scheduler.
@@ -191,7 +232,7 @@ pub async fn start(
     health: Health,
     shutdown: Shutdown,
 ) -> Result<SchedulerHandle, Error> {
-    options.auth.validate().map_err(Error::Config)?;
+    options.auth.validate()?;
     let oidc = match options.auth.oidc.clone() {
         Some(oidc) => Some(auth::Oidc::start(oidc).await?),
         None => None,
@@ -302,7 +343,7 @@ impl Core {
     async fn handle(&self, delivery: Delivery) {
         let result = match delivery.routing_key.as_str() {
             routing::DISPATCH => self.dispatch(&delivery.payload).await,
-            other => Err(format!("no handler for routing key {other:?}")),
+            other => Err(DispatchError::NoHandler(other.to_owned())),
         };
         match result {
             Ok(()) => {
@@ -311,7 +352,10 @@ impl Core {
                 }
             }
             Err(reason) => {
-                tracing::warn!(reason = %reason, "scheduler job failed; requeued");
+                // Every failure is requeued (the broker dead-letters the
+                // message after `amqp.delivery_limit` deliveries); the log
+                // says whether another delivery can help.
+                tracing::warn!(reason = %reason, retryable = reason.is_retryable(), "scheduler job failed; requeued");
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 let _ = delivery.requeue().await;
             }
@@ -324,9 +368,9 @@ impl Core {
     /// followed by a pass that started after it arrived, and thousands of
     /// "a slot freed up" requests cost a handful of passes, not thousands of
     /// turns on the rollout's row lock.
-    async fn dispatch(&self, payload: &[u8]) -> Result<(), String> {
-        let request = v1::DispatchRequest::decode(payload).map_err(|e| format!("undecodable dispatch request: {e}"))?;
-        let rollout_id = Uuid::parse_str(&request.rollout_id).map_err(|e| format!("dispatch rollout id: {e}"))?;
+    async fn dispatch(&self, payload: &[u8]) -> Result<(), DispatchError> {
+        let request = v1::DispatchRequest::decode(payload).map_err(DispatchError::Undecodable)?;
+        let rollout_id = Uuid::parse_str(&request.rollout_id).map_err(DispatchError::RolloutId)?;
         {
             let mut running = self.dispatching.lock().expect("dispatch map lock");
             if let Some(dirty) = running.get_mut(&rollout_id) {
@@ -350,7 +394,7 @@ impl Core {
                     }
                 }
                 Err(fleetpatch_store::Error::NotFound { .. }) => return Ok(()),
-                Err(error) => return Err(error.to_string()),
+                Err(error) => return Err(DispatchError::Store(error)),
             }
             // Ending the pass and checking for requests happen under one lock,
             // so no request can slip in between.
@@ -605,11 +649,25 @@ impl Core {
 
 #[cfg(test)]
 mod option_tests {
-    use super::SchedulerOptions;
+    use super::{DispatchError, SchedulerOptions};
+
+    #[test]
+    fn job_errors_name_the_fault_and_say_whether_to_retry() {
+        let error = DispatchError::RolloutId(uuid::Uuid::parse_str("not-a-uuid").unwrap_err());
+        assert!(error.to_string().starts_with("dispatch rollout id: "), "{error}");
+        assert!(!error.is_retryable());
+        let error = DispatchError::NoHandler("fleetpatch.other".into());
+        assert_eq!(error.to_string(), "no handler for routing key \"fleetpatch.other\"");
+        assert!(!error.is_retryable());
+        let error = DispatchError::from(fleetpatch_store::Error::Conflict("rollout 1 is locked".into()));
+        assert_eq!(error.to_string(), "rollout 1 is locked");
+        assert!(error.is_retryable());
+        assert!(!DispatchError::from(fleetpatch_store::Error::Corrupt("x".into())).is_retryable());
+    }
 
     #[test]
     fn defaults_are_valid_and_bad_values_name_their_key() {
-        assert_eq!(SchedulerOptions::default().validate(), Ok(()));
+        assert!(SchedulerOptions::default().validate().is_ok());
         let cases = [
             (SchedulerOptions { prefetch: 0, ..Default::default() }, "scheduler.prefetch"),
             (SchedulerOptions { watch_batch: 0, ..Default::default() }, "scheduler.watch_batch"),
@@ -622,8 +680,11 @@ mod option_tests {
         ];
         for (options, key) in cases {
             let error = options.validate().expect_err(key);
-            assert!(error.starts_with(key), "{error:?} should name {key}");
+            assert_eq!(error.field(), key);
+            assert!(error.to_string().starts_with(key), "{error:?} should name {key}");
         }
+        let error = SchedulerOptions { watch_writers: 65, ..Default::default() }.validate().unwrap_err();
+        assert_eq!(error.to_string(), "scheduler.watch_writers must be between 1 and 64");
     }
 }
 

@@ -28,7 +28,7 @@ use fleetpatch_proto::v1;
 use fleetpatch_proto::Message;
 use fleetpatch_runtime::credentials::{self, Credentials, ScopeTarget};
 use fleetpatch_runtime::tokens::TokenKey;
-use fleetpatch_runtime::{Health, Shutdown};
+use fleetpatch_runtime::{ConfigError, Health, Shutdown};
 use fleetpatch_store::{content, Claim, DeployContext, ProbeOutcome, Store, Target};
 use fleetpatch_transport::{Credential, Deployment, PatchProbe, Secret, StagedFile, TargetSpec, Transport, Transports};
 use serde::{Deserialize, Serialize};
@@ -91,28 +91,30 @@ impl Default for WorkerOptions {
 }
 
 impl WorkerOptions {
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
         if self.concurrency == 0 {
-            return Err("worker.concurrency must be at least 1".into());
+            return Err(ConfigError::too_small("worker.concurrency", 1));
         }
         if !(self.collector_url.starts_with("http://") || self.collector_url.starts_with("https://")) {
-            return Err(format!(
-                "worker.collector_url must be an http:// or https:// URL, got {:?}",
-                self.collector_url
+            return Err(ConfigError::invalid(
+                "worker.collector_url",
+                format!("must be an http:// or https:// URL, got {:?}", self.collector_url),
             ));
         }
         if self.collector_url.starts_with("https://") && self.collector_ca_file.is_none() {
-            return Err(format!(
-                "worker.collector_ca_file must name the PEM file of the CA that signed the collector's certificate \
-                 when worker.collector_url is https ({:?}); the agent trusts only that CA",
-                self.collector_url
+            return Err(ConfigError::invalid(
+                "worker.collector_ca_file",
+                format!(
+                    "must name the PEM file of the CA that signed the collector's certificate when \
+                     worker.collector_url is https ({:?}); the agent trusts only that CA",
+                    self.collector_url
+                ),
             ));
         }
         if self.step_timeout_seconds == 0 {
-            return Err("worker.step_timeout_seconds must be at least 1".into());
+            return Err(ConfigError::too_small("worker.step_timeout_seconds", 1));
         }
-        fleetpatch_runtime::credentials::validate(&self.credentials, &CREDENTIAL_TRANSPORTS)
-            .map_err(|e| e.to_string())?;
+        fleetpatch_runtime::credentials::validate(&self.credentials, &CREDENTIAL_TRANSPORTS)?;
         Ok(())
     }
 }
@@ -124,7 +126,18 @@ pub enum Error {
     #[error(transparent)]
     Bus(#[from] fleetpatch_bus::Error),
     #[error("worker configuration: {0}")]
-    Config(String),
+    Config(#[from] ConfigError),
+    #[error("worker configuration: worker.collector_ca_file: cannot read {}: {source}", path.display())]
+    CollectorCaUnreadable {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "worker configuration: worker.collector_ca_file: {} holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
+        path.display()
+    )]
+    CollectorCaNotPem { path: PathBuf },
     #[error("serving HTTP: {0}")]
     Serve(#[from] std::io::Error),
 }
@@ -209,18 +222,14 @@ impl Worker {
         bus: Bus,
         transports: Transports,
     ) -> Result<Self, Error> {
-        options.validate().map_err(Error::Config)?;
+        options.validate()?;
         let collector_ca_pem = match &options.collector_ca_file {
             None => None,
             Some(path) => {
-                let pem = std::fs::read_to_string(path).map_err(|error| {
-                    Error::Config(format!("worker.collector_ca_file: cannot read {}: {error}", path.display()))
-                })?;
+                let pem = std::fs::read_to_string(path)
+                    .map_err(|source| Error::CollectorCaUnreadable { path: path.clone(), source })?;
                 if !pem.contains("-----BEGIN CERTIFICATE-----") {
-                    return Err(Error::Config(format!(
-                        "worker.collector_ca_file: {} holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
-                        path.display()
-                    )));
+                    return Err(Error::CollectorCaNotPem { path: path.clone() });
                 }
                 Some(Arc::from(pem))
             }
@@ -379,7 +388,7 @@ impl Worker {
                     name,
                     ScopeTarget { transport: &target.transport, host: &target.host, labels: &target.labels },
                 )
-                .map_err(JobError::Permanent)?,
+                .map_err(|error| JobError::Permanent(error.to_string()))?,
             ),
         };
         Ok(TargetSpec {
@@ -654,13 +663,41 @@ pub fn agent_binary_key(os: &str, arch: &str) -> String {
 /// checked (transport, host, labels) **before** its secret is read, then
 /// the secret read and parsed. Every error names the credential and the
 /// target, never the secret's text.
-pub fn resolve_credential(defined: &Credentials, name: &str, target: ScopeTarget<'_>) -> Result<Credential, String> {
-    let definition = credentials::lookup(defined, name).map_err(|e| e.to_string())?;
-    definition.check_scope(name, target).map_err(|e| e.to_string())?;
+pub fn resolve_credential(
+    defined: &Credentials,
+    name: &str,
+    target: ScopeTarget<'_>,
+) -> Result<Credential, ResolveCredentialError> {
+    let definition = credentials::lookup(defined, name)?;
+    definition.check_scope(name, target)?;
     let secret = fleetpatch_runtime::secrets::resolve(&definition.secret_ref)
-        .map_err(|e| format!("credential {name:?}: {e}"))?;
+        .map_err(|source| ResolveCredentialError::Secret { name: name.to_owned(), source })?;
     parse_credential(&secret, definition.user.as_deref(), target.labels.get("user").map(String::as_str))
-        .map_err(|e| format!("credential {name:?}: {e}"))
+        .map_err(|source| ResolveCredentialError::Format { name: name.to_owned(), source })
+}
+
+/// Why a target's credential cannot be used. Each message names the
+/// credential, never the secret's text. None of them goes away by trying
+/// again with the same configuration.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ResolveCredentialError {
+    /// No credential of that name, or the target is outside its scope.
+    #[error(transparent)]
+    Scope(#[from] credentials::CredentialError),
+    /// Its secret reference cannot be read.
+    #[error("credential {name:?}: {source}")]
+    Secret {
+        name: String,
+        #[source]
+        source: fleetpatch_runtime::secrets::SecretError,
+    },
+    /// The secret is not a usable credential.
+    #[error("credential {name:?}: {source}")]
+    Format {
+        name: String,
+        #[source]
+        source: SecretFormatError,
+    },
 }
 
 /// Why a secret is no usable credential. No variant holds any of the
@@ -753,6 +790,34 @@ mod tests {
         assert!(
             matches!(whole, Credential::Password { ref username, ref password } if username == "CORP\\deploy" && password.expose() == "pa:ss")
         );
+    }
+
+    #[test]
+    fn credential_errors_name_the_credential() {
+        let labels = BTreeMap::new();
+        let target = ScopeTarget { transport: "ssh", host: "db-1.corp.example", labels: &labels };
+        let definition = |secret_ref: &str| credentials::CredentialDefinition {
+            secret_ref: secret_ref.into(),
+            user: None,
+            transports: vec!["ssh".into()],
+            hosts: vec!["*.corp.example".into()],
+            labels: BTreeMap::new(),
+        };
+        let defined = Credentials::from([
+            ("unset".to_owned(), definition("env:FP_WORKER_TEST_UNSET_VARIABLE")),
+            ("dir".to_owned(), definition("file:/")),
+        ]);
+        let error = resolve_credential(&defined, "other", target).unwrap_err();
+        assert!(matches!(error, ResolveCredentialError::Scope(credentials::CredentialError::Unknown { .. })));
+        assert!(error.to_string().contains("no credential is named \"other\""), "{error}");
+        let error = resolve_credential(&defined, "unset", target).unwrap_err();
+        assert!(matches!(error, ResolveCredentialError::Secret { .. }), "{error:?}");
+        assert!(error.to_string().starts_with("credential \"unset\": secret reference"), "{error}");
+        let outside = ScopeTarget { host: "evil.example", ..target };
+        let error = resolve_credential(&defined, "unset", outside).unwrap_err();
+        assert!(error.to_string().contains("may not be used for host \"evil.example\""), "{error}");
+        let error = resolve_credential(&defined, "dir", target).unwrap_err();
+        assert!(error.to_string().starts_with("credential \"dir\": secret reference \"file:/\""), "{error}");
     }
 
     #[test]

@@ -245,8 +245,8 @@ pub enum DeadLettersCommand {
     },
 }
 
-fn parse_target_state(raw: &str) -> Result<TargetState, String> {
-    raw.parse().map_err(|e: fleetpatch_proto::state::UnknownState| e.to_string())
+fn parse_target_state(raw: &str) -> Result<TargetState, fleetpatch_proto::state::UnknownState> {
+    raw.parse()
 }
 
 /// A client command: what `main` hands over.

@@ -56,7 +56,7 @@ pub struct InputPolicy {
 
 impl InputPolicy {
     /// Whether a target may name `name`; the message says what to do.
-    fn check_credential(&self, name: &str) -> Result<(), String> {
+    fn check_credential(&self, name: &str) -> Result<(), UnknownCredential> {
         if self.credential_names.contains(name) {
             return Ok(());
         }
@@ -66,18 +66,25 @@ impl InputPolicy {
             self.credential_names.iter().map(String::as_str).collect::<Vec<_>>().join(", ")
         };
         Err(if fleetpatch_runtime::credentials::is_valid_name(name) {
-            format!(
-                "no credential is named {name:?} (defined: {defined}); ask an administrator to define it under \
-                 [credentials.{name}] where the workers run"
-            )
+            UnknownCredential::Undefined { name: name.to_owned(), defined }
         } else {
-            // Not a name at all (perhaps a pasted secret): not repeated.
-            format!(
-                "must name a credential an administrator defined (defined: {defined}), never a secret or its \
-                 location"
-            )
+            UnknownCredential::NotAName { defined }
         })
     }
+}
+
+/// Why a rollout may not name a credential (the message of its field).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UnknownCredential {
+    /// A well-formed name that no `[credentials.<name>]` defines.
+    #[error(
+        "no credential is named {name:?} (defined: {defined}); ask an administrator to define it under \
+         [credentials.{name}] where the workers run"
+    )]
+    Undefined { name: String, defined: String },
+    /// Not a credential name at all (perhaps a pasted secret): not repeated.
+    #[error("must name a credential an administrator defined (defined: {defined}), never a secret or its location")]
+    NotAName { defined: String },
 }
 
 impl Default for InputPolicy {

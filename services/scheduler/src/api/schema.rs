@@ -167,8 +167,8 @@ pub fn validate(
         return Err(Problem::invalid(errors));
     }
     if let Some(name) = &request.credential {
-        if let Err(message) = policy.check_credential(name) {
-            push(&mut errors, "credential", message);
+        if let Err(error) = policy.check_credential(name) {
+            push(&mut errors, "credential", error.to_string());
         }
     }
     let mut wave_names = HashSet::new();
@@ -228,8 +228,8 @@ pub fn validate(
             );
         }
         if let Some(name) = &target.credential {
-            if let Err(message) = policy.check_credential(name) {
-                push(&mut errors, format!("targets[{i}].credential"), message);
+            if let Err(error) = policy.check_credential(name) {
+                push(&mut errors, format!("targets[{i}].credential"), error.to_string());
             }
         }
         if let Some(wave) = &target.wave {
@@ -423,6 +423,19 @@ mod tests {
         let problem = check(json).unwrap_err();
         assert_eq!(problem.errors[0].field, "targets[2].credential");
         assert!(problem.errors[0].message.contains("defined: linux, windows-admin"), "{}", problem.detail);
+    }
+
+    #[test]
+    fn an_unknown_credential_is_named_with_the_defined_ones() {
+        use crate::api::{InputPolicy, UnknownCredential};
+        let policy = InputPolicy { credential_names: ["linux".to_owned()].into(), ..InputPolicy::default() };
+        assert!(policy.check_credential("linux").is_ok());
+        let error = policy.check_credential("windows").unwrap_err();
+        assert_eq!(error, UnknownCredential::Undefined { name: "windows".into(), defined: "linux".into() });
+        assert!(error.to_string().starts_with("no credential is named \"windows\" (defined: linux)"), "{error}");
+        let error = policy.check_credential("user:secret").unwrap_err();
+        assert!(matches!(error, UnknownCredential::NotAName { .. }));
+        assert!(!error.to_string().contains("user:"), "the value is not repeated: {error}");
     }
 
     #[test]
