@@ -377,7 +377,19 @@ async fn the_agent_runs_as_a_windows_service_installs_real_installers_and_stops_
     );
 
     let target = sandbox.wait_for_target_state(targets[0].id, &[TargetState::Failed], Duration::from_secs(30)).await;
-    let events = sandbox.store.agent_events(target.id).await.unwrap();
+    let all_events = sandbox.store.agent_events(target.id).await.unwrap();
+    // Two agents reported for this deployment: the simulated one (its first
+    // report, then it hangs) and the Windows service. Each run is stored as
+    // its own (reports carry their agent instance), not folded into the
+    // other's as duplicates of the same seq.
+    let windows_run = all_events.iter().find(|e| e.kind == "final").expect("a final result").agent_instance;
+    let (events, simulated): (Vec<AgentEvent>, Vec<AgentEvent>) =
+        all_events.iter().cloned().partition(|e| e.agent_instance == windows_run);
+    assert_eq!(
+        simulated.iter().map(|e| (e.seq, e.kind.as_str(), e.patch_index)).collect::<Vec<_>>(),
+        vec![(1, "started", Some(0))],
+        "the simulated agent's one report, kept as its own run: {all_events:#?}"
+    );
     assert_eq!(
         events_of(&events, "started"),
         vec![(Some(0), None), (Some(1), None), (Some(2), None), (Some(3), None)],
