@@ -133,6 +133,10 @@ struct FleetState {
     installed: HashMap<String, HashSet<String>>,
     /// Reports the collector acknowledged, per plan (target id) and agent run.
     acknowledged: HashMap<String, u64>,
+    /// Reports the agents produced (each once, however often it was sent).
+    sent: HashMap<String, u64>,
+    /// Reports whose sending ended with a refusal (a 4xx other than 408/429).
+    refused: HashMap<String, u64>,
 }
 
 /// What the simulated machines did, for fault tests: agents started per
@@ -141,6 +145,10 @@ struct FleetState {
 pub struct SimStats {
     pub agent_starts: BTreeMap<String, u32>,
     pub reports_acknowledged: BTreeMap<String, u64>,
+    #[serde(default)]
+    pub reports_sent: BTreeMap<String, u64>,
+    #[serde(default)]
+    pub reports_refused: BTreeMap<String, u64>,
     pub running_agents: usize,
 }
 
@@ -234,6 +242,8 @@ impl SimFleet {
         SimStats {
             agent_starts: state.starts.iter().map(|(k, v)| (k.clone(), *v)).collect(),
             reports_acknowledged: state.acknowledged.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+            reports_sent: state.sent.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+            reports_refused: state.refused.iter().map(|(k, v)| (k.clone(), *v)).collect(),
             running_agents,
         }
     }
@@ -448,6 +458,7 @@ impl SimAgent {
     /// (the real agent also spools to disk; a simulated one keeps it in memory).
     async fn send(&mut self, kind: Kind) {
         self.seq += 1;
+        *self.fleet.state.lock().expect("sim fleet lock").sent.entry(self.plan.target_id.to_string()).or_default() += 1;
         let batch = v1::ReportBatch {
             reports: vec![v1::AgentReport {
                 seq: self.seq,
@@ -500,6 +511,8 @@ impl SimAgent {
                         url = %fleetpatch_runtime::redact::url(&url),
                         "collector refused a simulated report"
                     );
+                    let mut state = self.fleet.state.lock().expect("sim fleet lock");
+                    *state.refused.entry(self.plan.target_id.to_string()).or_default() += 1;
                     return;
                 }
                 Ok(response) => tracing::debug!(status = %response.status(), "collector busy, retrying"),

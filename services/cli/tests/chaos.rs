@@ -446,6 +446,7 @@ async fn the_pipeline_heals_itself_from_process_broker_and_database_faults() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    assert_eq!(stats["running_agents"], 0, "every simulated agent ended within 60 s of the rollout's end");
 
     let store =
         fleetpatch_store::Store::connect(&fleetpatch_store::StoreOptions { url: postgres.url(), max_connections: 4 })
@@ -464,18 +465,28 @@ async fn the_pipeline_heals_itself_from_process_broker_and_database_faults() {
     let starts = stats["agent_starts"].as_object().expect("agent_starts");
     let doubled: Vec<_> = starts.iter().filter(|(_, n)| n.as_u64() != Some(1)).collect();
     assert!(doubled.is_empty(), "no deployment starts two agents: {doubled:?}");
-    let acknowledged = stats["reports_acknowledged"].as_object().expect("reports_acknowledged");
+    let count = |field: &str, target: &fleetpatch_store::Target| {
+        stats[field].get(target.id.to_string()).and_then(|n| n.as_u64()).unwrap_or(0)
+    };
     let mut lost = Vec::new();
+    let mut unacknowledged = Vec::new();
     let mut total_reports = 0;
     for target in &targets {
         let stored = store.agent_events(target.id).await.expect("events").len() as u64;
-        let acked = acknowledged.get(&target.id.to_string()).and_then(|n| n.as_u64()).unwrap_or(0);
         total_reports += stored;
-        if stored != acked {
-            lost.push((target.host.clone(), acked, stored));
+        let (sent, acked, refused) =
+            (count("reports_sent", target), count("reports_acknowledged", target), count("reports_refused", target));
+        if stored != sent {
+            lost.push((target.host.clone(), sent, stored));
+        }
+        if acked != stored {
+            unacknowledged.push((target.host.clone(), acked, refused, stored));
         }
     }
-    assert!(lost.is_empty(), "every acknowledged report is stored, nothing else (host, acked, stored): {lost:?}");
+    assert!(lost.is_empty(), "every report an agent sent is stored, nothing else (host, sent, stored): {lost:?}");
+    // A stored report whose every answer was lost or refused: not a loss,
+    // but the agent was not told. Printed, not asserted (issue 16's note).
+    println!("stored but not acknowledged to the agent (host, acked, refused, stored): {unacknowledged:?}");
 
     let backend = fleetpatch_bus::rabbitmq::RabbitBackend::connect(
         &fleetpatch_bus::rabbitmq::RabbitOptions { url: broker.url(), prefix: "chaos".into(), delivery_limit: 10 },
