@@ -10,8 +10,9 @@
 //! RabbitMQ `stop_app`/`start_app`; a full broker stop of 30 s; a
 //! PostgreSQL restart; the collector frozen (SIGSTOP) for 60 s. Then it
 //! asserts that every target reached a final state, that no deployment
-//! started two agents, that every report an agent had acknowledged is
-//! stored (and nothing more), that no process exited unless the test killed
+//! started two agents, that every report an agent sent is stored (and
+//! nothing more; stored reports whose answer never reached the agent are
+//! printed), that every simulated agent ended, that no process exited unless the test killed
 //! it, and that the dead-letter queue is empty. It prints how long each
 //! fault took to heal.
 
