@@ -47,6 +47,8 @@ use fleetpatch_transport_ssh::{SshOptions, SshTransport};
 use fleetpatch_worker::WorkerOptions;
 use uuid::Uuid;
 
+pub mod wine;
+
 /// The token key every sandbox worker and collector shares (tests derive
 /// tokens with it).
 pub const TOKEN_KEY: &str = "fleetpatch-test-token-key";
@@ -109,6 +111,9 @@ pub struct SandboxOptions {
     /// Workers also offer the `smb` transport with these options (the
     /// agent binary is then also configured as `windows-<arch>`).
     pub smb: Option<SmbTransportOptions>,
+    /// Where the `smb` transport installs the agent service: the target's
+    /// `svcctl` when `None`; the Samba + Wine test hands it to Wine's.
+    pub smb_service_managers: Option<Arc<dyn fleetpatch_transport_smb::ServiceManagers>>,
     /// The agent binary workers stage on ssh targets (for this machine's
     /// architecture); [`agent_binary`] when `None` and `ssh` is set.
     pub agent_binary: Option<PathBuf>,
@@ -134,6 +139,7 @@ impl Default for SandboxOptions {
             retry_backoff_seconds: vec![1, 1, 1],
             ssh: None,
             smb: None,
+            smb_service_managers: None,
             agent_binary: None,
             step_timeout_seconds: 30,
             collector: fleetpatch_collector::CollectorOptions::default(),
@@ -435,7 +441,11 @@ impl Sandbox {
             Arc::new(SshTransport::new(options).unwrap_or_else(|error| panic!("sandbox ssh options: {error}")))
         });
         let smb = self.options.smb.clone().map(|options| {
-            Arc::new(SmbTransport::new(options).unwrap_or_else(|error| panic!("sandbox smb options: {error}")))
+            let transport = SmbTransport::new(options).unwrap_or_else(|error| panic!("sandbox smb options: {error}"));
+            Arc::new(match &self.options.smb_service_managers {
+                Some(services) => transport.with_service_managers(services.clone()),
+                None => transport,
+            })
         });
         let thread = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -16,149 +16,16 @@
 //! them missing fails the test with what to install; it never skips.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use fleetpatch_proto::plan::{DeploymentPlan, InstallerKind, PlanPatch, RebootPolicy};
 use fleetpatch_proto::state::TargetState;
 use fleetpatch_store::{AgentEvent, Target};
+use fleetpatch_tests::wine::{agent_exe, build_msi, workspace, Wine};
 use fleetpatch_tests::{behaviour, sim_rollout, Sandbox, SandboxOptions, TOKEN_KEY};
 use fleetpatch_transport_smb::{SmbTransport, SmbTransportOptions};
 use sha2::{Digest, Sha256};
-
-fn workspace() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("the tests crate is in the workspace")
-}
-
-/// Runs one of the repository's scripts and returns its last stdout line.
-fn script_last_line(script: &str, args: &[&str], what_to_install: &str) -> String {
-    let output = Command::new(workspace().join("scripts").join(script))
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run scripts/{script}: {e}"));
-    assert!(
-        output.status.success(),
-        "scripts/{script} {args:?} failed ({}); {what_to_install}:\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let stdout = String::from_utf8(output.stdout).unwrap();
-    stdout.lines().last().unwrap_or_else(|| panic!("scripts/{script} printed nothing")).trim().to_owned()
-}
-
-/// The Windows agent: `FLEETPATCH_WINDOWS_AGENT_EXE` (what CI exports), else
-/// built with the repository's script (cached target dir).
-fn agent_exe() -> PathBuf {
-    let path = match std::env::var_os("FLEETPATCH_WINDOWS_AGENT_EXE") {
-        Some(path) => PathBuf::from(path),
-        None => PathBuf::from(script_last_line(
-            "build-windows-agent.sh",
-            &["--no-install"],
-            "install rustc-web cargo-web rust-web-src gcc-mingw-w64-x86-64 (scripts/build-windows-agent.sh does it \
-             as root) or set FLEETPATCH_WINDOWS_AGENT_EXE",
-        )),
-    };
-    assert!(path.is_file(), "the Windows agent {} is missing; run scripts/build-windows-agent.sh", path.display());
-    path
-}
-
-/// A prepared prefix with its persistent wineserver.
-struct Wine {
-    prefix: PathBuf,
-}
-
-#[derive(Debug, PartialEq, Eq)]
-struct ServiceStatus {
-    state: String,
-    win32_exit_code: u32,
-    service_exit_code: u32,
-}
-
-impl Wine {
-    fn prepare() -> Wine {
-        let prefix = script_last_line(
-            "wine-prefix.sh",
-            &["prepare", "--no-install"],
-            "install wine wine64 msitools wixl gcc-mingw-w64-x86-64 (scripts/wine-prefix.sh does it as root)",
-        );
-        Wine { prefix: PathBuf::from(prefix) }
-    }
-
-    fn command(&self, program: &str) -> Command {
-        let mut command = Command::new("wine");
-        command.arg(program).env("WINEPREFIX", &self.prefix).env("WINEDEBUG", "-all").env_remove("DISPLAY");
-        command
-    }
-
-    fn run(&self, program: &str, args: &[&str]) -> Output {
-        self.command(program).args(args).output().unwrap_or_else(|e| panic!("cannot run wine {program}: {e}"))
-    }
-
-    /// `sc ARGS`, which must succeed.
-    fn sc(&self, args: &[&str]) -> String {
-        let output = self.run("sc", args);
-        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-        assert!(
-            output.status.success(),
-            "wine sc {args:?}: {}\n{stdout}{}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr)
-        );
-        stdout
-    }
-
-    /// `sc query NAME`, or `None` when the service does not exist.
-    fn query(&self, service: &str) -> Option<ServiceStatus> {
-        let output = self.run("sc", &["query", service]);
-        if !output.status.success() {
-            return None;
-        }
-        let text = String::from_utf8_lossy(&output.stdout);
-        let field = |name: &str| -> Vec<String> {
-            let line = text
-                .lines()
-                .find(|line| line.trim_start().starts_with(name))
-                .unwrap_or_else(|| panic!("no {name} in sc query's output:\n{text}"));
-            line.split(':').nth(1).unwrap().split_whitespace().map(str::to_owned).collect()
-        };
-        Some(ServiceStatus {
-            state: field("STATE")[1].clone(),
-            win32_exit_code: field("WIN32_EXIT_CODE")[0].parse().unwrap(),
-            service_exit_code: field("SERVICE_EXIT_CODE")[0].parse().unwrap(),
-        })
-    }
-
-    fn wait_for_state(&self, service: &str, state: &str, limit: Duration) -> ServiceStatus {
-        let until = Instant::now() + limit;
-        loop {
-            let status = self.query(service);
-            match status {
-                Some(status) if status.state == state => return status,
-                _ if Instant::now() > until => panic!("service {service} is not {state} after {limit:?}: {status:?}"),
-                _ => std::thread::sleep(Duration::from_millis(300)),
-            }
-        }
-    }
-
-    /// The Unix path of `C:\…`, following the prefix's case of existing folders.
-    fn unix_path(&self, windows: &str) -> PathBuf {
-        let rest = windows.strip_prefix("C:\\").unwrap_or_else(|| panic!("{windows} is not on C:"));
-        let mut path = self.prefix.join("drive_c");
-        for part in rest.split('\\').filter(|part| !part.is_empty()) {
-            let existing = std::fs::read_dir(&path).ok().and_then(|entries| {
-                entries.flatten().map(|e| e.file_name()).find(|name| name.to_string_lossy().eq_ignore_ascii_case(part))
-            });
-            path = path.join(existing.unwrap_or_else(|| part.into()));
-        }
-        path
-    }
-
-    /// Every `HKLM\…\Uninstall` entry, as `reg query /s` prints them.
-    fn uninstall_entries(&self) -> String {
-        let output = self.run("reg", &["query", r"HKLM\Software\Microsoft\Windows\CurrentVersion\Uninstall", "/s"]);
-        String::from_utf8_lossy(&output.stdout).into_owned()
-    }
-}
 
 fn sha256(path: &Path) -> String {
     hex::encode(Sha256::digest(std::fs::read(path).unwrap()))
@@ -172,50 +39,6 @@ fn compile_exit_code_exe(output: &Path) {
         .status()
         .expect("x86_64-w64-mingw32-gcc (apt-get install gcc-mingw-w64-x86-64)");
     assert!(status.success(), "mingw could not build exit-code.c");
-}
-
-/// A real one-file x64 MSI, built with wixl. (A 32-bit package would be
-/// listed under `Wow6432Node`, as on 64-bit Windows.)
-fn build_msi(directory: &Path, output: &Path, product: &str) {
-    let payload = directory.join("readme.txt");
-    std::fs::write(&payload, "installed by the fleetpatch wine test\n").unwrap();
-    let wxs = directory.join("product.wxs");
-    std::fs::write(
-        &wxs,
-        format!(
-            r#"<?xml version="1.0" encoding="utf-8"?>
-<Wix xmlns="http://schemas.microsoft.com/wix/2006/wi">
-  <Product Id="*" Name="{product}" Language="1033" Version="1.0.0" Manufacturer="fleetpatch tests"
-           UpgradeCode="{upgrade}">
-    <Package InstallerVersion="200" Compressed="yes" InstallScope="perMachine"/>
-    <Media Id="1" Cabinet="product.cab" EmbedCab="yes"/>
-    <Directory Id="TARGETDIR" Name="SourceDir">
-      <Directory Id="ProgramFiles64Folder">
-        <Directory Id="INSTALLDIR" Name="FleetpatchWineTest">
-          <Component Id="Readme" Guid="{component}">
-            <File Id="Readme" Source="readme.txt" KeyPath="yes"/>
-          </Component>
-        </Directory>
-      </Directory>
-    </Directory>
-    <Feature Id="Main" Level="1"><ComponentRef Id="Readme"/></Feature>
-  </Product>
-</Wix>
-"#,
-            upgrade = uuid::Uuid::new_v4().to_string().to_uppercase(),
-            component = uuid::Uuid::new_v4().to_string().to_uppercase(),
-        ),
-    )
-    .unwrap();
-    // wixl takes Source paths relative to the working directory.
-    let result = Command::new("wixl")
-        .current_dir(directory)
-        .args(["-a", "x64", "-o"])
-        .arg(output)
-        .arg(&wxs)
-        .output()
-        .expect("wixl (apt-get install wixl)");
-    assert!(result.status.success(), "wixl failed: {}", String::from_utf8_lossy(&result.stderr));
 }
 
 struct Staged {
@@ -290,13 +113,10 @@ fn stage(
 /// exactly that command line.
 fn create_service(wine: &Wine, staged: &Staged) {
     wine.sc(&["create", &staged.service, "binPath=", &staged.binary_path, "start=", "demand"]);
-    let key = format!(r"HKLM\System\CurrentControlSet\Services\{}", staged.service);
-    let output = wine.run("reg", &["query", &key, "/v", "ImagePath"]);
-    let text = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        text.lines().any(|line| line.trim_end().ends_with(&staged.binary_path)),
-        "ImagePath is not the transport's command line {:?}:\n{text}",
-        staged.binary_path
+    assert_eq!(
+        wine.image_path(&staged.service).as_deref(),
+        Some(staged.binary_path.as_str()),
+        "ImagePath is not the transport's command line"
     );
 }
 

@@ -57,11 +57,13 @@ use tokio::io::{AsyncRead, ReadBuf};
 
 mod errors;
 mod options;
+pub mod service_manager;
 
 use errors::{is_not_found, map_error};
 pub mod registry;
 
 pub use options::{Encryption, ServiceAccountChoice, SmbTransportOptions};
+pub use service_manager::{ServiceManager, ServiceManagers, Svcctl};
 
 /// The agent's file name in the staging folder.
 pub const AGENT_FILE_NAME: &str = "fleetpatch-agent.exe";
@@ -86,6 +88,7 @@ pub enum SmbTransportError {
 #[derive(Debug, Clone)]
 pub struct SmbTransport {
     options: Arc<SmbTransportOptions>,
+    services: Arc<dyn ServiceManagers>,
 }
 
 /// The service name of a deployment's agent.
@@ -117,7 +120,15 @@ impl SmbTransport {
     /// Builds the transport; refuses invalid options with the key named.
     pub fn new(options: SmbTransportOptions) -> std::result::Result<Self, SmbTransportError> {
         options.validate().map_err(SmbTransportError::InvalidOptions)?;
-        Ok(Self { options: Arc::new(options) })
+        Ok(Self { options: Arc::new(options), services: Arc::new(Svcctl) })
+    }
+
+    /// The same transport with the agent service installed through
+    /// `services` instead of the target's `svcctl` (see
+    /// [`service_manager`]: the Samba + Wine end-to-end test).
+    pub fn with_service_managers(mut self, services: Arc<dyn ServiceManagers>) -> Self {
+        self.services = services;
+        self
     }
 
     pub fn options(&self) -> &SmbTransportOptions {
@@ -442,17 +453,20 @@ impl Transport for SmbTransport {
             }
             let marker = format!("{folder}\\{STARTED_MARKER}");
             target.session.put_file(&share, &marker, service.name.as_bytes()).await.map_err(fail)?;
-            let mut scm = target
-                .session
-                .service_control_manager(scm_access::SC_MANAGER_CONNECT | scm_access::SC_MANAGER_CREATE_SERVICE)
+            let mut scm = self
+                .services
+                .open(
+                    &target.session,
+                    scm_access::SC_MANAGER_CONNECT | scm_access::SC_MANAGER_CREATE_SERVICE,
+                    self.scm_timeouts(),
+                )
                 .await
-                .map_err(fail)?
-                .with_timeouts(self.scm_timeouts());
+                .map_err(fail)?;
             // Err((error, may_have_started)): only an answer lost in transit
             // leaves it open whether the service started.
             let outcome = async {
                 let created = scm.create_service(&service).await.map_err(|e| (fail(e), false))?;
-                let start = match scm.start(&service.name, &[]).await {
+                let start = match scm.start(&service.name).await {
                     Ok(()) => AgentStart::Started,
                     Err(error) if error.win32_code() == Some(Win32Error::ERROR_SERVICE_ALREADY_RUNNING) => {
                         AgentStart::AlreadyRunning
@@ -478,7 +492,7 @@ impl Transport for SmbTransport {
                 Ok((created, start))
             }
             .await;
-            close_scm(scm).await;
+            scm.close().await;
             let (created, start) = match outcome {
                 Ok(done) => done,
                 Err((error, may_have_started)) => {
@@ -513,12 +527,11 @@ impl Transport for SmbTransport {
         let share = self.share().to_owned();
         let result = async {
             let fail = |e| map_error(&target.address, "cleanup", "", e);
-            let mut scm = target
-                .session
-                .service_control_manager(scm_access::SC_MANAGER_CONNECT)
+            let mut scm = self
+                .services
+                .open(&target.session, scm_access::SC_MANAGER_CONNECT, self.scm_timeouts())
                 .await
-                .map_err(fail)?
-                .with_timeouts(self.scm_timeouts());
+                .map_err(fail)?;
             let removed = async {
                 let stopped = match scm.stop_and_wait(&name).await {
                     Err(error) if error.win32_code() == Some(Win32Error::ERROR_SERVICE_DOES_NOT_EXIST) => return Ok(()),
@@ -530,7 +543,7 @@ impl Transport for SmbTransport {
                 stopped.and(deleted)
             }
             .await;
-            close_scm(scm).await;
+            scm.close().await;
             removed.map_err(fail)?;
             if keep_files {
                 return Ok(());

@@ -64,6 +64,8 @@ pub struct SambaPeer {
     directory: tempfile::TempDir,
     config: PathBuf,
     address: SocketAddr,
+    /// What `C$` and `ADMIN$` serve.
+    share: PathBuf,
 }
 
 fn harness(message: impl Into<String>) -> Error {
@@ -110,8 +112,23 @@ impl SambaPeer {
         }
     }
 
-    /// Starts smbd and samba-dcerpcd on a free loopback port.
+    /// Starts smbd and samba-dcerpcd on a free loopback port; `C$` and
+    /// `ADMIN$` serve a directory of the peer's own.
     pub fn start() -> Result<SambaPeer> {
+        Self::start_serving(None)
+    }
+
+    /// Like [`SambaPeer::start`], with `C$` and `ADMIN$` serving `c_drive`
+    /// (a Wine prefix's `drive_c`, so that what is staged over SMB is where
+    /// Wine runs it).
+    pub fn start_serving_c_drive(c_drive: &Path) -> Result<SambaPeer> {
+        if !c_drive.is_dir() {
+            return Err(harness(format!("{} is not a directory to serve as C$", c_drive.display())));
+        }
+        Self::start_serving(Some(c_drive.to_path_buf()))
+    }
+
+    fn start_serving(c_drive: Option<PathBuf>) -> Result<SambaPeer> {
         if !Self::binaries_present() {
             return Err(harness(format!(
                 "Samba is not installed ({SMBD}, {SAMBA_DCERPCD}, {SMBPASSWD}, {NET}); {INSTALL_HINT}"
@@ -138,6 +155,7 @@ impl SambaPeer {
         // rare, and shows up as a start failure naming the port.
         let port = free_loopback_port()?;
         let path = |sub: &str| root.join(sub).display().to_string();
+        let share = c_drive.unwrap_or_else(|| root.join("share"));
         let config = format!(
             "[global]\n\
              server role = standalone server\n\
@@ -185,14 +203,15 @@ impl SambaPeer {
             ncalrpc = path("ncalrpc"),
             binddns = path("bind-dns"),
             log = path("log"),
-            share = path("share"),
+            share = share.display(),
         );
         let config_path = root.join("smb.conf");
         std::fs::write(&config_path, config).map_err(|error| harness(format!("writing smb.conf: {error}")))?;
 
         add_user_with_stdin(&config_path)?;
 
-        let peer = SambaPeer { directory, config: config_path, address: SocketAddr::from(([127, 0, 0, 1], port)) };
+        let peer =
+            SambaPeer { directory, config: config_path, address: SocketAddr::from(([127, 0, 0, 1], port)), share };
         run(Command::new(SAMBA_DCERPCD).args(["-D", "--libexec-rpcds", "-s"]).arg(&peer.config), "samba-dcerpcd")?;
         peer.wait_for_rpc_helpers(Duration::from_secs(20))?;
         run(Command::new(SMBD).args(["-D", "-s"]).arg(&peer.config), "smbd")?;
@@ -251,7 +270,7 @@ impl SambaPeer {
 
     /// The directory both `C$` and `ADMIN$` serve.
     pub fn share_directory(&self) -> PathBuf {
-        self.directory.path().join("share")
+        self.share.clone()
     }
 
     /// The log directory.
