@@ -137,6 +137,9 @@ struct FleetState {
     sent: HashMap<String, u64>,
     /// Reports whose sending ended with a refusal (a 4xx other than 408/429).
     refused: HashMap<String, u64>,
+    /// What each refusal said: the report's seq, the status and the
+    /// problem's detail (the first few per target).
+    refusals: HashMap<String, Vec<String>>,
 }
 
 /// What the simulated machines did, for fault tests: agents started per
@@ -149,6 +152,9 @@ pub struct SimStats {
     pub reports_sent: BTreeMap<String, u64>,
     #[serde(default)]
     pub reports_refused: BTreeMap<String, u64>,
+    /// Per target, "seq N: STATUS detail" of each refusal (at most 4).
+    #[serde(default)]
+    pub report_refusals: BTreeMap<String, Vec<String>>,
     pub running_agents: usize,
 }
 
@@ -244,6 +250,7 @@ impl SimFleet {
             reports_acknowledged: state.acknowledged.iter().map(|(k, v)| (k.clone(), *v)).collect(),
             reports_sent: state.sent.iter().map(|(k, v)| (k.clone(), *v)).collect(),
             reports_refused: state.refused.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+            report_refusals: state.refusals.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
             running_agents,
         }
     }
@@ -506,13 +513,23 @@ impl SimAgent {
                 Ok(response)
                     if response.status().is_client_error() && !matches!(response.status().as_u16(), 408 | 429) =>
                 {
+                    let status = response.status();
+                    let problem: serde_json::Value = response.json().await.unwrap_or_default();
+                    let detail = problem["detail"].as_str().unwrap_or("(no problem detail)");
                     tracing::warn!(
-                        status = %response.status(),
+                        status = %status,
+                        seq = self.seq,
+                        detail,
                         url = %fleetpatch_runtime::redact::url(&url),
                         "collector refused a simulated report"
                     );
+                    let target = self.plan.target_id.to_string();
                     let mut state = self.fleet.state.lock().expect("sim fleet lock");
-                    *state.refused.entry(self.plan.target_id.to_string()).or_default() += 1;
+                    let refusals = state.refusals.entry(target.clone()).or_default();
+                    if refusals.len() < 4 {
+                        refusals.push(format!("seq {}: {status} {detail}", self.seq));
+                    }
+                    *state.refused.entry(target).or_default() += 1;
                     return;
                 }
                 Ok(response) => tracing::debug!(status = %response.status(), "collector busy, retrying"),
