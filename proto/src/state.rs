@@ -175,6 +175,10 @@ pub enum RolloutState {
     Running,
     /// Dispatches nothing new (by an operator, or halted by a wave's failure threshold).
     Paused,
+    /// A wave that requires approval ended within its failure threshold: the
+    /// next wave starts when an operator approves (or when the wave's
+    /// automatic promotion finds its soak time over and its success rate met).
+    AwaitingApproval,
     /// Stopped by an operator; targets not yet dispatched are cancelled.
     Aborted,
     /// Every target reached a final state.
@@ -182,12 +186,14 @@ pub enum RolloutState {
 }
 
 impl RolloutState {
-    pub const ALL: [RolloutState; 4] = [Self::Running, Self::Paused, Self::Aborted, Self::Completed];
+    pub const ALL: [RolloutState; 5] =
+        [Self::Running, Self::Paused, Self::AwaitingApproval, Self::Aborted, Self::Completed];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Running => "running",
             Self::Paused => "paused",
+            Self::AwaitingApproval => "awaiting_approval",
             Self::Aborted => "aborted",
             Self::Completed => "completed",
         }
@@ -206,7 +212,7 @@ impl FromStr for RolloutState {
         Self::ALL
             .into_iter()
             .find(|state| state.as_str() == s)
-            .ok_or_else(|| UnknownState(s.to_owned(), "running, paused, aborted, completed"))
+            .ok_or_else(|| UnknownState(s.to_owned(), "running, paused, awaiting_approval, aborted, completed"))
     }
 }
 

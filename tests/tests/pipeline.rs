@@ -160,6 +160,51 @@ async fn a_canary_wave_over_its_threshold_halts_the_rollout_until_resumed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waves_wait_for_approval_or_promote_themselves_after_their_soak_time() {
+    let sandbox = Sandbox::start(SandboxOptions::default()).await;
+    let mut request = sim_rollout("approval", 6, 1, 4, 30);
+    request["waves"] = serde_json::json!([
+        {"name": "canary", "size": 2, "require_approval": true},
+        {"name": "pilot", "size": 2, "promote_after_seconds": 1, "min_success_percent": 100},
+        {"name": "rest"},
+    ]);
+    let id = sandbox.create_rollout(request).await;
+    let rollout = sandbox.wait_for_rollout_state(id, RolloutState::AwaitingApproval, Duration::from_secs(60)).await;
+    let reason = rollout.pause_reason.unwrap();
+    assert!(reason.contains("\"canary\"") && reason.contains(&format!("rollout approve {id}")), "{reason}");
+    let targets = sandbox.all_targets(id).await;
+    assert!(targets.iter().filter(|t| t.wave > 0).all(|t| t.state == TargetState::Pending), "{targets:?}");
+    // A viewer may not approve; resume is not the way on.
+    let viewer = sandbox.api_key("auditor", fleetpatch_store::Role::Viewer, None).await;
+    let approve = format!("{}/v1/rollouts/{id}/approve", sandbox.api);
+    let refused = fleetpatch_tests::client_with(Some(&viewer)).post(&approve).send().await.unwrap();
+    assert_eq!(refused.status(), 403);
+    assert_eq!(sandbox.post(&format!("/v1/rollouts/{id}/resume")).await.status(), 409);
+    assert_eq!(sandbox.post(&format!("/v1/rollouts/{id}/approve")).await.status(), 200);
+    // The pilot wave promotes itself (1 s soak, every target succeeded) at the reconciler's next pass.
+    sandbox.wait_for_rollout_state(id, RolloutState::Completed, Duration::from_secs(60)).await;
+    assert!(sandbox.all_targets(id).await.iter().all(|t| t.state == TargetState::Succeeded));
+    let audit = sandbox
+        .store
+        .audit_entries(fleetpatch_store::AuditQuery { rollout_id: Some(id), before: None, limit: 100 })
+        .await
+        .unwrap();
+    let approvals: Vec<_> = audit
+        .iter()
+        .filter(|e| e.route == "/v1/rollouts/{id}/approve" && e.status == 200)
+        .map(|e| (e.actor_kind, e.actor.as_str()))
+        .collect();
+    assert_eq!(approvals.len(), 2, "one approval by an operator, one by the scheduler: {audit:#?}");
+    assert_eq!(approvals[0], (fleetpatch_store::ActorKind::Scheduler, "automatic promotion"), "newest first");
+    assert_eq!(approvals[1].0, fleetpatch_store::ActorKind::ApiKey);
+    assert!(
+        audit.iter().any(|e| e.route == "/v1/rollouts/{id}/approve" && e.status == 403),
+        "the refusal is audited too"
+    );
+    sandbox.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_killed_mid_job_loses_nothing_and_the_agent_starts_once() {
     let options = SandboxOptions {
         workers: 0,

@@ -219,12 +219,14 @@ fn api_key_from(m: api_keys::Model) -> Result<ApiKey> {
     })
 }
 
-/// Who is acting: an API key (by name) or an OIDC subject.
+/// Who is acting: an API key (by name), an OIDC subject, or the
+/// scheduler itself (an automatic promotion).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ActorKind {
     ApiKey,
     Jwt,
+    Scheduler,
 }
 
 impl ActorKind {
@@ -232,6 +234,7 @@ impl ActorKind {
         match self {
             ActorKind::ApiKey => "api_key",
             ActorKind::Jwt => "jwt",
+            ActorKind::Scheduler => "scheduler",
         }
     }
 }
@@ -287,6 +290,7 @@ fn audit_from(m: audit_log::Model) -> Result<AuditEntry> {
         actor_kind: match m.actor_kind.as_str() {
             "api_key" => ActorKind::ApiKey,
             "jwt" => ActorKind::Jwt,
+            "scheduler" => ActorKind::Scheduler,
             other => return Err(corrupt(&format!("actor kind {other:?}"))),
         },
         role: m.role.parse().map_err(|error: UnknownRole| corrupt(&error.to_string()))?,

@@ -20,6 +20,37 @@ pub struct WaveSpec {
     /// The rollout halts (paused) when more than this share of the wave's
     /// targets failed, could not be reached or timed out.
     pub max_failure_percent: f64,
+    /// When the wave ends within its threshold, the rollout waits in
+    /// `awaiting_approval` before the next wave.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub require_approval: bool,
+    /// Automatic promotion (ConfigMgr's phased deployment): once the wave
+    /// has ended this long ago (its soak time) and at least
+    /// `min_success_percent` of its targets succeeded, the next wave starts
+    /// without an operator; below that rate it keeps waiting for one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub promote_after_seconds: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_success_percent: Option<f64>,
+}
+
+impl WaveSpec {
+    /// A wave with neither approval nor automatic promotion.
+    pub fn new(name: impl Into<String>, size: Option<u32>, max_failure_percent: f64) -> WaveSpec {
+        WaveSpec {
+            name: name.into(),
+            size,
+            max_failure_percent,
+            require_approval: false,
+            promote_after_seconds: None,
+            min_success_percent: None,
+        }
+    }
+
+    /// Whether the next wave waits after this one.
+    pub fn gated(&self) -> bool {
+        self.require_approval || self.promote_after_seconds.is_some()
+    }
 }
 
 /// Rollout-wide settings that travel into every deployment plan.
@@ -86,7 +117,7 @@ impl NewRollout {
             name: name.into(),
             concurrency: targets as u32,
             timeout_seconds,
-            waves: vec![WaveSpec { name: "all".into(), size: None, max_failure_percent: 100.0 }],
+            waves: vec![WaveSpec::new("all", None, 100.0)],
             settings: RolloutSettings::default(),
             patches: (0..patches)
                 .map(|i| NewPatch {

@@ -97,12 +97,17 @@ pub struct RolloutView {
     pub completed_at: Option<DateTime<Utc>>,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
 pub struct WaveView {
     pub name: String,
     #[serde(default)]
     pub size: Option<u32>,
     pub max_failure_percent: f64,
+    #[serde(default)]
+    pub require_approval: bool,
+    /// Automatic promotion's soak time, when the wave has one.
+    #[serde(default)]
+    pub promote_after_seconds: Option<u64>,
 }
 
 /// Counts of targets per state, for the rollout and per wave.
@@ -445,7 +450,7 @@ impl ApiClient {
         self.post_json(&path, None::<&()>).await
     }
 
-    /// `POST /v1/rollouts/{id}/{action}` for pause, resume, abort, retry-failed.
+    /// `POST /v1/rollouts/{id}/{action}` for pause, resume, approve, abort, retry-failed.
     pub async fn rollout_action(
         &self,
         id: Uuid,
@@ -465,6 +470,7 @@ impl ApiClient {
 pub enum RolloutAction {
     Pause,
     Resume,
+    Approve,
     Abort,
     RetryFailed,
 }
@@ -474,6 +480,7 @@ impl RolloutAction {
         match self {
             Self::Pause => "pause",
             Self::Resume => "resume",
+            Self::Approve => "approve",
             Self::Abort => "abort",
             Self::RetryFailed => "retry-failed",
         }

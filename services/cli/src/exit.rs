@@ -24,6 +24,9 @@ pub const TARGETS_FAILED: u8 = 5;
 pub const PAUSED: u8 = 6;
 /// `watch`: the rollout was aborted.
 pub const ABORTED: u8 = 7;
+/// `watch`: the rollout waits for an operator's approval of its next wave
+/// (`rollout approve`); a wave that promotes automatically is watched on.
+pub const AWAITING_APPROVAL: u8 = 11;
 /// `check` (and `rollout create --preflight`): a preflight check failed
 /// on at least one target; `create --preflight` then created nothing.
 pub const CHECK_FAILED: u8 = 8;

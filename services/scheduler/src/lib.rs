@@ -632,6 +632,29 @@ impl Core {
                 .increment(stuck.len() as u64);
             self.bus.publish(stuck).await?;
         }
+        // Waves whose automatic promotion is due; the approval is audited
+        // as the scheduler's own.
+        for (rollout_id, percent) in self.store.promote_due_rollouts().await? {
+            tracing::info!(
+                rollout_id = %rollout_id,
+                success_percent = percent,
+                "next wave started by automatic promotion: the soak time is over and the success rate met"
+            );
+            metrics::counter!("fleetpatch_rollouts_promoted_total", "by" => "automatic").increment(1);
+            self.store
+                .append_audit(fleetpatch_store::NewAuditEntry {
+                    at: self.store.clock().now(),
+                    actor: "automatic promotion".into(),
+                    actor_kind: fleetpatch_store::ActorKind::Scheduler,
+                    role: fleetpatch_store::Role::Operator,
+                    method: "POST".into(),
+                    route: "/v1/rollouts/{id}/approve".into(),
+                    rollout_id: Some(rollout_id),
+                    source: "scheduler".into(),
+                    status: 200,
+                })
+                .await?;
+        }
         // A dispatch pass per running rollout with pending targets: one
         // lost dispatch request would otherwise leave free slots unused.
         let mut after = None;

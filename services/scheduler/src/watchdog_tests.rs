@@ -64,7 +64,7 @@ async fn running_target(store: &Store) -> Target {
             name: "watchdog".into(),
             concurrency: 1,
             timeout_seconds: TIMEOUT_SECONDS,
-            waves: vec![WaveSpec { name: "all".into(), size: None, max_failure_percent: 100.0 }],
+            waves: vec![WaveSpec::new("all", None, 100.0)],
             settings: RolloutSettings::default(),
             patches: vec![NewPatch {
                 name: "KB5030211".into(),

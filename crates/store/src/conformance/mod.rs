@@ -53,6 +53,7 @@ macro_rules! store_conformance_suite {
             dispatch_fills_free_slots_in_ordinal_order,
             concurrent_dispatches_never_exceed_the_concurrency,
             waves_open_in_order_and_a_failing_wave_halts,
+            a_wave_that_requires_approval_waits_for_it_and_promotion_waits_for_its_soak_and_rate,
             claim_is_guarded_and_a_takeover_keeps_the_token_nonce,
             probe_records_patch_rows_and_skips_installed_patches,
             probe_with_every_patch_installed_succeeds_the_target,
@@ -150,11 +151,7 @@ impl Spec {
 }
 
 async fn create(store: &Store, spec: Spec) -> Uuid {
-    let waves = if spec.waves.is_empty() {
-        vec![WaveSpec { name: "all".into(), size: None, max_failure_percent: 100.0 }]
-    } else {
-        spec.waves.clone()
-    };
+    let waves = if spec.waves.is_empty() { vec![WaveSpec::new("all", None, 100.0)] } else { spec.waves.clone() };
     // Targets fill the waves in order; the last one takes the rest.
     let mut targets = Vec::new();
     let mut wave = 0usize;

@@ -73,10 +73,7 @@ pub async fn every_recorded_move_is_an_edge_of_the_state_machine(db: &dyn TestDa
     let policy = TimeoutPolicy { verify_delay: Duration::from_secs(1) };
     for seed in 0..SEQUENCES {
         let mut rng = StdRng::seed_from_u64(seed);
-        let waves = vec![
-            WaveSpec { name: "canary".into(), size: Some(2), max_failure_percent: 50.0 },
-            WaveSpec { name: "rest".into(), size: None, max_failure_percent: 100.0 },
-        ];
+        let waves = vec![WaveSpec::new("canary", Some(2), 50.0), WaveSpec::new("rest", None, 100.0)];
         let count = rng.random_range(3..7);
         let concurrency = rng.random_range(1..4);
         let id = create(store, Spec { timeout_seconds: 60, waves, ..Spec::new(count, 2, concurrency) }).await;

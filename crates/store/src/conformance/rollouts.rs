@@ -7,10 +7,7 @@ pub async fn create_rollout_round_trips_rollout_patches_and_targets(db: &dyn Tes
     let id = create(
         store,
         Spec {
-            waves: vec![
-                WaveSpec { name: "canary".into(), size: Some(2), max_failure_percent: 0.0 },
-                WaveSpec { name: "rest".into(), size: None, max_failure_percent: 25.5 },
-            ],
+            waves: vec![WaveSpec::new("canary", Some(2), 0.0), WaveSpec::new("rest", None, 25.5)],
             ..Spec::new(5, 3, 4)
         },
     )
@@ -18,7 +15,7 @@ pub async fn create_rollout_round_trips_rollout_patches_and_targets(db: &dyn Tes
     let rollout = store.rollout(id).await.expect("rollout");
     assert_eq!((rollout.id, rollout.name.as_str(), rollout.state), (id, "conformance", RolloutState::Running));
     assert_eq!((rollout.concurrency, rollout.timeout_seconds, rollout.current_wave), (4, 600, 0));
-    assert_eq!(rollout.waves[1], WaveSpec { name: "rest".into(), size: None, max_failure_percent: 25.5 });
+    assert_eq!(rollout.waves[1], WaveSpec::new("rest", None, 25.5));
     assert_eq!(rollout.settings.reboot, RebootPolicy::IfRequired);
     assert!(rollout.settings.keep_files);
     assert_eq!(rollout.completed_at, None);
@@ -174,10 +171,7 @@ pub async fn waves_open_in_order_and_a_failing_wave_halts(db: &dyn TestDatabase)
     let id = create(
         store,
         Spec {
-            waves: vec![
-                WaveSpec { name: "canary".into(), size: Some(2), max_failure_percent: 0.0 },
-                WaveSpec { name: "rest".into(), size: None, max_failure_percent: 100.0 },
-            ],
+            waves: vec![WaveSpec::new("canary", Some(2), 0.0), WaveSpec::new("rest", None, 100.0)],
             ..Spec::new(5, 0, 10)
         },
     )
@@ -203,4 +197,100 @@ pub async fn waves_open_in_order_and_a_failing_wave_halts(db: &dyn TestDatabase)
     store.resume_rollout(id).await.expect("resume");
     assert_eq!(store.dispatch(id).await.expect("dispatch").dispatched, 3);
     assert!(in_state(store, id, TargetState::Queued).await.iter().all(|t| t.wave == 1));
+}
+
+/// Runs every queued target of the rollout to a final result: success for
+/// the first `succeed` of them, failure for the rest.
+async fn finish_queued(store: &Store, id: Uuid, succeed: usize) {
+    for (i, target) in in_state(store, id, TargetState::Queued).await.iter().enumerate() {
+        let running = bring_to_running(store, target).await.target;
+        store
+            .report_intake()
+            .apply_reports(&[report(&running, 1, final_report(i < succeed))])
+            .await
+            .expect("final result");
+    }
+}
+
+pub async fn a_wave_that_requires_approval_waits_for_it_and_promotion_waits_for_its_soak_and_rate(
+    db: &dyn TestDatabase,
+) {
+    let manual = ManualClock::starting_now();
+    let store = &db.store().clone().with_clock(manual.clock());
+    let gated = |name: &str, size| WaveSpec { require_approval: true, ..WaveSpec::new(name, Some(size), 50.0) };
+    let promoted = |name: &str, size, min| WaveSpec {
+        promote_after_seconds: Some(600),
+        min_success_percent: Some(min),
+        ..WaveSpec::new(name, Some(size), 100.0)
+    };
+    let id = create(
+        store,
+        Spec {
+            waves: vec![
+                gated("canary", 2),
+                promoted("pilot", 2, 100.0),
+                promoted("early", 2, 50.0),
+                WaveSpec::new("rest", None, 100.0),
+            ],
+            ..Spec::new(8, 1, 10)
+        },
+    )
+    .await;
+    // The canary wave ends within its threshold (1 of 2 failed, 50 %):
+    // the rollout waits for approval, and dispatch does nothing meanwhile.
+    assert_eq!(store.dispatch(id).await.expect("dispatch").dispatched, 2);
+    finish_queued(store, id, 1).await;
+    let outcome = store.dispatch(id).await.expect("dispatch");
+    assert_eq!((outcome.dispatched, outcome.state), (0, RolloutState::AwaitingApproval));
+    let reason = outcome.halted.expect("a reason");
+    assert!(reason.contains("\"canary\"") && reason.contains("\"pilot\"") && reason.contains("approve"), "{reason}");
+    let rollout = store.rollout(id).await.expect("rollout");
+    assert_eq!((rollout.state, rollout.current_wave), (RolloutState::AwaitingApproval, 1));
+    assert_eq!(store.dispatch(id).await.expect("dispatch").dispatched, 0, "nothing starts before the approval");
+    // No automatic promotion for a wave that only requires approval, however long it waits.
+    manual.advance(Duration::from_secs(86_400));
+    assert_eq!(store.promote_due_rollouts().await.expect("promote"), vec![]);
+    // Resume is for paused rollouts; approve is the way on.
+    assert!(matches!(store.resume_rollout(id).await, Err(Error::Conflict(_))));
+    let approved = store.approve_rollout(id).await.expect("approve");
+    assert_eq!((approved.state, approved.pause_reason), (RolloutState::Running, None));
+    assert!(matches!(store.approve_rollout(id).await, Err(Error::Conflict(_))), "approving twice is a conflict");
+    assert_eq!(store.dispatch(id).await.expect("dispatch").dispatched, 2);
+    assert!(in_state(store, id, TargetState::Queued).await.iter().all(|t| t.wave == 1));
+
+    // The pilot wave: 1 of 2 succeeded (50 %), below its 100 %: waits after
+    // its soak time too, for an operator.
+    finish_queued(store, id, 1).await;
+    let outcome = store.dispatch(id).await.expect("dispatch");
+    assert_eq!(outcome.state, RolloutState::AwaitingApproval);
+    assert!(outcome.halted.expect("a reason").contains("600 s"));
+    manual.advance(Duration::from_secs(601));
+    assert_eq!(store.promote_due_rollouts().await.expect("promote"), vec![], "below its success rate");
+    store.approve_rollout(id).await.expect("approve");
+    assert_eq!(store.dispatch(id).await.expect("dispatch").dispatched, 2);
+
+    // The early wave: 1 of 2 succeeded meets its 50 %: promoted by itself
+    // once its soak time is over, not before.
+    finish_queued(store, id, 1).await;
+    assert_eq!(store.dispatch(id).await.expect("dispatch").state, RolloutState::AwaitingApproval);
+    manual.advance(Duration::from_secs(599));
+    assert_eq!(store.promote_due_rollouts().await.expect("promote"), vec![], "the soak time is not over");
+    manual.advance(Duration::from_secs(2));
+    assert_eq!(store.promote_due_rollouts().await.expect("promote"), vec![(id, 50.0)]);
+    assert_eq!(store.rollout(id).await.expect("rollout").state, RolloutState::Running);
+    assert_eq!(store.dispatch(id).await.expect("dispatch").dispatched, 2);
+    assert!(in_state(store, id, TargetState::Queued).await.iter().all(|t| t.wave == 3));
+
+    // An aborted rollout that was waiting is not promoted.
+    let other = create(
+        store,
+        Spec { waves: vec![promoted("first", 1, 0.0), WaveSpec::new("rest", None, 100.0)], ..Spec::new(2, 1, 10) },
+    )
+    .await;
+    store.dispatch(other).await.expect("dispatch");
+    finish_queued(store, other, 0).await;
+    assert_eq!(store.dispatch(other).await.expect("dispatch").state, RolloutState::AwaitingApproval);
+    store.abort_rollout(other).await.expect("abort a waiting rollout");
+    manual.advance(Duration::from_secs(601));
+    assert_eq!(store.promote_due_rollouts().await.expect("promote"), vec![]);
 }

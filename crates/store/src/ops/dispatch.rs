@@ -87,6 +87,23 @@ impl Store {
                 outcome.halted = Some(reason);
                 break;
             }
+            if let Some(spec) = spec.filter(|spec| spec.gated()) {
+                let next = rollout.waves.get(wave as usize).map(|w| w.name.as_str()).unwrap_or("next");
+                let mut reason = format!(
+                    "wave {:?} ended within its threshold ({failures} of {total} targets failed or timed out); wave \
+                     {next:?} starts when an operator approves (fleetpatch rollout approve {rollout_id})",
+                    spec.name
+                );
+                if let (Some(seconds), Some(percent)) = (spec.promote_after_seconds, spec.min_success_percent) {
+                    reason.push_str(&format!(
+                        ", or by itself {seconds} s after the wave ended if at least {percent}% of its targets \
+                         succeeded"
+                    ));
+                }
+                outcome.state = RolloutState::AwaitingApproval;
+                outcome.halted = Some(reason);
+                break;
+            }
         }
         let mut update = rollouts::Entity::update_many()
             .col_expr(rollouts::Column::CurrentWave, Expr::value(wave as i32))

@@ -234,7 +234,8 @@ fn event_message(
 pub struct DispatchOutcome {
     pub dispatched: u32,
     pub state: RolloutState,
-    /// Set when this dispatch halted the rollout at a wave's failure threshold.
+    /// Set when this dispatch halted the rollout at a wave's failure
+    /// threshold (paused) or at a wave that needs approval (awaiting_approval).
     pub halted: Option<String>,
 }
 

@@ -76,10 +76,62 @@ impl Store {
         self.set_rollout_state(id, &[RolloutState::Paused], RolloutState::Running, None).await
     }
 
+    /// Starts the next wave of a rollout waiting in `awaiting_approval`.
+    pub async fn approve_rollout(&self, id: Uuid) -> Result<Rollout> {
+        self.set_rollout_state(id, &[RolloutState::AwaitingApproval], RolloutState::Running, None).await
+    }
+
+    /// Approves every rollout whose ended wave promotes automatically, its
+    /// soak time (`promote_after_seconds` since the wave ended) over and
+    /// its success rate at least `min_success_percent`. Returns each
+    /// promoted rollout with the wave's success rate; a wave below its rate
+    /// keeps waiting for an operator.
+    pub async fn promote_due_rollouts(&self) -> Result<Vec<(Uuid, f64)>> {
+        let now = self.now();
+        let waiting = rollouts::Entity::find()
+            .filter(rollouts::Column::State.eq(RolloutState::AwaitingApproval.as_str()))
+            .all(&self.db)
+            .await?;
+        let mut promoted = Vec::new();
+        for model in waiting {
+            let rollout = rollout_from(model)?;
+            // The rollout waits before `current_wave`: the wave that ended is the one before.
+            let Some(ended) = rollout.current_wave.checked_sub(1) else { continue };
+            let Some(spec) = rollout.waves.get(ended as usize) else { continue };
+            let (Some(soak), Some(min_percent)) = (spec.promote_after_seconds, spec.min_success_percent) else {
+                continue;
+            };
+            if now < rollout.updated_at + chrono::Duration::seconds(soak.min(i64::MAX as u64) as i64) {
+                continue;
+            }
+            let in_wave = || {
+                targets::Entity::find()
+                    .filter(targets::Column::RolloutId.eq(rollout.id))
+                    .filter(targets::Column::Wave.eq(ended as i32))
+            };
+            let total = in_wave().count(&self.db).await?;
+            let succeeded = in_wave()
+                .filter(targets::Column::State.is_in(state_strs(&[TargetState::Succeeded])))
+                .count(&self.db)
+                .await?;
+            let percent = if total == 0 { 100.0 } else { succeeded as f64 * 100.0 / total as f64 };
+            if percent < min_percent {
+                continue;
+            }
+            match self.approve_rollout(rollout.id).await {
+                Ok(_) => promoted.push((rollout.id, percent)),
+                // Approved, aborted or promoted elsewhere meanwhile.
+                Err(Error::Conflict(_)) => {}
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(promoted)
+    }
+
     pub async fn abort_rollout(&self, id: Uuid) -> Result<Rollout> {
         self.set_rollout_state(
             id,
-            &[RolloutState::Running, RolloutState::Paused],
+            &[RolloutState::Running, RolloutState::Paused, RolloutState::AwaitingApproval],
             RolloutState::Aborted,
             Some("aborted by an operator".into()),
         )

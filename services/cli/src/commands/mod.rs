@@ -120,6 +120,14 @@ pub enum RolloutCommand {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// Start the next wave of a rollout waiting in awaiting_approval (recorded in the audit log).
+    Approve {
+        id: Uuid,
+        #[command(flatten)]
+        output: OutputArgs,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
     /// Stop a rollout: targets not yet dispatched are cancelled.
     Abort {
         id: Uuid,
@@ -322,6 +330,9 @@ pub async fn run(
             }
             RolloutCommand::Resume { id, output, api } => {
                 rollout::act(&client(&api)?, id, crate::client::RolloutAction::Resume, None, output.output).await
+            }
+            RolloutCommand::Approve { id, output, api } => {
+                rollout::act(&client(&api)?, id, crate::client::RolloutAction::Approve, None, output.output).await
             }
             RolloutCommand::Abort { id, output, api } => {
                 rollout::act(&client(&api)?, id, crate::client::RolloutAction::Abort, None, output.output).await

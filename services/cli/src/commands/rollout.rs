@@ -1,4 +1,4 @@
-//! `rollout create | list | show | pause | resume | abort | retry-failed`.
+//! `rollout create | list | show | pause | resume | approve | abort | retry-failed`.
 
 use uuid::Uuid;
 
@@ -261,8 +261,8 @@ mod tests {
                 concurrency: 4,
                 timeout_seconds: 600,
                 waves: vec![
-                    WaveView { name: "canary".into(), size: Some(4), max_failure_percent: 25.0 },
-                    WaveView { name: "rest".into(), size: None, max_failure_percent: 100.0 },
+                    WaveView { name: "canary".into(), size: Some(4), max_failure_percent: 25.0, ..Default::default() },
+                    WaveView { name: "rest".into(), size: None, max_failure_percent: 100.0, ..Default::default() },
                 ],
                 created_at: at,
                 completed_at: None,

@@ -29,6 +29,14 @@ pub fn outcome(detail: &RolloutDetail) -> Option<u8> {
         RolloutState::Completed => Some(exit::TARGETS_FAILED),
         RolloutState::Paused => Some(exit::PAUSED),
         RolloutState::Aborted => Some(exit::ABORTED),
+        RolloutState::AwaitingApproval => {
+            // The wave that ended is the one before `current_wave`.
+            let ended = detail.rollout.current_wave.checked_sub(1).and_then(|w| detail.rollout.waves.get(w as usize));
+            match ended {
+                Some(wave) if wave.promote_after_seconds.is_some() => None,
+                _ => Some(exit::AWAITING_APPROVAL),
+            }
+        }
     }
 }
 
@@ -230,7 +238,12 @@ mod tests {
                 timeout_seconds: 60,
                 waves: waves
                     .iter()
-                    .map(|(n, _)| WaveView { name: n.to_string(), size: None, max_failure_percent: 100.0 })
+                    .map(|(n, _)| WaveView {
+                        name: n.to_string(),
+                        size: None,
+                        max_failure_percent: 100.0,
+                        ..Default::default()
+                    })
                     .collect(),
                 created_at: "2024-05-01T10:00:00Z".parse().unwrap(),
                 completed_at: Some("2024-05-01T10:01:05Z".parse().unwrap()),
@@ -253,6 +266,12 @@ mod tests {
         assert_eq!(outcome(&detail(RolloutState::Completed, &[("all", mixed)])), Some(exit::TARGETS_FAILED));
         assert_eq!(outcome(&detail(RolloutState::Paused, &[("all", mixed)])), Some(exit::PAUSED));
         assert_eq!(outcome(&detail(RolloutState::Aborted, &[("all", ok)])), Some(exit::ABORTED));
+        // Waiting after the canary: for an operator, or for the wave's automatic promotion.
+        let mut waiting = detail(RolloutState::AwaitingApproval, &[("canary", ok), ("rest", &[("pending", 6)])]);
+        waiting.rollout.current_wave = 1;
+        assert_eq!(outcome(&waiting), Some(exit::AWAITING_APPROVAL));
+        waiting.rollout.waves[0].promote_after_seconds = Some(3600);
+        assert_eq!(outcome(&waiting), None, "a wave that promotes itself is watched on");
     }
 
     #[test]

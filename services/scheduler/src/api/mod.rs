@@ -176,6 +176,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/rollouts/{id}/targets", get(list_targets))
         .route("/v1/rollouts/{id}/pause", post(pause))
         .route("/v1/rollouts/{id}/resume", post(resume))
+        .route("/v1/rollouts/{id}/approve", post(approve))
         .route("/v1/rollouts/{id}/abort", post(abort))
         .route("/v1/rollouts/{id}/retry-failed", post(retry_failed))
         .route("/v1/targets/{id}", get(show_target))
@@ -391,6 +392,13 @@ async fn pause(State(state): State<ApiState>, Path(id): Path<String>, body: Byte
 async fn resume(State(state): State<ApiState>, Path(id): Path<String>) -> Result<Response, Problem> {
     let id = parse_id(&id, "rollout")?;
     let rollout = state.store.resume_rollout(id).await?;
+    state.nudge.notify_one();
+    Ok(Json(rollout).into_response())
+}
+
+async fn approve(State(state): State<ApiState>, Path(id): Path<String>) -> Result<Response, Problem> {
+    let id = parse_id(&id, "rollout")?;
+    let rollout = state.store.approve_rollout(id).await?;
     state.nudge.notify_one();
     Ok(Json(rollout).into_response())
 }

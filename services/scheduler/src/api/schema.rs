@@ -67,6 +67,15 @@ pub struct WaveRequest {
     pub size: Option<u32>,
     #[serde(default = "default_max_failure")]
     pub max_failure_percent: f64,
+    /// After this wave, wait in `awaiting_approval` for `rollout approve`.
+    #[serde(default)]
+    pub require_approval: bool,
+    /// Promote to the next wave automatically this long after the wave
+    /// ended, if `min_success_percent` of its targets succeeded.
+    #[serde(default)]
+    pub promote_after_seconds: Option<u64>,
+    #[serde(default)]
+    pub min_success_percent: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -184,6 +193,37 @@ pub fn validate(
         if wave.size == Some(0) {
             push(&mut errors, format!("waves[{i}].size"), "must be at least 1 (or left out for \"the rest\")");
         }
+        if let Some(percent) = wave.min_success_percent {
+            if !(0.0..=100.0).contains(&percent) {
+                push(&mut errors, format!("waves[{i}].min_success_percent"), "must be between 0 and 100");
+            }
+            if wave.promote_after_seconds.is_none() {
+                push(
+                    &mut errors,
+                    format!("waves[{i}].min_success_percent"),
+                    "applies to automatic promotion only: set promote_after_seconds too (the soak time)",
+                );
+            }
+        }
+        if wave.promote_after_seconds.is_some() && wave.min_success_percent.is_none() {
+            push(
+                &mut errors,
+                format!("waves[{i}].promote_after_seconds"),
+                "automatic promotion needs min_success_percent (the share of the wave's targets that must have \
+                 succeeded)",
+            );
+        }
+        if wave.promote_after_seconds.is_some_and(|seconds| seconds > 30 * 86_400) {
+            push(&mut errors, format!("waves[{i}].promote_after_seconds"), "must be at most 2592000 (30 days)");
+        }
+        if (wave.require_approval || wave.promote_after_seconds.is_some()) && i + 1 == request.waves.len() {
+            push(
+                &mut errors,
+                format!("waves[{i}]"),
+                "the last wave has no next wave to approve or promote: remove require_approval and \
+                 promote_after_seconds from it",
+            );
+        }
     }
     let mut patch_names = HashSet::new();
     let mut needs_content = false;
@@ -259,12 +299,17 @@ pub fn validate(
         return Err(Problem::invalid(errors));
     }
     let waves: Vec<WaveSpec> = if request.waves.is_empty() {
-        vec![WaveSpec { name: "all".into(), size: None, max_failure_percent: 100.0 }]
+        vec![WaveSpec::new("all", None, 100.0)]
     } else {
         request
             .waves
             .iter()
-            .map(|w| WaveSpec { name: w.name.clone(), size: w.size, max_failure_percent: w.max_failure_percent })
+            .map(|w| WaveSpec {
+                require_approval: w.require_approval,
+                promote_after_seconds: w.promote_after_seconds,
+                min_success_percent: w.min_success_percent,
+                ..WaveSpec::new(w.name.clone(), w.size, w.max_failure_percent)
+            })
             .collect()
     };
     let index_of: BTreeMap<&str, u32> = waves.iter().enumerate().map(|(i, w)| (w.name.as_str(), i as u32)).collect();
