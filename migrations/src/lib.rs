@@ -27,6 +27,7 @@ mod m20261202_000001_api_keys_audit;
 mod m20261202_000003_named_credentials;
 mod m20261202_000004_outbox_lease;
 mod m20261203_000001_agent_instance;
+mod m20261203_000002_evidence_reports;
 
 pub struct Migrator;
 
@@ -41,6 +42,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261202_000003_named_credentials::Migration),
             Box::new(m20261202_000004_outbox_lease::Migration),
             Box::new(m20261203_000001_agent_instance::Migration),
+            Box::new(m20261203_000002_evidence_reports::Migration),
         ]
     }
 }

@@ -422,3 +422,17 @@ mod synthetic_tests {
         assert_eq!(hosts.len(), 3, "hosts are distinct");
     }
 }
+
+/// A report about a rollout that the API issued, by its digest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EvidenceRecord {
+    /// sha256 of the report's bytes, 64 lower-case hex digits.
+    pub sha256: String,
+    pub rollout_id: Uuid,
+    /// `json`, `csv` or `html`.
+    pub format: String,
+    pub bytes: u64,
+    pub created_at: DateTime<Utc>,
+    /// Who asked for it (the API key's name or the token's subject).
+    pub created_by: String,
+}

@@ -450,6 +450,16 @@ impl ApiClient {
         self.post_json(&path, None::<&()>).await
     }
 
+    /// `GET /v1/rollouts/{id}/report?format=F`: the evidence report's text.
+    pub async fn report(&self, id: Uuid, format: &str) -> Result<String, ClientError> {
+        self.request(Method::GET, &format!("/v1/rollouts/{id}/report?format={format}"), None::<&()>).await
+    }
+
+    /// `GET /v1/reports/{sha256}`: the record of an issued report.
+    pub async fn issued_report(&self, sha256: &str) -> Result<serde_json::Value, ClientError> {
+        self.get_json(&format!("/v1/reports/{sha256}")).await
+    }
+
     /// `POST /v1/rollouts/{id}/{action}` for pause, resume, approve, abort, retry-failed.
     pub async fn rollout_action(
         &self,

@@ -169,6 +169,24 @@ async fn create_from_yaml_watch_to_completion_and_read_back_as_json() {
     );
     assert!(target.stdout.contains("running → succeeded"), "{target:?}");
 
+    // The evidence report: saved as HTML, checked against the digest the
+    // API stored; one changed byte and it is no longer a report fleetpatch issued.
+    let saved = dir.path().join("evidence.html");
+    let run = fleetpatch(&api, &["rollout", "report", &id, "--save", saved.to_str().unwrap()]).await;
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(run.stderr.contains("wrote the html report") && run.stderr.contains("sha256 "), "{run:?}");
+    let html = std::fs::read_to_string(&saved).unwrap();
+    assert!(html.starts_with("<!DOCTYPE html>") && html.contains("<svg") && html.contains("cli-000"), "{html}");
+    let verified = fleetpatch(&api, &["rollout", "verify-report", saved.to_str().unwrap()]).await;
+    assert_eq!(verified.code, 0, "{verified:?}");
+    assert!(verified.stdout.contains(&format!("html report of rollout {id}")), "{verified:?}");
+    std::fs::write(&saved, html.replacen("succeeded", "suceeded", 1)).unwrap();
+    let tampered = fleetpatch(&api, &["rollout", "verify-report", saved.to_str().unwrap()]).await;
+    assert_eq!(tampered.code, 3, "{tampered:?}");
+    assert!(tampered.stderr.contains("is not a report this fleetpatch issued"), "{tampered:?}");
+    let csv = fleetpatch(&api, &["rollout", "report", &id, "--format", "csv"]).await;
+    assert_eq!(csv.stdout.lines().count(), 1 + 6 * 2, "a header and a row per target and patch: {csv:?}");
+
     // A request the API refuses: the field is named, as the user's mistake.
     let refused = write(dir.path(), "refused.yaml", &healthy_rollout().replace("size: 2", "size: 0"));
     let run = fleetpatch(&api, &["rollout", "create", "-f", refused.to_str().unwrap()]).await;

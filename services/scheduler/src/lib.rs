@@ -30,6 +30,7 @@ use uuid::Uuid;
 pub mod api;
 pub mod auth;
 pub mod dead_letters;
+pub mod report;
 
 /// Scheduler settings (`[scheduler]`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -54,6 +54,7 @@ macro_rules! store_conformance_suite {
             concurrent_dispatches_never_exceed_the_concurrency,
             waves_open_in_order_and_a_failing_wave_halts,
             a_wave_that_requires_approval_waits_for_it_and_promotion_waits_for_its_soak_and_rate,
+            evidence_digests_are_kept_once_and_a_rollouts_patch_rows_read_in_bulk,
             claim_is_guarded_and_a_takeover_keeps_the_token_nonce,
             probe_records_patch_rows_and_skips_installed_patches,
             probe_with_every_patch_installed_succeeds_the_target,

@@ -294,3 +294,43 @@ pub async fn a_wave_that_requires_approval_waits_for_it_and_promotion_waits_for_
     manual.advance(Duration::from_secs(601));
     assert_eq!(store.promote_due_rollouts().await.expect("promote"), vec![]);
 }
+
+pub async fn evidence_digests_are_kept_once_and_a_rollouts_patch_rows_read_in_bulk(db: &dyn TestDatabase) {
+    let store = db.store();
+    let id = create(store, Spec::new(3, 2, 3)).await;
+    store.dispatch(id).await.expect("dispatch");
+    let targets = in_state(store, id, TargetState::Queued).await;
+    for target in &targets[..2] {
+        bring_to_running(store, target).await;
+    }
+    let rows = store.rollout_target_patches(id).await.expect("patch rows");
+    assert_eq!(rows.len(), 4, "two patches of the two probed targets: {rows:?}");
+    let mut expected: Vec<(Uuid, u32)> = targets[..2].iter().flat_map(|t| [(t.id, 0), (t.id, 1)]).collect();
+    expected.sort();
+    assert_eq!(rows.iter().map(|(target, r)| (*target, r.patch_index)).collect::<Vec<_>>(), expected);
+    assert_eq!(store.rollout_target_patches(Uuid::new_v4()).await.expect("none"), vec![]);
+
+    let record = EvidenceRecord {
+        sha256: "ab".repeat(32),
+        rollout_id: id,
+        format: "html".into(),
+        bytes: 1234,
+        created_at: store.now(),
+        created_by: "auditor".into(),
+    };
+    assert_eq!(store.evidence(&record.sha256).await.expect("lookup"), None);
+    store.record_evidence(&record).await.expect("record");
+    let stored = store.evidence(&record.sha256).await.expect("lookup").expect("recorded");
+    assert_eq!(
+        (stored.rollout_id, stored.format.as_str(), stored.bytes, stored.created_by.as_str()),
+        (id, "html", 1234, "auditor")
+    );
+    // The same bytes issued again keep the first record.
+    store
+        .record_evidence(&EvidenceRecord { created_by: "someone else".into(), ..record.clone() })
+        .await
+        .expect("again");
+    assert_eq!(store.evidence(&record.sha256).await.expect("lookup").expect("kept").created_by, "auditor");
+    let error = store.record_evidence(&EvidenceRecord { sha256: "AB".repeat(32), ..record }).await.unwrap_err();
+    assert!(error.to_string().contains("64 lower-case hex"), "{error}");
+}

@@ -642,6 +642,7 @@ impl Store {
 }
 
 mod dispatch;
+mod evidence;
 mod intake;
 pub use intake::ReportIntake;
 mod operator;

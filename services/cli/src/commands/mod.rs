@@ -6,6 +6,7 @@
 
 mod audit;
 mod dead_letters;
+mod evidence;
 mod rollout;
 mod targets;
 mod watch;
@@ -123,6 +124,28 @@ pub enum RolloutCommand {
     /// Start the next wave of a rollout waiting in awaiting_approval (recorded in the audit log).
     Approve {
         id: Uuid,
+        #[command(flatten)]
+        output: OutputArgs,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// The evidence report of a rollout: per target and patch, the state, exit code, timings and
+    /// verification; who created, approved, paused or aborted it (audit log); the timeline. The API
+    /// stores the report's sha256, so a copy can be checked later with `rollout verify-report`.
+    Report {
+        id: Uuid,
+        /// `html` (one self-contained file with a chart), `csv` (a row per target and patch) or `json`.
+        #[arg(long, default_value = "html", value_parser = ["html", "csv", "json"])]
+        format: String,
+        /// Write the report to this file instead of stdout.
+        #[arg(long)]
+        save: Option<std::path::PathBuf>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Check that a report file is, byte for byte, one this fleetpatch issued.
+    VerifyReport {
+        file: std::path::PathBuf,
         #[command(flatten)]
         output: OutputArgs,
         #[command(flatten)]
@@ -333,6 +356,12 @@ pub async fn run(
             }
             RolloutCommand::Approve { id, output, api } => {
                 rollout::act(&client(&api)?, id, crate::client::RolloutAction::Approve, None, output.output).await
+            }
+            RolloutCommand::Report { id, format, save, api } => {
+                evidence::report(&client(&api)?, id, &format, save.as_deref()).await
+            }
+            RolloutCommand::VerifyReport { file, output, api } => {
+                evidence::verify_report(&client(&api)?, &file, output.output).await
             }
             RolloutCommand::Abort { id, output, api } => {
                 rollout::act(&client(&api)?, id, crate::client::RolloutAction::Abort, None, output.output).await

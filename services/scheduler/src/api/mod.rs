@@ -158,8 +158,10 @@ impl From<fleetpatch_store::Error> for Problem {
     }
 }
 
+mod evidence;
 mod schema;
 
+pub use evidence::DIGEST_HEADER;
 pub use schema::*;
 
 // ------------------------------------------------------------------ handlers
@@ -179,6 +181,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/rollouts/{id}/approve", post(approve))
         .route("/v1/rollouts/{id}/abort", post(abort))
         .route("/v1/rollouts/{id}/retry-failed", post(retry_failed))
+        .route("/v1/rollouts/{id}/report", get(evidence::report))
+        .route("/v1/reports/{sha256}", get(evidence::issued))
         .route("/v1/targets/{id}", get(show_target))
         .route("/v1/content/{sha256}", put(upload_content).head(has_content))
         .route("/v1/audit", get(audit))
