@@ -294,38 +294,46 @@ impl EvidenceReport {
                 esc(&entry.source),
             );
         }
-        out.push_str("</table>\n<h2>Targets and patches</h2>\n<table><tr><th>wave</th><th>host</th><th>state</th><th>attempt</th><th>patch</th><th>patch state</th><th>exit code</th><th>reboot</th><th>started</th><th>finished</th><th>error</th></tr>\n");
+        out.push_str("</table>\n<h2>Targets and patches</h2>\n<table><tr><th>wave</th><th>host</th><th>state</th><th>attempt</th><th>patch</th><th>patch state</th><th>exit code</th><th>reboot</th><th>started</th><th>finished</th><th>verification</th><th>error</th></tr>\n");
         let time = |at: &Option<DateTime<Utc>>| at.map(|at| at.to_rfc3339()).unwrap_or_default();
         for account in &self.targets {
             let t = &account.target;
-            if account.patches.is_empty() {
-                let _ = writeln!(
-                    out,
-                    "<tr><td>{}</td><td>{}</td><td class=\"{state}\">{state}</td><td>{}</td><td colspan=\"6\"></td><td>{}</td></tr>",
-                    esc(&account.wave_name),
-                    esc(&t.host),
-                    t.attempt,
-                    esc(t.error.as_deref().unwrap_or("")),
-                    state = t.state.as_str(),
-                );
-            }
-            for patch in &account.patches {
-                let p = &patch.result;
-                let _ = writeln!(
-                    out,
-                    "<tr><td>{}</td><td>{}</td><td class=\"{state}\">{state}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-                    esc(&account.wave_name),
-                    esc(&t.host),
-                    t.attempt,
-                    esc(&patch.name),
-                    p.state.as_str(),
-                    p.exit_code.map(|c| c.to_string()).unwrap_or_default(),
-                    if p.reboot_required { "required" } else { "" },
-                    time(&p.started_at),
-                    time(&p.finished_at),
-                    esc(p.error.as_deref().or(t.error.as_deref()).unwrap_or("")),
-                    state = t.state.as_str(),
-                );
+            let target_cells = format!(
+                "<td>{}</td><td>{}</td><td class=\"{state}\">{state}</td><td>{}</td>",
+                esc(&account.wave_name),
+                esc(&t.host),
+                t.attempt,
+                state = t.state.as_str(),
+            );
+            let verified = match (&t.verified_state, &t.verified_at) {
+                (Some(state), Some(at)) => format!("{} at {}", esc(state), at.to_rfc3339()),
+                _ => String::new(),
+            };
+            // A target never probed has no patch rows: one row with its error.
+            let no_patches = [None];
+            let patches: Vec<Option<&PatchAccount>> = if account.patches.is_empty() {
+                no_patches.to_vec()
+            } else {
+                account.patches.iter().map(Some).collect()
+            };
+            for patch in patches {
+                let patch_cells = match patch {
+                    None => "<td colspan=\"6\"></td>".to_owned(),
+                    Some(patch) => {
+                        let p = &patch.result;
+                        format!(
+                            "<td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>",
+                            esc(&patch.name),
+                            p.state.as_str(),
+                            p.exit_code.map(|c| c.to_string()).unwrap_or_default(),
+                            if p.reboot_required { "required" } else { "" },
+                            time(&p.started_at),
+                            time(&p.finished_at),
+                        )
+                    }
+                };
+                let error = patch.and_then(|p| p.result.error.as_deref()).or(t.error.as_deref()).unwrap_or("");
+                let _ = writeln!(out, "<tr>{target_cells}{patch_cells}<td>{verified}</td><td>{}</td></tr>", esc(error));
             }
         }
         let _ = write!(
