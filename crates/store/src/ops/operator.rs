@@ -101,7 +101,8 @@ impl Store {
             let (Some(soak), Some(min_percent)) = (spec.promote_after_seconds, spec.min_success_percent) else {
                 continue;
             };
-            if now < rollout.updated_at + chrono::Duration::seconds(soak.min(i64::MAX as u64) as i64) {
+            // (The API allows 30 days; a larger stored value must not overflow.)
+            if now < rollout.updated_at + chrono::Duration::seconds(soak.min(100 * 365 * 86_400) as i64) {
                 continue;
             }
             let in_wave = || {

@@ -417,6 +417,43 @@ mod tests {
     }
 
     #[test]
+    fn approval_and_promotion_settings_are_checked_and_kept() {
+        let mut json = minimal();
+        json["waves"] = serde_json::json!([
+            {"name": "canary", "size": 1, "require_approval": true},
+            {"name": "pilot", "size": 1, "promote_after_seconds": 3600, "min_success_percent": 90},
+            {"name": "rest"},
+        ]);
+        let rollout = check(json.clone()).unwrap();
+        assert!(rollout.waves[0].require_approval && rollout.waves[0].gated());
+        assert_eq!(
+            (rollout.waves[1].promote_after_seconds, rollout.waves[1].min_success_percent),
+            (Some(3600), Some(90.0))
+        );
+        assert!(!rollout.waves[2].gated());
+        json["waves"] = serde_json::json!([
+            {"name": "a", "size": 1, "min_success_percent": 120},
+            {"name": "b", "size": 1, "promote_after_seconds": 99_999_999},
+            {"name": "c", "require_approval": true},
+        ]);
+        let problem = check(json).unwrap_err();
+        let messages: Vec<String> = problem.errors.iter().map(|e| format!("{}: {}", e.field, e.message)).collect();
+        assert_eq!(
+            messages,
+            vec![
+                "waves[0].min_success_percent: must be between 0 and 100",
+                "waves[0].min_success_percent: applies to automatic promotion only: set promote_after_seconds too \
+                 (the soak time)",
+                "waves[1].promote_after_seconds: automatic promotion needs min_success_percent (the share of the \
+                 wave's targets that must have succeeded)",
+                "waves[1].promote_after_seconds: must be at most 2592000 (30 days)",
+                "waves[2]: the last wave has no next wave to approve or promote: remove require_approval and \
+                 promote_after_seconds from it",
+            ]
+        );
+    }
+
+    #[test]
     fn every_wrong_field_is_named() {
         let mut json = minimal();
         json["targets"][1]["host"] = serde_json::json!("");
