@@ -547,5 +547,20 @@ async fn a_job_that_can_never_succeed_is_dead_lettered_at_once_not_retried() {
     // broker after `amqp.delivery_limit` requeues.
     assert_eq!(listed["dead_letters"][0]["reason"], "rejected", "{listed}");
     assert_eq!(listed["dead_letters"][0]["routing_key"], fleetpatch_proto::routing::DEPLOY, "{listed}");
+    // The same for the scheduler: a dispatch request that names no rollout.
+    let request = fleetpatch_proto::v1::DispatchRequest { rollout_id: "not-a-uuid".into() };
+    let garbage = fleetpatch_bus::Outgoing::work(
+        fleetpatch_proto::routing::DISPATCH,
+        fleetpatch_proto::Message::encode_to_vec(&request),
+    );
+    sandbox.queues().publish(vec![garbage]).await.expect("publish");
+    let listed = dead_letters_once_there_are(&api, 2).await;
+    let dispatch = listed["dead_letters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|letter| letter["routing_key"] == fleetpatch_proto::routing::DISPATCH)
+        .unwrap_or_else(|| panic!("the dispatch request is dead-lettered: {listed}"));
+    assert_eq!(dispatch["reason"], "rejected", "on its first delivery: {listed}");
     sandbox.stop().await;
 }

@@ -352,13 +352,21 @@ impl Core {
                     tracing::warn!(error = %error, "ack failed; the message will be redelivered");
                 }
             }
-            Err(reason) => {
-                // Every failure is requeued (the broker dead-letters the
-                // message after `amqp.delivery_limit` deliveries); the log
-                // says whether another delivery can help.
-                tracing::warn!(reason = %reason, retryable = reason.is_retryable(), "scheduler job failed; requeued");
+            Err(reason) if reason.is_retryable() => {
+                // Another delivery may succeed (the database away): requeued;
+                // the broker dead-letters it after `amqp.delivery_limit` deliveries.
+                tracing::warn!(reason = %reason, "scheduler job failed; requeued");
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 let _ = delivery.requeue().await;
+            }
+            Err(reason) => {
+                // No delivery can help (undecodable, a bad rollout id, no
+                // handler): dead-lettered at once, with the reason logged.
+                tracing::error!(reason = %reason, "scheduler job can never succeed; dead-lettered");
+                metrics::counter!("fleetpatch_scheduler_jobs_dead_lettered_total").increment(1);
+                if let Err(error) = delivery.dead_letter().await {
+                    tracing::warn!(error = %error, "dead-lettering failed; the message will be redelivered");
+                }
             }
         }
     }
