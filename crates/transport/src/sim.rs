@@ -140,6 +140,12 @@ struct FleetState {
     /// What each refusal said: the report's seq, the status and the
     /// problem's detail (the first few per target).
     refusals: HashMap<String, Vec<String>>,
+    /// The report each agent is sending right now, by deployment: (target,
+    /// "seq N kind"), until the collector answers.
+    sending: HashMap<String, (String, String)>,
+    /// Reports whose sending a cleanup cut short (the agent stopped while
+    /// it waited for the collector's answer), per target.
+    cut_by_cleanup: HashMap<String, Vec<String>>,
 }
 
 /// What the simulated machines did, for fault tests: agents started per
@@ -155,6 +161,10 @@ pub struct SimStats {
     /// Per target, "seq N: STATUS detail" of each refusal (at most 4).
     #[serde(default)]
     pub report_refusals: BTreeMap<String, Vec<String>>,
+    /// Per target, "seq N kind" of each report whose sending a cleanup cut
+    /// short: the agent was stopped before the collector's answer reached it.
+    #[serde(default)]
+    pub reports_cut_by_cleanup: BTreeMap<String, Vec<String>>,
     pub running_agents: usize,
 }
 
@@ -251,6 +261,7 @@ impl SimFleet {
             reports_sent: state.sent.iter().map(|(k, v)| (k.clone(), *v)).collect(),
             reports_refused: state.refused.iter().map(|(k, v)| (k.clone(), *v)).collect(),
             report_refusals: state.refusals.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            reports_cut_by_cleanup: state.cut_by_cleanup.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
             running_agents,
         }
     }
@@ -382,6 +393,11 @@ impl crate::Transport for SimTransport {
         if let Some(slot) = state.agents.remove(deployment_id) {
             slot.cancel.cancel();
         }
+        // The agent stops now, also while it waits for the answer to a
+        // report the collector may already have stored.
+        if let Some((target_id, report)) = state.sending.remove(deployment_id) {
+            state.cut_by_cleanup.entry(target_id).or_default().push(report);
+        }
         if !keep_files {
             state.staged.remove(deployment_id);
         }
@@ -465,7 +481,20 @@ impl SimAgent {
     /// (the real agent also spools to disk; a simulated one keeps it in memory).
     async fn send(&mut self, kind: Kind) {
         self.seq += 1;
-        *self.fleet.state.lock().expect("sim fleet lock").sent.entry(self.plan.target_id.to_string()).or_default() += 1;
+        let kind_name = match &kind {
+            Kind::Started(_) => "started",
+            Kind::Finished(_) => "finished",
+            Kind::Heartbeat(_) => "heartbeat",
+            Kind::Final(_) => "final",
+        };
+        {
+            let mut state = self.fleet.state.lock().expect("sim fleet lock");
+            *state.sent.entry(self.plan.target_id.to_string()).or_default() += 1;
+            state.sending.insert(
+                self.plan.deployment_id.clone(),
+                (self.plan.target_id.to_string(), format!("seq {} {kind_name}", self.seq)),
+            );
+        }
         let batch = v1::ReportBatch {
             reports: vec![v1::AgentReport {
                 seq: self.seq,
@@ -504,7 +533,14 @@ impl SimAgent {
                     // What an agent waits for one report: the collector answers after its batch committed.
                     metrics::histogram!("fleetpatch_sim_report_seconds").record(sent.elapsed().as_secs_f64());
                     let mut state = self.fleet.state.lock().expect("sim fleet lock");
-                    *state.acknowledged.entry(self.plan.target_id.to_string()).or_default() += 1;
+                    let target = self.plan.target_id.to_string();
+                    *state.acknowledged.entry(target.clone()).or_default() += 1;
+                    // A cleanup that took the lock first counted it as cut short; it was not.
+                    if state.sending.remove(&self.plan.deployment_id).is_none() {
+                        if let Some(cut) = state.cut_by_cleanup.get_mut(&target) {
+                            cut.pop();
+                        }
+                    }
                     return;
                 }
                 // 408 (signed too long ago: it waited in a busy or frozen
@@ -530,6 +566,7 @@ impl SimAgent {
                         refusals.push(format!("seq {}: {status} {detail}", self.seq));
                     }
                     *state.refused.entry(target).or_default() += 1;
+                    state.sending.remove(&self.plan.deployment_id);
                     return;
                 }
                 Ok(response) => tracing::debug!(status = %response.status(), "collector busy, retrying"),
