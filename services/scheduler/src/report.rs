@@ -208,18 +208,18 @@ impl EvidenceReport {
         for account in &self.targets {
             let t = &account.target;
             let target_columns = [
-                self.rollout.name.clone(),
-                account.wave_name.clone(),
+                cell(&self.rollout.name),
+                cell(&account.wave_name),
                 t.id.to_string(),
-                t.host.clone(),
-                t.transport.clone(),
+                cell(&t.host),
+                cell(&t.transport),
                 t.state.as_str().to_owned(),
                 t.attempt.to_string(),
-                t.error.clone().unwrap_or_default(),
+                cell(t.error.as_deref().unwrap_or_default()),
                 time(&t.queued_at),
                 time(&t.running_at),
                 time(&t.finished_at),
-                t.verified_state.clone().unwrap_or_default(),
+                cell(t.verified_state.as_deref().unwrap_or_default()),
                 time(&t.verified_at),
             ];
             if account.patches.is_empty() {
@@ -232,14 +232,14 @@ impl EvidenceReport {
                 let mut row = target_columns.to_vec();
                 row.extend([
                     p.patch_index.to_string(),
-                    patch.name.clone(),
+                    cell(&patch.name),
                     p.state.as_str().to_owned(),
                     p.exit_code.map(|c| c.to_string()).unwrap_or_default(),
-                    p.outcome.clone().unwrap_or_default(),
+                    cell(p.outcome.as_deref().unwrap_or_default()),
                     p.reboot_required.to_string(),
                     time(&p.started_at),
                     time(&p.finished_at),
-                    p.error.clone().unwrap_or_default(),
+                    cell(p.error.as_deref().unwrap_or_default()),
                 ]);
                 writer.write_record(&row)?;
             }
@@ -440,6 +440,22 @@ const STYLE: &str = "body{font-family:sans-serif;margin:2em;color:#222}table{bor
 td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px;text-align:left}.meta{color:#555}\
 .succeeded{color:#2e7d32}.failed{color:#c62828}.timed_out{color:#ef6c00}figure{margin:1em 0}";
 
+/// Text from targets and callers in a CSV cell, made inert in a
+/// spreadsheet: control characters (but newlines) and bidirectional
+/// overrides are dropped, and a cell that would start a formula (`=`, `+`,
+/// `-`, `@`) gets a leading `'` (OWASP's advice on CSV injection).
+pub fn cell(text: &str) -> String {
+    let clean: String = text
+        .chars()
+        .filter(|&c| (c == '\n' || !c.is_control()) && !matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}'))
+        .collect();
+    if clean.starts_with(['=', '+', '-', '@']) {
+        format!("'{clean}")
+    } else {
+        clean
+    }
+}
+
 /// Text from targets and callers, made inert in HTML: markup escaped,
 /// control and bidirectional-override characters dropped.
 pub fn esc(text: &str) -> String {
@@ -467,6 +483,16 @@ mod tests {
         assert_eq!(esc("<script>alert('x')</script>"), "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;");
         assert_eq!(esc("host\u{202e}gpj.exe\u{7}"), "hostgpj.exe");
         assert_eq!(esc("a & \"b\""), "a &amp; &quot;b&quot;");
+    }
+
+    #[test]
+    fn hostile_text_is_inert_in_a_spreadsheet() {
+        assert_eq!(cell("=HYPERLINK(\"http://x\")"), "'=HYPERLINK(\"http://x\")");
+        assert_eq!(cell("@SUM(1)"), "'@SUM(1)");
+        assert_eq!(cell("-2+3"), "'-2+3");
+        assert_eq!(cell("web01\u{202e}"), "web01");
+        assert_eq!(cell("\t=cmd"), "'=cmd", "a leading tab does not hide a formula");
+        assert_eq!(cell("ok"), "ok");
     }
 
     #[test]
