@@ -13,7 +13,9 @@ use sha2::{Digest, Sha256};
 async fn a_rollouts_evidence_report_accounts_for_every_target_patch_and_actor() {
     let sandbox = Sandbox::start(SandboxOptions::default()).await;
     let mut request = sim_rollout("evidence", 4, 2, 4, 30);
-    request["waves"] = serde_json::json!([{"name": "canary", "size": 1, "require_approval": true}, {"name": "rest"}]);
+    // The first wave's name sorts after the second's: the report keeps the rollout's order.
+    request["waves"] =
+        serde_json::json!([{"name": "servers", "size": 1, "require_approval": true}, {"name": "desktops"}]);
     request["targets"][0]["host"] = serde_json::json!("<img src=x onerror=alert(1)>\u{202e}fdp.exe");
     request["targets"][2]["labels"] = serde_json::to_value(behaviour("fail_patch")).unwrap();
     let id = sandbox.create_rollout(request).await;
@@ -39,7 +41,7 @@ async fn a_rollouts_evidence_report_accounts_for_every_target_patch_and_actor() 
     let failed = targets.iter().find(|t| t["state"] == "failed").expect("the fail_patch host failed");
     assert_eq!(failed["patches"][0]["exit_code"], 1603, "{failed}");
     assert!(targets.iter().all(|t| t["patches"].as_array().unwrap().len() == 2), "{targets:?}");
-    assert_eq!(report["summary"]["canary"]["succeeded"], 1);
+    assert_eq!(report["summary"]["servers"]["succeeded"], 1);
     let calls: Vec<(&str, &str)> = report["audit"]
         .as_array()
         .unwrap()
@@ -58,6 +60,8 @@ async fn a_rollouts_evidence_report_accounts_for_every_target_patch_and_actor() 
 
     let html = get("html").await.unwrap().text().await.unwrap();
     assert!(html.contains("<svg") && html.contains("Who did what"), "{html}");
+    let (first, second) = (html.find("<td>servers</td>").unwrap(), html.find("<td>desktops</td>").unwrap());
+    assert!(first < second, "waves in the rollout's order, not by name");
     assert!(!html.contains("<img") && html.contains("&lt;img src=x onerror=alert(1)&gt;fdp.exe"), "host escaped");
     assert!(!html.contains('\u{202e}'), "bidi override removed");
     assert!(!html.contains("<script") && !html.contains("href=") && !html.contains("http"), "self-contained: {html}");

@@ -168,6 +168,15 @@ impl EvidenceReport {
         })
     }
 
+    /// The summary's waves in the rollout's order (the map is by name).
+    fn waves_in_order(&self) -> impl Iterator<Item = (&String, &BTreeMap<String, u64>)> {
+        let names: Vec<&str> = self.rollout.waves.iter().map(|w| w.name.as_str()).collect();
+        let rank = |name: &str| names.iter().position(|n| *n == name).unwrap_or(usize::MAX);
+        let mut waves: Vec<_> = self.summary.iter().collect();
+        waves.sort_by_key(|(name, _)| rank(name));
+        waves.into_iter()
+    }
+
     pub fn render(&self, format: Format) -> Result<Vec<u8>, ReportError> {
         match format {
             Format::Json => Ok(serde_json::to_vec_pretty(self)?),
@@ -270,7 +279,7 @@ impl EvidenceReport {
             let _ = write!(out, "<th>{state}</th>");
         }
         out.push_str("</tr>\n");
-        for (wave, counts) in &self.summary {
+        for (wave, counts) in self.waves_in_order() {
             let _ = write!(out, "<tr><td>{}</td>", esc(wave));
             for state in &states {
                 let _ = write!(out, "<td>{}</td>", counts.get(*state).copied().unwrap_or(0));
@@ -356,7 +365,7 @@ impl EvidenceReport {
         let span = (end - start).num_milliseconds().max(1) as f64;
         let wave_of: HashMap<Uuid, &str> = self.targets.iter().map(|a| (a.target.id, a.wave_name.as_str())).collect();
         let mut out = String::new();
-        for (wave, counts) in &self.summary {
+        for (wave, counts) in self.waves_in_order() {
             let size: u64 = counts.values().sum();
             let mut state_of: HashMap<Uuid, &str> = HashMap::new();
             let mut changes =
