@@ -213,7 +213,6 @@ impl EvidenceReport {
             "patch_finished_at",
             "patch_error",
         ])?;
-        let time = |at: &Option<DateTime<Utc>>| at.map(|at| at.to_rfc3339()).unwrap_or_default();
         for account in &self.targets {
             let t = &account.target;
             let target_columns = [
@@ -225,11 +224,11 @@ impl EvidenceReport {
                 t.state.as_str().to_owned(),
                 t.attempt.to_string(),
                 cell(t.error.as_deref().unwrap_or_default()),
-                time(&t.queued_at),
-                time(&t.running_at),
-                time(&t.finished_at),
+                rfc3339(&t.queued_at),
+                rfc3339(&t.running_at),
+                rfc3339(&t.finished_at),
                 cell(t.verified_state.as_deref().unwrap_or_default()),
-                time(&t.verified_at),
+                rfc3339(&t.verified_at),
             ];
             if account.patches.is_empty() {
                 let mut row = target_columns.to_vec();
@@ -246,8 +245,8 @@ impl EvidenceReport {
                     p.exit_code.map(|c| c.to_string()).unwrap_or_default(),
                     cell(p.outcome.as_deref().unwrap_or_default()),
                     p.reboot_required.to_string(),
-                    time(&p.started_at),
-                    time(&p.finished_at),
+                    rfc3339(&p.started_at),
+                    rfc3339(&p.finished_at),
                     cell(p.error.as_deref().unwrap_or_default()),
                 ]);
                 writer.write_record(&row)?;
@@ -304,7 +303,6 @@ impl EvidenceReport {
             );
         }
         out.push_str("</table>\n<h2>Targets and patches</h2>\n<table><tr><th>wave</th><th>host</th><th>state</th><th>attempt</th><th>patch</th><th>patch state</th><th>exit code</th><th>reboot</th><th>started</th><th>finished</th><th>verification</th><th>error</th></tr>\n");
-        let time = |at: &Option<DateTime<Utc>>| at.map(|at| at.to_rfc3339()).unwrap_or_default();
         for account in &self.targets {
             let t = &account.target;
             let target_cells = format!(
@@ -336,8 +334,8 @@ impl EvidenceReport {
                             p.state.as_str(),
                             p.exit_code.map(|c| c.to_string()).unwrap_or_default(),
                             if p.reboot_required { "required" } else { "" },
-                            time(&p.started_at),
-                            time(&p.finished_at),
+                            rfc3339(&p.started_at),
+                            rfc3339(&p.finished_at),
                         )
                     }
                 };
@@ -432,6 +430,11 @@ impl EvidenceReport {
         out.push_str("</p>\n");
         out
     }
+}
+
+/// A moment as RFC 3339, or nothing.
+fn rfc3339(at: &Option<DateTime<Utc>>) -> String {
+    at.map(|at| at.to_rfc3339()).unwrap_or_default()
 }
 
 fn colour(state: &str) -> &'static str {
