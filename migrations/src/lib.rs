@@ -28,6 +28,7 @@ mod m20261202_000003_named_credentials;
 mod m20261202_000004_outbox_lease;
 mod m20261203_000001_agent_instance;
 mod m20261203_000002_evidence_reports;
+mod m20261203_000003_windows;
 
 pub struct Migrator;
 
@@ -43,6 +44,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261202_000004_outbox_lease::Migration),
             Box::new(m20261203_000001_agent_instance::Migration),
             Box::new(m20261203_000002_evidence_reports::Migration),
+            Box::new(m20261203_000003_windows::Migration),
         ]
     }
 }

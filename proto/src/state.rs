@@ -28,10 +28,13 @@ pub enum TargetState {
     TimedOut,
     /// Never dispatched: the rollout was aborted.
     Cancelled,
+    /// Never dispatched: the rollout's deadline passed while the target
+    /// waited for its maintenance window.
+    MissedWindow,
 }
 
 impl TargetState {
-    pub const ALL: [TargetState; 10] = [
+    pub const ALL: [TargetState; 11] = [
         Self::Pending,
         Self::Queued,
         Self::Probing,
@@ -42,12 +45,14 @@ impl TargetState {
         Self::Failed,
         Self::TimedOut,
         Self::Cancelled,
+        Self::MissedWindow,
     ];
     /// States that hold one of the rollout's concurrency slots.
     pub const IN_FLIGHT: [TargetState; 5] =
         [Self::Queued, Self::Probing, Self::Staging, Self::Installing, Self::Running];
     /// States a target leaves only through "retry failed".
-    pub const FINAL: [TargetState; 4] = [Self::Succeeded, Self::Failed, Self::TimedOut, Self::Cancelled];
+    pub const FINAL: [TargetState; 5] =
+        [Self::Succeeded, Self::Failed, Self::TimedOut, Self::Cancelled, Self::MissedWindow];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -61,6 +66,7 @@ impl TargetState {
             Self::Failed => "failed",
             Self::TimedOut => "timed_out",
             Self::Cancelled => "cancelled",
+            Self::MissedWindow => "missed_window",
         }
     }
 
@@ -81,7 +87,7 @@ impl TargetState {
     pub fn can_move_to(self, to: TargetState) -> bool {
         use TargetState::*;
         match (self, to) {
-            (Pending, Queued) | (Pending, Cancelled) => true,
+            (Pending, Queued) | (Pending, Cancelled) | (Pending, MissedWindow) => true,
             (Queued, Probing) => true,
             (Probing, Staging) | (Staging, Installing) | (Installing, Running) => true,
             // A worker takes over a job whose worker died mid-way.
@@ -119,7 +125,8 @@ impl FromStr for TargetState {
         Self::ALL.into_iter().find(|state| state.as_str() == s).ok_or_else(|| {
             UnknownState(
                 s.to_owned(),
-                "pending, queued, probing, staging, installing, running, succeeded, failed, timed_out, cancelled",
+                "pending, queued, probing, staging, installing, running, succeeded, failed, timed_out, cancelled, \
+                 missed_window",
             )
         })
     }
@@ -179,6 +186,10 @@ pub enum RolloutState {
     /// next wave starts when an operator approves (or when the wave's
     /// automatic promotion finds its soak time over and its success rate met).
     AwaitingApproval,
+    /// Nothing may be dispatched now (before its start time, or no window
+    /// of its pending targets is open) and nothing is in flight; dispatch
+    /// resumes when the next window opens (`next_window_at`).
+    WaitingForWindow,
     /// Stopped by an operator; targets not yet dispatched are cancelled.
     Aborted,
     /// Every target reached a final state.
@@ -186,14 +197,15 @@ pub enum RolloutState {
 }
 
 impl RolloutState {
-    pub const ALL: [RolloutState; 5] =
-        [Self::Running, Self::Paused, Self::AwaitingApproval, Self::Aborted, Self::Completed];
+    pub const ALL: [RolloutState; 6] =
+        [Self::Running, Self::Paused, Self::AwaitingApproval, Self::WaitingForWindow, Self::Aborted, Self::Completed];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Running => "running",
             Self::Paused => "paused",
             Self::AwaitingApproval => "awaiting_approval",
+            Self::WaitingForWindow => "waiting_for_window",
             Self::Aborted => "aborted",
             Self::Completed => "completed",
         }
@@ -209,10 +221,9 @@ impl fmt::Display for RolloutState {
 impl FromStr for RolloutState {
     type Err = UnknownState;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::ALL
-            .into_iter()
-            .find(|state| state.as_str() == s)
-            .ok_or_else(|| UnknownState(s.to_owned(), "running, paused, awaiting_approval, aborted, completed"))
+        Self::ALL.into_iter().find(|state| state.as_str() == s).ok_or_else(|| {
+            UnknownState(s.to_owned(), "running, paused, awaiting_approval, waiting_for_window, aborted, completed")
+        })
     }
 }
 

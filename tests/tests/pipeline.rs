@@ -268,3 +268,72 @@ async fn an_unreachable_target_is_retried_with_backoff_then_fails_and_the_rollou
     sandbox.wait_for_rollout_state(id, RolloutState::Completed, Duration::from_secs(30)).await;
     sandbox.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn targets_wait_for_their_window_and_the_deadline_marks_the_rest_missed() {
+    use chrono::Datelike;
+    let sandbox = Sandbox::start(SandboxOptions::default()).await;
+    let now = chrono::Utc::now();
+    let start_at = now + chrono::Duration::seconds(2);
+    let deadline = now + chrono::Duration::seconds(15);
+    // Targets without a label use a window that is always open; those of
+    // site "closed" one that opens three days from now, after the deadline.
+    let in_three_days = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+        [((now.date_naive().weekday().num_days_from_monday() + 3) % 7) as usize];
+    let mut request = sim_rollout("windows", 6, 1, 10, 30);
+    for target in request["targets"].as_array_mut().unwrap().iter_mut().skip(4) {
+        target["labels"] = serde_json::json!({"site": "closed"});
+    }
+    request["start_at"] = serde_json::json!(start_at.to_rfc3339());
+    request["deadline"] = serde_json::json!(deadline.to_rfc3339());
+    request["windows"] = serde_json::json!([
+        {"days": ["mon", "tue", "wed", "thu", "fri", "sat", "sun"], "start": "00:00", "duration_minutes": 10080,
+         "time_zone": "UTC"},
+        {"days": [in_three_days], "start": "00:00", "duration_minutes": 60, "time_zone": "Asia/Tokyo",
+         "labels": {"site": "closed"}},
+    ]);
+
+    // Bad windows and a target no window applies to are named.
+    let mut bad = request.clone();
+    bad["windows"][0]["time_zone"] = serde_json::json!("Mars/Olympus_Mons");
+    bad["windows"][1]["start"] = serde_json::json!("25:00");
+    let mut only_labelled = request.clone();
+    only_labelled["windows"].as_array_mut().unwrap().remove(0);
+    for (body, fields) in [
+        (bad, vec!["windows[0].time_zone", "windows[1].start"]),
+        (only_labelled, vec!["targets[0].labels", "targets[1].labels", "targets[2].labels", "targets[3].labels"]),
+    ] {
+        let response = sandbox.http.post(format!("{}/v1/rollouts", sandbox.api)).json(&body).send().await.unwrap();
+        assert_eq!(response.status(), 422);
+        let problem: serde_json::Value = response.json().await.unwrap();
+        let named: Vec<&str> =
+            problem["errors"].as_array().unwrap().iter().filter_map(|e| e["field"].as_str()).collect();
+        assert_eq!(named, fields, "{problem}");
+    }
+
+    let id = sandbox.create_rollout(request).await;
+    // Before its start: waiting, and the API says until when.
+    let rollout = sandbox.wait_for_rollout_state(id, RolloutState::WaitingForWindow, Duration::from_secs(30)).await;
+    assert!(rollout.pause_reason.as_deref().unwrap_or("").contains("starts at"), "{:?}", rollout.pause_reason);
+    let shown: serde_json::Value =
+        sandbox.http.get(format!("{}/v1/rollouts/{id}", sandbox.api)).send().await.unwrap().json().await.unwrap();
+    assert_eq!(shown["rollout"]["state"], "waiting_for_window");
+    let next: chrono::DateTime<chrono::Utc> = shown["rollout"]["next_window_at"].as_str().unwrap().parse().unwrap();
+    assert!((next - start_at).num_milliseconds().abs() < 1_000, "{next} vs {start_at}");
+    assert!(sandbox.all_targets(id).await.iter().all(|t| t.state == TargetState::Pending));
+
+    // The reconciler wakes it at its start: the four targets whose window
+    // is open go; the two others wait until the deadline and miss it.
+    let rollout = sandbox.wait_for_rollout_state(id, RolloutState::Completed, Duration::from_secs(60)).await;
+    assert!(rollout.completed_at.unwrap() >= deadline, "completed at the deadline, not before");
+    let states: Vec<(String, TargetState)> =
+        sandbox.all_targets(id).await.into_iter().map(|t| (t.host, t.state)).collect();
+    let expected: Vec<(String, TargetState)> = (0..6)
+        .map(|i| (format!("host-{i:05}"), if i < 4 { TargetState::Succeeded } else { TargetState::MissedWindow }))
+        .collect();
+    assert_eq!(states, expected);
+    let started =
+        sandbox.all_targets(id).await.into_iter().filter_map(|t| t.queued_at).min().expect("dispatched targets");
+    assert!(started >= start_at, "nothing was dispatched before start_at ({started} < {start_at})");
+    sandbox.stop().await;
+}

@@ -20,6 +20,7 @@ pub mod rollouts {
         pub created_at: ChronoDateTimeUtc,
         pub updated_at: ChronoDateTimeUtc,
         pub completed_at: Option<ChronoDateTimeUtc>,
+        pub next_window_at: Option<ChronoDateTimeUtc>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -67,6 +68,8 @@ pub mod targets {
         pub id: Uuid,
         pub rollout_id: Uuid,
         pub ordinal: i32,
+        /// Index into the rollout's `settings.schedule.groups`; NULL without windows.
+        pub window_group: Option<i32>,
         pub host: String,
         pub port: Option<i32>,
         pub transport: String,

@@ -34,6 +34,7 @@ mod ops;
 pub mod private_postgres;
 pub mod reconcile;
 pub mod relay;
+pub mod schedule;
 
 pub use auth::{ActorKind, ApiKey, AuditEntry, AuditQuery, IssuedApiKey, KeyCheck, NewAuditEntry, ParsedApiKey, Role};
 pub use model::*;

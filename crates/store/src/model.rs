@@ -9,6 +9,8 @@ use fleetpatch_proto::state::{PatchState, RolloutState, TargetState};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::schedule::Schedule;
+
 /// One wave of a rollout: dispatched only after the previous wave finished
 /// within its failure threshold.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -61,11 +63,21 @@ pub struct RolloutSettings {
     /// Connection tries per attempt for unreachable targets (first try included).
     pub max_tries: u32,
     pub keep_files: bool,
+    /// When targets may be dispatched (start time, maintenance windows,
+    /// deadline); the default: at once and at any time.
+    #[serde(default, skip_serializing_if = "Schedule::is_unrestricted")]
+    pub schedule: Schedule,
 }
 
 impl Default for RolloutSettings {
     fn default() -> Self {
-        Self { heartbeat_seconds: 30, reboot: RebootPolicy::Never, max_tries: 3, keep_files: false }
+        Self {
+            heartbeat_seconds: 30,
+            reboot: RebootPolicy::Never,
+            max_tries: 3,
+            keep_files: false,
+            schedule: Schedule::default(),
+        }
     }
 }
 
@@ -159,6 +171,9 @@ pub struct Rollout {
     pub timeout_seconds: u32,
     pub waves: Vec<WaveSpec>,
     pub settings: RolloutSettings,
+    /// While `waiting_for_window`: when the next window opens (or the
+    /// deadline, if it comes first).
+    pub next_window_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub completed_at: Option<DateTime<Utc>>,

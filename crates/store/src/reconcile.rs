@@ -86,6 +86,22 @@ impl Store {
         Ok(query.order_by_asc(rollouts::Column::Id).limit(limit).into_tuple().all(&self.db).await?)
     }
 
+    /// Rollouts waiting for a maintenance window whose next opening (or
+    /// deadline) has come: a dispatch pass resumes them (or marks their
+    /// targets `missed_window`).
+    pub async fn rollouts_due_for_window(&self, limit: u64) -> Result<Vec<Uuid>> {
+        Ok(rollouts::Entity::find()
+            .select_only()
+            .column(rollouts::Column::Id)
+            .filter(rollouts::Column::State.eq(RolloutState::WaitingForWindow.as_str()))
+            .filter(rollouts::Column::NextWindowAt.lte(self.now()))
+            .order_by_asc(rollouts::Column::NextWindowAt)
+            .limit(limit)
+            .into_tuple()
+            .all(&self.db)
+            .await?)
+    }
+
     /// Running targets whose deadline (last report + timeout) passed more
     /// than `grace` ago: their watch timer was lost or is very late. Walks
     /// the running targets by last report, oldest first, in pages of

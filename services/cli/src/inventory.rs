@@ -84,22 +84,59 @@ pub enum RangeProblem {
 
 // ------------------------------------------------------------------ CSV
 
-/// Reads targets from CSV: a header line, then one target per line.
+/// Reads targets from CSV (RFC 4180, read by the `csv` crate): a header
+/// line, then one target per line. A UTF-8 byte order mark (Excel's "CSV
+/// UTF-8") is skipped.
 ///
 /// Columns `host` (required), `transport`, `port`, `credential`, `wave`
 /// fill the target's fields; a `labels` column holds `key=value` pairs
 /// separated by `;`; every other column is a label named by its header.
 /// Empty cells are left out; `#` starts a comment line.
 pub fn parse_csv(text: &str, file: &str, default_transport: &str) -> Result<Vec<ImportedTarget>, InputError> {
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let mut reader =
+        csv::ReaderBuilder::new().has_headers(false).flexible(true).comment(Some(b'#')).from_reader(text.as_bytes());
     let mut header: Option<Vec<String>> = None;
     let mut targets = Vec::new();
-    for (index, line) in text.lines().enumerate() {
-        let number = index + 1;
-        let trimmed = line.trim();
-        if trimmed.is_empty() || trimmed.starts_with('#') {
+    let mut record = csv::StringRecord::new();
+    // Line numbers come from byte offsets: the reader's own line count
+    // leaves out blank lines.
+    let (mut counted_to, mut lines_before) = (0usize, 0usize);
+    let mut line_of = |byte: usize| {
+        let byte = byte.min(text.len());
+        if byte >= counted_to {
+            lines_before += text.as_bytes()[counted_to..byte].iter().filter(|b| **b == b'\n').count();
+            counted_to = byte;
+        }
+        lines_before + 1
+    };
+    loop {
+        let start = reader.position().byte() as usize;
+        let more = reader.read_record(&mut record).map_err(|error| {
+            let line = line_of(error.position().map_or(start, |p| p.byte() as usize));
+            InputError::at_line(file, line, csv_error_message(&error))
+        })?;
+        if !more {
+            break;
+        }
+        // The record's position is where the reader started it: before the
+        // blank and comment lines it skipped on the way.
+        let mut at = record.position().map_or(start, |p| p.byte() as usize);
+        while let Some(rest) = text.get(at..).filter(|rest| rest.starts_with(['\n', '\r', '#'])) {
+            at += if rest.starts_with('#') { rest.find('\n').map_or(rest.len(), |i| i + 1) } else { 1 };
+        }
+        let number = line_of(at);
+        // A quoted cell may span lines in RFC 4180, but no field of a target
+        // holds a line break; and the reader runs a quote that is never
+        // closed to the end of the input, as one cell: refuse both.
+        let raw = text.get(at..reader.position().byte() as usize).unwrap_or("");
+        if raw.matches('"').count() % 2 == 1 || record.iter().any(|cell| cell.contains(['\n', '\r'])) {
+            return Err(InputError::at_line(file, number, InventoryError::UnclosedCell.to_string()));
+        }
+        let cells: Vec<&str> = record.iter().collect();
+        if cells.iter().all(|c| c.trim().is_empty()) || cells[0].trim_start().starts_with('#') {
             continue;
         }
-        let cells = split_csv_line(line).map_err(|error| InputError::at_line(file, number, error.to_string()))?;
         let Some(columns) = &header else {
             let columns: Vec<String> = cells.iter().map(|c| c.trim().to_owned()).collect();
             check_header(&columns).map_err(|error| InputError::at_line(file, number, error.to_string()))?;
@@ -167,6 +204,15 @@ pub fn parse_csv(text: &str, file: &str, default_transport: &str) -> Result<Vec<
     Ok(targets)
 }
 
+/// The reader's error without its own position (the caller names the line).
+fn csv_error_message(error: &csv::Error) -> String {
+    match error.kind() {
+        csv::ErrorKind::Utf8 { err, .. } => format!("not UTF-8 text (field {})", err.field() + 1),
+        csv::ErrorKind::Io(err) => err.to_string(),
+        _ => error.to_string(),
+    }
+}
+
 fn check_header(columns: &[String]) -> Result<(), InventoryError> {
     if !columns.iter().any(|c| c.eq_ignore_ascii_case("host")) {
         return Err(InventoryError::NoHostColumn { header: columns.join(",") });
@@ -181,35 +227,6 @@ fn check_header(columns: &[String]) -> Result<(), InventoryError> {
         }
     }
     Ok(())
-}
-
-/// One CSV line (RFC 4180 quoting: `"a, b"` and `""` for a quote inside).
-fn split_csv_line(line: &str) -> Result<Vec<String>, InventoryError> {
-    let mut cells = Vec::new();
-    let mut cell = String::new();
-    let mut chars = line.chars().peekable();
-    let mut quoted = false;
-    while let Some(c) = chars.next() {
-        match (quoted, c) {
-            (true, '"') if chars.peek() == Some(&'"') => {
-                chars.next();
-                cell.push('"');
-            }
-            (true, '"') => quoted = false,
-            (true, c) => cell.push(c),
-            (false, '"') if cell.trim().is_empty() => {
-                cell.clear();
-                quoted = true;
-            }
-            (false, ',') => cells.push(std::mem::take(&mut cell)),
-            (false, c) => cell.push(c),
-        }
-    }
-    if quoted {
-        return Err(InventoryError::UnclosedCell);
-    }
-    cells.push(cell);
-    Ok(cells)
 }
 
 // ------------------------------------------------------------------ INI inventory
@@ -598,6 +615,17 @@ win-7,smb,445,windows-admin,,\"Paris, \"\"main\"\"\",
     }
 
     #[test]
+    fn csv_from_excel_with_a_byte_order_mark_and_quoted_cells_reads_as_written() {
+        let text = "\u{feff}host,site,labels\r\n\"web, 1\",\"Paris \"\"9e\"\"\",role=web\r\n\r\ndb1,lyon,\r\n";
+        let targets = parse_csv(text, "excel.csv", "ssh").unwrap();
+        assert_eq!(targets.len(), 2);
+        assert_eq!(targets[0].target.host, "web, 1", "the BOM is not part of the header");
+        assert_eq!(targets[0].target.labels["site"], "Paris \"9e\"");
+        assert_eq!(targets[0].target.labels["role"], "web");
+        assert_eq!((targets[1].target.host.as_str(), targets[1].origin.as_str()), ("db1", "excel.csv line 4"));
+    }
+
+    #[test]
     fn csv_defaults_to_the_given_transport() {
         let targets = parse_csv("host\nh1\nh2\n", "h.csv", "ssh").unwrap();
         assert!(targets.iter().all(|t| t.target.transport == "ssh"));
@@ -622,6 +650,8 @@ win-7,smb,445,windows-admin,,\"Paris, \"\"main\"\"\",
         let error = parse_csv("host,port\n,22\n", "h.csv", "sim").unwrap_err();
         assert_eq!(error.to_string(), "h.csv:2: host: must not be empty");
         let error = parse_csv("host\n\"h1\n", "h.csv", "sim").unwrap_err();
+        assert!(error.to_string().starts_with("h.csv:2: a quoted cell is not closed"), "{error}");
+        let error = parse_csv("host\n\"h1", "h.csv", "sim").unwrap_err();
         assert!(error.to_string().starts_with("h.csv:2: a quoted cell is not closed"), "{error}");
         let error = parse_csv("# only a comment\n", "h.csv", "sim").unwrap_err();
         assert!(error.to_string().contains("no header line"), "{error}");

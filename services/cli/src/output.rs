@@ -69,9 +69,16 @@ impl Redraw {
 }
 
 /// Replaces control characters (escape sequences, newlines, tabs) by a
-/// space, so a value stays on its line and cannot drive the terminal.
+/// space, so a value stays on its line and cannot drive the terminal, and
+/// drops bidirectional controls (U+202E would show `exe.gpj` as `jpg.exe`
+/// and reorder the rest of the line).
 pub fn clean(text: &str) -> String {
-    text.chars().map(|c| if c.is_control() { ' ' } else { c }).collect()
+    text.chars()
+        .filter(
+            |c| !matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}'),
+        )
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
 }
 
 /// Shortens `text` to `max` characters, ending with `…` when cut.
@@ -204,6 +211,8 @@ pub struct Counts {
     pub failed: u64,
     pub timed_out: u64,
     pub cancelled: u64,
+    /// Never dispatched: the deadline passed before their window.
+    pub missed_window: u64,
     pub in_flight: u64,
     pub pending: u64,
 }
@@ -218,6 +227,7 @@ impl Counts {
             failed: get("failed"),
             timed_out: get("timed_out"),
             cancelled: get("cancelled"),
+            missed_window: get("missed_window"),
             in_flight,
             pending: 0,
         };
@@ -227,7 +237,7 @@ impl Counts {
 
     /// Targets in a final state.
     pub fn done(&self) -> u64 {
-        self.succeeded + self.failed + self.timed_out + self.cancelled
+        self.succeeded + self.failed + self.timed_out + self.cancelled + self.missed_window
     }
 
     /// "7/10 done: 5 ok, 1 failed, 1 timed out; 2 in flight"
@@ -243,16 +253,26 @@ impl Counts {
         if self.cancelled > 0 {
             let _ = write!(text, ", {} cancelled", self.cancelled);
         }
+        if self.missed_window > 0 {
+            let _ = write!(text, ", {} missed their window", self.missed_window);
+        }
         let _ = write!(text, "; {} in flight", self.in_flight);
         text
     }
 }
 
-/// One bar of `width` cells: succeeded, failed, timed out, cancelled, in
-/// flight, pending — in that order. A non-zero share gets at least one cell,
+/// One bar of `width` cells: succeeded, failed, timed out, cancelled (and
+/// missed their window), in flight, pending — in that order. A non-zero share gets at least one cell,
 /// so a single failure among thousands stays visible.
 pub fn bar(counts: &Counts, width: usize, terminal: Terminal) -> String {
-    let parts = [counts.succeeded, counts.failed, counts.timed_out, counts.cancelled, counts.in_flight, counts.pending];
+    let parts = [
+        counts.succeeded,
+        counts.failed,
+        counts.timed_out,
+        counts.cancelled + counts.missed_window,
+        counts.in_flight,
+        counts.pending,
+    ];
     let total: u64 = parts.iter().sum();
     let mut cells = [0usize; 6];
     if total > 0 {
@@ -337,6 +357,7 @@ db                       12  failed [2J
     #[test]
     fn text_from_targets_cannot_drive_the_terminal() {
         assert_eq!(clean("ok\x1b[31mred\nnext\tcol"), "ok [31mred next col");
+        assert_eq!(clean("web-01\u{202e}gpj.exe \u{2066}x\u{2069}\u{200f}"), "web-01gpj.exe x");
         assert_eq!(truncate("abcdef", 4), "abc…");
         assert_eq!(truncate("abc", 4), "abc");
     }

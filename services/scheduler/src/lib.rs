@@ -664,6 +664,12 @@ impl Core {
                 })
                 .await?;
         }
+        // Rollouts whose maintenance window (or deadline) has come.
+        let due = self.store.rollouts_due_for_window(PAGE).await?;
+        if !due.is_empty() {
+            tracing::info!(count = due.len(), "maintenance windows opening: dispatching again");
+            self.bus.publish(due.into_iter().map(fleetpatch_store::dispatch_request).collect()).await?;
+        }
         // A dispatch pass per running rollout with pending targets: one
         // lost dispatch request would otherwise leave free slots unused.
         let mut after = None;

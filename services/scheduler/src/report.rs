@@ -424,6 +424,7 @@ impl EvidenceReport {
             "failed",
             "timed_out",
             "cancelled",
+            "missed_window",
         ] {
             let _ = write!(out, "<span style=\"background:{}\">&nbsp;&nbsp;</span> {state} ", colour(state));
         }
@@ -443,6 +444,7 @@ fn colour(state: &str) -> &'static str {
         "failed" => "#c62828",
         "timed_out" => "#ef6c00",
         "cancelled" => "#757575",
+        "missed_window" => "#9e9e9e",
         "pending" => "#e0e0e0",
         _ => "#1565c0",
     }

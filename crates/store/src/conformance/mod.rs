@@ -54,6 +54,7 @@ macro_rules! store_conformance_suite {
             concurrent_dispatches_never_exceed_the_concurrency,
             waves_open_in_order_and_a_failing_wave_halts,
             a_wave_that_requires_approval_waits_for_it_and_promotion_waits_for_its_soak_and_rate,
+            maintenance_windows_gate_dispatch_and_the_deadline_ends_the_wait,
             evidence_digests_are_kept_once_and_a_rollouts_patch_rows_read_in_bulk,
             claim_is_guarded_and_a_takeover_keeps_the_token_nonce,
             probe_records_patch_rows_and_skips_installed_patches,
@@ -143,11 +144,19 @@ struct Spec {
     concurrency: u32,
     timeout_seconds: u32,
     waves: Vec<WaveSpec>,
+    schedule: crate::schedule::Schedule,
 }
 
 impl Spec {
     fn new(targets: usize, patches: usize, concurrency: u32) -> Self {
-        Self { targets, patches, concurrency, timeout_seconds: 600, waves: vec![] }
+        Self {
+            targets,
+            patches,
+            concurrency,
+            timeout_seconds: 600,
+            waves: vec![],
+            schedule: crate::schedule::Schedule::default(),
+        }
     }
 }
 
@@ -176,6 +185,7 @@ async fn create(store: &Store, spec: Spec) -> Uuid {
                 reboot: RebootPolicy::IfRequired,
                 max_tries: 2,
                 keep_files: true,
+                schedule: spec.schedule.clone(),
             },
             patches: (0..spec.patches).map(patch).collect(),
             targets,

@@ -295,6 +295,101 @@ pub async fn a_wave_that_requires_approval_waits_for_it_and_promotion_waits_for_
     assert_eq!(store.promote_due_rollouts().await.expect("promote"), vec![]);
 }
 
+pub async fn maintenance_windows_gate_dispatch_and_the_deadline_ends_the_wait(db: &dyn TestDatabase) {
+    use crate::schedule::{Day, MaintenanceWindow, Schedule};
+    let at = |rfc3339: &str| chrono::DateTime::parse_from_rfc3339(rfc3339).unwrap().with_timezone(&chrono::Utc);
+    // Thursday 2026-12-03 12:00 UTC.
+    let manual = ManualClock::new(at("2026-12-03T12:00:00Z"));
+    let store = &db.store().clone().with_clock(manual.clock());
+    let window = |days: Vec<Day>, start: &str, zone: &str, site: Option<&str>| MaintenanceWindow {
+        days,
+        start: start.into(),
+        duration_minutes: 120,
+        time_zone: zone.into(),
+        labels: site.map(|s| BTreeMap::from([("site".to_owned(), s.to_owned())])).unwrap_or_default(),
+    };
+    // Targets of site s0 use Saturday 22:00 Paris (21:00 UTC); the others
+    // Friday 09:00 New York (14:00 UTC). Nothing before Friday 00:00 UTC;
+    // the deadline is Sunday 00:00 UTC.
+    let schedule = Schedule {
+        start_at: Some(at("2026-12-04T00:00:00Z")),
+        deadline: Some(at("2026-12-06T00:00:00Z")),
+        windows: vec![
+            window(vec![Day::Sat], "22:00", "Europe/Paris", Some("s0")),
+            window(vec![Day::Fri], "09:00", "America/New_York", None),
+        ],
+        groups: vec![],
+    };
+    let id = create(store, Spec { schedule, ..Spec::new(6, 1, 10) }).await;
+    let rollout = store.rollout(id).await.expect("rollout");
+    assert_eq!(rollout.settings.schedule.groups, vec![vec![0], vec![1]], "one group per set of windows");
+
+    // Before the start: nothing goes, the rollout waits for its start.
+    let outcome = store.dispatch(id).await.expect("dispatch");
+    assert_eq!((outcome.dispatched, outcome.state), (0, RolloutState::WaitingForWindow));
+    let rollout = store.rollout(id).await.expect("rollout");
+    assert_eq!(rollout.next_window_at, Some(at("2026-12-04T14:00:00Z")), "the first window after the start");
+    assert!(rollout.pause_reason.as_deref().unwrap_or("").contains("2026-12-04T14:00:00+00:00"));
+    assert_eq!(store.rollouts_due_for_window(10).await.expect("due"), Vec::<Uuid>::new(), "not due yet");
+
+    // Friday 14:00 UTC: New York's window opens; the targets of sites s1
+    // and s2 go (4 of 6), those of s0 wait.
+    manual.advance(std::time::Duration::from_secs(26 * 3600));
+    assert_eq!(store.rollouts_due_for_window(10).await.expect("due"), vec![id]);
+    let outcome = store.dispatch(id).await.expect("dispatch");
+    assert_eq!((outcome.dispatched, outcome.state), (4, RolloutState::Running));
+    assert!(in_state(store, id, TargetState::Queued).await.iter().all(|t| t.labels["site"] != "s0"));
+    let rollout = store.rollout(id).await.expect("rollout");
+    assert_eq!((rollout.pause_reason, rollout.next_window_at), (None, None), "running again");
+
+    // The window closes while they run: they finish; then the rollout
+    // waits for Paris's Saturday window.
+    manual.advance(std::time::Duration::from_secs(3 * 3600));
+    assert_eq!(store.dispatch(id).await.expect("dispatch").state, RolloutState::Running, "in flight: no wait yet");
+    finish_queued(store, id, 4).await;
+    let outcome = store.dispatch(id).await.expect("dispatch");
+    assert_eq!((outcome.dispatched, outcome.state), (0, RolloutState::WaitingForWindow));
+    assert_eq!(store.rollout(id).await.expect("rollout").next_window_at, Some(at("2026-12-05T21:00:00Z")));
+
+    // Pause and resume keep the schedule: resumed, it waits again.
+    store.pause_rollout(id, "change freeze").await.expect("pause a waiting rollout");
+    store.resume_rollout(id).await.expect("resume");
+    assert_eq!(store.dispatch(id).await.expect("dispatch").state, RolloutState::WaitingForWindow);
+
+    // Saturday 22:00 Paris: the two s0 targets go; one fails ...
+    manual.advance(std::time::Duration::from_secs(28 * 3600));
+    assert_eq!(store.dispatch(id).await.expect("dispatch").dispatched, 2);
+    finish_queued(store, id, 1).await;
+
+    // ... and a retried failure that waits past the deadline misses it.
+    assert_eq!(store.retry_failed(id).await.expect("retry"), 1);
+    manual.advance(std::time::Duration::from_secs(4 * 3600));
+    let outcome = store.dispatch(id).await.expect("dispatch");
+    assert_eq!((outcome.dispatched, outcome.state), (0, RolloutState::Completed));
+    let missed = in_state(store, id, TargetState::MissedWindow).await;
+    assert_eq!(missed.len(), 1);
+    assert!(missed[0].error.as_deref().unwrap_or("").contains("deadline"), "{:?}", missed[0].error);
+    let history = store.transitions(missed[0].id).await.expect("history");
+    assert_eq!(history.last().map(|t| t.to.as_str()), Some("missed_window"));
+
+    // A target whose labels select no window cannot be stored.
+    let only_paris =
+        Schedule { windows: vec![window(vec![Day::Sat], "22:00", "Europe/Paris", Some("s0"))], ..Schedule::default() };
+    let error = store
+        .create_rollout(NewRollout {
+            name: "no window".into(),
+            concurrency: 1,
+            timeout_seconds: 60,
+            waves: vec![WaveSpec::new("all", None, 100.0)],
+            settings: RolloutSettings { schedule: only_paris, ..RolloutSettings::default() },
+            patches: vec![patch(0)],
+            targets: vec![target(1, 0)],
+        })
+        .await
+        .expect_err("no window for site s1");
+    assert!(error.to_string().starts_with("targets[0]: no window applies"), "{error}");
+}
+
 pub async fn evidence_digests_are_kept_once_and_a_rollouts_patch_rows_read_in_bulk(db: &dyn TestDatabase) {
     let store = db.store();
     let id = create(store, Spec::new(3, 2, 3)).await;

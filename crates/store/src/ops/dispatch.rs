@@ -1,6 +1,7 @@
 //! Dispatch: a rollout's free slots filled with its next pending targets, wave by wave.
 
 use super::*;
+use crate::schedule::{Openness, Schedule};
 
 impl Store {
     // ------------------------------------------------------------ dispatch
@@ -17,13 +18,20 @@ impl Store {
             .ok_or_else(|| Error::NotFound { what: "rollout", id: rollout_id.to_string() })?;
         let rollout = rollout_from(rollout)?;
         let mut outcome = DispatchOutcome { dispatched: 0, state: rollout.state, halted: None };
-        if rollout.state != RolloutState::Running {
+        if !matches!(rollout.state, RolloutState::Running | RolloutState::WaitingForWindow) {
             return Ok(outcome);
         }
+        outcome.state = RolloutState::Running;
         let mut wave = rollout.current_wave;
         let wave_count = rollout.waves.len().max(1) as u32;
         let mut messages = Vec::new();
         let at = self.now();
+        let schedule = &rollout.settings.schedule;
+        if schedule.past_deadline(at) {
+            miss_pending(&txn, &rollout, at).await?;
+        }
+        let openness = schedule.openness(at);
+        let mut next_window_at = None;
         let pending = || targets::Column::State.eq(TargetState::Pending.as_str());
         loop {
             // The wave is open while any of its targets is pending or in
@@ -46,12 +54,27 @@ impl Store {
                     .count(&txn)
                     .await?;
                 let free = u64::from(rollout.concurrency).saturating_sub(in_flight);
-                if free > 0 {
-                    let queued = queue_next(&txn, rollout_id, wave, free, at).await?;
+                let open = match &openness {
+                    Openness::Any => Some(None),
+                    Openness::Groups(groups) if !groups.is_empty() => Some(Some(groups.as_slice())),
+                    Openness::Groups(_) | Openness::Closed => None,
+                };
+                if let (true, Some(open)) = (free > 0, open) {
+                    let queued = queue_next(&txn, rollout_id, wave, free, open, at).await?;
                     for (target_id, attempt) in &queued {
                         messages.push(deploy_message(*target_id, rollout_id, *attempt as u32, 0));
                     }
                     outcome.dispatched += queued.len() as u32;
+                }
+                if outcome.dispatched == 0 && in_flight == 0 {
+                    // Nothing may go now and nothing runs: wait for the next
+                    // window of the wave's pending targets (in-flight ones
+                    // finish first, and their results dispatch again).
+                    let groups = pending_window_groups(&txn, rollout_id, wave).await?;
+                    let (next, reason) = waiting_reason(schedule, at, &groups);
+                    outcome.state = RolloutState::WaitingForWindow;
+                    outcome.halted = Some(reason);
+                    next_window_at = Some(next);
                 }
                 break;
             }
@@ -108,9 +131,13 @@ impl Store {
         let mut update = rollouts::Entity::update_many()
             .col_expr(rollouts::Column::CurrentWave, Expr::value(wave as i32))
             .col_expr(rollouts::Column::State, Expr::value(outcome.state.as_str()))
+            .col_expr(rollouts::Column::NextWindowAt, Expr::value(next_window_at))
             .col_expr(rollouts::Column::UpdatedAt, Expr::value(at));
         if let Some(reason) = &outcome.halted {
             update = update.col_expr(rollouts::Column::PauseReason, Expr::value(reason.clone()));
+        } else if rollout.state == RolloutState::WaitingForWindow {
+            // A window opened: the waiting reason is over.
+            update = update.col_expr(rollouts::Column::PauseReason, Expr::value(Option::<String>::None));
         }
         if outcome.state == RolloutState::Completed {
             update = update.col_expr(rollouts::Column::CompletedAt, Expr::value(at));
@@ -119,5 +146,75 @@ impl Store {
         push_outbox(&txn, at, messages).await?;
         txn.commit().await?;
         Ok(outcome)
+    }
+}
+
+/// Moves every pending target of the rollout to `missed_window`: its
+/// deadline passed before their maintenance window let them go.
+async fn miss_pending(txn: &DatabaseTransaction, rollout: &Rollout, at: DateTime<Utc>) -> Result<()> {
+    let pending: Vec<Uuid> = targets::Entity::find()
+        .select_only()
+        .column(targets::Column::Id)
+        .filter(targets::Column::RolloutId.eq(rollout.id))
+        .filter(targets::Column::State.eq(TargetState::Pending.as_str()))
+        .lock(LockType::NoKeyUpdate)
+        .into_tuple()
+        .all(txn)
+        .await?;
+    if pending.is_empty() {
+        return Ok(());
+    }
+    let deadline = rollout.settings.schedule.deadline.map(|d| d.to_rfc3339()).unwrap_or_default();
+    let detail = format!("the rollout's deadline {deadline} passed before a maintenance window let it go");
+    let steps: Vec<transition::Step> = pending
+        .into_iter()
+        .map(|target_id| transition::Step {
+            target_id,
+            rollout_id: rollout.id,
+            from: TargetState::Pending,
+            detail: Some(detail.clone()),
+        })
+        .collect();
+    let sets =
+        vec![(targets::Column::FinishedAt, Expr::value(at)), (targets::Column::Error, Expr::value(detail.clone()))];
+    transition::move_locked(txn, at, TargetState::MissedWindow, &steps, sets).await
+}
+
+/// The window groups of a wave's pending targets.
+async fn pending_window_groups(txn: &DatabaseTransaction, rollout_id: Uuid, wave: u32) -> Result<Vec<u32>> {
+    let groups: Vec<Option<i32>> = targets::Entity::find()
+        .select_only()
+        .column(targets::Column::WindowGroup)
+        .distinct()
+        .filter(targets::Column::RolloutId.eq(rollout_id))
+        .filter(targets::Column::Wave.eq(wave as i32))
+        .filter(targets::Column::State.eq(TargetState::Pending.as_str()))
+        .into_tuple()
+        .all(txn)
+        .await?;
+    Ok(groups.into_iter().flatten().map(|g| g as u32).collect())
+}
+
+/// When a waiting rollout looks again, and why it waits: the next opening
+/// of one of `groups`, or the deadline if it comes first (the targets miss
+/// their window then).
+fn waiting_reason(schedule: &Schedule, at: DateTime<Utc>, groups: &[u32]) -> (DateTime<Utc>, String) {
+    let opening = schedule.next_opening(at, groups);
+    let starts = schedule.start_at.filter(|start| *start > at);
+    match (opening, schedule.deadline) {
+        (Some(next), _) if starts == Some(next) => (next, format!("the rollout starts at {}", next.to_rfc3339())),
+        (Some(next), _) => {
+            (next, format!("waiting for a maintenance window: the next one opens at {}", next.to_rfc3339()))
+        }
+        (None, Some(deadline)) => (
+            deadline,
+            format!(
+                "no maintenance window of the pending targets opens before the deadline {}; they will be marked \
+                 missed_window then",
+                deadline.to_rfc3339()
+            ),
+        ),
+        // Cannot happen (a window opens at least weekly); look again in an hour.
+        (None, None) => (at + chrono::Duration::hours(1), "waiting for a maintenance window".into()),
     }
 }

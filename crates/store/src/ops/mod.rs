@@ -59,6 +59,7 @@ fn rollout_from(m: rollouts::Model) -> Result<Rollout> {
         timeout_seconds: m.timeout_seconds as u32,
         waves: from_json(m.waves, "rollout waves")?,
         settings: from_json(m.settings, "rollout settings")?,
+        next_window_at: m.next_window_at,
         created_at: m.created_at,
         updated_at: m.updated_at,
         completed_at: m.completed_at,
@@ -316,21 +317,28 @@ async fn wave_has<C: ConnectionTrait>(db: &C, rollout_id: Uuid, wave: u32, condi
 /// alone: a state condition beside the ids lets PostgreSQL combine the
 /// primary key with the `targets_state` index (a bitmap AND), which reads
 /// every entry of that state, dead versions included, for a handful of rows.
+/// Queues up to `limit` pending targets of `wave` in order; only those of
+/// the window groups `open` when it is given.
 async fn queue_next(
     txn: &DatabaseTransaction,
     rollout_id: Uuid,
     wave: u32,
     limit: u64,
+    open: Option<&[u32]>,
     at: DateTime<Utc>,
 ) -> Result<Vec<(Uuid, i32)>> {
     let pending = || targets::Column::State.eq(TargetState::Pending.as_str());
-    let next: Vec<(Uuid, i32)> = targets::Entity::find()
+    let mut query = targets::Entity::find()
         .select_only()
         .column(targets::Column::Id)
         .column(targets::Column::Attempt)
         .filter(targets::Column::RolloutId.eq(rollout_id))
         .filter(targets::Column::Wave.eq(wave as i32))
-        .filter(pending())
+        .filter(pending());
+    if let Some(groups) = open {
+        query = query.filter(targets::Column::WindowGroup.is_in(groups.iter().map(|g| *g as i32)));
+    }
+    let next: Vec<(Uuid, i32)> = query
         .order_by_asc(targets::Column::Ordinal)
         .limit(limit)
         .lock(LockType::NoKeyUpdate)
@@ -379,6 +387,23 @@ impl Store {
     pub async fn create_rollout(&self, new: NewRollout) -> Result<Uuid> {
         let id = Uuid::new_v4();
         let at = self.now();
+        // Each target's set of maintenance windows, from its labels.
+        let mut settings = new.settings.clone();
+        settings.schedule.groups.clear();
+        for window in &settings.schedule.windows {
+            window.check().map_err(|error| Error::Invalid(format!("window {window}: {error}")))?;
+        }
+        let window_groups = new
+            .targets
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                settings
+                    .schedule
+                    .assign_group(&t.labels)
+                    .map_err(|error| Error::Invalid(format!("targets[{i}]: {error}")))
+            })
+            .collect::<Result<Vec<Option<u32>>>>()?;
         let txn = self.begin().await?;
         rollouts::Entity::insert(rollouts::ActiveModel {
             id: Set(id),
@@ -389,10 +414,11 @@ impl Store {
             concurrency: Set(new.concurrency as i32),
             timeout_seconds: Set(new.timeout_seconds as i32),
             waves: Set(to_json(&new.waves)),
-            settings: Set(to_json(&new.settings)),
+            settings: Set(to_json(&settings)),
             created_at: Set(at),
             updated_at: Set(at),
             completed_at: Set(None),
+            next_window_at: Set(None),
         })
         .exec_without_returning(&txn)
         .await?;
@@ -419,6 +445,7 @@ impl Store {
                 id: Set(Uuid::new_v4()),
                 rollout_id: Set(id),
                 ordinal: Set((chunk_index * INSERT_CHUNK + i) as i32),
+                window_group: Set(window_groups[chunk_index * INSERT_CHUNK + i].map(|g| g as i32)),
                 host: Set(t.host.clone()),
                 port: Set(t.port.map(i32::from)),
                 transport: Set(t.transport.clone()),

@@ -29,6 +29,7 @@ impl Store {
         rollouts::Entity::update_many()
             .col_expr(rollouts::Column::State, Expr::value(to.as_str()))
             .col_expr(rollouts::Column::PauseReason, Expr::value(reason))
+            .col_expr(rollouts::Column::NextWindowAt, Expr::value(Option::<DateTime<Utc>>::None))
             .col_expr(rollouts::Column::UpdatedAt, Expr::value(at))
             .filter(rollouts::Column::Id.eq(id))
             .exec(&txn)
@@ -69,7 +70,13 @@ impl Store {
     }
 
     pub async fn pause_rollout(&self, id: Uuid, reason: &str) -> Result<Rollout> {
-        self.set_rollout_state(id, &[RolloutState::Running], RolloutState::Paused, Some(reason.into())).await
+        self.set_rollout_state(
+            id,
+            &[RolloutState::Running, RolloutState::WaitingForWindow],
+            RolloutState::Paused,
+            Some(reason.into()),
+        )
+        .await
     }
 
     pub async fn resume_rollout(&self, id: Uuid) -> Result<Rollout> {
@@ -132,7 +139,12 @@ impl Store {
     pub async fn abort_rollout(&self, id: Uuid) -> Result<Rollout> {
         self.set_rollout_state(
             id,
-            &[RolloutState::Running, RolloutState::Paused, RolloutState::AwaitingApproval],
+            &[
+                RolloutState::Running,
+                RolloutState::Paused,
+                RolloutState::AwaitingApproval,
+                RolloutState::WaitingForWindow,
+            ],
             RolloutState::Aborted,
             Some("aborted by an operator".into()),
         )

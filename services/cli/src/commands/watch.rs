@@ -24,7 +24,8 @@ const BAR_WIDTH: usize = 40;
 pub fn outcome(detail: &RolloutDetail) -> Option<u8> {
     let counts = Counts::from_states(detail.progress.total, &detail.progress.by_state);
     match detail.rollout.state {
-        RolloutState::Running => None,
+        // A window opens by itself: keep watching (the heading shows when).
+        RolloutState::Running | RolloutState::WaitingForWindow => None,
         RolloutState::Completed if counts.succeeded == counts.total => Some(exit::OK),
         RolloutState::Completed => Some(exit::TARGETS_FAILED),
         RolloutState::Paused => Some(exit::PAUSED),
@@ -175,12 +176,14 @@ pub fn conclusion(detail: &RolloutDetail, code: u8, unsuccessful: &[TargetView])
     let mut out = match code {
         exit::OK => format!("rollout completed: all {} targets succeeded\n", counts.total),
         exit::TARGETS_FAILED => format!(
-            "rollout completed, but {} of {} targets did not succeed ({} failed, {} timed out, {} cancelled)\n",
+            "rollout completed, but {} of {} targets did not succeed ({} failed, {} timed out, {} cancelled, {} \
+             missed their window)\n",
             counts.total - counts.succeeded,
             counts.total,
             counts.failed,
             counts.timed_out,
-            counts.cancelled
+            counts.cancelled,
+            counts.missed_window
         ),
         exit::PAUSED => format!(
             "rollout paused: {}\nresume it with: fleetpatch rollout resume {id}\n",

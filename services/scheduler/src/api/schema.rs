@@ -2,6 +2,8 @@
 //! wrong one named, against the administrator's limits ([`InputPolicy`]).
 
 use super::*;
+use chrono::{DateTime, Utc};
+use fleetpatch_store::schedule::{MaintenanceWindow, NoWindow, Schedule, WindowError};
 
 fn default_concurrency() -> u32 {
     10
@@ -55,6 +57,16 @@ pub struct CreateRollout {
     pub credential: Option<String>,
     #[serde(default)]
     pub waves: Vec<WaveRequest>,
+    /// Nothing is dispatched before this time (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_at: Option<DateTime<Utc>>,
+    /// Recurring maintenance windows; targets are dispatched only inside
+    /// theirs (a window with `labels` applies to the targets it selects).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub windows: Vec<MaintenanceWindow>,
+    /// Targets not dispatched by this time end as `missed_window` (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline: Option<DateTime<Utc>>,
     pub patches: Vec<PatchRequest>,
     pub targets: Vec<TargetRequest>,
 }
@@ -246,7 +258,27 @@ pub fn validate(
             push(&mut errors, format!("patches[{i}].timeout_seconds"), "must be at least 1");
         }
     }
+    for (i, window) in request.windows.iter().enumerate() {
+        if let Err(error) = window.check() {
+            let field = match error {
+                WindowError::NoDays => "days",
+                WindowError::Start(_) => "start",
+                WindowError::Duration => "duration_minutes",
+                WindowError::TimeZone(_) => "time_zone",
+            };
+            push(&mut errors, format!("windows[{i}].{field}"), error.to_string());
+        }
+    }
+    if let (Some(start), Some(deadline)) = (request.start_at, request.deadline) {
+        if deadline <= start {
+            push(&mut errors, "deadline", format!("must be after start_at ({})", start.to_rfc3339()));
+        }
+    }
+    let schedule = Schedule { windows: request.windows.clone(), ..Schedule::default() };
     for (i, target) in request.targets.iter().enumerate() {
+        if !schedule.windows.is_empty() && schedule.windows_for(&target.labels).is_err() {
+            push(&mut errors, format!("targets[{i}].labels"), NoWindow.to_string());
+        }
         if target.host.trim().is_empty() {
             push(&mut errors, format!("targets[{i}].host"), "must not be empty");
         }
@@ -356,6 +388,12 @@ pub fn validate(
             reboot: request.reboot,
             max_tries: request.max_tries,
             keep_files: request.keep_files,
+            schedule: Schedule {
+                start_at: request.start_at,
+                deadline: request.deadline,
+                windows: request.windows,
+                groups: Vec::new(),
+            },
         },
         patches: request
             .patches
