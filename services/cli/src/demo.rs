@@ -41,6 +41,33 @@ pub struct DemoArgs {
     /// Seconds without a report before a target times out.
     #[arg(long, default_value_t = 5)]
     pub timeout_seconds: u32,
+    /// Show a maintenance window: the fleet wave may only go in a one-minute
+    /// window that opens at the next full minute (UTC; the one after when
+    /// that is less than 20 s away), and the rollout's
+    /// deadline is that window's end; what has not started by then ends as
+    /// missed_window.
+    #[arg(long)]
+    pub window: bool,
+}
+
+/// The demo's schedule for `--window`: the canary any time; targets
+/// labelled `window=night` in a one-minute window from the next full
+/// minute (at least 20 s away), whose end is the deadline.
+fn demo_window(now: chrono::DateTime<chrono::Utc>) -> (serde_json::Value, chrono::DateTime<chrono::Utc>) {
+    use chrono::{Datelike, DurationRound, Timelike};
+    let mut opens = now.duration_trunc(chrono::Duration::minutes(1)).unwrap_or(now) + chrono::Duration::minutes(1);
+    // Time for the canary to finish first, so the wait shows.
+    if opens - now < chrono::Duration::seconds(20) {
+        opens += chrono::Duration::minutes(1);
+    }
+    let day = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"][opens.weekday().num_days_from_monday() as usize];
+    let windows = serde_json::json!([
+        {"days": ["mon", "tue", "wed", "thu", "fri", "sat", "sun"], "start": "00:00", "duration_minutes": 10080,
+         "time_zone": "UTC"},
+        {"days": [day], "start": format!("{:02}:{:02}", opens.hour(), opens.minute()), "duration_minutes": 1,
+         "time_zone": "UTC", "labels": {"window": "night"}},
+    ]);
+    (windows, opens + chrono::Duration::minutes(1))
 }
 
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
@@ -114,15 +141,27 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
                 "file": format!("kb50{i:05}.msu"), "sha256": format!("{:064x}", i + 1), "installer": "msu"})
         })
         .collect();
-    let targets: Vec<serde_json::Value> =
-        (0..args.targets).map(|i| serde_json::json!({"host": format!("sim-{i:05}"), "transport": "sim"})).collect();
     let canary = (args.targets / 20).clamp(1, 50) as u32;
-    let request = serde_json::json!({
+    let targets: Vec<serde_json::Value> = (0..args.targets)
+        .map(|i| {
+            let mut target = serde_json::json!({"host": format!("sim-{i:05}"), "transport": "sim"});
+            if args.window && i >= canary as usize {
+                target["labels"] = serde_json::json!({"window": "night"});
+            }
+            target
+        })
+        .collect();
+    let mut request = serde_json::json!({
         "name": "demo", "concurrency": args.concurrency, "timeout_seconds": args.timeout_seconds,
         "heartbeat_seconds": 1,
         "waves": [{"name": "canary", "size": canary, "max_failure_percent": 100}, {"name": "fleet", "max_failure_percent": 100}],
         "patches": patches, "targets": targets,
     });
+    if args.window {
+        let (windows, deadline) = demo_window(chrono::Utc::now());
+        request["windows"] = windows;
+        request["deadline"] = serde_json::json!(deadline.to_rfc3339());
+    }
     let api = format!("http://{}", scheduler.local_addr);
     let started = Instant::now();
     let response = reqwest::Client::new()
@@ -150,7 +189,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(250)).await;
         let rollout = store.rollout(id).await?;
         let progress = store.progress(&rollout).await?;
-        let lines: Vec<String> = progress
+        let mut lines: Vec<String> = progress
             .waves
             .iter()
             .map(|wave| {
@@ -158,6 +197,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
                 format!("  {:<8} {} {}", wave.name, output::bar(&counts, 30, terminal), counts.summary())
             })
             .collect();
+        if rollout.state == RolloutState::WaitingForWindow {
+            lines.push(format!("  {}", output::clean(rollout.pause_reason.as_deref().unwrap_or("waiting_for_window"))));
+        }
         let frame = lines.join("\n");
         if terminal.redraw {
             // On a terminal: the bars are redrawn in place, with the clock.
@@ -193,9 +235,27 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     println!("time per target: p50 {:.2}s, p95 {:.2}s", quantile(0.5), quantile(0.95));
     let failures: Vec<_> = all.iter().filter(|t| t.state.is_failure()).collect();
     if !failures.is_empty() {
-        let mut table = output::Table::new(&["host", "state", "reason"]);
+        // Which patch failed, with its exit code, next to the target's reason.
+        let names: Vec<String> = store.patches(id).await?.into_iter().map(|p| p.name).collect();
+        let mut failed_patch = std::collections::HashMap::new();
+        for (target_id, patch) in store.rollout_target_patches(id).await? {
+            if patch.state == fleetpatch_proto::state::PatchState::Failed {
+                let name = names.get(patch.patch_index as usize).cloned().unwrap_or_default();
+                let text = match patch.exit_code {
+                    Some(code) => format!("{name} (exit {code})"),
+                    None => format!("{name} ({})", patch.error.as_deref().unwrap_or("no exit code")),
+                };
+                failed_patch.entry(target_id).or_insert(text);
+            }
+        }
+        let mut table = output::Table::new(&["host", "state", "failed patch", "reason"]);
         for target in failures.iter().take(20) {
-            table.push(vec![target.host.clone(), target.state.to_string(), target.error.clone().unwrap_or_default()]);
+            table.push(vec![
+                target.host.clone(),
+                target.state.to_string(),
+                failed_patch.get(&target.id).cloned().unwrap_or_else(|| "-".into()),
+                target.error.clone().unwrap_or_default(),
+            ]);
         }
         println!("\nfailures ({}):", failures.len());
         print!("{}", table.render(true, &table.widths()));
