@@ -392,6 +392,11 @@ async fn run_phases(
         ("FLEETPATCH__TELEMETRY__LOG_FORMAT".into(), "text".into()),
         ("FLEETPATCH__SCHEDULER__LISTEN".into(), format!("127.0.0.1:{scheduler_port}")),
         ("FLEETPATCH__SCHEDULER__CONTENT_DIR".into(), dir.join("content").display().to_string()),
+        // The create phase may go past the default limit (100,000).
+        (
+            "FLEETPATCH__SCHEDULER__MAX_TARGETS_PER_ROLLOUT".into(),
+            args.create_targets.max(args.targets).max(100_000).to_string(),
+        ),
         ("FLEETPATCH__COLLECTOR__LISTEN".into(), format!("127.0.0.1:{collector_port}")),
         ("FLEETPATCH__WORKER__COLLECTOR_URL".into(), format!("http://127.0.0.1:{collector_port}")),
         ("FLEETPATCH__WORKER__CONCURRENCY".into(), args.worker_concurrency.to_string()),

@@ -348,7 +348,7 @@ fn patch_effects<'a>(unique: &[&'a IncomingReport]) -> Vec<PatchEffect<'a>> {
 
 /// A PostgreSQL array parameter (arrays hold no NULLs here: optional
 /// columns travel with a `has_…` array beside them).
-fn pg_array<T: Into<sea_orm::Value>>(
+pub(super) fn pg_array<T: Into<sea_orm::Value>>(
     kind: sea_orm::sea_query::ArrayType,
     items: impl IntoIterator<Item = T>,
 ) -> sea_orm::Value {

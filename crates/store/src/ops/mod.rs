@@ -383,101 +383,6 @@ async fn fail_open_patches<C: ConnectionTrait>(
 impl Store {
     // ------------------------------------------------------------ rollouts
 
-    /// Stores a new rollout (running) and asks the scheduler to dispatch it.
-    pub async fn create_rollout(&self, new: NewRollout) -> Result<Uuid> {
-        let id = Uuid::new_v4();
-        let at = self.now();
-        // Each target's set of maintenance windows, from its labels.
-        let mut settings = new.settings.clone();
-        settings.schedule.groups.clear();
-        for window in &settings.schedule.windows {
-            window.check().map_err(|error| Error::Invalid(format!("window {window}: {error}")))?;
-        }
-        let window_groups = new
-            .targets
-            .iter()
-            .enumerate()
-            .map(|(i, t)| {
-                settings
-                    .schedule
-                    .assign_group(&t.labels)
-                    .map_err(|error| Error::Invalid(format!("targets[{i}]: {error}")))
-            })
-            .collect::<Result<Vec<Option<u32>>>>()?;
-        let txn = self.begin().await?;
-        rollouts::Entity::insert(rollouts::ActiveModel {
-            id: Set(id),
-            name: Set(new.name.clone()),
-            state: Set(RolloutState::Running.as_str().into()),
-            pause_reason: Set(None),
-            current_wave: Set(0),
-            concurrency: Set(new.concurrency as i32),
-            timeout_seconds: Set(new.timeout_seconds as i32),
-            waves: Set(to_json(&new.waves)),
-            settings: Set(to_json(&settings)),
-            created_at: Set(at),
-            updated_at: Set(at),
-            completed_at: Set(None),
-            next_window_at: Set(None),
-        })
-        .exec_without_returning(&txn)
-        .await?;
-        if !new.patches.is_empty() {
-            let rows = new.patches.iter().enumerate().map(|(index, p)| patches::ActiveModel {
-                rollout_id: Set(id),
-                patch_index: Set(index as i32),
-                name: Set(p.name.clone()),
-                kb: Set(p.kb.clone()),
-                file: Set(p.file.clone()),
-                sha256: Set(p.sha256.clone()),
-                size: Set(p.size as i64),
-                installer: Set(p.installer.as_str().into()),
-                arguments: Set(p.arguments.clone()),
-                success_codes: Set(to_json(&p.success_codes)),
-                reboot_codes: Set(to_json(&p.reboot_codes)),
-                timeout_seconds: Set(p.timeout_seconds as i32),
-                detection: Set(p.detection.as_ref().map(to_json)),
-            });
-            patches::Entity::insert_many(rows).exec_without_returning(&txn).await?;
-        }
-        for (chunk_index, chunk) in new.targets.chunks(INSERT_CHUNK).enumerate() {
-            let rows = chunk.iter().enumerate().map(|(i, t)| targets::ActiveModel {
-                id: Set(Uuid::new_v4()),
-                rollout_id: Set(id),
-                ordinal: Set((chunk_index * INSERT_CHUNK + i) as i32),
-                window_group: Set(window_groups[chunk_index * INSERT_CHUNK + i].map(|g| g as i32)),
-                host: Set(t.host.clone()),
-                port: Set(t.port.map(i32::from)),
-                transport: Set(t.transport.clone()),
-                labels: Set(to_json(&t.labels)),
-                credential: Set(t.credential.clone()),
-                wave: Set(t.wave as i32),
-                state: Set(TargetState::Pending.as_str().into()),
-                attempt: Set(1),
-                r#try: Set(0),
-                token_hash: Set(None),
-                token_nonce: Set(None),
-                timeout_seconds: Set(new.timeout_seconds as i32),
-                last_seen_at: Set(None),
-                error: Set(None),
-                os: Set(None),
-                arch: Set(None),
-                probe: Set(None),
-                queued_at: Set(None),
-                running_at: Set(None),
-                finished_at: Set(None),
-                verified_state: Set(None),
-                verified_at: Set(None),
-                created_at: Set(at),
-                updated_at: Set(at),
-            });
-            targets::Entity::insert_many(rows).exec_without_returning(&txn).await?;
-        }
-        push_outbox(&txn, at, vec![dispatch_message(id)]).await?;
-        txn.commit().await?;
-        Ok(id)
-    }
-
     pub async fn rollout(&self, id: Uuid) -> Result<Rollout> {
         let model = rollouts::Entity::find_by_id(id)
             .one(&self.db)
@@ -668,6 +573,7 @@ impl Store {
     }
 }
 
+mod create;
 mod dispatch;
 mod evidence;
 mod intake;

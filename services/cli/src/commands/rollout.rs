@@ -173,9 +173,10 @@ pub fn render_detail(detail: &RolloutDetail) -> String {
         "FAILED",
         "TIMED OUT",
         "CANCELLED",
+        "MISSED",
         "MAX FAIL",
     ]);
-    for column in 2..=8 {
+    for column in 2..=9 {
         waves = waves.right(column);
     }
     for wave in &detail.progress.waves {
@@ -192,6 +193,7 @@ pub fn render_detail(detail: &RolloutDetail) -> String {
             counts.failed.to_string(),
             counts.timed_out.to_string(),
             counts.cancelled.to_string(),
+            counts.missed_window.to_string(),
             max_failure.unwrap_or_default(),
         ]);
     }
