@@ -66,7 +66,7 @@ impl Store {
                     }
                     outcome.dispatched += queued.len() as u32;
                 }
-                if outcome.dispatched == 0 && in_flight == 0 {
+                if outcome.dispatched == 0 && in_flight == 0 && !schedule.is_unrestricted() {
                     // Nothing may go now and nothing runs: wait for the next
                     // window of the wave's pending targets (in-flight ones
                     // finish first, and their results dispatch again).
