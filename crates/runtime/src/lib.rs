@@ -13,6 +13,7 @@ pub mod redact;
 pub mod secrets;
 pub mod shutdown;
 pub mod telemetry;
+pub mod text;
 pub mod tokens;
 
 pub use clock::{Clock, ManualClock};

@@ -11,6 +11,7 @@ use std::io::IsTerminal;
 
 use chrono::{DateTime, Local, Utc};
 use clap::ValueEnum;
+use fleetpatch_runtime::text::is_bidi_control;
 
 /// `--output`: a table for people, or JSON for scripts (the API's own
 /// documents, so `jq` and `serde_json` parse them back).
@@ -73,12 +74,7 @@ impl Redraw {
 /// drops bidirectional controls (U+202E would show `exe.gpj` as `jpg.exe`
 /// and reorder the rest of the line).
 pub fn clean(text: &str) -> String {
-    text.chars()
-        .filter(
-            |c| !matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}'),
-        )
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect()
+    text.chars().filter(|c| !is_bidi_control(*c)).map(|c| if c.is_control() { ' ' } else { c }).collect()
 }
 
 /// Shortens `text` to `max` characters, ending with `…` when cut.

@@ -15,6 +15,7 @@ use std::fmt::Write as _;
 
 use chrono::{DateTime, Utc};
 use fleetpatch_proto::state::TargetState;
+use fleetpatch_runtime::text::is_bidi_control;
 use fleetpatch_store::{AuditEntry, AuditQuery, Patch, Rollout, Store, Target, TargetPatch, Transition};
 use serde::Serialize;
 use uuid::Uuid;
@@ -459,10 +460,7 @@ td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px;text-align:left}.meta
 /// overrides are dropped, and a cell that would start a formula (`=`, `+`,
 /// `-`, `@`) gets a leading `'` (OWASP's advice on CSV injection).
 pub fn cell(text: &str) -> String {
-    let clean: String = text
-        .chars()
-        .filter(|&c| (c == '\n' || !c.is_control()) && !matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}'))
-        .collect();
+    let clean: String = text.chars().filter(|&c| (c == '\n' || !c.is_control()) && !is_bidi_control(c)).collect();
     if clean.starts_with(['=', '+', '-', '@']) {
         format!("'{clean}")
     } else {
@@ -481,7 +479,7 @@ pub fn esc(text: &str) -> String {
             '>' => out.push_str("&gt;"),
             '"' => out.push_str("&quot;"),
             '\'' => out.push_str("&#39;"),
-            c if c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}') => {}
+            c if c.is_control() || is_bidi_control(c) => {}
             c => out.push(c),
         }
     }
