@@ -29,6 +29,7 @@ mod m20261202_000004_outbox_lease;
 mod m20261203_000001_agent_instance;
 mod m20261203_000002_evidence_reports;
 mod m20261203_000003_windows;
+mod m20261203_000004_offline;
 
 pub struct Migrator;
 
@@ -45,6 +46,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261203_000001_agent_instance::Migration),
             Box::new(m20261203_000002_evidence_reports::Migration),
             Box::new(m20261203_000003_windows::Migration),
+            Box::new(m20261203_000004_offline::Migration),
         ]
     }
 }

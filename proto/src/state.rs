@@ -31,10 +31,14 @@ pub enum TargetState {
     /// Never dispatched: the rollout's deadline passed while the target
     /// waited for its maintenance window.
     MissedWindow,
+    /// Could not be reached after `max_tries`; holds no slot while a cheap
+    /// reachability check runs at growing intervals. Back to `pending` when
+    /// the machine answers, `failed` when `retry_offline_for` runs out.
+    Offline,
 }
 
 impl TargetState {
-    pub const ALL: [TargetState; 11] = [
+    pub const ALL: [TargetState; 12] = [
         Self::Pending,
         Self::Queued,
         Self::Probing,
@@ -46,6 +50,7 @@ impl TargetState {
         Self::TimedOut,
         Self::Cancelled,
         Self::MissedWindow,
+        Self::Offline,
     ];
     /// States that hold one of the rollout's concurrency slots.
     pub const IN_FLIGHT: [TargetState; 5] =
@@ -67,6 +72,7 @@ impl TargetState {
             Self::TimedOut => "timed_out",
             Self::Cancelled => "cancelled",
             Self::MissedWindow => "missed_window",
+            Self::Offline => "offline",
         }
     }
 
@@ -103,6 +109,12 @@ impl TargetState {
             (Running, Succeeded) | (Running, TimedOut) => true,
             // "retry failed"
             (Failed | TimedOut, Pending) => true,
+            // Unreachable after every try, with `retry_offline_for` set: the
+            // slot is freed and a reachability check waits for the machine.
+            (Probing | Staging | Installing, Offline) => true,
+            // It answered (it waits for a slot and its window again), its time
+            // ran out (now it counts as a failure), or the rollout was aborted.
+            (Offline, Pending) | (Offline, Failed) | (Offline, Cancelled) => true,
             _ => false,
         }
     }
@@ -126,7 +138,7 @@ impl FromStr for TargetState {
             UnknownState(
                 s.to_owned(),
                 "pending, queued, probing, staging, installing, running, succeeded, failed, timed_out, cancelled, \
-                 missed_window",
+                 missed_window, offline",
             )
         })
     }
@@ -256,5 +268,15 @@ mod tests {
         }
         assert!(!TargetState::Succeeded.can_move_to(TargetState::Pending));
         assert!(!TargetState::Pending.can_move_to(TargetState::Running));
+    }
+
+    #[test]
+    fn an_offline_target_holds_no_slot_and_leaves_only_to_pending_failed_or_cancelled() {
+        let offline = TargetState::Offline;
+        assert!(!offline.is_in_flight() && !offline.is_final() && !offline.is_failure());
+        let exits: Vec<_> = TargetState::ALL.into_iter().filter(|to| offline.can_move_to(*to)).collect();
+        assert_eq!(exits, [TargetState::Pending, TargetState::Failed, TargetState::Cancelled]);
+        let entries: Vec<_> = TargetState::ALL.into_iter().filter(|from| from.can_move_to(offline)).collect();
+        assert_eq!(entries, [TargetState::Probing, TargetState::Staging, TargetState::Installing]);
     }
 }

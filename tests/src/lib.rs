@@ -106,6 +106,8 @@ pub struct SandboxOptions {
     pub sim: SimOptions,
     pub verify_delay_seconds: u64,
     pub retry_backoff_seconds: Vec<u64>,
+    /// `worker.offline_check_seconds`.
+    pub offline_check_seconds: Vec<u64>,
     /// Workers also offer the `ssh` transport with these options.
     pub ssh: Option<SshOptions>,
     /// Workers also offer the `smb` transport with these options (the
@@ -137,6 +139,7 @@ impl Default for SandboxOptions {
             sim: SimOptions { min_latency_ms: 1, max_latency_ms: 5, patch_ms: 20, ..SimOptions::default() },
             verify_delay_seconds: 1,
             retry_backoff_seconds: vec![1, 1, 1],
+            offline_check_seconds: vec![1, 2],
             ssh: None,
             smb: None,
             smb_service_managers: None,
@@ -416,6 +419,7 @@ impl Sandbox {
             collector_url: format!("http://{}", self.collector),
             collector_ca_file: None,
             retry_backoff_seconds: self.options.retry_backoff_seconds.clone(),
+            offline_check_seconds: self.options.offline_check_seconds.clone(),
             step_timeout_seconds: self.options.step_timeout_seconds,
             verify_delay_seconds: self.options.verify_delay_seconds,
             agent_binaries,

@@ -339,3 +339,50 @@ async fn targets_wait_for_their_window_and_the_deadline_marks_the_rest_missed() 
     assert!(started >= start_at, "nothing was dispatched before start_at ({started} < {start_at})");
     sandbox.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offline_machine_is_deployed_when_it_answers_and_one_that_never_does_fails_when_its_time_runs_out() {
+    // A switched-off machine refuses its first two contacts (the deploy's
+    // probe and the first reachability check), then answers.
+    let sim = SimOptions { comes_back_after: 2, ..SandboxOptions::default().sim };
+    let sandbox =
+        Sandbox::start(SandboxOptions { sim, offline_check_seconds: vec![1, 2], ..SandboxOptions::default() }).await;
+    let mut request = sim_rollout("offline", 3, 1, 1, 30);
+    request["max_tries"] = serde_json::json!(1);
+    request["retry_offline_for_seconds"] = serde_json::json!(12);
+    request["targets"][0]["labels"] = serde_json::json!(behaviour("comes_back"));
+    request["targets"][1]["labels"] = serde_json::json!(behaviour("unreachable"));
+
+    let mut bad = request.clone();
+    bad["retry_offline_for_seconds"] = serde_json::json!(0);
+    let response = sandbox.http.post(format!("{}/v1/rollouts", sandbox.api)).json(&bad).send().await.unwrap();
+    assert_eq!(response.status(), 422);
+    let problem: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(problem["errors"][0]["field"], "retry_offline_for_seconds", "{problem}");
+
+    let created = std::time::Instant::now();
+    let id = sandbox.create_rollout(request).await;
+    let rollout = sandbox.wait_for_rollout_state(id, RolloutState::Completed, Duration::from_secs(90)).await;
+    let targets = sandbox.all_targets(id).await;
+    let states: Vec<TargetState> = targets.iter().map(|t| t.state).collect();
+    assert_eq!(states, [TargetState::Succeeded, TargetState::Failed, TargetState::Succeeded], "{targets:#?}");
+    assert!(created.elapsed() >= Duration::from_secs(12), "completed only after the unreachable one's time ran out");
+    assert!(rollout.completed_at.is_some());
+
+    // The machine that came back went offline (freeing the one slot: the
+    // third target did not wait for it), answered, and was deployed.
+    let history = sandbox.store.transitions(targets[0].id).await.unwrap();
+    let moves: Vec<(String, String)> = history.iter().map(|t| (t.from.clone(), t.to.clone())).collect();
+    let offline_at = moves.iter().position(|m| m.1 == "offline").expect("went offline");
+    assert_eq!(moves[offline_at + 1], ("offline".to_owned(), "pending".to_owned()), "{moves:?}");
+    assert_eq!(moves.last().unwrap().1, "succeeded");
+    // The other never answered: failed after its reachability checks, with the last reason.
+    let error = targets[1].error.clone().unwrap_or_default();
+    assert!(error.contains("within retry_offline_for (12 s)") && error.contains("refused"), "{error}");
+    let gave_up = sandbox.store.transitions(targets[1].id).await.unwrap().pop().unwrap();
+    assert_eq!((gave_up.from.as_str(), gave_up.to.as_str()), ("offline", "failed"));
+    let third_queued = targets[2].queued_at.expect("dispatched");
+    let back = history.iter().find(|t| t.from == "offline").expect("came back").at;
+    assert!(third_queued < back, "the third target took the slot while the first was offline");
+    sandbox.stop().await;
+}

@@ -92,6 +92,10 @@ pub mod targets {
         pub finished_at: Option<ChronoDateTimeUtc>,
         pub verified_state: Option<String>,
         pub verified_at: Option<ChronoDateTimeUtc>,
+        /// While `offline`: when `retry_offline_for` runs out.
+        pub offline_until: Option<ChronoDateTimeUtc>,
+        /// While `offline`: when the next reachability check is due.
+        pub next_check_at: Option<ChronoDateTimeUtc>,
         pub created_at: ChronoDateTimeUtc,
         pub updated_at: ChronoDateTimeUtc,
     }

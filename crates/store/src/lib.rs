@@ -39,8 +39,8 @@ pub mod schedule;
 pub use auth::{ActorKind, ApiKey, AuditEntry, AuditQuery, IssuedApiKey, KeyCheck, NewAuditEntry, ParsedApiKey, Role};
 pub use model::*;
 pub use ops::{
-    dispatch_request, watch_message, Claim, DispatchOutcome, FleetGauges, ProbeOutcome, ReportIntake, TimeoutPolicy,
-    TokenInfo, WatchOutcome,
+    dispatch_request, watch_message, CheckOutcome, Claim, DispatchOutcome, FleetGauges, ProbeOutcome, Reachability,
+    ReportIntake, TimeoutPolicy, TokenInfo, WatchOutcome,
 };
 
 #[derive(Debug, thiserror::Error)]

@@ -62,6 +62,10 @@ pub struct RolloutSettings {
     pub reboot: RebootPolicy,
     /// Connection tries per attempt for unreachable targets (first try included).
     pub max_tries: u32,
+    /// How long a target that could not be reached after `max_tries` waits
+    /// as `offline` for the machine to answer again (None: it fails at once).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_offline_for_seconds: Option<u64>,
     pub keep_files: bool,
     /// When targets may be dispatched (start time, maintenance windows,
     /// deadline); the default: at once and at any time.
@@ -75,6 +79,7 @@ impl Default for RolloutSettings {
             heartbeat_seconds: 30,
             reboot: RebootPolicy::Never,
             max_tries: 3,
+            retry_offline_for_seconds: None,
             keep_files: false,
             schedule: Schedule::default(),
         }
@@ -220,6 +225,10 @@ pub struct Target {
     pub finished_at: Option<DateTime<Utc>>,
     pub verified_state: Option<String>,
     pub verified_at: Option<DateTime<Utc>>,
+    /// While `offline`: when its `retry_offline_for` runs out and it fails.
+    pub offline_until: Option<DateTime<Utc>>,
+    /// While `offline`: when the next reachability check is due.
+    pub next_check_at: Option<DateTime<Utc>>,
     #[serde(skip)]
     pub token_hash: Option<String>,
     #[serde(skip)]

@@ -310,6 +310,10 @@ impl Transport for SmbTransport {
         "smb"
     }
 
+    async fn reachable(&self, target: &TargetSpec) -> Result<()> {
+        fleetpatch_transport::tcp_answers(target, 445, self.options.timeout()).await
+    }
+
     async fn probe(&self, spec: &TargetSpec, patches: &[PatchProbe]) -> Result<ProbeReport> {
         let started = Instant::now();
         let target = self.connect(spec).await?;

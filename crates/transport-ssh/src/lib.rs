@@ -306,6 +306,15 @@ impl Transport for SshTransport {
         "ssh"
     }
 
+    async fn reachable(&self, target: &TargetSpec) -> Result<()> {
+        fleetpatch_transport::tcp_answers(
+            target,
+            22,
+            std::time::Duration::from_secs(self.options.connect_timeout_seconds),
+        )
+        .await
+    }
+
     async fn probe(&self, target: &TargetSpec, patches: &[PatchProbe]) -> Result<ProbeReport> {
         let started = Instant::now();
         let connection = self.pool.connect(&self.options, target).await?;

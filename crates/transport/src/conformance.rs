@@ -17,7 +17,8 @@
 //! * cleanup removes the staged files unless asked to keep them, and is
 //!   idempotent, also for a deployment that was never staged;
 //! * an unreachable target is a transient error (the worker retries it with
-//!   backoff).
+//!   backoff), and so is its reachability check, which a reachable target
+//!   passes with no credential at all.
 //!
 //! Feature `test-support`.
 
@@ -217,6 +218,16 @@ pub async fn unreachable_targets_are_transient(fixture: &dyn TransportFixture) {
     assert!(error.is_transient(), "{error:?}");
     let error = transport.cleanup(&target, deployment.id(), false).await.expect_err("nothing listens");
     assert!(error.is_transient(), "{error:?}");
+    let error = transport.reachable(&target).await.expect_err("nothing listens");
+    assert!(error.is_transient(), "{error:?}");
+}
+
+/// The reachability check of an offline target: a reachable one answers,
+/// without a credential (none is read for it).
+pub async fn a_reachable_target_answers_the_check_without_a_credential(fixture: &dyn TransportFixture) {
+    let transport = fixture.transport();
+    let target = TargetSpec { credential: None, ..fixture.target() };
+    transport.reachable(&target).await.expect("the target answers");
 }
 
 /// Generates one `#[tokio::test]` per contract item. `$fixture` is an
@@ -231,7 +242,8 @@ macro_rules! transport_conformance_suite {
             agent_starts_at_most_once,
             agent_starts_at_most_once_across_workers,
             start_without_stage_fails_permanently,
-            unreachable_targets_are_transient);
+            unreachable_targets_are_transient,
+            a_reachable_target_answers_the_check_without_a_credential);
     };
     (@tests $fixture:expr; $($name:ident),*) => {
         $(

@@ -197,6 +197,19 @@ pub struct PreflightCheck {
     pub fix: Option<String>,
 }
 
+/// Connects to the target's port (`default_port` unless the target names
+/// one) within `timeout` and closes the connection: the reachability check
+/// of transports whose service answers a plain TCP connect.
+pub async fn tcp_answers(target: &TargetSpec, default_port: u16, timeout: std::time::Duration) -> Result<()> {
+    let port = target.port.unwrap_or(default_port);
+    let address = format!("{}:{port}", target.host);
+    match tokio::time::timeout(timeout, tokio::net::TcpStream::connect((target.host.as_str(), port))).await {
+        Ok(Ok(_stream)) => Ok(()),
+        Ok(Err(error)) => Err(Error::Unreachable { address, reason: error.to_string() }),
+        Err(_) => Err(Error::Timeout { address, step: "reachable", seconds: timeout.as_secs() }),
+    }
+}
+
 /// What a preflight needs besides the target.
 #[derive(Debug, Clone)]
 pub struct PreflightContext {
@@ -219,6 +232,10 @@ pub trait Transport: Send + Sync + 'static {
     /// Idempotent.
     async fn cleanup(&self, target: &TargetSpec, deployment_id: &str, keep_files: bool) -> Result<()>;
     async fn verify(&self, target: &TargetSpec, patches: &[PatchProbe]) -> Result<VerifyReport>;
+    /// Whether the machine answers at all: a connect to the transport's
+    /// port, with no login and no command, cheap enough to repeat for every
+    /// offline target. `Err` (unreachable or timed out) when it does not.
+    async fn reachable(&self, target: &TargetSpec) -> Result<()>;
     /// Checks everything a deployment needs without changing anything on the
     /// target. A failed check is a result, not an error; `Err` is for when the
     /// preflight itself could not run.

@@ -38,6 +38,10 @@ pub enum HostBehaviour {
     SlowPatch,
     /// Every patch exits 3010 (installed, reboot required).
     RebootRequired,
+    /// A machine that is switched off for a while: connection refused on
+    /// its first [`SimOptions::comes_back_after`] contacts (probes and
+    /// reachability checks), healthy from then on.
+    ComesBack,
 }
 
 impl HostBehaviour {
@@ -61,6 +65,8 @@ pub struct SimOptions {
     pub slow_patch_rate: f64,
     /// Chance that a patch is already installed when probed.
     pub installed_rate: f64,
+    /// Contacts a `comes_back` host refuses before it answers.
+    pub comes_back_after: u32,
     /// Behaviour by host name, over the drawn one.
     pub overrides: BTreeMap<String, HostBehaviour>,
     /// Workers only: the simulated fleet runs in another process
@@ -82,6 +88,7 @@ impl Default for SimOptions {
             hang_rate: 0.0,
             slow_patch_rate: 0.0,
             installed_rate: 0.0,
+            comes_back_after: 3,
             overrides: BTreeMap::new(),
             fleet_url: None,
         }
@@ -126,6 +133,8 @@ struct AgentSlot {
 
 #[derive(Default)]
 struct FleetState {
+    /// Contacts refused so far, per `comes_back` host.
+    refused_contacts: HashMap<String, u32>,
     staged: HashSet<String>,
     agents: HashMap<String, AgentSlot>,
     starts: HashMap<String, u32>,
@@ -295,7 +304,20 @@ impl SimFleet {
     }
 
     fn check_reachable(&self, target: &TargetSpec) -> Result<()> {
-        if self.behaviour(target) == HostBehaviour::Unreachable {
+        let refused = match self.behaviour(target) {
+            HostBehaviour::Unreachable => true,
+            HostBehaviour::ComesBack => {
+                let mut state = self.state.lock().expect("sim fleet lock");
+                let refused = state.refused_contacts.entry(target.host.clone()).or_default();
+                let still_off = *refused < self.options.comes_back_after;
+                if still_off {
+                    *refused += 1;
+                }
+                still_off
+            }
+            _ => false,
+        };
+        if refused {
             return Err(Error::Unreachable {
                 address: target.address(),
                 reason: "connection refused (simulated)".into(),
@@ -309,6 +331,11 @@ impl SimFleet {
 impl crate::Transport for SimTransport {
     fn kind(&self) -> &'static str {
         "sim"
+    }
+
+    async fn reachable(&self, target: &TargetSpec) -> Result<()> {
+        self.fleet.step_latency(target, "reachable").await;
+        self.fleet.check_reachable(target)
     }
 
     async fn probe(&self, target: &TargetSpec, patches: &[PatchProbe]) -> Result<ProbeReport> {
@@ -594,5 +621,36 @@ mod option_tests {
         let error =
             SimOptions { min_latency_ms: 9, max_latency_ms: 2, ..SimOptions::default() }.validate().unwrap_err();
         assert_eq!(error.to_string(), "min_latency_ms (9) must not exceed max_latency_ms (2)");
+    }
+}
+
+#[cfg(test)]
+mod comes_back_tests {
+    use super::*;
+    use crate::Transport;
+
+    #[tokio::test]
+    async fn a_machine_that_comes_back_refuses_its_first_contacts_then_answers() {
+        let fleet = SimFleet::new(SimOptions {
+            comes_back_after: 2,
+            min_latency_ms: 0,
+            max_latency_ms: 0,
+            ..SimOptions::default()
+        });
+        let transport = SimTransport::new(fleet);
+        let target = TargetSpec {
+            target_id: uuid::Uuid::new_v4(),
+            host: "laptop-7".into(),
+            port: None,
+            labels: BTreeMap::from([(HostBehaviour::LABEL.to_owned(), "comes_back".to_owned())]),
+            credential: None,
+        };
+        let error = transport.probe(&target, &[]).await.expect_err("switched off");
+        assert!(error.is_transient(), "{error}");
+        transport.reachable(&target).await.expect_err("still off");
+        transport.reachable(&target).await.expect("back on");
+        transport.probe(&target, &[]).await.expect("and stays on");
+        let other = TargetSpec { host: "laptop-8".into(), ..target };
+        transport.reachable(&other).await.expect_err("each machine counts its own contacts");
     }
 }

@@ -58,6 +58,7 @@ pub enum SimRequest {
     StartAgent { target: WireTarget, plan: DeploymentPlan },
     Cleanup { target: WireTarget, deployment_id: String, keep_files: bool },
     Verify { target: WireTarget, patches: Vec<(u32, String)> },
+    Reachable { target: WireTarget },
 }
 
 /// The answer to a [`SimRequest`].
@@ -107,6 +108,7 @@ pub async fn serve_op(fleet: &SimFleet, request: SimRequest) -> SimAnswer {
         SimRequest::Verify { target, patches } => {
             transport.verify(&target.spec(), &probes(patches)).await.map(SimAnswer::Verify)
         }
+        SimRequest::Reachable { target } => transport.reachable(&target.spec()).await.map(|()| SimAnswer::Done),
     };
     answer.unwrap_or_else(failed)
 }
@@ -225,6 +227,13 @@ impl Transport for RemoteSimTransport {
         let request = SimRequest::Verify { target: WireTarget::of(target), patches: wire_patches(patches) };
         match self.call(target, request).await? {
             SimAnswer::Verify(report) => Ok(report),
+            other => Err(unexpected(target, other)),
+        }
+    }
+
+    async fn reachable(&self, target: &TargetSpec) -> Result<()> {
+        match self.call(target, SimRequest::Reachable { target: WireTarget::of(target) }).await? {
+            SimAnswer::Done => Ok(()),
             other => Err(unexpected(target, other)),
         }
     }

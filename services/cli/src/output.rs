@@ -210,6 +210,8 @@ pub struct Counts {
     /// Never dispatched: the deadline passed before their window.
     pub missed_window: u64,
     pub in_flight: u64,
+    /// Unreachable after every try; waiting for the machine to answer.
+    pub offline: u64,
     pub pending: u64,
 }
 
@@ -225,9 +227,10 @@ impl Counts {
             cancelled: get("cancelled"),
             missed_window: get("missed_window"),
             in_flight,
+            offline: get("offline"),
             pending: 0,
         };
-        counts.pending = total.saturating_sub(counts.done() + in_flight);
+        counts.pending = total.saturating_sub(counts.done() + in_flight + counts.offline);
         counts
     }
 
@@ -253,12 +256,15 @@ impl Counts {
             let _ = write!(text, ", {} missed their window", self.missed_window);
         }
         let _ = write!(text, "; {} in flight", self.in_flight);
+        if self.offline > 0 {
+            let _ = write!(text, ", {} offline", self.offline);
+        }
         text
     }
 }
 
 /// One bar of `width` cells: succeeded, failed, timed out, cancelled (and
-/// missed their window), in flight, pending — in that order. A non-zero share gets at least one cell,
+/// missed their window), in flight, pending (and offline) — in that order. A non-zero share gets at least one cell,
 /// so a single failure among thousands stays visible.
 pub fn bar(counts: &Counts, width: usize, terminal: Terminal) -> String {
     let parts = [
@@ -267,7 +273,7 @@ pub fn bar(counts: &Counts, width: usize, terminal: Terminal) -> String {
         counts.timed_out,
         counts.cancelled + counts.missed_window,
         counts.in_flight,
-        counts.pending,
+        counts.pending + counts.offline,
     ];
     let total: u64 = parts.iter().sum();
     let mut cells = [0usize; 6];

@@ -641,6 +641,14 @@ impl Core {
                 .increment(stuck.len() as u64);
             self.bus.publish(stuck).await?;
         }
+        // Offline targets whose reachability check is overdue: its message was lost.
+        let checks = self.store.overdue_reachability_checks(self.stuck_job_after, PAGE).await?;
+        if !checks.is_empty() {
+            tracing::warn!(count = checks.len(), "re-publishing reachability checks of offline targets that were lost");
+            metrics::counter!("fleetpatch_reconciler_recovered_total", "kind" => "reachability_check")
+                .increment(checks.len() as u64);
+            self.bus.publish(checks).await?;
+        }
         // Waves whose automatic promotion is due; the approval is audited
         // as the scheduler's own.
         for (rollout_id, percent) in self.store.promote_due_rollouts().await? {

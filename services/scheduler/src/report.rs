@@ -426,6 +426,7 @@ impl EvidenceReport {
             "timed_out",
             "cancelled",
             "missed_window",
+            "offline",
         ] {
             let _ = write!(out, "<span style=\"background:{}\">&nbsp;&nbsp;</span> {state} ", colour(state));
         }
@@ -446,6 +447,7 @@ fn colour(state: &str) -> &'static str {
         "timed_out" => "#ef6c00",
         "cancelled" => "#757575",
         "missed_window" => "#9e9e9e",
+        "offline" => "#6a1b9a",
         "pending" => "#e0e0e0",
         _ => "#1565c0",
     }

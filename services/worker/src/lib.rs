@@ -38,6 +38,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 mod credential;
+mod reach;
 pub use credential::{parse_credential, resolve_credential, ResolveCredentialError, SecretFormatError};
 
 /// The transports a credential's scope may name.
@@ -60,6 +61,9 @@ pub struct WorkerOptions {
     pub collector_ca_file: Option<PathBuf>,
     /// Backoff before each retry of an unreachable target (seconds).
     pub retry_backoff_seconds: Vec<u64>,
+    /// Delay before each reachability check of an offline target (seconds;
+    /// the last repeats), for rollouts with `retry_offline_for`.
+    pub offline_check_seconds: Vec<u64>,
     /// Time limit of one remote step (probe, stage, start) in seconds.
     pub step_timeout_seconds: u64,
     /// Agent binary per target architecture (`x86_64`, `aarch64`, ...) for
@@ -84,6 +88,7 @@ impl Default for WorkerOptions {
             collector_url: "http://127.0.0.1:1072".into(),
             collector_ca_file: None,
             retry_backoff_seconds: vec![10, 60, 300],
+            offline_check_seconds: vec![60, 300, 900, 1800, 3600],
             step_timeout_seconds: 300,
             agent_binaries: BTreeMap::new(),
             content_dir: PathBuf::from("/var/lib/fleetpatch/content"),
@@ -112,6 +117,12 @@ impl WorkerOptions {
                      worker.collector_url is https ({:?}); the agent trusts only that CA",
                     self.collector_url
                 ),
+            ));
+        }
+        if self.offline_check_seconds.is_empty() || self.offline_check_seconds.contains(&0) {
+            return Err(ConfigError::invalid(
+                "worker.offline_check_seconds",
+                format!("must be a non-empty list of delays of at least 1 s, got {:?}", self.offline_check_seconds),
             ));
         }
         if self.step_timeout_seconds == 0 {
@@ -248,7 +259,7 @@ impl Worker {
         })
     }
 
-    /// Binds the ops listener and consumes deploy, cleanup and verify jobs
+    /// Binds the ops listener and consumes deploy, cleanup, verify and reachability jobs
     /// until `shutdown`; then stops consuming and finishes in-flight jobs.
     pub async fn start(self, health: Health, shutdown: Shutdown) -> Result<WorkerHandle, Error> {
         let listener = fleetpatch_runtime::ops::bind(&self.options.listen).await?;
@@ -258,6 +269,7 @@ impl Worker {
         let deploy = self.bus.consume(routing::DEPLOY, self.options.concurrency).await?;
         let cleanup = self.bus.consume(routing::CLEANUP, 4).await?;
         let verify = self.bus.consume(routing::VERIFY, 4).await?;
+        let reach = self.bus.consume(routing::REACH, 8).await?;
         let app = fleetpatch_runtime::ops::router(health.clone());
         // The worker publishes what its own transactions commit, at once
         // (the scheduler's and the collector's relays would find it later).
@@ -279,6 +291,7 @@ impl Worker {
                 tokio::spawn(self.clone().consume_loop(deploy, slots.clone(), shutdown.clone())),
                 tokio::spawn(self.clone().consume_loop(cleanup, slots.clone(), shutdown.clone())),
                 tokio::spawn(self.clone().consume_loop(verify, slots.clone(), shutdown.clone())),
+                tokio::spawn(self.clone().consume_loop(reach, slots.clone(), shutdown.clone())),
             ];
             shutdown.wait().await;
             health.start_draining();
@@ -349,6 +362,10 @@ impl Worker {
             routing::VERIFY => match v1::VerifyJob::decode(delivery.payload.as_slice()) {
                 Ok(job) => self.verify(job).await,
                 Err(error) => Err(JobError::Permanent(format!("undecodable verify job: {error}"))),
+            },
+            routing::REACH => match v1::ReachabilityCheck::decode(delivery.payload.as_slice()) {
+                Ok(check) => self.reach(check).await,
+                Err(error) => Err(JobError::Permanent(format!("undecodable reachability check: {error}"))),
             },
             other => Err(JobError::Permanent(format!("no handler for routing key {other:?}"))),
         };
@@ -460,6 +477,10 @@ impl Worker {
                     self.store
                         .requeue_for_retry(&context.target, &reason, next_try, Duration::from_secs(backoff))
                         .await?;
+                } else if error.is_transient() && context.rollout.settings.retry_offline_for_seconds.is_some() {
+                    let first_check = self.offline_check_delay(0);
+                    tracing::info!(target_id = %target_id, error = %reason, tries = next_try, "unreachable; offline");
+                    self.store.go_offline(&context.target, &reason, first_check).await?;
                 } else {
                     let reason = if error.is_transient() {
                         format!("{reason} (gave up after {next_try} tries)")

@@ -55,6 +55,8 @@ macro_rules! store_conformance_suite {
             waves_open_in_order_and_a_failing_wave_halts,
             a_wave_that_requires_approval_waits_for_it_and_promotion_waits_for_its_soak_and_rate,
             maintenance_windows_gate_dispatch_and_the_deadline_ends_the_wait,
+            offline_targets_free_their_slot_and_come_back_or_fail_when_their_time_runs_out,
+            an_offline_target_holds_the_rollout_open_until_it_ends_and_abort_cancels_it,
             evidence_digests_are_kept_once_and_a_rollouts_patch_rows_read_in_bulk,
             claim_is_guarded_and_a_takeover_keeps_the_token_nonce,
             probe_records_patch_rows_and_skips_installed_patches,
@@ -145,6 +147,8 @@ struct Spec {
     timeout_seconds: u32,
     waves: Vec<WaveSpec>,
     schedule: crate::schedule::Schedule,
+    /// `retry_offline_for_seconds`.
+    offline_for: Option<u64>,
 }
 
 impl Spec {
@@ -156,6 +160,7 @@ impl Spec {
             timeout_seconds: 600,
             waves: vec![],
             schedule: crate::schedule::Schedule::default(),
+            offline_for: None,
         }
     }
 }
@@ -184,6 +189,7 @@ async fn create(store: &Store, spec: Spec) -> Uuid {
                 heartbeat_seconds: 5,
                 reboot: RebootPolicy::IfRequired,
                 max_tries: 2,
+                retry_offline_for_seconds: spec.offline_for,
                 keep_files: true,
                 schedule: spec.schedule.clone(),
             },
@@ -276,6 +282,7 @@ fn pair(from: TargetState, to: TargetState) -> (String, String) {
 }
 
 mod auth;
+mod offline;
 mod properties;
 mod recovery;
 mod reports;
@@ -284,6 +291,7 @@ mod watchdog;
 mod worker;
 
 pub use auth::*;
+pub use offline::*;
 pub use properties::*;
 pub use recovery::*;
 pub use reports::*;

@@ -6,7 +6,8 @@
 //!
 //! Random sequences of the store's operations — dispatch, claims and
 //! takeovers, probes, worker steps, failures and requeues, agents' final
-//! results, timeouts, pause/resume/abort, retries — on small rollouts,
+//! results, timeouts, offline spells and their reachability checks,
+//! pause/resume/abort, retries — on small rollouts,
 //! applied to arbitrary targets (most operations find them in the wrong
 //! state, as duplicated or late messages do). Seeded: a failure names the
 //! seed and the operations that led to it.
@@ -20,7 +21,7 @@ use super::*;
 
 /// Sequences per run and operations per sequence.
 const SEQUENCES: u64 = 12;
-const OPERATIONS: usize = 60;
+const OPERATIONS: usize = 100;
 
 #[derive(Debug, Clone, Copy)]
 enum Op {
@@ -31,6 +32,8 @@ enum Op {
     Running { target: usize },
     Fail { target: usize },
     Requeue { target: usize },
+    Offline { target: usize },
+    Check { target: usize, answered: bool },
     Final { target: usize, success: bool },
     Timeout,
     Pause,
@@ -47,14 +50,34 @@ fn random_op(rng: &mut StdRng, targets: usize) -> Op {
         22..=33 => Op::Probe { target, all_installed: rng.random_bool(0.15) },
         34..=43 => Op::Installing { target },
         44..=53 => Op::Running { target },
-        54..=58 => Op::Fail { target },
-        59..=64 => Op::Requeue { target },
-        65..=78 => Op::Final { target, success: rng.random_bool(0.7) },
+        54..=56 => Op::Fail { target },
+        57..=59 => Op::Requeue { target },
+        60..=62 => Op::Offline { target },
+        63..=66 => Op::Check { target, answered: rng.random_bool(0.4) },
+        67..=78 => Op::Final { target, success: rng.random_bool(0.7) },
         79..=84 => Op::Timeout,
         85..=87 => Op::Pause,
-        88..=91 => Op::Resume,
-        92..=93 => Op::Abort,
+        88..=92 => Op::Resume,
+        // Rare: an aborted rollout ends its sequence's interesting part.
+        93 if rng.random_bool(0.3) => Op::Abort,
         _ => Op::RetryFailed,
+    }
+}
+
+/// The operation that moves a target in `state` on, as the pipeline would.
+fn next_step(rng: &mut StdRng, target: usize, state: TargetState) -> Op {
+    match state {
+        TargetState::Pending => Op::Dispatch,
+        TargetState::Queued => Op::Claim { target, takeover: false },
+        TargetState::Probing | TargetState::Staging if rng.random_bool(0.25) => Op::Offline { target },
+        TargetState::Probing => Op::Probe { target, all_installed: rng.random_bool(0.1) },
+        TargetState::Staging => Op::Installing { target },
+        TargetState::Installing => Op::Running { target },
+        TargetState::Running if rng.random_bool(0.3) => Op::Timeout,
+        TargetState::Running => Op::Final { target, success: rng.random_bool(0.7) },
+        TargetState::Offline => Op::Check { target, answered: rng.random_bool(0.4) },
+        TargetState::Failed | TargetState::TimedOut => Op::RetryFailed,
+        TargetState::Succeeded | TargetState::Cancelled | TargetState::MissedWindow => Op::Resume,
     }
 }
 
@@ -71,18 +94,28 @@ pub async fn every_recorded_move_is_an_edge_of_the_state_machine(db: &dyn TestDa
     let manual = ManualClock::starting_now();
     let store = &db.store().clone().with_clock(manual.clock());
     let policy = TimeoutPolicy { verify_delay: Duration::from_secs(1) };
+    let mut moves: HashMap<(String, String), u32> = HashMap::new();
     for seed in 0..SEQUENCES {
         let mut rng = StdRng::seed_from_u64(seed);
         let waves = vec![WaveSpec::new("canary", Some(2), 50.0), WaveSpec::new("rest", None, 100.0)];
         let count = rng.random_range(3..7);
         let concurrency = rng.random_range(1..4);
-        let id = create(store, Spec { timeout_seconds: 60, waves, ..Spec::new(count, 2, concurrency) }).await;
+        let spec = Spec { timeout_seconds: 60, waves, offline_for: Some(120), ..Spec::new(count, 2, concurrency) };
+        let id = create(store, spec).await;
         let targets = all_targets(store, id).await;
         let mut contexts: HashMap<Uuid, DeployContext> = HashMap::new();
         let mut seqs: HashMap<Uuid, u64> = HashMap::new();
         let mut log = Vec::new();
         for _ in 0..OPERATIONS {
-            let op = random_op(&mut rng, targets.len());
+            // Half the time a target's natural next step, so sequences get
+            // deep (running, timed out, offline and back); else anything.
+            let op = if rng.random_bool(0.5) {
+                let target = rng.random_range(0..targets.len());
+                let state = store.target(targets[target].id).await.expect("target").state;
+                next_step(&mut rng, target, state)
+            } else {
+                random_op(&mut rng, targets.len())
+            };
             log.push(op);
             let outcome =
                 std::panic::AssertUnwindSafe(apply(store, id, &targets, &mut contexts, &mut seqs, op, &policy))
@@ -106,7 +139,16 @@ pub async fn every_recorded_move_is_an_edge_of_the_state_machine(db: &dyn TestDa
                 at = to;
             }
             assert_eq!(at, current, "seed {seed}: the history ends in {at}, the target is {current}: {log:?}");
+            for step in &history {
+                *moves.entry((step.from.clone(), step.to.clone())).or_default() += 1;
+            }
         }
+    }
+    // The sequences reach the rarer edges too, or this property says little about them.
+    for (from, to) in [("probing", "offline"), ("offline", "pending"), ("offline", "failed"), ("running", "timed_out")]
+    {
+        let key = (from.to_owned(), to.to_owned());
+        assert!(moves.contains_key(&key), "no sequence moved {from} -> {to}: {moves:?}");
     }
 }
 
@@ -156,6 +198,19 @@ async fn apply(
         Op::Requeue { target } => {
             let now = current(target).await;
             store.requeue_for_retry(&now, "a transient error", 1, Duration::from_secs(5)).await.expect("requeue");
+        }
+        Op::Offline { target } => {
+            let now = current(target).await;
+            store.go_offline(&now, "unreachable", Duration::from_secs(30)).await.expect("offline");
+        }
+        Op::Check { target, answered } => {
+            let now = current(target).await;
+            let found = if answered { Reachability::Answered } else { Reachability::Silent("refused".into()) };
+            let check = now.tries + 1;
+            store
+                .record_reachability(now.id, now.attempt, check, &found, Duration::from_secs(30))
+                .await
+                .expect("check");
         }
         Op::Final { target, success } => {
             let now = current(target).await;

@@ -117,6 +117,8 @@ async fn insert_targets_portable(
             finished_at: Set(None),
             verified_state: Set(None),
             verified_at: Set(None),
+            offline_until: Set(None),
+            next_check_at: Set(None),
             created_at: Set(at),
             updated_at: Set(at),
         });

@@ -36,8 +36,10 @@ impl Store {
         loop {
             // The wave is open while any of its targets is pending or in
             // flight. Slots are counted only when there is something to put
-            // in them: the count is the expensive part of a pass.
-            if wave_has(&txn, rollout_id, wave, pending()).await? {
+            // in them: the count is the expensive part of a pass. Targets of
+            // earlier waves that came back from `offline` go first.
+            let returned = wave > 0 && earlier_waves_have_pending(&txn, rollout_id, wave).await?;
+            if returned || wave_has(&txn, rollout_id, wave, pending()).await? {
                 if self.backend() == DbBackend::Postgres {
                     // The count runs over target rows that changed state several
                     // times since the last vacuum. A bitmap scan visits every
@@ -60,7 +62,16 @@ impl Store {
                     Openness::Groups(_) | Openness::Closed => None,
                 };
                 if let (true, Some(open)) = (free > 0, open) {
-                    let queued = queue_next(&txn, rollout_id, wave, free, open, at).await?;
+                    let mut queued = Vec::new();
+                    if returned {
+                        let earlier = targets::Column::Wave.lt(wave as i32);
+                        queued = queue_next(&txn, rollout_id, earlier, free, open, at).await?;
+                    }
+                    let left = free - queued.len() as u64;
+                    if left > 0 {
+                        let this = targets::Column::Wave.eq(wave as i32);
+                        queued.extend(queue_next(&txn, rollout_id, this, left, open, at).await?);
+                    }
                     for (target_id, attempt) in &queued {
                         messages.push(deploy_message(*target_id, rollout_id, *attempt as u32, 0));
                     }
@@ -96,7 +107,11 @@ impl Store {
             let threshold = spec.map(|w| w.max_failure_percent).unwrap_or(100.0);
             let failed_percent = if total == 0 { 0.0 } else { failures as f64 * 100.0 / total as f64 };
             if wave + 1 >= wave_count {
-                outcome.state = RolloutState::Completed;
+                // Complete only when no target is left offline (waiting for
+                // its machine) or in flight after coming back from there.
+                if !rollout_has_unfinished(&txn, rollout_id).await? {
+                    outcome.state = RolloutState::Completed;
+                }
                 break;
             }
             wave += 1;
@@ -149,6 +164,37 @@ impl Store {
     }
 }
 
+/// Whether a wave before `wave` has a pending target: one that came back
+/// from `offline` after its wave ended.
+async fn earlier_waves_have_pending(txn: &DatabaseTransaction, rollout_id: Uuid, wave: u32) -> Result<bool> {
+    let found = targets::Entity::find()
+        .select_only()
+        .column(targets::Column::Id)
+        .filter(targets::Column::RolloutId.eq(rollout_id))
+        .filter(targets::Column::State.eq(TargetState::Pending.as_str()))
+        .filter(targets::Column::Wave.lt(wave as i32))
+        .limit(1)
+        .into_tuple::<Uuid>()
+        .one(txn)
+        .await?;
+    Ok(found.is_some())
+}
+
+/// Whether any target of the rollout is offline or in flight.
+async fn rollout_has_unfinished(txn: &DatabaseTransaction, rollout_id: Uuid) -> Result<bool> {
+    let offline = targets::Column::State.eq(TargetState::Offline.as_str());
+    let found = targets::Entity::find()
+        .select_only()
+        .column(targets::Column::Id)
+        .filter(targets::Column::RolloutId.eq(rollout_id))
+        .filter(Condition::any().add(offline).add(in_flight_literal()))
+        .limit(1)
+        .into_tuple::<Uuid>()
+        .one(txn)
+        .await?;
+    Ok(found.is_some())
+}
+
 /// Moves every pending target of the rollout to `missed_window`: its
 /// deadline passed before their maintenance window let them go.
 async fn miss_pending(txn: &DatabaseTransaction, rollout: &Rollout, at: DateTime<Utc>) -> Result<()> {
@@ -180,14 +226,15 @@ async fn miss_pending(txn: &DatabaseTransaction, rollout: &Rollout, at: DateTime
     transition::move_locked(txn, at, TargetState::MissedWindow, &steps, sets).await
 }
 
-/// The window groups of a wave's pending targets.
+/// The window groups of the pending targets of a wave and of the waves
+/// before it (targets back from `offline`).
 async fn pending_window_groups(txn: &DatabaseTransaction, rollout_id: Uuid, wave: u32) -> Result<Vec<u32>> {
     let groups: Vec<Option<i32>> = targets::Entity::find()
         .select_only()
         .column(targets::Column::WindowGroup)
         .distinct()
         .filter(targets::Column::RolloutId.eq(rollout_id))
-        .filter(targets::Column::Wave.eq(wave as i32))
+        .filter(targets::Column::Wave.lte(wave as i32))
         .filter(targets::Column::State.eq(TargetState::Pending.as_str()))
         .into_tuple()
         .all(txn)

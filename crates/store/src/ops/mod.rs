@@ -29,6 +29,8 @@ use crate::model::*;
 use crate::{Error, Result, Store};
 use transition::{apply_move, Move};
 
+pub use offline::{CheckOutcome, Reachability};
+
 const INSERT_CHUNK: usize = 1_000;
 
 // ---------------------------------------------------------------- conversions
@@ -107,6 +109,8 @@ fn target_from(m: targets::Model) -> Result<Target> {
         finished_at: m.finished_at,
         verified_state: m.verified_state,
         verified_at: m.verified_at,
+        offline_until: m.offline_until,
+        next_check_at: m.next_check_at,
         token_hash: m.token_hash,
         token_nonce: m.token_nonce,
     })
@@ -310,7 +314,8 @@ async fn wave_has<C: ConnectionTrait>(db: &C, rollout_id: Uuid, wave: u32, condi
     Ok(found.is_some())
 }
 
-/// Moves the wave's next `limit` pending targets (by ordinal) to `queued`,
+/// Moves the next `limit` pending targets of the waves `waves` selects (by
+/// ordinal) to `queued`,
 /// with their history; returns them with their attempts.
 ///
 /// The rows are locked as they are read, so the UPDATE goes by primary key
@@ -322,7 +327,7 @@ async fn wave_has<C: ConnectionTrait>(db: &C, rollout_id: Uuid, wave: u32, condi
 async fn queue_next(
     txn: &DatabaseTransaction,
     rollout_id: Uuid,
-    wave: u32,
+    waves: SimpleExpr,
     limit: u64,
     open: Option<&[u32]>,
     at: DateTime<Utc>,
@@ -333,7 +338,7 @@ async fn queue_next(
         .column(targets::Column::Id)
         .column(targets::Column::Attempt)
         .filter(targets::Column::RolloutId.eq(rollout_id))
-        .filter(targets::Column::Wave.eq(wave as i32))
+        .filter(waves)
         .filter(pending());
     if let Some(groups) = open {
         query = query.filter(targets::Column::WindowGroup.is_in(groups.iter().map(|g| *g as i32)));
@@ -577,6 +582,7 @@ mod create;
 mod dispatch;
 mod evidence;
 mod intake;
+mod offline;
 pub use intake::ReportIntake;
 mod operator;
 mod transition;

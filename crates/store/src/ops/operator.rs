@@ -37,25 +37,31 @@ impl Store {
         match to {
             RolloutState::Running => push_outbox(&txn, at, vec![dispatch_message(id)]).await?,
             RolloutState::Aborted => {
-                let pending = targets::Entity::find()
+                // Targets not dispatched, and those waiting offline for their machine.
+                let waiting = targets::Entity::find()
                     .select_only()
                     .column(targets::Column::Id)
+                    .column(targets::Column::State)
                     .filter(targets::Column::RolloutId.eq(id))
-                    .filter(targets::Column::State.eq(TargetState::Pending.as_str()))
+                    .filter(targets::Column::State.is_in(state_strs(&[TargetState::Pending, TargetState::Offline])))
                     .lock(LockType::NoKeyUpdate)
-                    .into_tuple::<Uuid>()
+                    .into_tuple::<(Uuid, String)>()
                     .all(&txn)
                     .await?;
-                let steps: Vec<transition::Step> = pending
-                    .into_iter()
-                    .map(|target_id| transition::Step {
+                let mut steps = Vec::with_capacity(waiting.len());
+                for (target_id, state) in waiting {
+                    steps.push(transition::Step {
                         target_id,
                         rollout_id: id,
-                        from: TargetState::Pending,
+                        from: parse(&state, "target state")?,
                         detail: Some("rollout aborted".into()),
-                    })
-                    .collect();
-                let sets = vec![(targets::Column::FinishedAt, Expr::value(at))];
+                    });
+                }
+                let sets = vec![
+                    (targets::Column::FinishedAt, Expr::value(at)),
+                    (targets::Column::OfflineUntil, Expr::value(Option::<DateTime<Utc>>::None)),
+                    (targets::Column::NextCheckAt, Expr::value(Option::<DateTime<Utc>>::None)),
+                ];
                 transition::move_locked(&txn, at, TargetState::Cancelled, &steps, sets).await?;
                 rollouts::Entity::update_many()
                     .col_expr(rollouts::Column::CompletedAt, Expr::value(at))

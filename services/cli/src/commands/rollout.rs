@@ -169,6 +169,7 @@ pub fn render_detail(detail: &RolloutDetail) -> String {
         "TARGETS",
         "PENDING",
         "IN FLIGHT",
+        "OFFLINE",
         "SUCCEEDED",
         "FAILED",
         "TIMED OUT",
@@ -176,7 +177,7 @@ pub fn render_detail(detail: &RolloutDetail) -> String {
         "MISSED",
         "MAX FAIL",
     ]);
-    for column in 2..=9 {
+    for column in 2..=10 {
         waves = waves.right(column);
     }
     for wave in &detail.progress.waves {
@@ -189,6 +190,7 @@ pub fn render_detail(detail: &RolloutDetail) -> String {
             counts.total.to_string(),
             counts.pending.to_string(),
             counts.in_flight.to_string(),
+            counts.offline.to_string(),
             counts.succeeded.to_string(),
             counts.failed.to_string(),
             counts.timed_out.to_string(),

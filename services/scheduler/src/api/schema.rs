@@ -47,6 +47,10 @@ pub struct CreateRollout {
     pub heartbeat_seconds: u32,
     #[serde(default = "default_max_tries")]
     pub max_tries: u32,
+    /// A target still unreachable after `max_tries` waits as `offline` this
+    /// long for its machine to answer again, instead of failing at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_offline_for_seconds: Option<u64>,
     #[serde(default)]
     pub reboot: RebootPolicy,
     #[serde(default)]
@@ -167,6 +171,15 @@ pub fn validate(
     }
     if request.max_tries == 0 {
         push(&mut errors, "max_tries", "must be at least 1");
+    }
+    if let Some(seconds) = request.retry_offline_for_seconds {
+        if seconds == 0 || seconds > 30 * 86_400 {
+            push(
+                &mut errors,
+                "retry_offline_for_seconds",
+                format!("must be between 1 and 2592000 (30 days), got {seconds}"),
+            );
+        }
     }
     if request.patches.is_empty() {
         push(&mut errors, "patches", "must name at least one patch");
@@ -387,6 +400,7 @@ pub fn validate(
             heartbeat_seconds: request.heartbeat_seconds,
             reboot: request.reboot,
             max_tries: request.max_tries,
+            retry_offline_for_seconds: request.retry_offline_for_seconds,
             keep_files: request.keep_files,
             schedule: Schedule {
                 start_at: request.start_at,
