@@ -183,36 +183,46 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         key_file.display()
     );
     let terminal = Terminal::detect();
-    let mut redraw = output::Redraw::default();
+    let mut bars = terminal.redraw.then(crate::progress::WaveBars::on_stdout);
     let mut last = String::new();
     let rollout = loop {
         tokio::time::sleep(Duration::from_millis(250)).await;
         let rollout = store.rollout(id).await?;
         let progress = store.progress(&rollout).await?;
-        let mut lines: Vec<String> = progress
+        let waves: Vec<crate::progress::WaveLine> = progress
             .waves
             .iter()
-            .map(|wave| {
-                let counts = Counts::from_states(wave.total, &wave.by_state);
-                format!("  {:<8} {} {}", wave.name, output::bar(&counts, 30, terminal), counts.summary())
+            .map(|wave| crate::progress::WaveLine {
+                name: wave.name.clone(),
+                counts: Counts::from_states(wave.total, &wave.by_state),
+                current: wave.index == rollout.current_wave && rollout.state == RolloutState::Running,
             })
             .collect();
-        if rollout.state == RolloutState::WaitingForWindow {
-            lines.push(format!("  {}", output::clean(rollout.pause_reason.as_deref().unwrap_or("waiting_for_window"))));
-        }
-        let frame = lines.join("\n");
-        if terminal.redraw {
+        let waiting = (rollout.state == RolloutState::WaitingForWindow)
+            .then(|| output::clean(rollout.pause_reason.as_deref().unwrap_or("waiting_for_window")));
+        if let Some(bars) = bars.as_mut() {
             // On a terminal: the bars are redrawn in place, with the clock.
-            let mut all = vec![format!("[{:>5.1}s]", started.elapsed().as_secs_f64())];
-            all.extend(lines);
-            print!("{}", redraw.frame(&all));
-        } else if frame != last {
+            let mut heading = format!("[{:>5.1}s]", started.elapsed().as_secs_f64());
+            if let Some(waiting) = &waiting {
+                heading.push_str(&format!(" {waiting}"));
+            }
+            bars.update(&heading, &waves);
+        } else {
             // A pipe or a log: a new frame only when something changed.
-            println!("[{:>5.1}s]\n{frame}", started.elapsed().as_secs_f64());
+            let mut lines: Vec<String> =
+                waves.iter().map(|wave| format!("  {:<8} {}", wave.name, wave.counts.summary())).collect();
+            lines.extend(waiting.map(|waiting| format!("  {waiting}")));
+            let frame = lines.join("\n");
+            if frame != last {
+                println!("[{:>5.1}s]\n{frame}", started.elapsed().as_secs_f64());
+            }
+            last = frame;
         }
-        last = frame;
         std::io::Write::flush(&mut std::io::stdout())?;
         if matches!(rollout.state, RolloutState::Completed | RolloutState::Aborted | RolloutState::Paused) {
+            if let Some(bars) = &bars {
+                bars.finish();
+            }
             break rollout;
         }
     };

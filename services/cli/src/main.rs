@@ -17,6 +17,7 @@ mod demo;
 mod exit;
 mod inventory;
 mod output;
+mod progress;
 mod rollout_file;
 mod sim_fleet;
 

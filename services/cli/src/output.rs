@@ -1,5 +1,5 @@
-//! What the client commands print: tables, progress bars, times and
-//! durations, JSON.
+//! What the client commands print: tables, the counts behind the progress
+//! bars (drawn by `crate::progress`), times and durations, JSON.
 //!
 //! Everything a target or an agent sent (errors, output tails, labels) is
 //! shown through [`clean`], which removes control characters, so a hostile
@@ -12,6 +12,7 @@ use std::io::IsTerminal;
 use chrono::{DateTime, Local, Utc};
 use clap::ValueEnum;
 use fleetpatch_runtime::text::is_bidi_control;
+use unicode_width::UnicodeWidthStr;
 
 /// `--output`: a table for people, or JSON for scripts (the API's own
 /// documents, so `jq` and `serde_json` parse them back).
@@ -22,50 +23,17 @@ pub enum OutputFormat {
     Json,
 }
 
-/// How the terminal on stdout can be drawn on.
+/// Whether stdout is a terminal that progress bars can be redrawn on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Terminal {
-    /// Redraw in place (cursor movement); otherwise print a line per change.
+    /// Redraw in place (progress bars); otherwise print a line per change.
     pub redraw: bool,
-    /// ANSI colours (off with `NO_COLOR`, or when stdout is not a terminal).
-    pub color: bool,
 }
 
 impl Terminal {
     pub fn detect() -> Self {
         let tty = std::io::stdout().is_terminal() && std::env::var("TERM").map_or(true, |t| t != "dumb");
-        let color = tty && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
-        Self { redraw: tty, color }
-    }
-
-    #[cfg(test)]
-    pub fn plain() -> Self {
-        Self { redraw: false, color: false }
-    }
-}
-
-/// A block of lines redrawn in place on a terminal: each frame moves the
-/// cursor up over the previous one and overwrites it. Auto-wrap is off while
-/// drawing, so a line wider than the terminal is clipped instead of wrapped
-/// and moving up by the number of lines drawn stays right.
-#[derive(Debug, Default)]
-pub struct Redraw {
-    drawn_lines: usize,
-}
-
-impl Redraw {
-    /// The escape sequences and text that replace the previous frame with `lines`.
-    pub fn frame(&mut self, lines: &[String]) -> String {
-        let mut text = String::from("\x1b[?7l");
-        if self.drawn_lines > 0 {
-            text.push_str(&format!("\x1b[{}A", self.drawn_lines));
-        }
-        for line in lines {
-            text.push_str(&format!("\r\x1b[2K{line}\n"));
-        }
-        text.push_str("\x1b[?7h");
-        self.drawn_lines = lines.len();
-        text
+        Self { redraw: tty }
     }
 }
 
@@ -88,7 +56,10 @@ pub fn truncate(text: &str, max: usize) -> String {
     cut
 }
 
-/// A left-aligned text table with two spaces between columns.
+/// A text table for people: columns two spaces apart, no borders, cells
+/// measured by their display width (comfy-table, with `unicode-width`), so
+/// a column of CJK or emoji host names lines up. Every cell goes through
+/// [`clean`] first.
 #[derive(Debug, Clone)]
 pub struct Table {
     headers: Vec<String>,
@@ -111,49 +82,54 @@ impl Table {
         self
     }
 
+    /// Adds a row; a row of another length than the header is padded with
+    /// empty cells or cut, never misaligned.
     pub fn push(&mut self, row: Vec<String>) {
-        debug_assert_eq!(row.len(), self.headers.len());
-        self.rows.push(row.into_iter().map(|cell| clean(&cell)).collect());
+        let mut row: Vec<String> = row.into_iter().map(|cell| clean(&cell)).collect();
+        row.resize(self.headers.len(), String::new());
+        self.rows.push(row);
     }
 
     pub fn is_empty(&self) -> bool {
         self.rows.is_empty()
     }
 
-    /// The width of each column over the header and the rows so far.
+    /// The display width of each column over the header and the rows so far.
     pub fn widths(&self) -> Vec<usize> {
-        let mut widths: Vec<usize> = self.headers.iter().map(|h| h.chars().count()).collect();
+        let mut widths: Vec<usize> = self.headers.iter().map(|h| h.width()).collect();
         for row in &self.rows {
             for (width, cell) in widths.iter_mut().zip(row) {
-                *width = (*width).max(cell.chars().count());
+                *width = (*width).max(cell.width());
             }
         }
         widths
     }
 
-    /// Renders with the given widths (a paged listing keeps the first
-    /// page's widths); longer cells push their line out of alignment.
+    /// Renders with at least the given widths (a paged listing keeps the
+    /// first page's widths; a wider cell on a later page widens its column
+    /// on that page only).
     pub fn render(&self, header: bool, widths: &[usize]) -> String {
-        let mut out = String::new();
-        let lines = header.then_some(&self.headers).into_iter().chain(&self.rows);
-        for row in lines {
-            let mut line = String::new();
-            for (i, cell) in row.iter().enumerate() {
-                let last = i + 1 == row.len();
-                let pad = widths[i].saturating_sub(cell.chars().count());
-                if i > 0 {
-                    line.push_str("  ");
-                }
-                if self.right_aligned[i] {
-                    line.push_str(&" ".repeat(pad));
-                    line.push_str(cell);
-                } else {
-                    line.push_str(cell);
-                    if !last {
-                        line.push_str(&" ".repeat(pad));
-                    }
-                }
+        use comfy_table::{CellAlignment, ColumnConstraint, ContentArrangement, Width};
+        let mut table = comfy_table::Table::new();
+        table.load_preset(comfy_table::presets::NOTHING).set_content_arrangement(ContentArrangement::Disabled);
+        if header {
+            table.set_header(&self.headers);
+        } else if self.rows.is_empty() {
+            return String::new();
+        }
+        for row in &self.rows {
+            table.add_row(row);
+        }
+        for (i, column) in table.column_iter_mut().enumerate() {
+            column.set_padding((if i == 0 { 0 } else { 2 }, 0));
+            let width = widths.get(i).copied().unwrap_or(0) + if i == 0 { 0 } else { 2 };
+            column.set_constraint(ColumnConstraint::LowerBoundary(Width::Fixed(width.min(u16::MAX as usize) as u16)));
+            if self.right_aligned[i] {
+                column.set_cell_alignment(CellAlignment::Right);
             }
+        }
+        let mut out = String::new();
+        for line in table.lines() {
             out.push_str(line.trim_end());
             out.push('\n');
         }
@@ -263,73 +239,9 @@ impl Counts {
     }
 }
 
-/// One bar of `width` cells: succeeded, failed, timed out, cancelled (and
-/// missed their window), in flight, pending (and offline) — in that order. A non-zero share gets at least one cell,
-/// so a single failure among thousands stays visible.
-pub fn bar(counts: &Counts, width: usize, terminal: Terminal) -> String {
-    let parts = [
-        counts.succeeded,
-        counts.failed,
-        counts.timed_out,
-        counts.cancelled + counts.missed_window,
-        counts.in_flight,
-        counts.pending + counts.offline,
-    ];
-    let total: u64 = parts.iter().sum();
-    let mut cells = [0usize; 6];
-    if total > 0 {
-        for (cell, &count) in cells.iter_mut().zip(&parts) {
-            *cell = (count as u128 * width as u128 / total as u128) as usize;
-            if count > 0 && *cell == 0 {
-                *cell = 1;
-            }
-        }
-        // Give or take the rounding difference from the largest part.
-        while cells.iter().sum::<usize>() != width {
-            let largest = (0..6).max_by_key(|&i| cells[i]).expect("six parts");
-            if cells.iter().sum::<usize>() > width {
-                cells[largest] -= 1;
-            } else {
-                cells[largest] += 1;
-            }
-        }
-    } else {
-        cells[5] = width;
-    }
-    let (glyphs, colors) = if terminal.color {
-        (["█", "█", "█", "█", "▒", "░"], ["32", "31", "33", "90", "36", "90"])
-    } else {
-        (["#", "x", "!", "-", ">", "."], [""; 6])
-    };
-    let mut out = String::from("[");
-    for i in 0..6 {
-        if cells[i] == 0 {
-            continue;
-        }
-        if terminal.color {
-            let _ = write!(out, "\x1b[{}m{}\x1b[0m", colors[i], glyphs[i].repeat(cells[i]));
-        } else {
-            out.push_str(&glyphs[i].repeat(cells[i]));
-        }
-    }
-    out.push(']');
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn redraw_moves_up_over_the_previous_frame_and_clears_each_line() {
-        let mut redraw = Redraw::default();
-        let first = redraw.frame(&["a".to_owned(), "b".to_owned()]);
-        assert_eq!(first, "\x1b[?7l\r\x1b[2Ka\n\r\x1b[2Kb\n\x1b[?7h", "nothing to move over yet");
-        let second = redraw.frame(&["c".to_owned()]);
-        assert!(second.starts_with("\x1b[?7l\x1b[2A\r\x1b[2Kc\n"), "{second:?}");
-        let third = redraw.frame(&["d".to_owned()]);
-        assert!(third.contains("\x1b[1A"), "moves over the one line drawn last: {third:?}");
-    }
 
     #[test]
     fn a_table_aligns_its_columns() {
@@ -354,6 +266,18 @@ db                       12  failed [2J
         table.push(vec!["longer".into(), "2".into()]);
         assert_eq!(first, "A  B\nx  1\n");
         assert_eq!(table.render(false, &widths), "longer  2\n");
+    }
+
+    #[test]
+    fn wide_characters_line_up_and_bidi_controls_are_dropped() {
+        let mut table = Table::new(&["HOST", "STATE"]);
+        table.push(vec!["東京-サーバー01".into(), "succeeded".into()]);
+        table.push(vec!["paris-01\u{202e}exe.gpj".into(), "failed".into()]);
+        table.push(vec!["a".into(), "x".into(), "an extra cell is dropped".into()]);
+        let text = table.to_string();
+        assert!(!text.contains('\u{202e}') && !text.contains("extra"), "{text}");
+        let starts: Vec<usize> = text.lines().map(|line| line[..line.rfind(' ').unwrap() + 1].width()).collect();
+        assert_eq!(starts, [17, 17, 17, 17], "the second column starts at the same display column:\n{text}");
     }
 
     #[test]
@@ -382,16 +306,10 @@ db                       12  failed [2J
         let counts = Counts::from_states(10, &by_state);
         assert_eq!((counts.in_flight, counts.pending, counts.done()), (2, 1, 7));
         assert_eq!(counts.summary(), "7/10 done: 5 ok, 1 failed, 1 timed out; 2 in flight");
-    }
-
-    #[test]
-    fn a_bar_shows_every_outcome_and_fills_its_width() {
-        let counts = Counts { total: 1000, succeeded: 990, failed: 1, in_flight: 9, ..Counts::default() };
-        let plain = bar(&counts, 20, Terminal::plain());
-        assert_eq!(plain, "[##################x>]");
-        let empty = bar(&Counts::default(), 5, Terminal::plain());
-        assert_eq!(empty, "[.....]");
-        let colored = bar(&counts, 20, Terminal { redraw: true, color: true });
-        assert!(colored.contains("\x1b[31m█\x1b[0m"), "{colored:?}");
+        let mut by_state = by_state;
+        by_state.insert("offline".into(), 1);
+        let counts = Counts::from_states(10, &by_state);
+        assert_eq!((counts.offline, counts.pending), (1, 0), "offline is neither pending nor done");
+        assert_eq!(counts.summary(), "7/10 done: 5 ok, 1 failed, 1 timed out; 2 in flight, 1 offline");
     }
 }

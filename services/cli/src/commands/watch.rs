@@ -1,4 +1,4 @@
-//! `rollout watch`: progress bars per wave, redrawn until the rollout is
+//! `rollout watch`: progress bars per wave (`crate::progress`), redrawn until the rollout is
 //! completed, paused or aborted; the exit status says how it ended.
 //!
 //! On a terminal the bars are redrawn in place; otherwise (a pipe, CI) a
@@ -14,11 +14,10 @@ use uuid::Uuid;
 use crate::client::{ApiClient, ClientError, RolloutDetail, TargetView};
 use crate::exit::{self, Failure};
 use crate::output::{self, Counts, OutputFormat, Terminal};
+use crate::progress::{WaveBars, WaveLine};
 
 /// How long the API may stay unreachable during a watch before giving up.
 const UNREACHABLE_GRACE: Duration = Duration::from_secs(60);
-/// Bar width in cells.
-const BAR_WIDTH: usize = 40;
 
 /// The exit status for a rollout that stopped moving, if it did.
 pub fn outcome(detail: &RolloutDetail) -> Option<u8> {
@@ -41,8 +40,8 @@ pub fn outcome(detail: &RolloutDetail) -> Option<u8> {
     }
 }
 
-/// The lines of one frame: a heading, then one bar per wave.
-pub fn frame(detail: &RolloutDetail, terminal: Terminal) -> Vec<String> {
+/// The heading: the rollout, its state and age, and why it stopped or waits.
+fn heading(detail: &RolloutDetail) -> String {
     let rollout = &detail.rollout;
     let elapsed = rollout.completed_at.unwrap_or_else(chrono::Utc::now) - rollout.created_at;
     let mut heading = format!(
@@ -55,18 +54,34 @@ pub fn frame(detail: &RolloutDetail, terminal: Terminal) -> Vec<String> {
     if let Some(reason) = &rollout.pause_reason {
         heading.push_str(&format!(" ({})", output::clean(reason)));
     }
-    let mut lines = vec![heading];
-    let width = detail.progress.waves.iter().map(|w| w.name.chars().count()).max().unwrap_or(0).min(24);
-    for wave in &detail.progress.waves {
-        let counts = Counts::from_states(wave.total, &wave.by_state);
-        let marker =
-            if wave.index == rollout.current_wave && rollout.state == RolloutState::Running { '▸' } else { ' ' };
+    heading
+}
+
+/// Each wave's counts, the one being dispatched marked.
+fn wave_lines(detail: &RolloutDetail) -> Vec<WaveLine> {
+    let rollout = &detail.rollout;
+    detail
+        .progress
+        .waves
+        .iter()
+        .map(|wave| WaveLine {
+            name: wave.name.clone(),
+            counts: Counts::from_states(wave.total, &wave.by_state),
+            current: wave.index == rollout.current_wave && rollout.state == RolloutState::Running,
+        })
+        .collect()
+}
+
+/// The final state as text (a pipe or a log, where no bars are drawn): the
+/// heading, then a line per wave.
+pub fn frame(detail: &RolloutDetail) -> Vec<String> {
+    let waves = wave_lines(detail);
+    let width = waves.iter().map(|w| w.name.chars().count()).max().unwrap_or(0).min(24);
+    let mut lines = vec![heading(detail)];
+    for wave in waves {
+        let marker = if wave.current { '▸' } else { ' ' };
         let name = output::truncate(&wave.name, width);
-        lines.push(format!(
-            "{marker} {name:<width$}  {}  {}",
-            output::bar(&counts, BAR_WIDTH, terminal),
-            counts.summary()
-        ));
+        lines.push(format!("{marker} {name:<width$}  {}", wave.counts.summary()));
     }
     lines
 }
@@ -96,7 +111,7 @@ pub async fn watch(api: &ApiClient, id: Uuid, interval: Duration, format: Output
     let terminal = Terminal::detect();
     let mut stdout = std::io::stdout();
     let io = |e: std::io::Error| Failure::new(exit::ERROR, format!("writing the output: {e}"));
-    let mut redraw = crate::output::Redraw::default();
+    let mut bars = (format == OutputFormat::Table && terminal.redraw).then(WaveBars::on_stdout);
     let mut last_shown: Option<String> = None;
     let mut unreachable_since: Option<Instant> = None;
     loop {
@@ -127,9 +142,10 @@ pub async fn watch(api: &ApiClient, id: Uuid, interval: Duration, format: Output
                     last_shown = Some(key);
                 }
             }
-            OutputFormat::Table if terminal.redraw => {
-                let text = redraw.frame(&frame(&detail, terminal));
-                stdout.write_all(text.as_bytes()).map_err(io)?;
+            OutputFormat::Table if bars.is_some() => {
+                if let Some(bars) = bars.as_mut() {
+                    bars.update(&heading(&detail), &wave_lines(&detail));
+                }
             }
             OutputFormat::Table => {
                 let line = plain_line(&detail);
@@ -143,9 +159,12 @@ pub async fn watch(api: &ApiClient, id: Uuid, interval: Duration, format: Output
         stdout.flush().map_err(io)?;
         if let Some(code) = outcome {
             if format == OutputFormat::Table {
-                if !terminal.redraw {
-                    for line in frame(&detail, terminal) {
-                        writeln!(stdout, "{line}").map_err(io)?;
+                match &bars {
+                    Some(bars) => bars.finish(),
+                    None => {
+                        for line in frame(&detail) {
+                            writeln!(stdout, "{line}").map_err(io)?;
+                        }
                     }
                 }
                 let unsuccessful = if code == exit::OK { vec![] } else { unsuccessful_targets(api, id).await };
@@ -278,28 +297,17 @@ mod tests {
     }
 
     #[test]
-    fn a_frame_has_one_bar_per_wave() {
+    fn the_text_frame_has_a_line_per_wave() {
         let canary: &[(&str, u64)] = &[("succeeded", 2), ("failed", 1), ("running", 1)];
         let rest: &[(&str, u64)] = &[("pending", 6)];
-        let lines = frame(&detail(RolloutState::Running, &[("canary", canary), ("rest", rest)]), Terminal::plain());
+        let lines = frame(&detail(RolloutState::Running, &[("canary", canary), ("rest", rest)]));
         assert_eq!(lines.len(), 3);
         assert!(
             lines[0].starts_with("rollout \"r\" 00000000-0000-0000-0000-000000000000  running  1m05s"),
             "{lines:?}"
         );
-        assert_eq!(
-            lines[1],
-            format!(
-                "▸ canary  [{}{}{}]  3/4 done: 2 ok, 1 failed, 0 timed out; 1 in flight",
-                "#".repeat(20),
-                "x".repeat(10),
-                ">".repeat(10)
-            )
-        );
-        assert_eq!(
-            lines[2],
-            format!("  rest    [{}]  0/6 done: 0 ok, 0 failed, 0 timed out; 0 in flight", ".".repeat(40))
-        );
+        assert_eq!(lines[1], "▸ canary  3/4 done: 2 ok, 1 failed, 0 timed out; 1 in flight");
+        assert_eq!(lines[2], "  rest    0/6 done: 0 ok, 0 failed, 0 timed out; 0 in flight");
     }
 
     #[test]
