@@ -453,3 +453,41 @@ async fn wrong_credentials_and_an_unknown_host_key_fail_their_targets_and_the_ro
     }
     sandbox.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_machine_whose_sshd_is_down_waits_offline_and_is_deployed_when_it_answers_again() {
+    let (mut fleet, sandbox) = ssh_sandbox(1, |options| options.offline_check_seconds = vec![1]).await;
+    let patch = script(&sandbox, "when-back", "echo back").await;
+    let mut request = rollout("ssh-offline", &[&patch], vec![ssh_target(&fleet.peers()[0], FLEET_KEY)]);
+    request["max_tries"] = serde_json::json!(1);
+    request["retry_offline_for_seconds"] = serde_json::json!(600);
+    fleet.peer_mut(0).stop();
+    let id = sandbox.create_rollout(request).await;
+    let target = sandbox.all_targets(id).await.remove(0);
+
+    // Connection refused: offline, and the reachability checks (connects to
+    // port 22's stand-in, every second here) find nothing listening.
+    let offline = sandbox
+        .wait_for("the target to go offline", Duration::from_secs(60), async || {
+            let now = sandbox.store.target(target.id).await.unwrap();
+            (now.state == TargetState::Offline).then_some(now)
+        })
+        .await;
+    assert!(offline.error.as_deref().unwrap_or("").contains("refused"), "{:?}", offline.error);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let still = sandbox.store.target(target.id).await.unwrap();
+    assert_eq!(still.state, TargetState::Offline);
+    assert!(still.tries >= 1, "checks ran and found it silent: {still:?}");
+
+    // The machine is back: the next check finds sshd and the target is deployed.
+    fleet.peer_mut(0).start_again().expect("sshd starts again");
+    sandbox.wait_for_rollout_state(id, RolloutState::Completed, Duration::from_secs(120)).await;
+    let done = sandbox.store.target(target.id).await.unwrap();
+    assert_eq!(done.state, TargetState::Succeeded, "{:?}", done.error);
+    let patches = sandbox.store.target_patches(target.id).await.unwrap();
+    assert_eq!((patches[0].state, patches[0].exit_code), (PatchState::Succeeded, Some(0)));
+    let moves: Vec<(String, String)> =
+        sandbox.store.transitions(target.id).await.unwrap().into_iter().map(|t| (t.from, t.to)).collect();
+    assert!(moves.contains(&("offline".into(), "pending".into())), "{moves:?}");
+    sandbox.stop().await;
+}

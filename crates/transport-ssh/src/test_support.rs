@@ -496,6 +496,16 @@ impl SshPeer {
         pids.len()
     }
 
+    /// Starts sshd again after [`SshPeer::stop`], on the same port with the
+    /// same keys and files: the machine is back.
+    pub fn start_again(&mut self) -> io::Result<()> {
+        if !self.stopped {
+            return Ok(());
+        }
+        let mut child = self.spawn(&require_sshd())?;
+        self.wait_started(&mut child)
+    }
+
     /// Stops sshd by its pid file and waits for the port to close.
     pub fn stop(&mut self) {
         if self.stopped {
@@ -577,6 +587,11 @@ impl SshFleet {
 
     pub fn peers(&self) -> &[SshPeer] {
         &self.peers
+    }
+
+    /// One peer, to stop and start again.
+    pub fn peer_mut(&mut self, index: usize) -> &mut SshPeer {
+        &mut self.peers[index]
     }
 
     pub fn keys(&self) -> &Arc<PeerKeys> {
