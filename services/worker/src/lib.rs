@@ -688,6 +688,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn offline_check_delays_must_be_given_and_positive() {
+        assert!(WorkerOptions::default().validate().is_ok());
+        for bad in [vec![], vec![60, 0]] {
+            let options = WorkerOptions { offline_check_seconds: bad.clone(), ..WorkerOptions::default() };
+            let error = options.validate().unwrap_err().to_string();
+            assert!(
+                error.starts_with("worker.offline_check_seconds") && error.contains(&format!("{bad:?}")),
+                "{error}"
+            );
+        }
+    }
+
+    #[test]
     fn tokens_are_per_target_attempt_and_nonce() {
         let key = b"k".to_vec();
         let id = Uuid::new_v4();

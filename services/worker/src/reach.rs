@@ -18,9 +18,7 @@ use crate::{JobError, Worker};
 impl Worker {
     /// The delay before the check that follows `done` checks.
     pub(crate) fn offline_check_delay(&self, done: u32) -> Duration {
-        let steps = &self.options.offline_check_seconds;
-        let seconds = steps.get(done as usize).or(steps.last()).copied().unwrap_or(60);
-        Duration::from_secs(seconds)
+        check_delay(&self.options.offline_check_seconds, done)
     }
 
     pub(crate) async fn reach(&self, check: v1::ReachabilityCheck) -> Result<(), JobError> {
@@ -61,5 +59,21 @@ impl Worker {
         metrics::counter!("fleetpatch_worker_reachability_checks_total", "result" => result).increment(1);
         tracing::info!(target_id = %target.id, check = check.check, outcome = ?outcome, "reachability check");
         Ok(())
+    }
+}
+
+/// The delay before the check that follows `done` checks: the steps in
+/// order, then the last one again.
+fn check_delay(steps: &[u64], done: u32) -> Duration {
+    Duration::from_secs(steps.get(done as usize).or(steps.last()).copied().unwrap_or(60))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn checks_wait_longer_each_time_then_repeat_the_last_delay() {
+        let steps = [60, 300, 900];
+        let delays: Vec<u64> = (0..5).map(|done| super::check_delay(&steps, done).as_secs()).collect();
+        assert_eq!(delays, [60, 300, 900, 900, 900]);
     }
 }
