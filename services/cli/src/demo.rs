@@ -15,7 +15,7 @@ use fleetpatch_store::{Store, StoreOptions};
 use fleetpatch_transport::sim::{SimFleet, SimOptions, SimTransport};
 use fleetpatch_transport::Transports;
 
-use crate::output::{self, Counts, Terminal};
+use crate::output::{self, Terminal};
 
 /// Options of `fleetpatch demo`.
 #[derive(Debug, Clone, clap::Args)]
@@ -192,10 +192,15 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         let waves: Vec<crate::progress::WaveLine> = progress
             .waves
             .iter()
-            .map(|wave| crate::progress::WaveLine {
-                name: wave.name.clone(),
-                counts: Counts::from_states(wave.total, &wave.by_state),
-                current: wave.index == rollout.current_wave && rollout.state == RolloutState::Running,
+            .map(|w| {
+                crate::progress::WaveLine::of(
+                    &w.name,
+                    w.index,
+                    w.total,
+                    &w.by_state,
+                    rollout.current_wave,
+                    rollout.state,
+                )
             })
             .collect();
         let waiting = (rollout.state == RolloutState::WaitingForWindow)

@@ -3,6 +3,9 @@
 //! terminal, with each wave's rate and ETA. Nothing is drawn when stdout is
 //! not a terminal: the callers print plain lines there instead.
 
+use std::collections::BTreeMap;
+
+use fleetpatch_proto::state::RolloutState;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressState, ProgressStyle};
 
 use crate::output::{self, Counts};
@@ -17,6 +20,25 @@ pub struct WaveLine {
     pub counts: Counts,
     /// The wave being dispatched now (marked `▸`).
     pub current: bool,
+}
+
+impl WaveLine {
+    /// Wave `index` of a rollout at `current_wave` in `state`; it is marked
+    /// while the rollout dispatches it.
+    pub fn of(
+        name: &str,
+        index: u32,
+        total: u64,
+        by_state: &BTreeMap<String, u64>,
+        current_wave: u32,
+        state: RolloutState,
+    ) -> Self {
+        WaveLine {
+            name: name.to_owned(),
+            counts: Counts::from_states(total, by_state),
+            current: index == current_wave && state == RolloutState::Running,
+        }
+    }
 }
 
 /// A heading and a bar per wave.
@@ -42,17 +64,9 @@ impl WaveBars {
     /// Shows this state: the heading, and each wave's done count against its
     /// total, its outcome summary, and (from indicatif) its rate and ETA.
     pub fn update(&mut self, heading: &str, waves: &[WaveLine]) {
-        let style = ProgressStyle::with_template(&format!(
-            "{{prefix}}  [{{bar:{BAR_WIDTH}}}] {{pos:>5}}/{{len:<5}} {{rate:>9}} eta {{eta:<4}} {{msg}}"
-        ))
-        .expect("a valid template")
-        .with_key("rate", |state: &ProgressState, out: &mut dyn std::fmt::Write| {
-            let _ = write!(out, "{:.1}/s", state.per_sec());
-        })
-        .progress_chars("#>.");
         while self.waves.len() < waves.len() {
             let bar = self.multi.add(ProgressBar::new(0));
-            bar.set_style(style.clone());
+            bar.set_style(wave_style());
             self.waves.push(bar);
         }
         self.heading.set_message(output::clean(heading));
@@ -78,6 +92,18 @@ impl WaveBars {
     fn wave(&self, index: usize) -> &ProgressBar {
         &self.waves[index]
     }
+}
+
+/// A wave's bar: its done targets against its total, rate, ETA, summary.
+fn wave_style() -> ProgressStyle {
+    ProgressStyle::with_template(&format!(
+        "{{prefix}}  [{{bar:{BAR_WIDTH}}}] {{pos:>5}}/{{len:<5}} {{rate:>9}} eta {{eta:<4}} {{msg}}"
+    ))
+    .expect("a valid template")
+    .with_key("rate", |state: &ProgressState, out: &mut dyn std::fmt::Write| {
+        let _ = write!(out, "{:.1}/s", state.per_sec());
+    })
+    .progress_chars("#>.")
 }
 
 #[cfg(test)]

@@ -411,13 +411,7 @@ impl Worker {
                 .map_err(|error| JobError::Permanent(error.to_string()))?,
             ),
         };
-        Ok(TargetSpec {
-            target_id: target.id,
-            host: target.host.clone(),
-            port: target.port,
-            labels: target.labels.clone(),
-            credential,
-        })
+        Ok(TargetSpec { credential, ..spec_without_credential(target) })
     }
 
     async fn step<T>(
@@ -669,6 +663,18 @@ impl Worker {
             self.cleanup(v1::CleanupJob { target_id: job.target_id, attempt: job.attempt }).await?;
         }
         Ok(())
+    }
+}
+
+/// The target as its transport sees it, with no credential (a
+/// reachability check needs none; [`Worker::target_spec`] adds it).
+fn spec_without_credential(target: &Target) -> TargetSpec {
+    TargetSpec {
+        target_id: target.id,
+        host: target.host.clone(),
+        port: target.port,
+        labels: target.labels.clone(),
+        credential: None,
     }
 }
 

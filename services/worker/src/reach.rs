@@ -10,7 +10,6 @@ use std::time::Duration;
 use fleetpatch_proto::state::TargetState;
 use fleetpatch_proto::v1;
 use fleetpatch_store::{CheckOutcome, Reachability};
-use fleetpatch_transport::TargetSpec;
 use uuid::Uuid;
 
 use crate::{JobError, Worker};
@@ -35,13 +34,7 @@ impl Worker {
             .cloned()
             .ok_or_else(|| JobError::Transient(format!("this worker has no {:?} transport", target.transport)))?;
         // A connect needs no credential: none is resolved or read here.
-        let spec = TargetSpec {
-            target_id: target.id,
-            host: target.host.clone(),
-            port: target.port,
-            labels: target.labels.clone(),
-            credential: None,
-        };
+        let spec = crate::spec_without_credential(&target);
         let found = match self.step("reachable", &spec.address(), transport.reachable(&spec)).await {
             Ok(()) => Reachability::Answered,
             Err(crate::StepError::Transport(error)) => Reachability::Silent(error.to_string()),

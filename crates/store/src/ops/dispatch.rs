@@ -92,20 +92,10 @@ impl Store {
             if wave_has(&txn, rollout_id, wave, in_flight_literal()).await? {
                 break;
             }
-            let total = targets::Entity::find()
-                .filter(targets::Column::RolloutId.eq(rollout_id))
-                .filter(targets::Column::Wave.eq(wave as i32))
-                .count(&txn)
-                .await?;
-            let failures = targets::Entity::find()
-                .filter(targets::Column::RolloutId.eq(rollout_id))
-                .filter(targets::Column::Wave.eq(wave as i32))
-                .filter(targets::Column::State.is_in(state_strs(&[TargetState::Failed, TargetState::TimedOut])))
-                .count(&txn)
-                .await?;
+            let ended = wave_failures(&txn, &rollout, wave).await?;
+            let WaveFailures { failures, total, threshold } = ended;
+            let failed_percent = ended.percent();
             let spec = rollout.waves.get(wave as usize);
-            let threshold = spec.map(|w| w.max_failure_percent).unwrap_or(100.0);
-            let failed_percent = if total == 0 { 0.0 } else { failures as f64 * 100.0 / total as f64 };
             if wave + 1 >= wave_count {
                 // Complete only when no target is left offline (waiting for
                 // its machine) or in flight after coming back from there.
@@ -115,7 +105,7 @@ impl Store {
                 break;
             }
             wave += 1;
-            if failed_percent > threshold {
+            if ended.over_threshold() {
                 let name = spec.map(|w| w.name.as_str()).unwrap_or("default");
                 let reason = format!(
                     "wave {name:?} ended with {failures} of {total} targets failed or timed out ({failed_percent:.1}%), \

@@ -299,6 +299,43 @@ fn in_flight_sql() -> String {
     TargetState::IN_FLIGHT.iter().map(|s| format!("'{}'", s.as_str())).collect::<Vec<_>>().join(", ")
 }
 
+/// A wave's failed and timed-out targets, against its failure threshold.
+struct WaveFailures {
+    failures: u64,
+    total: u64,
+    threshold: f64,
+}
+
+impl WaveFailures {
+    fn percent(&self) -> f64 {
+        if self.total == 0 {
+            0.0
+        } else {
+            self.failures as f64 * 100.0 / self.total as f64
+        }
+    }
+
+    fn over_threshold(&self) -> bool {
+        self.percent() > self.threshold
+    }
+}
+
+/// Counts a wave's targets and those of them that failed or timed out.
+async fn wave_failures(txn: &DatabaseTransaction, rollout: &Rollout, wave: u32) -> Result<WaveFailures> {
+    let in_wave = || {
+        targets::Entity::find()
+            .filter(targets::Column::RolloutId.eq(rollout.id))
+            .filter(targets::Column::Wave.eq(wave as i32))
+    };
+    let total = in_wave().count(txn).await?;
+    let failures = in_wave()
+        .filter(targets::Column::State.is_in(state_strs(&[TargetState::Failed, TargetState::TimedOut])))
+        .count(txn)
+        .await?;
+    let threshold = rollout.waves.get(wave as usize).map(|w| w.max_failure_percent).unwrap_or(100.0);
+    Ok(WaveFailures { failures, total, threshold })
+}
+
 /// Whether any target of the rollout's wave matches `condition`.
 async fn wave_has<C: ConnectionTrait>(db: &C, rollout_id: Uuid, wave: u32, condition: SimpleExpr) -> Result<bool> {
     let found = targets::Entity::find()

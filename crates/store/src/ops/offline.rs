@@ -215,23 +215,13 @@ impl Store {
         if target.wave >= rollout.current_wave || !open.contains(&rollout.state) {
             return Ok(());
         }
-        let wave_rows = || {
-            targets::Entity::find()
-                .filter(targets::Column::RolloutId.eq(rollout.id))
-                .filter(targets::Column::Wave.eq(target.wave as i32))
-        };
-        let total = wave_rows().count(txn).await?;
-        let failures = wave_rows()
-            .filter(targets::Column::State.is_in(state_strs(&[TargetState::Failed, TargetState::TimedOut])))
-            .count(txn)
-            .await?;
-        let spec = rollout.waves.get(target.wave as usize);
-        let threshold = spec.map(|w| w.max_failure_percent).unwrap_or(100.0);
-        let failed_percent = if total == 0 { 0.0 } else { failures as f64 * 100.0 / total as f64 };
-        if failed_percent <= threshold {
+        let ended = wave_failures(txn, &rollout, target.wave).await?;
+        if !ended.over_threshold() {
             return Ok(());
         }
-        let name = spec.map(|w| w.name.as_str()).unwrap_or("default");
+        let WaveFailures { failures, total, threshold } = ended;
+        let failed_percent = ended.percent();
+        let name = rollout.waves.get(target.wave as usize).map(|w| w.name.as_str()).unwrap_or("default");
         let pause = format!(
             "wave {name:?} now has {failures} of {total} targets failed or timed out ({failed_percent:.1}%), above its \
              threshold of {threshold}%, after its offline target {} did not come back; resume to go on",

@@ -64,11 +64,7 @@ fn wave_lines(detail: &RolloutDetail) -> Vec<WaveLine> {
         .progress
         .waves
         .iter()
-        .map(|wave| WaveLine {
-            name: wave.name.clone(),
-            counts: Counts::from_states(wave.total, &wave.by_state),
-            current: wave.index == rollout.current_wave && rollout.state == RolloutState::Running,
-        })
+        .map(|w| WaveLine::of(&w.name, w.index, w.total, &w.by_state, rollout.current_wave, rollout.state))
         .collect()
 }
 
