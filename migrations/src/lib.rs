@@ -30,6 +30,7 @@ mod m20261203_000001_agent_instance;
 mod m20261203_000002_evidence_reports;
 mod m20261203_000003_windows;
 mod m20261203_000004_offline;
+mod m20261203_000005_reboot;
 
 pub struct Migrator;
 
@@ -47,6 +48,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261203_000002_evidence_reports::Migration),
             Box::new(m20261203_000003_windows::Migration),
             Box::new(m20261203_000004_offline::Migration),
+            Box::new(m20261203_000005_reboot::Migration),
         ]
     }
 }

@@ -119,6 +119,10 @@ pub struct DeploymentPlan {
     pub heartbeat_seconds: u32,
     pub patches: Vec<PlanPatch>,
     pub reboot: RebootPolicy,
+    /// The command that reboots the target, when the policy says so; the
+    /// agent's own default (`--reboot-command`) when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reboot_command: Option<String>,
     /// Keep the staged files after the run (for debugging).
     #[serde(default)]
     pub keep_files: bool,

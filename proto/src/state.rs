@@ -35,10 +35,15 @@ pub enum TargetState {
     /// reachability check runs at growing intervals. Back to `pending` when
     /// the machine answers, `failed` when `retry_offline_for` runs out.
     Offline,
+    /// The agent reported success and the rollout's reboot policy asks for
+    /// a reboot: the agent requested it, and the worker waits for the
+    /// machine to come back (its port answers and its boot time changed),
+    /// then runs the verification scan. Holds its slot.
+    Rebooting,
 }
 
 impl TargetState {
-    pub const ALL: [TargetState; 12] = [
+    pub const ALL: [TargetState; 13] = [
         Self::Pending,
         Self::Queued,
         Self::Probing,
@@ -51,10 +56,11 @@ impl TargetState {
         Self::Cancelled,
         Self::MissedWindow,
         Self::Offline,
+        Self::Rebooting,
     ];
     /// States that hold one of the rollout's concurrency slots.
-    pub const IN_FLIGHT: [TargetState; 5] =
-        [Self::Queued, Self::Probing, Self::Staging, Self::Installing, Self::Running];
+    pub const IN_FLIGHT: [TargetState; 6] =
+        [Self::Queued, Self::Probing, Self::Staging, Self::Installing, Self::Running, Self::Rebooting];
     /// States a target leaves only through "retry failed".
     pub const FINAL: [TargetState; 5] =
         [Self::Succeeded, Self::Failed, Self::TimedOut, Self::Cancelled, Self::MissedWindow];
@@ -73,6 +79,7 @@ impl TargetState {
             Self::Cancelled => "cancelled",
             Self::MissedWindow => "missed_window",
             Self::Offline => "offline",
+            Self::Rebooting => "rebooting",
         }
     }
 
@@ -115,6 +122,12 @@ impl TargetState {
             // It answered (it waits for a slot and its window again), its time
             // ran out (now it counts as a failure), or the rollout was aborted.
             (Offline, Pending) | (Offline, Failed) | (Offline, Cancelled) => true,
+            // The agent's successful final result with a reboot to follow
+            // (also before the worker recorded `running`).
+            (Staging | Installing | Running, Rebooting) => true,
+            // Back with the patches verified, or not: missing after the
+            // reboot, or not back within `reboot_timeout`.
+            (Rebooting, Succeeded) | (Rebooting, Failed) => true,
             _ => false,
         }
     }
@@ -138,7 +151,7 @@ impl FromStr for TargetState {
             UnknownState(
                 s.to_owned(),
                 "pending, queued, probing, staging, installing, running, succeeded, failed, timed_out, cancelled, \
-                 missed_window, offline",
+                 missed_window, offline, rebooting",
             )
         })
     }
@@ -278,5 +291,15 @@ mod tests {
         assert_eq!(exits, [TargetState::Pending, TargetState::Failed, TargetState::Cancelled]);
         let entries: Vec<_> = TargetState::ALL.into_iter().filter(|from| from.can_move_to(offline)).collect();
         assert_eq!(entries, [TargetState::Probing, TargetState::Staging, TargetState::Installing]);
+    }
+
+    #[test]
+    fn a_rebooting_target_holds_its_slot_and_ends_succeeded_or_failed() {
+        let rebooting = TargetState::Rebooting;
+        assert!(rebooting.is_in_flight() && !rebooting.is_final() && !rebooting.is_failure());
+        let exits: Vec<_> = TargetState::ALL.into_iter().filter(|to| rebooting.can_move_to(*to)).collect();
+        assert_eq!(exits, [TargetState::Succeeded, TargetState::Failed]);
+        let entries: Vec<_> = TargetState::ALL.into_iter().filter(|from| from.can_move_to(rebooting)).collect();
+        assert_eq!(entries, [TargetState::Staging, TargetState::Installing, TargetState::Running]);
     }
 }

@@ -108,6 +108,10 @@ pub struct SandboxOptions {
     pub retry_backoff_seconds: Vec<u64>,
     /// `worker.offline_check_seconds`.
     pub offline_check_seconds: Vec<u64>,
+    /// `worker.reboot_check_seconds`.
+    pub reboot_check_seconds: Vec<u64>,
+    /// `worker.unix_reboot_command`.
+    pub unix_reboot_command: Option<String>,
     /// Workers also offer the `ssh` transport with these options.
     pub ssh: Option<SshOptions>,
     /// Workers also offer the `smb` transport with these options (the
@@ -140,6 +144,8 @@ impl Default for SandboxOptions {
             verify_delay_seconds: 1,
             retry_backoff_seconds: vec![1, 1, 1],
             offline_check_seconds: vec![1, 2],
+            reboot_check_seconds: vec![1],
+            unix_reboot_command: None,
             ssh: None,
             smb: None,
             smb_service_managers: None,
@@ -420,6 +426,9 @@ impl Sandbox {
             collector_ca_file: None,
             retry_backoff_seconds: self.options.retry_backoff_seconds.clone(),
             offline_check_seconds: self.options.offline_check_seconds.clone(),
+            reboot_check_seconds: self.options.reboot_check_seconds.clone(),
+            unix_reboot_command: self.options.unix_reboot_command.clone(),
+            windows_reboot_command: None,
             step_timeout_seconds: self.options.step_timeout_seconds,
             verify_delay_seconds: self.options.verify_delay_seconds,
             agent_binaries,

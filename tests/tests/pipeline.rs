@@ -386,3 +386,53 @@ async fn an_offline_machine_is_deployed_when_it_answers_and_one_that_never_does_
     assert!(third_queued < back, "the third target took the slot while the first was offline");
     sandbox.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_machine_that_reboots_is_verified_when_it_is_back_and_one_that_never_returns_fails() {
+    // A rebooting sim machine refuses two contacts, then answers on a new boot.
+    let sim = SimOptions { reboot_contacts: 2, ..SandboxOptions::default().sim };
+    let sandbox =
+        Sandbox::start(SandboxOptions { sim, reboot_check_seconds: vec![1], ..SandboxOptions::default() }).await;
+    let mut request = sim_rollout("reboot", 3, 1, 1, 30);
+    request["reboot"] = serde_json::json!("if_required");
+    request["reboot_timeout_seconds"] = serde_json::json!(6);
+    request["targets"][0]["labels"] = serde_json::json!(behaviour("reboot_required"));
+    request["targets"][1]["labels"] = serde_json::json!(behaviour("no_return"));
+
+    let mut bad = request.clone();
+    bad["reboot_timeout_seconds"] = serde_json::json!(0);
+    let response = sandbox.http.post(format!("{}/v1/rollouts", sandbox.api)).json(&bad).send().await.unwrap();
+    assert_eq!(response.status(), 422);
+    let problem: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(problem["errors"][0]["field"], "reboot_timeout_seconds", "{problem}");
+
+    let id = sandbox.create_rollout(request).await;
+    sandbox.wait_for_rollout_state(id, RolloutState::Completed, Duration::from_secs(90)).await;
+    let targets = sandbox.all_targets(id).await;
+    let states: Vec<TargetState> = targets.iter().map(|t| t.state).collect();
+    assert_eq!(states, [TargetState::Succeeded, TargetState::Failed, TargetState::Succeeded], "{targets:#?}");
+
+    // The one that rebooted: running → rebooting → succeeded, its verdict from the scan after the reboot.
+    let store = &sandbox.store;
+    let moves = |id| async move {
+        store.transitions(id).await.unwrap().into_iter().map(|t| (t.from, t.to)).collect::<Vec<_>>()
+    };
+    let rebooted = moves(targets[0].id).await;
+    assert!(
+        rebooted.ends_with(&[("running".into(), "rebooting".into()), ("rebooting".into(), "succeeded".into())]),
+        "{rebooted:?}"
+    );
+    assert_eq!(targets[0].verified_state.as_deref(), Some("all_installed"));
+    assert_eq!(targets[0].reboot_until, None);
+    // The one that never came back failed when reboot_timeout ran out, with the last finding.
+    let error = targets[1].error.clone().unwrap_or_default();
+    assert!(error.contains("did not come back after reboot within reboot_timeout (6 s)"), "{error}");
+    assert!(error.contains("refused"), "{error}");
+    assert_eq!(moves(targets[1].id).await.last().unwrap(), &("rebooting".to_owned(), "failed".to_owned()));
+    // A machine that needs no reboot does not wait for one; and the one
+    // slot stayed taken while the second machine rebooted.
+    assert!(!moves(targets[2].id).await.iter().any(|m| m.1 == "rebooting"));
+    let gave_up = targets[1].finished_at.expect("finished");
+    assert!(targets[2].queued_at.expect("dispatched") >= gave_up, "the rebooting target held its slot");
+    sandbox.stop().await;
+}

@@ -16,7 +16,9 @@ use std::time::Duration;
 
 use fleetpatch_proto::state::{PatchState, RolloutState, TargetState};
 use fleetpatch_tests::{credential_in_file, Sandbox, SandboxOptions};
-use fleetpatch_transport_ssh::test_support::{KeyPair, SshFleet, SshPeer, SshPeerOptions, DPKG_ROOT_VAR};
+use fleetpatch_transport_ssh::test_support::{
+    KeyPair, SshFleet, SshPeer, SshPeerOptions, DPKG_ROOT_VAR, PEER_DIR_VAR, REBOOT_REQUEST,
+};
 use uuid::Uuid;
 
 /// No systemd as PID 1: the transport must take the detached-process path,
@@ -32,9 +34,18 @@ fn assert_no_systemd() {
 /// An SSH fleet whose peers have their own dpkg database, and a sandbox whose
 /// workers reach them with strict host-key checking.
 async fn ssh_sandbox(peers: usize, tweak: impl FnOnce(&mut SandboxOptions)) -> (SshFleet, Sandbox) {
+    ssh_sandbox_with(peers, SshPeerOptions { dpkg_root: true, ..SshPeerOptions::default() }, tweak).await
+}
+
+/// The same with peers set up as `peer_options` says.
+async fn ssh_sandbox_with(
+    peers: usize,
+    peer_options: SshPeerOptions,
+    tweak: impl FnOnce(&mut SandboxOptions),
+) -> (SshFleet, Sandbox) {
     assert_no_systemd();
-    let fleet = SshFleet::start_with(peers, SshPeerOptions { dpkg_root: true, ..SshPeerOptions::default() })
-        .unwrap_or_else(|error| panic!("start {peers} sshd peers: {error}"));
+    let fleet =
+        SshFleet::start_with(peers, peer_options).unwrap_or_else(|error| panic!("start {peers} sshd peers: {error}"));
     let mut options = SandboxOptions {
         workers: 2,
         worker_concurrency: 8,
@@ -489,5 +500,64 @@ async fn a_machine_whose_sshd_is_down_waits_offline_and_is_deployed_when_it_answ
     let moves: Vec<(String, String)> =
         sandbox.store.transitions(target.id).await.unwrap().into_iter().map(|t| (t.from, t.to)).collect();
     assert!(moves.contains(&("offline".into(), "pending".into())), "{moves:?}");
+    sandbox.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_machine_rebooted_after_its_deployment_is_verified_on_its_new_boot_and_one_that_never_reboots_fails() {
+    // Each peer shows a boot time of its own in /proc/stat; the agents'
+    // reboot command only asks the test for the reboot, which restarts the
+    // peer's sshd with a later boot time.
+    let peer_options = SshPeerOptions { dpkg_root: true, own_boot_time: true, ..SshPeerOptions::default() };
+    let (mut fleet, sandbox) = ssh_sandbox_with(2, peer_options, |options| {
+        options.reboot_check_seconds = vec![1];
+        options.unix_reboot_command = Some(format!("touch \"${PEER_DIR_VAR}/{REBOOT_REQUEST}\""));
+    })
+    .await;
+    let package = unique("fp-e2e-reboot");
+    let patch = deb(&sandbox, &package, "1.0-1").await;
+    let targets = vec![ssh_target(&fleet.peers()[0], FLEET_KEY), ssh_target(&fleet.peers()[1], FLEET_KEY)];
+    let mut request = rollout("ssh-reboot", &[&patch], targets);
+    request["concurrency"] = serde_json::json!(2);
+    request["reboot"] = serde_json::json!("always");
+    request["reboot_timeout_seconds"] = serde_json::json!(30);
+    let id = sandbox.create_rollout(request).await;
+    let targets = sandbox.all_targets(id).await;
+    let by_port = |port: u16| targets.iter().find(|t| t.port == Some(port)).unwrap().id;
+    let (first, second) = (by_port(fleet.peers()[0].port()), by_port(fleet.peers()[1].port()));
+
+    // The first agent installed the package, reported, and asked for the reboot.
+    sandbox
+        .wait_for("the first agent to ask for a reboot", Duration::from_secs(90), async || {
+            fleet.peers()[0].reboot_requested().then_some(())
+        })
+        .await;
+    let rebooting = sandbox
+        .wait_for("the first target to be rebooting", Duration::from_secs(30), async || {
+            let now = sandbox.store.target(first).await.unwrap();
+            (now.state == TargetState::Rebooting).then_some(now)
+        })
+        .await;
+    assert_eq!(rebooting.boot_id.as_deref(), Some("1700000000"), "the probe read the peer's boot time");
+    tokio::task::block_in_place(|| fleet.peer_mut(0).reboot(Duration::from_secs(2))).expect("reboot the first peer");
+
+    sandbox.wait_for_rollout_state(id, RolloutState::Completed, Duration::from_secs(120)).await;
+    let done = sandbox.store.target(first).await.unwrap();
+    assert_eq!(done.state, TargetState::Succeeded, "{:?}", done.error);
+    assert_eq!(done.verified_state.as_deref(), Some("all_installed"), "the scan on the new boot found the package");
+    let moves: Vec<(String, String)> =
+        sandbox.store.transitions(first).await.unwrap().into_iter().map(|t| (t.from, t.to)).collect();
+    assert!(
+        moves.ends_with(&[("running".into(), "rebooting".into()), ("rebooting".into(), "succeeded".into())]),
+        "{moves:?}"
+    );
+    assert_eq!(installed_version(&fleet.peers()[0], &package).as_deref(), Some("1.0-1"));
+
+    // The second asked too, but its machine never rebooted: same boot time until reboot_timeout.
+    assert!(fleet.peers()[1].reboot_requested());
+    let stuck = sandbox.store.target(second).await.unwrap();
+    assert_eq!(stuck.state, TargetState::Failed);
+    let error = stuck.error.unwrap_or_default();
+    assert!(error.contains("did not come back after reboot") && error.contains("boot time has not changed"), "{error}");
     sandbox.stop().await;
 }

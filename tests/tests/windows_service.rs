@@ -102,6 +102,7 @@ fn stage(
         // A reboot is never performed in a test; the exit code 3010 still
         // makes the final result say one is required.
         reboot: RebootPolicy::Never,
+        reboot_command: None,
         keep_files,
     };
     std::fs::write(folder.join(fleetpatch_proto::plan::PLAN_FILE_NAME), serde_json::to_vec_pretty(&plan).unwrap())

@@ -94,8 +94,12 @@ pub mod targets {
         pub verified_at: Option<ChronoDateTimeUtc>,
         /// While `offline`: when `retry_offline_for` runs out.
         pub offline_until: Option<ChronoDateTimeUtc>,
-        /// While `offline`: when the next reachability check is due.
+        /// While `offline` or `rebooting`: when the next reachability check is due.
         pub next_check_at: Option<ChronoDateTimeUtc>,
+        /// While `rebooting`: when `reboot_timeout` runs out.
+        pub reboot_until: Option<ChronoDateTimeUtc>,
+        /// While `rebooting`: when a check first found the machine down.
+        pub went_down_at: Option<ChronoDateTimeUtc>,
         pub created_at: ChronoDateTimeUtc,
         pub updated_at: ChronoDateTimeUtc,
     }

@@ -40,7 +40,7 @@ pub use auth::{ActorKind, ApiKey, AuditEntry, AuditQuery, IssuedApiKey, KeyCheck
 pub use model::*;
 pub use ops::{
     dispatch_request, watch_message, CheckOutcome, Claim, DispatchOutcome, FleetGauges, ProbeOutcome, Reachability,
-    ReportIntake, TimeoutPolicy, TokenInfo, WatchOutcome,
+    RebootCheck, RebootOutcome, ReportIntake, TimeoutPolicy, TokenInfo, WatchOutcome,
 };
 
 #[derive(Debug, thiserror::Error)]

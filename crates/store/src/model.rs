@@ -66,11 +66,22 @@ pub struct RolloutSettings {
     /// as `offline` for the machine to answer again (None: it fails at once).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_offline_for_seconds: Option<u64>,
+    /// With a reboot: how long the worker waits for the machine to come
+    /// back before the target fails ("did not come back after reboot").
+    #[serde(default = "default_reboot_timeout_seconds")]
+    pub reboot_timeout_seconds: u64,
     pub keep_files: bool,
     /// When targets may be dispatched (start time, maintenance windows,
     /// deadline); the default: at once and at any time.
     #[serde(default, skip_serializing_if = "Schedule::is_unrestricted")]
     pub schedule: Schedule,
+}
+
+/// How long a machine has to come back after its reboot, unless the rollout says.
+pub const DEFAULT_REBOOT_TIMEOUT_SECONDS: u64 = 1_800;
+
+fn default_reboot_timeout_seconds() -> u64 {
+    DEFAULT_REBOOT_TIMEOUT_SECONDS
 }
 
 impl Default for RolloutSettings {
@@ -80,6 +91,7 @@ impl Default for RolloutSettings {
             reboot: RebootPolicy::Never,
             max_tries: 3,
             retry_offline_for_seconds: None,
+            reboot_timeout_seconds: DEFAULT_REBOOT_TIMEOUT_SECONDS,
             keep_files: false,
             schedule: Schedule::default(),
         }
@@ -227,8 +239,15 @@ pub struct Target {
     pub verified_at: Option<DateTime<Utc>>,
     /// While `offline`: when its `retry_offline_for` runs out and it fails.
     pub offline_until: Option<DateTime<Utc>>,
-    /// While `offline`: when the next reachability check is due.
+    /// While `offline` or `rebooting`: when the next reachability check is due.
     pub next_check_at: Option<DateTime<Utc>>,
+    /// While `rebooting`: when its `reboot_timeout` runs out and it fails.
+    pub reboot_until: Option<DateTime<Utc>>,
+    /// While `rebooting`: when a check first found the machine down.
+    pub went_down_at: Option<DateTime<Utc>>,
+    /// The boot the probe found (boot time, or another value that changes
+    /// with every boot), when the transport can read one.
+    pub boot_id: Option<String>,
     #[serde(skip)]
     pub token_hash: Option<String>,
     #[serde(skip)]

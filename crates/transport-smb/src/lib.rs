@@ -348,6 +348,7 @@ impl Transport for SmbTransport {
                 is_admin,
                 installed: detected.installed,
                 details,
+                boot_id: facts.boot_id,
             })
         }
         .await;
@@ -582,7 +583,14 @@ impl Transport for SmbTransport {
         let result = self.registry_scan(&target, patches).await;
         target.close().await;
         let detected = result?;
-        Ok(VerifyReport { installed: detected.installed, missing: detected.missing })
+        // Only a hotfix rule can be judged from the registry.
+        let judged = |index: &u32| {
+            patches.iter().any(|p| {
+                p.index == *index && matches!(p.detection, Some(fleetpatch_proto::plan::Detection::Hotfix { .. }))
+            })
+        };
+        let (missing, unknown) = detected.missing.into_iter().partition(judged);
+        Ok(VerifyReport { installed: detected.installed, missing, unknown })
     }
 
     async fn preflight(&self, spec: &TargetSpec, context: &PreflightContext) -> Result<Vec<PreflightCheck>> {

@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use fleetpatch_proto::plan::Detection;
 use fleetpatch_transport::PatchProbe;
 use fleetpatch_winproto::dcerpc::PipeIo;
-use fleetpatch_winproto::{RemoteRegistry, Result};
+use fleetpatch_winproto::{RegistryValue, RemoteRegistry, Result};
 
 pub const CURRENT_VERSION: &str = "SOFTWARE\\Microsoft\\Windows NT\\CurrentVersion";
 pub const UNINSTALL: &str = "SOFTWARE\\Microsoft\\Windows\\CurrentVersion\\Uninstall";
@@ -23,6 +23,8 @@ pub const HOTFIX: &str = "SOFTWARE\\Microsoft\\Windows NT\\CurrentVersion\\Hotfi
 pub const CBS_PACKAGES: &str = "SOFTWARE\\Microsoft\\Windows\\CurrentVersion\\Component Based Servicing\\Packages";
 pub const ENVIRONMENT: &str = "SYSTEM\\CurrentControlSet\\Control\\Session Manager\\Environment";
 pub const COMPUTER_NAME: &str = "SYSTEM\\CurrentControlSet\\Control\\ComputerName\\ComputerName";
+/// Holds `ShutdownTime`.
+pub const WINDOWS_CONTROL: &str = "SYSTEM\\CurrentControlSet\\Control\\Windows";
 pub const PRODUCT_OPTIONS: &str = "SYSTEM\\CurrentControlSet\\Control\\ProductOptions";
 /// `CurrentState` of an installed CBS package.
 pub const CBS_INSTALLED: u32 = 0x70;
@@ -36,6 +38,10 @@ pub struct WindowsFacts {
     /// `x86_64`, `x86`, `aarch64`, or `unknown`.
     pub arch: String,
     pub details: BTreeMap<String, String>,
+    /// `ShutdownTime` (the FILETIME Windows writes as it shuts down, in
+    /// hex): it changes with every clean restart, so it tells a machine
+    /// that rebooted from one that has not yet. `None` when absent.
+    pub boot_id: Option<String>,
 }
 
 /// Maps `PROCESSOR_ARCHITECTURE` to the names the worker's agent binaries
@@ -96,7 +102,12 @@ pub async fn facts<P: PipeIo>(registry: &mut RemoteRegistry<P>) -> Result<Window
     if !processor.is_empty() {
         details.insert("processor_architecture".into(), processor.clone());
     }
-    Ok(WindowsFacts { version, arch: arch_of(&processor), details })
+    let boot_id = match registry.read_value(WINDOWS_CONTROL, "ShutdownTime").await {
+        Ok(Some(RegistryValue::Binary(bytes))) if !bytes.is_empty() => Some(hex::encode(bytes)),
+        Ok(Some(RegistryValue::Qword(value))) => Some(format!("{value:016x}")),
+        _ => None,
+    };
+    Ok(WindowsFacts { version, arch: arch_of(&processor), details, boot_id })
 }
 
 /// `kb5031356`, `KB5031356` and `5031356` all become `KB5031356`.

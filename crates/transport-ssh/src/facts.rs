@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use fleetpatch_proto::plan::Detection;
-use fleetpatch_transport::{PatchProbe, ProbeReport};
+use fleetpatch_transport::{PatchProbe, ProbeReport, VerifyReport};
 
 use crate::shell::{self, DetectionQuery};
 use crate::versions;
@@ -132,6 +132,23 @@ pub fn installed_patches(patches: &[PatchProbe], output: &str) -> Vec<u32> {
     installed
 }
 
+/// The verification scan's result: a patch whose rule can be queried here
+/// is installed or missing; one without (no rule, a Windows hotfix rule)
+/// is unknown.
+pub fn verify_report(patches: &[PatchProbe], output: &str) -> VerifyReport {
+    let queried: Vec<u32> = detection_queries(patches).into_iter().map(|(index, _)| index).collect();
+    let installed = installed_patches(patches, output);
+    let (mut missing, mut unknown) = (Vec::new(), Vec::new());
+    for index in patches.iter().map(|p| p.index).filter(|index| !installed.contains(index)) {
+        if queried.contains(&index) {
+            missing.push(index);
+        } else {
+            unknown.push(index);
+        }
+    }
+    VerifyReport { installed, missing, unknown }
+}
+
 /// Fills a probe report from the facts sections.
 pub fn probe_report(output: &str, patches: &[PatchProbe]) -> (ProbeReport, AdminRights) {
     let sections = shell::sections(output);
@@ -174,6 +191,11 @@ pub fn probe_report(output: &str, patches: &[PatchProbe]) -> (ProbeReport, Admin
         is_admin: admin.is_admin(),
         installed: installed_patches(patches, output),
         details,
+        boot_id: body("boot")
+            .first()
+            .map(|line| line.trim())
+            .filter(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()))
+            .map(bounded),
     };
     (report, admin)
 }
@@ -256,6 +278,7 @@ mod tests {
         ];
         let output = "@@fleetpatch os-release\nNAME=\"Debian GNU/Linux\"\nVERSION_ID=\"12\"\nID=debian\n\
                       @@fleetpatch uname\nLinux\nx86_64\n6.1.0\n@@fleetpatch hostname\nweb1\n\
+                      @@fleetpatch boot\n1796323425\n\
                       @@fleetpatch uid\n0\n@@fleetpatch admin\nroot\n\
                       @@fleetpatch patch 0 dpkg\ninstall ok installed\t5.2.15-2+b2\n@@fleetpatch rc 0 0\n\
                       @@fleetpatch patch 1 dpkg\n@@fleetpatch rc 1 1\n";
@@ -268,6 +291,16 @@ mod tests {
         assert_eq!(report.installed, vec![0]);
         assert_eq!(report.details["hostname"], "web1");
         assert_eq!(detection_queries(&patches).len(), 2);
+        assert_eq!(report.boot_id.as_deref(), Some("1796323425"), "the boot time from /proc/stat");
+        // The scan judges the rules it can query; the hotfix rule is not one.
+        let verify = verify_report(&patches, output);
+        assert_eq!((verify.installed, verify.missing, verify.unknown), (vec![0], vec![1], vec![2]));
+    }
+
+    #[test]
+    fn a_boot_line_that_is_not_a_number_is_no_boot_id() {
+        let (report, _) = probe_report("@@fleetpatch boot\nbtime? $(reboot)\n", &[]);
+        assert_eq!(report.boot_id, None);
     }
 
     #[test]

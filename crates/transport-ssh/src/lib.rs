@@ -403,9 +403,7 @@ impl Transport for SshTransport {
         let connection = self.pool.connect(&self.options, target).await?;
         let result = self.detect(&connection, patches, false).await;
         self.done(target, connection, result.is_ok()).await;
-        let installed = facts::installed_patches(patches, &result?);
-        let missing = patches.iter().map(|p| p.index).filter(|index| !installed.contains(index)).collect();
-        Ok(VerifyReport { installed, missing })
+        Ok(facts::verify_report(patches, &result?))
     }
 
     async fn preflight(&self, target: &TargetSpec, context: &PreflightContext) -> Result<Vec<PreflightCheck>> {

@@ -89,6 +89,9 @@ pub(crate) fn facts_script(script: &mut String, use_sudo: bool) {
     script.push_str("uname -s; uname -m; uname -r\n");
     marker(script, "hostname");
     script.push_str("hostname 2>/dev/null || uname -n\n");
+    // The boot time (seconds since the epoch): it changes with every boot.
+    marker(script, "boot");
+    script.push_str("awk '/^btime / {print $2}' /proc/stat 2>/dev/null\n");
     marker(script, "uid");
     script.push_str("id -u\n");
     marker(script, "admin");

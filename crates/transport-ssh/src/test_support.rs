@@ -138,6 +138,35 @@ pub struct SshPeerOptions {
     /// [`DPKG_ROOT_VAR`] in every session, which an installer's arguments
     /// use as `--root="$FLEETPATCH_TEST_DPKG_ROOT"`.
     pub dpkg_root: bool,
+    /// Give the peer a boot time of its own, so that [`SshPeer::reboot`] is
+    /// a reboot as the worker sees it: sshd starts in a mount namespace in
+    /// which `/proc/stat` is a file of the peer's whose `btime` line each
+    /// reboot moves on. Sessions also get [`PEER_DIR_VAR`], so a test's
+    /// reboot command can ask for the reboot ([`SshPeer::reboot_requested`]).
+    pub own_boot_time: bool,
+}
+
+/// Environment variable holding a peer's directory (with
+/// [`SshPeerOptions::own_boot_time`]), set by sshd in every session.
+pub const PEER_DIR_VAR: &str = "FLEETPATCH_TEST_PEER_DIR";
+
+/// The file whose presence in a peer's directory asks [`SshPeer::reboot`]
+/// for a reboot: `touch "$FLEETPATCH_TEST_PEER_DIR/reboot-requested"`.
+pub const REBOOT_REQUEST: &str = "reboot-requested";
+
+/// A copy of `/proc/stat` whose `btime` line says `boot_time`.
+fn proc_stat_with_boot_time(boot_time: u64) -> io::Result<String> {
+    let real = std::fs::read_to_string("/proc/stat")?;
+    let mut out = String::with_capacity(real.len());
+    for line in real.lines() {
+        if line.starts_with("btime ") {
+            out.push_str(&format!("btime {boot_time}"));
+        } else {
+            out.push_str(line);
+        }
+        out.push('\n');
+    }
+    Ok(out)
 }
 
 /// Environment variable holding a peer's dpkg root (with
@@ -182,6 +211,8 @@ pub struct SshPeer {
     known_hosts: PathBuf,
     staging_root: PathBuf,
     stopped: bool,
+    /// With [`SshPeerOptions::own_boot_time`]: the `btime` the peer shows.
+    boot_time: Option<u64>,
 }
 
 /// A port that was free a moment ago (sshd binds it next; a lost race is
@@ -291,20 +322,42 @@ impl SshPeer {
             password = if options.password_auth { "yes" } else { "no" },
         );
         std::fs::write(dir.path().join("sshd_config"), config)?;
+        // sshd takes the first SetEnv line only: every variable goes on one.
+        let mut set_env = Vec::new();
         if options.dpkg_root {
             let root = dir.path().join("dpkg-root");
             create_dpkg_root(&root)?;
+            set_env.push(format!("DPKG_ADMINDIR={}", root.join("var/lib/dpkg").display()));
+            set_env.push(format!("{DPKG_ROOT_VAR}={}", root.display()));
+        }
+        let boot_time = if options.own_boot_time {
+            if !quiet_root_profile_possible() {
+                return Err(io::Error::other("a peer's own boot time needs `unshare --mount` (run as root)"));
+            }
+            set_env.push(format!("{PEER_DIR_VAR}={}", dir.path().display()));
+            let boot_time = 1_700_000_000;
+            std::fs::write(dir.path().join("proc-stat"), proc_stat_with_boot_time(boot_time)?)?;
+            Some(boot_time)
+        } else {
+            None
+        };
+        if !set_env.is_empty() {
             let mut config = std::fs::OpenOptions::new().append(true).open(dir.path().join("sshd_config"))?;
-            writeln!(
-                config,
-                "SetEnv DPKG_ADMINDIR={admin} {DPKG_ROOT_VAR}={root}",
-                admin = root.join("var/lib/dpkg").display(),
-                root = root.display()
-            )?;
+            writeln!(config, "SetEnv {}", set_env.join(" "))?;
         }
         let known_hosts = dir.path().join("known_hosts");
         std::fs::write(&known_hosts, format!("[127.0.0.1]:{port} {}\n", keys.host.public_key))?;
-        Ok(SshPeer { dir, port, keys: keys.clone(), pid_file, log_file, known_hosts, staging_root, stopped: true })
+        Ok(SshPeer {
+            dir,
+            port,
+            keys: keys.clone(),
+            pid_file,
+            log_file,
+            known_hosts,
+            staging_root,
+            stopped: true,
+            boot_time,
+        })
     }
 
     /// Starts sshd (it daemonizes once it listens).
@@ -319,9 +372,15 @@ impl SshPeer {
     fn spawn(&mut self, sshd: &Path) -> io::Result<std::process::Child> {
         let mut command = if quiet_root_profile_possible() {
             let mut command = Command::new("unshare");
+            let proc_stat = match self.boot_time {
+                Some(_) => {
+                    format!("mount --bind '{}' /proc/stat || exit 1; ", self.dir.path().join("proc-stat").display())
+                }
+                None => String::new(),
+            };
             command
                 .args(["--mount", "--propagation", "private", "/bin/sh", "-c"])
-                .arg("mount --bind /dev/null /root/.bashrc 2>/dev/null; exec \"$0\" \"$@\"");
+                .arg(format!("mount --bind /dev/null /root/.bashrc 2>/dev/null; {proc_stat}exec \"$0\" \"$@\""));
             command.arg(sshd);
             command
         } else {
@@ -504,6 +563,34 @@ impl SshPeer {
         }
         let mut child = self.spawn(&require_sshd())?;
         self.wait_started(&mut child)
+    }
+
+    /// Whether a session asked for a reboot ([`REBOOT_REQUEST`]).
+    pub fn reboot_requested(&self) -> bool {
+        self.dir.path().join(REBOOT_REQUEST).exists()
+    }
+
+    /// The boot time the peer shows in `/proc/stat` (with
+    /// [`SshPeerOptions::own_boot_time`]).
+    pub fn boot_time(&self) -> Option<u64> {
+        self.boot_time
+    }
+
+    /// A reboot as the worker sees it: every connection is cut, sshd stops,
+    /// stays down for `down`, and starts again with a later boot time.
+    /// Needs [`SshPeerOptions::own_boot_time`].
+    pub fn reboot(&mut self, down: Duration) -> io::Result<()> {
+        let Some(boot_time) = self.boot_time else {
+            return Err(io::Error::other("this peer has no boot time of its own (SshPeerOptions::own_boot_time)"));
+        };
+        let _ = std::fs::remove_file(self.dir.path().join(REBOOT_REQUEST));
+        self.signal_connections("KILL");
+        self.stop();
+        std::thread::sleep(down);
+        let boot_time = boot_time + 3_600;
+        std::fs::write(self.dir.path().join("proc-stat"), proc_stat_with_boot_time(boot_time)?)?;
+        self.boot_time = Some(boot_time);
+        self.start_again()
     }
 
     /// Stops sshd by its pid file and waits for the port to close.

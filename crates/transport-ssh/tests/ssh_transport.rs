@@ -99,6 +99,7 @@ fn deployment(target_id: uuid::Uuid, attempt: u32, fixture: &Fixture) -> Deploym
             heartbeat_seconds: 30,
             patches,
             reboot: RebootPolicy::Never,
+            reboot_command: None,
             keep_files: false,
         },
         agent_binary: Some(fixture.agent.clone()),
@@ -151,7 +152,15 @@ async fn probe_with_a_key_reads_os_arch_rights_and_detection_rules() {
 
     let verify = transport.verify(&peer.target(), &patches).await.unwrap();
     assert_eq!(verify.installed, vec![0, 2]);
-    assert_eq!(verify.missing, vec![1, 3, 4, 5, 6, 7]);
+    // What a rule here can judge is installed or missing; a hotfix rule, no
+    // rule, or an invalid package name cannot be judged on this host.
+    assert_eq!(verify.missing, vec![1, 3, 6]);
+    assert_eq!(verify.unknown, vec![4, 5, 7]);
+    // The boot time, from /proc/stat: the same on every probe until a reboot.
+    let boot: u64 = report.boot_id.as_deref().expect("a boot time").parse().expect("seconds");
+    assert!(boot > 1_000_000_000, "{boot}");
+    let again = transport.probe(&peer.target(), &[]).await.unwrap();
+    assert_eq!(again.boot_id, report.boot_id);
 }
 
 #[tokio::test]

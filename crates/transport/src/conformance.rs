@@ -67,6 +67,7 @@ pub fn one_patch_deployment(
                 timeout_seconds: 60,
             }],
             reboot: RebootPolicy::Never,
+            reboot_command: None,
             keep_files: false,
         },
         agent_binary,

@@ -104,6 +104,12 @@ pub struct ProbeReport {
     pub installed: Vec<u32>,
     /// Anything else worth recording (build number, hostname, ...).
     pub details: BTreeMap<String, String>,
+    /// A value that changes with every boot (the boot time), when the
+    /// transport can read one: after a reboot the worker compares it with
+    /// the one the deployment's probe read, to tell a machine that rebooted
+    /// from one that has not yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_id: Option<String>,
 }
 
 /// A file to copy to the target.
@@ -146,6 +152,10 @@ pub enum AgentStart {
 pub struct VerifyReport {
     pub installed: Vec<u32>,
     pub missing: Vec<u32>,
+    /// Patches the scan cannot judge on this target: no detection rule, or
+    /// one for another kind of system. Neither installed nor missing.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unknown: Vec<u32>,
 }
 
 /// Why a step failed.

@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use fleetpatch_proto::plan::DeploymentPlan;
+use fleetpatch_proto::plan::{DeploymentPlan, RebootPolicy};
 use fleetpatch_proto::report_auth::{SignedRequest, SigningKey};
 use fleetpatch_proto::v1::{self, agent_report::Kind};
 use fleetpatch_runtime::ConfigError;
@@ -42,6 +42,9 @@ pub enum HostBehaviour {
     /// its first [`SimOptions::comes_back_after`] contacts (probes and
     /// reachability checks), healthy from then on.
     ComesBack,
+    /// Every patch exits 3010 (installed, reboot required), and once the
+    /// machine reboots it never answers again.
+    NoReturn,
 }
 
 impl HostBehaviour {
@@ -67,6 +70,9 @@ pub struct SimOptions {
     pub installed_rate: f64,
     /// Contacts a `comes_back` host refuses before it answers.
     pub comes_back_after: u32,
+    /// Contacts a host refuses while it reboots (after its agent asked for
+    /// a reboot), before it answers on a new boot.
+    pub reboot_contacts: u32,
     /// Behaviour by host name, over the drawn one.
     pub overrides: BTreeMap<String, HostBehaviour>,
     /// Workers only: the simulated fleet runs in another process
@@ -89,6 +95,7 @@ impl Default for SimOptions {
             slow_patch_rate: 0.0,
             installed_rate: 0.0,
             comes_back_after: 3,
+            reboot_contacts: 2,
             overrides: BTreeMap::new(),
             fleet_url: None,
         }
@@ -135,6 +142,12 @@ struct AgentSlot {
 struct FleetState {
     /// Contacts refused so far, per `comes_back` host.
     refused_contacts: HashMap<String, u32>,
+    /// Boots since the fleet started, per host that rebooted.
+    boots: HashMap<String, u32>,
+    /// Contacts a rebooting host still refuses.
+    rebooting: HashMap<String, u32>,
+    /// `no_return` hosts that rebooted: they never answer again.
+    gone: HashSet<String>,
     staged: HashSet<String>,
     agents: HashMap<String, AgentSlot>,
     starts: HashMap<String, u32>,
@@ -303,7 +316,47 @@ impl SimFleet {
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
 
+    /// The agent asked for a reboot: the host refuses its next
+    /// [`SimOptions::reboot_contacts`] contacts and then answers on a new
+    /// boot (a `no_return` host never answers again).
+    fn reboot(&self, host: &str, behaviour: HostBehaviour) {
+        let mut state = self.state.lock().expect("sim fleet lock");
+        *state.boots.entry(host.to_owned()).or_default() += 1;
+        if behaviour == HostBehaviour::NoReturn {
+            state.gone.insert(host.to_owned());
+        } else if self.options.reboot_contacts > 0 {
+            state.rebooting.insert(host.to_owned(), self.options.reboot_contacts);
+        }
+    }
+
+    /// The host's boot: changes with every reboot.
+    fn boot_id(&self, host: &str) -> String {
+        let boots = self.state.lock().expect("sim fleet lock").boots.get(host).copied().unwrap_or(0);
+        format!("sim-boot-{boots}")
+    }
+
+    /// A rebooting host refuses the contact (and is one contact closer to
+    /// being back); a `no_return` host that rebooted refuses every one.
+    fn down_for_reboot(&self, host: &str) -> bool {
+        let mut state = self.state.lock().expect("sim fleet lock");
+        if state.gone.contains(host) {
+            return true;
+        }
+        let Some(left) = state.rebooting.get_mut(host) else { return false };
+        *left -= 1;
+        if *left == 0 {
+            state.rebooting.remove(host);
+        }
+        true
+    }
+
     fn check_reachable(&self, target: &TargetSpec) -> Result<()> {
+        if self.down_for_reboot(&target.host) {
+            return Err(Error::Unreachable {
+                address: target.address(),
+                reason: "connection refused (simulated: rebooting)".into(),
+            });
+        }
         let refused = match self.behaviour(target) {
             HostBehaviour::Unreachable => true,
             HostBehaviour::ComesBack => {
@@ -358,6 +411,7 @@ impl crate::Transport for SimTransport {
             is_admin: true,
             installed,
             details: BTreeMap::from([("behaviour".into(), format!("{:?}", fleet.behaviour(target)))]),
+            boot_id: Some(fleet.boot_id(&target.host)),
         })
     }
 
@@ -434,7 +488,7 @@ impl crate::Transport for SimTransport {
     async fn verify(&self, target: &TargetSpec, patches: &[PatchProbe]) -> Result<VerifyReport> {
         let probe = self.probe(target, patches).await?;
         let missing = patches.iter().map(|p| p.index).filter(|i| !probe.installed.contains(i)).collect();
-        Ok(VerifyReport { installed: probe.installed, missing })
+        Ok(VerifyReport { installed: probe.installed, missing, unknown: vec![] })
     }
 }
 
@@ -480,7 +534,9 @@ impl SimAgent {
             }
             let (exit_code, outcome) = match self.behaviour {
                 HostBehaviour::FailPatch if Some(patch.index) == slow_index => (1603, v1::PatchOutcome::Failed),
-                HostBehaviour::RebootRequired => (3010, v1::PatchOutcome::InstalledRebootRequired),
+                HostBehaviour::RebootRequired | HostBehaviour::NoReturn => {
+                    (3010, v1::PatchOutcome::InstalledRebootRequired)
+                }
                 _ => (0, v1::PatchOutcome::Installed),
             };
             if outcome == v1::PatchOutcome::Failed {
@@ -502,6 +558,16 @@ impl SimAgent {
         let message = if all_ok { "all patches installed" } else { "one or more patches failed" };
         self.send(Kind::Final(v1::FinalResult { success: all_ok, reboot_required: reboot, message: message.into() }))
             .await;
+        // As the real agent: the reboot after the final report, when the
+        // plan's policy says so.
+        let reboot = match self.plan.reboot {
+            RebootPolicy::Never => false,
+            RebootPolicy::IfRequired => reboot,
+            RebootPolicy::Always => true,
+        };
+        if reboot {
+            self.fleet.reboot(&self.host, self.behaviour);
+        }
     }
 
     /// Posts one report, retrying with backoff until the collector takes it

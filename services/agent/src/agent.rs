@@ -106,7 +106,8 @@ pub fn run_until(options: &RunOptions, stop: &StopSignal) -> Result<RunSummary, 
         remove_staged_files(&loaded, &reporter, &drain, options);
     }
     if reboot {
-        run_reboot_command(&options.reboot_command);
+        // The worker's command for this kind of target wins over the agent's default.
+        run_reboot_command(plan.reboot_command.as_deref().unwrap_or(&options.reboot_command));
     } else if reboot_required {
         info!("a reboot is required but the plan's reboot policy is never");
     }
@@ -465,6 +466,7 @@ mod tests {
                 })
                 .collect(),
             reboot: RebootPolicy::IfRequired,
+            reboot_command: None,
             keep_files: false,
         }
     }

@@ -257,6 +257,7 @@ mod tests {
             heartbeat_seconds: 30,
             patches,
             reboot: RebootPolicy::IfRequired,
+            reboot_command: None,
             keep_files: false,
         }
     }

@@ -397,6 +397,7 @@ mod tests {
             heartbeat_seconds: 30,
             patches: vec![patch],
             reboot: RebootPolicy::Never,
+            reboot_command: None,
             keep_files: true,
         };
         LoadedPlan { plan, directory: directory.to_path_buf(), path: directory.join("plan.json") }

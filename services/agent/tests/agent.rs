@@ -433,3 +433,21 @@ fn bad_plans_are_refused_naming_the_field() {
     assert_eq!(usage.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&usage.stderr).contains("run needs --plan"));
 }
+
+#[test]
+fn the_plans_reboot_command_wins_over_the_agents_default() {
+    let collector = TestCollector::start();
+    let stage = Stage::new();
+    stage.write_plan(&collector.url(), &[TestPatch::script("a", "echo a\n")], 30, "always", false);
+    let mut plan: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(stage.plan_path()).unwrap()).unwrap();
+    let marker = stage.outside("plan-reboot");
+    plan["reboot_command"] = format!("echo from-plan >> '{}'", marker.display()).into();
+    std::fs::write(stage.plan_path(), plan.to_string()).unwrap();
+
+    let output = wait_agent(spawn_agent(Path::new(agent_binary()), &stage.run_arguments()), Duration::from_secs(60));
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(final_result(&collector.unique_reports().0).success);
+    assert_eq!(std::fs::read_to_string(&marker).unwrap(), "from-plan\n", "the worker's command ran");
+    assert!(!stage.reboot_marker().exists(), "and not the agent's --reboot-command");
+}

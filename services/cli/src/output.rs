@@ -194,7 +194,7 @@ pub struct Counts {
 impl Counts {
     pub fn from_states(total: u64, by_state: &BTreeMap<String, u64>) -> Self {
         let get = |state: &str| by_state.get(state).copied().unwrap_or(0);
-        let in_flight = ["queued", "probing", "staging", "installing", "running"].iter().map(|s| get(s)).sum();
+        let in_flight = fleetpatch_proto::state::TargetState::IN_FLIGHT.iter().map(|s| get(s.as_str())).sum();
         let mut counts = Counts {
             total,
             succeeded: get("succeeded"),

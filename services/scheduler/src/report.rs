@@ -427,6 +427,7 @@ impl EvidenceReport {
             "cancelled",
             "missed_window",
             "offline",
+            "rebooting",
         ] {
             let _ = write!(out, "<span style=\"background:{}\">&nbsp;&nbsp;</span> {state} ", colour(state));
         }
@@ -448,6 +449,7 @@ fn colour(state: &str) -> &'static str {
         "cancelled" => "#757575",
         "missed_window" => "#9e9e9e",
         "offline" => "#6a1b9a",
+        "rebooting" => "#00838f",
         "pending" => "#e0e0e0",
         _ => "#1565c0",
     }

@@ -64,6 +64,17 @@ pub struct WorkerOptions {
     /// Delay before each reachability check of an offline target (seconds;
     /// the last repeats), for rollouts with `retry_offline_for`.
     pub offline_check_seconds: Vec<u64>,
+    /// Delay before each check of a machine that reboots after its
+    /// deployment (seconds; the last repeats), until it is back on a new
+    /// boot or the rollout's `reboot_timeout_seconds` runs out.
+    pub reboot_check_seconds: Vec<u64>,
+    /// The command the agent runs to reboot a Unix target, when the
+    /// rollout's reboot policy says so (the agent's default: `shutdown -r +1`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unix_reboot_command: Option<String>,
+    /// The same for Windows targets (the agent's default: `shutdown /r /t 60`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub windows_reboot_command: Option<String>,
     /// Time limit of one remote step (probe, stage, start) in seconds.
     pub step_timeout_seconds: u64,
     /// Agent binary per target architecture (`x86_64`, `aarch64`, ...) for
@@ -89,6 +100,9 @@ impl Default for WorkerOptions {
             collector_ca_file: None,
             retry_backoff_seconds: vec![10, 60, 300],
             offline_check_seconds: vec![60, 300, 900, 1800, 3600],
+            reboot_check_seconds: vec![15, 15, 30, 30, 60],
+            unix_reboot_command: None,
+            windows_reboot_command: None,
             step_timeout_seconds: 300,
             agent_binaries: BTreeMap::new(),
             content_dir: PathBuf::from("/var/lib/fleetpatch/content"),
@@ -119,11 +133,29 @@ impl WorkerOptions {
                 ),
             ));
         }
-        if self.offline_check_seconds.is_empty() || self.offline_check_seconds.contains(&0) {
-            return Err(ConfigError::invalid(
-                "worker.offline_check_seconds",
-                format!("must be a non-empty list of delays of at least 1 s, got {:?}", self.offline_check_seconds),
-            ));
+        for (key, delays) in [
+            ("worker.offline_check_seconds", &self.offline_check_seconds),
+            ("worker.reboot_check_seconds", &self.reboot_check_seconds),
+        ] {
+            if delays.is_empty() || delays.contains(&0) {
+                return Err(ConfigError::invalid(
+                    key,
+                    format!("must be a non-empty list of delays of at least 1 s, got {delays:?}"),
+                ));
+            }
+        }
+        for (key, command) in [
+            ("worker.unix_reboot_command", &self.unix_reboot_command),
+            ("worker.windows_reboot_command", &self.windows_reboot_command),
+        ] {
+            if let Some(command) = command {
+                if command.trim().is_empty() || command.contains(['\n', '\r', '\0']) || command.len() > 1_024 {
+                    return Err(ConfigError::invalid(
+                        key,
+                        format!("must be one line of at most 1024 bytes, not empty, got {command:?}"),
+                    ));
+                }
+            }
         }
         if self.step_timeout_seconds == 0 {
             return Err(ConfigError::too_small("worker.step_timeout_seconds", 1));
@@ -607,6 +639,11 @@ impl Worker {
                 })
                 .collect(),
             reboot: settings.reboot,
+            reboot_command: if probe.os.eq_ignore_ascii_case("windows") {
+                self.options.windows_reboot_command.clone()
+            } else {
+                self.options.unix_reboot_command.clone()
+            },
             keep_files: settings.keep_files,
         };
         Ok(Deployment { plan, agent_binary, files })
@@ -651,7 +688,9 @@ impl Worker {
             .collect();
         match self.step("verify", &spec.address(), transport.verify(&spec, &probes)).await {
             Ok(report) => {
-                self.store.record_verification(target.id, job.attempt, &report.installed, &report.missing).await?;
+                self.store
+                    .record_verification(target.id, job.attempt, &report.installed, &report.missing, &report.unknown)
+                    .await?;
             }
             Err(StepError::Transport(error)) => {
                 tracing::warn!(target_id = %target.id, error = %error, "verification scan failed");
@@ -694,7 +733,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn offline_check_delays_must_be_given_and_positive() {
+    fn offline_and_reboot_check_delays_must_be_given_and_positive() {
         assert!(WorkerOptions::default().validate().is_ok());
         for bad in [vec![], vec![60, 0]] {
             let options = WorkerOptions { offline_check_seconds: bad.clone(), ..WorkerOptions::default() };
@@ -703,7 +742,24 @@ mod tests {
                 error.starts_with("worker.offline_check_seconds") && error.contains(&format!("{bad:?}")),
                 "{error}"
             );
+            let options = WorkerOptions { reboot_check_seconds: bad.clone(), ..WorkerOptions::default() };
+            let error = options.validate().unwrap_err().to_string();
+            assert!(error.starts_with("worker.reboot_check_seconds") && error.contains(&format!("{bad:?}")), "{error}");
         }
+    }
+
+    #[test]
+    fn a_reboot_command_is_one_line() {
+        for bad in ["", "  ", "shutdown -r now\nrm -rf /"] {
+            let options = WorkerOptions { unix_reboot_command: Some(bad.into()), ..WorkerOptions::default() };
+            let error = options.validate().unwrap_err().to_string();
+            assert!(error.starts_with("worker.unix_reboot_command"), "{error}");
+            let options = WorkerOptions { windows_reboot_command: Some(bad.into()), ..WorkerOptions::default() };
+            assert!(options.validate().unwrap_err().to_string().starts_with("worker.windows_reboot_command"));
+        }
+        let options =
+            WorkerOptions { unix_reboot_command: Some("systemctl reboot".into()), ..WorkerOptions::default() };
+        assert!(options.validate().is_ok());
     }
 
     #[test]

@@ -1,15 +1,22 @@
-//! Reachability checks of offline targets (rollouts with
-//! `retry_offline_for`): a connect to the target's port through its
-//! transport ([`Transport::reachable`]), no login and no credential read.
-//! The store decides what the answer means (back to `pending`, the next
-//! check, or `failed` when the time ran out); the checks' delays grow
-//! along `worker.offline_check_seconds`.
+//! The `reach` queue: checks of machines that are away.
+//!
+//! * Offline targets (rollouts with `retry_offline_for`): a connect to the
+//!   target's port through its transport ([`Transport::reachable`]), no
+//!   login and no credential read. The store decides what the answer means
+//!   (back to `pending`, the next check, or `failed` when the time ran
+//!   out); the checks' delays grow along `worker.offline_check_seconds`.
+//! * Rebooting targets (a reboot after a successful deployment): the same
+//!   connect, then a probe for the boot (its boot time) compared with the
+//!   one the deployment's probe read, and once the machine is back on a new
+//!   boot the verification scan, whose result is the target's verdict
+//!   ([`fleetpatch_store::RebootCheck`]). Paced by `worker.reboot_check_seconds`.
 
 use std::time::Duration;
 
 use fleetpatch_proto::state::TargetState;
 use fleetpatch_proto::v1;
-use fleetpatch_store::{CheckOutcome, Reachability};
+use fleetpatch_store::{CheckOutcome, Reachability, RebootCheck, RebootOutcome, Target};
+use fleetpatch_transport::{PatchProbe, Transport};
 use uuid::Uuid;
 
 use crate::{JobError, Worker};
@@ -24,6 +31,9 @@ impl Worker {
         let target_id = Uuid::parse_str(&check.target_id)
             .map_err(|e| JobError::Permanent(format!("reachability check target id: {e}")))?;
         let target = self.store.target(target_id).await?;
+        if target.state == TargetState::Rebooting && target.attempt == check.attempt {
+            return self.reboot_check(target, check).await;
+        }
         if target.state != TargetState::Offline || target.attempt != check.attempt {
             tracing::debug!(target_id = %target_id, state = %target.state, "reachability check is stale; dropped");
             return Ok(());
@@ -52,6 +62,70 @@ impl Worker {
         metrics::counter!("fleetpatch_worker_reachability_checks_total", "result" => result).increment(1);
         tracing::info!(target_id = %target.id, check = check.check, outcome = ?outcome, "reachability check");
         Ok(())
+    }
+}
+
+impl Worker {
+    /// One check of a machine that reboots after its deployment.
+    async fn reboot_check(&self, target: Target, check: v1::ReachabilityCheck) -> Result<(), JobError> {
+        let transport = self
+            .transports
+            .get(&target.transport)
+            .cloned()
+            .ok_or_else(|| JobError::Transient(format!("this worker has no {:?} transport", target.transport)))?;
+        let found = self.look_for_new_boot(&target, transport.as_ref()).await?;
+        let next_delay = check_delay(&self.options.reboot_check_seconds, check.check);
+        let outcome = self.store.record_reboot_check(target.id, check.attempt, check.check, &found, next_delay).await?;
+        let result = match (&found, &outcome) {
+            (_, RebootOutcome::Stale) => "stale",
+            (RebootCheck::Down(_), RebootOutcome::Waiting { .. }) => "down",
+            (_, RebootOutcome::Waiting { .. }) => "same_boot",
+            (_, RebootOutcome::Verified) => "verified",
+            (_, RebootOutcome::MissingAfterReboot) => "missing_after_reboot",
+            (_, RebootOutcome::DidNotComeBack) => "did_not_come_back",
+        };
+        metrics::counter!("fleetpatch_worker_reboot_checks_total", "result" => result).increment(1);
+        tracing::info!(target_id = %target.id, check = check.check, outcome = ?outcome, "reboot check");
+        Ok(())
+    }
+
+    /// Whether the machine is back on a new boot, and then what the
+    /// verification scan finds. A machine whose transport reads no boot
+    /// time counts as rebooted once a check saw it down and it answers again.
+    async fn look_for_new_boot(&self, target: &Target, transport: &dyn Transport) -> Result<RebootCheck, JobError> {
+        let down = |error: crate::StepError| match error {
+            crate::StepError::Transport(error) => Ok(RebootCheck::Down(error.to_string())),
+            crate::StepError::Store(error) => Err(JobError::from(error)),
+            crate::StepError::Permanent(reason) => Err(JobError::Permanent(reason)),
+        };
+        let bare = crate::spec_without_credential(target);
+        if let Err(error) = self.step("reachable", &bare.address(), transport.reachable(&bare)).await {
+            return down(error);
+        }
+        let spec = self.target_spec(target)?;
+        let address = spec.address();
+        let now = match self.step("probe", &address, transport.probe(&spec, &[])).await {
+            Ok(probe) => probe,
+            Err(error) => return down(error),
+        };
+        let rebooted = match (&target.boot_id, &now.boot_id) {
+            (Some(before), Some(after)) => before != after,
+            _ => target.went_down_at.is_some(),
+        };
+        if !rebooted {
+            return Ok(RebootCheck::SameBoot);
+        }
+        let patches = self.store.patches(target.rollout_id).await?;
+        let probes: Vec<PatchProbe> = patches
+            .iter()
+            .map(|p| PatchProbe { index: p.index, name: p.name.clone(), detection: p.detection.clone() })
+            .collect();
+        match self.step("verify", &address, transport.verify(&spec, &probes)).await {
+            Ok(report) => {
+                Ok(RebootCheck::Back { installed: report.installed, missing: report.missing, unknown: report.unknown })
+            }
+            Err(error) => down(error),
+        }
     }
 }
 

@@ -57,6 +57,8 @@ macro_rules! store_conformance_suite {
             maintenance_windows_gate_dispatch_and_the_deadline_ends_the_wait,
             offline_targets_free_their_slot_and_come_back_or_fail_when_their_time_runs_out,
             an_offline_target_holds_the_rollout_open_until_it_ends_and_abort_cancels_it,
+            a_rebooting_target_holds_its_slot_until_it_is_back_on_a_new_boot_and_the_scan_decides,
+            a_machine_that_does_not_come_back_or_never_reboots_fails_and_only_a_successful_final_reboots,
             evidence_digests_are_kept_once_and_a_rollouts_patch_rows_read_in_bulk,
             claim_is_guarded_and_a_takeover_keeps_the_token_nonce,
             probe_records_patch_rows_and_skips_installed_patches,
@@ -149,6 +151,8 @@ struct Spec {
     schedule: crate::schedule::Schedule,
     /// `retry_offline_for_seconds`.
     offline_for: Option<u64>,
+    reboot: RebootPolicy,
+    reboot_timeout_seconds: u64,
 }
 
 impl Spec {
@@ -161,6 +165,8 @@ impl Spec {
             waves: vec![],
             schedule: crate::schedule::Schedule::default(),
             offline_for: None,
+            reboot: RebootPolicy::IfRequired,
+            reboot_timeout_seconds: 1_800,
         }
     }
 }
@@ -187,9 +193,10 @@ async fn create(store: &Store, spec: Spec) -> Uuid {
             waves,
             settings: RolloutSettings {
                 heartbeat_seconds: 5,
-                reboot: RebootPolicy::IfRequired,
+                reboot: spec.reboot,
                 max_tries: 2,
                 retry_offline_for_seconds: spec.offline_for,
+                reboot_timeout_seconds: spec.reboot_timeout_seconds,
                 keep_files: true,
                 schedule: spec.schedule.clone(),
             },
@@ -284,6 +291,7 @@ fn pair(from: TargetState, to: TargetState) -> (String, String) {
 mod auth;
 mod offline;
 mod properties;
+mod reboot;
 mod recovery;
 mod reports;
 mod rollouts;
@@ -293,6 +301,7 @@ mod worker;
 pub use auth::*;
 pub use offline::*;
 pub use properties::*;
+pub use reboot::*;
 pub use recovery::*;
 pub use reports::*;
 pub use rollouts::*;

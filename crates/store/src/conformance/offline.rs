@@ -15,7 +15,7 @@ async fn claimed(store: &Store, target: &Target) -> Target {
     context.target
 }
 
-fn reach_checks(messages: &[fleetpatch_bus::Outgoing]) -> Vec<(v1::ReachabilityCheck, Option<i64>)> {
+pub(super) fn reach_checks(messages: &[fleetpatch_bus::Outgoing]) -> Vec<(v1::ReachabilityCheck, Option<i64>)> {
     messages
         .iter()
         .filter(|m| m.routing_key == routing::REACH)

@@ -26,15 +26,44 @@ const OPERATIONS: usize = 100;
 #[derive(Debug, Clone, Copy)]
 enum Op {
     Dispatch,
-    Claim { target: usize, takeover: bool },
-    Probe { target: usize, all_installed: bool },
-    Installing { target: usize },
-    Running { target: usize },
-    Fail { target: usize },
-    Requeue { target: usize },
-    Offline { target: usize },
-    Check { target: usize, answered: bool },
-    Final { target: usize, success: bool },
+    Claim {
+        target: usize,
+        takeover: bool,
+    },
+    Probe {
+        target: usize,
+        all_installed: bool,
+    },
+    Installing {
+        target: usize,
+    },
+    Running {
+        target: usize,
+    },
+    Fail {
+        target: usize,
+    },
+    Requeue {
+        target: usize,
+    },
+    Offline {
+        target: usize,
+    },
+    Check {
+        target: usize,
+        answered: bool,
+    },
+    Final {
+        target: usize,
+        success: bool,
+        reboot: bool,
+    },
+    /// A check of a rebooting machine: 0 down, 1 the same boot, 2 back with
+    /// every patch, 3 back with one missing.
+    RebootCheck {
+        target: usize,
+        found: u8,
+    },
     Timeout,
     Pause,
     Resume,
@@ -53,8 +82,9 @@ fn random_op(rng: &mut StdRng, targets: usize) -> Op {
         54..=56 => Op::Fail { target },
         57..=59 => Op::Requeue { target },
         60..=62 => Op::Offline { target },
-        63..=66 => Op::Check { target, answered: rng.random_bool(0.4) },
-        67..=78 => Op::Final { target, success: rng.random_bool(0.7) },
+        63..=64 => Op::Check { target, answered: rng.random_bool(0.4) },
+        65..=66 => Op::RebootCheck { target, found: rng.random_range(0..4) },
+        67..=78 => Op::Final { target, success: rng.random_bool(0.7), reboot: rng.random_bool(0.3) },
         79..=84 => Op::Timeout,
         85..=87 => Op::Pause,
         88..=92 => Op::Resume,
@@ -74,8 +104,9 @@ fn next_step(rng: &mut StdRng, target: usize, state: TargetState) -> Op {
         TargetState::Staging => Op::Installing { target },
         TargetState::Installing => Op::Running { target },
         TargetState::Running if rng.random_bool(0.3) => Op::Timeout,
-        TargetState::Running => Op::Final { target, success: rng.random_bool(0.7) },
+        TargetState::Running => Op::Final { target, success: rng.random_bool(0.7), reboot: rng.random_bool(0.3) },
         TargetState::Offline => Op::Check { target, answered: rng.random_bool(0.4) },
+        TargetState::Rebooting => Op::RebootCheck { target, found: rng.random_range(0..4) },
         TargetState::Failed | TargetState::TimedOut => Op::RetryFailed,
         TargetState::Succeeded | TargetState::Cancelled | TargetState::MissedWindow => Op::Resume,
     }
@@ -100,7 +131,13 @@ pub async fn every_recorded_move_is_an_edge_of_the_state_machine(db: &dyn TestDa
         let waves = vec![WaveSpec::new("canary", Some(2), 50.0), WaveSpec::new("rest", None, 100.0)];
         let count = rng.random_range(3..7);
         let concurrency = rng.random_range(1..4);
-        let spec = Spec { timeout_seconds: 60, waves, offline_for: Some(120), ..Spec::new(count, 2, concurrency) };
+        let spec = Spec {
+            timeout_seconds: 60,
+            waves,
+            offline_for: Some(120),
+            reboot_timeout_seconds: 120,
+            ..Spec::new(count, 2, concurrency)
+        };
         let id = create(store, spec).await;
         let targets = all_targets(store, id).await;
         let mut contexts: HashMap<Uuid, DeployContext> = HashMap::new();
@@ -145,8 +182,15 @@ pub async fn every_recorded_move_is_an_edge_of_the_state_machine(db: &dyn TestDa
         }
     }
     // The sequences reach the rarer edges too, or this property says little about them.
-    for (from, to) in [("probing", "offline"), ("offline", "pending"), ("offline", "failed"), ("running", "timed_out")]
-    {
+    for (from, to) in [
+        ("probing", "offline"),
+        ("offline", "pending"),
+        ("offline", "failed"),
+        ("running", "timed_out"),
+        ("running", "rebooting"),
+        ("rebooting", "succeeded"),
+        ("rebooting", "failed"),
+    ] {
         let key = (from.to_owned(), to.to_owned());
         assert!(moves.contains_key(&key), "no sequence moved {from} -> {to}: {moves:?}");
     }
@@ -212,12 +256,26 @@ async fn apply(
                 .await
                 .expect("check");
         }
-        Op::Final { target, success } => {
+        Op::RebootCheck { target, found } => {
+            let now = current(target).await;
+            let found = match found {
+                0 => RebootCheck::Down("refused".into()),
+                1 => RebootCheck::SameBoot,
+                2 => RebootCheck::Back { installed: vec![0, 1], missing: vec![], unknown: vec![] },
+                _ => RebootCheck::Back { installed: vec![0], missing: vec![1], unknown: vec![] },
+            };
+            let check = now.tries + 1;
+            store
+                .record_reboot_check(now.id, now.attempt, check, &found, Duration::from_secs(30))
+                .await
+                .expect("reboot check");
+        }
+        Op::Final { target, success, reboot } => {
             let now = current(target).await;
             let seq = seqs.entry(now.id).or_default();
             *seq += 1;
             let message = if success { "all installed" } else { "a patch failed" };
-            let kind = ReportKind::Final { success, reboot_required: false, message: message.into() };
+            let kind = ReportKind::Final { success, reboot_required: reboot, message: message.into() };
             store.report_intake().apply_reports(&[report(&now, *seq, kind)]).await.expect("final result");
         }
         Op::Timeout => {

@@ -90,16 +90,16 @@ pub async fn verification_verdicts_are_recorded_per_attempt(db: &dyn TestDatabas
     let store = db.store();
     let id = create(store, Spec::new(1, 3, 1)).await;
     let target = all_targets(store, id).await.remove(0);
-    store.record_verification(target.id, 1, &[0], &[1, 2]).await.expect("verify");
+    store.record_verification(target.id, 1, &[0], &[1, 2], &[]).await.expect("verify");
     let verified = store.target(target.id).await.expect("target");
     assert_eq!(verified.verified_state.as_deref(), Some("missing #1, #2"));
     assert!(verified.verified_at.is_some());
-    store.record_verification(target.id, 1, &[], &[0, 1, 2]).await.expect("verify");
+    store.record_verification(target.id, 1, &[], &[0, 1, 2], &[]).await.expect("verify");
     assert_eq!(store.target(target.id).await.expect("target").verified_state.as_deref(), Some("none_installed"));
-    store.record_verification(target.id, 1, &[0, 1, 2], &[]).await.expect("verify");
+    store.record_verification(target.id, 1, &[0, 1, 2], &[], &[]).await.expect("verify");
     assert_eq!(store.target(target.id).await.expect("target").verified_state.as_deref(), Some("all_installed"));
     // A scan of another attempt does not overwrite this one's.
-    store.record_verification(target.id, 9, &[], &[0, 1, 2]).await.expect("verify");
+    store.record_verification(target.id, 9, &[], &[0, 1, 2], &[]).await.expect("verify");
     assert_eq!(store.target(target.id).await.expect("target").verified_state.as_deref(), Some("all_installed"));
 }
 

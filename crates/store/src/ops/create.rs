@@ -119,6 +119,8 @@ async fn insert_targets_portable(
             verified_at: Set(None),
             offline_until: Set(None),
             next_check_at: Set(None),
+            reboot_until: Set(None),
+            went_down_at: Set(None),
             created_at: Set(at),
             updated_at: Set(at),
         });

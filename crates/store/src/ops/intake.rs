@@ -2,6 +2,7 @@
 //! idempotent by (target, attempt, agent instance, seq).
 
 use super::*;
+use fleetpatch_proto::plan::RebootPolicy;
 
 /// The collector's capability on the store: the only way to read agents'
 /// credentials and to apply their reports. The scheduler, the workers and
@@ -507,6 +508,31 @@ async fn apply_patch_report(txn: &DatabaseTransaction, report: &IncomingReport, 
     Ok(())
 }
 
+/// The reboot policy and timeout of each of `rollouts`.
+async fn reboot_settings(
+    txn: &DatabaseTransaction,
+    rollouts: impl Iterator<Item = Uuid>,
+) -> Result<HashMap<Uuid, (RebootPolicy, u64)>> {
+    let ids: BTreeSet<Uuid> = rollouts.collect();
+    if ids.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let rows: Vec<(Uuid, sea_orm::JsonValue)> = rollouts::Entity::find()
+        .select_only()
+        .column(rollouts::Column::Id)
+        .column(rollouts::Column::Settings)
+        .filter(rollouts::Column::Id.is_in(ids))
+        .into_tuple()
+        .all(txn)
+        .await?;
+    let mut settings = HashMap::with_capacity(rows.len());
+    for (id, json) in rows {
+        let parsed: RolloutSettings = from_json(json, "rollout settings")?;
+        settings.insert(id, (parsed.reboot, parsed.reboot_timeout_seconds));
+    }
+    Ok(settings)
+}
+
 /// The final results of a batch, a few statements for all of them: the
 /// targets are locked in id order, those still in flight in the reporting
 /// attempt move to succeeded or failed (the first final result per target
@@ -534,34 +560,62 @@ async fn apply_final_results(txn: &DatabaseTransaction, finals: &[&IncomingRepor
     }
     const FROM: [TargetState; 4] =
         [TargetState::Probing, TargetState::Staging, TargetState::Installing, TargetState::Running];
+    // The reboot policy and timeout of each rollout with a successful final
+    // result in this batch: those targets wait as `rebooting` for their
+    // machine to come back, then for the verification scan.
+    let reboots = reboot_settings(
+        txn,
+        finals
+            .iter()
+            .filter(|r| matches!(r.kind, ReportKind::Final { success: true, .. }))
+            .filter_map(|r| current.get(&r.target_id).map(|c| c.0)),
+    )
+    .await?;
     // (target, rollout, from, to, detail)
     let mut moves: Vec<(Uuid, Uuid, TargetState, TargetState, String)> = Vec::new();
     let mut moved = HashSet::new();
     for report in finals {
-        let ReportKind::Final { success, message, .. } = &report.kind else { continue };
+        let ReportKind::Final { success, reboot_required, message } = &report.kind else { continue };
         let Some((rollout_id, state, attempt)) = current.get(&report.target_id) else { continue };
         if *attempt != report.attempt || !FROM.contains(state) || !moved.insert(report.target_id) {
             continue;
         }
-        let to = if *success { TargetState::Succeeded } else { TargetState::Failed };
-        moves.push((report.target_id, *rollout_id, *state, to, format!("agent: {message}")));
+        let reboots_now = *success
+            && reboots.get(rollout_id).is_some_and(|(policy, _)| match policy {
+                RebootPolicy::Never => false,
+                RebootPolicy::IfRequired => *reboot_required,
+                RebootPolicy::Always => true,
+            });
+        let (to, detail) = match (*success, reboots_now) {
+            (true, true) => (TargetState::Rebooting, format!("agent: {message}; the machine reboots")),
+            (true, false) => (TargetState::Succeeded, format!("agent: {message}")),
+            (false, _) => (TargetState::Failed, format!("agent: {message}")),
+        };
+        moves.push((report.target_id, *rollout_id, *state, to, detail));
     }
     if moves.is_empty() {
         return Ok(());
     }
-    // One UPDATE per outcome (and per failure message, usually one or two).
-    let mut groups: BTreeMap<(TargetState, Option<&str>), Vec<transition::Step>> = BTreeMap::new();
+    // One UPDATE per outcome (per failure message, usually one or two; per
+    // rollout for the reboots, whose deadlines differ).
+    // (state, failure message, rollout of a reboot) → its targets
+    type Group<'a> = (TargetState, Option<&'a str>, Option<Uuid>);
+    let mut groups: BTreeMap<Group<'_>, Vec<transition::Step>> = BTreeMap::new();
     for (target_id, rollout_id, from, to, detail) in &moves {
         let error = (*to == TargetState::Failed).then_some(detail.as_str());
-        groups.entry((*to, error)).or_default().push(transition::Step {
+        let rollout = (*to == TargetState::Rebooting).then_some(*rollout_id);
+        groups.entry((*to, error, rollout)).or_default().push(transition::Step {
             target_id: *target_id,
             rollout_id: *rollout_id,
             from: *from,
             detail: Some(detail.clone()),
         });
     }
-    for ((to, error), steps) in groups {
-        let mut sets = vec![(targets::Column::FinishedAt, Expr::value(at))];
+    for ((to, error, rollout), steps) in groups {
+        let mut sets = match rollout.and_then(|id| reboots.get(&id)) {
+            Some((_, timeout)) => super::reboot::rebooting(at, *timeout),
+            None => vec![(targets::Column::FinishedAt, Expr::value(at))],
+        };
         if let Some(error) = error {
             sets.push((targets::Column::Error, Expr::value(error)));
         }
@@ -573,7 +627,13 @@ async fn apply_final_results(txn: &DatabaseTransaction, finals: &[&IncomingRepor
     let mut messages: Vec<Outgoing> = rollouts.into_iter().map(dispatch_message).collect();
     for (target_id, rollout_id, from, to, detail) in &moves {
         let attempt = current.get(target_id).map(|c| c.2).unwrap_or_default();
-        messages.push(cleanup_message(*target_id, attempt));
+        if *to == TargetState::Rebooting {
+            // The first check at once: it finds the machine still up with
+            // the same boot, or already down; the worker paces the rest.
+            messages.push(super::offline::reach_message(*target_id, attempt, 1));
+        } else {
+            messages.push(cleanup_message(*target_id, attempt));
+        }
         messages.push(event_message(*target_id, *rollout_id, *from, *to, detail, at));
     }
     push_outbox(txn, at, messages).await

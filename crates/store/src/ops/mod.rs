@@ -30,6 +30,7 @@ use crate::{Error, Result, Store};
 use transition::{apply_move, Move};
 
 pub use offline::{CheckOutcome, Reachability};
+pub use reboot::{RebootCheck, RebootOutcome};
 
 const INSERT_CHUNK: usize = 1_000;
 
@@ -111,6 +112,9 @@ fn target_from(m: targets::Model) -> Result<Target> {
         verified_at: m.verified_at,
         offline_until: m.offline_until,
         next_check_at: m.next_check_at,
+        reboot_until: m.reboot_until,
+        went_down_at: m.went_down_at,
+        boot_id: m.probe.as_ref().and_then(|probe| probe.get("boot_id")).and_then(|id| id.as_str()).map(str::to_owned),
         token_hash: m.token_hash,
         token_nonce: m.token_nonce,
     })
@@ -287,7 +291,7 @@ pub struct TimeoutPolicy {
 // ---------------------------------------------------------------- the operations
 
 /// `targets.state IN (…in flight…)` with the states written out as
-/// literals: PostgreSQL uses the partial index `targets_in_flight` only when
+/// literals: PostgreSQL uses the partial index `targets_in_flight_v2` only when
 /// it can prove the query's condition implies the index's, which a list of
 /// bound parameters never does.
 fn in_flight_literal() -> SimpleExpr {
@@ -620,6 +624,7 @@ mod dispatch;
 mod evidence;
 mod intake;
 mod offline;
+mod reboot;
 pub use intake::ReportIntake;
 mod operator;
 mod transition;

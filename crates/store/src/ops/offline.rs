@@ -123,13 +123,9 @@ impl Store {
     ) -> Result<CheckOutcome> {
         let at = self.now();
         let txn = self.begin().await?;
-        let Some(row) = targets::Entity::find_by_id(target_id).lock(LockType::NoKeyUpdate).one(&txn).await? else {
-            return Err(Error::NotFound { what: "target", id: target_id.to_string() });
-        };
-        let target = target_from(row)?;
-        if target.state != TargetState::Offline || target.attempt != attempt || check != target.tries + 1 {
+        let Some(target) = due_check(&txn, target_id, TargetState::Offline, attempt, check).await? else {
             return Ok(CheckOutcome::Stale);
-        }
+        };
         let outcome = match found {
             Reachability::Answered => {
                 self.back_online(&txn, &target, check, at).await?;
@@ -238,8 +234,8 @@ impl Store {
         Ok(())
     }
 
-    /// Reachability checks to send again: offline targets whose next check
-    /// was due more than `grace` ago (its message was lost), oldest first,
+    /// Reachability checks to send again: offline and rebooting targets
+    /// whose next check was due more than `grace` ago (its message was lost), oldest first,
     /// at most `limit`. A duplicate of a check that was only late is dropped
     /// by its number.
     pub async fn overdue_reachability_checks(&self, grace: Duration, limit: u64) -> Result<Vec<Outgoing>> {
@@ -249,7 +245,7 @@ impl Store {
             .column(targets::Column::Id)
             .column(targets::Column::Attempt)
             .column(targets::Column::Try)
-            .filter(targets::Column::State.eq(TargetState::Offline.as_str()))
+            .filter(targets::Column::State.is_in(state_strs(&[TargetState::Offline, TargetState::Rebooting])))
             .filter(targets::Column::NextCheckAt.lt(cutoff))
             .order_by_asc(targets::Column::NextCheckAt)
             .order_by_asc(targets::Column::Id)
@@ -259,6 +255,24 @@ impl Store {
             .await?;
         Ok(rows.into_iter().map(|(id, attempt, done)| reach_message(id, attempt as u32, done as u32 + 1)).collect())
     }
+}
+
+/// The target of check `check` of its `attempt` while it is `state`,
+/// locked; `None` when it is not (it moved on, another attempt, or the
+/// check was done already: a duplicate message). Checks are numbered per
+/// spell in `targets.try`.
+pub(super) async fn due_check(
+    txn: &DatabaseTransaction,
+    target_id: Uuid,
+    state: TargetState,
+    attempt: u32,
+    check: u32,
+) -> Result<Option<Target>> {
+    let Some(row) = targets::Entity::find_by_id(target_id).lock(LockType::NoKeyUpdate).one(txn).await? else {
+        return Err(Error::NotFound { what: "target", id: target_id.to_string() });
+    };
+    let target = target_from(row)?;
+    Ok((target.state == state && target.attempt == attempt && check == target.tries + 1).then_some(target))
 }
 
 /// The end of an offline spell (this attempt's, guarded): to `pending` or `failed`.
@@ -292,7 +306,7 @@ fn offline_cleared() -> Vec<(targets::Column, SimpleExpr)> {
 }
 
 /// A duration for people: `45 s`, `90 min`, `24 h`, `3 d`.
-fn span(seconds: u64) -> String {
+pub(super) fn span(seconds: u64) -> String {
     match seconds {
         s if s % 86_400 == 0 && s >= 86_400 => format!("{} d", s / 86_400),
         s if s % 3_600 == 0 && s >= 3_600 => format!("{} h", s / 3_600),

@@ -306,14 +306,9 @@ impl Store {
         attempt: u32,
         installed: &[u32],
         missing: &[u32],
+        unknown: &[u32],
     ) -> Result<()> {
-        let verdict = if missing.is_empty() {
-            "all_installed".to_owned()
-        } else if installed.is_empty() {
-            "none_installed".to_owned()
-        } else {
-            format!("missing {}", missing.iter().map(|i| format!("#{i}")).collect::<Vec<_>>().join(", "))
-        };
+        let verdict = super::reboot::verdict(installed, missing, unknown);
         let at = self.now();
         targets::Entity::update_many()
             .col_expr(targets::Column::VerifiedState, Expr::value(verdict))

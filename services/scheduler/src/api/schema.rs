@@ -17,6 +17,9 @@ fn default_heartbeat() -> u32 {
 fn default_max_tries() -> u32 {
     3
 }
+fn default_reboot_timeout_seconds() -> u64 {
+    fleetpatch_store::DEFAULT_REBOOT_TIMEOUT_SECONDS
+}
 fn default_success_codes() -> Vec<i32> {
     vec![0, 3010]
 }
@@ -51,6 +54,10 @@ pub struct CreateRollout {
     /// long for its machine to answer again, instead of failing at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_offline_for_seconds: Option<u64>,
+    /// With a reboot (`reboot: if_required|always`): how long a machine has
+    /// to come back on a new boot before the target fails.
+    #[serde(default = "default_reboot_timeout_seconds")]
+    pub reboot_timeout_seconds: u64,
     #[serde(default)]
     pub reboot: RebootPolicy,
     #[serde(default)]
@@ -171,6 +178,13 @@ pub fn validate(
     }
     if request.max_tries == 0 {
         push(&mut errors, "max_tries", "must be at least 1");
+    }
+    if request.reboot_timeout_seconds == 0 || request.reboot_timeout_seconds > 86_400 {
+        push(
+            &mut errors,
+            "reboot_timeout_seconds",
+            format!("must be between 1 and 86400 (1 day), got {}", request.reboot_timeout_seconds),
+        );
     }
     if let Some(seconds) = request.retry_offline_for_seconds {
         if seconds == 0 || seconds > 30 * 86_400 {
@@ -401,6 +415,7 @@ pub fn validate(
             reboot: request.reboot,
             max_tries: request.max_tries,
             retry_offline_for_seconds: request.retry_offline_for_seconds,
+            reboot_timeout_seconds: request.reboot_timeout_seconds,
             keep_files: request.keep_files,
             schedule: Schedule {
                 start_at: request.start_at,
