@@ -128,6 +128,22 @@ async fn probe_reads_version_architecture_and_installed_hotfixes_from_the_regist
     let verify = transport.verify(&spec, &patches()).await.unwrap();
     // The dpkg rule cannot be judged from a Windows registry: unknown, not missing.
     assert_eq!((verify.installed, verify.missing, verify.unknown), (vec![0, 2], vec![1], vec![3]));
+
+    // The boot: `ShutdownTime` (a FILETIME Windows writes as it shuts down)
+    // tells a machine that restarted from one that has not. None without it.
+    assert_eq!(report.boot_id, None, "{report:?}");
+    let shutdown_time = |bytes: &str| {
+        format!(
+            "Windows Registry Editor Version 5.00\n\n\
+             [HKEY_LOCAL_MACHINE\\SYSTEM\\CurrentControlSet\\Control\\Windows]\n\"ShutdownTime\"=hex:{bytes}\n"
+        )
+    };
+    peer.import_registry(&shutdown_time("00,d1,2e,7a,4c,60,db,01")).unwrap();
+    let before = transport.probe(&spec, &[]).await.unwrap().boot_id;
+    assert_eq!(before.as_deref(), Some("00d12e7a4c60db01"));
+    peer.import_registry(&shutdown_time("80,3c,91,c5,51,60,db,01")).unwrap();
+    let after = transport.probe(&spec, &[]).await.unwrap().boot_id;
+    assert_eq!(after.as_deref(), Some("803c91c55160db01"), "a restart writes a new ShutdownTime");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

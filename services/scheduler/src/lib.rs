@@ -641,10 +641,10 @@ impl Core {
                 .increment(stuck.len() as u64);
             self.bus.publish(stuck).await?;
         }
-        // Offline targets whose reachability check is overdue: its message was lost.
+        // Offline and rebooting targets whose check is overdue: its message was lost.
         let checks = self.store.overdue_reachability_checks(self.stuck_job_after, PAGE).await?;
         if !checks.is_empty() {
-            tracing::warn!(count = checks.len(), "re-publishing reachability checks of offline targets that were lost");
+            tracing::warn!(count = checks.len(), "re-publishing lost checks of offline and rebooting targets");
             metrics::counter!("fleetpatch_reconciler_recovered_total", "kind" => "reachability_check")
                 .increment(checks.len() as u64);
             self.bus.publish(checks).await?;

@@ -102,7 +102,13 @@ impl Worker {
         if let Err(error) = self.step("reachable", &bare.address(), transport.reachable(&bare)).await {
             return down(error);
         }
-        let spec = self.target_spec(target)?;
+        // A credential that can no longer be used (its scope or secret
+        // changed since the deployment) is a finding like a refused login:
+        // the target fails when reboot_timeout runs out, not never.
+        let spec = match self.target_spec(target) {
+            Ok(spec) => spec,
+            Err(error) => return Ok(RebootCheck::Down(error.to_string())),
+        };
         let address = spec.address();
         let now = match self.step("probe", &address, transport.probe(&spec, &[])).await {
             Ok(probe) => probe,
