@@ -13,6 +13,8 @@ use std::time::Instant;
 use fleetpatch_store::*;
 use uuid::Uuid;
 
+mod common;
+
 const PATCHES: u32 = 3;
 
 /// A rollout whose targets are all running (as the workers leave them).
@@ -101,20 +103,9 @@ async fn bench_backend(name: &str, store: &Store, targets: usize) {
 async fn main() {
     let targets: usize = std::env::var("FLEETPATCH_BENCH_TARGETS").ok().and_then(|v| v.parse().ok()).unwrap_or(2_000);
 
-    let admin = StoreOptions {
-        url: std::env::var("FLEETPATCH_TEST_DATABASE_URL")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into()),
-        max_connections: 4,
-    };
-    let name = format!("fp_bench_{}", Uuid::new_v4().simple());
-    let options = create_sibling_database(&admin, &name).await.unwrap_or_else(|error| {
-        panic!("this bench needs PostgreSQL at FLEETPATCH_TEST_DATABASE_URL ({}): {error}", redact_url(&admin.url))
-    });
-    let store = Store::connect(&options).await.expect("connect");
-    store.migrate().await.expect("migrate");
+    let (store, database) = common::private_postgres().await;
     bench_backend("postgres", &store, targets).await;
-    store.close().await;
-    drop_sibling_database(&admin, &name).await.expect("drop the bench database");
+    database.drop_with(store).await;
 
     let dir = std::env::temp_dir().join(format!("fp-bench-sqlite-{}", Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir).expect("temp dir");

@@ -619,6 +619,8 @@ impl Store {
     }
 }
 
+#[cfg(feature = "ceiling")]
+mod bench_support;
 mod create;
 mod dispatch;
 mod evidence;
