@@ -209,15 +209,13 @@ async fn main() -> ExitCode {
                 }
             };
         }
-        return match run_service(true, None, settings).await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(error) => {
-                eprintln!("Error: {error:?}");
-                ExitCode::FAILURE
-            }
-        };
+        return print_config(settings).await;
     }
     if let Some(Command::Apikey(command)) = cli.command {
+        if cli.print_config {
+            // The configuration it would use, as for every other command; no key is made.
+            return print_config(settings).await;
+        }
         if settings.database.url.is_empty() {
             eprintln!("error: invalid configuration: database.url must be set (apikey works on the database)");
             return ExitCode::from(exit::INVALID);
@@ -251,6 +249,18 @@ async fn main() -> ExitCode {
         }
     };
     match run_service(cli.print_config, command, settings).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("Error: {error:?}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `--print-config` with a command that would otherwise act (`check`,
+/// `apikey`): the configuration it would use, and nothing done.
+async fn print_config(settings: Settings) -> ExitCode {
+    match run_service(true, None, settings).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("Error: {error:?}");

@@ -443,6 +443,17 @@ async fn api_keys_come_from_the_database_and_refusals_have_their_own_exit_codes(
     assert!(!listed.stdout.contains(&key[key.len() - 64..]), "{listed:?}");
     let table = fleetpatch_with_env(url, &["apikey", "list"], &database).await;
     assert!(table.stdout.contains("ci") && table.stdout.contains("active"), "{table:?}");
+    // `--print-config` prints the configuration and makes no key.
+    for args in [
+        &["--print-config", "apikey", "create", "--name", "shown", "--role", "admin"][..],
+        &["apikey", "create", "--name", "shown", "--role", "admin", "--print-config"][..],
+    ] {
+        let printed = fleetpatch_with_env(url, args, &database).await;
+        assert_eq!(printed.code, 0, "{printed:?}");
+        assert!(printed.stdout.contains("[database]") && !printed.stdout.contains("fpk_"), "{printed:?}");
+    }
+    let listed = fleetpatch_with_env(url, &["apikey", "list", "-o", "json"], &database).await;
+    assert!(!listed.stdout.contains("shown"), "no key was made: {listed:?}");
 
     // No credential: 9; a role too low: 10; each says what to do.
     let anonymous = fleetpatch(url, &["rollout", "list"]).await;
