@@ -170,8 +170,7 @@ impl Store {
                 RebootOutcome::Waiting { check: check + 1, next_check_at }
             }
             RebootCheck::Down(reason) => {
-                let rollout = self.rollout(target.rollout_id).await?;
-                let span = super::offline::span(rollout.settings.reboot_timeout_seconds);
+                let span = super::offline::span(reboot_timeout(&txn, target.rollout_id).await?);
                 let detail = format!(
                     "did not come back after reboot within reboot_timeout ({span}); last check {check}: {reason}"
                 );
@@ -182,8 +181,7 @@ impl Store {
                 RebootOutcome::DidNotComeBack
             }
             RebootCheck::SameBoot => {
-                let rollout = self.rollout(target.rollout_id).await?;
-                let span = super::offline::span(rollout.settings.reboot_timeout_seconds);
+                let span = super::offline::span(reboot_timeout(&txn, target.rollout_id).await?);
                 let detail = format!(
                     "did not come back after reboot within reboot_timeout ({span}): the machine answers, but its \
                      boot time has not changed (the reboot did not happen)"
@@ -197,6 +195,15 @@ impl Store {
         txn.commit().await?;
         Ok(outcome)
     }
+}
+
+/// The rollout's `reboot_timeout_seconds`, read in the check's transaction.
+async fn reboot_timeout(txn: &DatabaseTransaction, rollout_id: Uuid) -> Result<u64> {
+    let rollout = rollouts::Entity::find_by_id(rollout_id)
+        .one(txn)
+        .await?
+        .ok_or_else(|| Error::NotFound { what: "rollout", id: rollout_id.to_string() })?;
+    Ok(rollout_from(rollout)?.settings.reboot_timeout_seconds)
 }
 
 /// The end of a reboot spell (this attempt's, guarded): `succeeded` or
