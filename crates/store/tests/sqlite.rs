@@ -16,8 +16,11 @@ struct SqliteDatabase {
     store: Store,
 }
 
+/// One connection, as the demo runs it: an operation that reads through the
+/// store's pool while its own transaction holds the only connection waits
+/// for ever there (and fails here, when the pool gives up).
 fn options(dir: &std::path::Path) -> StoreOptions {
-    StoreOptions { url: format!("sqlite://{}?mode=rwc", dir.join("db.sqlite").display()), max_connections: 4 }
+    StoreOptions { url: format!("sqlite://{}?mode=rwc", dir.join("db.sqlite").display()), max_connections: 1 }
 }
 
 async fn make_database() -> SqliteDatabase {
