@@ -133,17 +133,8 @@ impl Store {
             }
             Reachability::Silent(reason) => match target.offline_until {
                 Some(until) if at < until => {
-                    let next_check_at = (at + chrono::Duration::from_std(next_delay).unwrap_or_default()).min(until);
-                    targets::Entity::update_many()
-                        .col_expr(targets::Column::Try, Expr::value(check as i32))
-                        .col_expr(targets::Column::NextCheckAt, Expr::value(next_check_at))
-                        .col_expr(targets::Column::Error, Expr::value(reason.as_str()))
-                        .col_expr(targets::Column::UpdatedAt, Expr::value(at))
-                        .filter(targets::Column::Id.eq(target_id))
-                        .exec(&txn)
-                        .await?;
-                    let delay = (next_check_at - at).to_std().unwrap_or_default();
-                    push_outbox(&txn, at, vec![reach_message(target_id, attempt, check + 1).delayed(delay)]).await?;
+                    let sets = vec![(targets::Column::Error, Expr::value(reason.as_str()))];
+                    let next_check_at = next_check(&txn, &target, check, at, next_delay, until, sets).await?;
                     CheckOutcome::StillOffline { check: check + 1, next_check_at }
                 }
                 _ => {
@@ -273,6 +264,32 @@ pub(super) async fn due_check(
     };
     let target = target_from(row)?;
     Ok((target.state == state && target.attempt == attempt && check == target.tries + 1).then_some(target))
+}
+
+/// Check `check` of `target` is done and found it still away: the next one
+/// is due after `delay`, never later than `until`, with the columns `sets`
+/// (why it is away); its message is queued, delayed. Returns when it is due.
+pub(super) async fn next_check(
+    txn: &DatabaseTransaction,
+    target: &Target,
+    check: u32,
+    at: DateTime<Utc>,
+    delay: Duration,
+    until: DateTime<Utc>,
+    sets: Vec<(targets::Column, SimpleExpr)>,
+) -> Result<DateTime<Utc>> {
+    let next_check_at = (at + chrono::Duration::from_std(delay).unwrap_or_default()).min(until);
+    let mut update = targets::Entity::update_many()
+        .col_expr(targets::Column::Try, Expr::value(check as i32))
+        .col_expr(targets::Column::NextCheckAt, Expr::value(next_check_at))
+        .col_expr(targets::Column::UpdatedAt, Expr::value(at));
+    for (column, value) in sets {
+        update = update.col_expr(column, value);
+    }
+    update.filter(targets::Column::Id.eq(target.id)).exec(txn).await?;
+    let wait = (next_check_at - at).to_std().unwrap_or_default();
+    push_outbox(txn, at, vec![reach_message(target.id, target.attempt, check + 1).delayed(wait)]).await?;
+    Ok(next_check_at)
 }
 
 /// The end of an offline spell (this attempt's, guarded): to `pending` or `failed`.

@@ -148,25 +148,15 @@ impl Store {
             }
             RebootCheck::Down(_) | RebootCheck::SameBoot if target.reboot_until.is_some_and(|until| at < until) => {
                 let until = target.reboot_until.unwrap_or(at);
-                let next_check_at = (at + chrono::Duration::from_std(next_delay).unwrap_or_default()).min(until);
-                let mut update = targets::Entity::update_many()
-                    .col_expr(targets::Column::Try, Expr::value(check as i32))
-                    .col_expr(targets::Column::NextCheckAt, Expr::value(next_check_at))
-                    .col_expr(targets::Column::UpdatedAt, Expr::value(at));
+                let mut sets = Vec::new();
                 if let RebootCheck::Down(reason) = found {
-                    update = update.col_expr(targets::Column::Error, Expr::value(reason.as_str()));
+                    sets.push((targets::Column::Error, Expr::value(reason.as_str())));
                     if target.went_down_at.is_none() {
-                        update = update.col_expr(targets::Column::WentDownAt, Expr::value(at));
+                        sets.push((targets::Column::WentDownAt, Expr::value(at)));
                     }
                 }
-                update.filter(targets::Column::Id.eq(target_id)).exec(&txn).await?;
-                let delay = (next_check_at - at).to_std().unwrap_or_default();
-                push_outbox(
-                    &txn,
-                    at,
-                    vec![super::offline::reach_message(target_id, attempt, check + 1).delayed(delay)],
-                )
-                .await?;
+                let next_check_at =
+                    super::offline::next_check(&txn, &target, check, at, next_delay, until, sets).await?;
                 RebootOutcome::Waiting { check: check + 1, next_check_at }
             }
             RebootCheck::Down(reason) => {
