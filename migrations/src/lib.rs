@@ -31,6 +31,7 @@ mod m20261203_000002_evidence_reports;
 mod m20261203_000003_windows;
 mod m20261203_000004_offline;
 mod m20261203_000005_reboot;
+mod m20261204_000001_delivery;
 
 pub struct Migrator;
 
@@ -49,6 +50,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261203_000003_windows::Migration),
             Box::new(m20261203_000004_offline::Migration),
             Box::new(m20261203_000005_reboot::Migration),
+            Box::new(m20261204_000001_delivery::Migration),
         ]
     }
 }

@@ -10,6 +10,7 @@
 //! This crate holds data and pure functions only: no I/O, no clock.
 
 pub mod plan;
+pub mod relay;
 pub mod report_auth;
 pub mod routing;
 pub mod state;

@@ -84,6 +84,14 @@ pub struct PlanPatch {
     pub file: String,
     /// Hex sha256 of the installer; the agent refuses to run a file that does not match.
     pub sha256: String,
+    /// Size of the installer in bytes (what a download must reach).
+    #[serde(default)]
+    pub size: u64,
+    /// Where the agent downloads the installer when the worker did not stage
+    /// it: full URLs (`http[s]://relay:1073/v1/content/{sha256}`), tried in
+    /// order. Empty: the installer is staged beside the plan as `file`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sources: Vec<String>,
     pub installer: InstallerKind,
     /// Extra arguments (silent switches) for the installer.
     #[serde(default)]
@@ -123,9 +131,25 @@ pub struct DeploymentPlan {
     /// agent's own default (`--reboot-command`) when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reboot_command: Option<String>,
+    /// PEM certificate(s) of the CA an `https://` relay's certificate must
+    /// chain to (from `worker.relay_ca_file`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay_ca_pem: Option<String>,
+    /// How long the agent keeps trying to download one installer from its
+    /// sources (reconnecting and resuming where it stopped) before the patch
+    /// fails.
+    #[serde(default = "default_download_timeout_seconds")]
+    pub download_timeout_seconds: u32,
     /// Keep the staged files after the run (for debugging).
     #[serde(default)]
     pub keep_files: bool,
+}
+
+/// How long an agent tries to download one installer, unless the plan says.
+pub const DEFAULT_DOWNLOAD_TIMEOUT_SECONDS: u32 = 600;
+
+fn default_download_timeout_seconds() -> u32 {
+    DEFAULT_DOWNLOAD_TIMEOUT_SECONDS
 }
 
 /// Deployment id of a target's attempt: short enough for a Windows service

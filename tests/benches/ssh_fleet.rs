@@ -18,7 +18,14 @@
 //! Environment: `FLEETPATCH_BENCH_TARGETS` (default 100),
 //! `FLEETPATCH_BENCH_WORKERS` (default 2), `FLEETPATCH_BENCH_WORKER_CONCURRENCY`
 //! (default 50), `FLEETPATCH_BENCH_SSH_REUSE_SECONDS` (default 30; 0 logs in
-//! for every step).
+//! for every step), `FLEETPATCH_BENCH_RELAYS` (default 0: the workers push
+//! the installers; N > 0: N relays (`fleetpatch relay`, in this process) in
+//! front of the scheduler's content store, the targets spread over N sites,
+//! and the agents pull the installers from their site's relay). It prints the
+//! installer bytes that left the central content store: pushed, the bytes
+//! the workers staged (every target gets every installer); pulled, what the
+//! relays fetched from the scheduler (their counters). The agent binary and
+//! the plan are pushed either way.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -137,6 +144,7 @@ fn main() {
     let targets = env_number("FLEETPATCH_BENCH_TARGETS", 100);
     let workers = env_number("FLEETPATCH_BENCH_WORKERS", 2);
     let worker_concurrency = env_number("FLEETPATCH_BENCH_WORKER_CONCURRENCY", 50);
+    let relay_count = env_number("FLEETPATCH_BENCH_RELAYS", 0);
     assert!(!std::path::Path::new("/run/systemd/system").exists(), "the bench measures the detached agent path");
     // Before any child exists that something else waits for.
     let agent = agent_binary().to_path_buf();
@@ -192,6 +200,28 @@ fn main() {
              echo '{payload_sha}  payload-5mib.sh' | sha256sum -c - || exit 10\nsleep 0.2\n"
         );
         let (script_sha, script_size) = sandbox.upload_content(script.into_bytes()).await;
+        // Relays of the scheduler's content store, one per site, with a viewer key.
+        let relay_dir = tempfile::tempdir().unwrap();
+        let key_file = relay_dir.path().join("relay.key");
+        std::fs::write(&key_file, sandbox.api_key("bench-relay", fleetpatch_store::Role::Viewer, None).await).unwrap();
+        let relay_shutdown = fleetpatch_runtime::Shutdown::new();
+        let mut relays = Vec::new();
+        for site in 0..relay_count {
+            let options = fleetpatch_relay::RelayOptions {
+                listen: "127.0.0.1:0".into(),
+                upstream_url: sandbox.api.clone(),
+                upstream_token_ref: format!("file:{}", key_file.display()),
+                cache_dir: relay_dir.path().join(format!("site-{site}")),
+                ..Default::default()
+            };
+            let health = fleetpatch_runtime::Health::new();
+            relays.push(fleetpatch_relay::start(options, health, relay_shutdown.clone()).await.expect("start a relay"));
+        }
+        let rules: Vec<serde_json::Value> = relays
+            .iter()
+            .enumerate()
+            .map(|(site, relay)| serde_json::json!({"match": format!("site=s{site}"), "url": format!("http://{}", relay.local_addr)}))
+            .collect();
         let request = serde_json::json!({
             "name": format!("bench-ssh-{targets}"),
             "concurrency": targets,
@@ -202,13 +232,18 @@ fn main() {
                 {"name": "payload", "file": "payload-5mib.sh", "sha256": payload_sha, "size": payload_size, "installer": "script"},
                 {"name": "check-and-sleep", "file": "check.sh", "sha256": script_sha, "size": script_size, "installer": "script"},
             ],
-            "targets": fleet.peers().iter().map(|peer| serde_json::json!({
+            "targets": fleet.peers().iter().enumerate().map(|(index, peer)| serde_json::json!({
                 "host": peer.host(),
                 "port": peer.port(),
                 "transport": "ssh",
                 "credential": "fleet-key",
-                "labels": {"user": "root", "ssh.staging_root": peer.staging_root().display().to_string()},
+                "labels": {
+                    "user": "root",
+                    "ssh.staging_root": peer.staging_root().display().to_string(),
+                    "site": format!("s{}", index % relay_count.max(1)),
+                },
             })).collect::<Vec<_>>(),
+            "relays": rules,
         });
         let created = Instant::now();
         let id = sandbox.create_rollout(request).await;
@@ -237,8 +272,18 @@ fn main() {
             let patches = sandbox.store.target_patches(target.id).await.unwrap();
             assert!(patches.iter().all(|p| p.state == PatchState::Succeeded && p.exit_code == Some(0)), "{patches:?}");
         }
+        let pulled = all.iter().filter(|t| t.delivery.as_deref().is_some_and(|d| d.starts_with("relay "))).count();
+        let central_bytes = if relays.is_empty() {
+            // The workers staged every installer on every target that got a deployment.
+            let staged = all.iter().filter(|t| t.delivery.is_some()).count() as u64;
+            (staged * (payload_size + script_size), "pushed by the workers over SFTP")
+        } else {
+            let fetched: u64 = relays.iter().map(|relay| relay.stats().upstream_bytes).sum();
+            (fetched, "fetched by the relays from the scheduler (their counters)")
+        };
+        relay_shutdown.trigger();
         sandbox.stop().await;
-        (wall, succeeded, all.len(), patch_failures)
+        (wall, succeeded, all.len(), patch_failures, (pulled, central_bytes, payload_size + script_size))
     });
     let after_self = rusage(libc::RUSAGE_SELF);
     drop(runtime);
@@ -251,7 +296,7 @@ fn main() {
     let _ = reaper.join();
     let _ = sampler.join();
     let children = rusage(libc::RUSAGE_CHILDREN);
-    let (wall, succeeded, total, failures) = result;
+    let (wall, succeeded, total, failures, (pulled, (central_bytes, how), installer_bytes)) = result;
 
     println!("ssh fleet bench: {total} targets (one sshd each on loopback), 5 MiB installer + check script (sha256 + sleep 0.2 s)");
     println!("  sshd fleet start            {:>8.2} s (not in the wall time)", fleet_start.as_secs_f64());
@@ -272,6 +317,12 @@ fn main() {
     println!(
         "  peak RSS, target side       {:>8.1} MiB (sum over sshd, sessions, agents; sampled every 100 ms)",
         peak_descendants.load(Ordering::Relaxed) as f64 / 1024.0
+    );
+    println!("  installers delivered        {:>8} pulled from {relay_count} relays, {} pushed", pulled, total - pulled);
+    println!(
+        "  installer bytes from center {:>8.1} MiB {how} (push to all: {:.1} MiB)",
+        central_bytes as f64 / f64::from(1 << 20),
+        (installer_bytes * total as u64) as f64 / f64::from(1 << 20)
     );
     for failure in &failures {
         println!("  not succeeded: {failure}");

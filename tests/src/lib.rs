@@ -47,6 +47,7 @@ use fleetpatch_transport_ssh::{SshOptions, SshTransport};
 use fleetpatch_worker::WorkerOptions;
 use uuid::Uuid;
 
+pub mod ssh;
 pub mod wine;
 
 /// The token key every sandbox worker and collector shares (tests derive
@@ -433,6 +434,10 @@ impl Sandbox {
             verify_delay_seconds: self.options.verify_delay_seconds,
             agent_binaries,
             content_dir: self.content_dir.clone(),
+            relays: Vec::new(),
+            relay_ca_file: None,
+            relay_check_timeout_seconds: 2,
+            relay_download_timeout_seconds: 120,
             credentials: self.options.credentials.clone(),
         }
     }

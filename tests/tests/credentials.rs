@@ -7,7 +7,8 @@
 //! * `credential_ref` in a rollout, or an unknown credential name, is
 //!   refused with 422 naming the field.
 //! * The limits of `POST /v1/rollouts` and `PUT /v1/content`, NUL in a
-//!   string, and the paging of a target's events.
+//!   string, and the paging of a target's events; uploaded content read
+//!   back by a viewer (`GET /v1/content`, whole or by range).
 
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -278,6 +279,29 @@ async fn content_uploads_are_bounded_by_the_configured_size() {
         assert!(text.contains("at most 1000 bytes (scheduler.max_content_bytes)"), "{text}");
         assert!(!fleetpatch_store::content::path_of(&sandbox.content_dir, &sha256).exists(), "nothing is stored");
     }
+    sandbox.stop().await;
+}
+
+/// What was uploaded is read back by a viewer (the role a relay's key has),
+/// whole or from an offset, as a resumed download asks for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploaded_content_is_read_back_by_a_viewer_whole_or_from_an_offset() {
+    let sandbox = Sandbox::start(SandboxOptions { workers: 0, ..SandboxOptions::default() }).await;
+    let data: Vec<u8> = (0..100_000u32).map(|i| (i % 253) as u8).collect();
+    let (sha256, size) = sandbox.upload_content(data.clone()).await;
+    let viewer = sandbox.api_key("content-reader", fleetpatch_store::Role::Viewer, None).await;
+    let http = fleetpatch_tests::client_with(Some(&viewer));
+    let url = format!("{}/v1/content/{sha256}", sandbox.api);
+    let response = http.get(&url).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-length"], size.to_string().as_str());
+    assert!(response.bytes().await.unwrap() == data, "the bytes uploaded");
+    let response = http.get(&url).header("range", "bytes=60000-").send().await.unwrap();
+    assert_eq!(response.status(), 206);
+    assert_eq!(response.headers()["content-range"], "bytes 60000-99999/100000");
+    assert!(response.bytes().await.unwrap() == data[60_000..]);
+    let anonymous = fleetpatch_tests::client_with(None).get(&url).send().await.unwrap();
+    assert_eq!(anonymous.status(), 401);
     sandbox.stop().await;
 }
 

@@ -75,6 +75,8 @@ fn stage(
                 name: file.clone(),
                 file,
                 sha256: sha256(path),
+                size: 0,
+                sources: Vec::new(),
                 installer: *kind,
                 arguments: (*arguments).to_owned(),
                 success_codes: vec![0],
@@ -104,6 +106,8 @@ fn stage(
         reboot: RebootPolicy::Never,
         reboot_command: None,
         keep_files,
+        relay_ca_pem: None,
+        download_timeout_seconds: fleetpatch_proto::plan::DEFAULT_DOWNLOAD_TIMEOUT_SECONDS,
     };
     std::fs::write(folder.join(fleetpatch_proto::plan::PLAN_FILE_NAME), serde_json::to_vec_pretty(&plan).unwrap())
         .unwrap();

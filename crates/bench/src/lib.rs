@@ -273,7 +273,7 @@ impl Bench {
                     if probe != ProbeOutcome::Stage {
                         bail!("target {} did not move to staging ({probe:?})", target.host);
                     }
-                    store.mark_installing(&context.target).await?;
+                    store.mark_installing(&context.target, "push").await?;
                     if !store.mark_running(&context.target).await? {
                         bail!("target {} did not move to running", target.host);
                     }

@@ -19,6 +19,9 @@
 //!   again when either file changes (checked every
 //!   `tls.reload_check_seconds`); a replaced pair that does not load is
 //!   logged and the previous one kept.
+//!
+//! [`parse_range`] reads a `Range` header for the servers of content by
+//! sha256 (the scheduler's content store, the relay).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -45,6 +48,9 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::ConfigError;
+
+mod range;
+pub use range::{parse_range, ByteRange};
 
 /// Server settings, a section of each service's configuration
 /// (`collector.http`, `scheduler.http`).

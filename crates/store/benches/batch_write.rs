@@ -30,7 +30,7 @@ async fn running_targets(store: &Store, targets: usize) -> Vec<Target> {
             panic!("claim refused");
         };
         store.record_probe(&context, "os", "x86_64", serde_json::json!({}), &[], "hash").await.expect("probe");
-        store.mark_installing(&context.target).await.expect("installing");
+        store.mark_installing(&context.target, "push").await.expect("installing");
         store.mark_running(&context.target).await.expect("running");
         running.push(context.target);
     }

@@ -100,6 +100,8 @@ pub mod targets {
         pub reboot_until: Option<ChronoDateTimeUtc>,
         /// While `rebooting`: when a check first found the machine down.
         pub went_down_at: Option<ChronoDateTimeUtc>,
+        /// How the installers reached the target (push, relay pull, push after a relay failure).
+        pub delivery: Option<String>,
         pub created_at: ChronoDateTimeUtc,
         pub updated_at: ChronoDateTimeUtc,
     }

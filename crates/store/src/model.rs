@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 use fleetpatch_proto::plan::{Detection, InstallerKind, RebootPolicy};
+pub use fleetpatch_proto::relay::{RelayFallback, RelayRule};
 use fleetpatch_proto::state::{PatchState, RolloutState, TargetState};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -71,6 +72,13 @@ pub struct RolloutSettings {
     #[serde(default = "default_reboot_timeout_seconds")]
     pub reboot_timeout_seconds: u64,
     pub keep_files: bool,
+    /// Relays the targets pull their installers from, by label (before the
+    /// workers' own `worker.relays`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub relays: Vec<RelayRule>,
+    /// When a target's relay does not answer: push the installers, or not.
+    #[serde(default, skip_serializing_if = "RelayFallback::is_push")]
+    pub relay_fallback: RelayFallback,
     /// When targets may be dispatched (start time, maintenance windows,
     /// deadline); the default: at once and at any time.
     #[serde(default, skip_serializing_if = "Schedule::is_unrestricted")]
@@ -93,6 +101,8 @@ impl Default for RolloutSettings {
             retry_offline_for_seconds: None,
             reboot_timeout_seconds: DEFAULT_REBOOT_TIMEOUT_SECONDS,
             keep_files: false,
+            relays: Vec::new(),
+            relay_fallback: RelayFallback::Push,
             schedule: Schedule::default(),
         }
     }
@@ -245,6 +255,10 @@ pub struct Target {
     pub reboot_until: Option<DateTime<Utc>>,
     /// While `rebooting`: when a check first found the machine down.
     pub went_down_at: Option<DateTime<Utc>>,
+    /// How the installers of its current attempt reached it: `push`,
+    /// `relay http://…` (its agent pulled them), or `push: relay http://…
+    /// did not answer (…)`. None before the worker staged the deployment.
+    pub delivery: Option<String>,
     /// The boot the probe found (boot time, or another value that changes
     /// with every boot), when the transport can read one.
     pub boot_id: Option<String>,

@@ -80,6 +80,8 @@ fn deployment(dir: &Path, target: &TargetSpec, bytes: &[u8], declared_sha: &str)
                 name: "KB5034441".into(),
                 file: "kb5034441.msu".into(),
                 sha256: declared_sha.into(),
+                size: 0,
+                sources: Vec::new(),
                 installer: InstallerKind::Msu,
                 arguments: String::new(),
                 success_codes: vec![0],
@@ -89,6 +91,8 @@ fn deployment(dir: &Path, target: &TargetSpec, bytes: &[u8], declared_sha: &str)
             reboot: RebootPolicy::Never,
             reboot_command: None,
             keep_files: false,
+            relay_ca_pem: None,
+            download_timeout_seconds: fleetpatch_proto::plan::DEFAULT_DOWNLOAD_TIMEOUT_SECONDS,
         },
         agent_binary: Some(agent),
         files: vec![StagedFile {

@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use fleetpatch_proto::plan::{DeploymentPlan, RebootPolicy};
+use fleetpatch_proto::plan::{DeploymentPlan, PlanPatch, RebootPolicy};
 use fleetpatch_proto::report_auth::{SignedRequest, SigningKey};
 use fleetpatch_proto::v1::{self, agent_report::Kind};
 use fleetpatch_runtime::ConfigError;
@@ -513,6 +513,18 @@ impl SimAgent {
         let mut reboot = false;
         for patch in self.plan.patches.clone() {
             self.send(Kind::Started(v1::PatchStarted { patch_index: patch.index })).await;
+            if let Err((outcome, message)) = self.download(&patch).await {
+                all_ok = false;
+                self.send(Kind::Finished(v1::PatchFinished {
+                    patch_index: patch.index,
+                    exit_code: -1,
+                    outcome: outcome as i32,
+                    output_tail: format!("[simulated agent] {message}"),
+                    duration_ms: 0,
+                }))
+                .await;
+                continue;
+            }
             if self.behaviour == HostBehaviour::Hang {
                 std::future::pending::<()>().await;
             }
@@ -568,6 +580,45 @@ impl SimAgent {
         if reboot {
             self.fleet.reboot(&self.host, self.behaviour);
         }
+    }
+
+    /// Fetches an installer whose plan patch names sources (a relay), as the
+    /// real agent does: over HTTP, checked against its sha256, so the demo's
+    /// relays serve and count real bytes. A patch without sources was
+    /// "staged" by the worker and needs nothing.
+    async fn download(&self, patch: &PlanPatch) -> std::result::Result<(), (v1::PatchOutcome, String)> {
+        use sha2::Digest;
+        if patch.sources.is_empty() {
+            return Ok(());
+        }
+        let mut last = String::new();
+        for source in &patch.sources {
+            let bytes = match self.fleet.http.get(source).send().await {
+                Ok(response) if response.status().is_success() => response.bytes().await,
+                Ok(response) => {
+                    last = format!("{source} answered {}", response.status());
+                    continue;
+                }
+                Err(error) => Err(error),
+            };
+            match bytes {
+                Ok(bytes) => {
+                    let actual = hex::encode(sha2::Sha256::digest(&bytes));
+                    if actual == patch.sha256 {
+                        return Ok(());
+                    }
+                    return Err((
+                        v1::PatchOutcome::ChecksumMismatch,
+                        format!(
+                            "installer from {source}: sha256 is {actual}, the plan expects {}; not run",
+                            patch.sha256
+                        ),
+                    ));
+                }
+                Err(error) => last = format!("{source}: {error}"),
+            }
+        }
+        Err((v1::PatchOutcome::Failed, format!("could not download the installer: {last}")))
     }
 
     /// Posts one report, retrying with backoff until the collector takes it

@@ -31,7 +31,7 @@ use crate::render::{self, Platform};
 use crate::reporter::{DrainOutcome, Reporter, ReporterOptions};
 use crate::spool::{FinishedPatch, Spool};
 use crate::stop::{StopSignal, STOP_DRAIN_DEADLINE};
-use crate::{error, info, process, runner, warn, Error};
+use crate::{download, error, info, process, runner, warn, Error};
 use fleetpatch_proto::report_auth::SigningKey;
 
 /// Default spool file name, in the plan's directory.
@@ -322,18 +322,29 @@ fn same_directory(a: &Path, b: &Path) -> bool {
     }
 }
 
+/// The installers (downloaded ones and their partial downloads included),
+/// the per-patch scripts and the overview: removed once the run is over.
+fn staged_files(loaded: &LoadedPlan) -> Vec<PathBuf> {
+    let directory = &loaded.directory;
+    let mut files = Vec::new();
+    for patch in &loaded.plan.patches {
+        files.push(loaded.installer_path(&patch.file));
+        if !patch.sources.is_empty() {
+            files.push(download::partial_path(directory, &patch.file));
+        }
+        files.push(runner::script_path(directory, patch.index));
+    }
+    files.push(directory.join(Platform::CURRENT.overview_file_name()));
+    files
+}
+
 /// Remove what was staged and generated. The plan, the spool and the agent
 /// binary stay while reports are unacknowledged, so `drain` can still
 /// deliver them.
 fn remove_staged_files(loaded: &LoadedPlan, reporter: &Reporter, drain: &DrainOutcome, options: &RunOptions) {
     let directory = &loaded.directory;
-    let mut files: Vec<PathBuf> = Vec::new();
+    let mut files = staged_files(loaded);
     let mut executable_to_remove = None;
-    for patch in &loaded.plan.patches {
-        files.push(loaded.installer_path(&patch.file));
-        files.push(runner::script_path(directory, patch.index));
-    }
-    files.push(directory.join(Platform::CURRENT.overview_file_name()));
     // Nothing is left to deliver either when every report was acknowledged
     // or when the collector takes nothing more for this attempt.
     let drained = matches!(drain, DrainOutcome::Drained | DrainOutcome::AttemptClosed(_));
@@ -458,6 +469,8 @@ mod tests {
                     name: format!("p{index}"),
                     file: format!("p{index}.sh"),
                     sha256: "0".repeat(64),
+                    size: 0,
+                    sources: Vec::new(),
                     installer: InstallerKind::Script,
                     arguments: String::new(),
                     success_codes: vec![0],
@@ -468,6 +481,8 @@ mod tests {
             reboot: RebootPolicy::IfRequired,
             reboot_command: None,
             keep_files: false,
+            relay_ca_pem: None,
+            download_timeout_seconds: fleetpatch_proto::plan::DEFAULT_DOWNLOAD_TIMEOUT_SECONDS,
         }
     }
 
@@ -489,6 +504,18 @@ mod tests {
         let (success, reboot, message) = summarize(&plan(2), &finished);
         assert!(!success && !reboot);
         assert_eq!(message, "0 of 2 patches installed; patch 0 (p0): failed, exit code 7; patch 1 (p1): not run");
+    }
+
+    #[test]
+    fn partial_downloads_are_cleaned_up_with_the_installers() {
+        let mut plan = plan(2);
+        plan.patches[1].sources = vec!["http://relay:1073/v1/content/x".into()];
+        let loaded = LoadedPlan { plan, directory: PathBuf::from("/stage"), path: PathBuf::from("/stage/plan.json") };
+        let files = staged_files(&loaded);
+        for name in ["p0.sh", "p1.sh", "p1.sh.part"] {
+            assert!(files.contains(&Path::new("/stage").join(name)), "{name} in {files:?}");
+        }
+        assert!(!files.contains(&Path::new("/stage").join("p0.sh.part")), "patch 0 is staged, not downloaded");
     }
 
     #[test]

@@ -1,13 +1,16 @@
-//! A minimal blocking HTTP/1.1 client: one `POST` per connection.
+//! A minimal blocking HTTP/1.1 client: one request per connection.
 //!
-//! The agent talks to exactly one endpoint (the collector), with one method,
-//! so this is ~200 lines over [`std::net::TcpStream`] instead of an HTTP
-//! crate: every request has a connect timeout and read/write timeouts, sends
+//! The agent talks to the collector (one `POST` per report batch) and, when
+//! the plan says so, to relays it downloads installers from (one `GET` per
+//! try, the body streamed to a file: [`get_to`]). So this is a few hundred
+//! lines over [`std::net::TcpStream`] instead of an HTTP crate: every
+//! request has a connect timeout and read/write timeouts, sends
 //! `Connection: close`, and reads a bounded response (`Content-Length`,
-//! chunked, or until close). `http://` by default; `https://` when built
-//! with the `tls` feature (rustls with the ring provider), trusting only the
-//! CA certificate(s) the plan carries (`collector_ca_pem`), never the
-//! system's or a bundled root store.
+//! chunked, or — for the collector only — until close). `http://` by
+//! default; `https://` when built with the `tls` feature (rustls with the
+//! ring provider), trusting only the CA certificate(s) the plan carries
+//! (`collector_ca_pem`, `relay_ca_pem`), never the system's or a bundled
+//! root store.
 //!
 //! This module never logs; it must not see or print anything but the bytes
 //! it is handed (the caller's headers carry a request signature, never the
@@ -17,52 +20,73 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
+mod get;
+pub use get::{get_to, GetError, GetOutcome, GetRequest, Sink};
+
 /// Largest response body read from the collector; a `ReportAck` is tiny.
 const MAX_RESPONSE_BODY_BYTES: usize = 64 * 1024;
 /// Largest status line or header line accepted.
 const MAX_HEADER_LINE_BYTES: usize = 8 * 1024;
 /// Most header lines accepted in a response.
 const MAX_HEADER_LINES: usize = 100;
+/// The collector's port, when its URL names none.
+pub const COLLECTOR_PORT: u16 = 1072;
 
-/// The collector's base URL, split into what a request needs.
+/// An `http[s]://` URL split into what a request needs: the collector's
+/// base URL ([`CollectorUrl`]) or an installer's download source.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CollectorUrl {
+pub struct HttpUrl {
     /// `https://`: the connection is TLS (see [`Connector`]).
     pub tls: bool,
     pub host: String,
     pub port: u16,
-    /// Path prefix without a trailing slash (often empty).
+    /// Path without a trailing slash (often empty): the collector's base
+    /// path, or a download source's whole path.
     pub base_path: String,
 }
 
-impl CollectorUrl {
-    /// Parse `http[s]://host[:port][/base]`; the port defaults to 1072, the
-    /// collector's port, not 80 or 443.
-    pub fn parse(url: &str) -> Result<Self, CollectorUrlError> {
+/// The collector's base URL; its port defaults to [`COLLECTOR_PORT`].
+pub type CollectorUrl = HttpUrl;
+/// Why a collector URL is refused.
+pub type CollectorUrlError = UrlError;
+
+impl HttpUrl {
+    /// Parse the collector's `http[s]://host[:port][/base]`; the port
+    /// defaults to 1072, the collector's port, not 80 or 443.
+    pub fn parse(url: &str) -> Result<Self, UrlError> {
+        Self::parse_with_default_ports(url, COLLECTOR_PORT, COLLECTOR_PORT)
+    }
+
+    /// Parse a download source `http[s]://host[:port]/path` (a relay's
+    /// `http://relay:1073/v1/content/{sha256}`); the port defaults to 80
+    /// or 443.
+    pub fn parse_source(url: &str) -> Result<Self, UrlError> {
+        Self::parse_with_default_ports(url, 80, 443)
+    }
+
+    fn parse_with_default_ports(url: &str, http_port: u16, https_port: u16) -> Result<Self, UrlError> {
         let (tls, rest) = match (url.strip_prefix("http://"), url.strip_prefix("https://")) {
             (Some(rest), _) => (false, rest),
             (_, Some(rest)) => (true, rest),
-            _ => return Err(CollectorUrlError::Scheme { url: url.to_owned() }),
+            _ => return Err(UrlError::Scheme { url: url.to_owned() }),
         };
         let (authority, path) = match rest.find('/') {
             Some(slash) => (&rest[..slash], &rest[slash..]),
             None => (rest, ""),
         };
         if authority.contains('@') {
-            return Err(CollectorUrlError::UserInfo { url: url.to_owned() });
+            return Err(UrlError::UserInfo { url: url.to_owned() });
         }
         if path.contains(['?', '#']) || path.chars().any(|c| c.is_control() || c == ' ') {
-            return Err(CollectorUrlError::Path { url: url.to_owned() });
+            return Err(UrlError::Path { url: url.to_owned() });
         }
         let (host, port) = if let Some(bracketed) = authority.strip_prefix('[') {
             // [v6 address]:port
-            let end = bracketed.find(']').ok_or_else(|| CollectorUrlError::UnclosedBracket { url: url.to_owned() })?;
+            let end = bracketed.find(']').ok_or_else(|| UrlError::UnclosedBracket { url: url.to_owned() })?;
             let host = &bracketed[..end];
             let port = match &bracketed[end + 1..] {
                 "" => None,
-                tail => Some(
-                    tail.strip_prefix(':').ok_or_else(|| CollectorUrlError::AfterBracket { url: url.to_owned() })?,
-                ),
+                tail => Some(tail.strip_prefix(':').ok_or_else(|| UrlError::AfterBracket { url: url.to_owned() })?),
             };
             (host, port)
         } else {
@@ -72,15 +96,16 @@ impl CollectorUrl {
             }
         };
         if host.is_empty() || host.chars().any(|c| c.is_control() || c == ' ') {
-            return Err(CollectorUrlError::Host { url: url.to_owned() });
+            return Err(UrlError::Host { url: url.to_owned() });
         }
         let port = match port {
-            None => 1072,
+            None if tls => https_port,
+            None => http_port,
             Some(port) => port
                 .parse::<u16>()
                 .ok()
                 .filter(|port| *port != 0)
-                .ok_or_else(|| CollectorUrlError::Port { url: url.to_owned(), port: port.to_owned() })?,
+                .ok_or_else(|| UrlError::Port { url: url.to_owned(), port: port.to_owned() })?,
         };
         Ok(Self { tls, host: host.to_owned(), port, base_path: path.trim_end_matches('/').to_owned() })
     }
@@ -95,9 +120,9 @@ impl CollectorUrl {
     }
 }
 
-/// Why a collector URL is refused; each message quotes the URL.
+/// Why a URL is refused; each message quotes the URL.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum CollectorUrlError {
+pub enum UrlError {
     #[error("{url:?} must start with http:// or https://")]
     Scheme { url: String },
     #[error("{url:?}: credentials in the URL are not supported")]
@@ -115,34 +140,78 @@ pub enum CollectorUrlError {
     Port { url: String, port: String },
 }
 
-/// Why no connector can be made for the collector's URL.
+/// Whom a connection is for: names the plan's CA field in errors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Peer {
+    /// The collector (`collector_ca_pem`).
+    Collector,
+    /// A relay the plan downloads installers from (`relay_ca_pem`).
+    Relay,
+}
+
+impl Peer {
+    /// The plan's field holding this peer's CA.
+    pub fn ca_field(self) -> &'static str {
+        match self {
+            Self::Collector => "collector_ca_pem",
+            Self::Relay => "relay_ca_pem",
+        }
+    }
+
+    #[cfg(feature = "tls")]
+    fn worker_setting(self) -> &'static str {
+        match self {
+            Self::Collector => "worker.collector_ca_file",
+            Self::Relay => "worker.relay_ca_file",
+        }
+    }
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Collector => "collector",
+            Self::Relay => "relay",
+        })
+    }
+}
+
+/// Why no connector can be made for a URL.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectorError {
     #[cfg(not(feature = "tls"))]
     #[error(
-        "an https:// collector needs an agent built with TLS (cargo build -p fleetpatch-agent --features tls); \
+        "an https:// {peer} needs an agent built with TLS (cargo build -p fleetpatch-agent --features tls); \
          this one speaks http:// only"
     )]
-    NoTlsSupport,
+    NoTlsSupport { peer: Peer },
     #[cfg(feature = "tls")]
-    #[error("an https:// collector needs collector_ca_pem in the plan (the worker's worker.collector_ca_file)")]
-    NoCa,
+    #[error("an https:// {peer} needs {} in the plan (the worker's {})", peer.ca_field(), peer.worker_setting())]
+    NoCa { peer: Peer },
     #[cfg(feature = "tls")]
-    #[error("collector_ca_pem is not PEM: {0}")]
-    NotPem(#[source] rustls::pki_types::pem::Error),
+    #[error("{} is not PEM: {source}", peer.ca_field())]
+    NotPem {
+        peer: Peer,
+        #[source]
+        source: rustls::pki_types::pem::Error,
+    },
     #[cfg(feature = "tls")]
-    #[error("collector_ca_pem holds an unusable certificate: {0}")]
-    UnusableCertificate(#[source] rustls::Error),
+    #[error("{} holds an unusable certificate: {source}", peer.ca_field())]
+    UnusableCertificate {
+        peer: Peer,
+        #[source]
+        source: rustls::Error,
+    },
     #[cfg(feature = "tls")]
-    #[error("collector_ca_pem holds no certificate")]
-    NoCertificate,
+    #[error("{} holds no certificate", peer.ca_field())]
+    NoCertificate { peer: Peer },
     #[cfg(feature = "tls")]
     #[error("tls: {0}")]
     Tls(#[source] rustls::Error),
 }
 
-/// How connections to the collector are made: plain TCP, or TLS trusting
-/// only the plan's CA.
+/// How connections to a peer are made: plain TCP, or TLS trusting only the
+/// plan's CA.
 #[derive(Clone)]
 pub struct Connector {
     #[cfg(feature = "tls")]
@@ -156,8 +225,15 @@ impl std::fmt::Debug for Connector {
 }
 
 impl Connector {
-    /// The connector `url` needs; `ca_pem` is the plan's `collector_ca_pem`.
-    pub fn new(url: &CollectorUrl, ca_pem: Option<&str>) -> Result<Self, ConnectorError> {
+    /// The connector the collector's `url` needs; `ca_pem` is the plan's
+    /// `collector_ca_pem`.
+    pub fn new(url: &HttpUrl, ca_pem: Option<&str>) -> Result<Self, ConnectorError> {
+        Self::for_peer(url, ca_pem, Peer::Collector)
+    }
+
+    /// The connector `url` needs; `ca_pem` is the plan's CA for `peer`
+    /// (`relay_ca_pem` for a download source).
+    pub fn for_peer(url: &HttpUrl, ca_pem: Option<&str>, peer: Peer) -> Result<Self, ConnectorError> {
         if !url.tls {
             return Ok(Self {
                 #[cfg(feature = "tls")]
@@ -167,11 +243,11 @@ impl Connector {
         #[cfg(not(feature = "tls"))]
         {
             let _ = ca_pem;
-            Err(ConnectorError::NoTlsSupport)
+            Err(ConnectorError::NoTlsSupport { peer })
         }
         #[cfg(feature = "tls")]
         {
-            Ok(Self { tls: Some(std::sync::Arc::new(tls_config(ca_pem)?)) })
+            Ok(Self { tls: Some(std::sync::Arc::new(tls_config(ca_pem, peer)?)) })
         }
     }
 
@@ -189,17 +265,17 @@ impl Connector {
 
 /// A rustls client configuration trusting only the CA(s) in `ca_pem`.
 #[cfg(feature = "tls")]
-fn tls_config(ca_pem: Option<&str>) -> Result<rustls::ClientConfig, ConnectorError> {
+fn tls_config(ca_pem: Option<&str>, peer: Peer) -> Result<rustls::ClientConfig, ConnectorError> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::CertificateDer;
-    let ca_pem = ca_pem.ok_or(ConnectorError::NoCa)?;
+    let ca_pem = ca_pem.ok_or(ConnectorError::NoCa { peer })?;
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
-        let cert = cert.map_err(ConnectorError::NotPem)?;
-        roots.add(cert).map_err(ConnectorError::UnusableCertificate)?;
+        let cert = cert.map_err(|source| ConnectorError::NotPem { peer, source })?;
+        roots.add(cert).map_err(|source| ConnectorError::UnusableCertificate { peer, source })?;
     }
     if roots.is_empty() {
-        return Err(ConnectorError::NoCertificate);
+        return Err(ConnectorError::NoCertificate { peer });
     }
     rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
         .with_safe_default_protocol_versions()
@@ -251,6 +327,18 @@ pub fn post(
     stream.set_write_timeout(Some(timeouts.io))?;
     let _ = stream.set_nodelay(true);
     let request = request_bytes(url, path, headers, body);
+    exchange(url, connector, stream, &request, |reader| read_response(reader))
+}
+
+/// Send `request` over `stream` (through TLS when `connector` says so) and
+/// hand the answer to `read`.
+fn exchange<S: Read + Write, T, E: From<HttpError> + From<std::io::Error>>(
+    url: &HttpUrl,
+    connector: &Connector,
+    stream: S,
+    request: &[u8],
+    read: impl FnOnce(&mut dyn BufRead) -> Result<T, E>,
+) -> Result<T, E> {
     #[cfg(feature = "tls")]
     if let Some(config) = &connector.tls {
         let name = rustls::pki_types::ServerName::try_from(url.host.clone())
@@ -258,16 +346,16 @@ pub fn post(
         let connection = rustls::ClientConnection::new(config.clone(), name)
             .map_err(|e| HttpError::Malformed(format!("tls: {e}")))?;
         let mut stream = rustls::StreamOwned::new(connection, stream);
-        stream.write_all(&request)?;
+        stream.write_all(request)?;
         stream.flush()?;
-        return read_response(BufReader::new(stream));
+        return read(&mut BufReader::new(stream));
     }
     #[cfg(not(feature = "tls"))]
-    let _ = connector;
+    let _ = (url, connector);
     let mut stream = stream;
-    stream.write_all(&request)?;
+    stream.write_all(request)?;
     stream.flush()?;
-    read_response(BufReader::new(stream))
+    read(&mut BufReader::new(stream))
 }
 
 fn request_bytes(url: &CollectorUrl, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Vec<u8> {
@@ -292,7 +380,7 @@ fn request_bytes(url: &CollectorUrl, path: &str, headers: &[(&str, &str)], body:
     request
 }
 
-fn connect(url: &CollectorUrl, timeouts: Timeouts) -> Result<TcpStream, HttpError> {
+fn connect(url: &HttpUrl, timeouts: Timeouts) -> Result<TcpStream, HttpError> {
     let addresses: Vec<SocketAddr> = (url.host.as_str(), url.port)
         .to_socket_addrs()
         .map_err(|source| HttpError::Resolve { host: url.host.clone(), source })?
@@ -307,7 +395,7 @@ fn connect(url: &CollectorUrl, timeouts: Timeouts) -> Result<TcpStream, HttpErro
     Err(last_error.unwrap_or_else(|| HttpError::NoAddress { host: url.host.clone() }))
 }
 
-fn read_line(reader: &mut impl BufRead) -> Result<String, HttpError> {
+fn read_line(reader: &mut (impl BufRead + ?Sized)) -> Result<String, HttpError> {
     let mut line = Vec::new();
     let read = reader.take(MAX_HEADER_LINE_BYTES as u64 + 1).read_until(b'\n', &mut line)?;
     if read == 0 {
@@ -322,9 +410,18 @@ fn read_line(reader: &mut impl BufRead) -> Result<String, HttpError> {
     String::from_utf8(line).map_err(|_| HttpError::Malformed("header is not UTF-8".into()))
 }
 
-/// Parse a response; exposed to the unit tests through any `BufRead`.
-fn read_response(mut reader: impl BufRead) -> Result<Response, HttpError> {
-    let status_line = read_line(&mut reader)?;
+/// The status line and the headers this client uses.
+#[derive(Debug)]
+struct Head {
+    status: u16,
+    content_length: Option<u64>,
+    chunked: bool,
+    content_range: Option<String>,
+}
+
+/// Read the status line and the headers, up to the blank line.
+fn read_head(reader: &mut (impl BufRead + ?Sized)) -> Result<Head, HttpError> {
+    let status_line = read_line(reader)?;
     let mut parts = status_line.splitn(3, ' ');
     let version = parts.next().unwrap_or_default();
     if !version.starts_with("HTTP/1.") {
@@ -334,67 +431,86 @@ fn read_response(mut reader: impl BufRead) -> Result<Response, HttpError> {
         .next()
         .and_then(|code| code.parse::<u16>().ok())
         .ok_or_else(|| HttpError::Malformed(format!("unexpected status line {status_line:?}")))?;
-
-    let mut content_length = None;
-    let mut chunked = false;
+    let mut head = Head { status, content_length: None, chunked: false, content_range: None };
     for _ in 0..=MAX_HEADER_LINES {
-        let line = read_line(&mut reader)?;
+        let line = read_line(reader)?;
         if line.is_empty() {
-            let body = if chunked {
-                read_chunked(&mut reader)?
-            } else if let Some(length) = content_length {
-                if length > MAX_RESPONSE_BODY_BYTES {
-                    return Err(HttpError::Malformed(format!("response body of {length} bytes is too large")));
-                }
-                let mut body = vec![0; length];
-                reader.read_exact(&mut body)?;
-                body
-            } else {
-                let mut body = Vec::new();
-                reader.take(MAX_RESPONSE_BODY_BYTES as u64 + 1).read_to_end(&mut body)?;
-                if body.len() > MAX_RESPONSE_BODY_BYTES {
-                    return Err(HttpError::Malformed("response body is too large".into()));
-                }
-                body
-            };
-            return Ok(Response { status, body });
+            return Ok(head);
         }
         let Some((name, value)) = line.split_once(':') else {
             return Err(HttpError::Malformed(format!("bad header line {line:?}")));
         };
         let value = value.trim();
         if name.eq_ignore_ascii_case("content-length") {
-            content_length = Some(
-                value.parse::<usize>().map_err(|_| HttpError::Malformed(format!("bad Content-Length {value:?}")))?,
-            );
+            head.content_length =
+                Some(value.parse::<u64>().map_err(|_| HttpError::Malformed(format!("bad Content-Length {value:?}")))?);
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
-            chunked = value.to_ascii_lowercase().contains("chunked");
+            head.chunked = value.to_ascii_lowercase().contains("chunked");
+        } else if name.eq_ignore_ascii_case("content-range") {
+            head.content_range = Some(value.to_owned());
         }
     }
     Err(HttpError::Malformed("too many header lines".into()))
 }
 
+/// Parse a response; exposed to the unit tests through any `BufRead`.
+fn read_response(mut reader: impl BufRead) -> Result<Response, HttpError> {
+    let head = read_head(&mut reader)?;
+    let body = if head.chunked {
+        read_chunked(&mut reader)?
+    } else if let Some(length) = head.content_length {
+        if length > MAX_RESPONSE_BODY_BYTES as u64 {
+            return Err(HttpError::Malformed(format!("response body of {length} bytes is too large")));
+        }
+        let mut body = vec![0; length as usize];
+        reader.read_exact(&mut body)?;
+        body
+    } else {
+        let mut body = Vec::new();
+        reader.take(MAX_RESPONSE_BODY_BYTES as u64 + 1).read_to_end(&mut body)?;
+        if body.len() > MAX_RESPONSE_BODY_BYTES {
+            return Err(HttpError::Malformed("response body is too large".into()));
+        }
+        body
+    };
+    Ok(Response { status: head.status, body })
+}
+
+/// The size of the next chunk (0: the last one, its trailers skipped).
+fn read_chunk_size(reader: &mut (impl BufRead + ?Sized)) -> Result<u64, HttpError> {
+    let size_line = read_line(reader)?;
+    let size_text = size_line.split(';').next().unwrap_or_default().trim();
+    let size = u64::from_str_radix(size_text, 16)
+        .map_err(|_| HttpError::Malformed(format!("bad chunk size {size_text:?}")))?;
+    if size == 0 {
+        // Skip trailers up to the blank line.
+        while !read_line(reader)?.is_empty() {}
+    }
+    Ok(size)
+}
+
+/// The CRLF after a chunk's data.
+fn read_chunk_end(reader: &mut (impl BufRead + ?Sized)) -> Result<(), HttpError> {
+    if !read_line(reader)?.is_empty() {
+        return Err(HttpError::Malformed("chunk not followed by CRLF".into()));
+    }
+    Ok(())
+}
+
 fn read_chunked(reader: &mut impl BufRead) -> Result<Vec<u8>, HttpError> {
     let mut body = Vec::new();
     loop {
-        let size_line = read_line(reader)?;
-        let size_text = size_line.split(';').next().unwrap_or_default().trim();
-        let size = usize::from_str_radix(size_text, 16)
-            .map_err(|_| HttpError::Malformed(format!("bad chunk size {size_text:?}")))?;
+        let size = read_chunk_size(reader)?;
         if size == 0 {
-            // Skip trailers up to the blank line.
-            while !read_line(reader)?.is_empty() {}
             return Ok(body);
         }
-        if body.len() + size > MAX_RESPONSE_BODY_BYTES {
+        if body.len() as u64 + size > MAX_RESPONSE_BODY_BYTES as u64 {
             return Err(HttpError::Malformed("response body is too large".into()));
         }
         let start = body.len();
-        body.resize(start + size, 0);
+        body.resize(start + size as usize, 0);
         reader.read_exact(&mut body[start..])?;
-        if !read_line(reader)?.is_empty() {
-            return Err(HttpError::Malformed("chunk not followed by CRLF".into()));
-        }
+        read_chunk_end(reader)?;
     }
 }
 
@@ -464,6 +580,29 @@ mod tests {
             b"HTTP/1.1 200 OK\r\nno colon\r\n\r\n",
         ] {
             assert!(read_response(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
+    #[test]
+    fn source_urls_default_to_80_and_443() {
+        let url = HttpUrl::parse_source("http://relay-paris:1073/v1/content/abc").unwrap();
+        assert_eq!(
+            url,
+            HttpUrl { tls: false, host: "relay-paris".into(), port: 1073, base_path: "/v1/content/abc".into() }
+        );
+        assert_eq!(HttpUrl::parse_source("http://relay/x").unwrap().port, 80);
+        assert_eq!(HttpUrl::parse_source("https://relay/x").unwrap().port, 443);
+        assert_eq!(HttpUrl::parse("https://relay/x").unwrap().port, COLLECTOR_PORT, "the collector's default stays");
+        assert!(HttpUrl::parse_source("http://relay/x?y").is_err());
+    }
+
+    #[test]
+    fn an_https_relay_needs_the_relay_ca() {
+        let https = HttpUrl::parse_source("https://relay/x").unwrap();
+        let error = Connector::for_peer(&https, None, Peer::Relay).unwrap_err().to_string();
+        if cfg!(feature = "tls") {
+            assert_eq!(error, "an https:// relay needs relay_ca_pem in the plan (the worker's worker.relay_ca_file)");
+        } else {
+            assert!(error.starts_with("an https:// relay needs an agent built with TLS"), "{error}");
         }
     }
 }

@@ -11,17 +11,20 @@
 //! Code map:
 //! * [`cli`]: the command line. [`agent`]: one run, start to end.
 //! * [`plan`]: reading and validating `plan.json`.
-//! * [`runner`]: installing one patch; [`render`]: the scripts it runs
+//! * [`runner`]: installing one patch; [`download`]: fetching its
+//!   installer from a relay first, when the plan says so; [`render`]: the scripts it runs
 //!   (Unix and Windows renderings); [`process`]: process groups and Job
 //!   objects, the deferred removal of the agent's binary; [`stop`]: ending a
 //!   run early;
 //!   [`outcome`]: exit codes and output tails.
 //! * [`spool`]: the durable report queue; [`reporter`]: the thread that
-//!   delivers it; [`http`]: the minimal HTTP/1.1 client.
+//!   delivers it; [`http`]: the minimal HTTP/1.1 client (reports and
+//!   downloads).
 //! * [`log`]: log lines to stderr and a file.
 //!
-//! **Architecture invariant:** the agent talks to the collector only, and
-//! installers never wait on the network. **Architecture invariant:** the
+//! **Architecture invariant:** the agent talks to the collector, and to
+//! the relays a plan names for downloads (before an installer runs, never
+//! while it runs); installers never wait on the network. **Architecture invariant:** the
 //! plan's token appears in one place only, the `Authorization` header.
 //!
 //! * `service` (Windows only, `#[cfg(windows)]`): the entry point under
@@ -32,6 +35,7 @@
 
 pub mod agent;
 pub mod cli;
+pub mod download;
 pub mod http;
 pub mod log;
 pub mod outcome;

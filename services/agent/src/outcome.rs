@@ -119,6 +119,8 @@ mod tests {
             name: "p".into(),
             file: "p.msi".into(),
             sha256: "0".repeat(64),
+            size: 0,
+            sources: Vec::new(),
             installer: InstallerKind::Msi,
             arguments: String::new(),
             success_codes,

@@ -118,6 +118,24 @@ fn validate(plan: &DeploymentPlan) -> Result<(), Error> {
         if patch.arguments.contains(['\n', '\r', '\0']) {
             return Err(Error::plan(field("arguments"), "must be a single line"));
         }
+        for (number, source) in patch.sources.iter().enumerate() {
+            let url = crate::http::HttpUrl::parse_source(source)
+                .map_err(|error| Error::plan(field(&format!("sources[{number}]")), error.to_string()))?;
+            crate::http::Connector::for_peer(&url, plan.relay_ca_pem.as_deref(), crate::http::Peer::Relay)
+                .map_err(|error| Error::plan(field(&format!("sources[{number}]")), error.to_string()))?;
+        }
+    }
+    for (position, patch) in plan.patches.iter().enumerate() {
+        let partial = format!("{}.part", patch.file);
+        if !patch.sources.is_empty() && files.contains(partial.as_str()) {
+            return Err(Error::plan(
+                format!("patches[{position}].file"),
+                format!("{partial:?}, another patch's file, is where this one is downloaded to"),
+            ));
+        }
+    }
+    if plan.download_timeout_seconds == 0 && plan.patches.iter().any(|patch| !patch.sources.is_empty()) {
+        return Err(Error::plan("download_timeout_seconds", "must be at least 1"));
     }
     Ok(())
 }
@@ -220,6 +238,18 @@ mod tests {
             (Box::new(|p| p["heartbeat_seconds"] = json!(0)), "heartbeat_seconds"),
             (Box::new(|p| p["collector_url"] = json!("https://collector")), "collector_url"),
             (Box::new(|p| p["patches"] = json!([])), "patches"),
+            (
+                Box::new(|p| p["patches"][0]["sources"] = json!(["http://relay/x", "ftp://relay/x"])),
+                "patches[0].sources[1]",
+            ),
+            (Box::new(|p| p["patches"][0]["sources"] = json!(["https://relay/x"])), "patches[0].sources[0]"),
+            (
+                Box::new(|p| {
+                    p["patches"][0]["sources"] = json!(["http://relay/x"]);
+                    p["download_timeout_seconds"] = json!(0);
+                }),
+                "download_timeout_seconds",
+            ),
             (Box::new(|p| p.as_object_mut().unwrap().remove("token").map(drop).unwrap()), "token"),
         ];
         for (edit, field) in cases {
@@ -235,6 +265,26 @@ mod tests {
         assert_eq!(message, "\"a/b.deb\" must be a plain file name in the plan's directory (found '/')");
         let message = error_for(|p| p["patches"][0]["file"] = json!("x..y"));
         assert!(message.contains("field `patches[0].file`: \"x..y\" must not contain \"..\""), "{message}");
+    }
+
+    #[test]
+    fn download_sources_are_read() {
+        let mut plan = valid_plan();
+        plan["patches"][0]["sources"] = json!(["http://relay-paris:1073/v1/content/abc", "http://relay-lyon/x"]);
+        plan["patches"][0]["size"] = json!(1234);
+        let plan = parse(&plan.to_string()).unwrap();
+        assert_eq!(plan.patches[0].sources.len(), 2);
+        assert_eq!((plan.patches[0].size, plan.download_timeout_seconds), (1234, 600));
+        let message = error_for(|p| p["patches"][0]["sources"] = json!(["https://relay/x"]));
+        assert!(message.contains("an https:// relay needs"), "{message}");
+        let message = error_for(|p| {
+            let mut second = p["patches"][0].clone();
+            second["index"] = json!(1);
+            second["file"] = json!("openssl.deb.part");
+            p["patches"].as_array_mut().unwrap().push(second);
+            p["patches"][0]["sources"] = json!(["http://relay/x"]);
+        });
+        assert!(message.contains("field `patches[0].file`: \"openssl.deb.part\", another patch's file"), "{message}");
     }
 
     #[test]

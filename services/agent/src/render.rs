@@ -237,6 +237,8 @@ mod tests {
             name: format!("KB50302{index} 100% & more"),
             file: file.into(),
             sha256: "0".repeat(64),
+            size: 0,
+            sources: Vec::new(),
             installer: kind,
             arguments: arguments.into(),
             success_codes: vec![0],
@@ -259,6 +261,8 @@ mod tests {
             reboot: RebootPolicy::IfRequired,
             reboot_command: None,
             keep_files: false,
+            relay_ca_pem: None,
+            download_timeout_seconds: fleetpatch_proto::plan::DEFAULT_DOWNLOAD_TIMEOUT_SECONDS,
         }
     }
 

@@ -1,4 +1,5 @@
-//! Installing one patch: check the installer's sha256, write the patch's
+//! Installing one patch: download the installer when the plan says so
+//! ([`crate::download`]), check its sha256, write the patch's
 //! own temporary script, run it with the patch's timeout while calling back
 //! for heartbeats, and keep the tail of its combined output.
 //!
@@ -18,6 +19,7 @@ use fleetpatch_proto::plan::PlanPatch;
 use fleetpatch_proto::v1::PatchOutcome;
 use sha2::{Digest, Sha256};
 
+use crate::download::{self, DownloadError};
 use crate::outcome::{classify_exit_code, OutputTail, EXIT_CODE_NOT_RUN};
 use crate::plan::LoadedPlan;
 use crate::process::{self, ProcessTree};
@@ -87,6 +89,17 @@ pub fn install_patch_with(
         })
     };
 
+    // An installer the plan says to download is fetched and verified first;
+    // the check below then applies to it as to a staged one.
+    if !patch.sources.is_empty() {
+        let options = download::DownloadOptions::for_plan(&loaded.plan);
+        match download::download_installer(loaded, patch, &options, heartbeat_interval, on_heartbeat, stop) {
+            Ok(_) => {}
+            Err(DownloadError::Interrupted) => return Err(Interrupted),
+            Err(DownloadError::Failed { outcome, reason }) => return not_run(outcome, reason),
+        }
+    }
+
     let installer = loaded.installer_path(&patch.file);
     match sha256_of_file(&installer) {
         Ok(actual) if actual.eq_ignore_ascii_case(&patch.sha256) => {}
@@ -117,7 +130,8 @@ pub fn install_patch_with(
         return not_run(PatchOutcome::Failed, format!("cannot write the script {}: {e}", script_path.display()));
     }
 
-    let deadline = started + Duration::from_secs(u64::from(patch.timeout_seconds));
+    // The patch's timeout is the installer's: a download does not count.
+    let deadline = Instant::now() + Duration::from_secs(u64::from(patch.timeout_seconds));
     let mut tail = OutputTail::default();
     let mut tries = 0usize;
     let waited = loop {
@@ -380,6 +394,8 @@ mod tests {
             name: "script".into(),
             file: file.into(),
             sha256: sha256_of_file(&directory.join(file)).unwrap(),
+            size: 0,
+            sources: Vec::new(),
             installer: InstallerKind::Script,
             arguments: String::new(),
             success_codes: vec![0],
@@ -399,6 +415,8 @@ mod tests {
             reboot: RebootPolicy::Never,
             reboot_command: None,
             keep_files: true,
+            relay_ca_pem: None,
+            download_timeout_seconds: fleetpatch_proto::plan::DEFAULT_DOWNLOAD_TIMEOUT_SECONDS,
         };
         LoadedPlan { plan, directory: directory.to_path_buf(), path: directory.join("plan.json") }
     }

@@ -141,6 +141,99 @@ fn a_checksum_mismatch_is_not_run_and_windows_kinds_fail_clearly() {
     assert!(!stage.reboot_marker().exists(), "no reboot without a patch that needs one");
 }
 
+/// A relay that dies halfway through its first answer, then serves the
+/// rest from the `Range` the agent asks for; returns its URL and the
+/// request heads it saw.
+fn start_flaky_relay(content: Vec<u8>) -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://127.0.0.1:{}/v1/content/{}", listener.local_addr().unwrap().port(), "b".repeat(64));
+    let requests = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = std::sync::Arc::clone(&requests);
+    std::thread::spawn(move || {
+        for (number, stream) in listener.incoming().enumerate() {
+            let Ok(mut stream) = stream else { continue };
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).is_ok_and(|read| read == 1) {
+                head.push(byte[0]);
+            }
+            let head = String::from_utf8_lossy(&head).into_owned();
+            let start: usize = head
+                .lines()
+                .find_map(|line| line.strip_prefix("Range: bytes=")?.strip_suffix('-')?.parse().ok())
+                .unwrap_or(0);
+            seen.lock().unwrap().push(head);
+            let answer = if number == 0 {
+                let mut answer = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", content.len()).into_bytes();
+                answer.extend_from_slice(&content[..content.len() / 2]);
+                answer
+            } else {
+                let mut answer = format!(
+                    "HTTP/1.1 206 Partial Content\r\nContent-Range: bytes {start}-{}/{}\r\nContent-Length: {}\r\n\r\n",
+                    content.len() - 1,
+                    content.len(),
+                    content.len() - start
+                )
+                .into_bytes();
+                answer.extend_from_slice(&content[start..]);
+                answer
+            };
+            let _ = stream.write_all(&answer);
+        }
+    });
+    (url, requests)
+}
+
+#[test]
+fn an_installer_from_a_relay_is_downloaded_resumed_and_run_once() {
+    let collector = TestCollector::start();
+    let stage = Stage::new();
+    let ran = stage.outside("ran");
+    let script = format!("echo installed >> '{}'\n# {}\n", ran.display(), "padding ".repeat(4000));
+    stage.write_plan(
+        &collector.url(),
+        &[TestPatch::script("downloaded", &script), TestPatch::script("staged", "echo staged\n")],
+        1,
+        "never",
+        false,
+    );
+    // The worker staged patch 1 only; patch 0 comes from the relay.
+    std::fs::remove_file(stage.directory.join(Stage::file_name(0))).unwrap();
+    let (relay_url, requests) = start_flaky_relay(script.clone().into_bytes());
+    let mut plan: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(stage.plan_path()).unwrap()).unwrap();
+    plan["patches"][0]["sources"] = serde_json::json!([relay_url]);
+    plan["patches"][0]["size"] = script.len().into();
+    std::fs::write(stage.plan_path(), plan.to_string()).unwrap();
+
+    let output = run_agent(&stage.run_arguments());
+    assert!(output.status.success(), "exit status {:?}", output.status);
+    collector.assert_no_violations();
+    let (reports, _) = collector.unique_reports();
+    assert_gapless_in_order(&reports);
+    let downloaded = finished(&reports, 0);
+    assert_eq!(
+        (outcome(&downloaded), downloaded.exit_code),
+        (PatchOutcome::Installed, 0),
+        "{}",
+        downloaded.output_tail
+    );
+    assert_eq!(outcome(&finished(&reports, 1)), PatchOutcome::Installed);
+    assert!(final_result(&reports).success);
+    assert_eq!(std::fs::read_to_string(&ran).unwrap(), "installed\n", "the downloaded installer ran exactly once");
+
+    let requests = requests.lock().unwrap().clone();
+    assert_eq!(requests.len(), 2, "{requests:?}");
+    assert!(requests[1].contains(&format!("\r\nRange: bytes={}-\r\n", script.len() / 2)), "{}", requests[1]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    for line in ["download started", "download try failed", "download resumed", "download finished"] {
+        assert!(stderr.contains(line), "{line:?} missing from the log:\n{stderr}");
+    }
+    // The downloaded installer went with the staged files; no `.part` is left.
+    assert!(!stage.directory.exists(), "the staging directory is removed");
+}
+
 #[test]
 fn a_timed_out_installer_is_killed_with_its_process_group() {
     let collector = TestCollector::start();

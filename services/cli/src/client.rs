@@ -181,6 +181,9 @@ pub struct TargetView {
     pub finished_at: Option<DateTime<Utc>>,
     #[serde(default)]
     pub verified_state: Option<String>,
+    /// How its installers reached it (`push`, `relay http://…`, or a push after its relay did not answer).
+    #[serde(default)]
+    pub delivery: Option<String>,
 }
 
 /// `GET /v1/rollouts/{id}/targets`: one page.

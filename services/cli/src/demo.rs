@@ -14,6 +14,7 @@ use fleetpatch_runtime::{Health, Shutdown};
 use fleetpatch_store::{Store, StoreOptions};
 use fleetpatch_transport::sim::{SimFleet, SimOptions, SimTransport};
 use fleetpatch_transport::Transports;
+use sha2::Digest;
 
 use crate::output::{self, Terminal};
 
@@ -48,6 +49,85 @@ pub struct DemoArgs {
     /// missed_window.
     #[arg(long)]
     pub window: bool,
+    /// Show relays: the targets are in two sites (paris, lyon), each with a
+    /// relay of its own; the agents download the installers (real bytes)
+    /// from their site's relay, and the summary shows what left the
+    /// scheduler against what pushing would have sent.
+    #[arg(long)]
+    pub relays: bool,
+}
+
+/// Size of each demo installer with `--relays`.
+const DEMO_INSTALLER_BYTES: usize = 256 * 1024;
+
+/// The demo's relays: one per site, upstream the demo's scheduler.
+struct DemoRelays {
+    sites: Vec<(&'static str, fleetpatch_relay::RelayHandle)>,
+}
+
+impl DemoRelays {
+    async fn start(dir: &std::path::Path, api: &str, store: &Store, shutdown: &Shutdown) -> anyhow::Result<DemoRelays> {
+        // The relays read the content store with a viewer key of their own.
+        let key = store.create_api_key("demo-relay", fleetpatch_store::Role::Viewer, None).await?;
+        let key_file = dir.join("relay.key");
+        crate::apikey::write_secret_file(&key_file, key.expose_secret())?;
+        let mut sites = Vec::new();
+        for site in ["paris", "lyon"] {
+            let options = fleetpatch_relay::RelayOptions {
+                listen: "127.0.0.1:0".into(),
+                upstream_url: api.to_owned(),
+                upstream_token_ref: format!("file:{}", key_file.display()),
+                cache_dir: dir.join(format!("relay-{site}")),
+                ..Default::default()
+            };
+            let handle = fleetpatch_relay::start(options, Health::new(), shutdown.clone())
+                .await
+                .with_context(|| format!("starting the {site} relay"))?;
+            sites.push((site, handle));
+        }
+        Ok(DemoRelays { sites })
+    }
+
+    fn rules(&self) -> serde_json::Value {
+        self.sites
+            .iter()
+            .map(|(site, handle)| serde_json::json!({"match": format!("site={site}"), "url": format!("http://{}", handle.local_addr)}))
+            .collect()
+    }
+
+    fn site_of(&self, index: usize) -> &'static str {
+        self.sites[index % self.sites.len()].0
+    }
+
+    /// What each relay did, and what left the scheduler against a push to every target.
+    fn summary(&self, targets: usize, installer_bytes: u64) -> String {
+        let mib = |bytes: u64| format!("{:.1} MiB", bytes as f64 / f64::from(1 << 20));
+        let mut table =
+            output::Table::new(&["relay", "requests", "from the scheduler", "served"]).right(1).right(2).right(3);
+        let mut upstream = 0;
+        for (site, handle) in &self.sites {
+            let stats = handle.stats();
+            upstream += stats.upstream_bytes;
+            table.push(vec![
+                format!("{site} http://{}", handle.local_addr),
+                (stats.hits + stats.misses).to_string(),
+                format!("{} ({} fetches)", mib(stats.upstream_bytes), stats.upstream_fetches),
+                mib(stats.served_bytes),
+            ]);
+        }
+        format!(
+            "\nrelays:\n{}left the scheduler: {} (pushing to every target: {})\n",
+            table.render(true, &table.widths()),
+            mib(upstream),
+            mib(installer_bytes * targets as u64)
+        )
+    }
+}
+
+/// A demo installer with `--relays`: bytes of its own, so its sha256 is real.
+fn demo_installer(index: usize) -> Vec<u8> {
+    let line = format!("fleetpatch demo installer {index}\n");
+    line.repeat(DEMO_INSTALLER_BYTES / line.len() + 1).into_bytes()[..DEMO_INSTALLER_BYTES].to_vec()
 }
 
 /// The demo's schedule for `--window`: the canary any time; targets
@@ -91,7 +171,12 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let key_file = dir.join("admin.key");
     crate::apikey::ensure_admin_key_file(&store, &key_file, "demo-admin").await?;
     let admin_key = std::fs::read_to_string(&key_file).with_context(|| format!("reading {}", key_file.display()))?;
-    let bus = Bus::new(Arc::new(MemoryBackend::new(&fleetpatch_proto::routing::WORK_QUEUES, 10)));
+    let backend = MemoryBackend::new(&fleetpatch_proto::routing::WORK_QUEUES, 10);
+    // Each service its own connection to the one in-process broker, as on
+    // RabbitMQ: a service that stops closes only its own.
+    let worker_bus = Bus::new(Arc::new(backend.connect_another()));
+    let collector_bus = Bus::new(Arc::new(backend.connect_another()));
+    let bus = Bus::new(Arc::new(backend));
     let shutdown = Shutdown::new();
     let content_dir = dir.join("content");
     let scheduler = fleetpatch_scheduler::start(
@@ -115,7 +200,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         fleetpatch_collector::CollectorOptions { listen: "127.0.0.1:0".into(), ..Default::default() },
         token_key.clone(),
         store.clone(),
-        bus.clone(),
+        collector_bus,
         Health::new(),
         shutdown.clone(),
     )
@@ -130,23 +215,44 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         },
         token_key,
         store.clone(),
-        bus.clone(),
+        worker_bus,
         Transports::default().with(Arc::new(SimTransport::new(SimFleet::new(sim)))),
     )?;
-    let _worker = worker.start(Health::new(), shutdown.clone()).await?;
+    let worker = worker.start(Health::new(), shutdown.clone()).await?;
 
-    let patches: Vec<serde_json::Value> = (0..args.patches)
-        .map(|i| {
-            serde_json::json!({"name": format!("KB50{i:05}"), "kb": format!("KB50{i:05}"),
-                "file": format!("kb50{i:05}.msu"), "sha256": format!("{:064x}", i + 1), "installer": "msu"})
-        })
-        .collect();
+    let api = format!("http://{}", scheduler.local_addr);
+    let http = reqwest::Client::new();
+    let relays = match args.relays {
+        true => Some(DemoRelays::start(&dir, &api, &store, &shutdown).await?),
+        false => None,
+    };
+    let mut patches = Vec::new();
+    let mut installer_bytes = 0;
+    for i in 0..args.patches {
+        let mut patch = serde_json::json!({"name": format!("KB50{i:05}"), "kb": format!("KB50{i:05}"),
+            "file": format!("kb50{i:05}.msu"), "sha256": format!("{:064x}", i + 1), "installer": "msu"});
+        if relays.is_some() {
+            // Real bytes in the content store, so the relays serve and count them.
+            let bytes = demo_installer(i);
+            let sha256 = hex::encode(sha2::Sha256::digest(&bytes));
+            patch["sha256"] = serde_json::json!(sha256);
+            patch["size"] = serde_json::json!(bytes.len());
+            installer_bytes += bytes.len() as u64;
+            let response =
+                http.put(format!("{api}/v1/content/{sha256}")).bearer_auth(admin_key.trim()).body(bytes).send().await?;
+            anyhow::ensure!(response.status().is_success(), "uploading a demo installer: {}", response.status());
+        }
+        patches.push(patch);
+    }
     let canary = (args.targets / 20).clamp(1, 50) as u32;
     let targets: Vec<serde_json::Value> = (0..args.targets)
         .map(|i| {
-            let mut target = serde_json::json!({"host": format!("sim-{i:05}"), "transport": "sim"});
+            let mut target = serde_json::json!({"host": format!("sim-{i:05}"), "transport": "sim", "labels": {}});
             if args.window && i >= canary as usize {
-                target["labels"] = serde_json::json!({"window": "night"});
+                target["labels"]["window"] = serde_json::json!("night");
+            }
+            if let Some(relays) = &relays {
+                target["labels"]["site"] = serde_json::json!(relays.site_of(i));
             }
             target
         })
@@ -162,14 +268,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         request["windows"] = windows;
         request["deadline"] = serde_json::json!(deadline.to_rfc3339());
     }
-    let api = format!("http://{}", scheduler.local_addr);
+    if let Some(relays) = &relays {
+        request["relays"] = relays.rules();
+    }
     let started = Instant::now();
-    let response = reqwest::Client::new()
-        .post(format!("{api}/v1/rollouts"))
-        .bearer_auth(admin_key.trim())
-        .json(&request)
-        .send()
-        .await?;
+    let response = http.post(format!("{api}/v1/rollouts")).bearer_auth(admin_key.trim()).json(&request).send().await?;
     anyhow::ensure!(response.status() == 201, "the scheduler refused the demo rollout: {}", response.text().await?);
     let id: uuid::Uuid = response.json::<serde_json::Value>().await?["id"].as_str().context("rollout id")?.parse()?;
     println!(
@@ -275,7 +378,15 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         println!("\nfailures ({}):", failures.len());
         print!("{}", table.render(true, &table.widths()));
     }
+    if let Some(relays) = &relays {
+        print!("{}", relays.summary(args.targets, installer_bytes));
+    }
+    // Drain before the directory goes: the worker finishes its last jobs
+    // (cleanups) and acks them while the bus is still open.
     shutdown.trigger();
+    let _ = worker.join.await;
+    let _ = collector.join.await;
+    let _ = scheduler.join.await;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

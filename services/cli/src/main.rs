@@ -1,5 +1,5 @@
 //! `fleetpatch`: runs a service (`scheduler`, `worker`, `collector`, or
-//! `all` of them in one process), migrates the database, prints the
+//! `all` of them in one process; `relay`, a site's installer cache), migrates the database, prints the
 //! effective configuration, and is the client of the scheduler API
 //! (`rollout …`, `targets`, `target`, `audit`); `check` runs the preflight of
 //! targets from here, the way a worker would reach them; `apikey` makes,
@@ -49,6 +49,9 @@ struct Settings {
     scheduler: SchedulerOptions,
     worker: WorkerOptions,
     collector: CollectorOptions,
+    /// `fleetpatch relay`: a site's caching content server (it needs no
+    /// database, broker or token key).
+    relay: fleetpatch_relay::RelayOptions,
     /// The token key workers and collectors share.
     tokens: fleetpatch_runtime::tokens::TokenOptions,
     telemetry: TelemetryOptions,
@@ -114,6 +117,8 @@ enum Command {
     Collector,
     /// Run scheduler, worker and collector in one process.
     All(AllArgs),
+    /// Run a relay: a site's cache of installers, served to the agents on port 1073.
+    Relay,
     /// Run the simulated fleet in a process of its own (workers reach it through `sim.fleet_url`).
     SimFleet(sim_fleet::SimFleetArgs),
     /// The whole pipeline in one process on SQLite and the in-process bus, against a simulated fleet.
@@ -191,6 +196,18 @@ async fn main() -> ExitCode {
             }
         };
     }
+    if let Some(Command::Relay) = cli.command {
+        if cli.print_config {
+            return print_config(settings).await;
+        }
+        return match run_relay(settings).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("Error: {error:?}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let environment = check::Environment {
         ssh: settings.ssh.clone(),
         smb: settings.smb.clone(),
@@ -257,6 +274,24 @@ async fn main() -> ExitCode {
     }
 }
 
+/// `relay`: needs only its own section and telemetry (no database, broker
+/// or token key); stops and drains on SIGTERM.
+async fn run_relay(settings: Settings) -> anyhow::Result<()> {
+    for check in [settings.telemetry.validate(), settings.relay.validate()] {
+        if let Err(error) = check {
+            bail!("invalid configuration: {error}");
+        }
+    }
+    let _telemetry = fleetpatch_runtime::telemetry::init(&settings.telemetry, "fleetpatch-relay")?;
+    let shutdown = Shutdown::on_signals();
+    let handle = fleetpatch_relay::start(settings.relay, Health::new(), shutdown.clone()).await?;
+    handle.join.await??;
+    if let Some(reason) = shutdown.failure() {
+        bail!("stopped because a component could not go on: {reason}");
+    }
+    Ok(())
+}
+
 /// `--print-config` with a command that would otherwise act (`check`,
 /// `apikey`): the configuration it would use, and nothing done.
 async fn print_config(settings: Settings) -> ExitCode {
@@ -277,7 +312,7 @@ async fn run_service(print_config: bool, command: Option<Command>, settings: Set
     }
     settings.validate()?;
     let Some(command) = command else {
-        bail!("name a command: migrate, scheduler, worker, collector, all, rollout, targets, target, audit, dead-letters, apikey or check (see --help)");
+        bail!("name a command: migrate, scheduler, worker, collector, all, relay, rollout, targets, target, audit, dead-letters, apikey or check (see --help)");
     };
     let service: &'static str = match command {
         Command::Migrate => "fleetpatch-migrate",
@@ -294,8 +329,9 @@ async fn run_service(print_config: bool, command: Option<Command>, settings: Set
         | Command::Apikey(_)
         | Command::Demo(_)
         | Command::Bench(_)
+        | Command::Relay
         | Command::Check(_) => {
-            unreachable!("client commands, check, the demo and the bench run above")
+            unreachable!("client commands, check, the relay, the demo and the bench run above")
         }
     };
     let _telemetry = fleetpatch_runtime::telemetry::init(&settings.telemetry, service)?;

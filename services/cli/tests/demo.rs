@@ -57,3 +57,25 @@ fn the_demo_shows_a_maintenance_window_and_its_deadline() {
     assert_eq!(count("succeeded") + count("missed_window"), 40, "{stdout}");
     assert!(count("succeeded") >= 2, "the canary runs at once: {stdout}");
 }
+
+#[test]
+fn the_demo_with_relays_pulls_each_installer_once_per_site() {
+    let output = Command::new(env!("CARGO_BIN_EXE_fleetpatch"))
+        .args(["demo", "--targets", "40", "--patches", "2", "--relays"])
+        .output()
+        .expect("run fleetpatch demo --relays");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "exit {:?}\n{stdout}\n{stderr}", output.status);
+    let succeeded = stdout.lines().find(|l| l.starts_with("succeeded")).expect("a succeeded row");
+    assert_eq!(succeeded.split_whitespace().nth(1), Some("40"), "every simulated agent got real bytes: {stdout}");
+    let relays = stdout.split("\nrelays:\n").nth(1).expect("a relay table");
+    // Two sites of 20 targets, 2 installers of 256 KiB: each relay fetched
+    // each installer once and served it to each of its targets.
+    for site in ["paris", "lyon"] {
+        let row = relays.lines().find(|l| l.starts_with(site)).unwrap_or_else(|| panic!("a {site} row: {relays}"));
+        assert!(row.contains(" 40 ") && row.contains("0.5 MiB (2 fetches)") && row.ends_with("10.0 MiB"), "{row}");
+    }
+    assert!(relays.contains("left the scheduler: 1.0 MiB (pushing to every target: 20.0 MiB)"), "{relays}");
+    assert!(!stderr.contains("WARN") && !stdout.contains("WARN"), "no warnings in the demo: {stderr}");
+}

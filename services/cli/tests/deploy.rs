@@ -66,6 +66,11 @@ fn named<'a>(documents: &'a [Value], kind: &str, name: &str) -> &'a Value {
 /// Writes the rendered `fleetpatch.toml` and runs the real binary's
 /// `--print-config` on it, with the secrets' environment the pods get.
 fn load_config(documents: &[Value]) -> std::process::Output {
+    load_config_with(documents, &[])
+}
+
+/// The same with a pod's own `FLEETPATCH__…` variables.
+fn load_config_with(documents: &[Value], env: &[(String, String)]) -> std::process::Output {
     let config = named(documents, "ConfigMap", "t-fleetpatch")["data"]["fleetpatch.toml"].as_str().expect("toml");
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("fleetpatch.toml");
@@ -77,6 +82,7 @@ fn load_config(documents: &[Value]) -> std::process::Output {
         .env_remove("FLEETPATCH_CONFIG")
         .env("FLEETPATCH__DATABASE__URL", "postgres://fleetpatch@postgres:5432/fleetpatch")
         .env("FLEETPATCH__AMQP__URL", "amqp://fleetpatch@rabbitmq:5672/%2f")
+        .envs(env.iter().map(|(name, value)| (name, value)))
         .output()
         .expect("run fleetpatch --print-config")
 }
@@ -247,6 +253,67 @@ fn the_helm_chart_lints_and_renders_what_the_services_expect() {
     let loaded = load_config(&documents);
     assert!(!loaded.status.success(), "an unknown key must stop the service");
     assert!(String::from_utf8_lossy(&loaded.stderr).contains("shares"), "{}", String::from_utf8_lossy(&loaded.stderr));
+}
+
+#[test]
+fn relays_render_as_one_statefulset_per_site_that_the_binary_loads() {
+    let documents = render(&[
+        "relays[0].name=paris,relays[0].upstreamTokenSecret.name=relay-paris,relays[0].upstreamTokenSecret.key=key",
+        "relays[0].maxRateBytesPerSecond=12500000,relays[0].serviceType=LoadBalancer",
+        "relays[1].name=lyon,relays[1].upstreamUrl=http://t-fleetpatch-relay-paris:1073",
+        "worker.relays[0].match=site=paris,worker.relays[0].url=http://relay-paris.corp:1073",
+    ]);
+    assert!(of_kind(&render(&[]), "StatefulSet").is_empty(), "no relay unless asked");
+    // The workers' rules reach their configuration.
+    let loaded = load_config(&documents);
+    let printed = String::from_utf8_lossy(&loaded.stdout);
+    assert!(loaded.status.success(), "{}", String::from_utf8_lossy(&loaded.stderr));
+    assert!(
+        printed.contains("[[worker.relays]]\nmatch = \"site=paris\"\nurl = \"http://relay-paris.corp:1073\""),
+        "{printed}"
+    );
+    for (site, upstream, token) in [
+        ("paris", "http://t-fleetpatch-scheduler:8080", Some("file:/var/run/fleetpatch/relay-token/key")),
+        ("lyon", "http://t-fleetpatch-relay-paris:1073", None),
+    ] {
+        let name = format!("t-fleetpatch-relay-{site}");
+        let set = named(&documents, "StatefulSet", &name);
+        let pod = &set["spec"]["template"]["spec"];
+        let container = &pod["containers"][0];
+        assert_eq!(container["args"][0].as_str(), Some("relay"), "{name} runs `fleetpatch relay`");
+        assert_eq!(container["livenessProbe"]["httpGet"]["path"].as_str(), Some("/livez"));
+        assert_eq!(container["readinessProbe"]["httpGet"]["port"].as_str(), Some("content"));
+        assert_eq!(container["ports"][0]["containerPort"].as_u64(), Some(1073));
+        assert!(pod["terminationGracePeriodSeconds"].as_u64() >= Some(60), "{name} has time to drain");
+        assert_eq!(set["spec"]["volumeClaimTemplates"][0]["metadata"]["name"].as_str(), Some("cache"));
+        let service = named(&documents, "Service", &name);
+        assert_eq!(service["spec"]["ports"][0]["port"].as_u64(), Some(1073));
+        // The relay loads the chart's configuration with its pod's variables.
+        let env: Vec<(String, String)> = container["env"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .filter_map(|e| Some((e["name"].as_str()?.to_owned(), e["value"].as_str()?.to_owned())))
+            .filter(|(name, _)| name.starts_with("FLEETPATCH__RELAY__"))
+            .collect();
+        let loaded = load_config_with(&documents, &env);
+        let printed = String::from_utf8_lossy(&loaded.stdout);
+        assert!(loaded.status.success(), "{name}: {}", String::from_utf8_lossy(&loaded.stderr));
+        assert!(printed.contains(&format!("upstream_url = \"{upstream}\"")), "{name}: {printed}");
+        assert!(printed.contains("cache_dir = \"/var/cache/fleetpatch-relay\""), "{name}: {printed}");
+        match token {
+            Some(token) => {
+                assert!(printed.contains(&format!("upstream_token_ref = \"{token}\"")), "{name}: {printed}");
+                let mounts = serde_norway::to_string(&container["volumeMounts"]).unwrap();
+                assert!(mounts.contains("/var/run/fleetpatch/relay-token"), "{name} mounts its key: {mounts}");
+            }
+            None => assert!(printed.contains("upstream_token_ref = \"\""), "{name}: {printed}"),
+        }
+    }
+    let paris = named(&documents, "StatefulSet", "t-fleetpatch-relay-paris");
+    let text = serde_norway::to_string(paris).unwrap();
+    assert!(text.contains("12500000"), "the bandwidth limit reaches the relay: {text}");
+    assert_eq!(named(&documents, "Service", "t-fleetpatch-relay-paris")["spec"]["type"].as_str(), Some("LoadBalancer"));
 }
 
 fn deployment_replicas(documents: &[Value], component: &str) -> Option<u64> {

@@ -531,6 +531,7 @@ mod tests {
     fn reading_needs_viewer_changing_needs_operator_and_the_audit_needs_admin() {
         assert_eq!(required_role(&Method::GET, "/v1/rollouts"), Role::Viewer);
         assert_eq!(required_role(&Method::HEAD, "/v1/content/{sha256}"), Role::Viewer);
+        assert_eq!(required_role(&Method::GET, "/v1/content/{sha256}"), Role::Viewer);
         assert_eq!(required_role(&Method::POST, "/v1/rollouts"), Role::Operator);
         assert_eq!(required_role(&Method::PUT, "/v1/content/{sha256}"), Role::Operator);
         assert_eq!(required_role(&Method::POST, "/v1/rollouts/{id}/abort"), Role::Operator);

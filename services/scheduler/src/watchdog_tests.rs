@@ -96,7 +96,7 @@ async fn running_target(store: &Store) -> Target {
         panic!("the target could not be claimed");
     };
     store.record_probe(&context, "Windows", "x86_64", serde_json::json!({}), &[], "hash").await.expect("probe");
-    assert!(store.mark_installing(&context.target).await.expect("installing"));
+    assert!(store.mark_installing(&context.target, "push").await.expect("installing"));
     assert!(store.mark_running(&context.target).await.expect("running"));
     store.target(target.id).await.expect("target")
 }

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fleetpatch_bus::{Bus, Delivery};
-use fleetpatch_proto::plan::{self, DeploymentPlan, PlanPatch};
+use fleetpatch_proto::plan;
 use fleetpatch_proto::report_auth::derive_token;
 use fleetpatch_proto::routing;
 use fleetpatch_proto::v1;
@@ -29,8 +29,8 @@ use fleetpatch_proto::Message;
 use fleetpatch_runtime::credentials::{Credentials, ScopeTarget};
 use fleetpatch_runtime::tokens::TokenKey;
 use fleetpatch_runtime::{ConfigError, Health, Shutdown};
-use fleetpatch_store::{content, Claim, DeployContext, ProbeOutcome, Store, Target};
-use fleetpatch_transport::{Deployment, PatchProbe, StagedFile, TargetSpec, Transport, Transports};
+use fleetpatch_store::{Claim, DeployContext, ProbeOutcome, Store, Target};
+use fleetpatch_transport::{PatchProbe, TargetSpec, Transport, Transports};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
@@ -38,6 +38,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 mod credential;
+mod delivery;
 mod reach;
 pub use credential::{parse_credential, resolve_credential, ResolveCredentialError, SecretFormatError};
 
@@ -84,6 +85,20 @@ pub struct WorkerOptions {
     pub content_dir: PathBuf,
     /// Delay before the verification scan after a timeout (seconds).
     pub verify_delay_seconds: u64,
+    /// Relays by target label (`{ match = "site=paris", url = "http://relay-paris:1073" }`),
+    /// after the rollout's own `relays`: a matching target's agent downloads
+    /// its installers from the relay instead of the worker pushing them.
+    pub relays: Vec<fleetpatch_proto::relay::RelayRule>,
+    /// PEM file of the CA an `https://` relay's certificate chains to (the
+    /// worker's check and the agents trust only it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub relay_ca_file: Option<PathBuf>,
+    /// How long the worker waits for a relay's `/readyz` before it pushes
+    /// the installers instead (seconds).
+    pub relay_check_timeout_seconds: u64,
+    /// How long an agent keeps trying to download one installer from its
+    /// relay, resuming where it stopped, before that patch fails (seconds).
+    pub relay_download_timeout_seconds: u32,
     /// The credentials defined in the top-level `[credentials]` table (a
     /// target names one); filled by the binary from that table, never read
     /// from `[worker]`.
@@ -107,6 +122,10 @@ impl Default for WorkerOptions {
             agent_binaries: BTreeMap::new(),
             content_dir: PathBuf::from("/var/lib/fleetpatch/content"),
             verify_delay_seconds: 1800,
+            relays: Vec::new(),
+            relay_ca_file: None,
+            relay_check_timeout_seconds: 5,
+            relay_download_timeout_seconds: plan::DEFAULT_DOWNLOAD_TIMEOUT_SECONDS,
             credentials: Credentials::new(),
         }
     }
@@ -160,6 +179,22 @@ impl WorkerOptions {
         if self.step_timeout_seconds == 0 {
             return Err(ConfigError::too_small("worker.step_timeout_seconds", 1));
         }
+        if let Err((index, error)) = fleetpatch_proto::relay::validate_rules(&self.relays) {
+            return Err(ConfigError::invalid(format!("worker.relays[{index}]"), error.to_string()));
+        }
+        if self.relays.iter().any(|rule| rule.url.starts_with("https://")) && self.relay_ca_file.is_none() {
+            return Err(ConfigError::invalid(
+                "worker.relay_ca_file",
+                "must name the PEM file of the CA that signed the relays' certificates when a relay is https; \
+                 the agent trusts only that CA",
+            ));
+        }
+        if !(1..=300).contains(&self.relay_check_timeout_seconds) {
+            return Err(ConfigError::out_of_range("worker.relay_check_timeout_seconds", 1, 300));
+        }
+        if !(1..=86_400).contains(&self.relay_download_timeout_seconds) {
+            return Err(ConfigError::out_of_range("worker.relay_download_timeout_seconds", 1, 86_400));
+        }
         fleetpatch_runtime::credentials::validate(&self.credentials, &CREDENTIAL_TRANSPORTS)?;
         Ok(())
     }
@@ -184,6 +219,8 @@ pub enum Error {
         path.display()
     )]
     CollectorCaNotPem { path: PathBuf },
+    #[error("worker configuration: worker.relay_ca_file: {reason}")]
+    RelayCa { reason: String },
     #[error("serving HTTP: {0}")]
     Serve(#[from] std::io::Error),
 }
@@ -198,6 +235,8 @@ pub struct Worker {
     token_key: TokenKey,
     /// The CA the agents verify an `https://` collector against.
     collector_ca_pem: Option<Arc<str>>,
+    /// Asks a target's relay whether it serves before a pull is staged.
+    relay_check: delivery::RelayCheck,
     /// Wakes this worker's outbox relay after a job committed messages
     /// (the watchdog's timer, a retry, a dispatch request).
     relay_nudge: Arc<tokio::sync::Notify>,
@@ -280,7 +319,18 @@ impl Worker {
                 Some(Arc::from(pem))
             }
         };
+        let relay_ca_pem = match &options.relay_ca_file {
+            None => None,
+            Some(path) => {
+                let pem = std::fs::read_to_string(path)
+                    .map_err(|source| Error::RelayCa { reason: format!("cannot read {}: {source}", path.display()) })?;
+                Some(Arc::from(pem))
+            }
+        };
+        let relay_check =
+            delivery::RelayCheck::new(relay_ca_pem, Duration::from_secs(options.relay_check_timeout_seconds))?;
         Ok(Self {
+            relay_check,
             options: Arc::new(options),
             store,
             bus,
@@ -555,10 +605,11 @@ impl Worker {
             ProbeOutcome::Stage => {}
             ProbeOutcome::AllInstalled | ProbeOutcome::Lost => return Ok(()),
         }
-        let deployment = self.deployment(context, &probe, token, transport.kind())?;
+        let delivery = self.choose_delivery(context).await?;
+        let deployment = self.deployment(context, &probe, token, transport.kind(), &delivery)?;
         *staged = true;
         self.step("stage", &address, transport.stage(&spec, &deployment)).await?;
-        if !self.store.mark_installing(target).await? {
+        if !self.store.mark_installing(target, &delivery.describe()).await? {
             self.enqueue_cleanup(target).await;
             return Ok(());
         }
@@ -580,73 +631,6 @@ impl Worker {
         if let Err(error) = self.store.enqueue(vec![message]).await {
             tracing::warn!(error = %error, target_id = %target.id, "could not queue a cleanup");
         }
-    }
-
-    fn deployment(
-        &self,
-        context: &DeployContext,
-        probe: &fleetpatch_transport::ProbeReport,
-        token: String,
-        transport: &str,
-    ) -> Result<Deployment, StepError> {
-        let target = &context.target;
-        let settings = &context.rollout.settings;
-        let wanted: Vec<_> = context.patches.iter().filter(|p| !probe.installed.contains(&p.index)).collect();
-        let needs_bytes = transport != "sim";
-        let mut files = Vec::new();
-        for patch in &wanted {
-            let source = content::path_of(&self.options.content_dir, &patch.sha256);
-            if needs_bytes && !source.exists() {
-                return Err(StepError::Permanent(format!(
-                    "installer of patch {:?} (sha256 {}) is not in the content store; upload it with PUT /v1/content/{}",
-                    patch.name, patch.sha256, patch.sha256
-                )));
-            }
-            files.push(StagedFile { name: patch.file.clone(), source, sha256: patch.sha256.clone(), size: patch.size });
-        }
-        let agent_binary = if needs_bytes {
-            let key = agent_binary_key(&probe.os, &probe.arch);
-            Some(self.options.agent_binaries.get(&key).cloned().ok_or_else(|| {
-                StepError::Permanent(format!(
-                    "no agent binary for {} on {:?}; set worker.agent_binaries.{key}",
-                    probe.os, probe.arch
-                ))
-            })?)
-        } else {
-            None
-        };
-        let plan = DeploymentPlan {
-            version: plan::PLAN_VERSION,
-            deployment_id: plan::deployment_id(target.id, target.attempt),
-            target_id: target.id,
-            attempt: target.attempt,
-            collector_url: self.options.collector_url.clone(),
-            collector_ca_pem: self.collector_ca_pem.as_deref().map(str::to_owned),
-            token,
-            heartbeat_seconds: settings.heartbeat_seconds,
-            patches: wanted
-                .iter()
-                .map(|p| PlanPatch {
-                    index: p.index,
-                    name: p.name.clone(),
-                    file: p.file.clone(),
-                    sha256: p.sha256.clone(),
-                    installer: p.installer,
-                    arguments: p.arguments.clone(),
-                    success_codes: p.success_codes.clone(),
-                    reboot_codes: p.reboot_codes.clone(),
-                    timeout_seconds: p.timeout_seconds,
-                })
-                .collect(),
-            reboot: settings.reboot,
-            reboot_command: if probe.os.eq_ignore_ascii_case("windows") {
-                self.options.windows_reboot_command.clone()
-            } else {
-                self.options.unix_reboot_command.clone()
-            },
-            keep_files: settings.keep_files,
-        };
-        Ok(Deployment { plan, agent_binary, files })
     }
 
     async fn load_for_job(&self, target_id: &str) -> Result<(Target, Arc<dyn Transport>, TargetSpec), JobError> {

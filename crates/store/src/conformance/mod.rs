@@ -198,6 +198,8 @@ async fn create(store: &Store, spec: Spec) -> Uuid {
                 retry_offline_for_seconds: spec.offline_for,
                 reboot_timeout_seconds: spec.reboot_timeout_seconds,
                 keep_files: true,
+                relays: vec![crate::RelayRule { selector: "site=paris".into(), url: "http://relay-paris:1073".into() }],
+                relay_fallback: crate::RelayFallback::Fail,
                 schedule: spec.schedule.clone(),
             },
             patches: (0..spec.patches).map(patch).collect(),
@@ -227,7 +229,7 @@ async fn bring_to_running(store: &Store, target: &Target) -> DeployContext {
         .expect("record_probe");
     assert_eq!(outcome, ProbeOutcome::Stage);
     let context = *context;
-    assert!(store.mark_installing(&context.target).await.expect("mark_installing"));
+    assert!(store.mark_installing(&context.target, "push").await.expect("mark_installing"));
     assert!(store.mark_running(&context.target).await.expect("mark_running"));
     DeployContext { target: store.target(target.id).await.expect("target"), ..context }
 }

@@ -229,7 +229,7 @@ async fn apply(
         Op::Installing { target } => {
             // The snapshot the worker holds: maybe of an older attempt.
             let Some(context) = contexts.get(&targets[target].id) else { return };
-            store.mark_installing(&context.target).await.expect("installing");
+            store.mark_installing(&context.target, "push").await.expect("installing");
         }
         Op::Running { target } => {
             let Some(context) = contexts.get(&targets[target].id) else { return };

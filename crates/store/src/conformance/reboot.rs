@@ -15,7 +15,7 @@ async fn running_on_boot(store: &Store, target: &Target, boot: &str) -> Target {
     let probe = serde_json::json!({"os": "Debian", "boot_id": boot});
     let outcome = store.record_probe(&context, "Debian", "x86_64", probe, &[], "hash").await.expect("probe");
     assert_eq!(outcome, ProbeOutcome::Stage);
-    assert!(store.mark_installing(&context.target).await.expect("installing"));
+    assert!(store.mark_installing(&context.target, "push").await.expect("installing"));
     assert!(store.mark_running(&context.target).await.expect("running"));
     store.target(target.id).await.expect("target")
 }

@@ -110,9 +110,16 @@ pub async fn a_takeover_probe_that_finds_everything_installed_closes_the_open_pa
         panic!("claim refused");
     };
     store.record_probe(&first, "os", "x86_64", serde_json::json!({}), &[], "hash").await.expect("probe");
-    assert!(store.mark_installing(&first.target).await.expect("installing"));
+    assert!(store.mark_installing(&first.target, "relay http://relay-paris:1073").await.expect("installing"));
     // The agent runs and reports while its worker dies.
     let installing = store.target(target.id).await.expect("target");
+    assert_eq!(installing.delivery.as_deref(), Some("relay http://relay-paris:1073"), "the delivery is kept");
+    // The rollout's relay rules come back as they were given.
+    let settings = store.rollout(id).await.expect("rollout").settings;
+    assert_eq!(
+        (settings.relays[0].url.as_str(), settings.relay_fallback),
+        ("http://relay-paris:1073", crate::RelayFallback::Fail)
+    );
     store
         .report_intake()
         .apply_reports(&[
@@ -148,13 +155,13 @@ pub async fn worker_steps_are_guarded_and_recorded_in_the_history(db: &dyn TestD
     store.dispatch(id).await.expect("dispatch");
     let target = all_targets(store, id).await.remove(0);
     // Out of order: nothing moves.
-    assert!(!store.mark_installing(&target).await.expect("mark_installing"));
+    assert!(!store.mark_installing(&target, "push").await.expect("mark_installing"));
     assert!(!store.mark_running(&target).await.expect("mark_running"));
     let context = bring_to_running(store, &target).await;
     assert_eq!(context.target.state, TargetState::Running);
     assert!(context.target.running_at.is_some() && context.target.last_seen_at.is_some());
     // Repeating a step changes nothing.
-    assert!(!store.mark_installing(&context.target).await.expect("again"));
+    assert!(!store.mark_installing(&context.target, "push").await.expect("again"));
     assert!(!store.mark_running(&context.target).await.expect("again"));
     let history = store.transitions(target.id).await.expect("history");
     assert_eq!(

@@ -121,6 +121,7 @@ async fn insert_targets_portable(
             next_check_at: Set(None),
             reboot_until: Set(None),
             went_down_at: Set(None),
+            delivery: Set(None),
             created_at: Set(at),
             updated_at: Set(at),
         });

@@ -114,6 +114,7 @@ fn target_from(m: targets::Model) -> Result<Target> {
         next_check_at: m.next_check_at,
         reboot_until: m.reboot_until,
         went_down_at: m.went_down_at,
+        delivery: m.delivery,
         boot_id: m.probe.as_ref().and_then(|probe| probe.get("boot_id")).and_then(|id| id.as_str()).map(str::to_owned),
         token_hash: m.token_hash,
         token_nonce: m.token_nonce,

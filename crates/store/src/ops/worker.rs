@@ -161,8 +161,9 @@ impl Store {
         Ok(if all_installed { ProbeOutcome::AllInstalled } else { ProbeOutcome::Stage })
     }
 
-    /// `staging → installing`. False when the target moved on.
-    pub async fn mark_installing(&self, target: &Target) -> Result<bool> {
+    /// `staging → installing`, recording how the installers were delivered
+    /// (see [`Target::delivery`]). False when the target moved on.
+    pub async fn mark_installing(&self, target: &Target, delivery: &str) -> Result<bool> {
         let at = self.now();
         let txn = self.begin().await?;
         let moved = apply_move(
@@ -175,7 +176,7 @@ impl Store {
                 from: &[TargetState::Staging],
                 to: TargetState::Installing,
                 detail: None,
-                sets: vec![],
+                sets: vec![(targets::Column::Delivery, Expr::value(delivery.to_owned()))],
             },
         )
         .await?;

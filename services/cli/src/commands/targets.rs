@@ -139,6 +139,9 @@ pub fn render_target(detail: &TargetDetail) -> String {
         let labels: Vec<String> = target.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
         out.push_str(&format!("labels      {}\n", output::clean(&labels.join(" "))));
     }
+    if let Some(delivery) = &target.delivery {
+        out.push_str(&format!("delivery    {}\n", output::clean(delivery)));
+    }
     if let Some(error) = &target.error {
         out.push_str(&format!("error       {}\n", output::clean(error)));
     }
@@ -266,6 +269,7 @@ mod tests {
             running_at: None,
             finished_at: None,
             verified_state: None,
+            delivery: Some("relay http://relay-paris:1073".into()),
         }
     }
 
@@ -321,6 +325,7 @@ mod tests {
         };
         let text = render_target(&detail);
         assert!(text.contains("state       succeeded (attempt 1, 1 tries)"), "{text}");
+        assert!(text.contains("delivery    relay http://relay-paris:1073\n"), "{text}");
         assert!(text.contains("0  KB1    succeeded  3010  yes     2.5s  Installed."), "{text}");
         let timeline: Vec<&str> = text.lines().skip_while(|l| *l != "timeline").skip(2).collect();
         assert_eq!(

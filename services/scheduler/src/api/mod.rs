@@ -158,6 +158,8 @@ impl From<fleetpatch_store::Error> for Problem {
     }
 }
 
+#[cfg(test)]
+mod content_tests;
 mod evidence;
 mod schema;
 
@@ -184,7 +186,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/rollouts/{id}/report", get(evidence::report))
         .route("/v1/reports/{sha256}", get(evidence::issued))
         .route("/v1/targets/{id}", get(show_target))
-        .route("/v1/content/{sha256}", put(upload_content).head(has_content))
+        .route("/v1/content/{sha256}", put(upload_content).head(has_content).get(download_content))
         .route("/v1/audit", get(audit))
         .route("/v1/dead-letters", get(crate::dead_letters::list))
         .route("/v1/dead-letters/replay", post(crate::dead_letters::replay))
@@ -477,6 +479,84 @@ async fn has_content(State(state): State<ApiState>, Path(sha256): Path<String>) 
     } else {
         StatusCode::NOT_FOUND
     }
+}
+
+/// `GET /v1/content/{sha256}` (viewer): the installer, streamed from the
+/// content store (never read whole into memory), with one
+/// `Range: bytes=…` honoured so a relay or an agent can resume a download.
+/// Counted in `fleetpatch_scheduler_content_requests_total{result}` and
+/// `fleetpatch_scheduler_content_served_bytes_total`.
+async fn download_content(
+    State(state): State<ApiState>,
+    Path(sha256): Path<String>,
+    headers: axum::http::HeaderMap,
+) -> Result<Response, Problem> {
+    use futures_util::StreamExt;
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    let outcome =
+        |result: &'static str| metrics::counter!("fleetpatch_scheduler_content_requests_total", "result" => result);
+    if !content::is_sha256(&sha256) {
+        outcome("bad_request").increment(1);
+        let shown: String = sha256.chars().take(80).collect();
+        return Err(Problem::new(
+            StatusCode::BAD_REQUEST,
+            "Bad request",
+            format!("{shown:?} is not a sha256: content is named by 64 lower-case hex characters"),
+        ));
+    }
+    let path = content::path_of(&state.content_dir, &sha256);
+    let unavailable = |error: std::io::Error| {
+        outcome("error").increment(1);
+        tracing::error!(error = %error, path = %path.display(), "reading the content store failed");
+        Problem::new(StatusCode::SERVICE_UNAVAILABLE, "Service unavailable", "the content store cannot be read; retry")
+    };
+    let mut file = match tokio::fs::File::open(&path).await {
+        Ok(file) => file,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            outcome("not_found").increment(1);
+            return Err(Problem::new(
+                StatusCode::NOT_FOUND,
+                "Not found",
+                format!("no installer with sha256 {sha256} in the content store; upload it first (PUT /v1/content/{sha256})"),
+            ));
+        }
+        Err(error) => return Err(unavailable(error)),
+    };
+    let length = file.metadata().await.map_err(unavailable)?.len();
+    let range =
+        fleetpatch_runtime::http::parse_range(headers.get(header::RANGE).and_then(|value| value.to_str().ok()), length);
+    let mut response = Response::builder().header(header::ACCEPT_RANGES, "bytes");
+    if let Some(content_range) = range.content_range(length) {
+        response = response.header(header::CONTENT_RANGE, content_range);
+    }
+    let Some((start, count)) = range.span(length) else {
+        outcome("unsatisfiable").increment(1);
+        return Ok(response
+            .status(StatusCode::RANGE_NOT_SATISFIABLE)
+            .header(header::CONTENT_LENGTH, 0)
+            .body(Body::empty())
+            .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response()));
+    };
+    if start > 0 {
+        file.seek(std::io::SeekFrom::Start(start)).await.map_err(unavailable)?;
+    }
+    let partial = matches!(range, fleetpatch_runtime::http::ByteRange::Partial { .. });
+    outcome(if partial { "partial" } else { "ok" }).increment(1);
+    let body = tokio_util::io::ReaderStream::with_capacity(file.take(count), 64 * 1024).map(|chunk| {
+        if let Ok(chunk) = &chunk {
+            metrics::counter!("fleetpatch_scheduler_content_served_bytes_total").increment(chunk.len() as u64);
+        }
+        chunk
+    });
+    Ok(response
+        .status(if partial { StatusCode::PARTIAL_CONTENT } else { StatusCode::OK })
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        // The stream's length is unknown to hyper, which then sends exactly
+        // this many bytes (no chunked encoding).
+        .header(header::CONTENT_LENGTH, count)
+        .header(header::ETAG, format!("\"{sha256}\""))
+        .body(Body::from_stream(body))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response()))
 }
 
 #[derive(Deserialize)]

@@ -3,6 +3,7 @@
 
 use super::*;
 use chrono::{DateTime, Utc};
+use fleetpatch_proto::relay::{RelayFallback, RelayRule};
 use fleetpatch_store::schedule::{MaintenanceWindow, NoWindow, Schedule, WindowError};
 
 fn default_concurrency() -> u32 {
@@ -62,6 +63,14 @@ pub struct CreateRollout {
     pub reboot: RebootPolicy,
     #[serde(default)]
     pub keep_files: bool,
+    /// Relays the targets pull their installers from, by label; the first
+    /// matching rule wins, before the workers' own `worker.relays`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub relays: Vec<RelayRule>,
+    /// When a target's relay does not answer: `push` the installers (the
+    /// default) or `fail` (retried like an unreachable target).
+    #[serde(default, skip_serializing_if = "RelayFallback::is_push")]
+    pub relay_fallback: RelayFallback,
     /// The credential of every target that names none (a name defined in
     /// `[credentials]` where the workers run).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -194,6 +203,9 @@ pub fn validate(
                 format!("must be between 1 and 2592000 (30 days), got {seconds}"),
             );
         }
+    }
+    if let Err((index, error)) = fleetpatch_proto::relay::validate_rules(&request.relays) {
+        push(&mut errors, format!("relays[{index}]"), error.to_string());
     }
     if request.patches.is_empty() {
         push(&mut errors, "patches", "must name at least one patch");
@@ -417,6 +429,8 @@ pub fn validate(
             retry_offline_for_seconds: request.retry_offline_for_seconds,
             reboot_timeout_seconds: request.reboot_timeout_seconds,
             keep_files: request.keep_files,
+            relays: request.relays,
+            relay_fallback: request.relay_fallback,
             schedule: Schedule {
                 start_at: request.start_at,
                 deadline: request.deadline,
