@@ -347,6 +347,54 @@ async fn a_worker_or_collector_without_the_token_key_refuses_to_start_naming_it(
     }
 }
 
+#[tokio::test]
+async fn a_relay_needs_no_database_serves_its_probes_names_its_upstream_and_drains_on_sigterm() {
+    // Without an upstream it refuses to start, naming the key.
+    let run = fleetpatch_offline(&["relay"], &[]);
+    assert_ne!(run.code, 0);
+    assert!(run.stderr.contains("relay.upstream_url"), "{}", run.stderr);
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let upstream_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let cache = tempfile::tempdir().unwrap();
+    let mut relay = tokio::process::Command::new(env!("CARGO_BIN_EXE_fleetpatch"))
+        .arg("relay")
+        .env_remove("FLEETPATCH_CONFIG")
+        // No database, broker or token key: a relay needs none of them.
+        .env("FLEETPATCH__DATABASE__URL", "")
+        .env("FLEETPATCH__RELAY__LISTEN", format!("127.0.0.1:{port}"))
+        .env("FLEETPATCH__RELAY__UPSTREAM_URL", format!("http://127.0.0.1:{upstream_port}"))
+        .env("FLEETPATCH__RELAY__CACHE_DIR", cache.path())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start fleetpatch relay");
+    let http = reqwest::Client::new();
+    let base = format!("http://127.0.0.1:{port}");
+    let mut ready = false;
+    for _ in 0..200 {
+        if let Ok(response) = http.get(format!("{base}/readyz")).send().await {
+            ready = response.status() == 200;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ready, "the relay is ready with its cache directory, whatever its upstream");
+    assert_eq!(http.get(format!("{base}/livez")).send().await.unwrap().status(), 200);
+    let metrics = http.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
+    let missing = format!("{base}/v1/content/{}", "ab".repeat(32));
+    let response = http.get(&missing).send().await.unwrap();
+    assert_eq!(response.status(), 503, "the upstream is down");
+    let body = response.text().await.unwrap();
+    assert!(body.contains(&format!("127.0.0.1:{upstream_port}")), "the answer names the upstream: {body}");
+    assert_eq!(http.get(format!("{base}/v1/content/nope")).send().await.unwrap().status(), 400);
+    let metrics_after = http.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics_after.contains("fleetpatch_relay_requests_total"), "{metrics}\n{metrics_after}");
+    let pid = relay.id().unwrap().to_string();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let status = tokio::time::timeout(Duration::from_secs(30), relay.wait()).await.expect("drains").unwrap();
+    assert!(status.success(), "asked to stop, the relay exits 0: {status}");
+}
+
 /// The binary with only `env` and `args` (no API, no configuration file but the one named).
 fn fleetpatch_offline(args: &[&str], env: &[(&str, &str)]) -> Run {
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_fleetpatch"))
