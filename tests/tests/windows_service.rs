@@ -7,7 +7,9 @@
 //! `wixl` (then listed under Uninstall in Wine's registry), batch files that
 //! exit 0 and 1603, and an `.exe` (built with mingw) that exits 3010. A
 //! second service runs an installer that never ends; `sc stop` must end it
-//! and every process it started. Both services are deleted with `sc delete`.
+//! and every process it started. A third downloads its installer from a
+//! real relay (`fleetpatch relay` in front of the sandbox's content store)
+//! instead of finding it staged. The services are deleted with `sc delete`.
 //!
 //! Needs: `wine`, `wine64`, `msitools`/`wixl`, `gcc-mingw-w64-x86-64`, the
 //! Windows agent (`FLEETPATCH_WINDOWS_AGENT_EXE`, else built here with
@@ -55,6 +57,7 @@ fn stage(
     collector: std::net::SocketAddr,
     installers: &[(&Path, InstallerKind, &str, Vec<i32>)],
     keep_files: bool,
+    relay: Option<&str>,
 ) -> Staged {
     let deployment_id = format!("fp-wine-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
     let spec = SmbTransport::new(SmbTransportOptions::default()).unwrap().service_spec(&deployment_id, None);
@@ -69,14 +72,22 @@ fn stage(
         .enumerate()
         .map(|(index, (path, kind, arguments, reboot_codes))| {
             let file = path.file_name().unwrap().to_string_lossy().into_owned();
-            std::fs::copy(path, folder.join(&file)).unwrap();
+            let sha256 = sha256(path);
+            // From a relay, the agent downloads it; otherwise it is staged here.
+            let sources = match relay {
+                Some(relay) => vec![format!("{relay}/v1/content/{sha256}")],
+                None => {
+                    std::fs::copy(path, folder.join(&file)).unwrap();
+                    Vec::new()
+                }
+            };
             PlanPatch {
                 index: index as u32,
                 name: file.clone(),
                 file,
-                sha256: sha256(path),
-                size: 0,
-                sources: Vec::new(),
+                sha256,
+                size: std::fs::metadata(path).unwrap().len(),
+                sources,
                 installer: *kind,
                 arguments: (*arguments).to_owned(),
                 success_codes: vec![0],
@@ -157,8 +168,8 @@ async fn the_agent_runs_as_a_windows_service_installs_real_installers_and_stops_
     let sandbox = Sandbox::start(SandboxOptions::default()).await;
     // Two targets whose simulated agents hang after their first report: the
     // Windows agent reports for them with their own tokens.
-    let mut request = sim_rollout("windows-service", 2, 4, 2, 900);
-    for i in 0..2 {
+    let mut request = sim_rollout("windows-service", 3, 4, 3, 900);
+    for i in 0..3 {
         request["targets"][i]["labels"] = serde_json::to_value(behaviour("hang")).unwrap();
     }
     let rollout = sandbox.create_rollout(request).await;
@@ -190,6 +201,7 @@ async fn the_agent_runs_as_a_windows_service_installs_real_installers_and_stops_
             (&reboot_exe, InstallerKind::Exe, "3010", vec![3010]),
         ],
         false,
+        None,
     );
     create_service(&wine, &staged);
     assert_eq!(wine.query(&staged.service).unwrap().state, "STOPPED");
@@ -265,6 +277,7 @@ async fn the_agent_runs_as_a_windows_service_installs_real_installers_and_stops_
         sandbox.collector,
         &[(&long_bat, InstallerKind::Script, "", vec![]), (&long_exe, InstallerKind::Exe, "0", vec![])],
         true,
+        None,
     );
     create_service(&wine, &staged_long);
     wine.sc(&["start", &staged_long.service]);
@@ -302,5 +315,56 @@ async fn the_agent_runs_as_a_windows_service_installs_real_installers_and_stops_
     assert!(staged_long.folder.join(fleetpatch_proto::plan::PLAN_FILE_NAME).is_file());
     delete_service(&wine, &staged_long.service);
     let _ = std::fs::remove_dir_all(&staged_long.folder);
+
+    // An installer pulled from a relay (a real one, in front of the
+    // sandbox's content store): the Windows agent downloads it, checks it,
+    // runs it once, and leaves no partial file behind.
+    let pulled_bat = work.path().join("pulled.bat");
+    std::fs::write(&pulled_bat, "@echo off\r\necho pulled from the relay\r\nexit /b 0\r\n").unwrap();
+    let (pulled_sha, pulled_size) = sandbox.upload_content(std::fs::read(&pulled_bat).unwrap()).await;
+    let key_file = work.path().join("relay.key");
+    std::fs::write(&key_file, sandbox.api_key("wine-relay", fleetpatch_store::Role::Viewer, None).await).unwrap();
+    let relay_shutdown = fleetpatch_runtime::Shutdown::new();
+    let relay = fleetpatch_relay::start(
+        fleetpatch_relay::RelayOptions {
+            listen: "127.0.0.1:0".into(),
+            upstream_url: sandbox.api.clone(),
+            upstream_token_ref: format!("file:{}", key_file.display()),
+            cache_dir: work.path().join("relay-cache"),
+            ..Default::default()
+        },
+        fleetpatch_runtime::Health::new(),
+        relay_shutdown.clone(),
+    )
+    .await
+    .expect("start a relay");
+    let relay_url = format!("http://{}", relay.local_addr);
+    let staged_pulled = stage(
+        &wine,
+        &targets[2],
+        sandbox.collector,
+        &[(&pulled_bat, InstallerKind::Script, "", vec![])],
+        false,
+        Some(&relay_url),
+    );
+    assert!(!staged_pulled.folder.join("pulled.bat").exists(), "only the agent and the plan are staged");
+    create_service(&wine, &staged_pulled);
+    wine.sc(&["start", &staged_pulled.service]);
+    let status = wine.wait_for_state(&staged_pulled.service, "STOPPED", Duration::from_secs(180));
+    assert_eq!((status.win32_exit_code, status.service_exit_code), (0, 0), "the pulled deployment failed");
+    let events = sandbox.store.agent_events(targets[2].id).await.unwrap();
+    assert!(events_of(&events, "finished").contains(&(Some(0), Some(0))), "{events:#?}");
+    let patches = sandbox.store.target_patches(targets[2].id).await.unwrap();
+    let tail = patches[0].output_tail.as_deref().unwrap_or("");
+    assert!(tail.contains("pulled from the relay"), "the downloaded batch file ran: {tail:?}");
+    let stats = relay.stats();
+    assert_eq!((stats.upstream_fetches, stats.served_bytes), (1, pulled_size), "{stats:?} ({pulled_sha})");
+    let until = Instant::now() + Duration::from_secs(20);
+    while staged_pulled.folder.exists() {
+        assert!(Instant::now() < until, "{} was not removed (a .part left?)", staged_pulled.folder.display());
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    delete_service(&wine, &staged_pulled.service);
+    relay_shutdown.trigger();
     sandbox.stop().await;
 }
