@@ -377,6 +377,30 @@ async fn dashboards_and_alerts_name_only_metrics_the_services_export() {
         .await
         .unwrap();
     assert_eq!(refused.status(), 401);
+    // A relay in front of the content store serves an installer (a miss,
+    // then a hit), so its metrics are exported too.
+    let (sha256, _) = sandbox.upload_content(b"an installer".to_vec()).await;
+    let relay_dir = tempfile::tempdir().unwrap();
+    let key_file = relay_dir.path().join("relay.key");
+    std::fs::write(&key_file, sandbox.api_key("metrics-relay", fleetpatch_store::Role::Viewer, None).await).unwrap();
+    let relay_shutdown = fleetpatch_runtime::Shutdown::new();
+    let relay = fleetpatch_relay::start(
+        fleetpatch_relay::RelayOptions {
+            listen: "127.0.0.1:0".into(),
+            upstream_url: sandbox.api.clone(),
+            upstream_token_ref: format!("file:{}", key_file.display()),
+            cache_dir: relay_dir.path().join("cache"),
+            ..Default::default()
+        },
+        fleetpatch_runtime::Health::new(),
+        relay_shutdown.clone(),
+    )
+    .await
+    .expect("start a relay");
+    for _ in 0..2 {
+        let url = format!("http://{}/v1/content/{sha256}", relay.local_addr);
+        assert_eq!(sandbox.http.get(url).send().await.unwrap().status(), 200);
+    }
 
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let exported = loop {
@@ -398,9 +422,16 @@ async fn dashboards_and_alerts_name_only_metrics_the_services_export() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
     assert!(exported.contains("fleetpatch_queue_depth"), "the scheduler exports the queue depths");
+    relay_shutdown.trigger();
     sandbox.stop().await;
     // The names extraction itself found the families the panels are about.
-    for family in ["fleetpatch_active_targets", "fleetpatch_collector_reports_total", "fleetpatch_queue_depth"] {
+    for family in [
+        "fleetpatch_active_targets",
+        "fleetpatch_collector_reports_total",
+        "fleetpatch_queue_depth",
+        "fleetpatch_relay_served_bytes_total",
+        "fleetpatch_relay_requests_total",
+    ] {
         assert!(wanted.contains(family), "{family} is on the dashboard: {wanted:?}");
     }
 }
