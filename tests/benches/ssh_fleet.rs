@@ -202,18 +202,10 @@ fn main() {
         let (script_sha, script_size) = sandbox.upload_content(script.into_bytes()).await;
         // Relays of the scheduler's content store, one per site, with a viewer key.
         let relay_dir = tempfile::tempdir().unwrap();
-        let key_file = relay_dir.path().join("relay.key");
-        std::fs::write(&key_file, sandbox.api_key("bench-relay", fleetpatch_store::Role::Viewer, None).await).unwrap();
         let relay_shutdown = fleetpatch_runtime::Shutdown::new();
         let mut relays = Vec::new();
         for site in 0..relay_count {
-            let options = fleetpatch_relay::RelayOptions {
-                listen: "127.0.0.1:0".into(),
-                upstream_url: sandbox.api.clone(),
-                upstream_token_ref: format!("file:{}", key_file.display()),
-                cache_dir: relay_dir.path().join(format!("site-{site}")),
-                ..Default::default()
-            };
+            let options = sandbox.relay_options(relay_dir.path(), &format!("site-{site}")).await;
             let health = fleetpatch_runtime::Health::new();
             relays.push(fleetpatch_relay::start(options, health, relay_shutdown.clone()).await.expect("start a relay"));
         }

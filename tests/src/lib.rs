@@ -406,6 +406,24 @@ impl Sandbox {
             .to_owned()
     }
 
+    /// Options of a relay (`fleetpatch relay`) in front of this sandbox's
+    /// content store: on a free loopback port, reading the store with a
+    /// viewer key of its own (in a file under `dir`), its cache in
+    /// `dir/<name>-cache`, and no drain time (a test may kill it mid-transfer).
+    pub async fn relay_options(&self, dir: &Path, name: &str) -> fleetpatch_relay::RelayOptions {
+        let key = self.api_key(&format!("relay-{name}"), fleetpatch_store::Role::Viewer, None).await;
+        let key_file = dir.join(format!("relay-{name}.key"));
+        std::fs::write(&key_file, key).expect("write the relay's key");
+        fleetpatch_relay::RelayOptions {
+            listen: "127.0.0.1:0".into(),
+            upstream_url: self.api.clone(),
+            upstream_token_ref: format!("file:{}", key_file.display()),
+            cache_dir: dir.join(format!("{name}-cache")),
+            http: fleetpatch_runtime::http::ServerOptions { drain_seconds: 0, ..Default::default() },
+            ..Default::default()
+        }
+    }
+
     async fn bus(amqp: &RabbitOptions) -> Bus {
         Bus::new(Arc::new(
             RabbitBackend::connect(amqp, &fleetpatch_proto::routing::WORK_QUEUES).await.expect("connect to RabbitMQ"),

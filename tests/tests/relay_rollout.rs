@@ -13,7 +13,6 @@ use std::time::Duration;
 
 use fleetpatch_proto::state::{PatchState, RolloutState, TargetState};
 use fleetpatch_relay::{RelayHandle, RelayOptions};
-use fleetpatch_runtime::http::ServerOptions;
 use fleetpatch_runtime::{Health, Shutdown};
 use fleetpatch_tests::ssh::{rollout, script, ssh_sandbox, ssh_target, Patch, FLEET_KEY};
 use fleetpatch_tests::Sandbox;
@@ -45,21 +44,6 @@ impl Relay {
         self.shutdown.trigger();
         let _ = self.handle.join.await;
         self.options
-    }
-}
-
-/// Options of a relay of this sandbox: upstream the scheduler, with a viewer key in a file.
-async fn relay_options(sandbox: &Sandbox, dir: &tempfile::TempDir, name: &str) -> RelayOptions {
-    let key = sandbox.api_key(&format!("relay-{name}"), fleetpatch_store::Role::Viewer, None).await;
-    let key_file = dir.path().join(format!("{name}.key"));
-    std::fs::write(&key_file, key).unwrap();
-    RelayOptions {
-        listen: "127.0.0.1:0".into(),
-        upstream_url: sandbox.api.clone(),
-        upstream_token_ref: format!("file:{}", key_file.display()),
-        cache_dir: dir.path().join(format!("{name}-cache")),
-        http: ServerOptions { drain_seconds: 0, ..ServerOptions::default() },
-        ..RelayOptions::default()
     }
 }
 
@@ -117,8 +101,8 @@ fn peer_of<'a>(peers: &'a [SshPeer], target: &fleetpatch_store::Target) -> &'a S
 async fn ssh_targets_in_two_sites_pull_every_installer_once_per_relay() {
     let (fleet, sandbox) = ssh_sandbox(4, |_| {}).await;
     let dir = tempfile::tempdir().unwrap();
-    let paris = Relay::start(relay_options(&sandbox, &dir, "paris").await).await;
-    let lyon = Relay::start(relay_options(&sandbox, &dir, "lyon").await).await;
+    let paris = Relay::start(sandbox.relay_options(dir.path(), "paris").await).await;
+    let lyon = Relay::start(sandbox.relay_options(dir.path(), "lyon").await).await;
     let first = counting_script(&sandbox, "relay-first", 256 * 1024).await;
     let second = counting_script(&sandbox, "relay-second", 64 * 1024).await;
     let peers = fleet.peers();
@@ -177,7 +161,7 @@ async fn corrupted_bytes_are_caught_and_a_relay_that_does_not_answer_is_routed_a
     let dir = tempfile::tempdir().unwrap();
     let installer = counting_script(&sandbox, "relay-checked", 16 * 1024).await;
     // A real relay whose cached copy rotted on its disk.
-    let options = relay_options(&sandbox, &dir, "rotten").await;
+    let options = sandbox.relay_options(dir.path(), "rotten").await;
     std::fs::create_dir_all(&options.cache_dir).unwrap();
     let mut rotten = vec![b'#'; installer.size as usize];
     rotten[..2].copy_from_slice(b"#!");
@@ -257,7 +241,7 @@ async fn a_relay_killed_mid_download_is_resumed_and_nothing_is_installed_twice()
     let dir = tempfile::tempdir().unwrap();
     let installer = counting_script(&sandbox, "relay-big", 6 << 20).await;
     // Slow enough that the download is under way when the relay dies.
-    let mut options = relay_options(&sandbox, &dir, "flaky").await;
+    let mut options = sandbox.relay_options(dir.path(), "flaky").await;
     options.max_rate_bytes_per_second = Some(2 << 20);
     let relay = Relay::start(options).await;
     let address = relay.handle.local_addr;

@@ -322,22 +322,11 @@ async fn the_agent_runs_as_a_windows_service_installs_real_installers_and_stops_
     let pulled_bat = work.path().join("pulled.bat");
     std::fs::write(&pulled_bat, "@echo off\r\necho pulled from the relay\r\nexit /b 0\r\n").unwrap();
     let (pulled_sha, pulled_size) = sandbox.upload_content(std::fs::read(&pulled_bat).unwrap()).await;
-    let key_file = work.path().join("relay.key");
-    std::fs::write(&key_file, sandbox.api_key("wine-relay", fleetpatch_store::Role::Viewer, None).await).unwrap();
     let relay_shutdown = fleetpatch_runtime::Shutdown::new();
-    let relay = fleetpatch_relay::start(
-        fleetpatch_relay::RelayOptions {
-            listen: "127.0.0.1:0".into(),
-            upstream_url: sandbox.api.clone(),
-            upstream_token_ref: format!("file:{}", key_file.display()),
-            cache_dir: work.path().join("relay-cache"),
-            ..Default::default()
-        },
-        fleetpatch_runtime::Health::new(),
-        relay_shutdown.clone(),
-    )
-    .await
-    .expect("start a relay");
+    let options = sandbox.relay_options(work.path(), "wine").await;
+    let relay = fleetpatch_relay::start(options, fleetpatch_runtime::Health::new(), relay_shutdown.clone())
+        .await
+        .expect("start a relay");
     let relay_url = format!("http://{}", relay.local_addr);
     let staged_pulled = stage(
         &wine,

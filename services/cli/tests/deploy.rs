@@ -381,22 +381,11 @@ async fn dashboards_and_alerts_name_only_metrics_the_services_export() {
     // then a hit), so its metrics are exported too.
     let (sha256, _) = sandbox.upload_content(b"an installer".to_vec()).await;
     let relay_dir = tempfile::tempdir().unwrap();
-    let key_file = relay_dir.path().join("relay.key");
-    std::fs::write(&key_file, sandbox.api_key("metrics-relay", fleetpatch_store::Role::Viewer, None).await).unwrap();
     let relay_shutdown = fleetpatch_runtime::Shutdown::new();
-    let relay = fleetpatch_relay::start(
-        fleetpatch_relay::RelayOptions {
-            listen: "127.0.0.1:0".into(),
-            upstream_url: sandbox.api.clone(),
-            upstream_token_ref: format!("file:{}", key_file.display()),
-            cache_dir: relay_dir.path().join("cache"),
-            ..Default::default()
-        },
-        fleetpatch_runtime::Health::new(),
-        relay_shutdown.clone(),
-    )
-    .await
-    .expect("start a relay");
+    let options = sandbox.relay_options(relay_dir.path(), "metrics").await;
+    let relay = fleetpatch_relay::start(options, fleetpatch_runtime::Health::new(), relay_shutdown.clone())
+        .await
+        .expect("start a relay");
     for _ in 0..2 {
         let url = format!("http://{}/v1/content/{sha256}", relay.local_addr);
         assert_eq!(sandbox.http.get(url).send().await.unwrap().status(), 200);
