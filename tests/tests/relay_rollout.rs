@@ -236,6 +236,22 @@ async fn a_relay_that_must_not_be_bypassed_fails_its_target_with_the_reason() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_relay_without_a_ca_for_the_agent_fails_its_target_naming_the_setting() {
+    let (fleet, sandbox) = ssh_sandbox(1, |_| {}).await;
+    let installer = counting_script(&sandbox, "relay-https", 1024).await;
+    let mut request = rollout("https-relay", &[&installer], vec![site_target(&fleet.peers()[0], "paris")]);
+    request["relays"] = serde_json::json!([relay_rule("paris", "https://127.0.0.1:1")]);
+    let id = sandbox.create_rollout(request).await;
+    sandbox.wait_for_rollout_state(id, RolloutState::Completed, Duration::from_secs(60)).await;
+    let target = sandbox.all_targets(id).await.remove(0);
+    assert_eq!(target.state, TargetState::Failed);
+    let error = target.error.unwrap_or_default();
+    assert!(error.contains("https://127.0.0.1:1") && error.contains("worker.relay_ca_file"), "{error}");
+    assert!(runs(&fleet.peers()[0]).is_empty());
+    sandbox.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_killed_mid_download_is_resumed_and_nothing_is_installed_twice() {
     let (fleet, sandbox) = ssh_sandbox(1, |_| {}).await;
     let dir = tempfile::tempdir().unwrap();

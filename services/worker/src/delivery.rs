@@ -124,6 +124,15 @@ impl Worker {
         let Some(relay) = relay_for(&settings.relays, &self.options.relays, &context.target.labels) else {
             return Ok(self.counted(Delivery::Push));
         };
+        if relay.url.starts_with("https://") && self.relay_check.ca_pem.is_none() {
+            // The agent trusts only the CA the plan carries: with none, it
+            // would refuse the plan and the target would time out instead.
+            return Err(StepError::Permanent(format!(
+                "the target's relay {} is https, and this worker has no worker.relay_ca_file for the agent to \
+                 trust its certificate with; set it, or use an http:// relay",
+                relay.base_url()
+            )));
+        }
         match self.relay_check.check(relay).await {
             Ok(()) => Ok(self.counted(Delivery::Pull(relay.clone()))),
             Err(reason) if settings.relay_fallback == RelayFallback::Push => {
