@@ -182,22 +182,12 @@ impl TestKey {
     }
 }
 
-fn claims(sub: &str, groups: &[&str], issuer: &str, audience: &str, expires_in: i64) -> serde_json::Value {
-    let now = chrono::Utc::now().timestamp();
-    serde_json::json!({
-        "iss": issuer, "aud": audience, "sub": sub, "iat": now, "exp": now + expires_in,
-        "groups": groups,
-    })
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn oidc_tokens_are_checked_for_signature_issuer_audience_and_expiry() {
-    let idp = TestKey::generate();
-    let attacker = TestKey::generate();
-    let dir = tempfile::tempdir().unwrap();
-    let jwks_file = dir.path().join("jwks.json");
+/// Authentication by the test IdP's tokens only: its key in a JWKS file in
+/// `dir`, groups `fleet-readers|deployers|admins` for the three roles.
+fn oidc_auth(idp: &TestKey, dir: &std::path::Path) -> AuthOptions {
+    let jwks_file = dir.join("jwks.json");
     std::fs::write(&jwks_file, serde_json::json!({ "keys": [idp.jwk(KID)] }).to_string()).unwrap();
-    let auth = AuthOptions {
+    AuthOptions {
         oidc: Some(OidcOptions {
             issuer: ISSUER.into(),
             audience: AUDIENCE.into(),
@@ -212,7 +202,23 @@ async fn oidc_tokens_are_checked_for_signature_issuer_audience_and_expiry() {
             refresh_seconds: 300,
             leeway_seconds: 30,
         }),
-    };
+    }
+}
+
+fn claims(sub: &str, groups: &[&str], issuer: &str, audience: &str, expires_in: i64) -> serde_json::Value {
+    let now = chrono::Utc::now().timestamp();
+    serde_json::json!({
+        "iss": issuer, "aud": audience, "sub": sub, "iat": now, "exp": now + expires_in,
+        "groups": groups,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oidc_tokens_are_checked_for_signature_issuer_audience_and_expiry() {
+    let idp = TestKey::generate();
+    let attacker = TestKey::generate();
+    let dir = tempfile::tempdir().unwrap();
+    let auth = oidc_auth(&idp, dir.path());
     let sandbox = Sandbox::start(SandboxOptions { workers: 0, auth, ..SandboxOptions::default() }).await;
     let as_token = |token: String| client_with(Some(&token));
 
@@ -365,5 +371,74 @@ async fn the_audit_log_records_each_mutating_call_of_a_session() {
         }
     }
     assert_eq!(paged, 5);
+    sandbox.stop().await;
+}
+
+/// The console takes an OIDC token as its session exactly as the API takes
+/// it as a bearer: checked by the same authenticator, with the role its
+/// groups grant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_takes_an_oidc_token_as_its_session() {
+    let idp = TestKey::generate();
+    let dir = tempfile::tempdir().unwrap();
+    let auth = oidc_auth(&idp, dir.path());
+    let sandbox = Sandbox::start(SandboxOptions { workers: 0, auth, ..SandboxOptions::default() }).await;
+    let id = sandbox.create_rollout(sim_rollout("oidc-console", 2, 1, 1, 60)).await;
+    let browser = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    let login = |token: String| {
+        let browser = browser.clone();
+        let url = format!("{}/login", sandbox.api);
+        async move {
+            let response = browser
+                .post(url)
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body(format!("credential={token}"))
+                .send()
+                .await
+                .expect("POST /login");
+            let status = response.status();
+            let cookie = response.headers().get("set-cookie").map(|v| v.to_str().unwrap().to_owned());
+            (status, cookie, response.text().await.unwrap_or_default())
+        }
+    };
+
+    let (status, _, page) = login(idp.sign(KID, &claims("eve", &["fleet-readers"], ISSUER, AUDIENCE, -120))).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "an expired token opens no session");
+    assert!(page.contains("expired"), "{page}");
+    let (status, _, page) = login(idp.sign(KID, &claims("nora", &["unrelated"], ISSUER, AUDIENCE, 300))).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "a token without a role opens no session");
+    assert!(page.contains("grants no fleetpatch role"), "{page}");
+
+    let token = idp.sign(KID, &claims("dave", &["fleet-deployers"], ISSUER, AUDIENCE, 300));
+    let (status, cookie, _) = login(token.clone()).await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    assert!(cookie.expect("a session cookie").starts_with(&format!("fleetpatch_session={token};")));
+    let page = browser
+        .get(format!("{}/rollouts/{id}", sandbox.api))
+        .header("cookie", format!("fleetpatch_session={token}"))
+        .send()
+        .await
+        .expect("GET the rollout page");
+    assert_eq!(page.status(), StatusCode::OK);
+    let page = page.text().await.unwrap();
+    assert!(page.contains("dave") && page.contains("action-pause"), "an operator's token shows its buttons");
+    let csrf = fleetpatch_scheduler::console::csrf_token(&token);
+    let paused = browser
+        .post(format!("{}/rollouts/{id}/pause", sandbox.api))
+        .header("cookie", format!("fleetpatch_session={token}"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("csrf={csrf}"))
+        .send()
+        .await
+        .expect("POST pause");
+    assert_eq!(paused.status(), StatusCode::SEE_OTHER);
+    let rollout = sandbox.store.rollout(id).await.unwrap();
+    assert_eq!(rollout.state, fleetpatch_proto::state::RolloutState::Paused);
+    let audit = sandbox
+        .store
+        .audit_entries(fleetpatch_store::AuditQuery { rollout_id: Some(id), before: None, limit: 10 })
+        .await
+        .unwrap();
+    assert!(audit.iter().any(|e| e.actor == "dave" && e.route == "/rollouts/{id}/pause" && e.status == 303));
     sandbox.stop().await;
 }

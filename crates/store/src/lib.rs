@@ -38,6 +38,7 @@ pub mod schedule;
 
 pub use auth::{ActorKind, ApiKey, AuditEntry, AuditQuery, IssuedApiKey, KeyCheck, NewAuditEntry, ParsedApiKey, Role};
 pub use model::*;
+pub use ops::console::{FailureReason, TargetFilter, TimelineEntry};
 pub use ops::{
     dispatch_request, watch_message, CheckOutcome, Claim, DispatchOutcome, FleetGauges, ProbeOutcome, Reachability,
     RebootCheck, RebootOutcome, ReportIntake, TimeoutPolicy, TokenInfo, WatchOutcome,

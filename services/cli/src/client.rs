@@ -470,7 +470,7 @@ impl ApiClient {
         action: RolloutAction,
         reason: Option<&str>,
     ) -> Result<serde_json::Value, ClientError> {
-        let path = format!("/v1/rollouts/{id}/{}", action.path());
+        let path = format!("/v1/rollouts/{id}/{}", action.slug());
         match reason {
             Some(reason) => self.post_json(&path, Some(&serde_json::json!({ "reason": reason }))).await,
             None => self.post_json(&path, None::<&()>).await,
@@ -478,27 +478,9 @@ impl ApiClient {
     }
 }
 
-/// The state-changing actions on a rollout.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RolloutAction {
-    Pause,
-    Resume,
-    Approve,
-    Abort,
-    RetryFailed,
-}
-
-impl RolloutAction {
-    pub fn path(self) -> &'static str {
-        match self {
-            Self::Pause => "pause",
-            Self::Resume => "resume",
-            Self::Approve => "approve",
-            Self::Abort => "abort",
-            Self::RetryFailed => "retry-failed",
-        }
-    }
-}
+/// The state-changing actions on a rollout: the scheduler's own list, so
+/// the CLI, the console and the API name the same routes.
+pub use fleetpatch_scheduler::api::RolloutAction;
 
 /// The innermost cause of a reqwest error ("Connection refused (os error
 /// 111)"), which says more than reqwest's "error sending request".

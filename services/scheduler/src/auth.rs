@@ -286,7 +286,7 @@ impl Unauthenticated {
         }
     }
 
-    fn detail(&self) -> String {
+    pub(crate) fn detail(&self) -> String {
         match self {
             Self::Missing => "this route needs a credential: send `Authorization: Bearer <API key or OIDC token>` \
                 (the CLI: --token, FLEETPATCH_TOKEN or client.token); an admin makes API keys with \
@@ -410,7 +410,31 @@ impl Authenticator {
         }
     }
 
-    async fn audit(
+    /// The identity behind a credential the console holds in its session
+    /// cookie: the same checks, metrics and refusals as the API's bearer
+    /// header (the console never checks a key itself).
+    pub(crate) async fn identify_credential(&self, credential: &str) -> Result<Identity, ConsoleRefusal> {
+        let header = HeaderValue::from_str(&format!("Bearer {credential}"))
+            .map_err(|_| ConsoleRefusal::Unauthenticated(Unauthenticated::Malformed));
+        let outcome = match header {
+            Ok(header) => self.identify(Some(&header)).await,
+            Err(refusal) => return Err(refusal),
+        };
+        match outcome {
+            Ok(Ok(identity)) => Ok(identity),
+            Ok(Err(no_role)) => {
+                metrics::counter!("fleetpatch_api_auth_failures_total", "reason" => "no_role").increment(1);
+                Err(ConsoleRefusal::NoRole(no_role))
+            }
+            Err(Refusal::Unauthenticated(why)) => {
+                metrics::counter!("fleetpatch_api_auth_failures_total", "reason" => why.reason()).increment(1);
+                Err(ConsoleRefusal::Unauthenticated(why))
+            }
+            Err(Refusal::Unavailable(problem)) => Err(ConsoleRefusal::Unavailable(problem.detail)),
+        }
+    }
+
+    pub(crate) async fn audit(
         &self,
         identity: &Identity,
         method: &Method,
@@ -440,6 +464,17 @@ impl Authenticator {
 enum Refusal {
     Unauthenticated(Unauthenticated),
     Unavailable(Problem),
+}
+
+/// Why the console's session credential gives no identity.
+#[derive(Debug)]
+pub(crate) enum ConsoleRefusal {
+    /// 401 for the API: the console sends the caller to its login page.
+    Unauthenticated(Unauthenticated),
+    /// A valid token that grants no role.
+    NoRole(NoRole),
+    /// The database could not be asked (the detail says so).
+    Unavailable(String),
 }
 
 /// The rollout a request is about: from the path (`/v1/rollouts/{id}/…`)

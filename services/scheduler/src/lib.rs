@@ -2,6 +2,8 @@
 //! watchdog that turns silence into a timeout.
 //!
 //! * [`api`]: REST (`/v1/...`), OpenAPI at `/openapi.json`, problem+json errors.
+//! * [`console`]: the web console at `/` (server-rendered pages, same
+//!   credentials and roles as the API).
 //! * dispatch: consumes `dispatch` requests (sent by every final state, by
 //!   create, resume and retry) and fills the rollout's free slots.
 //! * watchdog: consumes `watch` timers; reads `last_seen_at` from the
@@ -29,6 +31,7 @@ use uuid::Uuid;
 
 pub mod api;
 pub mod auth;
+pub mod console;
 pub mod dead_letters;
 pub mod report;
 
@@ -251,7 +254,7 @@ pub async fn start(
         stuck_job_after: Duration::from_secs(options.stuck_job_seconds),
         dispatching: Arc::default(),
     };
-    let app = api::router(api::ApiState {
+    let api_state = api::ApiState {
         store: store.clone(),
         bus: bus.clone(),
         nudge: nudge.clone(),
@@ -262,8 +265,10 @@ pub async fn start(
             credential_names: options.credential_names.clone(),
         }),
         auth: auth::Authenticator::new(store.clone(), oidc.clone()),
-    })
-    .merge(fleetpatch_runtime::ops::router(health.clone()));
+    };
+    let console = console::ConsoleState { api: api_state.clone(), tls: options.http.tls.is_some() };
+    let app =
+        api::router(api_state).merge(console::router(console)).merge(fleetpatch_runtime::ops::router(health.clone()));
     let jwks_refresh = oidc.as_ref().map(|oidc| oidc.spawn_refresh(shutdown.clone()));
     let dispatch = bus.consume(routing::DISPATCH, options.prefetch).await?;
     let watch_prefetch = u32::from(options.watch_batch) * (u32::from(options.watch_writers) + 1) + WATCH_HOLD_ROOM;

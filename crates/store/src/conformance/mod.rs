@@ -91,6 +91,7 @@ macro_rules! store_conformance_suite {
             the_audit_log_pages_filters_and_refuses_rewrites,
             relay_claims_rows_with_a_lease_and_holds_no_transaction_while_publishing,
             every_recorded_move_is_an_edge_of_the_state_machine,
+            console_reads_filter_and_page_targets_group_failures_and_page_a_timeline,
         );
     };
     (@tests $make:path; $($test:ident),* $(,)?) => {
@@ -291,6 +292,7 @@ fn pair(from: TargetState, to: TargetState) -> (String, String) {
 }
 
 mod auth;
+mod console;
 mod offline;
 mod properties;
 mod reboot;
@@ -301,6 +303,7 @@ mod watchdog;
 mod worker;
 
 pub use auth::*;
+pub use console::*;
 pub use offline::*;
 pub use properties::*;
 pub use reboot::*;

@@ -622,6 +622,7 @@ impl Store {
 
 #[cfg(feature = "ceiling")]
 mod bench_support;
+pub(crate) mod console;
 mod create;
 mod dispatch;
 mod evidence;

@@ -238,7 +238,7 @@ pub async fn act(
         }
         return Ok(exit::OK);
     }
-    let rollout: RolloutView = api.view(&format!("/v1/rollouts/{id}/{}", action.path()), &raw)?;
+    let rollout: RolloutView = api.view(&format!("/v1/rollouts/{id}/{}", action.slug()), &raw)?;
     let mut line = format!("rollout {} {:?} is {}", rollout.id, output::clean(&rollout.name), rollout.state);
     if let Some(reason) = &rollout.pause_reason {
         line.push_str(&format!(" ({})", output::clean(reason)));

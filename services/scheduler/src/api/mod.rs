@@ -115,7 +115,7 @@ impl Problem {
     pub(crate) fn new(status: StatusCode, title: &'static str, detail: impl Into<String>) -> Self {
         Self { status, title, detail: detail.into(), errors: vec![] }
     }
-    fn invalid(errors: Vec<FieldError>) -> Self {
+    pub(crate) fn invalid(errors: Vec<FieldError>) -> Self {
         let detail = errors.iter().map(|e| format!("{}: {}", e.field, e.message)).collect::<Vec<_>>().join("; ");
         Self { status: StatusCode::UNPROCESSABLE_ENTITY, title: "Invalid request", detail, errors }
     }
@@ -161,6 +161,7 @@ impl From<fleetpatch_store::Error> for Problem {
 #[cfg(test)]
 mod content_tests;
 mod evidence;
+pub mod rollout_file;
 mod schema;
 
 pub use evidence::DIGEST_HEADER;
@@ -202,7 +203,7 @@ async fn openapi() -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "application/json")], OPENAPI)
 }
 
-fn parse_id(raw: &str, what: &str) -> Result<Uuid, Problem> {
+pub(crate) fn parse_id(raw: &str, what: &str) -> Result<Uuid, Problem> {
     Uuid::parse_str(raw)
         .map_err(|_| Problem::new(StatusCode::BAD_REQUEST, "Bad request", format!("{what} id {raw:?} is not a UUID")))
 }
@@ -210,7 +211,7 @@ fn parse_id(raw: &str, what: &str) -> Result<Uuid, Problem> {
 /// Fields of a JSON body whose strings (or keys) hold NUL, which
 /// PostgreSQL cannot store; `None` when there is none. JSON can only carry
 /// NUL escaped, so a body without `\u0000` is not parsed twice.
-fn nul_fields(body: &[u8]) -> Option<Vec<FieldError>> {
+pub(crate) fn nul_fields(body: &[u8]) -> Option<Vec<FieldError>> {
     let escaped = body.windows(6).any(|w| w[0] == b'\\' && w[1] == b'u' && &w[2..] == b"0000");
     if !escaped {
         return None;
@@ -257,13 +258,97 @@ async fn create_rollout(State(state): State<ApiState>, body: Bytes) -> Result<Re
         problem.errors.push(FieldError { field, message: error.inner().to_string() });
         problem
     })?;
+    let rollout = create(&state, request).await?;
+    let id = rollout.id;
+    Ok((StatusCode::CREATED, [(header::LOCATION, format!("/v1/rollouts/{id}"))], Json(rollout)).into_response())
+}
+
+/// Validates a parsed request and creates its rollout: the one path the
+/// API's `POST /v1/rollouts` and the console's create page share (each
+/// refuses NUL characters first, [`nul_fields`]).
+pub(crate) async fn create(state: &ApiState, request: CreateRollout) -> Result<fleetpatch_store::Rollout, Problem> {
     let new = validate(request, &state.content_dir, &state.input)?;
     let targets = new.targets.len();
     let id = state.store.create_rollout(new).await?;
     state.nudge.notify_one();
     tracing::info!(rollout_id = %id, targets, "rollout created");
-    let rollout = state.store.rollout(id).await?;
-    Ok((StatusCode::CREATED, [(header::LOCATION, format!("/v1/rollouts/{id}"))], Json(rollout)).into_response())
+    Ok(state.store.rollout(id).await?)
+}
+
+/// An operator's action on a rollout, as the API and the console take it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RolloutAction {
+    Pause,
+    Resume,
+    Approve,
+    Abort,
+    RetryFailed,
+}
+
+impl RolloutAction {
+    pub const ALL: [RolloutAction; 5] = [Self::Pause, Self::Resume, Self::Approve, Self::Abort, Self::RetryFailed];
+
+    /// The last segment of its route (`/v1/rollouts/{id}/retry-failed`).
+    pub fn slug(self) -> &'static str {
+        match self {
+            Self::Pause => "pause",
+            Self::Resume => "resume",
+            Self::Approve => "approve",
+            Self::Abort => "abort",
+            Self::RetryFailed => "retry-failed",
+        }
+    }
+
+    pub fn from_slug(slug: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|action| action.slug() == slug)
+    }
+
+    /// The API route that takes it, whose role rule ([`crate::auth::required_role`]) applies.
+    pub fn api_route(self) -> String {
+        format!("/v1/rollouts/{{id}}/{}", self.slug())
+    }
+}
+
+/// What an action did: the rollout afterwards, or how many targets a retry started again.
+pub(crate) enum ActionOutcome {
+    Rollout(Box<fleetpatch_store::Rollout>),
+    Retried(u64),
+}
+
+/// Takes `action` on rollout `id` (and wakes dispatch when it may have work).
+pub(crate) async fn take_action(
+    state: &ApiState,
+    id: Uuid,
+    action: RolloutAction,
+    pause_reason: Option<String>,
+) -> Result<ActionOutcome, Problem> {
+    let outcome = match action {
+        RolloutAction::Pause => {
+            let reason = pause_reason.unwrap_or_else(|| "paused by an operator".into());
+            if reason.contains('\0') {
+                return Err(Problem::invalid(vec![FieldError {
+                    field: "reason".into(),
+                    message: "contains a NUL character (\\u0000), which cannot be stored; remove it".into(),
+                }]));
+            }
+            return Ok(ActionOutcome::Rollout(Box::new(state.store.pause_rollout(id, &reason).await?)));
+        }
+        RolloutAction::Resume => ActionOutcome::Rollout(Box::new(state.store.resume_rollout(id).await?)),
+        RolloutAction::Approve => ActionOutcome::Rollout(Box::new(state.store.approve_rollout(id).await?)),
+        RolloutAction::Abort => return Ok(ActionOutcome::Rollout(Box::new(state.store.abort_rollout(id).await?))),
+        RolloutAction::RetryFailed => ActionOutcome::Retried(state.store.retry_failed(id).await?),
+    };
+    state.nudge.notify_one();
+    Ok(outcome)
+}
+
+impl IntoResponse for ActionOutcome {
+    fn into_response(self) -> Response {
+        match self {
+            Self::Rollout(rollout) => Json(rollout).into_response(),
+            Self::Retried(retried) => Json(serde_json::json!({ "retried": retried })).into_response(),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -385,40 +470,27 @@ async fn pause(State(state): State<ApiState>, Path(id): Path<String>, body: Byte
         serde_json::from_slice(&body)
             .map_err(|e| Problem::new(StatusCode::BAD_REQUEST, "Malformed request", format!("body: {e}")))?
     };
-    let reason = body.reason.unwrap_or_else(|| "paused by an operator".into());
-    if reason.contains('\0') {
-        return Err(Problem::invalid(vec![FieldError {
-            field: "reason".into(),
-            message: "contains a NUL character (\\u0000), which cannot be stored; remove it".into(),
-        }]));
-    }
-    Ok(Json(state.store.pause_rollout(id, &reason).await?).into_response())
+    Ok(take_action(&state, id, RolloutAction::Pause, body.reason).await?.into_response())
 }
 
 async fn resume(State(state): State<ApiState>, Path(id): Path<String>) -> Result<Response, Problem> {
     let id = parse_id(&id, "rollout")?;
-    let rollout = state.store.resume_rollout(id).await?;
-    state.nudge.notify_one();
-    Ok(Json(rollout).into_response())
+    Ok(take_action(&state, id, RolloutAction::Resume, None).await?.into_response())
 }
 
 async fn approve(State(state): State<ApiState>, Path(id): Path<String>) -> Result<Response, Problem> {
     let id = parse_id(&id, "rollout")?;
-    let rollout = state.store.approve_rollout(id).await?;
-    state.nudge.notify_one();
-    Ok(Json(rollout).into_response())
+    Ok(take_action(&state, id, RolloutAction::Approve, None).await?.into_response())
 }
 
 async fn abort(State(state): State<ApiState>, Path(id): Path<String>) -> Result<Response, Problem> {
     let id = parse_id(&id, "rollout")?;
-    Ok(Json(state.store.abort_rollout(id).await?).into_response())
+    Ok(take_action(&state, id, RolloutAction::Abort, None).await?.into_response())
 }
 
 async fn retry_failed(State(state): State<ApiState>, Path(id): Path<String>) -> Result<Response, Problem> {
     let id = parse_id(&id, "rollout")?;
-    let retried = state.store.retry_failed(id).await?;
-    state.nudge.notify_one();
-    Ok(Json(serde_json::json!({ "retried": retried })).into_response())
+    Ok(take_action(&state, id, RolloutAction::RetryFailed, None).await?.into_response())
 }
 
 fn content_too_large(limit: u64) -> Problem {
