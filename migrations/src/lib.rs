@@ -6,7 +6,9 @@
 //! PostgreSQL storage parameter (`fillfactor` of `targets`, migration 2).
 //!
 //! Hot paths and their indexes:
-//! * dispatch of the next pending target: `targets (rollout_id, state, wave, ordinal)`;
+//! * dispatch of the next pending target: `targets (rollout_id, state, wave, ordinal)`,
+//!   scanned from the rollout's cursor (`rollouts.dispatch_wave`, `dispatch_ordinal`;
+//!   migration 13), so the entries of targets already dispatched are not walked again;
 //! * dispatch's count of the targets in flight: the partial index
 //!   `targets (rollout_id, wave) WHERE state IN (…in flight…)` (migration 3),
 //!   which holds only the rows in those states;
@@ -32,6 +34,7 @@ mod m20261203_000003_windows;
 mod m20261203_000004_offline;
 mod m20261203_000005_reboot;
 mod m20261204_000001_delivery;
+mod m20261204_000002_dispatch_cursor;
 
 pub struct Migrator;
 
@@ -51,6 +54,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261203_000004_offline::Migration),
             Box::new(m20261203_000005_reboot::Migration),
             Box::new(m20261204_000001_delivery::Migration),
+            Box::new(m20261204_000002_dispatch_cursor::Migration),
         ]
     }
 }

@@ -21,6 +21,10 @@ pub mod rollouts {
         pub updated_at: ChronoDateTimeUtc,
         pub completed_at: Option<ChronoDateTimeUtc>,
         pub next_window_at: Option<ChronoDateTimeUtc>,
+        /// Dispatch's cursor: no pending target of the rollout sorts before
+        /// `(dispatch_wave, dispatch_ordinal)`.
+        pub dispatch_wave: i32,
+        pub dispatch_ordinal: i32,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -179,6 +183,28 @@ pub mod target_transitions {
         pub to_state: String,
         pub at: ChronoDateTimeUtc,
         pub detail: Option<String>,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod dispatch_rewinds {
+    use sea_orm::entity::prelude::*;
+
+    /// A target moved back to `pending` at `(wave, ordinal)`: the next
+    /// dispatch moves its rollout's cursor back to it (if it is ahead) and
+    /// deletes the row.
+    #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
+    #[sea_orm(table_name = "dispatch_rewinds")]
+    pub struct Model {
+        #[sea_orm(primary_key)]
+        pub id: i64,
+        pub rollout_id: Uuid,
+        pub wave: i32,
+        pub ordinal: i32,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

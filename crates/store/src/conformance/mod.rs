@@ -51,6 +51,7 @@ macro_rules! store_conformance_suite {
             create_rollout_announces_a_dispatch_through_the_outbox,
             fleet_gauges_count_rollouts_active_targets_and_the_outbox,
             dispatch_fills_free_slots_in_ordinal_order,
+            a_target_moved_back_behind_the_dispatch_cursor_is_dispatched_again,
             concurrent_dispatches_never_exceed_the_concurrency,
             waves_open_in_order_and_a_failing_wave_halts,
             a_wave_that_requires_approval_waits_for_it_and_promotion_waits_for_its_soak_and_rate,

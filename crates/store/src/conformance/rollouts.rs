@@ -148,6 +148,43 @@ pub async fn dispatch_fills_free_slots_in_ordinal_order(db: &dyn TestDatabase) {
     assert_eq!(store.dispatch(id).await.expect("dispatch").dispatched, 0);
 }
 
+/// Dispatch scans from a cursor past the targets it already queued; a
+/// target moved back to `pending` behind it (retry failed) is still found,
+/// first, by the next dispatch.
+pub async fn a_target_moved_back_behind_the_dispatch_cursor_is_dispatched_again(db: &dyn TestDatabase) {
+    let store = db.store();
+    let id = create(store, Spec::new(6, 0, 2)).await;
+    let queued_ordinals =
+        || async { in_state(store, id, TargetState::Queued).await.iter().map(|t| t.ordinal).collect::<Vec<_>>() };
+    let fail_queued = || async {
+        for target in in_state(store, id, TargetState::Queued).await {
+            assert!(store.fail_target(&target, "installer failed", false).await.expect("fail"));
+        }
+    };
+    assert_eq!(store.dispatch(id).await.expect("dispatch").dispatched, 2);
+    fail_queued().await;
+    assert_eq!(store.dispatch(id).await.expect("dispatch").dispatched, 2);
+    assert_eq!(queued_ordinals().await, vec![2, 3], "the cursor is past 0 and 1");
+
+    // 0 and 1 go back to pending, behind the cursor; 2 and 3 are in flight.
+    assert_eq!(store.retry_failed(id).await.expect("retry"), 2);
+    assert_eq!(store.dispatch(id).await.expect("dispatch").dispatched, 0, "no free slot");
+    fail_queued().await;
+    assert_eq!(store.dispatch(id).await.expect("dispatch").dispatched, 2);
+    assert_eq!(queued_ordinals().await, vec![0, 1], "the targets behind the cursor go first");
+    fail_queued().await;
+    assert_eq!(store.dispatch(id).await.expect("dispatch").dispatched, 2);
+    assert_eq!(queued_ordinals().await, vec![4, 5], "then the cursor goes on where it was");
+    fail_queued().await;
+    let outcome = store.dispatch(id).await.expect("dispatch");
+    assert_eq!((outcome.dispatched, outcome.state), (0, RolloutState::Completed));
+
+    // A retry of the whole completed rollout starts from its first target again.
+    assert_eq!(store.retry_failed(id).await.expect("retry"), 6);
+    assert_eq!(store.dispatch(id).await.expect("dispatch").dispatched, 2);
+    assert_eq!(queued_ordinals().await, vec![0, 1]);
+}
+
 pub async fn concurrent_dispatches_never_exceed_the_concurrency(db: &dyn TestDatabase) {
     let store = db.store();
     let other = db.connect_another().await;

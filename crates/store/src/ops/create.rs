@@ -45,6 +45,8 @@ impl Store {
             updated_at: Set(at),
             completed_at: Set(None),
             next_window_at: Set(None),
+            dispatch_wave: Set(0),
+            dispatch_ordinal: Set(0),
         })
         .exec_without_returning(&txn)
         .await?;
@@ -91,7 +93,7 @@ async fn insert_targets_portable(
 ) -> Result<()> {
     for (chunk_index, chunk) in new.targets.chunks(INSERT_CHUNK).enumerate() {
         let rows = chunk.iter().enumerate().map(|(i, t)| targets::ActiveModel {
-            id: Set(Uuid::new_v4()),
+            id: Set(Uuid::now_v7()),
             rollout_id: Set(id),
             ordinal: Set((chunk_index * INSERT_CHUNK + i) as i32),
             window_group: Set(window_groups[chunk_index * INSERT_CHUNK + i].map(|g| g as i32)),
@@ -147,7 +149,7 @@ fn targets_statement(
         rollout_id.into(),
         (timeout_seconds as i32).into(),
         at.into(),
-        pg_array(ArrayType::Uuid, chunk.iter().map(|_| Uuid::new_v4())),
+        pg_array(ArrayType::Uuid, chunk.iter().map(|_| Uuid::now_v7())),
         pg_array(ArrayType::Int, (0..chunk.len()).map(|i| (first + i) as i32)),
         pg_array(ArrayType::Bool, groups.iter().map(Option::is_some)),
         pg_array(ArrayType::Int, groups.iter().map(|g| g.unwrap_or(0) as i32)),

@@ -1,5 +1,6 @@
 //! Dispatch: a rollout's free slots filled with its next pending targets, wave by wave.
 
+use super::cursor::{first_pending, take_rewinds, Cursor};
 use super::*;
 use crate::schedule::{Openness, Schedule};
 
@@ -11,12 +12,13 @@ impl Store {
     /// dispatches can exceed `concurrency` together.
     pub async fn dispatch(&self, rollout_id: Uuid) -> Result<DispatchOutcome> {
         let txn = self.begin().await?;
-        let rollout = rollouts::Entity::find_by_id(rollout_id)
+        let row = rollouts::Entity::find_by_id(rollout_id)
             .lock(LockType::NoKeyUpdate)
             .one(&txn)
             .await?
             .ok_or_else(|| Error::NotFound { what: "rollout", id: rollout_id.to_string() })?;
-        let rollout = rollout_from(rollout)?;
+        let mut cursor = take_rewinds(&txn, &row).await?;
+        let rollout = rollout_from(row)?;
         let mut outcome = DispatchOutcome { dispatched: 0, state: rollout.state, halted: None };
         if !matches!(rollout.state, RolloutState::Running | RolloutState::WaitingForWindow) {
             return Ok(outcome);
@@ -32,14 +34,28 @@ impl Store {
         }
         let openness = schedule.openness(at);
         let mut next_window_at = None;
-        let pending = || targets::Column::State.eq(TargetState::Pending.as_str());
         loop {
             // The wave is open while any of its targets is pending or in
             // flight. Slots are counted only when there is something to put
             // in them: the count is the expensive part of a pass. Targets of
-            // earlier waves that came back from `offline` go first.
-            let returned = wave > 0 && earlier_waves_have_pending(&txn, rollout_id, wave).await?;
-            if returned || wave_has(&txn, rollout_id, wave, pending()).await? {
+            // earlier waves that came back from `offline` (or were retried)
+            // go first; the cursor is behind the wave only when some may be
+            // there.
+            let wave_start = Cursor::wave_start(wave);
+            let mut returned = false;
+            if cursor < wave_start {
+                match first_pending(&txn, rollout_id, cursor.earlier_than(wave)).await? {
+                    Some(first) => (cursor, returned) = (first, true),
+                    None => cursor = wave_start,
+                }
+            }
+            if let (false, Some(this)) = (returned, cursor.in_wave(wave)) {
+                cursor = match first_pending(&txn, rollout_id, this).await? {
+                    Some(first) => first,
+                    None => Cursor::wave_start(wave + 1),
+                };
+            }
+            if returned || cursor < Cursor::wave_start(wave + 1) {
                 if self.backend() == DbBackend::Postgres {
                     // The count runs over target rows that changed state several
                     // times since the last vacuum. A bitmap scan visits every
@@ -64,16 +80,24 @@ impl Store {
                 if let (true, Some(open)) = (free > 0, open) {
                     let mut queued = Vec::new();
                     if returned {
-                        let earlier = targets::Column::Wave.lt(wave as i32);
-                        queued = queue_next(&txn, rollout_id, earlier, free, open, at).await?;
+                        queued = queue_next(&txn, rollout_id, cursor.earlier_than(wave), free, open, at).await?;
+                        if open.is_none() {
+                            cursor = past(&queued, free, wave_start);
+                        }
                     }
                     let left = free - queued.len() as u64;
-                    if left > 0 {
-                        let this = targets::Column::Wave.eq(wave as i32);
-                        queued.extend(queue_next(&txn, rollout_id, this, left, open, at).await?);
+                    if let (true, Some(this)) = (left > 0, cursor.in_wave(wave)) {
+                        let more = queue_next(&txn, rollout_id, this, left, open, at).await?;
+                        // Past them only when nothing pending is left behind:
+                        // no target of a closed window group was skipped, and
+                        // none of an earlier wave waits.
+                        if open.is_none() && cursor >= wave_start {
+                            cursor = past(&more, left, Cursor::wave_start(wave + 1));
+                        }
+                        queued.extend(more);
                     }
-                    for (target_id, attempt) in &queued {
-                        messages.push(deploy_message(*target_id, rollout_id, *attempt as u32, 0));
+                    for target in &queued {
+                        messages.push(deploy_message(target.id, rollout_id, target.attempt as u32, 0));
                     }
                     outcome.dispatched += queued.len() as u32;
                 }
@@ -137,6 +161,8 @@ impl Store {
             .col_expr(rollouts::Column::CurrentWave, Expr::value(wave as i32))
             .col_expr(rollouts::Column::State, Expr::value(outcome.state.as_str()))
             .col_expr(rollouts::Column::NextWindowAt, Expr::value(next_window_at))
+            .col_expr(rollouts::Column::DispatchWave, Expr::value(cursor.wave))
+            .col_expr(rollouts::Column::DispatchOrdinal, Expr::value(cursor.ordinal))
             .col_expr(rollouts::Column::UpdatedAt, Expr::value(at));
         if let Some(reason) = &outcome.halted {
             update = update.col_expr(rollouts::Column::PauseReason, Expr::value(reason.clone()));
@@ -152,22 +178,6 @@ impl Store {
         txn.commit().await?;
         Ok(outcome)
     }
-}
-
-/// Whether a wave before `wave` has a pending target: one that came back
-/// from `offline` after its wave ended.
-async fn earlier_waves_have_pending(txn: &DatabaseTransaction, rollout_id: Uuid, wave: u32) -> Result<bool> {
-    let found = targets::Entity::find()
-        .select_only()
-        .column(targets::Column::Id)
-        .filter(targets::Column::RolloutId.eq(rollout_id))
-        .filter(targets::Column::State.eq(TargetState::Pending.as_str()))
-        .filter(targets::Column::Wave.lt(wave as i32))
-        .limit(1)
-        .into_tuple::<Uuid>()
-        .one(txn)
-        .await?;
-    Ok(found.is_some())
 }
 
 /// Whether any target of the rollout is offline or in flight.
@@ -254,4 +264,75 @@ fn waiting_reason(schedule: &Schedule, at: DateTime<Utc>, groups: &[u32]) -> (Da
         // Cannot happen (a window opens at least weekly); look again in an hour.
         (None, None) => (at + chrono::Duration::hours(1), "waiting for a maintenance window".into()),
     }
+}
+
+/// Where the cursor goes after a scan from it queued `queued` of the
+/// `limit` it asked for: past the last one, or to `end` (the end of the
+/// scanned range) when the scan ran out of pending targets first.
+fn past(queued: &[Queued], limit: u64, end: Cursor) -> Cursor {
+    match queued.last() {
+        Some(last) if queued.len() as u64 >= limit => Cursor { wave: last.wave, ordinal: last.ordinal }.next(),
+        _ => end,
+    }
+}
+
+/// A target [`queue_next`] moved to `queued`.
+struct Queued {
+    id: Uuid,
+    attempt: i32,
+    wave: i32,
+    ordinal: i32,
+}
+
+/// Moves the next `limit` pending targets of those `range` selects
+/// ([`Cursor::earlier_than`], [`Cursor::in_wave`]), by `(wave, ordinal)`, to
+/// `queued`, with their history; only those of the window groups `open`
+/// when it is given.
+///
+/// The rows are locked as they are read, so the UPDATE goes by primary key
+/// alone: a state condition beside the ids lets PostgreSQL combine the
+/// primary key with the `targets_state` index (a bitmap AND), which reads
+/// every entry of that state, dead versions included, for a handful of rows.
+async fn queue_next(
+    txn: &DatabaseTransaction,
+    rollout_id: Uuid,
+    range: SimpleExpr,
+    limit: u64,
+    open: Option<&[u32]>,
+    at: DateTime<Utc>,
+) -> Result<Vec<Queued>> {
+    let mut query = targets::Entity::find()
+        .select_only()
+        .column(targets::Column::Id)
+        .column(targets::Column::Attempt)
+        .column(targets::Column::Wave)
+        .column(targets::Column::Ordinal)
+        .filter(targets::Column::RolloutId.eq(rollout_id))
+        .filter(targets::Column::State.eq(TargetState::Pending.as_str()))
+        .filter(range);
+    if let Some(groups) = open {
+        query = query.filter(targets::Column::WindowGroup.is_in(groups.iter().map(|g| *g as i32)));
+    }
+    let next: Vec<(Uuid, i32, i32, i32)> = query
+        .order_by_asc(targets::Column::Wave)
+        .order_by_asc(targets::Column::Ordinal)
+        .limit(limit)
+        .lock(LockType::NoKeyUpdate)
+        .into_tuple()
+        .all(txn)
+        .await?;
+    let steps: Vec<transition::Step> = next
+        .iter()
+        .map(|(target_id, ..)| transition::Step {
+            target_id: *target_id,
+            rollout_id,
+            from: TargetState::Pending,
+            detail: None,
+        })
+        .collect();
+    if !steps.is_empty() {
+        let sets = vec![(targets::Column::QueuedAt, Expr::value(at)), (targets::Column::Try, Expr::value(0))];
+        transition::move_locked(txn, at, TargetState::Queued, &steps, sets).await?;
+    }
+    Ok(next.into_iter().map(|(id, attempt, wave, ordinal)| Queued { id, attempt, wave, ordinal }).collect())
 }

@@ -356,59 +356,6 @@ async fn wave_has<C: ConnectionTrait>(db: &C, rollout_id: Uuid, wave: u32, condi
     Ok(found.is_some())
 }
 
-/// Moves the next `limit` pending targets of the waves `waves` selects (by
-/// ordinal) to `queued`,
-/// with their history; returns them with their attempts.
-///
-/// The rows are locked as they are read, so the UPDATE goes by primary key
-/// alone: a state condition beside the ids lets PostgreSQL combine the
-/// primary key with the `targets_state` index (a bitmap AND), which reads
-/// every entry of that state, dead versions included, for a handful of rows.
-/// Queues up to `limit` pending targets of `wave` in order; only those of
-/// the window groups `open` when it is given.
-async fn queue_next(
-    txn: &DatabaseTransaction,
-    rollout_id: Uuid,
-    waves: SimpleExpr,
-    limit: u64,
-    open: Option<&[u32]>,
-    at: DateTime<Utc>,
-) -> Result<Vec<(Uuid, i32)>> {
-    let pending = || targets::Column::State.eq(TargetState::Pending.as_str());
-    let mut query = targets::Entity::find()
-        .select_only()
-        .column(targets::Column::Id)
-        .column(targets::Column::Attempt)
-        .filter(targets::Column::RolloutId.eq(rollout_id))
-        .filter(waves)
-        .filter(pending());
-    if let Some(groups) = open {
-        query = query.filter(targets::Column::WindowGroup.is_in(groups.iter().map(|g| *g as i32)));
-    }
-    let next: Vec<(Uuid, i32)> = query
-        .order_by_asc(targets::Column::Ordinal)
-        .limit(limit)
-        .lock(LockType::NoKeyUpdate)
-        .into_tuple()
-        .all(txn)
-        .await?;
-    if next.is_empty() {
-        return Ok(next);
-    }
-    let steps: Vec<transition::Step> = next
-        .iter()
-        .map(|(target_id, _)| transition::Step {
-            target_id: *target_id,
-            rollout_id,
-            from: TargetState::Pending,
-            detail: None,
-        })
-        .collect();
-    let sets = vec![(targets::Column::QueuedAt, Expr::value(at)), (targets::Column::Try, Expr::value(0))];
-    transition::move_locked(txn, at, TargetState::Queued, &steps, sets).await?;
-    Ok(next)
-}
-
 /// Marks every unfinished patch of these targets failed with `reason`.
 async fn fail_open_patches<C: ConnectionTrait>(
     db: &C,
@@ -624,6 +571,7 @@ impl Store {
 mod bench_support;
 pub(crate) mod console;
 mod create;
+mod cursor;
 mod dispatch;
 mod evidence;
 mod intake;

@@ -15,6 +15,10 @@
 //!   primary key with the `targets_state` index, a bitmap AND that reads
 //!   every entry of that state, dead versions included).
 //!
+//! A move back to `pending` also records a dispatch rewind
+//! ([`super::cursor`]) in the same transaction, so dispatch's cursor never
+//! passes over a pending target.
+//!
 //! The conformance suite's property test drives random operations against
 //! both stores and checks that every recorded move is an edge of the machine.
 
@@ -80,6 +84,9 @@ pub(super) async fn apply_move(
     }
     record(txn, at, mv.to, &[Step { target_id: mv.target_id, rollout_id: mv.rollout_id, from, detail: mv.detail }])
         .await?;
+    if mv.to == TargetState::Pending {
+        super::cursor::record_rewinds(txn, [mv.target_id]).await?;
+    }
     Ok(Some(from))
 }
 
@@ -121,6 +128,10 @@ pub(super) async fn move_locked(
             )));
         }
         record(txn, at, to, chunk).await?;
+        if to == TargetState::Pending {
+            // Back behind dispatch's cursor, maybe: the next dispatch looks there.
+            super::cursor::record_rewinds(txn, chunk.iter().map(|step| step.target_id)).await?;
+        }
     }
     Ok(())
 }
