@@ -205,6 +205,22 @@ async fn the_console_needs_a_session_checks_csrf_and_roles_and_escapes_what_targ
         .any(|e| e.actor == "console-operator" && e.route == "/rollouts/{id}/pause" && e.status == 303));
     assert_eq!(audit.iter().filter(|e| e.actor == "console-viewer" && e.status == 403).count(), 5);
 
+    // The operator's other buttons take the API's path: resume, abort; an
+    // aborted rollout cannot be retried, and the page says why.
+    let fields = [("csrf", csrf.as_str())];
+    let act = |action: &str| post_form(&operator, format!("{base}/rollouts/{id}/{action}"), &fields);
+    assert_eq!(act("resume").await.0, StatusCode::SEE_OTHER);
+    assert_eq!(sandbox.store.rollout(id).await.expect("rollout").state, RolloutState::Running);
+    assert_eq!(act("abort").await.0, StatusCode::SEE_OTHER);
+    assert_eq!(sandbox.store.rollout(id).await.expect("rollout").state, RolloutState::Aborted);
+    let (status, page) = act("retry-failed").await;
+    assert_eq!(status, StatusCode::CONFLICT, "{page}");
+    assert!(page.contains("aborted"), "the refusal names the state: {page}");
+    let (status, page) = act("approve").await;
+    assert_eq!(status, StatusCode::CONFLICT, "{page}");
+    let (status, _) = act("reboot").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "an unknown action is refused by name");
+
     // Create: a YAML mistake names its line and field, as the CLI does.
     let (status, page) = post_form(
         &operator,
