@@ -243,8 +243,10 @@ async fn the_console_needs_a_session_checks_csrf_and_roles_and_escapes_what_targ
     sandbox.stop().await;
 }
 
-/// The targets table pages a rollout of 100,000 targets in SQL: the last
-/// page and a search cost a bounded query, never a read of every target.
+/// The targets table pages a rollout of 100,000 targets in SQL (keyset on
+/// the ordinal): the first and last pages and searches give the right 50
+/// rows and the right next link. Their times are printed, not asserted
+/// (speed is measured in benchmarks, never in tests).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_targets_table_pages_a_rollout_of_a_hundred_thousand_targets() {
     let sandbox = Sandbox::start(SandboxOptions { workers: 0, ..SandboxOptions::default() }).await;
@@ -272,7 +274,6 @@ async fn the_targets_table_pages_a_rollout_of_a_hundred_thousand_targets() {
         assert!(hosts.len() <= 50, "{query}: a page holds at most 50 targets");
         let next_link = page.split("class=\"next\" href=\"").nth(1).and_then(|rest| rest.split('"').next());
         assert_eq!(next_link.map(|link| link.rsplit('?').next().unwrap_or_default()), next, "{query}");
-        assert!(took < Duration::from_secs(10), "{query}: a page of 100,000 targets took {took:?}");
     }
     sandbox.stop().await;
 }
