@@ -26,6 +26,14 @@
 //! the workers staged (every target gets every installer); pulled, what the
 //! relays fetched from the scheduler (their counters). The agent binary and
 //! the plan are pushed either way.
+//!
+//! Then, in the same run, against the same sshd peers and with the same
+//! concurrency, **the OpenSSH floor**: what Debian's own client needs to do
+//! the minimum per target: one login (`ssh -M`, a control master), one
+//! `sftp` session putting the same two files, one `ssh` command running the
+//! same check script, and the master's exit. It prints the floor's wall
+//! time, its sshd CPU (target side) and its client CPU, and fleetpatch's
+//! figures as ratios to them. `FLEETPATCH_BENCH_FLOOR=0` leaves it out.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -121,6 +129,108 @@ fn descendants_rss_kib() -> u64 {
     rss.iter().filter(|(pid, _)| descends(**pid)).map(|(_, kib)| kib).sum()
 }
 
+/// What the OpenSSH floor took: wall time, sshd CPU (the peers' own and
+/// their reaped sessions', the check script included) and the clients' CPU.
+struct Floor {
+    wall: Duration,
+    sshd_seconds: f64,
+    client_seconds: f64,
+}
+
+/// The OpenSSH floor over every peer, `concurrency` at a time: one login
+/// (a control master), one `sftp` batch putting `files` into the peer's
+/// staging root, one command running `check` there, and the master's exit.
+/// Every step must succeed.
+fn openssh_floor(fleet: &SshFleet, files: &[std::path::PathBuf], check: &str, concurrency: usize) -> Floor {
+    let peers = fleet.peers();
+    let sshd_before: f64 = peers.iter().map(|peer| sshd_cpu_seconds(&peer.dir().join("sshd.pid"))).sum();
+    let clients_before = cpu_seconds(&rusage(libc::RUSAGE_CHILDREN));
+    let key = fleet.keys().client.private_key_path.clone();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let started = Instant::now();
+    std::thread::scope(|scope| {
+        for _ in 0..concurrency.max(1) {
+            scope.spawn(|| loop {
+                let index = next.fetch_add(1, Ordering::Relaxed);
+                let Some(peer) = peers.get(index) else { break };
+                let socket = peer.dir().join("floor.sock");
+                let dir = peer.staging_root().join("floor");
+                let common = |program: &str| {
+                    let mut command = std::process::Command::new(program);
+                    command
+                        .arg("-i")
+                        .arg(&key)
+                        .arg("-o")
+                        .arg(format!("UserKnownHostsFile={}", peer.known_hosts_file().display()))
+                        .args(["-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes"])
+                        .arg("-o")
+                        .arg(format!("ControlPath={}", socket.display()))
+                        .stdin(std::process::Stdio::null())
+                        .stdout(std::process::Stdio::null());
+                    command
+                };
+                let target = format!("root@{}", peer.host());
+                let port = peer.port().to_string();
+                let run = |mut command: std::process::Command, what: &str| {
+                    let output = command.output().unwrap_or_else(|error| panic!("{what}: {error}"));
+                    assert!(
+                        output.status.success(),
+                        "{what} on port {port}: {}",
+                        String::from_utf8_lossy(&output.stderr)
+                    );
+                };
+                // The login: a control master in the foreground (a child
+                // this thread waits for), ready when its socket appears.
+                let _ = std::fs::remove_file(&socket);
+                let mut login = common("ssh");
+                login.args(["-p", &port, "-M", "-N", &target]).stderr(std::process::Stdio::piped());
+                let mut master = login.spawn().expect("ssh -M (the floor's login)");
+                let deadline = Instant::now() + Duration::from_secs(30);
+                while !socket.exists() {
+                    if let Ok(Some(status)) = master.try_wait() {
+                        panic!("ssh -M on port {port} exited before its socket was ready: {status}");
+                    }
+                    assert!(Instant::now() < deadline, "ssh -M on port {port}: no control socket within 30 s");
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                // One sftp session: the directory (an error ignored if it
+                // exists), then the files.
+                let mut batch = format!("-mkdir {}\n", dir.display());
+                for file in files {
+                    let name = file.file_name().unwrap_or_default().to_string_lossy();
+                    batch.push_str(&format!("put {} {}/{name}\n", file.display(), dir.display()));
+                }
+                let mut sftp = common("sftp");
+                sftp.args(["-P", &port, "-b", "-", &target]).stdin(std::process::Stdio::piped());
+                let mut child = sftp.spawn().expect("sftp");
+                {
+                    use std::io::Write;
+                    let mut stdin = child.stdin.take().expect("sftp stdin");
+                    stdin.write_all(batch.as_bytes()).expect("sftp batch");
+                }
+                let status = child.wait().expect("sftp");
+                assert!(status.success(), "sftp put on port {port}");
+                let mut exec = common("ssh");
+                exec.args(["-p", &port, &target, &format!("cd {} && sh ./{check}", dir.display())]);
+                run(exec, "ssh check script");
+                let mut exit = common("ssh");
+                exit.args(["-p", &port, "-O", "exit", &target]).stderr(std::process::Stdio::null());
+                let _ = exit.status();
+                let _ = master.wait();
+            });
+        }
+    });
+    let wall = started.elapsed();
+    // Let the masters' sessions end and be reaped by their sshd.
+    std::thread::sleep(Duration::from_millis(300));
+    let sshd_after: f64 = peers.iter().map(|peer| sshd_cpu_seconds(&peer.dir().join("sshd.pid"))).sum();
+    Floor {
+        wall,
+        sshd_seconds: sshd_after - sshd_before,
+        client_seconds: cpu_seconds(&rusage(libc::RUSAGE_CHILDREN)) - clients_before,
+    }
+}
+
 /// A 5 MiB "installer": a script that exits at once, followed by text the
 /// shell never reads (so the bytes are staged and hashed, not executed).
 fn payload() -> Vec<u8> {
@@ -145,6 +255,7 @@ fn main() {
     let workers = env_number("FLEETPATCH_BENCH_WORKERS", 2);
     let worker_concurrency = env_number("FLEETPATCH_BENCH_WORKER_CONCURRENCY", 50);
     let relay_count = env_number("FLEETPATCH_BENCH_RELAYS", 0);
+    let with_floor = env_number("FLEETPATCH_BENCH_FLOOR", 1) != 0;
     assert!(!std::path::Path::new("/run/systemd/system").exists(), "the bench measures the detached agent path");
     // Before any child exists that something else waits for.
     let agent = agent_binary().to_path_buf();
@@ -157,12 +268,13 @@ fn main() {
     });
     let fleet_start = started_fleet.elapsed();
     let stop_reaper = Arc::new(AtomicBool::new(false));
-    let reaper = start_reaper(stop_reaper.clone());
+    let mut reaper = start_reaper(stop_reaper.clone());
+    let stop_sampler = Arc::new(AtomicBool::new(false));
     // Children so far: the agent build and the sshd starters, not the rollout.
     let children_before = rusage(libc::RUSAGE_CHILDREN);
     let peak_descendants = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let sampler = {
-        let (stop, peak) = (stop_reaper.clone(), peak_descendants.clone());
+        let (stop, peak) = (stop_sampler.clone(), peak_descendants.clone());
         std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
                 peak.fetch_max(descendants_rss_kib(), Ordering::Relaxed);
@@ -170,6 +282,18 @@ fn main() {
             }
         })
     };
+
+    // The installer and the check script, also on disk for the OpenSSH floor.
+    let payload = payload();
+    let payload_sha = hex::encode(sha2::Sha256::digest(&payload));
+    let script = format!(
+        "#!/bin/sh\ncd \"$(dirname \"$0\")\" || exit 1\n\
+         echo '{payload_sha}  payload-5mib.sh' | sha256sum -c - || exit 10\nsleep 0.2\n"
+    );
+    let floor_files = tempfile::tempdir().unwrap();
+    let floor_paths = [floor_files.path().join("payload-5mib.sh"), floor_files.path().join("check.sh")];
+    std::fs::write(&floor_paths[0], &payload).unwrap();
+    std::fs::write(&floor_paths[1], &script).unwrap();
 
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let before_self = rusage(libc::RUSAGE_SELF);
@@ -191,15 +315,9 @@ fn main() {
             ..SandboxOptions::default()
         })
         .await;
-        let payload = payload();
-        let payload_sha = hex::encode(sha2::Sha256::digest(&payload));
-        let (payload_sha_uploaded, payload_size) = sandbox.upload_content(payload).await;
+        let (payload_sha_uploaded, payload_size) = sandbox.upload_content(payload.clone()).await;
         assert_eq!(payload_sha, payload_sha_uploaded);
-        let script = format!(
-            "#!/bin/sh\ncd \"$(dirname \"$0\")\" || exit 1\n\
-             echo '{payload_sha}  payload-5mib.sh' | sha256sum -c - || exit 10\nsleep 0.2\n"
-        );
-        let (script_sha, script_size) = sandbox.upload_content(script.into_bytes()).await;
+        let (script_sha, script_size) = sandbox.upload_content(script.clone().into_bytes()).await;
         // Relays of the scheduler's content store, one per site, with a viewer key.
         let relay_dir = tempfile::tempdir().unwrap();
         let relay_shutdown = fleetpatch_runtime::Shutdown::new();
@@ -281,26 +399,37 @@ fn main() {
     drop(runtime);
     let logins: usize = fleet.peers().iter().map(|peer| peer.log().matches("Accepted publickey").count()).sum();
     let sshd_seconds: f64 = fleet.peers().iter().map(|peer| sshd_cpu_seconds(&peer.dir().join("sshd.pid"))).sum();
+    let concurrency = (workers * worker_concurrency).min(targets);
+    // The floor waits for its own clients: no reaper may take their exit
+    // status meanwhile (nothing else is left to reap: every agent ended).
+    stop_reaper.store(true, Ordering::Relaxed);
+    let _ = reaper.join();
+    let floor = with_floor.then(|| openssh_floor(&fleet, &floor_paths, "check.sh", concurrency));
+    let stop_reaper = Arc::new(AtomicBool::new(false));
+    reaper = start_reaper(stop_reaper.clone());
     // Stop the sshd peers; the reaper collects them (and their CPU).
     drop(fleet);
     std::thread::sleep(Duration::from_millis(300));
     stop_reaper.store(true, Ordering::Relaxed);
+    stop_sampler.store(true, Ordering::Relaxed);
     let _ = reaper.join();
     let _ = sampler.join();
     let children = rusage(libc::RUSAGE_CHILDREN);
     let (wall, succeeded, total, failures, (pulled, (central_bytes, how), installer_bytes)) = result;
 
+    // The floor's clients and its sshd sessions were reaped here too.
+    let floor_cpu = floor.as_ref().map_or(0.0, |f| f.sshd_seconds + f.client_seconds);
+    let target_side = cpu_seconds(&children) - cpu_seconds(&children_before) - floor_cpu;
+    let control_plane = cpu_seconds(&after_self) - cpu_seconds(&before_self);
     println!("ssh fleet bench: {total} targets (one sshd each on loopback), 5 MiB installer + check script (sha256 + sleep 0.2 s)");
     println!("  sshd fleet start            {:>8.2} s (not in the wall time)", fleet_start.as_secs_f64());
     println!("  wall, create -> last final  {:>8.2} s", wall.as_secs_f64());
     println!("  succeeded                   {succeeded:>8} of {total}");
     println!(
-        "  CPU, this process           {:>8.2} s (scheduler, collector, {workers} workers x {worker_concurrency} slots; during the rollout)",
-        cpu_seconds(&after_self) - cpu_seconds(&before_self)
+        "  CPU, this process           {control_plane:>8.2} s (scheduler, collector, {workers} workers x {worker_concurrency} slots; during the rollout)"
     );
     println!(
-        "  CPU, target side            {:>8.2} s (sshd, sessions, agents, installers; rollout and fleet stop){}",
-        cpu_seconds(&children) - cpu_seconds(&children_before),
+        "  CPU, target side            {target_side:>8.2} s (sshd, sessions, agents, installers; rollout and fleet stop){}",
         if subreaper { "" } else { " [not a subreaper: agents not counted]" }
     );
     println!("  SSH logins per target       {:>8.1}", logins as f64 / total.max(1) as f64);
@@ -316,6 +445,35 @@ fn main() {
         central_bytes as f64 / f64::from(1 << 20),
         (installer_bytes * total as u64) as f64 / f64::from(1 << 20)
     );
+    if let Some(floor) = &floor {
+        let n = total.max(1) as f64;
+        println!(
+            "OpenSSH floor, same run and peers, {concurrency} at a time: one login (ssh -M), one sftp session (mkdir, put both files), one ssh command (the check script), exit"
+        );
+        println!(
+            "  wall                        {:>8.2} s    fleetpatch / floor {:>6.2} x",
+            floor.wall.as_secs_f64(),
+            wall.as_secs_f64() / floor.wall.as_secs_f64()
+        );
+        println!(
+            "  sshd + sessions per target  {:>8.3} s    fleetpatch {:.3} s: {:>6.2} x",
+            floor.sshd_seconds / n,
+            sshd_seconds / n,
+            sshd_seconds / floor.sshd_seconds
+        );
+        println!(
+            "  target side per target      {:>8.3} s    fleetpatch {:.3} s (agents and installers too): {:>6.2} x",
+            floor.sshd_seconds / n,
+            target_side / n,
+            target_side / floor.sshd_seconds
+        );
+        println!(
+            "  client CPU per target       {:>8.3} s    fleetpatch's control plane {:.3} s: {:>6.2} x",
+            floor.client_seconds / n,
+            control_plane / n,
+            control_plane / floor.client_seconds
+        );
+    }
     for failure in &failures {
         println!("  not succeeded: {failure}");
     }

@@ -8,6 +8,9 @@ pub(crate) struct Figures {
     pub(crate) queue_prefix: String,
     pub(crate) broker_ceiling: Option<fleetpatch_bus::ceiling::BrokerCeiling>,
     pub(crate) database_ceiling: Option<fleetpatch_store::ceiling::DatabaseCeiling>,
+    /// The database floor of a report: the CPU of writing one row of the
+    /// event table's shape in the collector's batch size, per row.
+    pub(crate) database_floor: Option<CpuPerReport>,
     pub(crate) http_ceiling: Option<HttpCeiling>,
     /// The same senders and requests, signed, against the bare server
     /// verifying each request's MAC as the collector does.
@@ -175,6 +178,14 @@ pub(crate) fn print_figures(f: &Figures) {
             c.batched_rows_per_second, c.batch_rows, c.single_row_transactions_per_second, c.clients
         );
     }
+    if let Some(floor) = &f.database_floor {
+        println!(
+            "  database floor      {:>10.1} CPU µs of PostgreSQL per row ({:.1} µs the client) in batched INSERTs of \
+             the event table's shape: what a heartbeat report must cost the database at least",
+            floor.micros("postgresql"),
+            floor.micros("bench")
+        );
+    }
     if let Some(r) = &f.rollout {
         println!(
             "  rollout             {} targets × {} patches at concurrency {}: {:.1} s, {:.0} targets/s",
@@ -239,6 +250,14 @@ pub(crate) fn print_figures(f: &Figures) {
         let cpu = |r: &CollectorRun| {
             if let Some(cpu) = &r.cpu {
                 println!("                        {}", cpu.summary("report"));
+                if let Some(floor) = f.database_floor.as_ref().filter(|floor| floor.micros("postgresql") > 0.0) {
+                    let (database, least) = (cpu.micros("postgresql"), floor.micros("postgresql"));
+                    println!(
+                        "                        PostgreSQL {database:.1} µs per report = {:.2} × the database floor \
+                         ({least:.1} µs per row)",
+                        database / least
+                    );
+                }
             }
         };
         let run = |label: &str, r: &CollectorRun| {

@@ -362,6 +362,17 @@ async fn run_phases(
         .await
         .context("measuring the database ceiling")?;
     figures.database_ceiling = Some(db);
+    // The database floor of a report, measured alone: the CPU of writing
+    // 200,000 rows of the event table's shape in 1,000-row statements from
+    // 8 connections (no one-row transactions this time), per row.
+    let floor_rows = 200_000;
+    let before = CpuSnapshot::take("bench", &[]);
+    let started = Instant::now();
+    fleetpatch_store::ceiling::database_ceiling(&store, 8, 1_000, floor_rows, 0)
+        .await
+        .context("measuring the database floor")?;
+    figures.database_floor =
+        Some(before.per_report(&CpuSnapshot::take("bench", &[]), floor_rows, started.elapsed().as_secs_f64()));
     let http = reqwest::Client::builder().pool_max_idle_per_host(1_024).build()?;
     // The key the collector derives the agents' tokens from; the bench plays
     // the workers and the agents, so it holds it too.

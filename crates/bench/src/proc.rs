@@ -156,6 +156,11 @@ pub(crate) struct CpuPerReport {
 }
 
 impl CpuPerReport {
+    /// CPU µs per report of the process group `group` (0 when it was not seen).
+    pub(crate) fn micros(&self, group: &str) -> f64 {
+        self.micros_per_report.get(group).copied().unwrap_or(0.0)
+    }
+
     /// One line; `per` is what the run counts (report, request).
     pub(crate) fn summary(&self, per: &str) -> String {
         let groups = self

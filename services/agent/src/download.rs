@@ -583,10 +583,12 @@ mod tests {
             let content = content();
             if number == 0 {
                 // The relay dies halfway through.
+                // Counted before it is written: the client may finish and
+                // the test read the count before this thread runs on.
+                counted.fetch_add(half as u64, Ordering::SeqCst);
                 let _ = stream
                     .write_all(format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", content.len()).as_bytes());
                 let _ = stream.write_all(&content[..half]);
-                counted.fetch_add(half as u64, Ordering::SeqCst);
                 return;
             }
             let start = range_start(head).unwrap_or(0) as usize;
@@ -595,8 +597,8 @@ mod tests {
                 format!("Content-Range: bytes {start}-{}/{}", content.len() - 1, content.len()),
                 format!("Content-Length: {}", rest.len()),
             ];
-            answer(stream, "206 Partial Content", &headers, rest);
             counted.fetch_add(rest.len() as u64, Ordering::SeqCst);
+            answer(stream, "206 Partial Content", &headers, rest);
         });
         let directory = tempfile::tempdir().unwrap();
         let loaded = plan_with_sources(directory.path(), &[&relay.url]);
