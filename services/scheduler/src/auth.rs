@@ -387,8 +387,21 @@ impl Authenticator {
     }
 
     /// The identity behind the request's credential. `Ok(Err(NoRole))`: a
-    /// valid token that grants no role.
+    /// valid token that grants no role. Every refusal is counted in
+    /// `fleetpatch_api_auth_failures_total`, whichever door it came through.
     async fn identify(&self, value: Option<&HeaderValue>) -> Result<Result<Identity, NoRole>, Refusal> {
+        let outcome = self.identify_uncounted(value).await;
+        match &outcome {
+            Ok(Err(_)) => metrics::counter!("fleetpatch_api_auth_failures_total", "reason" => "no_role").increment(1),
+            Err(Refusal::Unauthenticated(why)) => {
+                metrics::counter!("fleetpatch_api_auth_failures_total", "reason" => why.reason()).increment(1)
+            }
+            Ok(Ok(_)) | Err(Refusal::Unavailable(_)) => {}
+        }
+        outcome
+    }
+
+    async fn identify_uncounted(&self, value: Option<&HeaderValue>) -> Result<Result<Identity, NoRole>, Refusal> {
         match credential(value).map_err(Refusal::Unauthenticated)? {
             Credential::ApiKey(key) => match self.store.check_api_key(&key, chrono::Utc::now()).await {
                 Ok(KeyCheck::Valid(key)) => {
@@ -422,16 +435,31 @@ impl Authenticator {
         };
         match outcome {
             Ok(Ok(identity)) => Ok(identity),
-            Ok(Err(no_role)) => {
-                metrics::counter!("fleetpatch_api_auth_failures_total", "reason" => "no_role").increment(1);
-                Err(ConsoleRefusal::NoRole(no_role))
-            }
-            Err(Refusal::Unauthenticated(why)) => {
-                metrics::counter!("fleetpatch_api_auth_failures_total", "reason" => why.reason()).increment(1);
-                Err(ConsoleRefusal::Unauthenticated(why))
-            }
+            Ok(Err(no_role)) => Err(ConsoleRefusal::NoRole(no_role)),
+            Err(Refusal::Unauthenticated(why)) => Err(ConsoleRefusal::Unauthenticated(why)),
             Err(Refusal::Unavailable(problem)) => Err(ConsoleRefusal::Unavailable(problem.detail)),
         }
+    }
+
+    /// Whether `identity` holds the role `method` on `api_route` needs; a
+    /// refusal is counted and written to the audit log under `audit_route`
+    /// (the route as the caller used it). Returns the role it lacks.
+    pub(crate) async fn check_role(
+        &self,
+        identity: &Identity,
+        method: &Method,
+        api_route: &str,
+        audit_route: &str,
+        rollout_id: Option<Uuid>,
+        source: String,
+    ) -> Result<(), Role> {
+        let needed = required_role(method, api_route);
+        if identity.role >= needed {
+            return Ok(());
+        }
+        metrics::counter!("fleetpatch_api_auth_failures_total", "reason" => "forbidden").increment(1);
+        self.audit(identity, method, audit_route, rollout_id, source, StatusCode::FORBIDDEN).await;
+        Err(needed)
     }
 
     pub(crate) async fn audit(
@@ -507,20 +535,14 @@ pub async fn authenticate(State(auth): State<Authenticator>, request: Request, n
     let identity = match auth.identify(request.headers().get(header::AUTHORIZATION)).await {
         Ok(Ok(identity)) => identity,
         Ok(Err(no_role)) => {
-            metrics::counter!("fleetpatch_api_auth_failures_total", "reason" => "no_role").increment(1);
             tracing::info!(subject = %no_role.subject, route = %route, "oidc token grants no fleetpatch role");
             return forbidden(no_role.to_string());
         }
-        Err(Refusal::Unauthenticated(why)) => {
-            metrics::counter!("fleetpatch_api_auth_failures_total", "reason" => why.reason()).increment(1);
-            return why.into_response();
-        }
+        Err(Refusal::Unauthenticated(why)) => return why.into_response(),
         Err(Refusal::Unavailable(problem)) => return problem.into_response(),
     };
-    let needed = required_role(&method, &route);
-    if identity.role < needed {
-        metrics::counter!("fleetpatch_api_auth_failures_total", "reason" => "forbidden").increment(1);
-        auth.audit(&identity, &method, &route, rollout_of(&route, &path, None), source, StatusCode::FORBIDDEN).await;
+    let rollout_id = rollout_of(&route, &path, None);
+    if let Err(needed) = auth.check_role(&identity, &method, &route, &route, rollout_id, source.clone()).await {
         return forbidden(format!(
             "{} {route} needs the {needed} role; {:?} has {}; ask an admin for a key or group with {needed}",
             method, identity.subject, identity.role

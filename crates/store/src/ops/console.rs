@@ -167,16 +167,7 @@ impl Store {
             .all(&self.db)
             .await?
             .into_iter()
-            .map(|m| TimelineEntry {
-                id: m.id,
-                transition: Transition {
-                    target_id: m.target_id,
-                    from: m.from_state,
-                    to: m.to_state,
-                    at: m.at,
-                    detail: m.detail,
-                },
-            })
+            .map(|m| TimelineEntry { id: m.id, transition: super::transition_from(m) })
             .collect())
     }
 }

@@ -36,6 +36,10 @@ const INSERT_CHUNK: usize = 1_000;
 
 // ---------------------------------------------------------------- conversions
 
+fn transition_from(m: target_transitions::Model) -> Transition {
+    Transition { target_id: m.target_id, from: m.from_state, to: m.to_state, at: m.at, detail: m.detail }
+}
+
 fn parse<T: std::str::FromStr>(value: &str, what: &str) -> Result<T>
 where
     T::Err: std::fmt::Display,
@@ -454,21 +458,8 @@ impl Store {
         after_ordinal: Option<u32>,
         limit: u64,
     ) -> Result<Vec<Target>> {
-        let mut query = targets::Entity::find().filter(targets::Column::RolloutId.eq(rollout_id));
-        if let Some(state) = state {
-            query = query.filter(targets::Column::State.eq(state.as_str()));
-        }
-        if let Some(after) = after_ordinal {
-            query = query.filter(targets::Column::Ordinal.gt(after as i32));
-        }
-        query
-            .order_by_asc(targets::Column::Ordinal)
-            .limit(limit)
-            .all(&self.db)
-            .await?
-            .into_iter()
-            .map(target_from)
-            .collect()
+        let filter = console::TargetFilter { state, ..console::TargetFilter::default() };
+        self.targets_page(rollout_id, &filter, after_ordinal, limit).await
     }
 
     pub async fn target(&self, id: Uuid) -> Result<Target> {
@@ -507,13 +498,7 @@ impl Store {
             .all(&self.db)
             .await?
             .into_iter()
-            .map(|m| Transition {
-                target_id: m.target_id,
-                from: m.from_state,
-                to: m.to_state,
-                at: m.at,
-                detail: m.detail,
-            })
+            .map(transition_from)
             .collect())
     }
 

@@ -16,7 +16,6 @@ use uuid::Uuid;
 use super::session::{check_origin, session, Session};
 use super::{ConsoleError, ConsoleState};
 use crate::api::{parse_id, take_action, RolloutAction};
-use crate::auth::required_role;
 
 #[derive(Deserialize)]
 pub(crate) struct ActionForm {
@@ -39,21 +38,12 @@ pub(crate) async fn authorize_post(
     check_origin(headers)?;
     let session = session(state, headers, false).await?;
     session.check_csrf(csrf)?;
-    let needed = required_role(&Method::POST, api_route);
-    if session.identity.role < needed {
-        metrics::counter!("fleetpatch_api_auth_failures_total", "reason" => "forbidden").increment(1);
-        state
-            .api
-            .auth
-            .audit(
-                &session.identity,
-                &Method::POST,
-                console_route,
-                rollout_id,
-                source.to_owned(),
-                StatusCode::FORBIDDEN,
-            )
-            .await;
+    let checked = state
+        .api
+        .auth
+        .check_role(&session.identity, &Method::POST, api_route, console_route, rollout_id, source.to_owned())
+        .await;
+    if let Err(needed) = checked {
         return Err(ConsoleError::forbidden(format!(
             "this needs the {needed} role; {:?} has {}; ask an admin for a key or group with {needed}",
             session.identity.subject, session.identity.role
