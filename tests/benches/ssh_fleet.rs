@@ -5,7 +5,9 @@
 //! this process on the machine's RabbitMQ and PostgreSQL.
 //!
 //! `cargo bench -p fleetpatch-tests --bench ssh_fleet` prints:
-//! - wall time from `POST /v1/rollouts` to the last target's final state;
+//! - wall time from `POST /v1/rollouts` to the last target's final state,
+//!   and how much later the last cleanup was done (the bench waits for the
+//!   cleanups, whose cost is part of a deployment's, before it reads CPU);
 //! - CPU seconds of this process (scheduler, collector, workers) and of
 //!   everything on the "targets" side (the sshd instances, their sessions,
 //!   the agents and the installers): this process makes itself a child
@@ -13,7 +15,9 @@
 //!   children, are reaped here, and count in `RUSAGE_CHILDREN`;
 //! - peak resident memory (`VmHWM`) of this process, and the peak of the
 //!   summed RSS of all its descendants (sshd, sessions, agents), sampled
-//!   every 100 ms from `/proc`.
+//!   every 100 ms from `/proc`;
+//! - SSH logins, commands and SFTP sessions per target, counted in the
+//!   peers' sshd logs (LogLevel VERBOSE logs each session sshd starts).
 //!
 //! Environment: `FLEETPATCH_BENCH_TARGETS` (default 100),
 //! `FLEETPATCH_BENCH_WORKERS` (default 2), `FLEETPATCH_BENCH_WORKER_CONCURRENCY`
@@ -364,6 +368,24 @@ fn main() {
             })
             .await;
         let wall = created.elapsed();
+        // A deployment ends with its cleanup (the agent stopped, the staging
+        // directory removed), queued when its target reached a final state:
+        // wait for every cleanup, out of the wall time, so that the peers'
+        // CPU read below holds all of them.
+        let cleanup_started = Instant::now();
+        let staged_left = || {
+            fleet
+                .peers()
+                .iter()
+                .filter_map(|peer| std::fs::read_dir(peer.staging_root()).ok())
+                .flat_map(|dir| dir.flatten())
+                .filter(|entry| entry.file_name().to_string_lossy().starts_with("fp-"))
+                .count()
+        };
+        while staged_left() > 0 && cleanup_started.elapsed() < Duration::from_secs(60) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let cleanups = (cleanup_started.elapsed(), staged_left());
         let succeeded = all.iter().filter(|t| t.state == TargetState::Succeeded).count();
         let mut patch_failures = Vec::new();
         for target in all.iter().filter(|t| t.state != TargetState::Succeeded) {
@@ -393,11 +415,17 @@ fn main() {
         };
         relay_shutdown.trigger();
         sandbox.stop().await;
-        (wall, succeeded, all.len(), patch_failures, (pulled, central_bytes, payload_size + script_size))
+        (wall, cleanups, succeeded, all.len(), patch_failures, (pulled, central_bytes, payload_size + script_size))
     });
     let after_self = rusage(libc::RUSAGE_SELF);
     drop(runtime);
-    let logins: usize = fleet.peers().iter().map(|peer| peer.log().matches("Accepted publickey").count()).sum();
+    // sshd logs each login and each session it starts (LogLevel VERBOSE):
+    // every command is a shell sshd forks, every SFTP session a subsystem.
+    let logs: Vec<String> = fleet.peers().iter().map(|peer| peer.log()).collect();
+    let count = |needle: &str| logs.iter().map(|log| log.matches(needle).count()).sum::<usize>();
+    let logins = count("Accepted publickey");
+    let commands = count("Starting session: command");
+    let sftp_sessions = count("Starting session: subsystem 'sftp'");
     let sshd_seconds: f64 = fleet.peers().iter().map(|peer| sshd_cpu_seconds(&peer.dir().join("sshd.pid"))).sum();
     let concurrency = (workers * worker_concurrency).min(targets);
     // The floor waits for its own clients: no reaper may take their exit
@@ -415,7 +443,14 @@ fn main() {
     let _ = reaper.join();
     let _ = sampler.join();
     let children = rusage(libc::RUSAGE_CHILDREN);
-    let (wall, succeeded, total, failures, (pulled, (central_bytes, how), installer_bytes)) = result;
+    let (
+        wall,
+        (cleanup_wait, staged_left),
+        succeeded,
+        total,
+        failures,
+        (pulled, (central_bytes, how), installer_bytes),
+    ) = result;
 
     // The floor's clients and its sshd sessions were reaped here too.
     let floor_cpu = floor.as_ref().map_or(0.0, |f| f.sshd_seconds + f.client_seconds);
@@ -426,13 +461,24 @@ fn main() {
     println!("  wall, create -> last final  {:>8.2} s", wall.as_secs_f64());
     println!("  succeeded                   {succeeded:>8} of {total}");
     println!(
+        "  cleanups done               {:>8.2} s later (not in the wall time){}",
+        cleanup_wait.as_secs_f64(),
+        if staged_left == 0 { String::new() } else { format!("; {staged_left} staging directories still there") }
+    );
+    println!(
         "  CPU, this process           {control_plane:>8.2} s (scheduler, collector, {workers} workers x {worker_concurrency} slots; during the rollout)"
     );
     println!(
         "  CPU, target side            {target_side:>8.2} s (sshd, sessions, agents, installers; rollout and fleet stop){}",
         if subreaper { "" } else { " [not a subreaper: agents not counted]" }
     );
-    println!("  SSH logins per target       {:>8.1}", logins as f64 / total.max(1) as f64);
+    let per_target = |n: usize| n as f64 / total.max(1) as f64;
+    println!(
+        "  SSH per target              {:>8.2} logins, {:.2} commands, {:.2} SFTP sessions",
+        per_target(logins),
+        per_target(commands),
+        per_target(sftp_sessions)
+    );
     println!("    of which sshd + sessions    {sshd_seconds:>8.2} s (the rest: agents and installers)");
     println!("  peak RSS, this process      {:>8.1} MiB (VmHWM)", vm_hwm_kib() as f64 / 1024.0);
     println!(

@@ -7,11 +7,15 @@
 //!   patch's detection rule (`dpkg-query`, `rpm -q`; a Windows hotfix rule
 //!   is "not installed" here). Versions are compared on the worker with
 //!   dpkg's and rpm's own ordering ("this version or newer").
-//! - **stage**: creates `<staging_root>/<deployment_id>` (mode 700), streams
-//!   the agent (`fleetpatch-agent`, 755), the plan (`plan.json`, 600: it
-//!   holds the report token) and the installers over SFTP into temporary
-//!   names, checks each file's sha256 on the target, then renames them into
-//!   place. A retried stage skips installers already there intact.
+//! - **stage**: one SFTP session, and no program started on the target in
+//!   the usual case: creates `<staging_root>/<deployment_id>` (mode 700),
+//!   streams the agent (`fleetpatch-agent`, 755), the plan (`plan.json`, 600:
+//!   it holds the report token) and the installers into temporary names
+//!   (each installer's sha256 checked on the worker as it streams, each
+//!   file's size read back on the target), then renames them into place. A
+//!   directory already there (a retried stage) is prepared by a script that
+//!   also hashes what it holds, so installers already there intact are
+//!   skipped; the agent checks every installer's sha256 before it runs it.
 //! - **start_agent**: a transient systemd unit named after the deployment
 //!   where systemd is PID 1, a detached `setsid` process with a pid file
 //!   otherwise. At most one agent per deployment id, ever: a second call
@@ -23,13 +27,18 @@
 //!   tools a deployment needs, and whether the collector is reachable *from
 //!   the target*; each failed check says the likely cause and the fix.
 //!
-//! Each step runs its commands and its SFTP transfer over one SSH
-//! connection; a step that went well hands it back for the next step to the
-//! same target (same user, port and credential) for
-//! `connection_reuse_seconds` (default 30; 0 logs in for every step), so a
-//! deployment's probe, stage, start and a prompt cleanup log in once.
-//! Those idle connections are the only thing the transport keeps between
-//! calls: a cache whose loss changes nothing but a login. Commands are
+//! What a deployment costs the target: one login, and over it one command
+//! for the probe, one SFTP session for the stage, one command to start the
+//! agent and one for the cleanup (sshd forks a shell for every command,
+//! and each program a script starts is another fork and exec: the scripts
+//! use the shell's builtins where they can). Each step runs its commands
+//! and its SFTP transfer over one SSH connection; a step that went well
+//! hands it back for the next step to the same target (same user, port and
+//! credential) for `connection_reuse_seconds` (default 30; 0 logs in for
+//! every step), so a deployment's probe, stage, start and a prompt cleanup
+//! log in once. Those idle connections are the only thing the transport
+//! keeps between calls: a cache whose loss changes nothing but a login.
+//! Commands are
 //! `/bin/sh` scripts sent on standard input; every value from a rollout or
 //! a target is quoted ([`shell::quote`]) or validated. Host keys are checked
 //! against an OpenSSH `known_hosts` file (strict, or trust on first use);
@@ -74,8 +83,9 @@ const RESERVED_NAMES: [&str; 5] = [AGENT_FILE_NAME, "plan.json", "agent.pid", "a
 /// Target label that gives one target its own staging root (overrides
 /// [`SshOptions::staging_root`]).
 pub const STAGING_ROOT_LABEL: &str = "ssh.staging_root";
-/// Read size when streaming a local file to the target.
-const UPLOAD_CHUNK_BYTES: usize = 256 << 10;
+/// Read size when streaming a local file to the target: one SFTP write each
+/// (OpenSSH's sftp-server takes up to 261,120 bytes of data in a write).
+const UPLOAD_CHUNK_BYTES: usize = 255 << 10;
 
 /// Errors of this crate beyond the transport's own.
 #[derive(Debug, thiserror::Error)]
@@ -251,12 +261,18 @@ fn remote_failure(connection: &Connection, step: &str, output: &CommandOutput) -
     }
 }
 
-/// Streams `reader` into a new remote file, hashing what it sends.
+/// Streams `reader` into a new remote file, hashing what it sends, gives it
+/// `mode` and reads its size back on the target: every write was
+/// acknowledged (sftp-server answers each after its `write(2)`), SSH's MAC
+/// guards every byte on the way, and the size the target has must be what
+/// was sent. The agent checks each installer's sha256 again before it runs
+/// it, so the target is not made to hash the files it just received.
 async fn upload(
     sftp: &russh_sftp::client::SftpSession,
     address: &str,
     remote_path: &str,
     local_path: Option<&Path>,
+    mode: u32,
     mut reader: impl AsyncRead + Unpin,
 ) -> Result<(String, u64)> {
     use russh_sftp::protocol::{FileAttributes, OpenFlags};
@@ -288,11 +304,27 @@ async fn upload(
             transient: true,
         })?;
     }
+    // Both go after the writes on the session, and sftp-server answers in order.
+    let moded = remote.set_metadata(FileAttributes { permissions: Some(mode), ..FileAttributes::empty() }).await;
+    let on_target = remote.metadata().await;
     remote.shutdown().await.map_err(|e| Error::Remote {
         address: address.to_owned(),
         reason: format!("closing {remote_path} failed: {e}"),
         transient: true,
     })?;
+    moded.map_err(|e| sftp_error(address, &format!("cannot set the mode of {remote_path}"), e))?;
+    let on_target = on_target.map_err(|e| sftp_error(address, &format!("cannot read the size of {remote_path}"), e))?;
+    if on_target.size != Some(size) {
+        return Err(Error::Remote {
+            address: address.to_owned(),
+            reason: format!(
+                "size mismatch for {remote_path} on the target: sent {size} bytes, the target has {} (disk full or \
+                 interrupted transfer); the partial files were removed, retry the stage",
+                on_target.size.map_or("no size".to_owned(), |s| format!("{s} bytes"))
+            ),
+            transient: true,
+        });
+    }
     Ok((hex::encode(hasher.finalize()), size))
 }
 
@@ -621,8 +653,12 @@ impl Transport for SshTransport {
 }
 
 impl SshTransport {
-    /// Creates the directory, uploads what is missing, checks, commits.
-    /// Returns the bytes sent.
+    /// Creates the directory, uploads what is missing, checks, commits:
+    /// all of it over one SFTP session when the deployment's directory is
+    /// new (the usual case), with no program started on the target. A
+    /// directory that is there already (a retried stage) or that SFTP
+    /// cannot create is prepared by the shell script, which also says which
+    /// installers are already there intact. Returns the bytes sent.
     async fn stage_on(
         &self,
         connection: &Connection,
@@ -632,17 +668,29 @@ impl SshTransport {
     ) -> Result<u64> {
         let address = connection.address.clone();
         let names: Vec<&str> = uploads.iter().map(|u| u.name).collect();
-        let prepare = shell::prepare_staging_script(staging_root, paths, &names);
-        let output = connection.run_plain(&prepare, "stage").await?;
-        if !output.success() {
-            return Err(remote_failure(connection, "creating the staging directory", &output));
-        }
-        let existing: Vec<(String, String)> = shell::sections(&output.stdout)
-            .into_iter()
-            .filter(|(header, _)| header.as_slice() == ["existing"])
-            .flat_map(|(_, body)| body)
-            .filter_map(|line| line.split_once(' ').map(|(hash, name)| (hash.to_owned(), name.to_owned())))
-            .collect();
+        let sftp = connection.sftp().await?;
+        let existing: Vec<(String, String)> = if create_new_directory(&sftp, &paths.dir).await {
+            Vec::new()
+        } else {
+            let prepare = shell::prepare_staging_script(staging_root, paths, &names);
+            let output = match connection.run_plain(&prepare, "stage").await {
+                Ok(output) => output,
+                Err(error) => {
+                    let _ = sftp.close().await;
+                    return Err(error);
+                }
+            };
+            if !output.success() {
+                let _ = sftp.close().await;
+                return Err(remote_failure(connection, "creating the staging directory", &output));
+            }
+            shell::sections(&output.stdout)
+                .into_iter()
+                .filter(|(header, _)| header.as_slice() == ["existing"])
+                .flat_map(|(_, body)| body)
+                .filter_map(|line| line.split_once(' ').map(|(hash, name)| (hash.to_owned(), name.to_owned())))
+                .collect()
+        };
         let already_there = |upload: &Upload<'_>| {
             upload.expected_sha256.is_some_and(|expected| {
                 existing.iter().any(|(hash, name)| name == upload.name && hash.eq_ignore_ascii_case(expected))
@@ -650,26 +698,21 @@ impl SshTransport {
         };
 
         let to_send: Vec<&Upload<'_>> = uploads.iter().filter(|u| !already_there(u)).collect();
-        let sftp = connection.sftp().await?;
         let mut sent = Vec::new();
         let mut bytes = 0u64;
         for item in &to_send {
             let remote = paths.partial(item.name);
             let result = match &item.source {
-                UploadSource::Bytes(data) => upload(&sftp, &address, &remote, None, data.as_slice()).await,
-                UploadSource::File(path) => {
-                    let file = tokio::fs::File::open(path).await.map_err(|e| Error::LocalFile {
-                        path: path.to_path_buf(),
-                        reason: format!("cannot open: {e}"),
-                    })?;
-                    upload(&sftp, &address, &remote, Some(path), file).await
-                }
+                UploadSource::Bytes(data) => upload(&sftp, &address, &remote, None, item.mode, data.as_slice()).await,
+                UploadSource::File(path) => match tokio::fs::File::open(path).await {
+                    Ok(file) => upload(&sftp, &address, &remote, Some(path), item.mode, file).await,
+                    Err(e) => Err(Error::LocalFile { path: path.to_path_buf(), reason: format!("cannot open: {e}") }),
+                },
             };
             let (hash, size) = match result {
                 Ok(done) => done,
                 Err(error) => {
-                    let _ = sftp.close().await;
-                    self.remove_partials(connection, paths, &names).await;
+                    self.remove_partials(connection, &sftp, paths, &names).await;
                     return Err(error);
                 }
             };
@@ -677,8 +720,7 @@ impl SshTransport {
             if let (Some(expected), UploadSource::File(path)) = (item.expected_sha256, &item.source) {
                 let size_ok = item.expected_size.is_none_or(|expected| expected == size);
                 if !hash.eq_ignore_ascii_case(expected) || !size_ok {
-                    let _ = sftp.close().await;
-                    self.remove_partials(connection, paths, &names).await;
+                    self.remove_partials(connection, &sftp, paths, &names).await;
                     return Err(Error::LocalFile {
                         path: path.to_path_buf(),
                         reason: format!(
@@ -689,59 +731,81 @@ impl SshTransport {
                     });
                 }
             }
-            sent.push((item.name, hash));
+            sent.push(item.name);
         }
-        let _ = sftp.close().await;
 
-        if !sent.is_empty() {
-            let files: Vec<(&str, u32, &str)> = sent
-                .iter()
-                .map(|(name, hash)| {
-                    let mode = uploads.iter().find(|u| u.name == *name).map_or(0o600, |u| u.mode);
-                    (*name, mode, hash.as_str())
-                })
-                .collect();
-            let output = connection.run_plain(&shell::verify_and_commit_script(paths, &files), "stage").await?;
-            let sections = shell::sections(&output.stdout);
-            let committed = sections.iter().any(|(header, _)| header.as_slice() == ["committed"]);
-            if !committed || !output.success() {
-                let on_target: Vec<(String, String)> = sections
-                    .into_iter()
-                    .filter(|(header, _)| header.as_slice() == ["sha256"])
-                    .flat_map(|(_, body)| body)
-                    .filter_map(|line| line.split_once(' ').map(|(hash, name)| (hash.to_owned(), name.to_owned())))
-                    .collect();
-                let mismatch = sent.iter().find_map(|(name, hash)| {
-                    let found = on_target.iter().find(|(_, n)| n == name).map(|(h, _)| h.as_str());
-                    (found != Some(hash.as_str())).then_some((name, hash, found))
-                });
-                return Err(match mismatch {
-                    Some((_, _, Some("no-sha256-tool"))) => Error::NotSupported {
-                        address,
-                        reason: "no sha256sum, sha256 or shasum on the target to verify the staged files; install \
-                                 coreutils"
-                            .into(),
-                    },
-                    Some((name, hash, Some(found))) => Error::Remote {
-                        address,
-                        reason: format!(
-                            "sha256 mismatch for {name} on the target: sent {hash}, the target has {found} (disk \
-                             full or corrupted transfer); the partial files were removed, retry the stage"
-                        ),
-                        transient: true,
-                    },
-                    _ => remote_failure(connection, "verifying and moving the staged files into place", &output),
-                });
+        // Every file is complete (each write acknowledged, its size read
+        // back on the target) and has its mode: move them into place.
+        for name in &sent {
+            let (partial, path) = (paths.partial(name), paths.file(name));
+            if let Err(error) = commit(&sftp, &partial, &path).await {
+                self.remove_partials(connection, &sftp, paths, &names).await;
+                return Err(sftp_error(&address, &format!("cannot move {partial} into place"), error));
             }
         }
+        let _ = sftp.close().await;
         Ok(bytes)
     }
 
-    async fn remove_partials(&self, connection: &Connection, paths: &StagingPaths, names: &[&str]) {
+    /// Removes the partial files after a failed upload: over the SFTP
+    /// session while it still answers, else with a command.
+    async fn remove_partials(
+        &self,
+        connection: &Connection,
+        sftp: &russh_sftp::client::SftpSession,
+        paths: &StagingPaths,
+        names: &[&str],
+    ) {
+        use russh_sftp::client::error::Error as Sftp;
+        use russh_sftp::protocol::StatusCode;
+        let mut removed_all = true;
+        for name in names {
+            match sftp.remove_file(paths.partial(name)).await {
+                Ok(()) => {}
+                Err(Sftp::Status(status)) if status.status_code == StatusCode::NoSuchFile => {}
+                Err(_) => {
+                    removed_all = false;
+                    break;
+                }
+            }
+        }
+        let _ = sftp.close().await;
+        if removed_all {
+            return;
+        }
         if let Err(error) = connection.run_plain(&shell::remove_partials_script(paths, names), "stage").await {
             tracing::warn!(error = %error, "could not remove partial files after a failed stage");
         }
     }
+}
+
+/// Creates a deployment's directory (mode 700) over SFTP when neither it nor
+/// anything else has that name yet and its parent exists: true when this
+/// call created it, so it is empty and the login user's. False in every
+/// other case (it exists, the staging root is missing, refused), for the
+/// shell script to handle as it always did, with its checks and messages.
+async fn create_new_directory(sftp: &russh_sftp::client::SftpSession, dir: &str) -> bool {
+    use russh_sftp::protocol::FileAttributes;
+    if sftp.create_dir(dir).await.is_err() {
+        return false;
+    }
+    // mkdir over SFTP takes the server's umask; the mode is set exactly.
+    sftp.set_metadata(dir, FileAttributes { permissions: Some(0o700), ..FileAttributes::empty() }).await.is_ok()
+}
+
+/// Renames an uploaded partial file to its name. SFTP's rename refuses to
+/// replace a file (OpenSSH links, then unlinks): a name already taken (a
+/// retried stage sends the agent and the plan again) is removed first.
+async fn commit(
+    sftp: &russh_sftp::client::SftpSession,
+    partial: &str,
+    path: &str,
+) -> std::result::Result<(), russh_sftp::client::error::Error> {
+    if sftp.rename(partial, path).await.is_ok() {
+        return Ok(());
+    }
+    let _ = sftp.remove_file(path).await;
+    sftp.rename(partial, path).await
 }
 
 fn target_user(options: &SshOptions, target: &TargetSpec) -> String {

@@ -26,6 +26,20 @@ const MAX_STDOUT_BYTES: usize = 4 << 20;
 /// Most of a command's standard error kept (the tail matters for messages).
 const MAX_STDERR_BYTES: usize = 64 << 10;
 
+/// The ciphers offered, AES-GCM first: the installers and the agent are
+/// most of what a deployment sends, and OpenSSH's sshd decrypts AES-GCM
+/// (AES-NI) for less CPU than its own chacha20-poly1305 (Debian's sshd 9.2
+/// here, receiving 50 MB over one command: 220–310 ms of its CPU against
+/// 330–340 ms). russh's default ciphers follow, for servers without AES-GCM.
+const CIPHERS: &[russh::cipher::Name] = &[
+    russh::cipher::AES_128_GCM,
+    russh::cipher::AES_256_GCM,
+    russh::cipher::CHACHA20_POLY1305,
+    russh::cipher::AES_256_CTR,
+    russh::cipher::AES_192_CTR,
+    russh::cipher::AES_128_CTR,
+];
+
 /// Serializes reads and trust-on-first-use writes of known_hosts files
 /// within this process.
 static KNOWN_HOSTS_LOCK: Mutex<()> = Mutex::new(());
@@ -394,7 +408,7 @@ impl Connection {
             known_hosts: options.known_hosts_file.clone(),
             presented: presented.clone(),
         };
-        let mut preferred = russh::Preferred::default();
+        let mut preferred = russh::Preferred { cipher: Cow::Borrowed(CIPHERS), ..russh::Preferred::default() };
         if let Some(algorithms) = verifier.preferred_algorithms() {
             preferred.key = Cow::Owned(algorithms);
         }
@@ -603,15 +617,30 @@ impl Connection {
         let channel =
             self.handle.channel_open_session().await.map_err(|e| ssh_error(&self.address, "stage", e, timeout))?;
         channel.request_subsystem(true, "sftp").await.map_err(|e| ssh_error(&self.address, "stage", e, timeout))?;
-        let sftp = tokio::time::timeout(timeout, russh_sftp::client::SftpSession::new(channel.into_stream()))
-            .await
-            .map_err(|_| Error::Timeout { address: self.address.clone(), step: "stage", seconds: timeout.as_secs() })?
-            .map_err(|e| Error::NotSupported {
-                address: self.address.clone(),
-                reason: format!(
-                    "the SFTP subsystem is not available ({e}); enable `Subsystem sftp` in the target's sshd_config"
-                ),
-            })?;
+        // Writes of up to 255 KiB (russh-sftp's default is 32 KiB): an eighth of
+        // the requests and answers for both ends. OpenSSH's sftp-server takes
+        // messages of 256 KiB, and since 8.6 says its limits
+        // (`limits@openssh.com`), which russh-sftp keeps to. Two of them in
+        // flight: as many bytes as the default's 16 × 32 KiB, so the same
+        // memory per upload (16 would add ~70 MiB at 100 uploads at once)
+        // and the same reach over a long round trip.
+        let config = russh_sftp::client::Config {
+            max_write_packet_len: 256 << 10,
+            max_concurrent_writes: 2,
+            ..Default::default()
+        };
+        let sftp = tokio::time::timeout(
+            timeout,
+            russh_sftp::client::SftpSession::new_with_config(channel.into_stream(), config),
+        )
+        .await
+        .map_err(|_| Error::Timeout { address: self.address.clone(), step: "stage", seconds: timeout.as_secs() })?
+        .map_err(|e| Error::NotSupported {
+            address: self.address.clone(),
+            reason: format!(
+                "the SFTP subsystem is not available ({e}); enable `Subsystem sftp` in the target's sshd_config"
+            ),
+        })?;
         sftp.set_timeout(timeout.as_secs().max(1));
         Ok(sftp)
     }
