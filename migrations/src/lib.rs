@@ -35,6 +35,7 @@ mod m20261203_000004_offline;
 mod m20261203_000005_reboot;
 mod m20261204_000001_delivery;
 mod m20261204_000002_dispatch_cursor;
+mod m20261204_000003_heartbeat_summary;
 
 pub struct Migrator;
 
@@ -55,6 +56,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261203_000005_reboot::Migration),
             Box::new(m20261204_000001_delivery::Migration),
             Box::new(m20261204_000002_dispatch_cursor::Migration),
+            Box::new(m20261204_000003_heartbeat_summary::Migration),
         ]
     }
 }

@@ -529,6 +529,13 @@ impl Sandbox {
         value["id"].as_str().expect("rollout id").parse().expect("uuid")
     }
 
+    /// `GET` of an API path; panics unless 200 with JSON.
+    pub async fn get_json(&self, path: &str) -> serde_json::Value {
+        let response = self.http.get(format!("{}{path}", self.api)).send().await.expect("GET");
+        assert_eq!(response.status(), 200, "GET {path}");
+        response.json().await.expect("json")
+    }
+
     pub async fn post(&self, path: &str) -> reqwest::Response {
         self.http.post(format!("{}{path}", self.api)).send().await.expect("POST")
     }

@@ -50,8 +50,8 @@ async fn reports_need_the_targets_own_signature_and_a_sane_body() {
     let response = post(url(a), Some(a), heartbeat(100)).await.unwrap();
     let ack = v1::ReportAck::decode(response.bytes().await.unwrap()).unwrap();
     assert_eq!((ack.accepted, ack.duplicates), (0, 1));
-    let events = sandbox.store.agent_events(a.id).await.unwrap();
-    assert_eq!(events.iter().filter(|e| e.seq == 100).count(), 1);
+    let beats = sandbox.store.heartbeats(a.id).await.unwrap();
+    assert_eq!(beats.iter().map(|h| (h.count, h.last_seq)).collect::<Vec<_>>(), vec![(1, 100)], "counted once");
 
     // Signed by another target's agent: 403, naming why.
     let response = post(url(a), Some(b), heartbeat(101)).await.unwrap();
@@ -78,7 +78,7 @@ async fn reports_need_the_targets_own_signature_and_a_sane_body() {
     let response = post(url(a), Some(a), heartbeat(10_001)).await.unwrap();
     assert_eq!(response.status(), 422);
     assert!(response.text().await.unwrap().contains("collector.max_events_per_attempt"));
-    assert!(sandbox.store.agent_events(a.id).await.unwrap().iter().all(|e| e.seq <= 10_000));
+    assert!(sandbox.store.heartbeats(a.id).await.unwrap().iter().all(|h| h.last_seq <= 10_000));
     // A malformed body: 400, saying what it expected.
     let response = post(url(a), Some(a), vec![0xff, 0xff, 0xff, 0x01]).await.unwrap();
     assert_eq!(response.status(), 400);
@@ -102,6 +102,40 @@ async fn reports_need_the_targets_own_signature_and_a_sane_body() {
     assert_eq!(ready.status(), 200);
     let metrics = sandbox.http.get(format!("http://{}/metrics", sandbox.collector)).send().await.unwrap();
     assert!(metrics.text().await.unwrap().contains("fleetpatch_collector_reports_total"));
+    sandbox.stop().await;
+}
+
+/// `collector.heartbeat_events = "every"`: the summary, and a row per heartbeat.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_heartbeat_events_every_the_collector_keeps_a_row_per_heartbeat() {
+    let collector = fleetpatch_collector::CollectorOptions {
+        heartbeat_events: fleetpatch_store::HeartbeatEvents::Every,
+        ..Default::default()
+    };
+    let sandbox = Sandbox::start(SandboxOptions { collector, ..SandboxOptions::default() }).await;
+    let mut request = sim_rollout("collector-every", 1, 1, 1, 60);
+    request["targets"][0]["labels"] = serde_json::to_value(behaviour("hang")).unwrap();
+    let id = sandbox.create_rollout(request).await;
+    let target = sandbox.all_targets(id).await.remove(0);
+    let target = sandbox.wait_for_target_state(target.id, &[TargetState::Running], Duration::from_secs(30)).await;
+    let url = format!("http://{}/v1/targets/{}/reports", sandbox.collector, target.id);
+    for seq in [100, 101, 101] {
+        let body = heartbeat(seq);
+        let response = sandbox
+            .http
+            .post(&url)
+            .header("authorization", sign_report(&target, &body, now_unix_ms()))
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    let events = sandbox.store.agent_events(target.id).await.unwrap();
+    let beats: Vec<(u64, &str)> = events.iter().filter(|e| e.seq >= 100).map(|e| (e.seq, e.kind.as_str())).collect();
+    assert_eq!(beats, [(100, "heartbeat"), (101, "heartbeat")], "{events:?}");
+    let summary = sandbox.store.heartbeats(target.id).await.unwrap();
+    assert_eq!(summary.iter().map(|h| (h.count, h.last_seq)).collect::<Vec<_>>(), vec![(2, 101)], "{summary:?}");
     sandbox.stop().await;
 }
 

@@ -111,7 +111,7 @@ async fn five_ssh_targets_install_a_script_and_a_deb_through_the_real_agent() {
         assert!(staged.join("plan.json").is_file(), "keep_files: the staged files were removed");
         // Reports: started + finished per patch and a final result, each once.
         let events = events(&sandbox, target.id).await;
-        let kinds: Vec<&str> = events.iter().map(|(_, kind, _)| kind.as_str()).filter(|k| *k != "heartbeat").collect();
+        let kinds: Vec<&str> = events.iter().map(|(_, kind, _)| kind.as_str()).collect();
         assert_eq!(kinds, ["started", "finished", "started", "finished", "final"], "{events:?}");
     }
     // The probe recorded what it found on the machine.
@@ -237,10 +237,14 @@ async fn with_the_collector_down_the_agents_spool_and_replay_every_report_once()
         assert_eq!(target.state, TargetState::Succeeded, "{:?}", target.error);
         let recorded = sandbox.store.agent_events(target.id).await.unwrap();
         let events = events(&sandbox, target.id).await;
-        // Every seq from 1 to the last arrived: nothing lost, nothing twice.
-        let seqs: Vec<u64> = events.iter().map(|(seq, _, _)| *seq).collect();
-        assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>(), "{events:?}");
-        let kinds: Vec<&str> = events.iter().map(|(_, kind, _)| kind.as_str()).filter(|k| *k != "heartbeat").collect();
+        // Every seq from 1 to the last arrived, nothing twice: the events and
+        // the heartbeats (kept as a count per agent run) add up to the last seq.
+        let heartbeats = sandbox.store.heartbeats(target.id).await.unwrap();
+        assert_eq!(heartbeats.len(), 1, "one agent run: {heartbeats:?}");
+        assert!(heartbeats[0].count >= 1, "{heartbeats:?}");
+        let last_seq = events.iter().map(|(seq, _, _)| *seq).chain([heartbeats[0].last_seq]).max().unwrap();
+        assert_eq!(events.len() as u64 + heartbeats[0].count, last_seq, "{events:?} {heartbeats:?}");
+        let kinds: Vec<&str> = events.iter().map(|(_, kind, _)| kind.as_str()).collect();
         assert_eq!(kinds, ["started", "finished", "started", "finished", "started", "finished", "final"]);
         // Some reports were made during the outage and only recorded after it.
         assert!(recorded.iter().all(|e| e.received_at < down_at || e.received_at >= up_at), "{recorded:?}");

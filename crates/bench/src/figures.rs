@@ -46,6 +46,9 @@ pub(crate) struct RolloutFigures {
 pub(crate) struct CollectorFigures {
     pub(crate) targets: usize,
     pub(crate) clients: usize,
+    /// Each agent's reports, and how many of them are heartbeats.
+    pub(crate) reports_per_agent: usize,
+    pub(crate) heartbeats_per_agent: usize,
     /// The collector as configured (batched writes).
     pub(crate) batched: CollectorRun,
     /// The same load on a collector that writes one report per transaction
@@ -181,7 +184,7 @@ pub(crate) fn print_figures(f: &Figures) {
     if let Some(floor) = &f.database_floor {
         println!(
             "  database floor      {:>10.1} CPU µs of PostgreSQL per row ({:.1} µs the client) in batched INSERTs of \
-             the event table's shape: what a heartbeat report must cost the database at least",
+             the event table's shape: what a report kept as a row must cost the database at least",
             floor.micros("postgresql"),
             floor.micros("bench")
         );
@@ -276,8 +279,9 @@ pub(crate) fn print_figures(f: &Figures) {
             cpu(r);
         };
         println!(
-            "  collector           {} targets' agents, {} concurrent senders, one report per request",
-            c.targets, c.clients
+            "  collector           {} targets' agents, {} concurrent senders, one report per request; each agent \
+             sends {} reports, {} of them heartbeats (--heartbeats)",
+            c.targets, c.clients, c.reports_per_agent, c.heartbeats_per_agent
         );
         run("batched", &c.batched);
         run("one report per transaction", &c.one_report_per_transaction);

@@ -80,6 +80,10 @@ pub struct BenchArgs {
     /// Targets whose agents load the collector in its own phase (0 skips it).
     #[arg(long, default_value_t = 10_000)]
     pub collector_targets: usize,
+    /// Heartbeats each of that phase's agents sends during its first patch
+    /// (a patch that runs 6 minutes with `heartbeat_seconds: 30` sends 12).
+    #[arg(long, default_value_t = 1)]
+    pub heartbeats: usize,
     /// Concurrent report senders in that phase.
     #[arg(long, default_value_t = 128)]
     pub collector_clients: usize,
@@ -379,14 +383,20 @@ async fn run_phases(
     let token_key_text = format!("{}{}", Uuid::new_v4().simple(), Uuid::new_v4().simple());
     let token_key = TokenKey::from_bytes(token_key_text.clone().into_bytes())?;
     if args.collector_targets > 0 {
-        let ceiling = http_ceiling(&http, args.collector_targets, args.patches, args.collector_clients, None)
-            .await
-            .context("measuring the HTTP ceiling")?;
-        figures.http_ceiling = Some(ceiling);
         let ceiling =
-            http_ceiling(&http, args.collector_targets, args.patches, args.collector_clients, Some(token_key.clone()))
+            http_ceiling(&http, args.collector_targets, (args.patches, args.heartbeats), args.collector_clients, None)
                 .await
-                .context("measuring the HTTP ceiling with MAC checking")?;
+                .context("measuring the HTTP ceiling")?;
+        figures.http_ceiling = Some(ceiling);
+        let ceiling = http_ceiling(
+            &http,
+            args.collector_targets,
+            (args.patches, args.heartbeats),
+            args.collector_clients,
+            Some(token_key.clone()),
+        )
+        .await
+        .context("measuring the HTTP ceiling with MAC checking")?;
         figures.http_ceiling_with_mac = Some(ceiling);
         figures.mac_verify_micros = Some(mac_verify_micros(&token_key, 100_000));
     }
@@ -699,10 +709,17 @@ mod tests {
 
     #[test]
     fn an_agent_sends_started_and_finished_per_patch_a_heartbeat_and_a_final() {
-        let reports = agent_reports(3);
+        let reports = agent_reports(3, 1);
         assert_eq!(reports.len(), 8);
         let seqs: Vec<u64> =
             reports.iter().map(|r| v1::ReportBatch::decode(r.as_slice()).unwrap().reports[0].seq).collect();
         assert_eq!(seqs, (1..=8).collect::<Vec<_>>());
+        let kinds = |reports: &[v1::AgentReport]| {
+            reports.iter().filter(|r| matches!(r.kind, Some(v1::agent_report::Kind::Heartbeat(_)))).count()
+        };
+        let busy = load::agent_report_list(3, 12);
+        assert_eq!((busy.len(), kinds(&busy)), (19, 12));
+        assert_eq!(busy.iter().map(|r| r.seq).collect::<Vec<_>>(), (1..=19).collect::<Vec<_>>());
+        assert_eq!(kinds(&load::agent_report_list(3, 0)), 0);
     }
 }

@@ -61,7 +61,7 @@ pub(crate) async fn post_reports(
 pub(crate) fn mac_verify_micros(token_key: &TokenKey, requests: usize) -> f64 {
     let agents: Vec<BenchAgent> =
         (0..64).map(|_| BenchAgent::new(token_key, Uuid::new_v4(), 1, "mac-verify")).collect();
-    let bodies = agent_reports(2);
+    let bodies = agent_reports(2, 1);
     let now_ms = chrono::Utc::now().timestamp_millis();
     let signed: Vec<(String, String, &[u8], &SigningKey)> = (0..requests)
         .map(|i| {
@@ -87,16 +87,17 @@ pub(crate) fn mac_verify_micros(token_key: &TokenKey, requests: usize) -> f64 {
 }
 
 /// What one agent sends for `patches` patches, each report in its own
-/// request: started and finished for each, a heartbeat, and the final result.
-pub(crate) fn agent_reports(patches: usize) -> Vec<Vec<u8>> {
-    agent_report_list(patches)
+/// request: started and finished for each, `heartbeats` heartbeats during
+/// the first, and the final result.
+pub(crate) fn agent_reports(patches: usize, heartbeats: usize) -> Vec<Vec<u8>> {
+    agent_report_list(patches, heartbeats)
         .into_iter()
         .map(|report| v1::ReportBatch { reports: vec![report] }.encode_to_vec())
         .collect()
 }
 
 /// The reports of [`agent_reports`], in order.
-pub(crate) fn agent_report_list(patches: usize) -> Vec<v1::AgentReport> {
+pub(crate) fn agent_report_list(patches: usize, heartbeats: usize) -> Vec<v1::AgentReport> {
     let mut reports = Vec::new();
     let mut seq = 0;
     let mut next = |kind| {
@@ -106,7 +107,9 @@ pub(crate) fn agent_report_list(patches: usize) -> Vec<v1::AgentReport> {
     for index in 0..patches as u32 {
         reports.push(next(Kind::Started(v1::PatchStarted { patch_index: index })));
         if index == 0 {
-            reports.push(next(Kind::Heartbeat(v1::Heartbeat { patch_index: Some(index) })));
+            for _ in 0..heartbeats {
+                reports.push(next(Kind::Heartbeat(v1::Heartbeat { patch_index: Some(index) })));
+            }
         }
         reports.push(next(Kind::Finished(v1::PatchFinished {
             patch_index: index,
@@ -152,6 +155,8 @@ pub(crate) async fn collector_phase(bench: &mut Bench, collector_port: u16, coll
     bench.figures.collector = Some(CollectorFigures {
         targets: args.collector_targets,
         clients: args.collector_clients,
+        reports_per_agent: agent_report_list(args.patches, args.heartbeats).len(),
+        heartbeats_per_agent: args.heartbeats,
         vs_one_transaction_per_report: rate / one_report_per_transaction.reports_per_second.max(1e-9),
         one_report_per_transaction,
         batched,
@@ -195,7 +200,7 @@ pub(crate) async fn paced_collector_load(
     bench.wait_all(rollout, TargetState::Queued, agents, Duration::from_secs(300)).await?;
     let tokens = bench.bring_to_running(rollout).await?;
     bench.wait_for_outbox().await?;
-    let reports = Arc::new(agent_report_list(args.patches));
+    let reports = Arc::new(agent_report_list(args.patches, args.heartbeats));
     let gap = Duration::from_secs_f64(agents as f64 / rate);
     let before = bench.cpu_now(collector_pid);
     let started = tokio::time::Instant::now() + Duration::from_millis(200);
@@ -265,8 +270,14 @@ pub(crate) async fn collector_load(
     let tokens = bench.bring_to_running(rollout).await?;
     bench.wait_for_outbox().await?;
     let before = bench.cpu_now(collector_pid);
-    let sent =
-        send_all(&bench.http, collector_port, tokens, agent_reports(args.patches), args.collector_clients).await?;
+    let sent = send_all(
+        &bench.http,
+        collector_port,
+        tokens,
+        agent_reports(args.patches, args.heartbeats),
+        args.collector_clients,
+    )
+    .await?;
     let cpu = before.per_report(&bench.cpu_now(collector_pid), sent.latencies.len(), sent.seconds);
     let succeeded = bench.counts(rollout).await?.get("succeeded").copied().unwrap_or(0) as usize;
     let mut run =
@@ -340,7 +351,7 @@ pub(crate) async fn send_all(
 pub(crate) async fn http_ceiling(
     http: &reqwest::Client,
     targets: usize,
-    patches: usize,
+    (patches, heartbeats): (usize, usize),
     clients: usize,
     verify_with: Option<TokenKey>,
 ) -> anyhow::Result<HttpCeiling> {
@@ -350,7 +361,7 @@ pub(crate) async fn http_ceiling(
         .map(|_| BenchAgent::new(&token_key, Uuid::new_v4(), 1, fleetpatch_collector::ceiling::BARE_TOKEN_NONCE))
         .collect();
     let before = CpuSnapshot::take("bench agents and bare server", &[]);
-    let sent = send_all(http, server.local_addr.port(), targets, agent_reports(patches), clients).await;
+    let sent = send_all(http, server.local_addr.port(), targets, agent_reports(patches, heartbeats), clients).await;
     let after = CpuSnapshot::take("bench agents and bare server", &[]);
     server.stop.cancel();
     server.join.await??;

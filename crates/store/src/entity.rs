@@ -169,6 +169,34 @@ pub mod agent_events {
     impl ActiveModelBehavior for ActiveModel {}
 }
 
+pub mod agent_heartbeats {
+    use sea_orm::entity::prelude::*;
+
+    /// One row per agent run (target, attempt, agent instance): how many
+    /// heartbeats moved the deadline, the highest heartbeat seq, and when
+    /// the first and the last arrived.
+    #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
+    #[sea_orm(table_name = "agent_heartbeats")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub target_id: Uuid,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub attempt: i32,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub agent_instance: i64,
+        pub count: i64,
+        pub last_seq: i64,
+        pub patch_index: Option<i32>,
+        pub first_received_at: ChronoDateTimeUtc,
+        pub last_received_at: ChronoDateTimeUtc,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
 pub mod target_transitions {
     use sea_orm::entity::prelude::*;
 

@@ -389,6 +389,44 @@ pub struct AgentEvent {
     pub received_at: DateTime<Utc>,
 }
 
+/// The heartbeats of one agent run (an attempt's agent instance), kept as
+/// a summary: a heartbeat only moves its target's deadline, so the store
+/// keeps how many did, the highest seq and when the first and the last
+/// arrived, not a row each (unless `collector.heartbeat_events` is
+/// `every`, which also keeps them as [`AgentEvent`]s).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct HeartbeatSummary {
+    pub attempt: u32,
+    pub agent_instance: AgentInstance,
+    /// Heartbeats that moved the deadline (a resent one is not counted).
+    pub count: u64,
+    pub last_seq: u64,
+    /// The patch the last heartbeat was sent during, if any.
+    pub patch_index: Option<u32>,
+    pub first_received_at: DateTime<Utc>,
+    pub last_received_at: DateTime<Utc>,
+}
+
+/// A report an agent sent, named for [`crate::ReportIntake::stored_report_count`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SentReport {
+    pub agent_instance: AgentInstance,
+    pub seq: u64,
+    /// Heartbeats are looked up in their run's summary, not as events.
+    pub heartbeat: bool,
+}
+
+/// What the collector stores of an agent's heartbeats.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HeartbeatEvents {
+    /// One [`HeartbeatSummary`] per agent run (the default).
+    #[default]
+    Summary,
+    /// The summary, and an [`AgentEvent`] row for every heartbeat.
+    Every,
+}
+
 /// Counts of targets per state, for the rollout and for each wave.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Progress {

@@ -253,6 +253,22 @@ pub struct TargetDetail {
     pub transitions: Vec<TransitionView>,
     #[serde(default)]
     pub events: Vec<AgentEventView>,
+    /// One summary per agent run: heartbeats are counted, not kept as events.
+    #[serde(default)]
+    pub heartbeats: Vec<HeartbeatView>,
+}
+
+/// One agent run's heartbeats in `GET /v1/targets/{id}`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct HeartbeatView {
+    pub attempt: u32,
+    pub agent_instance: String,
+    pub count: u64,
+    pub last_seq: u64,
+    #[serde(default)]
+    pub patch_index: Option<u32>,
+    pub first_received_at: DateTime<Utc>,
+    pub last_received_at: DateTime<Utc>,
 }
 
 /// The scheduler API at one base URL.

@@ -67,7 +67,9 @@ use fleetpatch_proto::Message;
 use fleetpatch_runtime::http::ServerOptions;
 use fleetpatch_runtime::tokens::TokenKey;
 use fleetpatch_runtime::{ConfigError, Health, Shutdown};
-use fleetpatch_store::{AgentInstance, IncomingReport, ReportIntake, ReportResult, Store, TokenInfo};
+use fleetpatch_store::{
+    AgentInstance, HeartbeatEvents, IncomingReport, ReportIntake, ReportResult, SentReport, Store, TokenInfo,
+};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot, Notify};
@@ -107,6 +109,10 @@ pub struct CollectorOptions {
     /// Highest report number (seq) accepted per target and attempt: at most
     /// this many events are stored for one attempt.
     pub max_events_per_attempt: u64,
+    /// What is kept of heartbeats: `summary` (a count, the highest seq and
+    /// the first and last time per agent run) or `every` (the summary and an
+    /// event row per heartbeat).
+    pub heartbeat_events: HeartbeatEvents,
     /// The HTTP server: timeouts, connection cap, TLS.
     pub http: ServerOptions,
 }
@@ -122,6 +128,7 @@ impl Default for CollectorOptions {
             max_clock_skew_seconds: 300,
             replay_cache_entries: 1_000_000,
             max_events_per_attempt: 10_000,
+            heartbeat_events: HeartbeatEvents::Summary,
             http: ServerOptions::default(),
         }
     }
@@ -269,13 +276,14 @@ pub async fn start(
         relay_stop.clone(),
     ));
     let receiver = Arc::new(tokio::sync::Mutex::new(receiver));
+    let intake = store.report_intake().with_heartbeat_events(options.heartbeat_events);
     let batchers: Vec<_> = (0..options.writers.max(1))
-        .map(|_| tokio::spawn(run_batcher(store.report_intake(), receiver.clone(), options.clone(), nudge.clone())))
+        .map(|_| tokio::spawn(run_batcher(intake.clone(), receiver.clone(), options.clone(), nudge.clone())))
         .collect();
     health.add_check("database", store.readiness_check());
     health.add_check("bus", bus.readiness_check());
     let state = AppState {
-        intake: store.report_intake(),
+        intake,
         batches: sender,
         keys: Arc::default(),
         token_key,
@@ -597,9 +605,16 @@ async fn post_reports(
         // stored them was lost: a restart, a network cut) is acknowledged as
         // duplicates, as it would have been before the final result; only
         // new reports are late.
-        let keys: Vec<(AgentInstance, u64)> =
-            batch.reports.iter().map(|r| (AgentInstance(r.agent_instance), r.seq)).collect();
-        let highest_seq = keys.iter().map(|(_, seq)| *seq).max().unwrap_or(0);
+        let keys: Vec<SentReport> = batch
+            .reports
+            .iter()
+            .map(|r| SentReport {
+                agent_instance: AgentInstance(r.agent_instance),
+                seq: r.seq,
+                heartbeat: matches!(r.kind, Some(Kind::Heartbeat(_))),
+            })
+            .collect();
+        let highest_seq = keys.iter().map(|r| r.seq).max().unwrap_or(0);
         match state.intake.stored_report_count(target_id, attempt, &keys).await {
             Ok(stored) if !keys.is_empty() && stored == keys.len() as u64 => {
                 metrics::counter!("fleetpatch_collector_reports_total", "result" => "duplicate").increment(stored);

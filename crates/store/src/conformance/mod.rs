@@ -74,6 +74,7 @@ macro_rules! store_conformance_suite {
             final_results_in_one_batch_count_once_per_target_and_rollout,
             patch_reports_in_one_batch_keep_the_first_result_and_every_column,
             every_fresh_report_moves_the_deadline,
+            heartbeats_are_counted_per_agent_run_and_move_the_deadline,
             the_watchdog_times_out_a_silent_target_and_fails_open_patches,
             a_batch_of_timers_is_checked_in_one_go,
             fail_target_is_guarded_and_queues_cleanup,

@@ -19,30 +19,34 @@ pub async fn reports_are_idempotent_by_target_attempt_and_seq(db: &dyn TestDatab
         report(&a, 1, ReportKind::Started { patch_index: 0 }),
         report(&a, 2, ReportKind::Heartbeat { patch_index: Some(0) }),
         report(&a, 2, ReportKind::Heartbeat { patch_index: Some(0) }),
+        report(&a, 3, finished(0, 0, PatchOutcomeKind::Installed, "ok")),
+        report(&a, 3, finished(0, 0, PatchOutcomeKind::Installed, "ok")),
         report(&b, 1, ReportKind::Started { patch_index: 0 }),
     ];
+    use ReportResult::{Accepted, Duplicate};
     assert_eq!(
         store.report_intake().apply_reports(&batch).await.expect("apply"),
-        vec![ReportResult::Accepted, ReportResult::Accepted, ReportResult::Duplicate, ReportResult::Accepted]
+        vec![Accepted, Accepted, Duplicate, Accepted, Duplicate, Accepted]
     );
     // Replayed later (an agent's spool): all duplicates, nothing recorded twice.
-    assert_eq!(
-        store.report_intake().apply_reports(&batch[..2]).await.expect("apply"),
-        vec![ReportResult::Duplicate; 2]
-    );
+    assert_eq!(store.report_intake().apply_reports(&batch[..4]).await.expect("apply"), vec![Duplicate; 4]);
     assert!(store.report_intake().apply_reports(&[]).await.expect("empty").is_empty());
     let events = store.agent_events(a.id).await.expect("events");
     assert_eq!(
         events.iter().map(|e| (e.seq, e.kind.as_str())).collect::<Vec<_>>(),
-        vec![(1, "started"), (2, "heartbeat")]
+        vec![(1, "started"), (3, "finished")],
+        "a heartbeat is counted in its run's summary, not kept as an event"
     );
+    let beats = store.heartbeats(a.id).await.expect("heartbeats");
+    assert_eq!(beats.iter().map(|h| (h.count, h.last_seq, h.patch_index)).collect::<Vec<_>>(), vec![(1, 2, Some(0))]);
     assert_eq!(events[0].patch_index, Some(0));
     assert_eq!(store.agent_events(b.id).await.expect("events").len(), 1);
+    assert!(store.heartbeats(b.id).await.expect("heartbeats").is_empty());
     // Pages follow (attempt, seq, instance): the first page, then after its last event.
     let first = store.agent_events_page(a.id, None, 1).await.expect("page");
     assert_eq!(first.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![1]);
     let next = store.agent_events_page(a.id, Some(EventCursor::after(&first[0])), 10).await.expect("page");
-    assert_eq!(next.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![2]);
+    assert_eq!(next.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![3]);
     let cursor = EventCursor { attempt: first[0].attempt + 1, seq: 0, agent_instance: None };
     let later_attempt = store.agent_events_page(a.id, Some(cursor), 10).await.expect("page");
     assert!(later_attempt.is_empty());
@@ -60,27 +64,44 @@ pub async fn a_second_agent_run_is_stored_as_such_not_as_duplicates(db: &dyn Tes
     let first_run = [
         report(&a, 1, ReportKind::Started { patch_index: 0 }),
         report(&a, 2, ReportKind::Heartbeat { patch_index: Some(0) }),
+        report(&a, 3, finished(0, 0, PatchOutcomeKind::Installed, "ok")),
     ];
-    assert_eq!(store.report_intake().apply_reports(&first_run).await.expect("apply"), vec![ReportResult::Accepted; 2]);
-    let second_run = [
-        again(report(&a, 1, ReportKind::Started { patch_index: 0 })),
-        again(report(&a, 2, ReportKind::Heartbeat { patch_index: Some(0) })),
-    ];
+    assert_eq!(store.report_intake().apply_reports(&first_run).await.expect("apply"), vec![ReportResult::Accepted; 3]);
+    let second_run = first_run.clone().map(again);
     assert_eq!(
         store.report_intake().apply_reports(&second_run).await.expect("apply"),
-        vec![ReportResult::Accepted; 2],
-        "the second run's seq 1 and 2 are not the first run's"
+        vec![ReportResult::Accepted; 3],
+        "the second run's seq 1, 2 and 3 are not the first run's"
     );
     // Both runs resend (spool replay): duplicates, nothing stored twice.
     let resent: Vec<IncomingReport> = first_run.iter().chain(&second_run).cloned().collect();
-    assert_eq!(store.report_intake().apply_reports(&resent).await.expect("apply"), vec![ReportResult::Duplicate; 4]);
-    let keys = [(FIRST_RUN, 1), (second, 1), (second, 2), (AgentInstance(0xdead), 2)];
-    assert_eq!(store.report_intake().stored_report_count(a.id, a.attempt, &keys).await.expect("count"), 3);
+    assert_eq!(store.report_intake().apply_reports(&resent).await.expect("apply"), vec![ReportResult::Duplicate; 6]);
+    let sent = |agent_instance, seq, heartbeat| SentReport { agent_instance, seq, heartbeat };
+    let keys = [
+        sent(FIRST_RUN, 1, false),
+        sent(second, 1, false),
+        sent(second, 2, true),
+        sent(second, 3, false),
+        sent(AgentInstance(0xdead), 2, true),
+        sent(second, 4, true),
+        sent(second, 2, false),
+    ];
+    assert_eq!(
+        store.report_intake().stored_report_count(a.id, a.attempt, &keys).await.expect("count"),
+        4,
+        "an unknown run's heartbeat, a heartbeat above the run's highest and an event never sent are not stored"
+    );
+    let beats = store.heartbeats(a.id).await.expect("heartbeats");
+    assert_eq!(
+        beats.iter().map(|h| (h.agent_instance, h.count, h.last_seq)).collect::<BTreeSet<_>>(),
+        BTreeSet::from([(FIRST_RUN, 1, 2), (second, 1, 2)]),
+        "one summary per run"
+    );
 
     let events = store.agent_events(a.id).await.expect("events");
     assert_eq!(
         events.iter().map(|e| (e.seq, e.agent_instance, e.kind.as_str())).collect::<Vec<_>>(),
-        vec![(1, FIRST_RUN, "started"), (1, second, "started"), (2, FIRST_RUN, "heartbeat"), (2, second, "heartbeat")]
+        vec![(1, FIRST_RUN, "started"), (1, second, "started"), (3, FIRST_RUN, "finished"), (3, second, "finished")]
     );
     // Paging one event at a time walks all four, none skipped or repeated.
     let mut walked = Vec::new();
@@ -240,8 +261,10 @@ pub async fn patch_reports_in_one_batch_keep_the_first_result_and_every_column(d
     let store = db.store();
     let (a, b) = two_running_targets(store).await;
     let untimed = IncomingReport { sent_at: None, ..report(&a, 3, ReportKind::Heartbeat { patch_index: None }) };
+    // The operator asked for every heartbeat as an event too.
     let results = store
         .report_intake()
+        .with_heartbeat_events(HeartbeatEvents::Every)
         .apply_reports(&[
             // Two results for one patch in one batch: the first counts.
             report(&a, 1, finished(0, 0, PatchOutcomeKind::Installed, "first")),
@@ -283,6 +306,8 @@ pub async fn patch_reports_in_one_batch_keep_the_first_result_and_every_column(d
     );
     assert_eq!(events[1].detail.as_deref(), Some("failed"));
     assert_eq!(events[2].detail, None);
+    let beats = store.heartbeats(a.id).await.expect("heartbeats");
+    assert_eq!(beats.iter().map(|h| (h.count, h.last_seq, h.patch_index)).collect::<Vec<_>>(), vec![(1, 3, None)]);
     // Once the target left flight, late results change no patch.
     assert!(store.fail_target(&b, "operator gave up", false).await.expect("fail"));
     let before = store.target_patches(b.id).await.expect("patches");
@@ -320,4 +345,73 @@ pub async fn every_fresh_report_moves_the_deadline(db: &dyn TestDatabase) {
         .await
         .expect("apply");
     assert_eq!(store.target(target.id).await.expect("target").last_seen_at, Some(received));
+}
+
+/// Heartbeats are one summary per agent run: how many moved the deadline,
+/// the highest seq, the patch and when the first and the last arrived. A
+/// resent one, or one at or below the highest (an agent sends in seq
+/// order), is a duplicate: not counted, no deadline moved.
+pub async fn heartbeats_are_counted_per_agent_run_and_move_the_deadline(db: &dyn TestDatabase) {
+    let manual = ManualClock::starting_now();
+    let store = &db.store().clone().with_clock(manual.clock());
+    let id = create(store, Spec::new(1, 1, 1)).await;
+    store.dispatch(id).await.expect("dispatch");
+    let target = bring_to_running(store, &all_targets(store, id).await[0]).await.target;
+    let beat = |seq, patch_index| report(&target, seq, ReportKind::Heartbeat { patch_index });
+    let intake = store.report_intake();
+    let first = manual.advance(Duration::from_millis(10));
+    use ReportResult::{Accepted, Duplicate};
+    let results = intake.apply_reports(&[beat(2, None), beat(3, Some(0)), beat(2, None)]).await.expect("apply");
+    assert_eq!(results, vec![Accepted, Accepted, Duplicate]);
+    let last = manual.advance(Duration::from_millis(10));
+    let results = intake.apply_reports(&[beat(3, Some(0)), beat(5, Some(0)), beat(6, None)]).await.expect("apply");
+    assert_eq!(results, vec![Duplicate, Accepted, Accepted]);
+    assert_eq!(store.target(target.id).await.expect("target").last_seen_at, Some(last));
+    let summary = |store: &Store| {
+        let store = store.clone();
+        async move { store.heartbeats(target.id).await.expect("heartbeats") }
+    };
+    let expected = HeartbeatSummary {
+        attempt: target.attempt,
+        agent_instance: FIRST_RUN,
+        count: 4,
+        last_seq: 6,
+        patch_index: None,
+        first_received_at: first,
+        last_received_at: last,
+    };
+    assert_eq!(summary(store).await, vec![expected.clone()]);
+    // Below the highest seq (never sent before, or resent): a duplicate;
+    // nothing counted, the deadline stays.
+    manual.advance(Duration::from_millis(10));
+    let results = intake.apply_reports(&[beat(4, Some(0)), beat(6, None)]).await.expect("apply");
+    assert_eq!(results, vec![Duplicate, Duplicate]);
+    assert_eq!(summary(store).await, vec![expected.clone()]);
+    assert_eq!(store.target(target.id).await.expect("target").last_seen_at, Some(last));
+    assert!(store.agent_events(target.id).await.expect("events").is_empty(), "no event row per heartbeat");
+    // A heartbeat in a batch with other reports of another run.
+    let other = AgentInstance(0x5ec0d);
+    let later = manual.advance(Duration::from_millis(10));
+    let results = intake
+        .apply_reports(&[
+            IncomingReport { agent_instance: other, ..beat(1, Some(0)) },
+            IncomingReport { agent_instance: other, ..report(&target, 2, ReportKind::Started { patch_index: 0 }) },
+            beat(7, Some(0)),
+        ])
+        .await
+        .expect("apply");
+    assert_eq!(results, vec![Accepted; 3]);
+    let beats = summary(store).await;
+    assert_eq!(
+        beats.iter().map(|h| (h.agent_instance, h.count, h.last_seq, h.last_received_at)).collect::<Vec<_>>(),
+        vec![(FIRST_RUN, 5, 7, later), (other, 1, 1, later)]
+    );
+    assert_eq!(store.agent_events(target.id).await.expect("events").len(), 1, "the started report");
+    // Asked for every heartbeat: an event row each, and the summary still counts.
+    let every = store.report_intake().with_heartbeat_events(HeartbeatEvents::Every);
+    let results = every.apply_reports(&[beat(8, None), beat(8, None)]).await.expect("apply");
+    assert_eq!(results, vec![Accepted, Duplicate]);
+    let events = store.agent_events(target.id).await.expect("events");
+    assert_eq!(events.iter().filter(|e| e.kind == "heartbeat").map(|e| e.seq).collect::<Vec<_>>(), vec![8]);
+    assert_eq!(summary(store).await[0].count, 6);
 }

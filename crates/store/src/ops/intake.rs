@@ -12,16 +12,25 @@ use fleetpatch_proto::plan::RebootPolicy;
 #[derive(Clone)]
 pub struct ReportIntake {
     store: Store,
+    heartbeat_events: HeartbeatEvents,
 }
 
 impl Store {
-    /// The report intake, for the collector.
+    /// The report intake, for the collector: heartbeats kept as a summary
+    /// per agent run ([`HeartbeatEvents::Summary`]).
     pub fn report_intake(&self) -> ReportIntake {
-        ReportIntake { store: self.clone() }
+        ReportIntake { store: self.clone(), heartbeat_events: HeartbeatEvents::Summary }
     }
 }
 
 impl ReportIntake {
+    /// Whether every heartbeat is also kept as an event row
+    /// (`collector.heartbeat_events`).
+    pub fn with_heartbeat_events(mut self, heartbeat_events: HeartbeatEvents) -> Self {
+        self.heartbeat_events = heartbeat_events;
+        self
+    }
+
     fn now(&self) -> DateTime<Utc> {
         self.store.now()
     }
@@ -75,16 +84,21 @@ impl ReportIntake {
             > 0)
     }
 
-    /// How many of the reports named by (agent instance, seq) in `reports`
-    /// of `attempt` are stored. The collector answers a closed attempt's
-    /// retry of reports it already stored (its answer was lost) as
-    /// duplicates, not as late reports.
-    pub async fn stored_report_count(
-        &self,
-        target_id: Uuid,
-        attempt: u32,
-        reports: &[(AgentInstance, u64)],
-    ) -> Result<u64> {
+    /// How many of `reports` of `attempt` are stored: an event by its
+    /// (agent instance, seq), a heartbeat when its seq is at or below its
+    /// run's highest stored heartbeat. The collector answers a closed
+    /// attempt's retry of reports it already stored (its answer was lost)
+    /// as duplicates, not as late reports.
+    pub async fn stored_report_count(&self, target_id: Uuid, attempt: u32, reports: &[SentReport]) -> Result<u64> {
+        let beats: Vec<(AgentInstance, u64)> =
+            reports.iter().filter(|r| r.heartbeat).map(|r| (r.agent_instance, r.seq)).collect();
+        let events: Vec<(AgentInstance, u64)> =
+            reports.iter().filter(|r| !r.heartbeat).map(|r| (r.agent_instance, r.seq)).collect();
+        let stored_beats = heartbeats::stored_count(&self.store, target_id, attempt, &beats).await?;
+        Ok(stored_beats + self.stored_event_count(target_id, attempt, &events).await?)
+    }
+
+    async fn stored_event_count(&self, target_id: Uuid, attempt: u32, reports: &[(AgentInstance, u64)]) -> Result<u64> {
         if reports.is_empty() {
             return Ok(0);
         }
@@ -118,10 +132,16 @@ impl ReportIntake {
         let received_at = self.now();
         let mut seen_in_batch = HashSet::new();
         let unique: Vec<&IncomingReport> = reports.iter().filter(|r| seen_in_batch.insert(ReportKey::of(r))).collect();
+        let is_beat = |r: &&IncomingReport| matches!(r.kind, ReportKind::Heartbeat { .. });
+        let beats: Vec<&IncomingReport> = unique.iter().copied().filter(is_beat).collect();
+        let events: Vec<&IncomingReport> = match self.heartbeat_events {
+            HeartbeatEvents::Every => unique,
+            HeartbeatEvents::Summary => unique.into_iter().filter(|r| !is_beat(r)).collect(),
+        };
         let mut fresh = if self.backend() == DbBackend::Postgres {
-            self.apply_reports_postgres(&unique, received_at).await?
+            self.apply_reports_postgres(&events, &beats, received_at).await?
         } else {
-            self.apply_reports_portable(&unique, received_at).await?
+            self.apply_reports_portable(&events, &beats, received_at).await?
         };
         Ok(reports
             .iter()
@@ -129,18 +149,20 @@ impl ReportIntake {
             .collect())
     }
 
-    /// PostgreSQL: the events, the targets' last-seen times and the patch
-    /// results of the whole batch in one statement whose text never changes
-    /// (the reports travel as arrays), so it is parsed and planned once per
-    /// connection. A batch without a final result needs no more than that
-    /// statement, which is atomic on its own; one with final results runs it
-    /// and the finals' statements in one transaction.
+    /// PostgreSQL: the events, the heartbeats' summaries, the targets'
+    /// last-seen times and the patch results of the whole batch in one
+    /// statement whose text never changes (the reports travel as arrays), so
+    /// it is parsed and planned once per connection. A batch without a final
+    /// result needs no more than that statement, which is atomic on its own;
+    /// one with final results runs it and the finals' statements in one
+    /// transaction.
     async fn apply_reports_postgres(
         &self,
         unique: &[&IncomingReport],
+        beats: &[&IncomingReport],
         received_at: DateTime<Utc>,
     ) -> Result<HashSet<ReportKey>> {
-        let statement = intake_statement(unique, received_at);
+        let statement = intake_statement(unique, beats, received_at);
         if !unique.iter().any(|r| matches!(r.kind, ReportKind::Final { .. })) {
             return fresh_keys(self.store.db.query_all(statement).await?);
         }
@@ -162,6 +184,7 @@ impl ReportIntake {
     async fn apply_reports_portable(
         &self,
         unique: &[&IncomingReport],
+        beats: &[&IncomingReport],
         received_at: DateTime<Utc>,
     ) -> Result<HashSet<ReportKey>> {
         let txn = self.begin().await?;
@@ -214,6 +237,7 @@ impl ReportIntake {
             let statement = self.backend().build(&insert);
             fresh.extend(fresh_keys(txn.query_all(statement).await?)?);
         }
+        fresh.extend(heartbeats::apply_portable(&txn, beats, received_at).await?);
         // Every fresh report resets its target's deadline.
         let touched: Vec<Uuid> = {
             let mut ids: Vec<Uuid> = fresh.iter().map(|key| key.target_id).collect();
@@ -273,7 +297,7 @@ impl EventColumns {
 /// What makes a report unique: a resent report has the same key; a second
 /// agent run of the same attempt has another instance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-struct ReportKey {
+pub(super) struct ReportKey {
     target_id: Uuid,
     attempt: u32,
     agent_instance: AgentInstance,
@@ -281,7 +305,7 @@ struct ReportKey {
 }
 
 impl ReportKey {
-    fn of(report: &IncomingReport) -> Self {
+    pub(super) fn of(report: &IncomingReport) -> Self {
         Self {
             target_id: report.target_id,
             attempt: report.attempt,
@@ -377,9 +401,10 @@ static INTAKE_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
              FROM incoming \
              ON CONFLICT (target_id, attempt, agent_instance, seq) DO NOTHING \
              RETURNING target_id, attempt, agent_instance, seq \
-         ), touched AS ( \
+         ), {heartbeats}, touched AS ( \
              UPDATE targets SET last_seen_at = $1 \
-             WHERE id IN (SELECT target_id FROM fresh) AND state IN ({in_flight}) \
+             WHERE id IN (SELECT target_id FROM fresh UNION ALL SELECT target_id FROM hb_fresh) \
+                   AND state IN ({in_flight}) \
          ), effects AS ( \
              SELECT * FROM unnest($14::uuid[], $15::int[], $16::int[], $17::bool[], $18::bool[], $19::text[], \
                                   $20::int[], $21::text[], $22::bool[], $23::text[]) \
@@ -396,12 +421,15 @@ static INTAKE_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
              FROM effects AS e JOIN targets AS t ON t.id = e.target_id AND t.attempt = e.attempt \
              WHERE tp.target_id = e.target_id AND tp.patch_index = e.patch_index AND ({finishes} OR {starts}) \
          ) \
-         SELECT target_id, attempt, agent_instance, seq FROM fresh"
+         SELECT target_id, attempt, agent_instance, seq FROM fresh \
+         UNION ALL SELECT target_id, attempt, agent_instance, seq FROM hb_fresh",
+        heartbeats = heartbeats::POSTGRES_CTES,
     )
 });
 
 /// The one statement of [`Store::apply_reports`] on PostgreSQL: inserts the
-/// events (idempotent by (target, attempt, agent instance, seq)) and returns the fresh ones,
+/// events (idempotent by (target, attempt, agent instance, seq)) and the
+/// heartbeats' summaries (see [`heartbeats`]), returns the fresh ones,
 /// moves the last-seen time of the targets that sent one, and applies the
 /// batch's `started` and `finished` reports to their patches.
 ///
@@ -413,7 +441,11 @@ static INTAKE_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
 /// target is in flight in the reporting attempt. Reports that turn out to be
 /// duplicates change nothing through it: every guard is on the patch's
 /// current state, which they already moved.
-fn intake_statement(unique: &[&IncomingReport], received_at: DateTime<Utc>) -> sea_orm::Statement {
+fn intake_statement(
+    unique: &[&IncomingReport],
+    beats: &[&IncomingReport],
+    received_at: DateTime<Utc>,
+) -> sea_orm::Statement {
     use sea_orm::sea_query::ArrayType;
     let events: Vec<EventColumns> = unique.iter().map(|r| EventColumns::of(r)).collect();
     let effects = patch_effects(unique);
@@ -421,7 +453,7 @@ fn intake_statement(unique: &[&IncomingReport], received_at: DateTime<Utc>) -> s
     let patch_state = |outcome: PatchOutcomeKind| {
         if outcome.succeeded() { PatchState::Succeeded } else { PatchState::Failed }.as_str()
     };
-    let values = vec![
+    let mut values = vec![
         received_at.into(),
         pg_array(ArrayType::Uuid, unique.iter().map(|r| r.target_id)),
         pg_array(ArrayType::Int, unique.iter().map(|r| r.attempt as i32)),
@@ -450,6 +482,7 @@ fn intake_statement(unique: &[&IncomingReport], received_at: DateTime<Utc>) -> s
         pg_array(ArrayType::String, results().map(|r| r.map_or("", |(_, _, tail)| tail))),
         pg_array(ArrayType::BigInt, unique.iter().map(|r| r.agent_instance.to_column())),
     ];
+    values.extend(heartbeats::postgres_values(beats));
     sea_orm::Statement::from_sql_and_values(DbBackend::Postgres, INTAKE_SQL.as_str(), values)
 }
 

@@ -559,6 +559,7 @@ mod create;
 mod cursor;
 mod dispatch;
 mod evidence;
+mod heartbeats;
 mod intake;
 mod offline;
 mod reboot;

@@ -214,7 +214,14 @@ pub fn render_target(detail: &TargetDetail) -> String {
         }
         moments.push(Moment { at: event.received_at, what });
     }
-    let heartbeats = detail.events.iter().filter(|e| e.kind == "heartbeat").count();
+    // Counted per agent run by the collector; a server that keeps every
+    // heartbeat as an event counts them in its summaries too.
+    let heartbeats = if detail.heartbeats.is_empty() {
+        detail.events.iter().filter(|e| e.kind == "heartbeat").count() as u64
+    } else {
+        detail.heartbeats.iter().map(|h| h.count).sum()
+    };
+    let last_heartbeat = detail.heartbeats.iter().map(|h| h.last_received_at).max();
     moments.sort_by_key(|m| m.at);
     out.push_str("\ntimeline\n");
     let Some(first) = moments.first().map(|m| m.at) else {
@@ -225,8 +232,13 @@ pub fn render_target(detail: &TargetDetail) -> String {
     for moment in &moments {
         out.push_str(&format!("  {:>10}  {}\n", format!("+{}", output::duration(moment.at - first)), moment.what));
     }
-    if heartbeats > 0 {
-        out.push_str(&format!("  ({heartbeats} heartbeats not shown)\n"));
+    match last_heartbeat {
+        Some(last) if heartbeats > 0 => out.push_str(&format!(
+            "  ({heartbeats} heartbeats not shown, the last at +{})\n",
+            output::duration(last - first)
+        )),
+        _ if heartbeats > 0 => out.push_str(&format!("  ({heartbeats} heartbeats not shown)\n")),
+        _ => {}
     }
     for (attempt, instances) in runs.iter().filter(|(_, instances)| instances.len() > 1) {
         out.push_str(&format!(
@@ -241,7 +253,7 @@ pub fn render_target(detail: &TargetDetail) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::client::{AgentEventView, TargetPatchView, TransitionView};
+    use crate::client::{AgentEventView, HeartbeatView, TargetPatchView, TransitionView};
     use fleetpatch_proto::state::PatchState;
 
     fn at(ms: i64) -> DateTime<Utc> {
@@ -322,6 +334,7 @@ mod tests {
                 event(2, "heartbeat", None, None, 2_000),
                 event(3, "finished", Some(0), Some(3010), 3_500),
             ],
+            heartbeats: vec![],
         };
         let text = render_target(&detail);
         assert!(text.contains("state       succeeded (attempt 1, 1 tries)"), "{text}");
@@ -338,6 +351,23 @@ mod tests {
                 "  (1 heartbeats not shown)",
             ]
         );
+
+        // A collector that counts heartbeats per agent run: the count of
+        // every run and the time of the last one.
+        let mut counted = detail.clone();
+        counted.events.retain(|e| e.kind != "heartbeat");
+        let run = |instance: &str, count, last_ms| HeartbeatView {
+            attempt: 1,
+            agent_instance: instance.into(),
+            count,
+            last_seq: count + 1,
+            patch_index: Some(0),
+            first_received_at: at(1_500),
+            last_received_at: at(last_ms),
+        };
+        counted.heartbeats = vec![run("00000000000000aa", 5, 3_000), run("00000000000000bb", 2, 2_000)];
+        let text = render_target(&counted);
+        assert!(text.ends_with("  (7 heartbeats not shown, the last at +3.0s)\n"), "{text}");
 
         // A second agent process in the same attempt numbers from 1 again:
         // both runs are shown as such, never folded into one.

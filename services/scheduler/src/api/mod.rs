@@ -446,12 +446,14 @@ async fn show_target(
     let events = state.store.agent_events_page(id, after, limit).await?;
     let next =
         (events.len() as u64 == limit).then(|| events.last().map(|e| EventCursor::after(e).to_string())).flatten();
+    let heartbeats = state.store.heartbeats(id).await?;
     Ok(Json(serde_json::json!({
         "target": target,
         "patches": target_patches,
         "transitions": transitions,
         "events": events,
         "events_next_after": next,
+        "heartbeats": heartbeats,
     }))
     .into_response())
 }

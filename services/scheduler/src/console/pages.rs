@@ -8,7 +8,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, Method};
 use axum::response::{Html, IntoResponse, Response};
 use fleetpatch_proto::state::{RolloutState, TargetState};
-use fleetpatch_store::{EventCursor, Progress, Rollout, TargetFilter};
+use fleetpatch_store::{EventCursor, HeartbeatSummary, Progress, Rollout, TargetFilter};
 use maud::{html, Markup, DOCTYPE};
 use serde::Deserialize;
 use uuid::Uuid;
@@ -423,6 +423,7 @@ pub(crate) async fn target(
     let patches = store.target_patches(id).await?;
     let mut moves = store.transitions_page(id, query.moves_after, TIMELINE_PAGE + 1).await?;
     let mut events = store.agent_events_page(id, events_after, TIMELINE_PAGE + 1).await?;
+    let heartbeats = store.heartbeats(id).await?;
     let next_moves = (moves.len() as u64 > TIMELINE_PAGE).then(|| moves[TIMELINE_PAGE as usize - 1].id);
     moves.truncate(TIMELINE_PAGE as usize);
     let next_events = (events.len() as u64 > TIMELINE_PAGE)
@@ -486,6 +487,7 @@ pub(crate) async fn target(
                         }
                     }
                     @if events.is_empty() { p { "No agent event yet." } }
+                    (heartbeat_summary(&heartbeats, &names))
                     @if let Some(next) = next_events {
                         a.next href={ "/targets/" (id) "?events_after=" (encode(&next)) } { "More events »" }
                     }
@@ -496,9 +498,26 @@ pub(crate) async fn target(
     Ok(document(&target.host, Some(&session), main).into_response())
 }
 
+/// One line per agent run: how many heartbeats moved the deadline, and the
+/// last one (heartbeats are counted, not listed as events).
+fn heartbeat_summary(heartbeats: &[HeartbeatSummary], names: &BTreeMap<u32, String>) -> Markup {
+    html! {
+        @if !heartbeats.is_empty() {
+            ul.heartbeats {
+                @for run in heartbeats {
+                    li { "attempt " (run.attempt) " (agent " (run.agent_instance) "): " strong { (run.count) } " heartbeats, "
+                        "the last at " time { (run.last_received_at.format("%Y-%m-%d %H:%M:%S")) } " (#" (run.last_seq)
+                        @if let Some(index) = run.patch_index { ", during " (names.get(&index).map(String::as_str).unwrap_or("?")) }
+                        ")" }
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use fleetpatch_store::Role;
+    use fleetpatch_store::{AgentInstance, Role};
 
     use super::*;
 
@@ -510,6 +529,28 @@ mod tests {
             assert!(Role::Operator >= needed, "{action:?}");
         }
         assert!(Role::Viewer < required_role(&Method::POST, "/v1/rollouts"));
+    }
+
+    #[test]
+    fn heartbeats_show_as_one_line_per_agent_run() {
+        let at = |s: i64| chrono::DateTime::from_timestamp(1_800_000_000 + s, 0).expect("a time");
+        let run = HeartbeatSummary {
+            attempt: 2,
+            agent_instance: AgentInstance(0xab),
+            count: 41,
+            last_seq: 44,
+            patch_index: Some(1),
+            first_received_at: at(0),
+            last_received_at: at(1_230),
+        };
+        let names = BTreeMap::from([(1, "KB5030211 <x>".to_owned())]);
+        let html = heartbeat_summary(&[run], &names).into_string();
+        assert_eq!(
+            html,
+            "<ul class=\"heartbeats\"><li>attempt 2 (agent 00000000000000ab): <strong>41</strong> heartbeats, the last \
+             at <time>2027-01-15 08:20:30</time> (#44, during KB5030211 &lt;x&gt;)</li></ul>"
+        );
+        assert_eq!(heartbeat_summary(&[], &names).into_string(), "");
     }
 
     #[test]
