@@ -29,7 +29,9 @@
 //! installer bytes that left the central content store: pushed, the bytes
 //! the workers staged (every target gets every installer); pulled, what the
 //! relays fetched from the scheduler (their counters). The agent binary and
-//! the plan are pushed either way.
+//! the plan are pushed either way. `FLEETPATCH_BENCH_AGENT` names the agent
+//! binary the workers stage (default: the test build of `fleetpatch-agent`;
+//! `target/release/fleetpatch-agent` measures what a deployment ships).
 //!
 //! Then, in the same run, against the same sshd peers and with the same
 //! concurrency, **the OpenSSH floor**: what Debian's own client needs to do
@@ -262,7 +264,19 @@ fn main() {
     let with_floor = env_number("FLEETPATCH_BENCH_FLOOR", 1) != 0;
     assert!(!std::path::Path::new("/run/systemd/system").exists(), "the bench measures the detached agent path");
     // Before any child exists that something else waits for.
-    let agent = agent_binary().to_path_buf();
+    let agent = match std::env::var_os("FLEETPATCH_BENCH_AGENT") {
+        Some(path) => {
+            let path = std::path::PathBuf::from(path);
+            assert!(path.is_file(), "FLEETPATCH_BENCH_AGENT: {} is not a file", path.display());
+            path
+        }
+        None => agent_binary().to_path_buf(),
+    };
+    let agent_shown = format!(
+        "{} ({} bytes)",
+        agent.display(),
+        std::fs::metadata(&agent).map(|m| m.len()).expect("the agent binary is readable")
+    );
     // SAFETY: prctl with PR_SET_CHILD_SUBREAPER only changes this process's reaping.
     let subreaper = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } == 0;
 
@@ -457,6 +471,7 @@ fn main() {
     let target_side = cpu_seconds(&children) - cpu_seconds(&children_before) - floor_cpu;
     let control_plane = cpu_seconds(&after_self) - cpu_seconds(&before_self);
     println!("ssh fleet bench: {total} targets (one sshd each on loopback), 5 MiB installer + check script (sha256 + sleep 0.2 s)");
+    println!("  agent binary                {agent_shown}");
     println!("  sshd fleet start            {:>8.2} s (not in the wall time)", fleet_start.as_secs_f64());
     println!("  wall, create -> last final  {:>8.2} s", wall.as_secs_f64());
     println!("  succeeded                   {succeeded:>8} of {total}");
