@@ -8,7 +8,9 @@
 //! - wall time from `POST /v1/rollouts` to the last target's final state,
 //!   and how much later the last cleanup was done (the bench waits for the
 //!   cleanups, whose cost is part of a deployment's, before it reads CPU);
-//! - CPU seconds of this process (scheduler, collector, workers) and of
+//! - CPU seconds of this process (scheduler, collector, workers; the CPU
+//!   of the bench's own reaper and /proc sampler threads is counted per
+//!   thread and left out) and of
 //!   everything on the "targets" side (the sshd instances, their sessions,
 //!   the agents and the installers): this process makes itself a child
 //!   subreaper, so the daemonized sshd and the detached agents become its
@@ -70,6 +72,27 @@ fn cpu_seconds(usage: &libc::rusage) -> f64 {
     seconds(usage.ru_utime) + seconds(usage.ru_stime)
 }
 
+/// CPU time of the calling thread, in microseconds.
+fn thread_cpu_micros() -> u64 {
+    // SAFETY: clock_gettime writes into the zeroed struct we own.
+    let time = unsafe {
+        let mut time: libc::timespec = std::mem::zeroed();
+        libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut time);
+        time
+    };
+    time.tv_sec as u64 * 1_000_000 + time.tv_nsec as u64 / 1_000
+}
+
+/// Runs `work` and adds the CPU it took on this thread to `spent` (µs): the
+/// bench's own measuring (the reaper, the /proc sampler) runs in this
+/// process and is taken out of the control plane's figure.
+fn counted<T>(spent: &std::sync::atomic::AtomicU64, work: impl FnOnce() -> T) -> T {
+    let before = thread_cpu_micros();
+    let result = work();
+    spent.fetch_add(thread_cpu_micros().saturating_sub(before), Ordering::Relaxed);
+    result
+}
+
 fn vm_hwm_kib() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     status
@@ -81,10 +104,10 @@ fn vm_hwm_kib() -> u64 {
 
 /// Reaps every child (sshd daemons and detached agents re-parented here)
 /// until `stop`, so their CPU time lands in `RUSAGE_CHILDREN`.
-fn start_reaper(stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+fn start_reaper(stop: Arc<AtomicBool>, spent: Arc<std::sync::atomic::AtomicU64>) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || loop {
         // SAFETY: plain waitpid on any child, non-blocking.
-        let pid = unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) };
+        let pid = counted(&spent, || unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) });
         if pid <= 0 {
             if stop.load(Ordering::Relaxed) {
                 return;
@@ -286,16 +309,18 @@ fn main() {
     });
     let fleet_start = started_fleet.elapsed();
     let stop_reaper = Arc::new(AtomicBool::new(false));
-    let mut reaper = start_reaper(stop_reaper.clone());
+    // CPU µs the bench's reaper and sampler threads spent measuring.
+    let harness_micros = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut reaper = start_reaper(stop_reaper.clone(), harness_micros.clone());
     let stop_sampler = Arc::new(AtomicBool::new(false));
     // Children so far: the agent build and the sshd starters, not the rollout.
     let children_before = rusage(libc::RUSAGE_CHILDREN);
     let peak_descendants = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let sampler = {
-        let (stop, peak) = (stop_sampler.clone(), peak_descendants.clone());
+        let (stop, peak, spent) = (stop_sampler.clone(), peak_descendants.clone(), harness_micros.clone());
         std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
-                peak.fetch_max(descendants_rss_kib(), Ordering::Relaxed);
+                peak.fetch_max(counted(&spent, descendants_rss_kib), Ordering::Relaxed);
                 std::thread::sleep(Duration::from_millis(100));
             }
         })
@@ -315,6 +340,7 @@ fn main() {
 
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let before_self = rusage(libc::RUSAGE_SELF);
+    let harness_before = harness_micros.load(Ordering::Relaxed);
     let result = runtime.block_on(async {
         let sandbox = Sandbox::start(SandboxOptions {
             workers,
@@ -432,6 +458,7 @@ fn main() {
         (wall, cleanups, succeeded, all.len(), patch_failures, (pulled, central_bytes, payload_size + script_size))
     });
     let after_self = rusage(libc::RUSAGE_SELF);
+    let harness_seconds = harness_micros.load(Ordering::Relaxed).saturating_sub(harness_before) as f64 / 1e6;
     drop(runtime);
     // sshd logs each login and each session it starts (LogLevel VERBOSE):
     // every command is a shell sshd forks, every SFTP session a subsystem.
@@ -448,7 +475,7 @@ fn main() {
     let _ = reaper.join();
     let floor = with_floor.then(|| openssh_floor(&fleet, &floor_paths, "check.sh", concurrency));
     let stop_reaper = Arc::new(AtomicBool::new(false));
-    reaper = start_reaper(stop_reaper.clone());
+    reaper = start_reaper(stop_reaper.clone(), harness_micros.clone());
     // Stop the sshd peers; the reaper collects them (and their CPU).
     drop(fleet);
     std::thread::sleep(Duration::from_millis(300));
@@ -469,7 +496,7 @@ fn main() {
     // The floor's clients and its sshd sessions were reaped here too.
     let floor_cpu = floor.as_ref().map_or(0.0, |f| f.sshd_seconds + f.client_seconds);
     let target_side = cpu_seconds(&children) - cpu_seconds(&children_before) - floor_cpu;
-    let control_plane = cpu_seconds(&after_self) - cpu_seconds(&before_self);
+    let control_plane = cpu_seconds(&after_self) - cpu_seconds(&before_self) - harness_seconds;
     println!("ssh fleet bench: {total} targets (one sshd each on loopback), 5 MiB installer + check script (sha256 + sleep 0.2 s)");
     println!("  agent binary                {agent_shown}");
     println!("  sshd fleet start            {:>8.2} s (not in the wall time)", fleet_start.as_secs_f64());
@@ -481,7 +508,7 @@ fn main() {
         if staged_left == 0 { String::new() } else { format!("; {staged_left} staging directories still there") }
     );
     println!(
-        "  CPU, this process           {control_plane:>8.2} s (scheduler, collector, {workers} workers x {worker_concurrency} slots; during the rollout)"
+        "  CPU, this process           {control_plane:>8.2} s (scheduler, collector, {workers} workers x {worker_concurrency} slots; during the rollout; the bench's own reaper and /proc sampler, {harness_seconds:.2} s, left out)"
     );
     println!(
         "  CPU, target side            {target_side:>8.2} s (sshd, sessions, agents, installers; rollout and fleet stop){}",
