@@ -90,10 +90,11 @@ impl ReportIntake {
     /// attempt's retry of reports it already stored (its answer was lost)
     /// as duplicates, not as late reports.
     pub async fn stored_report_count(&self, target_id: Uuid, attempt: u32, reports: &[SentReport]) -> Result<u64> {
-        let beats: Vec<(AgentInstance, u64)> =
-            reports.iter().filter(|r| r.heartbeat).map(|r| (r.agent_instance, r.seq)).collect();
-        let events: Vec<(AgentInstance, u64)> =
-            reports.iter().filter(|r| !r.heartbeat).map(|r| (r.agent_instance, r.seq)).collect();
+        let (beats, events): (Vec<_>, Vec<_>) = reports.iter().partition(|r| r.heartbeat);
+        let key = |reports: Vec<&SentReport>| -> Vec<(AgentInstance, u64)> {
+            reports.into_iter().map(|r| (r.agent_instance, r.seq)).collect()
+        };
+        let (beats, events) = (key(beats), key(events));
         let stored_beats = heartbeats::stored_count(&self.store, target_id, attempt, &beats).await?;
         Ok(stored_beats + self.stored_event_count(target_id, attempt, &events).await?)
     }

@@ -232,13 +232,9 @@ pub fn render_target(detail: &TargetDetail) -> String {
     for moment in &moments {
         out.push_str(&format!("  {:>10}  {}\n", format!("+{}", output::duration(moment.at - first)), moment.what));
     }
-    match last_heartbeat {
-        Some(last) if heartbeats > 0 => out.push_str(&format!(
-            "  ({heartbeats} heartbeats not shown, the last at +{})\n",
-            output::duration(last - first)
-        )),
-        _ if heartbeats > 0 => out.push_str(&format!("  ({heartbeats} heartbeats not shown)\n")),
-        _ => {}
+    if heartbeats > 0 {
+        let last = last_heartbeat.map(|last| format!(", the last at +{}", output::duration(last - first)));
+        out.push_str(&format!("  ({heartbeats} heartbeats not shown{})\n", last.unwrap_or_default()));
     }
     for (attempt, instances) in runs.iter().filter(|(_, instances)| instances.len() > 1) {
         out.push_str(&format!(
