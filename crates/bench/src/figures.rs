@@ -148,7 +148,11 @@ pub(crate) struct CreateFigures {
     pub(crate) seconds: f64,
     pub(crate) scheduler_rss_before_mib: f64,
     pub(crate) scheduler_rss_after_mib: f64,
+    /// Over the create alone (sampled every 100 ms), before the abort.
     pub(crate) scheduler_peak_rss_mib: f64,
+    /// The abort of those targets that follows (not part of acceptance).
+    pub(crate) abort_seconds: f64,
+    pub(crate) abort_peak_rss_mib: f64,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -320,8 +324,15 @@ pub(crate) fn print_figures(f: &Figures) {
     }
     if let Some(c) = &f.create {
         println!(
-            "  create              {} targets accepted in {:.2} s; scheduler RSS {:.0} → {:.0} MiB (peak {:.0} MiB)",
-            c.targets, c.seconds, c.scheduler_rss_before_mib, c.scheduler_rss_after_mib, c.scheduler_peak_rss_mib
+            "  create              {} targets accepted in {:.2} s; scheduler RSS {:.0} → {:.0} MiB (peak {:.0} MiB); \
+             then aborted in {:.2} s (scheduler peak {:.0} MiB)",
+            c.targets,
+            c.seconds,
+            c.scheduler_rss_before_mib,
+            c.scheduler_rss_after_mib,
+            c.scheduler_peak_rss_mib,
+            c.abort_seconds,
+            c.abort_peak_rss_mib
         );
     }
     for (name, s) in &f.services {

@@ -580,20 +580,29 @@ async fn run_phases(
         let rollout = bench.post_rollout(&body).await?;
         let seconds = started.elapsed().as_secs_f64();
         drop(body);
+        let peaks = bench.sampler.take_peaks();
+        let rss_after = bench.sampler.current_mib("scheduler");
         // Nothing will deploy these: stop the rollout again.
-        let _ = bench
+        let aborting = Instant::now();
+        let aborted = bench
             .http
             .post(format!("{}/v1/rollouts/{rollout}/abort", bench.api))
             .bearer_auth(&bench.api_key)
             .send()
-            .await;
+            .await?;
+        if !aborted.status().is_success() {
+            bail!("aborting the created rollout failed ({}): {}", aborted.status(), aborted.text().await?);
+        }
+        let abort_seconds = aborting.elapsed().as_secs_f64();
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let peaks = bench.sampler.take_peaks();
+        let abort_peaks = bench.sampler.take_peaks();
         bench.figures.create = Some(CreateFigures {
             targets: args.create_targets,
             seconds,
             scheduler_rss_before_mib: rss_before,
-            scheduler_rss_after_mib: bench.sampler.current_mib("scheduler"),
+            scheduler_rss_after_mib: rss_after,
+            abort_seconds,
+            abort_peak_rss_mib: abort_peaks.get("scheduler").copied().unwrap_or(0.0),
             scheduler_peak_rss_mib: peaks.get("scheduler").copied().unwrap_or(0.0),
         });
     }

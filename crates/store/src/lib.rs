@@ -41,7 +41,7 @@ pub use model::*;
 pub use ops::console::{FailureReason, TargetFilter, TimelineEntry};
 pub use ops::{
     dispatch_request, watch_message, CheckOutcome, Claim, DispatchOutcome, FleetGauges, ProbeOutcome, Reachability,
-    RebootCheck, RebootOutcome, ReportIntake, TimeoutPolicy, TokenInfo, WatchOutcome,
+    RebootCheck, RebootOutcome, ReportIntake, RolloutIntake, TimeoutPolicy, TokenInfo, WatchOutcome,
 };
 
 #[derive(Debug, thiserror::Error)]

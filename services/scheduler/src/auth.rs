@@ -617,32 +617,16 @@ mod tests {
     /// database) gets 503.
     #[tokio::test]
     async fn malformed_keys_are_refused_before_any_database_work() {
-        let dir = std::env::temp_dir().join(format!("fp-auth-{}", Uuid::new_v4().simple()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let url = format!("sqlite://{}?mode=rwc", dir.join("db.sqlite").display());
-        let store = Store::connect(&fleetpatch_store::StoreOptions { url, max_connections: 1 }).await.unwrap();
-        store.migrate().await.unwrap();
-        let app = crate::api::router(crate::api::ApiState {
-            store: store.clone(),
-            bus: fleetpatch_bus::Bus::new(Arc::new(fleetpatch_bus::memory::MemoryBackend::new(
-                &fleetpatch_proto::routing::WORK_QUEUES,
-                10,
-            ))),
-            nudge: Arc::default(),
-            content_dir: dir.join("content"),
-            input: Arc::new(crate::api::InputPolicy {
-                max_targets_per_rollout: 10,
-                max_content_bytes: 1024,
-                credential_names: Default::default(),
-            }),
-            auth: Authenticator::new(store.clone(), None),
-        });
-        store.close().await;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
-        let server = tokio::spawn(async move { axum::serve(listener, app).await });
+        let api = crate::api::test_api::start_api(crate::api::InputPolicy {
+            max_targets_per_rollout: 10,
+            max_content_bytes: 1024,
+            credential_names: Default::default(),
+        })
+        .await;
+        api.store.close().await;
+        let address = api.url.clone();
         let get = |bearer: String| {
-            let url = format!("http://{address}/v1/rollouts");
+            let url = format!("{address}/v1/rollouts");
             async move { reqwest::Client::new().get(url).bearer_auth(bearer).send().await.unwrap().status() }
         };
         for malformed in ["fpk_short".to_owned(), format!("fpk_{}_{}", "Z".repeat(16), "0".repeat(64)), "x".repeat(200)]
@@ -651,8 +635,7 @@ mod tests {
         }
         let well_formed = format!("fpk_{}_{}", "0".repeat(16), "0".repeat(64));
         assert_eq!(get(well_formed).await, StatusCode::SERVICE_UNAVAILABLE, "a well-formed key is looked up");
-        server.abort();
-        let _ = std::fs::remove_dir_all(&dir);
+        api.stop.trigger();
     }
 
     #[test]

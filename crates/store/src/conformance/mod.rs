@@ -48,6 +48,7 @@ macro_rules! store_conformance_suite {
     ($make:path) => {
         $crate::store_conformance_suite!(@tests $make;
             create_rollout_round_trips_rollout_patches_and_targets,
+            a_rollout_taken_in_chunks_keeps_their_order_and_is_invisible_until_committed,
             create_rollout_announces_a_dispatch_through_the_outbox,
             fleet_gauges_count_rollouts_active_targets_and_the_outbox,
             dispatch_fills_free_slots_in_ordinal_order,

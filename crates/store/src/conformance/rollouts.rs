@@ -66,6 +66,69 @@ pub async fn create_rollout_round_trips_rollout_patches_and_targets(db: &dyn Tes
     assert_eq!(store.list_rollouts(1).await.expect("list").len(), 1);
 }
 
+pub async fn a_rollout_taken_in_chunks_keeps_their_order_and_is_invisible_until_committed(db: &dyn TestDatabase) {
+    let store = db.store();
+    use crate::schedule::{Day, MaintenanceWindow, Schedule};
+    let window = |site: Option<&str>| MaintenanceWindow {
+        days: vec![Day::Sat],
+        start: "22:00".into(),
+        duration_minutes: 360,
+        time_zone: "Europe/Paris".into(),
+        labels: site.map(|s| BTreeMap::from([("site".to_owned(), s.to_owned())])).unwrap_or_default(),
+    };
+    let schedule = Schedule { windows: vec![window(Some("s1")), window(None)], ..Schedule::default() };
+    let new = |targets: Vec<NewTarget>| NewRollout {
+        name: "chunks".into(),
+        concurrency: 3,
+        timeout_seconds: 600,
+        waves: vec![WaveSpec::new("canary", Some(2), 0.0), WaveSpec::new("rest", None, 100.0)],
+        settings: RolloutSettings { schedule: schedule.clone(), ..RolloutSettings::default() },
+        patches: vec![patch(0)],
+        targets,
+    };
+    // The targets the caller had at once, then two chunks.
+    let mut intake = store.begin_rollout(new(vec![target(0, 0), target(1, 0)])).await.expect("begin");
+    let id = intake.id();
+    intake.add_targets(&[target(2, 1), target(3, 1), target(4, 1)]).await.expect("chunk");
+    intake.add_targets(&[]).await.expect("an empty chunk adds nothing");
+    intake.add_targets(&[target(5, 1)]).await.expect("chunk");
+    // More than one statement's worth on either backend's portable path
+    // (SQLite binds at most 32,766 values in one).
+    let large: Vec<NewTarget> = (6..1_206).map(|i| target(i, 1)).collect();
+    intake.add_targets(&large).await.expect("a large chunk");
+    assert_eq!(intake.targets(), 1_206);
+    // Another connection (SQLite's store has one, held by the intake).
+    let other = db.connect_another().await;
+    assert!(matches!(other.rollout(id).await, Err(Error::NotFound { .. })), "nothing is visible before the commit");
+    assert_eq!(intake.commit().await.expect("commit"), id);
+    let targets = all_targets(store, id).await;
+    assert_eq!(targets.iter().map(|t| t.ordinal).collect::<Vec<_>>(), (0..1_206).collect::<Vec<u32>>());
+    assert_eq!(
+        targets.iter().map(|t| t.host.as_str()).collect::<Vec<_>>(),
+        (0..1_206).map(|i| format!("host-{i:04}")).collect::<Vec<_>>()
+    );
+    assert_eq!(targets.iter().take(6).map(|t| t.wave).collect::<Vec<_>>(), [0, 0, 1, 1, 1, 1]);
+    for (i, t) in targets.iter().enumerate() {
+        let expected = target(i, t.wave);
+        assert_eq!((t.port, &t.labels, &t.credential), (expected.port, &expected.labels, &expected.credential));
+    }
+    // The sets of windows met in the chunks are kept with the rollout:
+    // target 0 (site s0) has the unlabelled window, target 1 (s1) its own.
+    let rollout = store.rollout(id).await.expect("rollout");
+    assert_eq!(rollout.settings.schedule.groups, vec![vec![1], vec![0]]);
+    assert_eq!(outbox(store).await.len(), 1, "one dispatch request");
+
+    // Dropped before its commit: rolled back, nothing left.
+    let intake = store.begin_rollout(new(vec![target(0, 0)])).await.expect("begin");
+    let dropped = intake.id();
+    drop(intake);
+    assert!(matches!(store.rollout(dropped).await, Err(Error::NotFound { .. })));
+    // A rollout without targets is refused at its commit.
+    let empty = store.begin_rollout(new(vec![])).await.expect("begin");
+    assert!(matches!(empty.commit().await, Err(Error::Invalid(_))));
+    assert_eq!(store.list_rollouts(10).await.expect("list").len(), 1);
+}
+
 pub async fn create_rollout_announces_a_dispatch_through_the_outbox(db: &dyn TestDatabase) {
     let store = db.store();
     let id = create(store, Spec::new(3, 1, 2)).await;

@@ -209,9 +209,13 @@ pub async fn pause_resume_and_abort_follow_the_rollout_rules(db: &dyn TestDataba
     assert_eq!((resumed.state, resumed.pause_reason), (RolloutState::Running, None));
     assert_eq!(outbox_keys(store).await, vec![routing::DISPATCH.to_owned()], "resuming asks for a dispatch");
 
+    let other = create(store, Spec::new(2, 0, 1)).await;
     let aborted = store.abort_rollout(id).await.expect("abort");
     assert_eq!(aborted.state, RolloutState::Aborted);
     assert!(aborted.completed_at.is_some());
+    let others = all_targets(store, other).await;
+    assert!(others.iter().all(|t| t.state == TargetState::Pending), "another rollout's targets stay: {others:?}");
+    assert!(store.transitions(others[0].id).await.expect("history").is_empty());
     let targets = all_targets(store, id).await;
     assert_eq!(
         targets.iter().filter(|t| t.state == TargetState::Cancelled).count(),
@@ -219,9 +223,14 @@ pub async fn pause_resume_and_abort_follow_the_rollout_rules(db: &dyn TestDataba
         "pending targets are cancelled"
     );
     assert_eq!(targets.iter().filter(|t| t.state == TargetState::Queued).count(), 1, "in-flight targets finish");
-    let cancelled = targets.iter().find(|t| t.state == TargetState::Cancelled).expect("a cancelled target");
-    let last = store.transitions(cancelled.id).await.expect("history").pop().expect("transition");
-    assert_eq!((last.to.as_str(), last.detail.as_deref()), ("cancelled", Some("rollout aborted")));
+    for cancelled in targets.iter().filter(|t| t.state == TargetState::Cancelled) {
+        assert_eq!(cancelled.finished_at, aborted.completed_at, "{cancelled:?}");
+        let history = store.transitions(cancelled.id).await.expect("history");
+        assert_eq!(history.len(), 1, "one move each: {history:?}");
+        let last = &history[0];
+        assert_eq!((last.from.as_str(), last.to.as_str()), ("pending", "cancelled"));
+        assert_eq!((last.detail.as_deref(), Some(last.at)), (Some("rollout aborted"), aborted.completed_at));
+    }
     assert!(matches!(store.abort_rollout(id).await, Err(Error::Conflict(_))));
     assert!(matches!(store.resume_rollout(id).await, Err(Error::Conflict(_))));
     assert_eq!(store.dispatch(id).await.expect("dispatch").dispatched, 0);

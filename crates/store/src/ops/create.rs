@@ -1,6 +1,7 @@
-//! A new rollout: its row, its patches, its targets (in chunks; on
-//! PostgreSQL as arrays in one statement per chunk) and the outbox message
-//! that asks the scheduler to dispatch it, in one transaction.
+//! A new rollout: its row, its patches, its targets (in chunks, as the
+//! caller has them; on PostgreSQL as arrays in one statement per chunk) and
+//! the outbox message that asks the scheduler to dispatch it, in one
+//! transaction.
 
 use super::intake::pg_array;
 use super::*;
@@ -11,25 +12,23 @@ const PG_TARGETS_CHUNK: usize = 10_000;
 impl Store {
     /// Stores a new rollout (running) and asks the scheduler to dispatch it.
     pub async fn create_rollout(&self, new: NewRollout) -> Result<Uuid> {
+        self.begin_rollout(new).await?.commit().await
+    }
+
+    /// Starts a new rollout's transaction: its row, its patches and the
+    /// targets `new` already holds. More targets follow through
+    /// [`RolloutIntake::add_targets`], in chunks, so a caller that parses a
+    /// large body as it reads it never holds every target at once. Nothing
+    /// is visible before [`RolloutIntake::commit`]; an intake dropped
+    /// before it rolls back.
+    pub async fn begin_rollout(&self, mut new: NewRollout) -> Result<RolloutIntake> {
         let id = Uuid::new_v4();
         let at = self.now();
-        // Each target's set of maintenance windows, from its labels.
         let mut settings = new.settings.clone();
         settings.schedule.groups.clear();
         for window in &settings.schedule.windows {
             window.check().map_err(|error| Error::Invalid(format!("window {window}: {error}")))?;
         }
-        let window_groups = new
-            .targets
-            .iter()
-            .enumerate()
-            .map(|(i, t)| {
-                settings
-                    .schedule
-                    .assign_group(&t.labels)
-                    .map_err(|error| Error::Invalid(format!("targets[{i}]: {error}")))
-            })
-            .collect::<Result<Vec<Option<u32>>>>()?;
         let txn = self.begin().await?;
         rollouts::Entity::insert(rollouts::ActiveModel {
             id: Set(id),
@@ -68,35 +67,126 @@ impl Store {
             });
             patches::Entity::insert_many(rows).exec_without_returning(&txn).await?;
         }
-        if self.backend() == DbBackend::Postgres {
-            for (chunk_index, chunk) in new.targets.chunks(PG_TARGETS_CHUNK).enumerate() {
-                let first = chunk_index * PG_TARGETS_CHUNK;
-                let groups = &window_groups[first..first + chunk.len()];
-                txn.execute(targets_statement(id, first, chunk, groups, new.timeout_seconds, at)).await?;
-            }
-        } else {
-            insert_targets_portable(&txn, id, &new, &window_groups, at).await?;
+        let targets = std::mem::take(&mut new.targets);
+        let mut intake = RolloutIntake {
+            txn,
+            id,
+            at,
+            settings,
+            timeout_seconds: new.timeout_seconds,
+            backend: self.backend(),
+            next_ordinal: 0,
+        };
+        for chunk in targets.chunks(PG_TARGETS_CHUNK) {
+            intake.add_targets(chunk).await?;
         }
-        push_outbox(&txn, at, vec![dispatch_message(id)]).await?;
-        txn.commit().await?;
-        Ok(id)
+        Ok(intake)
     }
 }
 
-/// Any backend (SQLite): multi-row INSERTs of [`INSERT_CHUNK`] targets.
+/// A rollout being created: one open transaction that takes its targets in
+/// chunks ([`Store::begin_rollout`]).
+pub struct RolloutIntake {
+    txn: DatabaseTransaction,
+    id: Uuid,
+    at: DateTime<Utc>,
+    settings: RolloutSettings,
+    timeout_seconds: u32,
+    backend: DbBackend,
+    /// The ordinal of the next target: the order targets arrive in is the
+    /// order they are dispatched in.
+    next_ordinal: usize,
+}
+
+impl RolloutIntake {
+    /// The rollout's id (not visible to others before [`Self::commit`]).
+    pub fn id(&self) -> Uuid {
+        self.id
+    }
+
+    /// Targets added so far.
+    pub fn targets(&self) -> usize {
+        self.next_ordinal
+    }
+
+    /// Adds the next targets, after those already added. Each target's set
+    /// of maintenance windows comes from its labels; a label set that no
+    /// window covers is refused ([`Error::Invalid`], naming the target by
+    /// its index in the rollout).
+    pub async fn add_targets(&mut self, targets: &[NewTarget]) -> Result<()> {
+        if targets.is_empty() {
+            return Ok(());
+        }
+        let first = self.next_ordinal;
+        if first + targets.len() > i32::MAX as usize {
+            return Err(Error::Invalid(format!("more than {} targets in one rollout", i32::MAX)));
+        }
+        let groups = targets
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                self.settings
+                    .schedule
+                    .assign_group(&t.labels)
+                    .map_err(|error| Error::Invalid(format!("targets[{}]: {error}", first + i)))
+            })
+            .collect::<Result<Vec<Option<u32>>>>()?;
+        if self.backend == DbBackend::Postgres {
+            for (index, chunk) in targets.chunks(PG_TARGETS_CHUNK).enumerate() {
+                let offset = index * PG_TARGETS_CHUNK;
+                let groups = &groups[offset..offset + chunk.len()];
+                let statement =
+                    targets_statement(self.id, first + offset, chunk, groups, self.timeout_seconds, self.at);
+                self.txn.execute(statement).await?;
+            }
+        } else {
+            insert_targets_portable(&self.txn, self.id, first, targets, &groups, self.timeout_seconds, self.at).await?;
+        }
+        self.next_ordinal += targets.len();
+        Ok(())
+    }
+
+    /// Asks the scheduler to dispatch the rollout and makes it visible.
+    /// Refuses a rollout without targets ([`Error::Invalid`]).
+    pub async fn commit(self) -> Result<Uuid> {
+        if self.next_ordinal == 0 {
+            return Err(Error::Invalid("a rollout needs at least one target".into()));
+        }
+        if !self.settings.schedule.groups.is_empty() {
+            // The sets of windows the targets met, known only now.
+            rollouts::Entity::update_many()
+                .col_expr(rollouts::Column::Settings, Expr::value(to_json(&self.settings)))
+                .filter(rollouts::Column::Id.eq(self.id))
+                .exec(&self.txn)
+                .await?;
+        }
+        push_outbox(&self.txn, self.at, vec![dispatch_message(self.id)]).await?;
+        self.txn.commit().await?;
+        Ok(self.id)
+    }
+}
+
+/// Targets per multi-row INSERT on SQLite: a target row binds 33 values,
+/// and SQLite takes at most 32,766 per statement (so [`INSERT_CHUNK`]'s
+/// 1,000 rows failed with "too many SQL variables").
+const PORTABLE_TARGETS_CHUNK: usize = 500;
+
+/// Any backend (SQLite): multi-row INSERTs of [`PORTABLE_TARGETS_CHUNK`] targets.
 async fn insert_targets_portable(
     txn: &DatabaseTransaction,
     id: Uuid,
-    new: &NewRollout,
+    first: usize,
+    targets: &[NewTarget],
     window_groups: &[Option<u32>],
+    timeout_seconds: u32,
     at: DateTime<Utc>,
 ) -> Result<()> {
-    for (chunk_index, chunk) in new.targets.chunks(INSERT_CHUNK).enumerate() {
+    for (chunk_index, chunk) in targets.chunks(PORTABLE_TARGETS_CHUNK).enumerate() {
         let rows = chunk.iter().enumerate().map(|(i, t)| targets::ActiveModel {
             id: Set(Uuid::now_v7()),
             rollout_id: Set(id),
-            ordinal: Set((chunk_index * INSERT_CHUNK + i) as i32),
-            window_group: Set(window_groups[chunk_index * INSERT_CHUNK + i].map(|g| g as i32)),
+            ordinal: Set((first + chunk_index * PORTABLE_TARGETS_CHUNK + i) as i32),
+            window_group: Set(window_groups[chunk_index * PORTABLE_TARGETS_CHUNK + i].map(|g| g as i32)),
             host: Set(t.host.clone()),
             port: Set(t.port.map(i32::from)),
             transport: Set(t.transport.clone()),
@@ -108,7 +198,7 @@ async fn insert_targets_portable(
             r#try: Set(0),
             token_hash: Set(None),
             token_nonce: Set(None),
-            timeout_seconds: Set(new.timeout_seconds as i32),
+            timeout_seconds: Set(timeout_seconds as i32),
             last_seen_at: Set(None),
             error: Set(None),
             os: Set(None),

@@ -198,32 +198,11 @@ async fn rollout_has_unfinished(txn: &DatabaseTransaction, rollout_id: Uuid) -> 
 /// Moves every pending target of the rollout to `missed_window`: its
 /// deadline passed before their maintenance window let them go.
 async fn miss_pending(txn: &DatabaseTransaction, rollout: &Rollout, at: DateTime<Utc>) -> Result<()> {
-    let pending: Vec<Uuid> = targets::Entity::find()
-        .select_only()
-        .column(targets::Column::Id)
-        .filter(targets::Column::RolloutId.eq(rollout.id))
-        .filter(targets::Column::State.eq(TargetState::Pending.as_str()))
-        .lock(LockType::NoKeyUpdate)
-        .into_tuple()
-        .all(txn)
-        .await?;
-    if pending.is_empty() {
-        return Ok(());
-    }
     let deadline = rollout.settings.schedule.deadline.map(|d| d.to_rfc3339()).unwrap_or_default();
     let detail = format!("the rollout's deadline {deadline} passed before a maintenance window let it go");
-    let steps: Vec<transition::Step> = pending
-        .into_iter()
-        .map(|target_id| transition::Step {
-            target_id,
-            rollout_id: rollout.id,
-            from: TargetState::Pending,
-            detail: Some(detail.clone()),
-        })
-        .collect();
-    let sets =
-        vec![(targets::Column::FinishedAt, Expr::value(at)), (targets::Column::Error, Expr::value(detail.clone()))];
-    transition::move_locked(txn, at, TargetState::MissedWindow, &steps, sets).await
+    let missed = TargetState::MissedWindow;
+    transition::move_every(txn, at, rollout.id, TargetState::Pending, missed, &detail, Some(&detail)).await?;
+    Ok(())
 }
 
 /// The window groups of the pending targets of a wave and of the waves

@@ -556,6 +556,7 @@ impl Store {
 mod bench_support;
 pub(crate) mod console;
 mod create;
+pub use create::RolloutIntake;
 mod cursor;
 mod dispatch;
 mod evidence;

@@ -37,32 +37,13 @@ impl Store {
         match to {
             RolloutState::Running => push_outbox(&txn, at, vec![dispatch_message(id)]).await?,
             RolloutState::Aborted => {
-                // Targets not dispatched, and those waiting offline for their machine.
-                let waiting = targets::Entity::find()
-                    .select_only()
-                    .column(targets::Column::Id)
-                    .column(targets::Column::State)
-                    .filter(targets::Column::RolloutId.eq(id))
-                    .filter(targets::Column::State.is_in(state_strs(&[TargetState::Pending, TargetState::Offline])))
-                    .lock(LockType::NoKeyUpdate)
-                    .into_tuple::<(Uuid, String)>()
-                    .all(&txn)
-                    .await?;
-                let mut steps = Vec::with_capacity(waiting.len());
-                for (target_id, state) in waiting {
-                    steps.push(transition::Step {
-                        target_id,
-                        rollout_id: id,
-                        from: parse(&state, "target state")?,
-                        detail: Some("rollout aborted".into()),
-                    });
+                // Targets not dispatched, and those waiting offline for their
+                // machine: moved by rollout and state, a statement or two
+                // whatever their number (a million pending targets were read
+                // into memory and moved 1,000 at a time: 25 s and 214 MiB).
+                for from in [TargetState::Pending, TargetState::Offline] {
+                    transition::move_every(&txn, at, id, from, TargetState::Cancelled, "rollout aborted", None).await?;
                 }
-                let sets = vec![
-                    (targets::Column::FinishedAt, Expr::value(at)),
-                    (targets::Column::OfflineUntil, Expr::value(Option::<DateTime<Utc>>::None)),
-                    (targets::Column::NextCheckAt, Expr::value(Option::<DateTime<Utc>>::None)),
-                ];
-                transition::move_locked(&txn, at, TargetState::Cancelled, &steps, sets).await?;
                 rollouts::Entity::update_many()
                     .col_expr(rollouts::Column::CompletedAt, Expr::value(at))
                     .filter(rollouts::Column::Id.eq(id))

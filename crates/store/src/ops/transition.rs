@@ -5,7 +5,7 @@
 //! the machine does not have is refused with [`Error::IllegalTransition`]
 //! and its transaction is rolled back: nothing is written.
 //!
-//! Two forms:
+//! Three forms:
 //! * [`apply_move`] — one target, guarded: it locks the row, and a target
 //!   no longer in one of the expected states (or of another attempt) is
 //!   left alone (`None`: a duplicate job, or the target moved on);
@@ -13,7 +13,10 @@
 //!   (`FOR NO KEY UPDATE`) in the states it passes: updated by primary key
 //!   alone (a state condition beside the ids lets PostgreSQL combine the
 //!   primary key with the `targets_state` index, a bitmap AND that reads
-//!   every entry of that state, dead versions included).
+//!   every entry of that state, dead versions included);
+//! * [`move_every`] — every target of a rollout in one state to a final
+//!   one, by that state (an abort of a million pending targets reads none
+//!   of them).
 //!
 //! A move back to `pending` also records a dispatch rewind
 //! ([`super::cursor`]) in the same transaction, so dispatch's cursor never
@@ -134,6 +137,68 @@ pub(super) async fn move_locked(
         }
     }
     Ok(())
+}
+
+/// Moves every target of `rollout_id` in state `from` to a final state `to`
+/// (its `finished_at` set, its offline wait cleared, and its `error` set
+/// when given), with its history, by their state rather than their ids:
+/// the move is checked once, and each row is matched (so locked) by the
+/// statement that moves it. On PostgreSQL one statement (the UPDATE's
+/// `RETURNING` feeds the history's INSERT); on SQLite, whose transaction
+/// holds the only write lock, the history from the rows, then the UPDATE,
+/// their counts compared. Returns how many moved.
+pub(super) async fn move_every(
+    txn: &DatabaseTransaction,
+    at: DateTime<Utc>,
+    rollout_id: Uuid,
+    from: TargetState,
+    to: TargetState,
+    detail: &str,
+    error: Option<&str>,
+) -> Result<u64> {
+    // The nil target: every target of the rollout in that state.
+    check(Uuid::nil(), from, to)?;
+    let backend = txn.get_database_backend();
+    let statement =
+        |sql: String, values: Vec<sea_orm::Value>| sea_orm::Statement::from_sql_and_values(backend, sql, values);
+    if backend == DbBackend::Postgres {
+        let set_error = if error.is_some() { ", error = $6" } else { "" };
+        let sql = format!(
+            "WITH moved AS (UPDATE targets SET state = $1, updated_at = $2, finished_at = $2, offline_until = NULL, \
+             next_check_at = NULL{set_error} WHERE rollout_id = $3 AND state = $4 RETURNING id) \
+             INSERT INTO target_transitions (rollout_id, target_id, from_state, to_state, at, detail) \
+             SELECT $3, id, $4, $1, $2, $5 FROM moved"
+        );
+        let mut values = vec![to.as_str().into(), at.into(), rollout_id.into(), from.as_str().into(), detail.into()];
+        values.extend(error.map(Into::into));
+        return Ok(txn.execute(statement(sql, values)).await?.rows_affected());
+    }
+    let history = "INSERT INTO target_transitions (rollout_id, target_id, from_state, to_state, at, detail) \
+                   SELECT rollout_id, id, ?, ?, ?, ? FROM targets WHERE rollout_id = ? AND state = ?";
+    let values = vec![
+        from.as_str().into(),
+        to.as_str().into(),
+        at.into(),
+        detail.into(),
+        rollout_id.into(),
+        from.as_str().into(),
+    ];
+    let recorded = txn.execute(statement(history.into(), values)).await?.rows_affected();
+    let set_error = if error.is_some() { ", error = ?" } else { "" };
+    let update = format!(
+        "UPDATE targets SET state = ?, updated_at = ?, finished_at = ?, offline_until = NULL, next_check_at = NULL\
+         {set_error} WHERE rollout_id = ? AND state = ?"
+    );
+    let mut values: Vec<sea_orm::Value> = vec![to.as_str().into(), at.into(), at.into()];
+    values.extend(error.map(Into::into));
+    values.extend([rollout_id.into(), from.as_str().into()]);
+    let moved = txn.execute(statement(update, values)).await?.rows_affected();
+    if moved != recorded {
+        return Err(Error::Corrupt(format!(
+            "moving the {from} targets to {to} moved {moved} rows but recorded {recorded}"
+        )));
+    }
+    Ok(moved)
 }
 
 /// Appends checked moves to the targets' history.

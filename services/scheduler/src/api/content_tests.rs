@@ -1,61 +1,14 @@
 //! `GET /v1/content/{sha256}` through the real router and server, on
 //! SQLite: who may read, whole and ranged downloads, and the refusals.
 
-use std::sync::Arc;
-
 use axum::http::StatusCode;
-use fleetpatch_store::{Role, Store};
 use sha2::Digest;
 
-struct Api {
-    url: String,
-    viewer_key: String,
-    operator_key: String,
-    _dir: TempDir,
-    stop: fleetpatch_runtime::Shutdown,
-}
-
-/// A directory removed when the test ends.
-struct TempDir(std::path::PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-async fn start_api() -> Api {
-    let dir = std::env::temp_dir().join(format!("fp-content-{}", uuid::Uuid::new_v4().simple()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let url = format!("sqlite://{}?mode=rwc", dir.join("db.sqlite").display());
-    let store = Store::connect(&fleetpatch_store::StoreOptions { url, max_connections: 1 }).await.unwrap();
-    store.migrate().await.unwrap();
-    let viewer_key = store.create_api_key("relay", Role::Viewer, None).await.unwrap().expose_secret().to_owned();
-    let operator_key = store.create_api_key("ops", Role::Operator, None).await.unwrap().expose_secret().to_owned();
-    let app = crate::api::router(crate::api::ApiState {
-        store: store.clone(),
-        bus: fleetpatch_bus::Bus::new(Arc::new(fleetpatch_bus::memory::MemoryBackend::new(
-            &fleetpatch_proto::routing::WORK_QUEUES,
-            10,
-        ))),
-        nudge: Arc::default(),
-        content_dir: dir.join("content"),
-        input: Arc::new(crate::api::InputPolicy::default()),
-        auth: crate::auth::Authenticator::new(store.clone(), None),
-    });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let stop = fleetpatch_runtime::Shutdown::new();
-    let drain = stop.clone();
-    tokio::spawn(async move {
-        fleetpatch_runtime::http::serve(listener, app, Default::default(), async move { drain.wait().await }).await
-    });
-    Api { url, viewer_key, operator_key, _dir: TempDir(dir), stop }
-}
+use super::test_api::start_api;
 
 #[tokio::test]
 async fn a_viewer_downloads_content_whole_or_by_range() {
-    let api = start_api().await;
+    let api = start_api(crate::api::InputPolicy::default()).await;
     let http = reqwest::Client::new();
     let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
     let sha256 = hex::encode(sha2::Sha256::digest(&data));
@@ -98,7 +51,7 @@ async fn a_viewer_downloads_content_whole_or_by_range() {
 
 #[tokio::test]
 async fn content_needs_a_credential_a_sha256_and_an_upload() {
-    let api = start_api().await;
+    let api = start_api(crate::api::InputPolicy::default()).await;
     let http = reqwest::Client::new();
     let unknown = hex::encode(sha2::Sha256::digest(b"never uploaded"));
     let url = |name: &str| format!("{}/v1/content/{name}", api.url);

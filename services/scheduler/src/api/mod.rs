@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -161,8 +161,13 @@ impl From<fleetpatch_store::Error> for Problem {
 #[cfg(test)]
 mod content_tests;
 mod evidence;
+mod intake;
+#[cfg(test)]
+mod intake_tests;
 pub mod rollout_file;
 mod schema;
+#[cfg(test)]
+pub(crate) mod test_api;
 
 pub use evidence::DIGEST_HEADER;
 pub use schema::*;
@@ -173,10 +178,7 @@ pub use schema::*;
 /// [`crate::auth::authenticate`] (a credential, a role, the audit log).
 pub fn router(state: ApiState) -> Router {
     let v1 = Router::new()
-        .route(
-            "/v1/rollouts",
-            post(create_rollout).layer(DefaultBodyLimit::max(MAX_ROLLOUT_BODY_BYTES)).get(list_rollouts),
-        )
+        .route("/v1/rollouts", post(create_rollout).get(list_rollouts))
         .route("/v1/rollouts/{id}", get(show_rollout))
         .route("/v1/rollouts/{id}/targets", get(list_targets))
         .route("/v1/rollouts/{id}/pause", post(pause))
@@ -246,19 +248,11 @@ pub(crate) fn nul_fields(body: &[u8]) -> Option<Vec<FieldError>> {
     (!found.is_empty()).then_some(found)
 }
 
-async fn create_rollout(State(state): State<ApiState>, body: Bytes) -> Result<Response, Problem> {
-    if let Some(errors) = nul_fields(&body) {
-        return Err(Problem::invalid(errors));
-    }
-    let deserializer = &mut serde_json::Deserializer::from_slice(&body);
-    let request: CreateRollout = serde_path_to_error::deserialize(deserializer).map_err(|error| {
-        let field = error.path().to_string();
-        let mut problem =
-            Problem::new(StatusCode::BAD_REQUEST, "Malformed request", format!("{field}: {}", error.inner()));
-        problem.errors.push(FieldError { field, message: error.inner().to_string() });
-        problem
-    })?;
-    let rollout = create(&state, request).await?;
+/// `POST /v1/rollouts`: read as it arrives, in passes (`intake.rs`), so a
+/// rollout of a million targets costs the scheduler no more memory than one
+/// of a thousand.
+async fn create_rollout(State(state): State<ApiState>, body: Body) -> Result<Response, Problem> {
+    let rollout = intake::create_streamed(&state, body).await?;
     let id = rollout.id;
     Ok((StatusCode::CREATED, [(header::LOCATION, format!("/v1/rollouts/{id}"))], Json(rollout)).into_response())
 }

@@ -37,10 +37,12 @@ fn default_max_failure() -> f64 {
     100.0
 }
 
-/// `POST /v1/rollouts`.
+/// `POST /v1/rollouts`. `T` is how its targets are read: a list (the
+/// default), or [`TargetCount`] when the API reads a large body's other
+/// fields first and its targets in passes of their own (`intake.rs`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct CreateRollout {
+pub struct CreateRollout<T = Vec<TargetRequest>> {
     pub name: String,
     #[serde(default = "default_concurrency")]
     pub concurrency: u32,
@@ -88,7 +90,32 @@ pub struct CreateRollout {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline: Option<DateTime<Utc>>,
     pub patches: Vec<PatchRequest>,
-    pub targets: Vec<TargetRequest>,
+    pub targets: T,
+}
+
+/// The `targets` of a request read without keeping them: how many there
+/// are (each one any JSON value; they are checked in the next pass).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TargetCount(pub usize);
+
+impl<'de> Deserialize<'de> for TargetCount {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Counter;
+        impl<'de> serde::de::Visitor<'de> for Counter {
+            type Value = TargetCount;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a list of targets")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<TargetCount, A::Error> {
+                let mut count = 0;
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {
+                    count += 1;
+                }
+                Ok(TargetCount(count))
+            }
+        }
+        deserializer.deserialize_seq(Counter)
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -162,35 +189,74 @@ fn push(errors: &mut Vec<FieldError>, field: impl Into<String>, message: impl In
 }
 
 /// Checks a request and turns it into the store's rollout. Every error
-/// names its field.
+/// names its field. The API's streaming intake (`intake.rs`) runs the same
+/// steps over a body it reads in passes: [`check_header`], then
+/// [`TargetRules::check`] and [`WaveAssigner::count_explicit`] for each
+/// target, [`check_content`], [`into_rollout`] and
+/// [`WaveAssigner::assign`] for each target.
 pub fn validate(
     request: CreateRollout,
     content_dir: &std::path::Path,
     policy: &InputPolicy,
 ) -> Result<NewRollout, Problem> {
     let mut errors = Vec::new();
+    check_header(&request, request.targets.len(), policy, &mut errors)?;
+    let rules = TargetRules::new(&request);
+    let mut needs_content = false;
+    for (i, target) in request.targets.iter().enumerate() {
+        rules.check(i, target, policy, &mut errors);
+        needs_content |= target.transport != "sim";
+        if errors.len() > MAX_FIELD_ERRORS {
+            break;
+        }
+    }
+    if needs_content {
+        check_content(request.patches.iter().map(|p| p.sha256.as_str()), content_dir, &mut errors);
+    }
+    if !errors.is_empty() {
+        return Err(Problem::invalid(errors));
+    }
+    let (mut new, targets, mut assigner) = into_rollout(request);
+    for target in &targets {
+        assigner.count_explicit(target);
+    }
+    new.targets = targets.into_iter().map(|target| assigner.assign(target)).collect();
+    Ok(new)
+}
+
+/// Past this many wrong fields, the rest of the targets are not checked.
+pub const MAX_FIELD_ERRORS: usize = 50;
+
+/// Checks every field but the targets themselves, `targets` of them
+/// counted. Too many targets is answered at once, without the rest.
+pub fn check_header<T>(
+    request: &CreateRollout<T>,
+    targets: usize,
+    policy: &InputPolicy,
+    errors: &mut Vec<FieldError>,
+) -> Result<(), Problem> {
     if request.name.trim().is_empty() {
-        push(&mut errors, "name", "must not be empty");
+        push(errors, "name", "must not be empty");
     }
     if request.concurrency == 0 || request.concurrency > 100_000 {
-        push(&mut errors, "concurrency", format!("must be between 1 and 100000, got {}", request.concurrency));
+        push(errors, "concurrency", format!("must be between 1 and 100000, got {}", request.concurrency));
     }
     if request.timeout_seconds == 0 {
-        push(&mut errors, "timeout_seconds", "must be at least 1");
+        push(errors, "timeout_seconds", "must be at least 1");
     }
     if request.heartbeat_seconds == 0 || request.heartbeat_seconds >= request.timeout_seconds.max(1) {
         push(
-            &mut errors,
+            errors,
             "heartbeat_seconds",
             format!("must be at least 1 and below timeout_seconds ({})", request.timeout_seconds),
         );
     }
     if request.max_tries == 0 {
-        push(&mut errors, "max_tries", "must be at least 1");
+        push(errors, "max_tries", "must be at least 1");
     }
     if request.reboot_timeout_seconds == 0 || request.reboot_timeout_seconds > 86_400 {
         push(
-            &mut errors,
+            errors,
             "reboot_timeout_seconds",
             format!("must be between 1 and 86400 (1 day), got {}", request.reboot_timeout_seconds),
         );
@@ -198,59 +264,58 @@ pub fn validate(
     if let Some(seconds) = request.retry_offline_for_seconds {
         if seconds == 0 || seconds > 30 * 86_400 {
             push(
-                &mut errors,
+                errors,
                 "retry_offline_for_seconds",
                 format!("must be between 1 and 2592000 (30 days), got {seconds}"),
             );
         }
     }
     if let Err((index, error)) = fleetpatch_proto::relay::validate_rules(&request.relays) {
-        push(&mut errors, format!("relays[{index}]"), error.to_string());
+        push(errors, format!("relays[{index}]"), error.to_string());
     }
     if request.patches.is_empty() {
-        push(&mut errors, "patches", "must name at least one patch");
+        push(errors, "patches", "must name at least one patch");
     }
-    if request.targets.is_empty() {
-        push(&mut errors, "targets", "must name at least one target");
+    if targets == 0 {
+        push(errors, "targets", "must name at least one target");
     }
-    if request.targets.len() > policy.max_targets_per_rollout {
+    if targets > policy.max_targets_per_rollout {
         push(
-            &mut errors,
+            errors,
             "targets",
             format!(
-                "{} targets; at most {} per rollout (scheduler.max_targets_per_rollout): split the rollout, or ask \
-                 an administrator to raise the limit",
-                request.targets.len(),
+                "{targets} targets; at most {} per rollout (scheduler.max_targets_per_rollout): split the rollout, or \
+                 ask an administrator to raise the limit",
                 policy.max_targets_per_rollout
             ),
         );
-        return Err(Problem::invalid(errors));
+        return Err(Problem::invalid(std::mem::take(errors)));
     }
     if let Some(name) = &request.credential {
         if let Err(error) = policy.check_credential(name) {
-            push(&mut errors, "credential", error.to_string());
+            push(errors, "credential", error.to_string());
         }
     }
     let mut wave_names = HashSet::new();
     for (i, wave) in request.waves.iter().enumerate() {
         if wave.name.trim().is_empty() {
-            push(&mut errors, format!("waves[{i}].name"), "must not be empty");
+            push(errors, format!("waves[{i}].name"), "must not be empty");
         } else if !wave_names.insert(wave.name.as_str()) {
-            push(&mut errors, format!("waves[{i}].name"), format!("{:?} is used by another wave", wave.name));
+            push(errors, format!("waves[{i}].name"), format!("{:?} is used by another wave", wave.name));
         }
         if !(0.0..=100.0).contains(&wave.max_failure_percent) {
-            push(&mut errors, format!("waves[{i}].max_failure_percent"), "must be between 0 and 100");
+            push(errors, format!("waves[{i}].max_failure_percent"), "must be between 0 and 100");
         }
         if wave.size == Some(0) {
-            push(&mut errors, format!("waves[{i}].size"), "must be at least 1 (or left out for \"the rest\")");
+            push(errors, format!("waves[{i}].size"), "must be at least 1 (or left out for \"the rest\")");
         }
         if let Some(percent) = wave.min_success_percent {
             if !(0.0..=100.0).contains(&percent) {
-                push(&mut errors, format!("waves[{i}].min_success_percent"), "must be between 0 and 100");
+                push(errors, format!("waves[{i}].min_success_percent"), "must be between 0 and 100");
             }
             if wave.promote_after_seconds.is_none() {
                 push(
-                    &mut errors,
+                    errors,
                     format!("waves[{i}].min_success_percent"),
                     "applies to automatic promotion only: set promote_after_seconds too (the soak time)",
                 );
@@ -258,18 +323,18 @@ pub fn validate(
         }
         if wave.promote_after_seconds.is_some() && wave.min_success_percent.is_none() {
             push(
-                &mut errors,
+                errors,
                 format!("waves[{i}].promote_after_seconds"),
                 "automatic promotion needs min_success_percent (the share of the wave's targets that must have \
                  succeeded)",
             );
         }
         if wave.promote_after_seconds.is_some_and(|seconds| seconds > 30 * 86_400) {
-            push(&mut errors, format!("waves[{i}].promote_after_seconds"), "must be at most 2592000 (30 days)");
+            push(errors, format!("waves[{i}].promote_after_seconds"), "must be at most 2592000 (30 days)");
         }
         if (wave.require_approval || wave.promote_after_seconds.is_some()) && i + 1 == request.waves.len() {
             push(
-                &mut errors,
+                errors,
                 format!("waves[{i}]"),
                 "the last wave has no next wave to approve or promote: remove require_approval and \
                  promote_after_seconds from it",
@@ -277,24 +342,23 @@ pub fn validate(
         }
     }
     let mut patch_names = HashSet::new();
-    let mut needs_content = false;
     for (i, patch) in request.patches.iter().enumerate() {
         if patch.name.trim().is_empty() {
-            push(&mut errors, format!("patches[{i}].name"), "must not be empty");
+            push(errors, format!("patches[{i}].name"), "must not be empty");
         } else if !patch_names.insert(patch.name.as_str()) {
-            push(&mut errors, format!("patches[{i}].name"), format!("{:?} is used by another patch", patch.name));
+            push(errors, format!("patches[{i}].name"), format!("{:?} is used by another patch", patch.name));
         }
         if patch.file.is_empty() || patch.file.contains(['/', '\\']) || patch.file == ".." || patch.file == "." {
-            push(&mut errors, format!("patches[{i}].file"), "must be a plain file name (no directories)");
+            push(errors, format!("patches[{i}].file"), "must be a plain file name (no directories)");
         }
         if !content::is_sha256(&patch.sha256) {
-            push(&mut errors, format!("patches[{i}].sha256"), "must be 64 lower-case hex characters");
+            push(errors, format!("patches[{i}].sha256"), "must be 64 lower-case hex characters");
         }
         if patch.success_codes.is_empty() {
-            push(&mut errors, format!("patches[{i}].success_codes"), "must hold at least one exit code (usually 0)");
+            push(errors, format!("patches[{i}].success_codes"), "must hold at least one exit code (usually 0)");
         }
         if patch.timeout_seconds == 0 {
-            push(&mut errors, format!("patches[{i}].timeout_seconds"), "must be at least 1");
+            push(errors, format!("patches[{i}].timeout_seconds"), "must be at least 1");
         }
     }
     for (i, window) in request.windows.iter().enumerate() {
@@ -305,33 +369,50 @@ pub fn validate(
                 WindowError::Duration => "duration_minutes",
                 WindowError::TimeZone(_) => "time_zone",
             };
-            push(&mut errors, format!("windows[{i}].{field}"), error.to_string());
+            push(errors, format!("windows[{i}].{field}"), error.to_string());
         }
     }
     if let (Some(start), Some(deadline)) = (request.start_at, request.deadline) {
         if deadline <= start {
-            push(&mut errors, "deadline", format!("must be after start_at ({})", start.to_rfc3339()));
+            push(errors, "deadline", format!("must be after start_at ({})", start.to_rfc3339()));
         }
     }
-    let schedule = Schedule { windows: request.windows.clone(), ..Schedule::default() };
-    for (i, target) in request.targets.iter().enumerate() {
+    Ok(())
+}
+
+/// The checks of one target that depend on the rest of the request.
+pub struct TargetRules {
+    schedule: Schedule,
+    wave_names: HashSet<String>,
+}
+
+impl TargetRules {
+    pub fn new<T>(request: &CreateRollout<T>) -> Self {
+        Self {
+            schedule: Schedule { windows: request.windows.clone(), ..Schedule::default() },
+            wave_names: request.waves.iter().map(|wave| wave.name.clone()).collect(),
+        }
+    }
+
+    /// Checks `targets[i]`, each wrong field pushed to `errors`.
+    pub fn check(&self, i: usize, target: &TargetRequest, policy: &InputPolicy, errors: &mut Vec<FieldError>) {
+        let schedule = &self.schedule;
         if !schedule.windows.is_empty() && schedule.windows_for(&target.labels).is_err() {
-            push(&mut errors, format!("targets[{i}].labels"), NoWindow.to_string());
+            push(errors, format!("targets[{i}].labels"), NoWindow.to_string());
         }
         if target.host.trim().is_empty() {
-            push(&mut errors, format!("targets[{i}].host"), "must not be empty");
+            push(errors, format!("targets[{i}].host"), "must not be empty");
         }
         if !TRANSPORTS.contains(&target.transport.as_str()) {
             push(
-                &mut errors,
+                errors,
                 format!("targets[{i}].transport"),
                 format!("{:?} is not a transport; use one of {}", target.transport, TRANSPORTS.join(", ")),
             );
         }
-        needs_content |= target.transport != "sim";
         if target.credential_ref.is_some() {
             push(
-                &mut errors,
+                errors,
                 format!("targets[{i}].credential_ref"),
                 "secret references are no longer accepted from callers: ask an administrator to define a named \
                  credential ([credentials.<name>] where the workers run, with the hosts it may be used for) and \
@@ -340,35 +421,94 @@ pub fn validate(
         }
         if let Some(name) = &target.credential {
             if let Err(error) = policy.check_credential(name) {
-                push(&mut errors, format!("targets[{i}].credential"), error.to_string());
+                push(errors, format!("targets[{i}].credential"), error.to_string());
             }
         }
         if let Some(wave) = &target.wave {
-            if !wave_names.contains(wave.as_str()) {
-                push(&mut errors, format!("targets[{i}].wave"), format!("no wave is named {wave:?}"));
-            }
-        }
-        if errors.len() > 50 {
-            break;
-        }
-    }
-    if needs_content {
-        for (i, patch) in request.patches.iter().enumerate() {
-            if content::is_sha256(&patch.sha256) && !content::path_of(content_dir, &patch.sha256).exists() {
-                push(
-                    &mut errors,
-                    format!("patches[{i}].sha256"),
-                    format!(
-                        "no installer with this sha256 in the content store; upload it first (PUT /v1/content/{})",
-                        patch.sha256
-                    ),
-                );
+            if !self.wave_names.contains(wave.as_str()) {
+                push(errors, format!("targets[{i}].wave"), format!("no wave is named {wave:?}"));
             }
         }
     }
-    if !errors.is_empty() {
-        return Err(Problem::invalid(errors));
+}
+
+/// When a target goes through a real transport: every installer must be in
+/// the content store already.
+pub fn check_content<'a>(
+    sha256s: impl IntoIterator<Item = &'a str>,
+    content_dir: &std::path::Path,
+    errors: &mut Vec<FieldError>,
+) {
+    for (i, sha256) in sha256s.into_iter().enumerate() {
+        if content::is_sha256(sha256) && !content::path_of(content_dir, sha256).exists() {
+            push(
+                errors,
+                format!("patches[{i}].sha256"),
+                format!(
+                    "no installer with this sha256 in the content store; upload it first (PUT /v1/content/{sha256})"
+                ),
+            );
+        }
     }
+}
+
+/// Places each target in its wave: a target that names one goes there,
+/// and counts against its size first; the others fill the waves in order.
+pub struct WaveAssigner {
+    index_of: BTreeMap<String, u32>,
+    sizes: Vec<Option<u32>>,
+    filled: Vec<u32>,
+    cursor: usize,
+    default_credential: Option<String>,
+}
+
+impl WaveAssigner {
+    fn new(waves: &[WaveSpec], default_credential: Option<String>) -> Self {
+        Self {
+            index_of: waves.iter().enumerate().map(|(i, w)| (w.name.clone(), i as u32)).collect(),
+            sizes: waves.iter().map(|w| w.size).collect(),
+            filled: vec![0; waves.len()],
+            cursor: 0,
+            default_credential,
+        }
+    }
+
+    /// The first pass: a target that names its wave takes its place.
+    pub fn count_explicit(&mut self, target: &TargetRequest) {
+        if let Some(wave) = target.wave.as_deref().and_then(|w| self.index_of.get(w)) {
+            self.filled[*wave as usize] += 1;
+        }
+    }
+
+    /// The second pass, in the targets' order: the store's target.
+    pub fn assign(&mut self, target: TargetRequest) -> NewTarget {
+        let wave = match target.wave.as_deref().and_then(|w| self.index_of.get(w)) {
+            Some(wave) => *wave,
+            None => {
+                let cursor = &mut self.cursor;
+                while *cursor + 1 < self.sizes.len()
+                    && self.sizes[*cursor].is_some_and(|size| self.filled[*cursor] >= size)
+                {
+                    *cursor += 1;
+                }
+                self.filled[*cursor] += 1;
+                *cursor as u32
+            }
+        };
+        NewTarget {
+            host: target.host,
+            port: target.port,
+            transport: target.transport,
+            labels: target.labels,
+            credential: target.credential.or_else(|| self.default_credential.clone()),
+            wave,
+        }
+    }
+}
+
+/// A checked request as the store's rollout without its targets, its
+/// targets as they were read, and what places them in their waves.
+pub fn into_rollout<T>(request: CreateRollout<T>) -> (NewRollout, T, WaveAssigner) {
     let waves: Vec<WaveSpec> = if request.waves.is_empty() {
         vec![WaveSpec::new("all", None, 100.0)]
     } else {
@@ -383,41 +523,8 @@ pub fn validate(
             })
             .collect()
     };
-    let index_of: BTreeMap<&str, u32> = waves.iter().enumerate().map(|(i, w)| (w.name.as_str(), i as u32)).collect();
-    // Explicitly placed targets count against their wave's size first.
-    let mut filled = vec![0u32; waves.len()];
-    for target in &request.targets {
-        if let Some(wave) = target.wave.as_deref().and_then(|w| index_of.get(w)) {
-            filled[*wave as usize] += 1;
-        }
-    }
-    let mut cursor = 0usize;
-    let default_credential = request.credential;
-    let targets = request
-        .targets
-        .into_iter()
-        .map(|t| {
-            let wave = match t.wave.as_deref().and_then(|w| index_of.get(w)) {
-                Some(wave) => *wave,
-                None => {
-                    while cursor + 1 < waves.len() && waves[cursor].size.is_some_and(|size| filled[cursor] >= size) {
-                        cursor += 1;
-                    }
-                    filled[cursor] += 1;
-                    cursor as u32
-                }
-            };
-            NewTarget {
-                host: t.host,
-                port: t.port,
-                transport: t.transport,
-                labels: t.labels,
-                credential: t.credential.or_else(|| default_credential.clone()),
-                wave,
-            }
-        })
-        .collect();
-    Ok(NewRollout {
+    let assigner = WaveAssigner::new(&waves, request.credential);
+    let new = NewRollout {
         name: request.name,
         concurrency: request.concurrency,
         timeout_seconds: request.timeout_seconds,
@@ -455,8 +562,9 @@ pub fn validate(
                 detection: p.detection,
             })
             .collect(),
-        targets,
-    })
+        targets: Vec::new(),
+    };
+    (new, request.targets, assigner)
 }
 
 #[cfg(test)]
