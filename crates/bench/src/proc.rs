@@ -190,7 +190,21 @@ impl Service {
     ) -> anyhow::Result<Service> {
         let log = dir.join(format!("{name}.log"));
         let file = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-        let mut cmd = Command::new(std::env::current_exe().context("finding this executable")?);
+        let exe = std::env::current_exe().context("finding this executable")?;
+        // `FLEETPATCH_BENCH_WRAP_COLLECTOR="valgrind --tool=dhat"`: the service
+        // runs under that program (its allocations counted, say).
+        let wrapper = std::env::var(format!("FLEETPATCH_BENCH_WRAP_{}", name.to_uppercase().replace('-', "_")))
+            .ok()
+            .filter(|w| !w.trim().is_empty());
+        let mut cmd = match wrapper {
+            Some(wrapper) => {
+                let mut words = wrapper.split_whitespace();
+                let mut cmd = Command::new(words.next().context("the wrapper names a program")?);
+                cmd.args(words).arg(exe);
+                cmd
+            }
+            None => Command::new(exe),
+        };
         if let Some(config) = config {
             cmd.arg("--config").arg(config);
         }

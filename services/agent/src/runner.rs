@@ -473,8 +473,10 @@ mod tests {
         for (code, outcome) in
             [(0, PatchOutcome::Installed), (1603, PatchOutcome::Failed), (3010, PatchOutcome::InstalledRebootRequired)]
         {
-            let loaded =
-                staged_script(&spaced, "fix it.bat", &format!("@echo off\r\necho code {code}\r\nexit /b {code}\r\n"));
+            // A file of its own each time: rewriting the one cmd.exe just ran
+            // was, once under a loaded machine, "not recognized" by Wine's cmd.
+            let file = format!("fix it {code}.bat");
+            let loaded = staged_script(&spaced, &file, &format!("@echo off\r\necho code {code}\r\nexit /b {code}\r\n"));
             let result = install(&loaded, &StopSignal::never()).unwrap();
             assert_eq!((result.exit_code, result.outcome), (code, outcome), "{}", result.output_tail);
             assert!(result.output_tail.contains(&format!("code {code}")), "{}", result.output_tail);
