@@ -257,9 +257,10 @@ async fn create_rollout(State(state): State<ApiState>, body: Body) -> Result<Res
     Ok((StatusCode::CREATED, [(header::LOCATION, format!("/v1/rollouts/{id}"))], Json(rollout)).into_response())
 }
 
-/// Validates a parsed request and creates its rollout: the one path the
-/// API's `POST /v1/rollouts` and the console's create page share (each
-/// refuses NUL characters first, [`nul_fields`]).
+/// Validates a parsed request and creates its rollout: the console's create
+/// page, whose requests are small (it refuses NUL characters first,
+/// [`nul_fields`]). `POST /v1/rollouts` applies the same rules, the pieces
+/// [`validate`] is made of, to a body it reads in passes (`intake.rs`).
 pub(crate) async fn create(state: &ApiState, request: CreateRollout) -> Result<fleetpatch_store::Rollout, Problem> {
     let new = validate(request, &state.content_dir, &state.input)?;
     let targets = new.targets.len();
