@@ -77,9 +77,7 @@ impl Store {
             backend: self.backend(),
             next_ordinal: 0,
         };
-        for chunk in targets.chunks(PG_TARGETS_CHUNK) {
-            intake.add_targets(chunk).await?;
-        }
+        intake.add_targets(&targets).await?;
         Ok(intake)
     }
 }

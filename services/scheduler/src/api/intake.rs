@@ -52,7 +52,7 @@ pub(crate) async fn create_streamed(state: &ApiState, body: Body) -> Result<flee
 
     // Pass 2: every target checked; the explicitly placed ones counted.
     let policy = state.input.clone();
-    let (file, (mut errors, needs_content, assigner)) = blocking(file, move |reader| {
+    let (file, (mut errors, needs_content, mut assigner)) = blocking(file, move |reader| {
         let mut needs_content = false;
         each_target(reader, |i, target| {
             if errors.len() <= MAX_FIELD_ERRORS {
@@ -71,13 +71,11 @@ pub(crate) async fn create_streamed(state: &ApiState, body: Body) -> Result<flee
     if !errors.is_empty() {
         return Err(Problem::invalid(errors));
     }
-
     let checked = started.elapsed();
 
     // Pass 3: the targets placed and written, a chunk at a time.
     let mut intake = state.store.begin_rollout(new).await?;
     let (sender, chunks) = tokio::sync::mpsc::channel::<Vec<NewTarget>>(1);
-    let mut assigner = assigner;
     let parse = blocking(file, move |reader| {
         let mut chunk = Vec::with_capacity(CHUNK);
         each_target(reader, |_, target| {
