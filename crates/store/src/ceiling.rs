@@ -120,3 +120,84 @@ pub async fn database_ceiling(
         single_row_transactions_per_second: single,
     })
 }
+
+const FLOOR_TARGETS: &str = "bench_dispatch_floor";
+const FLOOR_HISTORY: &str = "bench_dispatch_floor_history";
+
+/// The database work of one dispatch of `rows` targets done on scratch
+/// tables that start empty every time, for the dispatch bench: the rows
+/// written as `pending`, moved to `queued` by primary key, one history row
+/// each, committed. Its cost does not depend on how far a rollout has gone,
+/// so timing it beside each dispatch tells the machine's speed at that
+/// moment (this machine's varies 2–5× from hour to hour) from the
+/// dispatch's own: a dispatch that slows down as its rollout progresses
+/// shows as a growing ratio to this floor. PostgreSQL only.
+pub struct DispatchFloor {
+    rows: usize,
+}
+
+impl DispatchFloor {
+    /// Creates the scratch tables (`id` the primary key, an index on
+    /// `state`, as `targets` has; the history keyed by target).
+    pub async fn create(store: &Store, rows: usize) -> Result<Self> {
+        if store.backend() != DbBackend::Postgres {
+            return Err(Error::Conflict("the dispatch floor is measured on PostgreSQL only".into()));
+        }
+        for sql in [
+            format!("DROP TABLE IF EXISTS {FLOOR_TARGETS}, {FLOOR_HISTORY}"),
+            format!(
+                "CREATE TABLE {FLOOR_TARGETS} (id UUID PRIMARY KEY, ordinal INTEGER NOT NULL, state VARCHAR NOT NULL, \
+                 queued_at TIMESTAMPTZ)"
+            ),
+            format!("CREATE INDEX {FLOOR_TARGETS}_state ON {FLOOR_TARGETS} (state)"),
+            format!(
+                "CREATE TABLE {FLOOR_HISTORY} (id BIGSERIAL PRIMARY KEY, target_id UUID NOT NULL, from_state VARCHAR \
+                 NOT NULL, to_state VARCHAR NOT NULL, at TIMESTAMPTZ NOT NULL)"
+            ),
+            format!("CREATE INDEX {FLOOR_HISTORY}_target ON {FLOOR_HISTORY} (target_id)"),
+        ] {
+            execute(store, &sql).await?;
+        }
+        Ok(Self { rows: rows.max(1) })
+    }
+
+    /// One round, timed: the tables emptied (outside the timing), then in
+    /// one transaction `rows` pending rows written, moved to `queued` and
+    /// their history written.
+    pub async fn run(&self, store: &Store) -> Result<std::time::Duration> {
+        execute(store, &format!("TRUNCATE {FLOOR_TARGETS}, {FLOOR_HISTORY}")).await?;
+        let started = Instant::now();
+        let txn = store.begin().await?;
+        for sql in [
+            format!(
+                "INSERT INTO {FLOOR_TARGETS} (id, ordinal, state) SELECT gen_random_uuid(), g, 'pending' FROM \
+                 generate_series(1, {}) AS g",
+                self.rows
+            ),
+            format!(
+                "WITH moved AS (UPDATE {FLOOR_TARGETS} SET state = 'queued', queued_at = now() WHERE id IN (SELECT \
+                 id FROM {FLOOR_TARGETS} WHERE state = 'pending' ORDER BY ordinal FOR NO KEY UPDATE) RETURNING id) \
+                 INSERT INTO {FLOOR_HISTORY} (target_id, from_state, to_state, at) SELECT id, 'pending', 'queued', \
+                 now() FROM moved"
+            ),
+        ] {
+            let written = txn.execute(Statement::from_string(DbBackend::Postgres, sql)).await?.rows_affected();
+            // Each statement writes every row of the round, or the round is
+            // not the fixed unit of work it stands for.
+            if written != self.rows as u64 {
+                return Err(Error::Conflict(format!(
+                    "a dispatch floor round wrote {written} rows in one statement, not {}: the scratch tables were \
+                     not empty",
+                    self.rows
+                )));
+            }
+        }
+        txn.commit().await?;
+        Ok(started.elapsed())
+    }
+
+    /// Drops the scratch tables.
+    pub async fn drop_tables(self, store: &Store) -> Result<()> {
+        execute(store, &format!("DROP TABLE IF EXISTS {FLOOR_TARGETS}, {FLOOR_HISTORY}")).await
+    }
+}

@@ -68,3 +68,33 @@ async fn a_service_refuses_an_unmigrated_database_and_says_what_to_do() {
     assert!(matches!(error, Error::NotMigrated { .. }), "{error}");
     assert!(error.to_string().contains("run `fleetpatch migrate`"), "{error}");
 }
+
+#[tokio::test]
+async fn the_dispatch_floor_writes_the_same_rows_every_round_and_drops_its_tables() {
+    use fleetpatch_store::ceiling::DispatchFloor;
+    use sea_orm::{ConnectionTrait, DbBackend, Statement};
+    let database = make_database().await;
+    let store = &database.store;
+    let sql = sea_orm::Database::connect(&database.options.url).await.expect("a plain connection");
+    let count = |query: &'static str| {
+        let sql = &sql;
+        async move {
+            let row = sql.query_one(Statement::from_string(DbBackend::Postgres, query)).await.expect(query);
+            row.expect("a row").try_get_by_index::<i64>(0).expect("a count")
+        }
+    };
+    let floor = DispatchFloor::create(store, 700).await.expect("the scratch tables");
+    // Every round starts from empty tables and leaves 700 queued rows and
+    // their 700 history rows, however many rounds ran before.
+    for _ in 0..3 {
+        floor.run(store).await.expect("a round");
+        assert_eq!(count("SELECT count(*) FROM bench_dispatch_floor WHERE state = 'queued'").await, 700);
+        assert_eq!(count("SELECT count(*) FROM bench_dispatch_floor").await, 700);
+        assert_eq!(count("SELECT count(*) FROM bench_dispatch_floor_history").await, 700);
+    }
+    floor.drop_tables(store).await.expect("drop");
+    let left = "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'bench_dispatch_floor%'";
+    assert_eq!(count(left).await, 0, "the scratch tables are dropped");
+    sql.close().await.expect("close");
+    database.tear_down().await;
+}
