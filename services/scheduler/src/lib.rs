@@ -265,6 +265,7 @@ pub async fn start(
             credential_names: options.credential_names.clone(),
         }),
         auth: auth::Authenticator::new(store.clone(), oidc.clone()),
+        creates: Arc::new(tokio::sync::Semaphore::new(api::MAX_CONCURRENT_CREATES)),
     };
     let console = console::ConsoleState { api: api_state.clone(), tls: options.http.tls.is_some() };
     let app =

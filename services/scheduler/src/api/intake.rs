@@ -30,6 +30,18 @@ const READ_BUFFER: usize = 256 * 1024;
 /// Creates the rollout `body` describes ([`super::create`]'s rules, applied
 /// as the body is read).
 pub(crate) async fn create_streamed(state: &ApiState, body: Body) -> Result<fleetpatch_store::Rollout, Problem> {
+    // Held until the rollout is created or refused: its spool is gone then.
+    let _slot = state.creates.clone().try_acquire_owned().map_err(|_| {
+        Problem::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "Too many requests",
+            format!(
+                "{MAX_CONCURRENT_CREATES} rollouts are being created at once, each spooling up to {} MiB to the \
+                 scheduler's content directory; retry when one of them is done",
+                MAX_ROLLOUT_BODY_BYTES >> 20
+            ),
+        )
+    })?;
     let started = std::time::Instant::now();
     let file = spool(body, &state.content_dir, MAX_ROLLOUT_BODY_BYTES).await?;
     let spooled = started.elapsed();

@@ -178,3 +178,25 @@ async fn a_body_over_the_limit_is_refused_while_it_is_read() {
     let at_the_limit = Body::from(vec![b' '; 3_500]);
     assert!(super::intake::spool(at_the_limit, dir.path(), 3_500).await.is_ok());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creates_beyond_the_limit_at_once_are_refused_and_every_slot_comes_back() {
+    let api = start_api(policy()).await;
+    let targets: Vec<_> = (0..5).map(sim_target).collect();
+    // Every slot taken, as by MAX_CONCURRENT_CREATES bodies still arriving.
+    let held = api.creates.clone().try_acquire_many_owned(MAX_CONCURRENT_CREATES as u32).unwrap();
+    let (status, problem) = post(&api, body(&targets, rest())).await;
+    assert_eq!(status, 429, "{problem}");
+    let detail = problem["detail"].as_str().unwrap();
+    assert!(detail.contains(&format!("{MAX_CONCURRENT_CREATES} rollouts are being created at once")), "{detail}");
+    assert!(api.store.list_rollouts(10).await.unwrap().is_empty(), "nothing was created");
+    // One done: the next is taken; a refused and a created one give their
+    // slot back.
+    drop(held);
+    let (status, created) = post(&api, body(&targets, rest())).await;
+    assert_eq!(status, 201, "{created}");
+    let (status, problem) = post(&api, body(&[], rest())).await;
+    assert_eq!(status, 422, "{problem}");
+    assert_eq!(api.creates.available_permits(), MAX_CONCURRENT_CREATES);
+    api.stop.trigger();
+}

@@ -25,6 +25,11 @@ pub const TRANSPORTS: [&str; 3] = ["sim", "ssh", "smb"];
 /// Largest `POST /v1/rollouts` body: room for the largest rollout
 /// `scheduler.max_targets_per_rollout` may allow (1,000,000 short targets).
 pub const MAX_ROLLOUT_BODY_BYTES: usize = 256 * 1024 * 1024;
+/// Rollouts `POST /v1/rollouts` creates at once. Each spools its body (up to
+/// [`MAX_ROLLOUT_BODY_BYTES`]) to the content directory while it is read, so
+/// the content volume needs at most this many times that in free space; one
+/// more is refused with 429 until one of them is done.
+pub const MAX_CONCURRENT_CREATES: usize = 4;
 /// Events of a target per page of `GET /v1/targets/{id}` unless
 /// `events_limit` says otherwise, and the most a page may hold.
 pub const DEFAULT_EVENTS_PAGE: u64 = 1_000;
@@ -40,6 +45,8 @@ pub struct ApiState {
     pub input: Arc<InputPolicy>,
     /// Checks the credential of every `/v1` request and audits its calls.
     pub auth: crate::auth::Authenticator,
+    /// One permit per rollout being created ([`MAX_CONCURRENT_CREATES`]).
+    pub creates: Arc<tokio::sync::Semaphore>,
 }
 
 /// What requests are checked against: the configured limits and the names

@@ -12,6 +12,8 @@ pub(crate) struct Api {
     pub store: Store,
     pub dir: TempDir,
     pub stop: fleetpatch_runtime::Shutdown,
+    /// The API's create slots ([`crate::api::MAX_CONCURRENT_CREATES`]).
+    pub creates: Arc<tokio::sync::Semaphore>,
 }
 
 /// A directory removed when the test ends.
@@ -32,6 +34,7 @@ pub(crate) async fn start_api(input: crate::api::InputPolicy) -> Api {
     store.migrate().await.unwrap();
     let viewer_key = store.create_api_key("relay", Role::Viewer, None).await.unwrap().expose_secret().to_owned();
     let operator_key = store.create_api_key("ops", Role::Operator, None).await.unwrap().expose_secret().to_owned();
+    let creates = Arc::new(tokio::sync::Semaphore::new(crate::api::MAX_CONCURRENT_CREATES));
     let app = crate::api::router(crate::api::ApiState {
         store: store.clone(),
         bus: fleetpatch_bus::Bus::new(Arc::new(fleetpatch_bus::memory::MemoryBackend::new(
@@ -42,6 +45,7 @@ pub(crate) async fn start_api(input: crate::api::InputPolicy) -> Api {
         content_dir: dir.join("content"),
         input: Arc::new(input),
         auth: crate::auth::Authenticator::new(store.clone(), None),
+        creates: creates.clone(),
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
@@ -50,5 +54,5 @@ pub(crate) async fn start_api(input: crate::api::InputPolicy) -> Api {
     tokio::spawn(async move {
         fleetpatch_runtime::http::serve(listener, app, Default::default(), async move { drain.wait().await }).await
     });
-    Api { url, viewer_key, operator_key, store, dir: TempDir(dir), stop }
+    Api { url, viewer_key, operator_key, store, dir: TempDir(dir), stop, creates }
 }
