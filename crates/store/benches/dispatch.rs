@@ -94,16 +94,25 @@ fn median(mut values: Vec<f64>) -> f64 {
     }
 }
 
-/// Median dispatch ms, median floor ms and median dispatch/floor ratio of
-/// the rounds in `[from, to)`, and how many rounds that is.
-fn tenth(rounds: &[Round], from: usize, to: usize) -> (f64, f64, f64, usize) {
+/// Medians over the rounds of one tenth of the targets.
+#[derive(Clone, Copy)]
+struct Tenth {
+    dispatch_ms: f64,
+    floor_ms: f64,
+    /// The median of each round's dispatch / floor.
+    ratio: f64,
+    rounds: usize,
+}
+
+/// The [`Tenth`] of the rounds in `[from, to)`.
+fn tenth(rounds: &[Round], from: usize, to: usize) -> Tenth {
     let picked = rounds_in(rounds, from, to);
-    (
-        median(picked.iter().map(|r| r.seconds * 1_000.0).collect()),
-        median(picked.iter().map(|r| r.floor * 1_000.0).collect()),
-        median(picked.iter().map(|r| r.seconds / r.floor).collect()),
-        picked.len(),
-    )
+    Tenth {
+        dispatch_ms: median(picked.iter().map(|r| r.seconds * 1_000.0).collect()),
+        floor_ms: median(picked.iter().map(|r| r.floor * 1_000.0).collect()),
+        ratio: median(picked.iter().map(|r| r.seconds / r.floor).collect()),
+        rounds: picked.len(),
+    }
 }
 
 #[tokio::main]
@@ -150,22 +159,22 @@ async fn main() {
         started.elapsed().as_secs_f64()
     );
     let tenths: Vec<_> = (0..10).map(|d| tenth(&rounds, targets * d / 10, targets * (d + 1) / 10)).collect();
-    let row = |pick: fn(&(f64, f64, f64, usize)) -> f64, digits: usize| {
+    let row = |pick: fn(&Tenth) -> f64, digits: usize| {
         tenths.iter().map(|t| format!("{:.*}", digits, pick(t))).collect::<Vec<_>>().join(" ")
     };
     println!("by tenth of the targets, medians:");
-    println!("  per dispatch (ms)        {}", row(|t| t.0, 0));
-    println!("  floor beside it (ms)     {}", row(|t| t.1, 0));
-    println!("  dispatch / floor         {}", row(|t| t.2, 2));
+    println!("  per dispatch (ms)        {}", row(|t| t.dispatch_ms, 0));
+    println!("  floor beside it (ms)     {}", row(|t| t.floor_ms, 0));
+    println!("  dispatch / floor         {}", row(|t| t.ratio, 2));
     let (first, last) = (tenths[0], tenths[9]);
     println!(
         "last 10 % / first 10 % ({} and {} dispatches): dispatch x{:.2}, floor x{:.2}, dispatch / floor x{:.2} \
          (the rollout's own slowdown; 1.00 = none)",
-        last.3,
-        first.3,
-        last.0 / first.0,
-        last.1 / first.1,
-        last.2 / first.2
+        last.rounds,
+        first.rounds,
+        last.dispatch_ms / first.dispatch_ms,
+        last.floor_ms / first.floor_ms,
+        last.ratio / first.ratio
     );
     println!(
         "dispatch / floor, least-squares line over all {} dispatches: x{:.2} from the first to the last",

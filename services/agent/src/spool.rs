@@ -287,7 +287,8 @@ impl Spool {
     pub fn remove_through(&mut self, through: u64) -> Result<(), Error> {
         let (mut reports, mut bytes) = self.acknowledged_in_file;
         while let Some(report) = self.pending.front().filter(|report| report.seq <= through) {
-            bytes += report.encoded_len() + prost::encoding::encoded_len_varint(report.encoded_len() as u64);
+            let length = report.encoded_len();
+            bytes += prost::encoding::encoded_len_varint(length as u64) + length;
             reports += 1;
             self.pending.pop_front();
         }

@@ -31,7 +31,7 @@ const READ_BUFFER: usize = 256 * 1024;
 /// as the body is read).
 pub(crate) async fn create_streamed(state: &ApiState, body: Body) -> Result<fleetpatch_store::Rollout, Problem> {
     // Held until the rollout is created or refused: its spool is gone then.
-    let _slot = state.creates.clone().try_acquire_owned().map_err(|_| {
+    let _slot = state.creates.try_acquire().map_err(|_| {
         Problem::new(
             StatusCode::TOO_MANY_REQUESTS,
             "Too many requests",
