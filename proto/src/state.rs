@@ -37,7 +37,7 @@ pub enum TargetState {
     Offline,
     /// The agent reported success and the rollout's reboot policy asks for
     /// a reboot: the agent requested it, and the worker waits for the
-    /// machine to come back (its port answers and its boot time changed),
+    /// machine to come back (its port answers and its boot changed),
     /// then runs the verification scan. Holds its slot.
     Rebooting,
 }

@@ -416,15 +416,20 @@ async fn a_machine_that_reboots_is_verified_when_it_is_back_and_one_that_never_r
     let states: Vec<TargetState> = targets.iter().map(|t| t.state).collect();
     assert_eq!(states, [TargetState::Succeeded, TargetState::Failed, TargetState::Succeeded], "{targets:#?}");
 
-    // The one that rebooted: running → rebooting → succeeded, its verdict from the scan after the reboot.
+    // The one that rebooted: running → rebooting → succeeded, its verdict
+    // from the scan after the reboot. (On a loaded machine the sim agent's
+    // final result can arrive before the worker moved the target on from
+    // `installing`; the store takes it from there, as from `running`.)
     let store = &sandbox.store;
     let moves = |id| async move {
         store.transitions(id).await.unwrap().into_iter().map(|t| (t.from, t.to)).collect::<Vec<_>>()
     };
     let rebooted = moves(targets[0].id).await;
-    assert!(
-        rebooted.ends_with(&[("running".into(), "rebooting".into()), ("rebooting".into(), "succeeded".into())]),
-        "{rebooted:?}"
+    let [.., (before, to_rebooting), (from_rebooting, succeeded)] = rebooted.as_slice() else { panic!("{rebooted:?}") };
+    assert!(matches!(before.as_str(), "running" | "installing"), "{rebooted:?}");
+    assert_eq!(
+        (to_rebooting.as_str(), from_rebooting.as_str(), succeeded.as_str()),
+        ("rebooting", "rebooting", "succeeded")
     );
     assert_eq!(targets[0].verified_state.as_deref(), Some("all_installed"));
     assert_eq!(targets[0].reboot_until, None);

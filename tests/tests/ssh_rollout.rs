@@ -39,7 +39,7 @@ async fn five_ssh_targets_install_a_script_and_a_deb_through_the_real_agent() {
     let (fleet, sandbox) = ssh_sandbox(5, |_| {}).await;
     let marker = "script-ran";
     // The script records the agent that runs it: the pid file exists only
-    // on the detached path, and `setsid` made the agent a session leader.
+    // on the detached path, and `run --detach` made the agent a session leader (setsid).
     let shell = script(
         &sandbox,
         "hello-script",
@@ -339,10 +339,10 @@ async fn a_machine_whose_sshd_is_down_waits_offline_and_is_deployed_when_it_answ
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_machine_rebooted_after_its_deployment_is_verified_on_its_new_boot_and_one_that_never_reboots_fails() {
-    // Each peer shows a boot time of its own in /proc/stat; the agents'
-    // reboot command only asks the test for the reboot, which restarts the
-    // peer's sshd with a later boot time.
-    let peer_options = SshPeerOptions { dpkg_root: true, own_boot_time: true, ..SshPeerOptions::default() };
+    // Each peer shows a boot id of its own; the agents' reboot command only
+    // asks the test for the reboot, which restarts the peer's sshd with a
+    // new boot id.
+    let peer_options = SshPeerOptions { dpkg_root: true, own_boot: true, ..SshPeerOptions::default() };
     let (mut fleet, sandbox) = ssh_sandbox_with(2, peer_options, |options| {
         options.reboot_check_seconds = vec![1];
         options.unix_reboot_command = Some(format!("touch \"${PEER_DIR_VAR}/{REBOOT_REQUEST}\""));
@@ -372,7 +372,8 @@ async fn a_machine_rebooted_after_its_deployment_is_verified_on_its_new_boot_and
             (now.state == TargetState::Rebooting).then_some(now)
         })
         .await;
-    assert_eq!(rebooting.boot_id.as_deref(), Some("1700000000"), "the probe read the peer's boot time");
+    assert_eq!(rebooting.boot_id, fleet.peers()[0].boot_id(), "the probe read the peer's boot id");
+    assert_ne!(fleet.peers()[0].boot_id(), fleet.peers()[1].boot_id(), "each peer has a boot of its own");
     tokio::task::block_in_place(|| fleet.peer_mut(0).reboot(Duration::from_secs(2))).expect("reboot the first peer");
 
     sandbox.wait_for_rollout_state(id, RolloutState::Completed, Duration::from_secs(120)).await;
@@ -387,11 +388,11 @@ async fn a_machine_rebooted_after_its_deployment_is_verified_on_its_new_boot_and
     );
     assert_eq!(installed_version(&fleet.peers()[0], &package).as_deref(), Some("1.0-1"));
 
-    // The second asked too, but its machine never rebooted: same boot time until reboot_timeout.
+    // The second asked too, but its machine never rebooted: same boot id until reboot_timeout.
     assert!(fleet.peers()[1].reboot_requested());
     let stuck = sandbox.store.target(second).await.unwrap();
     assert_eq!(stuck.state, TargetState::Failed);
     let error = stuck.error.unwrap_or_default();
-    assert!(error.contains("did not come back after reboot") && error.contains("boot time has not changed"), "{error}");
+    assert!(error.contains("did not come back after reboot") && error.contains("boot has not changed"), "{error}");
     sandbox.stop().await;
 }

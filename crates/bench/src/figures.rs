@@ -265,6 +265,15 @@ pub(crate) fn print_figures(f: &Figures) {
                         database / least
                     );
                 }
+                if !cpu.postgresql_by_client.is_empty() {
+                    let split: Vec<String> =
+                        cpu.postgresql_by_client.iter().map(|(name, micros)| format!("{name} {micros:.1}")).collect();
+                    println!(
+                        "                        PostgreSQL µs per report by whose connection it served (live \
+                         processes): {}",
+                        split.join(", ")
+                    );
+                }
             }
         };
         let run = |label: &str, r: &CollectorRun| {

@@ -114,6 +114,7 @@ pub struct BenchArgs {
 
 mod figures;
 mod load;
+mod pgclients;
 mod proc;
 
 use figures::*;
@@ -684,17 +685,24 @@ mod tests {
     #[test]
     fn cpu_per_report_splits_the_machine_and_bounds_the_rate() {
         let group = |pairs: &[(&str, f64)]| pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+        let backends = |rows: &[(u32, &str, f64)]| {
+            rows.iter()
+                .map(|(pid, owner, seconds)| (*pid, pgclients::Backend { owner: owner.to_string(), seconds: *seconds }))
+                .collect()
+        };
         let before = CpuSnapshot {
             cores: 2,
             machine: 100.0,
             machine_total: 200.0,
             groups: group(&[("collector", 10.0), ("postgresql", 20.0)]),
+            postgres_backends: backends(&[(7, "collector", 5.0), (8, "server", 1.0)]),
         };
         let after = CpuSnapshot {
             cores: 2,
             machine: 101.5,
             machine_total: 202.0,
             groups: group(&[("collector", 10.5), ("postgresql", 21.0), ("bench agents", 0.0)]),
+            postgres_backends: backends(&[(7, "collector", 5.8), (8, "server", 1.1), (9, "scheduler", 0.05)]),
         };
         // 10,000 reports in 1 s: 1.5 CPU s of 2, 150 µs per report, of which the
         // collector 50, PostgreSQL 100, and nothing left for the rest.
@@ -705,6 +713,11 @@ mod tests {
         assert!((cpu.micros_per_report["postgresql"] - 100.0).abs() < 1e-9, "{cpu:?}");
         assert_eq!(cpu.micros_per_report["bench agents"], 0.0);
         assert!(cpu.micros_per_report["other"].abs() < 1e-9, "{cpu:?}");
+        // PostgreSQL's split by client: 0.8 s for the collector's connections,
+        // 0.1 s its own processes, 0.05 s a client first seen in the later one.
+        assert!((cpu.postgresql_by_client["collector"] - 80.0).abs() < 1e-9, "{cpu:?}");
+        assert!((cpu.postgresql_by_client["server"] - 10.0).abs() < 1e-9, "{cpu:?}");
+        assert!((cpu.postgresql_by_client["scheduler"] - 5.0).abs() < 1e-9, "{cpu:?}");
         assert!((cpu.machine_micros_per_report - 150.0).abs() < 1e-9, "{cpu:?}");
         // 2 cores ÷ 150 µs = 13,333 reports/s at most.
         assert!((cpu.machine_bound_per_second - 2.0e6 / 150.0).abs() < 1e-6, "{cpu:?}");

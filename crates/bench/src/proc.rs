@@ -59,6 +59,9 @@ pub(crate) struct CpuSnapshot {
     /// come out busier than every core.
     pub(crate) machine_total: f64,
     pub(crate) groups: BTreeMap<String, f64>,
+    /// PostgreSQL's live processes by pid: whose work they did, their CPU
+    /// seconds (see [`crate::pgclients`]).
+    pub(crate) postgres_backends: BTreeMap<u32, crate::pgclients::Backend>,
 }
 
 /// Processes counted by their command name, with the children they reaped.
@@ -72,13 +75,14 @@ impl CpuSnapshot {
         let (cores, machine, machine_total) =
             std::fs::read_to_string("/proc/stat").ok().map(|text| Self::machine_busy(&text)).unwrap_or((0, 0.0, 0.0));
         let mut groups = BTreeMap::new();
-        for (name, pid) in
-            services.iter().map(|(name, pid)| (name.as_str(), *pid)).chain([(this_process, std::process::id())])
-        {
-            if let Some(seconds) = proc_cpu_seconds(pid) {
-                groups.insert(name.to_owned(), seconds);
+        let clients: Vec<(String, u32)> =
+            services.iter().cloned().chain([(this_process.to_owned(), std::process::id())]).collect();
+        for (name, pid) in &clients {
+            if let Some(seconds) = proc_cpu_seconds(*pid) {
+                groups.insert(name.clone(), seconds);
             }
         }
+        let postgres_backends = crate::pgclients::postgres_by_client(&clients);
         for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
             if !entry.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
                 continue;
@@ -90,7 +94,7 @@ impl CpuSnapshot {
                 *groups.entry((*group).to_owned()).or_default() += seconds;
             }
         }
-        Self { cores, machine, machine_total, groups }
+        Self { cores, machine, machine_total, groups, postgres_backends }
     }
 
     /// (CPUs, busy seconds of all of them, all seconds of all of them)
@@ -123,6 +127,10 @@ impl CpuSnapshot {
             micros_per_report.insert(name.clone(), spent * 1e6 / reports);
         }
         micros_per_report.insert("other".to_owned(), (busy - counted).max(0.0) * 1e6 / reports);
+        let postgresql_by_client = crate::pgclients::spent_by_owner(&self.postgres_backends, &later.postgres_backends)
+            .into_iter()
+            .map(|(name, spent)| (name, spent * 1e6 / reports))
+            .collect();
         CpuPerReport {
             cores: later.cores,
             machine_busy: if total > 0.0 {
@@ -133,6 +141,7 @@ impl CpuSnapshot {
                 0.0
             },
             micros_per_report,
+            postgresql_by_client,
             machine_micros_per_report: busy * 1e6 / reports,
             machine_bound_per_second: if busy > 0.0 { later.cores as f64 * reports / busy } else { 0.0 },
         }
@@ -148,6 +157,10 @@ pub(crate) struct CpuPerReport {
     /// CPU µs per report of each process group; `other` is the rest of the
     /// machine's busy time (other processes, the kernel's own threads).
     pub(crate) micros_per_report: BTreeMap<String, f64>,
+    /// PostgreSQL's CPU µs per report by whose connection its live
+    /// processes served (`server`: its own background processes).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub(crate) postgresql_by_client: BTreeMap<String, f64>,
     /// The machine's busy CPU µs per report, all groups together.
     pub(crate) machine_micros_per_report: f64,
     /// Cores ÷ busy CPU time per report: the most reports per second this

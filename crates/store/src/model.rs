@@ -259,7 +259,7 @@ pub struct Target {
     /// `relay http://…` (its agent pulled them), or `push: relay http://…
     /// did not answer (…)`. None before the worker staged the deployment.
     pub delivery: Option<String>,
-    /// The boot the probe found (boot time, or another value that changes
+    /// The boot the probe found (boot id, boot time, or another value that changes
     /// with every boot), when the transport can read one.
     pub boot_id: Option<String>,
     #[serde(skip)]

@@ -24,6 +24,18 @@ use crate::{Result, Store};
 /// its rows taken by another one.
 pub const OUTBOX_LEASE: Duration = Duration::from_secs(90);
 
+/// A relay's claim on PostgreSQL: rows another relay is claiming right now
+/// are skipped, not waited for. `$1`: the lease's end, `$2`: now (ms since
+/// the epoch), `$3`: the most rows.
+const CLAIM_POSTGRES: &str = "UPDATE outbox SET claimed_until_ms = $1 WHERE id IN (SELECT id FROM outbox \
+     WHERE claimed_until_ms IS NULL OR claimed_until_ms < $2 ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED) \
+     RETURNING id, exchange, routing_key, payload, headers";
+
+/// The same claim elsewhere (SQLite: one writer at a time, no row locks).
+const CLAIM_PORTABLE: &str = "UPDATE outbox SET claimed_until_ms = ? WHERE id IN (SELECT id FROM outbox \
+     WHERE claimed_until_ms IS NULL OR claimed_until_ms < ? ORDER BY id LIMIT ?) \
+     RETURNING id, exchange, routing_key, payload, headers";
+
 fn ids_list(ids: &[i64]) -> String {
     ids.iter().map(i64::to_string).collect::<Vec<_>>().join(",")
 }
@@ -33,17 +45,16 @@ impl Store {
     pub async fn relay_outbox(&self, bus: &Bus, limit: u64) -> Result<usize> {
         let now_ms = fleetpatch_bus::now_unix_ms();
         let until_ms = now_ms + OUTBOX_LEASE.as_millis() as i64;
-        let lock = match self.backend() {
-            DbBackend::Postgres => " FOR UPDATE SKIP LOCKED",
-            _ => "",
-        };
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         // One statement (autocommitted): the rows are claimed, not locked.
-        let sql = format!(
-            "UPDATE outbox SET claimed_until_ms = {until_ms} WHERE id IN (SELECT id FROM outbox \
-             WHERE claimed_until_ms IS NULL OR claimed_until_ms < {now_ms} ORDER BY id LIMIT {limit}{lock}) \
-             RETURNING id, exchange, routing_key, payload, headers"
-        );
-        let rows = self.db.query_all(Statement::from_string(self.backend(), sql)).await?;
+        // Its text never changes (the times and the limit are parameters),
+        // so each connection parses and plans it once, not at every pass.
+        let claim = match self.backend() {
+            DbBackend::Postgres => CLAIM_POSTGRES,
+            _ => CLAIM_PORTABLE,
+        };
+        let values = vec![until_ms.into(), now_ms.into(), limit.into()];
+        let rows = self.db.query_all(Statement::from_sql_and_values(self.backend(), claim, values)).await?;
         if rows.is_empty() {
             return Ok(0);
         }
@@ -51,8 +62,17 @@ impl Store {
         let count = messages.len();
         match bus.publish(messages).await {
             Ok(()) => {
-                let sql = format!("DELETE FROM outbox WHERE id IN ({})", ids_list(&ids));
-                self.db.execute(Statement::from_string(self.backend(), sql)).await?;
+                let delete = match self.backend() {
+                    DbBackend::Postgres => Statement::from_sql_and_values(
+                        DbBackend::Postgres,
+                        "DELETE FROM outbox WHERE id = ANY($1)",
+                        [crate::ops::pg_array(sea_orm::sea_query::ArrayType::BigInt, ids.iter().copied())],
+                    ),
+                    backend => {
+                        Statement::from_string(backend, format!("DELETE FROM outbox WHERE id IN ({})", ids_list(&ids)))
+                    }
+                };
+                self.db.execute(delete).await?;
                 Ok(count)
             }
             Err(error) => {

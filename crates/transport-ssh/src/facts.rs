@@ -191,13 +191,27 @@ pub fn probe_report(output: &str, patches: &[PatchProbe]) -> (ProbeReport, Admin
         is_admin: admin.is_admin(),
         installed: installed_patches(patches, output),
         details,
-        boot_id: body("boot")
-            .first()
-            .map(|line| line.trim())
-            .filter(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()))
-            .map(bounded),
+        boot_id: body("boot").first().map(|line| line.trim()).filter(|t| is_boot_id(t)).map(bounded),
     };
     (report, admin)
+}
+
+/// What the facts script prints as the boot's identity: the kernel's boot
+/// id (`/proc/sys/kernel/random/boot_id`, 36 characters of hex digits and
+/// dashes), or where there is none the boot time (digits). Anything else is
+/// no identity at all.
+pub(crate) fn is_boot_id(text: &str) -> bool {
+    let time = !text.is_empty() && text.len() <= 20 && text.bytes().all(|b| b.is_ascii_digit());
+    let id =
+        text.len() == 36
+            && text.bytes().enumerate().all(|(i, b)| {
+                if [8, 13, 18, 23].contains(&i) {
+                    b == b'-'
+                } else {
+                    b.is_ascii_hexdigit()
+                }
+            });
+    time || id
 }
 
 fn bounded(value: &str) -> String {
@@ -298,9 +312,14 @@ mod tests {
     }
 
     #[test]
-    fn a_boot_line_that_is_not_a_number_is_no_boot_id() {
+    fn a_boot_line_that_is_neither_a_boot_id_nor_a_number_is_no_boot_id() {
         let (report, _) = probe_report("@@fleetpatch boot\nbtime? $(reboot)\n", &[]);
         assert_eq!(report.boot_id, None);
+        let (report, _) = probe_report("@@fleetpatch boot\n94106349-d25b-4301-9455-4a307e2d14ac\n", &[]);
+        assert_eq!(report.boot_id.as_deref(), Some("94106349-d25b-4301-9455-4a307e2d14ac"), "the kernel's boot id");
+        for not_an_id in ["94106349-d25b-4301-9455-4a307e2d14a", "94106349xd25b-4301-9455-4a307e2d14ac", "", "12 34"] {
+            assert!(!is_boot_id(not_an_id), "{not_an_id:?}");
+        }
     }
 
     #[test]

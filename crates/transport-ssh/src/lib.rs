@@ -17,8 +17,9 @@
 //!   also hashes what it holds, so installers already there intact are
 //!   skipped; the agent checks every installer's sha256 before it runs it.
 //! - **start_agent**: a transient systemd unit named after the deployment
-//!   where systemd is PID 1, a detached `setsid` process with a pid file
-//!   otherwise. At most one agent per deployment id, ever: a second call
+//!   where systemd is PID 1, otherwise the agent itself detached
+//!   (`run --detach`: it forks into a session of its own and writes a pid
+//!   file). At most one agent per deployment id, ever: a second call
 //!   says [`AgentStart::AlreadyRunning`] (also when that agent already ran
 //!   to its end, so a taken-over job never runs the patches twice).
 //! - **cleanup**: stops the unit or the process group, removes the staging
@@ -433,9 +434,6 @@ impl Transport for SshTransport {
         let mut missing = Vec::new();
         if !(has("sha256sum") || has("sha256") || has("shasum")) {
             missing.push("sha256sum (coreutils)");
-        }
-        if !has("systemd-pid1") && !has("setsid") && !has("nohup") {
-            missing.push("setsid or nohup (to start the agent without systemd)");
         }
         let how = if has("systemd-pid1") { "agent as a transient systemd unit" } else { "agent as a detached process" };
         checks.push(if missing.is_empty() {

@@ -81,13 +81,19 @@ pub(crate) fn sections(output: &str) -> Vec<(Vec<&str>, Vec<&str>)> {
 }
 
 /// Facts about the target: OS release, kernel, architecture, account, admin
-/// rights. Sections: `os-release`, `uname`, `hostname`, `boot`, `uid`, `admin`.
+/// rights, boot. Sections: `os-release`, `uname`, `hostname`, `boot`, `uid`,
+/// `admin`.
 ///
 /// Every program the script starts is a fork and an exec on the target (about
-/// a millisecond of its CPU each), so the facts come from as few as can give
-/// them: the shell's own `read` for the os-release file, one `uname` for the
-/// kernel name, release, architecture and host name (the separate calls only
-/// where its answer does not split into those four words), one `id -u`.
+/// a millisecond of its CPU each, most of it the dynamic loader), so on Linux
+/// the facts are read by the shell itself (`read`, no program): the
+/// os-release file, the kernel's name, release, architecture and host name
+/// from `/proc/sys/kernel`, the boot's id from
+/// `/proc/sys/kernel/random/boot_id` (a new one at every boot) and the
+/// effective uid from `/proc/self/status` (the shell's own). Where those
+/// files are missing (another Unix, an old kernel without
+/// `/proc/sys/kernel/arch`), one `uname`, `awk` for the boot time and
+/// `id -u` give them.
 pub(crate) fn facts_script(script: &mut String, use_sudo: bool) {
     marker(script, "os-release");
     script.push_str(
@@ -96,18 +102,44 @@ pub(crate) fn facts_script(script: &mut String, use_sudo: bool) {
          \x20 while IFS= read -r fp_line || [ -n \"$fp_line\" ]; do printf '%s\\n' \"$fp_line\"; done < \"$fp_release\"\n\
          fi\n",
     );
-    // uname prints the fields in a fixed order: name, node, release, machine.
-    script.push_str("set -f; set -- $(uname -s -n -r -m 2>/dev/null); set +f\n");
+    // The four words of `uname -s -n -r -m`: name, node, release, machine.
+    script.push_str(
+        "fp_k=/proc/sys/kernel; fp_s=; fp_n=; fp_r=; fp_m=\n\
+         if [ -r $fp_k/ostype ] && [ -r $fp_k/hostname ] && [ -r $fp_k/osrelease ] && [ -r $fp_k/arch ]; then\n\
+         \x20 read -r fp_s < $fp_k/ostype; read -r fp_n < $fp_k/hostname\n\
+         \x20 read -r fp_r < $fp_k/osrelease; read -r fp_m < $fp_k/arch\n\
+         fi\n\
+         if [ -n \"$fp_s\" ] && [ -n \"$fp_n\" ] && [ -n \"$fp_r\" ] && [ -n \"$fp_m\" ]; then\n\
+         \x20 set -- \"$fp_s\" \"$fp_n\" \"$fp_r\" \"$fp_m\"\n\
+         else\n\
+         \x20 set -f; set -- $(uname -s -n -r -m 2>/dev/null); set +f\n\
+         fi\n",
+    );
     marker(script, "uname");
     script
         .push_str("if [ $# -eq 4 ]; then printf '%s\\n' \"$1\" \"$4\" \"$3\"; else uname -s; uname -m; uname -r; fi\n");
     marker(script, "hostname");
     script.push_str("if [ $# -eq 4 ]; then printf '%s\\n' \"$2\"; else hostname 2>/dev/null || uname -n; fi\n");
-    // The boot time (seconds since the epoch): it changes with every boot.
+    // Changes with every boot: the kernel's boot id, else the boot time
+    // (seconds since the epoch).
     marker(script, "boot");
-    script.push_str("awk '/^btime / {print $2}' /proc/stat 2>/dev/null\n");
+    script.push_str(
+        "fp_boot=; fp_id=/proc/sys/kernel/random/boot_id\n\
+         if [ -r $fp_id ]; then read -r fp_boot < $fp_id; fi\n\
+         if [ -n \"$fp_boot\" ]; then printf '%s\\n' \"$fp_boot\"; else awk '/^btime / {print $2}' /proc/stat 2>/dev/null; fi\n",
+    );
     marker(script, "uid");
-    script.push_str("fp_uid=$(id -u); printf '%s\\n' \"$fp_uid\"\n");
+    // Uid: real, effective, saved, filesystem; `id -u` is the effective one.
+    script.push_str(
+        "fp_uid=\n\
+         if [ -r /proc/self/status ]; then\n\
+         \x20 while read -r fp_key fp_real fp_effective fp_rest; do\n\
+         \x20   if [ \"$fp_key\" = Uid: ]; then fp_uid=$fp_effective; break; fi\n\
+         \x20 done < /proc/self/status\n\
+         fi\n\
+         case $fp_uid in ''|*[!0-9]*) fp_uid=$(id -u);; esac\n\
+         printf '%s\\n' \"$fp_uid\"\n",
+    );
     marker(script, "admin");
     script.push_str("if [ \"$fp_uid\" = 0 ]; then echo root\n");
     if use_sudo {
@@ -213,28 +245,17 @@ pub fn systemd_run_command(deployment_id: &str, paths: &StagingPaths) -> String 
 }
 
 /// The command that starts the agent as a detached process where systemd is
-/// not PID 1: in a session of its own (`setsid`, so it outlives the SSH
-/// session and can be stopped as a process group), immune to hang-ups,
-/// output appended to `agent.log`; the process writes its own pid (which is
-/// also its process-group id) to `agent.pid` before it becomes the agent.
+/// not PID 1: the agent forks into a session of its own (`run --detach`,
+/// so it outlives the SSH session and can be stopped as a session), ignores
+/// hang-ups, writes its pid (also its session id) to `agent.pid`, and the
+/// command returns once that is written: one program started on the target
+/// (it was `setsid`, `sh`, `nohup` and a `sleep` loop for the pid file).
+/// Output is appended to `agent.log`.
 pub fn detached_command(paths: &StagingPaths) -> String {
-    let exec_agent = "echo $$ > \"$1\"; shift; exec nohup \"$@\"";
-    let inner = join(&[
-        "/bin/sh",
-        "-c",
-        exec_agent,
-        "fleetpatch-agent-start",
-        &paths.pid_file,
-        &paths.agent,
-        "run",
-        "--plan",
-        &paths.plan,
-    ]);
     format!(
-        "cd {dir} || exit 1\n\
-         if command -v setsid >/dev/null 2>&1; then\n  setsid {inner} </dev/null >>{log} 2>&1 &\n\
-         else\n  {inner} </dev/null >>{log} 2>&1 &\nfi\n",
+        "cd {dir} && {agent} </dev/null >>{log} 2>&1",
         dir = quote(&paths.dir),
+        agent = join(&[&paths.agent, "run", "--plan", &paths.plan, "--detach", &paths.pid_file]),
         log = quote(&paths.log_file),
     )
 }
@@ -287,13 +308,8 @@ pub(crate) fn start_agent_script(deployment_id: &str, paths: &StagingPaths) -> S
          \x20 if ! {systemd_run} >/dev/null 2>{log}.systemd-run; then\n\
          \x20   cat {log}.systemd-run >&2; rm -f -- {marker}; exit 4\n\
          \x20 fi\n\
-         else\n\
-         {detached}\
-         \x20 i=0\n\
-         \x20 while [ ! -s {pid_file} ] && [ $i -lt 100 ]; do sleep 0.05 2>/dev/null || sleep 1; i=$((i+1)); done\n\
-         \x20 if [ ! -s {pid_file} ]; then\n\
-         \x20   printf 'the agent process did not start (no pid file); see %s\\n' {log} >&2; tail -n 20 {log} >&2; rm -f -- {marker}; exit 4\n\
-         \x20 fi\n\
+         elif ! {{ {detached}; }} || [ ! -s {pid_file} ]; then\n\
+         \x20 printf 'the agent process did not start (no pid file); see %s\\n' {log} >&2; tail -n 20 {log} >&2; rm -f -- {marker}; exit 4\n\
          fi\n\
          printf '{MARKER} agent started %s\\n' \"$mode\"\n",
         agent = quote(&paths.agent),
@@ -422,7 +438,7 @@ pub(crate) fn preflight_script(staging_root: &str, use_sudo: bool, collector: Op
     );
     marker(&mut script, "tools");
     script.push_str(
-        "for tool in sha256sum sha256 shasum setsid nohup systemd-run; do\n\
+        "for tool in sha256sum sha256 shasum systemd-run; do\n\
          \x20 if command -v \"$tool\" >/dev/null 2>&1; then echo \"$tool\"; fi\n\
          done\n\
          if [ -d /run/systemd/system ]; then echo systemd-pid1; fi\n",
@@ -546,9 +562,15 @@ mod tests {
     fn the_detached_command_writes_the_pid_of_the_session_leader() {
         let paths = StagingPaths::new("/var/tmp/fleetpatch", "fp-abc-1");
         let command = detached_command(&paths);
-        assert!(command.contains("setsid /bin/sh -c"), "{command}");
-        assert!(command.contains("exec nohup"), "{command}");
-        assert!(command.contains(">>/var/tmp/fleetpatch/fp-abc-1/agent.log 2>&1 &"), "{command}");
+        assert!(
+            command.contains(
+                "/var/tmp/fleetpatch/fp-abc-1/fleetpatch-agent run --plan /var/tmp/fleetpatch/fp-abc-1/plan.json \
+                 --detach /var/tmp/fleetpatch/fp-abc-1/agent.pid </dev/null \
+                 >>/var/tmp/fleetpatch/fp-abc-1/agent.log 2>&1"
+            ),
+            "{command}"
+        );
+        assert!(!command.trim_end().ends_with('&'), "the agent detaches itself, not the shell: {command}");
     }
 
     #[test]
@@ -594,24 +616,46 @@ mod tests {
         String::from_utf8(output.stdout).unwrap()
     }
 
-    #[test]
-    fn the_facts_script_says_what_the_separate_commands_say() {
+    /// Runs the facts script (after `edit`) and returns each section's body as text.
+    fn facts_sections(edit: impl Fn(String) -> String) -> std::collections::HashMap<String, String> {
         let mut script = String::new();
         facts_script(&mut script, false);
-        let output = run_sh(&script);
-        let sections = sections(&output);
-        let body = |name: &str| -> String {
-            let lines = &sections.iter().find(|(header, _)| header.as_slice() == [name]).expect(name).1;
-            lines.iter().map(|line| format!("{line}\n")).collect()
-        };
-        assert_eq!(body("uname"), run_sh("uname -s; uname -m; uname -r"));
-        assert_eq!(body("hostname"), run_sh("hostname 2>/dev/null || uname -n"));
-        assert_eq!(body("uid"), run_sh("id -u"));
-        assert_eq!(body("boot"), run_sh("awk '/^btime / {print $2}' /proc/stat"));
-        let release = run_sh("cat /etc/os-release 2>/dev/null || cat /usr/lib/os-release 2>/dev/null");
-        assert_eq!(body("os-release").trim_end(), release.trim_end());
+        let output = run_sh(&edit(script));
+        sections(&output)
+            .into_iter()
+            .map(|(header, lines)| (header.join(" "), lines.iter().map(|line| format!("{line}\n")).collect()))
+            .collect()
+    }
+
+    /// What the facts script must say however it reads the facts.
+    fn assert_facts_like_the_programs(body: &std::collections::HashMap<String, String>) {
+        assert_eq!(body["uname"], run_sh("uname -s; uname -m; uname -r"));
+        assert_eq!(body["hostname"], run_sh("hostname 2>/dev/null || uname -n"));
+        assert_eq!(body["uid"], run_sh("id -u"));
         let admin = if run_sh("id -u").trim() == "0" { "root\n" } else { "none\n" };
-        assert_eq!(body("admin"), admin);
+        assert_eq!(body["admin"], admin);
+    }
+
+    #[test]
+    fn the_facts_script_says_what_the_separate_commands_say() {
+        let body = facts_sections(|script| script);
+        assert_facts_like_the_programs(&body);
+        assert_eq!(body["boot"], run_sh("cat /proc/sys/kernel/random/boot_id"));
+        let release = run_sh("cat /etc/os-release 2>/dev/null || cat /usr/lib/os-release 2>/dev/null");
+        assert_eq!(body["os-release"].trim_end(), release.trim_end());
+    }
+
+    #[test]
+    fn the_facts_script_falls_back_to_programs_without_proc() {
+        // The same script on a system without those /proc files.
+        let body = facts_sections(|script| {
+            let script = script.replace("/proc/sys/", "/nonexistent/sys/").replace("/proc/self/", "/nonexistent/self/");
+            assert!(!script.contains("/proc/sys/") && !script.contains("/proc/self/"), "{script}");
+            script
+        });
+        assert_facts_like_the_programs(&body);
+        // awk reads the real /proc/stat: the fallback's own program.
+        assert_eq!(body["boot"], run_sh("awk '/^btime / {print $2}' /proc/stat"));
     }
 
     #[test]

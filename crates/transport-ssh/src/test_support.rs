@@ -138,36 +138,41 @@ pub struct SshPeerOptions {
     /// [`DPKG_ROOT_VAR`] in every session, which an installer's arguments
     /// use as `--root="$FLEETPATCH_TEST_DPKG_ROOT"`.
     pub dpkg_root: bool,
-    /// Give the peer a boot time of its own, so that [`SshPeer::reboot`] is
-    /// a reboot as the worker sees it: sshd starts in a mount namespace in
-    /// which `/proc/stat` is a file of the peer's whose `btime` line each
-    /// reboot moves on. Sessions also get [`PEER_DIR_VAR`], so a test's
-    /// reboot command can ask for the reboot ([`SshPeer::reboot_requested`]).
-    pub own_boot_time: bool,
+    /// Give the peer a boot of its own, so that [`SshPeer::reboot`] is a
+    /// reboot as the worker sees it: sshd starts in a mount namespace in
+    /// which `/proc/sys/kernel/random/boot_id` is a file of the peer's that
+    /// each reboot gives a new id. Sessions also get [`PEER_DIR_VAR`], so a
+    /// test's reboot command can ask for the reboot
+    /// ([`SshPeer::reboot_requested`]).
+    pub own_boot: bool,
 }
 
+/// The lines a stand-in agent script (a test's, in place of
+/// `fleetpatch-agent`) starts with, so it honours `run --plan FILE
+/// --detach PIDFILE` as the agent does: it starts itself again without
+/// `--detach` in a session of its own, whose pid it writes to PIDFILE,
+/// and returns once that is written (exit 1 if it never is).
+pub const STAND_IN_DETACH: &str = "if [ \"$4\" = --detach ]; then\n\
+     \x20 setsid /bin/sh -c 'echo $$ > \"$1\"; shift; exec \"$@\"' stand-in \"$5\" \"$0\" \"$1\" \"$2\" \"$3\" </dev/null &\n\
+     \x20 i=0; while [ ! -s \"$5\" ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done\n\
+     \x20 [ -s \"$5\" ]; exit $?\n\
+     fi\n";
+
 /// Environment variable holding a peer's directory (with
-/// [`SshPeerOptions::own_boot_time`]), set by sshd in every session.
+/// [`SshPeerOptions::own_boot`]), set by sshd in every session.
 pub const PEER_DIR_VAR: &str = "FLEETPATCH_TEST_PEER_DIR";
 
 /// The file whose presence in a peer's directory asks [`SshPeer::reboot`]
 /// for a reboot: `touch "$FLEETPATCH_TEST_PEER_DIR/reboot-requested"`.
 pub const REBOOT_REQUEST: &str = "reboot-requested";
 
-/// A copy of `/proc/stat` whose `btime` line says `boot_time`.
-fn proc_stat_with_boot_time(boot_time: u64) -> io::Result<String> {
-    let real = std::fs::read_to_string("/proc/stat")?;
-    let mut out = String::with_capacity(real.len());
-    for line in real.lines() {
-        if line.starts_with("btime ") {
-            out.push_str(&format!("btime {boot_time}"));
-        } else {
-            out.push_str(line);
-        }
-        out.push('\n');
-    }
-    Ok(out)
+/// The kernel's boot id as the peer shows it, for its `boot`-th boot.
+fn peer_boot_id(port: u16, boot: u32) -> String {
+    format!("{port:08x}-0000-4000-8000-{boot:012x}")
 }
+
+/// The file bind-mounted over the kernel's boot id in the peer's sshd.
+const BOOT_ID_FILE: &str = "boot_id";
 
 /// Environment variable holding a peer's dpkg root (with
 /// [`SshPeerOptions::dpkg_root`]), set by sshd in every session.
@@ -211,8 +216,8 @@ pub struct SshPeer {
     known_hosts: PathBuf,
     staging_root: PathBuf,
     stopped: bool,
-    /// With [`SshPeerOptions::own_boot_time`]: the `btime` the peer shows.
-    boot_time: Option<u64>,
+    /// With [`SshPeerOptions::own_boot`]: how many times the peer booted.
+    boots: Option<u32>,
 }
 
 /// A port that was free a moment ago (sshd binds it next; a lost race is
@@ -330,14 +335,13 @@ impl SshPeer {
             set_env.push(format!("DPKG_ADMINDIR={}", root.join("var/lib/dpkg").display()));
             set_env.push(format!("{DPKG_ROOT_VAR}={}", root.display()));
         }
-        let boot_time = if options.own_boot_time {
+        let boots = if options.own_boot {
             if !quiet_root_profile_possible() {
-                return Err(io::Error::other("a peer's own boot time needs `unshare --mount` (run as root)"));
+                return Err(io::Error::other("a peer's own boot needs `unshare --mount` (run as root)"));
             }
             set_env.push(format!("{PEER_DIR_VAR}={}", dir.path().display()));
-            let boot_time = 1_700_000_000;
-            std::fs::write(dir.path().join("proc-stat"), proc_stat_with_boot_time(boot_time)?)?;
-            Some(boot_time)
+            std::fs::write(dir.path().join(BOOT_ID_FILE), format!("{}\n", peer_boot_id(port, 1)))?;
+            Some(1)
         } else {
             None
         };
@@ -356,7 +360,7 @@ impl SshPeer {
             known_hosts,
             staging_root,
             stopped: true,
-            boot_time,
+            boots,
         })
     }
 
@@ -372,15 +376,16 @@ impl SshPeer {
     fn spawn(&mut self, sshd: &Path) -> io::Result<std::process::Child> {
         let mut command = if quiet_root_profile_possible() {
             let mut command = Command::new("unshare");
-            let proc_stat = match self.boot_time {
-                Some(_) => {
-                    format!("mount --bind '{}' /proc/stat || exit 1; ", self.dir.path().join("proc-stat").display())
-                }
+            let boot_id = match self.boots {
+                Some(_) => format!(
+                    "mount --bind '{}' /proc/sys/kernel/random/boot_id || exit 1; ",
+                    self.dir.path().join(BOOT_ID_FILE).display()
+                ),
                 None => String::new(),
             };
             command
                 .args(["--mount", "--propagation", "private", "/bin/sh", "-c"])
-                .arg(format!("mount --bind /dev/null /root/.bashrc 2>/dev/null; {proc_stat}exec \"$0\" \"$@\""));
+                .arg(format!("mount --bind /dev/null /root/.bashrc 2>/dev/null; {boot_id}exec \"$0\" \"$@\""));
             command.arg(sshd);
             command
         } else {
@@ -570,26 +575,25 @@ impl SshPeer {
         self.dir.path().join(REBOOT_REQUEST).exists()
     }
 
-    /// The boot time the peer shows in `/proc/stat` (with
-    /// [`SshPeerOptions::own_boot_time`]).
-    pub fn boot_time(&self) -> Option<u64> {
-        self.boot_time
+    /// The boot id the peer shows (with [`SshPeerOptions::own_boot`]).
+    pub fn boot_id(&self) -> Option<String> {
+        self.boots.map(|boot| peer_boot_id(self.port, boot))
     }
 
     /// A reboot as the worker sees it: every connection is cut, sshd stops,
-    /// stays down for `down`, and starts again with a later boot time.
-    /// Needs [`SshPeerOptions::own_boot_time`].
+    /// stays down for `down`, and starts again with a new boot id.
+    /// Needs [`SshPeerOptions::own_boot`].
     pub fn reboot(&mut self, down: Duration) -> io::Result<()> {
-        let Some(boot_time) = self.boot_time else {
-            return Err(io::Error::other("this peer has no boot time of its own (SshPeerOptions::own_boot_time)"));
+        let Some(boots) = self.boots else {
+            return Err(io::Error::other("this peer has no boot of its own (SshPeerOptions::own_boot)"));
         };
         let _ = std::fs::remove_file(self.dir.path().join(REBOOT_REQUEST));
         self.signal_connections("KILL");
         self.stop();
         std::thread::sleep(down);
-        let boot_time = boot_time + 3_600;
-        std::fs::write(self.dir.path().join("proc-stat"), proc_stat_with_boot_time(boot_time)?)?;
-        self.boot_time = Some(boot_time);
+        let boots = boots + 1;
+        std::fs::write(self.dir.path().join(BOOT_ID_FILE), format!("{}\n", peer_boot_id(self.port, boots)))?;
+        self.boots = Some(boots);
         self.start_again()
     }
 

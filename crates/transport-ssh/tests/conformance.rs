@@ -10,8 +10,10 @@ use fleetpatch_transport::conformance::{one_patch_deployment, TransportFixture};
 use fleetpatch_transport::{Deployment, PatchProbe, TargetSpec, Transport};
 use fleetpatch_transport_ssh::test_support::{SshPeer, SshPeerOptions};
 
-/// Stays up like an agent installing a long patch.
-const STAND_IN_AGENT: &str = "#!/bin/sh\nsleep 300 &\nwait\n";
+/// Stays up like an agent installing a long patch (and detaches as it does).
+fn stand_in_agent() -> String {
+    format!("#!/bin/sh\n{}sleep 300 &\nwait\n", fleetpatch_transport_ssh::test_support::STAND_IN_DETACH)
+}
 
 const DPKG_STATUS: &str = "Package: fp-conformance-installed\n\
 Status: install ok installed\n\
@@ -34,7 +36,7 @@ async fn ssh_fixture() -> SshFixture {
     std::fs::write(peer.dpkg_root().join("var/lib/dpkg/status"), DPKG_STATUS).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let agent = dir.path().join("agent.sh");
-    std::fs::write(&agent, STAND_IN_AGENT).unwrap();
+    std::fs::write(&agent, stand_in_agent()).unwrap();
     SshFixture { peer, dir, agent }
 }
 

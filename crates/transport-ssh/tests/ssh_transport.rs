@@ -18,12 +18,13 @@ use sha2::{Digest, Sha256};
 
 /// A stand-in agent: records that it ran (pid and arguments) next to its
 /// plan, then stays up like an agent installing a long patch.
-const TEST_AGENT: &str = "#!/bin/sh\n\
-    # fleetpatch-agent run --plan DIR/plan.json\n\
-    dir=$(dirname \"$3\")\n\
-    echo \"$$ $*\" > \"$dir/agent-ran\"\n\
-    sleep 300 &\n\
-    wait\n";
+/// A stand-in for `fleetpatch-agent run --plan DIR/plan.json [--detach PIDFILE]`.
+fn test_agent() -> String {
+    format!(
+        "#!/bin/sh\n{}dir=$(dirname \"$3\")\necho \"$$ $*\" > \"$dir/agent-ran\"\nsleep 300 &\nwait\n",
+        fleetpatch_transport_ssh::test_support::STAND_IN_DETACH
+    )
+}
 
 fn patch(index: u32, name: &str, detection: Option<Detection>) -> PatchProbe {
     PatchProbe { index, name: name.into(), detection }
@@ -54,7 +55,7 @@ struct Fixture {
 fn fixture(installer_bytes: usize) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let agent = dir.path().join("agent.sh");
-    std::fs::write(&agent, TEST_AGENT).unwrap();
+    std::fs::write(&agent, test_agent()).unwrap();
     let installer = (installer_bytes > 0).then(|| {
         let path = dir.path().join("big-installer.deb");
         // Not all zeros: a compressing transport would hide a broken copy.
@@ -160,9 +161,9 @@ async fn probe_with_a_key_reads_os_arch_rights_and_detection_rules() {
     // rule, or an invalid package name cannot be judged on this host.
     assert_eq!(verify.missing, vec![1, 3, 6]);
     assert_eq!(verify.unknown, vec![4, 5, 7]);
-    // The boot time, from /proc/stat: the same on every probe until a reboot.
-    let boot: u64 = report.boot_id.as_deref().expect("a boot time").parse().expect("seconds");
-    assert!(boot > 1_000_000_000, "{boot}");
+    // The kernel's boot id: the same on every probe until a reboot.
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+    assert_eq!(report.boot_id.as_deref(), Some(boot.trim()), "the boot id of the peer's kernel");
     let again = transport.probe(&peer.target(), &[]).await.unwrap();
     assert_eq!(again.boot_id, report.boot_id);
 }
@@ -343,7 +344,7 @@ async fn stage_copies_and_verifies_a_5_mib_installer() {
     assert_eq!(mode(&dir), 0o700);
     let agent = dir.join("fleetpatch-agent");
     assert_eq!(mode(&agent), 0o755);
-    assert_eq!(std::fs::read_to_string(&agent).unwrap(), TEST_AGENT);
+    assert_eq!(std::fs::read_to_string(&agent).unwrap(), test_agent());
     let plan = dir.join("plan.json");
     assert_eq!(mode(&plan), 0o600, "the plan holds the report token");
     let staged_plan: DeploymentPlan = serde_json::from_slice(&std::fs::read(&plan).unwrap()).unwrap();

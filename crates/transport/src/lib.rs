@@ -104,7 +104,7 @@ pub struct ProbeReport {
     pub installed: Vec<u32>,
     /// Anything else worth recording (build number, hostname, ...).
     pub details: BTreeMap<String, String>,
-    /// A value that changes with every boot (the boot time), when the
+    /// A value that changes with every boot (the kernel's boot id, a boot time), when the
     /// transport can read one: after a reboot the worker compares it with
     /// the one the deployment's probe read, to tell a machine that rebooted
     /// from one that has not yet.

@@ -44,6 +44,9 @@ OPTIONS:
     --retry-initial-ms N            first retry delay when the collector is unreachable (default 500)
     --retry-max-ms N                longest retry delay (default 30000)
     --http-timeout-seconds N        connect and read/write timeout per request (default 30)
+    --detach PIDFILE                `run` on Unix: the agent forks into a session of its own (setsid),
+                                    ignores hang-ups and writes its pid to PIDFILE; the command exits 0
+                                    once the pid is written (1 if the agent could not start)
 
 EXIT CODES:
     0  done, every report acknowledged (patch failures are reported, not exit codes)
@@ -63,6 +66,8 @@ pub struct RunOptions {
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
     pub http_timeout: Duration,
+    /// `run --detach PIDFILE` (Unix): see [`crate::detach`].
+    pub detach: Option<PathBuf>,
 }
 
 impl RunOptions {
@@ -76,6 +81,7 @@ impl RunOptions {
             backoff_initial: DEFAULT_BACKOFF_INITIAL,
             backoff_max: DEFAULT_BACKOFF_MAX,
             http_timeout: DEFAULT_HTTP_TIMEOUT,
+            detach: None,
         }
     }
 }
@@ -150,6 +156,13 @@ pub fn parse(arguments: impl IntoIterator<Item = OsString>) -> Result<Invocation
             "--http-timeout-seconds" if subcommand != "check" => {
                 options.http_timeout = Duration::from_secs(number(&name, value()?)?.max(1));
             }
+            "--detach" if subcommand == "run" => {
+                let pid_file = PathBuf::from(value()?);
+                if cfg!(windows) {
+                    return Err(usage("--detach is for Unix targets; on Windows the agent runs as a service"));
+                }
+                options.detach = Some(pid_file);
+            }
             _ => return Err(usage(format!("unknown option {argument:?} for {subcommand}"))),
         }
     }
@@ -206,6 +219,19 @@ mod tests {
     }
 
     #[test]
+    fn only_run_detaches_and_only_on_unix() {
+        let parsed = parse_words("run --plan /p/plan.json --detach /p/agent.pid");
+        if cfg!(windows) {
+            assert!(parsed.unwrap_err().to_string().contains("runs as a service"));
+        } else {
+            let Invocation::Run(options) = parsed.unwrap() else { panic!() };
+            assert_eq!(options.detach, Some(PathBuf::from("/p/agent.pid")));
+        }
+        let Invocation::Run(options) = parse_words("run --plan p").unwrap() else { panic!() };
+        assert_eq!(options.detach, None, "in the foreground unless asked");
+    }
+
+    #[test]
     fn defaults_apply() {
         let Invocation::Drain(options) = parse_words("drain --plan plan.json").unwrap() else { panic!() };
         assert_eq!(options, RunOptions::new(PathBuf::from("plan.json")));
@@ -224,6 +250,8 @@ mod tests {
             ("run --plan p --retry-max-ms soon", "whole number"),
             ("run --plan p --verbose", "unknown option"),
             ("check --plan p --spool s", "unknown option"),
+            ("drain --plan p --detach p.pid", "unknown option"),
+            ("run --plan p --detach", "--detach needs a value"),
         ] {
             let error = parse_words(words).unwrap_err();
             assert!(matches!(error, Error::Usage(_)), "{words}");

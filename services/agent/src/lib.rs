@@ -21,6 +21,8 @@
 //!   delivers it; [`http`]: the minimal HTTP/1.1 client (reports and
 //!   downloads).
 //! * [`log`]: log lines to stderr and a file.
+//! * `detach` (Unix): `run --detach PIDFILE`, the agent leaving the SSH
+//!   session that started it (a session of its own, its pid written).
 //!
 //! **Architecture invariant:** the agent talks to the collector, and to
 //! the relays a plan names for downloads (before an installer runs, never
@@ -35,6 +37,8 @@
 
 pub mod agent;
 pub mod cli;
+#[cfg(unix)]
+pub mod detach;
 pub mod download;
 pub mod http;
 pub mod log;
@@ -68,6 +72,9 @@ pub enum Error {
     Corrupt { path: PathBuf, reason: String },
     #[error("{0}")]
     Usage(String),
+    /// `run --detach`: the forked agent ended before it wrote its pid.
+    #[error("the detached agent did not start (no pid written to {}); its error is above", pid_file.display())]
+    NotDetached { pid_file: PathBuf },
     /// The operating system gave no random bytes (for the agent instance).
     #[error("the operating system gave no random bytes: {0}")]
     Random(String),

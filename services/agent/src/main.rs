@@ -33,7 +33,21 @@ fn main() -> ExitCode {
             );
             DrainOutcome::Drained
         }),
-        Invocation::Run(options) => open_log(&options).and_then(|()| agent::run(&options)).map(|summary| summary.drain),
+        Invocation::Run(options) => {
+            #[cfg(unix)]
+            if let Some(pid_file) = &options.detach {
+                // Before anything else: no thread may exist when it forks.
+                match fleetpatch_agent::detach::detach(pid_file) {
+                    Ok(fleetpatch_agent::detach::Side::Started) => return ExitCode::SUCCESS,
+                    Ok(fleetpatch_agent::detach::Side::Agent) => {}
+                    Err(e) => {
+                        eprintln!("fleetpatch-agent: {e}");
+                        return ExitCode::from(1);
+                    }
+                }
+            }
+            open_log(&options).and_then(|()| agent::run(&options)).map(|summary| summary.drain)
+        }
         Invocation::Drain(options) => open_log(&options).and_then(|()| agent::drain(&options)),
         Invocation::Service(options) => open_log(&options).and_then(|()| service(options)),
     };

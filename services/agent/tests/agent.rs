@@ -544,3 +544,68 @@ fn the_plans_reboot_command_wins_over_the_agents_default() {
     assert_eq!(std::fs::read_to_string(&marker).unwrap(), "from-plan\n", "the worker's command ran");
     assert!(!stage.reboot_marker().exists(), "and not the agent's --reboot-command");
 }
+
+#[test]
+fn a_detached_agent_leads_its_own_session_ignores_hangups_and_runs_the_plan() {
+    let collector = TestCollector::start();
+    let stage = Stage::new();
+    let release = stage.outside("release");
+    let waits = format!("while [ ! -e '{}' ]; do sleep 0.05; done\necho released\n", release.display());
+    stage.write_plan(&collector.url(), &[TestPatch::script("waits", &waits)], 1, "never", false);
+    let pid_file = stage.outside("agent.pid");
+    let log = std::fs::File::create(stage.outside("agent.log")).unwrap();
+    let mut arguments = stage.run_arguments();
+    arguments.extend(["--detach".to_owned(), pid_file.display().to_string()]);
+    // Its output goes to a file, as the start script's does: the detached
+    // agent keeps the descriptors it inherited.
+    let status = std::process::Command::new(agent_binary())
+        .args(&arguments)
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .status()
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+
+    // The command returned while the patch still waits for its release.
+    let pid: u32 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
+    assert!(!process_is_gone(pid), "the agent runs on after the command returned");
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+    // state, ppid, process group, session
+    assert_eq!(fields[2], pid.to_string(), "the agent leads its process group: {stat}");
+    assert_eq!(fields[3], pid.to_string(), "the agent leads a session of its own: {stat}");
+
+    // A hang-up does not end it: the plan still runs to its final result.
+    let hup = std::process::Command::new("kill").args(["-HUP", &pid.to_string()]).status().unwrap();
+    assert!(hup.success());
+    std::fs::write(&release, "").unwrap();
+    wait_until(Duration::from_secs(60), "the detached agent to end", || process_is_gone(pid));
+    let (reports, _) = collector.unique_reports();
+    assert_eq!(outcome(&finished(&reports, 0)), PatchOutcome::Installed, "{:?}", describe_all(&reports));
+    assert!(final_result(&reports).success);
+}
+
+#[test]
+fn a_detached_agent_that_cannot_write_its_pid_file_fails_the_command_and_runs_nothing() {
+    let collector = TestCollector::start();
+    let stage = Stage::new();
+    let marker = stage.outside("ran");
+    stage.write_plan(
+        &collector.url(),
+        &[TestPatch::script("must-not-run", &format!("touch '{}'\n", marker.display()))],
+        1,
+        "never",
+        false,
+    );
+    let pid_file = stage.outside("no-such-directory/agent.pid");
+    let mut arguments = stage.run_arguments();
+    arguments.extend(["--detach".to_owned(), pid_file.display().to_string()]);
+    let output = run_agent(&arguments);
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("write the pid file") && stderr.contains("no-such-directory"), "{stderr}");
+    assert!(stderr.contains("did not start"), "the command says the agent did not start: {stderr}");
+    assert!(!marker.exists(), "no patch ran");
+    assert!(collector.unique_reports().0.is_empty(), "nothing was reported");
+}

@@ -6,7 +6,8 @@
 //!   (back to `pending`, the next check, or `failed` when the time ran
 //!   out); the checks' delays grow along `worker.offline_check_seconds`.
 //! * Rebooting targets (a reboot after a successful deployment): the same
-//!   connect, then a probe for the boot (its boot time) compared with the
+//!   connect, then a probe for the boot (the kernel's boot id over ssh, the last
+//!   shutdown time over smb) compared with the
 //!   one the deployment's probe read, and once the machine is back on a new
 //!   boot the verification scan, whose result is the target's verdict
 //!   ([`fleetpatch_store::RebootCheck`]). Paced by `worker.reboot_check_seconds`.
@@ -115,7 +116,7 @@ impl Worker {
             Err(error) => return down(error),
         };
         let rebooted = match (&target.boot_id, &now.boot_id) {
-            (Some(before), Some(after)) => before != after,
+            (Some(before), Some(after)) if comparable_boots(before, after) => before != after,
             _ => target.went_down_at.is_some(),
         };
         if !rebooted {
@@ -135,6 +136,15 @@ impl Worker {
     }
 }
 
+/// Whether two boot identities can be compared: both the kernel's boot id,
+/// or both a boot time (the digits an `ssh` probe gave before it read the
+/// boot id). Across that change the machine counts as rebooted only when it
+/// was seen down.
+fn comparable_boots(before: &str, after: &str) -> bool {
+    let is_time = |id: &str| !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit());
+    is_time(before) == is_time(after)
+}
+
 /// The delay before the check that follows `done` checks: the steps in
 /// order, then the last one again.
 fn check_delay(steps: &[u64], done: u32) -> Duration {
@@ -143,6 +153,16 @@ fn check_delay(steps: &[u64], done: u32) -> Duration {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_boot_id_is_compared_with_a_boot_id_and_a_boot_time_with_a_boot_time() {
+        let id = "94106349-d25b-4301-9455-4a307e2d14ac";
+        assert!(super::comparable_boots(id, "0f0e6a56-8a3c-4c43-9d3f-2b4b3c1c9e11"));
+        assert!(super::comparable_boots("1796323425", "1796323999"));
+        assert!(super::comparable_boots("boot-1", "boot-2"), "the simulated fleet's ids");
+        assert!(!super::comparable_boots("1796323425", id), "a boot time stored before the boot id was read");
+        assert!(!super::comparable_boots(id, "1796323425"));
+    }
+
     #[test]
     fn checks_wait_longer_each_time_then_repeat_the_last_delay() {
         let steps = [60, 300, 900];

@@ -190,7 +190,7 @@ pub async fn a_machine_that_does_not_come_back_or_never_reboots_fails_and_only_a
     );
     let stuck = state(1).await;
     assert_eq!(stuck.state, TargetState::Failed);
-    assert!(stuck.error.unwrap_or_default().contains("boot time has not changed"));
+    assert!(stuck.error.unwrap_or_default().contains("boot has not changed"));
     assert_eq!(count(&outbox_keys(store).await, routing::CLEANUP), 1, "the machine is there: clean it up");
 
     // `never`: a patch that asks for a reboot does not make the target wait.

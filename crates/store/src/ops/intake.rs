@@ -152,11 +152,15 @@ impl ReportIntake {
 
     /// PostgreSQL: the events, the heartbeats' summaries, the targets'
     /// last-seen times and the patch results of the whole batch in one
-    /// statement whose text never changes (the reports travel as arrays), so
-    /// it is parsed and planned once per connection. A batch without a final
-    /// result needs no more than that statement, which is atomic on its own;
-    /// one with final results runs it and the finals' statements in one
-    /// transaction.
+    /// statement whose text never changes (the reports travel as arrays),
+    /// then the final results' statements, in one transaction.
+    ///
+    /// The transaction plans with `plan_cache_mode = force_generic_plan`
+    /// (`SET LOCAL`: this transaction only, not the pooled connection's
+    /// other users): left to choose, PostgreSQL planned the batch statement
+    /// afresh at every execution (a custom plan for the arrays' lengths),
+    /// about 1 ms of its CPU each time (`pg_stat_statements`: 16,143 plans
+    /// in 16,562 calls, 16.7 s of planning; with the setting 40 plans, 0.1 s).
     async fn apply_reports_postgres(
         &self,
         unique: &[&IncomingReport],
@@ -164,10 +168,8 @@ impl ReportIntake {
         received_at: DateTime<Utc>,
     ) -> Result<HashSet<ReportKey>> {
         let statement = intake_statement(unique, beats, received_at);
-        if !unique.iter().any(|r| matches!(r.kind, ReportKind::Final { .. })) {
-            return fresh_keys(self.store.db.query_all(statement).await?);
-        }
         let txn = self.begin().await?;
+        txn.execute_unprepared("SET LOCAL plan_cache_mode = force_generic_plan").await?;
         let fresh = fresh_keys(txn.query_all(statement).await?)?;
         let finals: Vec<&IncomingReport> = unique
             .iter()
@@ -374,7 +376,7 @@ fn patch_effects<'a>(unique: &[&'a IncomingReport]) -> Vec<PatchEffect<'a>> {
 
 /// A PostgreSQL array parameter (arrays hold no NULLs here: optional
 /// columns travel with a `has_…` array beside them).
-pub(super) fn pg_array<T: Into<sea_orm::Value>>(
+pub(crate) fn pg_array<T: Into<sea_orm::Value>>(
     kind: sea_orm::sea_query::ArrayType,
     items: impl IntoIterator<Item = T>,
 ) -> sea_orm::Value {

@@ -564,6 +564,7 @@ mod heartbeats;
 mod intake;
 mod offline;
 mod reboot;
+pub(crate) use intake::pg_array;
 pub use intake::ReportIntake;
 mod operator;
 mod transition;

@@ -12,7 +12,7 @@
 //! sends a lost one again). A check finds the machine:
 //! * down (its port does not answer, or the login fails): not back yet,
 //!   and `went_down_at` records when it was first seen down;
-//! * up on the same boot (the boot time the probe read before is
+//! * up on the same boot (the boot the probe read before is
 //!   unchanged; a transport that cannot read one counts the machine as
 //!   rebooted once it was seen down and answers again): the reboot has not
 //!   happened yet (`shutdown -r +1` waits a minute);
@@ -174,7 +174,7 @@ impl Store {
                 let span = super::offline::span(reboot_timeout(&txn, target.rollout_id).await?);
                 let detail = format!(
                     "did not come back after reboot within reboot_timeout ({span}): the machine answers, but its \
-                     boot time has not changed (the reboot did not happen)"
+                     boot has not changed (the reboot did not happen)"
                 );
                 let mut sets = reboot_ended(at);
                 sets.push((targets::Column::Error, Expr::value(detail.as_str())));
