@@ -36,12 +36,21 @@ fn os_error(action: &'static str, path: &Path) -> Error {
 /// Forks; see the module's documentation. Call it before any thread starts.
 pub fn detach(pid_file: &Path) -> Result<Side, Error> {
     let mut fds = [0; 2];
-    // SAFETY: `fds` is a valid array of two ints for pipe2 to fill.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+    // SAFETY: `fds` is a valid array of two ints for pipe to fill.
+    if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
         return Err(os_error("create a pipe to detach", pid_file));
     }
-    // SAFETY: pipe2 succeeded, so both descriptors are open and ours alone.
+    // SAFETY: pipe succeeded, so both descriptors are open and ours alone.
     let (read_end, write_end) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // Not inherited by the installers the agent starts. (`pipe2` would set
+    // it at once, but not every Unix has it; no other thread exists to
+    // start a program in between.)
+    for fd in fds {
+        // SAFETY: `fd` is open (owned above); F_SETFD takes an int.
+        if unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } == -1 {
+            return Err(os_error("mark the detach pipe close-on-exec", pid_file));
+        }
+    }
     // SAFETY: no other thread exists yet (the caller's contract), so the
     // child may do anything the parent could.
     match unsafe { libc::fork() } {
