@@ -73,38 +73,32 @@ pub(crate) struct Backend {
     pub(crate) seconds: f64,
 }
 
-/// Now: PostgreSQL's live processes by pid, the clients being `clients`
-/// (name, pid).
-pub(crate) fn postgres_by_client(clients: &[(String, u32)]) -> BTreeMap<u32, Backend> {
+/// Which of `clients` (name, pid) holds each local TCP port now.
+pub(crate) fn port_owners(clients: &[(String, u32)]) -> HashMap<u16, String> {
     let mut inode_ports = HashMap::new();
     for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
         inode_ports.extend(socket_ports(&std::fs::read_to_string(table).unwrap_or_default()));
     }
-    let mut port_owner: HashMap<u16, &str> = HashMap::new();
+    let mut owners = HashMap::new();
     for (name, pid) in clients {
         for inode in socket_inodes(*pid) {
             if let Some(port) = inode_ports.get(&inode) {
-                port_owner.insert(*port, name);
+                owners.insert(*port, name.clone());
             }
         }
     }
-    let mut backends = BTreeMap::new();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(comm) = std::fs::read_to_string(entry.path().join("comm")) else { continue };
-        if comm.trim_end() != "postgres" {
-            continue;
-        }
-        let title = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-        let owner = match client_port(&String::from_utf8_lossy(&title)) {
-            Some(port) => port_owner.get(&port).copied().unwrap_or("other clients"),
-            None => "server",
-        };
-        if let Some(seconds) = schedstat_seconds(pid) {
-            backends.insert(pid, Backend { owner: owner.to_owned(), seconds });
-        }
-    }
-    backends
+    owners
+}
+
+/// The PostgreSQL process `pid` now: whose connection it serves (by its
+/// title's client port, looked up in `owners`) and its CPU seconds.
+pub(crate) fn backend(pid: u32, owners: &HashMap<u16, String>) -> Option<Backend> {
+    let title = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let owner = match client_port(&String::from_utf8_lossy(&title)) {
+        Some(port) => owners.get(&port).map_or("other clients", String::as_str),
+        None => "server",
+    };
+    Some(Backend { owner: owner.to_owned(), seconds: schedstat_seconds(pid)? })
 }
 
 /// The CPU seconds each owner's backends spent between two snapshots: per

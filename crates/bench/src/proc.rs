@@ -82,16 +82,20 @@ impl CpuSnapshot {
                 groups.insert(name.clone(), seconds);
             }
         }
-        let postgres_backends = crate::pgclients::postgres_by_client(&clients);
+        let port_owners = crate::pgclients::port_owners(&clients);
+        let mut postgres_backends = BTreeMap::new();
         for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            if !entry.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
-                continue;
-            }
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
             let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
             let Some((command, fields)) = proc_stat_fields(&stat) else { continue };
             let Some((_, group)) = CPU_GROUPS_BY_COMMAND.iter().find(|(c, _)| *c == command) else { continue };
             if let Some(seconds) = stat_cpu_seconds(&fields, true) {
                 *groups.entry((*group).to_owned()).or_default() += seconds;
+            }
+            if command == "postgres" {
+                if let Some(backend) = crate::pgclients::backend(pid, &port_owners) {
+                    postgres_backends.insert(pid, backend);
+                }
             }
         }
         Self { cores, machine, machine_total, groups, postgres_backends }
