@@ -3,7 +3,8 @@
 //! The same migrations run on PostgreSQL (production) and SQLite (the
 //! embedded default of `fleetpatch demo`), so they use only the portable
 //! schema builder: no backend-specific types, and raw SQL only for one
-//! PostgreSQL storage parameter (`fillfactor` of `targets`, migration 2).
+//! PostgreSQL storage parameter (`fillfactor` of `targets`, migration 2, and
+//! of `target_patches` and `agent_heartbeats`, migration 15).
 //!
 //! Hot paths and their indexes:
 //! * dispatch of the next pending target: `targets (rollout_id, state, wave, ordinal)`,
@@ -16,7 +17,11 @@
 //!   index, so the collector's updates of it are HOT updates on PostgreSQL);
 //! * the collector's idempotent insert: unique `agent_events (target_id, attempt,
 //!   agent_instance, seq)` (migration 7: a second agent run is kept, not deduplicated);
-//! * "which machines still miss KB…": `target_patches (rollout_id, patch_index, state)`;
+//! * a rollout's patch rows for its evidence report: `target_patches (rollout_id,
+//!   target_id, patch_index)` (migration 15: no column a report updates is in an
+//!   index of `target_patches` or `agent_heartbeats`, so on PostgreSQL the
+//!   collector's updates of patches and heartbeat summaries are HOT updates, like
+//!   those of `targets.last_seen_at`);
 //! * an API request's key: unique `api_keys (key_id)`; a rollout's audit trail:
 //!   `audit_log (rollout_id, id)` (migration 4, which also makes `audit_log` append-only).
 
@@ -36,6 +41,7 @@ mod m20261203_000005_reboot;
 mod m20261204_000001_delivery;
 mod m20261204_000002_dispatch_cursor;
 mod m20261204_000003_heartbeat_summary;
+mod m20261205_000001_hot_patch_results;
 
 pub struct Migrator;
 
@@ -57,6 +63,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261204_000001_delivery::Migration),
             Box::new(m20261204_000002_dispatch_cursor::Migration),
             Box::new(m20261204_000003_heartbeat_summary::Migration),
+            Box::new(m20261205_000001_hot_patch_results::Migration),
         ]
     }
 }

@@ -108,7 +108,43 @@ pub(crate) struct CollectorRun {
     pub(crate) all_targets_succeeded: bool,
     /// Where the machine's CPU went during the run, per report.
     pub(crate) cpu: Option<CpuPerReport>,
+    /// PostgreSQL's time by statement during the run, per report, most
+    /// first, when the server has `pg_stat_statements` loaded.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub(crate) statements: Vec<StatementCost>,
 }
+
+/// One statement's time inside PostgreSQL during a run.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct StatementCost {
+    /// The statement's text as PostgreSQL normalized it, shortened.
+    pub(crate) query: String,
+    pub(crate) calls_per_report: f64,
+    pub(crate) micros_per_report: f64,
+}
+
+impl StatementCost {
+    /// The statements between two readings, per report.
+    pub(crate) fn per_report(
+        before: &Option<StatementReadings>,
+        after: &Option<StatementReadings>,
+        reports: usize,
+    ) -> Vec<Self> {
+        let (Some(before), Some(after)) = (before, after) else { return Vec::new() };
+        let reports = reports.max(1) as f64;
+        fleetpatch_store::ceiling::statements_between(before, after)
+            .into_iter()
+            .map(|s| StatementCost {
+                query: s.query.split_whitespace().collect::<Vec<_>>().join(" ").chars().take(90).collect(),
+                calls_per_report: s.calls as f64 / reports,
+                micros_per_report: s.milliseconds * 1e3 / reports,
+            })
+            .collect()
+    }
+}
+
+/// `pg_stat_statements`' totals by query id.
+pub(crate) type StatementReadings = std::collections::HashMap<i64, fleetpatch_store::ceiling::StatementTotals>;
 
 impl CollectorRun {
     /// The figures of `latencies` (ms, one per report) taken over `seconds`.
@@ -124,6 +160,7 @@ impl CollectorRun {
             latency_max_ms: latencies.last().copied().unwrap_or(0.0),
             all_targets_succeeded,
             cpu: None,
+            statements: Vec::new(),
         }
     }
 }
@@ -254,9 +291,18 @@ pub(crate) fn print_figures(f: &Figures) {
         }
     }
     if let Some(c) = &f.collector {
-        let cpu = |r: &CollectorRun| {
+        let bare_server = f.http_ceiling.as_ref().map(|c| c.cpu.micros("bare server")).filter(|m| *m > 0.0);
+        let cpu = |r: &CollectorRun, reports_per_request: f64| {
             if let Some(cpu) = &r.cpu {
                 println!("                        {}", cpu.summary("report"));
+                if let Some(floor) = bare_server {
+                    let collector = cpu.micros("collector") * reports_per_request;
+                    println!(
+                        "                        collector {collector:.1} µs per request ({reports_per_request:.2} reports) \
+                         = {:.2} × the bare HTTP server's {floor:.1} µs per request in the HTTP ceiling",
+                        collector / floor
+                    );
+                }
                 if let Some(floor) = f.database_floor.as_ref().filter(|floor| floor.micros("postgresql") > 0.0) {
                     let (database, least) = (cpu.micros("postgresql"), floor.micros("postgresql"));
                     println!(
@@ -264,6 +310,19 @@ pub(crate) fn print_figures(f: &Figures) {
                          ({least:.1} µs per row)",
                         database / least
                     );
+                }
+                if !r.statements.is_empty() {
+                    let all: f64 = r.statements.iter().map(|s| s.micros_per_report).sum();
+                    println!(
+                        "                        PostgreSQL's statements (pg_stat_statements: planning + execution, \
+                         wall time in the server) {all:.1} µs per report, the largest:"
+                    );
+                    for s in r.statements.iter().take(10) {
+                        println!(
+                            "                          {:>6.1} µs  {:>5.2} calls  {}",
+                            s.micros_per_report, s.calls_per_report, s.query
+                        );
+                    }
                 }
                 if !cpu.postgresql_by_client.is_empty() {
                     let split: Vec<String> =
@@ -289,7 +348,7 @@ pub(crate) fn print_figures(f: &Figures) {
                 r.retried,
                 r.all_targets_succeeded
             );
-            cpu(r);
+            cpu(r, 1.0);
         };
         println!(
             "  collector           {} targets' agents, {} concurrent senders, one report per request; each agent \
@@ -323,7 +382,7 @@ pub(crate) fn print_figures(f: &Figures) {
                 p.run.retried,
                 p.run.all_targets_succeeded
             );
-            cpu(&p.run);
+            cpu(&p.run, p.reports_per_request);
         }
         println!("                      peak RSS MiB: {}", peaks(&c.peak_rss_mib));
     }

@@ -730,6 +730,36 @@ mod tests {
     }
 
     #[test]
+    fn threads_of_this_process_are_counted_apart_by_name() {
+        // A thread that works ~50 ms of CPU and stays alive while the snapshots are taken.
+        let (done, finish) = std::sync::mpsc::channel::<()>();
+        let (worked, wait) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("fp-test-burner".into())
+            .spawn(move || {
+                let started = std::time::Instant::now();
+                let mut x = 0u64;
+                while started.elapsed() < std::time::Duration::from_millis(50) {
+                    x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+                }
+                worked.send(()).expect("send");
+                let _ = finish.recv();
+                x
+            })
+            .expect("spawn");
+        wait.recv().expect("the thread worked");
+        let spent = proc::own_threads_cpu_seconds("fp-test-burner");
+        assert!(spent > 0.01, "the named thread's CPU is counted: {spent}");
+        assert_eq!(proc::own_threads_cpu_seconds("fp-no-such-thread"), 0.0);
+        let whole = CpuSnapshot::take("bench", &[]);
+        let split = CpuSnapshot::take("bench", &[]).with_own_threads("bench", "fp-test-burner", "burner");
+        assert!(split.groups["burner"] >= spent, "{:?}", split.groups);
+        assert!(split.groups["bench"] <= whole.groups["bench"] - spent + 0.02, "{:?} {:?}", split.groups, whole.groups);
+        done.send(()).expect("send");
+        thread.join().expect("join");
+    }
+
+    #[test]
     fn an_agent_sends_started_and_finished_per_patch_a_heartbeat_and_a_final() {
         let reports = agent_reports(3, 1);
         assert_eq!(reports.len(), 8);

@@ -202,6 +202,7 @@ pub(crate) async fn paced_collector_load(
     bench.wait_for_outbox().await?;
     let reports = Arc::new(agent_report_list(args.patches, args.heartbeats));
     let gap = Duration::from_secs_f64(agents as f64 / rate);
+    let statements_before = fleetpatch_store::ceiling::statement_totals(&bench.store).await?;
     let before = bench.cpu_now(collector_pid);
     let started = tokio::time::Instant::now() + Duration::from_millis(200);
     let mut tasks = tokio::task::JoinSet::new();
@@ -246,10 +247,13 @@ pub(crate) async fn paced_collector_load(
     }
     let seconds = (last_ack - started).as_secs_f64();
     let cpu = before.per_report(&bench.cpu_now(collector_pid), latencies.len(), seconds);
+    let statements_after = fleetpatch_store::ceiling::statement_totals(&bench.store).await?;
+    let statements = StatementCost::per_report(&statements_before, &statements_after, latencies.len());
     let succeeded = bench.counts(rollout).await?.get("succeeded").copied().unwrap_or(0) as usize;
     let reports_per_request = latencies.len() as f64 / requests.max(1) as f64;
     let mut run = CollectorRun::measured(latencies, retried, seconds, succeeded == agents);
     run.cpu = Some(cpu);
+    run.statements = statements;
     Ok(PacedRun { agents, offered_reports_per_second: rate, requests, reports_per_request, run })
 }
 
@@ -269,6 +273,7 @@ pub(crate) async fn collector_load(
     bench.wait_all(rollout, TargetState::Queued, args.collector_targets, Duration::from_secs(300)).await?;
     let tokens = bench.bring_to_running(rollout).await?;
     bench.wait_for_outbox().await?;
+    let statements_before = fleetpatch_store::ceiling::statement_totals(&bench.store).await?;
     let before = bench.cpu_now(collector_pid);
     let sent = send_all(
         &bench.http,
@@ -279,10 +284,13 @@ pub(crate) async fn collector_load(
     )
     .await?;
     let cpu = before.per_report(&bench.cpu_now(collector_pid), sent.latencies.len(), sent.seconds);
+    let statements_after = fleetpatch_store::ceiling::statement_totals(&bench.store).await?;
+    let statements = StatementCost::per_report(&statements_before, &statements_after, sent.latencies.len());
     let succeeded = bench.counts(rollout).await?.get("succeeded").copied().unwrap_or(0) as usize;
     let mut run =
         CollectorRun::measured(sent.latencies, sent.retried, sent.seconds, succeeded == args.collector_targets);
     run.cpu = Some(cpu);
+    run.statements = statements;
     Ok(run)
 }
 
@@ -343,7 +351,11 @@ pub(crate) async fn send_all(
 
 /// The HTTP ceiling: the same senders, requests and client as the
 /// collector phase, against the collector's server stack with nothing
-/// behind it ([`fleetpatch_collector::ceiling`]), served from this process.
+/// behind it ([`fleetpatch_collector::ceiling`]), served from this process
+/// on a runtime of its own, two worker threads as the collector's on two
+/// cores, named [`BARE_SERVER_THREADS`]: their CPU is counted apart (the
+/// group `bare server`: the HTTP floor of the collector's CPU per request)
+/// from the senders' (`bench agents`).
 /// With `verify_with`, the bare server also verifies every request's MAC
 /// (and refuses replays) as the collector does; without, it checks nothing.
 /// The senders sign their requests in both runs, so the difference between
@@ -356,15 +368,24 @@ pub(crate) async fn http_ceiling(
     verify_with: Option<TokenKey>,
 ) -> anyhow::Result<HttpCeiling> {
     let token_key = verify_with.clone().unwrap_or_else(TokenKey::random);
-    let server = fleetpatch_collector::ceiling::serve_bare("127.0.0.1:0", verify_with).await?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name(BARE_SERVER_THREADS)
+        .enable_all()
+        .build()?;
+    let server = runtime.spawn(fleetpatch_collector::ceiling::serve_bare("127.0.0.1:0", verify_with)).await??;
     let targets: Vec<BenchAgent> = (0..targets)
         .map(|_| BenchAgent::new(&token_key, Uuid::new_v4(), 1, fleetpatch_collector::ceiling::BARE_TOKEN_NONCE))
         .collect();
-    let before = CpuSnapshot::take("bench agents and bare server", &[]);
+    let snapshot =
+        || CpuSnapshot::take("bench agents", &[]).with_own_threads("bench agents", BARE_SERVER_THREADS, "bare server");
+    let before = snapshot();
     let sent = send_all(http, server.local_addr.port(), targets, agent_reports(patches, heartbeats), clients).await;
-    let after = CpuSnapshot::take("bench agents and bare server", &[]);
+    let after = snapshot();
     server.stop.cancel();
-    server.join.await??;
+    let served = server.join.await;
+    runtime.shutdown_background();
+    served??;
     let mut sent = sent?;
     sent.latencies.sort_by(f64::total_cmp);
     Ok(HttpCeiling {
@@ -377,6 +398,9 @@ pub(crate) async fn http_ceiling(
         cpu: before.per_report(&after, sent.latencies.len(), sent.seconds),
     })
 }
+
+/// The name of the bare server's threads in [`http_ceiling`] (at most 15 bytes: Linux's limit).
+const BARE_SERVER_THREADS: &str = "bare-server";
 
 pub(crate) async fn watchdog_phase(bench: &mut Bench) -> anyhow::Result<()> {
     let args = bench.args.clone();

@@ -48,6 +48,22 @@ pub(crate) fn stat_cpu_seconds(fields: &[&str], children: bool) -> Option<f64> {
     Some(if children { own + tick(13)? + tick(14)? } else { own } / 100.0)
 }
 
+/// CPU seconds of this process's threads named `name` (`/proc/self/task/*/comm`),
+/// from their `schedstat` (nanoseconds). A thread that ended is not counted.
+pub(crate) fn own_threads_cpu_seconds(name: &str) -> f64 {
+    let mut seconds = 0.0;
+    for entry in std::fs::read_dir("/proc/self/task").into_iter().flatten().flatten() {
+        let path = entry.path();
+        if std::fs::read_to_string(path.join("comm")).is_ok_and(|comm| comm.trim_end() == name) {
+            seconds += std::fs::read_to_string(path.join("schedstat"))
+                .ok()
+                .and_then(|stat| stat.split_whitespace().next()?.parse::<f64>().ok())
+                .map_or(0.0, |nanos| nanos / 1e9);
+        }
+    }
+    seconds
+}
+
 /// CPU time spent, machine-wide and per group of processes, at one moment.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct CpuSnapshot {
@@ -99,6 +115,18 @@ impl CpuSnapshot {
             }
         }
         Self { cores, machine, machine_total, groups, postgres_backends }
+    }
+
+    /// The same snapshot with this process's threads named `threads`
+    /// counted apart, as the group `group`, and taken out of `this_process`
+    /// (the name it was taken with).
+    pub(crate) fn with_own_threads(mut self, this_process: &str, threads: &str, group: &str) -> Self {
+        let spent = own_threads_cpu_seconds(threads);
+        if let Some(whole) = self.groups.get_mut(this_process) {
+            *whole = (*whole - spent).max(0.0);
+        }
+        self.groups.insert(group.to_owned(), spent);
+        self
     }
 
     /// (CPUs, busy seconds of all of them, all seconds of all of them)

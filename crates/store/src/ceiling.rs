@@ -201,3 +201,90 @@ impl DispatchFloor {
         execute(store, &format!("DROP TABLE IF EXISTS {FLOOR_TARGETS}, {FLOOR_HISTORY}")).await
     }
 }
+
+/// One statement's totals in `pg_stat_statements` (its text normalized by
+/// PostgreSQL: constants are `$n`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct StatementTotals {
+    pub query: String,
+    pub calls: i64,
+    /// Planning and execution, milliseconds (wall time inside the server:
+    /// on a busy machine mostly CPU, with lock and I/O waits).
+    pub milliseconds: f64,
+}
+
+/// The totals of every statement run in this store's database so far, by
+/// PostgreSQL's query id, when `pg_stat_statements` is loaded on the server
+/// and created in the database; `None` when it is not (it is optional, for
+/// attributing the database's time to statements; a plain server has it
+/// off).
+pub async fn statement_totals(store: &Store) -> Result<Option<std::collections::HashMap<i64, StatementTotals>>> {
+    if store.backend() != DbBackend::Postgres {
+        return Ok(None);
+    }
+    let db = store.connection();
+    let loaded = "SELECT 1 FROM pg_settings WHERE name = 'shared_preload_libraries' \
+                  AND 'pg_stat_statements' = ANY(string_to_array(replace(setting, ' ', ''), ','))";
+    if db.query_one(Statement::from_string(DbBackend::Postgres, loaded)).await?.is_none() {
+        return Ok(None);
+    }
+    db.execute(Statement::from_string(DbBackend::Postgres, "CREATE EXTENSION IF NOT EXISTS pg_stat_statements"))
+        .await?;
+    // Planning time is a column only with `pg_stat_statements.track_planning`
+    // on; it is 0 otherwise.
+    let sql = "SELECT queryid, query, calls, total_plan_time + total_exec_time AS ms FROM pg_stat_statements \
+               WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) AND queryid IS NOT NULL";
+    let mut totals = std::collections::HashMap::new();
+    for row in db.query_all(Statement::from_string(DbBackend::Postgres, sql)).await? {
+        let id: i64 = row.try_get("", "queryid")?;
+        let query: String = row.try_get("", "query")?;
+        let calls: i64 = row.try_get("", "calls")?;
+        let milliseconds: f64 = row.try_get("", "ms")?;
+        totals.insert(id, StatementTotals { query, calls, milliseconds });
+    }
+    Ok(Some(totals))
+}
+
+/// What each statement took between two [`statement_totals`], most first:
+/// (its text, calls, milliseconds).
+pub fn statements_between(
+    before: &std::collections::HashMap<i64, StatementTotals>,
+    after: &std::collections::HashMap<i64, StatementTotals>,
+) -> Vec<StatementTotals> {
+    let mut spent: Vec<StatementTotals> = after
+        .iter()
+        .filter_map(|(id, later)| {
+            let (calls, milliseconds) = match before.get(id) {
+                Some(earlier) => (later.calls - earlier.calls, later.milliseconds - earlier.milliseconds),
+                None => (later.calls, later.milliseconds),
+            };
+            (calls > 0).then(|| StatementTotals { query: later.query.clone(), calls, milliseconds })
+        })
+        .collect();
+    spent.sort_by(|a, b| b.milliseconds.total_cmp(&a.milliseconds));
+    spent
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statements_are_told_by_what_they_took_between_two_readings() {
+        let totals = |rows: &[(i64, &str, i64, f64)]| {
+            rows.iter()
+                .map(|(id, query, calls, ms)| {
+                    (*id, StatementTotals { query: query.to_string(), calls: *calls, milliseconds: *ms })
+                })
+                .collect()
+        };
+        let before = totals(&[(1, "SELECT a", 10, 5.0), (2, "INSERT b", 3, 9.0)]);
+        let after = totals(&[(1, "SELECT a", 30, 6.0), (2, "INSERT b", 3, 9.0), (3, "UPDATE c", 4, 2.5)]);
+        let spent = statements_between(&before, &after);
+        assert_eq!(
+            spent.iter().map(|s| (s.query.as_str(), s.calls, s.milliseconds)).collect::<Vec<_>>(),
+            vec![("UPDATE c", 4, 2.5), ("SELECT a", 20, 1.0)],
+            "a statement first seen counts whole; one not run again is left out; most time first"
+        );
+    }
+}

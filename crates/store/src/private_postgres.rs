@@ -16,6 +16,8 @@ pub struct PrivatePostgres {
     dir: PathBuf,
     port: u16,
     as_postgres: bool,
+    /// Server settings beyond the defaults below (`-c NAME=VALUE`).
+    settings: Vec<(String, String)>,
 }
 
 fn postgres_bin() -> PathBuf {
@@ -33,6 +35,12 @@ fn postgres_bin() -> PathBuf {
 impl PrivatePostgres {
     /// Creates a cluster and starts it.
     pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// Creates a cluster and starts it with these settings as well
+    /// (`shared_preload_libraries`, say).
+    pub fn start_with(settings: &[(&str, &str)]) -> Self {
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let dir = std::env::temp_dir().join(format!("fp-postgres-{}-{n}", std::process::id()));
@@ -45,7 +53,8 @@ impl PrivatePostgres {
             assert!(status.is_ok_and(|s| s.success()), "chown of {} to postgres", dir.display());
         }
         let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("port");
-        let server = Self { bin: postgres_bin(), dir, port, as_postgres };
+        let settings = settings.iter().map(|(name, value)| ((*name).to_owned(), (*value).to_owned())).collect();
+        let server = Self { bin: postgres_bin(), dir, port, as_postgres, settings };
         server.run("initdb", &["-D", &server.data(), "-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8"]);
         server.pg_ctl(&["start", "-w", "-t", "60"]);
         server
@@ -75,11 +84,14 @@ impl PrivatePostgres {
     }
 
     fn pg_ctl(&self, args: &[&str]) {
-        let options = format!(
+        let mut options = format!(
             "-p {} -c listen_addresses=127.0.0.1 -k {} -c fsync=off -c max_connections=200",
             self.port,
             self.dir.display()
         );
+        for (name, value) in &self.settings {
+            options.push_str(&format!(" -c {name}={value}"));
+        }
         let log = self.dir.join("server.log").display().to_string();
         let mut full = vec!["-D".to_owned(), self.data(), "-o".to_owned(), options, "-l".to_owned(), log];
         full.extend(args.iter().map(|a| (*a).to_owned()));

@@ -134,6 +134,9 @@ impl Store {
     }
 }
 
+/// The most rows one relay pass claims and publishes.
+const RELAY_PASS_ROWS: u64 = 500;
+
 /// Runs the relay until `shutdown`: drains the outbox whenever `nudge` is
 /// notified (after a commit) and at least every `interval` (the reconciler
 /// pass that catches what a dead process committed and never sent).
@@ -146,10 +149,18 @@ pub async fn run_relay(
 ) {
     loop {
         loop {
-            match store.relay_outbox(&bus, 500).await {
+            match store.relay_outbox(&bus, RELAY_PASS_ROWS).await {
                 Ok(0) => break,
                 Ok(count) => {
                     metrics::counter!("fleetpatch_outbox_published_total").increment(count as u64);
+                    if (count as u64) < RELAY_PASS_ROWS {
+                        // The claim found fewer rows than it could take: the
+                        // outbox was drained then. Rows committed since come
+                        // with a nudge of their own (kept by `notify_one`
+                        // while nobody waits), so no empty claim is run to
+                        // find that out (a third of a pass's statements).
+                        break;
+                    }
                 }
                 Err(error) => {
                     tracing::warn!(error = %error, "outbox relay pass failed");

@@ -60,6 +60,14 @@ impl TestDatabase for PostgresDatabase {
 
 fleetpatch_store::store_conformance_suite!(make_database);
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_collectors_updates_touch_no_index_and_stay_in_their_page() {
+    use fleetpatch_store::conformance;
+    let database = make_database().await;
+    conformance::run(&database, conformance::the_collectors_updates_touch_no_index_and_stay_in_their_page(&database))
+        .await;
+}
+
 #[tokio::test]
 async fn a_service_refuses_an_unmigrated_database_and_says_what_to_do() {
     let (name, options) = create_database().await;
@@ -97,4 +105,30 @@ async fn the_dispatch_floor_writes_the_same_rows_every_round_and_drops_its_table
     assert_eq!(count(left).await, 0, "the scratch tables are dropped");
     sql.close().await.expect("close");
     database.tear_down().await;
+}
+
+/// `fleetpatch bench` reads PostgreSQL's time by statement from
+/// `pg_stat_statements` when the server loads it, and reads nothing (no
+/// error) when it does not.
+#[tokio::test]
+async fn statement_totals_come_from_pg_stat_statements_when_the_server_loads_it() {
+    use fleetpatch_store::ceiling::{statement_totals, statements_between};
+    use fleetpatch_store::private_postgres::PrivatePostgres;
+    let plain = PrivatePostgres::start();
+    let store = Store::connect(&StoreOptions { url: plain.url(), max_connections: 2 }).await.expect("connect");
+    assert!(statement_totals(&store).await.expect("read").is_none(), "a server without the library has none");
+    store.close().await;
+
+    let loaded = PrivatePostgres::start_with(&[("shared_preload_libraries", "pg_stat_statements")]);
+    let store = Store::connect(&StoreOptions { url: loaded.url(), max_connections: 2 }).await.expect("connect");
+    let before = statement_totals(&store).await.expect("read").expect("loaded: totals");
+    store.migrate().await.expect("migrate");
+    let after = statement_totals(&store).await.expect("read").expect("loaded: totals");
+    let spent = statements_between(&before, &after);
+    assert!(
+        spent.iter().any(|s| s.query.contains("CREATE TABLE") && s.calls >= 1),
+        "the migration's statements are counted: {spent:?}"
+    );
+    assert!(spent.windows(2).all(|w| w[0].milliseconds >= w[1].milliseconds), "most time first");
+    store.close().await;
 }

@@ -297,6 +297,7 @@ fn pair(from: TargetState, to: TargetState) -> (String, String) {
 mod auth;
 mod console;
 mod offline;
+mod postgres;
 mod properties;
 mod reboot;
 mod recovery;
@@ -308,6 +309,7 @@ mod worker;
 pub use auth::*;
 pub use console::*;
 pub use offline::*;
+pub use postgres::*;
 pub use properties::*;
 pub use reboot::*;
 pub use recovery::*;

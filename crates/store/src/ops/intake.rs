@@ -557,7 +557,7 @@ async fn reboot_settings(
         .select_only()
         .column(rollouts::Column::Id)
         .column(rollouts::Column::Settings)
-        .filter(rollouts::Column::Id.is_in(ids))
+        .filter(id_in(txn.get_database_backend(), rollouts::Column::Id, ids))
         .into_tuple()
         .all(txn)
         .await?;
@@ -584,7 +584,7 @@ async fn apply_final_results(txn: &DatabaseTransaction, finals: &[&IncomingRepor
         .column(targets::Column::RolloutId)
         .column(targets::Column::State)
         .column(targets::Column::Attempt)
-        .filter(targets::Column::Id.is_in(ids))
+        .filter(id_in(txn.get_database_backend(), targets::Column::Id, ids))
         .order_by_asc(targets::Column::Id)
         .lock(LockType::NoKeyUpdate)
         .into_tuple()

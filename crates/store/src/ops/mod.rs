@@ -152,6 +152,12 @@ pub(crate) struct StoredHeaders {
     pub due_at_unix_ms: Option<i64>,
 }
 
+/// Appends `messages` to the outbox, in order (the relay publishes by id).
+///
+/// On PostgreSQL one statement whose text never changes, the messages
+/// travel as arrays, so each connection parses and plans it once (a
+/// multi-row `VALUES` list is a new statement for every new count);
+/// elsewhere multi-row inserts.
 pub(crate) async fn push_outbox<C: ConnectionTrait>(
     db: &C,
     created_at: DateTime<Utc>,
@@ -160,27 +166,67 @@ pub(crate) async fn push_outbox<C: ConnectionTrait>(
     if messages.is_empty() {
         return Ok(());
     }
-    for chunk in messages.chunks(INSERT_CHUNK) {
-        let rows = chunk.iter().map(|message| {
-            let message = message.clone().with_trace_context();
-            outbox::ActiveModel {
-                exchange: Set(match message.destination {
-                    fleetpatch_bus::Destination::Work => "work".into(),
-                    fleetpatch_bus::Destination::Events => "events".into(),
-                }),
-                routing_key: Set(message.routing_key),
-                payload: Set(message.payload),
-                headers: Set(to_json(&StoredHeaders {
-                    headers: message.headers,
-                    due_at_unix_ms: message.due_at_unix_ms,
-                })),
-                created_at: Set(created_at),
-                ..Default::default()
-            }
+    let rows = messages.into_iter().map(|message| {
+        let message = message.with_trace_context();
+        let exchange = match message.destination {
+            fleetpatch_bus::Destination::Work => "work",
+            fleetpatch_bus::Destination::Events => "events",
+        };
+        let headers = to_json(&StoredHeaders { headers: message.headers, due_at_unix_ms: message.due_at_unix_ms });
+        (exchange, message.routing_key, message.payload, headers)
+    });
+    if db.get_database_backend() == DbBackend::Postgres {
+        use sea_orm::sea_query::ArrayType;
+        let (mut exchanges, mut keys, mut payloads, mut headers) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (exchange, key, payload, header) in rows {
+            exchanges.push(exchange);
+            keys.push(key);
+            payloads.push(payload);
+            headers.push(header.to_string());
+        }
+        let values = vec![
+            pg_array(ArrayType::String, exchanges),
+            pg_array(ArrayType::String, keys),
+            pg_array(ArrayType::Bytes, payloads),
+            pg_array(ArrayType::String, headers),
+            created_at.into(),
+        ];
+        db.execute(sea_orm::Statement::from_sql_and_values(DbBackend::Postgres, PUSH_OUTBOX_POSTGRES, values)).await?;
+        return Ok(());
+    }
+    let rows: Vec<_> = rows.collect();
+    for chunk in rows.chunks(INSERT_CHUNK) {
+        let models = chunk.iter().map(|(exchange, routing_key, payload, headers)| outbox::ActiveModel {
+            exchange: Set((*exchange).into()),
+            routing_key: Set(routing_key.clone()),
+            payload: Set(payload.clone()),
+            headers: Set(headers.clone()),
+            created_at: Set(created_at),
+            ..Default::default()
         });
-        outbox::Entity::insert_many(rows).exec_without_returning(db).await?;
+        outbox::Entity::insert_many(models).exec_without_returning(db).await?;
     }
     Ok(())
+}
+
+/// [`push_outbox`] on PostgreSQL: the rows in the arrays' order, so their
+/// ids (the relay's order) follow it.
+const PUSH_OUTBOX_POSTGRES: &str = "INSERT INTO outbox (exchange, routing_key, payload, headers, created_at) \
+     SELECT m.exchange, m.routing_key, m.payload, m.headers::json, $5 \
+     FROM unnest($1::text[], $2::text[], $3::bytea[], $4::text[]) WITH ORDINALITY \
+          AS m(exchange, routing_key, payload, headers, n) \
+     ORDER BY m.n";
+
+/// `column IN (ids)`. On PostgreSQL `column = ANY($n)` with the ids as one
+/// array parameter: the statement's text is the same for any number of ids,
+/// so it is parsed and planned once per connection, not once per count.
+pub(crate) fn id_in(backend: DbBackend, column: impl ColumnTrait, ids: impl IntoIterator<Item = Uuid>) -> SimpleExpr {
+    if backend == DbBackend::Postgres {
+        use sea_orm::sea_query::{extension::postgres::PgFunc, ArrayType};
+        Expr::col((column.entity_name(), column)).eq(PgFunc::any(Expr::val(pg_array(ArrayType::Uuid, ids))))
+    } else {
+        column.is_in(ids)
+    }
 }
 
 /// A request to run a rollout's dispatch pass (the reconciler sends them too).
@@ -371,7 +417,7 @@ async fn fail_open_patches<C: ConnectionTrait>(
         .col_expr(target_patches::Column::State, Expr::value(PatchState::Failed.as_str()))
         .col_expr(target_patches::Column::Error, Expr::value(reason))
         .col_expr(target_patches::Column::FinishedAt, Expr::value(at))
-        .filter(target_patches::Column::TargetId.is_in(target_ids))
+        .filter(id_in(db.get_database_backend(), target_patches::Column::TargetId, target_ids))
         .filter(target_patches::Column::State.is_in([PatchState::Pending.as_str(), PatchState::Running.as_str()]))
         .exec(db)
         .await?;

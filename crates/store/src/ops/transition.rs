@@ -121,8 +121,8 @@ pub(super) async fn move_locked(
         for (column, value) in &sets {
             update = update.col_expr(*column, value.clone());
         }
-        let updated =
-            update.filter(targets::Column::Id.is_in(chunk.iter().map(|step| step.target_id))).exec(txn).await?;
+        let ids = chunk.iter().map(|step| step.target_id);
+        let updated = update.filter(id_in(txn.get_database_backend(), targets::Column::Id, ids)).exec(txn).await?;
         if updated.rows_affected != chunk.len() as u64 {
             return Err(Error::Corrupt(format!(
                 "moving {} locked targets to {to} updated {} rows",
@@ -201,9 +201,25 @@ pub(super) async fn move_every(
     Ok(moved)
 }
 
-/// Appends checked moves to the targets' history.
+/// Appends checked moves to the targets' history. On PostgreSQL one
+/// statement whose text never changes (the moves travel as arrays, see
+/// [`super::push_outbox`]); elsewhere a multi-row insert.
 async fn record(txn: &DatabaseTransaction, at: DateTime<Utc>, to: TargetState, steps: &[Step]) -> Result<()> {
     if steps.is_empty() {
+        return Ok(());
+    }
+    if txn.get_database_backend() == DbBackend::Postgres {
+        use sea_orm::sea_query::ArrayType;
+        let values = vec![
+            pg_array(ArrayType::Uuid, steps.iter().map(|step| step.rollout_id)),
+            pg_array(ArrayType::Uuid, steps.iter().map(|step| step.target_id)),
+            pg_array(ArrayType::String, steps.iter().map(|step| step.from.as_str())),
+            to.as_str().into(),
+            at.into(),
+            pg_array(ArrayType::Bool, steps.iter().map(|step| step.detail.is_some())),
+            pg_array(ArrayType::String, steps.iter().map(|step| step.detail.clone().unwrap_or_default())),
+        ];
+        txn.execute(sea_orm::Statement::from_sql_and_values(DbBackend::Postgres, RECORD_POSTGRES, values)).await?;
         return Ok(());
     }
     let rows = steps.iter().map(|step| target_transitions::ActiveModel {
@@ -218,6 +234,14 @@ async fn record(txn: &DatabaseTransaction, at: DateTime<Utc>, to: TargetState, s
     target_transitions::Entity::insert_many(rows).exec_without_returning(txn).await?;
     Ok(())
 }
+
+/// [`record`] on PostgreSQL, in the steps' order (the history's ids follow it).
+const RECORD_POSTGRES: &str =
+    "INSERT INTO target_transitions (rollout_id, target_id, from_state, to_state, at, detail) \
+     SELECT s.rollout_id, s.target_id, s.from_state, $4, $5, CASE WHEN s.has_detail THEN s.detail END \
+     FROM unnest($1::uuid[], $2::uuid[], $3::text[], $6::bool[], $7::text[]) WITH ORDINALITY \
+          AS s(rollout_id, target_id, from_state, has_detail, detail, n) \
+     ORDER BY s.n";
 
 #[cfg(test)]
 mod tests {

@@ -1,0 +1,106 @@
+//! PostgreSQL only: how the collector's writes sit in PostgreSQL's storage
+//! (migration 15). Called from the PostgreSQL test file alone.
+
+use super::*;
+use sea_orm::{ConnectionTrait, DbBackend, Statement};
+
+/// The columns the collector's intake updates in place, per table.
+const UPDATED_IN_PLACE: [(&str, &[&str]); 3] = [
+    (
+        "target_patches",
+        &["state", "exit_code", "outcome", "reboot_required", "output_tail", "error", "started_at", "finished_at"],
+    ),
+    ("agent_heartbeats", &["count", "last_seq", "patch_index", "last_received_at"]),
+    ("targets", &["last_seen_at"]),
+];
+
+async fn strings(store: &Store, sql: &str, table: &str) -> Vec<String> {
+    let rows = store
+        .db
+        .query_all(Statement::from_sql_and_values(DbBackend::Postgres, sql, [table.into()]))
+        .await
+        .unwrap_or_else(|error| panic!("{sql}: {error}"));
+    rows.iter().map(|row| row.try_get_by_index::<String>(0).expect("a text column")).collect()
+}
+
+/// (updates, heap-only updates) of `table` as PostgreSQL's statistics have
+/// them, once they count at least `updates` (each backend sends its counts
+/// within about a second of going idle).
+async fn updates(store: &Store, table: &str, at_least: i64) -> (i64, i64) {
+    let sql = "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = $1";
+    let give_up = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let row = store
+            .db
+            .query_one(Statement::from_sql_and_values(DbBackend::Postgres, sql, [table.into()]))
+            .await
+            .expect("pg_stat_user_tables")
+            .unwrap_or_else(|| panic!("no statistics for {table}"));
+        let counts: (i64, i64) = (row.try_get_by_index(0).expect("n_tup_upd"), row.try_get_by_index(1).expect("hot"));
+        if counts.0 >= at_least || std::time::Instant::now() > give_up {
+            return counts;
+        }
+        // Waiting for another server process to send its counts, not for our own code.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// No column the collector updates in place is in an index of its table,
+/// and `target_patches` and `agent_heartbeats` keep free space in their
+/// pages, so PostgreSQL writes the reports' updates as heap-only tuples:
+/// no new index entries per `started`, `finished` or heartbeat. Checked in
+/// the catalog and in the statistics of a rollout's reports.
+pub async fn the_collectors_updates_touch_no_index_and_stay_in_their_page(db: &dyn TestDatabase) {
+    let store = db.store();
+    assert_eq!(store.backend(), DbBackend::Postgres, "a PostgreSQL-only test");
+    let indexed = "SELECT a.attname::text FROM pg_index i \
+                   JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) \
+                   WHERE i.indrelid = $1::regclass";
+    for (table, columns) in UPDATED_IN_PLACE {
+        let in_indexes = strings(store, indexed, table).await;
+        for column in columns {
+            assert!(!in_indexes.iter().any(|c| c == column), "{table}.{column} is in an index: {in_indexes:?}");
+        }
+        let options = "SELECT unnest(reloptions) FROM pg_class WHERE oid = $1::regclass";
+        assert_eq!(strings(store, options, table).await, vec!["fillfactor=70".to_owned()], "{table}'s storage");
+    }
+
+    let id = create(store, Spec::new(2, 2, 2)).await;
+    store.dispatch(id).await.expect("dispatch");
+    let targets = all_targets(store, id).await;
+    let mut running = Vec::new();
+    for target in &targets {
+        running.push(bring_to_running(store, target).await.target);
+    }
+    let intake = store.report_intake();
+    let mut seq = 0;
+    let mut next = |target: &Target, kind: ReportKind| {
+        seq += 1;
+        report(target, seq, kind)
+    };
+    // Each report its own batch, as a lightly loaded collector writes them.
+    for patch_index in 0..2 {
+        for target in &running {
+            let batch = [
+                next(target, ReportKind::Started { patch_index }),
+                next(target, ReportKind::Heartbeat { patch_index: Some(patch_index) }),
+                next(target, ReportKind::Heartbeat { patch_index: Some(patch_index) }),
+                next(target, finished(patch_index, 0, PatchOutcomeKind::Installed, "ok")),
+            ];
+            for report in batch {
+                assert_eq!(intake.apply_reports(&[report]).await.expect("apply"), vec![ReportResult::Accepted]);
+            }
+        }
+    }
+    for target in &running {
+        let patches = store.target_patches(target.id).await.expect("patches");
+        assert!(patches.iter().all(|p| p.state == PatchState::Succeeded), "{patches:?}");
+    }
+    // Two patches of two targets, each started then finished: 8 updates;
+    // 2 runs × 4 heartbeats, the first of each run an insert: 6 updates.
+    for (table, expected) in [("target_patches", 8), ("agent_heartbeats", 6)] {
+        let (all, hot) = updates(store, table, expected).await;
+        assert_eq!(all, expected, "{table}'s updates");
+        assert_eq!(hot, all, "{table}: every update heap-only");
+    }
+}
