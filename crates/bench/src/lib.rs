@@ -484,6 +484,7 @@ async fn run_phases(
         relay_bus.clone(),
         bench.relay_nudge.clone(),
         Duration::from_secs(1),
+        Duration::ZERO,
         relay_stop.clone(),
     ));
 

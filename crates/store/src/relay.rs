@@ -139,12 +139,16 @@ const RELAY_PASS_ROWS: u64 = 500;
 
 /// Runs the relay until `shutdown`: drains the outbox whenever `nudge` is
 /// notified (after a commit) and at least every `interval` (the reconciler
-/// pass that catches what a dead process committed and never sent).
+/// pass that catches what a dead process committed and never sent). With a
+/// `gather` window, a nudge waits that long before the pass, so that the
+/// commits of the next few moments go out in the same pass (its claim,
+/// publish and delete carry more rows each).
 pub async fn run_relay(
     store: Store,
     bus: Bus,
     nudge: std::sync::Arc<tokio::sync::Notify>,
     interval: std::time::Duration,
+    gather: std::time::Duration,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
     loop {
@@ -169,7 +173,15 @@ pub async fn run_relay(
             }
         }
         tokio::select! {
-            _ = nudge.notified() => {}
+            _ = nudge.notified() => {
+                if !gather.is_zero() {
+                    tokio::select! {
+                        _ = tokio::time::sleep(gather) => {}
+                        // The next turn of the loop drains and sees the shutdown.
+                        _ = shutdown.cancelled() => {}
+                    }
+                }
+            }
             _ = tokio::time::sleep(interval) => {}
             _ = shutdown.cancelled() => {
                 // One last pass so nothing committed waits for the next start.

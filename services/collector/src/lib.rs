@@ -195,6 +195,12 @@ struct AppState {
     max_events_per_attempt: u64,
 }
 
+/// How long the collector's outbox relay waits after a batch committed
+/// before it publishes: the batches of those milliseconds go out in one
+/// pass (one claim, one publish, one delete) rather than one pass each. A
+/// final result's next dispatch waits that much longer.
+const RELAY_GATHER: Duration = Duration::from_millis(10);
+
 /// How long a cached key's view of its target's state is trusted before it
 /// is read again (a final result or a timeout applied by another process).
 const KEY_STATE_TTL: Duration = Duration::from_secs(10);
@@ -273,6 +279,7 @@ pub async fn start(
         bus.clone(),
         nudge.clone(),
         Duration::from_secs(1),
+        RELAY_GATHER,
         relay_stop.clone(),
     ));
     let receiver = Arc::new(tokio::sync::Mutex::new(receiver));

@@ -282,6 +282,7 @@ pub async fn start(
         bus.clone(),
         nudge.clone(),
         Duration::from_millis(500),
+        Duration::ZERO,
         relay_stop.clone(),
     ));
     tracing::info!(address = %local_addr, "scheduler listening");

@@ -361,6 +361,7 @@ impl Worker {
             self.bus.clone(),
             self.relay_nudge.clone(),
             Duration::from_secs(1),
+            Duration::ZERO,
             relay_stop.clone(),
         ));
         let join = tokio::spawn(async move {

@@ -89,6 +89,7 @@ macro_rules! store_conformance_suite {
             verification_verdicts_are_recorded_per_attempt,
             token_info_names_the_attempt,
             relay_publishes_in_commit_order_and_empties_the_outbox,
+            the_relay_loop_drains_what_a_nudge_announces_across_passes_and_the_rest_at_shutdown,
             api_keys_are_shown_once_stored_hashed_and_checked,
             expired_and_revoked_api_keys_are_refused,
             the_audit_log_pages_filters_and_refuses_rewrites,

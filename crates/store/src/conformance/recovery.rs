@@ -156,6 +156,54 @@ pub async fn relay_publishes_in_commit_order_and_empties_the_outbox(db: &dyn Tes
     assert_eq!(outbox(store).await[0].payload, vec![1, 2, 3]);
 }
 
+/// The relay's loop: a nudge drains the outbox across as many passes as it
+/// takes (more rows than one pass claims), in commit order, after its
+/// gathering window; what is committed without a nudge goes out in the last
+/// pass at shutdown.
+pub async fn the_relay_loop_drains_what_a_nudge_announces_across_passes_and_the_rest_at_shutdown(
+    db: &dyn TestDatabase,
+) {
+    let store = db.store();
+    drain_outbox(store).await;
+    let backend = std::sync::Arc::new(fleetpatch_bus::memory::MemoryBackend::new(&routing::WORK_QUEUES, 5));
+    let bus = fleetpatch_bus::Bus::new(backend);
+    let mut consumer = bus.consume(routing::DISPATCH, 2_000).await.expect("consume");
+    let nudge = std::sync::Arc::new(tokio::sync::Notify::new());
+    let stop = tokio_util::sync::CancellationToken::new();
+    // No periodic pass within the test (an hour): only the nudge and the shutdown publish.
+    let relay = tokio::spawn(crate::relay::run_relay(
+        store.clone(),
+        bus.clone(),
+        nudge.clone(),
+        Duration::from_secs(3_600),
+        Duration::from_millis(20),
+        stop.clone(),
+    ));
+    let count = 1_200u32;
+    let messages = (0..count).map(|i| fleetpatch_bus::Outgoing::work(routing::DISPATCH, i.to_be_bytes().to_vec()));
+    store.enqueue(messages.collect()).await.expect("enqueue");
+    nudge.notify_one();
+    for expected in 0..count {
+        let delivery = tokio::time::timeout(Duration::from_secs(20), consumer.next())
+            .await
+            .unwrap_or_else(|_| panic!("message {expected} of {count} was not published"))
+            .expect("consumer open");
+        assert_eq!(delivery.payload, expected.to_be_bytes().to_vec(), "commit order");
+        delivery.ack().await.expect("ack");
+    }
+    assert_eq!(store.outbox_depth().await.expect("depth"), 0);
+    // Committed with no nudge: the shutdown's last pass publishes it.
+    store.enqueue(vec![fleetpatch_bus::Outgoing::work(routing::DISPATCH, vec![9])]).await.expect("enqueue");
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(20), relay).await.expect("the relay stops").expect("no panic");
+    let last = tokio::time::timeout(Duration::from_secs(5), consumer.next())
+        .await
+        .expect("the last message is published at shutdown")
+        .expect("consumer open");
+    assert_eq!(last.payload, vec![9]);
+    assert_eq!(store.outbox_depth().await.expect("depth"), 0);
+}
+
 /// A broker that never confirms: every publish hangs.
 struct HangingBroker;
 
