@@ -154,9 +154,9 @@ pub(crate) struct StoredHeaders {
 
 /// Appends `messages` to the outbox, in order (the relay publishes by id).
 ///
-/// On PostgreSQL one statement whose text never changes, the messages
-/// travel as arrays, so each connection parses and plans it once (a
-/// multi-row `VALUES` list is a new statement for every new count);
+/// On PostgreSQL a statement per 1,000 messages whose text never changes
+/// (the messages travel as arrays), so each connection parses and plans it
+/// once (a multi-row `VALUES` list is a new statement for every new count);
 /// elsewhere multi-row inserts.
 pub(crate) async fn push_outbox<C: ConnectionTrait>(
     db: &C,
@@ -166,36 +166,33 @@ pub(crate) async fn push_outbox<C: ConnectionTrait>(
     if messages.is_empty() {
         return Ok(());
     }
-    let rows = messages.into_iter().map(|message| {
-        let message = message.with_trace_context();
-        let exchange = match message.destination {
-            fleetpatch_bus::Destination::Work => "work",
-            fleetpatch_bus::Destination::Events => "events",
-        };
-        let headers = to_json(&StoredHeaders { headers: message.headers, due_at_unix_ms: message.due_at_unix_ms });
-        (exchange, message.routing_key, message.payload, headers)
-    });
-    if db.get_database_backend() == DbBackend::Postgres {
-        use sea_orm::sea_query::ArrayType;
-        let (mut exchanges, mut keys, mut payloads, mut headers) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for (exchange, key, payload, header) in rows {
-            exchanges.push(exchange);
-            keys.push(key);
-            payloads.push(payload);
-            headers.push(header.to_string());
-        }
-        let values = vec![
-            pg_array(ArrayType::String, exchanges),
-            pg_array(ArrayType::String, keys),
-            pg_array(ArrayType::Bytes, payloads),
-            pg_array(ArrayType::String, headers),
-            created_at.into(),
-        ];
-        db.execute(sea_orm::Statement::from_sql_and_values(DbBackend::Postgres, PUSH_OUTBOX_POSTGRES, values)).await?;
-        return Ok(());
-    }
-    let rows: Vec<_> = rows.collect();
+    let rows: Vec<_> = messages
+        .into_iter()
+        .map(|message| {
+            let message = message.with_trace_context();
+            let exchange = match message.destination {
+                fleetpatch_bus::Destination::Work => "work",
+                fleetpatch_bus::Destination::Events => "events",
+            };
+            let headers = to_json(&StoredHeaders { headers: message.headers, due_at_unix_ms: message.due_at_unix_ms });
+            (exchange, message.routing_key, message.payload, headers)
+        })
+        .collect();
+    // Chunks keep each statement's parameters small whatever the count.
     for chunk in rows.chunks(INSERT_CHUNK) {
+        if db.get_database_backend() == DbBackend::Postgres {
+            use sea_orm::sea_query::ArrayType;
+            let values = vec![
+                pg_array(ArrayType::String, chunk.iter().map(|row| row.0)),
+                pg_array(ArrayType::String, chunk.iter().map(|row| row.1.clone())),
+                pg_array(ArrayType::Bytes, chunk.iter().map(|row| row.2.clone())),
+                pg_array(ArrayType::String, chunk.iter().map(|row| row.3.to_string())),
+                created_at.into(),
+            ];
+            let statement = sea_orm::Statement::from_sql_and_values(DbBackend::Postgres, PUSH_OUTBOX_POSTGRES, values);
+            db.execute(statement).await?;
+            continue;
+        }
         let models = chunk.iter().map(|(exchange, routing_key, payload, headers)| outbox::ActiveModel {
             exchange: Set((*exchange).into()),
             routing_key: Set(routing_key.clone()),
