@@ -120,8 +120,13 @@ impl CpuSnapshot {
     /// The same snapshot with this process's threads named `threads`
     /// counted apart, as the group `group`, and taken out of `this_process`
     /// (the name it was taken with).
-    pub(crate) fn with_own_threads(mut self, this_process: &str, threads: &str, group: &str) -> Self {
+    pub(crate) fn with_own_threads(self, this_process: &str, threads: &str, group: &str) -> Self {
         let spent = own_threads_cpu_seconds(threads);
+        self.counted_apart(this_process, group, spent)
+    }
+
+    /// `spent` CPU seconds of `this_process` moved to the group `group`.
+    pub(crate) fn counted_apart(mut self, this_process: &str, group: &str, spent: f64) -> Self {
         if let Some(whole) = self.groups.get_mut(this_process) {
             *whole = (*whole - spent).max(0.0);
         }
