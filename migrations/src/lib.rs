@@ -15,8 +15,9 @@
 //!   which holds only the rows in those states;
 //! * the watchdog reconciler: `targets (state)` (`last_seen_at` is in no
 //!   index, so the collector's updates of it are HOT updates on PostgreSQL);
-//! * the collector's idempotent insert: unique `agent_events (target_id, attempt,
-//!   agent_instance, seq)` (migration 7: a second agent run is kept, not deduplicated);
+//! * the collector's idempotent insert: `agent_events (target_id, attempt,
+//!   agent_instance, seq)` (migration 7: a second agent run is kept, not deduplicated),
+//!   the table's primary key since migration 16 (no surrogate id, no foreign key);
 //! * a rollout's patch rows for its evidence report: `target_patches (rollout_id,
 //!   target_id, patch_index)` (migration 15: no column a report updates is in an
 //!   index of `target_patches` or `agent_heartbeats`, so on PostgreSQL the
@@ -42,6 +43,7 @@ mod m20261204_000001_delivery;
 mod m20261204_000002_dispatch_cursor;
 mod m20261204_000003_heartbeat_summary;
 mod m20261205_000001_hot_patch_results;
+mod m20261205_000002_event_key;
 
 pub struct Migrator;
 
@@ -64,6 +66,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261204_000002_dispatch_cursor::Migration),
             Box::new(m20261204_000003_heartbeat_summary::Migration),
             Box::new(m20261205_000001_hot_patch_results::Migration),
+            Box::new(m20261205_000002_event_key::Migration),
         ]
     }
 }

@@ -149,11 +149,13 @@ pub mod agent_events {
     #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
     #[sea_orm(table_name = "agent_events")]
     pub struct Model {
-        #[sea_orm(primary_key)]
-        pub id: i64,
+        #[sea_orm(primary_key, auto_increment = false)]
         pub target_id: Uuid,
+        #[sea_orm(primary_key, auto_increment = false)]
         pub attempt: i32,
+        #[sea_orm(primary_key, auto_increment = false)]
         pub agent_instance: i64,
+        #[sea_orm(primary_key, auto_increment = false)]
         pub seq: i64,
         pub kind: String,
         pub patch_index: Option<i32>,

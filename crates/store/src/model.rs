@@ -499,6 +499,10 @@ impl PatchOutcomeKind {
 pub enum ReportResult {
     Accepted,
     Duplicate,
+    /// Its target is not in the store: nothing of it was stored (the
+    /// collector authenticates a report by its target's row first, so only
+    /// a caller that skips that sees this).
+    UnknownTarget,
 }
 
 #[cfg(test)]

@@ -69,6 +69,13 @@ async fn the_collectors_updates_touch_no_index_and_stay_in_their_page() {
 }
 
 #[tokio::test]
+async fn the_relays_claim_reads_the_outbox_by_its_key() {
+    use fleetpatch_store::conformance;
+    let database = make_database().await;
+    conformance::run(&database, conformance::the_relays_claim_reads_the_outbox_by_its_key(&database)).await;
+}
+
+#[tokio::test]
 async fn a_service_refuses_an_unmigrated_database_and_says_what_to_do() {
     let (name, options) = create_database().await;
     let error = Store::connect_migrated(&options).await.err().expect("refused");

@@ -80,6 +80,7 @@ use uuid::Uuid;
 #[cfg(feature = "ceiling")]
 pub mod ceiling;
 mod convert;
+mod keys;
 mod replay;
 
 use convert::convert;
@@ -189,6 +190,7 @@ struct AppState {
     intake: ReportIntake,
     batches: mpsc::Sender<Pending>,
     keys: Arc<Mutex<HashMap<Uuid, KeyEntry>>>,
+    key_reader: keys::KeyReader,
     token_key: TokenKey,
     replays: Arc<Mutex<ReplayCache>>,
     max_skew_ms: i64,
@@ -289,10 +291,12 @@ pub async fn start(
         .collect();
     health.add_check("database", store.readiness_check());
     health.add_check("bus", bus.readiness_check());
+    let key_reader = keys::KeyReader::start(intake.clone());
     let state = AppState {
         intake,
         batches: sender,
         keys: Arc::default(),
+        key_reader,
         token_key,
         replays: Arc::new(Mutex::new(ReplayCache::new(options.replay_cache_entries))),
         max_skew_ms: (options.max_clock_skew_seconds * 1_000) as i64,
@@ -442,7 +446,7 @@ impl AppState {
                 }
             }
         }
-        let unavailable = |error: fleetpatch_store::Error| {
+        let unavailable = |error: &dyn std::fmt::Display| {
             tracing::warn!(error = %error, "token lookup failed");
             problem(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -450,12 +454,12 @@ impl AppState {
                 "the collector's database is unavailable; retry",
             )
         };
-        let Some(info) = self.intake.token_info(target).await.map_err(unavailable)? else {
+        let Some(info) = self.key_reader.read(target).await.map_err(|error| unavailable(&error))? else {
             self.keys.lock().expect("key cache lock").remove(&target);
             return Ok(None);
         };
         let final_reported = if info.state == TargetState::TimedOut {
-            self.intake.final_reported(target, info.attempt).await.map_err(unavailable)?
+            self.intake.final_reported(target, info.attempt).await.map_err(|error| unavailable(&error))?
         } else {
             false
         };
@@ -686,6 +690,13 @@ async fn post_reports(
         );
     }
     match answer.await {
+        Ok(Ok(results)) if results.contains(&ReportResult::UnknownTarget) => {
+            // Its row was read to authenticate the request; it is gone now.
+            tracing::error!(target_id = %target_id, attempt, "reports of a target the store no longer has");
+            metrics::counter!("fleetpatch_collector_reports_total", "result" => "unknown_target")
+                .increment(results.len() as u64);
+            problem(StatusCode::NOT_FOUND, "Not Found", format!("target {target_id} is not in the store"))
+        }
         Ok(Ok(results)) => {
             if has_final {
                 state.close_attempt(target_id, attempt);

@@ -70,6 +70,7 @@ macro_rules! store_conformance_suite {
             running_arms_the_watchdog_due_at_the_timeout,
             reports_are_idempotent_by_target_attempt_and_seq,
             a_second_agent_run_is_stored_as_such_not_as_duplicates,
+            a_report_of_an_unknown_target_is_not_stored_and_holds_up_no_other,
             reports_record_patch_results_and_the_final_result,
             reports_of_an_old_attempt_change_no_patch,
             final_results_in_one_batch_count_once_per_target_and_rollout,

@@ -104,3 +104,45 @@ pub async fn the_collectors_updates_touch_no_index_and_stay_in_their_page(db: &d
         assert_eq!(hot, all, "{table}: every update heap-only");
     }
 }
+
+/// The relay's claim finds the rows it claims by the outbox's primary key,
+/// however many dead rows the queue holds (see [`crate::relay::CLAIM_POSTGRES`]):
+/// in PostgreSQL's plan, the update's own scan of `outbox` (not the claim's
+/// sub-select) is an index scan, never a sequential scan joined by hash.
+pub async fn the_relays_claim_reads_the_outbox_by_its_key(db: &dyn TestDatabase) {
+    let store = db.store();
+    let run = |sql: &'static str| async move {
+        store.db.execute_unprepared(sql).await.unwrap_or_else(|error| panic!("{sql}: {error}"));
+    };
+    // A queue after a busy hour: 20,000 messages published, 1,000 waiting, no vacuum yet.
+    run("ALTER TABLE outbox SET (autovacuum_enabled = false)").await;
+    run("INSERT INTO outbox (exchange, routing_key, payload, headers, created_at) \
+         SELECT 'work', 'deploy', '\\x00', '{}', now() FROM generate_series(1, 20000)")
+    .await;
+    run("DELETE FROM outbox WHERE id % 20 <> 0").await;
+    run("ANALYZE outbox").await;
+    let explain = format!("EXPLAIN (FORMAT JSON) {}", crate::relay::CLAIM_POSTGRES);
+    let values: [sea_orm::Value; 3] = [i64::MAX.into(), 0i64.into(), 500i64.into()];
+    let row = store
+        .db
+        .query_one(Statement::from_sql_and_values(DbBackend::Postgres, &explain, values))
+        .await
+        .expect("explain the claim")
+        .expect("a plan");
+    let plan: serde_json::Value = row.try_get_by_index(0).expect("the plan as JSON");
+    let update = &plan[0]["Plan"];
+    assert_eq!(update["Node Type"], "ModifyTable", "{plan:#}");
+    let scans: Vec<&serde_json::Value> = update["Plans"]
+        .as_array()
+        .expect("the update's inputs")
+        .iter()
+        .filter(|input| input["Parent Relationship"] != "InitPlan")
+        .collect();
+    assert_eq!(scans.len(), 1, "{plan:#}");
+    let scan = scans[0]["Node Type"].as_str().expect("a node type");
+    assert!(
+        ["Index Scan", "Bitmap Heap Scan", "Index Only Scan"].contains(&scan),
+        "the claim's update reads outbox by {scan}, not by its key: {plan:#}"
+    );
+    run("ALTER TABLE outbox RESET (autovacuum_enabled)").await;
+}

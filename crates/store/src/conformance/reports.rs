@@ -52,6 +52,32 @@ pub async fn reports_are_idempotent_by_target_attempt_and_seq(db: &dyn TestDatab
     assert!(later_attempt.is_empty());
 }
 
+/// `agent_events` has no foreign key to `targets` (migration 16): the
+/// intake itself keeps out the reports of a target it does not have, of
+/// every kind, and stores the rest of the batch.
+pub async fn a_report_of_an_unknown_target_is_not_stored_and_holds_up_no_other(db: &dyn TestDatabase) {
+    let store = db.store();
+    let (a, _) = two_running_targets(store).await;
+    let ghost = Target { id: Uuid::new_v4(), ..a.clone() };
+    let batch = vec![
+        report(&ghost, 1, ReportKind::Started { patch_index: 0 }),
+        report(&a, 1, ReportKind::Started { patch_index: 0 }),
+        report(&ghost, 2, ReportKind::Heartbeat { patch_index: Some(0) }),
+        report(&ghost, 3, ReportKind::Final { success: true, reboot_required: false, message: "done".into() }),
+        report(&a, 2, ReportKind::Heartbeat { patch_index: Some(0) }),
+    ];
+    use ReportResult::{Accepted, UnknownTarget};
+    assert_eq!(
+        store.report_intake().apply_reports(&batch).await.expect("apply"),
+        vec![UnknownTarget, Accepted, UnknownTarget, UnknownTarget, Accepted]
+    );
+    assert!(store.agent_events(ghost.id).await.expect("events").is_empty());
+    assert!(store.heartbeats(ghost.id).await.expect("heartbeats").is_empty());
+    assert_eq!(store.agent_events(a.id).await.expect("events").len(), 1);
+    assert_eq!(store.heartbeats(a.id).await.expect("heartbeats").len(), 1);
+    assert_eq!(store.target_patches(a.id).await.expect("patches")[0].state, PatchState::Running);
+}
+
 /// A second agent process of the same attempt numbers its reports from 1
 /// again: its reports are stored as its own (never taken for duplicates of
 /// the first run's), a resent report of either run stays a duplicate, and

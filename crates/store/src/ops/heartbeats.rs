@@ -28,23 +28,27 @@ fn heartbeat_patch(report: &IncomingReport) -> Option<u32> {
     }
 }
 
+/// The PostgreSQL statement's heartbeats (`hb_in`), before `known`
+/// (the batch's targets the store has). Parameters `$25`–`$30`.
+pub(super) const POSTGRES_INPUT: &str = "hb_in AS ( \
+         SELECT * FROM unnest($25::uuid[], $26::int[], $27::bigint[], $28::bigint[], $29::bool[], $30::int[]) \
+         AS h(target_id, attempt, agent_instance, seq, has_patch, patch_index) \
+     )";
+
 /// The PostgreSQL statement's part for heartbeats: `hb_fresh` (the
-/// heartbeats above their run's stored highest seq, in the statement's
-/// snapshot) and `hb_saved` (one upsert per run: the count grows by its
+/// heartbeats of known targets above their run's stored highest seq, in the
+/// statement's snapshot) and `hb_saved` (one upsert per run: the count grows by its
 /// fresh heartbeats, the highest seq and the last time move). The upsert's
 /// `WHERE` keeps a concurrent statement that saw the same snapshot from
 /// counting the same heartbeats twice when it brings nothing newer; one
 /// that overlaps a batch still in flight and goes further (a resend racing
 /// its original, with more behind it) counts the overlap twice: the count
 /// is then high by that overlap, the highest seq and the deadline are
-/// right. Parameters `$25`–`$30`.
-pub(super) const POSTGRES_CTES: &str = "hb_in AS ( \
-         SELECT * FROM unnest($25::uuid[], $26::int[], $27::bigint[], $28::bigint[], $29::bool[], $30::int[]) \
-         AS h(target_id, attempt, agent_instance, seq, has_patch, patch_index) \
-     ), hb_fresh AS ( \
+/// right.
+pub(super) const POSTGRES_CTES: &str = "hb_fresh AS ( \
          SELECT h.* FROM hb_in AS h LEFT JOIN agent_heartbeats AS p \
              ON p.target_id = h.target_id AND p.attempt = h.attempt AND p.agent_instance = h.agent_instance \
-         WHERE p.last_seq IS NULL OR h.seq > p.last_seq \
+         WHERE (p.last_seq IS NULL OR h.seq > p.last_seq) AND h.target_id IN (SELECT id FROM known) \
      ), hb_saved AS ( \
          INSERT INTO agent_heartbeats (target_id, attempt, agent_instance, count, last_seq, patch_index, \
                                        first_received_at, last_received_at) \
@@ -58,7 +62,7 @@ pub(super) const POSTGRES_CTES: &str = "hb_in AS ( \
          WHERE agent_heartbeats.last_seq < excluded.last_seq \
      )";
 
-/// The values of `$25`–`$30` for [`POSTGRES_CTES`].
+/// The values of `$25`–`$30` for [`POSTGRES_INPUT`].
 pub(super) fn postgres_values(beats: &[&IncomingReport]) -> Vec<sea_orm::Value> {
     use sea_orm::sea_query::ArrayType;
     vec![

@@ -47,29 +47,37 @@ impl ReportIntake {
     /// current attempt, the nonce its token was derived with, the token's
     /// hash and the target's state (a final state ends the attempt's key).
     pub async fn token_info(&self, target_id: Uuid) -> Result<Option<TokenInfo>> {
-        /// token hash, token nonce, attempt, rollout, state
-        type Row = (Option<String>, Option<String>, i32, Uuid, String);
-        let row: Option<Row> = targets::Entity::find_by_id(target_id)
-            .select_only()
-            .column(targets::Column::TokenHash)
-            .column(targets::Column::TokenNonce)
-            .column(targets::Column::Attempt)
-            .column(targets::Column::RolloutId)
-            .column(targets::Column::State)
-            .into_tuple()
-            .one(&self.store.db)
-            .await?;
-        let Some((Some(token_hash), token_nonce, attempt, rollout_id, state)) = row else {
-            return Ok(None);
-        };
-        let state = state.parse::<TargetState>().map_err(|e| Error::Corrupt(e.to_string()))?;
-        Ok(Some(TokenInfo {
-            token_hash,
-            token_nonce: token_nonce.unwrap_or_default(),
-            attempt: attempt as u32,
-            rollout_id,
-            state,
-        }))
+        Ok(self.token_infos(&[target_id]).await?.remove(&target_id))
+    }
+
+    /// [`ReportIntake::token_info`] of many targets in one read (the
+    /// collector's look-ups that missed its cache together); a target that
+    /// is unknown or has no token yet is absent from the answer.
+    pub async fn token_infos(&self, target_ids: &[Uuid]) -> Result<HashMap<Uuid, TokenInfo>> {
+        /// id, token hash, token nonce, attempt, rollout, state
+        type Row = (Uuid, Option<String>, Option<String>, i32, Uuid, String);
+        let mut infos = HashMap::with_capacity(target_ids.len());
+        for chunk in target_ids.chunks(INSERT_CHUNK) {
+            let rows: Vec<Row> = targets::Entity::find()
+                .select_only()
+                .column(targets::Column::Id)
+                .column(targets::Column::TokenHash)
+                .column(targets::Column::TokenNonce)
+                .column(targets::Column::Attempt)
+                .column(targets::Column::RolloutId)
+                .column(targets::Column::State)
+                .filter(id_in(self.backend(), targets::Column::Id, chunk.iter().copied()))
+                .into_tuple()
+                .all(&self.store.db)
+                .await?;
+            for (id, token_hash, token_nonce, attempt, rollout_id, state) in rows {
+                let Some(token_hash) = token_hash else { continue };
+                let state = state.parse::<TargetState>().map_err(|e| Error::Corrupt(e.to_string()))?;
+                let token_nonce = token_nonce.unwrap_or_default();
+                infos.insert(id, TokenInfo { token_hash, token_nonce, attempt: attempt as u32, rollout_id, state });
+            }
+        }
+        Ok(infos)
     }
 
     /// Whether the agent's final result of `attempt` is stored (the
@@ -125,7 +133,9 @@ impl ReportIntake {
     /// Applies a batch of authenticated reports in one transaction:
     /// idempotent by (target, attempt, agent instance, seq); every new report moves the
     /// target's last-seen time (the watchdog's deadline); patch results and
-    /// the final result are recorded with guarded updates.
+    /// the final result are recorded with guarded updates. A report whose
+    /// target is not in the store is not stored
+    /// ([`ReportResult::UnknownTarget`]) and does not hold up the others.
     pub async fn apply_reports(&self, reports: &[IncomingReport]) -> Result<Vec<ReportResult>> {
         if reports.is_empty() {
             return Ok(vec![]);
@@ -133,144 +143,184 @@ impl ReportIntake {
         let received_at = self.now();
         let mut seen_in_batch = HashSet::new();
         let unique: Vec<&IncomingReport> = reports.iter().filter(|r| seen_in_batch.insert(ReportKey::of(r))).collect();
-        let is_beat = |r: &&IncomingReport| matches!(r.kind, ReportKind::Heartbeat { .. });
-        let beats: Vec<&IncomingReport> = unique.iter().copied().filter(is_beat).collect();
-        let events: Vec<&IncomingReport> = match self.heartbeat_events {
-            HeartbeatEvents::Every => unique,
-            HeartbeatEvents::Summary => unique.into_iter().filter(|r| !is_beat(r)).collect(),
-        };
-        let mut fresh = if self.backend() == DbBackend::Postgres {
-            self.apply_reports_postgres(&events, &beats, received_at).await?
+        let txn = self.begin().await?;
+        let (mut fresh, unknown) = if self.backend() == DbBackend::Postgres {
+            let (events, beats) = self.split_heartbeats(unique);
+            apply_reports_postgres(&txn, &events, &beats, received_at).await?
         } else {
-            self.apply_reports_portable(&events, &beats, received_at).await?
+            let known = known_targets(&txn, &unique).await?;
+            let (kept, left): (Vec<&IncomingReport>, Vec<&IncomingReport>) =
+                unique.into_iter().partition(|r| known.contains(&r.target_id));
+            let (events, beats) = self.split_heartbeats(kept);
+            let fresh = apply_reports_portable(&txn, self.backend(), &events, &beats, received_at).await?;
+            (fresh, left.into_iter().map(|r| r.target_id).collect())
         };
+        txn.commit().await?;
         Ok(reports
             .iter()
-            .map(|r| if fresh.remove(&ReportKey::of(r)) { ReportResult::Accepted } else { ReportResult::Duplicate })
+            .map(|r| match () {
+                _ if unknown.contains(&r.target_id) => ReportResult::UnknownTarget,
+                _ if fresh.remove(&ReportKey::of(r)) => ReportResult::Accepted,
+                _ => ReportResult::Duplicate,
+            })
             .collect())
     }
 
-    /// PostgreSQL: the events, the heartbeats' summaries, the targets'
-    /// last-seen times and the patch results of the whole batch in one
-    /// statement whose text never changes (the reports travel as arrays),
-    /// then the final results' statements, in one transaction.
-    ///
-    /// The transaction plans with `plan_cache_mode = force_generic_plan`
-    /// (`SET LOCAL`: this transaction only, not the pooled connection's
-    /// other users): left to choose, PostgreSQL planned the batch statement
-    /// afresh at every execution (a custom plan for the arrays' lengths),
-    /// about 1 ms of its CPU each time (`pg_stat_statements`: 16,143 plans
-    /// in 16,562 calls, 16.7 s of planning; with the setting 40 plans, 0.1 s).
-    async fn apply_reports_postgres(
+    /// The batch's reports stored as events, and its heartbeats (which are
+    /// events too with [`HeartbeatEvents::Every`]).
+    fn split_heartbeats<'a>(
         &self,
-        unique: &[&IncomingReport],
-        beats: &[&IncomingReport],
-        received_at: DateTime<Utc>,
-    ) -> Result<HashSet<ReportKey>> {
-        let statement = intake_statement(unique, beats, received_at);
-        let txn = self.begin().await?;
-        txn.execute_unprepared("SET LOCAL plan_cache_mode = force_generic_plan").await?;
-        let fresh = fresh_keys(txn.query_all(statement).await?)?;
-        let finals: Vec<&IncomingReport> = unique
-            .iter()
-            .copied()
-            .filter(|r| matches!(r.kind, ReportKind::Final { .. }) && fresh.contains(&ReportKey::of(r)))
-            .collect();
-        for chunk in finals.chunks(INSERT_CHUNK) {
-            apply_final_results(&txn, chunk, received_at).await?;
-        }
-        txn.commit().await?;
-        Ok(fresh)
-    }
-
-    /// Any backend (SQLite): a few statements per batch in one transaction.
-    async fn apply_reports_portable(
-        &self,
-        unique: &[&IncomingReport],
-        beats: &[&IncomingReport],
-        received_at: DateTime<Utc>,
-    ) -> Result<HashSet<ReportKey>> {
-        let txn = self.begin().await?;
-        let mut fresh: HashSet<ReportKey> = HashSet::new();
-        for chunk in unique.chunks(INSERT_CHUNK) {
-            let mut insert = Query::insert();
-            insert.into_table(agent_events::Entity).columns([
-                agent_events::Column::TargetId,
-                agent_events::Column::Attempt,
-                agent_events::Column::AgentInstance,
-                agent_events::Column::Seq,
-                agent_events::Column::Kind,
-                agent_events::Column::PatchIndex,
-                agent_events::Column::ExitCode,
-                agent_events::Column::Detail,
-                agent_events::Column::SentAt,
-                agent_events::Column::ReceivedAt,
-            ]);
-            for report in chunk {
-                let event = EventColumns::of(report);
-                insert.values_panic([
-                    report.target_id.into(),
-                    (report.attempt as i32).into(),
-                    report.agent_instance.to_column().into(),
-                    (report.seq as i64).into(),
-                    event.kind.into(),
-                    event.patch_index.into(),
-                    event.exit_code.into(),
-                    event.detail.into(),
-                    report.sent_at.into(),
-                    received_at.into(),
-                ]);
-            }
-            insert.on_conflict(
-                OnConflict::columns([
-                    agent_events::Column::TargetId,
-                    agent_events::Column::Attempt,
-                    agent_events::Column::AgentInstance,
-                    agent_events::Column::Seq,
-                ])
-                .do_nothing()
-                .to_owned(),
-            );
-            insert.returning(Query::returning().columns([
-                agent_events::Column::TargetId,
-                agent_events::Column::Attempt,
-                agent_events::Column::AgentInstance,
-                agent_events::Column::Seq,
-            ]));
-            let statement = self.backend().build(&insert);
-            fresh.extend(fresh_keys(txn.query_all(statement).await?)?);
-        }
-        fresh.extend(heartbeats::apply_portable(&txn, beats, received_at).await?);
-        // Every fresh report resets its target's deadline.
-        let touched: Vec<Uuid> = {
-            let mut ids: Vec<Uuid> = fresh.iter().map(|key| key.target_id).collect();
-            ids.sort();
-            ids.dedup();
-            ids
+        unique: Vec<&'a IncomingReport>,
+    ) -> (Vec<&'a IncomingReport>, Vec<&'a IncomingReport>) {
+        let is_beat = |r: &&IncomingReport| matches!(r.kind, ReportKind::Heartbeat { .. });
+        let beats: Vec<&IncomingReport> = unique.iter().copied().filter(is_beat).collect();
+        let events = match self.heartbeat_events {
+            HeartbeatEvents::Every => unique,
+            HeartbeatEvents::Summary => unique.into_iter().filter(|r| !is_beat(r)).collect(),
         };
-        for chunk in touched.chunks(INSERT_CHUNK) {
-            targets::Entity::update_many()
-                .col_expr(targets::Column::LastSeenAt, Expr::value(received_at))
-                .filter(targets::Column::Id.is_in(chunk.iter().copied()))
-                .filter(targets::Column::State.is_in(state_strs(&TargetState::IN_FLIGHT)))
-                .exec(&txn)
-                .await?;
-        }
-        let accepted: Vec<&IncomingReport> =
-            unique.iter().copied().filter(|r| fresh.contains(&ReportKey::of(r))).collect();
-        // Patch results first, then the final results (which fail the patches
-        // left open, so they come last).
-        for report in &accepted {
-            apply_patch_report(&txn, report, received_at).await?;
-        }
-        let finals: Vec<&IncomingReport> =
-            accepted.iter().copied().filter(|r| matches!(r.kind, ReportKind::Final { .. })).collect();
-        for chunk in finals.chunks(INSERT_CHUNK) {
-            apply_final_results(&txn, chunk, received_at).await?;
-        }
-        txn.commit().await?;
-        Ok(fresh)
+        (events, beats)
     }
+}
+
+/// Which of the reports' targets are in the store (`agent_events` has no
+/// foreign key to `targets` since migration 16: this read keeps a report of
+/// an unknown target out of it). One look-up of the batch's distinct
+/// targets, in the batch's transaction; on PostgreSQL the batch statement
+/// does the same (`known`).
+async fn known_targets(txn: &DatabaseTransaction, reports: &[&IncomingReport]) -> Result<HashSet<Uuid>> {
+    let mut ids: Vec<Uuid> = reports.iter().map(|r| r.target_id).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let mut known = HashSet::with_capacity(ids.len());
+    for chunk in ids.chunks(INSERT_CHUNK) {
+        let found: Vec<Uuid> = targets::Entity::find()
+            .select_only()
+            .column(targets::Column::Id)
+            .filter(id_in(txn.get_database_backend(), targets::Column::Id, chunk.iter().copied()))
+            .into_tuple()
+            .all(txn)
+            .await?;
+        known.extend(found);
+    }
+    Ok(known)
+}
+
+/// PostgreSQL: the events, the heartbeats' summaries, the targets'
+/// last-seen times and the patch results of the whole batch in one
+/// statement whose text never changes (the reports travel as arrays),
+/// then the final results' statements, in one transaction.
+///
+/// The transaction plans with `plan_cache_mode = force_generic_plan`
+/// (`SET LOCAL`: this transaction only, not the pooled connection's
+/// other users): left to choose, PostgreSQL planned the batch statement
+/// afresh at every execution (a custom plan for the arrays' lengths),
+/// about 1 ms of its CPU each time (`pg_stat_statements`: 16,143 plans
+/// in 16,562 calls, 16.7 s of planning; with the setting 40 plans, 0.1 s).
+async fn apply_reports_postgres(
+    txn: &DatabaseTransaction,
+    unique: &[&IncomingReport],
+    beats: &[&IncomingReport],
+    received_at: DateTime<Utc>,
+) -> Result<(HashSet<ReportKey>, HashSet<Uuid>)> {
+    let statement = intake_statement(unique, beats, received_at);
+    txn.execute_unprepared("SET LOCAL plan_cache_mode = force_generic_plan").await?;
+    let (fresh, unknown) = stored_and_unknown(txn.query_all(statement).await?)?;
+    let finals: Vec<&IncomingReport> = unique
+        .iter()
+        .copied()
+        .filter(|r| matches!(r.kind, ReportKind::Final { .. }) && fresh.contains(&ReportKey::of(r)))
+        .collect();
+    for chunk in finals.chunks(INSERT_CHUNK) {
+        apply_final_results(txn, chunk, received_at).await?;
+    }
+    Ok((fresh, unknown))
+}
+
+/// Any backend (SQLite): a few statements per batch in the batch's transaction.
+async fn apply_reports_portable(
+    txn: &DatabaseTransaction,
+    backend: DbBackend,
+    unique: &[&IncomingReport],
+    beats: &[&IncomingReport],
+    received_at: DateTime<Utc>,
+) -> Result<HashSet<ReportKey>> {
+    let mut fresh: HashSet<ReportKey> = HashSet::new();
+    for chunk in unique.chunks(INSERT_CHUNK) {
+        let mut insert = Query::insert();
+        insert.into_table(agent_events::Entity).columns([
+            agent_events::Column::TargetId,
+            agent_events::Column::Attempt,
+            agent_events::Column::AgentInstance,
+            agent_events::Column::Seq,
+            agent_events::Column::Kind,
+            agent_events::Column::PatchIndex,
+            agent_events::Column::ExitCode,
+            agent_events::Column::Detail,
+            agent_events::Column::SentAt,
+            agent_events::Column::ReceivedAt,
+        ]);
+        for report in chunk {
+            let event = EventColumns::of(report);
+            insert.values_panic([
+                report.target_id.into(),
+                (report.attempt as i32).into(),
+                report.agent_instance.to_column().into(),
+                (report.seq as i64).into(),
+                event.kind.into(),
+                event.patch_index.into(),
+                event.exit_code.into(),
+                event.detail.into(),
+                report.sent_at.into(),
+                received_at.into(),
+            ]);
+        }
+        insert.on_conflict(
+            OnConflict::columns([
+                agent_events::Column::TargetId,
+                agent_events::Column::Attempt,
+                agent_events::Column::AgentInstance,
+                agent_events::Column::Seq,
+            ])
+            .do_nothing()
+            .to_owned(),
+        );
+        insert.returning(Query::returning().columns([
+            agent_events::Column::TargetId,
+            agent_events::Column::Attempt,
+            agent_events::Column::AgentInstance,
+            agent_events::Column::Seq,
+        ]));
+        let statement = backend.build(&insert);
+        fresh.extend(fresh_keys(txn.query_all(statement).await?)?);
+    }
+    fresh.extend(heartbeats::apply_portable(txn, beats, received_at).await?);
+    // Every fresh report resets its target's deadline.
+    let touched: Vec<Uuid> = {
+        let mut ids: Vec<Uuid> = fresh.iter().map(|key| key.target_id).collect();
+        ids.sort();
+        ids.dedup();
+        ids
+    };
+    for chunk in touched.chunks(INSERT_CHUNK) {
+        targets::Entity::update_many()
+            .col_expr(targets::Column::LastSeenAt, Expr::value(received_at))
+            .filter(targets::Column::Id.is_in(chunk.iter().copied()))
+            .filter(targets::Column::State.is_in(state_strs(&TargetState::IN_FLIGHT)))
+            .exec(txn)
+            .await?;
+    }
+    let accepted: Vec<&IncomingReport> = unique.iter().copied().filter(|r| fresh.contains(&ReportKey::of(r))).collect();
+    // Patch results first, then the final results (which fail the patches
+    // left open, so they come last).
+    for report in &accepted {
+        apply_patch_report(txn, report, received_at).await?;
+    }
+    let finals: Vec<&IncomingReport> =
+        accepted.iter().copied().filter(|r| matches!(r.kind, ReportKind::Final { .. })).collect();
+    for chunk in finals.chunks(INSERT_CHUNK) {
+        apply_final_results(txn, chunk, received_at).await?;
+    }
+    Ok(fresh)
 }
 
 /// How a report is stored in `agent_events`.
@@ -316,6 +366,20 @@ impl ReportKey {
             seq: report.seq,
         }
     }
+}
+
+/// The PostgreSQL batch statement's answer: the fresh reports' keys
+/// (`stored`) and the targets the store does not have.
+fn stored_and_unknown(rows: Vec<sea_orm::QueryResult>) -> Result<(HashSet<ReportKey>, HashSet<Uuid>)> {
+    let (mut stored, mut unknown) = (Vec::with_capacity(rows.len()), HashSet::new());
+    for row in rows {
+        if row.try_get::<bool>("", "stored")? {
+            stored.push(row);
+        } else {
+            unknown.insert(row.try_get::<Uuid>("", "target_id")?);
+        }
+    }
+    Ok((fresh_keys(stored)?, unknown))
 }
 
 /// The keys of the events an insert's `RETURNING` names: the fresh reports
@@ -395,13 +459,15 @@ static INTAKE_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
                                   $24::bigint[]) \
              AS i(target_id, attempt, seq, kind, has_patch, patch_index, has_exit, exit_code, \
                   has_detail, detail, has_sent, sent_at, agent_instance) \
+         ), {heartbeat_input}, known AS MATERIALIZED ( \
+             SELECT id FROM targets WHERE id IN (SELECT target_id FROM incoming UNION SELECT target_id FROM hb_in) \
          ), fresh AS ( \
              INSERT INTO agent_events (target_id, attempt, agent_instance, seq, kind, patch_index, exit_code, detail, \
                                        sent_at, received_at) \
              SELECT target_id, attempt, agent_instance, seq, kind, CASE WHEN has_patch THEN patch_index END, \
                     CASE WHEN has_exit THEN exit_code END, CASE WHEN has_detail THEN detail END, \
                     CASE WHEN has_sent THEN sent_at END, $1 \
-             FROM incoming \
+             FROM incoming WHERE target_id IN (SELECT id FROM known) \
              ON CONFLICT (target_id, attempt, agent_instance, seq) DO NOTHING \
              RETURNING target_id, attempt, agent_instance, seq \
          ), {heartbeats}, touched AS ( \
@@ -424,8 +490,12 @@ static INTAKE_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
              FROM effects AS e JOIN targets AS t ON t.id = e.target_id AND t.attempt = e.attempt \
              WHERE tp.target_id = e.target_id AND tp.patch_index = e.patch_index AND ({finishes} OR {starts}) \
          ) \
-         SELECT target_id, attempt, agent_instance, seq FROM fresh \
-         UNION ALL SELECT target_id, attempt, agent_instance, seq FROM hb_fresh",
+         SELECT true AS stored, target_id, attempt, agent_instance, seq FROM fresh \
+         UNION ALL SELECT true, target_id, attempt, agent_instance, seq FROM hb_fresh \
+         UNION ALL SELECT false, u.target_id, 0, 0, 0 FROM \
+             (SELECT target_id FROM incoming UNION SELECT target_id FROM hb_in) AS u \
+             WHERE u.target_id NOT IN (SELECT id FROM known)",
+        heartbeat_input = heartbeats::POSTGRES_INPUT,
         heartbeats = heartbeats::POSTGRES_CTES,
     )
 });
