@@ -3,7 +3,7 @@
 //! surrogate `id` (nothing reads it: events are paged by attempt, seq and
 //! instance) and the foreign key to `targets` (targets are never deleted,
 //! and the collector's intake stores a report only when its target exists:
-//! `Store::apply_reports` answers `ReportResult::UnknownTarget` otherwise).
+//! `ReportIntake::apply_reports` answers `ReportResult::UnknownTarget` otherwise).
 //!
 //! Every stored report paid for both (issue 20): a sequence's `nextval`
 //! and a second B-tree insert for the `id`, and for the foreign key a
