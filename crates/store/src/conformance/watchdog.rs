@@ -176,6 +176,9 @@ pub async fn retry_failed_starts_a_new_attempt(db: &dyn TestDatabase) {
     assert!(store.fail_target(&targets[2], "unreachable", false).await.expect("fail"));
     assert_eq!(store.dispatch(id).await.expect("dispatch").state, RolloutState::Completed);
     drain_outbox(store).await;
+    assert!(store.target(failed.id).await.expect("target").last_seen_at.is_some(), "it ran and reported");
+    let ok_seen = store.target(ok.id).await.expect("target").last_seen_at;
+    assert!(ok_seen.is_some());
 
     assert_eq!(store.retry_failed(id).await.expect("retry"), 2);
     let rollout = store.rollout(id).await.expect("rollout");
@@ -183,6 +186,8 @@ pub async fn retry_failed_starts_a_new_attempt(db: &dyn TestDatabase) {
     let retried = store.target(failed.id).await.expect("target");
     assert_eq!((retried.state, retried.attempt, retried.tries), (TargetState::Pending, 2, 0));
     assert_eq!((retried.error, retried.token_hash, retried.finished_at), (None, None, None));
+    assert_eq!(retried.last_seen_at, None, "the new attempt has not been seen yet");
+    assert_eq!(store.target(ok.id).await.expect("target").last_seen_at, ok_seen, "only the retried are reset");
     assert!(store.target_patches(failed.id).await.expect("patches").is_empty(), "the new attempt probes afresh");
     assert_eq!(store.target(ok.id).await.expect("target").state, TargetState::Succeeded, "successes stay");
     assert_eq!(outbox_keys(store).await, vec![routing::DISPATCH.to_owned()]);
