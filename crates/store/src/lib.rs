@@ -90,8 +90,6 @@ pub fn redact_url(url: &str) -> String {
     fleetpatch_bus::rabbitmq::redact_url(url)
 }
 
-/// A handle on the database. Cheap to clone.
-///
 /// How long taking a connection from the pool may wait (for a free one or a new one).
 const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -128,6 +126,8 @@ async fn postgres_pool(options: &StoreOptions) -> std::result::Result<DatabaseCo
     Ok(sea_orm::SqlxPostgresConnector::from_sqlx_postgres_pool(pool))
 }
 
+/// A handle on the database. Cheap to clone.
+///
 /// Every instant the store writes or compares (deadlines, `last_seen_at`,
 /// the watchdog's timeouts, history and outbox timestamps) comes from its
 /// [`Clock`]: the system clock unless [`Store::with_clock`] gave another.

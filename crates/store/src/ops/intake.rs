@@ -158,10 +158,14 @@ impl ReportIntake {
         txn.commit().await?;
         Ok(reports
             .iter()
-            .map(|r| match () {
-                _ if unknown.contains(&r.target_id) => ReportResult::UnknownTarget,
-                _ if fresh.remove(&ReportKey::of(r)) => ReportResult::Accepted,
-                _ => ReportResult::Duplicate,
+            .map(|r| {
+                if unknown.contains(&r.target_id) {
+                    ReportResult::UnknownTarget
+                } else if fresh.remove(&ReportKey::of(r)) {
+                    ReportResult::Accepted
+                } else {
+                    ReportResult::Duplicate
+                }
             })
             .collect())
     }
