@@ -15,6 +15,9 @@ pub(crate) struct Figures {
     /// The same senders and requests, signed, against the bare server
     /// verifying each request's MAC as the collector does.
     pub(crate) http_ceiling_with_mac: Option<HttpCeiling>,
+    /// The collector's paced run's load against the bare server verifying
+    /// MACs (`paced_http_floor`): the HTTP floor of the paced run.
+    pub(crate) http_floor_paced: Option<PacedHttpFloor>,
     /// CPU µs to verify one signed request, on one thread (`mac_verify_micros`).
     pub(crate) mac_verify_micros: Option<f64>,
     pub(crate) rollout: Option<RolloutFigures>,
@@ -70,11 +73,24 @@ pub(crate) struct CollectorFigures {
 pub(crate) struct HttpCeiling {
     pub(crate) requests: usize,
     pub(crate) clients: usize,
+    /// The bare server's runtime threads (the collector's).
+    pub(crate) server_threads: usize,
     pub(crate) seconds: f64,
     pub(crate) requests_per_second: f64,
     pub(crate) latency_p50_ms: f64,
     pub(crate) latency_p99_ms: f64,
     /// Per request.
+    pub(crate) cpu: CpuPerReport,
+}
+
+/// The paced run's agents against the bare server (see [`paced_http_floor`]).
+#[derive(Debug, Default, Serialize)]
+pub(crate) struct PacedHttpFloor {
+    pub(crate) reports: usize,
+    pub(crate) requests: usize,
+    pub(crate) reports_per_request: f64,
+    pub(crate) seconds: f64,
+    /// Per report.
     pub(crate) cpu: CpuPerReport,
 }
 
@@ -254,8 +270,8 @@ pub(crate) fn print_figures(f: &Figures) {
     if let Some(c) = &f.http_ceiling {
         println!(
             "  HTTP ceiling        {:>10.0} requests/s ({} one-report requests, {} concurrent senders, the collector's \
-             server stack answering at once); latency p50 {:.1} ms, p99 {:.1} ms",
-            c.requests_per_second, c.requests, c.clients, c.latency_p50_ms, c.latency_p99_ms
+             server stack answering at once on {} threads, as the collector's); latency p50 {:.1} ms, p99 {:.1} ms",
+            c.requests_per_second, c.requests, c.clients, c.server_threads, c.latency_p50_ms, c.latency_p99_ms
         );
         println!("                      {}", c.cpu.summary("request"));
     }
@@ -289,6 +305,18 @@ pub(crate) fn print_figures(f: &Figures) {
             ),
             None => println!("  MAC verification    {micros:>10.2} CPU µs per request on one thread"),
         }
+    }
+    if let Some(floor) = &f.http_floor_paced {
+        let bare = floor.cpu.micros("bare server");
+        println!(
+            "  HTTP floor, paced   {} reports in {} requests ({:.2} per request) in {:.1} s, the collector's paced load \
+             against the bare server checking MACs: {bare:.1} CPU µs per report, {:.1} per request",
+            floor.reports,
+            floor.requests,
+            floor.reports_per_request,
+            floor.seconds,
+            bare * floor.reports_per_request
+        );
     }
     if let Some(c) = &f.collector {
         let bare_server = f.http_ceiling.as_ref().map(|c| c.cpu.micros("bare server")).filter(|m| *m > 0.0);
@@ -383,6 +411,20 @@ pub(crate) fn print_figures(f: &Figures) {
                 p.run.all_targets_succeeded
             );
             cpu(&p.run, p.reports_per_request);
+            let collector = p.run.cpu.as_ref().map(|cpu| cpu.micros("collector")).filter(|m| *m > 0.0);
+            let floor = f.http_floor_paced.as_ref().map(|floor| (floor, floor.cpu.micros("bare server")));
+            if let (Some(collector), Some((floor, bare))) = (collector, floor.filter(|(_, bare)| *bare > 0.0)) {
+                let (per_request, bare_per_request) =
+                    (collector * p.reports_per_request, bare * floor.reports_per_request);
+                println!(
+                    "                        against the bare server under the same paced load (MAC checked, \
+                     {:.2} reports per request): collector {collector:.1} µs per report = {:.2} × its {bare:.1}; \
+                     {per_request:.1} µs per request = {:.2} × its {bare_per_request:.1}",
+                    floor.reports_per_request,
+                    collector / bare,
+                    per_request / bare_per_request
+                );
+            }
         }
         println!("                      peak RSS MiB: {}", peaks(&c.peak_rss_mib));
     }

@@ -301,6 +301,7 @@ pub async fn run(
     args: BenchArgs,
     database: &StoreOptions,
     amqp: &RabbitOptions,
+    collector: &fleetpatch_collector::CollectorOptions,
     config: Option<&Path>,
 ) -> anyhow::Result<()> {
     let id = Uuid::new_v4().simple().to_string()[..12].to_owned();
@@ -314,7 +315,10 @@ pub async fn run(
     })?;
     let bench_db = StoreOptions { max_connections: 40, ..bench_db };
     let amqp = RabbitOptions { prefix: prefix.clone(), ..amqp.clone() };
-    let outcome = run_phases(&args, &bench_db, &amqp, config, &dir, &db_name).await;
+    // The HTTP ceiling's bare server runs on as many threads as the collector.
+    let server_threads =
+        collector.runtime_threads().unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let outcome = run_phases(&args, &bench_db, &amqp, config, &dir, &db_name, server_threads).await;
     if !args.keep {
         if let Ok(backend) = RabbitBackend::connect(&amqp, &fleetpatch_proto::routing::WORK_QUEUES).await {
             let _ = backend.delete_topology().await;
@@ -343,6 +347,7 @@ async fn run_phases(
     config: Option<&Path>,
     dir: &Path,
     db_name: &str,
+    server_threads: usize,
 ) -> anyhow::Result<Figures> {
     let store = Store::connect(database).await?;
     store.migrate().await?;
@@ -383,23 +388,26 @@ async fn run_phases(
     // the workers and the agents, so it holds it too.
     let token_key_text = format!("{}{}", Uuid::new_v4().simple(), Uuid::new_v4().simple());
     let token_key = TokenKey::from_bytes(token_key_text.clone().into_bytes())?;
+    let ceiling_load = CeilingLoad {
+        targets: args.collector_targets,
+        reports: (args.patches, args.heartbeats),
+        clients: args.collector_clients,
+        server_threads,
+    };
     if args.collector_targets > 0 {
-        let ceiling =
-            http_ceiling(&http, args.collector_targets, (args.patches, args.heartbeats), args.collector_clients, None)
-                .await
-                .context("measuring the HTTP ceiling")?;
+        let ceiling = http_ceiling(&http, &ceiling_load, None).await.context("measuring the HTTP ceiling")?;
         figures.http_ceiling = Some(ceiling);
-        let ceiling = http_ceiling(
-            &http,
-            args.collector_targets,
-            (args.patches, args.heartbeats),
-            args.collector_clients,
-            Some(token_key.clone()),
-        )
-        .await
-        .context("measuring the HTTP ceiling with MAC checking")?;
+        let ceiling = http_ceiling(&http, &ceiling_load, Some(token_key.clone()))
+            .await
+            .context("measuring the HTTP ceiling with MAC checking")?;
         figures.http_ceiling_with_mac = Some(ceiling);
         figures.mac_verify_micros = Some(mac_verify_micros(&token_key, 100_000));
+        if args.collector_rate > 0 {
+            let floor = paced_http_floor(&http, &ceiling_load, token_key.clone(), f64::from(args.collector_rate))
+                .await
+                .context("measuring the paced HTTP floor")?;
+            figures.http_floor_paced = Some(floor);
+        }
     }
 
     // The services, one process each.

@@ -181,12 +181,8 @@ pub(crate) async fn collector_phase(bench: &mut Bench, collector_port: u16, coll
     Ok(())
 }
 
-/// `collector_targets` agents produce their reports on a clock, `rate`
-/// reports/s in all (each agent one every `agents / rate` s, the agents
-/// staggered evenly), and each sends everything ready in one request,
-/// waiting for the acknowledgement before its next: what the real agent's
-/// sender does. Load that the collector does not keep up with piles up in
-/// the agents, so their requests grow instead of their number.
+/// `collector_targets` agents send their reports paced ([`send_paced`]) to
+/// the collector on `collector_port` (process `collector_pid`).
 pub(crate) async fn paced_collector_load(
     bench: &Bench,
     collector_port: u16,
@@ -201,14 +197,51 @@ pub(crate) async fn paced_collector_load(
     let tokens = bench.bring_to_running(rollout).await?;
     bench.wait_for_outbox().await?;
     let reports = Arc::new(agent_report_list(args.patches, args.heartbeats));
-    let gap = Duration::from_secs_f64(agents as f64 / rate);
     let statements_before = fleetpatch_store::ceiling::statement_totals(&bench.store).await?;
     let before = bench.cpu_now(collector_pid);
+    let sent = send_paced(&bench.http, collector_port, tokens, reports, rate).await?;
+    let cpu = before.per_report(&bench.cpu_now(collector_pid), sent.latencies.len(), sent.seconds);
+    let statements_after = fleetpatch_store::ceiling::statement_totals(&bench.store).await?;
+    let statements = StatementCost::per_report(&statements_before, &statements_after, sent.latencies.len());
+    let succeeded = bench.counts(rollout).await?.get("succeeded").copied().unwrap_or(0) as usize;
+    let reports_per_request = sent.latencies.len() as f64 / sent.requests.max(1) as f64;
+    let requests = sent.requests;
+    let mut run = CollectorRun::measured(sent.latencies, sent.retried, sent.seconds, succeeded == agents);
+    run.cpu = Some(cpu);
+    run.statements = statements;
+    Ok(PacedRun { agents, offered_reports_per_second: rate, requests, reports_per_request, run })
+}
+
+/// What [`send_paced`] measured.
+pub(crate) struct PacedSent {
+    /// Milliseconds from each report's production time to its acknowledgement.
+    pub(crate) latencies: Vec<f64>,
+    pub(crate) requests: usize,
+    pub(crate) retried: usize,
+    /// From the first report's production time to the last acknowledgement.
+    pub(crate) seconds: f64,
+}
+
+/// `agents` produce `reports` each on a clock, `rate` reports/s in all
+/// (each agent one every `agents / rate` s, the agents staggered evenly),
+/// and each sends everything ready in one request to port `port`, waiting
+/// for the acknowledgement before its next: what the real agent's sender
+/// does. Load that the server does not keep up with piles up in the
+/// agents, so their requests grow instead of their number.
+pub(crate) async fn send_paced(
+    http: &reqwest::Client,
+    port: u16,
+    agents: Vec<BenchAgent>,
+    reports: Arc<Vec<v1::AgentReport>>,
+    rate: f64,
+) -> anyhow::Result<PacedSent> {
+    let count = agents.len();
+    let gap = Duration::from_secs_f64(count as f64 / rate);
     let started = tokio::time::Instant::now() + Duration::from_millis(200);
     let mut tasks = tokio::task::JoinSet::new();
-    for (index, agent) in tokens.into_iter().enumerate() {
-        let (http, reports) = (bench.http.clone(), reports.clone());
-        let first = started + gap.mul_f64(index as f64 / agents as f64);
+    for (index, agent) in agents.into_iter().enumerate() {
+        let (http, reports) = (http.clone(), reports.clone());
+        let first = started + gap.mul_f64(index as f64 / count as f64);
         tasks.spawn(async move {
             let due = |k: usize| first + gap * k as u32;
             let (mut latencies, mut requests, mut retried) = (Vec::with_capacity(reports.len()), 0usize, 0usize);
@@ -225,7 +258,7 @@ pub(crate) async fn paced_collector_load(
                 }
                 let body = v1::ReportBatch { reports: reports[ready.clone()].to_vec() }.encode_to_vec();
                 requests += 1;
-                if post_reports(&http, collector_port, &agent, body).await? {
+                if post_reports(&http, port, &agent, body).await? {
                     let acked = tokio::time::Instant::now();
                     latencies.extend(ready.map(|k| (acked - due(k)).as_secs_f64() * 1_000.0));
                 } else {
@@ -236,25 +269,17 @@ pub(crate) async fn paced_collector_load(
             anyhow::Ok((latencies, requests, retried, tokio::time::Instant::now()))
         });
     }
-    let (mut latencies, mut requests, mut retried) = (Vec::new(), 0, 0);
+    let mut sent = PacedSent { latencies: Vec::new(), requests: 0, retried: 0, seconds: 0.0 };
     let mut last_ack = started;
     while let Some(task) = tasks.join_next().await {
-        let (mine, sent, again, done) = task??;
-        latencies.extend(mine);
-        requests += sent;
-        retried += again;
+        let (mine, requests, retried, done) = task??;
+        sent.latencies.extend(mine);
+        sent.requests += requests;
+        sent.retried += retried;
         last_ack = last_ack.max(done);
     }
-    let seconds = (last_ack - started).as_secs_f64();
-    let cpu = before.per_report(&bench.cpu_now(collector_pid), latencies.len(), seconds);
-    let statements_after = fleetpatch_store::ceiling::statement_totals(&bench.store).await?;
-    let statements = StatementCost::per_report(&statements_before, &statements_after, latencies.len());
-    let succeeded = bench.counts(rollout).await?.get("succeeded").copied().unwrap_or(0) as usize;
-    let reports_per_request = latencies.len() as f64 / requests.max(1) as f64;
-    let mut run = CollectorRun::measured(latencies, retried, seconds, succeeded == agents);
-    run.cpu = Some(cpu);
-    run.statements = statements;
-    Ok(PacedRun { agents, offered_reports_per_second: rate, requests, reports_per_request, run })
+    sent.seconds = (last_ack - started).as_secs_f64();
+    Ok(sent)
 }
 
 /// Brings `collector_targets` targets to running, then their agents post
@@ -349,54 +374,130 @@ pub(crate) async fn send_all(
     Ok(sent)
 }
 
+/// What the HTTP ceiling sends, and the threads its bare server runs on.
+pub(crate) struct CeilingLoad {
+    pub(crate) targets: usize,
+    /// (patches, heartbeats) per agent.
+    pub(crate) reports: (usize, usize),
+    pub(crate) clients: usize,
+    /// As many as the collector's runtime (`collector.worker_threads`).
+    pub(crate) server_threads: usize,
+}
+
 /// The HTTP ceiling: the same senders, requests and client as the
 /// collector phase, against the collector's server stack with nothing
 /// behind it ([`fleetpatch_collector::ceiling`]), served from this process
-/// on a runtime of its own, two worker threads as the collector's on two
-/// cores, named [`BARE_SERVER_THREADS`]: their CPU is counted apart (the
-/// group `bare server`: the HTTP floor of the collector's CPU per request)
-/// from the senders' (`bench agents`).
+/// on a runtime of its own with as many worker threads as the collector's
+/// (`collector.worker_threads`), named [`BARE_SERVER_THREADS`]: their CPU is
+/// counted apart (the group `bare server`: the HTTP floor of the
+/// collector's CPU per request) from the senders' (`bench agents`).
 /// With `verify_with`, the bare server also verifies every request's MAC
 /// (and refuses replays) as the collector does; without, it checks nothing.
 /// The senders sign their requests in both runs, so the difference between
 /// the two is the server's MAC checking.
 pub(crate) async fn http_ceiling(
     http: &reqwest::Client,
-    targets: usize,
-    (patches, heartbeats): (usize, usize),
-    clients: usize,
+    load: &CeilingLoad,
     verify_with: Option<TokenKey>,
 ) -> anyhow::Result<HttpCeiling> {
-    let token_key = verify_with.clone().unwrap_or_else(TokenKey::random);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name(BARE_SERVER_THREADS)
-        .enable_all()
-        .build()?;
-    let server = runtime.spawn(fleetpatch_collector::ceiling::serve_bare("127.0.0.1:0", verify_with)).await??;
-    let targets: Vec<BenchAgent> = (0..targets)
-        .map(|_| BenchAgent::new(&token_key, Uuid::new_v4(), 1, fleetpatch_collector::ceiling::BARE_TOKEN_NONCE))
-        .collect();
-    let snapshot =
-        || CpuSnapshot::take("bench agents", &[]).with_own_threads("bench agents", BARE_SERVER_THREADS, "bare server");
-    let before = snapshot();
-    let sent = send_all(http, server.local_addr.port(), targets, agent_reports(patches, heartbeats), clients).await;
-    let after = snapshot();
-    server.stop.cancel();
-    let served = server.join.await;
-    runtime.shutdown_background();
-    served??;
+    let bare = Bare::start(load.server_threads, verify_with).await?;
+    let before = Bare::cpu();
+    let (patches, heartbeats) = load.reports;
+    let sent =
+        send_all(http, bare.port(), bare.agents(load.targets), agent_reports(patches, heartbeats), load.clients).await;
+    let after = Bare::cpu();
+    bare.stop().await?;
     let mut sent = sent?;
     sent.latencies.sort_by(f64::total_cmp);
     Ok(HttpCeiling {
         requests: sent.latencies.len(),
-        clients,
+        clients: load.clients,
+        server_threads: load.server_threads,
         seconds: sent.seconds,
         requests_per_second: sent.latencies.len() as f64 / sent.seconds,
         latency_p50_ms: quantile(&sent.latencies, 0.5),
         latency_p99_ms: quantile(&sent.latencies, 0.99),
         cpu: before.per_report(&after, sent.latencies.len(), sent.seconds),
     })
+}
+
+/// The paced HTTP floor: the collector's paced run's agents and reports
+/// ([`send_paced`], the same rate) against the bare server verifying every
+/// MAC as the collector does, answering at once. Requests that arrive one by
+/// one on idle connections cost a server more each than the closed loop's
+/// back-to-back ones (a wake-up and a poll of the socket per request), so
+/// this, not the HTTP ceiling, is the HTTP floor of the paced run.
+pub(crate) async fn paced_http_floor(
+    http: &reqwest::Client,
+    load: &CeilingLoad,
+    token_key: TokenKey,
+    rate: f64,
+) -> anyhow::Result<PacedHttpFloor> {
+    let bare = Bare::start(load.server_threads, Some(token_key)).await?;
+    let (patches, heartbeats) = load.reports;
+    let reports = Arc::new(agent_report_list(patches, heartbeats));
+    let before = Bare::cpu();
+    let sent = send_paced(http, bare.port(), bare.agents(load.targets), reports, rate).await;
+    let after = Bare::cpu();
+    bare.stop().await?;
+    let sent = sent?;
+    let reports = sent.latencies.len();
+    Ok(PacedHttpFloor {
+        reports,
+        requests: sent.requests,
+        reports_per_request: reports as f64 / sent.requests.max(1) as f64,
+        seconds: sent.seconds,
+        cpu: before.per_report(&after, reports, sent.seconds),
+    })
+}
+
+/// The bare server ([`fleetpatch_collector::ceiling::serve_bare`]) on a
+/// runtime of its own, `threads` worker threads as the collector's, named
+/// [`BARE_SERVER_THREADS`] so their CPU is counted apart from the senders'.
+struct Bare {
+    runtime: tokio::runtime::Runtime,
+    server: fleetpatch_collector::ceiling::BareServer,
+    token_key: TokenKey,
+}
+
+impl Bare {
+    async fn start(threads: usize, verify_with: Option<TokenKey>) -> anyhow::Result<Self> {
+        let token_key = verify_with.clone().unwrap_or_else(TokenKey::random);
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .thread_name(BARE_SERVER_THREADS)
+            .enable_all()
+            .build()?;
+        let server = runtime.spawn(fleetpatch_collector::ceiling::serve_bare("127.0.0.1:0", verify_with)).await??;
+        Ok(Self { runtime, server, token_key })
+    }
+
+    fn port(&self) -> u16 {
+        self.server.local_addr.port()
+    }
+
+    /// `count` agents of targets the bare server knows.
+    fn agents(&self, count: usize) -> Vec<BenchAgent> {
+        (0..count)
+            .map(|_| {
+                BenchAgent::new(&self.token_key, Uuid::new_v4(), 1, fleetpatch_collector::ceiling::BARE_TOKEN_NONCE)
+            })
+            .collect()
+    }
+
+    /// This process's CPU so far: the bare server's threads (`bare server`)
+    /// apart from the senders' (`bench agents`).
+    fn cpu() -> CpuSnapshot {
+        CpuSnapshot::take("bench agents", &[]).with_own_threads("bench agents", BARE_SERVER_THREADS, "bare server")
+    }
+
+    async fn stop(self) -> anyhow::Result<()> {
+        self.server.stop.cancel();
+        let served = self.server.join.await;
+        self.runtime.shutdown_background();
+        served??;
+        Ok(())
+    }
 }
 
 /// The name of the bare server's threads in [`http_ceiling`] (at most 15 bytes: Linux's limit).

@@ -112,6 +112,16 @@ pub fn metrics_handle() -> &'static PrometheusHandle {
     })
 }
 
+/// Puts the number of the current async runtime's worker threads on
+/// `/metrics` (`fleetpatch_runtime_worker_threads`): what the process was
+/// configured to run on (`collector.worker_threads`, or one per core).
+pub fn record_runtime_threads() {
+    metrics_handle();
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        metrics::gauge!("fleetpatch_runtime_worker_threads").set(runtime.metrics().num_workers() as f64);
+    }
+}
+
 async fn livez(State(health): State<Health>) -> impl IntoResponse {
     let since = health.since_last_tick();
     if since > WEDGED_AFTER {
@@ -154,6 +164,13 @@ pub async fn bind(address: &str) -> crate::Result<tokio::net::TcpListener> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 3)]
+    async fn the_runtime_threads_are_on_metrics() {
+        record_runtime_threads();
+        let text = metrics_handle().render();
+        assert!(text.lines().any(|line| line == "fleetpatch_runtime_worker_threads 3"), "{text}");
+    }
 
     #[tokio::test]
     async fn livez_fails_only_when_the_ticker_stopped() {

@@ -163,16 +163,39 @@ fn tracing_subscriber_init() -> fleetpatch_runtime::Result<fleetpatch_runtime::t
     fleetpatch_runtime::telemetry::init(&options, "fleetpatch-demo")
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    let mut settings: Settings = match fleetpatch_runtime::config::load(cli.config.as_deref()) {
+    let settings: Settings = match fleetpatch_runtime::config::load(cli.config.as_deref()) {
         Ok(settings) => settings,
         Err(error) => {
             eprintln!("error: {}", fleetpatch_runtime::redact::url(&error.to_string()));
             return ExitCode::from(exit::INVALID);
         }
     };
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(threads) = runtime_threads(cli.command.as_ref(), cli.print_config, &settings) {
+        runtime.worker_threads(threads);
+    }
+    match runtime.enable_all().build() {
+        Ok(runtime) => runtime.block_on(run(cli, settings)),
+        Err(error) => {
+            eprintln!("error: starting the async runtime: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The threads of this process's async runtime when its command asks for a
+/// number (`None`: one per core): `collector` runs on
+/// `collector.worker_threads` (see [`CollectorOptions::worker_threads`]).
+fn runtime_threads(command: Option<&Command>, print_config: bool, settings: &Settings) -> Option<usize> {
+    match command {
+        Some(Command::Collector) if !print_config => settings.collector.runtime_threads(),
+        _ => None,
+    }
+}
+
+async fn run(cli: Cli, mut settings: Settings) -> ExitCode {
     // The services see the top-level credentials through their options.
     settings.scheduler.credential_names = settings.credentials.keys().cloned().collect();
     settings.worker.credentials = settings.credentials.clone();
@@ -188,7 +211,15 @@ async fn main() -> ExitCode {
     }
     if let Some(Command::Bench(args)) = cli.command {
         let _ = tracing_subscriber_init();
-        return match fleetpatch_bench::run(args, &settings.database, &settings.amqp, cli.config.as_deref()).await {
+        return match fleetpatch_bench::run(
+            args,
+            &settings.database,
+            &settings.amqp,
+            &settings.collector,
+            cli.config.as_deref(),
+        )
+        .await
+        {
             Ok(()) => ExitCode::SUCCESS,
             Err(error) => {
                 eprintln!("error: {error:#}");
@@ -283,6 +314,7 @@ async fn run_relay(settings: Settings) -> anyhow::Result<()> {
         }
     }
     let _telemetry = fleetpatch_runtime::telemetry::init(&settings.telemetry, "fleetpatch-relay")?;
+    fleetpatch_runtime::ops::record_runtime_threads();
     let shutdown = Shutdown::on_signals();
     let handle = fleetpatch_relay::start(settings.relay, Health::new(), shutdown.clone()).await?;
     handle.join.await??;
@@ -335,6 +367,7 @@ async fn run_service(print_config: bool, command: Option<Command>, settings: Set
         }
     };
     let _telemetry = fleetpatch_runtime::telemetry::init(&settings.telemetry, service)?;
+    fleetpatch_runtime::ops::record_runtime_threads();
     // Workers derive the agents' tokens from this key and collectors derive
     // them again to verify signed reports: one key per installation.
     let token_key = match command {
@@ -438,4 +471,26 @@ async fn run_service(print_config: bool, command: Option<Command>, settings: Set
         bail!("stopped because a component could not go on: {reason}");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_collector_runs_on_its_configured_threads() {
+        let mut settings = Settings::default();
+        assert_eq!(runtime_threads(Some(&Command::Collector), false, &settings), Some(1), "one by default");
+        settings.collector.worker_threads = 3;
+        assert_eq!(runtime_threads(Some(&Command::Collector), false, &settings), Some(3));
+        // Scheduler, workers, everything in one process, or only printing the
+        // configuration: one thread per core.
+        let all = Command::All(AllArgs { admin_key_file: PathBuf::from("key") });
+        for command in [Some(&Command::Scheduler), Some(&Command::Worker), Some(&all), None] {
+            assert_eq!(runtime_threads(command, false, &settings), None);
+        }
+        assert_eq!(runtime_threads(Some(&Command::Collector), true, &settings), None);
+        settings.collector.worker_threads = 0;
+        assert_eq!(runtime_threads(Some(&Command::Collector), false, &settings), None, "0: one per core");
+    }
 }

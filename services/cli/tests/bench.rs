@@ -66,10 +66,19 @@ fn a_small_bench_runs_every_phase_and_removes_its_database() {
     for group in ["collector", "scheduler", "bench agents", "postgresql", "other"] {
         assert!(batched_cpu[group].is_number(), "{group} is missing: {batched_cpu:#}");
     }
-    // The bare server's threads are counted apart from the senders'.
+    // The bare server's threads are counted apart from the senders', and it
+    // runs on as many threads as the collector (collector.worker_threads: 1).
     for group in ["bench agents", "bare server"] {
         assert!(ceiling["cpu"]["micros_per_report"][group].is_number(), "{group} is missing: {ceiling:#}");
     }
+    assert_eq!(ceiling["server_threads"], 1, "{ceiling:#}");
+    // The paced HTTP floor: the paced run's 30 agents and 180 reports against
+    // the bare server, every one acknowledged, its CPU counted apart.
+    let floor = &figures["http_floor_paced"];
+    assert_eq!(floor["reports"], 30 * 6, "{floor:#}");
+    let requests = floor["requests"].as_u64().unwrap();
+    assert!((30..=180).contains(&requests), "at least one request per agent, at most one per report: {floor:#}");
+    assert!(floor["cpu"]["micros_per_report"]["bare server"].is_number(), "{floor:#}");
     // The paced run: 30 more agents, 6 reports each (2 patches), 300 reports/s offered.
     let paced = &collector["paced"];
     assert_eq!((paced["agents"].as_u64(), paced["reports"].as_u64()), (Some(30), Some(180)), "{paced:#}");

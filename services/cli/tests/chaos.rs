@@ -170,6 +170,18 @@ impl Deployment {
         }
     }
 
+    /// The service's async runtime threads, from its `/metrics`.
+    async fn runtime_threads(&self, name: &str) -> usize {
+        let port = self.services[name].ops_port;
+        let url = format!("http://127.0.0.1:{port}/metrics");
+        let text = self.http.get(&url).send().await.expect("/metrics").text().await.expect("/metrics text");
+        let value = text
+            .lines()
+            .find_map(|line| line.strip_prefix("fleetpatch_runtime_worker_threads "))
+            .unwrap_or_else(|| panic!("{name} reports its runtime threads on /metrics:\n{text}"));
+        value.trim().parse().expect("a number of threads")
+    }
+
     async fn rollout(&self, id: &str) -> serde_json::Value {
         loop {
             match self.http.get(format!("{}/v1/rollouts/{id}", self.api)).send().await {
@@ -333,6 +345,12 @@ async fn the_pipeline_heals_itself_from_process_broker_and_database_faults() {
     }
     let boot = deployment.all_ready(Duration::from_secs(60)).await;
     println!("all services ready {} ms after start", boot.as_millis());
+    // The collector runs on `collector.worker_threads` (1 by default), the
+    // other services on one thread per core.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    for (name, threads) in [("collector", 1), ("scheduler", cores), ("worker-1", cores)] {
+        assert_eq!(deployment.runtime_threads(name).await, threads, "{name}'s runtime threads");
+    }
 
     let created = deployment
         .http
