@@ -105,6 +105,66 @@ async fn reports_need_the_targets_own_signature_and_a_sane_body() {
     sandbox.stop().await;
 }
 
+fn heartbeats(seqs: &[u64]) -> Vec<u8> {
+    let reports = seqs
+        .iter()
+        .map(|&seq| v1::AgentReport {
+            seq,
+            sent_at_unix_ms: 0,
+            agent_instance: 1,
+            kind: Some(Kind::Heartbeat(v1::Heartbeat { patch_index: None })),
+        })
+        .collect();
+    v1::ReportBatch { reports }.encode_to_vec()
+}
+
+/// How many batches the collector of this process has written (its histogram's count).
+async fn batches_written(sandbox: &Sandbox) -> u64 {
+    let url = format!("http://{}/metrics", sandbox.collector);
+    let text = sandbox.http.get(url).send().await.unwrap().text().await.unwrap();
+    text.lines()
+        .find_map(|line| line.strip_prefix("fleetpatch_collector_batch_reports_count "))
+        .map_or(0, |count| count.trim().parse().expect("a count"))
+}
+
+/// Requests written in one batch each get the results of their own reports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_sharing_a_batch_each_get_their_own_answer() {
+    // One writer that waits long enough for the three requests below to join one batch.
+    let collector = fleetpatch_collector::CollectorOptions { writers: 1, batch_wait_ms: 500, ..Default::default() };
+    let sandbox = Sandbox::start(SandboxOptions { collector, ..SandboxOptions::default() }).await;
+    let mut request = sim_rollout("collector-shared-batch", 2, 1, 2, 60);
+    for i in 0..2 {
+        request["targets"][i]["labels"] = serde_json::to_value(behaviour("hang")).unwrap();
+    }
+    let id = sandbox.create_rollout(request).await;
+    let mut targets = sandbox.all_targets(id).await;
+    for target in targets.iter_mut() {
+        *target = sandbox.wait_for_target_state(target.id, &[TargetState::Running], Duration::from_secs(30)).await;
+    }
+    let (a, b) = (&targets[0], &targets[1]);
+    let post = |target: &fleetpatch_store::Target, body: Vec<u8>| {
+        let url = format!("http://{}/v1/targets/{}/reports", sandbox.collector, target.id);
+        let authorization = sign_report(target, &body, now_unix_ms());
+        let request = sandbox.http.post(url).header("authorization", authorization).body(body);
+        async move {
+            let response = request.send().await.unwrap();
+            assert_eq!(response.status(), 200);
+            let ack = v1::ReportAck::decode(response.bytes().await.unwrap()).unwrap();
+            (ack.accepted, ack.duplicates)
+        }
+    };
+    assert_eq!(post(a, heartbeats(&[200])).await, (1, 0));
+    let before = batches_written(&sandbox).await;
+    let (again, two_new, one_new) =
+        tokio::join!(post(a, heartbeats(&[200])), post(b, heartbeats(&[300, 301])), post(a, heartbeats(&[201])));
+    assert_eq!(batches_written(&sandbox).await - before, 1, "the three requests shared one batch");
+    assert_eq!(again, (0, 1), "a's resent report is a duplicate");
+    assert_eq!(two_new, (2, 0), "b's two reports are both new");
+    assert_eq!(one_new, (1, 0), "a's next report is new");
+    sandbox.stop().await;
+}
+
 /// `collector.heartbeat_events = "every"`: the summary, and a row per heartbeat.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_heartbeat_events_every_the_collector_keeps_a_row_per_heartbeat() {

@@ -381,7 +381,14 @@ async fn run_batcher(
             }
             pending
         };
-        let reports: Vec<IncomingReport> = pending.iter().flat_map(|(r, _)| r.iter().cloned()).collect();
+        // The requests' reports moved into one batch; each reply remembers how
+        // many of the batch's results are its own.
+        let mut reports: Vec<IncomingReport> = Vec::with_capacity(pending.iter().map(|(r, _)| r.len()).sum());
+        let mut replies = Vec::with_capacity(pending.len());
+        for (mine, reply) in pending {
+            replies.push((mine.len(), reply));
+            reports.extend(mine);
+        }
         let started = Instant::now();
         // Concurrent writers can deadlock on the same rows (an agent retrying
         // while its first request is still being written); the batch is
@@ -400,15 +407,15 @@ async fn run_batcher(
             Ok(results) => {
                 nudge.notify_one();
                 let mut results = results.into_iter();
-                for (reports, reply) in pending {
-                    let mine: Vec<ReportResult> = results.by_ref().take(reports.len()).collect();
+                for (count, reply) in replies {
+                    let mine: Vec<ReportResult> = results.by_ref().take(count).collect();
                     let _ = reply.send(Ok(mine));
                 }
             }
             Err(error) => {
                 tracing::warn!(error = %error, reports = reports.len(), "writing a batch of reports failed");
                 let error = Arc::new(error);
-                for (_, reply) in pending {
+                for (_, reply) in replies {
                     let _ = reply.send(Err(error.clone()));
                 }
             }
