@@ -8,22 +8,26 @@ use fleetpatch_proto::Message;
 use fleetpatch_tests::{agent_token, behaviour, now_unix_ms, sign_report, sim_rollout, Sandbox, SandboxOptions};
 
 fn heartbeat(seq: u64) -> Vec<u8> {
-    v1::ReportBatch {
-        reports: vec![v1::AgentReport {
+    heartbeats(&[seq])
+}
+
+fn heartbeats(seqs: &[u64]) -> Vec<u8> {
+    let reports = seqs
+        .iter()
+        .map(|&seq| v1::AgentReport {
             seq,
             sent_at_unix_ms: 0,
             agent_instance: 1,
             kind: Some(Kind::Heartbeat(v1::Heartbeat { patch_index: None })),
-        }],
-    }
-    .encode_to_vec()
+        })
+        .collect();
+    v1::ReportBatch { reports }.encode_to_vec()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reports_need_the_targets_own_signature_and_a_sane_body() {
-    let sandbox = Sandbox::start(SandboxOptions::default()).await;
-    let mut request = sim_rollout("collector", 2, 1, 2, 60);
-    for i in 0..2 {
+/// A rollout of `count` targets whose agents hang in their patch, once all are running.
+async fn running_targets(sandbox: &Sandbox, name: &str, count: usize) -> Vec<fleetpatch_store::Target> {
+    let mut request = sim_rollout(name, count, 1, count as u32, 60);
+    for i in 0..count {
         request["targets"][i]["labels"] = serde_json::to_value(behaviour("hang")).unwrap();
     }
     let id = sandbox.create_rollout(request).await;
@@ -31,6 +35,13 @@ async fn reports_need_the_targets_own_signature_and_a_sane_body() {
     for target in targets.iter_mut() {
         *target = sandbox.wait_for_target_state(target.id, &[TargetState::Running], Duration::from_secs(30)).await;
     }
+    targets
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reports_need_the_targets_own_signature_and_a_sane_body() {
+    let sandbox = Sandbox::start(SandboxOptions::default()).await;
+    let targets = running_targets(&sandbox, "collector", 2).await;
     let (a, b) = (&targets[0], &targets[1]);
     let url = |t: &fleetpatch_store::Target| format!("http://{}/v1/targets/{}/reports", sandbox.collector, t.id);
     // Signed as `signer`'s agent would sign it, now.
@@ -105,19 +116,6 @@ async fn reports_need_the_targets_own_signature_and_a_sane_body() {
     sandbox.stop().await;
 }
 
-fn heartbeats(seqs: &[u64]) -> Vec<u8> {
-    let reports = seqs
-        .iter()
-        .map(|&seq| v1::AgentReport {
-            seq,
-            sent_at_unix_ms: 0,
-            agent_instance: 1,
-            kind: Some(Kind::Heartbeat(v1::Heartbeat { patch_index: None })),
-        })
-        .collect();
-    v1::ReportBatch { reports }.encode_to_vec()
-}
-
 /// How many batches the collector of this process has written (its histogram's count).
 async fn batches_written(sandbox: &Sandbox) -> u64 {
     let url = format!("http://{}/metrics", sandbox.collector);
@@ -133,15 +131,7 @@ async fn requests_sharing_a_batch_each_get_their_own_answer() {
     // One writer that waits long enough for the three requests below to join one batch.
     let collector = fleetpatch_collector::CollectorOptions { writers: 1, batch_wait_ms: 500, ..Default::default() };
     let sandbox = Sandbox::start(SandboxOptions { collector, ..SandboxOptions::default() }).await;
-    let mut request = sim_rollout("collector-shared-batch", 2, 1, 2, 60);
-    for i in 0..2 {
-        request["targets"][i]["labels"] = serde_json::to_value(behaviour("hang")).unwrap();
-    }
-    let id = sandbox.create_rollout(request).await;
-    let mut targets = sandbox.all_targets(id).await;
-    for target in targets.iter_mut() {
-        *target = sandbox.wait_for_target_state(target.id, &[TargetState::Running], Duration::from_secs(30)).await;
-    }
+    let targets = running_targets(&sandbox, "collector-shared-batch", 2).await;
     let (a, b) = (&targets[0], &targets[1]);
     let post = |target: &fleetpatch_store::Target, body: Vec<u8>| {
         let url = format!("http://{}/v1/targets/{}/reports", sandbox.collector, target.id);
@@ -173,11 +163,7 @@ async fn with_heartbeat_events_every_the_collector_keeps_a_row_per_heartbeat() {
         ..Default::default()
     };
     let sandbox = Sandbox::start(SandboxOptions { collector, ..SandboxOptions::default() }).await;
-    let mut request = sim_rollout("collector-every", 1, 1, 1, 60);
-    request["targets"][0]["labels"] = serde_json::to_value(behaviour("hang")).unwrap();
-    let id = sandbox.create_rollout(request).await;
-    let target = sandbox.all_targets(id).await.remove(0);
-    let target = sandbox.wait_for_target_state(target.id, &[TargetState::Running], Duration::from_secs(30)).await;
+    let target = running_targets(&sandbox, "collector-every", 1).await.remove(0);
     let url = format!("http://{}/v1/targets/{}/reports", sandbox.collector, target.id);
     for seq in [100, 101, 101] {
         let body = heartbeat(seq);

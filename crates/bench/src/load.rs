@@ -204,8 +204,7 @@ pub(crate) async fn paced_collector_load(
     let statements_after = fleetpatch_store::ceiling::statement_totals(&bench.store).await?;
     let statements = StatementCost::per_report(&statements_before, &statements_after, sent.latencies.len());
     let succeeded = bench.counts(rollout).await?.get("succeeded").copied().unwrap_or(0) as usize;
-    let reports_per_request = sent.latencies.len() as f64 / sent.requests.max(1) as f64;
-    let requests = sent.requests;
+    let (reports_per_request, requests) = (sent.reports_per_request(), sent.requests);
     let mut run = CollectorRun::measured(sent.latencies, sent.retried, sent.seconds, succeeded == agents);
     run.cpu = Some(cpu);
     run.statements = statements;
@@ -220,6 +219,12 @@ pub(crate) struct PacedSent {
     pub(crate) retried: usize,
     /// From the first report's production time to the last acknowledgement.
     pub(crate) seconds: f64,
+}
+
+impl PacedSent {
+    pub(crate) fn reports_per_request(&self) -> f64 {
+        self.latencies.len() as f64 / self.requests.max(1) as f64
+    }
 }
 
 /// `agents` produce `reports` each on a clock, `rate` reports/s in all
@@ -445,7 +450,7 @@ pub(crate) async fn paced_http_floor(
     Ok(PacedHttpFloor {
         reports,
         requests: sent.requests,
-        reports_per_request: reports as f64 / sent.requests.max(1) as f64,
+        reports_per_request: sent.reports_per_request(),
         seconds: sent.seconds,
         cpu: before.per_report(&after, reports, sent.seconds),
     })
