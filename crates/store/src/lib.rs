@@ -85,6 +85,20 @@ impl Default for StoreOptions {
     }
 }
 
+impl StoreOptions {
+    /// Refuses settings no pool can be built with, naming the key (a pool
+    /// of no connections made sqlx panic: "capacity must be non-zero").
+    pub fn validate(&self) -> std::result::Result<(), fleetpatch_runtime::ConfigError> {
+        if self.url.is_empty() {
+            return Err(fleetpatch_runtime::ConfigError::invalid("database.url", "must be set"));
+        }
+        if self.max_connections == 0 {
+            return Err(fleetpatch_runtime::ConfigError::too_small("database.max_connections", 1));
+        }
+        Ok(())
+    }
+}
+
 /// The URL with its password replaced, for messages and logs.
 pub fn redact_url(url: &str) -> String {
     fleetpatch_bus::rabbitmq::redact_url(url)
@@ -142,6 +156,7 @@ impl Store {
     /// Connects without touching the schema.
     pub async fn connect(options: &StoreOptions) -> Result<Self> {
         let refused = |reason: String| Error::Connect { url: redact_url(&options.url), reason: redact_url(&reason) };
+        options.validate().map_err(|error| refused(error.to_string()))?;
         let db = if options.url.starts_with("postgres") {
             postgres_pool(options).await.map_err(|error| refused(error.to_string()))?
         } else {
@@ -371,5 +386,19 @@ mod tests {
             assert!(check_database_name(bad).is_err(), "{bad:?}");
         }
         check_database_name("fleetpatch_bench_0a1b").unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_pool_of_no_connections_is_refused_by_name() {
+        let options = StoreOptions { url: "sqlite::memory:".into(), max_connections: 0 };
+        let refused = options.validate().unwrap_err();
+        assert_eq!(refused.to_string(), "database.max_connections must be at least 1");
+        // Connecting anyway is an error naming the key, not sqlx's panic.
+        let Err(error) = Store::connect(&options).await else { panic!("a pool of no connections was built") };
+        assert!(matches!(error, Error::Connect { .. }), "{error:?}");
+        assert!(error.to_string().contains("database.max_connections must be at least 1"), "{error}");
+        let unset = StoreOptions { url: String::new(), max_connections: 1 };
+        assert_eq!(unset.validate().unwrap_err().to_string(), "database.url must be set");
+        StoreOptions { max_connections: 1, ..options }.validate().unwrap();
     }
 }

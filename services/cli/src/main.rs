@@ -77,6 +77,7 @@ impl Settings {
             self.telemetry.validate(),
             self.sim.validate().map_err(|e| e.in_section("sim")),
             self.smb.validate().map_err(|e| e.in_section("smb")),
+            self.database.validate(),
             fleetpatch_runtime::credentials::validate(&self.credentials, &fleetpatch_worker::CREDENTIAL_TRANSPORTS)
                 .map_err(fleetpatch_runtime::ConfigError::from),
         ];
@@ -84,9 +85,6 @@ impl Settings {
             if let Err(error) = check {
                 bail!("invalid configuration: {error}");
             }
-        }
-        if self.database.url.is_empty() {
-            bail!("invalid configuration: database.url must be set");
         }
         Ok(())
     }
@@ -492,5 +490,18 @@ mod tests {
         assert_eq!(runtime_threads(Some(&Command::Collector), true, &settings), None);
         settings.collector.worker_threads = 0;
         assert_eq!(runtime_threads(Some(&Command::Collector), false, &settings), None, "0: one per core");
+    }
+
+    #[test]
+    fn the_database_settings_are_checked_with_the_rest() {
+        let mut settings = Settings::default();
+        settings.validate().unwrap();
+        settings.database.max_connections = 0;
+        let refused = settings.validate().unwrap_err().to_string();
+        assert_eq!(refused, "invalid configuration: database.max_connections must be at least 1");
+        settings.database.max_connections = 16;
+        settings.database.url = String::new();
+        let refused = settings.validate().unwrap_err().to_string();
+        assert_eq!(refused, "invalid configuration: database.url must be set");
     }
 }
