@@ -94,6 +94,14 @@ pub(crate) struct PacedHttpFloor {
     pub(crate) cpu: CpuPerReport,
 }
 
+impl PacedHttpFloor {
+    /// The bare server's CPU µs per report and per request.
+    pub(crate) fn bare_micros(&self) -> (f64, f64) {
+        let per_report = self.cpu.micros("bare server");
+        (per_report, per_report * self.reports_per_request)
+    }
+}
+
 /// Agents that produce their reports on a clock (open loop) and send, one
 /// request at a time each, every report that is ready: the real agent's
 /// sender (`services/agent/src/reporter.rs`).
@@ -307,15 +315,11 @@ pub(crate) fn print_figures(f: &Figures) {
         }
     }
     if let Some(floor) = &f.http_floor_paced {
-        let bare = floor.cpu.micros("bare server");
+        let (bare, bare_per_request) = floor.bare_micros();
         println!(
             "  HTTP floor, paced   {} reports in {} requests ({:.2} per request) in {:.1} s, the collector's paced load \
-             against the bare server checking MACs: {bare:.1} CPU µs per report, {:.1} per request",
-            floor.reports,
-            floor.requests,
-            floor.reports_per_request,
-            floor.seconds,
-            bare * floor.reports_per_request
+             against the bare server checking MACs: {bare:.1} CPU µs per report, {bare_per_request:.1} per request",
+            floor.reports, floor.requests, floor.reports_per_request, floor.seconds,
         );
     }
     if let Some(c) = &f.collector {
@@ -412,10 +416,11 @@ pub(crate) fn print_figures(f: &Figures) {
             );
             cpu(&p.run, p.reports_per_request);
             let collector = p.run.cpu.as_ref().map(|cpu| cpu.micros("collector")).filter(|m| *m > 0.0);
-            let floor = f.http_floor_paced.as_ref().map(|floor| (floor, floor.cpu.micros("bare server")));
-            if let (Some(collector), Some((floor, bare))) = (collector, floor.filter(|(_, bare)| *bare > 0.0)) {
-                let (per_request, bare_per_request) =
-                    (collector * p.reports_per_request, bare * floor.reports_per_request);
+            let floor = f.http_floor_paced.as_ref().map(|floor| (floor, floor.bare_micros()));
+            if let (Some(collector), Some((floor, (bare, bare_per_request)))) =
+                (collector, floor.filter(|(_, (bare, _))| *bare > 0.0))
+            {
+                let per_request = collector * p.reports_per_request;
                 println!(
                     "                        against the bare server under the same paced load (MAC checked, \
                      {:.2} reports per request): collector {collector:.1} µs per report = {:.2} × its {bare:.1}; \
