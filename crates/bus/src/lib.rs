@@ -63,6 +63,10 @@ pub const ARRIVAL_LEAD_MS: i64 = 500;
 /// The queue name under which [`Bus::queue_depth`] counts the dead letters.
 pub const DEAD_LETTER_QUEUE: &str = "dead";
 
+/// How long a look at the dead letters (or a failed replay) waits for the
+/// letters it held to be ready in the queue again.
+pub const DEAD_LETTER_RETURN_WAIT: Duration = Duration::from_secs(5);
+
 /// Header carrying a delayed message's due time (unix milliseconds).
 pub const DUE_AT_HEADER: &str = "x-fp-due-at";
 /// Header carrying a message's work routing key (used to replay dead letters).
@@ -363,8 +367,40 @@ impl Bus {
     /// stay in the dead-letter queue.
     pub async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>> {
         let held = self.backend.hold_dead_letters(limit).await?;
-        held.hold.release().await;
+        self.release_dead_letters(held.hold, held.letters.len()).await;
         Ok(held.letters.into_iter().map(DeadLetter::of).collect())
+    }
+
+    /// Hands `count` held dead letters back and waits (up to
+    /// [`DEAD_LETTER_RETURN_WAIT`]) until the queue has as many ready again.
+    /// RabbitMQ answers the close of the channel that held them before its
+    /// quorum queue has them ready: a second look right after the first one
+    /// (`fleetpatch dead-letters list`, twice) found the queue empty (seen in
+    /// CI: `dead_letters_are_listed_left_in_place_and_replayed`).
+    async fn release_dead_letters(&self, hold: Box<dyn DeadLetterHold>, count: usize) {
+        hold.release().await;
+        if count == 0 {
+            return;
+        }
+        let give_up = tokio::time::Instant::now() + DEAD_LETTER_RETURN_WAIT;
+        loop {
+            match self.backend.queue_depth(DEAD_LETTER_QUEUE).await {
+                Ok(depth) if depth >= count as u64 => return,
+                Ok(_) if tokio::time::Instant::now() < give_up => {
+                    // Waiting for the broker to requeue them, not for our own code.
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Ok(depth) => {
+                    // Another look holds some, or a replay took them.
+                    tracing::debug!(depth, held = count, "dead letters not all back in the queue yet");
+                    return;
+                }
+                Err(error) => {
+                    tracing::debug!(error = %error, "could not read the dead-letter queue's depth");
+                    return;
+                }
+            }
+        }
     }
 
     /// Moves up to `limit` dead letters back to their work queues. They
@@ -394,7 +430,7 @@ impl Bus {
             })
             .collect();
         if let Err(error) = self.publish(messages).await {
-            hold.release().await;
+            self.release_dead_letters(hold, count).await;
             return Err(error);
         }
         hold.remove().await?;

@@ -139,3 +139,17 @@ async fn statement_totals_come_from_pg_stat_statements_when_the_server_loads_it(
     assert!(spent.windows(2).all(|w| w[0].milliseconds >= w[1].milliseconds), "most time first");
     store.close().await;
 }
+
+#[tokio::test]
+async fn a_final_result_takes_no_lock_on_its_rollout() {
+    use fleetpatch_store::conformance;
+    let database = make_database().await;
+    conformance::run(&database, conformance::a_final_result_takes_no_lock_on_its_rollout(&database)).await;
+}
+
+#[tokio::test]
+async fn heartbeats_find_their_run_by_its_key_in_a_new_database() {
+    use fleetpatch_store::conformance;
+    let database = make_database().await;
+    conformance::run(&database, conformance::heartbeats_find_their_run_by_its_key_in_a_new_database(&database)).await;
+}

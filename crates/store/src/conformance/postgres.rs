@@ -146,3 +146,93 @@ pub async fn the_relays_claim_reads_the_outbox_by_its_key(db: &dyn TestDatabase)
     );
     run("ALTER TABLE outbox RESET (autovacuum_enabled)").await;
 }
+
+/// A final result moves its target once in its batch's transaction, and
+/// takes no lock on its rollout's row. Updated twice in one transaction (its
+/// `last_seen_at` by the batch statement, then its state), the target had
+/// its foreign key to `rollouts` checked again, and the check locked the
+/// rollout's row (`KEY SHARE`): every writer finishing targets of the
+/// rollout at once then shared that lock through a new MultiXact (see
+/// `FINAL_FROM` in `ops/intake.rs`). The lock shows as the row's `xmax`.
+pub async fn a_final_result_takes_no_lock_on_its_rollout(db: &dyn TestDatabase) {
+    let store = db.store();
+    assert_eq!(store.backend(), DbBackend::Postgres, "a PostgreSQL-only test");
+    let id = create(store, Spec::new(1, 1, 1)).await;
+    store.dispatch(id).await.expect("dispatch");
+    let target = bring_to_running(store, &all_targets(store, id).await[0]).await.target;
+    let rollout_xmax = || async {
+        let sql = "SELECT xmax::text FROM rollouts WHERE id = $1";
+        let row = store
+            .db
+            .query_one(Statement::from_sql_and_values(DbBackend::Postgres, sql, [id.into()]))
+            .await
+            .expect("the rollout's xmax")
+            .expect("the rollout");
+        row.try_get_by_index::<String>(0).expect("xmax as text")
+    };
+    let intake = store.report_intake();
+    let started = report(&target, 1, ReportKind::Started { patch_index: 0 });
+    assert_eq!(intake.apply_reports(&[started]).await.expect("started"), vec![ReportResult::Accepted]);
+    let before = rollout_xmax().await;
+    let received_from = chrono::Utc::now();
+    let last = [
+        report(&target, 2, finished(0, 0, PatchOutcomeKind::Installed, "ok")),
+        report(&target, 3, ReportKind::Final { success: true, reboot_required: false, message: "done".into() }),
+    ];
+    let results = intake.apply_reports(&last).await.expect("the final result");
+    assert_eq!(results, vec![ReportResult::Accepted, ReportResult::Accepted]);
+    let after = store.target(target.id).await.expect("the target");
+    assert_eq!(after.state, TargetState::Succeeded);
+    let seen = after.last_seen_at.expect("the final result set the last-seen time");
+    assert!(seen >= received_from, "last seen {seen}, the batch was received from {received_from}");
+    assert_eq!(rollout_xmax().await, before, "the batch locked the rollout's row");
+}
+
+/// The intake reads each heartbeat's stored run by `agent_heartbeats`'
+/// primary key, whatever PostgreSQL knows of the table's size: in a new
+/// database the table was never analyzed, and a join planned then hashed a
+/// sequential scan of the whole table for every batch with heartbeats (see
+/// `POSTGRES_CTES` in `ops/heartbeats.rs`).
+pub async fn heartbeats_find_their_run_by_its_key_in_a_new_database(db: &dyn TestDatabase) {
+    let store = db.store();
+    assert_eq!(store.backend(), DbBackend::Postgres, "a PostgreSQL-only test");
+    let id = create(store, Spec::new(4, 1, 4)).await;
+    store.dispatch(id).await.expect("dispatch");
+    let mut running = Vec::new();
+    for target in all_targets(store, id).await {
+        running.push(bring_to_running(store, &target).await.target);
+    }
+    let intake = store.report_intake();
+    for seq in 1..=3 {
+        let beats: Vec<IncomingReport> =
+            running.iter().map(|t| report(t, seq, ReportKind::Heartbeat { patch_index: Some(0) })).collect();
+        let results = intake.apply_reports(&beats).await.expect("heartbeats");
+        assert!(results.iter().all(|r| *r == ReportResult::Accepted), "{results:?}");
+    }
+    // Rows read by sequential scans: the migrations' scans of the empty
+    // table read none; a batch's scan reads the runs stored before it.
+    let sql = "SELECT seq_tup_read, COALESCE(idx_scan, 0), last_analyze IS NULL AND last_autoanalyze IS NULL \
+               FROM pg_stat_user_tables WHERE relname = 'agent_heartbeats'";
+    let give_up = std::time::Instant::now() + Duration::from_secs(20);
+    let (read_sequentially, by_index, never_analyzed) = loop {
+        let row = store
+            .db
+            .query_one(Statement::from_string(DbBackend::Postgres, sql))
+            .await
+            .expect("pg_stat_user_tables")
+            .expect("statistics for agent_heartbeats");
+        let counts: (i64, i64, bool) = (
+            row.try_get_by_index(0).expect("seq_tup_read"),
+            row.try_get_by_index(1).expect("idx_scan"),
+            row.try_get_by_index(2).expect("analyzed"),
+        );
+        if counts.0 > 0 || counts.1 >= 3 || std::time::Instant::now() > give_up {
+            break counts;
+        }
+        // Waiting for the server processes to send their counts, not for our own code.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(never_analyzed, "the case under test: a table PostgreSQL knows nothing about yet");
+    assert_eq!(read_sequentially, 0, "the batches read all of agent_heartbeats");
+    assert!(by_index >= 3, "the batches read agent_heartbeats by its key: {by_index} index scans");
+}

@@ -454,6 +454,7 @@ pub(crate) fn pg_array<T: Into<sea_orm::Value>>(
 /// The text of [`intake_statement`], built once.
 static INTAKE_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     let in_flight = in_flight_sql();
+    let closing = FINAL_FROM.iter().map(|s| format!("'{}'", s.as_str())).collect::<Vec<_>>().join(", ");
     let finishes = format!("(e.finished AND tp.state IN ('pending', 'running') AND t.state IN ({in_flight}))");
     let starts = "(e.started AND tp.state = 'pending')";
     format!(
@@ -478,6 +479,8 @@ static INTAKE_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
              UPDATE targets SET last_seen_at = $1 \
              WHERE id IN (SELECT target_id FROM fresh UNION ALL SELECT target_id FROM hb_fresh) \
                    AND state IN ({in_flight}) \
+                   AND NOT (state IN ({closing}) \
+                            AND (id, attempt) IN (SELECT * FROM unnest($31::uuid[], $32::int[]))) \
          ), effects AS ( \
              SELECT * FROM unnest($14::uuid[], $15::int[], $16::int[], $17::bool[], $18::bool[], $19::text[], \
                                   $20::int[], $21::text[], $22::bool[], $23::text[]) \
@@ -507,7 +510,8 @@ static INTAKE_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
 /// The one statement of [`Store::apply_reports`] on PostgreSQL: inserts the
 /// events (idempotent by (target, attempt, agent instance, seq)) and the
 /// heartbeats' summaries (see [`heartbeats`]), returns the fresh ones,
-/// moves the last-seen time of the targets that sent one, and applies the
+/// moves the last-seen time of the targets that sent one (but those whose
+/// final result's move sets it, see [`FINAL_FROM`]), and applies the
 /// batch's `started` and `finished` reports to their patches.
 ///
 /// The patch results are merged per (target, attempt, patch) first: two
@@ -560,6 +564,9 @@ fn intake_statement(
         pg_array(ArrayType::BigInt, unique.iter().map(|r| r.agent_instance.to_column())),
     ];
     values.extend(heartbeats::postgres_values(beats));
+    let finals = || unique.iter().filter(|r| matches!(r.kind, ReportKind::Final { .. }));
+    values.push(pg_array(ArrayType::Uuid, finals().map(|r| r.target_id)));
+    values.push(pg_array(ArrayType::Int, finals().map(|r| r.attempt as i32)));
     sea_orm::Statement::from_sql_and_values(DbBackend::Postgres, INTAKE_SQL.as_str(), values)
 }
 
@@ -643,6 +650,21 @@ async fn reboot_settings(
     Ok(settings)
 }
 
+/// The states a target's final result moves it from (in the reporting
+/// attempt). The batch statement does not move `last_seen_at` of a target
+/// in one of them whose final result of its attempt is in the batch: the
+/// final result's move sets it instead. Updated twice in one transaction, a
+/// target row had its foreign key to `rollouts` checked again (PostgreSQL
+/// checks a key even unchanged when the row's version is the transaction's
+/// own), and that check's `KEY SHARE` lock on the one `rollouts` row, held
+/// by every writer finishing targets of the rollout at once, made a
+/// MultiXact each time (issue 20: ~3,000 per `fleetpatch bench`, 4.6
+/// members each). A final result in the batch that turns out not to apply
+/// leaves its target out of flight or in another attempt, where its
+/// deadline is not this report's to move.
+pub(super) const FINAL_FROM: [TargetState; 4] =
+    [TargetState::Probing, TargetState::Staging, TargetState::Installing, TargetState::Running];
+
 /// The final results of a batch, a few statements for all of them: the
 /// targets are locked in id order, those still in flight in the reporting
 /// attempt move to succeeded or failed (the first final result per target
@@ -668,8 +690,6 @@ async fn apply_final_results(txn: &DatabaseTransaction, finals: &[&IncomingRepor
     for (id, rollout_id, state, attempt) in rows {
         current.insert(id, (rollout_id, parse(&state, "target state")?, attempt as u32));
     }
-    const FROM: [TargetState; 4] =
-        [TargetState::Probing, TargetState::Staging, TargetState::Installing, TargetState::Running];
     // The reboot policy and timeout of each rollout with a successful final
     // result in this batch: those targets wait as `rebooting` for their
     // machine to come back, then for the verification scan.
@@ -687,7 +707,7 @@ async fn apply_final_results(txn: &DatabaseTransaction, finals: &[&IncomingRepor
     for report in finals {
         let ReportKind::Final { success, reboot_required, message } = &report.kind else { continue };
         let Some((rollout_id, state, attempt)) = current.get(&report.target_id) else { continue };
-        if *attempt != report.attempt || !FROM.contains(state) || !moved.insert(report.target_id) {
+        if *attempt != report.attempt || !FINAL_FROM.contains(state) || !moved.insert(report.target_id) {
             continue;
         }
         let reboots_now = *success
@@ -726,10 +746,14 @@ async fn apply_final_results(txn: &DatabaseTransaction, finals: &[&IncomingRepor
             Some((_, timeout)) => super::reboot::rebooting(at, *timeout),
             None => vec![(targets::Column::FinishedAt, Expr::value(at))],
         };
+        // The final result is a report too: its target was seen now. On
+        // PostgreSQL the batch statement left these targets' `last_seen_at`
+        // to this update (see [`FINAL_FROM`]).
+        sets.push((targets::Column::LastSeenAt, Expr::value(at)));
         if let Some(error) = error {
             sets.push((targets::Column::Error, Expr::value(error)));
         }
-        // Locked above and checked against FROM.
+        // Locked above and checked against FINAL_FROM.
         transition::move_locked(txn, at, to, &steps, sets).await?;
     }
     fail_open_patches(txn, moves.iter().map(|m| m.0), "the agent finished without reporting this patch", at).await?;
