@@ -23,11 +23,16 @@ async fn strings(store: &Store, sql: &str, table: &str) -> Vec<String> {
     rows.iter().map(|row| row.try_get_by_index::<String>(0).expect("a text column")).collect()
 }
 
-/// (updates, heap-only updates) of `table` as PostgreSQL's statistics have
-/// them, once they count at least `updates` (each backend sends its counts
-/// within about a second of going idle).
-async fn updates(store: &Store, table: &str, at_least: i64) -> (i64, i64) {
-    let sql = "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = $1";
+/// A row of PostgreSQL's statistics, read again until `done` holds it (each
+/// backend sends its counts within about a second of going idle) or 20 s
+/// have passed; `sql` takes the table's name as `$1`.
+async fn statistics<T>(
+    store: &Store,
+    sql: &str,
+    table: &str,
+    read: impl Fn(&sea_orm::QueryResult) -> T,
+    done: impl Fn(&T) -> bool,
+) -> T {
     let give_up = std::time::Instant::now() + Duration::from_secs(20);
     loop {
         let row = store
@@ -36,13 +41,23 @@ async fn updates(store: &Store, table: &str, at_least: i64) -> (i64, i64) {
             .await
             .expect("pg_stat_user_tables")
             .unwrap_or_else(|| panic!("no statistics for {table}"));
-        let counts: (i64, i64) = (row.try_get_by_index(0).expect("n_tup_upd"), row.try_get_by_index(1).expect("hot"));
-        if counts.0 >= at_least || std::time::Instant::now() > give_up {
+        let counts = read(&row);
+        if done(&counts) || std::time::Instant::now() > give_up {
             return counts;
         }
         // Waiting for another server process to send its counts, not for our own code.
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// (updates, heap-only updates) of `table` as PostgreSQL's statistics have
+/// them, once they count at least `at_least`.
+async fn updates(store: &Store, table: &str, at_least: i64) -> (i64, i64) {
+    let sql = "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = $1";
+    let read = |row: &sea_orm::QueryResult| -> (i64, i64) {
+        (row.try_get_by_index(0).expect("n_tup_upd"), row.try_get_by_index(1).expect("hot"))
+    };
+    statistics(store, sql, table, read, |counts| counts.0 >= at_least).await
 }
 
 /// No column the collector updates in place is in an index of its table,
@@ -212,26 +227,16 @@ pub async fn heartbeats_find_their_run_by_its_key_in_a_new_database(db: &dyn Tes
     // Rows read by sequential scans: the migrations' scans of the empty
     // table read none; a batch's scan reads the runs stored before it.
     let sql = "SELECT seq_tup_read, COALESCE(idx_scan, 0), last_analyze IS NULL AND last_autoanalyze IS NULL \
-               FROM pg_stat_user_tables WHERE relname = 'agent_heartbeats'";
-    let give_up = std::time::Instant::now() + Duration::from_secs(20);
-    let (read_sequentially, by_index, never_analyzed) = loop {
-        let row = store
-            .db
-            .query_one(Statement::from_string(DbBackend::Postgres, sql))
-            .await
-            .expect("pg_stat_user_tables")
-            .expect("statistics for agent_heartbeats");
-        let counts: (i64, i64, bool) = (
+               FROM pg_stat_user_tables WHERE relname = $1";
+    let read = |row: &sea_orm::QueryResult| -> (i64, i64, bool) {
+        (
             row.try_get_by_index(0).expect("seq_tup_read"),
             row.try_get_by_index(1).expect("idx_scan"),
             row.try_get_by_index(2).expect("analyzed"),
-        );
-        if counts.0 > 0 || counts.1 >= 3 || std::time::Instant::now() > give_up {
-            break counts;
-        }
-        // Waiting for the server processes to send their counts, not for our own code.
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        )
     };
+    let (read_sequentially, by_index, never_analyzed) =
+        statistics(store, sql, "agent_heartbeats", read, |counts| counts.0 > 0 || counts.1 >= 3).await;
     assert!(never_analyzed, "the case under test: a table PostgreSQL knows nothing about yet");
     assert_eq!(read_sequentially, 0, "the batches read all of agent_heartbeats");
     assert!(by_index >= 3, "the batches read agent_heartbeats by its key: {by_index} index scans");

@@ -454,7 +454,7 @@ pub(crate) fn pg_array<T: Into<sea_orm::Value>>(
 /// The text of [`intake_statement`], built once.
 static INTAKE_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     let in_flight = in_flight_sql();
-    let closing = FINAL_FROM.iter().map(|s| format!("'{}'", s.as_str())).collect::<Vec<_>>().join(", ");
+    let closing = states_sql(&FINAL_FROM);
     let finishes = format!("(e.finished AND tp.state IN ('pending', 'running') AND t.state IN ({in_flight}))");
     let starts = "(e.started AND tp.state = 'pending')";
     format!(

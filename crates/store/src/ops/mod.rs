@@ -348,7 +348,12 @@ fn in_flight_literal() -> SimpleExpr {
 
 /// The in-flight states as an SQL list of literals: `'queued', 'probing', …`.
 fn in_flight_sql() -> String {
-    TargetState::IN_FLIGHT.iter().map(|s| format!("'{}'", s.as_str())).collect::<Vec<_>>().join(", ")
+    states_sql(&TargetState::IN_FLIGHT)
+}
+
+/// `states` as an SQL list of literals: `'probing', 'staging', …`.
+fn states_sql(states: &[TargetState]) -> String {
+    states.iter().map(|s| format!("'{}'", s.as_str())).collect::<Vec<_>>().join(", ")
 }
 
 /// A wave's failed and timed-out targets, against its failure threshold.
