@@ -101,7 +101,7 @@ pub struct CollectorOptions {
     /// Batches written at the same time (each its own transaction). One by
     /// default: requests queue while it writes, so the next batch takes all
     /// of them (group commit), and the database's CPU per report is what
-    /// limits. Issue 20, 8 alternated pairs on a 2-core machine: with one
+    /// limits. Issue 20, 13 alternated pairs on a 2-core machine: with one
     /// writer PostgreSQL spent 24–29 µs per report in the paced bench against
     /// 29–35 with four (less contention on the same targets' rows and index
     /// pages), and answered the closed-loop load as fast (8,800–10,100
