@@ -60,20 +60,29 @@ impl TestDatabase for PostgresDatabase {
 
 fleetpatch_store::store_conformance_suite!(make_database);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_collectors_updates_touch_no_index_and_stay_in_their_page() {
-    use fleetpatch_store::conformance;
-    let database = make_database().await;
-    conformance::run(&database, conformance::the_collectors_updates_touch_no_index_and_stay_in_their_page(&database))
-        .await;
+/// The store's PostgreSQL-only contracts (`conformance/postgres.rs`), each
+/// on a database of its own.
+macro_rules! postgres_only {
+    (#[$test:meta] $($name:ident),+ $(,)?) => {$(
+        #[$test]
+        async fn $name() {
+            use fleetpatch_store::conformance;
+            let database = make_database().await;
+            conformance::run(&database, conformance::$name(&database)).await;
+        }
+    )+};
 }
 
-#[tokio::test]
-async fn the_relays_claim_reads_the_outbox_by_its_key() {
-    use fleetpatch_store::conformance;
-    let database = make_database().await;
-    conformance::run(&database, conformance::the_relays_claim_reads_the_outbox_by_its_key(&database)).await;
-}
+postgres_only!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    the_collectors_updates_touch_no_index_and_stay_in_their_page
+);
+postgres_only!(
+    #[tokio::test]
+    the_relays_claim_reads_the_outbox_by_its_key,
+    a_final_result_takes_no_lock_on_its_rollout,
+    heartbeats_find_their_run_by_its_key_in_a_new_database,
+);
 
 #[tokio::test]
 async fn a_service_refuses_an_unmigrated_database_and_says_what_to_do() {
@@ -138,18 +147,4 @@ async fn statement_totals_come_from_pg_stat_statements_when_the_server_loads_it(
     );
     assert!(spent.windows(2).all(|w| w[0].milliseconds >= w[1].milliseconds), "most time first");
     store.close().await;
-}
-
-#[tokio::test]
-async fn a_final_result_takes_no_lock_on_its_rollout() {
-    use fleetpatch_store::conformance;
-    let database = make_database().await;
-    conformance::run(&database, conformance::a_final_result_takes_no_lock_on_its_rollout(&database)).await;
-}
-
-#[tokio::test]
-async fn heartbeats_find_their_run_by_its_key_in_a_new_database() {
-    use fleetpatch_store::conformance;
-    let database = make_database().await;
-    conformance::run(&database, conformance::heartbeats_find_their_run_by_its_key_in_a_new_database(&database)).await;
 }
