@@ -304,6 +304,11 @@ pub async fn run(
     collector: &fleetpatch_collector::CollectorOptions,
     config: Option<&Path>,
 ) -> anyhow::Result<()> {
+    let paced_agents = if args.collector_rate > 0 { args.collector_targets } else { 0 };
+    let clients = if args.collector_targets > 0 { args.collector_clients } else { 0 };
+    if let Some(shortfall) = open_files_shortfall(paced_agents, clients, open_files_limit()) {
+        eprintln!("warning: {shortfall}");
+    }
     let id = Uuid::new_v4().simple().to_string()[..12].to_owned();
     let db_name = format!("fleetpatch_bench_{id}");
     let prefix = format!("{}-bench-{id}", amqp.prefix);

@@ -25,6 +25,41 @@ pub(crate) fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// This process's soft limit of open files (`/proc/self/limits`); `None`
+/// when it is unlimited or cannot be read.
+pub(crate) fn open_files_limit() -> Option<u64> {
+    parse_open_files_limit(&std::fs::read_to_string("/proc/self/limits").ok()?)
+}
+
+fn parse_open_files_limit(limits: &str) -> Option<u64> {
+    let line = limits.lines().find_map(|line| line.strip_prefix("Max open files"))?;
+    line.split_whitespace().next()?.parse().ok()
+}
+
+/// Files this process may hold open at once, besides its agents' sockets:
+/// the database pool, the broker, logs, and the HTTP client's idle
+/// connections of the phases before.
+const OPEN_FILES_BESIDES_AGENTS: u64 = 2_048;
+
+/// Why a run with `agents` paced agents (0: no paced run) and `clients`
+/// closed-loop senders may run out of open files under `limit`, if it may:
+/// the HTTP ceilings and the paced HTTP floor run their bare server in this
+/// process, so it holds both ends of each of those connections.
+pub(crate) fn open_files_shortfall(agents: usize, clients: usize, limit: Option<u64>) -> Option<String> {
+    let limit = limit?;
+    let ends = 2 * agents.max(clients) as u64;
+    let needed = ends + OPEN_FILES_BESIDES_AGENTS;
+    (needed > limit).then(|| {
+        format!(
+            "this process may open {limit} files, and its HTTP floors hold both ends of up to {} connections \
+             (their bare server runs here) besides its other files: it may fail with \"Too many open files\" \
+             (os error 24); raise the limit to at least {needed} (`ulimit -n {needed}`) or lower \
+             --collector-targets",
+            agents.max(clients)
+        )
+    })
+}
+
 /// User + system CPU seconds (`/proc/PID/stat`, in USER_HZ = 100 ticks per second).
 pub(crate) fn proc_cpu_seconds(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -472,3 +507,35 @@ pub(crate) fn quantile(sorted: &[f64], q: f64) -> f64 {
 }
 
 // ---------------------------------------------------------------- the figures
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_open_files_limit_is_read_from_proc_limits() {
+        let limits = "Limit                     Soft Limit           Hard Limit           Units     \n\
+                      Max processes             95054                95054                processes \n\
+                      Max open files            20000                524288               files     \n\
+                      Max locked memory         8388608              8388608              bytes     \n";
+        assert_eq!(parse_open_files_limit(limits), Some(20_000), "the soft limit");
+        let unlimited = "Max open files            unlimited            unlimited            files     \n";
+        assert_eq!(parse_open_files_limit(unlimited), None);
+        assert_eq!(parse_open_files_limit("Max processes 10 10 processes\n"), None);
+        assert!(open_files_limit().is_some_and(|limit| limit > 0), "this process's own limit");
+    }
+
+    #[test]
+    fn a_run_that_may_run_out_of_open_files_is_told_what_to_raise() {
+        // 10,000 paced agents: both ends of each connection in this process.
+        let shortfall = open_files_shortfall(10_000, 128, Some(20_000)).expect("20,000 files are too few");
+        assert!(shortfall.contains("may open 20000 files"), "{shortfall}");
+        assert!(shortfall.contains("ulimit -n 22048"), "{shortfall}");
+        assert!(shortfall.contains("--collector-targets"), "{shortfall}");
+        assert_eq!(open_files_shortfall(10_000, 128, Some(22_048)), None, "exactly enough");
+        assert_eq!(open_files_shortfall(2_000, 128, Some(20_000)), None, "the usual run");
+        // Without a paced run, the closed loop's senders count.
+        assert!(open_files_shortfall(0, 2_000, Some(4_096)).is_some());
+        assert_eq!(open_files_shortfall(10_000, 128, None), None, "no limit");
+    }
+}
