@@ -47,15 +47,14 @@ const OPEN_FILES_BESIDES_AGENTS: u64 = 2_048;
 /// process, so it holds both ends of each of those connections.
 pub(crate) fn open_files_shortfall(agents: usize, clients: usize, limit: Option<u64>) -> Option<String> {
     let limit = limit?;
-    let ends = 2 * agents.max(clients) as u64;
-    let needed = ends + OPEN_FILES_BESIDES_AGENTS;
+    let (connections, flag) =
+        if agents >= clients { (agents, "--collector-targets") } else { (clients, "--collector-clients") };
+    let needed = 2 * connections as u64 + OPEN_FILES_BESIDES_AGENTS;
     (needed > limit).then(|| {
         format!(
-            "this process may open {limit} files, and its HTTP floors hold both ends of up to {} connections \
-             (their bare server runs here) besides its other files: it may fail with \"Too many open files\" \
-             (os error 24); raise the limit to at least {needed} (`ulimit -n {needed}`) or lower \
-             --collector-targets",
-            agents.max(clients)
+            "this process may open {limit} files, and its HTTP floors hold both ends of up to {connections} \
+             connections (their bare server runs here) besides its other files: it may fail with \"Too many open \
+             files\" (os error 24); raise the limit to at least {needed} (`ulimit -n {needed}`) or lower {flag}"
         )
     })
 }
@@ -531,11 +530,12 @@ mod tests {
         let shortfall = open_files_shortfall(10_000, 128, Some(20_000)).expect("20,000 files are too few");
         assert!(shortfall.contains("may open 20000 files"), "{shortfall}");
         assert!(shortfall.contains("ulimit -n 22048"), "{shortfall}");
-        assert!(shortfall.contains("--collector-targets"), "{shortfall}");
+        assert!(shortfall.contains("lower --collector-targets"), "{shortfall}");
         assert_eq!(open_files_shortfall(10_000, 128, Some(22_048)), None, "exactly enough");
         assert_eq!(open_files_shortfall(2_000, 128, Some(20_000)), None, "the usual run");
         // Without a paced run, the closed loop's senders count.
-        assert!(open_files_shortfall(0, 2_000, Some(4_096)).is_some());
+        let shortfall = open_files_shortfall(0, 2_000, Some(4_096)).expect("4,096 files are too few");
+        assert!(shortfall.contains("lower --collector-clients"), "{shortfall}");
         assert_eq!(open_files_shortfall(10_000, 128, None), None, "no limit");
     }
 }
