@@ -52,9 +52,10 @@ pub(crate) fn open_files_shortfall(agents: usize, clients: usize, limit: Option<
     let needed = 2 * connections as u64 + OPEN_FILES_BESIDES_AGENTS;
     (needed > limit).then(|| {
         format!(
-            "this process may open {limit} files, and its HTTP floors hold both ends of up to {connections} \
-             connections (their bare server runs here) besides its other files: it may fail with \"Too many open \
-             files\" (os error 24); raise the limit to at least {needed} (`ulimit -n {needed}`) or lower {flag}"
+            "this process may open {limit} files, and the bare HTTP server of its ceilings and paced floor runs \
+             here, so it holds both ends of up to {connections} connections besides its other files: it may fail \
+             with \"Too many open files\" (os error 24); raise the limit to at least {needed} (`ulimit -n \
+             {needed}`) or lower {flag}"
         )
     })
 }
