@@ -348,35 +348,83 @@ pub async fn patch_reports_in_one_batch_keep_the_first_result_and_every_column(d
     assert_eq!(store.target_patches(b.id).await.expect("patches"), before);
 }
 
+/// Every fresh report moves its target's deadline. The target's stored
+/// last-seen time is rewritten once it is a step old (1 % of the timeout:
+/// 6 s of 600 s); a report within the step is stored all the same, and the
+/// watchdog, before it times the target out, finds the attempt's latest
+/// report, event or heartbeat, and counts the deadline from it.
 pub async fn every_fresh_report_moves_the_deadline(db: &dyn TestDatabase) {
     let manual = ManualClock::starting_now();
     let store = &db.store().clone().with_clock(manual.clock());
-    let id = create(store, Spec::new(1, 1, 1)).await;
+    let policy = TimeoutPolicy { verify_delay: Duration::from_secs(1) };
+    let id = create(store, Spec { timeout_seconds: 600, ..Spec::new(1, 2, 1) }).await;
     store.dispatch(id).await.expect("dispatch");
     let target = bring_to_running(store, &all_targets(store, id).await[0]).await.target;
-    assert_eq!(target.last_seen_at, Some(manual.now()), "running counts as seen");
-    // The last-seen time is when the report was received, by the store's clock.
-    let received = manual.advance(Duration::from_millis(20));
-    store
-        .report_intake()
-        .apply_reports(&[report(&target, 1, ReportKind::Heartbeat { patch_index: None })])
-        .await
-        .expect("apply");
-    assert_eq!(store.target(target.id).await.expect("target").last_seen_at, Some(received));
-    // A duplicate does not.
+    let running = manual.now();
+    assert_eq!(target.last_seen_at, Some(running), "running counts as seen");
+    let intake = store.report_intake();
+    let apply = |reports: Vec<IncomingReport>| {
+        let intake = intake.clone();
+        async move { intake.apply_reports(&reports).await.expect("apply") }
+    };
+    let last_seen = || async { store.target(target.id).await.expect("target").last_seen_at };
+    use ReportResult::{Accepted, Duplicate};
+    // Within the step: stored, the target's row not rewritten.
     manual.advance(Duration::from_millis(20));
-    store
-        .report_intake()
-        .apply_reports(&[report(&target, 1, ReportKind::Heartbeat { patch_index: None })])
-        .await
-        .expect("apply");
-    assert_eq!(store.target(target.id).await.expect("target").last_seen_at, Some(received));
+    assert_eq!(apply(vec![report(&target, 1, ReportKind::Heartbeat { patch_index: None })]).await, vec![Accepted]);
+    assert_eq!(last_seen().await, Some(running));
+    // A step after the stored time: rewritten, to when the report was
+    // received by the store's clock.
+    let received = running + chrono::Duration::seconds(6);
+    manual.set(received);
+    assert_eq!(apply(vec![report(&target, 2, ReportKind::Started { patch_index: 0 })]).await, vec![Accepted]);
+    assert_eq!(last_seen().await, Some(received));
+    // A duplicate does not move it, even a step later; a fresh report then does.
+    manual.set(received + chrono::Duration::seconds(7));
+    assert_eq!(apply(vec![report(&target, 2, ReportKind::Started { patch_index: 0 })]).await, vec![Duplicate]);
+    assert_eq!(last_seen().await, Some(received));
+    let stored = received + chrono::Duration::seconds(8);
+    manual.set(stored);
+    assert_eq!(apply(vec![report(&target, 3, ReportKind::Heartbeat { patch_index: Some(0) })]).await, vec![Accepted]);
+    assert_eq!(last_seen().await, Some(stored));
+    // Within the step again: an event, then a heartbeat, the latest report.
+    manual.set(stored + chrono::Duration::seconds(2));
+    let finished_report = report(&target, 4, finished(0, 0, PatchOutcomeKind::Installed, "ok"));
+    assert_eq!(apply(vec![finished_report]).await, vec![Accepted]);
+    let heartbeat = stored + chrono::Duration::seconds(3);
+    manual.set(heartbeat);
+    assert_eq!(apply(vec![report(&target, 5, ReportKind::Heartbeat { patch_index: None })]).await, vec![Accepted]);
+    assert_eq!(last_seen().await, Some(stored));
+    // The stored time's deadline: the watchdog counts from the heartbeat,
+    // and writes it back.
+    let timeout = chrono::Duration::seconds(600);
+    manual.set(stored + timeout);
+    let outcome = store.check_timeout(target.id, target.attempt, policy).await.expect("check");
+    assert_eq!(outcome, WatchOutcome::NotYet(heartbeat + timeout), "the latest report sets the deadline");
+    assert_eq!(last_seen().await, Some(heartbeat));
+    // An event within the step of that: the watchdog counts from it.
+    let started = heartbeat + chrono::Duration::seconds(1);
+    manual.set(started);
+    assert_eq!(apply(vec![report(&target, 6, ReportKind::Started { patch_index: 1 })]).await, vec![Accepted]);
+    assert_eq!(last_seen().await, Some(heartbeat));
+    manual.set(heartbeat + timeout);
+    let outcome = store.check_timeout(target.id, target.attempt, policy).await.expect("check");
+    assert_eq!(outcome, WatchOutcome::NotYet(started + timeout), "the latest report sets the deadline");
+    // Silent from then on: timed out at the latest report's deadline, not later.
+    manual.set(started + timeout - chrono::Duration::milliseconds(1));
+    let outcome = store.check_timeout(target.id, target.attempt, policy).await.expect("check");
+    assert_eq!(outcome, WatchOutcome::NotYet(started + timeout));
+    manual.set(started + timeout);
+    let outcome = store.check_timeout(target.id, target.attempt, policy).await.expect("check");
+    assert_eq!(outcome, WatchOutcome::TimedOut);
 }
 
 /// Heartbeats are one summary per agent run: how many moved the deadline,
 /// the highest seq, the patch and when the first and the last arrived. A
 /// resent one, or one at or below the highest (an agent sends in seq
-/// order), is a duplicate: not counted, no deadline moved.
+/// order), is a duplicate: not counted, no deadline moved. (10 s apart:
+/// each fresh one a step after the stored last-seen time, which it then
+/// rewrites.)
 pub async fn heartbeats_are_counted_per_agent_run_and_move_the_deadline(db: &dyn TestDatabase) {
     let manual = ManualClock::starting_now();
     let store = &db.store().clone().with_clock(manual.clock());
@@ -385,11 +433,11 @@ pub async fn heartbeats_are_counted_per_agent_run_and_move_the_deadline(db: &dyn
     let target = bring_to_running(store, &all_targets(store, id).await[0]).await.target;
     let beat = |seq, patch_index| report(&target, seq, ReportKind::Heartbeat { patch_index });
     let intake = store.report_intake();
-    let first = manual.advance(Duration::from_millis(10));
+    let first = manual.advance(Duration::from_secs(10));
     use ReportResult::{Accepted, Duplicate};
     let results = intake.apply_reports(&[beat(2, None), beat(3, Some(0)), beat(2, None)]).await.expect("apply");
     assert_eq!(results, vec![Accepted, Accepted, Duplicate]);
-    let last = manual.advance(Duration::from_millis(10));
+    let last = manual.advance(Duration::from_secs(10));
     let results = intake.apply_reports(&[beat(3, Some(0)), beat(5, Some(0)), beat(6, None)]).await.expect("apply");
     assert_eq!(results, vec![Duplicate, Accepted, Accepted]);
     assert_eq!(store.target(target.id).await.expect("target").last_seen_at, Some(last));
@@ -409,7 +457,7 @@ pub async fn heartbeats_are_counted_per_agent_run_and_move_the_deadline(db: &dyn
     assert_eq!(summary(store).await, vec![expected.clone()]);
     // Below the highest seq (never sent before, or resent): a duplicate;
     // nothing counted, the deadline stays.
-    manual.advance(Duration::from_millis(10));
+    manual.advance(Duration::from_secs(10));
     let results = intake.apply_reports(&[beat(4, Some(0)), beat(6, None)]).await.expect("apply");
     assert_eq!(results, vec![Duplicate, Duplicate]);
     assert_eq!(summary(store).await, vec![expected.clone()]);
@@ -417,7 +465,7 @@ pub async fn heartbeats_are_counted_per_agent_run_and_move_the_deadline(db: &dyn
     assert!(store.agent_events(target.id).await.expect("events").is_empty(), "no event row per heartbeat");
     // A heartbeat in a batch with other reports of another run.
     let other = AgentInstance(0x5ec0d);
-    let later = manual.advance(Duration::from_millis(10));
+    let later = manual.advance(Duration::from_secs(10));
     let results = intake
         .apply_reports(&[
             IncomingReport { agent_instance: other, ..beat(1, Some(0)) },

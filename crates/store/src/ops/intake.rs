@@ -132,7 +132,8 @@ impl ReportIntake {
 
     /// Applies a batch of authenticated reports in one transaction:
     /// idempotent by (target, attempt, agent instance, seq); every new report moves the
-    /// target's last-seen time (the watchdog's deadline); patch results and
+    /// target's deadline (its stored last-seen time once per 1 % of its
+    /// timeout, see [`last_seen`]); patch results and
     /// the final result are recorded with guarded updates. A report whose
     /// target is not in the store is not stored
     /// ([`ReportResult::UnknownTarget`]) and does not hold up the others.
@@ -298,21 +299,15 @@ async fn apply_reports_portable(
         fresh.extend(fresh_keys(txn.query_all(statement).await?)?);
     }
     fresh.extend(heartbeats::apply_portable(txn, beats, received_at).await?);
-    // Every fresh report resets its target's deadline.
+    // Every fresh report resets its target's deadline (its stored
+    // last-seen time once per step, see [`last_seen`]).
     let touched: Vec<Uuid> = {
         let mut ids: Vec<Uuid> = fresh.iter().map(|key| key.target_id).collect();
         ids.sort();
         ids.dedup();
         ids
     };
-    for chunk in touched.chunks(INSERT_CHUNK) {
-        targets::Entity::update_many()
-            .col_expr(targets::Column::LastSeenAt, Expr::value(received_at))
-            .filter(targets::Column::Id.is_in(chunk.iter().copied()))
-            .filter(targets::Column::State.is_in(state_strs(&TargetState::IN_FLIGHT)))
-            .exec(txn)
-            .await?;
-    }
+    last_seen::touch_portable(txn, &touched, received_at).await?;
     let accepted: Vec<&IncomingReport> = unique.iter().copied().filter(|r| fresh.contains(&ReportKey::of(r))).collect();
     // Patch results first, then the final results (which fail the patches
     // left open, so they come last).
@@ -478,7 +473,7 @@ static INTAKE_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
          ), {heartbeats}, touched AS ( \
              UPDATE targets SET last_seen_at = $1 \
              WHERE id IN (SELECT target_id FROM fresh UNION ALL SELECT target_id FROM hb_fresh) \
-                   AND state IN ({in_flight}) \
+                   AND state IN ({in_flight}) AND {stale} \
                    AND NOT (state IN ({closing}) \
                             AND (id, attempt) IN (SELECT * FROM unnest($31::uuid[], $32::int[]))) \
          ), effects AS ( \
@@ -502,6 +497,7 @@ static INTAKE_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
          UNION ALL SELECT false, u.target_id, 0, 0, 0 FROM \
              (SELECT target_id FROM incoming UNION SELECT target_id FROM hb_in) AS u \
              WHERE u.target_id NOT IN (SELECT id FROM known)",
+        stale = last_seen::postgres_stale(),
         heartbeat_input = heartbeats::POSTGRES_INPUT,
         heartbeats = heartbeats::POSTGRES_CTES,
     )
@@ -510,8 +506,9 @@ static INTAKE_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
 /// The one statement of [`Store::apply_reports`] on PostgreSQL: inserts the
 /// events (idempotent by (target, attempt, agent instance, seq)) and the
 /// heartbeats' summaries (see [`heartbeats`]), returns the fresh ones,
-/// moves the last-seen time of the targets that sent one (but those whose
-/// final result's move sets it, see [`FINAL_FROM`]), and applies the
+/// moves the last-seen time of the targets that sent one where it is a
+/// step old (see [`last_seen`]; but those whose final result's move sets
+/// it, see [`FINAL_FROM`]), and applies the
 /// batch's `started` and `finished` reports to their patches.
 ///
 /// The patch results are merged per (target, attempt, patch) first: two

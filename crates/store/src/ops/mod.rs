@@ -610,6 +610,7 @@ mod dispatch;
 mod evidence;
 mod heartbeats;
 mod intake;
+mod last_seen;
 mod offline;
 mod reboot;
 pub(crate) use intake::pg_array;

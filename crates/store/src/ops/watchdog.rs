@@ -1,5 +1,6 @@
 //! The watchdog's check: due timers re-armed or timed out, and the fleet gauges.
 
+use super::last_seen;
 use super::*;
 
 impl Store {
@@ -41,13 +42,40 @@ impl Store {
             }
         }
         let at = self.now();
+        fn watched<'a>(current: &'a HashMap<Uuid, Target>, id: &Uuid, attempt: u32) -> Option<&'a Target> {
+            current.get(id).filter(|target| target.state == TargetState::Running && target.attempt == attempt)
+        }
+        let deadline = |target: &Target| {
+            let last = target.last_seen_at.into_iter().chain(target.running_at).max().unwrap_or(at);
+            last + chrono::Duration::seconds(i64::from(target.timeout_seconds))
+        };
+        // The stored last-seen time lags the latest report by up to a step
+        // (see `last_seen`): where it says the deadline passed, the
+        // attempt's latest report decides, and is written back.
+        let due: Vec<(Uuid, u32)> = timers
+            .iter()
+            .filter_map(|(id, attempt)| watched(&current, id, *attempt))
+            .filter(|target| at >= deadline(target))
+            .map(|target| (target.id, target.attempt))
+            .collect();
+        for (id, latest) in last_seen::latest_reports(&txn, &due).await? {
+            let Some(target) = current.get_mut(&id) else { continue };
+            if target.last_seen_at.is_some_and(|stored| stored >= latest) {
+                continue;
+            }
+            target.last_seen_at = Some(latest);
+            targets::Entity::update_many()
+                .col_expr(targets::Column::LastSeenAt, Expr::value(latest))
+                .filter(targets::Column::Id.eq(id))
+                .exec(&txn)
+                .await?;
+        }
         let mut expired = HashSet::new();
         let outcomes: Vec<WatchOutcome> = timers
             .iter()
-            .map(|(id, attempt)| match current.get(id) {
-                Some(target) if target.state == TargetState::Running && target.attempt == *attempt => {
-                    let last = target.last_seen_at.into_iter().chain(target.running_at).max().unwrap_or(at);
-                    let deadline = last + chrono::Duration::seconds(i64::from(target.timeout_seconds));
+            .map(|(id, attempt)| match watched(&current, id, *attempt) {
+                Some(target) => {
+                    let deadline = deadline(target);
                     if at < deadline {
                         WatchOutcome::NotYet(deadline)
                     } else if expired.insert(*id) {
