@@ -60,7 +60,7 @@ pub(super) async fn touch_portable(txn: &DatabaseTransaction, touched: &[Uuid], 
             .column(targets::Column::Id)
             .column(targets::Column::LastSeenAt)
             .column(targets::Column::TimeoutSeconds)
-            .filter(targets::Column::Id.is_in(chunk.iter().copied()))
+            .filter(id_in(txn.get_database_backend(), targets::Column::Id, chunk.iter().copied()))
             .filter(targets::Column::State.is_in(state_strs(&TargetState::IN_FLIGHT)))
             .into_tuple()
             .all(txn)
@@ -75,7 +75,7 @@ pub(super) async fn touch_portable(txn: &DatabaseTransaction, touched: &[Uuid], 
         }
         targets::Entity::update_many()
             .col_expr(targets::Column::LastSeenAt, Expr::value(at))
-            .filter(targets::Column::Id.is_in(stale))
+            .filter(id_in(txn.get_database_backend(), targets::Column::Id, stale))
             .exec(txn)
             .await?;
     }
@@ -137,7 +137,7 @@ async fn latest_per_run<E: EntityTrait>(
         .column(target)
         .column(attempt)
         .column_as(received.max(), "latest")
-        .filter(target.is_in(targets.iter().copied()))
+        .filter(id_in(txn.get_database_backend(), target, targets.iter().copied()))
         .group_by(target)
         .group_by(attempt)
         .into_tuple()
